@@ -1,0 +1,9 @@
+//! Checkpoints: what one contains and how it applies (`protocol`, pure), when to take one
+//! (`scheduler`, pure), and the background task that makes them durable (`writer`).
+
+pub mod protocol;
+pub mod scheduler;
+pub mod writer;
+
+pub use protocol::{ApplyError, Checkpoint, CheckpointMeta, MaterializedState};
+pub use scheduler::{Scheduler, SchedulerSettings, TooManyFailures};

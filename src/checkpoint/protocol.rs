@@ -1,0 +1,213 @@
+//! What a checkpoint contains and how it applies to the state it builds on. Pure: the store
+//! encodes these types, the engine produces and consumes them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Entry, PartitionState, RestoredState, StateDelta, StateKey};
+use crate::position::{check_forward, BackwardsMove};
+
+/// One checkpoint as handed to the writer: the engine's delta plus identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub id: u64,
+    /// The checkpoint this delta applies on top of; `None` for a full snapshot.
+    pub base: Option<u64>,
+    /// Wall-clock trigger time, epoch milliseconds.
+    pub trigger_ms: i64,
+    pub delta: StateDelta,
+}
+
+/// Metadata stored atomically with every completed checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub id: u64,
+    pub trigger_ms: i64,
+    /// Time from trigger until the write was flushed, milliseconds.
+    pub duration_ms: u64,
+    /// Encoded size of what this checkpoint wrote.
+    pub bytes: u64,
+    pub full: bool,
+    pub records: u64,
+    pub partitions: Vec<PartitionState>,
+    pub watermark: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("checkpoint {id} builds on checkpoint {base:?} but the store holds {current:?}")]
+    BaseMismatch {
+        id: u64,
+        base: Option<u64>,
+        current: Option<u64>,
+    },
+    #[error("checkpoint {id} is not newer than the stored checkpoint {current}")]
+    NotNewer { id: u64, current: u64 },
+    #[error("checkpoint {id}: {source}")]
+    Backwards {
+        id: u64,
+        #[source]
+        source: BackwardsMove,
+    },
+}
+
+/// Checks that `cp` may be applied on top of the stored checkpoint `current`.
+pub fn check_applicable(current: Option<&CheckpointMeta>, cp: &Checkpoint) -> Result<(), ApplyError> {
+    let current_id = current.map(|m| m.id);
+    if let Some(c) = current_id {
+        if cp.id <= c {
+            return Err(ApplyError::NotNewer { id: cp.id, current: c });
+        }
+    }
+    if !cp.delta.full && cp.base != current_id {
+        return Err(ApplyError::BaseMismatch {
+            id: cp.id,
+            base: cp.base,
+            current: current_id,
+        });
+    }
+    if let Some(meta) = current {
+        let before: BTreeMap<_, _> = meta
+            .partitions
+            .iter()
+            .filter_map(|p| p.next.map(|n| (&p.partition, n)))
+            .collect();
+        check_forward(
+            |p| before.get(p).copied(),
+            cp.delta
+                .partitions
+                .iter()
+                .filter_map(|p| p.next.map(|n| (&p.partition, n))),
+        )
+        .map_err(|source| ApplyError::Backwards { id: cp.id, source })?;
+    }
+    Ok(())
+}
+
+/// The complete state as of one checkpoint: what restoring it yields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MaterializedState {
+    pub meta: Option<CheckpointMeta>,
+    pub entries: BTreeMap<StateKey, Entry>,
+}
+
+impl MaterializedState {
+    /// Applies `cp` (checked first; nothing changes on error).
+    pub fn apply(&mut self, cp: &Checkpoint, duration_ms: u64, bytes: u64) -> Result<(), ApplyError> {
+        check_applicable(self.meta.as_ref(), cp)?;
+        if cp.delta.full {
+            self.entries.clear();
+        }
+        for key in &cp.delta.deletes {
+            self.entries.remove(key);
+        }
+        for (key, entry) in &cp.delta.upserts {
+            self.entries.insert(key.clone(), *entry);
+        }
+        self.meta = Some(meta_of(cp, duration_ms, bytes));
+        Ok(())
+    }
+
+    pub fn restored(&self) -> RestoredState {
+        RestoredState {
+            partitions: self
+                .meta
+                .as_ref()
+                .map(|m| m.partitions.clone())
+                .unwrap_or_default(),
+            watermark: self.meta.as_ref().and_then(|m| m.watermark),
+            entries: self
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), *e))
+                .collect(),
+        }
+    }
+}
+
+pub fn meta_of(cp: &Checkpoint, duration_ms: u64, bytes: u64) -> CheckpointMeta {
+    CheckpointMeta {
+        id: cp.id,
+        trigger_ms: cp.trigger_ms,
+        duration_ms,
+        bytes,
+        full: cp.delta.full,
+        records: cp.delta.records,
+        partitions: cp.delta.partitions.clone(),
+        watermark: cp.delta.watermark,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Acc, EntryStatus};
+    use crate::position::{NextOffset, Partition};
+
+    fn cp(id: u64, base: Option<u64>, full: bool, next: i64) -> Checkpoint {
+        Checkpoint {
+            id,
+            base,
+            trigger_ms: 0,
+            delta: StateDelta {
+                full,
+                partitions: vec![PartitionState {
+                    partition: Partition::new("t", 0),
+                    next: Some(NextOffset(next)),
+                    max_ts: None,
+                }],
+                watermark: None,
+                upserts: vec![(
+                    StateKey {
+                        window: 0,
+                        start: id as i64,
+                        key: "k".into(),
+                    },
+                    Entry {
+                        status: EntryStatus::Open,
+                        end: 1,
+                        acc: Acc::of(Some(1.0)),
+                    },
+                )],
+                deletes: vec![],
+                records: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn deltas_chain_on_their_base() {
+        let mut s = MaterializedState::default();
+        s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
+        s.apply(&cp(2, Some(1), false, 6), 0, 0).expect("delta");
+        assert_eq!(s.entries.len(), 2);
+        let err = s.apply(&cp(4, Some(3), false, 7), 0, 0).expect_err("gap");
+        assert!(matches!(err, ApplyError::BaseMismatch { .. }));
+        assert_eq!(s.meta.as_ref().map(|m| m.id), Some(2), "unchanged on error");
+    }
+
+    #[test]
+    fn full_snapshot_replaces_everything() {
+        let mut s = MaterializedState::default();
+        s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
+        s.apply(&cp(2, None, true, 6), 0, 0).expect("full");
+        assert_eq!(s.entries.len(), 1);
+    }
+
+    #[test]
+    fn offsets_moving_backwards_are_refused() {
+        let mut s = MaterializedState::default();
+        s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
+        let err = s.apply(&cp(2, Some(1), false, 4), 0, 0).expect_err("backwards");
+        assert!(matches!(err, ApplyError::Backwards { .. }));
+    }
+
+    #[test]
+    fn older_checkpoint_is_refused() {
+        let mut s = MaterializedState::default();
+        s.apply(&cp(3, None, true, 5), 0, 0).expect("full");
+        let err = s.apply(&cp(2, None, true, 6), 0, 0).expect_err("older");
+        assert!(matches!(err, ApplyError::NotNewer { .. }));
+    }
+}

@@ -1,0 +1,218 @@
+//! When to trigger a checkpoint, which ones are abandoned, and when failures become fatal.
+//! Pure: time is passed in as the duration since the service started. Semantics follow
+//! Flink's checkpoint config: interval, min pause between checkpoints, max concurrent,
+//! timeout, tolerable consecutive failures.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    pub interval: Duration,
+    pub min_pause: Duration,
+    pub timeout: Duration,
+    pub max_concurrent: u32,
+    pub tolerable_failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{failures} consecutive checkpoints failed (tolerable: {tolerable}); last failure: {last}")]
+pub struct TooManyFailures {
+    pub failures: u32,
+    pub tolerable: u32,
+    pub last: String,
+}
+
+/// A checkpoint to take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trigger {
+    pub id: u64,
+    /// The checkpoint the delta builds on; `None` means take a full snapshot.
+    pub base: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    settings: SchedulerSettings,
+    next_id: u64,
+    head: Option<u64>,
+    in_flight: BTreeMap<u64, Duration>,
+    last_trigger: Option<Duration>,
+    last_end: Option<Duration>,
+    consecutive_failures: u32,
+}
+
+impl Scheduler {
+    /// `restored`: id of the checkpoint the store holds, which the next delta builds on.
+    pub fn new(settings: SchedulerSettings, restored: Option<u64>) -> Self {
+        Scheduler {
+            settings,
+            next_id: restored.map_or(1, |id| id + 1),
+            head: restored,
+            in_flight: BTreeMap::new(),
+            last_trigger: None,
+            last_end: None,
+            consecutive_failures: 0,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether a periodic checkpoint is due at `now`.
+    pub fn due(&self, now: Duration) -> bool {
+        let s = &self.settings;
+        if self.in_flight.len() >= s.max_concurrent as usize {
+            return false;
+        }
+        let interval_ok = self.last_trigger.is_none_or(|t| now >= t + s.interval);
+        let pause_ok = self.last_end.is_none_or(|t| now >= t + s.min_pause);
+        interval_ok && pause_ok
+    }
+
+    /// How long until `due` may turn true (a hint for timers).
+    pub fn next_due_in(&self, now: Duration) -> Duration {
+        let s = &self.settings;
+        let by_interval = self
+            .last_trigger
+            .map_or(Duration::ZERO, |t| (t + s.interval).saturating_sub(now));
+        let by_pause = self
+            .last_end
+            .map_or(Duration::ZERO, |t| (t + s.min_pause).saturating_sub(now));
+        by_interval.max(by_pause)
+    }
+
+    /// Starts a checkpoint at `now`, whether due or forced (shutdown).
+    pub fn trigger(&mut self, now: Duration) -> Trigger {
+        let id = self.next_id;
+        self.next_id += 1;
+        let base = self.head;
+        self.head = Some(id);
+        self.in_flight.insert(id, now);
+        self.last_trigger = Some(now);
+        Trigger { id, base }
+    }
+
+    /// Checkpoint `id` is durable. Returns false if it was no longer in flight (abandoned).
+    pub fn completed(&mut self, id: u64, now: Duration) -> bool {
+        if self.in_flight.remove(&id).is_none() {
+            return false;
+        }
+        self.last_end = Some(now);
+        self.consecutive_failures = 0;
+        true
+    }
+
+    /// Checkpoint `id` failed. Later checkpoints were built on it, so the next one is full.
+    /// Returns whether it was in flight (a result arriving after abandonment is ignored).
+    pub fn failed(&mut self, id: u64, now: Duration, reason: &str) -> Result<bool, TooManyFailures> {
+        if self.in_flight.remove(&id).is_none() {
+            return Ok(false);
+        }
+        self.last_end = Some(now);
+        self.head = None;
+        self.consecutive_failures += 1;
+        if self.consecutive_failures > self.settings.tolerable_failures {
+            return Err(TooManyFailures {
+                failures: self.consecutive_failures,
+                tolerable: self.settings.tolerable_failures,
+                last: reason.to_string(),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Checkpoints in flight for longer than the timeout; the caller fails each of them.
+    pub fn expired(&self, now: Duration) -> Vec<u64> {
+        self.in_flight
+            .iter()
+            .filter(|(_, started)| now.saturating_sub(**started) > self.settings.timeout)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SchedulerSettings {
+        SchedulerSettings {
+            interval: Duration::from_secs(10),
+            min_pause: Duration::from_secs(4),
+            timeout: Duration::from_secs(30),
+            max_concurrent: 1,
+            tolerable_failures: 1,
+        }
+    }
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn first_checkpoint_is_full_then_deltas_chain() {
+        let mut sch = Scheduler::new(settings(), None);
+        assert!(sch.due(s(0)));
+        let t1 = sch.trigger(s(0));
+        assert_eq!(t1, Trigger { id: 1, base: None });
+        assert!(sch.completed(1, s(1)));
+        let t2 = sch.trigger(s(10));
+        assert_eq!(t2, Trigger { id: 2, base: Some(1) });
+    }
+
+    #[test]
+    fn restored_store_continues_its_ids_and_chain() {
+        let mut sch = Scheduler::new(settings(), Some(41));
+        assert_eq!(sch.trigger(s(0)), Trigger { id: 42, base: Some(41) });
+    }
+
+    #[test]
+    fn interval_min_pause_and_max_concurrent_gate_triggers() {
+        let mut sch = Scheduler::new(settings(), None);
+        sch.trigger(s(0));
+        assert!(!sch.due(s(20)), "max_concurrent 1 with one in flight");
+        sch.completed(1, s(8));
+        assert!(!sch.due(s(10)), "min pause: ended at 8, needs 12");
+        assert_eq!(sch.next_due_in(s(10)), s(2));
+        assert!(sch.due(s(12)));
+        sch.trigger(s(12));
+        sch.completed(2, s(12));
+        assert!(!sch.due(s(21)), "interval from last trigger");
+        assert!(sch.due(s(22)));
+    }
+
+    #[test]
+    fn failure_forces_a_full_snapshot_and_too_many_stop() {
+        let mut sch = Scheduler::new(settings(), None);
+        sch.trigger(s(0));
+        sch.completed(1, s(0));
+        sch.trigger(s(10));
+        assert_eq!(sch.failed(2, s(11), "disk"), Ok(true));
+        let t = sch.trigger(s(20));
+        assert_eq!(t.base, None, "after a failure the next checkpoint is full");
+        let err = sch.failed(t.id, s(21), "disk again").expect_err("2 > tolerable 1");
+        assert_eq!(err.failures, 2);
+    }
+
+    #[test]
+    fn success_resets_consecutive_failures() {
+        let mut sch = Scheduler::new(settings(), None);
+        let a = sch.trigger(s(0));
+        sch.failed(a.id, s(1), "x").expect("tolerable");
+        let b = sch.trigger(s(10));
+        sch.completed(b.id, s(11));
+        let c = sch.trigger(s(20));
+        assert_eq!(sch.failed(c.id, s(21), "y"), Ok(true));
+    }
+
+    #[test]
+    fn slow_checkpoints_expire_and_late_results_are_ignored() {
+        let mut sch = Scheduler::new(settings(), None);
+        let a = sch.trigger(s(0));
+        assert!(sch.expired(s(30)).is_empty());
+        assert_eq!(sch.expired(s(31)), vec![a.id]);
+        sch.failed(a.id, s(31), "timeout").expect("tolerable");
+        assert!(!sch.completed(a.id, s(40)), "abandoned result ignored");
+    }
+}

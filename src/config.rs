@@ -1,0 +1,682 @@
+//! The settings tree: YAML file layered under `CHECKPOINTER_<SECTION>__<KEY>` environment
+//! overrides, explicit defaults, and `validate()` for the rules that span several keys.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{AggregateKind, FieldSource, TimeSource, WindowDef, WindowKind};
+
+/// Everything that can go wrong while loading or validating configuration. Each variant names
+/// the offending key so the operator can fix it without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub input: InputSettings,
+    pub windows: Vec<WindowSettings>,
+    #[serde(default = "default_aggregates")]
+    pub aggregates: Vec<AggregateKind>,
+    #[serde(default)]
+    pub watermark: WatermarkSettings,
+    pub output: OutputSettings,
+    pub checkpoint: CheckpointSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list (librdkafka `bootstrap.servers`).
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    #[serde(default)]
+    pub auto_offset_reset: OffsetReset,
+    /// Passed verbatim to librdkafka for both the consumer and the producer.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSettings {
+    /// `$key` (the Kafka message key) or a JSON pointer such as `/user_id`.
+    pub key: String,
+    /// JSON pointer to the numeric value; required by sum, min, max and mean.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// `$timestamp` (the Kafka message timestamp) or a JSON pointer to epoch milliseconds.
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSettings {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: WindowType,
+    #[serde(default, with = "humantime_serde")]
+    pub size: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub hop: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gap: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowType {
+    Tumbling,
+    Hopping,
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkSettings {
+    #[serde(default = "default_out_of_orderness", with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    #[serde(default, with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+}
+
+impl Default for WatermarkSettings {
+    fn default() -> Self {
+        WatermarkSettings {
+            max_out_of_orderness: default_out_of_orderness(),
+            allowed_lateness: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSettings {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointMode {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default)]
+    pub mode: CheckpointMode,
+    #[serde(default, with = "humantime_serde")]
+    pub min_pause: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    #[serde(default = "default_tolerable_failures")]
+    pub tolerable_failures: u32,
+    /// Upper bound on a graceful stop: final checkpoint, emission of the windows it closed.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+fn default_aggregates() -> Vec<AggregateKind> {
+    vec![
+        AggregateKind::Count,
+        AggregateKind::Sum,
+        AggregateKind::Min,
+        AggregateKind::Max,
+        AggregateKind::Mean,
+    ]
+}
+fn default_out_of_orderness() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_concurrent() -> u32 {
+    1
+}
+fn default_tolerable_failures() -> u32 {
+    3
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9180))
+}
+
+/// librdkafka settings the service manages itself; overriding them would break the guarantees.
+const MANAGED_KAFKA_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+    "auto.offset.reset",
+];
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["kafka.topics", "aggregates"];
+
+impl Settings {
+    /// Loads the YAML file at `path`, then applies `CHECKPOINTER_*` overrides from `env`
+    /// (the process environment when `None`), then validates.
+    pub fn load(path: &Path, env: Option<HashMap<String, String>>) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, &path.display().to_string(), env)
+    }
+
+    pub fn from_yaml_str(
+        yaml: &str,
+        origin: &str,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let env_map: HashMap<String, String> = match env {
+            Some(map) => map,
+            None => std::env::vars().collect(),
+        };
+        let mut environment = config::Environment::with_prefix("CHECKPOINTER")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(env_map.into_iter().collect()));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(yaml, config::FileFormat::Yaml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        let settings: Settings = built.try_deserialize().map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field rules. Returns the first violation, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
+        }
+        if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.topics",
+                "must list at least one non-empty topic name",
+            ));
+        }
+        if k.topics.contains(&self.output.topic) {
+            return Err(ConfigError::invalid(
+                "output.topic",
+                format!(
+                    "`{}` is also an input topic; the service would consume its own output",
+                    self.output.topic
+                ),
+            ));
+        }
+        for key in k.options.keys() {
+            if MANAGED_KAFKA_OPTIONS.contains(&key.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.options.{key}"),
+                    "is managed by checkpointer; use the dedicated setting instead",
+                ));
+            }
+        }
+        if self.output.topic.trim().is_empty() {
+            return Err(ConfigError::invalid("output.topic", "must not be empty"));
+        }
+        self.key_source()?;
+        self.time_source()?;
+        if let Some(v) = &self.input.value {
+            if !v.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    "input.value",
+                    format!("`{v}` is not a JSON pointer (it must start with `/`)"),
+                ));
+            }
+        }
+        if self.aggregates.is_empty() {
+            return Err(ConfigError::invalid("aggregates", "must list at least one aggregate"));
+        }
+        let unique: BTreeSet<_> = self.aggregates.iter().collect();
+        if unique.len() != self.aggregates.len() {
+            return Err(ConfigError::invalid("aggregates", "lists an aggregate twice"));
+        }
+        if self.input.value.is_none() && self.aggregates.iter().any(|a| a.needs_value()) {
+            return Err(ConfigError::invalid(
+                "input.value",
+                "is required when aggregates include sum, min, max or mean",
+            ));
+        }
+        self.window_defs()?;
+        let c = &self.checkpoint;
+        if c.dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
+        }
+        if c.interval.is_zero() {
+            return Err(ConfigError::invalid("checkpoint.interval", "must be greater than 0"));
+        }
+        if c.timeout.is_zero() {
+            return Err(ConfigError::invalid("checkpoint.timeout", "must be greater than 0"));
+        }
+        if c.max_concurrent == 0 {
+            return Err(ConfigError::invalid("checkpoint.max_concurrent", "must be at least 1"));
+        }
+        if c.shutdown_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "checkpoint.shutdown_timeout",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Advice that does not stop the service: returned by `check-config` and logged at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let c = &self.checkpoint;
+        if c.min_pause >= c.interval {
+            out.push(format!(
+                "checkpoint.min_pause ({}) is not shorter than checkpoint.interval ({}): checkpoints will be spaced by min_pause",
+                humantime::format_duration(c.min_pause),
+                humantime::format_duration(c.interval)
+            ));
+        }
+        if c.timeout < c.interval {
+            out.push(format!(
+                "checkpoint.timeout ({}) is shorter than checkpoint.interval ({})",
+                humantime::format_duration(c.timeout),
+                humantime::format_duration(c.interval)
+            ));
+        }
+        out
+    }
+
+    pub fn key_source(&self) -> Result<FieldSource, ConfigError> {
+        match self.input.key.as_str() {
+            "$key" => Ok(FieldSource::MessageKey),
+            p if p.starts_with('/') => Ok(FieldSource::Pointer(p.to_string())),
+            other => Err(ConfigError::invalid(
+                "input.key",
+                format!("`{other}` must be `$key` or a JSON pointer starting with `/`"),
+            )),
+        }
+    }
+
+    pub fn time_source(&self) -> Result<TimeSource, ConfigError> {
+        match self.input.timestamp.as_str() {
+            "$timestamp" => Ok(TimeSource::MessageTimestamp),
+            p if p.starts_with('/') => Ok(TimeSource::Pointer(p.to_string())),
+            other => Err(ConfigError::invalid(
+                "input.timestamp",
+                format!("`{other}` must be `$timestamp` or a JSON pointer starting with `/`"),
+            )),
+        }
+    }
+
+    /// The window definitions in engine form (milliseconds), checked.
+    pub fn window_defs(&self) -> Result<Vec<WindowDef>, ConfigError> {
+        if self.windows.is_empty() {
+            return Err(ConfigError::invalid("windows", "must define at least one window"));
+        }
+        if self.windows.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::invalid("windows", "too many windows"));
+        }
+        let mut names = BTreeSet::new();
+        let mut defs = Vec::with_capacity(self.windows.len());
+        for (i, w) in self.windows.iter().enumerate() {
+            let at = |field: &str| format!("windows[{i}].{field}");
+            if w.name.is_empty() || w.name.contains('/') {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "must be non-empty and must not contain `/` (it is part of the output message key)",
+                ));
+            }
+            if !names.insert(w.name.clone()) {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    format!("`{}` is used by two windows", w.name),
+                ));
+            }
+            let ms = |d: Option<Duration>, field: &str| -> Result<i64, ConfigError> {
+                let d = d.ok_or_else(|| {
+                    ConfigError::invalid(at(field), format!("is required for {:?} windows", w.kind))
+                })?;
+                let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                if ms <= 0 {
+                    return Err(ConfigError::invalid(at(field), "must be at least 1ms"));
+                }
+                Ok(ms)
+            };
+            let forbid = |d: Option<Duration>, field: &str| -> Result<(), ConfigError> {
+                match d {
+                    Some(_) => Err(ConfigError::invalid(
+                        at(field),
+                        format!("does not apply to {:?} windows", w.kind),
+                    )),
+                    None => Ok(()),
+                }
+            };
+            let kind = match w.kind {
+                WindowType::Tumbling => {
+                    forbid(w.hop, "hop")?;
+                    forbid(w.gap, "gap")?;
+                    WindowKind::Tumbling {
+                        size: ms(w.size, "size")?,
+                    }
+                }
+                WindowType::Hopping => {
+                    forbid(w.gap, "gap")?;
+                    let size = ms(w.size, "size")?;
+                    let hop = ms(w.hop, "hop")?;
+                    if hop > size {
+                        return Err(ConfigError::invalid(
+                            at("hop"),
+                            "must not be longer than size (records between windows would be lost)",
+                        ));
+                    }
+                    WindowKind::Hopping { size, hop }
+                }
+                WindowType::Session => {
+                    forbid(w.size, "size")?;
+                    forbid(w.hop, "hop")?;
+                    WindowKind::Session {
+                        gap: ms(w.gap, "gap")?,
+                    }
+                }
+            };
+            defs.push(WindowDef {
+                name: w.name.clone(),
+                kind,
+            });
+        }
+        Ok(defs)
+    }
+
+    /// A copy safe to print: values of librdkafka options that look like secrets are masked.
+    pub fn redacted(&self) -> Settings {
+        let mut copy = self.clone();
+        for (key, value) in copy.kafka.options.iter_mut() {
+            let k = key.to_ascii_lowercase();
+            if k.contains("password") || k.contains("secret") || k.ends_with(".key") {
+                *value = "********".to_string();
+            }
+        }
+        copy
+    }
+}
+
+pub fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+kafka:
+  brokers: 127.0.0.1:9092
+  group_id: g
+  topics: [events]
+input:
+  key: /user
+  value: /amount
+  timestamp: /ts
+windows:
+  - { name: minute, type: tumbling, size: 1m }
+  - { name: hop, type: hopping, size: 1m, hop: 30s }
+  - { name: sess, type: session, gap: 30s }
+output:
+  topic: out
+checkpoint:
+  dir: /tmp/x
+  interval: 2s
+"#;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_yaml_str(yaml, "test.yaml", Some(env))
+    }
+
+    fn err_text(yaml: &str, env: &[(&str, &str)]) -> String {
+        match load(yaml, env) {
+            Ok(_) => panic!("configuration was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn base_config_loads_with_defaults() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.checkpoint.interval, Duration::from_secs(2));
+        assert_eq!(s.checkpoint.mode, CheckpointMode::ExactlyOnce);
+        assert_eq!(s.checkpoint.max_concurrent, 1);
+        assert_eq!(s.kafka.auto_offset_reset, OffsetReset::Earliest);
+        assert_eq!(s.aggregates.len(), 5);
+        assert_eq!(s.window_defs().expect("windows").len(), 3);
+        assert_eq!(s.watermark.max_out_of_orderness, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load(
+            BASE,
+            &[
+                ("CHECKPOINTER_KAFKA__BROKERS", "10.0.0.1:9092"),
+                ("CHECKPOINTER_KAFKA__TOPICS", "a,b"),
+                ("CHECKPOINTER_CHECKPOINT__INTERVAL", "30s"),
+                ("CHECKPOINTER_CHECKPOINT__MAX_CONCURRENT", "2"),
+                ("CHECKPOINTER_CHECKPOINT__MODE", "at_least_once"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(s.kafka.topics, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(s.checkpoint.interval, Duration::from_secs(30));
+        assert_eq!(s.checkpoint.max_concurrent, 2);
+        assert_eq!(s.checkpoint.mode, CheckpointMode::AtLeastOnce);
+    }
+
+    #[test]
+    fn single_topic_from_environment_is_a_list() {
+        let s = load(BASE, &[("CHECKPOINTER_KAFKA__TOPICS", "only")]).expect("valid");
+        assert_eq!(s.kafka.topics, vec!["only".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let yaml = BASE.replace("interval: 2s", "interval: 2s\n  intervall: 3s");
+        assert!(err_text(&yaml, &[]).contains("intervall"));
+    }
+
+    #[test]
+    fn unknown_top_level_section_is_named() {
+        let yaml = format!("{BASE}\nsinks: {{}}\n");
+        assert!(err_text(&yaml, &[]).contains("sinks"));
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let yaml = BASE.replace("interval: 2s", "interval: two seconds");
+        let text = err_text(&yaml, &[]);
+        assert!(text.contains("interval"), "{text}");
+    }
+
+    #[test]
+    fn hopping_window_needs_hop_not_longer_than_size() {
+        let yaml = BASE.replace("hop: 30s", "hop: 2m");
+        assert!(err_text(&yaml, &[]).contains("windows[1].hop"));
+        let yaml = BASE.replace(", hop: 30s", "");
+        assert!(err_text(&yaml, &[]).contains("windows[1].hop"));
+    }
+
+    #[test]
+    fn session_window_rejects_size() {
+        let yaml = BASE.replace("type: session, gap: 30s", "type: session, gap: 30s, size: 1m");
+        assert!(err_text(&yaml, &[]).contains("windows[2].size"));
+    }
+
+    #[test]
+    fn duplicate_window_names_are_rejected() {
+        let yaml = BASE.replace("name: hop", "name: minute");
+        assert!(err_text(&yaml, &[]).contains("windows[1].name"));
+    }
+
+    #[test]
+    fn managed_kafka_option_is_rejected() {
+        let yaml = BASE.replace(
+            "topics: [events]",
+            "topics: [events]\n  options: { enable.auto.commit: \"true\" }",
+        );
+        assert!(err_text(&yaml, &[]).contains("kafka.options.enable.auto.commit"));
+    }
+
+    #[test]
+    fn value_required_for_sum() {
+        let yaml = BASE.replace("  value: /amount\n", "");
+        assert!(err_text(&yaml, &[]).contains("input.value"));
+        let yaml = format!("{}\naggregates: [count]\n", BASE.replace("  value: /amount\n", ""));
+        assert!(load(&yaml, &[]).is_ok());
+    }
+
+    #[test]
+    fn bad_key_source_is_named() {
+        let yaml = BASE.replace("key: /user", "key: user");
+        assert!(err_text(&yaml, &[]).contains("input.key"));
+    }
+
+    #[test]
+    fn output_topic_must_differ_from_inputs() {
+        let yaml = BASE.replace("topic: out", "topic: events");
+        assert!(err_text(&yaml, &[]).contains("output.topic"));
+    }
+
+    #[test]
+    fn zero_max_concurrent_rejected() {
+        let yaml = BASE.replace("interval: 2s", "interval: 2s\n  max_concurrent: 0");
+        assert!(err_text(&yaml, &[]).contains("checkpoint.max_concurrent"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let yaml = BASE.replace(
+            "topics: [events]",
+            "topics: [events]\n  options: { sasl.password: hunter2, client.id: c }",
+        );
+        let s = load(&yaml, &[]).expect("valid");
+        let shown = serde_json::to_string(&s.redacted()).expect("json");
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("client.id"));
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/checkpointer.yaml");
+        Settings::load(&path, Some(HashMap::new())).expect("config/checkpointer.yaml must validate");
+    }
+}

@@ -1,0 +1,397 @@
+//! The window engine: plain Rust, no I/O. Facts go in (records, assignments, checkpoint
+//! outcomes, emission acknowledgements); decisions come out (windows to emit, snapshots).
+
+mod aggregate;
+mod decode;
+mod state;
+mod watermark;
+mod window;
+
+use std::collections::{BTreeMap, HashSet};
+
+pub use aggregate::{Acc, AggregateKind};
+pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
+pub use state::{ClosedWindow, Entry, EntryStatus, StateKey};
+pub use watermark::Progress;
+pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
+
+use crate::position::{NextOffset, Partition};
+use state::WindowStore;
+use watermark::Watermarks;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub windows: Vec<WindowDef>,
+    pub max_out_of_orderness: i64,
+    pub allowed_lateness: i64,
+    /// Exactly-once: final windows wait in the checkpoint until it is durable.
+    pub hold_until_checkpoint: bool,
+}
+
+/// What happened to one consumed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// Every window of the record was already final: counted and dropped.
+    Late,
+    Invalid(InvalidReason),
+    /// The offset was already consumed (a redelivery): ignored.
+    Duplicate,
+}
+
+/// Position of one partition as stored in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionState {
+    pub partition: Partition,
+    pub next: Option<NextOffset>,
+    pub max_ts: Option<i64>,
+}
+
+/// The part of a checkpoint the engine produces. `full` snapshots carry every entry; others
+/// carry the entries changed since the previous snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateDelta {
+    pub full: bool,
+    pub partitions: Vec<PartitionState>,
+    pub watermark: Option<i64>,
+    pub upserts: Vec<(StateKey, Entry)>,
+    pub deletes: Vec<StateKey>,
+    pub records: u64,
+}
+
+/// The state the engine restarts from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RestoredState {
+    pub partitions: Vec<PartitionState>,
+    pub watermark: Option<i64>,
+    pub entries: Vec<(StateKey, Entry)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("checkpoint holds state of window #{window}, but only {defined} windows are configured")]
+    UnknownWindow { window: u16, defined: usize },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    end: i64,
+    acc: crate::engine::Acc,
+    /// The checkpoint whose durability releases this window for emission.
+    awaiting: Option<u64>,
+    handed_out: bool,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    stores: Vec<WindowStore>,
+    marks: Watermarks,
+    outbox: BTreeMap<StateKey, Pending>,
+    emit_queue: Vec<ClosedWindow>,
+    dirty: HashSet<StateKey>,
+    records_since_snapshot: u64,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        let stores = cfg
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WindowStore::new(i as u16, w.kind))
+            .collect();
+        let marks = Watermarks::new(cfg.max_out_of_orderness);
+        Engine {
+            cfg,
+            stores,
+            marks,
+            outbox: BTreeMap::new(),
+            emit_queue: Vec::new(),
+            dirty: HashSet::new(),
+            records_since_snapshot: 0,
+        }
+    }
+
+    /// Rebuilds the engine from a checkpoint. Windows that the checkpoint holds as closed were
+    /// durable there, so they are queued for emission at once.
+    pub fn restore(cfg: EngineConfig, state: RestoredState) -> Result<Self, RestoreError> {
+        let mut engine = Engine::new(cfg);
+        for ps in state.partitions {
+            engine.marks.insert(
+                ps.partition,
+                Progress {
+                    next: ps.next,
+                    max_ts: ps.max_ts,
+                    assigned: false,
+                    caught_up_empty: false,
+                },
+            );
+        }
+        engine.marks.set_current(state.watermark);
+        for (id, entry) in state.entries {
+            let defined = engine.stores.len();
+            let store = engine
+                .stores
+                .get_mut(usize::from(id.window))
+                .ok_or(RestoreError::UnknownWindow {
+                    window: id.window,
+                    defined,
+                })?;
+            match entry.status {
+                EntryStatus::Open => store.restore(id.start, id.key, entry.end, entry.acc),
+                EntryStatus::Closed => {
+                    engine.emit_queue.push(ClosedWindow {
+                        id: id.clone(),
+                        end: entry.end,
+                        acc: entry.acc,
+                    });
+                    engine.outbox.insert(
+                        id,
+                        Pending {
+                            end: entry.end,
+                            acc: entry.acc,
+                            awaiting: None,
+                            handed_out: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn assign(&mut self, partitions: &[Partition]) {
+        for p in partitions {
+            self.marks.assign(p);
+        }
+        self.advance();
+    }
+
+    pub fn revoke(&mut self, partitions: &[Partition]) {
+        for p in partitions {
+            self.marks.revoke(p);
+        }
+        self.advance();
+    }
+
+    /// The consumer reached the end of `partition`.
+    pub fn partition_eof(&mut self, partition: &Partition) {
+        self.marks.eof(partition);
+        self.advance();
+    }
+
+    /// Where reading `partition` must continue, if the engine has consumed from it.
+    pub fn position(&self, partition: &Partition) -> Option<NextOffset> {
+        self.marks.get(partition).and_then(|p| p.next)
+    }
+
+    pub fn progress(&self) -> impl Iterator<Item = (&Partition, &Progress)> {
+        self.marks.iter()
+    }
+
+    pub fn watermark(&self) -> Option<i64> {
+        self.marks.current()
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.stores.iter().map(WindowStore::open_count).sum()
+    }
+
+    /// Final windows not yet acknowledged by the output topic.
+    pub fn pending_emissions(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Processes the message at `offset` of `partition`.
+    pub fn process(
+        &mut self,
+        partition: &Partition,
+        offset: i64,
+        record: Result<Record, InvalidReason>,
+    ) -> Outcome {
+        if self.position(partition).is_some_and(|next| next.covers(offset)) {
+            return Outcome::Duplicate;
+        }
+        self.records_since_snapshot += 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(reason) => {
+                self.marks.observe(partition, offset, None);
+                return Outcome::Invalid(reason);
+            }
+        };
+        // lateness is judged against the watermark before this record moves it
+        let limit = self.limit();
+        let mut took = false;
+        for store in &mut self.stores {
+            took |= store.add(&record.key, record.ts, record.value, limit, &mut self.dirty);
+        }
+        if self.marks.observe(partition, offset, Some(record.ts)) {
+            self.advance();
+        }
+        if took {
+            Outcome::Accepted
+        } else {
+            Outcome::Late
+        }
+    }
+
+    fn limit(&self) -> Option<i64> {
+        self.marks
+            .current()
+            .map(|wm| wm.saturating_sub(self.cfg.allowed_lateness))
+    }
+
+    fn advance(&mut self) {
+        if self.marks.advance().is_none() {
+            return;
+        }
+        let Some(limit) = self.limit() else { return };
+        let mut closed = Vec::new();
+        for store in &mut self.stores {
+            store.close(limit, &mut closed);
+        }
+        for window in closed {
+            self.dirty.insert(window.id.clone());
+            if self.cfg.hold_until_checkpoint {
+                self.outbox.insert(
+                    window.id,
+                    Pending {
+                        end: window.end,
+                        acc: window.acc,
+                        awaiting: None,
+                        handed_out: false,
+                    },
+                );
+            } else {
+                self.emit_queue.push(window);
+            }
+        }
+    }
+
+    /// Final windows that may be emitted now. In exactly-once mode these are windows whose
+    /// closing checkpoint is durable; otherwise every window as soon as it closes.
+    pub fn take_emittable(&mut self) -> Vec<ClosedWindow> {
+        std::mem::take(&mut self.emit_queue)
+    }
+
+    /// Snapshot for checkpoint `id`. Cheap: proportional to what changed since the previous
+    /// snapshot unless `full`.
+    pub fn snapshot(&mut self, id: u64, full: bool) -> StateDelta {
+        for pending in self.outbox.values_mut() {
+            if !pending.handed_out && pending.awaiting.is_none() {
+                pending.awaiting = Some(id);
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        if full {
+            for store in &self.stores {
+                store.for_each(|key, end, acc| {
+                    upserts.push((
+                        key,
+                        Entry {
+                            status: EntryStatus::Open,
+                            end,
+                            acc,
+                        },
+                    ))
+                });
+            }
+            for (key, p) in &self.outbox {
+                upserts.push((key.clone(), closed_entry(p)));
+            }
+        } else {
+            for key in dirty {
+                match self.entry(&key) {
+                    Some(entry) => upserts.push((key, entry)),
+                    None => deletes.push(key),
+                }
+            }
+        }
+        let mut partitions: Vec<PartitionState> = self
+            .marks
+            .iter()
+            .map(|(p, progress)| PartitionState {
+                partition: p.clone(),
+                next: progress.next,
+                max_ts: progress.max_ts,
+            })
+            .collect();
+        partitions.sort_by(|a, b| a.partition.cmp(&b.partition));
+        let records = std::mem::take(&mut self.records_since_snapshot);
+        StateDelta {
+            full,
+            partitions,
+            watermark: self.marks.current(),
+            upserts,
+            deletes,
+            records,
+        }
+    }
+
+    fn entry(&self, key: &StateKey) -> Option<Entry> {
+        if let Some(p) = self.outbox.get(key) {
+            return Some(closed_entry(p));
+        }
+        let store = self.stores.get(usize::from(key.window))?;
+        store.get(key.start, &key.key).map(|(end, acc)| Entry {
+            status: EntryStatus::Open,
+            end,
+            acc,
+        })
+    }
+
+    /// Checkpoint `id` is durable: windows it closed may now be emitted.
+    pub fn checkpoint_completed(&mut self, id: u64) {
+        for (key, p) in self.outbox.iter_mut() {
+            if !p.handed_out && p.awaiting.is_some_and(|a| a <= id) {
+                p.handed_out = true;
+                self.emit_queue.push(ClosedWindow {
+                    id: key.clone(),
+                    end: p.end,
+                    acc: p.acc,
+                });
+            }
+        }
+    }
+
+    /// Checkpoint `id` failed: windows waiting for it wait for the next one.
+    pub fn checkpoint_failed(&mut self, id: u64) {
+        for p in self.outbox.values_mut() {
+            if !p.handed_out && p.awaiting == Some(id) {
+                p.awaiting = None;
+            }
+        }
+    }
+
+    /// The output topic acknowledged these windows; they leave the state at the next checkpoint.
+    pub fn emitted(&mut self, ids: impl IntoIterator<Item = StateKey>) {
+        for id in ids {
+            if self.outbox.remove(&id).is_some() {
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    /// Whether anything changed since the last snapshot.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || self.records_since_snapshot > 0
+    }
+}
+
+fn closed_entry(p: &Pending) -> Entry {
+    Entry {
+        status: EntryStatus::Closed,
+        end: p.end,
+        acc: p.acc,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,388 @@
+//! Open window state per window definition, with the identity of every entry that changed
+//! since the last snapshot so checkpoints can carry only what changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::Acc;
+use super::window::{hopping_starts, tumbling_start, WindowKind};
+
+/// Identity of one window instance: definition index, start, key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StateKey {
+    pub window: u16,
+    pub start: i64,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryStatus {
+    /// Still accumulating.
+    Open,
+    /// Final, waiting to be emitted (exactly-once mode keeps these in the checkpoint).
+    Closed,
+}
+
+/// What a checkpoint stores for one window instance.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub status: EntryStatus,
+    pub end: i64,
+    pub acc: Acc,
+}
+
+/// A final window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedWindow {
+    pub id: StateKey,
+    pub end: i64,
+    pub acc: Acc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Session {
+    start: i64,
+    end: i64,
+    acc: Acc,
+}
+
+#[derive(Debug)]
+enum Slots {
+    Fixed {
+        kind: WindowKind,
+        by_start: BTreeMap<i64, HashMap<String, Acc>>,
+    },
+    Session {
+        gap: i64,
+        by_key: HashMap<String, Vec<Session>>,
+        by_end: BTreeSet<(i64, String, i64)>,
+    },
+}
+
+/// The open windows of one definition.
+#[derive(Debug)]
+pub struct WindowStore {
+    index: u16,
+    slots: Slots,
+    open: usize,
+}
+
+fn is_final(end: i64, limit: Option<i64>) -> bool {
+    limit.is_some_and(|l| end <= l)
+}
+
+impl WindowStore {
+    pub fn new(index: u16, kind: WindowKind) -> Self {
+        let slots = match kind {
+            WindowKind::Session { gap } => Slots::Session {
+                gap,
+                by_key: HashMap::new(),
+                by_end: BTreeSet::new(),
+            },
+            other => Slots::Fixed {
+                kind: other,
+                by_start: BTreeMap::new(),
+            },
+        };
+        WindowStore {
+            index,
+            slots,
+            open: 0,
+        }
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open
+    }
+
+    fn state_key(&self, start: i64, key: &str) -> StateKey {
+        StateKey {
+            window: self.index,
+            start,
+            key: key.to_string(),
+        }
+    }
+
+    /// Adds a record to every window of this definition that holds `ts` and is not final
+    /// (`end <= limit` is final). Returns whether any window took it.
+    pub fn add(
+        &mut self,
+        key: &str,
+        ts: i64,
+        value: Option<f64>,
+        limit: Option<i64>,
+        dirty: &mut HashSet<StateKey>,
+    ) -> bool {
+        let index = self.index;
+        match &mut self.slots {
+            Slots::Fixed { kind, by_start } => {
+                let mut took = false;
+                let mut touch = |start: i64, size: i64, open: &mut usize| {
+                    if is_final(start + size, limit) {
+                        return;
+                    }
+                    let keys = by_start.entry(start).or_default();
+                    match keys.get_mut(key) {
+                        Some(acc) => acc.add(value),
+                        None => {
+                            keys.insert(key.to_string(), Acc::of(value));
+                            *open += 1;
+                        }
+                    }
+                    dirty.insert(StateKey {
+                        window: index,
+                        start,
+                        key: key.to_string(),
+                    });
+                    took = true;
+                };
+                match *kind {
+                    WindowKind::Tumbling { size } => {
+                        touch(tumbling_start(ts, size), size, &mut self.open)
+                    }
+                    WindowKind::Hopping { size, hop } => {
+                        for start in hopping_starts(ts, size, hop) {
+                            touch(start, size, &mut self.open);
+                        }
+                    }
+                    WindowKind::Session { .. } => {}
+                }
+                took
+            }
+            Slots::Session {
+                gap,
+                by_key,
+                by_end,
+            } => {
+                let new_end = ts.saturating_add(*gap);
+                let sessions = by_key.entry(key.to_string()).or_default();
+                let mut merged = Session {
+                    start: ts,
+                    end: new_end,
+                    acc: Acc::of(value),
+                };
+                let overlapping: Vec<usize> = sessions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| ts < s.end && s.start < new_end)
+                    .map(|(i, _)| i)
+                    .collect();
+                for &i in &overlapping {
+                    let s = sessions[i];
+                    merged.start = merged.start.min(s.start);
+                    merged.end = merged.end.max(s.end);
+                    merged.acc.merge(&s.acc);
+                }
+                if is_final(merged.end, limit) {
+                    if sessions.is_empty() {
+                        by_key.remove(key);
+                    }
+                    return false;
+                }
+                for &i in overlapping.iter().rev() {
+                    let old = sessions.remove(i);
+                    by_end.remove(&(old.end, key.to_string(), old.start));
+                    dirty.insert(StateKey {
+                        window: index,
+                        start: old.start,
+                        key: key.to_string(),
+                    });
+                    self.open -= 1;
+                }
+                let pos = sessions.partition_point(|s| s.start < merged.start);
+                sessions.insert(pos, merged);
+                by_end.insert((merged.end, key.to_string(), merged.start));
+                dirty.insert(StateKey {
+                    window: index,
+                    start: merged.start,
+                    key: key.to_string(),
+                });
+                self.open += 1;
+                true
+            }
+        }
+    }
+
+    /// Removes and returns every window whose end is at or before `limit`.
+    pub fn close(&mut self, limit: i64, out: &mut Vec<ClosedWindow>) {
+        let index = self.index;
+        match &mut self.slots {
+            Slots::Fixed { kind, by_start } => {
+                let size = kind.size().unwrap_or(0);
+                while let Some(entry) = by_start.first_entry() {
+                    let start = *entry.key();
+                    if start + size > limit {
+                        break;
+                    }
+                    let keys = entry.remove();
+                    self.open -= keys.len();
+                    let mut closed: Vec<ClosedWindow> = keys
+                        .into_iter()
+                        .map(|(key, acc)| ClosedWindow {
+                            id: StateKey {
+                                window: index,
+                                start,
+                                key,
+                            },
+                            end: start + size,
+                            acc,
+                        })
+                        .collect();
+                    closed.sort_by(|a, b| a.id.cmp(&b.id));
+                    out.extend(closed);
+                }
+            }
+            Slots::Session { by_key, by_end, .. } => {
+                while let Some((end, key, start)) = by_end.first().cloned() {
+                    if end > limit {
+                        break;
+                    }
+                    by_end.pop_first();
+                    let Some(sessions) = by_key.get_mut(&key) else {
+                        continue;
+                    };
+                    if let Some(pos) = sessions.iter().position(|s| s.start == start) {
+                        let s = sessions.remove(pos);
+                        self.open -= 1;
+                        out.push(ClosedWindow {
+                            id: StateKey {
+                                window: index,
+                                start,
+                                key: key.clone(),
+                            },
+                            end: s.end,
+                            acc: s.acc,
+                        });
+                    }
+                    if sessions.is_empty() {
+                        by_key.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The open entry for `start`/`key`, if any.
+    pub fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
+        match &self.slots {
+            Slots::Fixed { kind, by_start } => {
+                let size = kind.size().unwrap_or(0);
+                by_start
+                    .get(&start)
+                    .and_then(|keys| keys.get(key))
+                    .map(|acc| (start + size, *acc))
+            }
+            Slots::Session { by_key, .. } => by_key
+                .get(key)
+                .and_then(|ss| ss.iter().find(|s| s.start == start))
+                .map(|s| (s.end, s.acc)),
+        }
+    }
+
+    /// Puts back an open entry read from a checkpoint.
+    pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) {
+        match &mut self.slots {
+            Slots::Fixed { by_start, .. } => {
+                if by_start.entry(start).or_default().insert(key, acc).is_none() {
+                    self.open += 1;
+                }
+            }
+            Slots::Session { by_key, by_end, .. } => {
+                let sessions = by_key.entry(key.clone()).or_default();
+                let pos = sessions.partition_point(|s| s.start < start);
+                sessions.insert(pos, Session { start, end, acc });
+                by_end.insert((end, key, start));
+                self.open += 1;
+            }
+        }
+    }
+
+    /// Every open entry, for a full snapshot.
+    pub fn for_each(&self, mut f: impl FnMut(StateKey, i64, Acc)) {
+        match &self.slots {
+            Slots::Fixed { kind, by_start } => {
+                let size = kind.size().unwrap_or(0);
+                for (start, keys) in by_start {
+                    for (key, acc) in keys {
+                        f(self.state_key(*start, key), start + size, *acc);
+                    }
+                }
+            }
+            Slots::Session { by_key, .. } => {
+                for (key, sessions) in by_key {
+                    for s in sessions {
+                        f(self.state_key(s.start, key), s.end, s.acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(store: &mut WindowStore, key: &str, ts: i64, limit: Option<i64>) -> bool {
+        store.add(key, ts, Some(1.0), limit, &mut HashSet::new())
+    }
+
+    #[test]
+    fn sessions_merge_when_closer_than_gap() {
+        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 });
+        add(&mut s, "k", 100, None);
+        add(&mut s, "k", 109, None); // 9 < 10: same session
+        add(&mut s, "k", 119, None); // exactly gap after 109: new session
+        assert_eq!(s.open_count(), 2);
+        assert_eq!(s.get(100, "k").map(|(end, acc)| (end, acc.count)), Some((119, 2)));
+        // a record between the two sessions bridges them
+        add(&mut s, "k", 112, None);
+        assert_eq!(s.open_count(), 1);
+        assert_eq!(s.get(100, "k").map(|(end, acc)| (end, acc.count)), Some((129, 4)));
+    }
+
+    #[test]
+    fn out_of_order_record_extends_session_backwards() {
+        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 });
+        add(&mut s, "k", 100, None);
+        add(&mut s, "k", 95, None);
+        assert_eq!(s.get(95, "k").map(|(end, _)| end), Some(110));
+        assert_eq!(s.get(100, "k"), None);
+    }
+
+    #[test]
+    fn final_windows_do_not_take_records() {
+        let mut s = WindowStore::new(0, WindowKind::Tumbling { size: 10 });
+        assert!(!add(&mut s, "k", 5, Some(10)));
+        assert!(add(&mut s, "k", 15, Some(10)));
+        let mut h = WindowStore::new(0, WindowKind::Hopping { size: 10, hop: 5 });
+        // windows [0,10) and [5,15): only the second is still open at limit 10
+        assert!(add(&mut h, "k", 7, Some(10)));
+        assert_eq!(h.open_count(), 1);
+        assert!(h.get(5, "k").is_some());
+    }
+
+    #[test]
+    fn close_returns_windows_up_to_limit_in_order() {
+        let mut s = WindowStore::new(1, WindowKind::Tumbling { size: 10 });
+        for (k, ts) in [("b", 1), ("a", 2), ("a", 12), ("a", 25)] {
+            add(&mut s, k, ts, None);
+        }
+        let mut out = Vec::new();
+        s.close(20, &mut out);
+        let ids: Vec<(i64, &str)> = out.iter().map(|c| (c.id.start, c.id.key.as_str())).collect();
+        assert_eq!(ids, vec![(0, "a"), (0, "b"), (10, "a")]);
+        assert_eq!(s.open_count(), 1);
+    }
+
+    #[test]
+    fn dirty_set_names_every_changed_entry() {
+        let mut s = WindowStore::new(2, WindowKind::Session { gap: 10 });
+        let mut dirty = HashSet::new();
+        s.add("k", 100, None, None, &mut dirty);
+        s.add("k", 95, None, None, &mut dirty);
+        let starts: BTreeSet<i64> = dirty.iter().map(|k| k.start).collect();
+        assert_eq!(starts, BTreeSet::from([95, 100]));
+    }
+}

@@ -1,0 +1,291 @@
+//! Engine properties: snapshot/restore round trips, split processing equals whole, and bounded
+//! disorder changes nothing.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::checkpoint::protocol::{Checkpoint, MaterializedState};
+
+fn p(n: i32) -> Partition {
+    Partition::new("t", n)
+}
+
+fn config(hold: bool) -> EngineConfig {
+    EngineConfig {
+        windows: vec![
+            WindowDef { name: "tumble".into(), kind: WindowKind::Tumbling { size: 1000 } },
+            WindowDef { name: "hop".into(), kind: WindowKind::Hopping { size: 1000, hop: 500 } },
+            WindowDef { name: "sess".into(), kind: WindowKind::Session { gap: 300 } },
+        ],
+        max_out_of_orderness: 200,
+        allowed_lateness: 0,
+        hold_until_checkpoint: hold,
+    }
+}
+
+fn rec(key: &str, ts: i64, v: f64) -> Result<Record, InvalidReason> {
+    Ok(Record { key: key.into(), value: Some(v), ts })
+}
+
+/// Emitted windows keyed by identity; a re-emission must carry identical values.
+type Emitted = BTreeMap<StateKey, (i64, Acc)>;
+
+fn collect(engine: &mut Engine, out: &mut Emitted) {
+    let windows = engine.take_emittable();
+    let ids: Vec<StateKey> = windows.iter().map(|w| w.id.clone()).collect();
+    for w in windows {
+        if let Some(prev) = out.insert(w.id.clone(), (w.end, w.acc)) {
+            assert_eq!(prev, (w.end, w.acc), "re-emitted {:?} with different values", w.id);
+        }
+    }
+    engine.emitted(ids);
+}
+
+/// A checkpoint cycle as the service runs it: snapshot, make durable, emit what it released.
+fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: &mut Emitted) {
+    let base = store.meta.as_ref().map(|m| m.id);
+    let delta = engine.snapshot(id, base.is_none());
+    let cp = Checkpoint { id, base, trigger_ms: 0, delta };
+    store.apply(&cp, 0, 0).expect("apply");
+    engine.checkpoint_completed(id);
+    collect(engine, out);
+}
+
+/// Interleaved partition streams: (partition, key, ts, value).
+fn stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
+    // per partition, event time advances by 0..150ms with jitter up to 150ms backwards (< 200)
+    prop::collection::vec((0i32..3, 0usize..5, 0i64..150, 0i64..150, 1u8..50), 1..300).prop_map(|steps| {
+        let mut clock = [10_000i64; 3];
+        steps
+            .into_iter()
+            .map(|(part, key, step, back, v)| {
+                let i = part as usize;
+                clock[i] += step;
+                (part, format!("k{key}"), clock[i] - back, f64::from(v))
+            })
+            .collect()
+    })
+}
+
+/// Sentinels far ahead on every partition so that every real window closes.
+fn flush(engine: &mut Engine, offsets: &mut [i64; 3]) {
+    for part in 0..3 {
+        let o = offsets[part as usize];
+        offsets[part as usize] += 1;
+        engine.process(&p(part), o, rec("~flush", 1_000_000, 0.0));
+    }
+}
+
+fn run_whole(stream: &[(i32, String, i64, f64)], hold: bool) -> (Emitted, u64) {
+    let mut engine = Engine::new(config(hold));
+    engine.assign(&[p(0), p(1), p(2)]);
+    let mut out = Emitted::new();
+    let mut store = MaterializedState::default();
+    let mut offsets = [0i64; 3];
+    let mut late = 0;
+    for (part, key, ts, v) in stream {
+        let o = offsets[*part as usize];
+        offsets[*part as usize] += 1;
+        if engine.process(&p(*part), o, rec(key, *ts, *v)) == Outcome::Late {
+            late += 1;
+        }
+        collect(&mut engine, &mut out);
+    }
+    flush(&mut engine, &mut offsets);
+    checkpoint(&mut engine, &mut store, 1, &mut out);
+    collect(&mut engine, &mut out);
+    (out, late)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn restore_of_snapshot_equals_state(stream in stream_strategy()) {
+        let mut engine = Engine::new(config(true));
+        engine.assign(&[p(0), p(1), p(2)]);
+        for (i, (part, key, ts, v)) in stream.iter().enumerate() {
+            engine.process(&p(*part), i as i64, rec(key, *ts, *v));
+        }
+        let snap = engine.snapshot(1, true);
+        let mut store = MaterializedState::default();
+        store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, delta: snap.clone() }, 0, 0).expect("apply");
+        let mut restored = Engine::restore(config(true), store.restored()).expect("restore");
+        let again = restored.snapshot(2, true);
+        let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
+        prop_assert_eq!(sort(snap.upserts), sort(again.upserts));
+        prop_assert_eq!(snap.partitions, again.partitions);
+        prop_assert_eq!(snap.watermark, again.watermark);
+    }
+
+    #[test]
+    fn deltas_applied_in_order_equal_a_full_snapshot(stream in stream_strategy(), every in 1usize..40) {
+        let mut engine = Engine::new(config(true));
+        engine.assign(&[p(0), p(1), p(2)]);
+        let mut store = MaterializedState::default();
+        let mut out = Emitted::new();
+        let mut id = 0;
+        for (i, (part, key, ts, v)) in stream.iter().enumerate() {
+            engine.process(&p(*part), i as i64, rec(key, *ts, *v));
+            if i % every == 0 {
+                id += 1;
+                checkpoint(&mut engine, &mut store, id, &mut out);
+            }
+        }
+        // the last delta and a full snapshot taken at the same instant must agree
+        id += 1;
+        let delta = engine.snapshot(id, false);
+        store.apply(&Checkpoint { id, base: Some(id - 1), trigger_ms: 0, delta }, 0, 0).expect("apply");
+        let full = engine.snapshot(id + 1, true);
+        let mut expected: Vec<(StateKey, Entry)> = full.upserts;
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        prop_assert_eq!(store.restored().entries, expected);
+    }
+
+    #[test]
+    fn two_halves_with_checkpoint_restore_equal_the_whole(stream in stream_strategy(), cut in 0usize..300, hold in any::<bool>()) {
+        let (whole, _) = run_whole(&stream, hold);
+        let cut = cut.min(stream.len());
+        let mut engine = Engine::new(config(hold));
+        engine.assign(&[p(0), p(1), p(2)]);
+        let mut out = Emitted::new();
+        let mut store = MaterializedState::default();
+        let mut offsets = [0i64; 3];
+        for (part, key, ts, v) in &stream[..cut] {
+            let o = offsets[*part as usize];
+            offsets[*part as usize] += 1;
+            engine.process(&p(*part), o, rec(key, *ts, *v));
+            collect(&mut engine, &mut out);
+        }
+        checkpoint(&mut engine, &mut store, 1, &mut out);
+        // a crash right after the checkpoint: everything after it is lost, state comes back
+        let mut engine = Engine::restore(config(hold), store.restored()).expect("restore");
+        engine.assign(&[p(0), p(1), p(2)]);
+        collect(&mut engine, &mut out);
+        for (part, key, ts, v) in &stream[cut..] {
+            let o = offsets[*part as usize];
+            offsets[*part as usize] += 1;
+            prop_assert_eq!(engine.position(&p(*part)).map_or(0, |n| n.0).max(0) <= o, true);
+            engine.process(&p(*part), o, rec(key, *ts, *v));
+            collect(&mut engine, &mut out);
+        }
+        flush(&mut engine, &mut offsets);
+        checkpoint(&mut engine, &mut store, 2, &mut out);
+        collect(&mut engine, &mut out);
+        prop_assert_eq!(out, whole);
+    }
+
+    #[test]
+    fn disorder_within_the_bound_changes_nothing(stream in stream_strategy(), seed in any::<u64>()) {
+        let (ordered_out, _) = run_whole(&{
+            let mut s = stream.clone();
+            // per partition, sort by time: the in-order version of the same records
+            let mut by_part: BTreeMap<i32, Vec<(i32, String, i64, f64)>> = BTreeMap::new();
+            for r in s.drain(..) { by_part.entry(r.0).or_default().push(r); }
+            let mut merged = Vec::new();
+            for (_, mut v) in by_part { v.sort_by_key(|r| r.2); merged.extend(v); }
+            merged
+        }, true);
+        // a different interleaving of the partitions, each keeping its own (disordered) order
+        let mut rng = seed;
+        let mut queues: Vec<std::collections::VecDeque<_>> = (0..3).map(|_| Default::default()).collect();
+        for r in &stream { queues[r.0 as usize].push_back(r.clone()); }
+        let mut shuffled = Vec::new();
+        while queues.iter().any(|q| !q.is_empty()) {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let i = (rng >> 33) as usize % 3;
+            if let Some(r) = queues[i].pop_front() { shuffled.push(r); }
+        }
+        let (out, late) = run_whole(&shuffled, true);
+        prop_assert_eq!(late, 0);
+        prop_assert_eq!(out, ordered_out);
+    }
+}
+
+#[test]
+fn exactly_once_holds_windows_until_their_checkpoint_is_durable() {
+    let mut engine = Engine::new(config(true));
+    engine.assign(&[p(0)]);
+    engine.process(&p(0), 0, rec("a", 100, 1.0));
+    engine.process(&p(0), 1, rec("a", 5_000, 1.0));
+    assert!(engine.take_emittable().is_empty(), "closed but not checkpointed");
+    assert!(engine.pending_emissions() > 0);
+    let _ = engine.snapshot(7, true);
+    engine.checkpoint_failed(7);
+    engine.checkpoint_completed(7);
+    assert!(engine.take_emittable().is_empty(), "a failed checkpoint releases nothing");
+    let _ = engine.snapshot(8, true);
+    engine.checkpoint_completed(8);
+    let released = engine.take_emittable();
+    assert!(released.iter().any(|w| w.id.key == "a" && w.id.start == 0 && w.acc.count == 1));
+}
+
+#[test]
+fn at_least_once_emits_as_soon_as_windows_close() {
+    let mut engine = Engine::new(config(false));
+    engine.assign(&[p(0)]);
+    engine.process(&p(0), 0, rec("a", 100, 1.0));
+    engine.process(&p(0), 1, rec("a", 5_000, 1.0));
+    assert!(!engine.take_emittable().is_empty());
+}
+
+#[test]
+fn late_records_are_counted_and_dropped() {
+    let mut engine = Engine::new(config(false));
+    engine.assign(&[p(0)]);
+    engine.process(&p(0), 0, rec("a", 10_000, 1.0));
+    assert_eq!(engine.process(&p(0), 1, rec("a", 100, 1.0)), Outcome::Late);
+    // a record late for its tumbling window but still inside an open session/hop is accepted
+    assert_eq!(engine.process(&p(0), 2, rec("a", 9_700, 1.0)), Outcome::Accepted);
+}
+
+#[test]
+fn invalid_records_advance_the_offset() {
+    let mut engine = Engine::new(config(false));
+    engine.assign(&[p(0)]);
+    assert_eq!(
+        engine.process(&p(0), 5, Err(InvalidReason::InvalidJson)),
+        Outcome::Invalid(InvalidReason::InvalidJson)
+    );
+    assert_eq!(engine.position(&p(0)), Some(NextOffset(6)));
+    assert_eq!(engine.process(&p(0), 5, rec("a", 1, 1.0)), Outcome::Duplicate);
+}
+
+#[test]
+fn restored_closed_windows_are_emitted_again_identically() {
+    let mut engine = Engine::new(config(true));
+    engine.assign(&[p(0)]);
+    engine.process(&p(0), 0, rec("a", 100, 2.0));
+    engine.process(&p(0), 1, rec("a", 5_000, 1.0));
+    let delta = engine.snapshot(1, true);
+    let mut store = MaterializedState::default();
+    store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, delta }, 0, 0).expect("apply");
+    engine.checkpoint_completed(1);
+    let first = engine.take_emittable();
+    // crash before the acknowledgement was checkpointed
+    let mut again = Engine::restore(config(true), store.restored()).expect("restore");
+    let mut second = again.take_emittable();
+    let mut first_sorted = first;
+    first_sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    second.sort_by(|a, b| a.id.cmp(&b.id));
+    assert!(!second.is_empty());
+    assert_eq!(first_sorted, second);
+}
+
+#[test]
+fn restore_refuses_state_of_unknown_windows() {
+    let state = RestoredState {
+        partitions: vec![],
+        watermark: None,
+        entries: vec![(
+            StateKey { window: 9, start: 0, key: "a".into() },
+            Entry { status: EntryStatus::Open, end: 1, acc: Acc::of(None) },
+        )],
+    };
+    assert!(matches!(
+        Engine::restore(config(true), state),
+        Err(RestoreError::UnknownWindow { window: 9, .. })
+    ));
+}

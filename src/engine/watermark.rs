@@ -1,0 +1,196 @@
+//! Per-partition progress (next offset, highest event time) and the service watermark.
+//!
+//! A partition's watermark is its highest event time minus the allowed out-of-orderness. The
+//! service watermark is the minimum over assigned partitions that have data; an assigned
+//! partition whose content is not known yet (no record and no end-of-partition seen) holds the
+//! watermark back, so a partition that is read late cannot see its records dropped as late.
+//! The service watermark never moves backwards.
+
+use std::collections::HashMap;
+
+use crate::position::{NextOffset, Partition};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub next: Option<NextOffset>,
+    pub max_ts: Option<i64>,
+    pub assigned: bool,
+    /// Reached the end of the partition while it had no data.
+    pub caught_up_empty: bool,
+}
+
+impl Progress {
+    fn pending(&self) -> bool {
+        self.assigned && self.max_ts.is_none() && !self.caught_up_empty
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Watermarks {
+    parts: HashMap<Partition, Progress>,
+    current: Option<i64>,
+    out_of_orderness: i64,
+}
+
+impl Watermarks {
+    pub fn new(out_of_orderness: i64) -> Self {
+        Watermarks {
+            parts: HashMap::new(),
+            current: None,
+            out_of_orderness,
+        }
+    }
+
+    pub fn current(&self) -> Option<i64> {
+        self.current
+    }
+
+    pub fn set_current(&mut self, wm: Option<i64>) {
+        self.current = wm;
+    }
+
+    pub fn get(&self, p: &Partition) -> Option<&Progress> {
+        self.parts.get(p)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Partition, &Progress)> {
+        self.parts.iter()
+    }
+
+    pub fn insert(&mut self, p: Partition, progress: Progress) {
+        self.parts.insert(p, progress);
+    }
+
+    pub fn assign(&mut self, p: &Partition) {
+        let entry = self.parts.entry(p.clone()).or_default();
+        entry.assigned = true;
+        entry.caught_up_empty = false;
+    }
+
+    pub fn revoke(&mut self, p: &Partition) {
+        if let Some(entry) = self.parts.get_mut(p) {
+            entry.assigned = false;
+        }
+    }
+
+    pub fn eof(&mut self, p: &Partition) {
+        if let Some(entry) = self.parts.get_mut(p) {
+            if entry.max_ts.is_none() {
+                entry.caught_up_empty = true;
+            }
+        }
+    }
+
+    /// Records that `offset` was consumed on `p`, with event time `ts` if the record was valid.
+    /// Returns whether the service watermark may have changed.
+    pub fn observe(&mut self, p: &Partition, offset: i64, ts: Option<i64>) -> bool {
+        let current = self.current;
+        let ooo = self.out_of_orderness;
+        let entry = match self.parts.get_mut(p) {
+            Some(e) => e,
+            None => self.parts.entry(p.clone()).or_default(),
+        };
+        entry.next = Some(NextOffset::after(offset));
+        let Some(ts) = ts else { return false };
+        match entry.max_ts {
+            None => {
+                entry.max_ts = Some(ts);
+                true
+            }
+            Some(old) if ts > old => {
+                entry.max_ts = Some(ts);
+                // the minimum can only rise if this partition was holding it
+                current.is_none_or(|c| old.saturating_sub(ooo) <= c)
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Recomputes the service watermark; returns the new value if it advanced.
+    pub fn advance(&mut self) -> Option<i64> {
+        let mut min: Option<i64> = None;
+        for progress in self.parts.values() {
+            if progress.pending() {
+                return None;
+            }
+            if !progress.assigned {
+                continue;
+            }
+            if let Some(ts) = progress.max_ts {
+                let wm = ts.saturating_sub(self.out_of_orderness);
+                min = Some(min.map_or(wm, |m| m.min(wm)));
+            }
+        }
+        let candidate = min?;
+        if self.current.is_none_or(|c| candidate > c) {
+            self.current = Some(candidate);
+            Some(candidate)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: i32) -> Partition {
+        Partition::new("t", n)
+    }
+
+    #[test]
+    fn watermark_is_min_over_assigned_partitions_with_data() {
+        let mut w = Watermarks::new(10);
+        w.assign(&p(0));
+        w.assign(&p(1));
+        w.observe(&p(0), 0, Some(100));
+        assert_eq!(w.advance(), None, "partition 1 not known yet holds it back");
+        w.observe(&p(1), 0, Some(50));
+        assert_eq!(w.advance(), Some(40));
+        w.observe(&p(1), 1, Some(200));
+        assert_eq!(w.advance(), Some(90));
+    }
+
+    #[test]
+    fn empty_partition_stops_holding_back_after_eof() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.assign(&p(1));
+        w.observe(&p(0), 0, Some(100));
+        assert_eq!(w.advance(), None);
+        w.eof(&p(1));
+        assert_eq!(w.advance(), Some(100));
+    }
+
+    #[test]
+    fn watermark_never_moves_backwards() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.observe(&p(0), 0, Some(100));
+        assert_eq!(w.advance(), Some(100));
+        w.assign(&p(1));
+        w.observe(&p(1), 0, Some(10));
+        assert_eq!(w.advance(), None);
+        assert_eq!(w.current(), Some(100));
+    }
+
+    #[test]
+    fn revoked_partitions_do_not_count() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.assign(&p(1));
+        w.observe(&p(0), 0, Some(100));
+        w.observe(&p(1), 0, Some(10));
+        assert_eq!(w.advance(), Some(10));
+        w.revoke(&p(1));
+        assert_eq!(w.advance(), Some(100));
+    }
+
+    #[test]
+    fn offsets_are_next_to_read() {
+        let mut w = Watermarks::new(0);
+        w.observe(&p(0), 41, None);
+        assert_eq!(w.get(&p(0)).and_then(|x| x.next), Some(NextOffset(42)));
+    }
+}
