@@ -248,7 +248,10 @@ const LIST_KEYS: &[&str] = &["kafka.topics", "aggregates"];
 impl Settings {
     /// Loads the YAML file at `path`, then applies `CHECKPOINTER_*` overrides from `env`
     /// (the process environment when `None`), then validates.
-    pub fn load(path: &Path, env: Option<HashMap<String, String>>) -> Result<Settings, ConfigError> {
+    pub fn load(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -336,11 +339,17 @@ impl Settings {
             }
         }
         if self.aggregates.is_empty() {
-            return Err(ConfigError::invalid("aggregates", "must list at least one aggregate"));
+            return Err(ConfigError::invalid(
+                "aggregates",
+                "must list at least one aggregate",
+            ));
         }
         let unique: BTreeSet<_> = self.aggregates.iter().collect();
         if unique.len() != self.aggregates.len() {
-            return Err(ConfigError::invalid("aggregates", "lists an aggregate twice"));
+            return Err(ConfigError::invalid(
+                "aggregates",
+                "lists an aggregate twice",
+            ));
         }
         if self.input.value.is_none() && self.aggregates.iter().any(|a| a.needs_value()) {
             return Err(ConfigError::invalid(
@@ -354,13 +363,22 @@ impl Settings {
             return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
         }
         if c.interval.is_zero() {
-            return Err(ConfigError::invalid("checkpoint.interval", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "checkpoint.interval",
+                "must be greater than 0",
+            ));
         }
         if c.timeout.is_zero() {
-            return Err(ConfigError::invalid("checkpoint.timeout", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "checkpoint.timeout",
+                "must be greater than 0",
+            ));
         }
         if c.max_concurrent == 0 {
-            return Err(ConfigError::invalid("checkpoint.max_concurrent", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "checkpoint.max_concurrent",
+                "must be at least 1",
+            ));
         }
         if c.shutdown_timeout.is_zero() {
             return Err(ConfigError::invalid(
@@ -417,7 +435,10 @@ impl Settings {
     /// The window definitions in engine form (milliseconds), checked.
     pub fn window_defs(&self) -> Result<Vec<WindowDef>, ConfigError> {
         if self.windows.is_empty() {
-            return Err(ConfigError::invalid("windows", "must define at least one window"));
+            return Err(ConfigError::invalid(
+                "windows",
+                "must define at least one window",
+            ));
         }
         if self.windows.len() > usize::from(u16::MAX) {
             return Err(ConfigError::invalid("windows", "too many windows"));
@@ -617,7 +638,10 @@ checkpoint:
 
     #[test]
     fn session_window_rejects_size() {
-        let yaml = BASE.replace("type: session, gap: 30s", "type: session, gap: 30s, size: 1m");
+        let yaml = BASE.replace(
+            "type: session, gap: 30s",
+            "type: session, gap: 30s, size: 1m",
+        );
         assert!(err_text(&yaml, &[]).contains("windows[2].size"));
     }
 
@@ -640,7 +664,10 @@ checkpoint:
     fn value_required_for_sum() {
         let yaml = BASE.replace("  value: /amount\n", "");
         assert!(err_text(&yaml, &[]).contains("input.value"));
-        let yaml = format!("{}\naggregates: [count]\n", BASE.replace("  value: /amount\n", ""));
+        let yaml = format!(
+            "{}\naggregates: [count]\n",
+            BASE.replace("  value: /amount\n", "")
+        );
         assert!(load(&yaml, &[]).is_ok());
     }
 
@@ -677,6 +704,7 @@ checkpoint:
     #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/checkpointer.yaml");
-        Settings::load(&path, Some(HashMap::new())).expect("config/checkpointer.yaml must validate");
+        Settings::load(&path, Some(HashMap::new()))
+            .expect("config/checkpointer.yaml must validate");
     }
 }

@@ -4,5 +4,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod position;
+pub mod service;
+pub mod sink;
+pub mod source;
 pub mod store;

@@ -1,6 +1,7 @@
 //! Checkpoints: what one contains and how it applies (`protocol`, pure), when to take one
 //! (`scheduler`, pure), and the background task that makes them durable (`writer`).
 
+pub mod history;
 pub mod protocol;
 pub mod scheduler;
 pub mod writer;

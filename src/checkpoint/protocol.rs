@@ -53,11 +53,17 @@ pub enum ApplyError {
 }
 
 /// Checks that `cp` may be applied on top of the stored checkpoint `current`.
-pub fn check_applicable(current: Option<&CheckpointMeta>, cp: &Checkpoint) -> Result<(), ApplyError> {
+pub fn check_applicable(
+    current: Option<&CheckpointMeta>,
+    cp: &Checkpoint,
+) -> Result<(), ApplyError> {
     let current_id = current.map(|m| m.id);
     if let Some(c) = current_id {
         if cp.id <= c {
-            return Err(ApplyError::NotNewer { id: cp.id, current: c });
+            return Err(ApplyError::NotNewer {
+                id: cp.id,
+                current: c,
+            });
         }
     }
     if !cp.delta.full && cp.base != current_id {
@@ -94,7 +100,12 @@ pub struct MaterializedState {
 
 impl MaterializedState {
     /// Applies `cp` (checked first; nothing changes on error).
-    pub fn apply(&mut self, cp: &Checkpoint, duration_ms: u64, bytes: u64) -> Result<(), ApplyError> {
+    pub fn apply(
+        &mut self,
+        cp: &Checkpoint,
+        duration_ms: u64,
+        bytes: u64,
+    ) -> Result<(), ApplyError> {
         check_applicable(self.meta.as_ref(), cp)?;
         if cp.delta.full {
             self.entries.clear();
@@ -117,11 +128,7 @@ impl MaterializedState {
                 .map(|m| m.partitions.clone())
                 .unwrap_or_default(),
             watermark: self.meta.as_ref().and_then(|m| m.watermark),
-            entries: self
-                .entries
-                .iter()
-                .map(|(k, e)| (k.clone(), *e))
-                .collect(),
+            entries: self.entries.iter().map(|(k, e)| (k.clone(), *e)).collect(),
         }
     }
 }
@@ -199,7 +206,9 @@ mod tests {
     fn offsets_moving_backwards_are_refused() {
         let mut s = MaterializedState::default();
         s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
-        let err = s.apply(&cp(2, Some(1), false, 4), 0, 0).expect_err("backwards");
+        let err = s
+            .apply(&cp(2, Some(1), false, 4), 0, 0)
+            .expect_err("backwards");
         assert!(matches!(err, ApplyError::Backwards { .. }));
     }
 

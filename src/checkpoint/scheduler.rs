@@ -106,7 +106,12 @@ impl Scheduler {
 
     /// Checkpoint `id` failed. Later checkpoints were built on it, so the next one is full.
     /// Returns whether it was in flight (a result arriving after abandonment is ignored).
-    pub fn failed(&mut self, id: u64, now: Duration, reason: &str) -> Result<bool, TooManyFailures> {
+    pub fn failed(
+        &mut self,
+        id: u64,
+        now: Duration,
+        reason: &str,
+    ) -> Result<bool, TooManyFailures> {
         if self.in_flight.remove(&id).is_none() {
             return Ok(false);
         }
@@ -158,13 +163,25 @@ mod tests {
         assert_eq!(t1, Trigger { id: 1, base: None });
         assert!(sch.completed(1, s(1)));
         let t2 = sch.trigger(s(10));
-        assert_eq!(t2, Trigger { id: 2, base: Some(1) });
+        assert_eq!(
+            t2,
+            Trigger {
+                id: 2,
+                base: Some(1)
+            }
+        );
     }
 
     #[test]
     fn restored_store_continues_its_ids_and_chain() {
         let mut sch = Scheduler::new(settings(), Some(41));
-        assert_eq!(sch.trigger(s(0)), Trigger { id: 42, base: Some(41) });
+        assert_eq!(
+            sch.trigger(s(0)),
+            Trigger {
+                id: 42,
+                base: Some(41)
+            }
+        );
     }
 
     #[test]
@@ -191,7 +208,9 @@ mod tests {
         assert_eq!(sch.failed(2, s(11), "disk"), Ok(true));
         let t = sch.trigger(s(20));
         assert_eq!(t.base, None, "after a failure the next checkpoint is full");
-        let err = sch.failed(t.id, s(21), "disk again").expect_err("2 > tolerable 1");
+        let err = sch
+            .failed(t.id, s(21), "disk again")
+            .expect_err("2 > tolerable 1");
         assert_eq!(err.failures, 2);
     }
 

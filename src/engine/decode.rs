@@ -188,7 +188,10 @@ mod tests {
             reason(r#"{"user":{"a":1},"amount":1,"ts":1}"#),
             InvalidReason::BadKey
         );
-        assert_eq!(reason(r#"{"user":"u","ts":1}"#), InvalidReason::MissingValue);
+        assert_eq!(
+            reason(r#"{"user":"u","ts":1}"#),
+            InvalidReason::MissingValue
+        );
         assert_eq!(
             reason(r#"{"user":"u","amount":"3","ts":1}"#),
             InvalidReason::BadValue
@@ -214,10 +217,15 @@ mod tests {
             value: None,
             timestamp: TimeSource::MessageTimestamp,
         };
-        let r = d.decode(Some(b"dev-1"), Some(b"{}"), Some(77)).expect("valid");
+        let r = d
+            .decode(Some(b"dev-1"), Some(b"{}"), Some(77))
+            .expect("valid");
         assert_eq!(r.key, "dev-1");
         assert_eq!(r.ts, 77);
-        assert_eq!(d.decode(None, Some(b"{}"), Some(1)), Err(InvalidReason::NullKey));
+        assert_eq!(
+            d.decode(None, Some(b"{}"), Some(1)),
+            Err(InvalidReason::NullKey)
+        );
         assert_eq!(
             d.decode(Some(&[0xff, 0xfe]), Some(b"{}"), Some(1)),
             Err(InvalidReason::BadKey)

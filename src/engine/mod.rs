@@ -69,7 +69,9 @@ pub struct RestoredState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("checkpoint holds state of window #{window}, but only {defined} windows are configured")]
+    #[error(
+        "checkpoint holds state of window #{window}, but only {defined} windows are configured"
+    )]
     UnknownWindow { window: u16, defined: usize },
 }
 
@@ -130,13 +132,12 @@ impl Engine {
         engine.marks.set_current(state.watermark);
         for (id, entry) in state.entries {
             let defined = engine.stores.len();
-            let store = engine
-                .stores
-                .get_mut(usize::from(id.window))
-                .ok_or(RestoreError::UnknownWindow {
+            let store = engine.stores.get_mut(usize::from(id.window)).ok_or(
+                RestoreError::UnknownWindow {
                     window: id.window,
                     defined,
-                })?;
+                },
+            )?;
             match entry.status {
                 EntryStatus::Open => store.restore(id.start, id.key, entry.end, entry.acc),
                 EntryStatus::Closed => {
@@ -213,7 +214,10 @@ impl Engine {
         offset: i64,
         record: Result<Record, InvalidReason>,
     ) -> Outcome {
-        if self.position(partition).is_some_and(|next| next.covers(offset)) {
+        if self
+            .position(partition)
+            .is_some_and(|next| next.covers(offset))
+        {
             return Outcome::Duplicate;
         }
         self.records_since_snapshot += 1;
@@ -257,17 +261,20 @@ impl Engine {
         }
         for window in closed {
             self.dirty.insert(window.id.clone());
-            if self.cfg.hold_until_checkpoint {
-                self.outbox.insert(
-                    window.id,
-                    Pending {
-                        end: window.end,
-                        acc: window.acc,
-                        awaiting: None,
-                        handed_out: false,
-                    },
-                );
-            } else {
+            // a final window stays in the state until the output acknowledges it, so a crash
+            // before delivery re-sends it; exactly-once additionally waits for a durable
+            // checkpoint before sending
+            let send_now = !self.cfg.hold_until_checkpoint;
+            self.outbox.insert(
+                window.id.clone(),
+                Pending {
+                    end: window.end,
+                    acc: window.acc,
+                    awaiting: None,
+                    handed_out: send_now,
+                },
+            );
+            if send_now {
                 self.emit_queue.push(window);
             }
         }

@@ -284,7 +284,12 @@ impl WindowStore {
     pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) {
         match &mut self.slots {
             Slots::Fixed { by_start, .. } => {
-                if by_start.entry(start).or_default().insert(key, acc).is_none() {
+                if by_start
+                    .entry(start)
+                    .or_default()
+                    .insert(key, acc)
+                    .is_none()
+                {
                     self.open += 1;
                 }
             }
@@ -335,11 +340,17 @@ mod tests {
         add(&mut s, "k", 109, None); // 9 < 10: same session
         add(&mut s, "k", 119, None); // exactly gap after 109: new session
         assert_eq!(s.open_count(), 2);
-        assert_eq!(s.get(100, "k").map(|(end, acc)| (end, acc.count)), Some((119, 2)));
+        assert_eq!(
+            s.get(100, "k").map(|(end, acc)| (end, acc.count)),
+            Some((119, 2))
+        );
         // a record between the two sessions bridges them
         add(&mut s, "k", 112, None);
         assert_eq!(s.open_count(), 1);
-        assert_eq!(s.get(100, "k").map(|(end, acc)| (end, acc.count)), Some((129, 4)));
+        assert_eq!(
+            s.get(100, "k").map(|(end, acc)| (end, acc.count)),
+            Some((129, 4))
+        );
     }
 
     #[test]
@@ -371,7 +382,10 @@ mod tests {
         }
         let mut out = Vec::new();
         s.close(20, &mut out);
-        let ids: Vec<(i64, &str)> = out.iter().map(|c| (c.id.start, c.id.key.as_str())).collect();
+        let ids: Vec<(i64, &str)> = out
+            .iter()
+            .map(|c| (c.id.start, c.id.key.as_str()))
+            .collect();
         assert_eq!(ids, vec![(0, "a"), (0, "b"), (10, "a")]);
         assert_eq!(s.open_count(), 1);
     }

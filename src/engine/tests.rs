@@ -15,9 +15,21 @@ fn p(n: i32) -> Partition {
 fn config(hold: bool) -> EngineConfig {
     EngineConfig {
         windows: vec![
-            WindowDef { name: "tumble".into(), kind: WindowKind::Tumbling { size: 1000 } },
-            WindowDef { name: "hop".into(), kind: WindowKind::Hopping { size: 1000, hop: 500 } },
-            WindowDef { name: "sess".into(), kind: WindowKind::Session { gap: 300 } },
+            WindowDef {
+                name: "tumble".into(),
+                kind: WindowKind::Tumbling { size: 1000 },
+            },
+            WindowDef {
+                name: "hop".into(),
+                kind: WindowKind::Hopping {
+                    size: 1000,
+                    hop: 500,
+                },
+            },
+            WindowDef {
+                name: "sess".into(),
+                kind: WindowKind::Session { gap: 300 },
+            },
         ],
         max_out_of_orderness: 200,
         allowed_lateness: 0,
@@ -26,7 +38,11 @@ fn config(hold: bool) -> EngineConfig {
 }
 
 fn rec(key: &str, ts: i64, v: f64) -> Result<Record, InvalidReason> {
-    Ok(Record { key: key.into(), value: Some(v), ts })
+    Ok(Record {
+        key: key.into(),
+        value: Some(v),
+        ts,
+    })
 }
 
 /// Emitted windows keyed by identity; a re-emission must carry identical values.
@@ -37,7 +53,12 @@ fn collect(engine: &mut Engine, out: &mut Emitted) {
     let ids: Vec<StateKey> = windows.iter().map(|w| w.id.clone()).collect();
     for w in windows {
         if let Some(prev) = out.insert(w.id.clone(), (w.end, w.acc)) {
-            assert_eq!(prev, (w.end, w.acc), "re-emitted {:?} with different values", w.id);
+            assert_eq!(
+                prev,
+                (w.end, w.acc),
+                "re-emitted {:?} with different values",
+                w.id
+            );
         }
     }
     engine.emitted(ids);
@@ -47,7 +68,12 @@ fn collect(engine: &mut Engine, out: &mut Emitted) {
 fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: &mut Emitted) {
     let base = store.meta.as_ref().map(|m| m.id);
     let delta = engine.snapshot(id, base.is_none());
-    let cp = Checkpoint { id, base, trigger_ms: 0, delta };
+    let cp = Checkpoint {
+        id,
+        base,
+        trigger_ms: 0,
+        delta,
+    };
     store.apply(&cp, 0, 0).expect("apply");
     engine.checkpoint_completed(id);
     collect(engine, out);
@@ -56,17 +82,19 @@ fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: 
 /// Interleaved partition streams: (partition, key, ts, value).
 fn stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
     // per partition, event time advances by 0..150ms with jitter up to 150ms backwards (< 200)
-    prop::collection::vec((0i32..3, 0usize..5, 0i64..150, 0i64..150, 1u8..50), 1..300).prop_map(|steps| {
-        let mut clock = [10_000i64; 3];
-        steps
-            .into_iter()
-            .map(|(part, key, step, back, v)| {
-                let i = part as usize;
-                clock[i] += step;
-                (part, format!("k{key}"), clock[i] - back, f64::from(v))
-            })
-            .collect()
-    })
+    prop::collection::vec((0i32..3, 0usize..5, 0i64..150, 0i64..150, 1u8..50), 1..300).prop_map(
+        |steps| {
+            let mut clock = [10_000i64; 3];
+            steps
+                .into_iter()
+                .map(|(part, key, step, back, v)| {
+                    let i = part as usize;
+                    clock[i] += step;
+                    (part, format!("k{key}"), clock[i] - back, f64::from(v))
+                })
+                .collect()
+        },
+    )
 }
 
 /// Sentinels far ahead on every partition so that every real window closes.
@@ -210,16 +238,24 @@ fn exactly_once_holds_windows_until_their_checkpoint_is_durable() {
     engine.assign(&[p(0)]);
     engine.process(&p(0), 0, rec("a", 100, 1.0));
     engine.process(&p(0), 1, rec("a", 5_000, 1.0));
-    assert!(engine.take_emittable().is_empty(), "closed but not checkpointed");
+    assert!(
+        engine.take_emittable().is_empty(),
+        "closed but not checkpointed"
+    );
     assert!(engine.pending_emissions() > 0);
     let _ = engine.snapshot(7, true);
     engine.checkpoint_failed(7);
     engine.checkpoint_completed(7);
-    assert!(engine.take_emittable().is_empty(), "a failed checkpoint releases nothing");
+    assert!(
+        engine.take_emittable().is_empty(),
+        "a failed checkpoint releases nothing"
+    );
     let _ = engine.snapshot(8, true);
     engine.checkpoint_completed(8);
     let released = engine.take_emittable();
-    assert!(released.iter().any(|w| w.id.key == "a" && w.id.start == 0 && w.acc.count == 1));
+    assert!(released
+        .iter()
+        .any(|w| w.id.key == "a" && w.id.start == 0 && w.acc.count == 1));
 }
 
 #[test]
@@ -238,7 +274,10 @@ fn late_records_are_counted_and_dropped() {
     engine.process(&p(0), 0, rec("a", 10_000, 1.0));
     assert_eq!(engine.process(&p(0), 1, rec("a", 100, 1.0)), Outcome::Late);
     // a record late for its tumbling window but still inside an open session/hop is accepted
-    assert_eq!(engine.process(&p(0), 2, rec("a", 9_700, 1.0)), Outcome::Accepted);
+    assert_eq!(
+        engine.process(&p(0), 2, rec("a", 9_700, 1.0)),
+        Outcome::Accepted
+    );
 }
 
 #[test]
@@ -250,7 +289,10 @@ fn invalid_records_advance_the_offset() {
         Outcome::Invalid(InvalidReason::InvalidJson)
     );
     assert_eq!(engine.position(&p(0)), Some(NextOffset(6)));
-    assert_eq!(engine.process(&p(0), 5, rec("a", 1, 1.0)), Outcome::Duplicate);
+    assert_eq!(
+        engine.process(&p(0), 5, rec("a", 1, 1.0)),
+        Outcome::Duplicate
+    );
 }
 
 #[test]
@@ -261,7 +303,18 @@ fn restored_closed_windows_are_emitted_again_identically() {
     engine.process(&p(0), 1, rec("a", 5_000, 1.0));
     let delta = engine.snapshot(1, true);
     let mut store = MaterializedState::default();
-    store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, delta }, 0, 0).expect("apply");
+    store
+        .apply(
+            &Checkpoint {
+                id: 1,
+                base: None,
+                trigger_ms: 0,
+                delta,
+            },
+            0,
+            0,
+        )
+        .expect("apply");
     engine.checkpoint_completed(1);
     let first = engine.take_emittable();
     // crash before the acknowledgement was checkpointed
@@ -280,8 +333,16 @@ fn restore_refuses_state_of_unknown_windows() {
         partitions: vec![],
         watermark: None,
         entries: vec![(
-            StateKey { window: 9, start: 0, key: "a".into() },
-            Entry { status: EntryStatus::Open, end: 1, acc: Acc::of(None) },
+            StateKey {
+                window: 9,
+                start: 0,
+                key: "a".into(),
+            },
+            Entry {
+                status: EntryStatus::Open,
+                end: 1,
+                acc: Acc::of(None),
+            },
         )],
     };
     assert!(matches!(

@@ -6,7 +6,9 @@ mod codec;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::protocol::{check_applicable, meta_of, ApplyError, Checkpoint, CheckpointMeta};
+use crate::checkpoint::protocol::{
+    check_applicable, meta_of, ApplyError, Checkpoint, CheckpointMeta,
+};
 use crate::engine::{Entry, RestoredState};
 pub use codec::FORMAT_VERSION;
 use codec::{

@@ -1,0 +1,175 @@
+//! Every metric the service exports, defined here and nowhere else. Names follow
+//! `checkpointer_<noun>_<unit>[_total]`; labels are bounded (never a record key).
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::engine::InvalidReason;
+
+pub struct Metrics {
+    registry: Registry,
+    pub records_consumed: IntCounter,
+    pub records_invalid: IntCounterVec,
+    pub records_late: IntCounter,
+    pub records_duplicate: IntCounter,
+    pub windows_open: IntGauge,
+    pub windows_pending: IntGauge,
+    pub windows_emitted: IntCounter,
+    pub emit_failures: IntCounter,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_stall: Histogram,
+    pub checkpoint_size: IntGauge,
+    pub checkpoint_last_id: IntGauge,
+    pub checkpoint_last_time: Gauge,
+    pub checkpoints_completed: IntCounter,
+    pub checkpoint_failures: IntCounter,
+    pub checkpoints_in_flight: IntGauge,
+    pub restore_duration: Gauge,
+    pub consumer_lag: IntGaugeVec,
+    pub partition_watermark: IntGaugeVec,
+    pub watermark: Gauge,
+    pub ready: IntGauge,
+    pub store_size: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
+    // names are static and unique, so registration cannot collide
+    if let Err(e) = registry.register(Box::new(m.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(
+        r,
+        IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(
+        r,
+        IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    reg(
+        r,
+        Gauge::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    reg(
+        r,
+        Histogram::with_opts(opts).unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let records_invalid = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "checkpointer_records_invalid_total",
+                    "Records skipped because they could not be decoded, by reason.",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|_| unreachable!("valid metric name")),
+        );
+        for reason in InvalidReason::ALL {
+            records_invalid.with_label_values(&[reason.label()]);
+        }
+        let secs = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ];
+        let stall = vec![
+            0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+        ];
+        Metrics {
+            records_consumed: counter(&r, "checkpointer_records_consumed_total", "Records read from the input topics (valid, invalid and late)."),
+            records_invalid,
+            records_late: counter(&r, "checkpointer_records_late_total", "Records dropped because all of their windows were already final."),
+            records_duplicate: counter(&r, "checkpointer_records_duplicate_total", "Redelivered records at offsets already processed, ignored."),
+            windows_open: int_gauge(&r, "checkpointer_windows_open", "Window instances (window, key, start) currently accumulating."),
+            windows_pending: int_gauge(&r, "checkpointer_windows_pending", "Final windows waiting for a durable checkpoint or an output acknowledgement."),
+            windows_emitted: counter(&r, "checkpointer_windows_emitted_total", "Final windows acknowledged by the output topic."),
+            emit_failures: counter(&r, "checkpointer_emit_failures_total", "Failed attempts to write a final window to the output topic (retried)."),
+            checkpoint_duration: histogram(&r, "checkpointer_checkpoint_duration_seconds", "Time from checkpoint trigger to durable (flushed) in sled.", secs),
+            checkpoint_stall: histogram(&r, "checkpointer_checkpoint_stall_seconds", "Time record processing paused to take a checkpoint snapshot.", stall),
+            checkpoint_size: int_gauge(&r, "checkpointer_checkpoint_size_bytes", "Bytes written by the last completed checkpoint."),
+            checkpoint_last_id: int_gauge(&r, "checkpointer_checkpoint_last_completed_id", "Id of the last completed checkpoint."),
+            checkpoint_last_time: gauge(&r, "checkpointer_checkpoint_last_completed_timestamp_seconds", "Unix time at which the last checkpoint completed."),
+            checkpoints_completed: counter(&r, "checkpointer_checkpoints_completed_total", "Checkpoints made durable."),
+            checkpoint_failures: counter(&r, "checkpointer_checkpoint_failures_total", "Checkpoints that failed or were abandoned on timeout."),
+            checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),
+            restore_duration: gauge(&r, "checkpointer_restore_duration_seconds", "Time the last start took to restore its checkpoint."),
+            consumer_lag: reg(&r, IntGaugeVec::new(Opts::new("checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
+            partition_watermark: reg(&r, IntGaugeVec::new(Opts::new("checkpointer_partition_max_event_time_milliseconds", "Highest event time seen per partition (epoch ms)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
+            watermark: gauge(&r, "checkpointer_watermark_seconds", "Service event-time watermark (Unix time)."),
+            ready: int_gauge(&r, "checkpointer_ready", "1 once state is restored and partitions are assigned."),
+            store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the sled checkpoint store occupies on disk."),
+            registry: r,
+        }
+    }
+
+    pub fn invalid(&self, reason: InvalidReason) {
+        self.records_invalid
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// The Prometheus text exposition and its content type.
+    pub fn render(&self) -> (String, Vec<u8>) {
+        let encoder = TextEncoder::new();
+        let mut buf = Vec::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        (encoder.format_type().to_string(), buf)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_follow_the_convention() {
+        let m = Metrics::new();
+        m.records_consumed.inc();
+        m.invalid(InvalidReason::NullKey);
+        m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        let (ctype, body) = m.render();
+        assert!(ctype.starts_with("text/plain"));
+        let text = String::from_utf8(body).expect("utf8");
+        assert!(text.contains("checkpointer_records_consumed_total 1"));
+        assert!(text.contains("checkpointer_records_invalid_total{reason=\"null_key\"} 1"));
+        assert!(text.contains("checkpointer_records_invalid_total{reason=\"invalid_json\"} 0"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            assert!(name.starts_with("checkpointer_"), "{name}");
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name} is a {kind}"
+            );
+        }
+    }
+}
