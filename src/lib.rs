@@ -3,8 +3,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod http;
+pub mod kafka_log;
 pub mod metrics;
 pub mod position;
 pub mod service;

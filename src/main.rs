@@ -26,6 +26,15 @@ enum Command {
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
         config: PathBuf,
     },
+    /// Run the service against an embedded broker fed by an event generator; prints the
+    /// emitted windows. Nothing to install.
+    Demo {
+        #[arg(long, short, default_value = "config/demo.yaml")]
+        config: PathBuf,
+        /// Events per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+    },
     /// Validate the configuration (with environment overrides) and print it, secrets masked.
     CheckConfig {
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
@@ -71,30 +80,48 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
+        Command::Demo { config, rate } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            init_logging(settings.log.format);
+            run_async(checkpointer::demo::run(checkpointer::demo::DemoOptions {
+                config,
+                rate,
+            }))
+        }
         Command::Run { config } => {
             let settings = match load(&config) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
             init_logging(settings.log.format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("checkpointer: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(checkpointer::service::run(settings)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "checkpointer stopped");
-                    eprintln!("checkpointer: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_async(checkpointer::service::run(settings))
+        }
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("checkpointer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(fut);
+    // background tasks (lag probes) must not delay the exit
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "checkpointer stopped");
+            eprintln!("checkpointer: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

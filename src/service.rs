@@ -58,7 +58,7 @@ struct Runtime {
     in_flight: HashMap<u64, InFlight>,
     started: Instant,
     assigned: Vec<Partition>,
-    broker_error: Option<String>,
+    broker_down: bool,
     last_error_log: Option<Instant>,
     suppressed_errors: u64,
     last_gauges: Instant,
@@ -194,7 +194,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         in_flight: HashMap::new(),
         started: Instant::now(),
         assigned: Vec::new(),
-        broker_error: None,
+        broker_down: false,
         last_error_log: None,
         suppressed_errors: 0,
         last_gauges: Instant::now(),
@@ -261,7 +261,10 @@ impl Runtime {
                             backoff = Duration::from_millis(100);
                             self.on_message(&m);
                         }
-                        Err(KafkaError::PartitionEOF(n)) => self.on_eof(consumer, n),
+                        Err(KafkaError::PartitionEOF(n)) => {
+                            tracing::debug!(partition = n, "end of partition");
+                            self.on_eof(consumer, n);
+                        }
                         Err(e) => {
                             self.on_consumer_error(&e);
                             tokio::time::sleep(backoff).await;
@@ -275,7 +278,9 @@ impl Runtime {
     }
 
     fn on_message(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        if self.broker_error.take().is_some() {
+        if self.broker_down {
+            self.broker_down = false;
+            self.shared.set_broker_error(None);
             tracing::info!("receiving records again");
             self.refresh_readiness();
         }
@@ -365,8 +370,7 @@ impl Runtime {
             self.last_error_log = Some(now);
         }
         if down {
-            self.broker_error = Some(e.to_string());
-            self.refresh_readiness();
+            self.shared.set_broker_error(Some(e.to_string()));
         }
     }
 
@@ -396,8 +400,10 @@ impl Runtime {
         Ok(())
     }
 
-    fn refresh_readiness(&self) {
-        if let Some(e) = &self.broker_error {
+    fn refresh_readiness(&mut self) {
+        let broker_error = self.shared.broker_error();
+        self.broker_down = broker_error.is_some();
+        if let Some(e) = &broker_error {
             self.admin
                 .set_ready(false, &format!("broker unreachable: {e}"));
         } else if self.assigned.is_empty() {
@@ -429,6 +435,9 @@ impl Runtime {
         }
         if self.scheduler.due(now) {
             self.trigger();
+        }
+        if self.shared.broker_error().is_some() != self.broker_down {
+            self.refresh_readiness();
         }
         if self.last_gauges.elapsed() >= Duration::from_secs(1) {
             self.last_gauges = Instant::now();

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
 pub use format::render;
 
 use crate::engine::{AggregateKind, ClosedWindow, StateKey};
+use crate::kafka_log::ErrorLog;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,17 @@ pub struct SinkSettings {
     pub topic: String,
     pub window_names: Vec<String>,
     pub aggregates: Vec<AggregateKind>,
+}
+
+#[derive(Default)]
+pub struct SinkContext {
+    errors: ErrorLog,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.errors.report("producer", &error, reason);
+    }
 }
 
 /// Handle to the emitter task.
@@ -49,10 +62,12 @@ impl Sink {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5");
-        let producer: FutureProducer = client.create().map_err(|source| SinkError::Create {
-            topic: settings.topic.clone(),
-            source,
-        })?;
+        let producer: FutureProducer<SinkContext> = client
+            .create_with_context(SinkContext::default())
+            .map_err(|source| SinkError::Create {
+                topic: settings.topic.clone(),
+                source,
+            })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         tokio::spawn(run(producer, settings, metrics, rx, ack_tx));
@@ -68,7 +83,7 @@ impl Sink {
 }
 
 async fn run(
-    producer: FutureProducer,
+    producer: FutureProducer<SinkContext>,
     settings: SinkSettings,
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Vec<ClosedWindow>>,
@@ -101,7 +116,7 @@ async fn run(
 }
 
 async fn send_until_acked(
-    producer: &FutureProducer,
+    producer: &FutureProducer<SinkContext>,
     settings: &SinkSettings,
     metrics: &Metrics,
     w: &ClosedWindow,

@@ -12,9 +12,10 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::kafka_log::ErrorLog;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 
@@ -53,6 +54,7 @@ pub struct Shared {
     positions: Mutex<HashMap<Partition, NextOffset>>,
     events: Mutex<Vec<Rebalance>>,
     assigned: Mutex<Vec<Partition>>,
+    broker_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -67,6 +69,21 @@ impl Shared {
                 map.insert(p.clone(), next);
             }
         }
+    }
+
+    /// The client reported the brokers unreachable (`Some`) or the consumer received again.
+    pub fn set_broker_error(&self, error: Option<String>) {
+        *self
+            .broker_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    pub fn broker_error(&self) -> Option<String> {
+        self.broker_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn set_assigned(&self, partitions: &[Partition]) {
@@ -94,9 +111,22 @@ impl Shared {
 
 pub struct SourceContext {
     shared: Arc<Shared>,
+    errors: ErrorLog,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            // reaching the end of a partition is reported on the consumer queue as well
+            Some(RDKafkaErrorCode::PartitionEOF) => tracing::trace!(reason, "end of partition"),
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.errors.report("consumer", &error, reason);
+                self.shared.set_broker_error(Some(reason.to_string()));
+            }
+            _ => self.errors.report("consumer", &error, reason),
+        }
+    }
+}
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
     tpl.elements()
@@ -232,7 +262,10 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", settings.auto_offset_reset);
     let consumer: Source = c
-        .create_with_context(SourceContext { shared })
+        .create_with_context(SourceContext {
+            shared,
+            errors: ErrorLog::default(),
+        })
         .map_err(SourceError::Create)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
