@@ -256,6 +256,8 @@ impl Runtime {
                 Some(ids) = acks.recv() => self.engine.emitted(ids),
                 _ = tick.tick() => self.on_tick(&store)?,
                 msg = consumer.recv() => {
+                    // rebalances run inside recv: apply them before what recv returned
+                    self.apply_rebalances()?;
                     match msg {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
@@ -271,7 +273,6 @@ impl Runtime {
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
                     }
-                    self.apply_rebalances()?;
                 }
             }
         }
