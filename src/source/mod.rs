@@ -304,6 +304,7 @@ pub fn high_watermark(consumer: &Source, p: &Partition, timeout: Duration) -> Op
 
 /// Publishes `checkpointer_consumer_lag_records` for the assigned partitions every `every`,
 /// off the processing loop.
+/// A successful probe also ends a reported broker outage (readiness), even on an idle topic.
 pub fn spawn_lag_monitor(
     consumer: Arc<Source>,
     shared: Arc<Shared>,
@@ -333,6 +334,11 @@ pub fn spawn_lag_monitor(
             .await;
             match lags {
                 Ok(lags) => {
+                    // a broker answered: the outage, if any, is over
+                    if !lags.is_empty() && shared.broker_error().is_some() {
+                        tracing::info!("brokers reachable again");
+                        shared.set_broker_error(None);
+                    }
                     for (p, lag) in lags {
                         metrics
                             .consumer_lag

@@ -1,0 +1,229 @@
+//! A broker that goes away while the service runs: the service stays up, `/readyz` turns 503,
+//! nothing is lost, and once the broker is back it finishes the stream with exact results.
+//! Uses librdkafka's mock cluster (in this test process, listening on loopback) for the fault
+//! injection; the service is the real binary.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+const WINDOW_MS: i64 = 10_000;
+const START: i64 = 1_700_000_000_000;
+
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    get(addr, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(-1.0)
+}
+
+fn wait(what: &str, timeout: Duration, child: &mut Child, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("service exited ({status}) while waiting for {what}");
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (key, ts, amount) records; per key, one per second.
+fn records(from_s: i64, to_s: i64) -> Vec<(String, i64, i64)> {
+    (from_s..to_s)
+        .flat_map(|s| (0..4).map(move |k| (format!("k{k}"), START + s * 1000 + k * 10, s + k)))
+        .collect()
+}
+
+fn produce(
+    producer: &BaseProducer,
+    partition_of: impl Fn(usize) -> i32,
+    recs: &[(String, i64, i64)],
+) {
+    for (i, (key, ts, amount)) in recs.iter().enumerate() {
+        let payload = format!(r#"{{"user":"{key}","amount":{amount},"ts":{ts}}}"#);
+        let mut record = BaseRecord::to("in")
+            .key(key)
+            .payload(&payload)
+            .partition(partition_of(i));
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    eprintln!("[broker_outage] flushing {} records", recs.len());
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    eprintln!("[broker_outage] flushed");
+}
+
+#[test]
+fn broker_outage_is_survived_without_loss() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("in", 2, 1).expect("topic in");
+    cluster.create_topic("out", 1, 1).expect("topic out");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    // keys are spread over both partitions by record index
+    let first = records(0, 40);
+    produce(&producer, |i| (i % 2) as i32, &first);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let yaml = format!(
+        r#"
+kafka: {{ brokers: "{brokers}", group_id: outage, topics: [in], options: {{ session.timeout.ms: "6000" }} }}
+input: {{ key: /user, value: /amount, timestamp: /ts }}
+windows: [ {{ name: t, type: tumbling, size: 10s }} ]
+watermark: {{ max_out_of_orderness: 1s }}
+output: {{ topic: out }}
+checkpoint: {{ dir: "{}", interval: 300ms }}
+http: {{ listen: "{addr}" }}
+"#,
+        dir.path().join("state").display()
+    );
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let log = std::fs::File::create(dir.path().join("service.log")).expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let log_tail = || std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
+
+    wait("ready", Duration::from_secs(60), &mut child, || {
+        get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    wait(
+        "first records consumed",
+        Duration::from_secs(60),
+        &mut child,
+        || metric(addr, "checkpointer_records_consumed_total") == first.len() as f64,
+    );
+
+    cluster.broker_down(1).expect("broker down");
+    wait(
+        "readyz 503 during the outage",
+        Duration::from_secs(60),
+        &mut child,
+        || get(addr, "/readyz").is_some_and(|(s, _)| s == 503),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "service died during the outage:\n{}",
+        log_tail()
+    );
+    cluster.broker_up(1).expect("broker up");
+
+    // more data after the outage, then sentinels on both partitions; a new client, because an
+    // idle producer of this process does not reconnect to the mock broker after it comes back
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    let second = records(40, 80);
+    produce(&producer, |i| (i % 2) as i32, &second);
+    let sentinels = vec![
+        ("~flush".to_string(), START + 3_600_000, 0),
+        ("~flush".to_string(), START + 3_600_000, 0),
+    ];
+    produce(&producer, |i| i as i32, &sentinels);
+
+    let mut expected: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for (key, ts, amount) in first.iter().chain(&second) {
+        let start = ts - ts.rem_euclid(WINDOW_MS);
+        let e = expected.entry(format!("t/{key}/{start}")).or_default();
+        e.0 += 1;
+        e.1 += amount;
+    }
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "outage-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader");
+    reader.subscribe(&["out"]).expect("subscribe");
+    let mut seen: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < expected.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let payload = m.payload().unwrap_or_default().to_vec();
+            if let Some(prev) = seen.insert(key.clone(), payload.clone()) {
+                assert_eq!(prev, payload, "window {key} re-sent with different bytes");
+            }
+        }
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "emitted windows differ from the expected ones\n{}",
+        log_tail()
+    );
+    for (key, (count, sum)) in &expected {
+        let v: serde_json::Value = serde_json::from_slice(&seen[key]).expect("json");
+        assert_eq!(v["count"].as_u64(), Some(*count), "{key}");
+        assert_eq!(v["sum"].as_f64(), Some(*sum as f64), "{key}");
+    }
+    wait(
+        "ready again after the outage",
+        Duration::from_secs(30),
+        &mut child,
+        || get(addr, "/readyz").is_some_and(|(s, _)| s == 200),
+    );
+    nix_kill(&child, "TERM");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", log_tail());
+}
+
+fn nix_kill(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
