@@ -125,23 +125,26 @@ http: {{ listen: "{addr}" }}
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, yaml).expect("config");
     let log = std::fs::File::create(dir.path().join("service.log")).expect("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn"),
+    );
+    let child = &mut guard.0;
     let log_tail = || std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
 
-    wait("ready", Duration::from_secs(60), &mut child, || {
+    wait("ready", Duration::from_secs(60), child, || {
         get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     wait(
         "first records consumed",
         Duration::from_secs(60),
-        &mut child,
+        child,
         || metric(addr, "checkpointer_records_consumed_total") == first.len() as f64,
     );
 
@@ -149,7 +152,7 @@ http: {{ listen: "{addr}" }}
     wait(
         "readyz 503 during the outage",
         Duration::from_secs(60),
-        &mut child,
+        child,
         || get(addr, "/readyz").is_some_and(|(s, _)| s == 503),
     );
     std::thread::sleep(Duration::from_secs(3));
@@ -213,12 +216,24 @@ http: {{ listen: "{addr}" }}
     wait(
         "ready again after the outage",
         Duration::from_secs(30),
-        &mut child,
+        child,
         || get(addr, "/readyz").is_some_and(|(s, _)| s == 200),
     );
-    nix_kill(&child, "TERM");
+    nix_kill(child, "TERM");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{}", log_tail());
+}
+
+/// Kills the service if the test fails before stopping it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn nix_kill(child: &Child, sig: &str) {
