@@ -62,6 +62,10 @@ pub struct KafkaSettings {
     pub topics: Vec<String>,
     #[serde(default)]
     pub auto_offset_reset: OffsetReset,
+    /// Static group membership (`group.instance.id`), e.g. the pod name: a restarted instance
+    /// gets its partitions back without waiting for its old session to expire.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Passed verbatim to librdkafka for both the consumer and the producer.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -240,6 +244,7 @@ const MANAGED_KAFKA_OPTIONS: &[&str] = &[
     "enable.auto.offset.store",
     "enable.partition.eof",
     "auto.offset.reset",
+    "group.instance.id",
 ];
 
 /// Keys whose environment value is a comma-separated list.
@@ -268,6 +273,15 @@ impl Settings {
             Some(map) => map,
             None => std::env::vars().collect(),
         };
+        // only CHECKPOINTER_<SECTION>__<KEY> (and the top-level list CHECKPOINTER_AGGREGATES)
+        // are overrides; other CHECKPOINTER_* variables, such as CHECKPOINTER_CONFIG, are not
+        let env_map: HashMap<String, String> = env_map
+            .into_iter()
+            .filter(|(k, _)| {
+                k.strip_prefix("CHECKPOINTER_")
+                    .is_some_and(|rest| rest.contains("__") || rest == "AGGREGATES")
+            })
+            .collect();
         let mut environment = config::Environment::with_prefix("CHECKPOINTER")
             .prefix_separator("_")
             .separator("__")
@@ -298,6 +312,12 @@ impl Settings {
         let k = &self.kafka;
         if k.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if k.instance_id.as_ref().is_some_and(|i| i.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.instance_id",
+                "must not be empty when set",
+            ));
         }
         if k.group_id.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
@@ -601,6 +621,23 @@ checkpoint:
         assert_eq!(s.checkpoint.interval, Duration::from_secs(30));
         assert_eq!(s.checkpoint.max_concurrent, 2);
         assert_eq!(s.checkpoint.mode, CheckpointMode::AtLeastOnce);
+    }
+
+    #[test]
+    fn other_checkpointer_variables_are_not_overrides() {
+        let s = load(
+            BASE,
+            &[
+                ("CHECKPOINTER_CONFIG", "/etc/checkpointer.yaml"),
+                ("CHECKPOINTER_BIN", "/usr/bin/x"),
+                ("CHECKPOINTER_AGGREGATES", "count,sum"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.aggregates, vec![AggregateKind::Count, AggregateKind::Sum]);
+        // a misspelt section is still an error naming it
+        let text = err_text(BASE, &[("CHECKPOINTER_KAFAK__BROKERS", "x:1")]);
+        assert!(text.contains("kafak"), "{text}");
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             group_id: &k.group_id,
             topics: &k.topics,
             auto_offset_reset: k.auto_offset_reset.as_str(),
+            instance_id: k.instance_id.as_deref(),
             options: &k.options,
         },
         shared.clone(),

@@ -236,6 +236,7 @@ pub struct SourceSettings<'a> {
     pub group_id: &'a str,
     pub topics: &'a [String],
     pub auto_offset_reset: &'a str,
+    pub instance_id: Option<&'a str>,
     pub options: &'a std::collections::BTreeMap<String, String>,
 }
 
@@ -261,6 +262,9 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", settings.auto_offset_reset);
+    if let Some(id) = settings.instance_id {
+        c.set("group.instance.id", id);
+    }
     let consumer: Source = c
         .create_with_context(SourceContext {
             shared,

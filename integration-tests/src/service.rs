@@ -1,0 +1,529 @@
+//! Running the real `checkpointer` binary: config, start, readiness, signals, metrics, logs.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+use crate::metrics::Metrics;
+use crate::model::{contract_windows, human, WindowSpec};
+use crate::{free_port, http, keep_temp_dirs, unique_name, workspace_dir, Broker};
+
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+const LOG_TAIL_LINES: usize = 80;
+
+/// What goes into the service's YAML config. `new` fills in the contract's example values;
+/// tests change fields before creating the [`Service`].
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub output_topic: String,
+    pub key_pointer: String,
+    pub value_pointer: String,
+    pub timestamp_pointer: String,
+    pub windows: Vec<WindowSpec>,
+    pub aggregates: Vec<String>,
+    pub max_out_of_orderness: Duration,
+    pub allowed_lateness: Duration,
+    pub checkpoint_interval: Duration,
+    /// `exactly_once` or `at_least_once`.
+    pub mode: String,
+    /// librdkafka settings passed through as `kafka.options`.
+    pub kafka_options: BTreeMap<String, String>,
+    /// `kafka.instance_id` (static group membership), if set.
+    pub instance_id: Option<String>,
+}
+
+impl ServiceConfig {
+    pub fn new(broker: &Broker, input_topic: &str, output_topic: &str) -> Self {
+        ServiceConfig {
+            brokers: broker.bootstrap().to_owned(),
+            group_id: unique_name("checkpointer"),
+            topics: vec![input_topic.to_owned()],
+            output_topic: output_topic.to_owned(),
+            key_pointer: "/user".to_owned(),
+            value_pointer: "/amount".to_owned(),
+            timestamp_pointer: "/ts".to_owned(),
+            windows: contract_windows(),
+            aggregates: ["count", "sum", "min", "max", "mean"]
+                .map(String::from)
+                .to_vec(),
+            max_out_of_orderness: Duration::from_secs(2),
+            allowed_lateness: Duration::ZERO,
+            checkpoint_interval: Duration::from_millis(500),
+            mode: "exactly_once".to_owned(),
+            kafka_options: BTreeMap::new(),
+            instance_id: None,
+        }
+    }
+
+    /// The YAML document; strings are written as JSON strings, which YAML reads verbatim.
+    pub fn to_yaml(&self, state_dir: &Path, http_listen: SocketAddr) -> String {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
+        let mut yaml = String::new();
+        yaml.push_str("kafka:\n");
+        yaml.push_str(&format!("  brokers: {}\n", q(&self.brokers)));
+        yaml.push_str(&format!("  group_id: {}\n", q(&self.group_id)));
+        yaml.push_str(&format!("  topics: [{}]\n", list(&self.topics)));
+        yaml.push_str("  auto_offset_reset: earliest\n");
+        if let Some(id) = &self.instance_id {
+            yaml.push_str(&format!("  instance_id: {}\n", q(id)));
+        }
+        if !self.kafka_options.is_empty() {
+            yaml.push_str("  options:\n");
+            for (key, value) in &self.kafka_options {
+                yaml.push_str(&format!("    {}: {}\n", q(key), q(value)));
+            }
+        }
+        yaml.push_str("input:\n");
+        yaml.push_str(&format!("  key: {}\n", q(&self.key_pointer)));
+        yaml.push_str(&format!("  value: {}\n", q(&self.value_pointer)));
+        yaml.push_str(&format!("  timestamp: {}\n", q(&self.timestamp_pointer)));
+        yaml.push_str("windows:\n");
+        for window in &self.windows {
+            yaml.push_str(&format!("  - {}\n", window.to_yaml()));
+        }
+        yaml.push_str(&format!("aggregates: [{}]\n", self.aggregates.join(", ")));
+        yaml.push_str("watermark:\n");
+        yaml.push_str(&format!(
+            "  max_out_of_orderness: {}\n",
+            human(self.max_out_of_orderness)
+        ));
+        yaml.push_str(&format!(
+            "  allowed_lateness: {}\n",
+            human(self.allowed_lateness)
+        ));
+        yaml.push_str("output:\n");
+        yaml.push_str(&format!("  topic: {}\n", q(&self.output_topic)));
+        yaml.push_str("checkpoint:\n");
+        yaml.push_str(&format!("  dir: {}\n", q(&state_dir.to_string_lossy())));
+        yaml.push_str(&format!(
+            "  interval: {}\n",
+            human(self.checkpoint_interval)
+        ));
+        yaml.push_str(&format!("  mode: {}\n", self.mode));
+        yaml.push_str("http:\n");
+        yaml.push_str(&format!("  listen: {}\n", q(&http_listen.to_string())));
+        yaml
+    }
+}
+
+/// The service binary: `CHECKPOINTER_BIN`, else `<target>/debug/checkpointer`, built with
+/// `cargo build --bin checkpointer` (once per test process) when missing.
+pub fn service_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate_or_build().map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(|err| anyhow!(err))
+}
+
+fn locate_or_build() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("CHECKPOINTER_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("CHECKPOINTER_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
+    let workspace = workspace_dir();
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    };
+    let bin = target.join("debug").join("checkpointer");
+    if !bin.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!(
+            "[service] {} missing: cargo build --bin checkpointer",
+            bin.display()
+        );
+        let status = Command::new(cargo)
+            .args(["build", "--bin", "checkpointer"])
+            .current_dir(&workspace)
+            .status()
+            .context("running cargo build --bin checkpointer")?;
+        if !status.success() || !bin.is_file() {
+            bail!("cargo build --bin checkpointer failed ({status})");
+        }
+    }
+    Ok(bin)
+}
+
+/// The `checkpointer` binary under test, with its own temp dir holding the config, the state
+/// dir (kept across restarts) and `service.log` (stdout and stderr of every run, appended).
+///
+/// Dropping it kills a running process; when the test is panicking it also prints the end of
+/// the log and keeps the temp dir.
+pub struct Service {
+    name: String,
+    config: ServiceConfig,
+    bin: PathBuf,
+    dir: Option<TempDir>,
+    dir_path: PathBuf,
+    child: Option<Child>,
+    http: Option<SocketAddr>,
+    starts: u32,
+}
+
+impl Service {
+    /// Prepares a service (nothing runs until [`Service::start`]).
+    pub fn new(name: &str, config: ServiceConfig) -> Result<Self> {
+        let bin = service_bin()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("checkpointer-{name}-"))
+            .tempdir()
+            .context("creating the service's temp dir")?;
+        let dir_path = dir.path().to_owned();
+        Ok(Service {
+            name: name.to_owned(),
+            config,
+            bin,
+            dir: Some(dir),
+            dir_path,
+            child: None,
+            http: None,
+            starts: 0,
+        })
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// The checkpoint directory, the same for every start.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir_path.join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir_path.join("checkpointer.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir_path.join("service.log")
+    }
+
+    /// The admin HTTP address of the current (or last) run.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    /// How many times the process was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+
+    /// Writes the config (with a fresh HTTP port) and runs `checkpointer run --config PATH`
+    /// with `RUST_LOG=info` (or the caller's `RUST_LOG`).
+    pub fn start(&mut self) -> Result<()> {
+        if self.is_running()? {
+            bail!("{}: already running", self.name);
+        }
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let yaml = self.config.to_yaml(&self.state_dir(), http);
+        std::fs::write(self.config_path(), &yaml)
+            .with_context(|| format!("writing {}", self.config_path().display()))?;
+
+        self.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("opening {}", self.log_path().display()))?;
+        writeln!(log, "===== start #{} (http {http}) =====", self.starts)?;
+        let stderr = log.try_clone()?;
+
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .current_dir(&self.dir_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr);
+        // The environment overrides the file: keep the caller's CHECKPOINTER_* out of it.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CHECKPOINTER_") {
+                command.env_remove(key);
+            }
+        }
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+        command.env("RUST_LOG", rust_log);
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        eprintln!(
+            "[service {}] start #{} pid {} http {http}",
+            self.name,
+            self.starts,
+            child.id()
+        );
+        self.child = Some(child);
+        self.http = Some(http);
+        Ok(())
+    }
+
+    /// Whether the process is running; reaps it if it exited.
+    pub fn is_running(&mut self) -> Result<bool> {
+        match self.child.as_mut() {
+            None => Ok(false),
+            Some(child) => Ok(child.try_wait()?.is_none()),
+        }
+    }
+
+    /// Exit status of the current process if it has exited.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            None => Ok(None),
+            Some(child) => Ok(child.try_wait()?),
+        }
+    }
+
+    fn pid(&self) -> Result<Pid> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: not started", self.name))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        Ok(Pid::from_raw(pid))
+    }
+
+    /// Polls `GET /readyz` until it answers 200. Fails early, with the log tail, if the process
+    /// exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        let addr = self
+            .http
+            .ok_or_else(|| anyhow!("{}: not started", self.name))?;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                bail!(
+                    "{}: exited with {status} before becoming ready\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            let last = match http::get(addr, "/readyz", HTTP_TIMEOUT) {
+                Ok(response) if response.status == 200 => {
+                    eprintln!(
+                        "[service {}] ready after {:.1?}",
+                        self.name,
+                        started.elapsed()
+                    );
+                    return Ok(());
+                }
+                Ok(response) => format!("{} {}", response.status, response.body.trim()),
+                Err(err) => err.to_string(),
+            };
+            if started.elapsed() >= timeout {
+                bail!(
+                    "{}: /readyz not 200 after {timeout:?} (last: {last})\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET /readyz` status code.
+    pub fn readyz(&self) -> Result<u16> {
+        let addr = self
+            .http
+            .ok_or_else(|| anyhow!("{}: not started", self.name))?;
+        Ok(http::get(addr, "/readyz", HTTP_TIMEOUT)?.status)
+    }
+
+    /// `GET /metrics` body.
+    pub fn metrics(&self) -> Result<String> {
+        let addr = self
+            .http
+            .ok_or_else(|| anyhow!("{}: not started", self.name))?;
+        let response = http::get(addr, "/metrics", HTTP_TIMEOUT)
+            .with_context(|| format!("{}: GET /metrics", self.name))?;
+        if response.status != 200 {
+            bail!("{}: GET /metrics returned {}", self.name, response.status);
+        }
+        Ok(response.body)
+    }
+
+    /// `GET /metrics`, parsed.
+    pub fn scrape(&self) -> Result<Metrics> {
+        Metrics::parse(&self.metrics()?)
+    }
+
+    /// Scrapes `/metrics` until `done` holds; on timeout the error shows the last scrape.
+    pub fn wait_metrics(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Metrics) -> bool,
+    ) -> Result<Metrics> {
+        let started = Instant::now();
+        loop {
+            let last = self.scrape();
+            if let Ok(metrics) = &last {
+                if done(metrics) {
+                    return Ok(metrics.clone());
+                }
+            }
+            if started.elapsed() >= timeout {
+                let shown = match last {
+                    Ok(metrics) => metrics.text().to_owned(),
+                    Err(err) => format!("{err:#}"),
+                };
+                bail!(
+                    "{}: metrics never showed {what} within {timeout:?}; last scrape:\n{shown}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills the process with SIGKILL (no chance to checkpoint) and reaps it.
+    pub fn sigkill(&mut self) -> Result<()> {
+        let pid = self.pid()?;
+        if self.try_exit_status()?.is_none() {
+            kill(pid, Signal::SIGKILL).context("sending SIGKILL")?;
+        }
+        if let Some(mut child) = self.child.take() {
+            let status = child.wait()?;
+            eprintln!("[service {}] killed pid {pid}: {status}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit status. On
+    /// timeout the process is killed and an error returned.
+    pub fn sigterm(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = self.pid()?;
+        if self.try_exit_status()?.is_none() {
+            kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
+        }
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                self.child = None;
+                eprintln!(
+                    "[service {}] pid {pid} stopped after {:.1?}: {status}",
+                    self.name,
+                    started.elapsed()
+                );
+                return Ok(status);
+            }
+            if started.elapsed() >= timeout {
+                self.sigkill()?;
+                bail!(
+                    "{}: still running {timeout:?} after SIGTERM (killed)\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `lines` lines of the service log, for failure reports: colour codes stripped
+    /// and the periodic "checkpoint completed" lines left out (the file has everything).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = match std::fs::read(self.log_path()) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(err) => format!("<cannot read: {err}>"),
+        };
+        let kept: Vec<String> = text
+            .lines()
+            .map(strip_ansi)
+            .filter(|line| !line.contains("checkpoint completed"))
+            .collect();
+        let from = kept.len().saturating_sub(lines);
+        format!(
+            "----- last lines of {} (periodic checkpoint lines omitted) -----\n{}\n-----",
+            self.log_path().display(),
+            kept[from..].join("\n")
+        )
+    }
+
+    /// Runs `checkpointer check-config --config PATH` on the config this service would use.
+    pub fn check_config(&self) -> Result<std::process::Output> {
+        let http: SocketAddr = "127.0.0.1:0".parse()?;
+        let path = self.dir_path.join("check-config.yaml");
+        let mut file = File::create(&path)?;
+        file.write_all(self.config.to_yaml(&self.state_dir(), http).as_bytes())?;
+        Command::new(&self.bin)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .context("running check-config")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let panicking = std::thread::panicking();
+        if panicking {
+            eprintln!(
+                "[service {}] config:\n{}",
+                self.name,
+                std::fs::read_to_string(self.config_path()).unwrap_or_default()
+            );
+            eprintln!("{}", self.log_tail(LOG_TAIL_LINES));
+        }
+        if panicking || keep_temp_dirs() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("[service {}] kept {}", self.name, dir.keep().display());
+            }
+        }
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn strips_colour_codes() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m done"),
+            "2026  INFO done"
+        );
+    }
+}
