@@ -221,6 +221,25 @@ http: {{ listen: "{addr}" }}
         assert_eq!(v["count"].as_u64(), Some(*count), "{key}");
         assert_eq!(v["sum"].as_f64(), Some(*sum as f64), "{key}");
     }
+    // the checkpoint history shows completed checkpoints with the offsets they hold
+    let (status, body) = get(addr, "/api/checkpoints?limit=5").expect("api");
+    assert_eq!(status, 200);
+    let api: serde_json::Value = serde_json::from_str(&body).expect("api json");
+    let list = api["checkpoints"].as_array().expect("checkpoints list");
+    assert!(!list.is_empty() && list.len() <= 5, "{body}");
+    let ids: Vec<u64> = list.iter().filter_map(|c| c["id"].as_u64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let done = list
+        .iter()
+        .find(|c| c["status"] == "completed")
+        .expect("a completed checkpoint");
+    assert!(
+        done["bytes"].as_u64().is_some() && done["duration_ms"].as_u64().is_some(),
+        "{done}"
+    );
+    let offsets = done["offsets"].as_object().expect("offsets");
+    let total: i64 = offsets.values().filter_map(|v| v.as_i64()).sum();
+    assert_eq!(total as usize, first.len() + second.len() + 2, "{done}");
     wait(
         "ready again after the outage",
         Duration::from_secs(30),

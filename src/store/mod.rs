@@ -197,8 +197,8 @@ impl Store {
             bytes += (k.len() + v.len()) as u64;
             batch.insert(k, v);
         }
-        // duration is only known after the flush; it is recorded as trigger-to-write here and
-        // corrected in memory by the caller. The bytes are exact.
+        // the duration is only known after the flush: recorded as trigger-to-write here and
+        // corrected below, once durable. The bytes are exact.
         let provisional = meta_of(cp, started.elapsed().as_millis() as u64, bytes);
         let meta_raw = postcard::to_stdvec(&provisional).map_err(encode_err)?;
         bytes += meta_raw.len() as u64;
@@ -211,6 +211,12 @@ impl Store {
         let write = t0.elapsed();
         let t1 = Instant::now();
         self.db.flush()?;
+        let mut done = provisional;
+        done.duration_ms = started.elapsed().as_millis() as u64;
+        // metadata only, made durable by the next checkpoint's flush
+        let done_raw = postcard::to_stdvec(&done).map_err(encode_err)?;
+        self.tree.insert(META_CURRENT, done_raw.clone())?;
+        self.tree.insert(history_key(cp.id), done_raw)?;
         Ok(WriteStats {
             bytes,
             write,
