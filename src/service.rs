@@ -600,7 +600,13 @@ impl Runtime {
                     "checkpoint completed"
                 );
                 if let Some(f) = flight {
-                    source::commit(consumer, &f.positions);
+                    // only members can commit, and only for what they own
+                    let owned: Vec<(Partition, NextOffset)> = f
+                        .positions
+                        .into_iter()
+                        .filter(|(p, _)| self.assigned.contains(p))
+                        .collect();
+                    source::commit(consumer, &owned);
                 }
                 Ok(())
             }

@@ -7,90 +7,25 @@
 //! session cannot be tested with it.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+mod common;
+use common::{free_addr, get, metric, nix_kill, produce, spawn_service, wait};
+use rdkafka::producer::BaseProducer;
 
 const WINDOW_MS: i64 = 10_000;
 const START: i64 = 1_700_000_000_000;
-
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    get(addr, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find(|l| l.split_whitespace().next() == Some(name))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(-1.0)
-}
-
-fn wait(what: &str, timeout: Duration, child: &mut Child, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("service exited ({status}) while waiting for {what}");
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// (key, ts, amount) records; per key, one per second.
 fn records(from_s: i64, to_s: i64) -> Vec<(String, i64, i64)> {
     (from_s..to_s)
         .flat_map(|s| (0..4).map(move |k| (format!("k{k}"), START + s * 1000 + k * 10, s + k)))
         .collect()
-}
-
-fn produce(
-    producer: &BaseProducer,
-    partition_of: impl Fn(usize) -> i32,
-    recs: &[(String, i64, i64)],
-) {
-    for (i, (key, ts, amount)) in recs.iter().enumerate() {
-        let payload = format!(r#"{{"user":"{key}","amount":{amount},"ts":{ts}}}"#);
-        let mut record = BaseRecord::to("in")
-            .key(key)
-            .payload(&payload)
-            .partition(partition_of(i));
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-    eprintln!("[broker_outage] flushing {} records", recs.len());
-    producer.flush(Duration::from_secs(30)).expect("flush");
-    eprintln!("[broker_outage] flushed");
 }
 
 #[test]
@@ -108,11 +43,7 @@ fn broker_outage_is_survived_without_loss() {
     produce(&producer, |i| (i % 2) as i32, &first);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let addr = free_addr();
     let yaml = format!(
         r#"
 kafka: {{ brokers: "{brokers}", group_id: outage, topics: [in], options: {{ session.timeout.ms: "30000" }} }}
@@ -127,17 +58,7 @@ http: {{ listen: "{addr}" }}
     );
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, yaml).expect("config");
-    let log = std::fs::File::create(dir.path().join("service.log")).expect("log");
-    let mut guard = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn"),
-    );
+    let mut guard = spawn_service(&config, &dir.path().join("service.log"));
     let child = &mut guard.0;
     let log_tail = || std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
 
@@ -249,23 +170,4 @@ http: {{ listen: "{addr}" }}
     nix_kill(child, "TERM");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{}", log_tail());
-}
-
-/// Kills the service if the test fails before stopping it.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn nix_kill(child: &Child, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status();
 }
