@@ -298,6 +298,9 @@ impl Engine {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         if full {
+            for store in &mut self.stores {
+                store.mark_all_clean();
+            }
             for store in &self.stores {
                 store.for_each(|key, end, acc| {
                     upserts.push((
@@ -315,7 +318,7 @@ impl Engine {
             }
         } else {
             for key in dirty {
-                match self.entry(&key) {
+                match self.take_changed(&key) {
                     Some(entry) => upserts.push((key, entry)),
                     None => deletes.push(key),
                 }
@@ -342,16 +345,19 @@ impl Engine {
         }
     }
 
-    fn entry(&self, key: &StateKey) -> Option<Entry> {
+    /// The current entry of a changed key, marking it as captured.
+    fn take_changed(&mut self, key: &StateKey) -> Option<Entry> {
         if let Some(p) = self.outbox.get(key) {
             return Some(closed_entry(p));
         }
-        let store = self.stores.get(usize::from(key.window))?;
-        store.get(key.start, &key.key).map(|(end, acc)| Entry {
-            status: EntryStatus::Open,
-            end,
-            acc,
-        })
+        let store = self.stores.get_mut(usize::from(key.window))?;
+        store
+            .take_changed(key.start, &key.key)
+            .map(|(end, acc)| Entry {
+                status: EntryStatus::Open,
+                end,
+                acc,
+            })
     }
 
     /// Checkpoint `id` is durable: windows it closed may now be emitted.

@@ -45,13 +45,22 @@ struct Session {
     start: i64,
     end: i64,
     acc: Acc,
+    /// Already in the changed-keys set since the last snapshot.
+    dirty: bool,
+}
+
+/// A fixed window's accumulator, with whether it is already in the changed-keys set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
+    acc: Acc,
+    dirty: bool,
 }
 
 #[derive(Debug)]
 enum Slots {
     Fixed {
         kind: WindowKind,
-        by_start: BTreeMap<i64, HashMap<String, Acc>>,
+        by_start: BTreeMap<i64, HashMap<String, Slot>>,
     },
     Session {
         gap: i64,
@@ -123,18 +132,28 @@ impl WindowStore {
                         return;
                     }
                     let keys = by_start.entry(start).or_default();
-                    match keys.get_mut(key) {
-                        Some(acc) => acc.add(value),
-                        None => {
-                            keys.insert(key.to_string(), Acc::of(value));
-                            *open += 1;
+                    let was_dirty = match keys.get_mut(key) {
+                        Some(slot) => {
+                            slot.acc.add(value);
+                            std::mem::replace(&mut slot.dirty, true)
                         }
+                        None => {
+                            let slot = Slot {
+                                acc: Acc::of(value),
+                                dirty: true,
+                            };
+                            keys.insert(key.to_string(), slot);
+                            *open += 1;
+                            false
+                        }
+                    };
+                    if !was_dirty {
+                        dirty.insert(StateKey {
+                            window: index,
+                            start,
+                            key: key.to_string(),
+                        });
                     }
-                    dirty.insert(StateKey {
-                        window: index,
-                        start,
-                        key: key.to_string(),
-                    });
                     took = true;
                 };
                 match *kind {
@@ -161,6 +180,7 @@ impl WindowStore {
                     start: ts,
                     end: new_end,
                     acc: Acc::of(value),
+                    dirty: true,
                 };
                 let overlapping: Vec<usize> = sessions
                     .iter()
@@ -168,6 +188,21 @@ impl WindowStore {
                     .filter(|(_, s)| ts < s.end && s.start < new_end)
                     .map(|(i, _)| i)
                     .collect();
+                // the common case: the record falls inside one session with the same start
+                if let [i] = overlapping[..] {
+                    let s = &mut sessions[i];
+                    if ts >= s.start && new_end <= s.end {
+                        s.acc.add(value);
+                        if !std::mem::replace(&mut s.dirty, true) {
+                            dirty.insert(StateKey {
+                                window: index,
+                                start: s.start,
+                                key: key.to_string(),
+                            });
+                        }
+                        return true;
+                    }
+                }
                 for &i in &overlapping {
                     let s = sessions[i];
                     merged.start = merged.start.min(s.start);
@@ -219,14 +254,14 @@ impl WindowStore {
                     self.open -= keys.len();
                     let mut closed: Vec<ClosedWindow> = keys
                         .into_iter()
-                        .map(|(key, acc)| ClosedWindow {
+                        .map(|(key, slot)| ClosedWindow {
                             id: StateKey {
                                 window: index,
                                 start,
                                 key,
                             },
                             end: start + size,
-                            acc,
+                            acc: slot.acc,
                         })
                         .collect();
                     closed.sort_by(|a, b| a.id.cmp(&b.id));
@@ -264,6 +299,7 @@ impl WindowStore {
     }
 
     /// The open entry for `start`/`key`, if any.
+    #[cfg(test)]
     pub fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
         match &self.slots {
             Slots::Fixed { kind, by_start } => {
@@ -271,12 +307,45 @@ impl WindowStore {
                 by_start
                     .get(&start)
                     .and_then(|keys| keys.get(key))
-                    .map(|acc| (start + size, *acc))
+                    .map(|slot| (start + size, slot.acc))
             }
             Slots::Session { by_key, .. } => by_key
                 .get(key)
                 .and_then(|ss| ss.iter().find(|s| s.start == start))
                 .map(|s| (s.end, s.acc)),
+        }
+    }
+
+    /// The open entry for `start`/`key`, if any, marked as captured by a snapshot.
+    pub fn take_changed(&mut self, start: i64, key: &str) -> Option<(i64, Acc)> {
+        match &mut self.slots {
+            Slots::Fixed { kind, by_start } => {
+                let size = kind.size().unwrap_or(0);
+                let slot = by_start.get_mut(&start)?.get_mut(key)?;
+                slot.dirty = false;
+                Some((start + size, slot.acc))
+            }
+            Slots::Session { by_key, .. } => {
+                let s = by_key.get_mut(key)?.iter_mut().find(|s| s.start == start)?;
+                s.dirty = false;
+                Some((s.end, s.acc))
+            }
+        }
+    }
+
+    /// Marks every entry as captured (after a full snapshot).
+    pub fn mark_all_clean(&mut self) {
+        match &mut self.slots {
+            Slots::Fixed { by_start, .. } => {
+                for slot in by_start.values_mut().flat_map(|keys| keys.values_mut()) {
+                    slot.dirty = false;
+                }
+            }
+            Slots::Session { by_key, .. } => {
+                for s in by_key.values_mut().flat_map(|ss| ss.iter_mut()) {
+                    s.dirty = false;
+                }
+            }
         }
     }
 
@@ -287,7 +356,7 @@ impl WindowStore {
                 if by_start
                     .entry(start)
                     .or_default()
-                    .insert(key, acc)
+                    .insert(key, Slot { acc, dirty: false })
                     .is_none()
                 {
                     self.open += 1;
@@ -296,7 +365,15 @@ impl WindowStore {
             Slots::Session { by_key, by_end, .. } => {
                 let sessions = by_key.entry(key.clone()).or_default();
                 let pos = sessions.partition_point(|s| s.start < start);
-                sessions.insert(pos, Session { start, end, acc });
+                sessions.insert(
+                    pos,
+                    Session {
+                        start,
+                        end,
+                        acc,
+                        dirty: false,
+                    },
+                );
                 by_end.insert((end, key, start));
                 self.open += 1;
             }
@@ -309,8 +386,8 @@ impl WindowStore {
             Slots::Fixed { kind, by_start } => {
                 let size = kind.size().unwrap_or(0);
                 for (start, keys) in by_start {
-                    for (key, acc) in keys {
-                        f(self.state_key(*start, key), start + size, *acc);
+                    for (key, slot) in keys {
+                        f(self.state_key(*start, key), start + size, slot.acc);
                     }
                 }
             }
