@@ -247,6 +247,9 @@ const MANAGED_KAFKA_OPTIONS: &[&str] = &[
     "group.instance.id",
 ];
 
+/// Longest window size, hop or gap: keeps window arithmetic on valid timestamps in range.
+const MAX_WINDOW_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &["kafka.topics", "aggregates"];
 
@@ -486,6 +489,9 @@ impl Settings {
                 let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
                 if ms <= 0 {
                     return Err(ConfigError::invalid(at(field), "must be at least 1ms"));
+                }
+                if ms > MAX_WINDOW_MS {
+                    return Err(ConfigError::invalid(at(field), "must not exceed 100 years"));
                 }
                 Ok(ms)
             };

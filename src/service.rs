@@ -328,26 +328,32 @@ impl Runtime {
     }
 
     fn on_eof(&mut self, consumer: &Source, number: i32) {
-        // librdkafka reports only the partition number; resolve it against the assignment
-        let candidates: Vec<Partition> = self
+        // librdkafka reports only the partition number: it names one partition only when a
+        // single assigned partition has that number; otherwise the broker is asked which of
+        // the candidates has nothing left to read
+        let same_number: Vec<Partition> = self
             .assigned
             .iter()
             .filter(|p| p.partition == number)
-            .filter(|p| {
-                self.engine
-                    .progress()
-                    .find(|(q, _)| q == p)
-                    .is_none_or(|(_, progress)| {
-                        progress.max_ts.is_none() && !progress.caught_up_empty
-                    })
-            })
             .cloned()
             .collect();
-        let single = candidates.len() == 1;
-        for p in candidates {
-            let at_end = single
-                || match source::high_watermark(consumer, &p, Duration::from_secs(1)) {
-                    Some(high) => self.engine.position(&p).map_or(high == 0, |n| n.0 >= high),
+        let unambiguous = same_number.len() == 1;
+        for p in same_number {
+            let pending = self
+                .engine
+                .progress()
+                .find(|(q, _)| **q == p)
+                .is_none_or(|(_, progress)| progress.max_ts.is_none() && !progress.caught_up_empty);
+            if !pending {
+                continue;
+            }
+            let at_end = unambiguous
+                || match source::watermarks(consumer, &p, Duration::from_secs(1)) {
+                    Some((low, high)) => match self.engine.position(&p) {
+                        Some(next) => next.0 >= high,
+                        // nothing read yet: empty when no record is retained
+                        None => low >= high,
+                    },
                     None => false,
                 };
             if at_end {

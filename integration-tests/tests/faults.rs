@@ -138,3 +138,75 @@ fn broker_down() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn end_of_one_topic_does_not_release_the_watermark_of_another() {
+    let seed = test_seed("two_topics");
+    if let Err(err) = two_topics(seed) {
+        panic!("{err:#}\n(seed {seed})");
+    }
+}
+
+/// Two input topics of one partition each: the end of the small one (partition 0) must not be
+/// taken for the end of the other topic's partition 0 while its backlog is still unread.
+fn two_topics(seed: u64) -> Result<()> {
+    let broker = Broker::start()?;
+    let small = unique_name("two-small");
+    let big = unique_name("two-big");
+    let output = unique_name("two-out");
+    broker.create_topic(&small, 1)?;
+    broker.create_topic(&big, 1)?;
+    broker.create_topic(&output, 1)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let shape = |n| StreamShape {
+        partitions: 1,
+        records_per_partition: n,
+        keys: 6,
+        start_ts: START_TS,
+    };
+    let small_events = workload::generate(&mut rng, shape(30));
+    let big_events = workload::generate(&mut rng, shape(3_000));
+    let sentinel_ts =
+        workload::max_ts(&big_events).max(workload::max_ts(&small_events)) + 3_600_000;
+    let with_sentinel = |events: &[Vec<Event>]| -> Vec<Vec<Record>> {
+        let mut r = workload::valid_records(&events[0]);
+        r.push(Record::Valid(workload::sentinel(sentinel_ts)));
+        vec![r]
+    };
+    let mut config = ServiceConfig::new(&broker, &small, &output);
+    config.topics = vec![small.clone(), big.clone()];
+    let all: Vec<Event> = small_events
+        .iter()
+        .chain(&big_events)
+        .flatten()
+        .cloned()
+        .collect();
+    let expected = expected_windows(&config.windows, &all);
+    let mut producer = Producer::new(&broker)?;
+    producer.send_partitions(&small, &with_sentinel(&small_events))?;
+    producer.send_partitions(&big, &with_sentinel(&big_events))?;
+    let mut service = Service::new("two_topics", config)?;
+    let mut reader = OutputReader::new(&broker, &output)?;
+    service.start()?;
+    service.wait_ready(TIMEOUT)?;
+    let complete = reader.poll_until(TIMEOUT, |m| contains_all(&expected, m));
+    let metrics = service.scrape()?;
+    ensure!(
+        metrics.sum(RECORDS_LATE).unwrap_or(0.0) == 0.0,
+        "records dropped as late:\n{}",
+        metrics.text()
+    );
+    ensure!(
+        complete,
+        "output incomplete: {}",
+        check_output(&expected, reader.messages())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    );
+    let status = service.sigterm(Duration::from_secs(30))?;
+    ensure!(status.code() == Some(0), "exit status {status}");
+    reader.drain(Duration::from_secs(1), Duration::from_secs(10));
+    check_output(&expected, reader.messages())?;
+    Ok(())
+}

@@ -16,6 +16,12 @@ pub enum TimeSource {
     Pointer(String),
 }
 
+/// Event times outside years 0001..=9999 (epoch ms) are refused as `bad_timestamp`: they are
+/// unit mistakes (microseconds sent as milliseconds) that would otherwise overflow window
+/// arithmetic or push the watermark past all real data.
+pub const MIN_TS: i64 = -62_135_596_800_000;
+pub const MAX_TS: i64 = 253_402_300_799_999;
+
 /// A decoded input record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
@@ -125,6 +131,9 @@ impl Decoder {
                 Some(_) => return Err(InvalidReason::BadTimestamp),
             },
         };
+        if !(MIN_TS..=MAX_TS).contains(&ts) {
+            return Err(InvalidReason::BadTimestamp);
+        }
         Ok(Record { key, value, ts })
     }
 }
@@ -206,6 +215,15 @@ mod tests {
         );
         assert_eq!(
             reason(r#"{"user":"u","amount":3,"ts":1.5}"#),
+            InvalidReason::BadTimestamp
+        );
+        // microseconds sent as milliseconds, and the i64 extremes
+        assert_eq!(
+            reason(r#"{"user":"u","amount":3,"ts":1700000000000000000}"#),
+            InvalidReason::BadTimestamp
+        );
+        assert_eq!(
+            reason(r#"{"user":"u","amount":3,"ts":-9223372036854775808}"#),
             InvalidReason::BadTimestamp
         );
     }

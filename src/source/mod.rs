@@ -112,6 +112,8 @@ impl Shared {
 pub struct SourceContext {
     shared: Arc<Shared>,
     errors: ErrorLog,
+    /// Start of a partition the service holds no position for.
+    reset: Offset,
 }
 
 impl ClientContext for SourceContext {
@@ -156,14 +158,14 @@ impl ConsumerContext for SourceContext {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner);
                     for p in &partitions {
-                        if let Some(next) = positions.get(p) {
-                            if let Err(e) = tpl.set_partition_offset(
-                                &p.topic,
-                                p.partition,
-                                Offset::Offset(next.0),
-                            ) {
-                                tracing::error!(partition = %p, error = %e, "cannot set start offset");
-                            }
+                        // the service's own position, else auto_offset_reset; never the
+                        // group's committed offset, which is advisory
+                        let start = match positions.get(p) {
+                            Some(next) => Offset::Offset(next.0),
+                            None => self.reset,
+                        };
+                        if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, start) {
+                            tracing::error!(partition = %p, error = %e, "cannot set start offset");
                         }
                     }
                 }
@@ -269,6 +271,10 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
         .create_with_context(SourceContext {
             shared,
             errors: ErrorLog::default(),
+            reset: match settings.auto_offset_reset {
+                "latest" => Offset::End,
+                _ => Offset::Beginning,
+            },
         })
         .map_err(SourceError::Create)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -299,11 +305,15 @@ pub fn commit(consumer: &Source, positions: &[(Partition, NextOffset)]) {
 
 /// The high watermark of a partition, asked of the broker (blocking, bounded by `timeout`).
 pub fn high_watermark(consumer: &Source, p: &Partition, timeout: Duration) -> Option<i64> {
+    watermarks(consumer, p, timeout).map(|(_, high)| high)
+}
+
+/// Low and high watermarks of a partition, asked of the broker (blocking, bounded).
+pub fn watermarks(consumer: &Source, p: &Partition, timeout: Duration) -> Option<(i64, i64)> {
     consumer
         .fetch_watermarks(&p.topic, p.partition, timeout)
         .ok()
-        .map(|(_, high)| high)
-        .filter(|h| *h >= 0)
+        .filter(|(low, high)| *low >= 0 && *high >= 0)
 }
 
 /// Publishes `checkpointer_consumer_lag_records` for the assigned partitions every `every`,

@@ -213,10 +213,18 @@ impl Store {
         self.db.flush()?;
         let mut done = provisional;
         done.duration_ms = started.elapsed().as_millis() as u64;
-        // metadata only, made durable by the next checkpoint's flush
-        let done_raw = postcard::to_stdvec(&done).map_err(encode_err)?;
-        self.tree.insert(META_CURRENT, done_raw.clone())?;
-        self.tree.insert(history_key(cp.id), done_raw)?;
+        // metadata only, made durable by the next checkpoint's flush; the checkpoint is
+        // durable already, so a failure here is logged, not reported as a failed checkpoint
+        let rewrite = postcard::to_stdvec(&done)
+            .map_err(encode_err)
+            .and_then(|raw| {
+                self.tree.insert(META_CURRENT, raw.clone())?;
+                self.tree.insert(history_key(cp.id), raw)?;
+                Ok(())
+            });
+        if let Err(e) = rewrite {
+            tracing::warn!(checkpoint_id = cp.id, error = %e, "cannot record the final duration of a durable checkpoint");
+        }
         Ok(WriteStats {
             bytes,
             write,
