@@ -360,6 +360,7 @@ impl LiveState {
                 id,
                 base: None,
                 trigger_ms: 0,
+                spec: Default::default(),
                 delta: self.engine.snapshot(id, true),
             };
             let stats = store.write(&cp, Instant::now()).expect("write full state");
@@ -404,6 +405,7 @@ fn write_delta(live: &mut LiveState) -> Duration {
         id,
         base: Some(base),
         trigger_ms: 0,
+        spec: Default::default(),
         delta: live.engine.snapshot(id, false),
     };
     let keys = live.keys;

@@ -18,7 +18,7 @@ use crate::checkpoint::history::{CheckpointRecord, History, Status};
 use crate::checkpoint::protocol::meta_of;
 use crate::checkpoint::scheduler::{SchedulerSettings, Trigger};
 use crate::checkpoint::writer::{self, WriteJob, WriteOutcome};
-use crate::checkpoint::{Checkpoint, Scheduler};
+use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
 use crate::config::{duration_ms, CheckpointMode, Settings};
 use crate::engine::{Decoder, Engine, EngineConfig, Outcome, StateKey};
 use crate::http::{self, AdminState};
@@ -47,6 +47,7 @@ struct InFlight {
 
 struct Runtime {
     settings: Settings,
+    spec: StateSpec,
     engine: Engine,
     decoder: Decoder,
     scheduler: Scheduler,
@@ -96,8 +97,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             history.push(CheckpointRecord::from_meta(meta, Status::Completed));
         }
     }
+    let spec = StateSpec {
+        windows: windows.clone(),
+        aggregates: settings.aggregates.clone(),
+    };
     let (engine, restored_id) = match loaded {
         Some((meta, state)) => {
+            meta.spec.check_restorable(&spec, meta.id)?;
             let entries = state.entries.len();
             let engine = Engine::restore(engine_cfg, state).with_context(|| {
                 format!(
@@ -184,6 +190,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let mut rt = Runtime {
         settings,
+        spec,
         engine,
         decoder,
         scheduler,
@@ -494,6 +501,7 @@ impl Runtime {
             id,
             base,
             trigger_ms,
+            spec: self.spec.clone(),
             delta,
         };
         let mut record = CheckpointRecord::from_meta(&meta_of(&cp, 0, 0), Status::InProgress);

@@ -108,3 +108,52 @@ fn second_process_on_the_same_state_dir_gets_a_clear_error() {
         stderr(&out)
     );
 }
+
+#[test]
+fn state_made_under_other_windows_is_refused_at_start() {
+    use checkpointer::checkpoint::{Checkpoint, StateSpec};
+    use checkpointer::engine::{AggregateKind, StateDelta, WindowDef, WindowKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    {
+        let store = checkpointer::store::Store::open(&state).expect("open store");
+        let cp = Checkpoint {
+            id: 3,
+            base: None,
+            trigger_ms: 0,
+            spec: StateSpec {
+                windows: vec![WindowDef {
+                    name: "minute".into(),
+                    kind: WindowKind::Tumbling { size: 30_000 },
+                }],
+                aggregates: vec![AggregateKind::Count],
+            },
+            delta: StateDelta {
+                full: true,
+                partitions: vec![],
+                watermark: None,
+                upserts: vec![],
+                deletes: vec![],
+                records: 0,
+            },
+        };
+        store.write(&cp, std::time::Instant::now()).expect("write");
+    }
+    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
+        + "http: { listen: 127.0.0.1:0 }\n";
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpoint 3")
+            && err.contains("minute: tumbling 30000ms")
+            && err.contains("minute: tumbling 60000ms"),
+        "{err}"
+    );
+}

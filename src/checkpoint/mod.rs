@@ -6,5 +6,7 @@ pub mod protocol;
 pub mod scheduler;
 pub mod writer;
 
-pub use protocol::{ApplyError, Checkpoint, CheckpointMeta, MaterializedState};
+pub use protocol::{
+    ApplyError, Checkpoint, CheckpointMeta, MaterializedState, SpecMismatch, StateSpec,
+};
 pub use scheduler::{Scheduler, SchedulerSettings, TooManyFailures};

@@ -5,8 +5,70 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Entry, PartitionState, RestoredState, StateDelta, StateKey};
+use crate::engine::{
+    AggregateKind, Entry, PartitionState, RestoredState, StateDelta, StateKey, WindowDef,
+    WindowKind,
+};
 use crate::position::{check_forward, BackwardsMove};
+
+/// What the state means: the window definitions its entries belong to (by position) and the
+/// aggregates its final windows render. Stored with every checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateSpec {
+    pub windows: Vec<WindowDef>,
+    pub aggregates: Vec<AggregateKind>,
+}
+
+/// A checkpoint made under one spec restored under another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("checkpoint {checkpoint_id} holds state of windows [{stored}], but the configuration defines [{configured}]; changing windows or aggregates of existing state is not supported: start with the configuration the checkpoint was made with, or from an empty checkpoint.dir")]
+pub struct SpecMismatch {
+    pub checkpoint_id: u64,
+    pub stored: String,
+    pub configured: String,
+}
+
+impl StateSpec {
+    /// Whether state made under `self` may be restored under `configured`.
+    pub fn check_restorable(
+        &self,
+        configured: &StateSpec,
+        checkpoint_id: u64,
+    ) -> Result<(), SpecMismatch> {
+        if self == configured {
+            return Ok(());
+        }
+        Err(SpecMismatch {
+            checkpoint_id,
+            stored: self.describe(),
+            configured: configured.describe(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        let windows: Vec<String> = self
+            .windows
+            .iter()
+            .map(|w| match w.kind {
+                WindowKind::Tumbling { size } => format!("{}: tumbling {size}ms", w.name),
+                WindowKind::Hopping { size, hop } => {
+                    format!("{}: hopping {size}ms every {hop}ms", w.name)
+                }
+                WindowKind::Session { gap } => format!("{}: session gap {gap}ms", w.name),
+            })
+            .collect();
+        let aggregates: Vec<String> = self
+            .aggregates
+            .iter()
+            .map(|a| format!("{a:?}").to_lowercase())
+            .collect();
+        format!(
+            "{}; aggregates {}",
+            windows.join(", "),
+            aggregates.join(", ")
+        )
+    }
+}
 
 /// One checkpoint as handed to the writer: the engine's delta plus identity.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +78,7 @@ pub struct Checkpoint {
     pub base: Option<u64>,
     /// Wall-clock trigger time, epoch milliseconds.
     pub trigger_ms: i64,
+    pub spec: StateSpec,
     pub delta: StateDelta,
 }
 
@@ -32,6 +95,7 @@ pub struct CheckpointMeta {
     pub records: u64,
     pub partitions: Vec<PartitionState>,
     pub watermark: Option<i64>,
+    pub spec: StateSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -143,6 +207,7 @@ pub fn meta_of(cp: &Checkpoint, duration_ms: u64, bytes: u64) -> CheckpointMeta 
         records: cp.delta.records,
         partitions: cp.delta.partitions.clone(),
         watermark: cp.delta.watermark,
+        spec: cp.spec.clone(),
     }
 }
 
@@ -157,6 +222,7 @@ mod tests {
             id,
             base,
             trigger_ms: 0,
+            spec: StateSpec::default(),
             delta: StateDelta {
                 full,
                 partitions: vec![PartitionState {
@@ -210,6 +276,31 @@ mod tests {
             .apply(&cp(2, Some(1), false, 4), 0, 0)
             .expect_err("backwards");
         assert!(matches!(err, ApplyError::Backwards { .. }));
+    }
+
+    #[test]
+    fn state_restores_only_under_the_spec_it_was_made_with() {
+        let spec = |size| StateSpec {
+            windows: vec![WindowDef {
+                name: "m".into(),
+                kind: WindowKind::Tumbling { size },
+            }],
+            aggregates: vec![AggregateKind::Count],
+        };
+        assert!(spec(60_000).check_restorable(&spec(60_000), 1).is_ok());
+        let err = spec(60_000)
+            .check_restorable(&spec(30_000), 7)
+            .expect_err("size changed");
+        let text = err.to_string();
+        assert!(
+            text.contains("checkpoint 7")
+                && text.contains("m: tumbling 60000ms")
+                && text.contains("m: tumbling 30000ms"),
+            "{text}"
+        );
+        let mut more = spec(60_000);
+        more.aggregates.push(AggregateKind::Sum);
+        assert!(spec(60_000).check_restorable(&more, 1).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Flink's checkpoint config: interval, min pause between checkpoints, max concurrent,
 //! timeout, tolerable consecutive failures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -36,7 +36,10 @@ pub struct Scheduler {
     settings: SchedulerSettings,
     next_id: u64,
     head: Option<u64>,
-    in_flight: BTreeMap<u64, Duration>,
+    /// In-flight checkpoints: trigger time and whether it is a delta.
+    in_flight: BTreeMap<u64, (Duration, bool)>,
+    /// Deltas in flight behind a failed checkpoint: they fail too, as a consequence only.
+    doomed: BTreeSet<u64>,
     last_trigger: Option<Duration>,
     last_end: Option<Duration>,
     consecutive_failures: u32,
@@ -50,6 +53,7 @@ impl Scheduler {
             next_id: restored.map_or(1, |id| id + 1),
             head: restored,
             in_flight: BTreeMap::new(),
+            doomed: BTreeSet::new(),
             last_trigger: None,
             last_end: None,
             consecutive_failures: 0,
@@ -89,7 +93,7 @@ impl Scheduler {
         self.next_id += 1;
         let base = self.head;
         self.head = Some(id);
-        self.in_flight.insert(id, now);
+        self.in_flight.insert(id, (now, base.is_some()));
         self.last_trigger = Some(now);
         Trigger { id, base }
     }
@@ -99,6 +103,7 @@ impl Scheduler {
         if self.in_flight.remove(&id).is_none() {
             return false;
         }
+        self.doomed.remove(&id);
         self.last_end = Some(now);
         self.consecutive_failures = 0;
         true
@@ -116,7 +121,16 @@ impl Scheduler {
             return Ok(false);
         }
         self.last_end = Some(now);
+        // a delta in flight behind a failed checkpoint fails as a consequence: not counted again
+        if self.doomed.remove(&id) {
+            return Ok(true);
+        }
         self.head = None;
+        for (later, (_, delta)) in self.in_flight.range(id + 1..) {
+            if *delta {
+                self.doomed.insert(*later);
+            }
+        }
         self.consecutive_failures += 1;
         if self.consecutive_failures > self.settings.tolerable_failures {
             return Err(TooManyFailures {
@@ -132,7 +146,7 @@ impl Scheduler {
     pub fn expired(&self, now: Duration) -> Vec<u64> {
         self.in_flight
             .iter()
-            .filter(|(_, started)| now.saturating_sub(**started) > self.settings.timeout)
+            .filter(|(_, (started, _))| now.saturating_sub(*started) > self.settings.timeout)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -223,6 +237,26 @@ mod tests {
         sch.completed(b.id, s(11));
         let c = sch.trigger(s(20));
         assert_eq!(sch.failed(c.id, s(21), "y"), Ok(true));
+    }
+
+    #[test]
+    fn deltas_behind_a_failure_are_not_counted_again() {
+        let mut cfg = settings();
+        cfg.max_concurrent = 4;
+        cfg.tolerable_failures = 1;
+        let mut sch = Scheduler::new(cfg, Some(1));
+        let a = sch.trigger(s(0));
+        let b = sch.trigger(s(10));
+        let c = sch.trigger(s(20));
+        assert_eq!(sch.failed(a.id, s(21), "disk"), Ok(true));
+        assert_eq!(sch.failed(b.id, s(21), "base mismatch"), Ok(true));
+        assert_eq!(sch.failed(c.id, s(21), "base mismatch"), Ok(true));
+        let d = sch.trigger(s(30));
+        assert_eq!(d.base, None);
+        assert!(
+            sch.failed(d.id, s(31), "disk").is_err(),
+            "the second real failure exceeds 1"
+        );
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: 
         id,
         base,
         trigger_ms: 0,
+        spec: Default::default(),
         delta,
     };
     store.apply(&cp, 0, 0).expect("apply");
@@ -139,7 +140,7 @@ proptest! {
         }
         let snap = engine.snapshot(1, true);
         let mut store = MaterializedState::default();
-        store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, delta: snap.clone() }, 0, 0).expect("apply");
+        store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
         let mut restored = Engine::restore(config(true), store.restored()).expect("restore");
         let again = restored.snapshot(2, true);
         let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
@@ -165,7 +166,7 @@ proptest! {
         // the last delta and a full snapshot taken at the same instant must agree
         id += 1;
         let delta = engine.snapshot(id, false);
-        store.apply(&Checkpoint { id, base: Some(id - 1), trigger_ms: 0, delta }, 0, 0).expect("apply");
+        store.apply(&Checkpoint { id, base: Some(id - 1), trigger_ms: 0, spec: Default::default(), delta }, 0, 0).expect("apply");
         let full = engine.snapshot(id + 1, true);
         let mut expected: Vec<(StateKey, Entry)> = full.upserts;
         expected.sort_by(|a, b| a.0.cmp(&b.0));
@@ -309,6 +310,7 @@ fn restored_closed_windows_are_emitted_again_identically() {
                 id: 1,
                 base: None,
                 trigger_ms: 0,
+                spec: Default::default(),
                 delta,
             },
             0,

@@ -31,6 +31,7 @@ fn cp(
         id,
         base,
         trigger_ms: 1_700_000_000_000 + id as i64,
+        spec: Default::default(),
         delta: StateDelta {
             full,
             partitions: vec![PartitionState {
