@@ -30,6 +30,19 @@ fn run(args: &[&str], yaml: &str, env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run checkpointer")
 }
 
+/// `checkpointer run` with the valid configuration pointed at `state`; returns once it exits.
+fn run_on_state(dir: &Path, state: &Path) -> Output {
+    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
+        + "http: { listen: 127.0.0.1:0 }\n";
+    let path = dir.join("c.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run")
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -92,15 +105,7 @@ fn second_process_on_the_same_state_dir_gets_a_clear_error() {
     let state = dir.path().join("state");
     // hold the store the way a running instance does
     let _held = checkpointer::store::Store::open(&state).expect("open store");
-    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
-        + "http: { listen: 127.0.0.1:0 }\n";
-    let path = dir.path().join("c.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = run_on_state(dir.path(), &state);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("in use by another checkpointer process"),
@@ -139,15 +144,7 @@ fn state_made_under_other_windows_is_refused_at_start() {
         };
         store.write(&cp, std::time::Instant::now()).expect("write");
     }
-    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
-        + "http: { listen: 127.0.0.1:0 }\n";
-    let path = dir.path().join("c.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = run_on_state(dir.path(), &state);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
