@@ -263,7 +263,10 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", settings.auto_offset_reset);
+        // start offsets are always set explicitly (held position, else auto_offset_reset as
+        // Beginning/End); librdkafka must never move a position on its own, or records would
+        // be skipped silently when a broker reports a position out of range
+        .set("auto.offset.reset", "error");
     if let Some(id) = settings.instance_id {
         c.set("group.instance.id", id);
     }
@@ -285,6 +288,21 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
             source,
         })?;
     Ok(consumer)
+}
+
+/// Moves every partition back to the position the service holds for it (after the broker
+/// reported a position out of range: librdkafka does not say which partition).
+pub fn reposition(consumer: &Source, positions: &[(Partition, Option<NextOffset>)], reset: &str) {
+    for (p, next) in positions {
+        let offset = match next {
+            Some(n) => Offset::Offset(n.0),
+            None if reset == "latest" => Offset::End,
+            None => Offset::Beginning,
+        };
+        if let Err(e) = consumer.seek(&p.topic, p.partition, offset, Duration::from_secs(1)) {
+            tracing::warn!(partition = %p, error = %e, "cannot move back to the held position");
+        }
+    }
 }
 
 /// Commits checkpointed positions to the consumer group (advisory, for lag tools).

@@ -1,31 +1,30 @@
-//! Wiring and the processing loop: restore, consume, aggregate, checkpoint in the background,
-//! emit, and stop gracefully. All decisions are the engine's and the scheduler's; this file
-//! moves facts between them and the I/O tasks.
+//! The processing loop: consume, aggregate, checkpoint in the background, emit, and stop
+//! gracefully. All decisions are the engine's and the scheduler's; this loop moves facts
+//! between them and the I/O tasks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
-use rdkafka::consumer::Consumer;
+use anyhow::bail;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::history::{CheckpointRecord, History, Status};
+use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::meta_of;
-use crate::checkpoint::scheduler::{SchedulerSettings, Trigger};
-use crate::checkpoint::writer::{self, WriteJob, WriteOutcome};
+use crate::checkpoint::scheduler::Trigger;
+use crate::checkpoint::writer::{WriteJob, WriteOutcome};
 use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
-use crate::config::{duration_ms, CheckpointMode, Settings};
-use crate::engine::{Decoder, Engine, EngineConfig, Outcome, StateKey};
-use crate::http::{self, AdminState};
+use crate::config::Settings;
+use crate::engine::{Decoder, Engine, Outcome, StateKey};
+use crate::http::AdminState;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
-use crate::sink::{Sink, SinkSettings};
-use crate::source::{self, Rebalance, Shared, Source, SourceSettings};
+use crate::sink::Sink;
+use crate::source::{self, Rebalance, Shared, Source};
 use crate::store::Store;
 
 /// How often timers (checkpoint due, timeouts, gauges) are evaluated.
@@ -40,184 +39,35 @@ fn epoch_ms() -> i64 {
         .unwrap_or(0)
 }
 
-struct InFlight {
+pub(super) struct InFlight {
     abandoned: Arc<AtomicBool>,
     positions: Vec<(Partition, NextOffset)>,
 }
 
-struct Runtime {
-    settings: Settings,
-    spec: StateSpec,
-    engine: Engine,
-    decoder: Decoder,
-    scheduler: Scheduler,
-    metrics: Arc<Metrics>,
-    admin: Arc<AdminState>,
-    shared: Arc<Shared>,
-    sink: Sink,
-    writer: mpsc::UnboundedSender<WriteJob>,
-    in_flight: HashMap<u64, InFlight>,
-    started: Instant,
-    assigned: Vec<Partition>,
-    broker_down: bool,
-    last_error_log: Option<Instant>,
-    suppressed_errors: u64,
-    last_gauges: Instant,
-    last_durable: Option<u64>,
+pub(super) struct Runtime {
+    pub(super) settings: Settings,
+    pub(super) spec: StateSpec,
+    pub(super) engine: Engine,
+    pub(super) decoder: Decoder,
+    pub(super) scheduler: Scheduler,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) admin: Arc<AdminState>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) sink: Sink,
+    pub(super) writer: mpsc::UnboundedSender<WriteJob>,
+    pub(super) in_flight: HashMap<u64, InFlight>,
+    pub(super) started: Instant,
+    pub(super) assigned: Vec<Partition>,
+    pub(super) broker_down: bool,
+    pub(super) last_error_log: Option<Instant>,
+    pub(super) suppressed_errors: u64,
+    pub(super) last_gauges: Instant,
+    pub(super) last_durable: Option<u64>,
+    /// Assigned partitions whose first record has not arrived yet.
+    pub(super) awaiting_first: std::collections::HashSet<Partition>,
 }
 
 /// Runs the service until SIGTERM/SIGINT (Ok) or a fatal error.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    for w in settings.warnings() {
-        tracing::warn!("{w}");
-    }
-    let metrics = Arc::new(Metrics::new());
-    let restore_started = Instant::now();
-    let dir = settings.checkpoint.dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .context("store open task")??;
-    let store = Arc::new(store);
-    let loaded = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.load())
-            .await
-            .context("store load task")??
-    };
-    let windows = settings.window_defs()?;
-    let engine_cfg = EngineConfig {
-        windows: windows.clone(),
-        max_out_of_orderness: duration_ms(settings.watermark.max_out_of_orderness),
-        allowed_lateness: duration_ms(settings.watermark.allowed_lateness),
-        hold_until_checkpoint: settings.checkpoint.mode == CheckpointMode::ExactlyOnce,
-    };
-    let mut history = History::new(200);
-    if let Ok(past) = store.history(50) {
-        for meta in past.iter().rev() {
-            history.push(CheckpointRecord::from_meta(meta, Status::Completed));
-        }
-    }
-    let spec = StateSpec {
-        windows: windows.clone(),
-        aggregates: settings.aggregates.clone(),
-    };
-    let (engine, restored_id) = match loaded {
-        Some((meta, state)) => {
-            meta.spec.check_restorable(&spec, meta.id)?;
-            let entries = state.entries.len();
-            let engine = Engine::restore(engine_cfg, state).with_context(|| {
-                format!(
-                    "cannot restore checkpoint {} from {}",
-                    meta.id,
-                    store.path().display()
-                )
-            })?;
-            tracing::info!(
-                checkpoint_id = meta.id,
-                entries,
-                pending_windows = engine.pending_emissions(),
-                duration_ms = restore_started.elapsed().as_millis() as u64,
-                "restored checkpoint"
-            );
-            (engine, Some(meta.id))
-        }
-        None => {
-            tracing::info!(dir = %store.path().display(), "no checkpoint found, starting empty");
-            (Engine::new(engine_cfg), None)
-        }
-    };
-    metrics
-        .restore_duration
-        .set(restore_started.elapsed().as_secs_f64());
-    if let Some(id) = restored_id {
-        metrics.checkpoint_last_id.set(id as i64);
-    }
-
-    let admin = Arc::new(AdminState::new(metrics.clone(), history));
-    let addr = http::serve(settings.http.listen, admin.clone()).await?;
-    tracing::info!(%addr, "http listening");
-
-    let shared = Arc::new(Shared::default());
-    for (p, progress) in engine.progress() {
-        if let Some(next) = progress.next {
-            shared.set_position(p, next);
-        }
-    }
-    let k = &settings.kafka;
-    let (sink, acks) = Sink::start(
-        source::base_client(&k.brokers, &k.options),
-        SinkSettings {
-            topic: settings.output.topic.clone(),
-            window_names: windows.iter().map(|w| w.name.clone()).collect(),
-            aggregates: settings.aggregates.clone(),
-        },
-        metrics.clone(),
-    )?;
-    let consumer = source::connect(
-        &SourceSettings {
-            brokers: &k.brokers,
-            group_id: &k.group_id,
-            topics: &k.topics,
-            auto_offset_reset: k.auto_offset_reset.as_str(),
-            instance_id: k.instance_id.as_deref(),
-            options: &k.options,
-        },
-        shared.clone(),
-    )?;
-    let consumer = Arc::new(consumer);
-    source::spawn_lag_monitor(
-        consumer.clone(),
-        shared.clone(),
-        metrics.clone(),
-        Duration::from_secs(5),
-    );
-    let (writer, outcomes) = writer::spawn(store.clone());
-    let c = &settings.checkpoint;
-    let scheduler = Scheduler::new(
-        SchedulerSettings {
-            interval: c.interval,
-            min_pause: c.min_pause,
-            timeout: c.timeout,
-            max_concurrent: c.max_concurrent,
-            tolerable_failures: c.tolerable_failures,
-        },
-        restored_id,
-    );
-    let decoder = Decoder {
-        key: settings.key_source()?,
-        value: settings.input.value.clone(),
-        timestamp: settings.time_source()?,
-    };
-    let mut rt = Runtime {
-        settings,
-        spec,
-        engine,
-        decoder,
-        scheduler,
-        metrics,
-        admin,
-        shared,
-        sink,
-        writer,
-        in_flight: HashMap::new(),
-        started: Instant::now(),
-        assigned: Vec::new(),
-        broker_down: false,
-        last_error_log: None,
-        suppressed_errors: 0,
-        last_gauges: Instant::now(),
-        last_durable: restored_id,
-    };
-    // windows the restored checkpoint holds as final were durable there: send them again
-    let restored_windows = rt.engine.take_emittable();
-    rt.sink.emit(restored_windows);
-    rt.refresh_readiness();
-
-    let result = rt.main_loop(&consumer, outcomes, acks, store.clone()).await;
-    consumer.unsubscribe();
-    result
-}
-
 async fn shutdown_signal() -> &'static str {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -241,7 +91,7 @@ impl Runtime {
         self.started.elapsed()
     }
 
-    async fn main_loop(
+    pub(super) async fn main_loop(
         &mut self,
         consumer: &Source,
         mut outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
@@ -276,7 +126,7 @@ impl Runtime {
                             self.on_eof(consumer, n);
                         }
                         Err(e) => {
-                            self.on_consumer_error(&e);
+                            self.on_consumer_error(consumer, &e);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
@@ -294,6 +144,20 @@ impl Runtime {
             self.refresh_readiness();
         }
         let p = Partition::new(m.topic(), m.partition());
+        if !self.awaiting_first.is_empty() && self.awaiting_first.remove(&p) {
+            let held = self.engine.position(&p);
+            match held {
+                Some(next) if next.0 != m.offset() => tracing::warn!(
+                    partition = %p,
+                    held = next.0,
+                    first = m.offset(),
+                    "first record after assignment is not at the held position"
+                ),
+                _ => {
+                    tracing::debug!(partition = %p, first = m.offset(), "first record after assignment")
+                }
+            }
+        }
         let decoded = self
             .decoder
             .decode(m.key(), m.payload(), m.timestamp().to_millis());
@@ -364,6 +228,7 @@ impl Runtime {
                     None => false,
                 };
             if at_end {
+                tracing::info!(partition = %p, next_offset = ?self.engine.position(&p), "partition has no data; it does not hold the watermark back until it has");
                 self.engine.partition_eof(&p);
             }
         }
@@ -371,7 +236,22 @@ impl Runtime {
         self.sink.emit(ready);
     }
 
-    fn on_consumer_error(&mut self, e: &KafkaError) {
+    fn on_consumer_error(&mut self, consumer: &Source, e: &KafkaError) {
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            self.metrics.offset_out_of_range.inc();
+            tracing::warn!(error = %e, "the broker reported a held position out of range; moving every partition back to its held position instead of skipping records (if records were deleted by retention, this repeats: restore the data or start from an empty checkpoint.dir)");
+            let positions: Vec<(Partition, Option<NextOffset>)> = self
+                .assigned
+                .iter()
+                .map(|p| (p.clone(), self.engine.position(p)))
+                .collect();
+            source::reposition(
+                consumer,
+                &positions,
+                self.settings.kafka.auto_offset_reset.as_str(),
+            );
+            return;
+        }
         let down = matches!(
             e.rdkafka_error_code(),
             Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
@@ -393,6 +273,7 @@ impl Runtime {
         for event in self.shared.take_events() {
             match event {
                 Rebalance::Assigned(ps) => {
+                    self.awaiting_first.extend(ps.iter().cloned());
                     for p in &ps {
                         if !self.assigned.contains(p) {
                             self.assigned.push(p.clone());
@@ -415,7 +296,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn refresh_readiness(&mut self) {
+    pub(super) fn refresh_readiness(&mut self) {
         let broker_error = self.shared.broker_error();
         self.broker_down = broker_error.is_some();
         if let Some(e) = &broker_error {
