@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
 
 mod common;
-use common::{free_addr, get, metric, nix_kill, produce, spawn_service, wait};
-use rdkafka::producer::BaseProducer;
+use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait};
 
 const WINDOW_MS: i64 = 10_000;
 const START: i64 = 1_700_000_000_000;
@@ -30,14 +28,7 @@ fn records(from_s: i64, to_s: i64) -> Vec<(String, i64, i64)> {
 
 #[test]
 fn broker_outage_is_survived_without_loss() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("in", 2, 1).expect("topic in");
-    cluster.create_topic("out", 1, 1).expect("topic out");
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let (cluster, brokers, producer) = mock_cluster(2);
     // keys are spread over both partitions by record index
     let first = records(0, 40);
     produce(&producer, |i| (i % 2) as i32, &first);
@@ -89,10 +80,7 @@ http: {{ listen: "{addr}" }}
 
     // more data after the outage, then sentinels on both partitions; a new client, because an
     // idle producer of this process does not reconnect to the mock broker after it comes back
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let producer = common::producer(&brokers);
     let second = records(40, 80);
     produce(&producer, |i| (i % 2) as i32, &second);
     let sentinels = vec![

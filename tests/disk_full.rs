@@ -9,12 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::BaseProducer;
-
 mod common;
-use common::{free_addr, get, metric, produce, spawn_service, wait};
+use common::{free_addr, get, metric, mock_cluster, produce, spawn_service, wait};
 
 struct Mount(std::path::PathBuf);
 
@@ -64,14 +60,7 @@ fn repeated_checkpoint_failures_stop_the_service_with_the_last_checkpoint_intact
     );
     let _mount = Mount(mnt.clone());
 
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("in", 1, 1).expect("topic");
-    cluster.create_topic("out", 1, 1).expect("topic");
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let (_cluster, brokers, producer) = mock_cluster(1);
     // every record opens a new key in a one-hour window
     let start = 1_700_000_000_000i64;
     let batch = |from: i64, to: i64| -> Vec<(String, i64, i64)> {

@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::BaseProducer;
-
 mod common;
-use common::{free_addr, get, metric, nix_kill, produce, spawn_service, wait};
+use common::{
+    free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait, Cluster,
+};
 
 fn records(n: i64) -> Vec<(String, i64, i64)> {
     (0..n)
@@ -18,20 +16,8 @@ fn records(n: i64) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
-fn cluster_with(
-    n: i64,
-) -> (
-    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    String,
-) {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("in", 1, 1).expect("topic");
-    cluster.create_topic("out", 1, 1).expect("topic");
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+fn cluster_with(n: i64) -> (Cluster, String) {
+    let (cluster, brokers, producer) = mock_cluster(1);
     produce(&producer, |_| 0, &records(n));
     (cluster, brokers)
 }

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 
 /// A free loopback address for `http.listen`.
 pub fn free_addr() -> SocketAddr {
@@ -116,4 +118,25 @@ pub fn nix_kill(child: &Child, sig: &str) {
         .arg(format!("-{sig}"))
         .arg(child.id().to_string())
         .status();
+}
+
+pub type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// A producer for `brokers`.
+pub fn producer(brokers: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer")
+}
+
+/// A one-broker mock cluster with topics `in` (`partitions` partitions) and `out`, its
+/// bootstrap address, and a producer for it.
+pub fn mock_cluster(partitions: i32) -> (Cluster, String, BaseProducer) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("in", partitions, 1).expect("topic in");
+    cluster.create_topic("out", 1, 1).expect("topic out");
+    let producer = producer(&brokers);
+    (cluster, brokers, producer)
 }
