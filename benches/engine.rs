@@ -363,7 +363,7 @@ impl LiveState {
                 spec: Default::default(),
                 delta: self.engine.snapshot(id, true),
             };
-            let stats = store.write(&cp, Instant::now()).expect("write full state");
+            let stats = write(&store, &cp).expect("write full state");
             eprintln!(
                 "store of {} keys: full checkpoint {} bytes, written in {:.1?} + flushed in {:.1?}",
                 self.keys, stats.bytes, stats.write, stats.flush
@@ -412,7 +412,7 @@ fn write_delta(live: &mut LiveState) -> Duration {
     let durable = live.durable();
     let store = durable.store.as_ref().expect("store is open");
     let start = Instant::now();
-    let stats = store.write(&cp, Instant::now()).expect("write checkpoint");
+    let stats = write(store, &cp).expect("write checkpoint");
     let took = start.elapsed();
     durable.last_id = id;
     if !durable.delta_reported {
@@ -547,3 +547,18 @@ fn live_state(c: &mut Criterion) {
 
 criterion_group!(benches, decode_aggregate, live_state);
 criterion_main!(benches);
+
+/// One checkpoint through the store, as the service's writer does it.
+fn write(
+    store: &Store,
+    cp: &checkpointer::checkpoint::Checkpoint,
+) -> Result<checkpointer::store::WriteStats, checkpointer::store::StoreError> {
+    use checkpointer::checkpoint::history::{CheckpointRecord, Status};
+    use checkpointer::checkpoint::protocol::meta_of;
+    store.write(&checkpointer::store::WriteRequest {
+        checkpoint: cp,
+        record: CheckpointRecord::from_meta(&meta_of(cp, 0, 0), Status::InProgress),
+        savepoint: None,
+        started: Instant::now(),
+    })
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::checkpoint::restore::RestoreFrom;
 use crate::engine::{AggregateKind, FieldSource, TimeSource, WindowDef, WindowKind};
 
 /// Everything that can go wrong while loading or validating configuration. Each variant names
@@ -173,6 +174,30 @@ pub struct CheckpointSettings {
     /// Upper bound on a graceful stop: final checkpoint, emission of the windows it closed.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Complete checkpoints kept restorable; older ones are removed.
+    #[serde(default = "default_retained")]
+    pub retained: usize,
+    /// What a graceful stop does with the checkpoints.
+    #[serde(default)]
+    pub on_cancel: OnCancel,
+    /// What to restore at start.
+    #[serde(default)]
+    pub restore_from: RestoreFrom,
+    /// With `restore_from: latest`, take the newest checkpoint even if a savepoint is newer.
+    #[serde(default)]
+    pub prefer_checkpoint_for_recovery: bool,
+    /// Checkpoint and savepoint attempts kept in the history.
+    #[serde(default = "default_history")]
+    pub history: u64,
+}
+
+/// `checkpoint.on_cancel`: Flink's RETAIN_ON_CANCELLATION / DELETE_ON_CANCELLATION.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCancel {
+    #[default]
+    Retain,
+    Delete,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -231,6 +256,12 @@ fn default_tolerable_failures() -> u32 {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_retained() -> usize {
+    3
+}
+fn default_history() -> u64 {
+    1000
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9180))
@@ -403,6 +434,18 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        if c.retained == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.retained",
+                "must be at least 1",
+            ));
+        }
+        if c.history == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.history",
+                "must be at least 1",
+            ));
+        }
         if c.shutdown_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "checkpoint.shutdown_timeout",
@@ -422,6 +465,9 @@ impl Settings {
                 humantime::format_duration(c.min_pause),
                 humantime::format_duration(c.interval)
             ));
+        }
+        if c.retained == 1 {
+            out.push("checkpoint.retained is 1: if the newest checkpoint is ever unreadable there is no older one to fall back to".to_string());
         }
         if c.timeout < c.interval {
             out.push(format!(
@@ -644,6 +690,43 @@ checkpoint:
         // a misspelt section is still an error naming it
         let text = err_text(BASE, &[("CHECKPOINTER_KAFAK__BROKERS", "x:1")]);
         assert!(text.contains("kafak"), "{text}");
+    }
+
+    #[test]
+    fn lifecycle_settings_have_defaults_and_are_checked() {
+        let s = load(BASE, &[]).expect("valid");
+        let c = &s.checkpoint;
+        assert_eq!((c.retained, c.history), (3, 1000));
+        assert_eq!(c.on_cancel, OnCancel::Retain);
+        assert_eq!(c.restore_from, RestoreFrom::Latest);
+        assert!(!c.prefer_checkpoint_for_recovery);
+        let yaml = BASE.replace(
+            "checkpoint:\n",
+            "checkpoint:\n  restore_from: 42\n  on_cancel: delete\n  retained: 5\n",
+        );
+        let s = load(&yaml, &[]).expect("valid");
+        assert_eq!(s.checkpoint.restore_from, RestoreFrom::Checkpoint(42));
+        assert_eq!(s.checkpoint.on_cancel, OnCancel::Delete);
+        assert_eq!(s.checkpoint.retained, 5);
+        let s = load(
+            BASE,
+            &[
+                ("CHECKPOINTER_CHECKPOINT__RESTORE_FROM", "savepoint:pre-2.0"),
+                ("CHECKPOINTER_CHECKPOINT__PREFER_CHECKPOINT_FOR_RECOVERY", "true"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            s.checkpoint.restore_from,
+            RestoreFrom::Savepoint("pre-2.0".into())
+        );
+        assert!(s.checkpoint.prefer_checkpoint_for_recovery);
+        let yaml = BASE.replace("checkpoint:\n", "checkpoint:\n  retained: 0\n");
+        assert!(err_text(&yaml, &[]).contains("checkpoint.retained"));
+        let text = err_text(BASE, &[("CHECKPOINTER_CHECKPOINT__RESTORE_FROM", "newest")]);
+        assert!(text.contains("latest, none"), "{text}");
+        let text = err_text(BASE, &[("CHECKPOINTER_CHECKPOINT__ON_CANCEL", "destroy")]);
+        assert!(text.contains("on_cancel") || text.contains("destroy"), "{text}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod http;
 pub mod kafka_log;
 pub mod metrics;
+pub mod ops;
 pub mod position;
 pub mod service;
 pub mod sink;

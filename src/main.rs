@@ -2,10 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use checkpointer::config::{LogFormat, Settings};
+use checkpointer::config::{LogFormat, RestoreFrom, Settings};
+use checkpointer::ops::{offline, remote, OpsError};
+
+/// Where `savepoint` and `stop` find a running instance unless told otherwise.
+const DEFAULT_URL: &str = "http://127.0.0.1:9180";
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +30,10 @@ enum Command {
         /// YAML configuration file; CHECKPOINTER_<SECTION>__<KEY> variables override it.
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
         config: PathBuf,
+        /// What to restore: latest, none, a checkpoint id, or savepoint:NAME (overrides
+        /// checkpoint.restore_from).
+        #[arg(long)]
+        restore_from: Option<RestoreFrom>,
     },
     /// Run the service against an embedded broker fed by an event generator; prints the
     /// emitted windows. Nothing to install.
@@ -39,6 +48,97 @@ enum Command {
     CheckConfig {
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
         config: PathBuf,
+    },
+    /// Inspect the checkpoints of a stopped instance's checkpoint.dir (read-only).
+    Checkpoints {
+        #[command(subcommand)]
+        action: CheckpointsAction,
+    },
+    /// Take a savepoint of a running instance; or list, export, import, delete savepoints.
+    Savepoint(SavepointArgs),
+    /// Stop a running instance gracefully, optionally after a savepoint (the upgrade path).
+    Stop {
+        /// Admin URL of the instance.
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        /// Take a savepoint first (named NAME, or after its checkpoint id).
+        #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "NAME")]
+        savepoint: Option<String>,
+        /// How long to wait for the savepoint and the stop.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointsAction {
+    /// Checkpoint and savepoint attempts, newest first; retained ones are marked.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One attempt: status, phases, offsets and watermarks per partition (JSON).
+    Show {
+        id: u64,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SavepointArgs {
+    #[command(subcommand)]
+    action: Option<SavepointAction>,
+    /// Name of the new savepoint (default: savepoint-<checkpoint id>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Admin URL of the running instance.
+    #[arg(long, default_value = DEFAULT_URL)]
+    url: String,
+    /// How long to wait for the savepoint to be durable.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Subcommand)]
+enum SavepointAction {
+    /// List savepoints, of a running instance (--url) or a stopped one (--dir).
+    List {
+        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Write a savepoint to a portable, checksummed file (service stopped).
+    Export {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Load a savepoint file into a checkpoint.dir (service stopped; the dir may be new).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Store it under another name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a savepoint, through a running instance (--url) or offline (--dir).
+    Delete {
+        name: String,
+        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -81,6 +181,18 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
+        Command::Checkpoints { action } => report(checkpoints(action)),
+        Command::Savepoint(args) => report(savepoint(args)),
+        Command::Stop {
+            url,
+            savepoint,
+            wait,
+        } => {
+            let savepoint = savepoint
+                .as_deref()
+                .map(|n| Some(n).filter(|n| !n.is_empty()));
+            report(remote::stop(url.trim_end_matches('/'), savepoint, wait))
+        }
         Command::Demo { config, rate } => {
             let settings = match load(&config) {
                 Ok(s) => s,
@@ -92,13 +204,66 @@ fn main() -> ExitCode {
                 rate,
             }))
         }
-        Command::Run { config } => {
-            let settings = match load(&config) {
+        Command::Run {
+            config,
+            restore_from,
+        } => {
+            let mut settings = match load(&config) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            if let Some(from) = restore_from {
+                settings.checkpoint.restore_from = from;
+            }
             init_logging(settings.log.format);
             run_async(checkpointer::service::run(settings))
+        }
+    }
+}
+
+fn checkpoints(action: CheckpointsAction) -> Result<String, OpsError> {
+    match action {
+        CheckpointsAction::List { dir, limit, json } => {
+            offline::list_checkpoints(&dir, limit, json)
+        }
+        CheckpointsAction::Show { id, dir } => offline::show_checkpoint(&dir, id),
+    }
+}
+
+fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
+    let base = |url: &str| url.trim_end_matches('/').to_string();
+    match args.action {
+        None => remote::trigger_savepoint(&base(&args.url), args.name.as_deref(), args.timeout),
+        Some(SavepointAction::List { dir: Some(dir), .. }) => offline::list_savepoints(&dir),
+        Some(SavepointAction::List { url, .. }) => {
+            remote::list_savepoints(&base(url.as_deref().unwrap_or(DEFAULT_URL)))
+        }
+        Some(SavepointAction::Export { name, out, dir }) => {
+            offline::export_savepoint(&dir, &name, &out)
+        }
+        Some(SavepointAction::Import { file, dir, name }) => {
+            offline::import_savepoint(&dir, &file, name.as_deref())
+        }
+        Some(SavepointAction::Delete {
+            name,
+            dir: Some(dir),
+            ..
+        }) => offline::delete_savepoint(&dir, &name),
+        Some(SavepointAction::Delete { name, url, .. }) => {
+            remote::delete_savepoint(&base(url.as_deref().unwrap_or(DEFAULT_URL)), &name)
+        }
+    }
+}
+
+fn report(result: Result<String, OpsError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("checkpointer: {e}");
+            ExitCode::FAILURE
         }
     }
 }

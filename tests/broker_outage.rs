@@ -146,8 +146,11 @@ http: {{ listen: "{addr}" }}
         done["bytes"].as_u64().is_some() && done["duration_ms"].as_u64().is_some(),
         "{done}"
     );
-    let offsets = done["offsets"].as_object().expect("offsets");
-    let total: i64 = offsets.values().filter_map(|v| v.as_i64()).sum();
+    let partitions = done["partitions"].as_array().expect("partitions");
+    let total: i64 = partitions
+        .iter()
+        .filter_map(|p| p["next_offset"].as_i64())
+        .sum();
     assert_eq!(total as usize, first.len() + second.len() + 2, "{done}");
     wait(
         "ready again after the outage",

@@ -116,7 +116,7 @@ pub enum ApplyError {
     },
 }
 
-/// Checks that `cp` may be applied on top of the stored checkpoint `current`.
+/// Checks that `cp` may be applied on top of `current`, the newest checkpoint written.
 pub fn check_applicable(
     current: Option<&CheckpointMeta>,
     cp: &Checkpoint,
@@ -137,7 +137,9 @@ pub fn check_applicable(
             current: current_id,
         });
     }
-    if let Some(meta) = current {
+    // offsets only move forward along a chain of deltas; a full snapshot may start a new line
+    // (a restore of an older checkpoint or of a savepoint)
+    if let Some(meta) = current.filter(|_| !cp.delta.full) {
         let before: BTreeMap<_, _> = meta
             .partitions
             .iter()

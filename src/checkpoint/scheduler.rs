@@ -46,12 +46,14 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// `restored`: id of the checkpoint the store holds, which the next delta builds on.
-    pub fn new(settings: SchedulerSettings, restored: Option<u64>) -> Self {
+    /// `next_id`: the first id the store has not used. `head`: the checkpoint the next delta
+    /// may build on (the restored one, if it is also the newest in the store); `None` makes the
+    /// first checkpoint a full snapshot.
+    pub fn new(settings: SchedulerSettings, next_id: u64, head: Option<u64>) -> Self {
         Scheduler {
             settings,
-            next_id: restored.map_or(1, |id| id + 1),
-            head: restored,
+            next_id: next_id.max(head.map_or(1, |h| h + 1)),
+            head,
             in_flight: BTreeMap::new(),
             doomed: BTreeSet::new(),
             last_trigger: None,
@@ -171,7 +173,7 @@ mod tests {
 
     #[test]
     fn first_checkpoint_is_full_then_deltas_chain() {
-        let mut sch = Scheduler::new(settings(), None);
+        let mut sch = Scheduler::new(settings(), 1, None);
         assert!(sch.due(s(0)));
         let t1 = sch.trigger(s(0));
         assert_eq!(t1, Trigger { id: 1, base: None });
@@ -188,7 +190,7 @@ mod tests {
 
     #[test]
     fn restored_store_continues_its_ids_and_chain() {
-        let mut sch = Scheduler::new(settings(), Some(41));
+        let mut sch = Scheduler::new(settings(), 42, Some(41));
         assert_eq!(
             sch.trigger(s(0)),
             Trigger {
@@ -199,8 +201,14 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_that_is_not_the_newest_starts_with_a_full_snapshot_after_every_used_id() {
+        let mut sch = Scheduler::new(settings(), 12, None);
+        assert_eq!(sch.trigger(s(0)), Trigger { id: 12, base: None });
+    }
+
+    #[test]
     fn interval_min_pause_and_max_concurrent_gate_triggers() {
-        let mut sch = Scheduler::new(settings(), None);
+        let mut sch = Scheduler::new(settings(), 1, None);
         sch.trigger(s(0));
         assert!(!sch.due(s(20)), "max_concurrent 1 with one in flight");
         sch.completed(1, s(8));
@@ -215,7 +223,7 @@ mod tests {
 
     #[test]
     fn failure_forces_a_full_snapshot_and_too_many_stop() {
-        let mut sch = Scheduler::new(settings(), None);
+        let mut sch = Scheduler::new(settings(), 1, None);
         sch.trigger(s(0));
         sch.completed(1, s(0));
         sch.trigger(s(10));
@@ -230,7 +238,7 @@ mod tests {
 
     #[test]
     fn success_resets_consecutive_failures() {
-        let mut sch = Scheduler::new(settings(), None);
+        let mut sch = Scheduler::new(settings(), 1, None);
         let a = sch.trigger(s(0));
         sch.failed(a.id, s(1), "x").expect("tolerable");
         let b = sch.trigger(s(10));
@@ -244,7 +252,7 @@ mod tests {
         let mut cfg = settings();
         cfg.max_concurrent = 4;
         cfg.tolerable_failures = 1;
-        let mut sch = Scheduler::new(cfg, Some(1));
+        let mut sch = Scheduler::new(cfg, 2, Some(1));
         let a = sch.trigger(s(0));
         let b = sch.trigger(s(10));
         let c = sch.trigger(s(20));
@@ -261,7 +269,7 @@ mod tests {
 
     #[test]
     fn slow_checkpoints_expire_and_late_results_are_ignored() {
-        let mut sch = Scheduler::new(settings(), None);
+        let mut sch = Scheduler::new(settings(), 1, None);
         let a = sch.trigger(s(0));
         assert!(sch.expired(s(30)).is_empty());
         assert_eq!(sch.expired(s(31)), vec![a.id]);

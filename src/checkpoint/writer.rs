@@ -1,5 +1,6 @@
 //! The background writer: makes checkpoints durable in sled, one at a time and in order, so
-//! record processing never waits for a write or a flush.
+//! record processing never waits for a write or a flush. It also persists the records of
+//! attempts that failed, in the same order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -7,21 +8,30 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::history::CheckpointRecord;
 use super::protocol::Checkpoint;
-use crate::store::{Store, WriteStats};
+use crate::store::{Store, WriteRequest, WriteStats};
 
 pub struct WriteJob {
     pub checkpoint: Checkpoint,
+    pub record: CheckpointRecord,
+    pub savepoint: Option<String>,
     pub started: Instant,
     /// Set when the checkpoint was abandoned (timeout) before the writer reached it.
     pub abandoned: Arc<AtomicBool>,
+}
+
+pub enum Job {
+    Write(Box<WriteJob>),
+    /// Persist the record of a terminal attempt that did not complete.
+    Record(CheckpointRecord),
 }
 
 #[derive(Debug)]
 pub enum WriteOutcome {
     Durable {
         id: u64,
-        stats: WriteStats,
+        stats: Box<WriteStats>,
         duration: Duration,
     },
     Failed {
@@ -33,17 +43,31 @@ pub enum WriteOutcome {
     },
 }
 
-/// Starts the writer task. Jobs are written in the order they are sent.
+/// Starts the writer task. Jobs are carried out in the order they are sent.
 pub fn spawn(
     store: Arc<Store>,
 ) -> (
-    mpsc::UnboundedSender<WriteJob>,
+    mpsc::UnboundedSender<Job>,
     mpsc::UnboundedReceiver<WriteOutcome>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<WriteJob>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(job) = rx.recv().await {
+            let job = match job {
+                Job::Record(record) => {
+                    let store = store.clone();
+                    let id = record.id;
+                    let result =
+                        tokio::task::spawn_blocking(move || store.record_attempt(&record, true))
+                            .await;
+                    if let Ok(Err(e)) = result {
+                        tracing::warn!(checkpoint_id = id, error = %e, "cannot record the failed attempt in the history");
+                    }
+                    continue;
+                }
+                Job::Write(job) => job,
+            };
             let id = job.checkpoint.id;
             let outcome = if job.abandoned.load(Ordering::SeqCst) {
                 WriteOutcome::Skipped { id }
@@ -51,14 +75,19 @@ pub fn spawn(
                 let store = store.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     store
-                        .write(&job.checkpoint, job.started)
+                        .write(&WriteRequest {
+                            checkpoint: &job.checkpoint,
+                            record: job.record,
+                            savepoint: job.savepoint,
+                            started: job.started,
+                        })
                         .map(|s| (s, job.started.elapsed()))
                 })
                 .await;
                 match result {
                     Ok(Ok((stats, duration))) => WriteOutcome::Durable {
                         id,
-                        stats,
+                        stats: Box::new(stats),
                         duration,
                     },
                     Ok(Err(e)) => WriteOutcome::Failed {

@@ -1,18 +1,27 @@
-//! Admin HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, `/api/checkpoints`.
+//! Admin HTTP server: the operator page at `/`, `/metrics`, `/healthz`, `/readyz`, and the
+//! checkpoint and savepoint API (`api`). Handlers read shared state and the store; requests
+//! that need the processing loop (savepoint, stop) go to it as `Command`s.
 
+mod api;
+pub mod page;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::Deserialize;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::history::History;
 use crate::metrics::Metrics;
+use crate::position::Partition;
+use crate::source::Shared;
+use crate::store::{SavepointMeta, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -24,21 +33,74 @@ pub enum HttpError {
     },
 }
 
+/// Why the processing loop refused or failed a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
+
+/// Requests for the processing loop.
+pub enum Command {
+    /// Take a savepoint now; `None` names it after its checkpoint id.
+    Savepoint {
+        name: Option<String>,
+        reply: Reply<SavepointMeta>,
+    },
+    /// Stop gracefully, after a savepoint if `savepoint` is set (`Some(None)`: default name).
+    Stop {
+        savepoint: Option<Option<String>>,
+        reply: Reply<Option<SavepointMeta>>,
+    },
+}
+
+/// Event-time progress, refreshed by the processing loop about every second.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub watermark: Option<i64>,
+    pub max_event_time: HashMap<Partition, i64>,
+}
+
 /// What the endpoints read; written by the service loop.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub ready_reason: Mutex<String>,
     pub history: Mutex<History>,
+    pub store: Arc<Store>,
+    pub shared: Arc<Shared>,
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub restored_from: String,
+    pub progress: Mutex<Progress>,
 }
 
 impl AdminState {
-    pub fn new(metrics: Arc<Metrics>, history: History) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        history: History,
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedSender<Command>,
+        restored_from: String,
+    ) -> Self {
         AdminState {
             metrics,
             ready: AtomicBool::new(false),
             ready_reason: Mutex::new("starting".to_string()),
             history: Mutex::new(history),
+            store,
+            shared,
+            commands,
+            restored_from,
+            progress: Mutex::new(Progress::default()),
         }
     }
 
@@ -54,17 +116,43 @@ impl AdminState {
         }
     }
 
+    pub fn ready_reason(&self) -> String {
+        self.ready_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
         self.history.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_progress(&self, progress: Progress) {
+        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = progress;
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/checkpoints", get(checkpoints))
+        .route("/api/checkpoints", get(api::checkpoints))
+        .route("/api/checkpoints/{id}", get(api::checkpoint))
+        .route(
+            "/api/savepoints",
+            get(api::savepoints).post(api::trigger_savepoint),
+        )
+        .route("/api/savepoints/{name}", delete(api::delete_savepoint))
+        .route("/api/stop", post(api::stop))
         .with_state(state)
 }
 
@@ -88,11 +176,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    let reason = state
-        .ready_reason
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let reason = state.ready_reason();
     if state.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, format!("ready: {reason}\n")).into_response()
     } else {
@@ -104,13 +188,9 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct Page {
-    limit: Option<usize>,
-}
-
-async fn checkpoints(State(state): State<Arc<AdminState>>, Query(page): Query<Page>) -> Response {
-    let limit = page.limit.unwrap_or(20).min(1000);
-    let recent = state.history().recent(limit);
-    Json(serde_json::json!({ "checkpoints": recent })).into_response()
+async fn index(State(state): State<Arc<AdminState>>) -> Response {
+    match api::page_view(&state).await {
+        Ok(view) => Html(page::render(&view)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }

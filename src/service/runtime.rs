@@ -3,7 +3,7 @@
 //! between them and the I/O tasks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,14 +13,12 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::history::{CheckpointRecord, Status};
-use crate::checkpoint::protocol::meta_of;
-use crate::checkpoint::scheduler::Trigger;
-use crate::checkpoint::writer::{WriteJob, WriteOutcome};
-use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
-use crate::config::Settings;
+use super::lifecycle::SavepointWaiter;
+use crate::checkpoint::writer::{Job, WriteOutcome};
+use crate::checkpoint::{Scheduler, StateSpec};
+use crate::config::{OnCancel, Settings};
 use crate::engine::{Decoder, Engine, Outcome, StateKey};
-use crate::http::AdminState;
+use crate::http::{AdminState, Command, Progress};
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 use crate::sink::Sink;
@@ -32,7 +30,7 @@ const TICK: Duration = Duration::from_millis(50);
 /// Minimum time between two identical consumer-error log lines.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
-fn epoch_ms() -> i64 {
+pub(super) fn epoch_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -40,8 +38,11 @@ fn epoch_ms() -> i64 {
 }
 
 pub(super) struct InFlight {
-    abandoned: Arc<AtomicBool>,
-    positions: Vec<(Partition, NextOffset)>,
+    pub(super) abandoned: Arc<AtomicBool>,
+    pub(super) positions: Vec<(Partition, NextOffset)>,
+    /// The savepoint's name and who waits for it.
+    pub(super) savepoint: Option<(String, SavepointWaiter)>,
+    pub(super) started: Instant,
 }
 
 pub(super) struct Runtime {
@@ -54,7 +55,7 @@ pub(super) struct Runtime {
     pub(super) admin: Arc<AdminState>,
     pub(super) shared: Arc<Shared>,
     pub(super) sink: Sink,
-    pub(super) writer: mpsc::UnboundedSender<WriteJob>,
+    pub(super) writer: mpsc::UnboundedSender<Job>,
     pub(super) in_flight: HashMap<u64, InFlight>,
     pub(super) started: Instant,
     pub(super) assigned: Vec<Partition>,
@@ -65,6 +66,8 @@ pub(super) struct Runtime {
     pub(super) last_durable: Option<u64>,
     /// Assigned partitions whose first record has not arrived yet.
     pub(super) awaiting_first: std::collections::HashSet<Partition>,
+    /// A stop was asked for over HTTP (and its savepoint, if any, is durable).
+    pub(super) stop_requested: bool,
 }
 
 /// Runs the service until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -87,7 +90,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 impl Runtime {
-    fn now(&self) -> Duration {
+    pub(super) fn now(&self) -> Duration {
         self.started.elapsed()
     }
 
@@ -96,6 +99,7 @@ impl Runtime {
         consumer: &Source,
         mut outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
         mut acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
         store: Arc<Store>,
     ) -> anyhow::Result<()> {
         let shutdown = shutdown_signal();
@@ -104,13 +108,20 @@ impl Runtime {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Duration::from_millis(100);
         loop {
+            if self.stop_requested {
+                tracing::info!("stopping: no more records are read; taking a final checkpoint");
+                drop(commands);
+                return self.stop(consumer, outcomes, acks, &store).await;
+            }
             tokio::select! {
                 biased;
                 signal = &mut shutdown => {
                     tracing::info!(signal, "stopping: no more records are read; taking a final checkpoint");
-                    return self.stop(consumer, outcomes, acks).await;
+                    drop(commands);
+                    return self.stop(consumer, outcomes, acks, &store).await;
                 }
                 Some(outcome) = outcomes.recv() => self.on_write_outcome(outcome, consumer)?,
+                Some(command) = commands.recv() => self.on_command(command, &store),
                 Some(ids) = acks.recv() => self.engine.emitted(ids),
                 _ = tick.tick() => self.on_tick(&store)?,
                 msg = consumer.recv() => {
@@ -314,23 +325,9 @@ impl Runtime {
     }
 
     fn on_tick(&mut self, store: &Store) -> anyhow::Result<()> {
-        let now = self.now();
-        for id in self.scheduler.expired(now) {
-            if let Some(f) = self.in_flight.get(&id) {
-                f.abandoned.store(true, Ordering::SeqCst);
-            }
-            let timeout = self.settings.checkpoint.timeout;
-            self.fail(
-                id,
-                &format!(
-                    "abandoned: not durable within checkpoint.timeout ({})",
-                    humantime::format_duration(timeout)
-                ),
-                true,
-            )?;
-        }
-        if self.scheduler.due(now) {
-            self.trigger();
+        self.expire()?;
+        if self.scheduler.due(self.now()) {
+            self.trigger(None);
         }
         if self.shared.broker_error().is_some() != self.broker_down {
             self.refresh_readiness();
@@ -352,167 +349,24 @@ impl Runtime {
         if let Some(wm) = self.engine.watermark() {
             m.watermark.set(wm as f64 / 1000.0);
         }
-        for (p, progress) in self.engine.progress() {
-            if let Some(ts) = progress.max_ts {
+        let mut progress = Progress {
+            watermark: self.engine.watermark(),
+            ..Progress::default()
+        };
+        for (p, partition) in self.engine.progress() {
+            if let Some(ts) = partition.max_ts {
                 m.partition_watermark
                     .with_label_values(&[&p.topic, &p.partition.to_string()])
                     .set(ts);
+                progress.max_event_time.insert(p.clone(), ts);
             }
         }
+        self.admin.set_progress(progress);
         if let Ok(size) = store.size_on_disk() {
             m.store_size.set(size as i64);
         }
-    }
-
-    /// Takes a snapshot and hands it to the writer. Returns the checkpoint id.
-    fn trigger(&mut self) -> u64 {
-        let Trigger { id, base } = self.scheduler.trigger(self.now());
-        let trigger_ms = epoch_ms();
-        let started = Instant::now();
-        let delta = self.engine.snapshot(id, base.is_none());
-        self.metrics
-            .checkpoint_stall
-            .observe(started.elapsed().as_secs_f64());
-        let positions: Vec<(Partition, NextOffset)> = delta
-            .partitions
-            .iter()
-            .filter_map(|p| p.next.map(|n| (p.partition.clone(), n)))
-            .collect();
-        let cp = Checkpoint {
-            id,
-            base,
-            trigger_ms,
-            spec: self.spec.clone(),
-            delta,
-        };
-        let mut record = CheckpointRecord::from_meta(&meta_of(&cp, 0, 0), Status::InProgress);
-        record.duration_ms = None;
-        self.admin.history().push(record);
-        let abandoned = Arc::new(AtomicBool::new(false));
-        self.in_flight.insert(
-            id,
-            InFlight {
-                abandoned: abandoned.clone(),
-                positions,
-            },
-        );
-        if self
-            .writer
-            .send(WriteJob {
-                checkpoint: cp,
-                started,
-                abandoned,
-            })
-            .is_err()
-        {
-            tracing::error!(checkpoint_id = id, "checkpoint writer is gone");
-        }
-        self.metrics
-            .checkpoints_in_flight
-            .set(self.scheduler.in_flight() as i64);
-        id
-    }
-
-    fn fail(&mut self, id: u64, reason: &str, abandoned: bool) -> anyhow::Result<()> {
-        let now = self.now();
-        match self.scheduler.failed(id, now, reason) {
-            Ok(false) => Ok(()),
-            Ok(true) => {
-                self.in_flight.remove(&id);
-                self.engine.checkpoint_failed(id);
-                self.metrics.checkpoint_failures.inc();
-                self.admin.history().update(id, |r| {
-                    r.status = if abandoned {
-                        Status::Abandoned
-                    } else {
-                        Status::Failed
-                    };
-                    r.failure = Some(reason.to_string());
-                });
-                tracing::warn!(
-                    checkpoint_id = id,
-                    reason,
-                    "checkpoint failed; the next one is a full snapshot"
-                );
-                Ok(())
-            }
-            Err(too_many) => {
-                self.metrics.checkpoint_failures.inc();
-                self.admin.history().update(id, |r| {
-                    r.status = Status::Failed;
-                    r.failure = Some(reason.to_string());
-                });
-                bail!(
-                    "{too_many}; stopping. The last good checkpoint ({}) is intact in {}",
-                    self.last_durable
-                        .map_or("none".to_string(), |i| i.to_string()),
-                    self.settings.checkpoint.dir.display()
-                )
-            }
-        }
-    }
-
-    fn on_write_outcome(&mut self, outcome: WriteOutcome, consumer: &Source) -> anyhow::Result<()> {
-        match outcome {
-            WriteOutcome::Durable {
-                id,
-                stats,
-                duration,
-            } => {
-                if !self.scheduler.completed(id, self.now()) {
-                    tracing::info!(
-                        checkpoint_id = id,
-                        "abandoned checkpoint was written after its timeout; it is ignored"
-                    );
-                    return Ok(());
-                }
-                self.last_durable = Some(id);
-                let flight = self.in_flight.remove(&id);
-                self.engine.checkpoint_completed(id);
-                let ready = self.engine.take_emittable();
-                let released = ready.len();
-                self.sink.emit(ready);
-                let m = &self.metrics;
-                m.checkpoint_duration.observe(duration.as_secs_f64());
-                m.checkpoint_size.set(stats.bytes as i64);
-                m.checkpoint_last_id.set(id as i64);
-                m.checkpoint_last_time.set(epoch_ms() as f64 / 1000.0);
-                m.checkpoints_completed.inc();
-                m.checkpoints_in_flight
-                    .set(self.scheduler.in_flight() as i64);
-                self.admin.history().update(id, |r| {
-                    r.status = Status::Completed;
-                    r.duration_ms = Some(duration.as_millis() as u64);
-                    r.bytes = Some(stats.bytes);
-                });
-                tracing::info!(
-                    checkpoint_id = id,
-                    duration_ms = duration.as_millis() as u64,
-                    write_ms = stats.write.as_millis() as u64,
-                    flush_ms = stats.flush.as_millis() as u64,
-                    bytes = stats.bytes,
-                    released_windows = released,
-                    "checkpoint completed"
-                );
-                if let Some(f) = flight {
-                    // only members can commit, and only for what they own
-                    let owned: Vec<(Partition, NextOffset)> = f
-                        .positions
-                        .into_iter()
-                        .filter(|(p, _)| self.assigned.contains(p))
-                        .collect();
-                    source::commit(consumer, &owned);
-                }
-                Ok(())
-            }
-            WriteOutcome::Failed { id, reason } => self.fail(id, &reason, false),
-            WriteOutcome::Skipped { id } => {
-                tracing::debug!(
-                    checkpoint_id = id,
-                    "abandoned checkpoint skipped by the writer"
-                );
-                Ok(())
-            }
+        if let Ok(ids) = store.checkpoint_ids() {
+            m.checkpoints_retained.set(ids.len() as i64);
         }
     }
 
@@ -523,6 +377,7 @@ impl Runtime {
         consumer: &Source,
         mut outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
         mut acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
+        store: &Store,
     ) -> anyhow::Result<()> {
         self.admin.set_ready(false, "stopping");
         let deadline = tokio::time::Instant::now() + self.settings.checkpoint.shutdown_timeout;
@@ -533,11 +388,16 @@ impl Runtime {
             if self.scheduler.in_flight() == 0 {
                 let done = final_id.is_some_and(|id| self.last_durable == Some(id));
                 if done && self.engine.pending_emissions() == 0 && !self.engine.has_changes() {
-                    tracing::info!(checkpoint_id = ?self.last_durable, "stopped cleanly; the next start resumes here and replays nothing");
+                    if self.settings.checkpoint.on_cancel == OnCancel::Delete {
+                        let deleted = store.delete_checkpoints()?;
+                        tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");
+                    } else {
+                        tracing::info!(checkpoint_id = ?self.last_durable, "stopped cleanly; the next start resumes here and replays nothing");
+                    }
                     return Ok(());
                 }
                 if !done || self.engine.pending_emissions() == 0 {
-                    final_id = Some(self.trigger());
+                    final_id = Some(self.trigger(None));
                 }
             }
             tokio::select! {

@@ -55,6 +55,7 @@ pub struct Shared {
     events: Mutex<Vec<Rebalance>>,
     assigned: Mutex<Vec<Partition>>,
     broker_error: Mutex<Option<String>>,
+    lags: Mutex<HashMap<Partition, i64>>,
 }
 
 impl Shared {
@@ -95,6 +96,27 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Assigned partitions with their next offset and last measured lag.
+    pub fn partitions(&self) -> Vec<(Partition, Option<NextOffset>, Option<i64>)> {
+        let positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let lags = self.lags.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<_> = self
+            .assigned()
+            .into_iter()
+            .map(|p| {
+                let next = positions.get(&p).copied();
+                let lag = lags.get(&p).copied();
+                (p, next, lag)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     pub fn take_events(&self) -> Vec<Rebalance> {
@@ -371,7 +393,10 @@ pub fn spawn_lag_monitor(
                         tracing::info!("brokers reachable again");
                         shared.set_broker_error(None);
                     }
+                    let mut known = shared.lags.lock().unwrap_or_else(PoisonError::into_inner);
+                    known.clear();
                     for (p, lag) in lags {
+                        known.insert(p.clone(), lag);
                         metrics
                             .consumer_lag
                             .with_label_values(&[&p.topic, &p.partition.to_string()])

@@ -1,15 +1,34 @@
 //! Byte layout of the store. Fixed-width big-endian integers so that keys sort by window,
-//! then start time, then key; signed values have their sign bit flipped to sort correctly.
+//! then start time, then key, then checkpoint id; signed values have their sign bit flipped to
+//! sort correctly. Every value is sealed with a CRC-32 so that a damaged one is detected, not
+//! decoded into wrong state.
 
 use crate::engine::StateKey;
 
-pub const STATE_PREFIX: &[u8] = b"state/";
+/// `ver/<state key><checkpoint id>` -> the entry as of that checkpoint, or a tombstone.
+pub const VERSION_PREFIX: &[u8] = b"ver/";
+/// `gc/<id><version key>`: the version becomes garbage once checkpoint `id` is the oldest
+/// retained one.
+pub const GC_PREFIX: &[u8] = b"gc/";
+/// `cp/<id>` -> metadata of a complete, restorable checkpoint.
+pub const CHECKPOINT_PREFIX: &[u8] = b"cp/";
+/// `hist/<id>` -> the record of an attempt (completed, failed or abandoned).
 pub const HISTORY_PREFIX: &[u8] = b"hist/";
-pub const META_CURRENT: &[u8] = b"meta/current";
+/// `spm/<name>` -> savepoint metadata; `spe/<name>/<state key>` -> its entries.
+pub const SAVEPOINT_META_PREFIX: &[u8] = b"spm/";
+pub const SAVEPOINT_ENTRY_PREFIX: &[u8] = b"spe/";
+/// Id of the newest checkpoint written: the one a delta must build on.
+pub const META_HEAD: &[u8] = b"meta/head";
 pub const META_VERSION: &[u8] = b"meta/version";
 
+/// Layout of format version 1, read only to migrate it.
+pub mod v1 {
+    pub const STATE_PREFIX: &[u8] = b"state/";
+    pub const META_CURRENT: &[u8] = b"meta/current";
+}
+
 /// Version of everything this build writes. Bump with a migration when the layout changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 fn i64_sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
@@ -19,35 +38,112 @@ fn i64_from_sortable(b: [u8; 8]) -> i64 {
     (u64::from_be_bytes(b) ^ (1 << 63)) as i64
 }
 
-pub fn state_key(k: &StateKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(STATE_PREFIX.len() + 10 + k.key.len());
-    out.extend_from_slice(STATE_PREFIX);
+fn u64_at(raw: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = raw.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+/// The state key alone, length-prefixed so that a key is never a prefix of another.
+pub fn encode_state_key(k: &StateKey, out: &mut Vec<u8>) {
     out.extend_from_slice(&k.window.to_be_bytes());
     out.extend_from_slice(&i64_sortable(k.start));
+    out.extend_from_slice(&(k.key.len() as u32).to_be_bytes());
     out.extend_from_slice(k.key.as_bytes());
+}
+
+/// Decodes a state key at the start of `raw`; returns it and the bytes that follow.
+pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
+    let window = u16::from_be_bytes(raw.get(0..2)?.try_into().ok()?);
+    let start = i64_from_sortable(raw.get(2..10)?.try_into().ok()?);
+    let len = u32::from_be_bytes(raw.get(10..14)?.try_into().ok()?) as usize;
+    let key = std::str::from_utf8(raw.get(14..14 + len)?)
+        .ok()?
+        .to_string();
+    Some((StateKey { window, start, key }, &raw[14 + len..]))
+}
+
+pub fn version_prefix(k: &StateKey) -> Vec<u8> {
+    let mut out = VERSION_PREFIX.to_vec();
+    encode_state_key(k, &mut out);
     out
 }
 
-pub fn decode_state_key(raw: &[u8]) -> Option<StateKey> {
-    let rest = raw.strip_prefix(STATE_PREFIX)?;
-    if rest.len() < 10 {
-        return None;
-    }
-    let window = u16::from_be_bytes([rest[0], rest[1]]);
-    let mut start = [0u8; 8];
-    start.copy_from_slice(&rest[2..10]);
-    let key = std::str::from_utf8(&rest[10..]).ok()?.to_string();
-    Some(StateKey {
-        window,
-        start: i64_from_sortable(start),
-        key,
-    })
-}
-
-pub fn history_key(id: u64) -> Vec<u8> {
-    let mut out = HISTORY_PREFIX.to_vec();
+pub fn version_key(k: &StateKey, id: u64) -> Vec<u8> {
+    let mut out = version_prefix(k);
     out.extend_from_slice(&id.to_be_bytes());
     out
+}
+
+pub fn decode_version_key(raw: &[u8]) -> Option<(StateKey, u64)> {
+    let (k, rest) = decode_state_key(raw.strip_prefix(VERSION_PREFIX)?)?;
+    (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (k, id)))?
+}
+
+pub fn gc_key(id: u64, version_key: &[u8]) -> Vec<u8> {
+    let mut out = GC_PREFIX.to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(version_key);
+    out
+}
+
+/// The id and version key of a `gc/` key.
+pub fn decode_gc_key(raw: &[u8]) -> Option<(u64, &[u8])> {
+    let rest = raw.strip_prefix(GC_PREFIX)?;
+    Some((u64_at(rest, 0)?, rest.get(8..)?))
+}
+
+pub fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut out = prefix.to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+pub fn decode_id_key(prefix: &[u8], raw: &[u8]) -> Option<u64> {
+    let rest = raw.strip_prefix(prefix)?;
+    (rest.len() == 8).then(|| u64_at(rest, 0))?
+}
+
+pub fn savepoint_meta_key(name: &str) -> Vec<u8> {
+    let mut out = SAVEPOINT_META_PREFIX.to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+pub fn savepoint_entries_prefix(name: &str) -> Vec<u8> {
+    let mut out = SAVEPOINT_ENTRY_PREFIX.to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'/');
+    out
+}
+
+pub fn savepoint_entry_key(name: &str, k: &StateKey) -> Vec<u8> {
+    let mut out = savepoint_entries_prefix(name);
+    encode_state_key(k, &mut out);
+    out
+}
+
+/// CRC-32 of the payload, then the payload.
+pub fn seal(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The payload of a sealed value, if its checksum matches.
+pub fn unseal(raw: &[u8]) -> Option<&[u8]> {
+    let crc = u32::from_be_bytes(raw.get(0..4)?.try_into().ok()?);
+    let payload = &raw[4..];
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// v1 state keys: window, start, then the key bytes to the end.
+pub fn decode_v1_state_key(raw: &[u8]) -> Option<StateKey> {
+    let rest = raw.strip_prefix(v1::STATE_PREFIX)?;
+    let window = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
+    let start = i64_from_sortable(rest.get(2..10)?.try_into().ok()?);
+    let key = std::str::from_utf8(rest.get(10..)?).ok()?.to_string();
+    Some(StateKey { window, start, key })
 }
 
 #[cfg(test)]
@@ -57,16 +153,33 @@ mod tests {
 
     proptest! {
         #[test]
-        fn state_keys_round_trip(window in any::<u16>(), start in any::<i64>(), key in ".*") {
+        fn version_keys_round_trip(window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
             let k = StateKey { window, start, key };
-            prop_assert_eq!(decode_state_key(&state_key(&k)), Some(k));
+            prop_assert_eq!(decode_version_key(&version_key(&k, id)), Some((k, id)));
         }
 
         #[test]
-        fn encoded_keys_sort_like_state_keys(a in any::<i64>(), b in any::<i64>()) {
+        fn versions_of_one_key_sort_by_id_and_keys_by_start(a in any::<i64>(), b in any::<i64>(), i in any::<u64>(), j in any::<u64>()) {
             let ka = StateKey { window: 1, start: a, key: "k".into() };
             let kb = StateKey { window: 1, start: b, key: "k".into() };
-            prop_assert_eq!(state_key(&ka).cmp(&state_key(&kb)), a.cmp(&b));
+            prop_assert_eq!(version_key(&ka, i).cmp(&version_key(&kb, j)), (a, i).cmp(&(b, j)));
+        }
+
+        #[test]
+        fn no_key_prefixes_another_keys_versions(a in "[a-c]{0,4}", b in "[a-c]{0,4}") {
+            prop_assume!(a != b);
+            let ka = StateKey { window: 0, start: 0, key: a };
+            let kb = StateKey { window: 0, start: 0, key: b };
+            prop_assert!(!version_key(&kb, 7).starts_with(&version_prefix(&ka)));
+        }
+
+        #[test]
+        fn sealed_values_detect_any_flipped_byte(payload in proptest::collection::vec(any::<u8>(), 1..64), at in any::<usize>(), bit in 0u8..8) {
+            let mut sealed = seal(&payload);
+            prop_assert_eq!(unseal(&sealed), Some(payload.as_slice()));
+            let i = at % sealed.len();
+            sealed[i] ^= 1 << bit;
+            prop_assert_eq!(unseal(&sealed), None);
         }
     }
 }

@@ -1,27 +1,33 @@
-//! The sled store: one tree, key prefixes, and one atomic batch per checkpoint followed by a
-//! flush. A checkpoint is complete only once the flush returned.
+//! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
+//! followed by a flush. A checkpoint is complete only once the flush returned.
+//!
+//! State is kept as versions: every checkpoint writes the entries it changed under its own id,
+//! so each retained checkpoint can be restored exactly (`versions`). Savepoints are full copies
+//! that retention never touches (`savepoints`); `portable` is their export file format.
 
 mod codec;
+mod migrate;
+pub mod portable;
+mod savepoints;
+mod versions;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::checkpoint::protocol::{
-    check_applicable, meta_of, ApplyError, Checkpoint, CheckpointMeta,
-};
-use crate::engine::{Entry, RestoredState};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::checkpoint::history::CheckpointRecord;
+use crate::checkpoint::protocol::{ApplyError, CheckpointMeta};
 pub use codec::FORMAT_VERSION;
 use codec::{
-    decode_state_key, history_key, state_key, HISTORY_PREFIX, META_CURRENT, META_VERSION,
-    STATE_PREFIX,
+    decode_id_key, id_key, seal, unseal, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD, META_VERSION,
 };
-
-/// How many completed checkpoints the store remembers for `/api/checkpoints`.
-const HISTORY_KEEP: u64 = 100;
+pub use savepoints::SavepointMeta;
+pub use versions::{Unreadable, WriteRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("checkpoint directory {path} is in use by another checkpointer process (sled lock held); stop it or point checkpoint.dir elsewhere")]
+    #[error("checkpoint directory {path} is in use by another checkpointer process (sled lock held); stop it, or use the running instance's HTTP API")]
     Locked { path: PathBuf },
     #[error("cannot open checkpoint store at {path}: {source}")]
     Open {
@@ -29,7 +35,9 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
-    #[error("checkpoint store at {path} has format version {found}; this build reads version {supported} only")]
+    #[error("no checkpoint store at {path}")]
+    Missing { path: PathBuf },
+    #[error("checkpoint store at {path} has format version {found}; this build reads versions up to {supported}")]
     UnsupportedFormat {
         path: PathBuf,
         found: u32,
@@ -45,36 +53,91 @@ pub enum StoreError {
     },
     #[error("corrupted checkpoint store at {path}: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Unreadable(#[from] Unreadable),
     #[error("cannot encode checkpoint {checkpoint_id}: {source}")]
     Encode {
         checkpoint_id: u64,
         #[source]
         source: postcard::Error,
     },
+    #[error("checkpoint {checkpoint_id} is not retained in {path}")]
+    NoSuchCheckpoint { checkpoint_id: u64, path: PathBuf },
+    #[error("no savepoint named {name:?} in {path}")]
+    NoSuchSavepoint { name: String, path: PathBuf },
+    #[error("a savepoint named {name:?} already exists in {path}")]
+    SavepointExists { name: String, path: PathBuf },
 }
 
 /// Timings and size of one durable checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WriteStats {
     pub bytes: u64,
     pub write: Duration,
     pub flush: Duration,
+    /// The savepoint made from this checkpoint, if one was asked for.
+    pub savepoint: Option<SavepointMeta>,
+}
+
+/// A complete checkpoint the store can restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retained {
+    pub meta: CheckpointMeta,
+    /// Entries its state holds; checked on restore.
+    pub live_entries: u64,
+}
+
+/// How much the store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Complete checkpoints kept restorable.
+    pub checkpoints: usize,
+    /// Attempt records kept in the history.
+    pub history: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            checkpoints: 3,
+            history: 1000,
+        }
+    }
 }
 
 pub struct Store {
     path: PathBuf,
     db: sled::Db,
     tree: sled::Tree,
+    retention: Retention,
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`. Fails fast with `Locked` if another process
-    /// holds it.
+    /// Opens (or creates) the store at `path`, migrating an older layout. Fails fast with
+    /// `Locked` if another process holds it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             source: sled::Error::Io(e),
         })?;
+        let store = Self::open_existing_dir(path)?;
+        store.check_version()?;
+        Ok(store)
+    }
+
+    /// Opens a store that must already exist (offline commands): never creates one.
+    pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
+        if !path.join("conf").exists() && !path.join("db").exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let store = Self::open_existing_dir(path)?;
+        store.check_version()?;
+        Ok(store)
+    }
+
+    fn open_existing_dir(path: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(None)
@@ -91,13 +154,17 @@ impl Store {
                 },
             })?;
         let tree = db.open_tree("checkpoints")?;
-        let store = Store {
+        Ok(Store {
             path: path.to_path_buf(),
             db,
             tree,
-        };
-        store.check_version()?;
-        Ok(store)
+            retention: Retention::default(),
+        })
+    }
+
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
     }
 
     fn check_version(&self) -> Result<(), StoreError> {
@@ -106,12 +173,16 @@ impl Store {
                 let found = <[u8; 4]>::try_from(raw.as_ref())
                     .map(u32::from_be_bytes)
                     .map_err(|_| self.corrupt("format version key is malformed"))?;
-                if found != FORMAT_VERSION {
-                    return Err(StoreError::UnsupportedFormat {
-                        path: self.path.clone(),
-                        found,
-                        supported: FORMAT_VERSION,
-                    });
+                match found {
+                    FORMAT_VERSION => {}
+                    1 => migrate::from_v1(self)?,
+                    _ => {
+                        return Err(StoreError::UnsupportedFormat {
+                            path: self.path.clone(),
+                            found,
+                            supported: FORMAT_VERSION,
+                        })
+                    }
                 }
             }
             None => {
@@ -130,124 +201,151 @@ impl Store {
         }
     }
 
+    /// Decodes a sealed value; `what` names it in the error.
+    fn decode<T: DeserializeOwned>(&self, raw: &[u8], what: &str) -> Result<T, StoreError> {
+        let payload =
+            unseal(raw).ok_or_else(|| self.corrupt(format!("{what}: checksum mismatch")))?;
+        postcard::from_bytes(payload).map_err(|e| self.corrupt(format!("{what}: {e}")))
+    }
+
+    fn encode<T: Serialize>(value: &T, checkpoint_id: u64) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value)
+            .map(|payload| seal(&payload))
+            .map_err(|source| StoreError::Encode {
+                checkpoint_id,
+                source,
+            })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The latest complete checkpoint's metadata.
-    pub fn current(&self) -> Result<Option<CheckpointMeta>, StoreError> {
-        match self.tree.get(META_CURRENT)? {
+    /// Id of the newest checkpoint written, which the next delta must build on.
+    pub fn head(&self) -> Result<Option<u64>, StoreError> {
+        match self.tree.get(META_HEAD)? {
             None => Ok(None),
-            Some(raw) => postcard::from_bytes(&raw)
-                .map(Some)
-                .map_err(|e| self.corrupt(format!("current checkpoint metadata: {e}"))),
+            Some(raw) => <[u8; 8]>::try_from(raw.as_ref())
+                .map(|b| Some(u64::from_be_bytes(b)))
+                .map_err(|_| self.corrupt("head checkpoint id is malformed")),
         }
     }
 
-    /// Loads the latest complete checkpoint.
-    pub fn load(&self) -> Result<Option<(CheckpointMeta, RestoredState)>, StoreError> {
-        let Some(meta) = self.current()? else {
-            return Ok(None);
+    /// The first id not used by any checkpoint, attempt or head: ids are never reused, even
+    /// after the checkpoints were deleted.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        let last = |prefix: &[u8]| -> Result<u64, StoreError> {
+            Ok(match self.tree.scan_prefix(prefix).keys().next_back() {
+                Some(k) => decode_id_key(prefix, &k?).unwrap_or(0),
+                None => 0,
+            })
         };
-        let mut entries = Vec::new();
-        for item in self.tree.scan_prefix(STATE_PREFIX) {
-            let (k, v) = item?;
-            let key = decode_state_key(&k)
-                .ok_or_else(|| self.corrupt(format!("undecodable state key {:?}", k.as_ref())))?;
-            let entry: Entry = postcard::from_bytes(&v)
-                .map_err(|e| self.corrupt(format!("state entry {key:?}: {e}")))?;
-            entries.push((key, entry));
-        }
-        let restored = RestoredState {
-            partitions: meta.partitions.clone(),
-            watermark: meta.watermark,
-            entries,
-        };
-        Ok(Some((meta, restored)))
+        let max = last(CHECKPOINT_PREFIX)?
+            .max(last(HISTORY_PREFIX)?)
+            .max(self.head()?.unwrap_or(0));
+        Ok(max + 1)
     }
 
-    /// Applies `cp` as one atomic batch and flushes it. `started` is when it was triggered
-    /// (its duration runs from there to the end of the flush).
-    pub fn write(&self, cp: &Checkpoint, started: Instant) -> Result<WriteStats, StoreError> {
-        let current = self.current()?;
-        check_applicable(current.as_ref(), cp).map_err(|source| StoreError::Apply {
-            checkpoint_id: cp.id,
-            source,
-        })?;
-        let t0 = Instant::now();
-        let encode_err = |source| StoreError::Encode {
-            checkpoint_id: cp.id,
-            source,
-        };
-        let mut batch = sled::Batch::default();
-        let mut bytes: u64 = 0;
-        if cp.delta.full {
-            for item in self.tree.scan_prefix(STATE_PREFIX).keys() {
-                batch.remove(item?);
+    /// Ids of the retained checkpoints, oldest first.
+    pub fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(CHECKPOINT_PREFIX).keys() {
+            if let Some(id) = decode_id_key(CHECKPOINT_PREFIX, &k?) {
+                out.push(id);
             }
         }
-        for key in &cp.delta.deletes {
-            let k = state_key(key);
-            bytes += k.len() as u64;
-            batch.remove(k);
-        }
-        for (key, entry) in &cp.delta.upserts {
-            let k = state_key(key);
-            let v = postcard::to_stdvec(entry).map_err(encode_err)?;
-            bytes += (k.len() + v.len()) as u64;
-            batch.insert(k, v);
-        }
-        // the duration is only known after the flush: recorded as trigger-to-write here and
-        // corrected below, once durable. The bytes are exact.
-        let provisional = meta_of(cp, started.elapsed().as_millis() as u64, bytes);
-        let meta_raw = postcard::to_stdvec(&provisional).map_err(encode_err)?;
-        bytes += meta_raw.len() as u64;
-        batch.insert(META_CURRENT, meta_raw.clone());
-        batch.insert(history_key(cp.id), meta_raw);
-        if cp.id > HISTORY_KEEP {
-            batch.remove(history_key(cp.id - HISTORY_KEEP));
-        }
-        self.tree.apply_batch(batch)?;
-        let write = t0.elapsed();
-        let t1 = Instant::now();
-        self.db.flush()?;
-        let mut done = provisional;
-        done.duration_ms = started.elapsed().as_millis() as u64;
-        // metadata only, made durable by the next checkpoint's flush; the checkpoint is
-        // durable already, so a failure here is logged, not reported as a failed checkpoint
-        let rewrite = postcard::to_stdvec(&done)
-            .map_err(encode_err)
-            .and_then(|raw| {
-                self.tree.insert(META_CURRENT, raw.clone())?;
-                self.tree.insert(history_key(cp.id), raw)?;
-                Ok(())
-            });
-        if let Err(e) = rewrite {
-            tracing::warn!(checkpoint_id = cp.id, error = %e, "cannot record the final duration of a durable checkpoint");
-        }
-        Ok(WriteStats {
-            bytes,
-            write,
-            flush: t1.elapsed(),
-        })
+        Ok(out)
     }
 
-    /// Completed checkpoints, newest first, at most `limit`.
-    pub fn history(&self, limit: usize) -> Result<Vec<CheckpointMeta>, StoreError> {
+    /// Retained checkpoints, oldest first.
+    pub fn retained(&self) -> Result<Vec<Retained>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(HISTORY_PREFIX).rev().take(limit) {
-            let (_, v) = item?;
-            out.push(
-                postcard::from_bytes(&v)
-                    .map_err(|e| self.corrupt(format!("history entry: {e}")))?,
-            );
+        for item in self.tree.scan_prefix(CHECKPOINT_PREFIX) {
+            let (k, v) = item?;
+            let id = decode_id_key(CHECKPOINT_PREFIX, &k).unwrap_or(0);
+            out.push(self.decode(&v, &format!("metadata of checkpoint {id}"))?);
         }
         Ok(out)
+    }
+
+    /// A retained checkpoint's metadata.
+    pub fn checkpoint(&self, id: u64) -> Result<Retained, StoreError> {
+        match self.tree.get(id_key(CHECKPOINT_PREFIX, id))? {
+            Some(raw) => self.decode(&raw, &format!("metadata of checkpoint {id}")),
+            None => Err(StoreError::NoSuchCheckpoint {
+                checkpoint_id: id,
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    /// The newest retained checkpoint's metadata.
+    pub fn current(&self) -> Result<Option<CheckpointMeta>, StoreError> {
+        match self
+            .tree
+            .scan_prefix(CHECKPOINT_PREFIX)
+            .values()
+            .next_back()
+        {
+            None => Ok(None),
+            Some(raw) => Ok(Some(
+                self.decode::<Retained>(&raw?, "newest checkpoint")?.meta,
+            )),
+        }
+    }
+
+    /// Records an attempt (failed, abandoned, or a correction) in the history. Durable at the
+    /// next flush; flushed now when `flush`.
+    pub fn record_attempt(&self, record: &CheckpointRecord, flush: bool) -> Result<(), StoreError> {
+        let raw = Self::encode(record, record.id)?;
+        self.tree.insert(id_key(HISTORY_PREFIX, record.id), raw)?;
+        if flush {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Attempt records with ids below `before` (all if `None`), newest first, at most `limit`.
+    pub fn history(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let start = id_key(HISTORY_PREFIX, 0);
+        let end = match before {
+            Some(b) => id_key(HISTORY_PREFIX, b),
+            None => {
+                let mut e = HISTORY_PREFIX.to_vec();
+                e.push(0xff);
+                e
+            }
+        };
+        let mut out = Vec::new();
+        for item in self.tree.range(start..end).rev().take(limit) {
+            let (k, v) = item?;
+            let id = decode_id_key(HISTORY_PREFIX, &k).unwrap_or(0);
+            out.push(self.decode(&v, &format!("history record {id}"))?);
+        }
+        Ok(out)
+    }
+
+    /// One attempt record.
+    pub fn attempt(&self, id: u64) -> Result<Option<CheckpointRecord>, StoreError> {
+        match self.tree.get(id_key(HISTORY_PREFIX, id))? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(self.decode(&raw, &format!("history record {id}"))?)),
+        }
     }
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,13 @@
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use proptest::prelude::*;
+
+use super::portable::{self, Portable};
 use super::*;
-use crate::checkpoint::protocol::MaterializedState;
-use crate::engine::{Acc, EntryStatus, PartitionState, StateDelta, StateKey};
+use crate::checkpoint::history::{CheckpointRecord, Status};
+use crate::checkpoint::protocol::{meta_of, Checkpoint, MaterializedState};
+use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateDelta, StateKey};
 use crate::position::{NextOffset, Partition};
 
 fn key(window: u16, start: i64, k: &str) -> StateKey {
@@ -47,10 +54,31 @@ fn cp(
     }
 }
 
-#[test]
-fn checkpoints_survive_reopen_and_equal_the_protocol_model() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cps = vec![
+fn write(store: &Store, c: &Checkpoint, savepoint: Option<&str>) -> Result<WriteStats, StoreError> {
+    store.write(&WriteRequest {
+        checkpoint: c,
+        record: CheckpointRecord::from_meta(&meta_of(c, 0, 0), Status::InProgress),
+        savepoint: savepoint.map(String::from),
+        started: Instant::now(),
+    })
+}
+
+fn sorted(mut v: Vec<(StateKey, Entry)>) -> Vec<(StateKey, Entry)> {
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn open(dir: &tempfile::TempDir, retained: usize) -> Store {
+    Store::open(dir.path())
+        .expect("open")
+        .with_retention(Retention {
+            checkpoints: retained,
+            history: 1000,
+        })
+}
+
+fn sample() -> Vec<Checkpoint> {
+    vec![
         cp(
             1,
             None,
@@ -74,91 +102,100 @@ fn checkpoints_survive_reopen_and_equal_the_protocol_model() {
             20,
         ),
         cp(3, Some(2), false, vec![], vec![key(0, 0, "a")], 30),
-    ];
+    ]
+}
+
+#[test]
+fn every_retained_checkpoint_restores_exactly_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut models = BTreeMap::new();
     let mut model = MaterializedState::default();
     {
-        let store = Store::open(dir.path()).expect("open");
-        for c in &cps {
-            let stats = store.write(c, Instant::now()).expect("write");
-            assert!(stats.bytes > 0);
+        let store = open(&dir, 3);
+        for c in &sample() {
+            assert!(write(&store, c, None).expect("write").bytes > 0);
             model.apply(c, 0, 0).expect("model");
+            models.insert(c.id, model.restored());
         }
     }
-    let store = Store::open(dir.path()).expect("reopen");
-    let (meta, restored) = store.load().expect("load").expect("has checkpoint");
-    assert_eq!(meta.id, 3);
-    assert_eq!(meta.partitions[0].next, Some(NextOffset(30)));
-    assert_eq!(meta.watermark, Some(42));
-    let mut got = restored.entries.clone();
-    got.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(got, model.restored().entries);
-    assert_eq!(got.len(), 1);
-    assert_eq!(
-        store
-            .history(10)
-            .expect("history")
-            .iter()
-            .map(|m| m.id)
-            .collect::<Vec<_>>(),
-        vec![3, 2, 1]
-    );
+    let store = open(&dir, 3);
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1, 2, 3]);
+    for (id, want) in models {
+        let (meta, got) = store.load_checkpoint(id).expect("load");
+        assert_eq!(meta.id, id);
+        assert_eq!(meta.partitions[0].next, Some(NextOffset(id as i64 * 10)));
+        assert_eq!(sorted(got.entries), want.entries, "checkpoint {id}");
+    }
+    let ids: Vec<u64> = store
+        .history(None, 10)
+        .expect("history")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, vec![3, 2, 1]);
+    assert_eq!(store.next_id().expect("next"), 4);
+}
+
+#[test]
+fn retention_keeps_the_newest_n_and_reclaims_what_only_older_ones_needed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 1);
+    for c in &sample() {
+        write(&store, c, None).expect("write");
+        assert_eq!(store.checkpoint_ids().expect("ids"), vec![c.id]);
+    }
+    // checkpoint 3 holds only c/d: the superseded versions and tombstones are gone
+    assert_eq!(store.version_count(), 1);
+    let (_, got) = store.load_checkpoint(3).expect("load");
+    assert_eq!(got.entries.len(), 1);
+    assert!(matches!(
+        store.load_checkpoint(2),
+        Err(StoreError::NoSuchCheckpoint {
+            checkpoint_id: 2,
+            ..
+        })
+    ));
 }
 
 #[test]
 fn full_checkpoint_drops_entries_it_does_not_list() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
-    store
-        .write(
-            &cp(
-                1,
-                None,
-                true,
-                vec![(key(0, 0, "a"), entry(EntryStatus::Open, 1.0))],
-                vec![],
-                1,
-            ),
-            Instant::now(),
-        )
-        .expect("write");
-    store
-        .write(
-            &cp(
-                2,
-                None,
-                true,
-                vec![(key(0, 0, "z"), entry(EntryStatus::Open, 1.0))],
-                vec![],
-                2,
-            ),
-            Instant::now(),
-        )
-        .expect("write");
-    let (_, restored) = store.load().expect("load").expect("some");
+    let store = open(&dir, 2);
+    let a = vec![(key(0, 0, "a"), entry(EntryStatus::Open, 1.0))];
+    let z = vec![(key(0, 0, "z"), entry(EntryStatus::Open, 1.0))];
+    write(&store, &cp(1, None, true, a, vec![], 1), None).expect("write");
+    write(&store, &cp(2, None, true, z, vec![], 2), None).expect("write");
+    let (_, restored) = store.load_checkpoint(2).expect("load");
     assert_eq!(restored.entries.len(), 1);
     assert_eq!(restored.entries[0].0.key, "z");
+    let (_, older) = store.load_checkpoint(1).expect("load");
+    assert_eq!(older.entries[0].0.key, "a", "the older one is intact");
+}
+
+#[test]
+fn a_full_checkpoint_after_restoring_an_older_one_starts_a_new_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 5);
+    for c in &sample() {
+        write(&store, c, None).expect("write");
+    }
+    // restored checkpoint 1 (offset 10), processed a little: offsets below checkpoint 3's
+    let (_, one) = store.load_checkpoint(1).expect("load");
+    let mut up = one.entries.clone();
+    up.push((key(0, 5, "new"), entry(EntryStatus::Open, 9.0)));
+    write(&store, &cp(4, None, true, up.clone(), vec![], 12), None).expect("new line");
+    let (meta, four) = store.load_checkpoint(4).expect("load");
+    assert_eq!(meta.partitions[0].next, Some(NextOffset(12)));
+    assert_eq!(sorted(four.entries), sorted(up));
 }
 
 #[test]
 fn a_delta_on_the_wrong_base_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
-    store
-        .write(&cp(1, None, true, vec![], vec![], 1), Instant::now())
-        .expect("write");
-    let err = store
-        .write(
-            &cp(
-                3,
-                Some(2),
-                false,
-                vec![(key(0, 0, "a"), entry(EntryStatus::Open, 1.0))],
-                vec![],
-                5,
-            ),
-            Instant::now(),
-        )
-        .expect_err("wrong base");
+    let store = open(&dir, 3);
+    write(&store, &cp(1, None, true, vec![], vec![], 1), None).expect("write");
+    let up = vec![(key(0, 0, "a"), entry(EntryStatus::Open, 1.0))];
+    let err = write(&store, &cp(3, Some(2), false, up, vec![], 5), None).expect_err("wrong base");
     assert!(
         matches!(
             err,
@@ -169,9 +206,182 @@ fn a_delta_on_the_wrong_base_changes_nothing() {
         ),
         "{err}"
     );
-    let (meta, restored) = store.load().expect("load").expect("some");
-    assert_eq!(meta.id, 1);
-    assert!(restored.entries.is_empty());
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1]);
+    assert_eq!(store.head().expect("head"), Some(1));
+    assert_eq!(store.version_count(), 0);
+}
+
+#[test]
+fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    for c in &sample() {
+        write(&store, c, None).expect("write");
+    }
+    // damage the value of a version written by checkpoint 2
+    let vk = codec::version_key(&key(2, 7, "c/d"), 2);
+    let mut raw = store.tree.get(&vk).expect("get").expect("present").to_vec();
+    let last = raw.len() - 1;
+    raw[last] ^= 0x55;
+    store.tree.insert(&vk, raw).expect("insert");
+    for id in [2, 3] {
+        match store.load_checkpoint(id) {
+            Err(StoreError::Unreadable(u)) => {
+                assert_eq!(u.snapshot, format!("checkpoint {id}"));
+                assert!(u.detail.contains("checksum"), "{}", u.detail);
+            }
+            other => panic!("checkpoint {id}: {other:?}"),
+        }
+    }
+    assert!(store.load_checkpoint(1).is_ok());
+    // a version missing altogether (partly written): the entry count gives it away
+    store
+        .tree
+        .remove(codec::version_key(&key(1, -5, "b"), 1))
+        .expect("remove");
+    match store.load_checkpoint(1) {
+        Err(StoreError::Unreadable(u)) => {
+            assert!(u.detail.contains("should hold 2 entries"), "{}", u.detail)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn savepoints_outlive_retention_and_travel_through_export_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 1);
+    let cps = sample();
+    let mut model = MaterializedState::default();
+    model.apply(&cps[0], 0, 0).expect("model");
+    write(&store, &cps[0], None).expect("write");
+    model.apply(&cps[1], 0, 0).expect("model");
+    let stats = write(&store, &cps[1], Some("before-upgrade")).expect("write");
+    let sp = stats.savepoint.expect("savepoint made");
+    assert_eq!((sp.checkpoint_id, sp.entries), (2, 2));
+    write(&store, &cps[2], None).expect("write");
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![3]);
+    let (meta, entries) = store.read_savepoint("before-upgrade").expect("read");
+    assert_eq!(sorted(entries.clone()), model.restored().entries);
+    assert_eq!(meta.meta.partitions[0].next, Some(NextOffset(20)));
+    assert!(matches!(
+        write(
+            &store,
+            &cp(4, Some(3), false, vec![], vec![], 40),
+            Some("before-upgrade")
+        ),
+        Err(StoreError::SavepointExists { .. })
+    ));
+
+    let file = dir.path().join("sp.chkpt");
+    portable::write_file(
+        &file,
+        &Portable {
+            meta: meta.clone(),
+            entries: entries.clone(),
+        },
+    )
+    .expect("export");
+    let other = tempfile::tempdir().expect("tempdir");
+    let target = open(&other, 3);
+    let imported = portable::read_file(&file).expect("read file");
+    target
+        .import_savepoint(&imported.meta, &imported.entries)
+        .expect("import");
+    let (_, restored) = target.load_savepoint("before-upgrade").expect("load");
+    assert_eq!(sorted(restored.entries), model.restored().entries);
+    assert!(matches!(
+        target.import_savepoint(&imported.meta, &imported.entries),
+        Err(StoreError::SavepointExists { .. })
+    ));
+
+    store.delete_savepoint("before-upgrade").expect("delete");
+    assert_eq!(store.savepoint_entry_count(), 0);
+    assert!(matches!(
+        store.delete_savepoint("before-upgrade"),
+        Err(StoreError::NoSuchSavepoint { .. })
+    ));
+}
+
+#[test]
+fn deleting_checkpoints_keeps_savepoints_history_and_the_id_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let cps = sample();
+    write(&store, &cps[0], Some("keep")).expect("write");
+    write(&store, &cps[1], None).expect("write");
+    assert_eq!(store.delete_checkpoints().expect("delete"), 2);
+    assert!(store.checkpoint_ids().expect("ids").is_empty());
+    assert_eq!(store.version_count(), 0);
+    assert_eq!(store.head().expect("head"), None);
+    assert_eq!(store.savepoints().expect("sp").len(), 1);
+    assert_eq!(store.history(None, 10).expect("history").len(), 2);
+    assert_eq!(store.next_id().expect("next"), 3, "ids are never reused");
+}
+
+#[test]
+fn failed_attempts_are_kept_in_the_paged_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let cps = sample();
+    write(&store, &cps[0], None).expect("write");
+    let mut failed = CheckpointRecord::from_meta(&meta_of(&cps[1], 0, 0), Status::Failed);
+    failed.failure = Some("No space left on device".into());
+    store.record_attempt(&failed, true).expect("record");
+    drop(store);
+    let store = open(&dir, 3);
+    let page = store.history(None, 1).expect("page");
+    assert_eq!(page[0].status, Status::Failed);
+    assert_eq!(page[0].failure.as_deref(), Some("No space left on device"));
+    let older = store.history(Some(page[0].id), 10).expect("page 2");
+    assert_eq!(
+        older.iter().map(|r| (r.id, r.status)).collect::<Vec<_>>(),
+        vec![(1, Status::Completed)]
+    );
+    assert_eq!(store.next_id().expect("next"), 3);
+}
+
+#[test]
+fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = &sample()[0];
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("checkpoints").expect("tree");
+        tree.insert(codec::META_VERSION, &1u32.to_be_bytes())
+            .expect("v");
+        let meta = meta_of(c, 5, 50);
+        tree.insert(
+            codec::v1::META_CURRENT,
+            postcard::to_stdvec(&meta).expect("enc"),
+        )
+        .expect("cur");
+        tree.insert(
+            codec::id_key(codec::HISTORY_PREFIX, 1),
+            postcard::to_stdvec(&meta).expect("enc"),
+        )
+        .expect("hist");
+        for (k, e) in &c.delta.upserts {
+            let mut raw = codec::v1::STATE_PREFIX.to_vec();
+            raw.extend_from_slice(&k.window.to_be_bytes());
+            raw.extend_from_slice(&((k.start as u64) ^ (1 << 63)).to_be_bytes());
+            raw.extend_from_slice(k.key.as_bytes());
+            tree.insert(raw, postcard::to_stdvec(e).expect("enc"))
+                .expect("state");
+        }
+        db.flush().expect("flush");
+    }
+    let store = open(&dir, 3);
+    let (meta, restored) = store.load_checkpoint(1).expect("migrated");
+    assert_eq!(meta.partitions[0].next, Some(NextOffset(10)));
+    assert_eq!(sorted(restored.entries), sorted(c.delta.upserts.clone()));
+    assert_eq!(store.head().expect("head"), Some(1));
+    assert_eq!(
+        store.history(None, 5).expect("history")[0].status,
+        Status::Completed
+    );
+    let c2 = &sample()[1];
+    write(&store, c2, None).expect("a delta continues the migrated checkpoint");
 }
 
 #[test]
@@ -203,8 +413,86 @@ fn unknown_format_version_is_refused() {
 }
 
 #[test]
-fn empty_store_has_no_checkpoint() {
+fn offline_open_never_creates_a_store() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
-    assert!(store.load().expect("load").is_none());
+    let missing = dir.path().join("nothing-here");
+    assert!(matches!(
+        Store::open_existing(&missing),
+        Err(StoreError::Missing { .. })
+    ));
+    assert!(!missing.exists());
+}
+
+/// One step of a random checkpoint sequence: a full snapshot or a delta over a small key space.
+#[derive(Debug, Clone)]
+struct Step {
+    full: bool,
+    upserts: Vec<(u8, u8)>,
+    deletes: Vec<u8>,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    proptest::collection::vec(
+        (
+            proptest::bool::weighted(0.15),
+            proptest::collection::vec((0u8..12, any::<u8>()), 0..6),
+            proptest::collection::vec(0u8..12, 0..4),
+        )
+            .prop_map(|(full, upserts, deletes)| Step {
+                full,
+                upserts,
+                deletes,
+            }),
+        1..14,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the sequence and the retention count, every retained checkpoint restores to
+    /// exactly its own state, and no version survives that no retained checkpoint needs.
+    #[test]
+    fn retained_checkpoints_restore_exactly_and_garbage_is_reclaimed(steps in steps(), retained in 1usize..4) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir, retained);
+        let mut model = MaterializedState::default();
+        let mut states: BTreeMap<u64, Vec<(StateKey, Entry)>> = BTreeMap::new();
+        let mut touched: BTreeMap<u64, usize> = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            let id = i as u64 + 1;
+            let full = step.full || id == 1;
+            let mut up: BTreeMap<StateKey, Entry> = BTreeMap::new();
+            if full {
+                for (k, e) in model.entries.iter() { up.insert(k.clone(), *e); }
+            }
+            for (k, v) in &step.upserts {
+                up.insert(key(0, 0, &k.to_string()), entry(EntryStatus::Open, f64::from(*v)));
+            }
+            let del: Vec<StateKey> = if full { vec![] } else {
+                step.deletes.iter().map(|k| key(0, 0, &k.to_string()))
+                    .filter(|k| !up.contains_key(k)).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+            };
+            if full {
+                for k in &step.deletes { up.remove(&key(0, 0, &k.to_string())); }
+            }
+            let before = model.entries.len();
+            let c = cp(id, (!full).then_some(id - 1), full, up.into_iter().collect(), del, id as i64);
+            model.apply(&c, 0, 0).expect("model");
+            write(&store, &c, None).expect("write");
+            states.insert(id, model.restored().entries);
+            touched.insert(id, c.delta.upserts.len() + c.delta.deletes.len() + if full { before } else { 0 });
+        }
+        let ids = store.checkpoint_ids().expect("ids");
+        let n = steps.len();
+        prop_assert_eq!(ids.len(), retained.min(n));
+        prop_assert_eq!(ids.last().copied(), Some(n as u64));
+        for id in &ids {
+            let (_, got) = store.load_checkpoint(*id).expect("load");
+            prop_assert_eq!(&sorted(got.entries), &states[id], "checkpoint {}", id);
+        }
+        let oldest = ids[0];
+        let bound = states[&oldest].len() + ids[1..].iter().map(|i| touched[i]).sum::<usize>();
+        prop_assert!(store.version_count() <= bound, "{} versions, at most {} needed", store.version_count(), bound);
+    }
 }

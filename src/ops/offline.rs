@@ -1,0 +1,141 @@
+//! Commands that read or change a checkpoint directory directly, while the service is stopped
+//! (sled allows one process per directory: a running service makes them fail with a clear
+//! message). They never create a directory.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::OpsError;
+use crate::checkpoint::history::{CheckpointRecord, Kind};
+use crate::checkpoint::restore::validate_savepoint_name;
+use crate::store::portable::{self, Portable};
+use crate::store::{Store, StoreError};
+
+fn open(dir: &Path) -> Result<Store, OpsError> {
+    Ok(Store::open_existing(dir)?)
+}
+
+/// `checkpoints list`: the history, newest first, with the retained ones marked.
+pub fn list_checkpoints(dir: &Path, limit: usize, as_json: bool) -> Result<String, OpsError> {
+    let store = open(dir)?;
+    let retained = store.checkpoint_ids()?;
+    let records = store.history(None, limit)?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(
+            &json!({ "retained": retained, "checkpoints": records }),
+        )?);
+    }
+    let mut out = format!(
+        "{:>8}  {:<24}  {:<10}  {:<24}  {:>9}  {:>10}  {:>9}  {}\n",
+        "ID", "KIND", "STATUS", "TRIGGERED (UTC)", "DURATION", "BYTES", "RECORDS", "RETAINED"
+    );
+    for r in &records {
+        out.push_str(&format!(
+            "{:>8}  {:<24}  {:<10}  {:<24}  {:>9}  {:>10}  {:>9}  {}\n",
+            r.id,
+            kind(r),
+            r.status.label(),
+            utc(r.trigger_time),
+            r.duration_ms.map_or("-".into(), |d| format!("{d}ms")),
+            r.bytes.map_or("-".into(), |b| b.to_string()),
+            r.records,
+            if retained.contains(&r.id) { "yes" } else { "" }
+        ));
+        if let Some(f) = &r.failure {
+            out.push_str(&format!("{:>8}  failure: {f}\n", ""));
+        }
+    }
+    if records.is_empty() {
+        out.push_str("no checkpoint attempts recorded\n");
+    }
+    Ok(out)
+}
+
+fn kind(r: &CheckpointRecord) -> String {
+    match (&r.kind, &r.savepoint) {
+        (Kind::Savepoint, Some(name)) => format!("savepoint {name}"),
+        _ => "checkpoint".to_string(),
+    }
+}
+
+fn utc(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
+}
+
+/// `checkpoints show ID`: one attempt with its offsets and watermarks, as JSON.
+pub fn show_checkpoint(dir: &Path, id: u64) -> Result<String, OpsError> {
+    let store = open(dir)?;
+    let retained = match store.checkpoint(id) {
+        Ok(r) => Some(r),
+        Err(StoreError::NoSuchCheckpoint { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let record = store.attempt(id)?;
+    if record.is_none() && retained.is_none() {
+        return Err(OpsError::Invalid(format!(
+            "no checkpoint {id} in the history of {}",
+            dir.display()
+        )));
+    }
+    Ok(serde_json::to_string_pretty(&json!({
+        "checkpoint": record,
+        "retained": retained.is_some(),
+        "entries": retained.as_ref().map(|r| r.live_entries),
+        "spec": retained.map(|r| r.meta.spec),
+    }))?)
+}
+
+pub fn list_savepoints(dir: &Path) -> Result<String, OpsError> {
+    let store = open(dir)?;
+    Ok(serde_json::to_string_pretty(
+        &json!({ "savepoints": store.savepoints()? }),
+    )?)
+}
+
+/// `savepoint export NAME --out FILE`.
+pub fn export_savepoint(dir: &Path, name: &str, out: &Path) -> Result<String, OpsError> {
+    let store = open(dir)?;
+    let (meta, entries) = store.read_savepoint(name)?;
+    let count = entries.len();
+    let bytes = portable::write_file(out, &Portable { meta, entries })?;
+    Ok(format!(
+        "exported savepoint {name} ({count} entries, {bytes} bytes) to {}",
+        out.display()
+    ))
+}
+
+/// `savepoint import FILE [--name NEW]`: creates the directory's store if needed.
+pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result<String, OpsError> {
+    let mut sp = portable::read_file(file)?;
+    if let Some(name) = rename {
+        validate_savepoint_name(name).map_err(OpsError::Invalid)?;
+        sp.meta.name = name.to_string();
+    }
+    if sp.entries.len() as u64 != sp.meta.entries {
+        return Err(OpsError::Invalid(format!(
+            "{} holds {} entries but its metadata says {}",
+            file.display(),
+            sp.entries.len(),
+            sp.meta.entries
+        )));
+    }
+    let store = Store::open(dir)?;
+    store.import_savepoint(&sp.meta, &sp.entries)?;
+    Ok(format!(
+        "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}",
+        sp.meta.name,
+        sp.entries.len(),
+        dir.display(),
+        sp.meta.name
+    ))
+}
+
+pub fn delete_savepoint(dir: &Path, name: &str) -> Result<String, OpsError> {
+    let store = open(dir)?;
+    store.delete_savepoint(name)?;
+    Ok(format!("deleted savepoint {name}"))
+}

@@ -1,0 +1,209 @@
+//! Savepoints: named full copies of a checkpoint's state that retention never removes. Only
+//! an explicit delete (HTTP or CLI) does.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::{
+    decode_state_key, savepoint_entries_prefix, savepoint_entry_key, savepoint_meta_key,
+    SAVEPOINT_ENTRY_PREFIX, SAVEPOINT_META_PREFIX,
+};
+use super::{Store, StoreError, Unreadable};
+use crate::checkpoint::protocol::{meta_of, Checkpoint, CheckpointMeta};
+use crate::engine::{Entry, RestoredState, StateKey};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavepointMeta {
+    pub name: String,
+    /// The checkpoint it was made from (in the store that made it).
+    pub checkpoint_id: u64,
+    /// When its checkpoint was triggered, epoch milliseconds.
+    pub created_ms: i64,
+    /// Offsets, watermark and window/aggregate spec of its state.
+    pub meta: CheckpointMeta,
+    pub entries: u64,
+}
+
+impl Store {
+    /// Adds to `batch` a savepoint of the state `base` with `cp` applied.
+    pub(super) fn savepoint_batch(
+        &self,
+        name: &str,
+        cp: &Checkpoint,
+        mut entries: BTreeMap<StateKey, Entry>,
+        batch: &mut sled::Batch,
+        bytes: &mut u64,
+    ) -> Result<SavepointMeta, StoreError> {
+        if self.tree.contains_key(savepoint_meta_key(name))? {
+            return Err(StoreError::SavepointExists {
+                name: name.to_string(),
+                path: self.path.clone(),
+            });
+        }
+        if cp.delta.full {
+            entries.clear();
+        }
+        for key in &cp.delta.deletes {
+            entries.remove(key);
+        }
+        for (key, entry) in &cp.delta.upserts {
+            entries.insert(key.clone(), *entry);
+        }
+        let before = *bytes;
+        let mut meta = SavepointMeta {
+            name: name.to_string(),
+            checkpoint_id: cp.id,
+            created_ms: cp.trigger_ms,
+            meta: meta_of(cp, 0, 0),
+            entries: entries.len() as u64,
+        };
+        self.put_savepoint(&meta, entries.iter(), batch, bytes)?;
+        // its size: what the copy wrote (the checkpoint's own bytes are counted apart)
+        meta.meta.bytes = *bytes - before;
+        self.put_savepoint_meta(&meta, batch)?;
+        Ok(meta)
+    }
+
+    fn put_savepoint<'a>(
+        &self,
+        meta: &SavepointMeta,
+        entries: impl Iterator<Item = (&'a StateKey, &'a Entry)>,
+        batch: &mut sled::Batch,
+        bytes: &mut u64,
+    ) -> Result<(), StoreError> {
+        let id = meta.checkpoint_id;
+        for (key, entry) in entries {
+            let k = savepoint_entry_key(&meta.name, key);
+            let v = Self::encode(entry, id)?;
+            *bytes += (k.len() + v.len()) as u64;
+            batch.insert(k, v);
+        }
+        *bytes += self.put_savepoint_meta(meta, batch)?;
+        Ok(())
+    }
+
+    fn put_savepoint_meta(
+        &self,
+        meta: &SavepointMeta,
+        batch: &mut sled::Batch,
+    ) -> Result<u64, StoreError> {
+        let v = Self::encode(meta, meta.checkpoint_id)?;
+        let len = v.len() as u64;
+        batch.insert(savepoint_meta_key(&meta.name), v);
+        Ok(len)
+    }
+
+    /// All savepoints, by name.
+    pub fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(SAVEPOINT_META_PREFIX) {
+            let (k, v) = item?;
+            let name = String::from_utf8_lossy(&k[SAVEPOINT_META_PREFIX.len()..]).to_string();
+            out.push(self.decode(&v, &format!("metadata of savepoint {name}"))?);
+        }
+        Ok(out)
+    }
+
+    pub fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        match self.tree.get(savepoint_meta_key(name))? {
+            Some(raw) => self.decode(&raw, &format!("metadata of savepoint {name}")),
+            None => Err(StoreError::NoSuchSavepoint {
+                name: name.to_string(),
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    /// A savepoint's metadata and entries, verified.
+    pub fn read_savepoint(
+        &self,
+        name: &str,
+    ) -> Result<(SavepointMeta, Vec<(StateKey, Entry)>), StoreError> {
+        let unreadable = |detail: String| Unreadable {
+            snapshot: format!("savepoint {name}"),
+            detail,
+        };
+        let meta = self.savepoint(name).map_err(|e| match e {
+            StoreError::Corrupt { detail, .. } => unreadable(detail).into(),
+            other => other,
+        })?;
+        let mut entries = Vec::new();
+        let prefix = savepoint_entries_prefix(name);
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let (key, rest) = decode_state_key(&k[prefix.len()..])
+                .ok_or_else(|| unreadable(format!("undecodable key {:?}", k.as_ref())))?;
+            if !rest.is_empty() {
+                return Err(unreadable(format!("undecodable key {:?}", k.as_ref())).into());
+            }
+            let entry: Entry = self
+                .decode(&v, &format!("entry {key:?}"))
+                .map_err(|e| unreadable(e.to_string()))?;
+            entries.push((key, entry));
+        }
+        if entries.len() as u64 != meta.entries {
+            return Err(unreadable(format!(
+                "it should hold {} entries but {} were found (partly written or damaged)",
+                meta.entries,
+                entries.len()
+            ))
+            .into());
+        }
+        Ok((meta, entries))
+    }
+
+    /// Loads savepoint `name` for a restore.
+    pub fn load_savepoint(&self, name: &str) -> Result<(SavepointMeta, RestoredState), StoreError> {
+        let (meta, entries) = self.read_savepoint(name)?;
+        let restored = RestoredState {
+            partitions: meta.meta.partitions.clone(),
+            watermark: meta.meta.watermark,
+            entries,
+        };
+        Ok((meta, restored))
+    }
+
+    /// Stores an imported savepoint under `meta.name`; refuses to overwrite one.
+    pub fn import_savepoint(
+        &self,
+        meta: &SavepointMeta,
+        entries: &[(StateKey, Entry)],
+    ) -> Result<(), StoreError> {
+        if self.tree.contains_key(savepoint_meta_key(&meta.name))? {
+            return Err(StoreError::SavepointExists {
+                name: meta.name.clone(),
+                path: self.path.clone(),
+            });
+        }
+        let mut batch = sled::Batch::default();
+        let mut bytes = 0;
+        self.put_savepoint(
+            meta,
+            entries.iter().map(|(k, e)| (k, e)),
+            &mut batch,
+            &mut bytes,
+        )?;
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes savepoint `name` and its entries.
+    pub fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        let meta = self.savepoint(name)?;
+        let mut batch = sled::Batch::default();
+        for k in self.tree.scan_prefix(savepoint_entries_prefix(name)).keys() {
+            batch.remove(k?);
+        }
+        batch.remove(savepoint_meta_key(name));
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(meta)
+    }
+
+    /// Number of savepoint entries stored (all savepoints), for tests and diagnostics.
+    pub fn savepoint_entry_count(&self) -> usize {
+        self.tree.scan_prefix(SAVEPOINT_ENTRY_PREFIX).count()
+    }
+}
