@@ -712,7 +712,10 @@ checkpoint:
             BASE,
             &[
                 ("CHECKPOINTER_CHECKPOINT__RESTORE_FROM", "savepoint:pre-2.0"),
-                ("CHECKPOINTER_CHECKPOINT__PREFER_CHECKPOINT_FOR_RECOVERY", "true"),
+                (
+                    "CHECKPOINTER_CHECKPOINT__PREFER_CHECKPOINT_FOR_RECOVERY",
+                    "true",
+                ),
             ],
         )
         .expect("valid");
@@ -726,7 +729,10 @@ checkpoint:
         let text = err_text(BASE, &[("CHECKPOINTER_CHECKPOINT__RESTORE_FROM", "newest")]);
         assert!(text.contains("latest, none"), "{text}");
         let text = err_text(BASE, &[("CHECKPOINTER_CHECKPOINT__ON_CANCEL", "destroy")]);
-        assert!(text.contains("on_cancel") || text.contains("destroy"), "{text}");
+        assert!(
+            text.contains("on_cancel") || text.contains("destroy"),
+            "{text}"
+        );
     }
 
     #[test]

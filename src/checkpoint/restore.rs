@@ -173,8 +173,19 @@ pub fn plan(
         RestoreFrom::Latest => {
             // newest first; a savepoint and the checkpoint it was made from hold the same
             // state, and the checkpoint goes first on a tie
-            let mut all: Vec<((i64, u64, u8), Snapshot)> = available
-                .checkpoints
+            // checkpoints are ordered by id whatever the clock did: each counts as at least as
+            // recent as every checkpoint before it
+            let mut by_id = available.checkpoints.clone();
+            by_id.sort_unstable();
+            let mut newest = i64::MIN;
+            let checkpoints: Vec<(u64, i64)> = by_id
+                .into_iter()
+                .map(|(id, t)| {
+                    newest = newest.max(t);
+                    (id, newest)
+                })
+                .collect();
+            let mut all: Vec<((i64, u64, u8), Snapshot)> = checkpoints
                 .iter()
                 .map(|(id, t)| ((*t, *id, 1), Snapshot::Checkpoint(*id)))
                 .chain(
@@ -258,6 +269,19 @@ mod tests {
         };
         let p = plan(&RestoreFrom::Latest, false, &a).expect("plan");
         assert_eq!(names(&p), ["checkpoint 7", "savepoint sp"]);
+    }
+
+    #[test]
+    fn checkpoints_are_ordered_by_id_even_if_the_clock_went_back() {
+        let a = Available {
+            checkpoints: vec![(5, 1000), (6, 900)],
+            savepoints: vec![("between".into(), 950)],
+        };
+        let p = plan(&RestoreFrom::Latest, false, &a).expect("plan");
+        assert_eq!(
+            names(&p),
+            ["checkpoint 6", "checkpoint 5", "savepoint between"]
+        );
     }
 
     #[test]

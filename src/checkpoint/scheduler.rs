@@ -62,6 +62,11 @@ impl Scheduler {
         }
     }
 
+    /// The id the next trigger will use.
+    pub fn peek_next_id(&self) -> u64 {
+        self.next_id
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }

@@ -23,17 +23,17 @@ use crate::store::{SavepointMeta, Store, StoreError};
 pub(super) enum SavepointWaiter {
     /// `POST /api/savepoints`.
     Trigger(Reply<SavepointMeta>),
-    /// `POST /api/stop?savepoint`: the service stops once it is durable.
+    /// `POST /api/stop?savepoint`: taken as the last act of the stop.
     Stop(Reply<Option<SavepointMeta>>),
 }
 
 pub(super) struct SavepointRequest {
-    pub name: Option<String>,
+    pub name: String,
     pub waiter: SavepointWaiter,
 }
 
 impl SavepointWaiter {
-    fn fail(self, e: CommandError) {
+    pub(super) fn fail(self, e: CommandError) {
         // the requester may have gone away; nothing to do then
         match self {
             SavepointWaiter::Trigger(r) => drop(r.send(Err(e))),
@@ -44,7 +44,7 @@ impl SavepointWaiter {
 
 impl Runtime {
     pub(super) fn on_command(&mut self, command: Command, store: &Store) {
-        let (name, waiter) = match command {
+        match command {
             Command::Stop {
                 savepoint: None,
                 reply,
@@ -52,23 +52,40 @@ impl Runtime {
                 tracing::info!("stop requested over HTTP");
                 let _ = reply.send(Ok(None));
                 self.stop_requested = true;
-                return;
             }
             Command::Stop {
                 savepoint: Some(name),
                 reply,
-            } => (name, SavepointWaiter::Stop(reply)),
-            Command::Savepoint { name, reply } => (name, SavepointWaiter::Trigger(reply)),
-        };
-        if let Err(e) = self.check_savepoint_name(name.as_deref(), store) {
-            waiter.fail(e);
-            return;
+            } => {
+                if let Some(n) = &name {
+                    if let Err(e) = self.check_savepoint_name(n, store) {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
+                // the savepoint is taken once the stop has settled, so it is the final state
+                tracing::info!(savepoint = ?name, "stop with savepoint requested over HTTP");
+                self.stop_savepoint = Some((name, reply));
+                self.stop_requested = true;
+            }
+            Command::Savepoint { name, reply } => {
+                let waiter = SavepointWaiter::Trigger(reply);
+                let name =
+                    name.unwrap_or_else(|| format!("savepoint-{}", self.scheduler.peek_next_id()));
+                if let Err(e) = self.check_savepoint_name(&name, store) {
+                    waiter.fail(e);
+                    return;
+                }
+                self.trigger(Some(SavepointRequest { name, waiter }));
+            }
         }
-        self.trigger(Some(SavepointRequest { name, waiter }));
     }
 
-    fn check_savepoint_name(&self, name: Option<&str>, store: &Store) -> Result<(), CommandError> {
-        let Some(name) = name else { return Ok(()) };
+    pub(super) fn check_savepoint_name(
+        &self,
+        name: &str,
+        store: &Store,
+    ) -> Result<(), CommandError> {
         validate_savepoint_name(name).map_err(CommandError::BadRequest)?;
         let in_flight = self
             .in_flight
@@ -77,6 +94,7 @@ impl Runtime {
         let exists = match store.savepoint(name) {
             Ok(_) => true,
             Err(StoreError::NoSuchSavepoint { .. }) => false,
+            Err(StoreError::Corrupt { .. }) => true,
             Err(e) => return Err(CommandError::Failed(e.to_string())),
         };
         if in_flight || exists {
@@ -109,12 +127,7 @@ impl Runtime {
             spec: self.spec.clone(),
             delta,
         };
-        let savepoint = savepoint.map(|r| {
-            (
-                r.name.unwrap_or_else(|| format!("savepoint-{id}")),
-                r.waiter,
-            )
-        });
+        let savepoint = savepoint.map(|r| (r.name, r.waiter));
         let mut record = CheckpointRecord::from_meta(&meta_of(&cp, 0, 0), Status::InProgress);
         record.duration_ms = None;
         record.phases.snapshot_ms = Some(snapshot_time.as_millis() as u64);
@@ -262,10 +275,7 @@ impl Runtime {
                     tracing::info!(checkpoint_id = id, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
                     match waiter {
                         SavepointWaiter::Trigger(r) => drop(r.send(Ok(meta))),
-                        SavepointWaiter::Stop(r) => {
-                            drop(r.send(Ok(Some(meta))));
-                            self.stop_requested = true;
-                        }
+                        SavepointWaiter::Stop(r) => drop(r.send(Ok(Some(meta)))),
                     }
                 }
                 // only members can commit, and only for what they own

@@ -196,6 +196,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         last_gauges: Instant::now(),
         last_durable: restored.head,
         stop_requested: false,
+        stop_savepoint: None,
         awaiting_first: Default::default(),
     };
     // windows the restored checkpoint holds as final were durable there: send them again

@@ -30,17 +30,17 @@ impl Restored {
 }
 
 pub fn available(store: &Store) -> Result<Available, StoreError> {
+    // a snapshot whose metadata cannot be read is tried (and reported) first
     let mut checkpoints = Vec::new();
     for id in store.checkpoint_ids()? {
-        // a checkpoint whose metadata cannot be read is tried (and reported) first
         let time = store.checkpoint(id).map_or(i64::MAX, |c| c.meta.trigger_ms);
         checkpoints.push((id, time));
     }
-    let savepoints = store
-        .savepoints()?
-        .into_iter()
-        .map(|s| (s.name, s.created_ms))
-        .collect();
+    let mut savepoints = Vec::new();
+    for name in store.savepoint_names()? {
+        let time = store.savepoint(&name).map_or(i64::MAX, |s| s.created_ms);
+        savepoints.push((name, time));
+    }
     Ok(Available {
         checkpoints,
         savepoints,

@@ -13,17 +13,17 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
-use super::lifecycle::SavepointWaiter;
+use super::lifecycle::{SavepointRequest, SavepointWaiter};
 use crate::checkpoint::writer::{Job, WriteOutcome};
 use crate::checkpoint::{Scheduler, StateSpec};
 use crate::config::{OnCancel, Settings};
 use crate::engine::{Decoder, Engine, Outcome, StateKey};
-use crate::http::{AdminState, Command, Progress};
+use crate::http::{AdminState, Command, Progress, Reply};
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 use crate::sink::Sink;
 use crate::source::{self, Rebalance, Shared, Source};
-use crate::store::Store;
+use crate::store::{SavepointMeta, Store};
 
 /// How often timers (checkpoint due, timeouts, gauges) are evaluated.
 const TICK: Duration = Duration::from_millis(50);
@@ -66,8 +66,10 @@ pub(super) struct Runtime {
     pub(super) last_durable: Option<u64>,
     /// Assigned partitions whose first record has not arrived yet.
     pub(super) awaiting_first: std::collections::HashSet<Partition>,
-    /// A stop was asked for over HTTP (and its savepoint, if any, is durable).
+    /// A stop was asked for over HTTP.
     pub(super) stop_requested: bool,
+    /// The savepoint to take as the last act of that stop (name or default) and its requester.
+    pub(super) stop_savepoint: Option<(Option<String>, Reply<Option<SavepointMeta>>)>,
 }
 
 /// Runs the service until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -382,12 +384,42 @@ impl Runtime {
         self.admin.set_ready(false, "stopping");
         let deadline = tokio::time::Instant::now() + self.settings.checkpoint.shutdown_timeout;
         let mut final_id: Option<u64> = None;
+        let mut savepoint_id: Option<u64> = None;
         loop {
             // a checkpoint is taken once nothing is in flight; the last one is taken after every
             // final window was acknowledged
             if self.scheduler.in_flight() == 0 {
+                if let Some(id) = savepoint_id.filter(|id| self.last_durable != Some(*id)) {
+                    bail!(
+                        "stop with savepoint: savepoint (checkpoint {id}) failed; stopped without it, checkpoints kept in {} (latest: {:?})",
+                        self.settings.checkpoint.dir.display(),
+                        self.last_durable
+                    );
+                }
                 let done = final_id.is_some_and(|id| self.last_durable == Some(id));
                 if done && self.engine.pending_emissions() == 0 && !self.engine.has_changes() {
+                    if let Some((name, reply)) = self.stop_savepoint.take() {
+                        // the state is settled: the savepoint holds exactly what the stop leaves
+                        let name = name.unwrap_or_else(|| {
+                            format!("savepoint-{}", self.scheduler.peek_next_id())
+                        });
+                        if let Err(e) = self.check_savepoint_name(&name, store) {
+                            let text = e.to_string();
+                            let _ = reply.send(Err(e));
+                            bail!("stop with savepoint: {text}; stopped without it");
+                        }
+                        let id = self.trigger(Some(SavepointRequest {
+                            name,
+                            waiter: SavepointWaiter::Stop(reply),
+                        }));
+                        savepoint_id = Some(id);
+                        final_id = Some(id);
+                        continue;
+                    }
+                    if savepoint_id.is_some() {
+                        // let the HTTP answer reach the requester before the process exits
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     if self.settings.checkpoint.on_cancel == OnCancel::Delete {
                         let deleted = store.delete_checkpoints()?;
                         tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");

@@ -25,6 +25,9 @@ use codec::{
 pub use savepoints::SavepointMeta;
 pub use versions::{Unreadable, WriteRequest};
 
+/// How long an open waits for a lock that is being released.
+const LOCK_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("checkpoint directory {path} is in use by another checkpointer process (sled lock held); stop it, or use the running instance's HTTP API")]
@@ -67,6 +70,8 @@ pub enum StoreError {
     NoSuchSavepoint { name: String, path: PathBuf },
     #[error("a savepoint named {name:?} already exists in {path}")]
     SavepointExists { name: String, path: PathBuf },
+    #[error("invalid savepoint: {0}")]
+    InvalidSavepoint(String),
 }
 
 /// Timings and size of one durable checkpoint.
@@ -138,21 +143,27 @@ impl Store {
     }
 
     fn open_existing_dir(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        path: path.to_path_buf(),
+        // a process that just exited (or a store just dropped) may hold the lock for a moment
+        let deadline = std::time::Instant::now() + LOCK_GRACE;
+        let db = loop {
+            match sled::Config::new().path(path).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            path: path.to_path_buf(),
+                        });
                     }
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                _ => StoreError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            })?;
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
         let tree = db.open_tree("checkpoints")?;
         Ok(Store {
             path: path.to_path_buf(),

@@ -11,6 +11,7 @@ use super::codec::{
 };
 use super::{Store, StoreError, Unreadable};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, CheckpointMeta};
+use crate::checkpoint::restore::validate_savepoint_name;
 use crate::engine::{Entry, RestoredState, StateKey};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,13 +95,28 @@ impl Store {
         Ok(len)
     }
 
-    /// All savepoints, by name.
+    /// Names of all savepoints, readable or not.
+    pub fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(SAVEPOINT_META_PREFIX).keys() {
+            let k = k?;
+            out.push(String::from_utf8_lossy(&k[SAVEPOINT_META_PREFIX.len()..]).to_string());
+        }
+        Ok(out)
+    }
+
+    /// All readable savepoints, by name; a damaged one is logged and left out (restoring it
+    /// by name reports it unreadable).
     pub fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(SAVEPOINT_META_PREFIX) {
-            let (k, v) = item?;
-            let name = String::from_utf8_lossy(&k[SAVEPOINT_META_PREFIX.len()..]).to_string();
-            out.push(self.decode(&v, &format!("metadata of savepoint {name}"))?);
+        for name in self.savepoint_names()? {
+            match self.savepoint(&name) {
+                Ok(meta) => out.push(meta),
+                Err(StoreError::Corrupt { detail, .. }) => {
+                    tracing::warn!(savepoint = %name, %detail, "savepoint metadata is unreadable");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -170,6 +186,17 @@ impl Store {
         meta: &SavepointMeta,
         entries: &[(StateKey, Entry)],
     ) -> Result<(), StoreError> {
+        validate_savepoint_name(&meta.name).map_err(StoreError::InvalidSavepoint)?;
+        let keys: std::collections::BTreeSet<&StateKey> = entries.iter().map(|(k, _)| k).collect();
+        if keys.len() != entries.len() || entries.len() as u64 != meta.entries {
+            return Err(StoreError::InvalidSavepoint(format!(
+                "savepoint {} should hold {} distinct entries; it has {} entries, {} distinct",
+                meta.name,
+                meta.entries,
+                entries.len(),
+                keys.len()
+            )));
+        }
         if self.tree.contains_key(savepoint_meta_key(&meta.name))? {
             return Err(StoreError::SavepointExists {
                 name: meta.name.clone(),

@@ -496,3 +496,112 @@ proptest! {
         prop_assert!(store.version_count() <= bound, "{} versions, at most {} needed", store.version_count(), bound);
     }
 }
+
+#[test]
+fn a_full_checkpoint_can_be_written_over_a_damaged_version_after_a_fallback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    for c in &sample() {
+        write(&store, c, None).expect("write");
+    }
+    let vk = codec::version_key(&key(2, 7, "c/d"), 2);
+    let mut raw = store.tree.get(&vk).expect("get").expect("present").to_vec();
+    let n = raw.len() - 1;
+    raw[n] ^= 0x55;
+    store.tree.insert(&vk, raw).expect("insert");
+    assert!(store.load_checkpoint(3).is_err());
+    let (_, one) = store.load_checkpoint(1).expect("fallback target");
+    let next = store.next_id().expect("next");
+    write(
+        &store,
+        &cp(next, None, true, one.entries.clone(), vec![], 11),
+        None,
+    )
+    .expect("first full after the fallback");
+    let (_, got) = store.load_checkpoint(next).expect("load");
+    assert_eq!(sorted(got.entries), sorted(one.entries));
+}
+
+#[test]
+fn a_damaged_savepoint_is_left_out_of_the_list_not_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let cps = sample();
+    write(&store, &cps[0], Some("old")).expect("write");
+    write(&store, &cps[1], Some("new")).expect("write");
+    let k = codec::savepoint_meta_key("old");
+    let mut raw = store.tree.get(&k).expect("get").expect("present").to_vec();
+    raw[5] ^= 1;
+    store.tree.insert(&k, raw).expect("insert");
+    let names: Vec<String> = store
+        .savepoints()
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, vec!["new".to_string()]);
+    assert_eq!(
+        store.savepoint_names().expect("names"),
+        vec!["new".to_string(), "old".to_string()]
+    );
+    assert!(matches!(
+        store.load_savepoint("old"),
+        Err(StoreError::Unreadable(_))
+    ));
+}
+
+#[test]
+fn a_key_upserted_and_deleted_in_one_delta_keeps_its_upsert_everywhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let a = key(0, 0, "a");
+    let c1 = cp(
+        1,
+        None,
+        true,
+        vec![(a.clone(), entry(EntryStatus::Open, 1.0))],
+        vec![],
+        1,
+    );
+    let c2 = cp(
+        2,
+        Some(1),
+        false,
+        vec![(a.clone(), entry(EntryStatus::Open, 2.0))],
+        vec![a.clone()],
+        2,
+    );
+    let mut model = MaterializedState::default();
+    model.apply(&c1, 0, 0).expect("model");
+    model.apply(&c2, 0, 0).expect("model");
+    write(&store, &c1, None).expect("write");
+    write(&store, &c2, Some("sp")).expect("write");
+    let (_, sp) = store.read_savepoint("sp").expect("savepoint");
+    assert_eq!(sorted(sp), model.restored().entries);
+    let (_, got) = store.load_checkpoint(2).expect("load");
+    assert_eq!(sorted(got.entries), model.restored().entries);
+}
+
+#[test]
+fn imports_refuse_bad_names_and_duplicate_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    write(&store, &sample()[0], Some("a")).expect("write");
+    let (meta, entries) = store.read_savepoint("a").expect("read");
+    let mut other = meta.clone();
+    other.name = "a/x".into();
+    assert!(matches!(
+        store.import_savepoint(&other, &entries),
+        Err(StoreError::InvalidSavepoint(_))
+    ));
+    let mut dup = meta.clone();
+    dup.name = "b".into();
+    dup.entries = 3;
+    let mut twice = entries.clone();
+    twice.push(entries[0].clone());
+    assert!(matches!(
+        store.import_savepoint(&dup, &twice),
+        Err(StoreError::InvalidSavepoint(_))
+    ));
+    store.read_savepoint("a").expect("a is intact");
+}

@@ -49,10 +49,16 @@ impl Store {
                 let id = decode_version_key(&k).map(|(_, id)| id).ok_or_else(|| {
                     self.corrupt(format!("undecodable version key {:?}", k.as_ref()))
                 })?;
-                let entry: Option<Entry> = self.decode(&v, &format!("state of {key:?}"))?;
-                Ok(Some((id, entry.is_some())))
+                Ok(Some((id, self.is_live(&v))))
             }
         }
+    }
+
+    /// Whether a stored version holds an entry. A damaged one counts as an entry: writing over
+    /// it (a tombstone, a new version) must stay possible after a restore fell back past it.
+    fn is_live(&self, raw: &[u8]) -> bool {
+        self.decode::<Option<Entry>>(raw, "state version")
+            .map_or(true, |e| e.is_some())
     }
 
     /// The newest version of every key, for full snapshots.
@@ -62,8 +68,8 @@ impl Store {
             let (k, v) = item?;
             let (key, id) = decode_version_key(&k)
                 .ok_or_else(|| self.corrupt(format!("undecodable version key {:?}", k.as_ref())))?;
-            let entry: Option<Entry> = self.decode(&v, &format!("state of {key:?}"))?;
-            out.insert(key, (id, entry.is_some()));
+            let live = self.is_live(&v);
+            out.insert(key, (id, live));
         }
         Ok(out)
     }
@@ -134,7 +140,13 @@ impl Store {
                     None => live += 1,
                 }
             }
-            for key in &cp.delta.deletes {
+            // a key both upserted and deleted keeps its upsert, as in the protocol's model
+            let upserted: std::collections::HashSet<&StateKey> = if cp.delta.deletes.is_empty() {
+                Default::default()
+            } else {
+                cp.delta.upserts.iter().map(|(k, _)| k).collect()
+            };
+            for key in cp.delta.deletes.iter().filter(|k| !upserted.contains(k)) {
                 if let Some((prev, was_live)) = self.latest_version(key)? {
                     let vk = version_key(key, id);
                     put(&mut batch, vk.clone(), Self::encode(&None::<Entry>, id)?);
