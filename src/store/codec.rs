@@ -7,7 +7,7 @@ use crate::engine::StateKey;
 
 /// `ver/<state key><checkpoint id>` -> the entry as of that checkpoint, or a tombstone.
 pub const VERSION_PREFIX: &[u8] = b"ver/";
-/// `gc/<id><version key>`: the version becomes garbage once checkpoint `id` is the oldest
+/// `gc/<id>` -> the version keys that become garbage once checkpoint `id` is the oldest
 /// retained one.
 pub const GC_PREFIX: &[u8] = b"gc/";
 /// `cp/<id>` -> metadata of a complete, restorable checkpoint.
@@ -77,19 +77,6 @@ pub fn version_key(k: &StateKey, id: u64) -> Vec<u8> {
 pub fn decode_version_key(raw: &[u8]) -> Option<(StateKey, u64)> {
     let (k, rest) = decode_state_key(raw.strip_prefix(VERSION_PREFIX)?)?;
     (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (k, id)))?
-}
-
-pub fn gc_key(id: u64, version_key: &[u8]) -> Vec<u8> {
-    let mut out = GC_PREFIX.to_vec();
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(version_key);
-    out
-}
-
-/// The id and version key of a `gc/` key.
-pub fn decode_gc_key(raw: &[u8]) -> Option<(u64, &[u8])> {
-    let rest = raw.strip_prefix(GC_PREFIX)?;
-    Some((u64_at(rest, 0)?, rest.get(8..)?))
 }
 
 pub fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {

@@ -3,15 +3,15 @@
 //!
 //! A checkpoint `c` writes `ver/<key><c>` for every key it changed (a tombstone for a removed
 //! key) and `cp/<c>` with its metadata. Restoring `c` takes, per key, the newest version not
-//! after `c`. When a version supersedes an older one, `gc/<c><older>` records that the older
-//! one is garbage once `c` is the oldest retained checkpoint (a tombstone is garbage then too).
+//! after `c`. The versions that checkpoint `c` supersedes are listed in `gc/<c>`: they are
+//! garbage once `c` is the oldest retained checkpoint (so are the tombstones `c` wrote).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::codec::{
-    decode_gc_key, decode_id_key, decode_version_key, gc_key, id_key, version_key, version_prefix,
-    CHECKPOINT_PREFIX, GC_PREFIX, HISTORY_PREFIX, META_HEAD, VERSION_PREFIX,
+    decode_id_key, decode_version_key, id_key, version_key, version_prefix, CHECKPOINT_PREFIX,
+    GC_PREFIX, HISTORY_PREFIX, META_HEAD, VERSION_PREFIX,
 };
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
@@ -41,11 +41,13 @@ pub struct WriteRequest<'a> {
 type Latest = Option<(u64, bool)>;
 
 impl Store {
-    fn latest_version(&self, key: &StateKey) -> Result<Latest, StoreError> {
-        match self.tree.scan_prefix(version_prefix(key)).next_back() {
+    /// The newest version of `key` before checkpoint `before` (one seek, no iterator).
+    fn latest_version(&self, key: &StateKey, before: u64) -> Result<Latest, StoreError> {
+        let prefix = version_prefix(key);
+        match self.tree.get_lt(version_key(key, before))? {
+            Some((k, _)) if !k.starts_with(&prefix) => Ok(None),
             None => Ok(None),
-            Some(item) => {
-                let (k, v) = item?;
+            Some((k, v)) => {
                 let id = decode_version_key(&k).map(|(_, id)| id).ok_or_else(|| {
                     self.corrupt(format!("undecodable version key {:?}", k.as_ref()))
                 })?;
@@ -132,7 +134,7 @@ impl Store {
                     version_key(key, id),
                     Self::encode(&Some(*entry), id)?,
                 );
-                match self.latest_version(key)? {
+                match self.latest_version(key, id)? {
                     Some((prev, was_live)) => {
                         garbage.push(version_key(key, prev));
                         live += i64::from(!was_live);
@@ -147,7 +149,7 @@ impl Store {
                 cp.delta.upserts.iter().map(|(k, _)| k).collect()
             };
             for key in cp.delta.deletes.iter().filter(|k| !upserted.contains(k)) {
-                if let Some((prev, was_live)) = self.latest_version(key)? {
+                if let Some((prev, was_live)) = self.latest_version(key, id)? {
                     let vk = version_key(key, id);
                     put(&mut batch, vk.clone(), Self::encode(&None::<Entry>, id)?);
                     garbage.push(version_key(key, prev));
@@ -168,12 +170,12 @@ impl Store {
         };
         let retained = self.apply_retention(id, &mut batch)?;
         let oldest = retained.first().copied().unwrap_or(id);
-        for vk in garbage {
-            if oldest >= id {
+        if oldest >= id {
+            for vk in garbage {
                 batch.remove(vk);
-            } else {
-                batch.insert(gc_key(id, &vk), &[]);
             }
+        } else if !garbage.is_empty() {
+            batch.insert(id_key(GC_PREFIX, id), Self::encode(&garbage, id)?);
         }
         let live_entries = u64::try_from(live).map_err(|_| {
             self.corrupt(format!(
@@ -248,10 +250,18 @@ impl Store {
         }
         let oldest = ids.first().copied().unwrap_or(new);
         let end = id_key(GC_PREFIX, oldest.saturating_add(1));
-        for k in self.tree.range(GC_PREFIX.to_vec()..end).keys() {
-            let k = k?;
-            if let Some((_, vk)) = decode_gc_key(&k) {
-                batch.remove(vk);
+        for item in self.tree.range(GC_PREFIX.to_vec()..end) {
+            let (k, v) = item?;
+            match self.decode::<Vec<Vec<u8>>>(&v, "garbage list") {
+                Ok(list) => {
+                    for vk in list {
+                        batch.remove(vk);
+                    }
+                }
+                // costs space, never correctness: those versions are shadowed by newer ones
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a garbage list; its versions stay on disk")
+                }
             }
             batch.remove(k);
         }
