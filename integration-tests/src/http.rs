@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 GET over `std::net::TcpStream`, enough for `/readyz` and `/metrics`.
+//! A minimal HTTP/1.1 client over `std::net::TcpStream`: GET for `/readyz`, `/metrics` and the
+//! JSON API, POST and DELETE (empty bodies) for the admin commands.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,15 +12,46 @@ pub struct Response {
     pub body: String,
 }
 
+impl Response {
+    /// The body parsed as JSON; the error shows status and body.
+    pub fn json(&self) -> io::Result<serde_json::Value> {
+        serde_json::from_str(&self.body).map_err(|err| {
+            invalid(format!(
+                "status {} body is not JSON ({err}): {:?}",
+                self.status, self.body
+            ))
+        })
+    }
+}
+
 /// `GET path` on `addr` with `Connection: close`; the whole exchange is bounded by `timeout`
 /// per socket operation.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
+    request(addr, "GET", path, timeout)
+}
+
+/// `POST path` with an empty body (`Content-Length: 0`); otherwise like [`get`].
+pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
+    request(addr, "POST", path, timeout)
+}
+
+/// `DELETE path` with an empty body (`Content-Length: 0`); otherwise like [`get`].
+pub fn delete(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
+    request(addr, "DELETE", path, timeout)
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    let body_header = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n{body_header}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

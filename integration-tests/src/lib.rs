@@ -7,7 +7,8 @@
 //! - [`OutputReader`] reads a topic from the beginning, polling until a predicate holds;
 //! - [`Service`] writes a YAML config, runs the binary, kills or stops it, reads `/metrics`;
 //! - [`model`] computes, independently of the service, the windows a stream must produce;
-//! - [`verify`] compares what the service wrote with that model.
+//! - [`verify`] compares what the service wrote with that model;
+//! - [`cli`] runs the binary's operator subcommands (`checkpoints`, `savepoint`, `stop`).
 //!
 //! Environment knobs: `KAFKA_BROKERS` (use an existing broker), `TANSU_BIN` (broker binary),
 //! `TANSU_RUST_LOG` (broker log filter), `CHECKPOINTER_BIN` (service binary),
@@ -15,8 +16,10 @@
 //! `CHECKPOINTER_TEST_KEEP=1` (keep temp dirs and logs even when a test passes).
 
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod service;
@@ -74,7 +77,7 @@ pub fn test_seed(test: &str) -> u64 {
 }
 
 /// Whether temp dirs should be kept after the test (always kept when a test fails).
-pub(crate) fn keep_temp_dirs() -> bool {
+pub fn keep_temp_dirs() -> bool {
     std::env::var("CHECKPOINTER_TEST_KEEP").is_ok_and(|v| v == "1")
 }
 

@@ -9,6 +9,16 @@ pub const RECORDS_INVALID: &str = "checkpointer_records_invalid_total";
 pub const RECORDS_LATE: &str = "checkpointer_records_late_total";
 pub const WINDOWS_EMITTED: &str = "checkpointer_windows_emitted_total";
 pub const CHECKPOINT_LAST_COMPLETED_ID: &str = "checkpointer_checkpoint_last_completed_id";
+pub const CHECKPOINTS_COMPLETED: &str = "checkpointer_checkpoints_completed_total";
+pub const CHECKPOINTS_FAILED: &str = "checkpointer_checkpoints_failed_total";
+pub const CHECKPOINTS_ABANDONED: &str = "checkpointer_checkpoints_abandoned_total";
+pub const SAVEPOINTS: &str = "checkpointer_savepoints_total";
+pub const CHECKPOINTS_RETAINED: &str = "checkpointer_checkpoints_retained";
+pub const STORE_SIZE_BYTES: &str = "checkpointer_store_size_bytes";
+/// `{kind="checkpoint|savepoint|none",checkpoint_id="..",savepoint=".."} 1`
+pub const RESTORE_INFO: &str = "checkpointer_restore_info";
+pub const RESTORE_DURATION: &str = "checkpointer_restore_duration_seconds";
+pub const RESTORE_FALLBACKS: &str = "checkpointer_restore_fallbacks_total";
 
 /// Every `reason` label value of [`RECORDS_INVALID`] in the service contract.
 pub const INVALID_REASONS: [&str; 9] = [
@@ -81,6 +91,23 @@ impl Metrics {
     pub fn require(&self, name: &str) -> Result<f64> {
         self.sum(name)
             .ok_or_else(|| anyhow!("metric {name} is not exposed; /metrics was:\n{}", self.text))
+    }
+
+    /// The labels of the one series of `name` whose value is 1 (an info metric such as
+    /// [`RESTORE_INFO`]); an error if there is none or more than one.
+    pub fn info(&self, name: &str) -> Result<BTreeMap<String, String>> {
+        let mut set = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name && s.value == 1.0);
+        match (set.next(), set.next()) {
+            (Some(sample), None) => Ok(sample.labels.clone()),
+            (None, _) => bail!("no series of {name} is 1; /metrics was:\n{}", self.text),
+            (Some(_), Some(_)) => bail!(
+                "more than one series of {name} is 1; /metrics was:\n{}",
+                self.text
+            ),
+        }
     }
 
     /// Value of each series of `name` by the value of its label `label`.
@@ -163,6 +190,7 @@ checkpointer_records_invalid_total{reason="bad_key"} 2
 checkpointer_records_invalid_total{reason="invalid_json",x="a \"q\" \\ b"} 3
 checkpointer_checkpoint_duration_seconds_bucket{le="+Inf"} 7
 checkpointer_up 1 1700000000000
+checkpointer_restore_info{kind="savepoint",checkpoint_id="7",savepoint="sp"} 1
 "#;
 
     #[test]
@@ -178,6 +206,10 @@ checkpointer_up 1 1700000000000
         let quoted = &m.samples()[2].labels["x"];
         assert_eq!(quoted, "a \"q\" \\ b");
         assert_eq!(m.sum("checkpointer_up"), Some(1.0));
+        let info = m.info(RESTORE_INFO).unwrap();
+        assert_eq!(info["kind"], "savepoint");
+        assert_eq!(info["checkpoint_id"], "7");
+        assert!(m.info("checkpointer_up_missing").is_err());
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub struct ServiceConfig {
     pub kafka_options: BTreeMap<String, String>,
     /// `kafka.instance_id` (static group membership), if set.
     pub instance_id: Option<String>,
+    /// More keys of the `checkpoint:` section, `key -> value` with the value written verbatim
+    /// as YAML (`"3"`, `"delete"`; quote strings that need it yourself).
+    pub checkpoint_extra: BTreeMap<String, String>,
+    /// Arguments appended to `checkpointer run --config PATH` (e.g. `--restore-from 7`).
+    pub extra_args: Vec<String>,
 }
 
 impl ServiceConfig {
@@ -65,6 +70,8 @@ impl ServiceConfig {
             mode: "exactly_once".to_owned(),
             kafka_options: BTreeMap::new(),
             instance_id: None,
+            checkpoint_extra: BTreeMap::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -114,6 +121,9 @@ impl ServiceConfig {
             human(self.checkpoint_interval)
         ));
         yaml.push_str(&format!("  mode: {}\n", self.mode));
+        for (key, value) in &self.checkpoint_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
         yaml.push_str("http:\n");
         yaml.push_str(&format!("  listen: {}\n", q(&http_listen.to_string())));
         yaml
@@ -164,7 +174,8 @@ fn locate_or_build() -> Result<PathBuf> {
 /// The `checkpointer` binary under test, with its own temp dir holding the config, the state
 /// dir (kept across restarts) and `service.log` (stdout and stderr of every run, appended).
 ///
-/// Dropping it kills a running process; when the test is panicking it also prints the end of
+/// Dropping it kills a running process; when the test is panicking, or the process was never
+/// stopped by the test (it returned an error early), it also prints the config and the end of
 /// the log and keeps the temp dir.
 pub struct Service {
     name: String,
@@ -200,6 +211,16 @@ impl Service {
 
     pub fn config(&self) -> &ServiceConfig {
         &self.config
+    }
+
+    /// The config to use from the next start on (the state dir stays).
+    pub fn config_mut(&mut self) -> &mut ServiceConfig {
+        &mut self.config
+    }
+
+    /// The service's own temp dir (config, log, state dir); a place for a test's other files.
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
     }
 
     /// The checkpoint directory, the same for every start.
@@ -250,6 +271,7 @@ impl Service {
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
+            .args(&self.config.extra_args)
             .current_dir(&self.dir_path)
             .stdin(Stdio::null())
             .stdout(log)
@@ -274,6 +296,104 @@ impl Service {
         self.child = Some(child);
         self.http = Some(http);
         Ok(())
+    }
+
+    /// Replaces this service's state dir with a copy of `source` (another service's stopped
+    /// state dir), e.g. to restore one store in several ways.
+    pub fn copy_state_from(&mut self, source: &Path) -> Result<()> {
+        if self.is_running()? {
+            bail!(
+                "{}: cannot replace the state dir of a running service",
+                self.name
+            );
+        }
+        let target = self.state_dir();
+        if target.exists() {
+            std::fs::remove_dir_all(&target)
+                .with_context(|| format!("removing {}", target.display()))?;
+        }
+        copy_dir(source, &target)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (after `POST /api/stop`, a CLI
+    /// `stop`, or a start that must fail); returns the exit status. On timeout the process is
+    /// killed and an error returned.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                self.child = None;
+                eprintln!(
+                    "[service {}] exited by itself after {:.1?}: {status}",
+                    self.name,
+                    started.elapsed()
+                );
+                return Ok(status);
+            }
+            if self.child.is_none() {
+                bail!("{}: not running", self.name);
+            }
+            if started.elapsed() >= timeout {
+                self.sigkill()?;
+                bail!(
+                    "{}: did not exit within {timeout:?} (killed)\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn addr(&self) -> Result<SocketAddr> {
+        self.http
+            .ok_or_else(|| anyhow!("{}: not started", self.name))
+    }
+
+    /// `http://ADDR` of the current (or last) run, for the CLI's `--url`.
+    pub fn url(&self) -> Result<String> {
+        Ok(format!("http://{}", self.addr()?))
+    }
+
+    /// `GET path` on the admin listener.
+    pub fn get(&self, path: &str) -> Result<http::Response> {
+        http::get(self.addr()?, path, HTTP_TIMEOUT)
+            .with_context(|| format!("{}: GET {path}", self.name))
+    }
+
+    /// `POST path` on the admin listener (empty body).
+    pub fn post(&self, path: &str) -> Result<http::Response> {
+        http::post(self.addr()?, path, HTTP_TIMEOUT)
+            .with_context(|| format!("{}: POST {path}", self.name))
+    }
+
+    /// `DELETE path` on the admin listener.
+    pub fn delete(&self, path: &str) -> Result<http::Response> {
+        http::delete(self.addr()?, path, HTTP_TIMEOUT)
+            .with_context(|| format!("{}: DELETE {path}", self.name))
+    }
+
+    /// `GET path`, which must answer 200 with JSON.
+    pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let response = self.get(path)?;
+        if response.status != 200 {
+            bail!(
+                "{}: GET {path} returned {}: {}",
+                self.name,
+                response.status,
+                response.body.trim()
+            );
+        }
+        Ok(response.json()?)
+    }
+
+    /// The attempts of `GET /api/checkpoints?limit=LIMIT` (newest first), as JSON records.
+    pub fn api_checkpoints(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
+        let page = self.get_json(&format!("/api/checkpoints?limit={limit}"))?;
+        page.get("checkpoints")
+            .and_then(|c| c.as_array())
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: /api/checkpoints without a list: {page}", self.name))
     }
 
     /// Whether the process is running; reaps it if it exited.
@@ -457,6 +577,22 @@ impl Service {
         )
     }
 
+    /// The log of the current (or last) start only: what follows its `===== start #N` line,
+    /// colour codes stripped.
+    pub fn log_since_start(&self) -> String {
+        let text = match std::fs::read(self.log_path()) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(err) => return format!("<cannot read {}: {err}>", self.log_path().display()),
+        };
+        let marker = format!("===== start #{} ", self.starts);
+        let from = text.rfind(&marker).unwrap_or(0);
+        text[from..]
+            .lines()
+            .map(strip_ansi)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Runs `checkpointer check-config --config PATH` on the config this service would use.
     pub fn check_config(&self) -> Result<std::process::Output> {
         let http: SocketAddr = "127.0.0.1:0".parse()?;
@@ -474,12 +610,21 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        // a process the test never stopped (SIGTERM, SIGKILL, wait_exit) means the test gave
+        // up early: an error returned with `?` drops the service before the test panics
+        let abandoned = self.child.is_some();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let panicking = std::thread::panicking();
-        if panicking {
+        let failed = std::thread::panicking() || abandoned;
+        if failed {
+            if abandoned {
+                eprintln!(
+                    "[service {}] dropped without being stopped: the test failed",
+                    self.name
+                );
+            }
             eprintln!(
                 "[service {}] config:\n{}",
                 self.name,
@@ -487,12 +632,34 @@ impl Drop for Service {
             );
             eprintln!("{}", self.log_tail(LOG_TAIL_LINES));
         }
-        if panicking || keep_temp_dirs() {
+        if failed || keep_temp_dirs() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("[service {}] kept {}", self.name, dir.keep().display());
             }
         }
     }
+}
+
+/// Copies the directory tree `source` to `target` (created), files and sub-directories only.
+pub fn copy_dir(source: &Path, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    let entries =
+        std::fs::read_dir(source).with_context(|| format!("listing {}", source.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", source.display()))?;
+        let from = entry.path();
+        let to = target.join(entry.file_name());
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading the type of {}", from.display()))?;
+        if kind.is_dir() {
+            copy_dir(&from, &to)?;
+        } else if kind.is_file() {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`).

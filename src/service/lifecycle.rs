@@ -211,10 +211,12 @@ impl Runtime {
             }
             Err(too_many) => {
                 self.record_failure(id, reason, abandoned);
+                let last_good = match self.last_durable {
+                    Some(i) => format!("checkpoint {i}"),
+                    None => format!("{}, restored at start,", self.admin.restored_from),
+                };
                 bail!(
-                    "{too_many}; stopping. The last good checkpoint ({}) is intact in {}",
-                    self.last_durable
-                        .map_or("none".to_string(), |i| i.to_string()),
+                    "{too_many}; stopping. The last good state ({last_good}) is intact in {}",
                     self.settings.checkpoint.dir.display()
                 )
             }
