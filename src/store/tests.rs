@@ -63,6 +63,14 @@ fn write(store: &Store, c: &Checkpoint, savepoint: Option<&str>) -> Result<Write
     })
 }
 
+/// Flips bits in the last byte of a stored value, as damage from outside would.
+fn damage(store: &Store, key: &[u8]) {
+    let mut raw = store.tree.get(key).expect("get").expect("present").to_vec();
+    let last = raw.len() - 1;
+    raw[last] ^= 0x55;
+    store.tree.insert(key, raw).expect("insert");
+}
+
 fn sorted(mut v: Vec<(StateKey, Entry)>) -> Vec<(StateKey, Entry)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -219,11 +227,7 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
         write(&store, c, None).expect("write");
     }
     // damage the value of a version written by checkpoint 2
-    let vk = codec::version_key(&key(2, 7, "c/d"), 2);
-    let mut raw = store.tree.get(&vk).expect("get").expect("present").to_vec();
-    let last = raw.len() - 1;
-    raw[last] ^= 0x55;
-    store.tree.insert(&vk, raw).expect("insert");
+    damage(&store, &codec::version_key(&key(2, 7, "c/d"), 2));
     for id in [2, 3] {
         match store.load_checkpoint(id) {
             Err(StoreError::Unreadable(u)) => {
@@ -504,11 +508,7 @@ fn a_full_checkpoint_can_be_written_over_a_damaged_version_after_a_fallback() {
     for c in &sample() {
         write(&store, c, None).expect("write");
     }
-    let vk = codec::version_key(&key(2, 7, "c/d"), 2);
-    let mut raw = store.tree.get(&vk).expect("get").expect("present").to_vec();
-    let n = raw.len() - 1;
-    raw[n] ^= 0x55;
-    store.tree.insert(&vk, raw).expect("insert");
+    damage(&store, &codec::version_key(&key(2, 7, "c/d"), 2));
     assert!(store.load_checkpoint(3).is_err());
     let (_, one) = store.load_checkpoint(1).expect("fallback target");
     let next = store.next_id().expect("next");
@@ -529,10 +529,7 @@ fn a_damaged_savepoint_is_left_out_of_the_list_not_fatal() {
     let cps = sample();
     write(&store, &cps[0], Some("old")).expect("write");
     write(&store, &cps[1], Some("new")).expect("write");
-    let k = codec::savepoint_meta_key("old");
-    let mut raw = store.tree.get(&k).expect("get").expect("present").to_vec();
-    raw[5] ^= 1;
-    store.tree.insert(&k, raw).expect("insert");
+    damage(&store, &codec::savepoint_meta_key("old"));
     let names: Vec<String> = store
         .savepoints()
         .expect("list")
