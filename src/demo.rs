@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::epoch_ms;
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
@@ -24,13 +26,6 @@ pub struct DemoOptions {
 
 const EVENTS_TOPIC: &str = "demo-events";
 const KEYS: u64 = 20;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Runs until Ctrl-C / SIGTERM.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
@@ -100,7 +95,7 @@ async fn generate(producer: FutureProducer, rate: u32) {
         for _ in 0..batch {
             let user = next() % KEYS;
             let amount = next() % 100 + 1;
-            let ts = now_ms() - (next() % 1500) as i64;
+            let ts = epoch_ms() - (next() % 1500) as i64;
             let payload = format!(r#"{{"user":"user-{user}","amount":{amount},"ts":{ts}}}"#);
             let key = format!("user-{user}");
             let record = FutureRecord::to(EVENTS_TOPIC).key(&key).payload(&payload);

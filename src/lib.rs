@@ -2,6 +2,7 @@
 //! atomically to sled, resume exactly after redeploys.
 
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod engine;

@@ -69,6 +69,14 @@ fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
     )
 }
 
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets);
     reg(
@@ -121,12 +129,12 @@ impl Metrics {
             checkpoints_abandoned: counter(&r, "checkpointer_checkpoints_abandoned_total", "Checkpoint and savepoint attempts abandoned because they were not durable within checkpoint.timeout."),
             savepoints: counter(&r, "checkpointer_savepoints_total", "Savepoints completed."),
             checkpoints_retained: int_gauge(&r, "checkpointer_checkpoints_retained", "Complete checkpoints the store keeps restorable."),
-            restore_info: reg(&r, IntGaugeVec::new(Opts::new("checkpointer_restore_info", "What the last start restored: kind is checkpoint, savepoint or none; always 1."), &["kind", "checkpoint_id", "savepoint"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
+            restore_info: int_gauge_vec(&r, "checkpointer_restore_info", "What the last start restored: kind is checkpoint, savepoint or none; always 1.", &["kind", "checkpoint_id", "savepoint"]),
             restore_fallbacks: counter(&r, "checkpointer_restore_fallbacks_total", "Snapshots found unreadable at start and skipped for an older one."),
             checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),
             restore_duration: gauge(&r, "checkpointer_restore_duration_seconds", "Time the last start took to restore its checkpoint or savepoint."),
-            consumer_lag: reg(&r, IntGaugeVec::new(Opts::new("checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
-            partition_watermark: reg(&r, IntGaugeVec::new(Opts::new("checkpointer_partition_max_event_time_milliseconds", "Highest event time seen per partition (epoch ms)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
+            consumer_lag: int_gauge_vec(&r, "checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark.", &["topic", "partition"]),
+            partition_watermark: int_gauge_vec(&r, "checkpointer_partition_max_event_time_milliseconds", "Highest event time seen per partition (epoch ms).", &["topic", "partition"]),
             watermark: gauge(&r, "checkpointer_watermark_seconds", "Service event-time watermark (Unix time)."),
             ready: int_gauge(&r, "checkpointer_ready", "1 once state is restored and partitions are assigned."),
             store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the sled checkpoint store occupies on disk."),

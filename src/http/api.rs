@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -15,6 +14,7 @@ use tokio::sync::oneshot;
 use super::page::{PageView, PartitionView, SavepointView};
 use super::{AdminState, Command, CommandError};
 use crate::checkpoint::history::merge_page;
+use crate::clock::epoch_ms;
 use crate::store::{Store, StoreError};
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -192,13 +192,6 @@ pub(super) async fn stop(
         Ok(Err(e)) => command_error(e),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the service is stopping"),
     }
-}
-
-fn epoch_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 pub(super) async fn page_view(state: &AdminState) -> Result<PageView, StoreError> {

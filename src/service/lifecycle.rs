@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::runtime::{epoch_ms, InFlight, Runtime};
+use super::runtime::{InFlight, Runtime};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint::protocol::meta_of;
 use crate::checkpoint::restore::validate_savepoint_name;
 use crate::checkpoint::scheduler::Trigger;
 use crate::checkpoint::writer::{Job, WriteJob, WriteOutcome};
 use crate::checkpoint::Checkpoint;
+use crate::clock::epoch_ms;
 use crate::http::{Command, CommandError, Reply};
 use crate::position::{NextOffset, Partition};
 use crate::source::{self, Source};

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use rdkafka::error::KafkaError;
@@ -29,13 +29,6 @@ use crate::store::{SavepointMeta, Store};
 const TICK: Duration = Duration::from_millis(50);
 /// Minimum time between two identical consumer-error log lines.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-
-pub(super) fn epoch_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 pub(super) struct InFlight {
     pub(super) abandoned: Arc<AtomicBool>,
