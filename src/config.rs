@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::checkpoint::restore::RestoreFrom;
+use crate::checkpoint::{InputSpec, StateSpec};
 use crate::engine::{AggregateKind, FieldSource, TimeSource, WindowDef, WindowKind};
 
 /// Everything that can go wrong while loading or validating configuration. Each variant names
@@ -174,6 +175,10 @@ pub struct CheckpointSettings {
     /// Upper bound on a graceful stop: final checkpoint, emission of the windows it closed.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long a start waits for the store lock held by another process (an old instance
+    /// still shutting down on the same volume) before it gives up.
+    #[serde(default = "default_lock_wait", with = "humantime_serde")]
+    pub lock_wait: Duration,
     /// Complete checkpoints kept restorable; older ones are removed.
     #[serde(default = "default_retained")]
     pub retained: usize,
@@ -189,6 +194,10 @@ pub struct CheckpointSettings {
     /// Checkpoint and savepoint attempts kept in the history.
     #[serde(default = "default_history")]
     pub history: u64,
+    /// Start even when restored state no longer fits the configuration, dropping the open
+    /// windows that do not (Flink's allowNonRestoredState). Off: such a start is refused.
+    #[serde(default)]
+    pub allow_non_restored_state: bool,
 }
 
 /// `checkpoint.on_cancel`: Flink's RETAIN_ON_CANCELLATION / DELETE_ON_CANCELLATION.
@@ -256,6 +265,9 @@ fn default_tolerable_failures() -> u32 {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_lock_wait() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_retained() -> usize {
     3
@@ -499,6 +511,19 @@ impl Settings {
                 format!("`{other}` must be `$timestamp` or a JSON pointer starting with `/`"),
             )),
         }
+    }
+
+    /// What checkpoints made under this configuration record about their state.
+    pub fn state_spec(&self) -> Result<StateSpec, ConfigError> {
+        Ok(StateSpec {
+            windows: self.window_defs()?,
+            aggregates: self.aggregates.clone(),
+            input: Some(InputSpec {
+                key: self.input.key.clone(),
+                timestamp: self.input.timestamp.clone(),
+                value: self.input.value.clone(),
+            }),
+        })
     }
 
     /// The window definitions in engine form (milliseconds), checked.

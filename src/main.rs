@@ -49,6 +49,21 @@ enum Command {
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
         config: PathBuf,
     },
+    /// Pre-flight for an upgrade or a config change: what starting with NEW.yaml would restore
+    /// from the checkpoint directory and what happens to each window, aggregate and topic.
+    /// Changes nothing. Exit 0: the start would go ahead; 1: it would be refused (or the
+    /// store cannot be read); 2: bad configuration.
+    CheckRestore {
+        /// The new configuration.
+        #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
+        config: PathBuf,
+        /// Checkpoint directory of the stopped instance (default: checkpoint.dir of the config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// What the start would restore (overrides checkpoint.restore_from).
+        #[arg(long)]
+        restore_from: Option<RestoreFrom>,
+    },
     /// Inspect the checkpoints of a stopped instance's checkpoint.dir (read-only).
     Checkpoints {
         #[command(subcommand)]
@@ -181,6 +196,34 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
+        Command::CheckRestore {
+            config,
+            dir,
+            restore_from,
+        } => {
+            let mut settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            if let Some(from) = restore_from {
+                settings.checkpoint.restore_from = from;
+            }
+            let dir = dir.unwrap_or_else(|| settings.checkpoint.dir.clone());
+            match checkpointer::service::preflight(&settings, &dir) {
+                Ok(p) => {
+                    print!("{}", p.text);
+                    if p.would_start {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("checkpointer: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Checkpoints { action } => report(checkpoints(action)),
         Command::Savepoint(args) => report(savepoint(args)),
         Command::Stop {

@@ -31,17 +31,14 @@ fn run(args: &[&str], yaml: &str, env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run checkpointer")
 }
 
-/// `checkpointer run` with the valid configuration pointed at `state`; returns once it exits.
-fn run_on_state(dir: &Path, state: &Path) -> Output {
-    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
+/// The valid configuration pointed at `state` (with `extra` checkpoint settings), written to
+/// `dir`; returns its path.
+fn state_config(dir: &Path, state: &Path, extra: &str) -> std::path::PathBuf {
+    let yaml = VALID.replace("dir: ./state", &format!("{extra}dir: {}", state.display()))
         + "http: { listen: 127.0.0.1:0 }\n";
     let path = dir.join("c.yaml");
     std::fs::write(&path, yaml).expect("write");
-    Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run")
+    path
 }
 
 fn write(
@@ -86,6 +83,7 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
                     kind: WindowKind::Tumbling { size: 60_000 },
                 }],
                 aggregates: vec![AggregateKind::Count],
+                input: None,
             },
             delta: StateDelta {
                 full: id == 1,
@@ -184,58 +182,339 @@ fn missing_file_exits_2() {
 }
 
 #[test]
-fn second_process_on_the_same_state_dir_gets_a_clear_error() {
+fn a_start_waits_a_bounded_time_for_a_locked_store_then_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     // hold the store the way a running instance does
     let _held = checkpointer::store::Store::open(&state).expect("open store");
-    let out = run_on_state(dir.path(), &state);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
+        + "http: { listen: 127.0.0.1:0 }\n";
+    let yaml = yaml.replace("checkpoint: { dir:", "checkpoint: { lock_wait: 2s, dir:");
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("CHECKPOINTER_CONFIG")
+        .output()
+        .expect("run");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        stderr(&out).contains("in use by another checkpointer process"),
-        "{}",
-        stderr(&out)
+        err.contains("locked by another process") && err.contains("waiting for it"),
+        "the wait is logged: {err}"
+    );
+    assert!(
+        err.contains("stayed locked by another process") && err.contains("checkpoint.lock_wait"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "gave up before lock_wait"
     );
 }
 
 #[test]
-fn state_made_under_other_windows_is_refused_at_start() {
-    use checkpointer::checkpoint::{Checkpoint, StateSpec};
-    use checkpointer::engine::{AggregateKind, StateDelta, WindowDef, WindowKind};
+fn a_start_takes_the_store_over_once_the_old_process_lets_go() {
+    use std::io::Read as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    {
-        let store = checkpointer::store::Store::open(&state).expect("open store");
-        let cp = Checkpoint {
-            id: 3,
-            base: None,
-            trigger_ms: 0,
-            spec: StateSpec {
-                windows: vec![WindowDef {
-                    name: "minute".into(),
-                    kind: WindowKind::Tumbling { size: 30_000 },
-                }],
-                aggregates: vec![AggregateKind::Count],
-            },
-            delta: StateDelta {
-                full: true,
-                partitions: vec![],
-                watermark: None,
-                upserts: vec![],
-                deletes: vec![],
-                records: 0,
-            },
-        };
-        write(&store, &cp, None);
+    let held = checkpointer::store::Store::open(&state).expect("open store");
+    let path = state_config(dir.path(), &state, "");
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("CHECKPOINTER_CONFIG")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let read_log = || {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    };
+    let wait_for = |needle: &str, child: &mut std::process::Child| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !read_log().contains(needle) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "exited ({status}) before logging {needle:?}: {}",
+                    read_log()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in {}",
+                read_log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for("waiting for it", &mut child);
+    // the old instance finishes its shutdown
+    drop(held);
+    wait_for("no checkpoint restored, starting empty", &mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A configuration matching the golden fixture of store format 2 (`fixtures/state/v2`), with
+/// `edit` applied to the YAML.
+fn fixture_config(state: &Path, edit: &dyn Fn(String) -> String) -> String {
+    let yaml = format!(
+        r#"
+kafka: {{ brokers: "127.0.0.1:9", group_id: g, topics: [events] }}
+input: {{ key: /user, value: /amount, timestamp: /ts }}
+windows:
+  - {{ name: per_minute, type: tumbling, size: 1m }}
+  - {{ name: sessions, type: session, gap: 30s }}
+aggregates: [count, sum, max]
+output: {{ topic: out }}
+checkpoint: {{ dir: {} }}
+http: {{ listen: "127.0.0.1:0" }}
+"#,
+        state.display()
+    );
+    edit(yaml)
+}
+
+/// A copy of the format 2 fixture store: checkpoint 3 holds one open per_minute window, two
+/// open sessions and one final per_minute window.
+fn fixture_store(dir: &Path) -> std::path::PathBuf {
+    fixture_store_of(dir, 2)
+}
+
+/// A copy of the fixture store of format `version` (the same state in every format).
+fn fixture_store_of(dir: &Path, version: u32) -> std::path::PathBuf {
+    let state = dir.join("state");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/state/v{version}/store")),
+        &state,
+    );
+    state
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for item in std::fs::read_dir(from).expect("read fixture") {
+        let item = item.expect("entry");
+        let target = to.join(item.file_name());
+        if item.file_type().expect("type").is_dir() {
+            copy_tree(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), &target).expect("copy");
+        }
     }
-    let out = run_on_state(dir.path(), &state);
+}
+
+fn check_restore(dir: &Path, yaml: &str, env: &[(&str, &str)]) -> Output {
+    let path = dir.join("new.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkpointer"));
+    cmd.args(["check-restore", "--config"]).arg(&path);
+    cmd.env_remove("CHECKPOINTER_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run check-restore")
+}
+
+fn still_format_2(state: &Path) -> bool {
+    matches!(
+        checkpointer::store::Store::open_with(state, checkpointer::store::Migrate::Refuse),
+        Err(checkpointer::store::StoreError::NeedsMigration { found: 2, .. })
+    )
+}
+
+#[test]
+fn check_restore_reports_an_unchanged_configuration_as_kept_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = fixture_store(dir.path());
+    let out = check_restore(dir.path(), &fixture_config(&state, &|y| y), &[]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    for needle in [
+        "would restore checkpoint 3",
+        "per_minute",
+        "[1 open windows]",
+        "[2 open windows]",
+        "events",
+        "format 2",
+        "verdict: the start would go ahead",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains("incompatible"), "{text}");
+    assert!(
+        still_format_2(&state),
+        "check-restore must not migrate the store"
+    );
+}
+
+#[test]
+fn check_restore_gives_each_kind_of_change_its_verdict() {
+    type Edit = Box<dyn Fn(String) -> String>;
+    let cases: Vec<(&str, Edit, i32, Vec<&str>)> = vec![
+        (
+            "session gap changed",
+            Box::new(|y| y.replace("gap: 30s", "gap: 10s")),
+            1,
+            vec![
+                "incompatible (was session gap 30s, now session gap 10s) [2 open windows]",
+                "the start would be refused: 2 open windows",
+            ],
+        ),
+        (
+            "window type changed",
+            Box::new(|y| {
+                y.replace(
+                    "type: tumbling, size: 1m",
+                    "type: hopping, size: 1m, hop: 30s",
+                )
+            }),
+            1,
+            vec![
+                "incompatible (was tumbling 1m, now hopping 1m every 30s) [1 open windows]",
+                "refused: 1 open windows",
+            ],
+        ),
+        (
+            "key field changed",
+            Box::new(|y| y.replace("key: /user", "key: /account")),
+            1,
+            vec![
+                "input.key changed from /user to /account",
+                "refused: 3 open windows",
+            ],
+        ),
+        (
+            "timestamp field changed",
+            Box::new(|y| y.replace("timestamp: /ts", "timestamp: $timestamp")),
+            1,
+            vec!["input.timestamp changed from /ts to $timestamp"],
+        ),
+        (
+            "window removed",
+            Box::new(|y| y.replace("  - { name: sessions, type: session, gap: 30s }\n", "")),
+            1,
+            vec![
+                "sessions",
+                "incompatible (no longer configured) [2 open windows]",
+            ],
+        ),
+        (
+            "window added and windows reordered",
+            Box::new(|y| {
+                y.replace(
+                "  - { name: per_minute, type: tumbling, size: 1m }\n  - { name: sessions, type: session, gap: 30s }\n",
+                "  - { name: sessions, type: session, gap: 30s }\n  - { name: hourly, type: tumbling, size: 1h }\n  - { name: per_minute, type: tumbling, size: 1m }\n",
+            )
+            }),
+            0,
+            vec![
+                "hourly",
+                "started empty",
+                "migrated (moved from position 1 to 3)",
+                "migrated (moved from position 2 to 1)",
+                "the start would go ahead",
+            ],
+        ),
+        (
+            "aggregate added and removed",
+            Box::new(|y| y.replace("aggregates: [count, sum, max]", "aggregates: [count, mean]")),
+            0,
+            vec![
+                "mean",
+                "migrated (computed from the stored accumulators)",
+                "max",
+                "dropped (no longer configured)",
+            ],
+        ),
+        (
+            "topic removed and added",
+            Box::new(|y| y.replace("topics: [events]", "topics: [orders]")),
+            0,
+            vec![
+                "events",
+                "dropped (no longer subscribed: its offsets are not resumed) [2 partitions]",
+                "orders",
+                "started empty",
+            ],
+        ),
+    ];
+    for (name, edit, code, needles) in cases {
+        // format 2 did not record the input fields: changes of those are judged on format 3
+        let versions: &[u32] = if name.contains("field") {
+            &[3]
+        } else {
+            &[2, 3]
+        };
+        for &version in versions {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let state = fixture_store_of(dir.path(), version);
+            let out = check_restore(dir.path(), &fixture_config(&state, &edit), &[]);
+            let text = stdout(&out);
+            let name = format!("{name} (format {version})");
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "{name}:\n{text}{}",
+                stderr(&out)
+            );
+            for needle in &needles {
+                assert!(
+                    text.contains(needle),
+                    "{name}: missing {needle:?} in\n{text}"
+                );
+            }
+            if version == 2 {
+                assert!(
+                    still_format_2(&state),
+                    "{name}: check-restore must not migrate the store"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_incompatible_start_is_refused_untouched_unless_non_restored_state_is_allowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = fixture_store(dir.path());
+    let yaml = fixture_config(&state, &|y| y.replace("gap: 30s", "gap: 10s"));
+    let path = dir.path().join("new.yaml");
+    std::fs::write(&path, &yaml).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("CHECKPOINTER_CONFIG")
+        .output()
+        .expect("run");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("checkpoint 3")
-            && err.contains("minute: tumbling 30000ms")
-            && err.contains("minute: tumbling 60000ms"),
+        err.contains(
+            "checkpoint 3 does not fit the configuration: 2 open windows would be dropped"
+        ) && err.contains("allow_non_restored_state")
+            && err.contains("was session gap 30s, now session gap 10s"),
         "{err}"
+    );
+    assert!(
+        still_format_2(&state),
+        "a refused start leaves the store to the build that wrote it"
+    );
+
+    let allow = [("CHECKPOINTER_CHECKPOINT__ALLOW_NON_RESTORED_STATE", "true")];
+    let out = check_restore(dir.path(), &yaml, &allow);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("the start would go ahead and drop 2 open windows"),
+        "{text}"
     );
 }
 

@@ -2,6 +2,7 @@
 //! (`scheduler`, pure), what to restore at start (`restore`, pure), the record of attempts
 //! (`history`), and the background task that makes them durable (`writer`).
 
+pub mod compat;
 pub mod history;
 pub mod protocol;
 pub mod restore;
@@ -9,7 +10,7 @@ pub mod scheduler;
 pub mod writer;
 
 pub use protocol::{
-    ApplyError, Checkpoint, CheckpointMeta, MaterializedState, SpecMismatch, StateSpec,
+    ApplyError, Checkpoint, CheckpointMeta, InputSpec, MaterializedState, StateSpec,
 };
 pub use restore::{RestoreFrom, Snapshot};
 pub use scheduler::{Scheduler, SchedulerSettings, TooManyFailures};

@@ -70,7 +70,7 @@ pub struct RestoredState {
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error(
-        "checkpoint holds state of window #{window}, but only {defined} windows are configured"
+        "checkpoint holds open windows of window #{window}, but only {defined} windows are configured"
     )]
     UnknownWindow { window: u16, defined: usize },
 }
@@ -131,15 +131,19 @@ impl Engine {
         }
         engine.marks.set_current(state.watermark);
         for (id, entry) in state.entries {
-            let defined = engine.stores.len();
-            let store = engine.stores.get_mut(usize::from(id.window)).ok_or(
-                RestoreError::UnknownWindow {
-                    window: id.window,
-                    defined,
-                },
-            )?;
             match entry.status {
-                EntryStatus::Open => store.restore(id.start, id.key, entry.end, entry.acc),
+                EntryStatus::Open => {
+                    let defined = engine.stores.len();
+                    let store = engine.stores.get_mut(usize::from(id.window)).ok_or(
+                        RestoreError::UnknownWindow {
+                            window: id.window,
+                            defined,
+                        },
+                    )?;
+                    store.restore(id.start, id.key, entry.end, entry.acc)
+                }
+                // final windows need no definition: they are emitted as they are (also those of
+                // windows no longer configured, under their old name)
                 EntryStatus::Closed => {
                     engine.emit_queue.push(ClosedWindow {
                         id: id.clone(),

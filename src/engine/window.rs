@@ -38,6 +38,19 @@ pub fn hopping_starts(ts: i64, size: i64, hop: i64) -> impl Iterator<Item = i64>
 }
 
 impl WindowKind {
+    /// `tumbling 1m`, `hopping 1m every 10s`, `session gap 30s`.
+    pub fn describe(&self) -> String {
+        let d = |ms: i64| {
+            humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64))
+                .to_string()
+        };
+        match *self {
+            WindowKind::Tumbling { size } => format!("tumbling {}", d(size)),
+            WindowKind::Hopping { size, hop } => format!("hopping {} every {}", d(size), d(hop)),
+            WindowKind::Session { gap } => format!("session gap {}", d(gap)),
+        }
+    }
+
     /// The fixed length of the window, `None` for sessions.
     pub fn size(&self) -> Option<i64> {
         match *self {

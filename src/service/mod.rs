@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
 
+use crate::checkpoint::compat::Target;
 use crate::checkpoint::history::History;
 use crate::checkpoint::scheduler::SchedulerSettings;
 use crate::checkpoint::writer;
@@ -22,8 +23,129 @@ use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
-use crate::store::{Retention, Store};
+use crate::store::{Migrate, Retention, Store, StoreError, FORMAT_VERSION};
 use runtime::Runtime;
+
+/// What `check-restore` found.
+pub struct Preflight {
+    pub text: String,
+    /// Whether a start with this configuration would go ahead.
+    pub would_start: bool,
+}
+
+/// `check-restore`: what a start with `settings` would restore from `dir` and what the new
+/// configuration does to it. Reads only: an older format is checked on a migrated copy.
+pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<Preflight> {
+    let spec = settings.state_spec()?;
+    let c = &settings.checkpoint;
+    let request = restore::Request {
+        from: &c.restore_from,
+        prefer_checkpoint: c.prefer_checkpoint_for_recovery,
+        target: Target {
+            spec: &spec,
+            topics: &settings.kafka.topics,
+            auto_offset_reset: settings.kafka.auto_offset_reset.as_str(),
+        },
+        allow_non_restored_state: c.allow_non_restored_state,
+    };
+    let store = Store::inspect(dir)?;
+    let head = format!("checkpoint.dir {}", dir.display());
+    match restore::restore(&store, &request, &Metrics::new()) {
+        Ok(restored) => {
+            let Some(report) = &restored.report else {
+                return Ok(Preflight {
+                    text: format!(
+                        "{head}: nothing to restore (restore_from: {}); the start would begin empty\n",
+                        c.restore_from
+                    ),
+                    would_start: true,
+                });
+            };
+            let dropped = report.incompatible_open_windows();
+            let verdict = if dropped > 0 {
+                format!("the start would go ahead and drop {dropped} open windows (checkpoint.allow_non_restored_state is true)")
+            } else {
+                "the start would go ahead".to_string()
+            };
+            Ok(Preflight {
+                text: format!(
+                    "{head}: would restore {}\n{report}verdict: {verdict}\n",
+                    restored.describe()
+                ),
+                would_start: true,
+            })
+        }
+        Err(e) => match e.downcast::<restore::Incompatible>() {
+            Ok(inc) => Ok(Preflight {
+                text: format!(
+                    "{head}: would restore {}\n{}verdict: the start would be refused: {} open windows do not fit the new configuration; keep the previous configuration for them, or set checkpoint.allow_non_restored_state: true to drop them\n",
+                    inc.snapshot, inc.report, inc.open
+                ),
+                would_start: false,
+            }),
+            Err(other) => Err(other),
+        },
+    }
+}
+
+/// Opens the store, waiting up to `wait` for a lock another process holds: an old instance on
+/// the same volume may still be writing its final checkpoint. Logged while it waits.
+fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Store, StoreError> {
+    let started = Instant::now();
+    let mut next_log = started;
+    loop {
+        match Store::open_with(dir, Migrate::Refuse) {
+            Err(StoreError::Locked { path }) => {
+                let waited = started.elapsed();
+                if waited >= wait {
+                    return Err(StoreError::LockTimeout { path, waited });
+                }
+                if Instant::now() >= next_log {
+                    tracing::warn!(dir = %path.display(), waited_s = waited.as_secs(), limit_s = wait.as_secs(), "checkpoint store is locked by another process (an instance still shutting down?); waiting for it");
+                    next_log = Instant::now() + Duration::from_secs(10);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens the store and restores from it. A store of an older format is checked on a migrated
+/// temporary copy first, so a start that is refused leaves it readable by the build that wrote
+/// it; only a start that goes ahead migrates it.
+fn open_and_restore(
+    settings: &Settings,
+    spec: &StateSpec,
+    retention: Retention,
+    metrics: &Metrics,
+) -> anyhow::Result<(Store, restore::Restored)> {
+    let dir = &settings.checkpoint.dir;
+    let c = &settings.checkpoint;
+    let request = restore::Request {
+        from: &c.restore_from,
+        prefer_checkpoint: c.prefer_checkpoint_for_recovery,
+        target: Target {
+            spec,
+            topics: &settings.kafka.topics,
+            auto_offset_reset: settings.kafka.auto_offset_reset.as_str(),
+        },
+        allow_non_restored_state: c.allow_non_restored_state,
+    };
+    let store = match open_waiting(dir, c.lock_wait) {
+        Err(StoreError::NeedsMigration { found, .. }) => {
+            tracing::info!(dir = %dir.display(), found, current = FORMAT_VERSION, "the checkpoint store has an older format; checking a migrated copy before migrating it");
+            let copy = Store::inspect(dir)?;
+            restore::restore(&copy, &request, &Metrics::new())?;
+            drop(copy);
+            Store::open_with(dir, Migrate::InPlace)?
+        }
+        other => other?,
+    }
+    .with_retention(retention);
+    let restored = restore::restore(&store, &request, metrics)?;
+    Ok((store, restored))
+}
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for w in settings.warnings() {
@@ -31,16 +153,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::new());
     let restore_started = Instant::now();
-    let dir = settings.checkpoint.dir.clone();
     let retention = Retention {
         checkpoints: settings.checkpoint.retained,
         history: settings.checkpoint.history,
     };
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .context("store open task")??
-        .with_retention(retention);
-    let store = Arc::new(store);
     let windows = settings.window_defs()?;
     let engine_cfg = EngineConfig {
         windows: windows.clone(),
@@ -48,22 +164,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         allowed_lateness: duration_ms(settings.watermark.allowed_lateness),
         hold_until_checkpoint: settings.checkpoint.mode == CheckpointMode::ExactlyOnce,
     };
-    let spec = StateSpec {
-        windows: windows.clone(),
-        aggregates: settings.aggregates.clone(),
-    };
-    let restored = {
-        let store = store.clone();
-        let from = settings.checkpoint.restore_from.clone();
-        let prefer = settings.checkpoint.prefer_checkpoint_for_recovery;
+    let spec = settings.state_spec()?;
+    let (store, mut restored) = {
+        let settings = settings.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
-        tokio::task::spawn_blocking(move || {
-            restore::restore(&store, &from, prefer, &spec, &metrics)
-        })
-        .await
-        .context("restore task")??
+        tokio::task::spawn_blocking(move || open_and_restore(&settings, &spec, retention, &metrics))
+            .await
+            .context("restore task")??
     };
+    restored.apply_report(&metrics);
+    let store = Arc::new(store);
     let engine = match (&restored.meta, restored.state.clone()) {
         (Some(meta), Some(state)) => {
             let entries = state.entries.len();
@@ -135,7 +246,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         source::base_client(&k.brokers, &k.options),
         SinkSettings {
             topic: settings.output.topic.clone(),
-            window_names: windows.iter().map(|w| w.name.clone()).collect(),
+            window_names: windows
+                .iter()
+                .map(|w| w.name.clone())
+                .chain(
+                    restored
+                        .report
+                        .iter()
+                        .flat_map(|r| r.retired_names().iter().cloned()),
+                )
+                .collect(),
             aggregates: settings.aggregates.clone(),
         },
         metrics.clone(),

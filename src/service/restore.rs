@@ -1,10 +1,13 @@
 //! Carrying out the restore plan at start: read the chosen snapshot, fall back to older ones
-//! where the plan allows it (with a warning and a metric), never start empty silently.
+//! where the plan allows it (with a warning and a metric), never start empty silently; then
+//! check it against the configuration (`compat`) and refuse, or drop what no longer fits when
+//! `checkpoint.allow_non_restored_state` allows it.
 
 use anyhow::{bail, Context as _};
 
+use crate::checkpoint::compat::{self, Report, Target};
 use crate::checkpoint::restore::{plan, Available, RestoreFrom, Snapshot};
-use crate::checkpoint::{CheckpointMeta, StateSpec};
+use crate::checkpoint::CheckpointMeta;
 use crate::engine::RestoredState;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -18,6 +21,25 @@ pub struct Restored {
     pub head: Option<u64>,
     /// The first checkpoint id not used yet.
     pub next_id: u64,
+    /// How the snapshot fits the configuration.
+    pub report: Option<Report>,
+}
+
+/// What to restore and under which configuration.
+pub struct Request<'a> {
+    pub from: &'a RestoreFrom,
+    pub prefer_checkpoint: bool,
+    pub target: Target<'a>,
+    pub allow_non_restored_state: bool,
+}
+
+/// A start refused because restored state does not fit the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{snapshot} does not fit the configuration: {open} open windows would be dropped. Nothing was changed. Keep the previous configuration, or set checkpoint.allow_non_restored_state: true to drop them. What restoring it would do:\n{report}")]
+pub struct Incompatible {
+    pub snapshot: Snapshot,
+    pub open: u64,
+    pub report: Report,
 }
 
 impl Restored {
@@ -47,15 +69,12 @@ pub fn available(store: &Store) -> Result<Available, StoreError> {
     })
 }
 
-pub fn restore(
-    store: &Store,
-    from: &RestoreFrom,
-    prefer_checkpoint: bool,
-    spec: &StateSpec,
-    metrics: &Metrics,
-) -> anyhow::Result<Restored> {
+/// Loads what the plan chooses and checks it against the configuration, without changing it
+/// (`check-restore`, and the first step of a start).
+pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::Result<Restored> {
+    let from = req.from;
     let available = available(store)?;
-    let plan = plan(from, prefer_checkpoint, &available)?;
+    let plan = plan(from, req.prefer_checkpoint, &available)?;
     let next_id = store.next_id()?;
     let store_head = store.head()?;
     let mut skipped: Vec<String> = Vec::new();
@@ -81,9 +100,20 @@ pub fn restore(
             }
             Err(e) => return Err(e.into()),
         };
-        meta.spec.check_restorable(spec, meta.id)?;
+        let report = compat::assess(&meta.spec, &state, req.target);
+        if report.refuses() && !req.allow_non_restored_state {
+            return Err(Incompatible {
+                snapshot: candidate.clone(),
+                open: report.incompatible_open_windows(),
+                report,
+            }
+            .into());
+        }
+        // a restore that changed the state starts a new line: the next checkpoint is full
         let head = match candidate {
-            Snapshot::Checkpoint(id) if store_head == Some(*id) => Some(*id),
+            Snapshot::Checkpoint(id) if store_head == Some(*id) && !report.changes_state() => {
+                Some(*id)
+            }
             _ => None,
         };
         return Ok(Restored {
@@ -92,6 +122,7 @@ pub fn restore(
             state: Some(state),
             head,
             next_id,
+            report: Some(report),
         });
     }
     if !skipped.is_empty() {
@@ -107,5 +138,39 @@ pub fn restore(
         state: None,
         head: None,
         next_id,
+        report: None,
     })
+}
+
+impl Restored {
+    /// Applies the compatibility report to the loaded state, logging and counting what it
+    /// drops.
+    pub fn apply_report(&mut self, metrics: &Metrics) {
+        let (Some(report), Some(state)) = (&self.report, self.state.take()) else {
+            return;
+        };
+        let applied = report.apply(state);
+        for line in report.windows.iter().chain(&report.topics) {
+            if let compat::Verdict::Incompatible(why) | compat::Verdict::Dropped(why) =
+                &line.verdict
+            {
+                if line.stored > 0 {
+                    tracing::warn!(part = %line.subject, stored = line.stored, reason = %why, "state not restored");
+                }
+            }
+        }
+        if applied.dropped_entries > 0 {
+            tracing::warn!(
+                entries = applied.dropped_entries,
+                "dropped open windows that no longer fit the configuration (checkpoint.allow_non_restored_state)"
+            );
+        }
+        metrics
+            .restore_dropped_entries
+            .inc_by(applied.dropped_entries);
+        metrics
+            .restore_dropped_partitions
+            .inc_by(applied.dropped_partitions);
+        self.state = Some(applied.state);
+    }
 }

@@ -28,7 +28,7 @@ pub mod v1 {
 }
 
 /// Version of everything this build writes. Bump with a migration when the layout changes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 fn i64_sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()

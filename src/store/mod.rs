@@ -6,6 +6,7 @@
 //! that retention never touches (`savepoints`); `portable` is their export file format.
 
 mod codec;
+mod legacy;
 mod migrate;
 pub mod portable;
 mod savepoints;
@@ -32,6 +33,8 @@ const LOCK_GRACE: Duration = Duration::from_secs(1);
 pub enum StoreError {
     #[error("checkpoint directory {path} is in use by another checkpointer process (sled lock held); stop it, or use the running instance's HTTP API")]
     Locked { path: PathBuf },
+    #[error("checkpoint directory {path} stayed locked by another process for {waited:?} (checkpoint.lock_wait); if no other instance uses this volume, find the process holding it")]
+    LockTimeout { path: PathBuf, waited: Duration },
     #[error("cannot open checkpoint store at {path}: {source}")]
     Open {
         path: PathBuf,
@@ -40,12 +43,14 @@ pub enum StoreError {
     },
     #[error("no checkpoint store at {path}")]
     Missing { path: PathBuf },
-    #[error("checkpoint store at {path} has format version {found}; this build reads versions up to {supported}")]
+    #[error("checkpoint store at {path} has format version {found}, written by a newer build; this build reads versions up to {supported} and will not guess at a newer layout. Run the newer build, or restore a savepoint exported before the upgrade (docs/upgrades.md)")]
     UnsupportedFormat {
         path: PathBuf,
         found: u32,
         supported: u32,
     },
+    #[error("checkpoint store at {path} has format version {found} and needs a migration to {FORMAT_VERSION}")]
+    NeedsMigration { path: PathBuf, found: u32 },
     #[error("checkpoint store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("checkpoint {checkpoint_id} cannot be applied: {source}")]
@@ -92,6 +97,15 @@ pub struct Retained {
     pub live_entries: u64,
 }
 
+/// What opening a store of an older format does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrate {
+    /// Migrate it to the current format (then earlier builds can no longer read it).
+    InPlace,
+    /// Leave it as it is and report `NeedsMigration`.
+    Refuse,
+}
+
 /// How much the store keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -121,24 +135,64 @@ impl Store {
     /// Opens (or creates) the store at `path`, migrating an older layout. Fails fast with
     /// `Locked` if another process holds it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, Migrate::InPlace)
+    }
+
+    /// Like `open`; with `Migrate::Refuse` an older format is reported as `NeedsMigration`
+    /// and left untouched.
+    pub fn open_with(path: &Path, migrate: Migrate) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             source: sled::Error::Io(e),
         })?;
         let store = Self::open_existing_dir(path)?;
-        store.check_version()?;
+        store.check_version(migrate)?;
         Ok(store)
+    }
+
+    /// A read view of the store at `path` in the current format that never changes `path`: the
+    /// store itself when it has the current format, else a migrated temporary copy (which
+    /// disappears when dropped). For pre-flight checks that must leave an older build's store
+    /// readable by that build.
+    pub fn inspect(path: &Path) -> Result<Store, StoreError> {
+        match Self::open_existing_checked(path, Migrate::Refuse) {
+            Err(StoreError::NeedsMigration { .. }) => {}
+            other => return other,
+        }
+        let original = Self::open_existing_dir(path)?;
+        let db = sled::Config::new()
+            .temporary(true)
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("checkpoints")?;
+        for item in original.tree.iter() {
+            let (k, v) = item?;
+            tree.insert(k, v)?;
+        }
+        drop(original);
+        let copy = Store {
+            path: path.to_path_buf(),
+            db,
+            tree,
+            retention: Retention::default(),
+        };
+        copy.check_version(Migrate::InPlace)?;
+        Ok(copy)
     }
 
     /// Opens a store that must already exist (offline commands): never creates one.
     pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
+        Self::open_existing_checked(path, Migrate::InPlace)
+    }
+
+    fn open_existing_checked(path: &Path, migrate: Migrate) -> Result<Store, StoreError> {
         if !path.join("conf").exists() && !path.join("db").exists() {
             return Err(StoreError::Missing {
                 path: path.to_path_buf(),
             });
         }
         let store = Self::open_existing_dir(path)?;
-        store.check_version()?;
+        store.check_version(migrate)?;
         Ok(store)
     }
 
@@ -178,7 +232,7 @@ impl Store {
         self
     }
 
-    fn check_version(&self) -> Result<(), StoreError> {
+    fn check_version(&self, migrate: Migrate) -> Result<(), StoreError> {
         match self.tree.get(META_VERSION)? {
             Some(raw) => {
                 let found = <[u8; 4]>::try_from(raw.as_ref())
@@ -186,7 +240,13 @@ impl Store {
                     .map_err(|_| self.corrupt("format version key is malformed"))?;
                 match found {
                     FORMAT_VERSION => {}
-                    1 => migrate::from_v1(self)?,
+                    1..FORMAT_VERSION if migrate == Migrate::Refuse => {
+                        return Err(StoreError::NeedsMigration {
+                            path: self.path.clone(),
+                            found,
+                        })
+                    }
+                    1..FORMAT_VERSION => migrate::upgrade(self, found)?,
                     _ => {
                         return Err(StoreError::UnsupportedFormat {
                             path: self.path.clone(),
@@ -362,3 +422,6 @@ impl Store {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden;

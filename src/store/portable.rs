@@ -2,20 +2,22 @@
 //! checksummed so that a truncated or altered file is refused rather than restored.
 //!
 //! Layout: `CHKPTSAV` magic, format version (u32 BE), body length (u64 BE), the body (postcard:
-//! savepoint metadata with offsets, watermark and window/aggregate spec, then the entries), and a
-//! CRC-32 (u32 BE) of everything before it.
+//! savepoint metadata with offsets, watermark and state spec, then the entries), and a CRC-32
+//! (u32 BE) of everything before it. Version 1 (store format 2) files are read and converted;
+//! newer versions are refused.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::legacy::PortableV1;
 use super::SavepointMeta;
 use crate::engine::{Entry, StateKey};
 
 const MAGIC: &[u8; 8] = b"CHKPTSAV";
-/// Version of the file format this build writes and reads.
-pub const FILE_VERSION: u32 = 1;
+/// Version of the file format this build writes; it reads this one and every earlier one.
+pub const FILE_VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum PortableError {
     },
     #[error("{path} is not a checkpointer savepoint file")]
     NotASavepoint { path: PathBuf },
-    #[error("{path} is a savepoint file of format version {found}; this build reads version {FILE_VERSION}")]
+    #[error("{path} is a savepoint file of format version {found}, written by a newer build; this build reads versions up to {FILE_VERSION}")]
     UnsupportedVersion { path: PathBuf, found: u32 },
     #[error("{path} is truncated: {found} bytes, the header announces {expected}")]
     Truncated {
@@ -88,7 +90,7 @@ pub fn decode(raw: &[u8], path: &Path) -> Result<Portable, PortableError> {
         .get(..HEADER)
         .ok_or_else(|| truncated(HEADER as u64 + 4))?;
     let version = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
-    if version != FILE_VERSION {
+    if version == 0 || version > FILE_VERSION {
         return Err(PortableError::UnsupportedVersion {
             path,
             found: version,
@@ -107,7 +109,15 @@ pub fn decode(raw: &[u8], path: &Path) -> Result<Portable, PortableError> {
     if crc32fast::hash(&raw[..end]) != u32::from_be_bytes(crc) {
         return Err(PortableError::Checksum { path });
     }
-    postcard::from_bytes(&raw[HEADER..end]).map_err(|source| PortableError::Decode { path, source })
+    let body = &raw[HEADER..end];
+    let decoded = match version {
+        1 => postcard::from_bytes::<PortableV1>(body).map(|old| Portable {
+            meta: old.meta.into(),
+            entries: old.entries,
+        }),
+        _ => postcard::from_bytes(body),
+    };
+    decoded.map_err(|source| PortableError::Decode { path, source })
 }
 
 /// Writes the file atomically: a temporary file in the same directory, synced, then renamed.
@@ -229,6 +239,9 @@ mod tests {
         let mut raw = encode(&sample()).expect("encode");
         raw[11] = 9;
         let text = decode(&raw, p).expect_err("version").to_string();
-        assert!(text.contains("format version 9"), "{text}");
+        assert!(
+            text.contains("format version 9, written by a newer build"),
+            "{text}"
+        );
     }
 }

@@ -1,0 +1,141 @@
+//! `checkpoint.allow_non_restored_state` does what it says: a start under a configuration that
+//! no longer fits part of the restored state drops exactly the open windows that do not fit
+//! (counted in `checkpointer_restore_dropped_entries_total`), drops the offsets of topics no
+//! longer subscribed, still emits the final windows the snapshot held, and carries on with the
+//! windows that fit. Runs the real binary on a copy of the golden format 3 fixture store
+//! against librdkafka's mock cluster.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+
+mod common;
+use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait};
+
+/// Event time origin of the fixture (`src/store/golden.rs`).
+const T0: i64 = 1_700_000_040_000;
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for item in std::fs::read_dir(from).expect("read fixture") {
+        let item = item.expect("entry");
+        let target = to.join(item.file_name());
+        if item.file_type().expect("type").is_dir() {
+            copy_tree(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn allowed_non_restored_state_drops_only_what_does_not_fit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state/v3/store"),
+        &state,
+    );
+    let (_cluster, brokers, producer) = mock_cluster(1);
+    let addr = free_addr();
+    // the session gap changed (its two open sessions no longer fit) and the fixture's topic
+    // `events` is replaced by `in`
+    let yaml = format!(
+        r#"
+kafka: {{ brokers: "{brokers}", group_id: nrs, topics: [in] }}
+input: {{ key: /user, value: /amount, timestamp: /ts }}
+windows:
+  - {{ name: per_minute, type: tumbling, size: 1m }}
+  - {{ name: sessions, type: session, gap: 10s }}
+aggregates: [count, sum, max]
+output: {{ topic: out }}
+checkpoint: {{ dir: "{}", interval: 200ms, allow_non_restored_state: true }}
+http: {{ listen: "{addr}" }}
+"#,
+        state.display()
+    );
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    let log = dir.path().join("service.log");
+    let mut service = spawn_service(&config, &log);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait(
+        "the admin endpoint",
+        Duration::from_secs(30),
+        &mut service.0,
+        || get(addr, "/healthz").is_some_and(|(s, _)| s == 200),
+    );
+    assert_eq!(
+        metric(addr, "checkpointer_restore_dropped_entries_total"),
+        2.0,
+        "the two open sessions\n{}",
+        log_text()
+    );
+    assert_eq!(
+        metric(addr, "checkpointer_restore_dropped_partitions_total"),
+        2.0,
+        "both partitions of `events`"
+    );
+    assert!(
+        log_text().contains("state not restored"),
+        "the log names what was dropped\n{}",
+        log_text()
+    );
+
+    // one record far ahead pushes the watermark past every restored window
+    produce(&producer, |_| 0, &[("zed".into(), T0 + 600_000, 1)]);
+
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "nrs-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader");
+    reader.subscribe(&["out"]).expect("subscribe");
+    let mut seen: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let alice = format!("per_minute/alice/{}", T0 - 40_000);
+    let carol = format!("per_minute/carol/ü/{}", T0 - 40_000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut settle: Option<Instant> = None;
+    while Instant::now() < deadline && settle.is_none_or(|s| s.elapsed() < Duration::from_secs(3)) {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("json");
+            seen.insert(key, value);
+        }
+        if settle.is_none() && seen.contains_key(&alice) && seen.contains_key(&carol) {
+            settle = Some(Instant::now());
+        }
+    }
+    // the final window the snapshot held is emitted as it was
+    let a = seen
+        .get(&alice)
+        .unwrap_or_else(|| panic!("{alice} not emitted: {seen:?}\n{}", log_text()));
+    assert_eq!(
+        (a["count"].as_u64(), a["sum"].as_f64(), a["max"].as_f64()),
+        (Some(4), Some(18.5), Some(10.0))
+    );
+    // the open window that fits continues from its restored value
+    let c = seen
+        .get(&carol)
+        .unwrap_or_else(|| panic!("{carol} not emitted: {seen:?}\n{}", log_text()));
+    assert_eq!(
+        (c["count"].as_u64(), c["sum"].as_f64()),
+        (Some(1), Some(7.25))
+    );
+    // the dropped sessions never come out
+    let sessions: Vec<&String> = seen.keys().filter(|k| k.starts_with("sessions/")).collect();
+    assert!(
+        sessions.is_empty(),
+        "dropped sessions were emitted: {sessions:?}"
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    nix_kill(&service.0, "TERM");
+    let status = service.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", log_text());
+}
