@@ -523,6 +523,7 @@ impl Settings {
                 timestamp: self.input.timestamp.clone(),
                 value: self.input.value.clone(),
             }),
+            retired: Vec::new(),
         })
     }
 

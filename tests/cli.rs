@@ -84,6 +84,7 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
                 }],
                 aggregates: vec![AggregateKind::Count],
                 input: None,
+                retired: vec![],
             },
             delta: StateDelta {
                 full: id == 1,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::protocol::{InputSpec, StateSpec};
-use crate::engine::{AggregateKind, EntryStatus, RestoredState, StateKey};
+use crate::engine::{AggregateKind, EntryStatus, RestoredState, StateKey, WindowDef};
 
 /// The configuration a snapshot is about to be restored under.
 #[derive(Debug, Clone, Copy)]
@@ -66,9 +66,9 @@ pub struct Report {
     open_map: BTreeMap<u16, u16>,
     /// Stored window index -> index its final windows are emitted under.
     closed_map: BTreeMap<u16, u16>,
-    /// Names for indices past the configured windows (windows removed or changed, whose final
-    /// windows are still emitted under their old name).
-    retired_names: Vec<String>,
+    /// Definitions for indices past the configured windows: windows removed or redefined whose
+    /// final windows are still to be emitted under their old name.
+    retired: Vec<WindowDef>,
     dropped_topics: BTreeSet<String>,
     identity: bool,
 }
@@ -114,10 +114,13 @@ fn aggregate_name(a: AggregateKind) -> String {
 /// Compares the stored snapshot (`stored` spec and `state`) with the configured target.
 pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> Report {
     let mut open_per_window: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut closed_per_window: BTreeMap<u16, u64> = BTreeMap::new();
     for (k, e) in &state.entries {
-        if e.status == EntryStatus::Open {
-            *open_per_window.entry(k.window).or_default() += 1;
-        }
+        let counts = match e.status {
+            EntryStatus::Open => &mut open_per_window,
+            EntryStatus::Closed => &mut closed_per_window,
+        };
+        *counts.entry(k.window).or_default() += 1;
     }
     let mut notes = Vec::new();
     // a change of what feeds the accumulators invalidates every open window
@@ -165,8 +168,15 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
     let mut windows = Vec::new();
     let mut open_map = BTreeMap::new();
     let mut closed_map = BTreeMap::new();
-    let mut retired_names = Vec::new();
+    let mut retired: Vec<WindowDef> = Vec::new();
     let configured_len = target.spec.windows.len();
+    // final windows of a window that no longer applies keep being emitted under its old name
+    let mut retire = |old_index: u16, def: &WindowDef, closed_map: &mut BTreeMap<u16, u16>| {
+        if closed_per_window.get(&old_index).copied().unwrap_or(0) > 0 {
+            closed_map.insert(old_index, (configured_len + retired.len()) as u16);
+            retired.push(def.clone());
+        }
+    };
     for (new_index, w) in target.spec.windows.iter().enumerate() {
         let new_index = new_index as u16;
         let old = stored
@@ -199,8 +209,7 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
                     open_map.insert(old_index, new_index);
                     closed_map.insert(old_index, new_index);
                 } else {
-                    closed_map.insert(old_index, (configured_len + retired_names.len()) as u16);
-                    retired_names.push(def.name.clone());
+                    retire(old_index, def, &mut closed_map);
                 }
                 (verdict, open)
             }
@@ -216,13 +225,18 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
             continue;
         }
         let old_index = old_index as u16;
-        closed_map.insert(old_index, (configured_len + retired_names.len()) as u16);
-        retired_names.push(def.name.clone());
+        retire(old_index, def, &mut closed_map);
         windows.push(Line {
             subject: def.name.clone(),
             verdict: Verdict::Incompatible("no longer configured".into()),
             stored: open_per_window.get(&old_index).copied().unwrap_or(0),
         });
+    }
+
+    // windows retired by an earlier start, still holding final windows
+    let first_retired = stored.windows.len();
+    for (i, def) in stored.retired.iter().enumerate() {
+        retire((first_retired + i) as u16, def, &mut closed_map);
     }
 
     let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
@@ -261,10 +275,11 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
         target.auto_offset_reset
     ));
 
-    let identity = retired_names.is_empty()
-        && dropped_topics.is_empty()
+    let identity = dropped_topics.is_empty()
         && closed_map.iter().all(|(a, b)| a == b)
-        && stored.windows.len() == configured_len;
+        && open_map.iter().all(|(a, b)| a == b)
+        && stored.windows.len() == configured_len
+        && retired == stored.retired;
     Report {
         windows,
         aggregates,
@@ -272,7 +287,7 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
         notes,
         open_map,
         closed_map,
-        retired_names,
+        retired,
         dropped_topics,
         identity,
     }
@@ -299,10 +314,11 @@ impl Report {
         !self.identity
     }
 
-    /// Names of windows no longer configured whose final windows are still to be emitted, in
-    /// the order of the indices after the configured ones.
-    pub fn retired_names(&self) -> &[String] {
-        &self.retired_names
+    /// Windows no longer configured whose final windows are still to be emitted, in the order
+    /// of the indices after the configured ones: the `retired` part of the spec the restored
+    /// state is checkpointed under.
+    pub fn retired(&self) -> &[WindowDef] {
+        &self.retired
     }
 
     /// Applies the report: re-numbers windows, drops incompatible open windows and the

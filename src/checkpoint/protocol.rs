@@ -20,6 +20,20 @@ pub struct StateSpec {
     pub aggregates: Vec<AggregateKind>,
     /// `None` in state written by format 2 and earlier, which did not record it.
     pub input: Option<InputSpec>,
+    /// Windows no longer configured (removed, or redefined under the same name) whose final
+    /// windows still wait for emission; their entries use the indices after `windows`.
+    pub retired: Vec<WindowDef>,
+}
+
+impl StateSpec {
+    /// The name of the window at `index` (configured, then retired).
+    pub fn window_name(&self, index: u16) -> Option<&str> {
+        let i = usize::from(index);
+        self.windows
+            .get(i)
+            .or_else(|| self.retired.get(i.checked_sub(self.windows.len())?))
+            .map(|w| w.name.as_str())
+    }
 }
 
 /// The configured input fields (`input.key`, `input.timestamp`, `input.value`) as written.

@@ -174,6 +174,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .context("restore task")??
     };
     restored.apply_report(&metrics);
+    // checkpoints name the windows whose final windows still wait under retired indices
+    let mut spec = spec;
+    spec.retired = restored
+        .report
+        .as_ref()
+        .map(|r| r.retired().to_vec())
+        .unwrap_or_default();
     let store = Arc::new(store);
     let engine = match (&restored.meta, restored.state.clone()) {
         (Some(meta), Some(state)) => {
@@ -249,12 +256,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             window_names: windows
                 .iter()
                 .map(|w| w.name.clone())
-                .chain(
-                    restored
-                        .report
-                        .iter()
-                        .flat_map(|r| r.retired_names().iter().cloned()),
-                )
+                .chain(spec.retired.iter().map(|w| w.name.clone()))
                 .collect(),
             aggregates: settings.aggregates.clone(),
         },

@@ -48,10 +48,7 @@ fn describe(spec: &StateSpec, state: &RestoredState) -> Value {
         .entries
         .iter()
         .map(|(k, e)| {
-            let window = spec
-                .windows
-                .get(usize::from(k.window))
-                .map_or("?", |w| w.name.as_str());
+            let window = spec.window_name(k.window).unwrap_or("?");
             json!({
                 "window": window,
                 "start": k.start,
@@ -103,6 +100,7 @@ fn spec() -> StateSpec {
             timestamp: "/ts".into(),
             value: Some("/amount".into()),
         }),
+        retired: Vec::new(),
     }
 }
 

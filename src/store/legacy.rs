@@ -65,6 +65,7 @@ impl From<CheckpointMetaV2> for CheckpointMeta {
                 windows: m.spec.windows,
                 aggregates: m.spec.aggregates,
                 input: None,
+                retired: Vec::new(),
             },
         }
     }

@@ -29,6 +29,7 @@ fn spec(windows: Vec<WindowDef>, aggregates: Vec<AggregateKind>) -> StateSpec {
         windows,
         aggregates,
         input: input("/user", Some("/amount")),
+        retired: Vec::new(),
     }
 }
 
@@ -157,7 +158,7 @@ fn a_changed_window_with_open_state_is_incompatible_and_keeps_its_final_windows(
     let applied = report.apply(state());
     assert_eq!(applied.dropped_entries, 1, "only the open window of visits");
     // the final window is emitted under the old definition's name, past the configured ones
-    assert_eq!(report.retired_names(), ["visits".to_string()]);
+    assert_eq!(report.retired(), [session("visits", 30_000)]);
     assert!(applied
         .state
         .entries
@@ -205,7 +206,7 @@ fn new_windows_start_empty_and_removed_windows_with_state_refuse() {
     assert!(report.refuses());
     let applied = report.apply(state());
     assert_eq!(applied.dropped_entries, 1);
-    assert_eq!(report.retired_names(), ["visits".to_string()]);
+    assert_eq!(report.retired(), [session("visits", 30_000)]);
 }
 
 #[test]
@@ -342,4 +343,53 @@ fn the_report_names_every_window_aggregate_and_topic() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
+}
+
+#[test]
+fn retired_windows_keep_their_final_windows_across_later_starts() {
+    // first start: `visits` is removed; its final window is kept under index 1 (retired)
+    let configured = spec(
+        vec![tumbling("minute", 60_000)],
+        vec![AggregateKind::Count, AggregateKind::Sum],
+    );
+    let first = assess_with(&configured, &["clicks", "events"]);
+    let restored = first.apply(state()).state;
+    let mut written = configured.clone();
+    written.retired = first.retired().to_vec();
+    assert_eq!(written.window_name(1), Some("visits"));
+    // a second start before that window was acknowledged still has it
+    let t = topics(&["clicks", "events"]);
+    let second = assess(
+        &written,
+        &restored,
+        Target {
+            spec: &configured,
+            topics: &t,
+            auto_offset_reset: "earliest",
+        },
+    );
+    assert!(!second.refuses());
+    assert!(
+        !second.changes_state(),
+        "nothing moved since the first start"
+    );
+    let again = second.apply(restored.clone());
+    assert_eq!(again.state, restored);
+    assert_eq!(second.retired(), [session("visits", 30_000)]);
+    // once it is emitted and gone, the retired definition goes too
+    let mut emitted = restored;
+    emitted
+        .entries
+        .retain(|(_, e)| e.status == EntryStatus::Open);
+    let third = assess(
+        &written,
+        &emitted,
+        Target {
+            spec: &configured,
+            topics: &t,
+            auto_offset_reset: "earliest",
+        },
+    );
+    assert!(third.retired().is_empty());
+    assert!(third.changes_state());
 }
