@@ -152,6 +152,7 @@ impl Pipeline {
             max_out_of_orderness: MAX_OUT_OF_ORDERNESS,
             allowed_lateness: 0,
             hold_until_checkpoint: true,
+            partition_scoped: false,
         };
         let partitions = partitions();
         let mut engine = Engine::new(cfg);
@@ -262,6 +263,7 @@ fn live_config() -> EngineConfig {
         max_out_of_orderness: MAX_OUT_OF_ORDERNESS,
         allowed_lateness: 0,
         hold_until_checkpoint: true,
+        partition_scoped: false,
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Settings {
     pub output: OutputSettings,
     pub checkpoint: CheckpointSettings,
     #[serde(default)]
+    pub state: StateSettings,
+    #[serde(default)]
     pub http: HttpSettings,
     #[serde(default)]
     pub log: LogSettings,
@@ -207,6 +209,23 @@ pub enum OnCancel {
     #[default]
     Retain,
     Delete,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// What one window aggregates: every partition's records of a key (`instance`), or one
+    /// source partition's (`partition`), which lets partitions move between instances.
+    #[serde(default)]
+    pub scope: StateScope,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateScope {
+    #[default]
+    Instance,
+    Partition,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -524,6 +543,7 @@ impl Settings {
                 value: self.input.value.clone(),
             }),
             retired: Vec::new(),
+            partition_scoped: self.state.scope == StateScope::Partition,
         })
     }
 

@@ -132,13 +132,18 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
         }
         (Some(_), None) => Vec::new(),
     };
-    let stored_value = stored.input.as_ref().map(|i| i.value.is_some());
+    // whether the stored accumulators hold values; state that did not record its input fields
+    // read one only if one of its aggregates needed it (input.value was optional otherwise)
+    let stored_value = match &stored.input {
+        Some(i) => i.value.is_some(),
+        None => stored.aggregates.iter().any(|a| a.needs_value()),
+    };
     let mut aggregates = Vec::new();
     let mut aggregate_reasons = Vec::new();
     for a in &target.spec.aggregates {
         let verdict = if stored.aggregates.contains(a) {
             Verdict::Kept
-        } else if a.needs_value() && stored_value == Some(false) {
+        } else if a.needs_value() && !stored_value {
             let why = format!(
                 "{} needs input.value, which the stored windows did not read",
                 aggregate_name(*a)
@@ -163,7 +168,19 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
             });
         }
     }
-    let global: Vec<String> = input_reasons.into_iter().chain(aggregate_reasons).collect();
+    let scope_reason = (stored.partition_scoped != target.spec.partition_scoped).then(|| {
+        let name = |scoped: bool| if scoped { "partition" } else { "instance" };
+        format!(
+            "state.scope changed from {} to {}",
+            name(stored.partition_scoped),
+            name(target.spec.partition_scoped)
+        )
+    });
+    let global: Vec<String> = input_reasons
+        .into_iter()
+        .chain(aggregate_reasons)
+        .chain(scope_reason)
+        .collect();
 
     let mut windows = Vec::new();
     let mut open_map = BTreeMap::new();
@@ -264,7 +281,8 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
             topics.push(Line {
                 subject: t.to_string(),
                 verdict: Verdict::Dropped(
-                    "no longer subscribed: its offsets are not resumed".into(),
+                    "no longer subscribed: its offsets (and partition-scoped windows) are not resumed"
+                        .into(),
                 ),
                 stored: *n,
             });
@@ -275,7 +293,14 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
         target.auto_offset_reset
     ));
 
+    // anything restored differently from how it is stored, or left behind, makes the restored
+    // state a new line: its first checkpoint must be full
+    let leaves_behind = open_per_window.keys().any(|w| !open_map.contains_key(w))
+        || closed_per_window
+            .keys()
+            .any(|w| !closed_map.contains_key(w));
     let identity = dropped_topics.is_empty()
+        && !leaves_behind
         && closed_map.iter().all(|(a, b)| a == b)
         && open_map.iter().all(|(a, b)| a == b)
         && stored.windows.len() == configured_len
@@ -332,7 +357,11 @@ impl Report {
                 EntryStatus::Open => &self.open_map,
                 EntryStatus::Closed => &self.closed_map,
             };
-            match map.get(&k.window) {
+            let topic_dropped = k
+                .partition
+                .as_ref()
+                .is_some_and(|p| self.dropped_topics.contains(&p.topic));
+            match map.get(&k.window).filter(|_| !topic_dropped) {
                 Some(&index) => {
                     k.window = index;
                     entries.push((k, e));

@@ -23,6 +23,8 @@ pub struct StateSpec {
     /// Windows no longer configured (removed, or redefined under the same name) whose final
     /// windows still wait for emission; their entries use the indices after `windows`.
     pub retired: Vec<WindowDef>,
+    /// Windows aggregate one source partition each (`state.scope: partition`).
+    pub partition_scoped: bool,
 }
 
 impl StateSpec {
@@ -209,6 +211,7 @@ mod tests {
                 watermark: None,
                 upserts: vec![(
                     StateKey {
+                        partition: None,
                         window: 0,
                         start: id as i64,
                         key: "k".into(),

@@ -7,7 +7,7 @@ mod state;
 mod watermark;
 mod window;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub use aggregate::{Acc, AggregateKind};
 pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
@@ -26,6 +26,9 @@ pub struct EngineConfig {
     pub allowed_lateness: i64,
     /// Exactly-once: final windows wait in the checkpoint until it is durable.
     pub hold_until_checkpoint: bool,
+    /// Windows per source partition (`state.scope: partition`) instead of per key across every
+    /// partition; what lets a partition's state move to another instance.
+    pub partition_scoped: bool,
 }
 
 /// What happened to one consumed message.
@@ -86,7 +89,10 @@ struct Pending {
 
 pub struct Engine {
     cfg: EngineConfig,
-    stores: Vec<WindowStore>,
+    /// Windows of instance-scoped state (every partition merged).
+    instance: Vec<WindowStore>,
+    /// Windows of partition-scoped state, per source partition.
+    scoped: HashMap<Partition, Vec<WindowStore>>,
     marks: Watermarks,
     outbox: BTreeMap<StateKey, Pending>,
     emit_queue: Vec<ClosedWindow>,
@@ -96,16 +102,12 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
-        let stores = cfg
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(i, w)| WindowStore::new(i as u16, w.kind))
-            .collect();
+        let instance = new_stores(&cfg, None);
         let marks = Watermarks::new(cfg.max_out_of_orderness);
         Engine {
             cfg,
-            stores,
+            instance,
+            scoped: HashMap::new(),
             marks,
             outbox: BTreeMap::new(),
             emit_queue: Vec::new(),
@@ -133,8 +135,9 @@ impl Engine {
         for (id, entry) in state.entries {
             match entry.status {
                 EntryStatus::Open => {
-                    let defined = engine.stores.len();
-                    let store = engine.stores.get_mut(usize::from(id.window)).ok_or(
+                    let defined = engine.cfg.windows.len();
+                    let stores = engine.stores_of(id.partition.as_ref());
+                    let store = stores.get_mut(usize::from(id.window)).ok_or(
                         RestoreError::UnknownWindow {
                             window: id.window,
                             defined,
@@ -203,7 +206,33 @@ impl Engine {
     }
 
     pub fn open_windows(&self) -> usize {
-        self.stores.iter().map(WindowStore::open_count).sum()
+        self.all_stores().map(WindowStore::open_count).sum()
+    }
+
+    /// The windows of `scope` (`None`: instance scope), created when first needed.
+    fn stores_of(&mut self, scope: Option<&Partition>) -> &mut Vec<WindowStore> {
+        let Some(p) = scope else {
+            return &mut self.instance;
+        };
+        if !self.scoped.contains_key(p) {
+            let stores = new_stores(&self.cfg, Some(p.clone()));
+            self.scoped.insert(p.clone(), stores);
+        }
+        match self.scoped.get_mut(p) {
+            Some(stores) => stores,
+            // inserted just above
+            None => &mut self.instance,
+        }
+    }
+
+    fn all_stores(&self) -> impl Iterator<Item = &WindowStore> {
+        self.instance.iter().chain(self.scoped.values().flatten())
+    }
+
+    fn all_stores_mut(&mut self) -> impl Iterator<Item = &mut WindowStore> {
+        self.instance
+            .iter_mut()
+            .chain(self.scoped.values_mut().flatten())
     }
 
     /// Final windows not yet acknowledged by the output topic.
@@ -235,9 +264,12 @@ impl Engine {
         // lateness is judged against the watermark before this record moves it
         let limit = self.limit();
         let mut took = false;
-        for store in &mut self.stores {
-            took |= store.add(&record.key, record.ts, record.value, limit, &mut self.dirty);
+        let scope = self.cfg.partition_scoped.then_some(partition);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for store in self.stores_of(scope) {
+            took |= store.add(&record.key, record.ts, record.value, limit, &mut dirty);
         }
+        self.dirty = dirty;
         if self.marks.observe(partition, offset, Some(record.ts)) {
             self.advance();
         }
@@ -260,7 +292,7 @@ impl Engine {
         }
         let Some(limit) = self.limit() else { return };
         let mut closed = Vec::new();
-        for store in &mut self.stores {
+        for store in self.all_stores_mut() {
             store.close(limit, &mut closed);
         }
         for window in closed {
@@ -302,10 +334,10 @@ impl Engine {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         if full {
-            for store in &mut self.stores {
+            for store in self.all_stores_mut() {
                 store.mark_all_clean();
             }
-            for store in &self.stores {
+            for store in self.all_stores() {
                 store.for_each(|key, end, acc| {
                     upserts.push((
                         key,
@@ -354,7 +386,10 @@ impl Engine {
         if let Some(p) = self.outbox.get(key) {
             return Some(closed_entry(p));
         }
-        let store = self.stores.get_mut(usize::from(key.window))?;
+        let store = match &key.partition {
+            None => self.instance.get_mut(usize::from(key.window))?,
+            Some(p) => self.scoped.get_mut(p)?.get_mut(usize::from(key.window))?,
+        };
         store
             .take_changed(key.start, &key.key)
             .map(|(end, acc)| Entry {
@@ -400,6 +435,14 @@ impl Engine {
     pub fn has_changes(&self) -> bool {
         !self.dirty.is_empty() || self.records_since_snapshot > 0
     }
+}
+
+fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> Vec<WindowStore> {
+    cfg.windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| WindowStore::new(i as u16, w.kind, scope.clone()))
+        .collect()
 }
 
 fn closed_entry(p: &Pending) -> Entry {

@@ -7,10 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::Acc;
 use super::window::{hopping_starts, tumbling_start, WindowKind};
+use crate::position::Partition;
 
-/// Identity of one window instance: definition index, start, key.
+/// Identity of one window instance: the source partition whose records it aggregates (`None`
+/// with instance-scoped state, which merges every partition), definition index, start, key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StateKey {
+    pub partition: Option<Partition>,
     pub window: u16,
     pub start: i64,
     pub key: String,
@@ -69,12 +72,22 @@ enum Slots {
     },
 }
 
-/// The open windows of one definition.
+/// The open windows of one definition in one state scope.
 #[derive(Debug)]
 pub struct WindowStore {
     index: u16,
+    scope: Option<Partition>,
     slots: Slots,
     open: usize,
+}
+
+fn key_of(scope: &Option<Partition>, window: u16, start: i64, key: &str) -> StateKey {
+    StateKey {
+        partition: scope.clone(),
+        window,
+        start,
+        key: key.to_string(),
+    }
 }
 
 fn is_final(end: i64, limit: Option<i64>) -> bool {
@@ -82,7 +95,7 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
 }
 
 impl WindowStore {
-    pub fn new(index: u16, kind: WindowKind) -> Self {
+    pub fn new(index: u16, kind: WindowKind, scope: Option<Partition>) -> Self {
         let slots = match kind {
             WindowKind::Session { gap } => Slots::Session {
                 gap,
@@ -96,6 +109,7 @@ impl WindowStore {
         };
         WindowStore {
             index,
+            scope,
             slots,
             open: 0,
         }
@@ -106,11 +120,7 @@ impl WindowStore {
     }
 
     fn state_key(&self, start: i64, key: &str) -> StateKey {
-        StateKey {
-            window: self.index,
-            start,
-            key: key.to_string(),
-        }
+        key_of(&self.scope, self.index, start, key)
     }
 
     /// Adds a record to every window of this definition that holds `ts` and is not final
@@ -123,7 +133,7 @@ impl WindowStore {
         limit: Option<i64>,
         dirty: &mut HashSet<StateKey>,
     ) -> bool {
-        let index = self.index;
+        let (index, scope) = (self.index, &self.scope);
         match &mut self.slots {
             Slots::Fixed { kind, by_start } => {
                 let mut took = false;
@@ -148,11 +158,7 @@ impl WindowStore {
                         }
                     };
                     if !was_dirty {
-                        dirty.insert(StateKey {
-                            window: index,
-                            start,
-                            key: key.to_string(),
-                        });
+                        dirty.insert(key_of(scope, index, start, key));
                     }
                     took = true;
                 };
@@ -194,11 +200,7 @@ impl WindowStore {
                     if ts >= s.start && new_end <= s.end {
                         s.acc.add(value);
                         if !std::mem::replace(&mut s.dirty, true) {
-                            dirty.insert(StateKey {
-                                window: index,
-                                start: s.start,
-                                key: key.to_string(),
-                            });
+                            dirty.insert(key_of(scope, index, s.start, key));
                         }
                         return true;
                     }
@@ -218,21 +220,13 @@ impl WindowStore {
                 for &i in overlapping.iter().rev() {
                     let old = sessions.remove(i);
                     by_end.remove(&(old.end, key.to_string(), old.start));
-                    dirty.insert(StateKey {
-                        window: index,
-                        start: old.start,
-                        key: key.to_string(),
-                    });
+                    dirty.insert(key_of(scope, index, old.start, key));
                     self.open -= 1;
                 }
                 let pos = sessions.partition_point(|s| s.start < merged.start);
                 sessions.insert(pos, merged);
                 by_end.insert((merged.end, key.to_string(), merged.start));
-                dirty.insert(StateKey {
-                    window: index,
-                    start: merged.start,
-                    key: key.to_string(),
-                });
+                dirty.insert(key_of(scope, index, merged.start, key));
                 self.open += 1;
                 true
             }
@@ -241,7 +235,7 @@ impl WindowStore {
 
     /// Removes and returns every window whose end is at or before `limit`.
     pub fn close(&mut self, limit: i64, out: &mut Vec<ClosedWindow>) {
-        let index = self.index;
+        let (index, scope) = (self.index, &self.scope);
         match &mut self.slots {
             Slots::Fixed { kind, by_start } => {
                 let size = kind.size().unwrap_or(0);
@@ -256,6 +250,7 @@ impl WindowStore {
                         .into_iter()
                         .map(|(key, slot)| ClosedWindow {
                             id: StateKey {
+                                partition: scope.clone(),
                                 window: index,
                                 start,
                                 key,
@@ -281,11 +276,7 @@ impl WindowStore {
                         let s = sessions.remove(pos);
                         self.open -= 1;
                         out.push(ClosedWindow {
-                            id: StateKey {
-                                window: index,
-                                start,
-                                key: key.clone(),
-                            },
+                            id: key_of(scope, index, start, &key),
                             end: s.end,
                             acc: s.acc,
                         });
@@ -412,7 +403,7 @@ mod tests {
 
     #[test]
     fn sessions_merge_when_closer_than_gap() {
-        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 });
+        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 }, None);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 109, None); // 9 < 10: same session
         add(&mut s, "k", 119, None); // exactly gap after 109: new session
@@ -432,7 +423,7 @@ mod tests {
 
     #[test]
     fn out_of_order_record_extends_session_backwards() {
-        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 });
+        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 }, None);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 95, None);
         assert_eq!(s.get(95, "k").map(|(end, _)| end), Some(110));
@@ -441,10 +432,10 @@ mod tests {
 
     #[test]
     fn final_windows_do_not_take_records() {
-        let mut s = WindowStore::new(0, WindowKind::Tumbling { size: 10 });
+        let mut s = WindowStore::new(0, WindowKind::Tumbling { size: 10 }, None);
         assert!(!add(&mut s, "k", 5, Some(10)));
         assert!(add(&mut s, "k", 15, Some(10)));
-        let mut h = WindowStore::new(0, WindowKind::Hopping { size: 10, hop: 5 });
+        let mut h = WindowStore::new(0, WindowKind::Hopping { size: 10, hop: 5 }, None);
         // windows [0,10) and [5,15): only the second is still open at limit 10
         assert!(add(&mut h, "k", 7, Some(10)));
         assert_eq!(h.open_count(), 1);
@@ -453,7 +444,7 @@ mod tests {
 
     #[test]
     fn close_returns_windows_up_to_limit_in_order() {
-        let mut s = WindowStore::new(1, WindowKind::Tumbling { size: 10 });
+        let mut s = WindowStore::new(1, WindowKind::Tumbling { size: 10 }, None);
         for (k, ts) in [("b", 1), ("a", 2), ("a", 12), ("a", 25)] {
             add(&mut s, k, ts, None);
         }
@@ -469,7 +460,7 @@ mod tests {
 
     #[test]
     fn dirty_set_names_every_changed_entry() {
-        let mut s = WindowStore::new(2, WindowKind::Session { gap: 10 });
+        let mut s = WindowStore::new(2, WindowKind::Session { gap: 10 }, None);
         let mut dirty = HashSet::new();
         s.add("k", 100, None, None, &mut dirty);
         s.add("k", 95, None, None, &mut dirty);

@@ -13,6 +13,10 @@ fn p(n: i32) -> Partition {
 }
 
 fn config(hold: bool) -> EngineConfig {
+    scoped_config(hold, false)
+}
+
+fn scoped_config(hold: bool, partition_scoped: bool) -> EngineConfig {
     EngineConfig {
         windows: vec![
             WindowDef {
@@ -34,6 +38,7 @@ fn config(hold: bool) -> EngineConfig {
         max_out_of_orderness: 200,
         allowed_lateness: 0,
         hold_until_checkpoint: hold,
+        partition_scoped,
     }
 }
 
@@ -108,7 +113,11 @@ fn flush(engine: &mut Engine, offsets: &mut [i64; 3]) {
 }
 
 fn run_whole(stream: &[(i32, String, i64, f64)], hold: bool) -> (Emitted, u64) {
-    let mut engine = Engine::new(config(hold));
+    run_whole_with(stream, config(hold))
+}
+
+fn run_whole_with(stream: &[(i32, String, i64, f64)], cfg: EngineConfig) -> (Emitted, u64) {
+    let mut engine = Engine::new(cfg);
     engine.assign(&[p(0), p(1), p(2)]);
     let mut out = Emitted::new();
     let mut store = MaterializedState::default();
@@ -132,8 +141,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn restore_of_snapshot_equals_state(stream in stream_strategy()) {
-        let mut engine = Engine::new(config(true));
+    fn restore_of_snapshot_equals_state(stream in stream_strategy(), scoped in any::<bool>()) {
+        let mut engine = Engine::new(scoped_config(true, scoped));
         engine.assign(&[p(0), p(1), p(2)]);
         for (i, (part, key, ts, v)) in stream.iter().enumerate() {
             engine.process(&p(*part), i as i64, rec(key, *ts, *v));
@@ -141,7 +150,7 @@ proptest! {
         let snap = engine.snapshot(1, true);
         let mut store = MaterializedState::default();
         store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
-        let mut restored = Engine::restore(config(true), store.restored()).expect("restore");
+        let mut restored = Engine::restore(scoped_config(true, scoped), store.restored()).expect("restore");
         let again = restored.snapshot(2, true);
         let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
         prop_assert_eq!(sort(snap.upserts), sort(again.upserts));
@@ -150,8 +159,8 @@ proptest! {
     }
 
     #[test]
-    fn deltas_applied_in_order_equal_a_full_snapshot(stream in stream_strategy(), every in 1usize..40) {
-        let mut engine = Engine::new(config(true));
+    fn deltas_applied_in_order_equal_a_full_snapshot(stream in stream_strategy(), every in 1usize..40, scoped in any::<bool>()) {
+        let mut engine = Engine::new(scoped_config(true, scoped));
         engine.assign(&[p(0), p(1), p(2)]);
         let mut store = MaterializedState::default();
         let mut out = Emitted::new();
@@ -174,10 +183,10 @@ proptest! {
     }
 
     #[test]
-    fn two_halves_with_checkpoint_restore_equal_the_whole(stream in stream_strategy(), cut in 0usize..300, hold in any::<bool>()) {
-        let (whole, _) = run_whole(&stream, hold);
+    fn two_halves_with_checkpoint_restore_equal_the_whole(stream in stream_strategy(), cut in 0usize..300, hold in any::<bool>(), scoped in any::<bool>()) {
+        let (whole, _) = run_whole_with(&stream, scoped_config(hold, scoped));
         let cut = cut.min(stream.len());
-        let mut engine = Engine::new(config(hold));
+        let mut engine = Engine::new(scoped_config(hold, scoped));
         engine.assign(&[p(0), p(1), p(2)]);
         let mut out = Emitted::new();
         let mut store = MaterializedState::default();
@@ -190,7 +199,7 @@ proptest! {
         }
         checkpoint(&mut engine, &mut store, 1, &mut out);
         // a crash right after the checkpoint: everything after it is lost, state comes back
-        let mut engine = Engine::restore(config(hold), store.restored()).expect("restore");
+        let mut engine = Engine::restore(scoped_config(hold, scoped), store.restored()).expect("restore");
         engine.assign(&[p(0), p(1), p(2)]);
         collect(&mut engine, &mut out);
         for (part, key, ts, v) in &stream[cut..] {
@@ -204,6 +213,33 @@ proptest! {
         checkpoint(&mut engine, &mut store, 2, &mut out);
         collect(&mut engine, &mut out);
         prop_assert_eq!(out, whole);
+    }
+
+    #[test]
+    fn partition_scoped_windows_each_aggregate_one_partition_alone(stream in stream_strategy()) {
+        let (scoped, late) = run_whole_with(&stream, scoped_config(true, true));
+        prop_assert_eq!(late, 0);
+        // each partition's records through an engine that sees nothing else
+        let mut expected = Emitted::new();
+        for part in 0..3 {
+            let mut engine = Engine::new(config(true));
+            engine.assign(&[p(part)]);
+            let mut out = Emitted::new();
+            let mut offset = 0;
+            for (_, key, ts, v) in stream.iter().filter(|r| r.0 == part) {
+                engine.process(&p(part), offset, rec(key, *ts, *v));
+                offset += 1;
+                collect(&mut engine, &mut out);
+            }
+            engine.process(&p(part), offset, rec("~flush", 1_000_000, 0.0));
+            let mut store = MaterializedState::default();
+            checkpoint(&mut engine, &mut store, 1, &mut out);
+            for (mut id, w) in out {
+                id.partition = Some(p(part));
+                expected.insert(id, w);
+            }
+        }
+        prop_assert_eq!(scoped, expected);
     }
 
     #[test]
@@ -336,6 +372,7 @@ fn restore_refuses_state_of_unknown_windows() {
         watermark: None,
         entries: vec![(
             StateKey {
+                partition: None,
                 window: 9,
                 start: 0,
                 key: "a".into(),

@@ -12,7 +12,14 @@ use crate::checkpoint::restore::validate_savepoint_name;
 use crate::store::portable::{self, Portable};
 use crate::store::{Store, StoreError};
 
+/// For reading: never changes the store, also not the format of an older one (which is read
+/// through a migrated copy), so the build that wrote it can still open it.
 fn open(dir: &Path) -> Result<Store, OpsError> {
+    Ok(Store::inspect(dir)?)
+}
+
+/// For changing it (import, delete): migrates an older format first.
+fn open_for_change(dir: &Path) -> Result<Store, OpsError> {
     Ok(Store::open_existing(dir)?)
 }
 
@@ -127,7 +134,7 @@ pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result
 }
 
 pub fn delete_savepoint(dir: &Path, name: &str) -> Result<String, OpsError> {
-    let store = open(dir)?;
+    let store = open_for_change(dir)?;
     store.delete_savepoint(name)?;
     Ok(format!("deleted savepoint {name}"))
 }

@@ -17,13 +17,13 @@ use crate::checkpoint::history::History;
 use crate::checkpoint::scheduler::SchedulerSettings;
 use crate::checkpoint::writer;
 use crate::checkpoint::{Scheduler, Snapshot, StateSpec};
-use crate::config::{duration_ms, CheckpointMode, Settings};
+use crate::config::{duration_ms, CheckpointMode, Settings, StateScope};
 use crate::engine::{Decoder, Engine, EngineConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
-use crate::store::{Migrate, Retention, Store, StoreError, FORMAT_VERSION};
+use crate::store::{Retention, Store, StoreError, FORMAT_VERSION};
 use runtime::Runtime;
 
 /// What `check-restore` found.
@@ -48,8 +48,16 @@ pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<P
         },
         allow_non_restored_state: c.allow_non_restored_state,
     };
-    let store = Store::inspect(dir)?;
     let head = format!("checkpoint.dir {}", dir.display());
+    let store = match Store::inspect(dir) {
+        Err(StoreError::Missing { .. }) => {
+            return Ok(Preflight {
+                text: format!("{head}: no checkpoint store yet; the start would begin empty\n"),
+                would_start: true,
+            })
+        }
+        other => other?,
+    };
     match restore::restore(&store, &request, &Metrics::new()) {
         Ok(restored) => {
             let Some(report) = &restored.report else {
@@ -94,7 +102,7 @@ fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Store, StoreErr
     let started = Instant::now();
     let mut next_log = started;
     loop {
-        match Store::open_with(dir, Migrate::Refuse) {
+        match Store::open_unversioned(dir) {
             Err(StoreError::Locked { path }) => {
                 let waited = started.elapsed();
                 if waited >= wait {
@@ -132,17 +140,14 @@ fn open_and_restore(
         },
         allow_non_restored_state: c.allow_non_restored_state,
     };
-    let store = match open_waiting(dir, c.lock_wait) {
-        Err(StoreError::NeedsMigration { found, .. }) => {
-            tracing::info!(dir = %dir.display(), found, current = FORMAT_VERSION, "the checkpoint store has an older format; checking a migrated copy before migrating it");
-            let copy = Store::inspect(dir)?;
-            restore::restore(&copy, &request, &Metrics::new())?;
-            drop(copy);
-            Store::open_with(dir, Migrate::InPlace)?
-        }
-        other => other?,
+    // the lock is held from here on: nothing can change the store between check and migration
+    let store = open_waiting(dir, c.lock_wait)?.with_retention(retention);
+    if let Some(found) = store.format_version()?.filter(|v| *v < FORMAT_VERSION) {
+        tracing::info!(dir = %dir.display(), found, current = FORMAT_VERSION, "the checkpoint store has an older format; checking the restore on a migrated copy before migrating it");
+        let copy = store.scratch_copy()?;
+        restore::restore(&copy, &request, &Metrics::new())?;
     }
-    .with_retention(retention);
+    store.upgrade()?;
     let restored = restore::restore(&store, &request, metrics)?;
     Ok((store, restored))
 }
@@ -163,6 +168,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         max_out_of_orderness: duration_ms(settings.watermark.max_out_of_orderness),
         allowed_lateness: duration_ms(settings.watermark.allowed_lateness),
         hold_until_checkpoint: settings.checkpoint.mode == CheckpointMode::ExactlyOnce,
+        partition_scoped: settings.state.scope == StateScope::Partition,
     };
     let spec = settings.state_spec()?;
     let (store, mut restored) = {

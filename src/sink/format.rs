@@ -9,6 +9,11 @@ use crate::engine::{AggregateKind, ClosedWindow};
 struct Output<'a> {
     window: &'a str,
     key: &'a str,
+    /// The source partition the window aggregates, with partition-scoped state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<i32>,
     start: i64,
     end: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,6 +38,8 @@ pub fn render(
     let out = Output {
         window: window_name,
         key: &w.id.key,
+        topic: w.id.partition.as_ref().map(|p| p.topic.as_str()),
+        partition: w.id.partition.as_ref().map(|p| p.partition),
         start: w.id.start,
         end: w.end,
         count: has(AggregateKind::Count).then_some(w.acc.count),
@@ -62,6 +69,7 @@ mod tests {
         acc.add(Some(4.5));
         let w = ClosedWindow {
             id: StateKey {
+                partition: None,
                 window: 0,
                 start: 60_000,
                 key: "u1".into(),

@@ -4,6 +4,7 @@
 //! decoded into wrong state.
 
 use crate::engine::StateKey;
+use crate::position::Partition;
 
 /// `ver/<state key><checkpoint id>` -> the entry as of that checkpoint, or a tombstone.
 pub const VERSION_PREFIX: &[u8] = b"ver/";
@@ -28,7 +29,7 @@ pub mod v1 {
 }
 
 /// Version of everything this build writes. Bump with a migration when the layout changes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 fn i64_sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
@@ -43,23 +44,70 @@ fn u64_at(raw: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(b))
 }
 
-/// The state key alone, length-prefixed so that a key is never a prefix of another.
+/// The state key alone: its scope (0 for instance scope; 1, then the length-prefixed topic and
+/// the partition for partition scope), so that one partition's state is one prefix; then window,
+/// start and the length-prefixed key, so that a key is never a prefix of another.
 pub fn encode_state_key(k: &StateKey, out: &mut Vec<u8>) {
+    match &k.partition {
+        None => out.push(0),
+        Some(p) => out.extend_from_slice(&scope_prefix(p)),
+    }
+    encode_v3_state_key(k, out);
+}
+
+/// The prefix every state key of partition `p` starts with.
+pub fn scope_prefix(p: &Partition) -> Vec<u8> {
+    let mut out = Vec::with_capacity(7 + p.topic.len());
+    out.push(1);
+    out.extend_from_slice(&(p.topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(p.topic.as_bytes());
+    out.extend_from_slice(&((p.partition as u32) ^ (1 << 31)).to_be_bytes());
+    out
+}
+
+/// Decodes a state key at the start of `raw`; returns it and the bytes that follow.
+pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
+    let (partition, rest) = match raw.first()? {
+        0 => (None, &raw[1..]),
+        1 => {
+            let len = usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?));
+            let topic = std::str::from_utf8(raw.get(3..3 + len)?).ok()?.to_string();
+            let at = 3 + len;
+            let p = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) ^ (1 << 31);
+            (Some(Partition::new(topic, p as i32)), &raw[at + 4..])
+        }
+        _ => return None,
+    };
+    let (mut key, rest) = decode_v3_state_key(rest)?;
+    key.partition = partition;
+    Some((key, rest))
+}
+
+/// Formats 2 and 3: window, start, length-prefixed key (no scope).
+pub fn encode_v3_state_key(k: &StateKey, out: &mut Vec<u8>) {
     out.extend_from_slice(&k.window.to_be_bytes());
     out.extend_from_slice(&i64_sortable(k.start));
     out.extend_from_slice(&(k.key.len() as u32).to_be_bytes());
     out.extend_from_slice(k.key.as_bytes());
 }
 
-/// Decodes a state key at the start of `raw`; returns it and the bytes that follow.
-pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
+/// Decodes a format 2/3 state key at the start of `raw` (instance scope).
+pub fn decode_v3_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
     let window = u16::from_be_bytes(raw.get(0..2)?.try_into().ok()?);
     let start = i64_from_sortable(raw.get(2..10)?.try_into().ok()?);
     let len = u32::from_be_bytes(raw.get(10..14)?.try_into().ok()?) as usize;
     let key = std::str::from_utf8(raw.get(14..14 + len)?)
         .ok()?
         .to_string();
-    Some((StateKey { window, start, key }, &raw[14 + len..]))
+    Some((
+        StateKey {
+            partition: None,
+            window,
+            start,
+            key,
+        },
+        &raw[14 + len..],
+    ))
 }
 
 pub fn version_prefix(k: &StateKey) -> Vec<u8> {
@@ -70,6 +118,14 @@ pub fn version_prefix(k: &StateKey) -> Vec<u8> {
 
 pub fn version_key(k: &StateKey, id: u64) -> Vec<u8> {
     let mut out = version_prefix(k);
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+/// A version key of formats 2 and 3 (written only by the migration from format 1).
+pub fn v3_version_key(k: &StateKey, id: u64) -> Vec<u8> {
+    let mut out = VERSION_PREFIX.to_vec();
+    encode_v3_state_key(k, &mut out);
     out.extend_from_slice(&id.to_be_bytes());
     out
 }
@@ -130,7 +186,12 @@ pub fn decode_v1_state_key(raw: &[u8]) -> Option<StateKey> {
     let window = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
     let start = i64_from_sortable(rest.get(2..10)?.try_into().ok()?);
     let key = std::str::from_utf8(rest.get(10..)?).ok()?.to_string();
-    Some(StateKey { window, start, key })
+    Some(StateKey {
+        partition: None,
+        window,
+        start,
+        key,
+    })
 }
 
 #[cfg(test)]
@@ -140,24 +201,33 @@ mod tests {
 
     proptest! {
         #[test]
-        fn version_keys_round_trip(window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
-            let k = StateKey { window, start, key };
+        fn version_keys_round_trip(scope in proptest::option::of(("[a-z.]{0,8}", any::<i32>())), window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
+            let partition = scope.map(|(t, p)| Partition::new(t, p));
+            let k = StateKey { partition, window, start, key };
             prop_assert_eq!(decode_version_key(&version_key(&k, id)), Some((k, id)));
         }
 
         #[test]
         fn versions_of_one_key_sort_by_id_and_keys_by_start(a in any::<i64>(), b in any::<i64>(), i in any::<u64>(), j in any::<u64>()) {
-            let ka = StateKey { window: 1, start: a, key: "k".into() };
-            let kb = StateKey { window: 1, start: b, key: "k".into() };
+            let ka = StateKey { partition: None, window: 1, start: a, key: "k".into() };
+            let kb = StateKey { partition: None, window: 1, start: b, key: "k".into() };
             prop_assert_eq!(version_key(&ka, i).cmp(&version_key(&kb, j)), (a, i).cmp(&(b, j)));
         }
 
         #[test]
         fn no_key_prefixes_another_keys_versions(a in "[a-c]{0,4}", b in "[a-c]{0,4}") {
             prop_assume!(a != b);
-            let ka = StateKey { window: 0, start: 0, key: a };
-            let kb = StateKey { window: 0, start: 0, key: b };
+            let ka = StateKey { partition: None, window: 0, start: 0, key: a };
+            let kb = StateKey { partition: None, window: 0, start: 0, key: b };
             prop_assert!(!version_key(&kb, 7).starts_with(&version_prefix(&ka)));
+        }
+
+        #[test]
+        fn one_partitions_state_is_one_prefix(t in "[a-c]{1,3}", p in any::<i32>(), q in any::<i32>(), key in "[a-c]{0,3}") {
+            let k = StateKey { partition: Some(Partition::new(t.clone(), q)), window: 0, start: 0, key };
+            let mut raw = Vec::new();
+            encode_state_key(&k, &mut raw);
+            prop_assert_eq!(raw.starts_with(&scope_prefix(&Partition::new(t, p))), p == q);
         }
 
         #[test]

@@ -49,7 +49,7 @@ fn describe(spec: &StateSpec, state: &RestoredState) -> Value {
         .iter()
         .map(|(k, e)| {
             let window = spec.window_name(k.window).unwrap_or("?");
-            json!({
+            let mut v = json!({
                 "window": window,
                 "start": k.start,
                 "key": k.key,
@@ -59,7 +59,12 @@ fn describe(spec: &StateSpec, state: &RestoredState) -> Value {
                 "sum": e.acc.sum,
                 "min": if e.acc.count > 0 { json!(e.acc.min) } else { Value::Null },
                 "max": if e.acc.count > 0 { json!(e.acc.max) } else { Value::Null },
-            })
+            });
+            // formats 1 to 3 knew only instance scope: their expectations have no partition
+            if let Some(p) = &k.partition {
+                v["partition"] = json!(p.to_string());
+            }
+            v
         })
         .collect();
     entries.sort_by_key(|v| v.to_string());
@@ -101,6 +106,7 @@ fn spec() -> StateSpec {
             value: Some("/amount".into()),
         }),
         retired: Vec::new(),
+        partition_scoped: true,
     }
 }
 
@@ -112,8 +118,11 @@ fn acc(values: &[f64]) -> Acc {
     acc
 }
 
+/// Partition-scoped keys (format 4 on): each user's records are on one partition of `events`.
 fn key(window: u16, start: i64, k: &str) -> StateKey {
+    let partition = if k == "bob" { 1 } else { 0 };
     StateKey {
+        partition: Some(Partition::new("events", partition)),
         window,
         start,
         key: k.into(),
@@ -408,4 +417,26 @@ fn inspecting_an_older_store_leaves_it_in_its_format() {
     // an open that may migrate does, once
     drop(Store::open(tmp.path()).expect("migrate"));
     assert!(Store::open_with(tmp.path(), super::Migrate::Refuse).is_ok());
+}
+
+#[test]
+fn a_damaged_checkpoint_does_not_block_the_migration_of_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&fixtures_root().join("v2/store"), tmp.path()).expect("copy");
+    {
+        let raw = Store::open_unversioned(tmp.path()).expect("open as it is");
+        let key = super::codec::id_key(super::codec::CHECKPOINT_PREFIX, 3);
+        let mut value = raw.tree.get(&key).expect("get").expect("cp/3").to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x55;
+        raw.tree.insert(&key, value).expect("damage");
+        raw.flush().expect("flush");
+    }
+    let store = Store::open(tmp.path()).expect("migrates despite the damaged checkpoint");
+    assert!(
+        store.load_checkpoint(3).is_err(),
+        "still damaged, still refused"
+    );
+    let (meta, _) = store.load_checkpoint(2).expect("the older one restores");
+    assert_eq!(meta.id, 2);
 }

@@ -1,13 +1,27 @@
 //! Migration of older store layouts, run once at open.
 
 use super::codec::{
-    decode_v1_state_key, id_key, v1, version_key, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD,
+    decode_v1_state_key, id_key, v1, v3_version_key, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD,
     META_VERSION, SAVEPOINT_META_PREFIX,
 };
-use super::legacy::{CheckpointMetaV2, RetainedV2, SavepointMetaV2};
+use super::codec::{GC_PREFIX, SAVEPOINT_ENTRY_PREFIX, VERSION_PREFIX};
+use super::legacy::{
+    CheckpointMetaV2, CheckpointMetaV3, RetainedV2, RetainedV3, SavepointMetaV2, SavepointMetaV3,
+};
 use super::{Retained, SavepointMeta, Store, StoreError};
 use crate::checkpoint::history::{CheckpointRecord, Status};
+use crate::checkpoint::protocol::CheckpointMeta;
 use crate::engine::Entry;
+
+impl Store {
+    fn log_migration(&self, from: u32, to: u32) {
+        if self.is_scratch() {
+            tracing::info!(path = %self.path.display(), from, to, "migrated a temporary copy of the checkpoint store to check it; the store itself is unchanged");
+        } else {
+            tracing::info!(path = %self.path.display(), from, to, "migrated the checkpoint store; builds that read only older formats can no longer open it");
+        }
+    }
+}
 
 /// Runs every migration from format `found` up to the current one, each in its own atomic
 /// batch, flushed.
@@ -18,19 +32,99 @@ pub(super) fn upgrade(store: &Store, found: u32) -> Result<(), StoreError> {
     if found <= 2 {
         from_v2(store)?;
     }
+    if found <= 3 {
+        from_v3(store)?;
+    }
+    Ok(())
+}
+
+/// Format 4 scopes state keys (a leading scope byte; everything before was instance scope, 0)
+/// and records the scope in the spec: state versions, savepoint entries and garbage lists are
+/// re-keyed, checkpoint and savepoint metadata re-encoded.
+fn from_v3(store: &Store) -> Result<(), StoreError> {
+    let tree = &store.tree;
+    let mut batch = sled::Batch::default();
+    let rekey = |k: &[u8], prefix_len: usize| -> Vec<u8> {
+        let mut out = Vec::with_capacity(k.len() + 1);
+        out.extend_from_slice(&k[..prefix_len]);
+        out.push(0);
+        out.extend_from_slice(&k[prefix_len..]);
+        out
+    };
+    for item in tree.scan_prefix(VERSION_PREFIX) {
+        let (k, v) = item?;
+        batch.remove(k.clone());
+        batch.insert(rekey(&k, VERSION_PREFIX.len()), v);
+    }
+    for item in tree.scan_prefix(SAVEPOINT_ENTRY_PREFIX) {
+        let (k, v) = item?;
+        // `spe/<name>/<state key>`; names contain no `/`
+        let Some(slash) = k[SAVEPOINT_ENTRY_PREFIX.len()..]
+            .iter()
+            .position(|b| *b == b'/')
+        else {
+            return Err(store.corrupt(format!("undecodable savepoint entry key {:?}", k.as_ref())));
+        };
+        batch.remove(k.clone());
+        batch.insert(rekey(&k, SAVEPOINT_ENTRY_PREFIX.len() + slash + 1), v);
+    }
+    for item in tree.scan_prefix(GC_PREFIX) {
+        let (k, v) = item?;
+        let id = super::codec::decode_id_key(GC_PREFIX, &k).unwrap_or(0);
+        match store.decode::<Vec<Vec<u8>>>(&v, "garbage list") {
+            Ok(list) => {
+                let list: Vec<Vec<u8>> = list
+                    .iter()
+                    .map(|vk| rekey(vk, VERSION_PREFIX.len()))
+                    .collect();
+                batch.insert(k, Store::encode(&list, id)?);
+            }
+            // a damaged list only ever cost space; it cannot name format 4 keys
+            Err(_) => batch.remove(k),
+        }
+    }
+    for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
+        let (k, v) = item?;
+        // a damaged checkpoint stays damaged: a restore skips it for an older one, as the
+        // build that wrote it would have; it must not block the migration of the others
+        let Ok(old) = store.decode::<RetainedV3>(&v, "format 3 checkpoint metadata") else {
+            tracing::warn!(checkpoint_id = ?super::codec::decode_id_key(CHECKPOINT_PREFIX, &k), "leaving damaged checkpoint metadata as it is: restores skip it");
+            continue;
+        };
+        let id = old.meta.id;
+        batch.insert(k, Store::encode(&Retained::from(old), id)?);
+    }
+    for item in tree.scan_prefix(SAVEPOINT_META_PREFIX) {
+        let (k, v) = item?;
+        let Ok(old) = store.decode::<SavepointMetaV3>(&v, "format 3 savepoint metadata") else {
+            continue;
+        };
+        let id = old.checkpoint_id;
+        batch.insert(k, Store::encode(&SavepointMeta::from(old), id)?);
+    }
+    batch.insert(META_VERSION, &4u32.to_be_bytes());
+    tree.apply_batch(batch)?;
+    store.db.flush()?;
+    store.log_migration(3, 4);
     Ok(())
 }
 
 /// Format 3 records the input fields in every checkpoint's spec: checkpoint and savepoint
-/// metadata are re-encoded, with the input fields marked as not recorded.
+/// metadata are re-encoded (in the format 3 shape), with the input fields marked as not
+/// recorded.
 fn from_v2(store: &Store) -> Result<(), StoreError> {
     let tree = &store.tree;
     let mut batch = sled::Batch::default();
     for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
         let (k, v) = item?;
-        let old: RetainedV2 = store.decode(&v, "format 2 checkpoint metadata")?;
+        // a damaged checkpoint stays damaged: a restore skips it for an older one, as the
+        // build that wrote it would have; it must not block the migration of the others
+        let Ok(old) = store.decode::<RetainedV2>(&v, "format 2 checkpoint metadata") else {
+            tracing::warn!(checkpoint_id = ?super::codec::decode_id_key(CHECKPOINT_PREFIX, &k), "leaving damaged checkpoint metadata as it is: restores skip it");
+            continue;
+        };
         let id = old.meta.id;
-        batch.insert(k, Store::encode(&Retained::from(old), id)?);
+        batch.insert(k, Store::encode(&RetainedV3::from(old), id)?);
     }
     for item in tree.scan_prefix(SAVEPOINT_META_PREFIX) {
         let (k, v) = item?;
@@ -39,12 +133,12 @@ fn from_v2(store: &Store) -> Result<(), StoreError> {
             continue;
         };
         let id = old.checkpoint_id;
-        batch.insert(k, Store::encode(&SavepointMeta::from(old), id)?);
+        batch.insert(k, Store::encode(&SavepointMetaV3::from(old), id)?);
     }
     batch.insert(META_VERSION, &3u32.to_be_bytes());
     tree.apply_batch(batch)?;
     store.db.flush()?;
-    tracing::info!(path = %store.path.display(), "migrated the checkpoint store from format version 2 to 3");
+    store.log_migration(2, 3);
     Ok(())
 }
 
@@ -65,7 +159,7 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
                 .ok_or_else(|| store.corrupt(format!("undecodable state key {:?}", k.as_ref())))?;
             let entry: Entry = postcard::from_bytes(&v)
                 .map_err(|e| store.corrupt(format!("version 1 state entry {key:?}: {e}")))?;
-            batch.insert(version_key(&key, id), Store::encode(&Some(entry), id)?);
+            batch.insert(v3_version_key(&key, id), Store::encode(&Some(entry), id)?);
             batch.remove(k);
             live += 1;
         }
@@ -83,7 +177,8 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
         match postcard::from_bytes::<CheckpointMetaV2>(&v) {
             Ok(meta) => {
                 let id = meta.id;
-                let record = CheckpointRecord::from_meta(&meta.into(), Status::Completed);
+                let meta = CheckpointMeta::from(CheckpointMetaV3::from(meta));
+                let record = CheckpointRecord::from_meta(&meta, Status::Completed);
                 batch.insert(k, Store::encode(&record, id)?);
             }
             Err(_) => batch.remove(k),
@@ -92,6 +187,6 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
     batch.insert(META_VERSION, &2u32.to_be_bytes());
     tree.apply_batch(batch)?;
     store.db.flush()?;
-    tracing::info!(path = %store.path.display(), "migrated the checkpoint store from format version 1 to 2");
+    store.log_migration(1, 2);
     Ok(())
 }

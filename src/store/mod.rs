@@ -129,6 +129,9 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     retention: Retention,
+    /// Set for a migrated copy made for inspection: the directory it lives in, removed when
+    /// the copy is dropped (after the database, which is declared before it).
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Store {
@@ -141,59 +144,113 @@ impl Store {
     /// Like `open`; with `Migrate::Refuse` an older format is reported as `NeedsMigration`
     /// and left untouched.
     pub fn open_with(path: &Path, migrate: Migrate) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
-            source: sled::Error::Io(e),
-        })?;
-        let store = Self::open_existing_dir(path)?;
+        let store = Self::open_unversioned(path)?;
         store.check_version(migrate)?;
         Ok(store)
     }
 
-    /// A read view of the store at `path` in the current format that never changes `path`: the
-    /// store itself when it has the current format, else a migrated temporary copy (which
-    /// disappears when dropped). For pre-flight checks that must leave an older build's store
-    /// readable by that build.
-    pub fn inspect(path: &Path) -> Result<Store, StoreError> {
-        match Self::open_existing_checked(path, Migrate::Refuse) {
-            Err(StoreError::NeedsMigration { .. }) => {}
-            other => return other,
+    /// Opens (or creates) the store at `path` without looking at its format: the caller then
+    /// checks a `scratch_copy` and/or calls `upgrade`, holding the lock throughout.
+    pub fn open_unversioned(path: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            source: sled::Error::Io(e),
+        })?;
+        Self::open_existing_dir(path)
+    }
+
+    /// Migrates an older format in place (then earlier builds can no longer read it), refuses
+    /// a newer one, and stamps a new store with the current format.
+    pub fn upgrade(&self) -> Result<(), StoreError> {
+        self.check_version(Migrate::InPlace)
+    }
+
+    /// The format version the store records; `None` for a new, empty store.
+    pub fn format_version(&self) -> Result<Option<u32>, StoreError> {
+        match self.tree.get(META_VERSION)? {
+            None => Ok(None),
+            Some(raw) => <[u8; 4]>::try_from(raw.as_ref())
+                .map(|b| Some(u32::from_be_bytes(b)))
+                .map_err(|_| self.corrupt("format version key is malformed")),
         }
-        let original = Self::open_existing_dir(path)?;
+    }
+
+    /// A copy of this store migrated to the current format, in a temporary directory next to
+    /// the store's (`.checkpointer-check-*`, removed when the copy is dropped). This store is
+    /// not changed.
+    pub fn scratch_copy(&self) -> Result<Store, StoreError> {
+        let io = |e: std::io::Error| StoreError::Open {
+            path: self.path.clone(),
+            source: sled::Error::Io(e),
+        };
+        let builder = || {
+            let mut b = tempfile::Builder::new();
+            b.prefix(".checkpointer-check-");
+            b
+        };
+        let scratch = match self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => builder()
+                .tempdir_in(parent)
+                .or_else(|_| builder().tempdir()),
+            None => builder().tempdir(),
+        }
+        .map_err(io)?;
         let db = sled::Config::new()
-            .temporary(true)
+            .path(scratch.path().join("store"))
             .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree("checkpoints")?;
-        for item in original.tree.iter() {
+        for item in self.tree.iter() {
             let (k, v) = item?;
             tree.insert(k, v)?;
         }
-        drop(original);
         let copy = Store {
-            path: path.to_path_buf(),
+            path: self.path.clone(),
             db,
             tree,
-            retention: Retention::default(),
+            retention: self.retention,
+            scratch: Some(scratch),
         };
         copy.check_version(Migrate::InPlace)?;
         Ok(copy)
     }
 
-    /// Opens a store that must already exist (offline commands): never creates one.
-    pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
-        Self::open_existing_checked(path, Migrate::InPlace)
+    /// Whether this is a migrated copy made for inspection (`scratch_copy`).
+    pub fn is_scratch(&self) -> bool {
+        self.scratch.is_some()
     }
 
-    fn open_existing_checked(path: &Path, migrate: Migrate) -> Result<Store, StoreError> {
+    /// A read view of the store at `path` in the current format that never changes `path`: the
+    /// store itself when it has the current format, else a migrated scratch copy. For offline
+    /// reads and pre-flight checks, which must leave an older build's store readable by it.
+    pub fn inspect(path: &Path) -> Result<Store, StoreError> {
+        Self::require_existing(path)?;
+        let store = Self::open_existing_dir(path)?;
+        match store.format_version()? {
+            Some(found) if found < FORMAT_VERSION => store.scratch_copy(),
+            _ => {
+                store.check_version(Migrate::Refuse)?;
+                Ok(store)
+            }
+        }
+    }
+
+    /// Opens a store that must already exist, migrating an older format (offline commands
+    /// that change it): never creates one.
+    pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
+        Self::require_existing(path)?;
+        let store = Self::open_existing_dir(path)?;
+        store.check_version(Migrate::InPlace)?;
+        Ok(store)
+    }
+
+    fn require_existing(path: &Path) -> Result<(), StoreError> {
         if !path.join("conf").exists() && !path.join("db").exists() {
             return Err(StoreError::Missing {
                 path: path.to_path_buf(),
             });
         }
-        let store = Self::open_existing_dir(path)?;
-        store.check_version(migrate)?;
-        Ok(store)
+        Ok(())
     }
 
     fn open_existing_dir(path: &Path) -> Result<Store, StoreError> {
@@ -224,6 +281,7 @@ impl Store {
             db,
             tree,
             retention: Retention::default(),
+            scratch: None,
         })
     }
 

@@ -3,21 +3,21 @@
 //!
 //! Layout: `CHKPTSAV` magic, format version (u32 BE), body length (u64 BE), the body (postcard:
 //! savepoint metadata with offsets, watermark and state spec, then the entries), and a CRC-32
-//! (u32 BE) of everything before it. Version 1 (store format 2) files are read and converted;
-//! newer versions are refused.
+//! (u32 BE) of everything before it. Versions 1 and 2 (store formats 2 and 3) are read and
+//! converted; newer versions are refused.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::legacy::PortableV1;
+use super::legacy::{PortableV1, PortableV2, SavepointMetaV3};
 use super::SavepointMeta;
 use crate::engine::{Entry, StateKey};
 
 const MAGIC: &[u8; 8] = b"CHKPTSAV";
 /// Version of the file format this build writes; it reads this one and every earlier one.
-pub const FILE_VERSION: u32 = 2;
+pub const FILE_VERSION: u32 = 3;
 const HEADER: usize = 8 + 4 + 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +112,20 @@ pub fn decode(raw: &[u8], path: &Path) -> Result<Portable, PortableError> {
     let body = &raw[HEADER..end];
     let decoded = match version {
         1 => postcard::from_bytes::<PortableV1>(body).map(|old| Portable {
+            meta: SavepointMetaV3::from(old.meta).into(),
+            entries: old
+                .entries
+                .into_iter()
+                .map(|(k, e)| (k.into(), e))
+                .collect(),
+        }),
+        2 => postcard::from_bytes::<PortableV2>(body).map(|old| Portable {
             meta: old.meta.into(),
-            entries: old.entries,
+            entries: old
+                .entries
+                .into_iter()
+                .map(|(k, e)| (k.into(), e))
+                .collect(),
         }),
         _ => postcard::from_bytes(body),
     };
@@ -173,6 +185,7 @@ mod tests {
             },
             entries: vec![(
                 StateKey {
+                    partition: None,
                     window: 0,
                     start: 60_000,
                     key: "user-1".into(),

@@ -12,6 +12,7 @@ use crate::position::{NextOffset, Partition};
 
 fn key(window: u16, start: i64, k: &str) -> StateKey {
     StateKey {
+        partition: None,
         window,
         start,
         key: k.into(),

@@ -30,6 +30,7 @@ fn spec(windows: Vec<WindowDef>, aggregates: Vec<AggregateKind>) -> StateSpec {
         aggregates,
         input: input("/user", Some("/amount")),
         retired: Vec::new(),
+        partition_scoped: false,
     }
 }
 
@@ -43,6 +44,7 @@ fn stored_spec() -> StateSpec {
 fn entry(window: u16, key: &str, status: EntryStatus) -> (StateKey, Entry) {
     (
         StateKey {
+            partition: None,
             window,
             start: 0,
             key: key.into(),
@@ -155,6 +157,10 @@ fn a_changed_window_with_open_state_is_incompatible_and_keeps_its_final_windows(
     assert_eq!(verdict(&report.windows, "minute"), &Verdict::Kept);
     assert!(report.refuses());
     assert_eq!(report.incompatible_open_windows(), 1);
+    assert!(
+        report.changes_state(),
+        "dropping makes the next checkpoint a full one"
+    );
     let applied = report.apply(state());
     assert_eq!(applied.dropped_entries, 1, "only the open window of visits");
     // the final window is emitted under the old definition's name, past the configured ones
@@ -392,4 +398,76 @@ fn retired_windows_keep_their_final_windows_across_later_starts() {
     );
     assert!(third.retired().is_empty());
     assert!(third.changes_state());
+}
+
+#[test]
+fn a_changed_state_scope_invalidates_every_open_window() {
+    let mut configured = stored_spec();
+    configured.partition_scoped = true;
+    let report = assess_with(&configured, &["clicks", "events"]);
+    for w in ["minute", "visits"] {
+        match verdict(&report.windows, w) {
+            Verdict::Incompatible(why) => assert!(
+                why.contains("state.scope changed from instance to partition"),
+                "{why}"
+            ),
+            other => panic!("{w}: {other:?}"),
+        }
+    }
+    assert_eq!(report.incompatible_open_windows(), 3);
+}
+
+#[test]
+fn partition_scoped_windows_of_a_removed_topic_are_dropped_with_it() {
+    let mut stored = stored_spec();
+    stored.partition_scoped = true;
+    let mut s = state();
+    for (k, _) in &mut s.entries {
+        k.partition = Some(Partition::new(
+            if k.key == "b" { "clicks" } else { "events" },
+            0,
+        ));
+    }
+    let t = topics(&["events"]);
+    let report = assess(
+        &stored,
+        &s,
+        Target {
+            spec: &stored,
+            topics: &t,
+            auto_offset_reset: "earliest",
+        },
+    );
+    assert!(!report.refuses(), "a removed topic is dropped, not refused");
+    let applied = report.apply(s);
+    assert_eq!(applied.dropped_entries, 1, "the window of `clicks`");
+    assert_eq!(applied.dropped_partitions, 1);
+    assert!(applied
+        .state
+        .entries
+        .iter()
+        .all(|(k, _)| k.partition.as_ref().is_some_and(|p| p.topic == "events")));
+}
+
+#[test]
+fn state_without_recorded_input_that_read_no_value_cannot_grow_a_sum() {
+    // format 2, count only: input.value was optional and the accumulators hold no values
+    let mut old = stored_spec();
+    old.input = None;
+    old.aggregates = vec![AggregateKind::Count];
+    let t = topics(&["clicks", "events"]);
+    let report = assess(
+        &old,
+        &state(),
+        Target {
+            spec: &stored_spec(),
+            topics: &t,
+            auto_offset_reset: "earliest",
+        },
+    );
+    assert!(matches!(
+        verdict(&report.aggregates, "sum"),
+        Verdict::Incompatible(_)
+    ));
+    assert!(report.refuses());
 }
