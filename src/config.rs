@@ -218,6 +218,10 @@ pub struct StateSettings {
     /// source partition's (`partition`), which lets partitions move between instances.
     #[serde(default)]
     pub scope: StateScope,
+    /// Compacted Kafka topic every checkpoint publishes its per-partition changes to, so that
+    /// an instance taking over a partition restores its state (needs `scope: partition`).
+    #[serde(default)]
+    pub changelog_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -420,6 +424,20 @@ impl Settings {
                 return Err(ConfigError::invalid(
                     "input.value",
                     format!("`{v}` is not a JSON pointer (it must start with `/`)"),
+                ));
+            }
+        }
+        if let Some(t) = &self.state.changelog_topic {
+            if self.state.scope != StateScope::Partition {
+                return Err(ConfigError::invalid(
+                    "state.changelog_topic",
+                    "needs state.scope: partition (only partition-scoped state can move between instances)",
+                ));
+            }
+            if t.trim().is_empty() || k.topics.contains(t) || *t == self.output.topic {
+                return Err(ConfigError::invalid(
+                    "state.changelog_topic",
+                    format!("`{t}` must be a non-empty topic of its own, neither an input nor the output topic"),
                 ));
             }
         }

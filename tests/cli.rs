@@ -785,3 +785,36 @@ fn commands_for_a_running_instance_say_when_none_answers() {
         stderr(&out)
     );
 }
+
+/// The configuration inside the Kubernetes example manifest, with the environment the pod
+/// spec sets, is valid.
+#[test]
+fn the_kubernetes_example_configuration_is_valid() {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/checkpointer.yaml"),
+    )
+    .expect("manifest");
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "checkpointer.yaml: |");
+    lines.next();
+    let config: String = lines
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    assert!(config.contains("changelog_topic"), "{config}");
+    let out = run(
+        &["check-config"],
+        &config,
+        &[
+            ("CHECKPOINTER_KAFKA__INSTANCE_ID", "checkpointer-0"),
+            ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:9180"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = stdout(&out);
+    assert!(
+        printed.contains("\"instance_id\": \"checkpointer-0\"") && printed.contains("0.0.0.0:9180"),
+        "{printed}"
+    );
+}

@@ -13,6 +13,8 @@ pub const CHECKPOINTS_COMPLETED: &str = "checkpointer_checkpoints_completed_tota
 pub const CHECKPOINTS_FAILED: &str = "checkpointer_checkpoints_failed_total";
 pub const CHECKPOINTS_ABANDONED: &str = "checkpointer_checkpoints_abandoned_total";
 pub const SAVEPOINTS: &str = "checkpointer_savepoints_total";
+pub const CHANGELOG_RESTORES: &str = "checkpointer_changelog_restores_total";
+pub const CHANGELOG_PUBLISHED: &str = "checkpointer_changelog_published_total";
 pub const CHECKPOINTS_RETAINED: &str = "checkpointer_checkpoints_retained";
 pub const STORE_SIZE_BYTES: &str = "checkpointer_store_size_bytes";
 /// `{kind="checkpoint|savepoint|none",checkpoint_id="..",savepoint=".."} 1`

@@ -48,6 +48,8 @@ pub struct ServiceConfig {
     pub checkpoint_extra: BTreeMap<String, String>,
     /// Arguments appended to `checkpointer run --config PATH` (e.g. `--restore-from 7`).
     pub extra_args: Vec<String>,
+    /// Keys of a `state:` section (written when not empty), values verbatim YAML.
+    pub state_extra: BTreeMap<String, String>,
 }
 
 impl ServiceConfig {
@@ -72,6 +74,7 @@ impl ServiceConfig {
             instance_id: None,
             checkpoint_extra: BTreeMap::new(),
             extra_args: Vec::new(),
+            state_extra: BTreeMap::new(),
         }
     }
 
@@ -123,6 +126,12 @@ impl ServiceConfig {
         yaml.push_str(&format!("  mode: {}\n", self.mode));
         for (key, value) in &self.checkpoint_extra {
             yaml.push_str(&format!("  {key}: {value}\n"));
+        }
+        if !self.state_extra.is_empty() {
+            yaml.push_str("state:\n");
+            for (key, value) in &self.state_extra {
+                yaml.push_str(&format!("  {key}: {value}\n"));
+            }
         }
         yaml.push_str("http:\n");
         yaml.push_str(&format!("  listen: {}\n", q(&http_listen.to_string())));

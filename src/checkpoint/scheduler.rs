@@ -62,6 +62,12 @@ impl Scheduler {
         }
     }
 
+    /// The next checkpoint starts a new line (a full snapshot): the state changed in a way a
+    /// delta cannot express (partitions taken over or handed off).
+    pub fn restart_line(&mut self) {
+        self.head = None;
+    }
+
     /// The id the next trigger will use.
     pub fn peek_next_id(&self) -> u64 {
         self.next_id

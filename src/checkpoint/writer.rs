@@ -33,6 +33,8 @@ pub enum WriteOutcome {
         id: u64,
         stats: Box<WriteStats>,
         duration: Duration,
+        /// What was written, for publication to the changelog.
+        checkpoint: Box<Checkpoint>,
     },
     Failed {
         id: u64,
@@ -74,21 +76,29 @@ pub fn spawn(
             } else {
                 let store = store.clone();
                 let result = tokio::task::spawn_blocking(move || {
+                    let WriteJob {
+                        checkpoint,
+                        record,
+                        savepoint,
+                        started,
+                        ..
+                    } = *job;
                     store
                         .write(&WriteRequest {
-                            checkpoint: &job.checkpoint,
-                            record: job.record,
-                            savepoint: job.savepoint,
-                            started: job.started,
+                            checkpoint: &checkpoint,
+                            record,
+                            savepoint,
+                            started,
                         })
-                        .map(|s| (s, job.started.elapsed()))
+                        .map(|s| (s, started.elapsed(), checkpoint))
                 })
                 .await;
                 match result {
-                    Ok(Ok((stats, duration))) => WriteOutcome::Durable {
+                    Ok(Ok((stats, duration, checkpoint))) => WriteOutcome::Durable {
                         id,
                         stats: Box::new(stats),
                         duration,
+                        checkpoint: Box::new(checkpoint),
                     },
                     Ok(Err(e)) => WriteOutcome::Failed {
                         id,

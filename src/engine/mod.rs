@@ -179,6 +179,71 @@ impl Engine {
         self.advance();
     }
 
+    /// Replaces partition `p`'s state with `entries` at `position` (partition scope: a state
+    /// restored from the changelog). Final windows among them are queued for emission again.
+    pub fn install_partition(
+        &mut self,
+        position: &PartitionState,
+        entries: impl IntoIterator<Item = (StateKey, Entry)>,
+    ) -> Result<(), RestoreError> {
+        let p = &position.partition;
+        self.drop_partitions(std::slice::from_ref(p));
+        self.marks.insert(
+            p.clone(),
+            Progress {
+                next: position.next,
+                max_ts: position.max_ts,
+                assigned: false,
+                caught_up_empty: false,
+            },
+        );
+        for (id, entry) in entries {
+            match entry.status {
+                EntryStatus::Open => {
+                    let defined = self.cfg.windows.len();
+                    let store = self
+                        .stores_of(id.partition.as_ref())
+                        .get_mut(usize::from(id.window))
+                        .ok_or(RestoreError::UnknownWindow {
+                            window: id.window,
+                            defined,
+                        })?;
+                    store.restore(id.start, id.key, entry.end, entry.acc);
+                }
+                EntryStatus::Closed => {
+                    self.emit_queue.push(ClosedWindow {
+                        id: id.clone(),
+                        end: entry.end,
+                        acc: entry.acc,
+                    });
+                    self.outbox.insert(
+                        id,
+                        Pending {
+                            end: entry.end,
+                            acc: entry.acc,
+                            awaiting: None,
+                            handed_out: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets partitions whose state now lives elsewhere (partition scope): their windows,
+    /// final windows not yet emitted, and progress. The next checkpoint must be a full one.
+    pub fn drop_partitions(&mut self, partitions: &[Partition]) {
+        for p in partitions {
+            self.scoped.remove(p);
+            self.marks.remove(p);
+        }
+        let gone = |k: &StateKey| k.partition.as_ref().is_some_and(|p| partitions.contains(p));
+        self.outbox.retain(|k, _| !gone(k));
+        self.emit_queue.retain(|w| !gone(&w.id));
+        self.dirty.retain(|k| !gone(k));
+    }
+
     pub fn revoke(&mut self, partitions: &[Partition]) {
         for p in partitions {
             self.marks.revoke(p);
@@ -261,16 +326,24 @@ impl Engine {
                 return Outcome::Invalid(reason);
             }
         };
-        // lateness is judged against the watermark before this record moves it
-        let limit = self.limit();
-        let mut took = false;
+        // lateness is judged against the watermark before this record moves it: the
+        // partition's own with partition-scoped state (so results do not depend on which
+        // partitions an instance holds), else the service's
         let scope = self.cfg.partition_scoped.then_some(partition);
+        let limit = match scope {
+            Some(p) => self.partition_limit(p),
+            None => self.limit(),
+        };
+        let mut took = false;
         let mut dirty = std::mem::take(&mut self.dirty);
         for store in self.stores_of(scope) {
             took |= store.add(&record.key, record.ts, record.value, limit, &mut dirty);
         }
         self.dirty = dirty;
-        if self.marks.observe(partition, offset, Some(record.ts)) {
+        let moved = self.marks.observe(partition, offset, Some(record.ts));
+        if self.cfg.partition_scoped {
+            self.close_partition(partition);
+        } else if moved {
             self.advance();
         }
         if took {
@@ -286,8 +359,32 @@ impl Engine {
             .map(|wm| wm.saturating_sub(self.cfg.allowed_lateness))
     }
 
+    /// Partition `p`'s own limit: its highest event time, less the allowed disorder and
+    /// lateness.
+    fn partition_limit(&self, p: &Partition) -> Option<i64> {
+        self.marks.get(p).and_then(|pr| pr.max_ts).map(|t| {
+            t.saturating_sub(self.cfg.max_out_of_orderness)
+                .saturating_sub(self.cfg.allowed_lateness)
+        })
+    }
+
+    /// Closes the windows of partition `p`'s scope that its own watermark has passed.
+    fn close_partition(&mut self, p: &Partition) {
+        let Some(limit) = self.partition_limit(p) else {
+            return;
+        };
+        let mut closed = Vec::new();
+        if let Some(stores) = self.scoped.get_mut(p) {
+            for store in stores {
+                store.close(limit, &mut closed);
+            }
+        }
+        self.finalize(closed);
+    }
+
     fn advance(&mut self) {
-        if self.marks.advance().is_none() {
+        // the service watermark is kept (and reported) in both scopes
+        if self.marks.advance().is_none() || self.cfg.partition_scoped {
             return;
         }
         let Some(limit) = self.limit() else { return };
@@ -295,6 +392,10 @@ impl Engine {
         for store in self.all_stores_mut() {
             store.close(limit, &mut closed);
         }
+        self.finalize(closed);
+    }
+
+    fn finalize(&mut self, closed: Vec<ClosedWindow>) {
         for window in closed {
             self.dirty.insert(window.id.clone());
             // a final window stays in the state until the output acknowledges it, so a crash

@@ -389,3 +389,25 @@ fn restore_refuses_state_of_unknown_windows() {
         Err(RestoreError::UnknownWindow { window: 9, .. })
     ));
 }
+
+#[test]
+fn a_partition_taken_over_later_is_judged_by_its_own_event_time() {
+    // an instance far ahead on partition 0 takes over partition 1, which is behind
+    let run = |scoped: bool| {
+        let mut engine = Engine::new(scoped_config(true, scoped));
+        engine.assign(&[p(0)]);
+        engine.process(&p(0), 0, rec("a", 1_000_000, 1.0));
+        engine.assign(&[p(1)]);
+        engine.process(&p(1), 0, rec("b", 1_000, 1.0))
+    };
+    assert_eq!(
+        run(true),
+        Outcome::Accepted,
+        "partition scope: its own stream time"
+    );
+    assert_eq!(
+        run(false),
+        Outcome::Late,
+        "instance scope: the service watermark"
+    );
+}

@@ -67,6 +67,11 @@ impl Watermarks {
         entry.caught_up_empty = false;
     }
 
+    /// Forgets `p` entirely (its state moved to another instance).
+    pub fn remove(&mut self, p: &Partition) {
+        self.parts.remove(p);
+    }
+
     pub fn revoke(&mut self, p: &Partition) {
         if let Some(entry) = self.parts.get_mut(p) {
             entry.assigned = false;

@@ -197,6 +197,7 @@ impl Runtime {
     }
 
     pub(super) fn fail(&mut self, id: u64, reason: &str, abandoned: bool) -> anyhow::Result<()> {
+        self.release_after_failure(id);
         let now = self.now();
         match self.scheduler.failed(id, now, reason) {
             Ok(false) => Ok(()),
@@ -234,6 +235,7 @@ impl Runtime {
                 id,
                 stats,
                 duration,
+                checkpoint,
             } => {
                 if !self.scheduler.completed(id, self.now()) {
                     tracing::info!(
@@ -243,6 +245,7 @@ impl Runtime {
                     return Ok(());
                 }
                 self.last_durable = Some(id);
+                self.publish(&checkpoint);
                 let flight = self.in_flight.remove(&id);
                 self.engine.checkpoint_completed(id);
                 let ready = self.engine.take_emittable();

@@ -1,6 +1,7 @@
 //! Wiring: open and restore the store, start the admin server, the output, the consumer and
 //! the checkpoint writer, then hand over to the processing loop in `runtime`.
 
+mod handoff;
 mod lifecycle;
 mod restore;
 mod runtime;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
 
+use crate::changelog::kafka::{ChangelogTopic, Publisher};
 use crate::checkpoint::compat::Target;
 use crate::checkpoint::history::History;
 use crate::checkpoint::scheduler::SchedulerSettings;
@@ -237,6 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     let shared = Arc::new(Shared::default());
+    let shared_for_close = shared.clone();
     let (commands_tx, commands) = tokio::sync::mpsc::unbounded_channel();
     let admin = Arc::new(AdminState::new(
         metrics.clone(),
@@ -287,6 +290,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Duration::from_secs(5),
     );
     let (writer, outcomes) = writer::spawn(store.clone());
+    let (released_tx, released) = tokio::sync::mpsc::unbounded_channel();
+    let (changelog, failures) = match settings.state.changelog_topic.clone() {
+        Some(topic) => {
+            let client = source::base_client(&k.brokers, &k.options);
+            let topic = tokio::task::spawn_blocking(move || ChangelogTopic::lookup(client, &topic))
+                .await
+                .context("changelog lookup task")??;
+            tracing::info!(topic = %topic.topic, partitions = topic.partitions, "publishing partition state to the changelog");
+            let (publisher, failures) = Publisher::start(topic.clone())?;
+            (
+                Some(handoff::Changelog {
+                    topic,
+                    publisher,
+                    run: handoff::Changelog::run_id(),
+                    published: HashMap::new(),
+                    record_keys: HashMap::new(),
+                    since_full: 0,
+                }),
+                failures,
+            )
+        }
+        None => (None, tokio::sync::mpsc::unbounded_channel().1),
+    };
     let c = &settings.checkpoint;
     let scheduler = Scheduler::new(
         SchedulerSettings {
@@ -326,6 +352,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stop_requested: false,
         stop_savepoint: None,
         awaiting_first: Default::default(),
+        changelog,
+        releasing: HashMap::new(),
+        released_tx,
     };
     // windows the restored checkpoint holds as final were durable there: send them again
     let restored_windows = rt.engine.take_emittable();
@@ -333,8 +362,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     rt.refresh_readiness();
 
     let result = rt
-        .main_loop(&consumer, outcomes, acks, commands, store.clone())
+        .main_loop(
+            &consumer,
+            outcomes,
+            acks,
+            commands,
+            handoff::HandoffEvents { released, failures },
+            store.clone(),
+        )
         .await;
+    shared_for_close.set_closing();
     consumer.unsubscribe();
     result
 }

@@ -13,6 +13,7 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
+use super::handoff::{Changelog, HandoffEvents};
 use super::lifecycle::{SavepointRequest, SavepointWaiter};
 use crate::checkpoint::writer::{Job, WriteOutcome};
 use crate::checkpoint::{Scheduler, StateSpec};
@@ -63,6 +64,11 @@ pub(super) struct Runtime {
     pub(super) stop_requested: bool,
     /// The savepoint to take as the last act of that stop (name or default) and its requester.
     pub(super) stop_savepoint: Option<(Option<String>, Reply<Option<SavepointMeta>>)>,
+    /// The changelog topic, when partitions' state moves between instances.
+    pub(super) changelog: Option<Changelog>,
+    /// Revoke checkpoints in flight, with the partitions they release once published.
+    pub(super) releasing: HashMap<u64, Vec<Partition>>,
+    pub(super) released_tx: mpsc::UnboundedSender<Vec<Partition>>,
 }
 
 /// Runs the service until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -95,6 +101,7 @@ impl Runtime {
         mut outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
         mut acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
         mut commands: mpsc::UnboundedReceiver<Command>,
+        mut handoff: HandoffEvents,
         store: Arc<Store>,
     ) -> anyhow::Result<()> {
         let shutdown = shutdown_signal();
@@ -118,10 +125,17 @@ impl Runtime {
                 Some(outcome) = outcomes.recv() => self.on_write_outcome(outcome, consumer)?,
                 Some(command) = commands.recv() => self.on_command(command, &store),
                 Some(ids) = acks.recv() => self.engine.emitted(ids),
-                _ = tick.tick() => self.on_tick(&store)?,
+                Some(ps) = handoff.released.recv() => self.on_released(consumer, ps),
+                Some(f) = handoff.failures.recv() => self.on_publish_failure(f),
+                _ = tick.tick() => {
+                    // rebalances wait for the loop (assign after restore, release after a
+                    // checkpoint); without assigned partitions recv would never return
+                    self.apply_rebalances(consumer).await?;
+                    self.on_tick(&store)?
+                }
                 msg = consumer.recv() => {
                     // rebalances run inside recv: apply them before what recv returned
-                    self.apply_rebalances()?;
+                    self.apply_rebalances(consumer).await?;
                     match msg {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
@@ -275,23 +289,12 @@ impl Runtime {
         }
     }
 
-    fn apply_rebalances(&mut self) -> anyhow::Result<()> {
+    async fn apply_rebalances(&mut self, consumer: &Source) -> anyhow::Result<()> {
         for event in self.shared.take_events() {
             match event {
-                Rebalance::Assigned(ps) => {
-                    self.awaiting_first.extend(ps.iter().cloned());
-                    for p in &ps {
-                        if !self.assigned.contains(p) {
-                            self.assigned.push(p.clone());
-                        }
-                    }
-                    self.engine.assign(&ps);
-                    self.shared.set_assigned(&self.assigned);
-                }
-                Rebalance::Revoked { partitions, .. } => {
-                    self.assigned.retain(|p| !partitions.contains(p));
-                    self.engine.revoke(&partitions);
-                    self.shared.set_assigned(&self.assigned);
+                Rebalance::Assign(ps) => self.on_assign(consumer, ps).await?,
+                Rebalance::Revoke { partitions, lost } => {
+                    self.on_revoke(consumer, partitions, lost)
                 }
                 Rebalance::Failed(reason) => tracing::warn!(%reason, "rebalance did not complete"),
             }
@@ -374,6 +377,8 @@ impl Runtime {
         mut acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
         store: &Store,
     ) -> anyhow::Result<()> {
+        // rebalances from here on are completed by the consumer callback itself
+        self.shared.set_closing();
         self.admin.set_ready(false, "stopping");
         let deadline = tokio::time::Instant::now() + self.settings.checkpoint.shutdown_timeout;
         let mut final_id: Option<u64> = None;
@@ -413,6 +418,7 @@ impl Runtime {
                         // let the HTTP answer reach the requester before the process exits
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
+                    self.changelog_settled(deadline).await;
                     if self.settings.checkpoint.on_cancel == OnCancel::Delete {
                         let deleted = store.delete_checkpoints()?;
                         tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");

@@ -37,11 +37,17 @@ pub enum SourceError {
     },
 }
 
-/// A change of the partitions this instance owns.
+/// A change of the partitions this instance owns, handed to the processing loop, which then
+/// completes it with `assign` or `release` (librdkafka lets the application do so after the
+/// rebalance callback returned): state is restored before a partition's first record and
+/// checkpointed before the partition goes to another instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalance {
-    Assigned(Vec<Partition>),
-    Revoked {
+    /// To be assigned: call `assign` once their positions are known.
+    Assign(Vec<Partition>),
+    /// To be released: call `release` once their state is safe. `lost`: another member may
+    /// own them already (session expired).
+    Revoke {
         partitions: Vec<Partition>,
         lost: bool,
     },
@@ -51,6 +57,8 @@ pub enum Rebalance {
 /// Shared between the processing loop and the rebalance callback, which runs inside `recv`.
 #[derive(Default)]
 pub struct Shared {
+    /// Set when the loop stops serving rebalances (shutdown): the callback completes them.
+    closing: std::sync::atomic::AtomicBool,
     positions: Mutex<HashMap<Partition, NextOffset>>,
     events: Mutex<Vec<Rebalance>>,
     assigned: Mutex<Vec<Partition>>,
@@ -59,6 +67,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// From now on rebalances are completed in the callback itself (the loop has stopped).
+    pub fn set_closing(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn set_position(&self, p: &Partition, next: NextOffset) {
         let mut map = self
             .positions
@@ -159,6 +177,87 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
         .collect()
 }
 
+impl SourceContext {
+    /// Assigns `partitions`, each at the service's position for it (never the group's
+    /// committed offset, which is advisory), else per `auto_offset_reset`.
+    fn assign_at_positions<C: Consumer<Self>>(
+        &self,
+        consumer: &C,
+        partitions: &[Partition],
+    ) -> Result<(), SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        let positions = self
+            .shared
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for p in partitions {
+            let start = match positions.get(p) {
+                Some(next) => Offset::Offset(next.0),
+                None => self.reset,
+            };
+            tpl.add_partition_offset(&p.topic, p.partition, start)
+                .map_err(|source| SourceError::Assign {
+                    partitions: vec![p.to_string()],
+                    source,
+                })?;
+        }
+        let result = if is_cooperative(consumer) {
+            consumer.incremental_assign(&tpl)
+        } else {
+            consumer.assign(&tpl)
+        };
+        result.map_err(|source| SourceError::Assign {
+            partitions: partitions.iter().map(ToString::to_string).collect(),
+            source,
+        })?;
+        for p in partitions {
+            match positions.get(p) {
+                Some(next) => {
+                    tracing::info!(partition = %p, next_offset = next.0, "partition assigned, resuming at checkpointed position")
+                }
+                None => {
+                    tracing::info!(partition = %p, "partition assigned, no checkpointed position: starting per auto_offset_reset")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn release<C: Consumer<Self>>(&self, consumer: &C, partitions: &[Partition]) {
+        let result = if is_cooperative(consumer) {
+            let mut tpl = TopicPartitionList::new();
+            for p in partitions {
+                tpl.add_partition(&p.topic, p.partition);
+            }
+            consumer.incremental_unassign(&tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "unassign failed");
+        }
+    }
+}
+
+fn is_cooperative<C: Consumer<SourceContext>>(consumer: &C) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
+/// Completes an `Assign` event: assigns `partitions` at the positions now in `Shared`.
+pub fn assign(consumer: &Source, partitions: &[Partition]) -> Result<(), SourceError> {
+    consumer.context().assign_at_positions(consumer, partitions)
+}
+
+/// Completes a `Revoke` event: lets `partitions` go to their new owner.
+pub fn release(consumer: &Source, partitions: &[Partition]) {
+    consumer.context().release(consumer, partitions)
+}
+
 impl ConsumerContext for SourceContext {
     fn rebalance(
         &self,
@@ -166,80 +265,23 @@ impl ConsumerContext for SourceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        let partitions = partitions_of(tpl);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions = partitions_of(tpl);
-                {
-                    let positions = self
-                        .shared
-                        .positions
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    for p in &partitions {
-                        // the service's own position, else auto_offset_reset; never the
-                        // group's committed offset, which is advisory
-                        let start = match positions.get(p) {
-                            Some(next) => Offset::Offset(next.0),
-                            None => self.reset,
-                        };
-                        if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, start) {
-                            tracing::error!(partition = %p, error = %e, "cannot set start offset");
-                        }
-                    }
-                }
-                let result = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                match result {
-                    Ok(()) => {
-                        for p in &partitions {
-                            let at = self
-                                .shared
-                                .positions
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .get(p)
-                                .copied();
-                            match at {
-                                Some(next) => {
-                                    tracing::info!(partition = %p, next_offset = next.0, "partition assigned, resuming at checkpointed position")
-                                }
-                                None => {
-                                    tracing::info!(partition = %p, "partition assigned, no checkpointed position: starting per auto_offset_reset")
-                                }
-                            }
-                        }
-                        self.shared.push(Rebalance::Assigned(partitions));
-                    }
-                    Err(source) => {
-                        let e = SourceError::Assign {
-                            partitions: partitions.iter().map(ToString::to_string).collect(),
-                            source,
-                        };
-                        tracing::error!(error = %e, "assignment failed");
-                        self.shared.push(Rebalance::Failed(e.to_string()));
-                    }
+                if !self.shared.closing() {
+                    self.shared.push(Rebalance::Assign(partitions));
+                } else if let Err(e) = self.assign_at_positions(consumer, &partitions) {
+                    tracing::error!(error = %e, "assignment failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                let partitions = partitions_of(tpl);
                 let lost = consumer.assignment_lost();
                 tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), lost, "partitions revoked");
-                let result = if cooperative {
-                    consumer.incremental_unassign(tpl)
+                if self.shared.closing() {
+                    self.release(consumer, &partitions);
                 } else {
-                    consumer.unassign()
-                };
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "unassign failed");
+                    self.shared.push(Rebalance::Revoke { partitions, lost });
                 }
-                self.shared.push(Rebalance::Revoked { partitions, lost });
             }
             other => {
                 let message = format!("rebalance error: {other:?}");

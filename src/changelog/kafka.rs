@@ -1,0 +1,291 @@
+//! The changelog's Kafka side: a publisher task that writes each durable checkpoint's
+//! per-partition chunks (idempotent producer, acknowledged by all replicas), and a reader that
+//! replays one changelog partition to rebuild a source partition's state.
+//!
+//! Source partition `p` of any topic goes to changelog partition `p mod N` (N: the changelog
+//! topic's partition count); records carry their source, so topics sharing a changelog
+//! partition are told apart.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::protocol::{decode, encode, Chunk, Committed, Replay};
+use crate::position::Partition;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangelogError {
+    #[error("cannot create the changelog {role} for topic {topic}: {source}")]
+    Create {
+        role: &'static str,
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("changelog topic {topic} does not exist or has no partitions ({detail}); create it (compacted, as many partitions as the largest input topic) before starting")]
+    Missing { topic: String, detail: String },
+    #[error("cannot read changelog partition {topic}[{partition}]: {source}")]
+    Read {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("changelog partition {topic}[{partition}] holds a record this build cannot read at offset {offset}: {detail}")]
+    Unreadable {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        detail: String,
+    },
+}
+
+/// Where the changelog is and how to reach it.
+#[derive(Clone)]
+pub struct ChangelogTopic {
+    pub client: ClientConfig,
+    pub topic: String,
+    pub partitions: i32,
+}
+
+impl ChangelogTopic {
+    /// Looks the topic up; it must exist.
+    pub fn lookup(client: ClientConfig, topic: &str) -> Result<Self, ChangelogError> {
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("group.id", "checkpointer-changelog-probe")
+            .create()
+            .map_err(|source| ChangelogError::Create {
+                role: "metadata client",
+                topic: topic.to_string(),
+                source,
+            })?;
+        let missing = |detail: String| ChangelogError::Missing {
+            topic: topic.to_string(),
+            detail,
+        };
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(|e| missing(e.to_string()))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if partitions == 0 {
+            return Err(missing("no partitions in the broker's metadata".into()));
+        }
+        Ok(ChangelogTopic {
+            client,
+            topic: topic.to_string(),
+            partitions: partitions as i32,
+        })
+    }
+
+    /// The changelog partition of source partition `p`.
+    pub fn partition_of(&self, p: &Partition) -> i32 {
+        p.partition.rem_euclid(self.partitions)
+    }
+}
+
+/// One publication batch: chunks to write, then tombstones for records they supersede (key and
+/// source partition), and who waits for their acknowledgement.
+pub struct Batch {
+    pub chunks: Vec<Chunk>,
+    pub tombstones: Vec<(String, Partition)>,
+    pub done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Handle to the publisher task.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::UnboundedSender<Batch>,
+}
+
+/// A publication that failed: the partitions whose changelog line must restart with a full
+/// publication.
+#[derive(Debug)]
+pub struct PublishFailure {
+    pub partitions: Vec<Partition>,
+    pub reason: String,
+}
+
+impl Publisher {
+    pub fn start(
+        topic: ChangelogTopic,
+    ) -> Result<(Publisher, mpsc::UnboundedReceiver<PublishFailure>), ChangelogError> {
+        let mut client = topic.client.clone();
+        client
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5");
+        let producer: FutureProducer =
+            client.create().map_err(|source| ChangelogError::Create {
+                role: "producer",
+                topic: topic.topic.clone(),
+                source,
+            })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (fail_tx, fail_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(producer, topic, rx, fail_tx));
+        Ok((Publisher { tx }, fail_rx))
+    }
+
+    pub fn publish(&self, batch: Batch) {
+        // the receiver lives as long as the runtime; a send error means shutdown
+        let _ = self.tx.send(batch);
+    }
+}
+
+async fn run(
+    producer: FutureProducer,
+    topic: ChangelogTopic,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    failures: mpsc::UnboundedSender<PublishFailure>,
+) {
+    while let Some(batch) = rx.recv().await {
+        let mut partitions: Vec<Partition> = Vec::new();
+        let mut error: Option<String> = None;
+        let mut records = Vec::with_capacity(batch.chunks.len());
+        for chunk in &batch.chunks {
+            if !partitions.contains(chunk.source()) {
+                partitions.push(chunk.source().clone());
+            }
+            match encode(chunk) {
+                Ok(payload) => records.push((
+                    chunk.record_key(),
+                    payload,
+                    topic.partition_of(chunk.source()),
+                )),
+                Err(e) => {
+                    error = Some(format!("cannot encode a changelog record: {e}"));
+                }
+            }
+        }
+        let mut sends: Vec<_> = records
+            .iter()
+            .map(|(key, payload, partition)| {
+                let record = FutureRecord::to(&topic.topic)
+                    .key(key)
+                    .payload(payload)
+                    .partition(*partition);
+                producer.send(record, Duration::from_secs(60))
+            })
+            .collect();
+        // after the chunks in the same partition: compaction may then drop what they replace
+        for (key, source) in &batch.tombstones {
+            let record = FutureRecord::<String, Vec<u8>>::to(&topic.topic)
+                .key(key)
+                .partition(topic.partition_of(source));
+            sends.push(producer.send(record, Duration::from_secs(60)));
+        }
+        for send in sends {
+            if let Err((e, _)) = send.await {
+                error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        match error {
+            None => {
+                if let Some(done) = batch.done {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Some(reason) => {
+                tracing::warn!(error = %reason, topic = %topic.topic, "changelog publication failed; the next checkpoint publishes the partitions' full state");
+                if let Some(done) = batch.done {
+                    let _ = done.send(Err(reason.clone()));
+                }
+                let _ = failures.send(PublishFailure { partitions, reason });
+            }
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(10));
+}
+
+/// Progress of a changelog read: records left to read.
+pub type OnProgress<'a> = &'a mut dyn FnMut(i64);
+
+/// Replays the changelog partition of `source` from its start to its end and returns the
+/// state it holds for `source` (`None` if none). Blocking.
+pub fn read_state(
+    topic: &ChangelogTopic,
+    source: &Partition,
+    on_progress: OnProgress<'_>,
+) -> Result<Option<Committed>, ChangelogError> {
+    let partition = topic.partition_of(source);
+    let read_err = |source: KafkaError| ChangelogError::Read {
+        topic: topic.topic.clone(),
+        partition,
+        source,
+    };
+    let consumer: BaseConsumer = topic
+        .client
+        .clone()
+        .set("group.id", "checkpointer-changelog-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(|source| ChangelogError::Create {
+            role: "reader",
+            topic: topic.topic.clone(),
+            source,
+        })?;
+    let (low, high) = consumer
+        .fetch_watermarks(&topic.topic, partition, Duration::from_secs(30))
+        .map_err(read_err)?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic.topic, partition, Offset::Beginning)
+        .map_err(read_err)?;
+    consumer.assign(&tpl).map_err(read_err)?;
+    let mut replay = Replay::default();
+    let mut last_seen = low - 1;
+    let mut idle_since = Instant::now();
+    on_progress(high - low);
+    while last_seen < high - 1 {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                last_seen = m.offset();
+                on_progress((high - 1 - last_seen).max(0));
+                let Some(payload) = m.payload() else {
+                    continue; // a tombstone
+                };
+                match decode(payload) {
+                    Ok(chunk) if chunk.source() == source => replay.push(chunk),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(ChangelogError::Unreadable {
+                            topic: topic.topic.clone(),
+                            partition,
+                            offset: m.offset(),
+                            detail: e.to_string(),
+                        })
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(read_err(e)),
+            None if idle_since.elapsed() > Duration::from_secs(30) => {
+                tracing::warn!(topic = %topic.topic, partition, last_seen, high, "changelog read stalled before its end; using what was read");
+                break;
+            }
+            None => {}
+        }
+    }
+    on_progress(0);
+    for ignored in &replay.ignored {
+        tracing::warn!(partition = %source, tag = ?ignored.tag, reason = %ignored.reason, "changelog publication ignored");
+    }
+    Ok(replay.into_committed(source))
+}

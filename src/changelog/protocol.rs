@@ -1,0 +1,276 @@
+//! What the changelog topic holds and how a new owner of a partition rebuilds its state from
+//! it. Pure: the publisher and the reader around it do the Kafka I/O.
+//!
+//! Every durable checkpoint publishes, per source partition it changed, one or more chunks
+//! tagged with the writer's run and checkpoint id: the partition's changed window entries and
+//! the position (next offset, highest event time) they match. A publication is either `Full`
+//! (the partition's whole state: it starts a new line) or a `Delta` on the publication it names
+//! as its base. A reader replays the changelog partition in log order and accepts a publication
+//! only once all of its chunks are there and only if it continues the line it holds, so it
+//! always ends on a state that matches exactly the offsets it resumes from: an unfinished
+//! publication (a writer that crashed mid-way) or one from a stale writer is ignored, never
+//! mixed in. Record keys are unique, so compaction removes only what a writer tombstoned.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Entry, PartitionState, StateKey};
+use crate::position::Partition;
+
+/// Version of the record layout; a reader refuses records of a newer one.
+pub const RECORD_VERSION: u32 = 1;
+const MAGIC: &[u8; 4] = b"CKCL";
+
+/// One publication: a writer's run (random per process start) and its checkpoint id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tag {
+    pub run: u64,
+    pub checkpoint: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// The partition's whole state.
+    Full,
+    /// The changes since the publication `base`.
+    Delta { base: Tag },
+}
+
+/// One changelog record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub tag: Tag,
+    pub kind: Kind,
+    /// Position of this chunk in its publication, and the publication's chunk count.
+    pub index: u32,
+    pub count: u32,
+    /// The partition's position the state matches (also names the partition).
+    pub position: PartitionState,
+    pub watermark: Option<i64>,
+    pub upserts: Vec<(StateKey, Entry)>,
+    pub deletes: Vec<StateKey>,
+}
+
+impl Chunk {
+    pub fn source(&self) -> &Partition {
+        &self.position.partition
+    }
+
+    /// The record's Kafka key: unique per chunk.
+    pub fn record_key(&self) -> String {
+        let p = self.source();
+        format!(
+            "{}/{}/{:016x}/{}/{}",
+            p.topic, p.partition, self.tag.run, self.tag.checkpoint, self.index
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a changelog record")]
+    Foreign,
+    #[error("changelog record of version {0}, written by a newer build; this build reads up to {RECORD_VERSION}")]
+    Newer(u32),
+    #[error("damaged changelog record: checksum mismatch")]
+    Checksum,
+    #[error("undecodable changelog record: {0}")]
+    Undecodable(String),
+}
+
+/// `CKCL`, version (u32 BE), CRC-32 of the body (u32 BE), body (postcard).
+pub fn encode(chunk: &Chunk) -> Result<Vec<u8>, postcard::Error> {
+    let body = postcard::to_stdvec(chunk)?;
+    let mut out = Vec::with_capacity(12 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&RECORD_VERSION.to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub fn decode(raw: &[u8]) -> Result<Chunk, DecodeError> {
+    if raw.len() < 12 || &raw[..4] != MAGIC {
+        return Err(DecodeError::Foreign);
+    }
+    let version = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
+    if version > RECORD_VERSION {
+        return Err(DecodeError::Newer(version));
+    }
+    let crc = u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    let body = &raw[12..];
+    if crc32fast::hash(body) != crc {
+        return Err(DecodeError::Checksum);
+    }
+    postcard::from_bytes(body).map_err(|e| DecodeError::Undecodable(e.to_string()))
+}
+
+/// Splits one partition's publication into chunks of at most `max_entries` changes each (at
+/// least one chunk, so that a publication without changes still records the position).
+pub fn chunks(
+    tag: Tag,
+    kind: Kind,
+    position: PartitionState,
+    watermark: Option<i64>,
+    upserts: Vec<(StateKey, Entry)>,
+    deletes: Vec<StateKey>,
+    max_entries: usize,
+) -> Vec<Chunk> {
+    let max = max_entries.max(1);
+    let total = upserts.len() + deletes.len();
+    let count = total.div_ceil(max).max(1);
+    let mut out: Vec<Chunk> = (0..count)
+        .map(|i| Chunk {
+            tag,
+            kind,
+            index: i as u32,
+            count: count as u32,
+            position: position.clone(),
+            watermark,
+            upserts: Vec::new(),
+            deletes: Vec::new(),
+        })
+        .collect();
+    let mut slot = 0;
+    let mut fill = 0;
+    for u in upserts {
+        out[slot].upserts.push(u);
+        fill += 1;
+        if fill == max {
+            slot += 1;
+            fill = 0;
+        }
+    }
+    for d in deletes {
+        out[slot].deletes.push(d);
+        fill += 1;
+        if fill == max {
+            slot += 1;
+            fill = 0;
+        }
+    }
+    out
+}
+
+/// The state of one partition as the changelog holds it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Committed {
+    /// The publication it is as of; `None` before any.
+    pub tag: Option<Tag>,
+    pub position: Option<PartitionState>,
+    pub watermark: Option<i64>,
+    pub entries: BTreeMap<StateKey, Entry>,
+    /// Keys of every record of the partition read, to tombstone once a newer full
+    /// publication supersedes them (so that compaction can remove them).
+    pub record_keys: Vec<String>,
+}
+
+impl Committed {
+    /// The next offset the state matches.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.position.as_ref().and_then(|p| p.next).map(|n| n.0)
+    }
+}
+
+/// Why a complete publication was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    pub tag: Tag,
+    pub reason: String,
+}
+
+/// Rebuilds partitions' states from their changelog records, in log order.
+#[derive(Debug, Default)]
+pub struct Replay {
+    parts: HashMap<Partition, PartReplay>,
+    /// Publications complete but not continuing the line: stale or forked writers.
+    pub ignored: Vec<Ignored>,
+}
+
+#[derive(Debug, Default)]
+struct PartReplay {
+    committed: Committed,
+    pending: HashMap<Tag, Vec<Option<Chunk>>>,
+    record_keys: Vec<String>,
+}
+
+impl Replay {
+    /// Takes the next record of the changelog partition.
+    pub fn push(&mut self, chunk: Chunk) {
+        let part = self.parts.entry(chunk.source().clone()).or_default();
+        part.record_keys.push(chunk.record_key());
+        let count = chunk.count.max(1) as usize;
+        let tag = chunk.tag;
+        let slots = part.pending.entry(tag).or_insert_with(|| vec![None; count]);
+        if slots.len() != count || chunk.index as usize >= count {
+            self.ignored.push(Ignored {
+                tag,
+                reason: "inconsistent chunk count".into(),
+            });
+            part.pending.remove(&tag);
+            return;
+        }
+        let index = chunk.index as usize;
+        slots[index] = Some(chunk);
+        if slots.iter().any(Option::is_none) {
+            return;
+        }
+        let chunks: Vec<Chunk> = part
+            .pending
+            .remove(&tag)
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .collect();
+        let Some(first) = chunks.first() else { return };
+        let kind = first.kind;
+        let mut next = match kind {
+            Kind::Full => Committed::default(),
+            Kind::Delta { base } if part.committed.tag == Some(base) => part.committed.clone(),
+            Kind::Delta { base } => {
+                self.ignored.push(Ignored {
+                    tag,
+                    reason: format!(
+                        "builds on {base:?}, but the line holds {:?}",
+                        part.committed.tag
+                    ),
+                });
+                return;
+            }
+        };
+        for c in chunks {
+            for k in &c.deletes {
+                next.entries.remove(k);
+            }
+            for (k, e) in c.upserts {
+                next.entries.insert(k, e);
+            }
+            next.position = Some(c.position);
+            next.watermark = c.watermark;
+        }
+        next.tag = Some(tag);
+        part.committed = next;
+    }
+
+    /// The state of `p` as of the last publication accepted.
+    pub fn committed(&self, p: &Partition) -> Option<&Committed> {
+        self.parts
+            .get(p)
+            .map(|r| &r.committed)
+            .filter(|c| c.tag.is_some())
+    }
+
+    pub fn into_committed(mut self, p: &Partition) -> Option<Committed> {
+        self.parts
+            .remove(p)
+            .map(|r| Committed {
+                record_keys: r.record_keys,
+                ..r.committed
+            })
+            .filter(|c| c.tag.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::engine::{Acc, EntryStatus};
+use crate::position::NextOffset;
+
+fn part(n: i32) -> Partition {
+    Partition::new("events", n)
+}
+
+fn key(p: i32, k: &str) -> StateKey {
+    StateKey {
+        partition: Some(part(p)),
+        window: 0,
+        start: 0,
+        key: k.into(),
+    }
+}
+
+fn entry(v: f64) -> Entry {
+    Entry {
+        status: EntryStatus::Open,
+        end: 60_000,
+        acc: Acc::of(Some(v)),
+    }
+}
+
+fn pos(p: i32, next: i64) -> PartitionState {
+    PartitionState {
+        partition: part(p),
+        next: Some(NextOffset(next)),
+        max_ts: Some(next * 10),
+    }
+}
+
+fn tag(run: u64, checkpoint: u64) -> Tag {
+    Tag { run, checkpoint }
+}
+
+fn publish(
+    t: Tag,
+    kind: Kind,
+    next: i64,
+    up: Vec<(StateKey, Entry)>,
+    del: Vec<StateKey>,
+) -> Vec<Chunk> {
+    chunks(t, kind, pos(0, next), Some(next), up, del, 2)
+}
+
+#[test]
+fn records_round_trip_and_damage_is_refused() {
+    let c = publish(
+        tag(7, 3),
+        Kind::Full,
+        5,
+        vec![(key(0, "a"), entry(1.0))],
+        vec![],
+    )
+    .remove(0);
+    let raw = encode(&c).expect("encode");
+    assert_eq!(decode(&raw), Ok(c));
+    for i in 0..raw.len() {
+        let mut bad = raw.clone();
+        bad[i] ^= 0x10;
+        assert!(decode(&bad).is_err(), "byte {i} altered and accepted");
+    }
+    let mut newer = raw.clone();
+    newer[7] = 9;
+    assert_eq!(decode(&newer), Err(DecodeError::Newer(9)));
+    assert_eq!(decode(b"{}"), Err(DecodeError::Foreign));
+}
+
+#[test]
+fn record_keys_are_unique_per_chunk() {
+    let cs = publish(
+        tag(1, 2),
+        Kind::Full,
+        5,
+        (0..5)
+            .map(|i| (key(0, &i.to_string()), entry(1.0)))
+            .collect(),
+        vec![],
+    );
+    let keys: std::collections::BTreeSet<String> = cs.iter().map(Chunk::record_key).collect();
+    assert_eq!(keys.len(), cs.len());
+    assert_eq!(cs.len(), 3, "5 changes in chunks of 2");
+}
+
+#[test]
+fn an_unfinished_publication_is_ignored() {
+    let mut r = Replay::default();
+    for c in publish(
+        tag(1, 1),
+        Kind::Full,
+        10,
+        vec![(key(0, "a"), entry(1.0))],
+        vec![],
+    ) {
+        r.push(c);
+    }
+    let mut partial = publish(
+        tag(1, 2),
+        Kind::Delta { base: tag(1, 1) },
+        20,
+        (0..4)
+            .map(|i| (key(0, &format!("b{i}")), entry(2.0)))
+            .collect(),
+        vec![],
+    );
+    partial.pop(); // the writer died before its last chunk
+    for c in partial {
+        r.push(c);
+    }
+    let c = r.into_committed(&part(0)).expect("committed");
+    assert_eq!(c.tag, Some(tag(1, 1)));
+    assert_eq!(c.next_offset(), Some(10));
+    assert_eq!(c.entries.len(), 1);
+    // every record read is named, the unfinished ones too: a new full publication tombstones
+    // them all
+    assert_eq!(c.record_keys.len(), 1 + 1);
+    assert!(c.record_keys.iter().all(|k| k.starts_with("events/0/")));
+}
+
+#[test]
+fn a_stale_writer_never_mixes_into_the_line() {
+    let full = publish(
+        tag(1, 1),
+        Kind::Full,
+        10,
+        vec![(key(0, "a"), entry(1.0))],
+        vec![],
+    );
+    // the new owner (run 2) restored (1,1) and continues; the old owner (run 1) publishes late
+    let new_owner = publish(
+        tag(2, 1),
+        Kind::Delta { base: tag(1, 1) },
+        30,
+        vec![(key(0, "a"), entry(3.0))],
+        vec![],
+    );
+    let stale = publish(
+        tag(1, 2),
+        Kind::Delta { base: tag(1, 1) },
+        20,
+        vec![(key(0, "a"), entry(2.0))],
+        vec![],
+    );
+    // either order: the result is one consistent line, never a mix
+    for (first, second, want) in [
+        (&new_owner, &stale, (tag(2, 1), 30, 3.0)),
+        (&stale, &new_owner, (tag(1, 2), 20, 2.0)),
+    ] {
+        let mut r = Replay::default();
+        for c in full.iter().chain(first).chain(second) {
+            r.push(c.clone());
+        }
+        let c = r.committed(&part(0)).expect("committed");
+        assert_eq!(c.tag, Some(want.0));
+        assert_eq!(c.next_offset(), Some(want.1));
+        assert_eq!(c.entries[&key(0, "a")].acc.sum, want.2);
+        assert_eq!(r.ignored.len(), 1, "the other one is ignored");
+    }
+}
+
+#[test]
+fn partitions_replay_independently() {
+    let mut r = Replay::default();
+    let a = chunks(
+        tag(1, 1),
+        Kind::Full,
+        pos(0, 5),
+        None,
+        vec![(key(0, "a"), entry(1.0))],
+        vec![],
+        10,
+    );
+    let b = chunks(
+        tag(1, 1),
+        Kind::Full,
+        pos(1, 7),
+        None,
+        vec![(key(1, "b"), entry(2.0))],
+        vec![],
+        10,
+    );
+    for c in a.into_iter().chain(b) {
+        r.push(c);
+    }
+    assert_eq!(
+        r.committed(&part(0)).and_then(Committed::next_offset),
+        Some(5)
+    );
+    assert_eq!(
+        r.committed(&part(1)).and_then(Committed::next_offset),
+        Some(7)
+    );
+    assert!(r.committed(&part(2)).is_none());
+}
+
+proptest! {
+    /// A writer's line of publications (a full, then deltas; a new full now and then), cut into
+    /// chunks of any size, replays to exactly the state and position of the last one.
+    #[test]
+    fn replay_yields_the_last_publication_exactly(
+        steps in prop::collection::vec((prop::collection::vec((0u8..8, prop::option::of(0u8..50)), 0..12), any::<bool>()), 1..20),
+        max in 1usize..6,
+    ) {
+        let mut model: BTreeMap<StateKey, Entry> = BTreeMap::new();
+        let mut r = Replay::default();
+        let mut prev: Option<Tag> = None;
+        let mut next = 0;
+        for (i, (changes, full)) in steps.into_iter().enumerate() {
+            let t = tag(9, i as u64 + 1);
+            let full = full || prev.is_none();
+            let mut ups: BTreeMap<StateKey, Entry> = BTreeMap::new();
+            let mut dels = Vec::new();
+            if full {
+                model.clear();
+            }
+            for (k, v) in changes {
+                let k = key(0, &k.to_string());
+                match v {
+                    Some(v) => { model.insert(k.clone(), entry(f64::from(v))); ups.insert(k.clone(), entry(f64::from(v))); dels.retain(|d| d != &k); }
+                    None => { model.remove(&k); ups.remove(&k); if !dels.contains(&k) { dels.push(k); } }
+                }
+            }
+            let (ups, dels) = if full {
+                (model.clone().into_iter().collect(), vec![])
+            } else {
+                (ups.into_iter().collect(), dels)
+            };
+            let kind = match (full, prev) { (false, Some(base)) => Kind::Delta { base }, _ => Kind::Full };
+            next += 3;
+            for c in chunks(t, kind, pos(0, next), Some(next), ups, dels, max) {
+                r.push(c);
+            }
+            prev = Some(t);
+        }
+        let c = r.into_committed(&part(0)).expect("committed");
+        prop_assert_eq!(c.tag, prev);
+        prop_assert_eq!(c.next_offset(), Some(next));
+        prop_assert_eq!(c.entries, model);
+    }
+}

@@ -1,0 +1,312 @@
+//! Partitions moving between instances of one consumer group (partition-scoped state): on
+//! assignment, a partition's state is restored before its first record (from the changelog
+//! when that holds a newer state than this instance); on revocation, it is checkpointed and
+//! published before the partition is released; every durable checkpoint publishes what it
+//! changed per partition.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+
+use super::runtime::Runtime;
+use crate::changelog::kafka::{read_state, Batch, ChangelogTopic, PublishFailure, Publisher};
+use crate::changelog::protocol::{chunks, Kind, Tag};
+use crate::checkpoint::Checkpoint;
+use crate::engine::{Entry, StateKey};
+use crate::position::Partition;
+use crate::source::{self, Source};
+
+/// Changes per chunk: keeps records far below Kafka's 1 MB default message size.
+const CHUNK_ENTRIES: usize = 2_000;
+/// A full publication of every partition after this many checkpoints, which tombstones the
+/// line before it: bounds what compaction keeps and what a restore reads.
+const FULL_EVERY: u64 = 100;
+
+/// This instance's link to the changelog topic.
+pub(super) struct Changelog {
+    pub(super) topic: ChangelogTopic,
+    pub(super) publisher: Publisher,
+    /// Tags this process's publications (random per start, never reused).
+    pub(super) run: u64,
+    /// The last publication of each partition this process made: the base of its next delta.
+    pub(super) published: HashMap<Partition, Tag>,
+    /// Keys of each partition's records since its last full publication (tombstoned by the
+    /// next one).
+    pub(super) record_keys: HashMap<Partition, Vec<String>>,
+    /// Publications since the last full one.
+    pub(super) since_full: u64,
+}
+
+/// Events the hand-off waits for, received by the processing loop.
+pub(super) struct HandoffEvents {
+    pub(super) released: mpsc::UnboundedReceiver<Vec<Partition>>,
+    pub(super) failures: mpsc::UnboundedReceiver<PublishFailure>,
+}
+
+impl Changelog {
+    pub(super) fn run_id() -> u64 {
+        let ms = crate::clock::epoch_ms().max(0) as u64;
+        (ms << 20) ^ u64::from(std::process::id())
+    }
+}
+
+impl Runtime {
+    /// Completes an assignment: restores what needs restoring, then assigns.
+    pub(super) async fn on_assign(
+        &mut self,
+        consumer: &Source,
+        partitions: Vec<Partition>,
+    ) -> anyhow::Result<()> {
+        if self.engine.config().partition_scoped {
+            // windows of partitions this instance no longer owns must not close and emit here
+            let keep: HashSet<&Partition> = self.assigned.iter().chain(&partitions).collect();
+            let stale: Vec<Partition> = self
+                .engine
+                .progress()
+                .map(|(p, _)| p.clone())
+                .filter(|p| !keep.contains(p))
+                .collect();
+            if !stale.is_empty() {
+                tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
+                self.engine.drop_partitions(&stale);
+                self.scheduler.restart_line();
+            }
+        }
+        if let Some(link) = &self.changelog {
+            let topic = link.topic.clone();
+            for p in &partitions {
+                let local = self.engine.position(p).map(|n| n.0);
+                let admin = self.admin.clone();
+                let metrics = self.metrics.clone();
+                let (source_p, topic) = (p.clone(), topic.clone());
+                let committed = tokio::task::spawn_blocking(move || {
+                    let label = source_p.to_string();
+                    let gauge = metrics
+                        .changelog_restore_remaining
+                        .with_label_values(&[label.as_str()]);
+                    let mut progress = |left: i64| {
+                        gauge.set(left);
+                        if left > 0 {
+                            admin.set_ready(
+                                false,
+                                &format!(
+                                    "restoring {label} from the changelog: {left} records left"
+                                ),
+                            );
+                        }
+                    };
+                    read_state(&topic, &source_p, &mut progress)
+                })
+                .await
+                .context("changelog reader task")?
+                .with_context(|| format!("restoring {p} from the changelog"))?;
+                if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
+                    link.record_keys.insert(p.clone(), c.record_keys.clone());
+                }
+                match committed {
+                    Some(c) if c.next_offset() > local => {
+                        let Some(position) = c.position.clone() else {
+                            continue;
+                        };
+                        let entries = c.entries.len();
+                        self.engine
+                            .install_partition(&position, c.entries)
+                            .with_context(|| format!("installing {p} from the changelog"))?;
+                        if let Some(next) = position.next {
+                            self.shared.set_position(p, next);
+                        }
+                        self.metrics.changelog_restores.inc();
+                        tracing::info!(partition = %p, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, "restored partition state from the changelog");
+                    }
+                    Some(c) => {
+                        tracing::info!(partition = %p, next_offset = ?local, changelog_next_offset = ?c.next_offset(), "local partition state is as new as the changelog's; keeping it")
+                    }
+                    None => {
+                        tracing::info!(partition = %p, next_offset = ?local, "no changelog state for the partition")
+                    }
+                }
+            }
+            // the first checkpoint after a takeover publishes the partitions' full state
+            self.scheduler.restart_line();
+            for p in &partitions {
+                if let Some(link) = self.changelog.as_mut() {
+                    link.published.remove(p);
+                }
+            }
+        }
+        if let Err(e) = source::assign(consumer, &partitions) {
+            tracing::error!(error = %e, "assignment failed");
+            return Ok(());
+        }
+        self.awaiting_first.extend(partitions.iter().cloned());
+        for p in &partitions {
+            if !self.assigned.contains(p) {
+                self.assigned.push(p.clone());
+            }
+        }
+        self.engine.assign(&partitions);
+        self.shared.set_assigned(&self.assigned);
+        Ok(())
+    }
+
+    /// Starts a revocation: with a changelog, a checkpoint first, released once it is
+    /// published (`on_released`); otherwise (or when the partitions are already lost) at once.
+    pub(super) fn on_revoke(&mut self, consumer: &Source, partitions: Vec<Partition>, lost: bool) {
+        if self.changelog.is_some() && !lost && !partitions.is_empty() {
+            let id = self.trigger(None);
+            tracing::info!(checkpoint_id = id, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
+            self.releasing.insert(id, partitions);
+            return;
+        }
+        source::release(consumer, &partitions);
+        self.forget(&partitions);
+    }
+
+    /// The revoke checkpoint of these partitions is published (or failed): let them go.
+    pub(super) fn on_released(&mut self, consumer: &Source, partitions: Vec<Partition>) {
+        tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions released");
+        source::release(consumer, &partitions);
+        self.forget(&partitions);
+    }
+
+    fn forget(&mut self, partitions: &[Partition]) {
+        self.assigned.retain(|p| !partitions.contains(p));
+        if self.changelog.is_some() {
+            self.engine.drop_partitions(partitions);
+            self.scheduler.restart_line();
+            if let Some(link) = self.changelog.as_mut() {
+                for p in partitions {
+                    link.published.remove(p);
+                }
+            }
+        } else {
+            self.engine.revoke(partitions);
+        }
+        self.shared.set_assigned(&self.assigned);
+    }
+
+    /// A revoke checkpoint failed: release its partitions anyway; the new owner restores the
+    /// last published state, which matches its offsets.
+    pub(super) fn release_after_failure(&mut self, id: u64) {
+        if let Some(partitions) = self.releasing.remove(&id) {
+            tracing::warn!(checkpoint_id = id, "the checkpoint before releasing partitions failed; releasing them at their last published state");
+            let _ = self.released_tx.send(partitions);
+        }
+    }
+
+    /// Publishes a durable checkpoint's changes per owned partition.
+    pub(super) fn publish(&mut self, cp: &Checkpoint) {
+        let releasing = self.releasing.remove(&cp.id);
+        let Some(link) = self.changelog.as_mut() else {
+            return;
+        };
+        let mut ups: HashMap<&Partition, Vec<(StateKey, Entry)>> = HashMap::new();
+        let mut dels: HashMap<&Partition, Vec<StateKey>> = HashMap::new();
+        for (k, e) in &cp.delta.upserts {
+            if let Some(p) = &k.partition {
+                ups.entry(p).or_default().push((k.clone(), *e));
+            }
+        }
+        for k in &cp.delta.deletes {
+            if let Some(p) = &k.partition {
+                dels.entry(p).or_default().push(k.clone());
+            }
+        }
+        let mut out = Vec::new();
+        let mut tombstones = Vec::new();
+        let mut need_full = false;
+        let mut published = 0;
+        for position in &cp.delta.partitions {
+            let p = &position.partition;
+            if !self.assigned.contains(p) {
+                continue;
+            }
+            let kind = match (cp.delta.full, link.published.get(p)) {
+                (true, _) => Kind::Full,
+                (false, Some(base)) => Kind::Delta { base: *base },
+                (false, None) => {
+                    need_full = true;
+                    continue;
+                }
+            };
+            let tag = Tag {
+                run: link.run,
+                checkpoint: cp.id,
+            };
+            let new = chunks(
+                tag,
+                kind,
+                position.clone(),
+                cp.delta.watermark,
+                ups.remove(p).unwrap_or_default(),
+                dels.remove(p).unwrap_or_default(),
+                CHUNK_ENTRIES,
+            );
+            let keys = link.record_keys.entry(p.clone()).or_default();
+            if kind == Kind::Full {
+                tombstones.extend(keys.drain(..).map(|k| (k, p.clone())));
+            }
+            keys.extend(new.iter().map(|c| c.record_key()));
+            out.extend(new);
+            link.published.insert(p.clone(), tag);
+            published += 1;
+        }
+        let done = releasing.map(|partitions| {
+            let (tx, rx) = oneshot::channel::<Result<(), String>>();
+            let released = self.released_tx.clone();
+            tokio::spawn(async move {
+                // released whether the publication succeeded or not: see release_after_failure
+                let _ = rx.await;
+                let _ = released.send(partitions);
+            });
+            tx
+        });
+        link.publisher.publish(Batch {
+            chunks: out,
+            tombstones,
+            done,
+        });
+        self.metrics.changelog_published.inc_by(published);
+        link.since_full = if cp.delta.full {
+            0
+        } else {
+            link.since_full + 1
+        };
+        if need_full || link.since_full >= FULL_EVERY {
+            self.scheduler.restart_line();
+        }
+    }
+
+    /// Waits (until `deadline`) for every publication sent so far, so that a stopping instance
+    /// leaves its final state in the changelog for whoever takes its partitions.
+    pub(super) async fn changelog_settled(&self, deadline: tokio::time::Instant) {
+        let Some(link) = &self.changelog else { return };
+        let (tx, rx) = oneshot::channel();
+        link.publisher.publish(Batch {
+            chunks: Vec::new(),
+            tombstones: Vec::new(),
+            done: Some(tx),
+        });
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(()))) => tracing::info!("changelog publications complete"),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "the last changelog publication failed; a new owner restores an older state (and reads again from there)")
+            }
+            _ => tracing::warn!(
+                "changelog publications did not complete before the shutdown timeout"
+            ),
+        }
+    }
+
+    /// A publication failed: those partitions' next publication must be full.
+    pub(super) fn on_publish_failure(&mut self, failure: PublishFailure) {
+        self.metrics.changelog_publish_failures.inc();
+        if let Some(link) = self.changelog.as_mut() {
+            for p in &failure.partitions {
+                link.published.remove(p);
+            }
+        }
+        self.scheduler.restart_line();
+    }
+}
