@@ -179,6 +179,18 @@ fn load(path: &std::path::Path) -> Result<Settings, ExitCode> {
     })
 }
 
+/// Loads the configuration and applies a `--restore-from` override.
+fn load_restoring(
+    path: &std::path::Path,
+    restore_from: Option<RestoreFrom>,
+) -> Result<Settings, ExitCode> {
+    let mut settings = load(path)?;
+    if let Some(from) = restore_from {
+        settings.checkpoint.restore_from = from;
+    }
+    Ok(settings)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -201,13 +213,10 @@ fn main() -> ExitCode {
             dir,
             restore_from,
         } => {
-            let mut settings = match load(&config) {
+            let settings = match load_restoring(&config, restore_from) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            if let Some(from) = restore_from {
-                settings.checkpoint.restore_from = from;
-            }
             let dir = dir.unwrap_or_else(|| settings.checkpoint.dir.clone());
             match checkpointer::service::preflight(&settings, &dir) {
                 Ok(p) => {
@@ -251,13 +260,10 @@ fn main() -> ExitCode {
             config,
             restore_from,
         } => {
-            let mut settings = match load(&config) {
+            let settings = match load_restoring(&config, restore_from) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            if let Some(from) = restore_from {
-                settings.checkpoint.restore_from = from;
-            }
             init_logging(settings.log.format);
             run_async(checkpointer::service::run(settings))
         }

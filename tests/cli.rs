@@ -5,6 +5,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+use common::copy_tree;
+
 const VALID: &str = r#"
 kafka:
   brokers: 127.0.0.1:9
@@ -300,19 +303,6 @@ fn fixture_store_of(dir: &Path, version: u32) -> std::path::PathBuf {
         &state,
     );
     state
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for item in std::fs::read_dir(from).expect("read fixture") {
-        let item = item.expect("entry");
-        let target = to.join(item.file_name());
-        if item.file_type().expect("type").is_dir() {
-            copy_tree(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), &target).expect("copy");
-        }
-    }
 }
 
 fn check_restore(dir: &Path, yaml: &str, env: &[(&str, &str)]) -> Output {

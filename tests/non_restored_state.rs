@@ -14,23 +14,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 
 mod common;
-use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait};
+use common::{
+    copy_tree, free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait,
+};
 
 /// Event time origin of the fixture (`src/store/golden.rs`).
 const T0: i64 = 1_700_000_040_000;
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for item in std::fs::read_dir(from).expect("read fixture") {
-        let item = item.expect("entry");
-        let target = to.join(item.file_name());
-        if item.file_type().expect("type").is_dir() {
-            copy_tree(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), &target).expect("copy");
-        }
-    }
-}
 
 #[test]
 fn allowed_non_restored_state_drops_only_what_does_not_fit() {

@@ -133,39 +133,45 @@ impl Engine {
         }
         engine.marks.set_current(state.watermark);
         for (id, entry) in state.entries {
-            match entry.status {
-                EntryStatus::Open => {
-                    let defined = engine.cfg.windows.len();
-                    let stores = engine.stores_of(id.partition.as_ref());
-                    let store = stores.get_mut(usize::from(id.window)).ok_or(
-                        RestoreError::UnknownWindow {
-                            window: id.window,
-                            defined,
-                        },
-                    )?;
-                    store.restore(id.start, id.key, entry.end, entry.acc)
-                }
-                // final windows need no definition: they are emitted as they are (also those of
-                // windows no longer configured, under their old name)
-                EntryStatus::Closed => {
-                    engine.emit_queue.push(ClosedWindow {
-                        id: id.clone(),
-                        end: entry.end,
-                        acc: entry.acc,
-                    });
-                    engine.outbox.insert(
-                        id,
-                        Pending {
-                            end: entry.end,
-                            acc: entry.acc,
-                            awaiting: None,
-                            handed_out: true,
-                        },
-                    );
-                }
-            }
+            engine.restore_entry(id, entry)?;
         }
         Ok(engine)
+    }
+
+    /// Puts back one entry read from a checkpoint or the changelog. Final windows need no
+    /// definition: they are queued for emission as they are (also those of windows no longer
+    /// configured, under their old name).
+    fn restore_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), RestoreError> {
+        match entry.status {
+            EntryStatus::Open => {
+                let defined = self.cfg.windows.len();
+                let store = self
+                    .stores_of(id.partition.as_ref())
+                    .get_mut(usize::from(id.window))
+                    .ok_or(RestoreError::UnknownWindow {
+                        window: id.window,
+                        defined,
+                    })?;
+                store.restore(id.start, id.key, entry.end, entry.acc);
+            }
+            EntryStatus::Closed => {
+                self.emit_queue.push(ClosedWindow {
+                    id: id.clone(),
+                    end: entry.end,
+                    acc: entry.acc,
+                });
+                self.outbox.insert(
+                    id,
+                    Pending {
+                        end: entry.end,
+                        acc: entry.acc,
+                        awaiting: None,
+                        handed_out: true,
+                    },
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -198,35 +204,7 @@ impl Engine {
             },
         );
         for (id, entry) in entries {
-            match entry.status {
-                EntryStatus::Open => {
-                    let defined = self.cfg.windows.len();
-                    let store = self
-                        .stores_of(id.partition.as_ref())
-                        .get_mut(usize::from(id.window))
-                        .ok_or(RestoreError::UnknownWindow {
-                            window: id.window,
-                            defined,
-                        })?;
-                    store.restore(id.start, id.key, entry.end, entry.acc);
-                }
-                EntryStatus::Closed => {
-                    self.emit_queue.push(ClosedWindow {
-                        id: id.clone(),
-                        end: entry.end,
-                        acc: entry.acc,
-                    });
-                    self.outbox.insert(
-                        id,
-                        Pending {
-                            end: entry.end,
-                            acc: entry.acc,
-                            awaiting: None,
-                            handed_out: true,
-                        },
-                    );
-                }
-            }
+            self.restore_entry(id, entry)?;
         }
         Ok(())
     }

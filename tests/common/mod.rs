@@ -140,3 +140,17 @@ pub fn mock_cluster(partitions: i32) -> (Cluster, String, BaseProducer) {
     let producer = producer(&brokers);
     (cluster, brokers, producer)
 }
+
+/// Copies a directory tree (fixture stores are never opened in place: opening migrates).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for item in std::fs::read_dir(from).expect("read fixture") {
+        let item = item.expect("entry");
+        let target = to.join(item.file_name());
+        if item.file_type().expect("type").is_dir() {
+            copy_tree(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), &target).expect("copy");
+        }
+    }
+}

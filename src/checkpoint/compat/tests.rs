@@ -94,6 +94,24 @@ fn assess_with(configured: &StateSpec, subscribed: &[&str]) -> Report {
     )
 }
 
+/// `assess` with `earliest` as the reset policy.
+fn assess_on(
+    stored: &StateSpec,
+    s: &RestoredState,
+    configured: &StateSpec,
+    t: &[String],
+) -> Report {
+    assess(
+        stored,
+        s,
+        Target {
+            spec: configured,
+            topics: t,
+            auto_offset_reset: "earliest",
+        },
+    )
+}
+
 fn verdict<'a>(lines: &'a [Line], subject: &str) -> &'a Verdict {
     &lines
         .iter()
@@ -271,15 +289,7 @@ fn new_aggregates_derive_from_the_accumulator_when_the_value_was_read() {
     count_only.aggregates = vec![AggregateKind::Count];
     count_only.input = input("/user", None);
     let t = topics(&["clicks", "events"]);
-    let report = assess(
-        &count_only,
-        &state(),
-        Target {
-            spec: &stored_spec(),
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let report = assess_on(&count_only, &state(), &stored_spec(), &t);
     assert!(matches!(
         verdict(&report.aggregates, "sum"),
         Verdict::Incompatible(_)
@@ -292,15 +302,7 @@ fn state_without_recorded_input_fields_is_assumed_unchanged_and_says_so() {
     let mut old = stored_spec();
     old.input = None;
     let t = topics(&["clicks", "events"]);
-    let report = assess(
-        &old,
-        &state(),
-        Target {
-            spec: &stored_spec(),
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let report = assess_on(&old, &state(), &stored_spec(), &t);
     assert!(!report.refuses());
     assert!(report.notes.iter().any(|n| n.contains("format 2")));
 }
@@ -365,15 +367,7 @@ fn retired_windows_keep_their_final_windows_across_later_starts() {
     assert_eq!(written.window_name(1), Some("visits"));
     // a second start before that window was acknowledged still has it
     let t = topics(&["clicks", "events"]);
-    let second = assess(
-        &written,
-        &restored,
-        Target {
-            spec: &configured,
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let second = assess_on(&written, &restored, &configured, &t);
     assert!(!second.refuses());
     assert!(
         !second.changes_state(),
@@ -387,15 +381,7 @@ fn retired_windows_keep_their_final_windows_across_later_starts() {
     emitted
         .entries
         .retain(|(_, e)| e.status == EntryStatus::Open);
-    let third = assess(
-        &written,
-        &emitted,
-        Target {
-            spec: &configured,
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let third = assess_on(&written, &emitted, &configured, &t);
     assert!(third.retired().is_empty());
     assert!(third.changes_state());
 }
@@ -429,15 +415,7 @@ fn partition_scoped_windows_of_a_removed_topic_are_dropped_with_it() {
         ));
     }
     let t = topics(&["events"]);
-    let report = assess(
-        &stored,
-        &s,
-        Target {
-            spec: &stored,
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let report = assess_on(&stored, &s, &stored, &t);
     assert!(!report.refuses(), "a removed topic is dropped, not refused");
     let applied = report.apply(s);
     assert_eq!(applied.dropped_entries, 1, "the window of `clicks`");
@@ -456,15 +434,7 @@ fn state_without_recorded_input_that_read_no_value_cannot_grow_a_sum() {
     old.input = None;
     old.aggregates = vec![AggregateKind::Count];
     let t = topics(&["clicks", "events"]);
-    let report = assess(
-        &old,
-        &state(),
-        Target {
-            spec: &stored_spec(),
-            topics: &t,
-            auto_offset_reset: "earliest",
-        },
-    );
+    let report = assess_on(&old, &state(), &stored_spec(), &t);
     assert!(matches!(
         verdict(&report.aggregates, "sum"),
         Verdict::Incompatible(_)
