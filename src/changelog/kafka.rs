@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{decode, encode, Chunk, Committed, Replay};
+use super::protocol::{decode, encode, Chunk, Committed, DecodeError, Replay};
 use crate::position::Partition;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,13 @@ pub enum ChangelogError {
         partition: i32,
         #[source]
         source: KafkaError,
+    },
+    #[error("reading changelog partition {topic}[{partition}] stalled at offset {at} before its end {end}")]
+    Stalled {
+        topic: String,
+        partition: i32,
+        at: i64,
+        end: i64,
     },
     #[error("changelog partition {topic}[{partition}] holds a record this build cannot read at offset {offset}: {detail}")]
     Unreadable {
@@ -150,63 +157,95 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Batch>,
     failures: mpsc::UnboundedSender<PublishFailure>,
 ) {
+    // the first failure since the last batch that waited for an answer
+    let mut unreported: Option<String> = None;
     while let Some(batch) = rx.recv().await {
         let mut partitions: Vec<Partition> = Vec::new();
-        let mut error: Option<String> = None;
-        let mut records = Vec::with_capacity(batch.chunks.len());
         for chunk in &batch.chunks {
             if !partitions.contains(chunk.source()) {
                 partitions.push(chunk.source().clone());
             }
-            match encode(chunk) {
-                Ok(payload) => records.push((
-                    chunk.record_key(),
-                    payload,
-                    topic.partition_of(chunk.source()),
-                )),
-                Err(e) => {
-                    error = Some(format!("cannot encode a changelog record: {e}"));
-                }
-            }
         }
-        let mut sends: Vec<_> = records
-            .iter()
-            .map(|(key, payload, partition)| {
-                let record = FutureRecord::to(&topic.topic)
-                    .key(key)
-                    .payload(payload)
-                    .partition(*partition);
-                producer.send(record, Duration::from_secs(60))
-            })
-            .collect();
-        // after the chunks in the same partition: compaction may then drop what they replace
-        for (key, source) in &batch.tombstones {
-            let record = FutureRecord::<String, Vec<u8>>::to(&topic.topic)
-                .key(key)
-                .partition(topic.partition_of(source));
-            sends.push(producer.send(record, Duration::from_secs(60)));
+        let mut error = send_chunks(&producer, &topic, &batch.chunks).await.err();
+        // tombstones only once what supersedes them is acknowledged
+        if error.is_none() && !batch.tombstones.is_empty() {
+            error = send_tombstones(&producer, &topic, &batch.tombstones)
+                .await
+                .err();
         }
-        for send in sends {
-            if let Err((e, _)) = send.await {
-                error.get_or_insert_with(|| e.to_string());
-            }
+        if let Some(reason) = &error {
+            tracing::warn!(error = %reason, topic = %topic.topic, "changelog publication failed; the next checkpoint publishes the partitions' full state");
+            unreported.get_or_insert_with(|| reason.clone());
+            let _ = failures.send(PublishFailure {
+                partitions,
+                reason: reason.clone(),
+            });
         }
-        match error {
-            None => {
-                if let Some(done) = batch.done {
-                    let _ = done.send(Ok(()));
-                }
-            }
-            Some(reason) => {
-                tracing::warn!(error = %reason, topic = %topic.topic, "changelog publication failed; the next checkpoint publishes the partitions' full state");
-                if let Some(done) = batch.done {
-                    let _ = done.send(Err(reason.clone()));
-                }
-                let _ = failures.send(PublishFailure { partitions, reason });
-            }
+        if let Some(done) = batch.done {
+            let _ = done.send(match unreported.take() {
+                None => Ok(()),
+                Some(reason) => Err(reason),
+            });
         }
     }
     let _ = producer.flush(Duration::from_secs(10));
+}
+
+async fn send_chunks(
+    producer: &FutureProducer,
+    topic: &ChangelogTopic,
+    chunks: &[Chunk],
+) -> Result<(), String> {
+    let mut records = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let payload =
+            encode(chunk).map_err(|e| format!("cannot encode a changelog record: {e}"))?;
+        records.push((
+            chunk.record_key(),
+            payload,
+            topic.partition_of(chunk.source()),
+        ));
+    }
+    let sends: Vec<_> = records
+        .iter()
+        .map(|(key, payload, partition)| {
+            let record = FutureRecord::to(&topic.topic)
+                .key(key)
+                .payload(payload)
+                .partition(*partition);
+            producer.send(record, Duration::from_secs(60))
+        })
+        .collect();
+    let mut error = None;
+    for send in sends {
+        if let Err((e, _)) = send.await {
+            error.get_or_insert_with(|| e.to_string());
+        }
+    }
+    error.map_or(Ok(()), Err)
+}
+
+async fn send_tombstones(
+    producer: &FutureProducer,
+    topic: &ChangelogTopic,
+    tombstones: &[(String, Partition)],
+) -> Result<(), String> {
+    let sends: Vec<_> = tombstones
+        .iter()
+        .map(|(key, source)| {
+            let record = FutureRecord::<String, Vec<u8>>::to(&topic.topic)
+                .key(key)
+                .partition(topic.partition_of(source));
+            producer.send(record, Duration::from_secs(60))
+        })
+        .collect();
+    let mut error = None;
+    for send in sends {
+        if let Err((e, _)) = send.await {
+            error.get_or_insert_with(|| e.to_string());
+        }
+    }
+    error.map_or(Ok(()), |e| Err(format!("tombstones: {e}")))
 }
 
 /// Progress of a changelog read: records left to read.
@@ -216,6 +255,7 @@ pub type OnProgress<'a> = &'a mut dyn FnMut(i64);
 /// state it holds for `source` (`None` if none). Blocking.
 pub fn read_state(
     topic: &ChangelogTopic,
+    group: &str,
     source: &Partition,
     on_progress: OnProgress<'_>,
 ) -> Result<Option<Committed>, ChangelogError> {
@@ -262,8 +302,14 @@ pub fn read_state(
                     continue; // a tombstone
                 };
                 match decode(payload) {
-                    Ok(chunk) if chunk.source() == source => replay.push(chunk),
+                    Ok(chunk) if chunk.source() == source && chunk.group == group => {
+                        replay.push(chunk)
+                    }
                     Ok(_) => {}
+                    // something else written to the topic: not ours, not state
+                    Err(DecodeError::Foreign) => {
+                        tracing::warn!(topic = %topic.topic, partition, offset = m.offset(), "skipping a record that is not a changelog record");
+                    }
                     Err(e) => {
                         return Err(ChangelogError::Unreadable {
                             topic: topic.topic.clone(),
@@ -276,9 +322,14 @@ pub fn read_state(
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => return Err(read_err(e)),
+            // a partial replay would restore an older state than the newest published one
             None if idle_since.elapsed() > Duration::from_secs(30) => {
-                tracing::warn!(topic = %topic.topic, partition, last_seen, high, "changelog read stalled before its end; using what was read");
-                break;
+                return Err(ChangelogError::Stalled {
+                    topic: topic.topic.clone(),
+                    partition,
+                    at: last_seen + 1,
+                    end: high,
+                })
             }
             None => {}
         }

@@ -40,6 +40,9 @@ pub enum Kind {
 /// One changelog record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
+    /// The consumer group whose state it is: a changelog topic shared by mistake never mixes
+    /// two deployments' states.
+    pub group: String,
     pub tag: Tag,
     pub kind: Kind,
     /// Position of this chunk in its publication, and the publication's chunk count.
@@ -61,8 +64,8 @@ impl Chunk {
     pub fn record_key(&self) -> String {
         let p = self.source();
         format!(
-            "{}/{}/{:016x}/{}/{}",
-            p.topic, p.partition, self.tag.run, self.tag.checkpoint, self.index
+            "{}/{}/{}/{:016x}/{}/{}",
+            self.group, p.topic, p.partition, self.tag.run, self.tag.checkpoint, self.index
         )
     }
 }
@@ -106,9 +109,16 @@ pub fn decode(raw: &[u8]) -> Result<Chunk, DecodeError> {
     postcard::from_bytes(body).map_err(|e| DecodeError::Undecodable(e.to_string()))
 }
 
-/// Splits one partition's publication into chunks of at most `max_entries` changes each (at
-/// least one chunk, so that a publication without changes still records the position).
+/// Upper bound on the encoded changes of one chunk: far below Kafka's 1 MB default message
+/// size, whatever the keys' lengths.
+pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Splits one partition's publication into chunks of at most `max_entries` changes and about
+/// `max_bytes` of encoded changes each (at least one chunk, so that a publication without
+/// changes still records the position; a single larger change gets a chunk of its own).
+#[allow(clippy::too_many_arguments)]
 pub fn chunks(
+    group: &str,
     tag: Tag,
     kind: Kind,
     position: PartitionState,
@@ -116,39 +126,49 @@ pub fn chunks(
     upserts: Vec<(StateKey, Entry)>,
     deletes: Vec<StateKey>,
     max_entries: usize,
+    max_bytes: usize,
 ) -> Vec<Chunk> {
     let max = max_entries.max(1);
-    let total = upserts.len() + deletes.len();
-    let count = total.div_ceil(max).max(1);
-    let mut out: Vec<Chunk> = (0..count)
-        .map(|i| Chunk {
-            tag,
-            kind,
-            index: i as u32,
-            count: count as u32,
-            position: position.clone(),
-            watermark,
-            upserts: Vec::new(),
-            deletes: Vec::new(),
-        })
-        .collect();
-    let mut slot = 0;
-    let mut fill = 0;
-    for u in upserts {
-        out[slot].upserts.push(u);
-        fill += 1;
-        if fill == max {
-            slot += 1;
+    let empty = |index: u32| Chunk {
+        group: group.to_string(),
+        tag,
+        kind,
+        index,
+        count: 0,
+        position: position.clone(),
+        watermark,
+        upserts: Vec::new(),
+        deletes: Vec::new(),
+    };
+    let mut out = vec![empty(0)];
+    let (mut fill, mut bytes) = (0usize, 0usize);
+    let mut room = |out: &mut Vec<Chunk>, size: usize| {
+        if fill > 0 && (fill >= max || bytes + size > max_bytes) {
+            let next = out.len() as u32;
+            out.push(empty(next));
             fill = 0;
+            bytes = 0;
+        }
+        fill += 1;
+        bytes += size;
+    };
+    for u in upserts {
+        let size = postcard::experimental::serialized_size(&u).unwrap_or(0);
+        room(&mut out, size);
+        if let Some(last) = out.last_mut() {
+            last.upserts.push(u);
         }
     }
     for d in deletes {
-        out[slot].deletes.push(d);
-        fill += 1;
-        if fill == max {
-            slot += 1;
-            fill = 0;
+        let size = postcard::experimental::serialized_size(&d).unwrap_or(0);
+        room(&mut out, size);
+        if let Some(last) = out.last_mut() {
+            last.deletes.push(d);
         }
+    }
+    let count = out.len() as u32;
+    for c in &mut out {
+        c.count = count;
     }
     out
 }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::runtime::Runtime;
 use crate::changelog::kafka::{read_state, Batch, ChangelogTopic, PublishFailure, Publisher};
-use crate::changelog::protocol::{chunks, Kind, Tag};
+use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Entry, StateKey};
 use crate::position::Partition;
@@ -70,37 +70,19 @@ impl Runtime {
             if !stale.is_empty() {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
                 self.engine.drop_partitions(&stale);
+                self.shared.clear_positions(&stale);
                 self.scheduler.restart_line();
             }
         }
+        // a partition assigned again is no longer on its way out
+        self.releasing_partitions
+            .retain(|p| !partitions.contains(p));
         if let Some(link) = &self.changelog {
             let topic = link.topic.clone();
+            let group = self.settings.kafka.group_id.clone();
             for p in &partitions {
                 let local = self.engine.position(p).map(|n| n.0);
-                let admin = self.admin.clone();
-                let metrics = self.metrics.clone();
-                let (source_p, topic) = (p.clone(), topic.clone());
-                let committed = tokio::task::spawn_blocking(move || {
-                    let label = source_p.to_string();
-                    let gauge = metrics
-                        .changelog_restore_remaining
-                        .with_label_values(&[label.as_str()]);
-                    let mut progress = |left: i64| {
-                        gauge.set(left);
-                        if left > 0 {
-                            admin.set_ready(
-                                false,
-                                &format!(
-                                    "restoring {label} from the changelog: {left} records left"
-                                ),
-                            );
-                        }
-                    };
-                    read_state(&topic, &source_p, &mut progress)
-                })
-                .await
-                .context("changelog reader task")?
-                .with_context(|| format!("restoring {p} from the changelog"))?;
+                let committed = self.read_changelog(&topic, &group, p).await?;
                 if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
                     link.record_keys.insert(p.clone(), c.record_keys.clone());
                 }
@@ -126,6 +108,11 @@ impl Runtime {
                         tracing::info!(partition = %p, next_offset = ?local, "no changelog state for the partition")
                     }
                 }
+                // the partition is assigned exactly where the state it holds ends
+                match self.engine.position(p) {
+                    Some(next) => self.shared.set_position(p, next),
+                    None => self.shared.clear_positions(std::slice::from_ref(p)),
+                }
             }
             // the first checkpoint after a takeover publishes the partitions' full state
             self.scheduler.restart_line();
@@ -139,6 +126,7 @@ impl Runtime {
             tracing::error!(error = %e, "assignment failed");
             return Ok(());
         }
+        self.assignment_seen = true;
         self.awaiting_first.extend(partitions.iter().cloned());
         for p in &partitions {
             if !self.assigned.contains(p) {
@@ -150,21 +138,78 @@ impl Runtime {
         Ok(())
     }
 
+    /// Replays the changelog for `p`, retrying a failed or stalled read a few times before
+    /// giving up (the service then stops rather than restore an older state than published).
+    async fn read_changelog(
+        &self,
+        topic: &ChangelogTopic,
+        group: &str,
+        p: &Partition,
+    ) -> anyhow::Result<Option<crate::changelog::protocol::Committed>> {
+        let mut backoff = std::time::Duration::from_secs(1);
+        for attempt in 1..=4 {
+            let admin = self.admin.clone();
+            let metrics = self.metrics.clone();
+            let (source, topic, group) = (p.clone(), topic.clone(), group.to_string());
+            let result = tokio::task::spawn_blocking(move || {
+                let label = source.to_string();
+                let gauge = metrics
+                    .changelog_restore_remaining
+                    .with_label_values(&[label.as_str()]);
+                let mut progress = |left: i64| {
+                    gauge.set(left);
+                    if left > 0 {
+                        admin.set_ready(
+                            false,
+                            &format!("restoring {label} from the changelog: {left} records left"),
+                        );
+                    }
+                };
+                read_state(&topic, &group, &source, &mut progress)
+            })
+            .await
+            .context("changelog reader task")?;
+            match result {
+                Ok(committed) => return Ok(committed),
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(partition = %p, attempt, error = %e, "changelog read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("restoring {p} from the changelog"))
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Starts a revocation: with a changelog, a checkpoint first, released once it is
     /// published (`on_released`); otherwise (or when the partitions are already lost) at once.
     pub(super) fn on_revoke(&mut self, consumer: &Source, partitions: Vec<Partition>, lost: bool) {
         if self.changelog.is_some() && !lost && !partitions.is_empty() {
+            self.releasing_partitions.extend(partitions.iter().cloned());
             let id = self.trigger(None);
             tracing::info!(checkpoint_id = id, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
             self.releasing.insert(id, partitions);
             return;
         }
+        self.releasing_partitions
+            .retain(|p| !partitions.contains(p));
         source::release(consumer, &partitions);
         self.forget(&partitions);
     }
 
-    /// The revoke checkpoint of these partitions is published (or failed): let them go.
+    /// The revoke checkpoint of these partitions is published (or failed): let them go,
+    /// unless they were lost or assigned again meanwhile.
     pub(super) fn on_released(&mut self, consumer: &Source, partitions: Vec<Partition>) {
+        let partitions: Vec<Partition> = partitions
+            .into_iter()
+            .filter(|p| self.releasing_partitions.remove(p))
+            .collect();
+        if partitions.is_empty() {
+            return;
+        }
         tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions released");
         source::release(consumer, &partitions);
         self.forget(&partitions);
@@ -174,6 +219,7 @@ impl Runtime {
         self.assigned.retain(|p| !partitions.contains(p));
         if self.changelog.is_some() {
             self.engine.drop_partitions(partitions);
+            self.shared.clear_positions(partitions);
             self.scheduler.restart_line();
             if let Some(link) = self.changelog.as_mut() {
                 for p in partitions {
@@ -222,10 +268,14 @@ impl Runtime {
             if !self.assigned.contains(p) {
                 continue;
             }
+            // a delta carries the changes since its checkpoint's base: it continues the line
+            // only if that base is what this process last published for the partition
             let kind = match (cp.delta.full, link.published.get(p)) {
                 (true, _) => Kind::Full,
-                (false, Some(base)) => Kind::Delta { base: *base },
-                (false, None) => {
+                (false, Some(base)) if base.run == link.run && Some(base.checkpoint) == cp.base => {
+                    Kind::Delta { base: *base }
+                }
+                (false, _) => {
                     need_full = true;
                     continue;
                 }
@@ -235,6 +285,7 @@ impl Runtime {
                 checkpoint: cp.id,
             };
             let new = chunks(
+                &self.settings.kafka.group_id,
                 tag,
                 kind,
                 position.clone(),
@@ -242,6 +293,7 @@ impl Runtime {
                 ups.remove(p).unwrap_or_default(),
                 dels.remove(p).unwrap_or_default(),
                 CHUNK_ENTRIES,
+                MAX_CHUNK_BYTES,
             );
             let keys = link.record_keys.entry(p.clone()).or_default();
             if kind == Kind::Full {

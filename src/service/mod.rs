@@ -354,6 +354,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         awaiting_first: Default::default(),
         changelog,
         releasing: HashMap::new(),
+        releasing_partitions: Default::default(),
+        assignment_seen: false,
         released_tx,
     };
     // windows the restored checkpoint holds as final were durable there: send them again

@@ -68,6 +68,10 @@ pub(super) struct Runtime {
     pub(super) changelog: Option<Changelog>,
     /// Revoke checkpoints in flight, with the partitions they release once published.
     pub(super) releasing: HashMap<u64, Vec<Partition>>,
+    /// Partitions revoked and not released yet.
+    pub(super) releasing_partitions: std::collections::HashSet<Partition>,
+    /// An assignment (possibly empty) was received since the start.
+    pub(super) assignment_seen: bool,
     pub(super) released_tx: mpsc::UnboundedSender<Vec<Partition>>,
 }
 
@@ -311,7 +315,7 @@ impl Runtime {
         if let Some(e) = &broker_error {
             self.admin
                 .set_ready(false, &format!("broker unreachable: {e}"));
-        } else if self.assigned.is_empty() {
+        } else if self.assigned.is_empty() && !self.assignment_seen {
             self.admin
                 .set_ready(false, "restored; waiting for partition assignment");
         } else {

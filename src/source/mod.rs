@@ -90,6 +90,18 @@ impl Shared {
         }
     }
 
+    /// Forgets the positions of partitions whose state this instance no longer holds: they
+    /// must not be resumed from there with an empty state.
+    pub fn clear_positions(&self, partitions: &[Partition]) {
+        let mut map = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for p in partitions {
+            map.remove(p);
+        }
+    }
+
     /// The client reported the brokers unreachable (`Some`) or the consumer received again.
     pub fn set_broker_error(&self, error: Option<String>) {
         *self

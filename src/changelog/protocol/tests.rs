@@ -46,7 +46,17 @@ fn publish(
     up: Vec<(StateKey, Entry)>,
     del: Vec<StateKey>,
 ) -> Vec<Chunk> {
-    chunks(t, kind, pos(0, next), Some(next), up, del, 2)
+    chunks(
+        "g",
+        t,
+        kind,
+        pos(0, next),
+        Some(next),
+        up,
+        del,
+        2,
+        MAX_CHUNK_BYTES,
+    )
 }
 
 #[test]
@@ -120,7 +130,7 @@ fn an_unfinished_publication_is_ignored() {
     // every record read is named, the unfinished ones too: a new full publication tombstones
     // them all
     assert_eq!(c.record_keys.len(), 1 + 1);
-    assert!(c.record_keys.iter().all(|k| k.starts_with("events/0/")));
+    assert!(c.record_keys.iter().all(|k| k.starts_with("g/events/0/")));
 }
 
 #[test]
@@ -168,6 +178,7 @@ fn a_stale_writer_never_mixes_into_the_line() {
 fn partitions_replay_independently() {
     let mut r = Replay::default();
     let a = chunks(
+        "g",
         tag(1, 1),
         Kind::Full,
         pos(0, 5),
@@ -175,8 +186,10 @@ fn partitions_replay_independently() {
         vec![(key(0, "a"), entry(1.0))],
         vec![],
         10,
+        MAX_CHUNK_BYTES,
     );
     let b = chunks(
+        "g",
         tag(1, 1),
         Kind::Full,
         pos(1, 7),
@@ -184,6 +197,7 @@ fn partitions_replay_independently() {
         vec![(key(1, "b"), entry(2.0))],
         vec![],
         10,
+        MAX_CHUNK_BYTES,
     );
     for c in a.into_iter().chain(b) {
         r.push(c);
@@ -233,7 +247,7 @@ proptest! {
             };
             let kind = match (full, prev) { (false, Some(base)) => Kind::Delta { base }, _ => Kind::Full };
             next += 3;
-            for c in chunks(t, kind, pos(0, next), Some(next), ups, dels, max) {
+            for c in chunks("g", t, kind, pos(0, next), Some(next), ups, dels, max, MAX_CHUNK_BYTES) {
                 r.push(c);
             }
             prev = Some(t);
@@ -243,4 +257,35 @@ proptest! {
         prop_assert_eq!(c.next_offset(), Some(next));
         prop_assert_eq!(c.entries, model);
     }
+}
+
+#[test]
+fn chunks_stay_small_in_bytes_whatever_the_key_length() {
+    let long = "k".repeat(2_000);
+    let ups: Vec<(StateKey, Entry)> = (0..1_000)
+        .map(|i| (key(0, &format!("{long}{i}")), entry(1.0)))
+        .collect();
+    let cs = chunks(
+        "g",
+        tag(1, 1),
+        Kind::Full,
+        pos(0, 1),
+        None,
+        ups,
+        vec![],
+        2_000,
+        MAX_CHUNK_BYTES,
+    );
+    assert!(cs.len() > 1);
+    for c in &cs {
+        let raw = encode(c).expect("encode");
+        assert!(
+            raw.len() <= MAX_CHUNK_BYTES + 4_096,
+            "chunk of {} bytes",
+            raw.len()
+        );
+        assert_eq!(c.count as usize, cs.len());
+    }
+    let total: usize = cs.iter().map(|c| c.upserts.len()).sum();
+    assert_eq!(total, 1_000);
 }
