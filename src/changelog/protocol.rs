@@ -109,6 +109,26 @@ pub fn decode(raw: &[u8]) -> Result<Chunk, DecodeError> {
     postcard::from_bytes(body).map_err(|e| DecodeError::Undecodable(e.to_string()))
 }
 
+/// How a durable checkpoint is published for one partition, given what the writer last
+/// published for it: `Full` for a full checkpoint; a `Delta` only on the publication of the
+/// checkpoint the delta was computed from (`base`), by this run; else `None`: that partition
+/// waits for the next full checkpoint (publishing the delta would make it apply to a state it
+/// was not computed from).
+pub fn publication_kind(
+    full: bool,
+    base: Option<u64>,
+    last: Option<Tag>,
+    run: u64,
+) -> Option<Kind> {
+    match (full, last) {
+        (true, _) => Some(Kind::Full),
+        (false, Some(last)) if last.run == run && Some(last.checkpoint) == base => {
+            Some(Kind::Delta { base: last })
+        }
+        (false, _) => None,
+    }
+}
+
 /// Upper bound on the encoded changes of one chunk: far below Kafka's 1 MB default message
 /// size, whatever the keys' lengths.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::runtime::Runtime;
 use crate::changelog::kafka::{read_state, Batch, ChangelogTopic, PublishFailure, Publisher};
-use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
+use crate::changelog::protocol::{chunks, publication_kind, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Entry, StateKey};
 use crate::position::Partition;
@@ -268,17 +268,14 @@ impl Runtime {
             if !self.assigned.contains(p) {
                 continue;
             }
-            // a delta carries the changes since its checkpoint's base: it continues the line
-            // only if that base is what this process last published for the partition
-            let kind = match (cp.delta.full, link.published.get(p)) {
-                (true, _) => Kind::Full,
-                (false, Some(base)) if base.run == link.run && Some(base.checkpoint) == cp.base => {
-                    Kind::Delta { base: *base }
-                }
-                (false, _) => {
-                    need_full = true;
-                    continue;
-                }
+            let Some(kind) = publication_kind(
+                cp.delta.full,
+                cp.base,
+                link.published.get(p).copied(),
+                link.run,
+            ) else {
+                need_full = true;
+                continue;
             };
             let tag = Tag {
                 run: link.run,

@@ -289,3 +289,19 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
     let total: usize = cs.iter().map(|c| c.upserts.len()).sum();
     assert_eq!(total, 1_000);
 }
+
+#[test]
+fn a_delta_is_published_only_on_the_publication_it_was_computed_from() {
+    let last = Some(tag(7, 4));
+    assert_eq!(publication_kind(true, Some(3), last, 7), Some(Kind::Full));
+    assert_eq!(
+        publication_kind(false, Some(4), last, 7),
+        Some(Kind::Delta { base: tag(7, 4) })
+    );
+    // checkpoint 4 was never published (abandoned after its timeout): 5's delta on 4 cannot
+    // go on top of the publication of 3
+    assert_eq!(publication_kind(false, Some(4), Some(tag(7, 3)), 7), None);
+    // nothing published yet by this run, or by another run
+    assert_eq!(publication_kind(false, Some(4), None, 7), None);
+    assert_eq!(publication_kind(false, Some(4), Some(tag(6, 4)), 7), None);
+}
