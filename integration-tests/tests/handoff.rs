@@ -197,6 +197,8 @@ fn three_instances_survive_a_rolling_restart_a_crash_and_scaling() {
 }
 
 const GROUP_PARTITIONS: usize = 6;
+/// `session.timeout.ms` of the group test and a second.
+const SETTLE: Duration = Duration::from_secs(7);
 
 fn group(seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -254,10 +256,13 @@ fn group(seed: u64) -> Result<()> {
 
     let all = records(&events, Some(sentinel_ts));
     let sent = std::thread::scope(|scope| -> Result<usize> {
-        // records flow the whole time: 40 per partition every 400 ms
+        // records flow the whole time: 10 per partition every 400 ms
         let feeder = scope
-            .spawn(|| producer.send_partitions_paced(&input, &all, 40, Duration::from_millis(400)));
+            .spawn(|| producer.send_partitions_paced(&input, &all, 10, Duration::from_millis(400)));
         let step = |what: &str| eprintln!("[handoff] {what}");
+        // one membership change at a time: a departed member is out of the group once its
+        // session expired (tansu keeps it until then), before the next one joins
+        let settle = || std::thread::sleep(SETTLE);
         // rolling restart, one instance at a time, each coming back as the new version
         for (name, s) in [
             ("group-a", &mut a),
@@ -272,14 +277,17 @@ fn group(seed: u64) -> Result<()> {
                 s.log_tail(40)
             );
             *s.config_mut() = config_for(name, 2);
+            settle();
             s.start()?;
             s.wait_ready(READY_TIMEOUT)?;
+            settle();
         }
         step("SIGKILL of group-b");
         b.sigkill()?;
-        std::thread::sleep(Duration::from_secs(1));
+        settle();
         b.start()?;
         b.wait_ready(READY_TIMEOUT)?;
+        settle();
         step("scale 3 -> 1");
         for s in [&mut b, &mut c] {
             let status = s.sigterm(STOP_TIMEOUT)?;
@@ -289,6 +297,7 @@ fn group(seed: u64) -> Result<()> {
                 s.log_tail(40)
             );
         }
+        settle();
         step("scale 1 -> 2");
         b.start()?;
         b.wait_ready(READY_TIMEOUT)?;
