@@ -6,6 +6,7 @@
 //! topic's partition count); records carry their source, so topics sharing a changelog
 //! partition are told apart.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -248,23 +249,22 @@ async fn send_tombstones(
     error.map_or(Ok(()), |e| Err(format!("tombstones: {e}")))
 }
 
-/// Progress of a changelog read: records left to read.
-pub type OnProgress<'a> = &'a mut dyn FnMut(i64);
+/// Progress of a changelog read: the source partition and the records left to read for it.
+pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, i64);
 
-/// Replays the changelog partition of `source` from its start to its end and returns the
-/// state it holds for `source` (`None` if none). Blocking.
-pub fn read_state(
+/// Replays the changelog partitions of `sources` (all at once, one reader) from their start to
+/// their end and returns the state the changelog holds for each source (absent: none).
+/// Blocking.
+pub fn read_states(
     topic: &ChangelogTopic,
     group: &str,
-    source: &Partition,
+    sources: &[Partition],
     on_progress: OnProgress<'_>,
-) -> Result<Option<Committed>, ChangelogError> {
-    let partition = topic.partition_of(source);
-    let read_err = |source: KafkaError| ChangelogError::Read {
-        topic: topic.topic.clone(),
-        partition,
-        source,
-    };
+) -> Result<HashMap<Partition, Committed>, ChangelogError> {
+    let mut out = HashMap::new();
+    if sources.is_empty() {
+        return Ok(out);
+    }
     let consumer: BaseConsumer = topic
         .client
         .clone()
@@ -278,31 +278,70 @@ pub fn read_state(
             topic: topic.topic.clone(),
             source,
         })?;
-    let (low, high) = consumer
-        .fetch_watermarks(&topic.topic, partition, Duration::from_secs(30))
-        .map_err(read_err)?;
-    if high <= low {
-        return Ok(None);
+    // changelog partition -> (next offset to see, end, sources it holds)
+    let mut pending: BTreeMap<i32, (i64, i64, Vec<Partition>)> = BTreeMap::new();
+    for s in sources {
+        let partition = topic.partition_of(s);
+        if let Some(entry) = pending.get_mut(&partition) {
+            entry.2.push(s.clone());
+            continue;
+        }
+        let (low, high) = consumer
+            .fetch_watermarks(&topic.topic, partition, Duration::from_secs(30))
+            .map_err(|source| ChangelogError::Read {
+                topic: topic.topic.clone(),
+                partition,
+                source,
+            })?;
+        pending.insert(partition, (low, high, vec![s.clone()]));
+    }
+    pending.retain(|_, (low, high, srcs)| {
+        for s in srcs.iter() {
+            on_progress(s, 0);
+        }
+        high > low
+    });
+    if pending.is_empty() {
+        return Ok(out);
     }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic.topic, partition, Offset::Beginning)
-        .map_err(read_err)?;
-    consumer.assign(&tpl).map_err(read_err)?;
+    for partition in pending.keys() {
+        tpl.add_partition_offset(&topic.topic, *partition, Offset::Beginning)
+            .map_err(|source| ChangelogError::Read {
+                topic: topic.topic.clone(),
+                partition: *partition,
+                source,
+            })?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|source| ChangelogError::Read {
+            topic: topic.topic.clone(),
+            partition: -1,
+            source,
+        })?;
     let mut replay = Replay::default();
-    let mut last_seen = low - 1;
     let mut idle_since = Instant::now();
-    on_progress(high - low);
-    while last_seen < high - 1 {
+    while !pending.is_empty() {
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 idle_since = Instant::now();
-                last_seen = m.offset();
-                on_progress((high - 1 - last_seen).max(0));
+                let partition = m.partition();
+                if let Some((next, high, srcs)) = pending.get_mut(&partition) {
+                    *next = m.offset() + 1;
+                    let left = (*high - *next).max(0);
+                    for s in srcs.iter() {
+                        on_progress(s, left);
+                    }
+                    if *next >= *high {
+                        pending.remove(&partition);
+                    }
+                }
                 let Some(payload) = m.payload() else {
                     continue; // a tombstone
                 };
                 match decode(payload) {
-                    Ok(chunk) if chunk.source() == source && chunk.group == group => {
+                    Ok(chunk) if chunk.group == group && sources.contains(chunk.source()) => {
                         replay.push(chunk)
                     }
                     Ok(_) => {}
@@ -320,23 +359,44 @@ pub fn read_state(
                     }
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(read_err(e)),
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if let Some((_, _, srcs)) = pending.remove(&partition) {
+                    for s in &srcs {
+                        on_progress(s, 0);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                return Err(ChangelogError::Read {
+                    topic: topic.topic.clone(),
+                    partition: -1,
+                    source: e,
+                })
+            }
             // a partial replay would restore an older state than the newest published one
             None if idle_since.elapsed() > Duration::from_secs(30) => {
+                let (partition, (at, end, _)) = pending
+                    .iter()
+                    .next()
+                    .map(|(p, v)| (*p, v.clone()))
+                    .unwrap_or((-1, (0, 0, Vec::new())));
                 return Err(ChangelogError::Stalled {
                     topic: topic.topic.clone(),
                     partition,
-                    at: last_seen + 1,
-                    end: high,
-                })
+                    at,
+                    end,
+                });
             }
             None => {}
         }
     }
-    on_progress(0);
     for ignored in &replay.ignored {
-        tracing::warn!(partition = %source, tag = ?ignored.tag, reason = %ignored.reason, "changelog publication ignored");
+        tracing::warn!(tag = ?ignored.tag, reason = %ignored.reason, "changelog publication ignored");
     }
-    Ok(replay.into_committed(source))
+    for s in sources {
+        if let Some(c) = replay.take_committed(s) {
+            out.insert(s.clone(), c);
+        }
+    }
+    Ok(out)
 }

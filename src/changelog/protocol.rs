@@ -302,6 +302,11 @@ impl Replay {
     }
 
     pub fn into_committed(mut self, p: &Partition) -> Option<Committed> {
+        self.take_committed(p)
+    }
+
+    /// Takes the state of `p` (with every record key read for it) out of the replay.
+    pub fn take_committed(&mut self, p: &Partition) -> Option<Committed> {
         self.parts
             .remove(p)
             .map(|r| Committed {

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::runtime::Runtime;
-use crate::changelog::kafka::{read_state, Batch, ChangelogTopic, PublishFailure, Publisher};
+use crate::changelog::kafka::{read_states, Batch, ChangelogTopic, PublishFailure, Publisher};
 use crate::changelog::protocol::{chunks, publication_kind, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Entry, StateKey};
@@ -80,9 +80,10 @@ impl Runtime {
         if let Some(link) = &self.changelog {
             let topic = link.topic.clone();
             let group = self.settings.kafka.group_id.clone();
+            let mut states = self.read_changelog(&topic, &group, &partitions).await?;
             for p in &partitions {
                 let local = self.engine.position(p).map(|n| n.0);
-                let committed = self.read_changelog(&topic, &group, p).await?;
+                let committed = states.remove(p);
                 if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
                     link.record_keys.insert(p.clone(), c.record_keys.clone());
                 }
@@ -138,26 +139,28 @@ impl Runtime {
         Ok(())
     }
 
-    /// Replays the changelog for `p`, retrying a failed or stalled read a few times before
-    /// giving up (the service then stops rather than restore an older state than published).
+    /// Replays the changelog for `partitions` (one reader for all), retrying a failed or
+    /// stalled read a few times before giving up (the service then stops rather than restore
+    /// an older state than published).
     async fn read_changelog(
         &self,
         topic: &ChangelogTopic,
         group: &str,
-        p: &Partition,
-    ) -> anyhow::Result<Option<crate::changelog::protocol::Committed>> {
+        partitions: &[Partition],
+    ) -> anyhow::Result<HashMap<Partition, crate::changelog::protocol::Committed>> {
         let mut backoff = std::time::Duration::from_secs(1);
-        for attempt in 1..=4 {
+        let mut attempt = 1;
+        loop {
             let admin = self.admin.clone();
             let metrics = self.metrics.clone();
-            let (source, topic, group) = (p.clone(), topic.clone(), group.to_string());
+            let (sources, topic, group) = (partitions.to_vec(), topic.clone(), group.to_string());
             let result = tokio::task::spawn_blocking(move || {
-                let label = source.to_string();
-                let gauge = metrics
-                    .changelog_restore_remaining
-                    .with_label_values(&[label.as_str()]);
-                let mut progress = |left: i64| {
-                    gauge.set(left);
+                let mut progress = |p: &Partition, left: i64| {
+                    let label = p.to_string();
+                    metrics
+                        .changelog_restore_remaining
+                        .with_label_values(&[label.as_str()])
+                        .set(left);
                     if left > 0 {
                         admin.set_ready(
                             false,
@@ -165,23 +168,21 @@ impl Runtime {
                         );
                     }
                 };
-                read_state(&topic, &group, &source, &mut progress)
+                read_states(&topic, &group, &sources, &mut progress)
             })
             .await
             .context("changelog reader task")?;
             match result {
-                Ok(committed) => return Ok(committed),
+                Ok(states) => return Ok(states),
                 Err(e) if attempt < 4 => {
-                    tracing::warn!(partition = %p, attempt, error = %e, "changelog read failed; retrying");
+                    tracing::warn!(attempt, error = %e, "changelog read failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
+                    attempt += 1;
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("restoring {p} from the changelog"))
-                }
+                Err(e) => return Err(e).context("restoring partitions from the changelog"),
             }
         }
-        Ok(None)
     }
 
     /// Starts a revocation: with a changelog, a checkpoint first, released once it is
