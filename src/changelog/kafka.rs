@@ -217,13 +217,7 @@ async fn send_chunks(
             producer.send(record, Duration::from_secs(60))
         })
         .collect();
-    let mut error = None;
-    for send in sends {
-        if let Err((e, _)) = send.await {
-            error.get_or_insert_with(|| e.to_string());
-        }
-    }
-    error.map_or(Ok(()), Err)
+    first_error(sends).await
 }
 
 async fn send_tombstones(
@@ -240,13 +234,23 @@ async fn send_tombstones(
             producer.send(record, Duration::from_secs(60))
         })
         .collect();
+    first_error(sends)
+        .await
+        .map_err(|e| format!("tombstones: {e}"))
+}
+
+/// Waits for every send; the first failure, if any.
+async fn first_error<F, T, M>(sends: Vec<F>) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<T, (KafkaError, M)>>,
+{
     let mut error = None;
     for send in sends {
         if let Err((e, _)) = send.await {
             error.get_or_insert_with(|| e.to_string());
         }
     }
-    error.map_or(Ok(()), |e| Err(format!("tombstones: {e}")))
+    error.map_or(Ok(()), Err)
 }
 
 /// Progress of a changelog read: the source partition and the records left to read for it.

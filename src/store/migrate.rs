@@ -23,6 +23,46 @@ impl Store {
     }
 }
 
+/// Re-encodes checkpoint and savepoint metadata from one shape to the next, into `batch`. A
+/// damaged value stays as it is: a restore skips it for an older one, as the build that wrote it
+/// would have; it must not block the migration of the others.
+fn reencode_metadata<OldCp, NewCp, OldSp, NewSp>(
+    store: &Store,
+    from: u32,
+    batch: &mut sled::Batch,
+    cp_id: fn(&OldCp) -> u64,
+    sp_id: fn(&OldSp) -> u64,
+) -> Result<(), StoreError>
+where
+    OldCp: serde::de::DeserializeOwned,
+    NewCp: serde::Serialize + From<OldCp>,
+    OldSp: serde::de::DeserializeOwned,
+    NewSp: serde::Serialize + From<OldSp>,
+{
+    let tree = &store.tree;
+    for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
+        let (k, v) = item?;
+        let what = format!("format {from} checkpoint metadata");
+        let Ok(old) = store.decode::<OldCp>(&v, &what) else {
+            tracing::warn!(checkpoint_id = ?super::codec::decode_id_key(CHECKPOINT_PREFIX, &k), "leaving damaged checkpoint metadata as it is: restores skip it");
+            continue;
+        };
+        let id = cp_id(&old);
+        batch.insert(k, Store::encode(&NewCp::from(old), id)?);
+    }
+    for item in tree.scan_prefix(SAVEPOINT_META_PREFIX) {
+        let (k, v) = item?;
+        // a damaged savepoint stays damaged (and is reported when used)
+        let what = format!("format {from} savepoint metadata");
+        let Ok(old) = store.decode::<OldSp>(&v, &what) else {
+            continue;
+        };
+        let id = sp_id(&old);
+        batch.insert(k, Store::encode(&NewSp::from(old), id)?);
+    }
+    Ok(())
+}
+
 /// Runs every migration from format `found` up to the current one, each in its own atomic
 /// batch, flushed.
 pub(super) fn upgrade(store: &Store, found: u32) -> Result<(), StoreError> {
@@ -83,25 +123,13 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
             Err(_) => batch.remove(k),
         }
     }
-    for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
-        let (k, v) = item?;
-        // a damaged checkpoint stays damaged: a restore skips it for an older one, as the
-        // build that wrote it would have; it must not block the migration of the others
-        let Ok(old) = store.decode::<RetainedV3>(&v, "format 3 checkpoint metadata") else {
-            tracing::warn!(checkpoint_id = ?super::codec::decode_id_key(CHECKPOINT_PREFIX, &k), "leaving damaged checkpoint metadata as it is: restores skip it");
-            continue;
-        };
-        let id = old.meta.id;
-        batch.insert(k, Store::encode(&Retained::from(old), id)?);
-    }
-    for item in tree.scan_prefix(SAVEPOINT_META_PREFIX) {
-        let (k, v) = item?;
-        let Ok(old) = store.decode::<SavepointMetaV3>(&v, "format 3 savepoint metadata") else {
-            continue;
-        };
-        let id = old.checkpoint_id;
-        batch.insert(k, Store::encode(&SavepointMeta::from(old), id)?);
-    }
+    reencode_metadata::<RetainedV3, Retained, SavepointMetaV3, SavepointMeta>(
+        store,
+        3,
+        &mut batch,
+        |r| r.meta.id,
+        |s| s.checkpoint_id,
+    )?;
     batch.insert(META_VERSION, &4u32.to_be_bytes());
     tree.apply_batch(batch)?;
     store.db.flush()?;
@@ -115,26 +143,13 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
 fn from_v2(store: &Store) -> Result<(), StoreError> {
     let tree = &store.tree;
     let mut batch = sled::Batch::default();
-    for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
-        let (k, v) = item?;
-        // a damaged checkpoint stays damaged: a restore skips it for an older one, as the
-        // build that wrote it would have; it must not block the migration of the others
-        let Ok(old) = store.decode::<RetainedV2>(&v, "format 2 checkpoint metadata") else {
-            tracing::warn!(checkpoint_id = ?super::codec::decode_id_key(CHECKPOINT_PREFIX, &k), "leaving damaged checkpoint metadata as it is: restores skip it");
-            continue;
-        };
-        let id = old.meta.id;
-        batch.insert(k, Store::encode(&RetainedV3::from(old), id)?);
-    }
-    for item in tree.scan_prefix(SAVEPOINT_META_PREFIX) {
-        let (k, v) = item?;
-        // a damaged savepoint stays damaged (and is reported when used), not a failed migration
-        let Ok(old) = store.decode::<SavepointMetaV2>(&v, "format 2 savepoint metadata") else {
-            continue;
-        };
-        let id = old.checkpoint_id;
-        batch.insert(k, Store::encode(&SavepointMetaV3::from(old), id)?);
-    }
+    reencode_metadata::<RetainedV2, RetainedV3, SavepointMetaV2, SavepointMetaV3>(
+        store,
+        2,
+        &mut batch,
+        |r| r.meta.id,
+        |s| s.checkpoint_id,
+    )?;
     batch.insert(META_VERSION, &3u32.to_be_bytes());
     tree.apply_batch(batch)?;
     store.db.flush()?;
