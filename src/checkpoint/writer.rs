@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::history::CheckpointRecord;
 use super::protocol::Checkpoint;
-use crate::store::{Store, WriteRequest, WriteStats};
+use crate::store::{Store, StoreError, WriteRequest, WriteStats};
 
 pub struct WriteJob {
     pub checkpoint: Checkpoint,
@@ -42,6 +42,11 @@ pub enum WriteOutcome {
     },
     Skipped {
         id: u64,
+    },
+    /// A newer owner claimed the store: nothing more may be written.
+    Superseded {
+        id: u64,
+        reason: String,
     },
 }
 
@@ -99,6 +104,10 @@ pub fn spawn(
                         stats: Box::new(stats),
                         duration,
                         checkpoint: Box::new(checkpoint),
+                    },
+                    Ok(Err(e @ StoreError::Superseded { .. })) => WriteOutcome::Superseded {
+                        id,
+                        reason: e.to_string(),
                     },
                     Ok(Err(e)) => WriteOutcome::Failed {
                         id,

@@ -294,6 +294,10 @@ impl Runtime {
                 Ok(())
             }
             WriteOutcome::Failed { id, reason } => self.fail(id, &reason, false),
+            WriteOutcome::Superseded { id, reason } => {
+                self.record_failure(id, &reason, false);
+                bail!("checkpoint {id} not written: {reason}")
+            }
             WriteOutcome::Skipped { id } => {
                 tracing::debug!(
                     checkpoint_id = id,

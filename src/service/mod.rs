@@ -143,7 +143,7 @@ fn open_and_restore(
         allow_non_restored_state: c.allow_non_restored_state,
     };
     // the lock is held from here on: nothing can change the store between check and migration
-    let store = open_waiting(dir, c.lock_wait)?.with_retention(retention);
+    let mut store = open_waiting(dir, c.lock_wait)?.with_retention(retention);
     if let Some(found) = store.format_version()?.filter(|v| *v < FORMAT_VERSION) {
         tracing::info!(dir = %dir.display(), found, current = FORMAT_VERSION, "the checkpoint store has an older format; checking the restore on a migrated copy before migrating it");
         let copy = store.scratch_copy()?;
@@ -151,7 +151,19 @@ fn open_and_restore(
     }
     store.upgrade()?;
     let restored = restore::restore(&store, &request, metrics)?;
+    let owner = store.claim(&owner_name(settings))?;
+    tracing::info!(dir = %dir.display(), epoch = owner.epoch, instance = %owner.instance, "claimed the checkpoint store");
     Ok((store, restored))
+}
+
+/// Who claims the store: `kafka.instance_id`, else the host name (a pod's name).
+fn owner_name(settings: &Settings) -> String {
+    settings
+        .kafka
+        .instance_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "unnamed".to_string())
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {

@@ -21,6 +21,8 @@ pub const SAVEPOINT_ENTRY_PREFIX: &[u8] = b"spe/";
 /// Id of the newest checkpoint written: the one a delta must build on.
 pub const META_HEAD: &[u8] = b"meta/head";
 pub const META_VERSION: &[u8] = b"meta/version";
+/// The newest claim of the store (`owner`); not part of the state, so no format change.
+pub const META_OWNER: &[u8] = b"meta/owner";
 
 /// Layout of format version 1, read only to migrate it.
 pub mod v1 {

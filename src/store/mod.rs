@@ -8,6 +8,7 @@
 mod codec;
 mod legacy;
 mod migrate;
+mod owner;
 pub mod portable;
 mod savepoints;
 mod versions;
@@ -23,6 +24,7 @@ pub use codec::FORMAT_VERSION;
 use codec::{
     decode_id_key, id_key, seal, unseal, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD, META_VERSION,
 };
+pub use owner::{read_owner_file, Owner, OWNER_FILE};
 pub use savepoints::SavepointMeta;
 pub use versions::{Unreadable, WriteRequest};
 
@@ -40,6 +42,12 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: sled::Error,
+    },
+    #[error("checkpoint store at {path} was claimed by a newer owner, {newer}, after this process ({mine}) claimed it; this process stops writing to it. Two instances use one volume: stop this one (the volume's file locks are not reliable, see docs/upgrades.md)")]
+    Superseded {
+        path: PathBuf,
+        mine: Box<Owner>,
+        newer: Box<Owner>,
     },
     #[error("no checkpoint store at {path}")]
     Missing { path: PathBuf },
@@ -132,6 +140,8 @@ pub struct Store {
     /// Set for a migrated copy made for inspection: the directory it lives in, removed when
     /// the copy is dropped (after the database, which is declared before it).
     scratch: Option<tempfile::TempDir>,
+    /// This process's claim (`claim`); every write checks it first.
+    owner: Option<Owner>,
 }
 
 impl Store {
@@ -210,6 +220,7 @@ impl Store {
             tree,
             retention: self.retention,
             scratch: Some(scratch),
+            owner: None,
         };
         copy.check_version(Migrate::InPlace)?;
         Ok(copy)
@@ -282,6 +293,7 @@ impl Store {
             tree,
             retention: Retention::default(),
             scratch: None,
+            owner: None,
         })
     }
 
@@ -426,6 +438,7 @@ impl Store {
     /// Records an attempt (failed, abandoned, or a correction) in the history. Durable at the
     /// next flush; flushed now when `flush`.
     pub fn record_attempt(&self, record: &CheckpointRecord, flush: bool) -> Result<(), StoreError> {
+        self.check_owner()?;
         let raw = Self::encode(record, record.id)?;
         self.tree.insert(id_key(HISTORY_PREFIX, record.id), raw)?;
         if flush {

@@ -186,6 +186,7 @@ impl Store {
         meta: &SavepointMeta,
         entries: &[(StateKey, Entry)],
     ) -> Result<(), StoreError> {
+        self.check_owner()?;
         validate_savepoint_name(&meta.name).map_err(StoreError::InvalidSavepoint)?;
         let keys: std::collections::BTreeSet<&StateKey> = entries.iter().map(|(k, _)| k).collect();
         if keys.len() != entries.len() || entries.len() as u64 != meta.entries {
@@ -218,6 +219,7 @@ impl Store {
 
     /// Removes savepoint `name` and its entries.
     pub fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        self.check_owner()?;
         let meta = self.savepoint(name)?;
         let mut batch = sled::Batch::default();
         for k in self.tree.scan_prefix(savepoint_entries_prefix(name)).keys() {

@@ -603,3 +603,106 @@ fn imports_refuse_bad_names_and_duplicate_entries() {
     ));
     store.read_savepoint("a").expect("a is intact");
 }
+
+#[test]
+fn every_claim_has_a_higher_epoch_even_when_the_owner_file_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epochs = Vec::new();
+    for round in 0..3 {
+        let mut store = open(&dir, 3);
+        epochs.push(store.claim("pod-0").expect("claim").epoch);
+        if round == 1 {
+            drop(store);
+            std::fs::remove_file(dir.path().join(OWNER_FILE)).expect("remove owner file");
+        }
+    }
+    assert_eq!(epochs, vec![1, 2, 3]);
+    let on_file = read_owner_file(dir.path())
+        .expect("read")
+        .expect("owner file");
+    assert_eq!((on_file.epoch, on_file.instance.as_str()), (3, "pod-0"));
+}
+
+#[test]
+fn a_newer_claim_stops_every_write_and_leaves_the_store_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir, 3);
+    let mine = store.claim("pod-0").expect("claim");
+    let sample = sample();
+    write(&store, &sample[0], None).expect("first checkpoint");
+    // another process claims the volume (its sled lock did not keep it out)
+    let newer = Owner {
+        epoch: mine.epoch + 1,
+        instance: "pod-0-replacement".into(),
+        pid: mine.pid + 1,
+        claimed_at_ms: mine.claimed_at_ms,
+    };
+    std::fs::write(
+        dir.path().join(OWNER_FILE),
+        serde_json::to_vec(&newer).expect("json"),
+    )
+    .expect("write owner file");
+    let err = write(&store, &sample[1], None).expect_err("superseded");
+    match &err {
+        StoreError::Superseded {
+            newer: n, mine: m, ..
+        } => {
+            assert_eq!((**n).clone(), newer);
+            assert_eq!((**m).clone(), mine);
+        }
+        other => panic!("expected Superseded, got {other}"),
+    }
+    assert!(err.to_string().contains("pod-0-replacement"), "{err}");
+    let record = CheckpointRecord::from_meta(&meta_of(&sample[1], 0, 0), Status::Failed);
+    assert!(matches!(
+        store.record_attempt(&record, true),
+        Err(StoreError::Superseded { .. })
+    ));
+    assert!(matches!(
+        store.delete_checkpoints(),
+        Err(StoreError::Superseded { .. })
+    ));
+    assert_eq!(store.head().expect("head"), Some(1));
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1]);
+    assert_eq!(store.attempt(2).expect("attempt"), None);
+}
+
+#[test]
+fn a_missing_or_older_owner_record_is_written_again_and_writes_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir, 3);
+    let mine = store.claim("pod-0").expect("claim");
+    let sample = sample();
+    std::fs::remove_file(dir.path().join(OWNER_FILE)).expect("remove");
+    write(&store, &sample[0], None).expect("write with the record missing");
+    assert_eq!(
+        read_owner_file(dir.path()).expect("read"),
+        Some(mine.clone())
+    );
+    let older = Owner {
+        epoch: mine.epoch - 1,
+        ..mine.clone()
+    };
+    std::fs::write(
+        dir.path().join(OWNER_FILE),
+        serde_json::to_vec(&older).expect("json"),
+    )
+    .expect("write");
+    write(&store, &sample[1], None).expect("write over an older record");
+    assert_eq!(read_owner_file(dir.path()).expect("read"), Some(mine));
+    assert_eq!(store.head().expect("head"), Some(2));
+}
+
+#[test]
+fn stores_opened_without_a_claim_never_check_the_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut store = open(&dir, 3);
+        store.claim("pod-0").expect("claim");
+    }
+    std::fs::write(dir.path().join(OWNER_FILE), b"{not json").expect("write");
+    // offline commands hold the lock and claim nothing
+    let store = open(&dir, 3);
+    write(&store, &sample()[0], None).expect("offline write");
+    assert!(store.owner().is_none());
+}

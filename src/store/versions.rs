@@ -79,6 +79,7 @@ impl Store {
     /// Applies a checkpoint as one atomic batch (its versions, metadata, history record,
     /// retention and, if asked, its savepoint) and flushes it.
     pub fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
+        self.check_owner()?;
         let cp = req.checkpoint;
         let id = cp.id;
         let head = self.head()?;
@@ -353,6 +354,7 @@ impl Store {
     /// Deletes every checkpoint and its state (savepoints and history stay), for
     /// `on_cancel: delete`.
     pub fn delete_checkpoints(&self) -> Result<usize, StoreError> {
+        self.check_owner()?;
         let mut batch = sled::Batch::default();
         let mut count = 0;
         for prefix in [CHECKPOINT_PREFIX, VERSION_PREFIX, GC_PREFIX] {
