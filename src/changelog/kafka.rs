@@ -404,3 +404,6 @@ pub fn read_states(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,11 +4,12 @@
 //! published before the partition is released; every durable checkpoint publishes what it
 //! changed per partition.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 
+use super::releases::stale;
 use super::runtime::Runtime;
 use crate::changelog::kafka::{read_states, Batch, ChangelogTopic, PublishFailure, Publisher};
 use crate::changelog::protocol::{chunks, publication_kind, Kind, Tag, MAX_CHUNK_BYTES};
@@ -40,7 +41,7 @@ pub(super) struct Changelog {
 
 /// Events the hand-off waits for, received by the processing loop.
 pub(super) struct HandoffEvents {
-    pub(super) released: mpsc::UnboundedReceiver<Vec<Partition>>,
+    pub(super) released: mpsc::UnboundedReceiver<(u64, Vec<Partition>)>,
     pub(super) failures: mpsc::UnboundedReceiver<PublishFailure>,
 }
 
@@ -60,13 +61,11 @@ impl Runtime {
     ) -> anyhow::Result<()> {
         if self.engine.config().partition_scoped {
             // windows of partitions this instance no longer owns must not close and emit here
-            let keep: HashSet<&Partition> = self.assigned.iter().chain(&partitions).collect();
-            let stale: Vec<Partition> = self
-                .engine
-                .progress()
-                .map(|(p, _)| p.clone())
-                .filter(|p| !keep.contains(p))
-                .collect();
+            let stale = stale(
+                self.engine.progress().map(|(p, _)| p),
+                &self.assigned,
+                &partitions,
+            );
             if !stale.is_empty() {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
                 self.engine.drop_partitions(&stale);
@@ -75,8 +74,7 @@ impl Runtime {
             }
         }
         // a partition assigned again is no longer on its way out
-        self.releasing_partitions
-            .retain(|p| !partitions.contains(p));
+        self.releases.cancel(&partitions);
         if let Some(link) = &self.changelog {
             let topic = link.topic.clone();
             let group = self.settings.kafka.group_id.clone();
@@ -189,25 +187,20 @@ impl Runtime {
     /// published (`on_released`); otherwise (or when the partitions are already lost) at once.
     pub(super) fn on_revoke(&mut self, consumer: &Source, partitions: Vec<Partition>, lost: bool) {
         if self.changelog.is_some() && !lost && !partitions.is_empty() {
-            self.releasing_partitions.extend(partitions.iter().cloned());
             let id = self.trigger(None);
             tracing::info!(checkpoint_id = id, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
-            self.releasing.insert(id, partitions);
+            self.releases.begin(id, partitions);
             return;
         }
-        self.releasing_partitions
-            .retain(|p| !partitions.contains(p));
+        self.releases.cancel(&partitions);
         source::release(consumer, &partitions);
         self.forget(&partitions);
     }
 
     /// The revoke checkpoint of these partitions is published (or failed): let them go,
     /// unless they were lost or assigned again meanwhile.
-    pub(super) fn on_released(&mut self, consumer: &Source, partitions: Vec<Partition>) {
-        let partitions: Vec<Partition> = partitions
-            .into_iter()
-            .filter(|p| self.releasing_partitions.remove(p))
-            .collect();
+    pub(super) fn on_released(&mut self, consumer: &Source, id: u64, partitions: Vec<Partition>) {
+        let partitions = self.releases.due(id, partitions);
         if partitions.is_empty() {
             return;
         }
@@ -236,15 +229,15 @@ impl Runtime {
     /// A revoke checkpoint failed: release its partitions anyway; the new owner restores the
     /// last published state, which matches its offsets.
     pub(super) fn release_after_failure(&mut self, id: u64) {
-        if let Some(partitions) = self.releasing.remove(&id) {
+        if let Some(partitions) = self.releases.take_checkpoint(id) {
             tracing::warn!(checkpoint_id = id, "the checkpoint before releasing partitions failed; releasing them at their last published state");
-            let _ = self.released_tx.send(partitions);
+            let _ = self.released_tx.send((id, partitions));
         }
     }
 
     /// Publishes a durable checkpoint's changes per owned partition.
     pub(super) fn publish(&mut self, cp: &Checkpoint) {
-        let releasing = self.releasing.remove(&cp.id);
+        let releasing = self.releases.take_checkpoint(cp.id);
         let Some(link) = self.changelog.as_mut() else {
             return;
         };
@@ -305,10 +298,11 @@ impl Runtime {
         let done = releasing.map(|partitions| {
             let (tx, rx) = oneshot::channel::<Result<(), String>>();
             let released = self.released_tx.clone();
+            let id = cp.id;
             tokio::spawn(async move {
                 // released whether the publication succeeded or not: see release_after_failure
                 let _ = rx.await;
-                let _ = released.send(partitions);
+                let _ = released.send((id, partitions));
             });
             tx
         });

@@ -3,6 +3,7 @@
 
 mod handoff;
 mod lifecycle;
+mod releases;
 mod restore;
 mod runtime;
 
@@ -365,8 +366,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stop_savepoint: None,
         awaiting_first: Default::default(),
         changelog,
-        releasing: HashMap::new(),
-        releasing_partitions: Default::default(),
+        releases: Default::default(),
         assignment_seen: false,
         released_tx,
     };

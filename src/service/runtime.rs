@@ -66,13 +66,11 @@ pub(super) struct Runtime {
     pub(super) stop_savepoint: Option<(Option<String>, Reply<Option<SavepointMeta>>)>,
     /// The changelog topic, when partitions' state moves between instances.
     pub(super) changelog: Option<Changelog>,
-    /// Revoke checkpoints in flight, with the partitions they release once published.
-    pub(super) releasing: HashMap<u64, Vec<Partition>>,
-    /// Partitions revoked and not released yet.
-    pub(super) releasing_partitions: std::collections::HashSet<Partition>,
+    /// Revoked partitions waiting for their checkpoint's publication.
+    pub(super) releases: super::releases::Releases,
     /// An assignment (possibly empty) was received since the start.
     pub(super) assignment_seen: bool,
-    pub(super) released_tx: mpsc::UnboundedSender<Vec<Partition>>,
+    pub(super) released_tx: mpsc::UnboundedSender<(u64, Vec<Partition>)>,
 }
 
 /// Runs the service until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -129,7 +127,7 @@ impl Runtime {
                 Some(outcome) = outcomes.recv() => self.on_write_outcome(outcome, consumer)?,
                 Some(command) = commands.recv() => self.on_command(command, &store),
                 Some(ids) = acks.recv() => self.engine.emitted(ids),
-                Some(ps) = handoff.released.recv() => self.on_released(consumer, ps),
+                Some((id, ps)) = handoff.released.recv() => self.on_released(consumer, id, ps),
                 Some(f) = handoff.failures.recv() => self.on_publish_failure(f),
                 _ = tick.tick() => {
                     // rebalances wait for the loop (assign after restore, release after a

@@ -1,0 +1,197 @@
+//! The publisher against librdkafka's mock cluster: tombstones only ever follow an
+//! acknowledged publication, and what was published replays to the published state.
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use super::*;
+use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
+use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateKey};
+use crate::position::NextOffset;
+
+const TOPIC: &str = "changelog";
+
+fn cluster() -> (MockCluster<'static, DefaultProducerContext>, ClientConfig) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 2, 1).expect("topic");
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", cluster.bootstrap_servers());
+    (cluster, client)
+}
+
+fn source() -> Partition {
+    Partition::new("events", 0)
+}
+
+/// A publication of `n` entries for partition 0, keys padded to `pad` bytes.
+fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> Vec<Chunk> {
+    let entries: Vec<(StateKey, Entry)> = (0..n)
+        .map(|i| {
+            (
+                StateKey {
+                    partition: Some(source()),
+                    window: 0,
+                    start: 0,
+                    key: format!("{i:0>pad$}"),
+                },
+                Entry {
+                    status: EntryStatus::Open,
+                    end: 60_000,
+                    acc: Acc::of(Some(value)),
+                },
+            )
+        })
+        .collect();
+    chunks(
+        "g",
+        Tag { run, checkpoint },
+        Kind::Full,
+        PartitionState {
+            partition: source(),
+            next: Some(NextOffset(checkpoint as i64 * 100)),
+            max_ts: Some(1),
+        },
+        Some(1),
+        entries,
+        Vec::new(),
+        2,
+        MAX_CHUNK_BYTES,
+    )
+}
+
+/// Every record of the changelog partition holding `source()`: (offset, key, is tombstone).
+fn records(client: &ClientConfig, topic: &ChangelogTopic) -> Vec<(i64, String, bool)> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", "test-reader")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let partition = topic.partition_of(&source());
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(TOPIC, partition, Offset::Beginning)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push((
+                m.offset(),
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                m.payload().is_none(),
+            )),
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+async fn publish(
+    publisher: &Publisher,
+    batch_chunks: Vec<Chunk>,
+    tombstones: Vec<String>,
+) -> Result<(), String> {
+    let (done, answer) = oneshot::channel();
+    publisher.publish(Batch {
+        chunks: batch_chunks,
+        tombstones: tombstones.into_iter().map(|k| (k, source())).collect(),
+        done: Some(done),
+    });
+    answer.await.expect("publisher answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_follow_the_publication_that_supersedes_them() {
+    let (_cluster, client) = cluster();
+    let topic = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
+    let (publisher, _failures) = Publisher::start(topic.clone()).expect("publisher");
+    let old = publication(1, 1, 5, 1, 1.0);
+    let old_keys: Vec<String> = old.iter().map(Chunk::record_key).collect();
+    publish(&publisher, old, Vec::new())
+        .await
+        .expect("first publication");
+    let new = publication(2, 7, 5, 1, 2.0);
+    let new_keys: Vec<String> = new.iter().map(Chunk::record_key).collect();
+    publish(&publisher, new, old_keys.clone())
+        .await
+        .expect("second publication with tombstones");
+
+    let seen = {
+        let (client, topic) = (client.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || records(&client, &topic))
+            .await
+            .expect("reader")
+    };
+    let offset_of = |key: &str, tombstone: bool| {
+        seen.iter()
+            .find(|(_, k, t)| k == key && *t == tombstone)
+            .map(|(o, _, _)| *o)
+            .unwrap_or_else(|| panic!("no record {key} (tombstone: {tombstone}) in {seen:?}"))
+    };
+    let last_new = new_keys
+        .iter()
+        .map(|k| offset_of(k, false))
+        .max()
+        .expect("chunks");
+    for key in &old_keys {
+        assert!(
+            offset_of(key, true) > last_new,
+            "tombstone of {key} before the new chunks: {seen:?}"
+        );
+    }
+    // what a new owner reads back is the new publication, whole
+    let (client_topic, group) = (topic.clone(), "g".to_string());
+    let states = tokio::task::spawn_blocking(move || {
+        read_states(&client_topic, &group, &[source()], &mut |_, _| {})
+    })
+    .await
+    .expect("reader task")
+    .expect("read");
+    let state = states.get(&source()).expect("a committed state");
+    assert_eq!(state.next_offset(), Some(700));
+    assert_eq!(state.entries.len(), 5);
+    assert!(
+        state.entries.iter().all(|(_, e)| e.acc.sum == 2.0),
+        "{:?}",
+        state.entries
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_fails_sends_no_tombstones_and_is_reported() {
+    let (_cluster, mut client) = cluster();
+    let topic = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
+    let (publisher, _) = Publisher::start(topic.clone()).expect("publisher");
+    let old = publication(1, 1, 2, 1, 1.0);
+    let old_keys: Vec<String> = old.iter().map(Chunk::record_key).collect();
+    publish(&publisher, old, Vec::new())
+        .await
+        .expect("first publication");
+
+    // a second publisher whose chunks exceed its message size limit: every chunk fails
+    // locally, while tombstones (a key, no value) would fit
+    client.set("message.max.bytes", "1000");
+    let small = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
+    let (failing, mut failures) = Publisher::start(small).expect("publisher");
+    let big = publication(2, 7, 4, 600, 2.0);
+    let answer = publish(&failing, big, old_keys.clone()).await;
+    let reason = answer.expect_err("the publication cannot succeed");
+    assert!(reason.to_lowercase().contains("size"), "{reason}");
+    let failure = failures.recv().await.expect("a failure report");
+    assert_eq!(failure.partitions, vec![source()]);
+
+    let seen = tokio::task::spawn_blocking(move || records(&client, &topic))
+        .await
+        .expect("reader");
+    assert!(
+        seen.iter().all(|(_, _, tombstone)| !tombstone),
+        "a tombstone was sent for an unacknowledged publication: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        old_keys.len(),
+        "only the first publication: {seen:?}"
+    );
+}
