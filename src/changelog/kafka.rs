@@ -253,8 +253,18 @@ where
     error.map_or(Ok(()), Err)
 }
 
-/// Progress of a changelog read: the source partition and the records left to read for it.
-pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, i64);
+/// How far a changelog read is for one source partition (counted over the changelog
+/// partition that holds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Records left to read.
+    pub records_left: i64,
+    /// Bytes (keys and values) read so far.
+    pub bytes_read: u64,
+}
+
+/// Called with each source partition's progress during a changelog read.
+pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, Progress);
 
 /// Replays the changelog partitions of `sources` (all at once, one reader) from their start to
 /// their end and returns the state the changelog holds for each source (absent: none).
@@ -284,6 +294,8 @@ pub fn read_states(
         })?;
     // changelog partition -> (next offset to see, end, sources it holds)
     let mut pending: BTreeMap<i32, (i64, i64, Vec<Partition>)> = BTreeMap::new();
+    // changelog partition -> bytes read
+    let mut bytes: HashMap<i32, u64> = HashMap::new();
     for s in sources {
         let partition = topic.partition_of(s);
         if let Some(entry) = pending.get_mut(&partition) {
@@ -301,7 +313,13 @@ pub fn read_states(
     }
     pending.retain(|_, (low, high, srcs)| {
         for s in srcs.iter() {
-            on_progress(s, 0);
+            on_progress(
+                s,
+                Progress {
+                    records_left: (*high - *low).max(0),
+                    bytes_read: 0,
+                },
+            );
         }
         high > low
     });
@@ -331,11 +349,16 @@ pub fn read_states(
             Some(Ok(m)) => {
                 idle_since = Instant::now();
                 let partition = m.partition();
+                let read = bytes.entry(partition).or_default();
+                *read += (m.key_len() + m.payload_len()) as u64;
                 if let Some((next, high, srcs)) = pending.get_mut(&partition) {
                     *next = m.offset() + 1;
-                    let left = (*high - *next).max(0);
+                    let progress = Progress {
+                        records_left: (*high - *next).max(0),
+                        bytes_read: *read,
+                    };
                     for s in srcs.iter() {
-                        on_progress(s, left);
+                        on_progress(s, progress);
                     }
                     if *next >= *high {
                         pending.remove(&partition);
@@ -365,8 +388,12 @@ pub fn read_states(
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 if let Some((_, _, srcs)) = pending.remove(&partition) {
+                    let progress = Progress {
+                        records_left: 0,
+                        bytes_read: bytes.get(&partition).copied().unwrap_or(0),
+                    };
                     for s in &srcs {
-                        on_progress(s, 0);
+                        on_progress(s, progress);
                     }
                 }
             }

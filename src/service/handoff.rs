@@ -11,8 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::releases::stale;
 use super::runtime::Runtime;
-use crate::changelog::kafka::{read_states, Batch, ChangelogTopic, PublishFailure, Publisher};
-use crate::changelog::protocol::{chunks, publication_kind, Kind, Tag, MAX_CHUNK_BYTES};
+use crate::changelog::kafka::{
+    read_states, Batch, ChangelogTopic, Progress, PublishFailure, Publisher,
+};
+use crate::changelog::protocol::{chunks, publication_kind, Committed, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
 use crate::engine::{Entry, StateKey};
 use crate::position::Partition;
@@ -78,7 +80,9 @@ impl Runtime {
         if let Some(link) = &self.changelog {
             let topic = link.topic.clone();
             let group = self.settings.kafka.group_id.clone();
-            let mut states = self.read_changelog(&topic, &group, &partitions).await?;
+            let started = std::time::Instant::now();
+            let (mut states, progress) = self.read_changelog(&topic, &group, &partitions).await?;
+            let read_ms = started.elapsed().as_millis() as u64;
             for p in &partitions {
                 let local = self.engine.position(p).map(|n| n.0);
                 let committed = states.remove(p);
@@ -98,7 +102,8 @@ impl Runtime {
                             self.shared.set_position(p, next);
                         }
                         self.metrics.changelog_restores.inc();
-                        tracing::info!(partition = %p, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, "restored partition state from the changelog");
+                        let bytes = progress.get(p).map_or(0, |r| r.bytes_read);
+                        tracing::info!(partition = %p, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, bytes, duration_ms = read_ms, "restored partition state from the changelog");
                     }
                     Some(c) => {
                         tracing::info!(partition = %p, next_offset = ?local, changelog_next_offset = ?c.next_offset(), "local partition state is as new as the changelog's; keeping it")
@@ -145,7 +150,7 @@ impl Runtime {
         topic: &ChangelogTopic,
         group: &str,
         partitions: &[Partition],
-    ) -> anyhow::Result<HashMap<Partition, crate::changelog::protocol::Committed>> {
+    ) -> anyhow::Result<(HashMap<Partition, Committed>, HashMap<Partition, Progress>)> {
         let mut backoff = std::time::Duration::from_secs(1);
         let mut attempt = 1;
         loop {
@@ -153,25 +158,34 @@ impl Runtime {
             let metrics = self.metrics.clone();
             let (sources, topic, group) = (partitions.to_vec(), topic.clone(), group.to_string());
             let result = tokio::task::spawn_blocking(move || {
-                let mut progress = |p: &Partition, left: i64| {
+                let mut last: HashMap<Partition, Progress> = HashMap::new();
+                let mut progress = |p: &Partition, now: Progress| {
                     let label = p.to_string();
                     metrics
                         .changelog_restore_remaining
                         .with_label_values(&[label.as_str()])
-                        .set(left);
-                    if left > 0 {
+                        .set(now.records_left);
+                    metrics
+                        .changelog_restore_read_bytes
+                        .with_label_values(&[label.as_str()])
+                        .set(now.bytes_read as i64);
+                    if now.records_left > 0 {
                         admin.set_ready(
                             false,
-                            &format!("restoring {label} from the changelog: {left} records left"),
+                            &format!(
+                                "restoring {label} from the changelog: {} records left, {} bytes read",
+                                now.records_left, now.bytes_read
+                            ),
                         );
                     }
+                    last.insert(p.clone(), now);
                 };
-                read_states(&topic, &group, &sources, &mut progress)
+                read_states(&topic, &group, &sources, &mut progress).map(|states| (states, last))
             })
             .await
             .context("changelog reader task")?;
             match result {
-                Ok(states) => return Ok(states),
+                Ok(read) => return Ok(read),
                 Err(e) if attempt < 4 => {
                     tracing::warn!(attempt, error = %e, "changelog read failed; retrying");
                     tokio::time::sleep(backoff).await;

@@ -143,12 +143,27 @@ async fn tombstones_follow_the_publication_that_supersedes_them() {
     }
     // what a new owner reads back is the new publication, whole
     let (client_topic, group) = (topic.clone(), "g".to_string());
-    let states = tokio::task::spawn_blocking(move || {
-        read_states(&client_topic, &group, &[source()], &mut |_, _| {})
+    let (states, reports) = tokio::task::spawn_blocking(move || {
+        let mut reports = Vec::new();
+        let states = read_states(&client_topic, &group, &[source()], &mut |p, r| {
+            reports.push((p.clone(), r))
+        });
+        (states, reports)
     })
     .await
-    .expect("reader task")
-    .expect("read");
+    .expect("reader task");
+    let states = states.expect("read");
+    // progress counts down from every record of the changelog partition, bytes grow to all of
+    // them
+    let total = seen.len() as i64;
+    assert_eq!(reports.first().map(|(_, r)| r.records_left), Some(total));
+    let last = reports.last().expect("reports").1;
+    assert_eq!(last.records_left, 0);
+    let lefts: Vec<i64> = reports.iter().map(|(_, r)| r.records_left).collect();
+    assert!(lefts.windows(2).all(|w| w[1] <= w[0]), "{lefts:?}");
+    let min_bytes: usize = seen.iter().map(|(_, k, _)| k.len()).sum();
+    assert!(last.bytes_read as usize > min_bytes, "{last:?}");
+    assert!(reports.iter().all(|(p, _)| *p == source()));
     let state = states.get(&source()).expect("a committed state");
     assert_eq!(state.next_offset(), Some(700));
     assert_eq!(state.entries.len(), 5);
