@@ -8,21 +8,28 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-tansu.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
-# Headless Chromium renders the status page in integration-tests/tests/web_page.rs (Debian's
-# package). Quiet, and a no-op when it is installed; the package lists are refreshed only when
-# the install cannot go ahead without it.
-install_chromium() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
-}
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests drive: headless Chromium renders the status page
+# (integration-tests/tests/web_page.rs), Prometheus scrapes the service and promtool checks the
+# rules (integration-tests/tests/prometheus.rs, tests/deploy.rs), docker-compose validates the
+# compose file (tests/deploy.rs). Quiet, and a no-op when they are installed; the package lists
+# are refreshed only when the install cannot go ahead without it.
+missing=()
+for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     if [[ "$(id -u)" -ne 0 ]]; then
-        echo "chromium is missing: install it as root (apt-get install chromium)" >&2
+        echo "missing Debian packages: ${missing[*]}; install them as root (apt-get install ${missing[*]})" >&2
         exit 1
     fi
-    echo "installing chromium (apt-get)"
-    if ! apt-cache show chromium >/dev/null 2>&1 || ! install_chromium; then
+    echo "installing ${missing[*]} (apt-get)"
+    install_packages() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    }
+    if ! install_packages; then
         apt-get update -q >/dev/null
-        install_chromium
+        install_packages
     fi
 fi
 

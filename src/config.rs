@@ -262,6 +262,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// librdkafka options whose values are credentials: masked wherever the configuration is shown.
+pub fn is_secret(option: &str) -> bool {
+    let k = option.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        ".key",
+        "oauthbearer.config",
+        "jaas",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
 fn default_aggregates() -> Vec<AggregateKind> {
     vec![
         AggregateKind::Count,
@@ -654,8 +669,7 @@ impl Settings {
     pub fn redacted(&self) -> Settings {
         let mut copy = self.clone();
         for (key, value) in copy.kafka.options.iter_mut() {
-            let k = key.to_ascii_lowercase();
-            if k.contains("password") || k.contains("secret") || k.ends_with(".key") {
+            if is_secret(key) {
                 *value = "********".to_string();
             }
         }

@@ -5,16 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
-
-use crate::clock::epoch_ms;
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use crate::config::Settings;
 
@@ -58,7 +55,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .set("linger.ms", "5")
         .create()
         .context("cannot create the demo generator")?;
-    let generator = tokio::spawn(generate(producer, opts.rate.max(1)));
+    let generator = tokio::spawn(crate::generator::run(
+        producer,
+        EVENTS_TOPIC.to_string(),
+        opts.rate.max(1),
+        KEYS,
+    ));
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "checkpointer-demo-reader")
@@ -77,33 +79,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let _ = printer.await;
     drop(cluster);
     result
-}
-
-/// Events for `KEYS` users at `rate` per second, event time = now minus up to 1.5 s of jitter.
-async fn generate(producer: FutureProducer, rate: u32) {
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let batch = (rate / 10).max(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tick.tick().await;
-        for _ in 0..batch {
-            let user = next() % KEYS;
-            let amount = next() % 100 + 1;
-            let ts = epoch_ms() - (next() % 1500) as i64;
-            let payload = format!(r#"{{"user":"user-{user}","amount":{amount},"ts":{ts}}}"#);
-            let key = format!("user-{user}");
-            let record = FutureRecord::to(EVENTS_TOPIC).key(&key).payload(&payload);
-            if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
-                tracing::warn!(error = %e, "demo generator could not produce");
-            }
-        }
-    }
 }
 
 async fn print_windows(reader: StreamConsumer) {

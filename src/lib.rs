@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod generator;
 pub mod http;
 pub mod kafka_log;
 pub mod metrics;

@@ -44,6 +44,28 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         rate: u32,
     },
+    /// Produce generated JSON events (user, amount, ts) to a topic until stopped: the event
+    /// source of the container stack.
+    Generate {
+        /// Bootstrap servers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long, default_value = "events")]
+        topic: String,
+        /// Events per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Distinct users (record keys).
+        #[arg(long, default_value_t = 20)]
+        keys: u64,
+    },
+    /// Health check for containers: exit 0 when URL answers 2xx, else 1 with the reason.
+    Probe {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Validate the configuration (with environment overrides) and print it, secrets masked.
     CheckConfig {
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
@@ -172,6 +194,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `CHECKPOINTER_LOG__FORMAT` (json|pretty) for commands that read no configuration file.
+fn log_format_from_env() -> LogFormat {
+    match std::env::var("CHECKPOINTER_LOG__FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Pretty,
+    }
+}
+
 fn load(path: &std::path::Path) -> Result<Settings, ExitCode> {
     Settings::load(path, None).map_err(|e| {
         eprintln!("checkpointer: {e}");
@@ -245,6 +275,16 @@ fn main() -> ExitCode {
                 .map(|n| Some(n).filter(|n| !n.is_empty()));
             report(remote::stop(url.trim_end_matches('/'), savepoint, wait))
         }
+        Command::Probe { url, timeout } => report(remote::probe(&url, timeout)),
+        Command::Generate {
+            brokers,
+            topic,
+            rate,
+            keys,
+        } => {
+            init_logging(log_format_from_env());
+            run_async(generate(brokers, topic, rate, keys))
+        }
         Command::Demo { config, rate } => {
             let settings = match load(&config) {
                 Ok(s) => s,
@@ -267,6 +307,31 @@ fn main() -> ExitCode {
             init_logging(settings.log.format);
             run_async(checkpointer::service::run(settings))
         }
+    }
+}
+
+async fn generate(brokers: String, topic: String, rate: u32, keys: u64) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .create()
+        .context("cannot create the generator's producer")?;
+    tracing::info!(%brokers, %topic, rate, keys, "generating events (SIGTERM stops)");
+    tokio::select! {
+        _ = checkpointer::generator::run(producer, topic, rate.max(1), keys) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminated() => {}
+    }
+    Ok(())
+}
+
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -2,14 +2,16 @@
 //! `checkpointer_<noun>_<unit>[_total]`; labels are bounded (never a record key).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::engine::InvalidReason;
 
 pub struct Metrics {
     registry: Registry,
+    /// Every family's name, in registration order.
+    names: Vec<String>,
     pub records_consumed: IntCounter,
     pub records_invalid: IntCounterVec,
     pub records_late: IntCounter,
@@ -41,42 +43,54 @@ pub struct Metrics {
     pub checkpoints_in_flight: IntGauge,
     pub restore_duration: Gauge,
     pub consumer_lag: IntGaugeVec,
-    pub partition_watermark: IntGaugeVec,
+    pub partition_watermark: GaugeVec,
     pub watermark: Gauge,
     pub ready: IntGauge,
     pub store_size: IntGauge,
+    pub checkpoint_interval: Gauge,
+    pub build_info: IntGaugeVec,
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
+/// The registry being filled, and the names registered in it (kept because the exposition
+/// leaves out labelled families that have no series yet).
+struct Reg {
+    registry: Registry,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Reg, m: T) -> T {
+    r.names
+        .borrow_mut()
+        .extend(m.desc().iter().map(|d| d.fq_name.clone()));
     // names are static and unique, so registration cannot collide
-    if let Err(e) = registry.register(Box::new(m.clone())) {
+    if let Err(e) = r.registry.register(Box::new(m.clone())) {
         tracing::error!(error = %e, "metric registration failed");
     }
     m
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+fn counter(r: &Reg, name: &str, help: &str) -> IntCounter {
     reg(
         r,
         IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
     )
 }
 
-fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+fn int_gauge(r: &Reg, name: &str, help: &str) -> IntGauge {
     reg(
         r,
         IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
     )
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+fn gauge(r: &Reg, name: &str, help: &str) -> Gauge {
     reg(
         r,
         Gauge::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
     )
 }
 
-fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn int_gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     reg(
         r,
         IntGaugeVec::new(Opts::new(name, help), labels)
@@ -84,7 +98,7 @@ fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGa
     )
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+fn histogram(r: &Reg, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets);
     reg(
         r,
@@ -94,7 +108,10 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 
 impl Metrics {
     pub fn new() -> Self {
-        let r = Registry::new();
+        let r = Reg {
+            registry: Registry::new(),
+            names: Default::default(),
+        };
         let records_invalid = reg(
             &r,
             IntCounterVec::new(
@@ -148,11 +165,14 @@ impl Metrics {
             checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),
             restore_duration: gauge(&r, "checkpointer_restore_duration_seconds", "Time the last start took to restore its checkpoint or savepoint."),
             consumer_lag: int_gauge_vec(&r, "checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark.", &["topic", "partition"]),
-            partition_watermark: int_gauge_vec(&r, "checkpointer_partition_max_event_time_milliseconds", "Highest event time seen per partition (epoch ms).", &["topic", "partition"]),
+            partition_watermark: reg(&r, GaugeVec::new(Opts::new("checkpointer_partition_max_event_time_seconds", "Highest event time seen per partition (Unix time)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
             watermark: gauge(&r, "checkpointer_watermark_seconds", "Service event-time watermark (Unix time)."),
             ready: int_gauge(&r, "checkpointer_ready", "1 once state is restored and partitions are assigned."),
             store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the sled checkpoint store occupies on disk."),
-            registry: r,
+            checkpoint_interval: gauge(&r, "checkpointer_checkpoint_interval_seconds", "The configured checkpoint.interval (alert rules compare checkpoint age with it)."),
+            build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
+            names: r.names.take(),
+            registry: r.registry,
         }
     }
 
@@ -160,6 +180,12 @@ impl Metrics {
         self.records_invalid
             .with_label_values(&[reason.label()])
             .inc();
+    }
+
+    /// The name of every metric family the service exports (histograms: the base name of
+    /// their `_bucket`, `_sum` and `_count` series), labelled or not, with series yet or not.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition and its content type.

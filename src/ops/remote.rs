@@ -118,3 +118,16 @@ pub fn stop(
         humantime::format_duration(wait)
     )))
 }
+
+/// A container health check: GETs `url` (the instance's `/healthz`, or `/readyz`) and
+/// answers with its body when the status is 2xx, else an error naming the status.
+pub fn probe(url: &str, timeout: Duration) -> Result<String, OpsError> {
+    call("GET", url, timeout).map(|body| {
+        let body = body.trim();
+        if body.is_empty() {
+            "ok".to_string()
+        } else {
+            body.to_string()
+        }
+    })
+}

@@ -172,6 +172,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .checkpoint_interval
+        .set(settings.checkpoint.interval.as_secs_f64());
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
     let restore_started = Instant::now();
     let retention = Retention {
         checkpoints: settings.checkpoint.retained,
@@ -206,6 +213,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let engine = match (&restored.meta, restored.state.clone()) {
         (Some(meta), Some(state)) => {
             let entries = state.entries.len();
+            let bytes = Store::state_bytes(&state.entries);
             let engine = Engine::restore(engine_cfg, state).with_context(|| {
                 format!(
                     "cannot restore {} from {}",
@@ -217,6 +225,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 restored_from = %restored.describe(),
                 checkpoint_id = meta.id,
                 entries,
+                bytes,
                 pending_windows = engine.pending_emissions(),
                 duration_ms = restore_started.elapsed().as_millis() as u64,
                 "restored"

@@ -357,7 +357,7 @@ impl Runtime {
             if let Some(ts) = partition.max_ts {
                 m.partition_watermark
                     .with_label_values(&[&p.topic, &p.partition.to_string()])
-                    .set(ts);
+                    .set(ts as f64 / 1000.0);
                 progress.max_event_time.insert(p.clone(), ts);
             }
         }

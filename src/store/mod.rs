@@ -484,6 +484,18 @@ impl Store {
         Ok(self.db.size_on_disk()?)
     }
 
+    /// Bytes `entries` occupy as stored (keys and sealed values): the size of a restored state.
+    pub fn state_bytes(entries: &[(crate::engine::StateKey, crate::engine::Entry)]) -> u64 {
+        entries
+            .iter()
+            .map(|(k, e)| {
+                let key = codec::version_key(k, 0).len();
+                let value = postcard::to_stdvec(&Some(*e)).map_or(0, |v| seal(&v).len());
+                (key + value) as u64
+            })
+            .sum()
+    }
+
     /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;

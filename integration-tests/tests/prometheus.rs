@@ -1,0 +1,299 @@
+//! Prometheus for real: a Prometheus server (Debian's `prometheus` package) runs the repo's
+//! scrape configuration and alert rules (`deploy/prometheus`), its target pointed at a running
+//! checkpointer on tansu. Through Prometheus's HTTP query API: the target is up, records
+//! consumed increase between two scrapes, the last checkpoint is younger than twice the
+//! checkpoint interval, and every alert rule is loaded and evaluates without error. `promtool
+//! check metrics` passes on the service's `/metrics`.
+//!
+//! Needs `/usr/bin/prometheus` and `/usr/bin/promtool` (or `PROMETHEUS_BIN`, `PROMTOOL_BIN`);
+//! `scripts/test.sh` installs them.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use integration_tests::http;
+use integration_tests::lifecycle::{config, wait_consumed, Input, READY_TIMEOUT};
+use integration_tests::metrics::CHECKPOINTS_COMPLETED;
+use integration_tests::{test_seed, unique_name, Broker, Service};
+
+const INTERVAL: Duration = Duration::from_secs(2);
+const PROMETHEUS_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn prometheus_scrapes_the_service_with_the_repos_configuration() {
+    let seed = test_seed("prometheus");
+    if let Err(err) = run(seed) {
+        panic!("{err:#}\n(prometheus, seed {seed})");
+    }
+}
+
+fn bin(var: &str, default: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
+        return Ok(PathBuf::from(path));
+    }
+    let path = PathBuf::from(default);
+    ensure!(
+        path.is_file(),
+        "{default} not found (set {var}); scripts/test.sh installs Debian's prometheus package"
+    );
+    Ok(path)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The repo's `prometheus.yml`, scraping `target` every second and evaluating rules every
+/// second, with the rule file by absolute path.
+fn scrape_config(target: SocketAddr) -> Result<String> {
+    let dir = repo().join("deploy/prometheus");
+    let text = std::fs::read_to_string(dir.join("prometheus.yml")).context("prometheus.yml")?;
+    let mut out = text.clone();
+    for (from, to) in [
+        ("\"checkpointer:8080\"".to_string(), format!("\"{target}\"")),
+        (
+            "scrape_interval: 5s".to_string(),
+            "scrape_interval: 1s".to_string(),
+        ),
+        (
+            "evaluation_interval: 15s".to_string(),
+            "evaluation_interval: 1s".to_string(),
+        ),
+        (
+            "- alerts.yml".to_string(),
+            format!("- {}", dir.join("alerts.yml").display()),
+        ),
+    ] {
+        ensure!(
+            out.contains(&from),
+            "deploy/prometheus/prometheus.yml no longer contains {from:?}; update this test"
+        );
+        out = out.replace(&from, &to);
+    }
+    Ok(out)
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: SocketAddr) -> Result<Prometheus> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = dir.join("prometheus.yml");
+        std::fs::write(&config, scrape_config(target)?)?;
+        let log = dir.join("prometheus.log");
+        let child = Command::new(bin("PROMETHEUS_BIN", "/usr/bin/prometheus")?)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting prometheus")?;
+        Ok(Prometheus { child, addr, log })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn api(&self, path: &str) -> Result<serde_json::Value> {
+        let resp = http::get(self.addr, path, Duration::from_secs(5))?;
+        ensure!(resp.status == 200, "GET {path}: {resp:?}");
+        let body = resp.json()?;
+        ensure!(body["status"] == "success", "GET {path}: {body}");
+        Ok(body["data"].clone())
+    }
+
+    /// The value of each series an instant query returns.
+    fn query(&self, promql: &str) -> Result<Vec<f64>> {
+        let data = self.api(&format!("/api/v1/query?query={}", encode(promql)))?;
+        data["result"]
+            .as_array()
+            .context("result")?
+            .iter()
+            .map(|r| {
+                r["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("sample of {promql}: {r}"))
+            })
+            .collect()
+    }
+
+    /// The single value of `promql`, waiting until there is one that `ok` accepts.
+    fn wait_value(&self, promql: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
+        let deadline = Instant::now() + PROMETHEUS_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.query(promql) {
+                Ok(values) => {
+                    if let [v] = values[..] {
+                        if ok(v) {
+                            return Ok(v);
+                        }
+                    }
+                    last = format!("{values:?}");
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!(
+            "{promql} never gave an acceptable value (last: {last})\nprometheus log:\n{}",
+            self.log_tail()
+        )
+    }
+}
+
+/// Percent-encoding of a query parameter value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn run(seed: u64) -> Result<()> {
+    let broker = Broker::start()?;
+    let mut input = Input::new(&broker, "prom-in", seed)?;
+    let output = unique_name("prom-out");
+    broker.create_topic(&output, 2)?;
+    let cfg = config(&broker, &input.topic, &output, "prom", INTERVAL);
+    let mut service = Service::new("prometheus", cfg)?;
+    let mut produced = input.batch(50)?;
+    service.start()?;
+    service.wait_ready(READY_TIMEOUT)?;
+    wait_consumed(&service, produced)?;
+    service.wait_metrics("a completed checkpoint", Duration::from_secs(30), |m| {
+        m.sum(CHECKPOINTS_COMPLETED).unwrap_or(0.0) >= 1.0
+    })?;
+
+    // the exposition passes promtool's checks (format and naming)
+    let exposition = service.metrics()?;
+    let mut promtool = Command::new(bin("PROMTOOL_BIN", "/usr/bin/promtool")?)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting promtool")?;
+    promtool
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(exposition.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    ensure!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let dir = tempfile::tempdir()?;
+    let target = service.http_addr().context("service address")?;
+    let prometheus = Prometheus::start(dir.path(), target)?;
+    prometheus.wait_value(r#"up{job="checkpointer"}"#, |v| v == 1.0)?;
+
+    // records consumed, as Prometheus scraped them, grow with the input
+    let before = prometheus.wait_value("checkpointer_records_consumed_total", |v| {
+        v >= produced as f64
+    })?;
+    produced += input.batch(50)?;
+    wait_consumed(&service, produced)?;
+    let after = prometheus.wait_value("checkpointer_records_consumed_total", |v| {
+        v >= produced as f64
+    })?;
+    ensure!(
+        after > before,
+        "records consumed did not increase: {before} then {after}"
+    );
+
+    // the last checkpoint, at the time of the scrape, is younger than twice the interval
+    let interval =
+        prometheus.wait_value("checkpointer_checkpoint_interval_seconds", |v| v > 0.0)?;
+    ensure!(
+        (interval - INTERVAL.as_secs_f64()).abs() < 1e-9,
+        "interval {interval}"
+    );
+    let age = prometheus.wait_value(
+        "timestamp(checkpointer_checkpoint_last_completed_timestamp_seconds) - checkpointer_checkpoint_last_completed_timestamp_seconds",
+        |v| v >= 0.0,
+    )?;
+    ensure!(
+        age < 2.0 * interval,
+        "last checkpoint {age} s old at the scrape, interval {interval} s"
+    );
+    prometheus.wait_value("checkpointer_ready", |v| v == 1.0)?;
+
+    // every rule of the repo's alert file is loaded and evaluates cleanly against real series
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml"))?;
+    let expected = rules.matches("- alert: ").count();
+    let deadline = Instant::now() + PROMETHEUS_TIMEOUT;
+    loop {
+        let data = prometheus.api("/api/v1/rules")?;
+        let loaded: Vec<&serde_json::Value> = data["groups"]
+            .as_array()
+            .context("groups")?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let evaluated = loaded
+            .iter()
+            .filter(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z")
+            .count();
+        if loaded.len() == expected && evaluated == expected {
+            break;
+        }
+        let broken: Vec<String> = loaded
+            .iter()
+            .filter(|r| r["health"] == "err")
+            .map(|r| format!("{}: {}", r["name"], r["lastError"]))
+            .collect();
+        ensure!(broken.is_empty(), "rules failing to evaluate: {broken:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "{} of {expected} rules loaded, {evaluated} evaluated\n{}",
+            loaded.len(),
+            prometheus.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // a healthy instance fires nothing
+    let firing = prometheus.query(r#"ALERTS{alertstate="firing"}"#)?;
+    ensure!(
+        firing.is_empty(),
+        "alerts firing on a healthy instance: {firing:?}"
+    );
+    let status = service.sigterm(Duration::from_secs(30))?;
+    ensure!(status.success(), "service exit: {status}");
+    Ok(())
+}
