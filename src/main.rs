@@ -36,13 +36,16 @@ enum Command {
         restore_from: Option<RestoreFrom>,
     },
     /// Run the service against an embedded broker fed by an event generator; prints the
-    /// emitted windows. Nothing to install.
+    /// emitted windows. Nothing to install. Run it again to see it resume from its checkpoint.
     Demo {
         #[arg(long, short, default_value = "config/demo.yaml")]
         config: PathBuf,
         /// Events per second.
         #[arg(long, default_value_t = 200)]
         rate: u32,
+        /// Start over instead of resuming the previous demo run.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Produce generated JSON events (user, amount, ts) to a topic until stopped: the event
     /// source of the container stack.
@@ -285,7 +288,11 @@ fn main() -> ExitCode {
             init_logging(log_format_from_env());
             run_async(generate(brokers, topic, rate, keys))
         }
-        Command::Demo { config, rate } => {
+        Command::Demo {
+            config,
+            rate,
+            fresh,
+        } => {
             let settings = match load(&config) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -294,6 +301,7 @@ fn main() -> ExitCode {
             run_async(checkpointer::demo::run(checkpointer::demo::DemoOptions {
                 config,
                 rate,
+                fresh,
             }))
         }
         Command::Run {

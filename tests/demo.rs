@@ -1,0 +1,153 @@
+//! The README's demo command, bounded in time: `checkpointer demo` consumes its generated
+//! stream, checkpoints and prints windows within a minute, with `/metrics` and the status page
+//! live; stopped with SIGTERM it exits 0, and the same command again resumes from the final
+//! checkpoint instead of reading its input again.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_addr, get, metric, nix_kill, KillOnDrop};
+
+/// A demo process with its stdout collected line by line.
+struct Demo {
+    child: KillOnDrop,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+fn start(state: &Path, addr: std::net::SocketAddr, log: &Path) -> Demo {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["demo", "--config"])
+        .arg(config)
+        .env("CHECKPOINTER_CHECKPOINT__DIR", state)
+        .env("CHECKPOINTER_HTTP__LISTEN", addr.to_string())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn demo");
+    let out = child.stdout.take().expect("stdout");
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let sink = stdout.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    Demo {
+        child: KillOnDrop(child),
+        stdout,
+    }
+}
+
+impl Demo {
+    fn lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    fn wait(&mut self, what: &str, timeout: Duration, mut ok: impl FnMut(&Demo) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok(self) {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                panic!("demo exited ({status}) while waiting for {what}");
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(mut self) {
+        nix_kill(&self.child.0, "TERM");
+        let status = self.child.0.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "the demo stops cleanly");
+    }
+}
+
+fn last_checkpoint(state: &Path) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["checkpoints", "list", "--json", "--dir"])
+        .arg(state)
+        .output()
+        .expect("checkpoints list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    list["retained"]
+        .as_array()
+        .and_then(|ids| ids.iter().filter_map(|i| i.as_u64()).max())
+        .expect("a retained checkpoint")
+}
+
+#[test]
+fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let addr = free_addr();
+    let log = dir.path().join("first.log");
+    let mut demo = start(&state, addr, &log);
+    demo.wait("windows printed", Duration::from_secs(60), |d| {
+        d.lines().iter().any(|l| l.starts_with("window {"))
+    });
+    assert!(
+        demo.lines()[0].contains("starting fresh"),
+        "{:?}",
+        demo.lines()
+    );
+    let window = demo
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("window {"))
+        .expect("a window");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&window["window ".len()..]).expect("window JSON");
+    assert!(parsed["count"].as_u64().is_some_and(|c| c > 0), "{parsed}");
+    demo.wait("a checkpoint", Duration::from_secs(30), |_| {
+        metric(addr, "checkpointer_checkpoints_completed_total") >= 1.0
+    });
+    let page = get(addr, "/").expect("status page");
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("<html"), "the status page is HTML");
+    assert_eq!(get(addr, "/api/checkpoints").map(|r| r.0), Some(200));
+    demo.stop();
+
+    let journal = dir.path().join("state.events");
+    let replayed = std::fs::read_to_string(&journal)
+        .expect("journal")
+        .lines()
+        .count();
+    let final_checkpoint = last_checkpoint(&state);
+
+    // the same command again resumes
+    let log = dir.path().join("second.log");
+    let mut demo = start(&state, addr, &log);
+    demo.wait("the restart", Duration::from_secs(30), |_| {
+        get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
+            && metric(addr, "checkpointer_checkpoints_completed_total") >= 1.0
+    });
+    let first = demo.lines().first().cloned().unwrap_or_default();
+    assert!(
+        first.contains(&format!("{replayed} events replayed")),
+        "{first}"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.lines().any(|l| l.contains(" restored ")
+            && l.contains(&format!("checkpoint_id={final_checkpoint} "))),
+        "the restart restores checkpoint {final_checkpoint}\n{text}"
+    );
+    // what the first run consumed is not read again
+    let consumed = metric(addr, "checkpointer_records_consumed_total");
+    assert!(
+        consumed >= 0.0 && consumed < replayed as f64,
+        "read {consumed} records of {replayed} replayed: the input was read again"
+    );
+    assert_eq!(metric(addr, "checkpointer_records_duplicate_total"), 0.0);
+    demo.stop();
+}
