@@ -38,18 +38,17 @@ RUN apt-get update \
     && mkdir -p /var/lib/checkpointer \
     && chown checkpointer:checkpointer /var/lib/checkpointer
 COPY --from=builder /usr/local/bin/checkpointer /usr/local/bin/checkpointer
-# the configuration is baked in; CHECKPOINTER_<SECTION>__<KEY> variables override any key
+# the configuration is baked in (config/container.yaml: store on the volume, HTTP on
+# 0.0.0.0:9180, JSON logs); CHECKPOINTER_<SECTION>__<KEY> variables override any key, and a
+# mounted file named by CHECKPOINTER_CONFIG or --config replaces it
 COPY config/ /etc/checkpointer/
-ENV CHECKPOINTER_CONFIG=/etc/checkpointer/checkpointer.yaml \
-    CHECKPOINTER_CHECKPOINT__DIR=/var/lib/checkpointer/store \
-    CHECKPOINTER_HTTP__LISTEN=0.0.0.0:8080 \
-    CHECKPOINTER_LOG__FORMAT=json
+ENV CHECKPOINTER_CONFIG=/etc/checkpointer/container.yaml
 USER 10001:10001
 WORKDIR /var/lib/checkpointer
 VOLUME ["/var/lib/checkpointer"]
-EXPOSE 8080
+EXPOSE 9180
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["checkpointer", "probe", "--url", "http://127.0.0.1:8080/healthz"]
+    CMD ["checkpointer", "probe"]
 ENTRYPOINT ["checkpointer"]
 CMD ["run"]

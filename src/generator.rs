@@ -42,26 +42,45 @@ impl Events {
     }
 }
 
-/// Produces `rate` events per second to `topic` until the task is dropped. Failed sends are
-/// logged and the generator carries on.
+/// How many events tick `i` (ten ticks a second) sends for `rate` events per second: spread
+/// so that every second sends exactly `rate`.
+pub fn per_tick(rate: u32, i: u64) -> u64 {
+    let rate = u64::from(rate);
+    rate * ((i % 10) + 1) / 10 - rate * (i % 10) / 10
+}
+
+/// Produces `rate` events per second to `topic` until the task is dropped. Each tick's events
+/// are enqueued together and then awaited. Failed sends are logged and the generator carries on.
 pub async fn run(producer: FutureProducer, topic: String, rate: u32, keys: u64) {
     let mut events = Events::new(0x2545_f491_4f6c_dd1d, keys);
-    let batch = (rate / 10).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut sent: u64 = 0;
-    loop {
+    for i in 0u64.. {
         tick.tick().await;
-        for _ in 0..batch {
-            let (key, payload) = events.next_at(epoch_ms());
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => sent += 1,
+        let batch: Vec<(String, String)> = (0..per_tick(rate, i))
+            .map(|_| events.next_at(epoch_ms()))
+            .collect();
+        // enqueued at once (send_result does not wait), then awaited
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for (key, payload) in &batch {
+            let record = FutureRecord::to(&topic).key(key).payload(payload);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
                 Err((e, _)) => {
                     tracing::warn!(error = %e, topic = %topic, "generator could not produce")
                 }
             }
         }
-        if sent > 0 && sent % (u64::from(batch) * 100) == 0 {
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => sent += 1,
+                Ok(Err((e, _))) => {
+                    tracing::warn!(error = %e, topic = %topic, "generator could not produce")
+                }
+                Err(_) => {}
+            }
+        }
+        if i % 100 == 99 {
             tracing::info!(sent, topic = %topic, "generator progress");
         }
     }
@@ -70,6 +89,16 @@ pub async fn run(producer: FutureProducer, topic: String, rate: u32, keys: u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_second_sends_exactly_the_rate() {
+        for rate in [1, 5, 15, 199, 200, 1234] {
+            let second: u64 = (0..10).map(|i| per_tick(rate, i)).sum();
+            assert_eq!(second, u64::from(rate), "rate {rate}");
+            let ten: u64 = (0..100).map(|i| per_tick(rate, i)).sum();
+            assert_eq!(ten, 10 * u64::from(rate), "rate {rate}");
+        }
+    }
 
     #[test]
     fn events_are_valid_records_for_the_configured_input() {

@@ -9,8 +9,23 @@ use clap::{Args, Parser, Subcommand};
 use checkpointer::config::{LogFormat, RestoreFrom, Settings};
 use checkpointer::ops::{offline, remote, OpsError};
 
-/// Where `savepoint` and `stop` find a running instance unless told otherwise.
-const DEFAULT_URL: &str = "http://127.0.0.1:9180";
+/// Where `savepoint`, `stop` and `probe` find a running instance unless told otherwise: the
+/// `CHECKPOINTER_HTTP__LISTEN` address when that is set (as a container's environment may
+/// set it; all interfaces mean this host), else the default `http.listen`.
+fn default_url() -> String {
+    let addr = std::env::var("CHECKPOINTER_HTTP__LISTEN")
+        .ok()
+        .and_then(|v| v.parse::<std::net::SocketAddr>().ok());
+    match addr {
+        Some(mut a) => {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{a}")
+        }
+        None => "http://127.0.0.1:9180".to_string(),
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -64,7 +79,7 @@ enum Command {
     },
     /// Health check for containers: exit 0 when URL answers 2xx, else 1 with the reason.
     Probe {
-        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        #[arg(long, default_value_t = format!("{}/healthz", default_url()))]
         url: String,
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -99,7 +114,7 @@ enum Command {
     /// Stop a running instance gracefully, optionally after a savepoint (the upgrade path).
     Stop {
         /// Admin URL of the instance.
-        #[arg(long, default_value = DEFAULT_URL)]
+        #[arg(long, default_value_t = default_url())]
         url: String,
         /// Take a savepoint first (named NAME, or after its checkpoint id).
         #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "NAME")]
@@ -139,7 +154,7 @@ struct SavepointArgs {
     #[arg(long)]
     name: Option<String>,
     /// Admin URL of the running instance.
-    #[arg(long, default_value = DEFAULT_URL)]
+    #[arg(long, default_value_t = default_url())]
     url: String,
     /// How long to wait for the savepoint to be durable.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
@@ -358,7 +373,7 @@ fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
         None => remote::trigger_savepoint(&base(&args.url), args.name.as_deref(), args.timeout),
         Some(SavepointAction::List { dir: Some(dir), .. }) => offline::list_savepoints(&dir),
         Some(SavepointAction::List { url, .. }) => {
-            remote::list_savepoints(&base(url.as_deref().unwrap_or(DEFAULT_URL)))
+            remote::list_savepoints(&base(url.unwrap_or_else(default_url).as_str()))
         }
         Some(SavepointAction::Export { name, out, dir }) => {
             offline::export_savepoint(&dir, &name, &out)
@@ -372,7 +387,7 @@ fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
             ..
         }) => offline::delete_savepoint(&dir, &name),
         Some(SavepointAction::Delete { name, url, .. }) => {
-            remote::delete_savepoint(&base(url.as_deref().unwrap_or(DEFAULT_URL)), &name)
+            remote::delete_savepoint(&base(url.unwrap_or_else(default_url).as_str()), &name)
         }
     }
 }

@@ -159,7 +159,7 @@ impl Metrics {
             changelog_publish_failures: counter(&r, "checkpointer_changelog_publish_failures_total", "Changelog publications that failed; the next checkpoint publishes the partitions' full state."),
             changelog_restores: counter(&r, "checkpointer_changelog_restores_total", "Partitions whose state was restored from the changelog topic on assignment."),
             changelog_restore_remaining: int_gauge_vec(&r, "checkpointer_changelog_restore_remaining_records", "Changelog records left to read while a partition's state is restored (0 when done).", &["partition"]),
-            changelog_restore_read_bytes: int_gauge_vec(&r, "checkpointer_changelog_restore_read_bytes", "Changelog bytes (keys and values) read by a partition's current or last restore.", &["partition"]),
+            changelog_restore_read_bytes: int_gauge_vec(&r, "checkpointer_changelog_restore_read_bytes", "Bytes (keys and values) read from the changelog partition that holds the partition, by its current or last restore.", &["partition"]),
             restore_dropped_entries: counter(&r, "checkpointer_restore_dropped_entries_total", "Open windows of the restored snapshot dropped at start because they no longer fit the configuration (checkpoint.allow_non_restored_state)."),
             restore_dropped_partitions: counter(&r, "checkpointer_restore_dropped_partitions_total", "Partition offsets of the restored snapshot dropped at start because their topic is no longer subscribed."),
             checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),

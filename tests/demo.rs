@@ -88,7 +88,8 @@ fn last_checkpoint(state: &Path) -> u64 {
 #[test]
 fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
+    // a state directory whose parent does not exist yet, as on a fresh clone (`./data/demo`)
+    let state = dir.path().join("data").join("state");
     let addr = free_addr();
     let log = dir.path().join("first.log");
     let mut demo = start(&state, addr, &log);
@@ -117,7 +118,7 @@ fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
     assert_eq!(get(addr, "/api/checkpoints").map(|r| r.0), Some(200));
     demo.stop();
 
-    let journal = dir.path().join("state.events");
+    let journal = dir.path().join("data").join("state.events");
     let replayed = std::fs::read_to_string(&journal)
         .expect("journal")
         .lines()

@@ -207,7 +207,7 @@ fn image_and_compose_settings_pass_the_configuration_check() {
         "STOPSIGNAL SIGTERM",
         "USER 10001:10001",
         "VOLUME [\"/var/lib/checkpointer\"]",
-        "CMD [\"checkpointer\", \"probe\"",
+        "CMD [\"checkpointer\", \"probe\"]",
         "COPY config/ /etc/checkpointer/",
     ] {
         assert!(dockerfile.contains(needed), "Dockerfile lacks {needed}");
@@ -219,9 +219,11 @@ fn image_and_compose_settings_pass_the_configuration_check() {
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("{k} not set"))
     };
-    assert!(
-        get(&env, "CHECKPOINTER_CHECKPOINT__DIR").starts_with("/var/lib/checkpointer/"),
-        "the store must be on the volume"
+    // the image selects its baked file and overrides nothing in it: a mounted file wins
+    assert_eq!(
+        env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["CHECKPOINTER_CONFIG"],
+        "the image sets configuration keys by environment"
     );
     let baked = get(&env, "CHECKPOINTER_CONFIG");
     let in_repo = baked
@@ -271,8 +273,33 @@ fn image_and_compose_settings_pass_the_configuration_check() {
     );
     let shown: serde_json::Value = serde_json::from_str(&stdout).expect("check-config prints JSON");
     assert_eq!(shown["kafka"]["brokers"], "kafka:9092");
-    assert_eq!(shown["http"]["listen"], "0.0.0.0:8080");
     assert_eq!(shown["log"]["format"], "json");
+    let dir = shown["checkpoint"]["dir"].as_str().expect("dir");
+    assert!(
+        dir.starts_with("/var/lib/checkpointer/"),
+        "the store {dir} must be on the volume"
+    );
+    // the port the image exposes, the health check probes, compose publishes and
+    // Prometheus scrapes
+    let listen = shown["http"]["listen"].as_str().expect("listen");
+    assert_eq!(listen, "0.0.0.0:9180");
+    assert!(dockerfile.contains("EXPOSE 9180"));
+    let ports: Vec<&str> = service["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(ports, vec!["9180:9180"]);
+    assert!(read("deploy/prometheus/prometheus.yml").contains("\"checkpointer:9180\""));
+    let probe = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
+        .args(["probe", "--help"])
+        .output()
+        .expect("probe --help");
+    assert!(
+        String::from_utf8_lossy(&probe.stdout).contains("http://127.0.0.1:9180/healthz"),
+        "the health check's default URL is the baked listen port"
+    );
 
     // docker stops a container after its grace period: the final checkpoint must fit in it
     let shutdown = duration(

@@ -6,7 +6,7 @@
 //! point at the same events as before.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -39,35 +39,30 @@ pub enum JournalError {
 /// The events of each partition, in offset order from 0 without gaps.
 pub type Partitions = BTreeMap<i32, Vec<Delivered>>;
 
-/// Reads a journal. Offsets must run from 0 without gaps per partition (a line cut short by a
-/// crash at the end is dropped).
-pub fn read(path: &Path) -> Result<Partitions, JournalError> {
-    let io = |source| JournalError::Io {
+/// What a journal holds: its events, and the length of its complete lines (anything after
+/// them, a line cut short by a crash, is to be cut off before appending).
+pub struct Read {
+    pub events: Partitions,
+    pub complete_len: u64,
+}
+
+/// Reads a journal. Offsets must run from 0 without gaps per partition; a last line without
+/// its newline (cut short by a crash) is left out.
+pub fn read(path: &Path) -> Result<Read, JournalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| JournalError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut out = Partitions::new();
-    let lines: Vec<String> = std::io::BufReader::new(file)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
-    let last = lines.len();
-    for (n, line) in lines.iter().enumerate() {
-        let event: Delivered = match serde_json::from_str(line) {
-            Ok(e) => e,
-            // the last line may be cut short by a crash
-            Err(_) if n + 1 == last => break,
-            Err(e) => {
-                return Err(JournalError::Invalid {
-                    path: path.to_path_buf(),
-                    line: n + 1,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        let events = out.entry(event.partition).or_default();
-        if event.offset != events.len() as i64 {
+    })?;
+    let complete = text.rfind('\n').map_or(0, |at| at + 1);
+    let mut events = Partitions::new();
+    for (n, line) in text[..complete].lines().enumerate() {
+        let event: Delivered = serde_json::from_str(line).map_err(|e| JournalError::Invalid {
+            path: path.to_path_buf(),
+            line: n + 1,
+            detail: e.to_string(),
+        })?;
+        let held = events.entry(event.partition).or_default();
+        if event.offset != held.len() as i64 {
             return Err(JournalError::Invalid {
                 path: path.to_path_buf(),
                 line: n + 1,
@@ -75,13 +70,28 @@ pub fn read(path: &Path) -> Result<Partitions, JournalError> {
                     "partition {} offset {} follows {} events",
                     event.partition,
                     event.offset,
-                    events.len()
+                    held.len()
                 ),
             });
         }
-        events.push(event);
+        held.push(event);
     }
-    Ok(out)
+    Ok(Read {
+        events,
+        complete_len: complete as u64,
+    })
+}
+
+/// Cuts a journal back to its complete lines (`Read::complete_len`).
+pub fn truncate(path: &Path, len: u64) -> Result<(), JournalError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Appends events to a journal.
@@ -155,12 +165,16 @@ mod tests {
             w.flush().expect("flush");
         }
         let read = read(&path).expect("read");
-        assert_eq!(read[&0], vec![event(0, 0), event(0, 1), event(0, 2)]);
-        assert_eq!(read[&1], vec![event(1, 0), event(1, 1)]);
+        assert_eq!(read.events[&0], vec![event(0, 0), event(0, 1), event(0, 2)]);
+        assert_eq!(read.events[&1], vec![event(1, 0), event(1, 1)]);
+        assert_eq!(
+            read.complete_len,
+            std::fs::metadata(&path).expect("meta").len()
+        );
     }
 
     #[test]
-    fn a_torn_last_line_is_dropped_and_a_gap_is_refused() {
+    fn a_torn_last_line_is_cut_off_before_appending_and_a_gap_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events");
         let mut w = Writer::append_to(&path).expect("open");
@@ -170,7 +184,17 @@ mod tests {
         let mut text = std::fs::read_to_string(&path).expect("read");
         text.push_str(r#"{"partition":0,"off"#);
         std::fs::write(&path, &text).expect("write");
-        assert_eq!(read(&path).expect("read")[&0], vec![event(0, 0)]);
+        let torn = read(&path).expect("read");
+        assert_eq!(torn.events[&0], vec![event(0, 0)]);
+        // the next run cuts the torn line off and appends after the complete ones
+        truncate(&path, torn.complete_len).expect("truncate");
+        let mut w = Writer::append_to(&path).expect("open");
+        w.push(&event(0, 1)).expect("push");
+        w.flush().expect("flush");
+        assert_eq!(
+            read(&path).expect("read again").events[&0],
+            vec![event(0, 0), event(0, 1)]
+        );
 
         let gap = format!(
             "{}\n{}\n",
@@ -178,7 +202,7 @@ mod tests {
             serde_json::to_string(&event(0, 2)).expect("json")
         );
         std::fs::write(&path, gap).expect("write");
-        let err = read(&path).expect_err("gap");
+        let err = read(&path).err().expect("gap");
         assert!(
             err.to_string().contains("offset 2 follows 1 events"),
             "{err}"

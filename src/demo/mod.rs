@@ -37,6 +37,11 @@ pub struct DemoOptions {
 const EVENTS_TOPIC: &str = "demo-events";
 const PARTITIONS: i32 = 3;
 const KEYS: u64 = 20;
+/// Replaying more than this (about 1.5 hours of demo at the default rate) would make the start
+/// slow; such a journal is started over.
+const MAX_JOURNAL: usize = 1_000_000;
+/// Replayed events in flight at once (librdkafka queues at most 100,000 by default).
+const REPLAY_WINDOW: usize = 10_000;
 
 /// The journal of the demo whose checkpoint directory is `dir`: `<dir>.events`.
 fn journal_path(dir: &Path) -> PathBuf {
@@ -69,7 +74,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        // one event at a time, each journaled first: no batching delay
+        .set("linger.ms", "0")
         .create()
         .context("cannot create the demo generator")?;
     let mut next = vec![0i64; PARTITIONS as usize];
@@ -101,6 +107,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         rate = opts.rate,
         "demo: embedded broker up; generator and service starting (Ctrl-C stops)"
     );
+    if let Some(parent) = journal.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     let writer = Writer::append_to(&journal)?;
     let generator = tokio::spawn(feed(producer, writer, next, opts.rate.max(1)));
     let reader: StreamConsumer = ClientConfig::new()
@@ -146,7 +156,14 @@ fn previous_run(dir: &Path, journal: &Path) -> anyhow::Result<Option<Partitions>
         return Ok(None);
     }
     let events = match journal::read(journal) {
-        Ok(events) => events,
+        Ok(read) if read.events.values().map(Vec::len).sum::<usize>() > MAX_JOURNAL => {
+            println!("demo: the previous run's journal holds more than {MAX_JOURNAL} events; starting fresh");
+            return Ok(None);
+        }
+        Ok(read) => {
+            journal::truncate(journal, read.complete_len)?;
+            read.events
+        }
         Err(e) => {
             println!("demo: {e}; starting fresh");
             return Ok(None);
@@ -181,17 +198,22 @@ fn previous_run(dir: &Path, journal: &Path) -> anyhow::Result<Option<Partitions>
 /// Produces the journal's events again, each at its partition; fails unless every one lands
 /// at its old offset.
 async fn replay(producer: &FutureProducer, events: &Partitions) -> anyhow::Result<usize> {
-    let mut sends = Vec::new();
-    for (partition, evs) in events {
-        for e in evs {
-            let record = FutureRecord::to(EVENTS_TOPIC)
-                .key(&e.key)
-                .payload(&e.payload)
-                .partition(*partition);
-            sends.push((e.offset, producer.send_result(record)));
-        }
+    let all: Vec<&Delivered> = events.values().flatten().collect();
+    for window in all.chunks(REPLAY_WINDOW) {
+        replay_window(producer, window).await?;
     }
-    let count = sends.len();
+    Ok(all.len())
+}
+
+async fn replay_window(producer: &FutureProducer, events: &[&Delivered]) -> anyhow::Result<()> {
+    let mut sends = Vec::with_capacity(events.len());
+    for e in events {
+        let record = FutureRecord::to(EVENTS_TOPIC)
+            .key(&e.key)
+            .payload(&e.payload)
+            .partition(e.partition);
+        sends.push((e.offset, producer.send_result(record)));
+    }
     for (offset, send) in sends {
         let queued = send.map_err(|(e, _)| anyhow::anyhow!("cannot replay an event: {e}"))?;
         match queued.await {
@@ -205,7 +227,7 @@ async fn replay(producer: &FutureProducer, events: &Partitions) -> anyhow::Resul
             Err(_) => bail!("replay cancelled"),
         }
     }
-    Ok(count)
+    Ok(())
 }
 
 /// FNV-1a: the demo picks its partitions itself, so that each event is journaled at its

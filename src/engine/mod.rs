@@ -321,6 +321,10 @@ impl Engine {
         let moved = self.marks.observe(partition, offset, Some(record.ts));
         if self.cfg.partition_scoped {
             self.close_partition(partition);
+            // the service watermark is still reported (and alerted on) in partition scope
+            if moved {
+                self.marks.advance();
+            }
         } else if moved {
             self.advance();
         }

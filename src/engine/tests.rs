@@ -411,3 +411,18 @@ fn a_partition_taken_over_later_is_judged_by_its_own_event_time() {
         "instance scope: the service watermark"
     );
 }
+
+#[test]
+fn the_service_watermark_moves_with_records_in_both_scopes() {
+    for scoped in [false, true] {
+        let mut engine = Engine::new(scoped_config(false, scoped));
+        engine.assign(&[p(0), p(1)]);
+        engine.process(&p(0), 0, rec("a", 10_000, 1.0));
+        engine.process(&p(1), 0, rec("b", 12_000, 1.0));
+        let first = engine.watermark();
+        assert_eq!(first, Some(10_000 - 200), "scoped: {scoped}");
+        engine.process(&p(0), 1, rec("a", 20_000, 1.0));
+        engine.process(&p(1), 1, rec("b", 21_000, 1.0));
+        assert_eq!(engine.watermark(), Some(20_000 - 200), "scoped: {scoped}");
+    }
+}

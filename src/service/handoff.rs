@@ -72,6 +72,7 @@ impl Runtime {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
                 self.engine.drop_partitions(&stale);
                 self.shared.clear_positions(&stale);
+                self.unreport(&stale);
                 self.scheduler.restart_line();
             }
         }
@@ -103,7 +104,8 @@ impl Runtime {
                         }
                         self.metrics.changelog_restores.inc();
                         let bytes = progress.get(p).map_or(0, |r| r.bytes_read);
-                        tracing::info!(partition = %p, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, bytes, duration_ms = read_ms, "restored partition state from the changelog");
+                        let checkpoint_id = c.tag.map(|t| t.checkpoint);
+                        tracing::info!(partition = %p, checkpoint_id = ?checkpoint_id, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, bytes, duration_ms = read_ms, "restored partition state from the changelog");
                     }
                     Some(c) => {
                         tracing::info!(partition = %p, next_offset = ?local, changelog_next_offset = ?c.next_offset(), "local partition state is as new as the changelog's; keeping it")
@@ -223,8 +225,19 @@ impl Runtime {
         self.forget(&partitions);
     }
 
+    /// Stops exporting per-partition series of partitions this instance no longer holds.
+    fn unreport(&self, partitions: &[Partition]) {
+        for p in partitions {
+            let _ = self
+                .metrics
+                .partition_watermark
+                .remove_label_values(&[&p.topic, &p.partition.to_string()]);
+        }
+    }
+
     fn forget(&mut self, partitions: &[Partition]) {
         self.assigned.retain(|p| !partitions.contains(p));
+        self.unreport(partitions);
         if self.changelog.is_some() {
             self.engine.drop_partitions(partitions);
             self.shared.clear_positions(partitions);

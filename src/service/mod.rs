@@ -145,15 +145,17 @@ fn open_and_restore(
     };
     // the lock is held from here on: nothing can change the store between check and migration
     let mut store = open_waiting(dir, c.lock_wait)?.with_retention(retention);
+    // claimed before anything is migrated or restored: an older writer stops at its next write
+    let owner = store.claim(&owner_name(settings))?;
+    tracing::info!(dir = %dir.display(), epoch = owner.epoch, instance = %owner.instance, "claimed the checkpoint store");
     if let Some(found) = store.format_version()?.filter(|v| *v < FORMAT_VERSION) {
         tracing::info!(dir = %dir.display(), found, current = FORMAT_VERSION, "the checkpoint store has an older format; checking the restore on a migrated copy before migrating it");
         let copy = store.scratch_copy()?;
         restore::restore(&copy, &request, &Metrics::new())?;
     }
     store.upgrade()?;
+    store.record_claim()?;
     let restored = restore::restore(&store, &request, metrics)?;
-    let owner = store.claim(&owner_name(settings))?;
-    tracing::info!(dir = %dir.display(), epoch = owner.epoch, instance = %owner.instance, "claimed the checkpoint store");
     Ok((store, restored))
 }
 

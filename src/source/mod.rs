@@ -448,6 +448,14 @@ pub fn spawn_lag_monitor(
                         shared.set_broker_error(None);
                     }
                     let mut known = shared.lags.lock().unwrap_or_else(PoisonError::into_inner);
+                    // partitions no longer assigned here stop being reported
+                    let current: std::collections::HashSet<&Partition> =
+                        lags.iter().map(|(p, _)| p).collect();
+                    for gone in known.keys().filter(|p| !current.contains(p)) {
+                        let _ = metrics
+                            .consumer_lag
+                            .remove_label_values(&[&gone.topic, &gone.partition.to_string()]);
+                    }
                     known.clear();
                     for (p, lag) in lags {
                         known.insert(p.clone(), lag);

@@ -1,10 +1,14 @@
 //! The owner epoch: which start of the service may write to the store.
 //!
-//! Each start that goes ahead claims the store with an epoch one above every earlier one. The
-//! claim is kept in sled (`meta/owner`, so epochs only grow) and in `owner.json` next to sled's
-//! own files: a running process cannot see another process's sled writes (each caches its own
-//! pages), but it can read a small file. Before every write the owner reads that file; finding
-//! a newer epoch there it stops with `StoreError::Superseded` and writes nothing more.
+//! Each start claims the store, as soon as it holds sled's lock and before it migrates or
+//! restores anything, with an epoch one above every earlier one. The claim is written to
+//! `owner.json` next to sled's own files (a running process cannot see another process's sled
+//! writes, each caches its own pages, but it can read a small file) and, once the start goes
+//! ahead, to sled (`meta/owner`, so epochs only grow). Before every write the owner reads that
+//! file; finding a newer claim there it stops with `StoreError::Superseded`.
+//!
+//! This is a fence, not a lease: a write already past its check completes, and two processes
+//! that keep restarting on one volume keep superseding each other.
 //!
 //! With sled's exclusive lock a second process cannot open the store while the first holds
 //! it, so on a local disk this fence never fires. It is there for volumes whose file locks are
@@ -92,7 +96,9 @@ fn owner_io(path: &Path, e: std::io::Error) -> StoreError {
 
 impl Store {
     /// Claims the store for this process: the epoch is one above any recorded in sled or in
-    /// the owner file. From now on every write first checks that no newer claim exists.
+    /// the owner file. Only the owner file is written, so that a start that is then refused
+    /// leaves the store itself as it was; `record_claim` keeps the epoch in sled once the start
+    /// goes ahead. From now on every write first checks that no newer claim exists.
     pub fn claim(&mut self, instance: &str) -> Result<Owner, StoreError> {
         let stored = match self.tree.get(META_OWNER)? {
             Some(raw) => Some(self.decode::<Owner>(&raw, "owner record")?),
@@ -114,11 +120,21 @@ impl Store {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        self.tree.insert(META_OWNER, Self::encode(&owner, 0)?)?;
-        self.db.flush()?;
         write_owner_file(&self.path, &owner)?;
         self.owner = Some(owner.clone());
         Ok(owner)
+    }
+
+    /// Keeps this process's claim in sled too, so that epochs keep growing even if the owner
+    /// file is lost.
+    pub fn record_claim(&self) -> Result<(), StoreError> {
+        let Some(owner) = &self.owner else {
+            return Ok(());
+        };
+        self.check_owner()?;
+        self.tree.insert(META_OWNER, Self::encode(owner, 0)?)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// This process's claim, if it made one.

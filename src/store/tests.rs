@@ -611,6 +611,7 @@ fn every_claim_has_a_higher_epoch_even_when_the_owner_file_is_lost() {
     for round in 0..3 {
         let mut store = open(&dir, 3);
         epochs.push(store.claim("pod-0").expect("claim").epoch);
+        store.record_claim().expect("record");
         if round == 1 {
             drop(store);
             std::fs::remove_file(dir.path().join(OWNER_FILE)).expect("remove owner file");
