@@ -11,7 +11,7 @@ ARG DEBIAN=bookworm
 # --- toolchain with cargo-chef, which turns the manifests into a cacheable dependency layer
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS chef
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev \
+    && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
@@ -31,7 +31,7 @@ RUN cargo build --release --locked --package checkpointer --bin checkpointer \
 # --- slim runtime
 FROM debian:${DEBIAN}-slim AS runtime
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 checkpointer \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/checkpointer --no-create-home checkpointer \

@@ -11,11 +11,15 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 # Debian packages the tests drive: headless Chromium renders the status page
 # (integration-tests/tests/web_page.rs), Prometheus scrapes the service and promtool checks the
 # rules (integration-tests/tests/prometheus.rs, tests/deploy.rs), docker-compose validates the
-# compose file (tests/deploy.rs). Quiet, and a no-op when they are installed; the package lists
+# compose file (tests/deploy.rs); libssl-dev and pkg-config build librdkafka with TLS. Quiet, and a no-op when they are installed; the package lists
 # are refreshed only when the install cannot go ahead without it.
 missing=()
 for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+done
+# librdkafka is built with TLS against the system's OpenSSL
+for pkg in libssl-dev pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
