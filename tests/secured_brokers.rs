@@ -40,7 +40,7 @@ http: {{ listen: "{addr}" }}
     let mut service = spawn_service(&config, &log);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !get(addr, "/healthz").is_some_and(|(s, _)| s == 200) {
+    while get(addr, "/healthz").is_none_or(|(s, _)| s != 200) {
         if let Ok(Some(status)) = service.0.try_wait() {
             panic!(
                 "the service refused the configuration ({status}):\n{}",
