@@ -3,28 +3,16 @@
 //! the log (even at debug level) or in `check-config`. The real binary against librdkafka's
 //! mock cluster.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, wait, KillOnDrop};
+use common::{
+    free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service_logging, wait,
+};
 
 const SECRET: &str = "pa55-w0rd-that-must-not-leak";
 const T0: i64 = 1_700_000_000_000;
-
-fn spawn(config: &std::path::Path, log: &std::path::Path) -> KillOnDrop {
-    let file = std::fs::File::create(log).expect("log file");
-    KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn checkpointer"),
-    )
-}
 
 /// The log's lines as JSON objects; panics on a line that is not one.
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
@@ -84,7 +72,7 @@ log: {{ format: json }}
     );
 
     let log = dir.path().join("first.log");
-    let mut service = spawn(&config, &log);
+    let mut service = spawn_service_logging(&config, &log, "debug");
     wait("ready", Duration::from_secs(30), &mut service.0, || {
         get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
     });
@@ -128,7 +116,7 @@ log: {{ format: json }}
     // the restart logs one restore line naming what it restored (before it joins the group,
     // which the mock cluster holds up until the old member's session has expired)
     let log = dir.path().join("second.log");
-    let mut service = spawn(&config, &log);
+    let mut service = spawn_service_logging(&config, &log, "debug");
     wait(
         "the restore",
         Duration::from_secs(30),

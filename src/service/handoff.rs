@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
+use prometheus::IntGauge;
 use tokio::sync::{mpsc, oneshot};
 
 use super::releases::stale;
@@ -25,6 +26,9 @@ const CHUNK_ENTRIES: usize = 2_000;
 /// A full publication of every partition after this many checkpoints, which tombstones the
 /// line before it: bounds what compaction keeps and what a restore reads.
 const FULL_EVERY: u64 = 100;
+/// How often `/readyz` text follows a changelog restore's progress (the metrics follow every
+/// record).
+const READY_TEXT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// This instance's link to the changelog topic.
 pub(super) struct Changelog {
@@ -160,29 +164,42 @@ impl Runtime {
             let metrics = self.metrics.clone();
             let (sources, topic, group) = (partitions.to_vec(), topic.clone(), group.to_string());
             let result = tokio::task::spawn_blocking(move || {
-                let mut last: HashMap<Partition, Progress> = HashMap::new();
+                // called per changelog record: gauge handles are looked up once per partition and
+                // the readiness text is rewritten at most every READY_TEXT_EVERY
+                let mut seen: HashMap<Partition, (IntGauge, IntGauge, Progress)> = HashMap::new();
+                let mut text_at: Option<std::time::Instant> = None;
                 let mut progress = |p: &Partition, now: Progress| {
-                    let label = p.to_string();
-                    metrics
-                        .changelog_restore_remaining
-                        .with_label_values(&[label.as_str()])
-                        .set(now.records_left);
-                    metrics
-                        .changelog_restore_read_bytes
-                        .with_label_values(&[label.as_str()])
-                        .set(now.bytes_read as i64);
-                    if now.records_left > 0 {
+                    let (left, bytes, last) = seen.entry(p.clone()).or_insert_with(|| {
+                        let label = p.to_string();
+                        (
+                            metrics
+                                .changelog_restore_remaining
+                                .with_label_values(&[label.as_str()]),
+                            metrics
+                                .changelog_restore_read_bytes
+                                .with_label_values(&[label.as_str()]),
+                            Progress::default(),
+                        )
+                    });
+                    left.set(now.records_left);
+                    bytes.set(now.bytes_read as i64);
+                    *last = now;
+                    if now.records_left > 0
+                        && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
+                    {
+                        text_at = Some(std::time::Instant::now());
                         admin.set_ready(
                             false,
                             &format!(
-                                "restoring {label} from the changelog: {} records left, {} bytes read",
+                                "restoring {p} from the changelog: {} records left, {} bytes read",
                                 now.records_left, now.bytes_read
                             ),
                         );
                     }
-                    last.insert(p.clone(), now);
                 };
-                read_states(&topic, &group, &sources, &mut progress).map(|states| (states, last))
+                let states = read_states(&topic, &group, &sources, &mut progress);
+                let last = seen.into_iter().map(|(p, (_, _, r))| (p, r)).collect();
+                states.map(|states| (states, last))
             })
             .await
             .context("changelog reader task")?;

@@ -23,12 +23,17 @@ pub fn free_addr() -> SocketAddr {
 
 /// Starts the real binary with `config`, logging to `log`.
 pub fn spawn_service(config: &Path, log: &Path) -> KillOnDrop {
+    spawn_service_logging(config, log, "info")
+}
+
+/// Like `spawn_service`, at log level `rust_log`.
+pub fn spawn_service_logging(config: &Path, log: &Path, rust_log: &str) -> KillOnDrop {
     let log = std::fs::File::create(log).expect("log file");
     KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_checkpointer"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
