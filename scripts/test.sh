@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, build, unit and integration tests.
-# The integration tests start a tansu broker and the checkpointer binary themselves.
+# The integration tests start an Apache Kafka broker (KRaft, from the jars of the release pinned in
+# scripts/kafka/pom.xml) and the checkpointer binary themselves.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+started=$SECONDS
+report_time() { echo "test.sh: finished in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"; }
+trap report_time EXIT
 
-bash scripts/install-tansu.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # Debian packages the tests drive: headless Chromium renders the status page
@@ -14,7 +17,8 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 # compose file (tests/deploy.rs); libssl-dev and pkg-config build librdkafka with TLS. Quiet, and a no-op when they are installed; the package lists
 # are refreshed only when the install cannot go ahead without it.
 missing=()
-for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose; do
+# Java and Maven run the test broker (scripts/install-kafka.sh).
+for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose java:openjdk-17-jre-headless mvn:maven; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 # librdkafka is built with TLS against the system's OpenSSL
@@ -36,6 +40,9 @@ if [[ ${#missing[@]} -gt 0 ]]; then
         install_packages
     fi
 fi
+
+# the broker's jars, resolved once and cached (a no-op when present)
+bash scripts/install-kafka.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

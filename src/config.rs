@@ -73,6 +73,18 @@ pub struct KafkaSettings {
     /// Passed verbatim to librdkafka for both the consumer and the producer.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// With `state.scope: instance` (partitions assigned directly, no group membership): how
+    /// often the topics are asked for partitions added since the start; `0s` looks at start only
+    /// (and for topics not found yet). Partition scope follows the group's rebalances instead.
+    #[serde(
+        default = "default_partition_discovery_interval",
+        with = "humantime_serde"
+    )]
+    pub partition_discovery_interval: Duration,
+}
+
+fn default_partition_discovery_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

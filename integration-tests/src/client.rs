@@ -220,8 +220,8 @@ pub struct Message {
 
 /// Reads every partition of a topic from the beginning and keeps all messages seen so far.
 ///
-/// Completion is decided by the caller's predicate, never by high watermarks (tansu 0.6.0 was
-/// seen reporting a high watermark lower than offsets actually served).
+/// Completion is decided by the caller's predicate (what a test expects to see), not by high
+/// watermarks, so a test waits for exactly the output it checks.
 pub struct OutputReader {
     consumer: BaseConsumer,
     topic: String,

@@ -1,8 +1,9 @@
 //! End-to-end test harness for `checkpointer`.
 //!
-//! The tests in `tests/` run the real service binary against a real Kafka-protocol broker:
+//! The tests in `tests/` run the real service binary against a real Apache Kafka broker:
 //!
-//! - [`Broker`] starts a throwaway `tansu` broker (or uses `KAFKA_BROKERS`) and creates topics;
+//! - [`Broker`] starts a throwaway Apache Kafka broker or cluster in KRaft mode (or uses
+//!   `KAFKA_BROKERS`), creates topics, and can SIGKILL and restart a node;
 //! - [`Producer`] writes JSON records (or raw bytes) to chosen partitions and waits for delivery;
 //! - [`OutputReader`] reads a topic from the beginning, polling until a predicate holds;
 //! - [`Service`] writes a YAML config, runs the binary, kills or stops it, reads `/metrics`;
@@ -10,8 +11,9 @@
 //! - [`verify`] compares what the service wrote with that model;
 //! - [`cli`] runs the binary's operator subcommands (`checkpoints`, `savepoint`, `stop`).
 //!
-//! Environment knobs: `KAFKA_BROKERS` (use an existing broker), `TANSU_BIN` (broker binary),
-//! `TANSU_RUST_LOG` (broker log filter), `CHECKPOINTER_BIN` (service binary),
+//! Environment knobs: `KAFKA_BROKERS` (use an existing cluster for the shared broker),
+//! `KAFKA_LIB_DIR` (where `scripts/install-kafka.sh` keeps the broker's jars),
+//! `CHECKPOINTER_BIN` (service binary),
 //! `CHECKPOINTER_TEST_SEED` (workload seed),
 //! `CHECKPOINTER_TEST_KEEP=1` (keep temp dirs and logs even when a test passes).
 

@@ -9,6 +9,7 @@ pub const RECORDS_INVALID: &str = "checkpointer_records_invalid_total";
 pub const RECORDS_LATE: &str = "checkpointer_records_late_total";
 pub const WINDOWS_EMITTED: &str = "checkpointer_windows_emitted_total";
 pub const CHECKPOINT_LAST_COMPLETED_ID: &str = "checkpointer_checkpoint_last_completed_id";
+pub const OFFSET_GAP: &str = "checkpointer_offset_gap_records_total";
 pub const CHECKPOINTS_COMPLETED: &str = "checkpointer_checkpoints_completed_total";
 pub const CHECKPOINTS_FAILED: &str = "checkpointer_checkpoints_failed_total";
 pub const CHECKPOINTS_ABANDONED: &str = "checkpointer_checkpoints_abandoned_total";

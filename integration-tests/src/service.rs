@@ -421,7 +421,9 @@ impl Service {
         }
     }
 
-    fn pid(&self) -> Result<Pid> {
+    /// The process id of the running (or last, not yet reaped) process, e.g. to sample its
+    /// CPU time and memory from `/proc`.
+    pub fn pid(&self) -> Result<Pid> {
         let child = self
             .child
             .as_ref()

@@ -24,12 +24,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 #[test]
 fn garbage_is_counted_by_reason_and_skipped() {
     let seed = test_seed("bad_input");
-    let broker = Broker::start().unwrap_or_else(|err| panic!("{err:#}"));
+    let broker = Broker::shared().unwrap_or_else(|err| panic!("{err:#}"));
     let input = unique_name("bad-in");
     let output = unique_name("bad-out");
-    let config = ServiceConfig::new(&broker, &input, &output);
+    let config = ServiceConfig::new(broker, &input, &output);
     let mut service = Service::new("bad_input", config).unwrap_or_else(|err| panic!("{err:#}"));
-    if let Err(err) = run(seed, &broker, &mut service, &input, &output) {
+    if let Err(err) = run(seed, broker, &mut service, &input, &output) {
         panic!("{err:#}\n(seed {seed})");
     }
 }

@@ -13,8 +13,8 @@ const PER_PARTITION: i64 = 50;
 
 #[test]
 fn produces_to_each_partition_and_reads_everything_back() {
-    let broker = Broker::start().unwrap_or_else(|err| panic!("{err:#}"));
-    if let Err(err) = round_trip(&broker) {
+    let broker = Broker::shared().unwrap_or_else(|err| panic!("{err:#}"));
+    if let Err(err) = round_trip(broker) {
         panic!("{err:#}\nbroker log:\n{}", broker.log_tail(40));
     }
 }

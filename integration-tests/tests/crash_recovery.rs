@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use integration_tests::metrics::{
-    CHECKPOINT_LAST_COMPLETED_ID, RECORDS_CONSUMED, RECORDS_INVALID, RECORDS_LATE,
+    CHECKPOINT_LAST_COMPLETED_ID, OFFSET_GAP, RECORDS_CONSUMED, RECORDS_INVALID, RECORDS_LATE,
 };
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::verify::{check_output, contains_all};
@@ -33,25 +33,84 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How the restarted instance gets its partitions back.
+#[derive(Clone, Copy, Debug)]
+enum Membership {
+    /// `state.scope: instance` with no membership setting: partitions assigned directly.
+    Direct,
+    /// `state.scope: partition` with `kafka.instance_id` (static group membership).
+    Static,
+    /// `state.scope: partition` without it: the restart waits for the dead member's session.
+    Dynamic,
+}
+
+/// A session timeout far longer than a restart takes: a restart that had to wait for the dead
+/// member's session to expire would stand out.
+const LONG_SESSION_MS: u64 = 60_000;
+/// The dynamic-membership test's session timeout, so that it waits 6 s per kill, not 45.
+const SHORT_SESSION_MS: u64 = 6_000;
+
+/// Instance scope, no group membership, two seeds: every restart reads again without waiting
+/// for any session to expire.
 #[test]
-fn repeated_sigkill_mid_stream_keeps_output_exactly_once() {
+fn instance_scope_sigkill_mid_stream_keeps_output_exactly_once() {
     let seed = test_seed("crash_recovery");
-    let broker = Broker::start().unwrap_or_else(|err| panic!("{err:#}"));
-    let input = unique_name("crash-in");
-    let output = unique_name("crash-out");
-    let mut config = ServiceConfig::new(&broker, &input, &output);
-    config.checkpoint_interval = Duration::from_millis(400);
-    // static membership: a restarted instance takes its partitions back without waiting for
-    // the killed one's session to expire
-    config.instance_id = Some(unique_name("crash-instance"));
-    let mut service =
-        Service::new("crash_recovery", config).unwrap_or_else(|err| panic!("{err:#}"));
-    if let Err(err) = run(seed, &broker, &mut service, &input, &output) {
-        panic!("{err:#}\n(seed {seed})");
+    for seed in [seed, seed.wrapping_add(1)] {
+        crash_test(seed, Membership::Direct);
     }
 }
 
-fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &str) -> Result<()> {
+/// Partition scope with static membership: the restarted member gets its partitions back
+/// within its session.
+#[test]
+fn partition_scope_static_member_sigkill_keeps_output_exactly_once() {
+    crash_test(test_seed("crash_recovery_static"), Membership::Static);
+}
+
+/// Partition scope with dynamic membership: the restart is assigned its partitions once the
+/// killed member's session expired; the output is exact all the same.
+#[test]
+fn partition_scope_dynamic_member_sigkill_keeps_output_exactly_once() {
+    crash_test(test_seed("crash_recovery_dynamic"), Membership::Dynamic);
+}
+
+fn crash_test(seed: u64, membership: Membership) {
+    eprintln!("[crash_recovery] seed {seed}, {membership:?} membership");
+    let broker = Broker::shared().unwrap_or_else(|err| panic!("{err:#}"));
+    let input = unique_name("crash-in");
+    let output = unique_name("crash-out");
+    let mut config = ServiceConfig::new(broker, &input, &output);
+    config.checkpoint_interval = Duration::from_millis(400);
+    let session_ms = match membership {
+        Membership::Dynamic => SHORT_SESSION_MS,
+        Membership::Direct | Membership::Static => LONG_SESSION_MS,
+    };
+    config
+        .kafka_options
+        .insert("session.timeout.ms".into(), session_ms.to_string());
+    if !matches!(membership, Membership::Direct) {
+        config
+            .state_extra
+            .insert("scope".into(), "partition".into());
+    }
+    if matches!(membership, Membership::Static) {
+        config.instance_id = Some(unique_name("crash-instance"));
+    }
+    let mut service =
+        Service::new("crash_recovery", config).unwrap_or_else(|err| panic!("{err:#}"));
+    if let Err(err) = run(seed, membership, broker, &mut service, &input, &output) {
+        panic!("{err:#}\n(seed {seed}, {membership:?} membership)");
+    }
+}
+
+fn run(
+    seed: u64,
+    membership: Membership,
+    broker: &Broker,
+    service: &mut Service,
+    input: &str,
+    output: &str,
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     broker.create_topic(input, PARTITIONS as i32)?;
     broker.create_topic(output, 2)?;
@@ -68,16 +127,40 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     for partition in &events {
         ensure!(workload::max_disorder(partition) <= MAX_STEP_BACK_MS);
     }
+    // partition-scoped windows are per partition: there, keys live on one partition each (as
+    // Kafka's partitioner places keyed records), so the model's per-key windows are theirs
+    let local = !matches!(membership, Membership::Direct);
+    let key_of = |p: usize, key: &str| {
+        if local {
+            format!("p{p}-{key}")
+        } else {
+            key.to_owned()
+        }
+    };
+    let events: Vec<Vec<Event>> = events
+        .into_iter()
+        .enumerate()
+        .map(|(p, evs)| {
+            evs.into_iter()
+                .map(|mut e| {
+                    e.key = key_of(p, &e.key);
+                    e
+                })
+                .collect()
+        })
+        .collect();
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
     let expected = expected_windows(&service.config().windows, &all);
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
     let mut backlog: Vec<Vec<Record>> = Vec::new();
     let mut live: Vec<Vec<Record>> = Vec::new();
-    for partition in &events {
+    for (p, partition) in events.iter().enumerate() {
         let (before, after) = partition.split_at(BACKLOG_PER_PARTITION.min(partition.len()));
         backlog.push(workload::valid_records(before));
         let mut rest = workload::valid_records(after);
-        rest.push(Record::Valid(workload::sentinel(sentinel_ts)));
+        let mut sentinel = workload::sentinel(sentinel_ts);
+        sentinel.key = key_of(p, &sentinel.key);
+        rest.push(Record::Valid(sentinel));
         live.push(rest);
     }
     let started = Instant::now();
@@ -106,12 +189,18 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
         Ok(fed)
     });
     service.start()?;
+    let mut started_at = Instant::now();
     let mut mid_stream_kills = 0;
+    // how long each restart took to be assigned its partitions again
+    let mut resumes: Vec<Duration> = Vec::new();
     for round in 1..=KILLS {
         // Mostly kill a working service; now and then one that is still starting up.
         let waited_ready = !rng.random_bool(0.2);
         if waited_ready {
             service.wait_ready(READY_TIMEOUT)?;
+            if round > 1 {
+                resumes.push(started_at.elapsed());
+            }
         }
         // A failed feeder shows up at join below.
         let _ = go.send(());
@@ -142,6 +231,7 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
             if mid_stream { ", mid-stream" } else { "" }
         );
         service.start()?;
+        started_at = Instant::now();
     }
 
     let _ = go.send(());
@@ -154,6 +244,20 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
         started.elapsed()
     );
     service.wait_ready(READY_TIMEOUT)?;
+    resumes.push(started_at.elapsed());
+    eprintln!(
+        "[crash_recovery] {membership:?}: restarts ready (partitions assigned) after {resumes:?}"
+    );
+    if !matches!(membership, Membership::Dynamic) {
+        // without a session to wait for, a restart is assigned at once: far below the session
+        // timeout it would otherwise wait for (a bound on behaviour, not on speed)
+        let slowest = resumes.iter().max().copied().unwrap_or_default();
+        ensure!(
+            slowest < Duration::from_millis(LONG_SESSION_MS / 2),
+            "a restart with {membership:?} membership waited {slowest:?} for its partitions, \
+             as if for the killed instance's session ({LONG_SESSION_MS} ms) to expire"
+        );
+    }
     let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));
     let metrics = service.scrape()?;
     let status = service.sigterm(STOP_TIMEOUT)?;
@@ -178,6 +282,11 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     ensure!(
         metrics.sum(RECORDS_LATE).unwrap_or(0.0) == 0.0,
         "records counted late although disorder stays below max_out_of_orderness:\n{}",
+        metrics.text()
+    );
+    ensure!(
+        metrics.sum(OFFSET_GAP).unwrap_or(0.0) == 0.0,
+        "offsets skipped after an assignment:\n{}",
         metrics.text()
     );
     ensure!(

@@ -24,7 +24,7 @@ fn an_empty_partition_does_not_hold_back_the_watermark() {
 }
 
 fn empty_partition(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
+    let broker = Broker::shared()?;
     let input = unique_name("empty-part-in");
     let output = unique_name("empty-part-out");
     broker.create_topic(&input, 3)?;
@@ -53,13 +53,13 @@ fn empty_partition(seed: u64) -> Result<()> {
             r
         })
         .collect();
-    let config = ServiceConfig::new(&broker, &input, &output);
+    let config = ServiceConfig::new(broker, &input, &output);
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
     let expected = expected_windows(&config.windows, &all);
     ensure!(!expected.is_empty());
-    Producer::new(&broker)?.send_partitions(&input, &records)?;
+    Producer::new(broker)?.send_partitions(&input, &records)?;
     let mut service = Service::new("empty_partition", config)?;
-    let mut reader = OutputReader::new(&broker, &output)?;
+    let mut reader = OutputReader::new(broker, &output)?;
     service.start()?;
     service.wait_ready(TIMEOUT)?;
     ensure!(
@@ -90,8 +90,8 @@ fn broker_down_at_start_keeps_the_service_alive_and_not_ready() {
 }
 
 fn broker_down() -> Result<()> {
-    let broker = Broker::start()?;
-    let mut config = ServiceConfig::new(&broker, "absent-in", "absent-out");
+    let broker = Broker::shared()?;
+    let mut config = ServiceConfig::new(broker, "absent-in", "absent-out");
     // nothing listens on this port
     config.brokers = format!("127.0.0.1:{}", free_port()?);
     let mut service = Service::new("broker_down", config)?;
@@ -150,7 +150,7 @@ fn end_of_one_topic_does_not_release_the_watermark_of_another() {
 /// Two input topics of one partition each: the end of the small one (partition 0) must not be
 /// taken for the end of the other topic's partition 0 while its backlog is still unread.
 fn two_topics(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
+    let broker = Broker::shared()?;
     let small = unique_name("two-small");
     let big = unique_name("two-big");
     let output = unique_name("two-out");
@@ -173,7 +173,7 @@ fn two_topics(seed: u64) -> Result<()> {
         r.push(Record::Valid(workload::sentinel(sentinel_ts)));
         vec![r]
     };
-    let mut config = ServiceConfig::new(&broker, &small, &output);
+    let mut config = ServiceConfig::new(broker, &small, &output);
     config.topics = vec![small.clone(), big.clone()];
     let all: Vec<Event> = small_events
         .iter()
@@ -182,11 +182,11 @@ fn two_topics(seed: u64) -> Result<()> {
         .cloned()
         .collect();
     let expected = expected_windows(&config.windows, &all);
-    let mut producer = Producer::new(&broker)?;
+    let mut producer = Producer::new(broker)?;
     producer.send_partitions(&small, &with_sentinel(&small_events))?;
     producer.send_partitions(&big, &with_sentinel(&big_events))?;
     let mut service = Service::new("two_topics", config)?;
-    let mut reader = OutputReader::new(&broker, &output)?;
+    let mut reader = OutputReader::new(broker, &output)?;
     service.start()?;
     service.wait_ready(TIMEOUT)?;
     let complete = reader.poll_until(TIMEOUT, |m| contains_all(&expected, m));

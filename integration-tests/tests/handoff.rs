@@ -1,5 +1,5 @@
 //! Partition state moving between instances through the changelog topic (`state.scope:
-//! partition`, `state.changelog_topic`), against tansu with the real binary.
+//! partition`, `state.changelog_topic`), against the Kafka broker with the real binary.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -78,17 +78,17 @@ fn an_instance_on_an_empty_volume_restores_partitions_from_the_changelog() {
 
 fn empty_volume(seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let broker = Broker::start()?;
+    let broker = Broker::shared()?;
     let input = unique_name("handoff-in");
     let output = unique_name("handoff-out");
     let changelog = unique_name("handoff-changelog");
     broker.create_topic(&input, PARTITIONS as i32)?;
     broker.create_topic(&output, 2)?;
     broker.create_topic(&changelog, PARTITIONS as i32)?;
-    let cfg = partitioned_config(&broker, &input, &output, &changelog);
+    let cfg = partitioned_config(broker, &input, &output, &changelog);
     let windows = cfg.windows.clone();
-    let mut producer = Producer::new(&broker)?;
-    let mut reader = OutputReader::new(&broker, &output)?;
+    let mut producer = Producer::new(broker)?;
+    let mut reader = OutputReader::new(broker, &output)?;
 
     // the first instance reads a first half, then stops; its volume is not used again
     let first = partition_local(workload::generate(
@@ -109,11 +109,12 @@ fn empty_volume(seed: u64) -> Result<()> {
         COMPLETE_TIMEOUT,
         |m| m.sum(RECORDS_CONSUMED) == Some(produced_first as f64),
     )?;
-    let published = a.scrape()?.sum(CHANGELOG_PUBLISHED).unwrap_or(0.0);
-    ensure!(
-        published >= PARTITIONS as f64,
-        "published {published} partition states"
-    );
+    // every partition is published at the first durable checkpoint after its records
+    a.wait_metrics(
+        &format!("{CHANGELOG_PUBLISHED} >= {PARTITIONS}"),
+        COMPLETE_TIMEOUT,
+        |m| m.sum(CHANGELOG_PUBLISHED).unwrap_or(0.0) >= PARTITIONS as f64,
+    )?;
     let status = a.sigterm(STOP_TIMEOUT)?;
     ensure!(
         status.code() == Some(0),
@@ -202,14 +203,14 @@ const SETTLE: Duration = Duration::from_secs(7);
 
 fn group(seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let broker = Broker::start()?;
+    let broker = Broker::shared()?;
     let input = unique_name("group-in");
     let output = unique_name("group-out");
     let changelog = unique_name("group-changelog");
     broker.create_topic(&input, GROUP_PARTITIONS as i32)?;
     broker.create_topic(&output, 2)?;
     broker.create_topic(&changelog, GROUP_PARTITIONS as i32)?;
-    let mut base = partitioned_config(&broker, &input, &output, &changelog);
+    let mut base = partitioned_config(broker, &input, &output, &changelog);
     // a stopped static member's partitions move after its session expires
     base.kafka_options
         .insert("session.timeout.ms".into(), "6000".into());
@@ -241,8 +242,8 @@ fn group(seed: u64) -> Result<()> {
         &windows,
         &events.iter().flatten().cloned().collect::<Vec<_>>(),
     );
-    let mut reader = OutputReader::new(&broker, &output)?;
-    let mut producer = Producer::new(&broker)?;
+    let mut reader = OutputReader::new(broker, &output)?;
+    let mut producer = Producer::new(broker)?;
 
     let mut a = Service::new("group_a", config_for("group-a", 1))?;
     let mut b = Service::new("group_b", config_for("group-b", 1))?;

@@ -64,10 +64,10 @@ fn retention_keeps_the_newest_n_and_each_restores_its_own_offsets_and_state() {
 }
 
 fn retention(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "retention-in", seed)?;
-    let output = output_topic(&broker, "retention-out")?;
-    let mut cfg = config(&broker, &input.topic, &output, "retention", PACED_INTERVAL);
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "retention-in", seed)?;
+    let output = output_topic(broker, "retention-out")?;
+    let mut cfg = config(broker, &input.topic, &output, "retention", PACED_INTERVAL);
     cfg.checkpoint_extra.insert("retained".into(), "3".into());
     let windows = cfg.windows.clone();
     let mut service = Service::new("retention", cfg)?;
@@ -139,9 +139,9 @@ fn retention(seed: u64) -> Result<()> {
     // each retained checkpoint restored on its own copy of the store, into its own topic
     let mut restored = Vec::new();
     for &id in &retained {
-        let out = output_topic(&broker, &format!("retention-out-{id}"))?;
+        let out = output_topic(broker, &format!("retention-out-{id}"))?;
         let mut c = config(
-            &broker,
+            broker,
             &input.topic,
             &out,
             "retention-restore",
@@ -161,7 +161,7 @@ fn retention(seed: u64) -> Result<()> {
         let rereads = input.total() - covered(&offsets[&id]);
         wait_consumed(copy, rereads)
             .with_context(|| format!("restored checkpoint {id} must re-read {rereads} records"))?;
-        let (summary, _) = expect_output(&broker, copy, out, &expected)
+        let (summary, _) = expect_output(broker, copy, out, &expected)
             .with_context(|| format!("after restoring checkpoint {id}"))?;
         expect_clean_exit(copy)?;
         eprintln!(
@@ -179,15 +179,15 @@ fn on_cancel_delete_removes_checkpoints_on_graceful_stop_and_retain_keeps_them()
 }
 
 fn on_cancel(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "cancel-in", seed)?;
-    let output = output_topic(&broker, "cancel-out")?;
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "cancel-in", seed)?;
+    let output = output_topic(broker, "cancel-out")?;
     let interval = Duration::from_millis(300);
-    let mut retaining_cfg = config(&broker, &input.topic, &output, "cancel-retain", interval);
+    let mut retaining_cfg = config(broker, &input.topic, &output, "cancel-retain", interval);
     retaining_cfg
         .checkpoint_extra
         .insert("on_cancel".into(), "retain".into());
-    let mut deleting_cfg = config(&broker, &input.topic, &output, "cancel-delete", interval);
+    let mut deleting_cfg = config(broker, &input.topic, &output, "cancel-delete", interval);
     deleting_cfg
         .checkpoint_extra
         .insert("on_cancel".into(), "delete".into());
@@ -281,11 +281,11 @@ fn restoring_a_savepoint_rereads_later_input_exactly_once() {
 }
 
 fn savepoint(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "savepoint-in", seed)?;
-    let output = output_topic(&broker, "savepoint-out")?;
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "savepoint-in", seed)?;
+    let output = output_topic(broker, "savepoint-out")?;
     let cfg = config(
-        &broker,
+        broker,
         &input.topic,
         &output,
         "savepoint",
@@ -351,7 +351,7 @@ fn savepoint(seed: u64) -> Result<()> {
 
     input.sentinels()?;
     let expected = input.expected(&windows);
-    let fresh = output_topic(&broker, "savepoint-out-restored")?;
+    let fresh = output_topic(broker, "savepoint-out-restored")?;
     service.config_mut().output_topic = fresh.clone();
     service.config_mut().extra_args = vec!["--restore-from".into(), format!("savepoint:{name}")];
     service.start()?;
@@ -359,7 +359,7 @@ fn savepoint(seed: u64) -> Result<()> {
     expect_restored(&service, "savepoint", Some(savepoint_id), Some(name))?;
     // the second batch again, exactly once, and the sentinels
     wait_consumed(&service, second + 3)?;
-    let (summary, _) = expect_output(&broker, &service, &fresh, &expected)?;
+    let (summary, _) = expect_output(broker, &service, &fresh, &expected)?;
     let consumed = service.scrape()?.require(RECORDS_CONSUMED)?;
     ensure!(
         consumed == (second + 3) as f64,
@@ -384,10 +384,10 @@ fn prefer_checkpoint_for_recovery_chooses_a_checkpoint_over_a_newer_savepoint() 
 /// savepoint newer than every retained checkpoint comes from another store: service B's
 /// savepoint, exported and imported into service A's store after A stopped.
 fn prefer(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "prefer-in", seed)?;
-    let output = output_topic(&broker, "prefer-out")?;
-    let a_cfg = config(&broker, &input.topic, &output, "prefer-a", NO_INTERVAL);
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "prefer-in", seed)?;
+    let output = output_topic(broker, "prefer-out")?;
+    let a_cfg = config(broker, &input.topic, &output, "prefer-a", NO_INTERVAL);
     let windows = a_cfg.windows.clone();
     let mut a = Service::new("prefer-a", a_cfg.clone())?;
     let first = input.batch(80)?;
@@ -410,7 +410,7 @@ fn prefer(seed: u64) -> Result<()> {
         .context("no trigger_time")?;
 
     let second = input.batch(80)?;
-    let b_cfg = config(&broker, &input.topic, &output, "prefer-b", NO_INTERVAL);
+    let b_cfg = config(broker, &input.topic, &output, "prefer-b", NO_INTERVAL);
     let mut b = Service::new("prefer-b", b_cfg)?;
     b.start()?;
     b.wait_ready(READY_TIMEOUT)?;
@@ -432,15 +432,15 @@ fn prefer(seed: u64) -> Result<()> {
     import_savepoint(&file, &a.state_dir(), None)?.ok()?;
 
     // the same store twice: A itself with prefer false, a copy with prefer true
-    let out_savepoint = output_topic(&broker, "prefer-out-savepoint")?;
-    let out_checkpoint = output_topic(&broker, "prefer-out-checkpoint")?;
+    let out_savepoint = output_topic(broker, "prefer-out-savepoint")?;
+    let out_checkpoint = output_topic(broker, "prefer-out-checkpoint")?;
     a.config_mut().checkpoint_interval = RESTORED_INTERVAL;
     a.config_mut().output_topic = out_savepoint.clone();
     a.config_mut()
         .checkpoint_extra
         .insert("prefer_checkpoint_for_recovery".into(), "false".into());
     let mut c_cfg = config(
-        &broker,
+        broker,
         &input.topic,
         &out_checkpoint,
         "prefer-c",
@@ -462,8 +462,8 @@ fn prefer(seed: u64) -> Result<()> {
     expect_restored(&c, "checkpoint", Some(a_newest), None)?;
     wait_consumed(&a, 3)?;
     wait_consumed(&c, second + 3)?;
-    expect_output(&broker, &a, &out_savepoint, &expected).context("prefer false")?;
-    expect_output(&broker, &c, &out_checkpoint, &expected).context("prefer true")?;
+    expect_output(broker, &a, &out_savepoint, &expected).context("prefer false")?;
+    expect_output(broker, &c, &out_checkpoint, &expected).context("prefer true")?;
     expect_clean_exit(&mut a)?;
     expect_clean_exit(&mut c)?;
     Ok(())
@@ -476,11 +476,11 @@ fn exported_savepoint_restores_identically_elsewhere_and_damaged_files_are_refus
 }
 
 fn export_import(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "export-in", seed)?;
-    let output = output_topic(&broker, "export-out")?;
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "export-in", seed)?;
+    let output = output_topic(broker, "export-out")?;
     let cfg = config(
-        &broker,
+        broker,
         &input.topic,
         &output,
         "export",
@@ -514,9 +514,9 @@ fn export_import(seed: u64) -> Result<()> {
     export_savepoint(&source.state_dir(), "exported", &file)?;
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
 
-    let out_target = output_topic(&broker, "export-out-target")?;
+    let out_target = output_topic(broker, "export-out-target")?;
     let mut t_cfg = config(
-        &broker,
+        broker,
         &input.topic,
         &out_target,
         "export-target",
@@ -559,7 +559,7 @@ fn export_import(seed: u64) -> Result<()> {
     let second = input.batch(100)?;
     input.sentinels()?;
     let expected = input.expected(&windows);
-    let out_source = output_topic(&broker, "export-out-source")?;
+    let out_source = output_topic(broker, "export-out-source")?;
     source.config_mut().output_topic = out_source.clone();
     source
         .config_mut()
@@ -574,8 +574,8 @@ fn export_import(seed: u64) -> Result<()> {
     expect_restored(&target, "savepoint", sp_id, Some("moved"))?;
     wait_consumed(&source, second + 3)?;
     wait_consumed(&target, second + 3)?;
-    let (_, from_source) = expect_output(&broker, &source, &out_source, &expected)?;
-    let (summary, from_target) = expect_output(&broker, &target, &out_target, &expected)?;
+    let (_, from_source) = expect_output(broker, &source, &out_source, &expected)?;
+    let (summary, from_target) = expect_output(broker, &target, &out_target, &expected)?;
     ensure!(
         from_source == from_target,
         "the imported savepoint's output differs from the original's"
@@ -597,10 +597,10 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one_unless_chosen() {
 }
 
 fn corrupt(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "corrupt-in", seed)?;
-    let output = output_topic(&broker, "corrupt-out")?;
-    let cfg = config(&broker, &input.topic, &output, "corrupt", PACED_INTERVAL);
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "corrupt-in", seed)?;
+    let output = output_topic(broker, "corrupt-out")?;
+    let cfg = config(broker, &input.topic, &output, "corrupt", PACED_INTERVAL);
     let windows = cfg.windows.clone();
     let mut service = Service::new("corrupt", cfg)?;
     service.start()?;
@@ -646,7 +646,7 @@ fn corrupt(seed: u64) -> Result<()> {
 
     input.sentinels()?;
     let expected = input.expected(&windows);
-    let fresh = output_topic(&broker, "corrupt-out-fallback")?;
+    let fresh = output_topic(broker, "corrupt-out-fallback")?;
     service.config_mut().extra_args.clear();
     service.config_mut().output_topic = fresh.clone();
     service.start()?;
@@ -687,7 +687,7 @@ fn corrupt(seed: u64) -> Result<()> {
     }
     service.wait_ready(READY_TIMEOUT)?;
     wait_consumed(&service, input.total() - covered(&previous_offsets))?;
-    expect_output(&broker, &service, &fresh, &expected)?;
+    expect_output(broker, &service, &fresh, &expected)?;
     expect_clean_exit(&mut service)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Prometheus for real: a Prometheus server (Debian's `prometheus` package) runs the repo's
 //! scrape configuration and alert rules (`deploy/prometheus`), its target pointed at a running
-//! checkpointer on tansu. Through Prometheus's HTTP query API: the target is up, records
+//! checkpointer on the Kafka broker. Through Prometheus's HTTP query API: the target is up, records
 //! consumed increase between two scrapes, the last checkpoint is younger than twice the
 //! checkpoint interval, and every alert rule is loaded, evaluates without error and raises
 //! nothing on a healthy instance (not even pending, but for a transient WatermarkStalled). `promtool
@@ -183,11 +183,11 @@ fn encode(text: &str) -> String {
 }
 
 fn run(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "prom-in", seed)?;
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "prom-in", seed)?;
     let output = unique_name("prom-out");
     broker.create_topic(&output, 2)?;
-    let cfg = config(&broker, &input.topic, &output, "prom", INTERVAL);
+    let cfg = config(broker, &input.topic, &output, "prom", INTERVAL);
     let mut service = Service::new("prometheus", cfg)?;
     let mut produced = input.batch(50)?;
     service.start()?;

@@ -113,12 +113,12 @@ fn api_attempts(service: &Service) -> Result<BTreeMap<u64, String>> {
 }
 
 fn run(seed: u64) -> Result<()> {
-    let broker = Broker::start()?;
-    let mut input = Input::new(&broker, "page-in", seed)?;
+    let broker = Broker::shared()?;
+    let mut input = Input::new(broker, "page-in", seed)?;
     let output = unique_name("page-out");
     broker.create_topic(&output, 2)?;
     let cfg = config(
-        &broker,
+        broker,
         &input.topic,
         &output,
         "page",

@@ -194,6 +194,28 @@ pub(super) async fn stop(
     }
 }
 
+/// `GET /api/partitions`: the partitions this instance holds now, with their next offset, lag
+/// and highest event time.
+pub(super) async fn partitions(State(state): State<Arc<AdminState>>) -> Json<Vec<PartitionView>> {
+    Json(partition_views(&state))
+}
+
+fn partition_views(state: &AdminState) -> Vec<PartitionView> {
+    let progress = state.progress();
+    state
+        .shared
+        .partitions()
+        .into_iter()
+        .map(|(p, next, lag)| PartitionView {
+            max_event_time: progress.max_event_time.get(&p).copied(),
+            topic: p.topic,
+            partition: p.partition,
+            next_offset: next.map(|n| n.0),
+            lag,
+        })
+        .collect()
+}
+
 pub(super) async fn page_view(state: &AdminState) -> Result<PageView, StoreError> {
     let store = state.store.clone();
     let read = tokio::task::spawn_blocking(move || {
@@ -210,18 +232,7 @@ pub(super) async fn page_view(state: &AdminState) -> Result<PageView, StoreError
     })?;
     let (persisted, savepoints, retained) = read?;
     let progress = state.progress();
-    let partitions = state
-        .shared
-        .partitions()
-        .into_iter()
-        .map(|(p, next, lag)| PartitionView {
-            max_event_time: progress.max_event_time.get(&p).copied(),
-            topic: p.topic,
-            partition: p.partition,
-            next_offset: next.map(|n| n.0),
-            lag,
-        })
-        .collect();
+    let partitions = partition_views(state);
     Ok(PageView {
         attempts: merge_page(persisted, state.history().recent(200), None, 200),
         partitions,

@@ -146,6 +146,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/checkpoints", get(api::checkpoints))
+        .route("/api/partitions", get(api::partitions))
         .route("/api/checkpoints/{id}", get(api::checkpoint))
         .route(
             "/api/savepoints",

@@ -24,7 +24,7 @@ pub struct PageView {
     pub now_ms: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PartitionView {
     pub topic: String,
     pub partition: i32,

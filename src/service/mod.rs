@@ -295,6 +295,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         metrics.clone(),
     )?;
+    // one instance owns every partition: no group membership, partitions assigned directly
+    let direct = settings.state.scope == StateScope::Instance;
+    let tag = source::direct::CommitTag {
+        store: store.identity()?,
+        at_ms: 0,
+        instance: owner_name(&settings),
+    };
     let consumer = source::connect(
         &SourceSettings {
             brokers: &k.brokers,
@@ -303,10 +310,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             auto_offset_reset: k.auto_offset_reset.as_str(),
             instance_id: k.instance_id.as_deref(),
             options: &k.options,
+            direct,
+            tag: tag.clone(),
         },
         shared.clone(),
     )?;
     let consumer = Arc::new(consumer);
+    if direct {
+        source::direct::spawn(
+            consumer.clone(),
+            shared.clone(),
+            source::direct::DirectSettings {
+                topics: k.topics.clone(),
+                group: k.group_id.clone(),
+                discovery_interval: k.partition_discovery_interval,
+                tag,
+                wait: settings.checkpoint.lock_wait,
+            },
+        );
+    }
     source::spawn_lag_monitor(
         consumer.clone(),
         shared.clone(),

@@ -1,7 +1,11 @@
-//! The Kafka consumer: subscribes to the input topics and, on every assignment, starts each
-//! partition at the position the service holds for it (from its checkpoint or its own
-//! progress), whatever the consumer group has committed. Offsets are committed to the group
-//! only after a checkpoint is durable, so lag tools see progress.
+//! The Kafka consumer: subscribes to the input topics (group membership, `state.scope:
+//! partition`) or assigns their partitions directly (`state.scope: instance`, see [`direct`])
+//! and, on every assignment, starts each partition at the position the service holds for it
+//! (from its checkpoint or its own progress), whatever the consumer group has committed.
+//! Offsets are committed to the group only after a checkpoint is durable, so lag tools see
+//! progress.
+
+pub mod direct;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,6 +56,8 @@ pub enum Rebalance {
         lost: bool,
     },
     Failed(String),
+    /// The start must not go ahead (another instance consumes the same group): the reason.
+    Refused(String),
 }
 
 /// Shared between the processing loop and the rebalance callback, which runs inside `recv`.
@@ -64,7 +70,14 @@ pub struct Shared {
     assigned: Mutex<Vec<Partition>>,
     broker_error: Mutex<Option<String>>,
     lags: Mutex<HashMap<Partition, i64>>,
+    /// Partitions discovered while running: read from their beginning when nothing is held.
+    from_beginning: Mutex<std::collections::HashSet<Partition>>,
+    /// The positions last committed to the group, and when.
+    committed: Mutex<Committed>,
 }
+
+/// The positions last committed to the group, and when.
+type Committed = (Vec<(Partition, NextOffset)>, Option<std::time::Instant>);
 
 impl Shared {
     /// From now on rebalances are completed in the callback itself (the loop has stopped).
@@ -149,6 +162,47 @@ impl Shared {
         out
     }
 
+    /// Every held position.
+    pub fn positions_snapshot(&self) -> HashMap<Partition, NextOffset> {
+        self.positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `partitions` start at their earliest offset when no position is held for them.
+    pub fn start_from_beginning(&self, partitions: &[Partition]) {
+        self.from_beginning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(partitions.iter().cloned());
+    }
+
+    fn set_committed(&self, positions: Vec<(Partition, NextOffset)>) {
+        *self
+            .committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (positions, Some(std::time::Instant::now()));
+    }
+
+    /// The positions last committed.
+    pub fn committed(&self) -> Vec<(Partition, NextOffset)> {
+        self.committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Something was committed, longer than `every` ago.
+    fn commit_due(&self, every: std::time::Duration) -> bool {
+        let committed = self
+            .committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        !committed.0.is_empty() && committed.1.is_none_or(|t| t.elapsed() >= every)
+    }
+
     pub fn take_events(&self) -> Vec<Rebalance> {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -166,6 +220,10 @@ pub struct SourceContext {
     errors: ErrorLog,
     /// Start of a partition the service holds no position for.
     reset: Offset,
+    /// Partitions are assigned directly, without group membership.
+    direct: bool,
+    /// The metadata of every offset commit.
+    tag: direct::CommitTag,
 }
 
 impl ClientContext for SourceContext {
@@ -204,9 +262,16 @@ impl SourceContext {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let from_beginning = self
+            .shared
+            .from_beginning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         for p in partitions {
             let start = match positions.get(p) {
                 Some(next) => Offset::Offset(next.0),
+                None if from_beginning.contains(p) => Offset::Beginning,
                 None => self.reset,
             };
             tpl.add_partition_offset(&p.topic, p.partition, start)
@@ -215,7 +280,7 @@ impl SourceContext {
                     source,
                 })?;
         }
-        let result = if is_cooperative(consumer) {
+        let result = if self.direct || is_cooperative(consumer) {
             consumer.incremental_assign(&tpl)
         } else {
             consumer.assign(&tpl)
@@ -238,7 +303,7 @@ impl SourceContext {
     }
 
     fn release<C: Consumer<Self>>(&self, consumer: &C, partitions: &[Partition]) {
-        let result = if is_cooperative(consumer) {
+        let result = if self.direct || is_cooperative(consumer) {
             let mut tpl = TopicPartitionList::new();
             for p in partitions {
                 tpl.add_partition(&p.topic, p.partition);
@@ -316,6 +381,10 @@ pub struct SourceSettings<'a> {
     pub auto_offset_reset: &'a str,
     pub instance_id: Option<&'a str>,
     pub options: &'a std::collections::BTreeMap<String, String>,
+    /// Assign partitions directly ([`direct`]) instead of subscribing as a group member.
+    pub direct: bool,
+    /// The metadata of every offset commit.
+    pub tag: direct::CommitTag,
 }
 
 /// librdkafka settings shared by the consumer and the producer.
@@ -331,8 +400,8 @@ pub fn base_client(
     c
 }
 
-/// Creates the consumer and subscribes. Positions known before the first assignment must be
-/// put in `shared` first.
+/// Creates the consumer and, unless partitions are assigned directly, subscribes. Positions
+/// known before the first assignment must be put in `shared` first.
 pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Source, SourceError> {
     let mut c = base_client(settings.brokers, settings.options);
     c.set("group.id", settings.group_id)
@@ -343,7 +412,7 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
         // Beginning/End); librdkafka must never move a position on its own, or records would
         // be skipped silently when a broker reports a position out of range
         .set("auto.offset.reset", "error");
-    if let Some(id) = settings.instance_id {
+    if let (Some(id), false) = (settings.instance_id, settings.direct) {
         c.set("group.instance.id", id);
     }
     let consumer: Source = c
@@ -354,8 +423,13 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
                 "latest" => Offset::End,
                 _ => Offset::Beginning,
             },
+            direct: settings.direct,
+            tag: settings.tag.clone(),
         })
         .map_err(SourceError::Create)?;
+    if settings.direct {
+        return Ok(consumer);
+    }
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -381,19 +455,18 @@ pub fn reposition(consumer: &Source, positions: &[(Partition, Option<NextOffset>
     }
 }
 
-/// Commits checkpointed positions to the consumer group (advisory, for lag tools).
+/// Commits checkpointed positions to the consumer group (advisory, for lag tools), tagged
+/// with the store that made them.
 pub fn commit(consumer: &Source, positions: &[(Partition, NextOffset)]) {
-    let mut tpl = TopicPartitionList::new();
-    for (p, next) in positions {
-        if let Err(e) = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(next.0)) {
-            tracing::warn!(partition = %p, error = %e, "cannot build offset commit");
-        }
-    }
-    if tpl.count() == 0 {
+    if positions.is_empty() {
         return;
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(error = %e, "offset commit to the consumer group failed (advisory only)");
+    let context = consumer.context();
+    match direct::commit_tagged(consumer, positions, &context.tag, CommitMode::Async) {
+        Ok(()) => context.shared.set_committed(positions.to_vec()),
+        Err(e) => {
+            tracing::debug!(error = %e, "offset commit to the consumer group failed (advisory only)")
+        }
     }
 }
 

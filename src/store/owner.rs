@@ -94,7 +94,47 @@ fn owner_io(path: &Path, e: std::io::Error) -> StoreError {
     }
 }
 
+/// The file holding the store's identity, inside the store directory.
+pub const IDENTITY_FILE: &str = "store.id";
+
 impl Store {
+    /// The store's identity: a random id written to `store.id` the first time it is asked
+    /// for, the same for every later start on this directory. It tags the offsets this
+    /// instance commits, so another instance on the same group can be told apart from an
+    /// earlier run of this one.
+    pub fn identity(&self) -> Result<String, StoreError> {
+        let path = self.path.join(IDENTITY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(owner_io(&path, e)),
+        }
+        use std::hash::{BuildHasher, Hasher};
+        let mut id = String::new();
+        for round in 0..2u64 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(round);
+            h.write_u32(std::process::id());
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            id.push_str(&format!("{:016x}", h.finish()));
+        }
+        let io = |e: std::io::Error| owner_io(&path, e);
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".store-id-")
+            .tempfile_in(&self.path)
+            .map_err(io)?;
+        tmp.write_all(id.as_bytes()).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(id)
+    }
+
     /// Claims the store for this process: the epoch is one above any recorded in sled or in
     /// the owner file. Only the owner file is written, so that a start that is then refused
     /// leaves the store itself as it was; `record_claim` keeps the epoch in sled once the start
