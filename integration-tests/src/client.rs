@@ -59,11 +59,21 @@ pub struct Producer {
 
 impl Producer {
     pub fn new(broker: &Broker) -> Result<Self> {
-        let inner = broker
-            .client_config()
+        Producer::with_options(broker, &[])
+    }
+
+    /// A producer with more librdkafka settings (e.g. `linger.ms` and `batch.size` large enough
+    /// to put many records in one record batch).
+    pub fn with_options(broker: &Broker, options: &[(&str, &str)]) -> Result<Self> {
+        let mut config = broker.client_config();
+        config
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
+            .set("message.timeout.ms", "60000");
+        for (key, value) in options {
+            config.set(*key, *value);
+        }
+        let inner = config
             .create_with_context(DeliveryTracker::default())
             .context("creating a producer")?;
         Ok(Producer { inner, sent: 0 })

@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub kafka_options: BTreeMap<String, String>,
     /// `kafka.instance_id` (static group membership), if set.
     pub instance_id: Option<String>,
+    /// More keys of the `kafka:` section, values verbatim YAML.
+    pub kafka_extra: BTreeMap<String, String>,
     /// More keys of the `checkpoint:` section, `key -> value` with the value written verbatim
     /// as YAML (`"3"`, `"delete"`; quote strings that need it yourself).
     pub checkpoint_extra: BTreeMap<String, String>,
@@ -72,6 +74,7 @@ impl ServiceConfig {
             mode: "exactly_once".to_owned(),
             kafka_options: BTreeMap::new(),
             instance_id: None,
+            kafka_extra: BTreeMap::new(),
             checkpoint_extra: BTreeMap::new(),
             extra_args: Vec::new(),
             state_extra: BTreeMap::new(),
@@ -90,6 +93,9 @@ impl ServiceConfig {
         yaml.push_str("  auto_offset_reset: earliest\n");
         if let Some(id) = &self.instance_id {
             yaml.push_str(&format!("  instance_id: {}\n", q(id)));
+        }
+        for (key, value) in &self.kafka_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
         }
         if !self.kafka_options.is_empty() {
             yaml.push_str("  options:\n");

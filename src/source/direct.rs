@@ -37,6 +37,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between attempts while the brokers do not answer.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long the start retries reading the group's committed offsets before it goes ahead
+/// without the check.
+const UNKNOWN_WAIT: Duration = Duration::from_secs(15);
 
 /// Who made a commit: written as the commit's metadata, `checkpointer store=ID at=MS
 /// instance=NAME`.
@@ -134,6 +137,8 @@ enum GroupCheck {
     Clear,
     /// Another store committed recently: wait and look again.
     Busy(CommitTag),
+    /// The group's offsets could not be read (the coordinator is not ready yet): try again.
+    Unknown(KafkaError),
     /// Not to be started: the reason.
     Refused(String),
 }
@@ -151,10 +156,7 @@ fn check_group(
     }
     let committed = match consumer.committed_offsets(tpl, REQUEST_TIMEOUT) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, group, "cannot read the group's committed offsets; not checking for another instance on the group");
-            return GroupCheck::Clear;
-        }
+        Err(e) => return GroupCheck::Unknown(e),
     };
     let tags: Vec<CommitTag> = committed
         .elements()
@@ -234,7 +236,8 @@ pub struct DirectSettings {
 pub fn spawn(consumer: Arc<Source>, shared: Arc<Shared>, settings: DirectSettings) {
     tokio::spawn(async move {
         let mut known: BTreeSet<Partition> = BTreeSet::new();
-        let started = Instant::now();
+        // when the start-up check first ran: its waits count from there
+        let mut check_started: Option<Instant> = None;
         let mut checked = false;
         let mut next_discovery = Instant::now();
         let mut last_missing_log: Option<Instant> = None;
@@ -260,6 +263,7 @@ pub fn spawn(consumer: Arc<Source>, shared: Arc<Shared>, settings: DirectSetting
                     last_missing_log = Some(Instant::now());
                 }
                 if !checked {
+                    let started = *check_started.get_or_insert_with(Instant::now);
                     let c = consumer.clone();
                     let s = shared.clone();
                     let ps = partitions.clone();
@@ -270,6 +274,17 @@ pub fn spawn(consumer: Arc<Source>, shared: Arc<Shared>, settings: DirectSetting
                             .await;
                     match verdict {
                         Ok(GroupCheck::Clear) => checked = true,
+                        // a coordinator that is just starting (NOT_COORDINATOR, LOAD_IN_PROGRESS)
+                        // answers after a few tries; one that never does is not waited for
+                        Ok(GroupCheck::Unknown(e)) if started.elapsed() < UNKNOWN_WAIT => {
+                            tracing::debug!(error = %e, "cannot read the group's committed offsets yet; retrying");
+                            tokio::time::sleep(RETRY).await;
+                            continue;
+                        }
+                        Ok(GroupCheck::Unknown(e)) => {
+                            tracing::warn!(error = %e, group = %settings.group, "cannot read the group's committed offsets; going ahead without checking for another instance on the group");
+                            checked = true;
+                        }
                         Ok(GroupCheck::Busy(other)) => {
                             let waited = started.elapsed();
                             if waited >= settings.wait {
