@@ -7,6 +7,8 @@
 //!   restart on the same ports and log directory ([`Broker::kill`], [`Broker::restart`]).
 //! - [`Broker::start_cluster`]: three nodes (each broker and controller), replication factor 3,
 //!   `min.insync.replicas` 2, for failover tests.
+//! - [`Broker::start_secured`]: a single node with a second listener, SASL_SSL with
+//!   SCRAM-SHA-512, its certificate signed by a throwaway CA ([`Secured`]).
 //!
 //! Every node listens on free loopback ports, keeps its data and its log (`kafka.log`, INFO) in
 //! a directory of its own, and is a child of a thread that lives as long as the test process,
@@ -46,6 +48,19 @@ pub struct Broker {
     admin: AdminClient<DefaultClientContext>,
     /// The directory holding every node's directory (removed on drop unless kept).
     dir: Option<PathBuf>,
+    secured: Option<Secured>,
+}
+
+/// The SASL_SSL listener of [`Broker::start_secured`].
+#[derive(Clone, Debug)]
+pub struct Secured {
+    /// `127.0.0.1:PORT` of the SASL_SSL listener.
+    pub bootstrap: String,
+    /// The CA certificate (PEM) that signed the broker's certificate.
+    pub ca: PathBuf,
+    /// A SCRAM-SHA-512 user known to the broker, and its password.
+    pub user: String,
+    pub password: String,
 }
 
 /// One broker+controller JVM.
@@ -79,7 +94,7 @@ impl Broker {
             .get_or_init(|| {
                 let broker = match external_bootstrap() {
                     Some(bootstrap) => Broker::external(bootstrap),
-                    None => Broker::launch(1),
+                    None => Broker::launch(1, false),
                 };
                 broker.map_err(|err| format!("{err:#}"))
             })
@@ -90,12 +105,23 @@ impl Broker {
     /// A single-node broker of the caller's own (`KAFKA_BROKERS` is not used: the caller may
     /// kill and restart it).
     pub fn start() -> Result<Broker> {
-        Broker::launch(1)
+        Broker::launch(1, false)
+    }
+
+    /// A single-node broker with a SASL_SSL (SCRAM-SHA-512) listener besides the plaintext one
+    /// the harness itself uses; see [`Broker::secured`].
+    pub fn start_secured() -> Result<Broker> {
+        Broker::launch(1, true)
+    }
+
+    /// The SASL_SSL listener, for a broker from [`Broker::start_secured`].
+    pub fn secured(&self) -> Option<&Secured> {
+        self.secured.as_ref()
     }
 
     /// A three-node cluster: every topic replicated three times, `min.insync.replicas` 2.
     pub fn start_cluster() -> Result<Broker> {
-        Broker::launch(3)
+        Broker::launch(3, false)
     }
 
     fn external(bootstrap: String) -> Result<Broker> {
@@ -105,17 +131,18 @@ impl Broker {
             nodes: Vec::new(),
             replication: 1,
             dir: None,
+            secured: None,
         };
         broker.wait_for_nodes(Instant::now() + START_TIMEOUT, 1)?;
         Ok(broker)
     }
 
-    fn launch(size: usize) -> Result<Broker> {
+    fn launch(size: usize, secure: bool) -> Result<Broker> {
         install_panic_hook();
         let lib = kafka_lib()?;
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
-            match Broker::launch_once(&lib, size) {
+            match Broker::launch_once(&lib, size, secure) {
                 Ok(broker) => return Ok(broker),
                 Err(err) => {
                     eprintln!("[broker] attempt {attempt}: Kafka did not start: {err:#}");
@@ -126,8 +153,13 @@ impl Broker {
         Err(last_error.unwrap_or_else(|| anyhow!("Kafka did not start")))
     }
 
-    fn launch_once(lib: &Path, size: usize) -> Result<Broker> {
+    fn launch_once(lib: &Path, size: usize, secure: bool) -> Result<Broker> {
         let dir = cluster_dir()?;
+        let secured = if secure {
+            Some(make_secured(&dir, free_port()?)?)
+        } else {
+            None
+        };
         let ports: Vec<(u16, u16)> = (0..size)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<Result<_>>()?;
@@ -152,7 +184,10 @@ impl Broker {
                 dir: node_dir,
                 child: None,
             };
-            let properties = server_properties(&node, *controller, &voters, replication);
+            let mut properties = server_properties(&node, *controller, &voters, replication);
+            if let Some(sec) = &secured {
+                properties = secure_properties(&properties, sec, &dir);
+            }
             write_file(&node.config_path(), &properties)?;
             write_file(
                 &node.dir.join("log4j2.properties"),
@@ -160,18 +195,24 @@ impl Broker {
             )?;
             let config = node.config_path();
             let config = config.to_string_lossy();
-            run_java(
-                lib,
-                &[
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    &cluster_id,
-                    "-c",
-                    &config,
-                ],
-            )
-            .with_context(|| format!("formatting node {id}'s log directory"))?;
+            let mut format = vec![
+                "kafka.tools.StorageTool".to_owned(),
+                "format".to_owned(),
+                "-t".to_owned(),
+                cluster_id.clone(),
+                "-c".to_owned(),
+                config.into_owned(),
+            ];
+            if let Some(sec) = &secured {
+                format.push("--add-scram".to_owned());
+                format.push(format!(
+                    "SCRAM-SHA-512=[name={},password={}]",
+                    sec.user, sec.password
+                ));
+            }
+            let format: Vec<&str> = format.iter().map(String::as_str).collect();
+            run_java(lib, &format)
+                .with_context(|| format!("formatting node {id}'s log directory"))?;
             nodes.push(node);
         }
         let bootstrap = nodes
@@ -185,6 +226,7 @@ impl Broker {
             nodes: nodes.into_iter().map(Mutex::new).collect(),
             replication,
             dir: Some(dir),
+            secured,
         };
         let started = Instant::now();
         for node in &broker.nodes {
@@ -538,6 +580,117 @@ fn server_properties(node: &Node, controller_port: u16, voters: &str, replicatio
     p.insert("group.min.session.timeout.ms", "1000".to_owned());
     p.insert("unclean.leader.election.enable", "false".to_owned());
     p.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
+}
+
+/// A throwaway CA, the broker's key and certificate (for 127.0.0.1) signed by it, and a SCRAM
+/// user, all under `dir`.
+fn make_secured(dir: &Path, port: u16) -> Result<Secured> {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(&tls)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl (the secured broker needs it on PATH)")?;
+        ensure!(
+            output.status.success(),
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=checkpointer-test-ca",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "broker.key",
+        "-out",
+        "broker.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    write_file(
+        &tls.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "broker.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "broker.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ])?;
+    // Kafka's PEM key store: the (unencrypted PKCS#8) key followed by the certificate chain
+    let key = std::fs::read_to_string(tls.join("broker.key"))?;
+    let cert = std::fs::read_to_string(tls.join("broker.crt"))?;
+    let ca = std::fs::read_to_string(tls.join("ca.pem"))?;
+    write_file(
+        &tls.join("broker-keystore.pem"),
+        &format!("{key}{cert}{ca}"),
+    )?;
+    Ok(Secured {
+        bootstrap: format!("127.0.0.1:{port}"),
+        ca: tls.join("ca.pem"),
+        user: "reader".to_owned(),
+        password: "reader-secret".to_owned(),
+    })
+}
+
+/// `properties` with the SASL_SSL listener of `sec` added.
+fn secure_properties(properties: &str, sec: &Secured, dir: &Path) -> String {
+    let mut out = String::new();
+    for line in properties.lines() {
+        let line = match line.split_once('=') {
+            Some(("listeners", v)) => format!("listeners={v},SASL_SSL://{}", sec.bootstrap),
+            Some(("advertised.listeners", v)) => {
+                format!("advertised.listeners={v},SASL_SSL://{}", sec.bootstrap)
+            }
+            Some(("listener.security.protocol.map", v)) => {
+                format!("listener.security.protocol.map={v},SASL_SSL:SASL_SSL")
+            }
+            _ => line.to_owned(),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str("sasl.enabled.mechanisms=SCRAM-SHA-512\n");
+    out.push_str("listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n");
+    out.push_str("ssl.keystore.type=PEM\n");
+    out.push_str(&format!(
+        "ssl.keystore.location={}\n",
+        dir.join("tls/broker-keystore.pem").display()
+    ));
+    out
 }
 
 fn log4j_properties(node: &Node) -> String {
