@@ -1,7 +1,8 @@
 //! The binary is built with TLS: a configuration for a SASL_SSL broker with SCRAM (the usual
 //! managed-Kafka setup) starts, where a build without OpenSSL refuses it at start ("OpenSSL
-//! not available at build time"). No TLS broker runs here, so the service stays up and not
-//! ready, and stops cleanly.
+//! not available at build time"). Nothing listens at the address given, so the service stays up
+//! and not ready, and stops cleanly. (The TLS handshake and SCRAM login against a real broker are
+//! tested in `integration-tests/tests/secured_broker.rs`.)
 
 use std::time::{Duration, Instant};
 
