@@ -19,6 +19,12 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "$lib"
     exit 0
 fi
+# a directory given by KAFKA_LIB_DIR that already holds the release is used as it is, and is
+# never emptied
+if [[ -n "${KAFKA_LIB_DIR:-}" && -f "$lib/kafka_2.13-$version.jar" ]]; then
+    echo "$lib"
+    exit 0
+fi
 
 for tool in java mvn; do
     if ! command -v "$tool" >/dev/null 2>&1; then
@@ -28,7 +34,10 @@ for tool in java mvn; do
 done
 
 echo "install-kafka: resolving Apache Kafka $version jars into $lib" >&2
-rm -rf "$lib"
+# only the cache this script owns is emptied first (a stale or interrupted resolution)
+if [[ -z "${KAFKA_LIB_DIR:-}" ]]; then
+    rm -rf "$lib"
+fi
 mkdir -p "$lib"
 mvn -q -B dependency:copy-dependencies -DoutputDirectory="$lib" -DincludeScope=runtime >&2
 if ! compgen -G "$lib/kafka_2.13-$version.jar" >/dev/null; then

@@ -322,8 +322,37 @@ impl Broker {
         let deadline = Instant::now() + START_TIMEOUT;
         self.wait_for_port(id as usize - 1, deadline)?;
         self.wait_for_nodes(deadline, self.nodes.len())?;
+        // a node not yet fenced is still listed: wait until it serves its replicas again
+        self.wait_for_full_isr(deadline)?;
         eprintln!("[broker] node {id} restarted on {}", self.node(id)?.addr());
         Ok(())
+    }
+
+    /// Waits until every partition of every topic has all its replicas in sync.
+    fn wait_for_full_isr(&self, deadline: Instant) -> Result<()> {
+        loop {
+            let metadata = self.metadata(None, Duration::from_secs(5))?;
+            let lagging: Vec<String> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .filter(|p| p.isr().len() < p.replicas().len() || p.leader() < 0)
+                        .map(move |p| format!("{}/{}", t.name(), p.id()))
+                })
+                .collect();
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "partitions without every replica in sync after a restart: {lagging:?}\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The node leading `topic`'s `partition`, per metadata.

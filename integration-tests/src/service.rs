@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub kafka_options: BTreeMap<String, String>,
     /// `kafka.instance_id` (static group membership), if set.
     pub instance_id: Option<String>,
+    /// `kafka.auto_offset_reset`: `earliest` (the default here) or `latest`.
+    pub auto_offset_reset: String,
     /// More keys of the `kafka:` section, values verbatim YAML.
     pub kafka_extra: BTreeMap<String, String>,
     /// More keys of the `checkpoint:` section, `key -> value` with the value written verbatim
@@ -74,6 +76,7 @@ impl ServiceConfig {
             mode: "exactly_once".to_owned(),
             kafka_options: BTreeMap::new(),
             instance_id: None,
+            auto_offset_reset: "earliest".to_owned(),
             kafka_extra: BTreeMap::new(),
             checkpoint_extra: BTreeMap::new(),
             extra_args: Vec::new(),
@@ -90,7 +93,10 @@ impl ServiceConfig {
         yaml.push_str(&format!("  brokers: {}\n", q(&self.brokers)));
         yaml.push_str(&format!("  group_id: {}\n", q(&self.group_id)));
         yaml.push_str(&format!("  topics: [{}]\n", list(&self.topics)));
-        yaml.push_str("  auto_offset_reset: earliest\n");
+        yaml.push_str(&format!(
+            "  auto_offset_reset: {}\n",
+            self.auto_offset_reset
+        ));
         if let Some(id) = &self.instance_id {
             yaml.push_str(&format!("  instance_id: {}\n", q(id)));
         }

@@ -26,36 +26,57 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 fn a_broker_killed_and_restarted_for_longer_than_a_session_loses_and_doubles_nothing() {
     let seed = test_seed("broker_restart");
     let broker = Broker::start().unwrap_or_else(|err| panic!("{err:#}"));
+    let result = run(seed, &broker, "broker_restart", false, kill_and_restart);
+    if let Err(err) = result {
+        panic!("{err:#}\n(seed {seed})");
+    }
+}
+
+/// The same with a group member (`state.scope: partition`): its session expires while the
+/// broker is away, and it joins the group again.
+#[test]
+fn a_group_member_rides_out_a_broker_killed_for_longer_than_its_session() {
+    let seed = test_seed("broker_restart_member");
+    let broker = Broker::start().unwrap_or_else(|err| panic!("{err:#}"));
     let result = run(
         seed,
         &broker,
-        "broker_restart",
-        |broker, _input, _output| {
-            broker.kill(1)?;
-            std::thread::sleep(Duration::from_millis(SESSION_MS + 2_000));
-            broker.restart(1)
-        },
+        "broker_restart_member",
+        true,
+        kill_and_restart,
     );
     if let Err(err) = result {
         panic!("{err:#}\n(seed {seed})");
     }
 }
 
+fn kill_and_restart(broker: &Broker, _input: &str, _output: &str) -> Result<()> {
+    broker.kill(1)?;
+    std::thread::sleep(Duration::from_millis(SESSION_MS + 2_000));
+    broker.restart(1)
+}
+
 #[test]
 fn partition_leaders_killed_on_a_three_node_cluster_lose_and_double_nothing() {
     let seed = test_seed("leader_failover");
     let broker = Broker::start_cluster().unwrap_or_else(|err| panic!("{err:#}"));
-    let result = run(seed, &broker, "leader_failover", |broker, input, output| {
-        // one node down at a time: two of three keep min.insync.replicas for the output
-        for (topic, what) in [(input, "input"), (output, "output")] {
-            let leader = broker.leader(topic, 0)?;
-            eprintln!("[leader_failover] killing node {leader}, leader of {what} partition 0");
-            broker.kill(leader)?;
-            std::thread::sleep(Duration::from_secs(5));
-            broker.restart(leader)?;
-        }
-        Ok(())
-    });
+    let result = run(
+        seed,
+        &broker,
+        "leader_failover",
+        false,
+        |broker, input, output| {
+            // one node down at a time: two of three keep min.insync.replicas for the output
+            for (topic, what) in [(input, "input"), (output, "output")] {
+                let leader = broker.leader(topic, 0)?;
+                eprintln!("[leader_failover] killing node {leader}, leader of {what} partition 0");
+                broker.kill(leader)?;
+                std::thread::sleep(Duration::from_secs(5));
+                broker.restart(leader)?;
+            }
+            Ok(())
+        },
+    );
     if let Err(err) = result {
         panic!("{err:#}\n(seed {seed})");
     }
@@ -67,6 +88,7 @@ fn run(
     seed: u64,
     broker: &Broker,
     name: &str,
+    partition_scope: bool,
     fault: impl FnOnce(&Broker, &str, &str) -> Result<()>,
 ) -> Result<()> {
     let input = unique_name(&format!("{name}-in"));
@@ -83,17 +105,45 @@ fn run(
         },
     );
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
+    // partition-scoped windows are per partition: there, keys live on one partition each
+    let key_of = |p: usize, key: &str| {
+        if partition_scope {
+            format!("p{p}-{key}")
+        } else {
+            key.to_owned()
+        }
+    };
+    let events: Vec<Vec<Event>> = events
+        .into_iter()
+        .enumerate()
+        .map(|(p, evs)| {
+            evs.into_iter()
+                .map(|mut e| {
+                    e.key = key_of(p, &e.key);
+                    e
+                })
+                .collect()
+        })
+        .collect();
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
     let mut config = ServiceConfig::new(broker, &input, &output);
     config
         .kafka_options
         .insert("session.timeout.ms".into(), SESSION_MS.to_string());
+    if partition_scope {
+        config
+            .state_extra
+            .insert("scope".into(), "partition".into());
+    }
     let expected = expected_windows(&config.windows, &all);
     let records: Vec<Vec<Record>> = events
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(p, e)| {
             let mut r = workload::valid_records(e);
-            r.push(Record::Valid(workload::sentinel(sentinel_ts)));
+            let mut sentinel = workload::sentinel(sentinel_ts);
+            sentinel.key = key_of(p, &sentinel.key);
+            r.push(Record::Valid(sentinel));
             r
         })
         .collect();

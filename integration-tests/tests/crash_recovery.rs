@@ -289,6 +289,17 @@ fn run(
         "offsets skipped after an assignment:\n{}",
         metrics.text()
     );
+    // the counter above is the last process's: every earlier run warned in the log instead
+    let all_runs = std::fs::read_to_string(service.log_path()).unwrap_or_default();
+    ensure!(
+        !all_runs.contains("beyond the held position"),
+        "a run skipped offsets after an assignment:\n{}",
+        all_runs
+            .lines()
+            .filter(|l| l.contains("held position"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     ensure!(
         metrics.sum(RECORDS_INVALID).unwrap_or(0.0) == 0.0,
         "valid records counted invalid:\n{}",

@@ -1,5 +1,6 @@
 //! Instance scope without group membership: partitions added to an input topic while the
 //! service runs are found (`kafka.partition_discovery_interval`) and read from their beginning,
+//! and so are partitions added while it is down (even with `auto_offset_reset: latest`),
 //! and the offsets of every durable checkpoint are committed to `group_id` (for lag tools),
 //! tagged with the store that made them.
 
@@ -63,87 +64,110 @@ fn run(seed: u64) -> Result<()> {
     let output = unique_name("discovery-out");
     broker.create_topic(&input, 1)?;
     broker.create_topic(&output, 1)?;
-    // the added partition's records come later in event time than the first one's: the
-    // watermark has moved on by the time it is found, and older records would be late
+    // three partitions' worth of records, each later in event time than the one before (the
+    // watermark has moved on by the time a partition is found; older records would be late);
+    // keys live on one partition each
     let mut rng = StdRng::seed_from_u64(seed);
-    let shape = |start_ts| StreamShape {
-        partitions: 1,
-        records_per_partition: 300,
-        keys: 5,
-        start_ts,
+    let mut events: Vec<Vec<Event>> = Vec::new();
+    let mut start_ts = START_TS;
+    for p in 0..3 {
+        let mut part = workload::generate(
+            &mut rng,
+            StreamShape {
+                partitions: 1,
+                records_per_partition: 300,
+                keys: 5,
+                start_ts,
+            },
+        )
+        .remove(0);
+        for e in part.iter_mut() {
+            e.key = format!("p{p}-{}", e.key);
+        }
+        start_ts = workload::max_ts(std::slice::from_ref(&part)) + 1_000;
+        events.push(part);
+    }
+    let sentinel_ts = start_ts + 3_600_000;
+    let sentinel = |p: usize| {
+        let mut s = workload::sentinel(sentinel_ts);
+        s.key = format!("p{p}-{}", s.key);
+        Record::Valid(s)
     };
-    let mut events = workload::generate(&mut rng, shape(START_TS));
-    let later = workload::max_ts(&events) + 1_000;
-    events.extend(workload::generate(&mut rng, shape(later)));
-    // keys live on one partition each, so the windows do not depend on which partition is read
-    // first
-    let events: Vec<Vec<Event>> = events
-        .into_iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            evs.into_iter()
-                .map(|mut e| {
-                    e.key = format!("p{p}-{}", e.key);
-                    e
-                })
-                .collect()
-        })
-        .collect();
-    let sentinel_ts = workload::max_ts(&events) + 3_600_000;
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
 
+    // `latest`: a partition known from the start begins at its end, so its records are produced
+    // once the service runs; partitions added later must still be read from their beginning
     let mut config = ServiceConfig::new(broker, &input, &output);
+    config.auto_offset_reset = "latest".into();
     let group = config.group_id.clone();
     config
         .kafka_extra
         .insert("partition_discovery_interval".into(), "1s".into());
     let expected = expected_windows(&config.windows, &all);
-    let mut producer = Producer::new(broker)?;
-    producer.send_partitions(&input, &[workload::valid_records(&events[0])])?;
     let mut service = Service::new("partition_discovery", config)?;
     let mut reader = OutputReader::new(broker, &output)?;
     service.start()?;
     service.wait_ready(TIMEOUT)?;
-    let first = events[0].len();
-    service.wait_metrics(&format!("{RECORDS_CONSUMED} = {first}"), TIMEOUT, |m| {
-        m.sum(RECORDS_CONSUMED) == Some(first as f64)
-    })?;
-
-    // a second partition appears while the service runs; its records were written before the
-    // service could know of it, so it must read it from the beginning
-    broker.add_partitions(&input, 2)?;
-    let mut second = workload::valid_records(&events[1]);
-    let mut sentinel = workload::sentinel(sentinel_ts);
-    sentinel.key = format!("p1-{}", sentinel.key);
-    second.push(Record::Valid(sentinel));
-    let mut first_sentinel = workload::sentinel(sentinel_ts);
-    first_sentinel.key = format!("p0-{}", first_sentinel.key);
-    // a new producer: the first one's metadata does not know the new partition yet
-    Producer::new(broker)?
-        .send_partitions(&input, &[vec![Record::Valid(first_sentinel)], second])?;
-    let total = first + events[1].len() + 2;
+    // the end offset the consumer starts at is looked up just after the assignment
+    std::thread::sleep(Duration::from_secs(2));
+    Producer::new(broker)?.send_partitions(&input, &[workload::valid_records(&events[0])])?;
+    let mut total = events[0].len();
     service.wait_metrics(&format!("{RECORDS_CONSUMED} = {total}"), TIMEOUT, |m| {
         m.sum(RECORDS_CONSUMED) == Some(total as f64)
+    })?;
+
+    // a second partition appears while the service runs, written before the service can know
+    // of it
+    broker.add_partitions(&input, 2)?;
+    // a new producer: the first one's metadata does not know the new partition yet
+    Producer::new(broker)?
+        .send_partitions(&input, &[vec![], workload::valid_records(&events[1])])?;
+    total += events[1].len();
+    service.wait_metrics(&format!("{RECORDS_CONSUMED} = {total}"), TIMEOUT, |m| {
+        m.sum(RECORDS_CONSUMED) == Some(total as f64)
+    })?;
+    let status = service.sigterm(Duration::from_secs(30))?;
+    ensure!(status.code() == Some(0), "exit status {status}");
+
+    // a third appears while the service is down: at the restart it holds no position for it,
+    // but knows the topic, so it reads it from the beginning too
+    broker.add_partitions(&input, 3)?;
+    Producer::new(broker)?.send_partitions(
+        &input,
+        &[
+            vec![sentinel(0)],
+            vec![sentinel(1)],
+            workload::valid_records(&events[2])
+                .into_iter()
+                .chain([sentinel(2)])
+                .collect(),
+        ],
+    )?;
+    service.start()?;
+    service.wait_ready(TIMEOUT)?;
+    let again = events[2].len() + 3;
+    service.wait_metrics(&format!("{RECORDS_CONSUMED} = {again}"), TIMEOUT, |m| {
+        m.sum(RECORDS_CONSUMED) == Some(again as f64)
     })?;
     let late = service.scrape()?.sum(RECORDS_LATE).unwrap_or(0.0);
     ensure!(late == 0.0, "{late} records counted late");
     ensure!(
         reader.poll_until(TIMEOUT, |m| contains_all(&expected, m)),
-        "windows of the added partition missing: {}",
+        "windows of the added partitions missing: {}",
         check_output(&expected, reader.messages())
             .err()
             .map(|e| format!("{e:#}"))
             .unwrap_or_default()
     );
 
-    // both partitions' positions reach the group, tagged with the service's store
-    let ends = [first as i64 + 1, events[1].len() as i64 + 1];
+    // every partition's position reaches the group, tagged with the service's store
+    let ends: Vec<i64> = events.iter().map(|e| e.len() as i64 + 1).collect();
     let offsets = poll_until(
-        "the group's committed offsets reaching the end of both partitions",
+        "the group's committed offsets reaching the end of every partition",
         TIMEOUT,
         Duration::from_millis(500),
         || {
-            let c = committed(broker, &group, &input, 2)?;
+            let c = committed(broker, &group, &input, 3)?;
             let at_end = c.iter().map(|(o, _)| *o).collect::<Vec<_>>() == ends;
             Ok(at_end.then_some(c))
         },

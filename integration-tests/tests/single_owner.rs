@@ -1,9 +1,10 @@
 //! With `state.scope: instance` one instance reads every partition without group membership,
 //! so a second one on the same consumer group would double the output. The start detects one:
-//! another store's commits to the group within the last 30 s (it waits for them to stop, up to
-//! `checkpoint.lock_wait`), or members of the group (a partition-scoped instance).
+//! another store's commits to the group within the last 30 s, or members of the group (it waits
+//! for either to go, up to `checkpoint.lock_wait`); and a copy of the same store started beside
+//! a running one stops at its first heartbeat, when it sees the other run's commits.
 
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -12,6 +13,7 @@ use integration_tests::workload::{self, StreamShape, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, Producer, Service, ServiceConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,27 +79,77 @@ fn run(seed: u64) -> Result<()> {
     );
     ensure!(first.is_running()?, "the first instance stopped");
 
-    // a partition-scoped member on the same group: the instance-scoped start is refused
-    let mut member_config = config.clone();
-    member_config.state_extra = BTreeMap::from([("scope".to_string(), "partition".to_string())]);
-    let mut member = Service::new("owner_member", member_config)?;
+    // a copy of the first instance's volume (the same store id) started beside it passes the
+    // start-up check (the commits it sees are its own store's), but the first heartbeat shows
+    // commits by another run made since it started: the later start stops
     let status = first.sigterm(STOP_TIMEOUT)?;
     ensure!(status.code() == Some(0), "first instance exit: {status}");
-    member.start()?;
-    member.wait_ready(READY_TIMEOUT)?;
-    // the member holds the group; the first instance's own store restarts, but not alone
+    let mut copy = Service::new("owner_copy", config.clone())?;
+    copy.copy_state_from(&first.state_dir())?;
     first.start()?;
-    let status = first.wait_exit(Duration::from_secs(60))?;
-    let log = first.log_since_start();
+    first.wait_ready(READY_TIMEOUT)?;
+    std::thread::sleep(Duration::from_secs(1));
+    copy.start()?;
+    let status = copy.wait_exit(Duration::from_secs(60))?;
+    let log = copy.log_since_start();
     ensure!(
         status.code() == Some(1),
-        "an instance-scoped start beside a group member exited with {status}\n{log}"
+        "a copy of the store running beside the original exited with {status}\n{log}"
     );
     ensure!(
-        log.contains("has active members") || log.contains("another instance is consuming"),
-        "the refusal does not say why:\n{log}"
+        log.contains("another instance reads consumer group")
+            && log.contains("started later stops"),
+        "the copy does not say why it stopped:\n{log}"
     );
-    let status = member.sigterm(STOP_TIMEOUT)?;
-    ensure!(status.code() == Some(0), "member exit: {status}");
-    Ok(())
+    std::thread::sleep(Duration::from_secs(6));
+    ensure!(
+        first.is_running()?,
+        "the instance that started first stopped too:\n{}",
+        first.log_tail(30)
+    );
+    let status = first.sigterm(STOP_TIMEOUT)?;
+    ensure!(status.code() == Some(0), "first instance exit: {status}");
+
+    // a consumer that is a member of the group (and commits nothing): refused once it stays
+    let stop = AtomicBool::new(false);
+    let member: BaseConsumer = broker
+        .client_config()
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    member.subscribe(&[input.as_str()])?;
+    std::thread::scope(|scope| -> Result<()> {
+        let polling = scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = member.poll(Duration::from_millis(100));
+            }
+        });
+        let joined = integration_tests::poll_until(
+            "the member being assigned partitions",
+            READY_TIMEOUT,
+            Duration::from_millis(200),
+            || Ok(member.assignment().ok().filter(|a| a.count() > 0)),
+        );
+        let refused = joined.and_then(|_| {
+            first.start()?;
+            let status = first.wait_exit(Duration::from_secs(60))?;
+            Ok((status, first.log_since_start()))
+        });
+        stop.store(true, Ordering::Relaxed);
+        let _ = polling.join();
+        let (status, log) = refused?;
+        ensure!(
+            status.code() == Some(1),
+            "an instance-scoped start beside a group member exited with {status}\n{log}"
+        );
+        ensure!(
+            log.contains("has active members"),
+            "the refusal does not say the group has members:\n{log}"
+        );
+        ensure!(
+            !log.contains("partition assigned"),
+            "the refused instance was assigned partitions:\n{log}"
+        );
+        Ok(())
+    })
 }

@@ -289,7 +289,7 @@ pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> 
         }
     }
     notes.push(format!(
-        "partitions without a stored offset (new topics, partitions added since) start at the group's committed offset, else {} (kafka.auto_offset_reset)",
+        "partitions without a stored offset start at {} (kafka.auto_offset_reset), except, with state.scope: instance, partitions added to a topic this state knows, which are read from their beginning",
         target.auto_offset_reset
     ));
 

@@ -133,6 +133,11 @@ impl Runtime {
             }
         }
         if let Err(e) = source::assign(consumer, &partitions) {
+            if self.settings.state.scope == crate::config::StateScope::Instance {
+                // assigned directly, nothing would assign them again: stop rather than never
+                // read them
+                anyhow::bail!("{e}");
+            }
             tracing::error!(error = %e, "assignment failed");
             return Ok(());
         }

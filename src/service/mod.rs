@@ -297,8 +297,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )?;
     // one instance owns every partition: no group membership, partitions assigned directly
     let direct = settings.state.scope == StateScope::Instance;
-    let tag = source::direct::CommitTag {
+    let tag = source::ownership::CommitTag {
         store: store.identity()?,
+        run: format!("{:x}", handoff::Changelog::run_id()),
+        since_ms: crate::clock::epoch_ms(),
         at_ms: 0,
         instance: owner_name(&settings),
     };
@@ -326,6 +328,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 discovery_interval: k.partition_discovery_interval,
                 tag,
                 wait: settings.checkpoint.lock_wait,
+                reset_latest: k.auto_offset_reset == crate::config::OffsetReset::Latest,
             },
         );
     }

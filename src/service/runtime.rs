@@ -149,8 +149,14 @@ impl Runtime {
                         }
                         Err(e) => {
                             self.on_consumer_error(consumer, &e);
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            // librdkafka reconnects by itself, reporting every failed attempt:
+                            // a broker that refuses connections (one of several, or the group
+                            // coordinator) must not hold back the records of partitions whose
+                            // leaders answer, so only other errors pause the loop, briefly
+                            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::BrokerTransportFailure) {
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(1));
+                            }
                         }
                     }
                 }
@@ -288,10 +294,8 @@ impl Runtime {
             );
             return;
         }
-        let down = matches!(
-            e.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
-        );
+        // one broker failing is not an outage: its partitions move to other leaders
+        let down = e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
         let now = Instant::now();
         if self
             .last_error_log

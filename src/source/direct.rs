@@ -5,17 +5,26 @@
 //!
 //! A background task finds the topics' partitions (at start, then every
 //! `kafka.partition_discovery_interval`) and hands new ones to the processing loop as
-//! assignments. Offsets are still committed to `group_id` after every durable checkpoint, and
-//! the last ones again every few seconds (a heartbeat), each commit tagged with the store that
-//! made it ([`CommitTag`]), so lag tools see progress and a second instance can be detected:
+//! assignments. Partitions found while running, and partitions of a topic the restored
+//! checkpoint knows that it holds no position for (added while the service was down), are read
+//! from their beginning; others (a topic new to the configuration) per `auto_offset_reset`.
+//!
+//! Offsets are still committed to `group_id` after every durable checkpoint, and the last ones
+//! again every few seconds (a heartbeat), each commit tagged ([`CommitTag`]) so lag tools see
+//! progress and no second instance reads the group unnoticed (rules in [`super::ownership`]):
 //!
 //! - at start, before anything is assigned, the group's committed offsets are read: one
-//!   committed by another store within [`LIVE_WITHIN`] means another instance is running on
-//!   the same group. The start waits for its commits to stop (up to `checkpoint.lock_wait`,
-//!   logged), then gives up;
-//! - a commit of the held positions follows: the broker refuses it when the group has active
-//!   members (an instance with `state.scope: partition`, or any subscribed consumer), and the
-//!   start is refused.
+//!   committed by another store within [`super::ownership::LIVE_WITHIN`] means another instance is running on
+//!   the group; the start waits for its commits to stop (up to `checkpoint.lock_wait`, logged),
+//!   then gives up;
+//! - then it commits where it will read from (held positions, else the group's, else the
+//!   partition's start): the broker refuses that while the group has members (an instance with
+//!   `state.scope: partition`, an old static member whose session has not expired, any
+//!   subscribed consumer); the start waits for them to leave the same way, then gives up;
+//! - while running, every heartbeat reads the group's commits again: a commit by another run
+//!   made after this one started is a second process (another store, or a copy of this one);
+//!   the one that started later stops. A heartbeat the broker refuses because the group now has
+//!   members stops this instance too.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,12 +35,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::ownership::{live_other, rival, yields, CommitTag};
 use super::{Rebalance, Shared, Source};
 use crate::position::{NextOffset, Partition};
 
-/// A commit by another store younger than this means that instance is alive.
-pub const LIVE_WITHIN: Duration = Duration::from_secs(30);
-/// How often the last committed offsets are committed again (the heartbeat others see).
+/// How often the last committed offsets are committed again (the heartbeat others see), and
+/// the group's commits read for a rival.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Bound on one metadata or offset request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,62 +49,6 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long the start retries reading the group's committed offsets before it goes ahead
 /// without the check.
 const UNKNOWN_WAIT: Duration = Duration::from_secs(15);
-
-/// Who made a commit: written as the commit's metadata, `checkpointer store=ID at=MS
-/// instance=NAME`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitTag {
-    /// The store's identity (`store.id` in the checkpoint directory).
-    pub store: String,
-    /// Unix milliseconds of the commit.
-    pub at_ms: i64,
-    /// `kafka.instance_id`, else the host name.
-    pub instance: String,
-}
-
-impl CommitTag {
-    pub fn encode(&self) -> String {
-        format!(
-            "checkpointer store={} at={} instance={}",
-            self.store, self.at_ms, self.instance
-        )
-    }
-
-    /// `None` for metadata this service did not write.
-    pub fn parse(text: &str) -> Option<CommitTag> {
-        let mut words = text.split_whitespace();
-        if words.next()? != "checkpointer" {
-            return None;
-        }
-        let (mut store, mut at, mut instance) = (None, None, None);
-        for word in words {
-            match word.split_once('=')? {
-                ("store", v) => store = Some(v.to_string()),
-                ("at", v) => at = v.parse().ok(),
-                ("instance", v) => instance = Some(v.to_string()),
-                _ => {}
-            }
-        }
-        Some(CommitTag {
-            store: store?,
-            at_ms: at?,
-            instance: instance.unwrap_or_default(),
-        })
-    }
-}
-
-/// The newest commit, among `tags`, by a store other than `mine` younger than [`LIVE_WITHIN`]
-/// at `now_ms`: another live instance on the same group.
-pub fn live_other<'a>(
-    tags: impl IntoIterator<Item = &'a CommitTag>,
-    mine: &str,
-    now_ms: i64,
-) -> Option<&'a CommitTag> {
-    let live = LIVE_WITHIN.as_millis() as i64;
-    tags.into_iter()
-        .filter(|t| t.store != mine && now_ms - t.at_ms < live)
-        .max_by_key(|t| t.at_ms)
-}
 
 /// Whether a failed commit means the group has members (so this instance must not consume
 /// without membership).
@@ -137,10 +90,28 @@ enum GroupCheck {
     Clear,
     /// Another store committed recently: wait and look again.
     Busy(CommitTag),
+    /// The group has members: wait for them to leave and look again.
+    Members(KafkaError),
     /// The group's offsets could not be read (the coordinator is not ready yet): try again.
     Unknown(KafkaError),
-    /// Not to be started: the reason.
-    Refused(String),
+}
+
+/// The group's committed offsets for `partitions`, and the tags among them.
+fn read_group(
+    consumer: &Source,
+    partitions: &[Partition],
+) -> Result<(TopicPartitionList, Vec<CommitTag>), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&p.topic, p.partition);
+    }
+    let committed = consumer.committed_offsets(tpl, REQUEST_TIMEOUT)?;
+    let tags = committed
+        .elements()
+        .iter()
+        .filter_map(|e| CommitTag::parse(e.metadata()))
+        .collect();
+    Ok((committed, tags))
 }
 
 fn check_group(
@@ -148,46 +119,37 @@ fn check_group(
     shared: &Shared,
     partitions: &[Partition],
     tag: &CommitTag,
-    group: &str,
+    reset_latest: bool,
 ) -> GroupCheck {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(&p.topic, p.partition);
-    }
-    let committed = match consumer.committed_offsets(tpl, REQUEST_TIMEOUT) {
-        Ok(c) => c,
+    let (committed, tags) = match read_group(consumer, partitions) {
+        Ok(found) => found,
         Err(e) => return GroupCheck::Unknown(e),
     };
-    let tags: Vec<CommitTag> = committed
-        .elements()
-        .iter()
-        .filter_map(|e| CommitTag::parse(e.metadata()))
-        .collect();
-    if let Some(other) = live_other(&tags, &tag.store, crate::clock::epoch_ms()) {
+    if let Some(other) = live_other(&tags, tag, crate::clock::epoch_ms()) {
         return GroupCheck::Busy(other.clone());
     }
-    // commit what this instance resumes from (or, where it holds nothing, what the group has):
-    // the broker refuses a commit without membership while the group has members
+    // commit where reading will start: the broker refuses a commit without membership while
+    // the group has members
     let held = shared.positions_snapshot();
+    let from_beginning = shared.from_beginning_snapshot();
     let mut probe = Vec::new();
     for e in committed.elements() {
         let p = Partition::new(e.topic(), e.partition());
         let next = match (held.get(&p), e.offset()) {
             (Some(next), _) => *next,
             (None, Offset::Offset(o)) if o >= 0 => NextOffset(o),
-            _ => continue,
+            _ => match consumer.fetch_watermarks(&p.topic, p.partition, REQUEST_TIMEOUT) {
+                Ok((low, _)) if from_beginning.contains(&p) || !reset_latest => NextOffset(low),
+                Ok((_, high)) => NextOffset(high),
+                Err(_) => continue,
+            },
         };
         probe.push((p, next));
     }
-    if probe.is_empty() {
-        return GroupCheck::Clear;
-    }
     match commit_tagged(consumer, &probe, tag, CommitMode::Sync) {
-        Err(e) if membership_error(&e) => GroupCheck::Refused(format!(
-            "consumer group {group:?} has active members (an instance with state.scope: partition, or another consumer subscribed to it): with state.scope: instance this instance reads every partition itself and would double the output; stop them, or give this instance its own kafka.group_id ({e})"
-        )),
+        Err(e) if membership_error(&e) => GroupCheck::Members(e),
         Err(e) => {
-            tracing::warn!(error = %e, group, "offset commit at start failed (advisory)");
+            tracing::warn!(error = %e, "offset commit at start failed (advisory)");
             GroupCheck::Clear
         }
         Ok(()) => {
@@ -228,165 +190,211 @@ pub struct DirectSettings {
     /// 0: partitions are looked for at start only.
     pub discovery_interval: Duration,
     pub tag: CommitTag,
-    /// How long the start waits for another instance's commits to stop.
+    /// How long the start waits for another instance to stop.
     pub wait: Duration,
+    /// `auto_offset_reset: latest`.
+    pub reset_latest: bool,
 }
 
-/// Runs discovery, the start-up group check and the commit heartbeat until the consumer goes.
+/// What a heartbeat found.
+enum Beat {
+    Fine,
+    /// Another run committed since this one started: it, and whether this one stops for it.
+    Rival(CommitTag, bool),
+    /// The broker refused the commit: the group has members.
+    Members(KafkaError),
+}
+
+/// Reads the group's commits for a rival, then commits the last positions again if due.
+fn heartbeat(consumer: &Source, shared: &Shared, known: &[Partition], tag: &CommitTag) -> Beat {
+    if let Ok((_, tags)) = read_group(consumer, known) {
+        if let Some(other) = rival(&tags, tag) {
+            return Beat::Rival(other.clone(), yields(tag, other));
+        }
+    }
+    if shared.commit_due(HEARTBEAT) {
+        let positions = shared.committed();
+        match commit_tagged(consumer, &positions, tag, CommitMode::Sync) {
+            Err(e) if membership_error(&e) => return Beat::Members(e),
+            Err(e) => tracing::debug!(error = %e, "heartbeat commit failed (advisory)"),
+            Ok(()) => shared.set_committed(positions),
+        }
+    }
+    Beat::Fine
+}
+
+/// Runs discovery, the start-up group check and the heartbeat until the consumer goes.
 pub fn spawn(consumer: Arc<Source>, shared: Arc<Shared>, settings: DirectSettings) {
     tokio::spawn(async move {
-        let mut known: BTreeSet<Partition> = BTreeSet::new();
-        // when the start-up check first ran: its waits count from there
-        let mut check_started: Option<Instant> = None;
-        let mut checked = false;
-        let mut next_discovery = Instant::now();
-        let mut last_missing_log: Option<Instant> = None;
-        let mut last_busy_log: Option<Instant> = None;
-        loop {
-            if Instant::now() >= next_discovery {
-                let c = consumer.clone();
-                let topics = settings.topics.clone();
-                let found = tokio::task::spawn_blocking(move || discover(&c, &topics)).await;
-                let (partitions, missing) = match found {
+        if let Err(reason) = run(consumer, shared.clone(), settings).await {
+            shared.push(Rebalance::Refused(reason));
+        }
+    });
+}
+
+/// Ends with the reason this instance must stop, or `Ok` when the runtime went away.
+async fn run(
+    consumer: Arc<Source>,
+    shared: Arc<Shared>,
+    settings: DirectSettings,
+) -> Result<(), String> {
+    // topics the restored checkpoint holds positions in: their partitions without a position
+    // were added while the service was down
+    let restored_topics: BTreeSet<String> = shared
+        .positions_snapshot()
+        .into_keys()
+        .map(|p| p.topic)
+        .collect();
+    let mut known: BTreeSet<Partition> = BTreeSet::new();
+    // when the start-up check first ran: its waits count from there
+    let mut check_started: Option<Instant> = None;
+    let mut checked = false;
+    let mut next_discovery = Instant::now();
+    let mut next_beat = Instant::now() + HEARTBEAT;
+    let mut last_log: Option<Instant> = None;
+    let mut log_due = move || {
+        let due = last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            last_log = Some(Instant::now());
+        }
+        due
+    };
+    let group = settings.group.clone();
+    loop {
+        if Instant::now() >= next_discovery {
+            let c = consumer.clone();
+            let topics = settings.topics.clone();
+            let (partitions, missing) =
+                match tokio::task::spawn_blocking(move || discover(&c, &topics)).await {
                     Ok(Ok(found)) => found,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "partition discovery failed; retrying");
                         tokio::time::sleep(RETRY).await;
                         continue;
                     }
-                    Err(_) => return,
+                    Err(_) => return Ok(()),
                 };
-                if !missing.is_empty()
-                    && last_missing_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                {
-                    tracing::warn!(topics = ?missing, "input topics not found (yet); looking for them again at every partition discovery");
-                    last_missing_log = Some(Instant::now());
-                }
-                if !checked {
-                    let started = *check_started.get_or_insert_with(Instant::now);
-                    let c = consumer.clone();
-                    let s = shared.clone();
-                    let ps = partitions.clone();
-                    let tag = settings.tag.clone();
-                    let group = settings.group.clone();
-                    let verdict =
-                        tokio::task::spawn_blocking(move || check_group(&c, &s, &ps, &tag, &group))
-                            .await;
-                    match verdict {
-                        Ok(GroupCheck::Clear) => checked = true,
-                        // a coordinator that is just starting (NOT_COORDINATOR, LOAD_IN_PROGRESS)
-                        // answers after a few tries; one that never does is not waited for
-                        Ok(GroupCheck::Unknown(e)) if started.elapsed() < UNKNOWN_WAIT => {
-                            tracing::debug!(error = %e, "cannot read the group's committed offsets yet; retrying");
-                            tokio::time::sleep(RETRY).await;
-                            continue;
-                        }
-                        Ok(GroupCheck::Unknown(e)) => {
-                            tracing::warn!(error = %e, group = %settings.group, "cannot read the group's committed offsets; going ahead without checking for another instance on the group");
-                            checked = true;
-                        }
-                        Ok(GroupCheck::Busy(other)) => {
-                            let waited = started.elapsed();
-                            if waited >= settings.wait {
-                                shared.push(Rebalance::Refused(format!(
-                                    "another instance is consuming consumer group {:?}: store {} ({}) committed offsets {} ms ago; with state.scope: instance only one instance may run per group. Waited {} s (checkpoint.lock_wait); stop the other instance or give this one its own kafka.group_id",
-                                    settings.group,
-                                    other.store,
-                                    other.instance,
-                                    crate::clock::epoch_ms() - other.at_ms,
-                                    waited.as_secs()
-                                )));
-                                return;
-                            }
-                            if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                            {
-                                tracing::warn!(group = %settings.group, other_store = %other.store, other_instance = %other.instance, waited_s = waited.as_secs(), limit_s = settings.wait.as_secs(), "another instance committed to the consumer group recently; waiting for it to stop");
-                                last_busy_log = Some(Instant::now());
-                            }
-                            tokio::time::sleep(RETRY).await;
-                            continue;
-                        }
-                        Ok(GroupCheck::Refused(reason)) => {
-                            shared.push(Rebalance::Refused(reason));
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                let new: Vec<Partition> = partitions
-                    .into_iter()
-                    .filter(|p| !known.contains(p))
-                    .collect();
-                if !new.is_empty() {
-                    if !known.is_empty() {
-                        // added while running: nothing of them was read, so from their start
-                        shared.start_from_beginning(&new);
-                        tracing::info!(partitions = ?new.iter().map(ToString::to_string).collect::<Vec<_>>(), "new partitions discovered; reading them from the beginning");
-                    }
-                    known.extend(new.iter().cloned());
-                    shared.push(Rebalance::Assign(new));
-                }
-                next_discovery = if settings.discovery_interval.is_zero() && missing.is_empty() {
-                    Instant::now() + Duration::from_secs(u32::MAX as u64)
-                } else if settings.discovery_interval.is_zero() {
-                    Instant::now() + Duration::from_secs(10)
-                } else {
-                    Instant::now() + settings.discovery_interval
-                };
+            if !missing.is_empty() && log_due() {
+                tracing::warn!(topics = ?missing, "input topics not found (yet); looking for them again at every partition discovery");
             }
-            tokio::time::sleep(HEARTBEAT.min(Duration::from_secs(1))).await;
-            if shared.commit_due(HEARTBEAT) {
-                let c = consumer.clone();
-                let s = shared.clone();
-                let tag = settings.tag.clone();
-                let beat = tokio::task::spawn_blocking(move || {
-                    let positions = s.committed();
-                    commit_tagged(&c, &positions, &tag, CommitMode::Async)
+            let held = shared.positions_snapshot();
+            let new: Vec<Partition> = partitions
+                .into_iter()
+                .filter(|p| !known.contains(p))
+                .collect();
+            // nothing of these was read: from their start
+            let fresh: Vec<Partition> = new
+                .iter()
+                .filter(|p| {
+                    !held.contains_key(p)
+                        && (!known.is_empty() || restored_topics.contains(&p.topic))
                 })
-                .await;
-                match beat {
-                    Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat commit failed (advisory)"),
-                    Ok(Ok(())) => {}
-                    Err(_) => return,
+                .cloned()
+                .collect();
+            if !fresh.is_empty() {
+                shared.start_from_beginning(&fresh);
+                tracing::info!(partitions = ?fresh.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions added to the topics; reading them from the beginning");
+            }
+            if !checked {
+                let started = *check_started.get_or_insert_with(Instant::now);
+                let waited = started.elapsed();
+                let (c, s, ps, tag) = (
+                    consumer.clone(),
+                    shared.clone(),
+                    new.clone(),
+                    settings.tag.clone(),
+                );
+                let latest = settings.reset_latest;
+                let verdict =
+                    tokio::task::spawn_blocking(move || check_group(&c, &s, &ps, &tag, latest))
+                        .await
+                        .map_err(|_| String::new());
+                match verdict {
+                    Err(_) => return Ok(()),
+                    Ok(GroupCheck::Clear) => checked = true,
+                    // a coordinator that is just starting (NOT_COORDINATOR, LOAD_IN_PROGRESS)
+                    // answers after a few tries; one that never does is not waited for
+                    Ok(GroupCheck::Unknown(e)) if waited < UNKNOWN_WAIT => {
+                        tracing::debug!(error = %e, "cannot read the group's committed offsets yet; retrying");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                    Ok(GroupCheck::Unknown(e)) => {
+                        tracing::warn!(error = %e, %group, "cannot read the group's committed offsets; going ahead without checking for another instance on the group");
+                        checked = true;
+                    }
+                    Ok(GroupCheck::Busy(other)) if waited >= settings.wait => {
+                        return Err(format!(
+                            "another instance is consuming consumer group {group:?}: store {} ({}) committed offsets {} ms ago; with state.scope: instance only one instance may read a group. Waited {} s (checkpoint.lock_wait); stop the other instance or give this one its own kafka.group_id",
+                            other.store,
+                            other.instance,
+                            crate::clock::epoch_ms() - other.at_ms,
+                            waited.as_secs()
+                        ));
+                    }
+                    Ok(GroupCheck::Busy(other)) => {
+                        if log_due() {
+                            tracing::warn!(%group, other_store = %other.store, other_instance = %other.instance, waited_s = waited.as_secs(), limit_s = settings.wait.as_secs(), "another instance committed to the consumer group recently; waiting for it to stop");
+                        }
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                    Ok(GroupCheck::Members(e)) if waited >= settings.wait => {
+                        return Err(format!(
+                            "consumer group {group:?} has active members (an instance with state.scope: partition, a member whose session has not expired yet, or another consumer subscribed with this group id): with state.scope: instance this instance reads every partition itself and would double the output. Waited {} s (checkpoint.lock_wait); stop them, or give this instance its own kafka.group_id ({e})",
+                            waited.as_secs()
+                        ));
+                    }
+                    Ok(GroupCheck::Members(e)) => {
+                        if log_due() {
+                            tracing::warn!(%group, error = %e, waited_s = waited.as_secs(), limit_s = settings.wait.as_secs(), "the consumer group has active members; waiting for them to leave (a stopped static member leaves when its session expires)");
+                        }
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
                 }
             }
+            if !new.is_empty() {
+                known.extend(new.iter().cloned());
+                shared.push(Rebalance::Assign(new));
+            }
+            next_discovery = if settings.discovery_interval.is_zero() && missing.is_empty() {
+                Instant::now() + Duration::from_secs(u32::MAX as u64)
+            } else if settings.discovery_interval.is_zero() {
+                Instant::now() + Duration::from_secs(10)
+            } else {
+                Instant::now() + settings.discovery_interval
+            };
         }
-    });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tag(store: &str, at_ms: i64) -> CommitTag {
-        CommitTag {
-            store: store.into(),
-            at_ms,
-            instance: "pod-0".into(),
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if Instant::now() < next_beat {
+            continue;
         }
-    }
-
-    #[test]
-    fn a_tag_survives_its_encoding_and_foreign_metadata_is_ignored() {
-        let t = tag("a1b2", 1_700_000_000_123);
-        assert_eq!(CommitTag::parse(&t.encode()), Some(t));
-        assert_eq!(CommitTag::parse(""), None);
-        assert_eq!(CommitTag::parse("some other tool"), None);
-        assert_eq!(CommitTag::parse("checkpointer at=5"), None);
-    }
-
-    #[test]
-    fn only_a_recent_commit_by_another_store_is_a_live_instance() {
-        let now = 1_000_000;
-        let live = LIVE_WITHIN.as_millis() as i64;
-        let own = tag("mine", now - 10);
-        let stale = tag("other", now - live);
-        assert_eq!(live_other([&own, &stale], "mine", now), None);
-        let fresh = tag("other", now - live + 1);
-        let newest = tag("third", now - 5);
-        assert_eq!(
-            live_other([&own, &stale, &fresh, &newest], "mine", now),
-            Some(&newest)
-        );
+        next_beat = Instant::now() + HEARTBEAT;
+        let (c, s, tag) = (consumer.clone(), shared.clone(), settings.tag.clone());
+        let ps: Vec<Partition> = known.iter().cloned().collect();
+        match tokio::task::spawn_blocking(move || heartbeat(&c, &s, &ps, &tag)).await {
+            Err(_) => return Ok(()),
+            Ok(Beat::Fine) => {}
+            Ok(Beat::Rival(other, true)) => {
+                return Err(format!(
+                    "another instance reads consumer group {group:?} too: store {} ({}), run {}, started {} ms before this one and committed offsets after this one started; with state.scope: instance only one instance may read a group, and the one that started later stops. Stop one of them for good, or give each its own kafka.group_id",
+                    other.store,
+                    other.instance,
+                    other.run,
+                    settings.tag.since_ms - other.since_ms
+                ));
+            }
+            Ok(Beat::Rival(other, false)) => {
+                if log_due() {
+                    tracing::warn!(%group, other_store = %other.store, other_instance = %other.instance, other_run = %other.run, "another instance that started after this one reads the consumer group too; it stops at its next heartbeat");
+                }
+            }
+            Ok(Beat::Members(e)) => {
+                return Err(format!(
+                    "consumer group {group:?} has active members now (an instance with state.scope: partition, or another consumer subscribed with this group id), and this instance, with state.scope: instance, reads every partition without membership: the output would double, so it stops ({e})"
+                ));
+            }
+        }
     }
 }

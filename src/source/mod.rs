@@ -6,6 +6,7 @@
 //! progress.
 
 pub mod direct;
+pub mod ownership;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -170,6 +171,14 @@ impl Shared {
             .clone()
     }
 
+    /// Partitions to start at their earliest offset when no position is held for them.
+    pub fn from_beginning_snapshot(&self) -> std::collections::HashSet<Partition> {
+        self.from_beginning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// `partitions` start at their earliest offset when no position is held for them.
     pub fn start_from_beginning(&self, partitions: &[Partition]) {
         self.from_beginning
@@ -223,7 +232,7 @@ pub struct SourceContext {
     /// Partitions are assigned directly, without group membership.
     direct: bool,
     /// The metadata of every offset commit.
-    tag: direct::CommitTag,
+    tag: ownership::CommitTag,
 }
 
 impl ClientContext for SourceContext {
@@ -384,7 +393,7 @@ pub struct SourceSettings<'a> {
     /// Assign partitions directly ([`direct`]) instead of subscribing as a group member.
     pub direct: bool,
     /// The metadata of every offset commit.
-    pub tag: direct::CommitTag,
+    pub tag: ownership::CommitTag,
 }
 
 /// librdkafka settings shared by the consumer and the producer.
