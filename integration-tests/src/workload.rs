@@ -214,6 +214,29 @@ pub fn max_ts(partitions: &[Vec<Event>]) -> i64 {
         .unwrap_or(START_TS)
 }
 
+/// `events` with every key prefixed by its partition (`p<N>-`): keys live on one partition
+/// each, as Kafka's partitioner places keyed records, so that partition-scoped windows are the
+/// model's per-key windows.
+pub fn partition_local(events: Vec<Vec<Event>>) -> Vec<Vec<Event>> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(p, evs)| {
+            evs.into_iter()
+                .map(|mut e| {
+                    e.key = local_key(p, &e.key);
+                    e
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `key` as [`partition_local`] writes it for partition `p`.
+pub fn local_key(p: usize, key: &str) -> String {
+    format!("p{p}-{key}")
+}
+
 /// The sentinel record for one partition.
 pub fn sentinel(ts: i64) -> Event {
     Event {

@@ -108,23 +108,16 @@ fn run(
     // partition-scoped windows are per partition: there, keys live on one partition each
     let key_of = |p: usize, key: &str| {
         if partition_scope {
-            format!("p{p}-{key}")
+            workload::local_key(p, key)
         } else {
             key.to_owned()
         }
     };
-    let events: Vec<Vec<Event>> = events
-        .into_iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            evs.into_iter()
-                .map(|mut e| {
-                    e.key = key_of(p, &e.key);
-                    e
-                })
-                .collect()
-        })
-        .collect();
+    let events = if partition_scope {
+        workload::partition_local(events)
+    } else {
+        events
+    };
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
     let mut config = ServiceConfig::new(broker, &input, &output);
     config

@@ -132,23 +132,16 @@ fn run(
     let local = !matches!(membership, Membership::Direct);
     let key_of = |p: usize, key: &str| {
         if local {
-            format!("p{p}-{key}")
+            workload::local_key(p, key)
         } else {
             key.to_owned()
         }
     };
-    let events: Vec<Vec<Event>> = events
-        .into_iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            evs.into_iter()
-                .map(|mut e| {
-                    e.key = key_of(p, &e.key);
-                    e
-                })
-                .collect()
-        })
-        .collect();
+    let events = if local {
+        workload::partition_local(events)
+    } else {
+        events
+    };
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
     let expected = expected_windows(&service.config().windows, &all);
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;

@@ -21,23 +21,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Events whose keys live on one partition each (as Kafka's partitioner does for keyed
-/// messages), so that partition-scoped windows are the model's per-key windows.
-fn partition_local(events: Vec<Vec<Event>>) -> Vec<Vec<Event>> {
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            evs.into_iter()
-                .map(|mut e| {
-                    e.key = format!("p{p}-{}", e.key);
-                    e
-                })
-                .collect()
-        })
-        .collect()
-}
-
 fn records(events: &[Vec<Event>], sentinel_ts: Option<i64>) -> Vec<Vec<Record>> {
     events
         .iter()
@@ -46,7 +29,7 @@ fn records(events: &[Vec<Event>], sentinel_ts: Option<i64>) -> Vec<Vec<Record>> 
             let mut out = workload::valid_records(evs);
             if let Some(ts) = sentinel_ts {
                 let mut s = workload::sentinel(ts);
-                s.key = format!("p{p}-{}", s.key);
+                s.key = workload::local_key(p, &s.key);
                 out.push(Record::Valid(s));
             }
             out
@@ -91,7 +74,7 @@ fn empty_volume(seed: u64) -> Result<()> {
     let mut reader = OutputReader::new(broker, &output)?;
 
     // the first instance reads a first half, then stops; its volume is not used again
-    let first = partition_local(workload::generate(
+    let first = workload::partition_local(workload::generate(
         &mut rng,
         StreamShape {
             partitions: PARTITIONS,
@@ -123,7 +106,7 @@ fn empty_volume(seed: u64) -> Result<()> {
     );
 
     // the second instance starts on an empty volume in the same group
-    let second = partition_local(workload::generate(
+    let second = workload::partition_local(workload::generate(
         &mut rng,
         StreamShape {
             partitions: PARTITIONS,
@@ -228,7 +211,7 @@ fn group(seed: u64) -> Result<()> {
         cfg
     };
 
-    let events = partition_local(workload::generate(
+    let events = workload::partition_local(workload::generate(
         &mut rng,
         StreamShape {
             partitions: GROUP_PARTITIONS,

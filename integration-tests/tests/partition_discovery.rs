@@ -82,7 +82,7 @@ fn run(seed: u64) -> Result<()> {
         )
         .remove(0);
         for e in part.iter_mut() {
-            e.key = format!("p{p}-{}", e.key);
+            e.key = workload::local_key(p, &e.key);
         }
         start_ts = workload::max_ts(std::slice::from_ref(&part)) + 1_000;
         events.push(part);
@@ -90,7 +90,7 @@ fn run(seed: u64) -> Result<()> {
     let sentinel_ts = start_ts + 3_600_000;
     let sentinel = |p: usize| {
         let mut s = workload::sentinel(sentinel_ts);
-        s.key = format!("p{p}-{}", s.key);
+        s.key = workload::local_key(p, &s.key);
         Record::Valid(s)
     };
     let all: Vec<Event> = events.iter().flatten().cloned().collect();

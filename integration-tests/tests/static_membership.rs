@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use integration_tests::metrics::RECORDS_LATE;
-use integration_tests::model::{expected_windows, Event};
+use integration_tests::model::expected_windows;
 use integration_tests::verify::{check_output, contains_all};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
 use integration_tests::{poll_until, test_seed, unique_name, Broker, OutputReader, Producer};
@@ -70,7 +70,7 @@ fn run(seed: u64) -> Result<()> {
     let windows = base.windows.clone();
 
     // keys live on one partition each, so partition-scoped windows are the model's windows
-    let events: Vec<Vec<Event>> = workload::generate(
+    let events = workload::partition_local(workload::generate(
         &mut rng,
         StreamShape {
             partitions: PARTITIONS,
@@ -78,18 +78,7 @@ fn run(seed: u64) -> Result<()> {
             keys: 4,
             start_ts: START_TS,
         },
-    )
-    .into_iter()
-    .enumerate()
-    .map(|(p, evs)| {
-        evs.into_iter()
-            .map(|mut e| {
-                e.key = format!("p{p}-{}", e.key);
-                e
-            })
-            .collect()
-    })
-    .collect();
+    ));
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
     let expected = expected_windows(
         &windows,
@@ -101,7 +90,7 @@ fn run(seed: u64) -> Result<()> {
         .map(|(p, evs)| {
             let mut out = workload::valid_records(evs);
             let mut s = workload::sentinel(sentinel_ts);
-            s.key = format!("p{p}-{}", s.key);
+            s.key = workload::local_key(p, &s.key);
             out.push(Record::Valid(s));
             out
         })
