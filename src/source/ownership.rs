@@ -12,6 +12,9 @@ use std::time::Duration;
 
 /// A commit by another store younger than this means that instance is alive.
 pub const LIVE_WITHIN: Duration = Duration::from_secs(30);
+/// How far two hosts' clocks may disagree: a commit stamped less than this after a run started
+/// may be the last one of a process that stopped before it (on a host whose clock is ahead).
+pub const CLOCK_SLACK: Duration = Duration::from_secs(5);
 
 /// Who made a commit, written as its metadata:
 /// `checkpointer store=ID run=ID since=MS at=MS instance=NAME`.
@@ -82,14 +85,15 @@ pub fn live_other<'a>(
         .max_by_key(|t| t.at_ms)
 }
 
-/// A commit by another run made after `mine` started: a second process reads the group now
-/// (an earlier run of this store stopped before this one could start).
+/// A commit by another run made after `mine` started (by more than [`CLOCK_SLACK`]): a second
+/// process reads the group now (an earlier run of this store stopped before this one started).
 pub fn rival<'a>(
     tags: impl IntoIterator<Item = &'a CommitTag>,
     mine: &CommitTag,
 ) -> Option<&'a CommitTag> {
+    let after = mine.since_ms + CLOCK_SLACK.as_millis() as i64;
     tags.into_iter()
-        .filter(|t| t.run != mine.run && t.at_ms > mine.since_ms)
+        .filter(|t| t.run != mine.run && t.at_ms > after)
         .max_by_key(|t| t.at_ms)
 }
 
@@ -150,11 +154,14 @@ mod tests {
 
     #[test]
     fn a_commit_by_another_run_after_this_one_started_is_a_rival_and_the_later_start_yields() {
+        let slack = CLOCK_SLACK.as_millis() as i64;
         let me = tag("mine", "r2", 1_000, 5_000);
         let before = tag("mine", "r1", 0, 999);
-        assert_eq!(rival([&before, &me], &me), None);
+        // the last commit of a run that stopped, stamped by a clock a little ahead
+        let skewed = tag("mine", "r1", 0, 1_000 + slack);
+        assert_eq!(rival([&before, &skewed, &me], &me), None);
         // a copy of this store, committing while this run reads
-        let copy = tag("mine", "r3", 2_000, 4_000);
+        let copy = tag("mine", "r3", 2_000, 1_001 + slack);
         assert_eq!(rival([&before, &copy], &me), Some(&copy));
         assert!(!yields(&me, &copy));
         assert!(yields(&copy, &me));
