@@ -814,6 +814,7 @@ fn spawn_kept(command: Command) -> std::io::Result<Child> {
             .spawn(move || {
                 for (mut command, reply) in rx {
                     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    #[allow(unsafe_code)]
                     unsafe {
                         command.pre_exec(|| {
                             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)

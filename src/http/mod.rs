@@ -8,7 +8,9 @@ pub mod page;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use crate::lock::lock;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -107,35 +109,26 @@ impl AdminState {
     pub fn set_ready(&self, ready: bool, reason: &str) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
-        let mut r = self
-            .ready_reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut r = lock(&self.ready_reason);
         if *r != reason {
             *r = reason.to_string();
         }
     }
 
     pub fn ready_reason(&self) -> String {
-        self.ready_reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.ready_reason).clone()
     }
 
     pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
-        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.history)
     }
 
     pub fn set_progress(&self, progress: Progress) {
-        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = progress;
+        *lock(&self.progress) = progress;
     }
 
     pub fn progress(&self) -> Progress {
-        self.progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.progress).clone()
     }
 }
 

@@ -24,6 +24,7 @@ use crate::config::{duration_ms, CheckpointMode, Settings, StateScope};
 use crate::engine::{Decoder, Engine, EngineConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimit;
 use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
 use crate::store::{Retention, Store, StoreError, FORMAT_VERSION};
@@ -103,7 +104,7 @@ pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<P
 /// the same volume may still be writing its final checkpoint. Logged while it waits.
 fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Store, StoreError> {
     let started = Instant::now();
-    let mut next_log = started;
+    let mut log = RateLimit::new(Duration::from_secs(10));
     loop {
         match Store::open_unversioned(dir) {
             Err(StoreError::Locked { path }) => {
@@ -111,9 +112,8 @@ fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Store, StoreErr
                 if waited >= wait {
                     return Err(StoreError::LockTimeout { path, waited });
                 }
-                if Instant::now() >= next_log {
+                if log.check().is_some() {
                     tracing::warn!(dir = %path.display(), waited_s = waited.as_secs(), limit_s = wait.as_secs(), "checkpoint store is locked by another process (an instance still shutting down?); waiting for it");
-                    next_log = Instant::now() + Duration::from_secs(10);
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -394,8 +394,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         started: Instant::now(),
         assigned: Vec::new(),
         broker_down: false,
-        last_error_log: None,
-        suppressed_errors: 0,
+        invalid_log: RateLimit::new(runtime::ERROR_LOG_EVERY),
+        consumer_error_log: RateLimit::new(runtime::ERROR_LOG_EVERY),
         last_gauges: Instant::now(),
         last_durable: restored.head,
         stop_requested: false,

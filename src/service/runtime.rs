@@ -22,6 +22,7 @@ use crate::engine::{Decoder, Engine, Outcome, StateKey};
 use crate::http::{AdminState, Command, Progress, Reply};
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
+use crate::ratelimit::RateLimit;
 use crate::sink::Sink;
 use crate::source::{self, Rebalance, Shared, Source};
 use crate::store::{SavepointMeta, Store};
@@ -29,7 +30,7 @@ use crate::store::{SavepointMeta, Store};
 /// How often timers (checkpoint due, timeouts, gauges) are evaluated.
 const TICK: Duration = Duration::from_millis(50);
 /// Minimum time between two identical consumer-error log lines.
-const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+pub(super) const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) struct InFlight {
     pub(super) abandoned: Arc<AtomicBool>,
@@ -54,8 +55,9 @@ pub(super) struct Runtime {
     pub(super) started: Instant,
     pub(super) assigned: Vec<Partition>,
     pub(super) broker_down: bool,
-    pub(super) last_error_log: Option<Instant>,
-    pub(super) suppressed_errors: u64,
+    /// Invalid records and consumer errors are logged at most every [`ERROR_LOG_EVERY`].
+    pub(super) invalid_log: RateLimit,
+    pub(super) consumer_error_log: RateLimit,
     pub(super) last_gauges: Instant,
     pub(super) last_durable: Option<u64>,
     /// Assigned partitions whose first record has not arrived yet.
@@ -227,16 +229,8 @@ impl Runtime {
     }
 
     fn log_invalid(&mut self, p: &Partition, offset: i64, reason: &str) {
-        let now = Instant::now();
-        if self
-            .last_error_log
-            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
-        {
-            tracing::warn!(partition = %p, offset, reason, suppressed = self.suppressed_errors, "skipping invalid record (further ones are counted in checkpointer_records_invalid_total and logged at most every 10s)");
-            self.last_error_log = Some(now);
-            self.suppressed_errors = 0;
-        } else {
-            self.suppressed_errors += 1;
+        if let Some(suppressed) = self.invalid_log.check() {
+            tracing::warn!(partition = %p, offset, reason, suppressed, "skipping invalid record (further ones are counted in checkpointer_records_invalid_total and logged at most every 10s)");
         }
     }
 
@@ -296,13 +290,8 @@ impl Runtime {
         }
         // one broker failing is not an outage: its partitions move to other leaders
         let down = e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
-        let now = Instant::now();
-        if self
-            .last_error_log
-            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
-        {
-            tracing::warn!(error = %e, "consumer error, retrying with backoff");
-            self.last_error_log = Some(now);
+        if let Some(suppressed) = self.consumer_error_log.check() {
+            tracing::warn!(error = %e, suppressed, "consumer error, retrying");
         }
         if down {
             self.shared.set_broker_error(Some(e.to_string()));

@@ -38,6 +38,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::ownership::{live_other, rival, yields, CommitTag};
 use super::{Rebalance, Shared, Source};
 use crate::position::{NextOffset, Partition};
+use crate::ratelimit::RateLimit;
 
 /// How often the last committed offsets are committed again (the heartbeat others see), and
 /// the group's commits read for a rival.
@@ -251,14 +252,8 @@ async fn run(
     let mut checked = false;
     let mut next_discovery = Instant::now();
     let mut next_beat = Instant::now() + HEARTBEAT;
-    let mut last_log: Option<Instant> = None;
-    let mut log_due = move || {
-        let due = last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
-        if due {
-            last_log = Some(Instant::now());
-        }
-        due
-    };
+    let mut log = RateLimit::new(Duration::from_secs(10));
+    let mut log_due = move || log.check().is_some();
     let group = settings.group.clone();
     loop {
         if Instant::now() >= next_discovery {

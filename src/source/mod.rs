@@ -9,7 +9,9 @@ pub mod direct;
 pub mod ownership;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use crate::lock::lock;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -92,10 +94,7 @@ impl Shared {
     }
 
     pub fn set_position(&self, p: &Partition, next: NextOffset) {
-        let mut map = self
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = lock(&self.positions);
         match map.get_mut(p) {
             Some(v) => *v = next,
             None => {
@@ -107,10 +106,7 @@ impl Shared {
     /// Forgets the positions of partitions whose state this instance no longer holds: they
     /// must not be resumed from there with an empty state.
     pub fn clear_positions(&self, partitions: &[Partition]) {
-        let mut map = self
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = lock(&self.positions);
         for p in partitions {
             map.remove(p);
         }
@@ -118,38 +114,25 @@ impl Shared {
 
     /// The client reported the brokers unreachable (`Some`) or the consumer received again.
     pub fn set_broker_error(&self, error: Option<String>) {
-        *self
-            .broker_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = error;
+        *lock(&self.broker_error) = error;
     }
 
     pub fn broker_error(&self) -> Option<String> {
-        self.broker_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.broker_error).clone()
     }
 
     pub fn set_assigned(&self, partitions: &[Partition]) {
-        *self.assigned.lock().unwrap_or_else(PoisonError::into_inner) = partitions.to_vec();
+        *lock(&self.assigned) = partitions.to_vec();
     }
 
     pub fn assigned(&self) -> Vec<Partition> {
-        self.assigned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.assigned).clone()
     }
 
     /// Assigned partitions with their next offset and last measured lag.
     pub fn partitions(&self) -> Vec<(Partition, Option<NextOffset>, Option<i64>)> {
-        let positions = self
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let lags = self.lags.lock().unwrap_or_else(PoisonError::into_inner);
+        let positions = lock(&self.positions).clone();
+        let lags = lock(&self.lags);
         let mut out: Vec<_> = self
             .assigned()
             .into_iter()
@@ -165,62 +148,40 @@ impl Shared {
 
     /// Every held position.
     pub fn positions_snapshot(&self) -> HashMap<Partition, NextOffset> {
-        self.positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.positions).clone()
     }
 
     /// Partitions to start at their earliest offset when no position is held for them.
     pub fn from_beginning_snapshot(&self) -> std::collections::HashSet<Partition> {
-        self.from_beginning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.from_beginning).clone()
     }
 
     /// `partitions` start at their earliest offset when no position is held for them.
     pub fn start_from_beginning(&self, partitions: &[Partition]) {
-        self.from_beginning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(partitions.iter().cloned());
+        lock(&self.from_beginning).extend(partitions.iter().cloned());
     }
 
     fn set_committed(&self, positions: Vec<(Partition, NextOffset)>) {
-        *self
-            .committed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (positions, Some(std::time::Instant::now()));
+        *lock(&self.committed) = (positions, Some(std::time::Instant::now()));
     }
 
     /// The positions last committed.
     pub fn committed(&self) -> Vec<(Partition, NextOffset)> {
-        self.committed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .0
-            .clone()
+        lock(&self.committed).0.clone()
     }
 
     /// Something was committed, longer than `every` ago.
     fn commit_due(&self, every: std::time::Duration) -> bool {
-        let committed = self
-            .committed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let committed = lock(&self.committed);
         !committed.0.is_empty() && committed.1.is_none_or(|t| t.elapsed() >= every)
     }
 
     pub fn take_events(&self) -> Vec<Rebalance> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
+        std::mem::take(&mut *lock(&self.events))
     }
 
     fn push(&self, e: Rebalance) {
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(e);
+        lock(&self.events).push(e);
     }
 }
 
@@ -265,18 +226,8 @@ impl SourceContext {
         partitions: &[Partition],
     ) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
-        let positions = self
-            .shared
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let from_beginning = self
-            .shared
-            .from_beginning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let positions = lock(&self.shared.positions).clone();
+        let from_beginning = lock(&self.shared.from_beginning).clone();
         for p in partitions {
             let start = match positions.get(p) {
                 Some(next) => Offset::Offset(next.0),
@@ -505,11 +456,7 @@ pub fn spawn_lag_monitor(
         loop {
             tokio::time::sleep(every).await;
             let assigned = shared.assigned();
-            let positions = shared
-                .positions
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let positions = lock(&shared.positions).clone();
             let consumer = consumer.clone();
             let lags = tokio::task::spawn_blocking(move || {
                 assigned
@@ -529,7 +476,7 @@ pub fn spawn_lag_monitor(
                         tracing::info!("brokers reachable again");
                         shared.set_broker_error(None);
                     }
-                    let mut known = shared.lags.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut known = lock(&shared.lags);
                     // partitions no longer assigned here stop being reported
                     let current: std::collections::HashSet<&Partition> =
                         lags.iter().map(|(p, _)| p).collect();
