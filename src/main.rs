@@ -266,7 +266,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let dir = dir.unwrap_or_else(|| settings.checkpoint.dir.clone());
-            match checkpointer::service::preflight(&settings, &dir) {
+            match checkpointer::ops::preflight::preflight(&settings, &dir) {
                 Ok(p) => {
                     print!("{}", p.text);
                     if p.would_start {

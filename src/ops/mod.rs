@@ -1,7 +1,9 @@
 //! Operator commands of the binary besides `run`: offline inspection of a checkpoint directory
-//! and savepoint files (`offline`), and requests to a running instance (`remote`).
+//! and savepoint files (`offline`), the restore pre-flight (`preflight`), and requests to a
+//! running instance (`remote`).
 
 pub mod offline;
+pub mod preflight;
 pub mod remote;
 
 /// A command's failure, printed by `main` as `checkpointer: <message>`.

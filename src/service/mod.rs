@@ -4,7 +4,7 @@
 mod handoff;
 mod lifecycle;
 mod releases;
-mod restore;
+pub(crate) mod restore;
 mod runtime;
 
 use std::collections::HashMap;
@@ -29,76 +29,6 @@ use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
 use crate::store::{Retention, Store, StoreError, FORMAT_VERSION};
 use runtime::Runtime;
-
-/// What `check-restore` found.
-pub struct Preflight {
-    pub text: String,
-    /// Whether a start with this configuration would go ahead.
-    pub would_start: bool,
-}
-
-/// `check-restore`: what a start with `settings` would restore from `dir` and what the new
-/// configuration does to it. Reads only: an older format is checked on a migrated copy.
-pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<Preflight> {
-    let spec = settings.state_spec()?;
-    let c = &settings.checkpoint;
-    let request = restore::Request {
-        from: &c.restore_from,
-        prefer_checkpoint: c.prefer_checkpoint_for_recovery,
-        target: Target {
-            spec: &spec,
-            topics: &settings.kafka.topics,
-            auto_offset_reset: settings.kafka.auto_offset_reset.as_str(),
-        },
-        allow_non_restored_state: c.allow_non_restored_state,
-    };
-    let head = format!("checkpoint.dir {}", dir.display());
-    let store = match Store::inspect(dir) {
-        Err(StoreError::Missing { .. }) => {
-            return Ok(Preflight {
-                text: format!("{head}: no checkpoint store yet; the start would begin empty\n"),
-                would_start: true,
-            })
-        }
-        other => other?,
-    };
-    match restore::restore(&store, &request, &Metrics::new()) {
-        Ok(restored) => {
-            let Some(report) = &restored.report else {
-                return Ok(Preflight {
-                    text: format!(
-                        "{head}: nothing to restore (restore_from: {}); the start would begin empty\n",
-                        c.restore_from
-                    ),
-                    would_start: true,
-                });
-            };
-            let dropped = report.incompatible_open_windows();
-            let verdict = if dropped > 0 {
-                format!("the start would go ahead and drop {dropped} open windows (checkpoint.allow_non_restored_state is true)")
-            } else {
-                "the start would go ahead".to_string()
-            };
-            Ok(Preflight {
-                text: format!(
-                    "{head}: would restore {}\n{report}verdict: {verdict}\n",
-                    restored.describe()
-                ),
-                would_start: true,
-            })
-        }
-        Err(e) => match e.downcast::<restore::Incompatible>() {
-            Ok(inc) => Ok(Preflight {
-                text: format!(
-                    "{head}: would restore {}\n{}verdict: the start would be refused: {} open windows do not fit the new configuration; keep the previous configuration for them, or set checkpoint.allow_non_restored_state: true to drop them\n",
-                    inc.snapshot, inc.report, inc.open
-                ),
-                would_start: false,
-            }),
-            Err(other) => Err(other),
-        },
-    }
-}
 
 /// Opens the store, waiting up to `wait` for a lock another process holds: an old instance on
 /// the same volume may still be writing its final checkpoint. Logged while it waits.
