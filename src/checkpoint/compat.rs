@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::protocol::{InputSpec, StateSpec};
+use crate::config::OffsetReset;
 use crate::engine::{AggregateKind, EntryStatus, RestoredState, StateKey, WindowDef};
 
 /// The configuration a snapshot is about to be restored under.
@@ -17,7 +18,7 @@ pub struct Target<'a> {
     pub spec: &'a StateSpec,
     pub topics: &'a [String],
     /// `earliest` or `latest`: where partitions without a stored offset start.
-    pub auto_offset_reset: &'a str,
+    pub auto_offset_reset: OffsetReset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

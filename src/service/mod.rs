@@ -69,7 +69,7 @@ fn open_and_restore(
         target: Target {
             spec,
             topics: &settings.kafka.topics,
-            auto_offset_reset: settings.kafka.auto_offset_reset.as_str(),
+            auto_offset_reset: settings.kafka.auto_offset_reset,
         },
         allow_non_restored_state: c.allow_non_restored_state,
     };
@@ -239,7 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             brokers: &k.brokers,
             group_id: &k.group_id,
             topics: &k.topics,
-            auto_offset_reset: k.auto_offset_reset.as_str(),
+            auto_offset_reset: k.auto_offset_reset,
             instance_id: k.instance_id.as_deref(),
             options: &k.options,
             direct,
@@ -258,7 +258,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 discovery_interval: k.partition_discovery_interval,
                 tag,
                 wait: settings.checkpoint.lock_wait,
-                reset_latest: k.auto_offset_reset == crate::config::OffsetReset::Latest,
+                reset: k.auto_offset_reset,
             },
         );
     }

@@ -281,11 +281,7 @@ impl Runtime {
                 .iter()
                 .map(|p| (p.clone(), self.engine.position(p)))
                 .collect();
-            source::reposition(
-                consumer,
-                &positions,
-                self.settings.kafka.auto_offset_reset.as_str(),
-            );
+            source::reposition(consumer, &positions, self.settings.kafka.auto_offset_reset);
             return;
         }
         // one broker failing is not an outage: its partitions move to other leaders

@@ -37,6 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::ownership::{live_other, rival, yields, CommitTag};
 use super::{Rebalance, Shared, Source};
+use crate::config::OffsetReset;
 use crate::position::{NextOffset, Partition};
 use crate::ratelimit::RateLimit;
 
@@ -120,7 +121,7 @@ fn check_group(
     shared: &Shared,
     partitions: &[Partition],
     tag: &CommitTag,
-    reset_latest: bool,
+    reset: OffsetReset,
 ) -> GroupCheck {
     let (committed, tags) = match read_group(consumer, partitions) {
         Ok(found) => found,
@@ -140,7 +141,9 @@ fn check_group(
             (Some(next), _) => *next,
             (None, Offset::Offset(o)) if o >= 0 => NextOffset(o),
             _ => match consumer.fetch_watermarks(&p.topic, p.partition, REQUEST_TIMEOUT) {
-                Ok((low, _)) if from_beginning.contains(&p) || !reset_latest => NextOffset(low),
+                Ok((low, _)) if from_beginning.contains(&p) || reset == OffsetReset::Earliest => {
+                    NextOffset(low)
+                }
                 Ok((_, high)) => NextOffset(high),
                 Err(_) => continue,
             },
@@ -193,8 +196,8 @@ pub struct DirectSettings {
     pub tag: CommitTag,
     /// How long the start waits for another instance to stop.
     pub wait: Duration,
-    /// `auto_offset_reset: latest`.
-    pub reset_latest: bool,
+    /// `kafka.auto_offset_reset`.
+    pub reset: OffsetReset,
 }
 
 /// What a heartbeat found.
@@ -299,9 +302,9 @@ async fn run(
                     new.clone(),
                     settings.tag.clone(),
                 );
-                let latest = settings.reset_latest;
+                let reset = settings.reset;
                 let verdict =
-                    tokio::task::spawn_blocking(move || check_group(&c, &s, &ps, &tag, latest))
+                    tokio::task::spawn_blocking(move || check_group(&c, &s, &ps, &tag, reset))
                         .await
                         .map_err(|_| String::new());
                 match verdict {

@@ -22,6 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::config::OffsetReset;
 use crate::kafka_log::ErrorLog;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
@@ -338,7 +339,7 @@ pub struct SourceSettings<'a> {
     pub brokers: &'a str,
     pub group_id: &'a str,
     pub topics: &'a [String],
-    pub auto_offset_reset: &'a str,
+    pub auto_offset_reset: OffsetReset,
     pub instance_id: Option<&'a str>,
     pub options: &'a std::collections::BTreeMap<String, String>,
     /// Assign partitions directly ([`direct`]) instead of subscribing as a group member.
@@ -380,8 +381,8 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
             shared,
             errors: ErrorLog::default(),
             reset: match settings.auto_offset_reset {
-                "latest" => Offset::End,
-                _ => Offset::Beginning,
+                OffsetReset::Latest => Offset::End,
+                OffsetReset::Earliest => Offset::Beginning,
             },
             direct: settings.direct,
             tag: settings.tag.clone(),
@@ -402,11 +403,15 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
 
 /// Moves every partition back to the position the service holds for it (after the broker
 /// reported a position out of range: librdkafka does not say which partition).
-pub fn reposition(consumer: &Source, positions: &[(Partition, Option<NextOffset>)], reset: &str) {
+pub fn reposition(
+    consumer: &Source,
+    positions: &[(Partition, Option<NextOffset>)],
+    reset: OffsetReset,
+) {
     for (p, next) in positions {
         let offset = match next {
             Some(n) => Offset::Offset(n.0),
-            None if reset == "latest" => Offset::End,
+            None if reset == OffsetReset::Latest => Offset::End,
             None => Offset::Beginning,
         };
         if let Err(e) = consumer.seek(&p.topic, p.partition, offset, Duration::from_secs(1)) {

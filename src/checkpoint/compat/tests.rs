@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::OffsetReset;
 use crate::engine::{Acc, Entry, PartitionState, WindowDef, WindowKind};
 use crate::position::{NextOffset, Partition};
 
@@ -89,7 +90,7 @@ fn assess_with(configured: &StateSpec, subscribed: &[&str]) -> Report {
         Target {
             spec: configured,
             topics: &subscribed,
-            auto_offset_reset: "earliest",
+            auto_offset_reset: OffsetReset::Earliest,
         },
     )
 }
@@ -107,7 +108,7 @@ fn assess_on(
         Target {
             spec: configured,
             topics: t,
-            auto_offset_reset: "earliest",
+            auto_offset_reset: OffsetReset::Earliest,
         },
     )
 }
@@ -205,7 +206,7 @@ fn a_changed_window_without_open_state_does_not_refuse() {
         Target {
             spec: &configured,
             topics: &t,
-            auto_offset_reset: "latest",
+            auto_offset_reset: OffsetReset::Latest,
         },
     );
     assert!(matches!(
