@@ -580,6 +580,20 @@ impl Service {
         }
     }
 
+    /// [`Service::sigterm`], and an error naming the status and the log's end unless the
+    /// process exited 0: the graceful stop every test expects.
+    pub fn stop_cleanly(&mut self, timeout: Duration) -> Result<()> {
+        let status = self.sigterm(timeout)?;
+        if status.code() != Some(0) {
+            bail!(
+                "{}: exit status after SIGTERM: {status}\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of the service log, for failure reports: colour codes stripped
     /// and the periodic "checkpoint completed" lines left out (the file has everything).
     pub fn log_tail(&self, lines: usize) -> String {

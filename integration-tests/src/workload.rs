@@ -214,6 +214,19 @@ pub fn max_ts(partitions: &[Vec<Event>]) -> i64 {
         .unwrap_or(START_TS)
 }
 
+/// Each partition's valid records followed by one sentinel at `sentinel_ts`, which closes
+/// every window before it.
+pub fn with_sentinels(events: &[Vec<Event>], sentinel_ts: i64) -> Vec<Vec<Record>> {
+    events
+        .iter()
+        .map(|partition| {
+            let mut records = valid_records(partition);
+            records.push(Record::Valid(sentinel(sentinel_ts)));
+            records
+        })
+        .collect()
+}
+
 /// `events` with every key prefixed by its partition (`p<N>-`): keys live on one partition
 /// each, as Kafka's partitioner places keyed records, so that partition-scoped windows are the
 /// model's per-key windows.

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use integration_tests::metrics::{RECORDS_CONSUMED, RECORDS_LATE, WINDOWS_EMITTED};
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::verify::{check_output, contains_all};
-use integration_tests::workload::{self, Record, StreamShape, MAX_STEP_BACK_MS, START_TS};
+use integration_tests::workload::{self, StreamShape, MAX_STEP_BACK_MS, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
 use rand::rngs::StdRng;
@@ -34,18 +34,6 @@ fn restart_after_sigterm_replays_nothing_and_resumes() {
     }
 }
 
-/// Valid records per partition followed by one sentinel at `sentinel_ts` on each.
-fn with_sentinels(events: &[Vec<Event>], sentinel_ts: i64) -> Vec<Vec<Record>> {
-    events
-        .iter()
-        .map(|partition| {
-            let mut records = workload::valid_records(partition);
-            records.push(Record::Valid(workload::sentinel(sentinel_ts)));
-            records
-        })
-        .collect()
-}
-
 fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &str) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     broker.create_topic(input, PARTITIONS as i32)?;
@@ -64,7 +52,7 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
         },
     );
     let first_sentinel_ts = workload::max_ts(&first) + 3_600_000;
-    let first_records = with_sentinels(&first, first_sentinel_ts);
+    let first_records = workload::with_sentinels(&first, first_sentinel_ts);
     let mut history: Vec<Event> = first.iter().flatten().cloned().collect();
     let expected_first = expected_windows(&windows, &history);
     let produced_first = producer.send_partitions(input, &first_records)?;
@@ -146,8 +134,10 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     let expected_all = expected_windows(&windows, &history);
     let new_windows = expected_all.len() - expected_first.len();
     ensure!(new_windows > 0);
-    let produced_second =
-        producer.send_partitions(input, &with_sentinels(&second, second_sentinel_ts))?;
+    let produced_second = producer.send_partitions(
+        input,
+        &workload::with_sentinels(&second, second_sentinel_ts),
+    )?;
 
     ensure!(
         reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected_all, m)),

@@ -133,8 +133,7 @@ fn run(seed: u64) -> Result<()> {
         !log.contains("beyond the held position") && !log.contains("before the held position"),
         "the first record after the restart was not at the held offset:\n{log}"
     );
-    let status = service.sigterm(Duration::from_secs(30))?;
-    ensure!(status.code() == Some(0), "exit status {status}");
+    service.stop_cleanly(Duration::from_secs(30))?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(15));
     // windows closed before the kill are sent again identically; none differs or is missing
     let summary = check_output(&expected, reader.messages())?;
@@ -237,8 +236,7 @@ fn transaction_gap(seed: u64) -> Result<()> {
         reader.poll_until(TIMEOUT, |m| contains_all(&expected, m)),
         "output incomplete"
     );
-    let status = service.sigterm(Duration::from_secs(30))?;
-    ensure!(status.code() == Some(0), "exit status {status}");
+    service.stop_cleanly(Duration::from_secs(30))?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(10));
     check_output(&expected, reader.messages())?;
     Ok(())

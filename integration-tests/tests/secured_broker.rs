@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Result};
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::verify::{check_output, contains_all};
-use integration_tests::workload::{self, Record, StreamShape, START_TS};
+use integration_tests::workload::{self, StreamShape, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
 use rand::rngs::StdRng;
@@ -69,14 +69,7 @@ fn run(seed: u64, broker: &Broker) -> Result<()> {
     );
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
-    let records: Vec<Vec<Record>> = events
-        .iter()
-        .map(|e| {
-            let mut r = workload::valid_records(e);
-            r.push(Record::Valid(workload::sentinel(sentinel_ts)));
-            r
-        })
-        .collect();
+    let records = workload::with_sentinels(&events, sentinel_ts);
     // the test's own clients use the plaintext listener
     Producer::new(broker)?.send_partitions(&input, &records)?;
 
@@ -95,8 +88,7 @@ fn run(seed: u64, broker: &Broker) -> Result<()> {
             .unwrap_or_default(),
         service.log_tail(40)
     );
-    let status = service.sigterm(Duration::from_secs(30))?;
-    ensure!(status.code() == Some(0), "exit status {status}");
+    service.stop_cleanly(Duration::from_secs(30))?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(10));
     let summary = check_output(&expected, reader.messages())?;
     ensure!(

@@ -82,8 +82,7 @@ fn run(seed: u64) -> Result<()> {
     // a copy of the first instance's volume (the same store id) started beside it passes the
     // start-up check (the commits it sees are its own store's), but the first heartbeat shows
     // commits by another run made since it started: the later start stops
-    let status = first.sigterm(STOP_TIMEOUT)?;
-    ensure!(status.code() == Some(0), "first instance exit: {status}");
+    first.stop_cleanly(STOP_TIMEOUT)?;
     let mut copy = Service::new("owner_copy", config.clone())?;
     copy.copy_state_from(&first.state_dir())?;
     first.start()?;
@@ -107,8 +106,7 @@ fn run(seed: u64) -> Result<()> {
         "the instance that started first stopped too:\n{}",
         first.log_tail(30)
     );
-    let status = first.sigterm(STOP_TIMEOUT)?;
-    ensure!(status.code() == Some(0), "first instance exit: {status}");
+    first.stop_cleanly(STOP_TIMEOUT)?;
 
     // a consumer that is a member of the group (and commits nothing): refused once it stays
     let stop = AtomicBool::new(false);

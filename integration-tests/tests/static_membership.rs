@@ -206,12 +206,7 @@ fn run(seed: u64) -> Result<()> {
             "late records:\n{}",
             metrics.text()
         );
-        let status = s.sigterm(STOP_TIMEOUT)?;
-        ensure!(
-            status.code() == Some(0),
-            "exit: {status}\n{}",
-            s.log_tail(40)
-        );
+        s.stop_cleanly(STOP_TIMEOUT)?;
     }
     reader.drain(Duration::from_secs(1), Duration::from_secs(15));
     // identical re-sends after the kill are allowed; a different value is not
