@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::lock::lock;
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -20,6 +18,7 @@ use axum::Router;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::history::History;
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::position::Partition;
 use crate::source::Shared;

@@ -10,8 +10,6 @@ pub mod ownership;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use crate::lock::lock;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -24,6 +22,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::OffsetReset;
 use crate::kafka_log::ErrorLog;
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 
@@ -74,7 +73,8 @@ pub struct Shared {
     assigned: Mutex<Vec<Partition>>,
     broker_error: Mutex<Option<String>>,
     lags: Mutex<HashMap<Partition, i64>>,
-    /// Partitions discovered while running: read from their beginning when nothing is held.
+    /// Partitions added to the topics (found while running, or while the service was down):
+    /// read from their beginning when nothing is held for them.
     from_beginning: Mutex<std::collections::HashSet<Partition>>,
     /// The positions last committed to the group, and when.
     committed: Mutex<Committed>,
@@ -227,8 +227,8 @@ impl SourceContext {
         partitions: &[Partition],
     ) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
-        let positions = lock(&self.shared.positions).clone();
-        let from_beginning = lock(&self.shared.from_beginning).clone();
+        let positions = self.shared.positions_snapshot();
+        let from_beginning = self.shared.from_beginning_snapshot();
         for p in partitions {
             let start = match positions.get(p) {
                 Some(next) => Offset::Offset(next.0),
