@@ -11,9 +11,9 @@
 //!   - `checkpoint_stall_full/<n>`: `Engine::snapshot(id, true)`;
 //!   - `checkpoint_duration/<n>`: `Store::write` of the delta into a sled store (in a temporary
 //!     directory) holding the full state, flush included (until the checkpoint is durable);
-//!   - `restore_reopen/<n>`: `Store::open` + `Store::load` + `Engine::restore`, the restart path;
+//!   - `restore_reopen/<n>`: `Store::open` + `Store::load` + `Engine::from_state`, the restart path;
 //!     each iteration first writes a delta checkpoint and closes the store (not timed);
-//!   - `restore/<n>`: `Store::load` on the already open store + `Engine::restore`.
+//!   - `restore/<n>`: `Store::load` on the already open store + `Engine::from_state`.
 //!
 //!   The store starts with a full checkpoint (its size and write time are printed once, they
 //!   are not a criterion measurement) and the restores read it after the deltas of
@@ -356,7 +356,8 @@ impl LiveState {
     fn durable(&mut self) -> &mut Durable {
         if self.durable.is_none() {
             let dir = tempfile::tempdir().expect("temporary directory");
-            let store = Store::open(dir.path()).expect("open store");
+            let store =
+                Store::open(dir.path(), checkpointer::store::Open::Create).expect("open store");
             let id = self.take_id();
             let cp = Checkpoint {
                 id,
@@ -439,7 +440,7 @@ fn reopen_store(path: &Path) -> (Instant, Store) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let start = Instant::now();
-        match Store::open(path) {
+        match Store::open(path, checkpointer::store::Open::Create) {
             Ok(store) => return (start, store),
             Err(StoreError::Locked { .. }) if start < deadline => {
                 std::thread::sleep(Duration::from_millis(1));
@@ -472,7 +473,7 @@ fn restore(live: &mut LiveState, iters: u64, reopen: bool) -> Duration {
             .load()
             .expect("load checkpoint")
             .expect("the store holds a checkpoint");
-        let engine = Engine::restore(live_config(), state).expect("restore engine");
+        let engine = Engine::from_state(live_config(), state).expect("restore engine");
         let took = start.elapsed();
         elapsed += took;
         if reopen && !durable.reopened {

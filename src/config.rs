@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::checkpoint::restore::RestoreFrom;
+pub use crate::checkpoint::choice::RestoreFrom;
 use crate::checkpoint::{InputSpec, StateSpec};
 use crate::engine::{AggregateKind, FieldSource, TimeSource, WindowDef, WindowKind};
+pub use crate::position::OffsetReset;
 
 /// Everything that can go wrong while loading or validating configuration. Each variant names
 /// the offending key so the operator can fix it without reading code.
@@ -85,29 +86,6 @@ pub struct KafkaSettings {
 
 fn default_partition_discovery_interval() -> Duration {
     Duration::from_secs(30)
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OffsetReset {
-    #[default]
-    Earliest,
-    Latest,
-}
-
-impl OffsetReset {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OffsetReset::Earliest => "earliest",
-            OffsetReset::Latest => "latest",
-        }
-    }
-}
-
-impl std::fmt::Display for OffsetReset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

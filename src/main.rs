@@ -328,7 +328,10 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(settings.log.format);
-            run_async(checkpointer::service::run(settings))
+            run_async(checkpointer::service::run(
+                settings,
+                checkpointer::service::shutdown_signal(),
+            ))
         }
     }
 }

@@ -69,7 +69,7 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
         WindowKind,
     };
     use checkpointer::position::{NextOffset, Partition};
-    let store = checkpointer::store::Store::open(state)
+    let store = checkpointer::store::Store::open(state, checkpointer::store::Open::Create)
         .expect("open store")
         .with_retention(checkpointer::store::Retention {
             checkpoints: 2,
@@ -192,7 +192,8 @@ fn a_start_waits_a_bounded_time_for_a_locked_store_then_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     // hold the store the way a running instance does
-    let _held = checkpointer::store::Store::open(&state).expect("open store");
+    let _held = checkpointer::store::Store::open(&state, checkpointer::store::Open::Create)
+        .expect("open store");
     let yaml = VALID.replace("dir: ./state", &format!("dir: {}", state.display()))
         + "http: { listen: 127.0.0.1:0 }\n";
     let yaml = yaml.replace("checkpoint: { dir:", "checkpoint: { lock_wait: 2s, dir:");
@@ -227,7 +228,8 @@ fn a_start_takes_the_store_over_once_the_old_process_lets_go() {
     use std::io::Read as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let held = checkpointer::store::Store::open(&state).expect("open store");
+    let held = checkpointer::store::Store::open(&state, checkpointer::store::Open::Create)
+        .expect("open store");
     let path = state_config(dir.path(), &state, "");
     let log = dir.path().join("run.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
@@ -319,7 +321,7 @@ fn check_restore(dir: &Path, yaml: &str, env: &[(&str, &str)]) -> Output {
 
 fn still_format_2(state: &Path) -> bool {
     matches!(
-        checkpointer::store::Store::open_with(state, checkpointer::store::Migrate::Refuse),
+        checkpointer::store::Store::open(state, checkpointer::store::Open::NoMigration),
         Err(checkpointer::store::StoreError::NeedsMigration { found: 2, .. })
     )
 }

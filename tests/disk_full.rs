@@ -134,8 +134,8 @@ http: {{ listen: "{addr}" }}
     // the last good checkpoint is intact: readable, and a new process resumes from it
     let rescued = dir.path().join("rescued");
     copy_dir(&state, &rescued);
-    let store =
-        checkpointer::store::Store::open(&rescued).expect("open the store after the failures");
+    let store = checkpointer::store::Store::open(&rescued, checkpointer::store::Open::Create)
+        .expect("open the store after the failures");
     let (meta, restored) = store.load().expect("load").expect("a checkpoint survived");
     let next = meta
         .partitions

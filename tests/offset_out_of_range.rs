@@ -87,7 +87,8 @@ http: {{ listen: "{addr}" }}
     let status = service.0.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{text}");
     // the checkpoint still holds position 50
-    let store = checkpointer::store::Store::open(&state).expect("open");
+    let store =
+        checkpointer::store::Store::open(&state, checkpointer::store::Open::Create).expect("open");
     let (meta, _) = store.load().expect("load").expect("checkpoint");
     let next: Vec<i64> = meta
         .partitions

@@ -106,7 +106,7 @@ http: {{ listen: "{addr}" }}
     // it left the newer claim alone and wrote no checkpoint after seeing it (one whose check
     // ran before the file was replaced may have landed)
     assert_eq!(read_owner_file(&state).expect("read"), Some(newer.clone()));
-    let head = Store::inspect(&state)
+    let head = Store::open(&state, checkpointer::store::Open::Inspect)
         .expect("open the store")
         .head()
         .expect("head")

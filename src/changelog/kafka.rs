@@ -256,7 +256,7 @@ where
 /// How far a changelog read is for one source partition (counted over the changelog
 /// partition that holds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Progress {
+pub struct ReadProgress {
     /// Records left to read.
     pub records_left: i64,
     /// Bytes (keys and values) read so far.
@@ -264,7 +264,7 @@ pub struct Progress {
 }
 
 /// Called with each source partition's progress during a changelog read.
-pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, Progress);
+pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, ReadProgress);
 
 /// Replays the changelog partitions of `sources` (all at once, one reader) from their start to
 /// their end and returns the state the changelog holds for each source (absent: none).
@@ -315,7 +315,7 @@ pub fn read_states(
         for s in srcs.iter() {
             on_progress(
                 s,
-                Progress {
+                ReadProgress {
                     records_left: (*high - *low).max(0),
                     bytes_read: 0,
                 },
@@ -353,7 +353,7 @@ pub fn read_states(
                 *read += (m.key_len() + m.payload_len()) as u64;
                 if let Some((next, high, srcs)) = pending.get_mut(&partition) {
                     *next = m.offset() + 1;
-                    let progress = Progress {
+                    let progress = ReadProgress {
                         records_left: (*high - *next).max(0),
                         bytes_read: *read,
                     };
@@ -388,7 +388,7 @@ pub fn read_states(
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 if let Some((_, _, srcs)) = pending.remove(&partition) {
-                    let progress = Progress {
+                    let progress = ReadProgress {
                         records_left: 0,
                         bytes_read: bytes.get(&partition).copied().unwrap_or(0),
                     };

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::protocol::{InputSpec, StateSpec};
-use crate::config::OffsetReset;
 use crate::engine::{AggregateKind, EntryStatus, RestoredState, StateKey, WindowDef};
+use crate::position::OffsetReset;
 
 /// The configuration a snapshot is about to be restored under.
 #[derive(Debug, Clone, Copy)]

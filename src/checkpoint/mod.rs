@@ -1,16 +1,15 @@
 //! Checkpoints: what one contains and how it applies (`protocol`, pure), when to take one
-//! (`scheduler`, pure), what to restore at start (`restore`, pure), the record of attempts
-//! (`history`), and the background task that makes them durable (`writer`).
+//! (`scheduler`, pure), which snapshot to restore at start (`choice`, pure), and the record of attempts
+//! (`history`). The store makes them durable (`store::writer`).
 
+pub mod choice;
 pub mod compat;
 pub mod history;
 pub mod protocol;
-pub mod restore;
 pub mod scheduler;
-pub mod writer;
 
+pub use choice::{RestoreFrom, RestorePoint};
 pub use protocol::{
     ApplyError, Checkpoint, CheckpointMeta, InputSpec, MaterializedState, StateSpec,
 };
-pub use restore::{RestoreFrom, Snapshot};
 pub use scheduler::{Scheduler, SchedulerSettings, TooManyFailures};

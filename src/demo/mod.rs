@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::clock::epoch_ms;
 use crate::config::Settings;
 use crate::generator::Events;
-use crate::store::Store;
+use crate::store::{Open, Store};
 use journal::{Delivered, Partitions, Writer};
 
 pub struct DemoOptions {
@@ -123,7 +123,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .subscribe(&[settings.output.topic.as_str()])
         .context("cannot read the demo output topic")?;
     let printer = tokio::spawn(print_windows(reader));
-    let result = crate::service::run(settings).await;
+    let result = crate::service::run(settings, crate::service::shutdown_signal()).await;
     // stop the demo's own clients before their broker goes away
     generator.abort();
     printer.abort();
@@ -169,7 +169,7 @@ fn previous_run(dir: &Path, journal: &Path) -> anyhow::Result<Option<Partitions>
             return Ok(None);
         }
     };
-    let store = match Store::inspect(dir) {
+    let store = match Store::open(dir, Open::Inspect) {
         Ok(store) => store,
         Err(e @ crate::store::StoreError::Locked { .. }) => {
             bail!("{e} (is another demo running?)")

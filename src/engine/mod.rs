@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 pub use aggregate::{Acc, AggregateKind};
 pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
 pub use state::{ClosedWindow, Entry, EntryStatus, StateKey};
-pub use watermark::Progress;
+pub use watermark::PartitionProgress;
 pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 
 use crate::position::{NextOffset, Partition};
-use state::WindowStore;
+use state::WindowTable;
 use watermark::Watermarks;
 
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ pub struct RestoredState {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
+pub enum StateError {
     #[error(
         "checkpoint holds open windows of window #{window}, but only {defined} windows are configured"
     )]
@@ -90,9 +90,9 @@ struct Pending {
 pub struct Engine {
     cfg: EngineConfig,
     /// Windows of instance-scoped state (every partition merged).
-    instance: Vec<WindowStore>,
+    instance: Vec<WindowTable>,
     /// Windows of partition-scoped state, per source partition.
-    scoped: HashMap<Partition, Vec<WindowStore>>,
+    scoped: HashMap<Partition, Vec<WindowTable>>,
     marks: Watermarks,
     outbox: BTreeMap<StateKey, Pending>,
     emit_queue: Vec<ClosedWindow>,
@@ -118,12 +118,12 @@ impl Engine {
 
     /// Rebuilds the engine from a checkpoint. Windows that the checkpoint holds as closed were
     /// durable there, so they are queued for emission at once.
-    pub fn restore(cfg: EngineConfig, state: RestoredState) -> Result<Self, RestoreError> {
+    pub fn from_state(cfg: EngineConfig, state: RestoredState) -> Result<Self, StateError> {
         let mut engine = Engine::new(cfg);
         for ps in state.partitions {
             engine.marks.insert(
                 ps.partition,
-                Progress {
+                PartitionProgress {
                     next: ps.next,
                     max_ts: ps.max_ts,
                     assigned: false,
@@ -133,7 +133,7 @@ impl Engine {
         }
         engine.marks.set_current(state.watermark);
         for (id, entry) in state.entries {
-            engine.restore_entry(id, entry)?;
+            engine.install_entry(id, entry)?;
         }
         Ok(engine)
     }
@@ -141,14 +141,14 @@ impl Engine {
     /// Puts back one entry read from a checkpoint or the changelog. Final windows need no
     /// definition: they are queued for emission as they are (also those of windows no longer
     /// configured, under their old name).
-    fn restore_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), RestoreError> {
+    fn install_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), StateError> {
         match entry.status {
             EntryStatus::Open => {
                 let defined = self.cfg.windows.len();
                 let store = self
                     .stores_of(id.partition.as_ref())
                     .get_mut(usize::from(id.window))
-                    .ok_or(RestoreError::UnknownWindow {
+                    .ok_or(StateError::UnknownWindow {
                         window: id.window,
                         defined,
                     })?;
@@ -191,12 +191,12 @@ impl Engine {
         &mut self,
         position: &PartitionState,
         entries: impl IntoIterator<Item = (StateKey, Entry)>,
-    ) -> Result<(), RestoreError> {
+    ) -> Result<(), StateError> {
         let p = &position.partition;
         self.drop_partitions(std::slice::from_ref(p));
         self.marks.insert(
             p.clone(),
-            Progress {
+            PartitionProgress {
                 next: position.next,
                 max_ts: position.max_ts,
                 assigned: false,
@@ -204,7 +204,7 @@ impl Engine {
             },
         );
         for (id, entry) in entries {
-            self.restore_entry(id, entry)?;
+            self.install_entry(id, entry)?;
         }
         Ok(())
     }
@@ -240,7 +240,7 @@ impl Engine {
         self.marks.get(partition).and_then(|p| p.next)
     }
 
-    pub fn progress(&self) -> impl Iterator<Item = (&Partition, &Progress)> {
+    pub fn progress(&self) -> impl Iterator<Item = (&Partition, &PartitionProgress)> {
         self.marks.iter()
     }
 
@@ -249,11 +249,11 @@ impl Engine {
     }
 
     pub fn open_windows(&self) -> usize {
-        self.all_stores().map(WindowStore::open_count).sum()
+        self.all_stores().map(WindowTable::open_count).sum()
     }
 
     /// The windows of `scope` (`None`: instance scope), created when first needed.
-    fn stores_of(&mut self, scope: Option<&Partition>) -> &mut Vec<WindowStore> {
+    fn stores_of(&mut self, scope: Option<&Partition>) -> &mut Vec<WindowTable> {
         let Some(p) = scope else {
             return &mut self.instance;
         };
@@ -268,11 +268,11 @@ impl Engine {
         }
     }
 
-    fn all_stores(&self) -> impl Iterator<Item = &WindowStore> {
+    fn all_stores(&self) -> impl Iterator<Item = &WindowTable> {
         self.instance.iter().chain(self.scoped.values().flatten())
     }
 
-    fn all_stores_mut(&mut self) -> impl Iterator<Item = &mut WindowStore> {
+    fn all_stores_mut(&mut self) -> impl Iterator<Item = &mut WindowTable> {
         self.instance
             .iter_mut()
             .chain(self.scoped.values_mut().flatten())
@@ -520,11 +520,11 @@ impl Engine {
     }
 }
 
-fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> Vec<WindowStore> {
+fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> Vec<WindowTable> {
     cfg.windows
         .iter()
         .enumerate()
-        .map(|(i, w)| WindowStore::new(i as u16, w.kind, scope.clone()))
+        .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
         .collect()
 }
 

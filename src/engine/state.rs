@@ -74,7 +74,7 @@ enum Slots {
 
 /// The open windows of one definition in one state scope.
 #[derive(Debug)]
-pub struct WindowStore {
+pub struct WindowTable {
     index: u16,
     scope: Option<Partition>,
     slots: Slots,
@@ -94,7 +94,7 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| end <= l)
 }
 
-impl WindowStore {
+impl WindowTable {
     pub fn new(index: u16, kind: WindowKind, scope: Option<Partition>) -> Self {
         let slots = match kind {
             WindowKind::Session { gap } => Slots::Session {
@@ -107,7 +107,7 @@ impl WindowStore {
                 by_start: BTreeMap::new(),
             },
         };
-        WindowStore {
+        WindowTable {
             index,
             scope,
             slots,
@@ -397,13 +397,13 @@ impl WindowStore {
 mod tests {
     use super::*;
 
-    fn add(store: &mut WindowStore, key: &str, ts: i64, limit: Option<i64>) -> bool {
+    fn add(store: &mut WindowTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
         store.add(key, ts, Some(1.0), limit, &mut HashSet::new())
     }
 
     #[test]
     fn sessions_merge_when_closer_than_gap() {
-        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 }, None);
+        let mut s = WindowTable::new(0, WindowKind::Session { gap: 10 }, None);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 109, None); // 9 < 10: same session
         add(&mut s, "k", 119, None); // exactly gap after 109: new session
@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn out_of_order_record_extends_session_backwards() {
-        let mut s = WindowStore::new(0, WindowKind::Session { gap: 10 }, None);
+        let mut s = WindowTable::new(0, WindowKind::Session { gap: 10 }, None);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 95, None);
         assert_eq!(s.get(95, "k").map(|(end, _)| end), Some(110));
@@ -432,10 +432,10 @@ mod tests {
 
     #[test]
     fn final_windows_do_not_take_records() {
-        let mut s = WindowStore::new(0, WindowKind::Tumbling { size: 10 }, None);
+        let mut s = WindowTable::new(0, WindowKind::Tumbling { size: 10 }, None);
         assert!(!add(&mut s, "k", 5, Some(10)));
         assert!(add(&mut s, "k", 15, Some(10)));
-        let mut h = WindowStore::new(0, WindowKind::Hopping { size: 10, hop: 5 }, None);
+        let mut h = WindowTable::new(0, WindowKind::Hopping { size: 10, hop: 5 }, None);
         // windows [0,10) and [5,15): only the second is still open at limit 10
         assert!(add(&mut h, "k", 7, Some(10)));
         assert_eq!(h.open_count(), 1);
@@ -444,7 +444,7 @@ mod tests {
 
     #[test]
     fn close_returns_windows_up_to_limit_in_order() {
-        let mut s = WindowStore::new(1, WindowKind::Tumbling { size: 10 }, None);
+        let mut s = WindowTable::new(1, WindowKind::Tumbling { size: 10 }, None);
         for (k, ts) in [("b", 1), ("a", 2), ("a", 12), ("a", 25)] {
             add(&mut s, k, ts, None);
         }
@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn dirty_set_names_every_changed_entry() {
-        let mut s = WindowStore::new(2, WindowKind::Session { gap: 10 }, None);
+        let mut s = WindowTable::new(2, WindowKind::Session { gap: 10 }, None);
         let mut dirty = HashSet::new();
         s.add("k", 100, None, None, &mut dirty);
         s.add("k", 95, None, None, &mut dirty);

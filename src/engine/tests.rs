@@ -150,7 +150,7 @@ proptest! {
         let snap = engine.snapshot(1, true);
         let mut store = MaterializedState::default();
         store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
-        let mut restored = Engine::restore(scoped_config(true, scoped), store.restored()).expect("restore");
+        let mut restored = Engine::from_state(scoped_config(true, scoped), store.restored()).expect("restore");
         let again = restored.snapshot(2, true);
         let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
         prop_assert_eq!(sort(snap.upserts), sort(again.upserts));
@@ -199,7 +199,7 @@ proptest! {
         }
         checkpoint(&mut engine, &mut store, 1, &mut out);
         // a crash right after the checkpoint: everything after it is lost, state comes back
-        let mut engine = Engine::restore(scoped_config(hold, scoped), store.restored()).expect("restore");
+        let mut engine = Engine::from_state(scoped_config(hold, scoped), store.restored()).expect("restore");
         engine.assign(&[p(0), p(1), p(2)]);
         collect(&mut engine, &mut out);
         for (part, key, ts, v) in &stream[cut..] {
@@ -356,7 +356,7 @@ fn restored_closed_windows_are_emitted_again_identically() {
     engine.checkpoint_completed(1);
     let first = engine.take_emittable();
     // crash before the acknowledgement was checkpointed
-    let mut again = Engine::restore(config(true), store.restored()).expect("restore");
+    let mut again = Engine::from_state(config(true), store.restored()).expect("restore");
     let mut second = again.take_emittable();
     let mut first_sorted = first;
     first_sorted.sort_by(|a, b| a.id.cmp(&b.id));
@@ -385,8 +385,8 @@ fn restore_refuses_state_of_unknown_windows() {
         )],
     };
     assert!(matches!(
-        Engine::restore(config(true), state),
-        Err(RestoreError::UnknownWindow { window: 9, .. })
+        Engine::from_state(config(true), state),
+        Err(StateError::UnknownWindow { window: 9, .. })
     ));
 }
 

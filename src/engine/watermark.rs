@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use crate::position::{NextOffset, Partition};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Progress {
+pub struct PartitionProgress {
     pub next: Option<NextOffset>,
     pub max_ts: Option<i64>,
     pub assigned: bool,
@@ -19,7 +19,7 @@ pub struct Progress {
     pub caught_up_empty: bool,
 }
 
-impl Progress {
+impl PartitionProgress {
     fn pending(&self) -> bool {
         self.assigned && self.max_ts.is_none() && !self.caught_up_empty
     }
@@ -27,7 +27,7 @@ impl Progress {
 
 #[derive(Debug, Default)]
 pub struct Watermarks {
-    parts: HashMap<Partition, Progress>,
+    parts: HashMap<Partition, PartitionProgress>,
     current: Option<i64>,
     out_of_orderness: i64,
 }
@@ -49,15 +49,15 @@ impl Watermarks {
         self.current = wm;
     }
 
-    pub fn get(&self, p: &Partition) -> Option<&Progress> {
+    pub fn get(&self, p: &Partition) -> Option<&PartitionProgress> {
         self.parts.get(p)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Partition, &Progress)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Partition, &PartitionProgress)> {
         self.parts.iter()
     }
 
-    pub fn insert(&mut self, p: Partition, progress: Progress) {
+    pub fn insert(&mut self, p: Partition, progress: PartitionProgress) {
         self.parts.insert(p, progress);
     }
 

@@ -65,7 +65,7 @@ pub enum Command {
 
 /// Event-time progress, refreshed by the processing loop about every second.
 #[derive(Debug, Clone, Default)]
-pub struct Progress {
+pub struct EventTimeProgress {
     pub watermark: Option<i64>,
     pub max_event_time: HashMap<Partition, i64>,
 }
@@ -80,7 +80,7 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub restored_from: String,
-    pub progress: Mutex<Progress>,
+    pub progress: Mutex<EventTimeProgress>,
 }
 
 impl AdminState {
@@ -101,7 +101,7 @@ impl AdminState {
             shared,
             commands,
             restored_from,
-            progress: Mutex::new(Progress::default()),
+            progress: Mutex::new(EventTimeProgress::default()),
         }
     }
 
@@ -122,11 +122,11 @@ impl AdminState {
         lock(&self.history)
     }
 
-    pub fn set_progress(&self, progress: Progress) {
+    pub fn set_progress(&self, progress: EventTimeProgress) {
         *lock(&self.progress) = progress;
     }
 
-    pub fn progress(&self) -> Progress {
+    pub fn progress(&self) -> EventTimeProgress {
         lock(&self.progress).clone()
     }
 }

@@ -7,20 +7,20 @@ use std::path::Path;
 use serde_json::json;
 
 use super::OpsError;
+use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind};
-use crate::checkpoint::restore::validate_savepoint_name;
 use crate::store::portable::{self, Portable};
-use crate::store::{Store, StoreError};
+use crate::store::{Open, Store, StoreError};
 
 /// For reading: never changes the store, also not the format of an older one (which is read
 /// through a migrated copy), so the build that wrote it can still open it.
 fn open(dir: &Path) -> Result<Store, OpsError> {
-    Ok(Store::inspect(dir)?)
+    Ok(Store::open(dir, Open::Inspect)?)
 }
 
 /// For changing it (import, delete): migrates an older format first.
 fn open_for_change(dir: &Path) -> Result<Store, OpsError> {
-    Ok(Store::open_existing(dir)?)
+    Ok(Store::open(dir, Open::Existing)?)
 }
 
 /// `checkpoints list`: the history, newest first, with the retained ones marked.
@@ -122,7 +122,7 @@ pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result
         validate_savepoint_name(name).map_err(OpsError::Invalid)?;
         sp.meta.name = name.to_string();
     }
-    let store = Store::open(dir)?;
+    let store = Store::open(dir, Open::Create)?;
     store.import_savepoint(&sp.meta, &sp.entries)?;
     Ok(format!(
         "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}",

@@ -6,7 +6,7 @@ use crate::checkpoint::compat::Target;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::service::restore;
-use crate::store::{Store, StoreError};
+use crate::store::{Open, Store, StoreError};
 
 /// What `check-restore` found.
 pub struct Preflight {
@@ -31,7 +31,7 @@ pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<P
         allow_non_restored_state: c.allow_non_restored_state,
     };
     let head = format!("checkpoint.dir {}", dir.display());
-    let store = match Store::inspect(dir) {
+    let store = match Store::open(dir, Open::Inspect) {
         Err(StoreError::Missing { .. }) => {
             return Ok(Preflight {
                 text: format!("{head}: no checkpoint store yet; the start would begin empty\n"),
@@ -65,15 +65,13 @@ pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<P
                 would_start: true,
             })
         }
-        Err(e) => match e.downcast::<restore::Incompatible>() {
-            Ok(inc) => Ok(Preflight {
+        Err(restore::RestoreError::Incompatible(inc)) => Ok(Preflight {
                 text: format!(
                     "{head}: would restore {}\n{}verdict: the start would be refused: {} open windows do not fit the new configuration; keep the previous configuration for them, or set checkpoint.allow_non_restored_state: true to drop them\n",
                     inc.snapshot, inc.report, inc.open
                 ),
-                would_start: false,
-            }),
-            Err(other) => Err(other),
-        },
+            would_start: false,
+        }),
+        Err(other) => Err(other.into()),
     }
 }

@@ -1,98 +1,191 @@
-//! Partitions moving between instances of one consumer group (partition-scoped state): on
-//! assignment, a partition's state is restored before its first record (from the changelog
-//! when that holds a newer state than this instance); on revocation, it is checkpointed and
-//! published before the partition is released; every durable checkpoint publishes what it
-//! changed per partition.
+//! The hand-off: the partitions this instance holds and how they move. On assignment, a
+//! partition's state is restored before its first record (from the changelog when that holds
+//! a newer state than this instance); on revocation, it is checkpointed and published before
+//! the partition is released; every durable checkpoint publishes what it changed per
+//! partition. Owns the assignment, the releases on their way, and the changelog link.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use prometheus::IntGauge;
 use tokio::sync::{mpsc, oneshot};
 
-use super::releases::stale;
-use super::runtime::Runtime;
-use crate::changelog::kafka::{
-    read_states, Batch, ChangelogTopic, Progress, PublishFailure, Publisher,
-};
-use crate::changelog::protocol::{chunks, publication_kind, Committed, Kind, Tag, MAX_CHUNK_BYTES};
+use super::coordinator::Coordinator;
+use super::edge::{Assignments, ChangelogIo};
+use super::releases::{stale, Releases};
+use crate::changelog::kafka::{Batch, PublishFailure, ReadProgress};
+use crate::changelog::plan::{plan, Ledger};
+use crate::changelog::protocol::Committed;
 use crate::checkpoint::Checkpoint;
-use crate::engine::{Entry, StateKey};
-use crate::position::Partition;
-use crate::source::{self, Source};
+use crate::engine::Engine;
+use crate::http::AdminState;
+use crate::metrics::Metrics;
+use crate::position::{NextOffset, Partition};
+use crate::source::Shared;
 
-/// Changes per chunk: keeps records far below Kafka's 1 MB default message size.
-const CHUNK_ENTRIES: usize = 2_000;
-/// A full publication of every partition after this many checkpoints, which tombstones the
-/// line before it: bounds what compaction keeps and what a restore reads.
-const FULL_EVERY: u64 = 100;
 /// How often `/readyz` text follows a changelog restore's progress (the metrics follow every
 /// record).
-const READY_TEXT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+const READY_TEXT_EVERY: Duration = Duration::from_millis(200);
 
 /// This instance's link to the changelog topic.
-pub(super) struct Changelog {
-    pub(super) topic: ChangelogTopic,
-    pub(super) publisher: Publisher,
-    /// Tags this process's publications (random per start, never reused).
-    pub(super) run: u64,
-    /// The last publication of each partition this process made: the base of its next delta.
-    pub(super) published: HashMap<Partition, Tag>,
-    /// Keys of each partition's records since its last full publication (tombstoned by the
-    /// next one).
-    pub(super) record_keys: HashMap<Partition, Vec<String>>,
-    /// Publications since the last full one.
-    pub(super) since_full: u64,
-}
-
-/// Events the hand-off waits for, received by the processing loop.
-pub(super) struct HandoffEvents {
-    pub(super) released: mpsc::UnboundedReceiver<(u64, Vec<Partition>)>,
-    pub(super) failures: mpsc::UnboundedReceiver<PublishFailure>,
+pub(crate) struct Changelog {
+    pub io: Arc<dyn ChangelogIo>,
+    pub ledger: Ledger,
 }
 
 impl Changelog {
-    pub(super) fn run_id() -> u64 {
+    /// A random id per process start, never reused: tags this run's publications.
+    pub(crate) fn run_id() -> u64 {
         let ms = crate::clock::epoch_ms().max(0) as u64;
         (ms << 20) ^ u64::from(std::process::id())
     }
 }
 
-impl Runtime {
-    /// Completes an assignment: restores what needs restoring, then assigns.
-    pub(super) async fn on_assign(
+/// What does not change while the hand-off runs.
+pub(crate) struct HandoffConfig {
+    /// The consumer group whose state the changelog holds.
+    pub group: String,
+    /// Partitions are assigned directly (instance scope): nothing assigns them again after a
+    /// failed assignment.
+    pub direct: bool,
+}
+
+pub(crate) struct Handoff {
+    config: HandoffConfig,
+    assigned: Vec<Partition>,
+    /// Assigned partitions whose first record has not arrived yet.
+    awaiting_first: HashSet<Partition>,
+    /// An assignment (possibly empty) was received since the start.
+    assignment_seen: bool,
+    /// Revoked partitions waiting for their checkpoint's publication.
+    releases: Releases,
+    changelog: Option<Changelog>,
+    released_tx: mpsc::UnboundedSender<(u64, Vec<Partition>)>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+}
+
+impl Handoff {
+    /// A hand-off; releases due after a publication arrive on the returned receiver.
+    pub(crate) fn new(
+        config: HandoffConfig,
+        changelog: Option<Changelog>,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        admin: Arc<AdminState>,
+    ) -> (Self, mpsc::UnboundedReceiver<(u64, Vec<Partition>)>) {
+        let (released_tx, released) = mpsc::unbounded_channel();
+        let handoff = Handoff {
+            config,
+            assigned: Vec::new(),
+            awaiting_first: HashSet::new(),
+            assignment_seen: false,
+            releases: Releases::default(),
+            changelog,
+            released_tx,
+            shared,
+            metrics,
+            admin,
+        };
+        (handoff, released)
+    }
+
+    pub(crate) fn assigned(&self) -> &[Partition] {
+        &self.assigned
+    }
+
+    pub(crate) fn assignment_seen(&self) -> bool {
+        self.assignment_seen
+    }
+
+    /// Checks a record of `p` at `offset`: the first one after an assignment must be at the
+    /// position held (`held`, asked only then); offsets between that and it were never delivered (counted and
+    /// warned about).
+    pub(crate) fn check_first_record(
         &mut self,
-        consumer: &Source,
+        p: &Partition,
+        offset: i64,
+        held: impl FnOnce() -> Option<NextOffset>,
+    ) {
+        if self.awaiting_first.is_empty() || !self.awaiting_first.remove(p) {
+            return;
+        }
+        match held() {
+            Some(next) if offset > next.0 => {
+                let gap = (offset - next.0) as u64;
+                self.metrics
+                    .offset_gap
+                    .with_label_values(&[&p.topic, &p.partition.to_string()])
+                    .inc_by(gap);
+                tracing::warn!(
+                    partition = %p,
+                    held = next.0,
+                    first = offset,
+                    gap,
+                    "first record after assignment is beyond the held position: offsets in between were never delivered (compaction or transaction markers explain small gaps; counted in checkpointer_offset_gap_records_total)"
+                )
+            }
+            Some(next) if next.0 != offset => tracing::warn!(
+                partition = %p,
+                held = next.0,
+                first = offset,
+                "first record after assignment is before the held position"
+            ),
+            _ => tracing::debug!(partition = %p, first = offset, "first record after assignment"),
+        }
+    }
+
+    /// Of a durable checkpoint's positions, those this instance may commit: only members can
+    /// commit, and only for what they own.
+    pub(crate) fn owned(
+        &self,
+        positions: Vec<(Partition, NextOffset)>,
+    ) -> Vec<(Partition, NextOffset)> {
+        positions
+            .into_iter()
+            .filter(|(p, _)| self.assigned.contains(p))
+            .collect()
+    }
+
+    /// Completes an assignment: restores what needs restoring, then assigns.
+    pub(crate) async fn on_assign(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        consumer: &dyn Assignments,
         partitions: Vec<Partition>,
     ) -> anyhow::Result<()> {
-        if self.engine.config().partition_scoped {
+        if engine.config().partition_scoped {
             // windows of partitions this instance no longer owns must not close and emit here
             let stale = stale(
-                self.engine.progress().map(|(p, _)| p),
+                engine.progress().map(|(p, _)| p),
                 &self.assigned,
                 &partitions,
             );
             if !stale.is_empty() {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
-                self.engine.drop_partitions(&stale);
+                engine.drop_partitions(&stale);
                 self.shared.clear_positions(&stale);
                 self.unreport(&stale);
-                self.scheduler.restart_line();
+                coordinator.restart_line();
             }
         }
         // a partition assigned again is no longer on its way out
         self.releases.cancel(&partitions);
-        if let Some(link) = &self.changelog {
-            let topic = link.topic.clone();
-            let group = self.settings.kafka.group_id.clone();
-            let started = std::time::Instant::now();
-            let (mut states, progress) = self.read_changelog(&topic, &group, &partitions).await?;
+        if let Some(io) = self.changelog.as_ref().map(|c| c.io.clone()) {
+            let started = Instant::now();
+            let (mut states, progress) = self.read_changelog(io, &partitions).await?;
             let read_ms = started.elapsed().as_millis() as u64;
             for p in &partitions {
-                let local = self.engine.position(p).map(|n| n.0);
+                let local = engine.position(p).map(|n| n.0);
                 let committed = states.remove(p);
                 if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
-                    link.record_keys.insert(p.clone(), c.record_keys.clone());
+                    link.ledger
+                        .record_keys
+                        .insert(p.clone(), c.record_keys.clone());
                 }
                 match committed {
                     Some(c) if c.next_offset() > local => {
@@ -100,7 +193,7 @@ impl Runtime {
                             continue;
                         };
                         let entries = c.entries.len();
-                        self.engine
+                        engine
                             .install_partition(&position, c.entries)
                             .with_context(|| format!("installing {p} from the changelog"))?;
                         if let Some(next) = position.next {
@@ -119,21 +212,19 @@ impl Runtime {
                     }
                 }
                 // the partition is assigned exactly where the state it holds ends
-                match self.engine.position(p) {
+                match engine.position(p) {
                     Some(next) => self.shared.set_position(p, next),
                     None => self.shared.clear_positions(std::slice::from_ref(p)),
                 }
             }
             // the first checkpoint after a takeover publishes the partitions' full state
-            self.scheduler.restart_line();
-            for p in &partitions {
-                if let Some(link) = self.changelog.as_mut() {
-                    link.published.remove(p);
-                }
+            coordinator.restart_line();
+            if let Some(link) = self.changelog.as_mut() {
+                link.ledger.forget(&partitions);
             }
         }
-        if let Err(e) = source::assign(consumer, &partitions) {
-            if self.settings.state.scope == crate::config::StateScope::Instance {
+        if let Err(e) = consumer.assign(&partitions) {
+            if self.config.direct {
                 // assigned directly, nothing would assign them again: stop rather than never
                 // read them
                 anyhow::bail!("{e}");
@@ -148,7 +239,7 @@ impl Runtime {
                 self.assigned.push(p.clone());
             }
         }
-        self.engine.assign(&partitions);
+        engine.assign(&partitions);
         self.shared.set_assigned(&self.assigned);
         Ok(())
     }
@@ -158,22 +249,26 @@ impl Runtime {
     /// an older state than published).
     async fn read_changelog(
         &self,
-        topic: &ChangelogTopic,
-        group: &str,
+        io: Arc<dyn ChangelogIo>,
         partitions: &[Partition],
-    ) -> anyhow::Result<(HashMap<Partition, Committed>, HashMap<Partition, Progress>)> {
-        let mut backoff = std::time::Duration::from_secs(1);
+    ) -> anyhow::Result<(
+        HashMap<Partition, Committed>,
+        HashMap<Partition, ReadProgress>,
+    )> {
+        let mut backoff = Duration::from_secs(1);
         let mut attempt = 1;
         loop {
             let admin = self.admin.clone();
             let metrics = self.metrics.clone();
-            let (sources, topic, group) = (partitions.to_vec(), topic.clone(), group.to_string());
+            let io = io.clone();
+            let (sources, group) = (partitions.to_vec(), self.config.group.clone());
             let result = tokio::task::spawn_blocking(move || {
                 // called per changelog record: gauge handles are looked up once per partition and
                 // the readiness text is rewritten at most every READY_TEXT_EVERY
-                let mut seen: HashMap<Partition, (IntGauge, IntGauge, Progress)> = HashMap::new();
-                let mut text_at: Option<std::time::Instant> = None;
-                let mut progress = |p: &Partition, now: Progress| {
+                let mut seen: HashMap<Partition, (IntGauge, IntGauge, ReadProgress)> =
+                    HashMap::new();
+                let mut text_at: Option<Instant> = None;
+                let mut progress = |p: &Partition, now: ReadProgress| {
                     let (left, bytes, last) = seen.entry(p.clone()).or_insert_with(|| {
                         let label = p.to_string();
                         (
@@ -183,7 +278,7 @@ impl Runtime {
                             metrics
                                 .changelog_restore_read_bytes
                                 .with_label_values(&[label.as_str()]),
-                            Progress::default(),
+                            ReadProgress::default(),
                         )
                     });
                     left.set(now.records_left);
@@ -192,7 +287,7 @@ impl Runtime {
                     if now.records_left > 0
                         && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
                     {
-                        text_at = Some(std::time::Instant::now());
+                        text_at = Some(Instant::now());
                         admin.set_ready(
                             false,
                             &format!(
@@ -202,7 +297,7 @@ impl Runtime {
                         );
                     }
                 };
-                let states = read_states(&topic, &group, &sources, &mut progress);
+                let states = io.read(&group, &sources, &mut progress);
                 let last = seen.into_iter().map(|(p, (_, _, r))| (p, r)).collect();
                 states.map(|states| (states, last))
             })
@@ -223,28 +318,42 @@ impl Runtime {
 
     /// Starts a revocation: with a changelog, a checkpoint first, released once it is
     /// published (`on_released`); otherwise (or when the partitions are already lost) at once.
-    pub(super) fn on_revoke(&mut self, consumer: &Source, partitions: Vec<Partition>, lost: bool) {
+    pub(crate) fn on_revoke(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        consumer: &dyn Assignments,
+        partitions: Vec<Partition>,
+        lost: bool,
+    ) {
         if self.changelog.is_some() && !lost && !partitions.is_empty() {
-            let id = self.trigger(None);
+            let id = coordinator.trigger(engine, None);
             tracing::info!(checkpoint_id = id, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
             self.releases.begin(id, partitions);
             return;
         }
         self.releases.cancel(&partitions);
-        source::release(consumer, &partitions);
-        self.forget(&partitions);
+        consumer.release(&partitions);
+        self.forget(engine, coordinator, &partitions);
     }
 
     /// The revoke checkpoint of these partitions is published (or failed): let them go,
     /// unless they were lost or assigned again meanwhile.
-    pub(super) fn on_released(&mut self, consumer: &Source, id: u64, partitions: Vec<Partition>) {
+    pub(crate) fn on_released(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        consumer: &dyn Assignments,
+        id: u64,
+        partitions: Vec<Partition>,
+    ) {
         let partitions = self.releases.due(id, partitions);
         if partitions.is_empty() {
             return;
         }
         tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions released");
-        source::release(consumer, &partitions);
-        self.forget(&partitions);
+        consumer.release(&partitions);
+        self.forget(engine, coordinator, &partitions);
     }
 
     /// Stops exporting per-partition series of partitions this instance no longer holds.
@@ -257,27 +366,28 @@ impl Runtime {
         }
     }
 
-    fn forget(&mut self, partitions: &[Partition]) {
+    fn forget(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        partitions: &[Partition],
+    ) {
         self.assigned.retain(|p| !partitions.contains(p));
         self.unreport(partitions);
-        if self.changelog.is_some() {
-            self.engine.drop_partitions(partitions);
+        if let Some(link) = self.changelog.as_mut() {
+            engine.drop_partitions(partitions);
             self.shared.clear_positions(partitions);
-            self.scheduler.restart_line();
-            if let Some(link) = self.changelog.as_mut() {
-                for p in partitions {
-                    link.published.remove(p);
-                }
-            }
+            coordinator.restart_line();
+            link.ledger.forget(partitions);
         } else {
-            self.engine.revoke(partitions);
+            engine.revoke(partitions);
         }
         self.shared.set_assigned(&self.assigned);
     }
 
     /// A revoke checkpoint failed: release its partitions anyway; the new owner restores the
     /// last published state, which matches its offsets.
-    pub(super) fn release_after_failure(&mut self, id: u64) {
+    pub(crate) fn release_after_failure(&mut self, id: u64) {
         if let Some(partitions) = self.releases.take_checkpoint(id) {
             tracing::warn!(checkpoint_id = id, "the checkpoint before releasing partitions failed; releasing them at their last published state");
             let _ = self.released_tx.send((id, partitions));
@@ -285,65 +395,12 @@ impl Runtime {
     }
 
     /// Publishes a durable checkpoint's changes per owned partition.
-    pub(super) fn publish(&mut self, cp: &Checkpoint) {
+    pub(crate) fn publish(&mut self, coordinator: &mut Coordinator, cp: &Checkpoint) {
         let releasing = self.releases.take_checkpoint(cp.id);
         let Some(link) = self.changelog.as_mut() else {
             return;
         };
-        let mut ups: HashMap<&Partition, Vec<(StateKey, Entry)>> = HashMap::new();
-        let mut dels: HashMap<&Partition, Vec<StateKey>> = HashMap::new();
-        for (k, e) in &cp.delta.upserts {
-            if let Some(p) = &k.partition {
-                ups.entry(p).or_default().push((k.clone(), *e));
-            }
-        }
-        for k in &cp.delta.deletes {
-            if let Some(p) = &k.partition {
-                dels.entry(p).or_default().push(k.clone());
-            }
-        }
-        let mut out = Vec::new();
-        let mut tombstones = Vec::new();
-        let mut need_full = false;
-        let mut published = 0;
-        for position in &cp.delta.partitions {
-            let p = &position.partition;
-            if !self.assigned.contains(p) {
-                continue;
-            }
-            let Some(kind) = publication_kind(
-                cp.delta.full,
-                cp.base,
-                link.published.get(p).copied(),
-                link.run,
-            ) else {
-                need_full = true;
-                continue;
-            };
-            let tag = Tag {
-                run: link.run,
-                checkpoint: cp.id,
-            };
-            let new = chunks(
-                &self.settings.kafka.group_id,
-                tag,
-                kind,
-                position.clone(),
-                cp.delta.watermark,
-                ups.remove(p).unwrap_or_default(),
-                dels.remove(p).unwrap_or_default(),
-                CHUNK_ENTRIES,
-                MAX_CHUNK_BYTES,
-            );
-            let keys = link.record_keys.entry(p.clone()).or_default();
-            if kind == Kind::Full {
-                tombstones.extend(keys.drain(..).map(|k| (k, p.clone())));
-            }
-            keys.extend(new.iter().map(|c| c.record_key()));
-            out.extend(new);
-            link.published.insert(p.clone(), tag);
-            published += 1;
-        }
+        let plan = plan(&link.ledger, &self.config.group, cp, &self.assigned);
         let done = releasing.map(|partitions| {
             let (tx, rx) = oneshot::channel::<Result<(), String>>();
             let released = self.released_tx.clone();
@@ -355,28 +412,26 @@ impl Runtime {
             });
             tx
         });
-        link.publisher.publish(Batch {
-            chunks: out,
-            tombstones,
+        link.ledger.apply(&plan);
+        self.metrics
+            .changelog_published
+            .inc_by(plan.published.len() as u64);
+        if link.ledger.wants_full(&plan) {
+            coordinator.restart_line();
+        }
+        link.io.publish(Batch {
+            chunks: plan.chunks,
+            tombstones: plan.tombstones,
             done,
         });
-        self.metrics.changelog_published.inc_by(published);
-        link.since_full = if cp.delta.full {
-            0
-        } else {
-            link.since_full + 1
-        };
-        if need_full || link.since_full >= FULL_EVERY {
-            self.scheduler.restart_line();
-        }
     }
 
     /// Waits (until `deadline`) for every publication sent so far, so that a stopping instance
     /// leaves its final state in the changelog for whoever takes its partitions.
-    pub(super) async fn changelog_settled(&self, deadline: tokio::time::Instant) {
+    pub(crate) async fn settled(&self, deadline: tokio::time::Instant) {
         let Some(link) = &self.changelog else { return };
         let (tx, rx) = oneshot::channel();
-        link.publisher.publish(Batch {
+        link.io.publish(Batch {
             chunks: Vec::new(),
             tombstones: Vec::new(),
             done: Some(tx),
@@ -393,13 +448,15 @@ impl Runtime {
     }
 
     /// A publication failed: those partitions' next publication must be full.
-    pub(super) fn on_publish_failure(&mut self, failure: PublishFailure) {
+    pub(crate) fn on_publish_failure(
+        &mut self,
+        coordinator: &mut Coordinator,
+        failure: PublishFailure,
+    ) {
         self.metrics.changelog_publish_failures.inc();
         if let Some(link) = self.changelog.as_mut() {
-            for p in &failure.partitions {
-                link.published.remove(p);
-            }
+            link.ledger.forget(&failure.partitions);
         }
-        self.scheduler.restart_line();
+        coordinator.restart_line();
     }
 }

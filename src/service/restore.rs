@@ -3,10 +3,10 @@
 //! check it against the configuration (`compat`) and refuse, or drop what no longer fits when
 //! `checkpoint.allow_non_restored_state` allows it.
 
-use anyhow::{bail, Context as _};
+use std::path::PathBuf;
 
+use crate::checkpoint::choice::{plan, Available, ChoiceError, RestoreFrom, RestorePoint};
 use crate::checkpoint::compat::{self, Report, Target};
-use crate::checkpoint::restore::{plan, Available, RestoreFrom, Snapshot};
 use crate::checkpoint::CheckpointMeta;
 use crate::engine::RestoredState;
 use crate::metrics::Metrics;
@@ -14,7 +14,7 @@ use crate::store::{Store, StoreError};
 
 /// What the start restored.
 pub struct Restored {
-    pub source: Option<Snapshot>,
+    pub source: Option<RestorePoint>,
     pub meta: Option<CheckpointMeta>,
     pub state: Option<RestoredState>,
     /// The checkpoint the next delta may build on.
@@ -37,9 +37,29 @@ pub struct Request<'a> {
 #[derive(Debug, thiserror::Error)]
 #[error("{snapshot} does not fit the configuration: {open} open windows would be dropped. Nothing was changed. Keep the previous configuration, or set checkpoint.allow_non_restored_state: true to drop them. What restoring it would do:\n{report}")]
 pub struct Incompatible {
-    pub snapshot: Snapshot,
+    pub snapshot: RestorePoint,
     pub open: u64,
     pub report: Report,
+}
+
+/// Why nothing could be restored at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Choice(#[from] ChoiceError),
+    #[error("cannot restore {snapshot} (checkpoint.restore_from: {from}): {source}")]
+    Damaged {
+        snapshot: RestorePoint,
+        from: RestoreFrom,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Incompatible(Box<Incompatible>),
+    #[error("no retained checkpoint or savepoint in {} can be restored; not starting empty silently. Move the directory aside to start empty, or set checkpoint.restore_from: none. Tried: {}", dir.display(), tried.join("; "))]
+    NothingRestorable { dir: PathBuf, tried: Vec<String> },
 }
 
 impl Restored {
@@ -71,7 +91,11 @@ pub fn available(store: &Store) -> Result<Available, StoreError> {
 
 /// Loads what the plan chooses and checks it against the configuration, without changing it
 /// (`check-restore`, and the first step of a start).
-pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::Result<Restored> {
+pub fn restore(
+    store: &Store,
+    req: &Request<'_>,
+    metrics: &Metrics,
+) -> Result<Restored, RestoreError> {
     let from = req.from;
     let available = available(store)?;
     let plan = plan(from, req.prefer_checkpoint, &available)?;
@@ -80,8 +104,8 @@ pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::R
     let mut skipped: Vec<String> = Vec::new();
     for candidate in &plan.candidates {
         let loaded = match candidate {
-            Snapshot::Checkpoint(id) => store.load_checkpoint(*id),
-            Snapshot::Savepoint(name) => store
+            RestorePoint::Checkpoint(id) => store.load_checkpoint(*id),
+            RestorePoint::Savepoint(name) => store
                 .load_savepoint(name)
                 .map(|(sp, state)| (sp.meta, state)),
         };
@@ -89,8 +113,10 @@ pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::R
             Ok(v) => v,
             Err(e @ (StoreError::Unreadable(_) | StoreError::Corrupt { .. })) => {
                 if !plan.fallback {
-                    return Err(e).with_context(|| {
-                        format!("cannot restore {candidate} (checkpoint.restore_from: {from})")
+                    return Err(RestoreError::Damaged {
+                        snapshot: candidate.clone(),
+                        from: from.clone(),
+                        source: e,
                     });
                 }
                 metrics.restore_fallbacks.inc();
@@ -102,16 +128,15 @@ pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::R
         };
         let report = compat::assess(&meta.spec, &state, req.target);
         if report.refuses() && !req.allow_non_restored_state {
-            return Err(Incompatible {
+            return Err(RestoreError::Incompatible(Box::new(Incompatible {
                 snapshot: candidate.clone(),
                 open: report.incompatible_open_windows(),
                 report,
-            }
-            .into());
+            })));
         }
         // a restore that changed the state starts a new line: the next checkpoint is full
         let head = match candidate {
-            Snapshot::Checkpoint(id) if store_head == Some(*id) && !report.changes_state() => {
+            RestorePoint::Checkpoint(id) if store_head == Some(*id) && !report.changes_state() => {
                 Some(*id)
             }
             _ => None,
@@ -126,11 +151,10 @@ pub fn restore(store: &Store, req: &Request<'_>, metrics: &Metrics) -> anyhow::R
         });
     }
     if !skipped.is_empty() {
-        bail!(
-            "no retained checkpoint or savepoint in {} can be restored; not starting empty silently. Move the directory aside to start empty, or set checkpoint.restore_from: none. Tried: {}",
-            store.path().display(),
-            skipped.join("; ")
-        );
+        return Err(RestoreError::NothingRestorable {
+            dir: store.path().to_path_buf(),
+            tried: skipped,
+        });
     }
     Ok(Restored {
         source: None,

@@ -244,7 +244,7 @@ fn write_golden_fixtures() {
     let dir = fixtures_root().join(format!("v{FORMAT_VERSION}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create fixture dir");
-    let store = Store::open(&dir.join("store"))
+    let store = Store::open(&dir.join("store"), super::Open::Create)
         .expect("open")
         .with_retention(Retention {
             checkpoints: 2,
@@ -320,7 +320,8 @@ fn every_fixture_store_restores_its_recorded_state() {
         .expect("expected.json");
         let tmp = tempfile::tempdir().expect("tempdir");
         copy_dir(&dir.join("store"), tmp.path()).expect("copy fixture store");
-        let store = Store::open(tmp.path()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let store = Store::open(tmp.path(), super::Open::Create)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let recorded = expected["checkpoints"]
             .as_object()
             .expect("checkpoints object");
@@ -380,7 +381,7 @@ fn every_fixture_savepoint_file_imports_and_restores_its_recorded_state() {
         }
         let file = portable::read_file(&path).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path()).expect("open empty store");
+        let store = Store::open(tmp.path(), super::Open::Create).expect("open empty store");
         store
             .import_savepoint(&file.meta, &file.entries)
             .unwrap_or_else(|e| panic!("{}: import: {e}", dir.display()));
@@ -399,7 +400,7 @@ fn inspecting_an_older_store_leaves_it_in_its_format() {
     let v2 = fixtures_root().join("v2/store");
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&v2, tmp.path()).expect("copy");
-    let view = Store::inspect(tmp.path()).expect("inspect");
+    let view = Store::open(tmp.path(), super::Open::Inspect).expect("inspect");
     assert_eq!(view.checkpoint_ids().expect("ids"), vec![2, 3]);
     let (meta, _) = view
         .load_checkpoint(3)
@@ -409,14 +410,14 @@ fn inspecting_an_older_store_leaves_it_in_its_format() {
         "format 2 did not record input fields"
     );
     drop(view);
-    match Store::open_with(tmp.path(), super::Migrate::Refuse) {
+    match Store::open(tmp.path(), super::Open::NoMigration) {
         Err(super::StoreError::NeedsMigration { found: 2, .. }) => {}
         Err(e) => panic!("expected the store still at format 2, got {e}"),
         Ok(_) => panic!("expected the store still at format 2, it opened as current"),
     }
     // an open that may migrate does, once
-    drop(Store::open(tmp.path()).expect("migrate"));
-    assert!(Store::open_with(tmp.path(), super::Migrate::Refuse).is_ok());
+    drop(Store::open(tmp.path(), super::Open::Create).expect("migrate"));
+    assert!(Store::open(tmp.path(), super::Open::NoMigration).is_ok());
 }
 
 #[test]
@@ -424,7 +425,7 @@ fn a_damaged_checkpoint_does_not_block_the_migration_of_the_others() {
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&fixtures_root().join("v2/store"), tmp.path()).expect("copy");
     {
-        let raw = Store::open_unversioned(tmp.path()).expect("open as it is");
+        let raw = Store::open(tmp.path(), super::Open::AsIs).expect("open as it is");
         let key = super::codec::id_key(super::codec::CHECKPOINT_PREFIX, 3);
         let mut value = raw.tree.get(&key).expect("get").expect("cp/3").to_vec();
         let last = value.len() - 1;
@@ -432,7 +433,8 @@ fn a_damaged_checkpoint_does_not_block_the_migration_of_the_others() {
         raw.tree.insert(&key, value).expect("damage");
         raw.flush().expect("flush");
     }
-    let store = Store::open(tmp.path()).expect("migrates despite the damaged checkpoint");
+    let store = Store::open(tmp.path(), super::Open::Create)
+        .expect("migrates despite the damaged checkpoint");
     assert!(
         store.load_checkpoint(3).is_err(),
         "still damaged, still refused"

@@ -7,11 +7,14 @@
 
 mod codec;
 mod legacy;
+#[cfg(test)]
+pub(crate) mod memory;
 mod migrate;
 mod owner;
 pub mod portable;
 mod savepoints;
 mod versions;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +30,7 @@ use codec::{
 pub use owner::{read_owner_file, Owner, OWNER_FILE};
 pub use savepoints::SavepointMeta;
 pub use versions::{Unreadable, WriteRequest};
+pub use writer::Checkpoints;
 
 /// How long an open waits for a lock that is being released.
 const LOCK_GRACE: Duration = Duration::from_secs(1);
@@ -105,9 +109,31 @@ pub struct Retained {
     pub live_entries: u64,
 }
 
-/// What opening a store of an older format does.
+/// How [`Store::open`] opens a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Migrate {
+pub enum Open {
+    /// Open it, or create it; migrate an older format in place (then earlier builds can no
+    /// longer read it).
+    Create,
+    /// Open it, or create it; an older format is reported as `NeedsMigration` and left as it
+    /// is.
+    NoMigration,
+    /// Open it, or create it, without looking at its format: the caller checks a
+    /// `scratch_copy` and/or calls `upgrade`, holding the lock throughout (the service's
+    /// start).
+    AsIs,
+    /// It must exist (never created); migrate an older format in place (offline commands
+    /// that change it).
+    Existing,
+    /// It must exist, and is never changed: a store of an older format is read through a
+    /// migrated scratch copy, so it stays readable by the build that wrote it (offline reads,
+    /// pre-flight checks).
+    Inspect,
+}
+
+/// What checking the format of a store of an older format does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Migrate {
     /// Migrate it to the current format (then earlier builds can no longer read it).
     InPlace,
     /// Leave it as it is and report `NeedsMigration`.
@@ -145,28 +171,33 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`, migrating an older layout. Fails fast with
-    /// `Locked` if another process holds it.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Self::open_with(path, Migrate::InPlace)
-    }
-
-    /// Like `open`; with `Migrate::Refuse` an older format is reported as `NeedsMigration`
-    /// and left untouched.
-    pub fn open_with(path: &Path, migrate: Migrate) -> Result<Store, StoreError> {
-        let store = Self::open_unversioned(path)?;
-        store.check_version(migrate)?;
+    /// Opens the store at `path` as `mode` says (creating it, migrating it, or only reading
+    /// it). Fails fast with `Locked` if another process holds it.
+    pub fn open(path: &Path, mode: Open) -> Result<Store, StoreError> {
+        match mode {
+            Open::Create | Open::NoMigration | Open::AsIs => std::fs::create_dir_all(path)
+                .map_err(|e| StoreError::Open {
+                    path: path.to_path_buf(),
+                    source: sled::Error::Io(e),
+                })?,
+            Open::Existing | Open::Inspect => Self::require_existing(path)?,
+        }
+        let store = Self::open_existing_dir(path)?;
+        match mode {
+            Open::Create | Open::Existing => store.check_version(Migrate::InPlace)?,
+            Open::NoMigration => store.check_version(Migrate::Refuse)?,
+            Open::AsIs => {}
+            Open::Inspect => {
+                if store
+                    .format_version()?
+                    .is_some_and(|found| found < FORMAT_VERSION)
+                {
+                    return store.scratch_copy();
+                }
+                store.check_version(Migrate::Refuse)?;
+            }
+        }
         Ok(store)
-    }
-
-    /// Opens (or creates) the store at `path` without looking at its format: the caller then
-    /// checks a `scratch_copy` and/or calls `upgrade`, holding the lock throughout.
-    pub fn open_unversioned(path: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
-            source: sled::Error::Io(e),
-        })?;
-        Self::open_existing_dir(path)
     }
 
     /// Migrates an older format in place (then earlier builds can no longer read it), refuses
@@ -229,30 +260,6 @@ impl Store {
     /// Whether this is a migrated copy made for inspection (`scratch_copy`).
     pub fn is_scratch(&self) -> bool {
         self.scratch.is_some()
-    }
-
-    /// A read view of the store at `path` in the current format that never changes `path`: the
-    /// store itself when it has the current format, else a migrated scratch copy. For offline
-    /// reads and pre-flight checks, which must leave an older build's store readable by it.
-    pub fn inspect(path: &Path) -> Result<Store, StoreError> {
-        Self::require_existing(path)?;
-        let store = Self::open_existing_dir(path)?;
-        match store.format_version()? {
-            Some(found) if found < FORMAT_VERSION => store.scratch_copy(),
-            _ => {
-                store.check_version(Migrate::Refuse)?;
-                Ok(store)
-            }
-        }
-    }
-
-    /// Opens a store that must already exist, migrating an older format (offline commands
-    /// that change it): never creates one.
-    pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
-        Self::require_existing(path)?;
-        let store = Self::open_existing_dir(path)?;
-        store.check_version(Migrate::InPlace)?;
-        Ok(store)
     }
 
     fn require_existing(path: &Path) -> Result<(), StoreError> {

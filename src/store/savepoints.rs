@@ -10,8 +10,8 @@ use super::codec::{
     SAVEPOINT_ENTRY_PREFIX, SAVEPOINT_META_PREFIX,
 };
 use super::{Store, StoreError, Unreadable};
+use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::protocol::{meta_of, Checkpoint, CheckpointMeta};
-use crate::checkpoint::restore::validate_savepoint_name;
 use crate::engine::{Entry, RestoredState, StateKey};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

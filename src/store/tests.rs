@@ -78,7 +78,7 @@ fn sorted(mut v: Vec<(StateKey, Entry)>) -> Vec<(StateKey, Entry)> {
 }
 
 fn open(dir: &tempfile::TempDir, retained: usize) -> Store {
-    Store::open(dir.path())
+    Store::open(dir.path(), super::Open::Create)
         .expect("open")
         .with_retention(Retention {
             checkpoints: retained,
@@ -392,8 +392,8 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
 #[test]
 fn second_opener_gets_a_clear_lock_error() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let _first = Store::open(dir.path()).expect("open");
-    match Store::open(dir.path()) {
+    let _first = Store::open(dir.path(), super::Open::Create).expect("open");
+    match Store::open(dir.path(), super::Open::Create) {
         Err(StoreError::Locked { path }) => assert_eq!(path, dir.path()),
         Err(other) => panic!("unexpected error: {other}"),
         Ok(_) => panic!("second open succeeded"),
@@ -410,7 +410,7 @@ fn unknown_format_version_is_refused() {
             .expect("insert");
         db.flush().expect("flush");
     }
-    match Store::open(dir.path()) {
+    match Store::open(dir.path(), super::Open::Create) {
         Err(StoreError::UnsupportedFormat { found: 99, .. }) => {}
         Err(other) => panic!("unexpected error: {other}"),
         Ok(_) => panic!("opened a store of an unknown format"),
@@ -422,7 +422,7 @@ fn offline_open_never_creates_a_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("nothing-here");
     assert!(matches!(
-        Store::open_existing(&missing),
+        Store::open(&missing, super::Open::Existing),
         Err(StoreError::Missing { .. })
     ));
     assert!(!missing.exists());

@@ -1,6 +1,6 @@
 use super::*;
-use crate::config::OffsetReset;
 use crate::engine::{Acc, Entry, PartitionState, WindowDef, WindowKind};
+use crate::position::OffsetReset;
 use crate::position::{NextOffset, Partition};
 
 fn tumbling(name: &str, size: i64) -> WindowDef {

@@ -1,6 +1,10 @@
-//! The background writer: makes checkpoints durable in sled, one at a time and in order, so
-//! record processing never waits for a write or a flush. It also persists the records of
+//! The background writer: makes checkpoints durable in the store, one at a time and in order,
+//! so record processing never waits for a write or a flush. It also persists the records of
 //! attempts that failed, in the same order.
+//!
+//! It writes through [`Checkpoints`], the narrow part of the store the service needs while
+//! running; [`memory::MemoryStore`](super::memory::MemoryStore) implements it for in-process
+//! tests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,9 +12,47 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::history::CheckpointRecord;
-use super::protocol::Checkpoint;
-use crate::store::{Store, StoreError, WriteRequest, WriteStats};
+use super::{SavepointMeta, Store, StoreError, WriteRequest, WriteStats};
+use crate::checkpoint::history::CheckpointRecord;
+use crate::checkpoint::protocol::Checkpoint;
+
+/// What the running service asks of the checkpoint store: write a checkpoint, record a failed
+/// attempt, look up and clear what it holds.
+pub trait Checkpoints: Send + Sync + 'static {
+    /// Makes `req` durable (with its savepoint, if one is asked for).
+    fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError>;
+    /// Persists the record of an attempt that did not complete.
+    fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError>;
+    /// The savepoint of this name, if there is one.
+    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
+    /// Deletes every checkpoint (savepoints stay); returns how many.
+    fn delete_checkpoints(&self) -> Result<usize, StoreError>;
+    /// Ids of the retained checkpoints.
+    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError>;
+    /// Bytes the store takes on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+impl Checkpoints for Store {
+    fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
+        Store::write(self, req)
+    }
+    fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError> {
+        Store::record_attempt(self, record, true)
+    }
+    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        Store::savepoint(self, name)
+    }
+    fn delete_checkpoints(&self) -> Result<usize, StoreError> {
+        Store::delete_checkpoints(self)
+    }
+    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+        Store::checkpoint_ids(self)
+    }
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Store::size_on_disk(self)
+    }
+}
 
 pub struct WriteJob {
     pub checkpoint: Checkpoint,
@@ -52,7 +94,7 @@ pub enum WriteOutcome {
 
 /// Starts the writer task. Jobs are carried out in the order they are sent.
 pub fn spawn(
-    store: Arc<Store>,
+    store: Arc<dyn Checkpoints>,
 ) -> (
     mpsc::UnboundedSender<Job>,
     mpsc::UnboundedReceiver<WriteOutcome>,
@@ -66,8 +108,7 @@ pub fn spawn(
                     let store = store.clone();
                     let id = record.id;
                     let result =
-                        tokio::task::spawn_blocking(move || store.record_attempt(&record, true))
-                            .await;
+                        tokio::task::spawn_blocking(move || store.record_attempt(&record)).await;
                     if let Ok(Err(e)) = result {
                         tracing::warn!(checkpoint_id = id, error = %e, "cannot record the failed attempt in the history");
                     }

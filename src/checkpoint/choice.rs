@@ -87,16 +87,16 @@ pub fn validate_savepoint_name(name: &str) -> Result<(), String> {
 
 /// Something restorable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Snapshot {
+pub enum RestorePoint {
     Checkpoint(u64),
     Savepoint(String),
 }
 
-impl fmt::Display for Snapshot {
+impl fmt::Display for RestorePoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Snapshot::Checkpoint(id) => write!(f, "checkpoint {id}"),
-            Snapshot::Savepoint(name) => write!(f, "savepoint {name}"),
+            RestorePoint::Checkpoint(id) => write!(f, "checkpoint {id}"),
+            RestorePoint::Savepoint(name) => write!(f, "savepoint {name}"),
         }
     }
 }
@@ -113,7 +113,7 @@ pub struct Available {
 /// warning) for the next; without, it is an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub candidates: Vec<Snapshot>,
+    pub candidates: Vec<RestorePoint>,
     pub fallback: bool,
 }
 
@@ -147,7 +147,7 @@ pub fn plan(
         RestoreFrom::Checkpoint(id) => {
             if available.checkpoints.iter().any(|(c, _)| c == id) {
                 Ok(Plan {
-                    candidates: vec![Snapshot::Checkpoint(*id)],
+                    candidates: vec![RestorePoint::Checkpoint(*id)],
                     fallback: false,
                 })
             } else {
@@ -160,7 +160,7 @@ pub fn plan(
         RestoreFrom::Savepoint(name) => {
             if available.savepoints.iter().any(|(n, _)| n == name) {
                 Ok(Plan {
-                    candidates: vec![Snapshot::Savepoint(name.clone())],
+                    candidates: vec![RestorePoint::Savepoint(name.clone())],
                     fallback: false,
                 })
             } else {
@@ -185,21 +185,21 @@ pub fn plan(
                     (id, newest)
                 })
                 .collect();
-            let mut all: Vec<((i64, u64, u8), Snapshot)> = checkpoints
+            let mut all: Vec<((i64, u64, u8), RestorePoint)> = checkpoints
                 .iter()
-                .map(|(id, t)| ((*t, *id, 1), Snapshot::Checkpoint(*id)))
+                .map(|(id, t)| ((*t, *id, 1), RestorePoint::Checkpoint(*id)))
                 .chain(
                     available
                         .savepoints
                         .iter()
-                        .map(|(n, t)| ((*t, 0, 0), Snapshot::Savepoint(n.clone()))),
+                        .map(|(n, t)| ((*t, 0, 0), RestorePoint::Savepoint(n.clone()))),
                 )
                 .collect();
             all.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
-            let mut candidates: Vec<Snapshot> = all.into_iter().map(|(_, s)| s).collect();
+            let mut candidates: Vec<RestorePoint> = all.into_iter().map(|(_, s)| s).collect();
             if prefer_checkpoint {
                 // stable: checkpoints newest first, then savepoints newest first
-                candidates.sort_by_key(|s| matches!(s, Snapshot::Savepoint(_)));
+                candidates.sort_by_key(|s| matches!(s, RestorePoint::Savepoint(_)));
             }
             Ok(Plan {
                 candidates,

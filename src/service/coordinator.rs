@@ -1,0 +1,434 @@
+//! The checkpoint coordinator: owns the scheduler, the attempts in flight, the link to the
+//! store's writer and the savepoint requests. It triggers checkpoints from the engine's
+//! snapshots, settles their outcomes (history, metrics, requesters) and tells the pipeline
+//! what followed: a durable checkpoint to act on, or a failure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio::sync::mpsc;
+
+use crate::checkpoint::choice::validate_savepoint_name;
+use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
+use crate::checkpoint::protocol::meta_of;
+use crate::checkpoint::scheduler::Trigger;
+use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
+use crate::clock::epoch_ms;
+use crate::engine::Engine;
+use crate::http::{AdminState, CommandError, Reply};
+use crate::metrics::Metrics;
+use crate::position::{NextOffset, Partition};
+use crate::store::writer::{Job, WriteJob, WriteOutcome};
+use crate::store::{Checkpoints, SavepointMeta, StoreError, WriteStats};
+
+/// Who waits for a savepoint.
+pub(crate) enum SavepointWaiter {
+    /// `POST /api/savepoints`.
+    Trigger(Reply<SavepointMeta>),
+    /// `POST /api/stop?savepoint`: taken as the last act of the stop.
+    Stop(Reply<Option<SavepointMeta>>),
+}
+
+impl SavepointWaiter {
+    fn fail(self, e: CommandError) {
+        // the requester may have gone away; nothing to do then
+        match self {
+            SavepointWaiter::Trigger(r) => drop(r.send(Err(e))),
+            SavepointWaiter::Stop(r) => drop(r.send(Err(e))),
+        }
+    }
+
+    fn succeed(self, meta: SavepointMeta) {
+        match self {
+            SavepointWaiter::Trigger(r) => drop(r.send(Ok(meta))),
+            SavepointWaiter::Stop(r) => drop(r.send(Ok(Some(meta)))),
+        }
+    }
+}
+
+/// A savepoint to take: its name and who waits for it.
+pub(crate) struct SavepointRequest {
+    pub name: String,
+    pub waiter: SavepointWaiter,
+}
+
+/// An attempt handed to the writer and not settled yet.
+struct InFlight {
+    abandoned: Arc<AtomicBool>,
+    positions: Vec<(Partition, NextOffset)>,
+    savepoint: Option<SavepointRequest>,
+    started: Instant,
+}
+
+/// A checkpoint that became durable, for the pipeline to act on: publish it, release what it
+/// holds, then [`Coordinator::record_completion`].
+pub(crate) struct Durable {
+    pub id: u64,
+    pub checkpoint: Box<Checkpoint>,
+    stats: Box<WriteStats>,
+    duration: Duration,
+    flight: Option<InFlight>,
+}
+
+/// What settling a write outcome leaves the pipeline to do.
+pub(crate) enum Settled {
+    /// Nothing (an abandoned attempt, skipped or written late).
+    Nothing,
+    Durable(Durable),
+    /// Attempt `id` failed; `forget` says whether the engine must forget its snapshot (the
+    /// next checkpoint is then a full one).
+    Failed {
+        id: u64,
+        forget: bool,
+    },
+}
+
+/// What does not change while the coordinator runs.
+pub(crate) struct CoordinatorConfig {
+    pub timeout: Duration,
+    pub dir: PathBuf,
+    /// What the service restored at start, for the message of a fatal failure.
+    pub restored_from: String,
+}
+
+pub(crate) struct Coordinator {
+    config: CoordinatorConfig,
+    scheduler: Scheduler,
+    spec: StateSpec,
+    writer: mpsc::UnboundedSender<Job>,
+    store: Arc<dyn Checkpoints>,
+    in_flight: HashMap<u64, InFlight>,
+    started: Instant,
+    last_durable: Option<u64>,
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+}
+
+impl Coordinator {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: CoordinatorConfig,
+        scheduler: Scheduler,
+        spec: StateSpec,
+        writer: mpsc::UnboundedSender<Job>,
+        store: Arc<dyn Checkpoints>,
+        last_durable: Option<u64>,
+        metrics: Arc<Metrics>,
+        admin: Arc<AdminState>,
+    ) -> Self {
+        Coordinator {
+            config,
+            scheduler,
+            spec,
+            writer,
+            store,
+            in_flight: HashMap::new(),
+            started: Instant::now(),
+            last_durable,
+            metrics,
+            admin,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub(crate) fn due(&self) -> bool {
+        self.scheduler.due(self.now())
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.scheduler.in_flight()
+    }
+
+    pub(crate) fn last_durable(&self) -> Option<u64> {
+        self.last_durable
+    }
+
+    /// The next checkpoint is a full one (a new line of deltas).
+    pub(crate) fn restart_line(&mut self) {
+        self.scheduler.restart_line();
+    }
+
+    pub(crate) fn store(&self) -> &dyn Checkpoints {
+        &*self.store
+    }
+
+    /// The name of an unnamed savepoint taken next.
+    pub(crate) fn default_savepoint_name(&self) -> String {
+        format!("savepoint-{}", self.scheduler.peek_next_id())
+    }
+
+    /// Refuses a savepoint name that is invalid, taken, or being taken.
+    pub(crate) fn check_savepoint_name(&self, name: &str) -> Result<(), CommandError> {
+        validate_savepoint_name(name).map_err(CommandError::BadRequest)?;
+        let in_flight = self
+            .in_flight
+            .values()
+            .any(|f| f.savepoint.as_ref().is_some_and(|r| r.name == name));
+        let exists = match self.store.savepoint(name) {
+            Ok(_) => true,
+            Err(StoreError::NoSuchSavepoint { .. }) => false,
+            Err(StoreError::Corrupt { .. }) => true,
+            Err(e) => return Err(CommandError::Failed(e.to_string())),
+        };
+        if in_flight || exists {
+            return Err(CommandError::Conflict(format!(
+                "a savepoint named {name:?} already exists; delete it first or choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A savepoint asked for over HTTP: checked, then triggered.
+    pub(crate) fn request_savepoint(
+        &mut self,
+        engine: &mut Engine,
+        name: Option<String>,
+        reply: Reply<SavepointMeta>,
+    ) {
+        let waiter = SavepointWaiter::Trigger(reply);
+        let name = name.unwrap_or_else(|| self.default_savepoint_name());
+        if let Err(e) = self.check_savepoint_name(&name) {
+            waiter.fail(e);
+            return;
+        }
+        self.trigger(engine, Some(SavepointRequest { name, waiter }));
+    }
+
+    /// Takes a snapshot and hands it to the writer, as a savepoint if asked. Returns the id.
+    pub(crate) fn trigger(
+        &mut self,
+        engine: &mut Engine,
+        savepoint: Option<SavepointRequest>,
+    ) -> u64 {
+        let Trigger { id, base } = self.scheduler.trigger(self.now());
+        let trigger_ms = epoch_ms();
+        let started = Instant::now();
+        let delta = engine.snapshot(id, base.is_none());
+        let snapshot_time = started.elapsed();
+        self.metrics
+            .checkpoint_stall
+            .observe(snapshot_time.as_secs_f64());
+        let positions: Vec<(Partition, NextOffset)> = delta
+            .partitions
+            .iter()
+            .filter_map(|p| p.next.map(|n| (p.partition.clone(), n)))
+            .collect();
+        let cp = Checkpoint {
+            id,
+            base,
+            trigger_ms,
+            spec: self.spec.clone(),
+            delta,
+        };
+        let mut record = CheckpointRecord::from_meta(&meta_of(&cp, 0, 0), Status::InProgress);
+        record.duration_ms = None;
+        record.phases.snapshot_ms = Some(snapshot_time.as_millis() as u64);
+        if let Some(r) = &savepoint {
+            record.kind = Kind::Savepoint;
+            record.savepoint = Some(r.name.clone());
+            tracing::info!(checkpoint_id = id, savepoint = %r.name, "taking a savepoint");
+        }
+        self.admin.history().push(record.clone());
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let job = WriteJob {
+            checkpoint: cp,
+            record,
+            savepoint: savepoint.as_ref().map(|r| r.name.clone()),
+            started,
+            abandoned: abandoned.clone(),
+        };
+        self.in_flight.insert(
+            id,
+            InFlight {
+                abandoned,
+                positions,
+                savepoint,
+                started,
+            },
+        );
+        if self.writer.send(Job::Write(Box::new(job))).is_err() {
+            tracing::error!(checkpoint_id = id, "checkpoint writer is gone");
+        }
+        self.metrics
+            .checkpoints_in_flight
+            .set(self.scheduler.in_flight() as i64);
+        id
+    }
+
+    /// Settles what the writer reports. A superseded store is fatal.
+    pub(crate) fn settle(&mut self, outcome: WriteOutcome) -> anyhow::Result<Settled> {
+        match outcome {
+            WriteOutcome::Durable {
+                id,
+                stats,
+                duration,
+                checkpoint,
+            } => {
+                if !self.scheduler.completed(id, self.now()) {
+                    tracing::info!(
+                        checkpoint_id = id,
+                        "abandoned checkpoint was written after its timeout; it is ignored"
+                    );
+                    return Ok(Settled::Nothing);
+                }
+                self.last_durable = Some(id);
+                Ok(Settled::Durable(Durable {
+                    id,
+                    checkpoint,
+                    stats,
+                    duration,
+                    flight: self.in_flight.remove(&id),
+                }))
+            }
+            WriteOutcome::Failed { id, reason } => {
+                let forget = self.fail(id, &reason, false)?;
+                Ok(Settled::Failed { id, forget })
+            }
+            WriteOutcome::Superseded { id, reason } => {
+                self.record_failure(id, &reason, false);
+                bail!("checkpoint {id} not written: {reason}")
+            }
+            WriteOutcome::Skipped { id } => {
+                tracing::debug!(
+                    checkpoint_id = id,
+                    "abandoned checkpoint skipped by the writer"
+                );
+                Ok(Settled::Nothing)
+            }
+        }
+    }
+
+    /// Records a durable checkpoint the pipeline acted on (`released` windows were handed to
+    /// the output) and answers its savepoint's requester. Returns the positions to commit.
+    pub(crate) fn record_completion(
+        &mut self,
+        durable: Durable,
+        released: usize,
+    ) -> Vec<(Partition, NextOffset)> {
+        let Durable {
+            id,
+            stats,
+            duration,
+            flight,
+            ..
+        } = durable;
+        let m = &self.metrics;
+        m.checkpoint_duration.observe(duration.as_secs_f64());
+        m.checkpoint_size.set(stats.bytes as i64);
+        m.checkpoint_last_id.set(id as i64);
+        m.checkpoint_last_time.set(epoch_ms() as f64 / 1000.0);
+        m.checkpoints_completed.inc();
+        m.checkpoints_in_flight
+            .set(self.scheduler.in_flight() as i64);
+        self.admin.history().update(id, |r| {
+            r.status = Status::Completed;
+            r.duration_ms = Some(duration.as_millis() as u64);
+            r.bytes = Some(stats.bytes);
+            r.phases.write_ms = Some(stats.write.as_millis() as u64);
+            r.phases.flush_ms = Some(stats.flush.as_millis() as u64);
+        });
+        tracing::info!(
+            checkpoint_id = id,
+            duration_ms = duration.as_millis() as u64,
+            write_ms = stats.write.as_millis() as u64,
+            flush_ms = stats.flush.as_millis() as u64,
+            bytes = stats.bytes,
+            released_windows = released,
+            "checkpoint completed"
+        );
+        let Some(f) = flight else {
+            return Vec::new();
+        };
+        if let (Some(request), Some(meta)) = (f.savepoint, stats.savepoint) {
+            self.metrics.savepoints.inc();
+            tracing::info!(checkpoint_id = id, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
+            request.waiter.succeed(meta);
+        }
+        f.positions
+    }
+
+    /// Records the end of a failed or abandoned attempt: history (memory and store), metrics,
+    /// the savepoint requester.
+    fn record_failure(&mut self, id: u64, reason: &str, abandoned: bool) {
+        let status = if abandoned {
+            Status::Abandoned
+        } else {
+            Status::Failed
+        };
+        if abandoned {
+            self.metrics.checkpoints_abandoned.inc();
+        } else {
+            self.metrics.checkpoints_failed.inc();
+        }
+        let started = self.in_flight.get(&id).map(|f| f.started);
+        let record = self.admin.history().update(id, |r| {
+            r.status = status;
+            r.failure = Some(reason.to_string());
+            r.duration_ms = started.map(|s| s.elapsed().as_millis() as u64);
+        });
+        if let Some(record) = record {
+            let _ = self.writer.send(Job::Record(record));
+        }
+        if let Some(f) = self.in_flight.remove(&id) {
+            if let Some(SavepointRequest { name, waiter }) = f.savepoint {
+                waiter.fail(CommandError::Failed(format!(
+                    "savepoint {name} (checkpoint {id}) failed: {reason}"
+                )));
+            }
+        }
+    }
+
+    /// Attempt `id` failed. Returns whether the engine must forget its snapshot; an error when
+    /// failures are no longer tolerable.
+    fn fail(&mut self, id: u64, reason: &str, abandoned: bool) -> anyhow::Result<bool> {
+        let now = self.now();
+        match self.scheduler.failed(id, now, reason) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                self.record_failure(id, reason, abandoned);
+                tracing::warn!(
+                    checkpoint_id = id,
+                    reason,
+                    "checkpoint failed; the next one is a full snapshot"
+                );
+                Ok(true)
+            }
+            Err(too_many) => {
+                self.record_failure(id, reason, abandoned);
+                let last_good = match self.last_durable {
+                    Some(i) => format!("checkpoint {i}"),
+                    None => format!("{}, restored at start,", self.config.restored_from),
+                };
+                bail!(
+                    "{too_many}; stopping. The last good state ({last_good}) is intact in {}",
+                    self.config.dir.display()
+                )
+            }
+        }
+    }
+
+    /// Abandons checkpoints in flight for longer than `checkpoint.timeout`; returns them as
+    /// failures for the pipeline.
+    pub(crate) fn expire(&mut self) -> anyhow::Result<Vec<Settled>> {
+        let mut out = Vec::new();
+        for id in self.scheduler.expired(self.now()) {
+            if let Some(f) = self.in_flight.get(&id) {
+                f.abandoned.store(true, Ordering::SeqCst);
+            }
+            let reason = format!(
+                "abandoned: not durable within checkpoint.timeout ({})",
+                humantime::format_duration(self.config.timeout)
+            );
+            let forget = self.fail(id, &reason, true)?;
+            out.push(Settled::Failed { id, forget });
+        }
+        Ok(out)
+    }
+}

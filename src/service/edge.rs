@@ -1,0 +1,121 @@
+//! The pipeline's [`Inbox`] of events from the I/O tasks, and the narrow traits through
+//! which the service's components reach Kafka: the consumer's
+//! assignments, commits and positions ([`Assignments`]), the output of final windows
+//! ([`Output`]), and the changelog topic ([`ChangelogIo`]). The store's side is
+//! [`crate::store::Checkpoints`]. The implementations here wrap rdkafka; in-process tests use
+//! the in-memory ones in `fakes`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::changelog::kafka::PublishFailure;
+use crate::changelog::kafka::{
+    read_states, Batch, ChangelogError, ChangelogTopic, OnProgress, Publisher,
+};
+use crate::changelog::protocol::Committed;
+use crate::config::OffsetReset;
+use crate::engine::{ClosedWindow, StateKey};
+use crate::http::Command;
+use crate::position::{NextOffset, Partition};
+use crate::sink::Sink;
+use crate::source::{self, Source, SourceError};
+use crate::store::writer::WriteOutcome;
+
+/// What the pipeline receives besides records.
+pub(crate) struct Inbox {
+    pub outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
+    pub acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    pub released: mpsc::UnboundedReceiver<(u64, Vec<Partition>)>,
+    pub failures: mpsc::UnboundedReceiver<PublishFailure>,
+}
+
+impl Inbox {
+    /// Commands queued or sent from now on are answered with an error (the requester's reply
+    /// channel is dropped): the service is stopping.
+    pub(crate) fn refuse_commands(&mut self) {
+        drop(std::mem::replace(
+            &mut self.commands,
+            mpsc::unbounded_channel().1,
+        ));
+    }
+}
+
+/// What the pipeline and the hand-off ask of the Kafka consumer.
+pub(crate) trait Assignments {
+    /// Starts reading `partitions` at the positions the service holds for them.
+    fn assign(&self, partitions: &[Partition]) -> Result<(), SourceError>;
+    /// Lets `partitions` go to their new owner.
+    fn release(&self, partitions: &[Partition]);
+    /// Commits checkpointed positions to the consumer group (advisory).
+    fn commit(&self, positions: &[(Partition, NextOffset)]);
+    /// Low and high watermarks of `partition` (blocking, bounded).
+    fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)>;
+    /// Moves every partition back to the position the service holds for it.
+    fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset);
+}
+
+impl Assignments for Source {
+    fn assign(&self, partitions: &[Partition]) -> Result<(), SourceError> {
+        source::assign(self, partitions)
+    }
+    fn release(&self, partitions: &[Partition]) {
+        source::release(self, partitions)
+    }
+    fn commit(&self, positions: &[(Partition, NextOffset)]) {
+        source::commit(self, positions)
+    }
+    fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)> {
+        source::watermarks(self, partition, Duration::from_secs(1))
+    }
+    fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset) {
+        source::reposition(self, positions, reset)
+    }
+}
+
+/// Where final windows go; acknowledgements come back on the pipeline's `acks` channel.
+pub(crate) trait Output {
+    fn emit(&self, windows: Vec<ClosedWindow>);
+}
+
+impl Output for Sink {
+    fn emit(&self, windows: Vec<ClosedWindow>) {
+        Sink::emit(self, windows)
+    }
+}
+
+/// The changelog topic: publications out, partition states in.
+pub(crate) trait ChangelogIo: Send + Sync + 'static {
+    /// Hands a publication to the publisher (in order); `batch.done` answers when it is
+    /// acknowledged or failed.
+    fn publish(&self, batch: Batch);
+    /// Replays the changelog of `partitions` and returns their states (blocking).
+    fn read(
+        &self,
+        group: &str,
+        partitions: &[Partition],
+        on_progress: OnProgress<'_>,
+    ) -> Result<HashMap<Partition, Committed>, ChangelogError>;
+}
+
+/// The changelog on Kafka.
+pub(crate) struct KafkaChangelog {
+    pub topic: ChangelogTopic,
+    pub publisher: Publisher,
+}
+
+impl ChangelogIo for KafkaChangelog {
+    fn publish(&self, batch: Batch) {
+        self.publisher.publish(batch)
+    }
+    fn read(
+        &self,
+        group: &str,
+        partitions: &[Partition],
+        on_progress: OnProgress<'_>,
+    ) -> Result<HashMap<Partition, Committed>, ChangelogError> {
+        read_states(&self.topic, group, partitions, on_progress)
+    }
+}

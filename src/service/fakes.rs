@@ -1,0 +1,125 @@
+//! In-memory implementations of the edge traits, for in-process tests of the components: a
+//! consumer that records what it was asked, an output that records and acknowledges windows,
+//! and a changelog that holds publications until the test completes them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::edge::{Assignments, ChangelogIo, Output};
+use crate::changelog::kafka::{Batch, ChangelogError, OnProgress};
+use crate::changelog::protocol::Committed;
+use crate::config::OffsetReset;
+use crate::engine::{ClosedWindow, StateKey};
+use crate::lock::lock;
+use crate::position::{NextOffset, Partition};
+use crate::source::SourceError;
+
+/// What the pipeline asked of the consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Call {
+    Assign(Vec<Partition>),
+    Release(Vec<Partition>),
+    Commit(Vec<(Partition, NextOffset)>),
+}
+
+#[derive(Default)]
+pub(crate) struct FakeConsumer {
+    calls: Mutex<Vec<Call>>,
+}
+
+impl FakeConsumer {
+    pub(crate) fn calls(&self) -> Vec<Call> {
+        lock(&self.calls).clone()
+    }
+
+    /// Every partition released so far, in order.
+    pub(crate) fn released(&self) -> Vec<Partition> {
+        self.calls()
+            .into_iter()
+            .flat_map(|c| match c {
+                Call::Release(ps) => ps,
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+}
+
+impl Assignments for FakeConsumer {
+    fn assign(&self, partitions: &[Partition]) -> Result<(), SourceError> {
+        lock(&self.calls).push(Call::Assign(partitions.to_vec()));
+        Ok(())
+    }
+    fn release(&self, partitions: &[Partition]) {
+        lock(&self.calls).push(Call::Release(partitions.to_vec()));
+    }
+    fn commit(&self, positions: &[(Partition, NextOffset)]) {
+        lock(&self.calls).push(Call::Commit(positions.to_vec()));
+    }
+    fn watermarks(&self, _partition: &Partition) -> Option<(i64, i64)> {
+        None
+    }
+    fn reposition(&self, _positions: &[(Partition, Option<NextOffset>)], _reset: OffsetReset) {}
+}
+
+/// Records every window it is handed and acknowledges it at once.
+pub(crate) struct FakeOutput {
+    pub emitted: std::sync::Arc<Mutex<Vec<ClosedWindow>>>,
+    pub acks: mpsc::UnboundedSender<Vec<StateKey>>,
+}
+
+impl Output for FakeOutput {
+    fn emit(&self, windows: Vec<ClosedWindow>) {
+        if windows.is_empty() {
+            return;
+        }
+        let ids = windows.iter().map(|w| w.id.clone()).collect();
+        lock(&self.emitted).extend(windows);
+        let _ = self.acks.send(ids);
+    }
+}
+
+/// Keeps every publication; their `done` answers wait for [`FakeChangelog::complete`].
+#[derive(Default)]
+pub(crate) struct FakeChangelog {
+    published: Mutex<Vec<(Vec<crate::changelog::protocol::Chunk>, usize)>>,
+    waiting: Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
+}
+
+impl FakeChangelog {
+    /// The chunks of every publication so far.
+    pub(crate) fn chunks(&self) -> Vec<crate::changelog::protocol::Chunk> {
+        lock(&self.published)
+            .iter()
+            .flat_map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Answers every publication waiting for its acknowledgement with `result`.
+    pub(crate) fn complete(&self, result: Result<(), String>) -> usize {
+        let waiting: Vec<_> = lock(&self.waiting).drain(..).collect();
+        let n = waiting.len();
+        for done in waiting {
+            let _ = done.send(result.clone());
+        }
+        n
+    }
+}
+
+impl ChangelogIo for FakeChangelog {
+    fn publish(&self, batch: Batch) {
+        lock(&self.published).push((batch.chunks, batch.tombstones.len()));
+        if let Some(done) = batch.done {
+            lock(&self.waiting).push(done);
+        }
+    }
+    fn read(
+        &self,
+        _group: &str,
+        _partitions: &[Partition],
+        _on_progress: OnProgress<'_>,
+    ) -> Result<HashMap<Partition, Committed>, ChangelogError> {
+        Ok(HashMap::new())
+    }
+}

@@ -1,0 +1,494 @@
+//! The pipeline: the select loop that reads records into the engine and routes events between
+//! the components: the checkpoint coordinator (triggers, outcomes), the hand-off (assignments,
+//! releases, publications), the output (final windows and their acknowledgements), the status
+//! board, and the operator's commands. All decisions are the components' and the pure cores';
+//! this loop moves facts between them, and carries out the graceful stop ([`StopSequence`]).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
+use super::edge::{Assignments, Inbox, Output};
+use super::handoff::Handoff;
+use super::status::Status;
+use super::stop::{Facts, Step, StopSequence};
+use crate::config::{OffsetReset, OnCancel};
+use crate::engine::{Decoder, Engine, Outcome, StateKey};
+use crate::http::{Command, Reply};
+use crate::metrics::Metrics;
+use crate::position::{NextOffset, Partition};
+use crate::ratelimit::RateLimit;
+use crate::source::{Rebalance, Shared, Source};
+use crate::store::writer::WriteOutcome;
+use crate::store::SavepointMeta;
+
+/// How often timers (checkpoint due, timeouts, gauges) are evaluated.
+const TICK: Duration = Duration::from_millis(50);
+/// Minimum time between two identical error log lines.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What does not change while the pipeline runs.
+pub(crate) struct PipelineConfig {
+    pub auto_offset_reset: OffsetReset,
+    pub dir: PathBuf,
+    pub shutdown_timeout: Duration,
+    pub on_cancel: OnCancel,
+}
+
+/// A stop asked for over HTTP, with the savepoint to take as its last act (name or default)
+/// and its requester.
+struct StopRequest {
+    savepoint: Option<(Option<String>, Reply<Option<SavepointMeta>>)>,
+}
+
+pub(crate) struct Pipeline<C, O> {
+    config: PipelineConfig,
+    engine: Engine,
+    decoder: Decoder,
+    coordinator: Coordinator,
+    handoff: Handoff,
+    status: Status,
+    consumer: Arc<C>,
+    output: O,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    invalid_log: RateLimit,
+    consumer_error_log: RateLimit,
+    stop: Option<StopRequest>,
+}
+
+/// The parts a pipeline is made of.
+pub(crate) struct Parts<C, O> {
+    pub config: PipelineConfig,
+    pub engine: Engine,
+    pub decoder: Decoder,
+    pub coordinator: Coordinator,
+    pub handoff: Handoff,
+    pub status: Status,
+    pub consumer: Arc<C>,
+    pub output: O,
+    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
+}
+
+impl<C: Assignments, O: Output> Pipeline<C, O> {
+    pub(crate) fn new(parts: Parts<C, O>) -> Self {
+        let mut pipeline = Pipeline {
+            config: parts.config,
+            engine: parts.engine,
+            decoder: parts.decoder,
+            coordinator: parts.coordinator,
+            handoff: parts.handoff,
+            status: parts.status,
+            consumer: parts.consumer,
+            output: parts.output,
+            metrics: parts.metrics,
+            shared: parts.shared,
+            invalid_log: RateLimit::new(ERROR_LOG_EVERY),
+            consumer_error_log: RateLimit::new(ERROR_LOG_EVERY),
+            stop: None,
+        };
+        // windows the restored checkpoint holds as final were durable there: send them again
+        pipeline.emit();
+        pipeline.refresh_readiness();
+        pipeline
+    }
+
+    /// Hands what the engine made final to the output; returns how many windows.
+    fn emit(&mut self) -> usize {
+        let ready = self.engine.take_emittable();
+        let n = ready.len();
+        self.output.emit(ready);
+        n
+    }
+
+    fn refresh_readiness(&mut self) {
+        self.status.refresh(
+            self.handoff.assigned().len(),
+            self.handoff.assignment_seen(),
+        );
+    }
+
+    /// One record from the consumer.
+    pub(crate) fn on_message(&mut self, m: &impl Message) {
+        self.status.record_arrived(
+            self.handoff.assigned().len(),
+            self.handoff.assignment_seen(),
+        );
+        let p = Partition::new(m.topic(), m.partition());
+        let engine = &self.engine;
+        self.handoff
+            .check_first_record(&p, m.offset(), || engine.position(&p));
+        let decoded = self
+            .decoder
+            .decode(m.key(), m.payload(), m.timestamp().to_millis());
+        let outcome = self.engine.process(&p, m.offset(), decoded);
+        let metrics = &self.metrics;
+        match outcome {
+            Outcome::Accepted => metrics.records_consumed.inc(),
+            Outcome::Late => {
+                metrics.records_consumed.inc();
+                metrics.records_late.inc();
+            }
+            Outcome::Invalid(reason) => {
+                metrics.records_consumed.inc();
+                metrics.invalid(reason);
+                if let Some(suppressed) = self.invalid_log.check() {
+                    tracing::warn!(partition = %p, offset = m.offset(), reason = reason.label(), suppressed, "skipping invalid record (further ones are counted in checkpointer_records_invalid_total and logged at most every 10s)");
+                }
+            }
+            Outcome::Duplicate => {
+                metrics.records_duplicate.inc();
+                return;
+            }
+        }
+        self.shared.set_position(&p, NextOffset::after(m.offset()));
+        self.emit();
+    }
+
+    fn on_eof(&mut self, number: i32) {
+        // librdkafka reports only the partition number: it names one partition only when a
+        // single assigned partition has that number; otherwise the broker is asked which of
+        // the candidates has nothing left to read
+        let same_number: Vec<Partition> = self
+            .handoff
+            .assigned()
+            .iter()
+            .filter(|p| p.partition == number)
+            .cloned()
+            .collect();
+        let unambiguous = same_number.len() == 1;
+        for p in same_number {
+            let pending = self
+                .engine
+                .progress()
+                .find(|(q, _)| **q == p)
+                .is_none_or(|(_, progress)| progress.max_ts.is_none() && !progress.caught_up_empty);
+            if !pending {
+                continue;
+            }
+            let at_end = unambiguous
+                || match self.consumer.watermarks(&p) {
+                    Some((low, high)) => match self.engine.position(&p) {
+                        Some(next) => next.0 >= high,
+                        // nothing read yet: empty when no record is retained
+                        None => low >= high,
+                    },
+                    None => false,
+                };
+            if at_end {
+                tracing::info!(partition = %p, next_offset = ?self.engine.position(&p), "partition has no data; it does not hold the watermark back until it has");
+                self.engine.partition_eof(&p);
+            }
+        }
+        self.emit();
+    }
+
+    fn on_consumer_error(&mut self, e: &KafkaError) {
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            self.metrics.offset_out_of_range.inc();
+            tracing::warn!(error = %e, "the broker reported a held position out of range; moving every partition back to its held position instead of skipping records (if records were deleted by retention, this repeats: restore the data or start from an empty checkpoint.dir)");
+            let positions: Vec<(Partition, Option<NextOffset>)> = self
+                .handoff
+                .assigned()
+                .iter()
+                .map(|p| (p.clone(), self.engine.position(p)))
+                .collect();
+            self.consumer
+                .reposition(&positions, self.config.auto_offset_reset);
+            return;
+        }
+        // one broker failing is not an outage: its partitions move to other leaders
+        let down = e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        if let Some(suppressed) = self.consumer_error_log.check() {
+            tracing::warn!(error = %e, suppressed, "consumer error, retrying");
+        }
+        if down {
+            self.shared.set_broker_error(Some(e.to_string()));
+        }
+    }
+
+    /// Carries out the rebalances the consumer queued.
+    async fn apply_rebalances(&mut self) -> anyhow::Result<()> {
+        for event in self.shared.take_events() {
+            self.on_rebalance(event).await?;
+        }
+        Ok(())
+    }
+
+    /// One rebalance, completed by the hand-off.
+    pub(crate) async fn on_rebalance(&mut self, event: Rebalance) -> anyhow::Result<()> {
+        let (engine, coordinator, consumer) =
+            (&mut self.engine, &mut self.coordinator, &*self.consumer);
+        match event {
+            Rebalance::Assign(ps) => {
+                self.handoff
+                    .on_assign(engine, coordinator, consumer, ps)
+                    .await?
+            }
+            Rebalance::Revoke { partitions, lost } => {
+                self.handoff
+                    .on_revoke(engine, coordinator, consumer, partitions, lost)
+            }
+            Rebalance::Failed(reason) => tracing::warn!(%reason, "rebalance did not complete"),
+            Rebalance::Refused(reason) => bail!("{reason}"),
+        }
+        self.emit();
+        self.refresh_readiness();
+        Ok(())
+    }
+
+    /// Timers: checkpoints due or timed out, readiness, gauges.
+    pub(crate) fn on_tick(&mut self) -> anyhow::Result<()> {
+        for expired in self.coordinator.expire()? {
+            self.on_settled(expired);
+        }
+        if self.coordinator.due() {
+            self.coordinator.trigger(&mut self.engine, None);
+        }
+        if self.status.stale() {
+            self.refresh_readiness();
+        }
+        self.status.gauges(
+            &self.engine,
+            self.coordinator.in_flight(),
+            self.coordinator.store(),
+        );
+        Ok(())
+    }
+
+    /// An operator's request.
+    pub(crate) fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Stop {
+                savepoint: None,
+                reply,
+            } => {
+                tracing::info!("stop requested over HTTP");
+                let _ = reply.send(Ok(None));
+                self.stop = Some(StopRequest { savepoint: None });
+            }
+            Command::Stop {
+                savepoint: Some(name),
+                reply,
+            } => {
+                if let Some(n) = &name {
+                    if let Err(e) = self.coordinator.check_savepoint_name(n) {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
+                // the savepoint is taken once the stop has settled, so it is the final state
+                tracing::info!(savepoint = ?name, "stop with savepoint requested over HTTP");
+                self.stop = Some(StopRequest {
+                    savepoint: Some((name, reply)),
+                });
+            }
+            Command::Savepoint { name, reply } => {
+                self.coordinator
+                    .request_savepoint(&mut self.engine, name, reply)
+            }
+        }
+    }
+
+    /// A write outcome from the store's writer.
+    pub(crate) fn on_write_outcome(&mut self, outcome: WriteOutcome) -> anyhow::Result<()> {
+        let settled = self.coordinator.settle(outcome)?;
+        self.on_settled(settled);
+        Ok(())
+    }
+
+    fn on_settled(&mut self, settled: Settled) {
+        match settled {
+            Settled::Nothing => {}
+            Settled::Durable(durable) => {
+                let id = durable.id;
+                self.handoff
+                    .publish(&mut self.coordinator, &durable.checkpoint);
+                self.engine.checkpoint_completed(id);
+                let released = self.emit();
+                let positions = self.coordinator.record_completion(durable, released);
+                self.consumer.commit(&self.handoff.owned(positions));
+            }
+            Settled::Failed { id, forget } => {
+                self.handoff.release_after_failure(id);
+                if forget {
+                    self.engine.checkpoint_failed(id);
+                }
+            }
+        }
+    }
+
+    /// The output acknowledged these windows.
+    pub(crate) fn on_acknowledged(&mut self, ids: Vec<StateKey>) {
+        self.engine.emitted(ids);
+    }
+
+    /// A revoke checkpoint's publication completed (or failed).
+    pub(crate) fn on_released(&mut self, id: u64, partitions: Vec<Partition>) {
+        self.handoff.on_released(
+            &mut self.engine,
+            &mut self.coordinator,
+            &*self.consumer,
+            id,
+            partitions,
+        );
+    }
+
+    /// The engine, for in-process tests to look at.
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Graceful stop: final checkpoint, emission of what it released, a last checkpoint that
+    /// records the acknowledgements, all within `checkpoint.shutdown_timeout`; then the
+    /// savepoint, if the stop asked for one.
+    pub(crate) async fn stop(&mut self, inbox: &mut Inbox) -> anyhow::Result<()> {
+        // rebalances from here on are completed by the consumer callback itself
+        self.shared.set_closing();
+        self.status.stopping();
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        let mut savepoint = self.stop.take().and_then(|s| s.savepoint);
+        let mut sequence = StopSequence::new(savepoint.as_ref().map(|(name, _)| name.clone()));
+        loop {
+            let facts = Facts {
+                in_flight: self.coordinator.in_flight(),
+                last_durable: self.coordinator.last_durable(),
+                pending_emissions: self.engine.pending_emissions(),
+                has_changes: self.engine.has_changes(),
+            };
+            match sequence.next(facts) {
+                Step::Wait => {}
+                Step::Checkpoint => {
+                    let id = self.coordinator.trigger(&mut self.engine, None);
+                    sequence.triggered(id, false);
+                }
+                Step::Savepoint(name) => {
+                    let Some((_, reply)) = savepoint.take() else {
+                        bail!("stop with savepoint: the requester is gone");
+                    };
+                    // the state is settled: the savepoint holds exactly what the stop leaves
+                    let name = name.unwrap_or_else(|| self.coordinator.default_savepoint_name());
+                    if let Err(e) = self.coordinator.check_savepoint_name(&name) {
+                        let text = e.to_string();
+                        let _ = reply.send(Err(e));
+                        bail!("stop with savepoint: {text}; stopped without it");
+                    }
+                    let request = SavepointRequest {
+                        name,
+                        waiter: SavepointWaiter::Stop(reply),
+                    };
+                    let id = self.coordinator.trigger(&mut self.engine, Some(request));
+                    sequence.triggered(id, true);
+                    continue;
+                }
+                Step::SavepointFailed(id) => bail!(
+                    "stop with savepoint: savepoint (checkpoint {id}) failed; stopped without it, checkpoints kept in {} (latest: {:?})",
+                    self.config.dir.display(),
+                    self.coordinator.last_durable()
+                ),
+                Step::Done { savepoint } => {
+                    if savepoint {
+                        // let the HTTP answer reach the requester before the process exits
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    self.handoff.settled(deadline).await;
+                    if self.config.on_cancel == OnCancel::Delete {
+                        let deleted = self.coordinator.store().delete_checkpoints()?;
+                        tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");
+                    } else {
+                        tracing::info!(checkpoint_id = ?self.coordinator.last_durable(), "stopped cleanly; the next start resumes here and replays nothing");
+                    }
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    bail!(
+                        "graceful stop did not finish within checkpoint.shutdown_timeout ({}); last durable checkpoint: {:?}, windows awaiting output acknowledgement: {} (they are kept and sent at the next start)",
+                        humantime::format_duration(self.config.shutdown_timeout),
+                        self.coordinator.last_durable(),
+                        self.engine.pending_emissions()
+                    );
+                }
+                Some(outcome) = inbox.outcomes.recv() => self.on_write_outcome(outcome)?,
+                Some(ids) = inbox.acks.recv() => self.on_acknowledged(ids),
+            }
+        }
+    }
+}
+
+impl<O: Output> Pipeline<Source, O> {
+    /// Runs until `shutdown` completes (then stops gracefully), a stop is asked for over HTTP,
+    /// or a fatal error.
+    pub(crate) async fn run(
+        mut self,
+        mut inbox: Inbox,
+        shutdown: impl Future<Output = &'static str>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Duration::from_millis(100);
+        let consumer = self.consumer.clone();
+        loop {
+            if self.stop.is_some() {
+                tracing::info!("stopping: no more records are read; taking a final checkpoint");
+                inbox.refuse_commands();
+                return self.stop(&mut inbox).await;
+            }
+            tokio::select! {
+                biased;
+                signal = &mut shutdown => {
+                    tracing::info!(signal, "stopping: no more records are read; taking a final checkpoint");
+                    inbox.refuse_commands();
+                    return self.stop(&mut inbox).await;
+                }
+                Some(outcome) = inbox.outcomes.recv() => self.on_write_outcome(outcome)?,
+                Some(command) = inbox.commands.recv() => self.on_command(command),
+                Some(ids) = inbox.acks.recv() => self.on_acknowledged(ids),
+                Some((id, ps)) = inbox.released.recv() => self.on_released(id, ps),
+                Some(f) = inbox.failures.recv() => self.handoff.on_publish_failure(&mut self.coordinator, f),
+                _ = tick.tick() => {
+                    // rebalances wait for the loop (assign after restore, release after a
+                    // checkpoint); without assigned partitions recv would never return
+                    self.apply_rebalances().await?;
+                    self.on_tick()?
+                }
+                msg = consumer.recv() => {
+                    // rebalances run inside recv: apply them before what recv returned
+                    self.apply_rebalances().await?;
+                    match msg {
+                        Ok(m) => {
+                            backoff = Duration::from_millis(100);
+                            self.on_message(&m);
+                        }
+                        Err(KafkaError::PartitionEOF(n)) => {
+                            tracing::debug!(partition = n, "end of partition");
+                            self.on_eof(n);
+                        }
+                        Err(e) => {
+                            self.on_consumer_error(&e);
+                            // librdkafka reconnects by itself, reporting every failed attempt:
+                            // a broker that refuses connections (one of several, or the group
+                            // coordinator) must not hold back the records of partitions whose
+                            // leaders answer, so only other errors pause the loop, briefly
+                            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::BrokerTransportFailure) {
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(1));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

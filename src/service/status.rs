@@ -1,0 +1,143 @@
+//! What the service shows of itself: readiness (decided by [`readiness`], pure), event-time
+//! progress and the state gauges, written to the admin board that HTTP reads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+use crate::http::{AdminState, EventTimeProgress};
+use crate::metrics::Metrics;
+use crate::source::Shared;
+use crate::store::Checkpoints;
+
+/// Whether the service is ready, and why (the `/readyz` text).
+pub(crate) fn readiness(
+    broker_error: Option<&str>,
+    assigned: usize,
+    assignment_seen: bool,
+) -> (bool, String) {
+    if let Some(e) = broker_error {
+        (false, format!("broker unreachable: {e}"))
+    } else if assigned == 0 && !assignment_seen {
+        (
+            false,
+            "restored; waiting for partition assignment".to_string(),
+        )
+    } else {
+        (true, format!("{assigned} partitions assigned"))
+    }
+}
+
+pub(crate) struct Status {
+    admin: Arc<AdminState>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    /// The readiness last published says the brokers are unreachable.
+    broker_down: bool,
+    last_gauges: Instant,
+}
+
+impl Status {
+    pub(crate) fn new(admin: Arc<AdminState>, shared: Arc<Shared>, metrics: Arc<Metrics>) -> Self {
+        Status {
+            admin,
+            shared,
+            metrics,
+            broker_down: false,
+            last_gauges: Instant::now(),
+        }
+    }
+
+    /// Publishes readiness from the consumer's view of the brokers and the assignment.
+    pub(crate) fn refresh(&mut self, assigned: usize, assignment_seen: bool) {
+        let broker_error = self.shared.broker_error();
+        self.broker_down = broker_error.is_some();
+        let (ready, reason) = readiness(broker_error.as_deref(), assigned, assignment_seen);
+        self.admin.set_ready(ready, &reason);
+    }
+
+    /// A record arrived: an outage reported before is over.
+    pub(crate) fn record_arrived(&mut self, assigned: usize, assignment_seen: bool) {
+        if self.broker_down {
+            self.broker_down = false;
+            self.shared.set_broker_error(None);
+            tracing::info!("receiving records again");
+            self.refresh(assigned, assignment_seen);
+        }
+    }
+
+    /// Whether the consumer's view of the brokers changed since readiness was published.
+    pub(crate) fn stale(&self) -> bool {
+        self.shared.broker_error().is_some() != self.broker_down
+    }
+
+    pub(crate) fn stopping(&self) {
+        self.admin.set_ready(false, "stopping");
+    }
+
+    /// Refreshes gauges and event-time progress, at most once a second.
+    pub(crate) fn gauges(&mut self, engine: &Engine, in_flight: usize, store: &dyn Checkpoints) {
+        if self.last_gauges.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_gauges = Instant::now();
+        let m = &self.metrics;
+        m.windows_open.set(engine.open_windows() as i64);
+        m.windows_pending.set(engine.pending_emissions() as i64);
+        m.checkpoints_in_flight.set(in_flight as i64);
+        if let Some(wm) = engine.watermark() {
+            m.watermark.set(wm as f64 / 1000.0);
+        }
+        let mut progress = EventTimeProgress {
+            watermark: engine.watermark(),
+            ..EventTimeProgress::default()
+        };
+        for (p, partition) in engine.progress() {
+            if let Some(ts) = partition.max_ts {
+                m.partition_watermark
+                    .with_label_values(&[&p.topic, &p.partition.to_string()])
+                    .set(ts as f64 / 1000.0);
+                progress.max_event_time.insert(p.clone(), ts);
+            }
+        }
+        self.admin.set_progress(progress);
+        if let Ok(size) = store.size_on_disk() {
+            m.store_size.set(size as i64);
+        }
+        if let Ok(ids) = store.checkpoint_ids() {
+            m.checkpoints_retained.set(ids.len() as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readiness;
+
+    #[test]
+    fn an_unreachable_broker_makes_the_service_unready_whatever_it_holds() {
+        assert_eq!(
+            readiness(Some("all brokers down"), 4, true),
+            (false, "broker unreachable: all brokers down".to_string())
+        );
+    }
+
+    #[test]
+    fn ready_once_an_assignment_arrived_even_an_empty_one() {
+        assert_eq!(
+            readiness(None, 0, false),
+            (
+                false,
+                "restored; waiting for partition assignment".to_string()
+            )
+        );
+        assert_eq!(
+            readiness(None, 0, true),
+            (true, "0 partitions assigned".to_string())
+        );
+        assert_eq!(
+            readiness(None, 3, true),
+            (true, "3 partitions assigned".to_string())
+        );
+    }
+}

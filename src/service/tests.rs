@@ -1,0 +1,441 @@
+//! In-process tests of the pipeline and its components, without a broker: the store is in
+//! memory (`store::memory`), the consumer, output and changelog are the fakes, and the
+//! writer is the real background task. Each test drives the pipeline's event handlers in the
+//! order the select loop would.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::message::{OwnedMessage, Timestamp};
+use tokio::sync::{mpsc, oneshot};
+
+use super::coordinator::{Coordinator, CoordinatorConfig};
+use super::edge::Inbox;
+use super::fakes::{Call, FakeChangelog, FakeConsumer, FakeOutput};
+use super::handoff::{Changelog, Handoff, HandoffConfig};
+use super::pipeline::{Parts, Pipeline, PipelineConfig};
+use super::status::Status;
+use crate::changelog::plan::Ledger;
+use crate::checkpoint::history::{History, Status as AttemptStatus};
+use crate::checkpoint::{Scheduler, SchedulerSettings, StateSpec};
+use crate::config::{OffsetReset, OnCancel};
+use crate::engine::{
+    ClosedWindow, Decoder, Engine, EngineConfig, FieldSource, TimeSource, WindowDef, WindowKind,
+};
+use crate::http::{AdminState, Command, CommandError};
+use crate::lock::lock;
+use crate::metrics::Metrics;
+use crate::position::Partition;
+use crate::source::{Rebalance, Shared};
+use crate::store::memory::MemoryStore;
+use crate::store::{writer, Checkpoints, Open, Store};
+
+fn p(n: i32) -> Partition {
+    Partition::new("events", n)
+}
+
+struct Options {
+    partition_scoped: bool,
+    changelog: bool,
+    tolerable_failures: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            partition_scoped: false,
+            changelog: false,
+            tolerable_failures: 3,
+        }
+    }
+}
+
+/// A pipeline over in-memory parts, and handles on them.
+struct Rig {
+    pipeline: Pipeline<FakeConsumer, FakeOutput>,
+    inbox: Inbox,
+    store: Arc<MemoryStore>,
+    consumer: Arc<FakeConsumer>,
+    changelog: Arc<FakeChangelog>,
+    emitted: Arc<Mutex<Vec<ClosedWindow>>>,
+    admin: Arc<AdminState>,
+    offsets: std::collections::HashMap<Partition, i64>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new(options: Options) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // the HTTP board needs a store to serve; the components use the in-memory one
+        let board_store = Arc::new(Store::open(dir.path(), Open::Create).expect("board store"));
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared::default());
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        let admin = Arc::new(AdminState::new(
+            metrics.clone(),
+            History::new(200),
+            board_store,
+            shared.clone(),
+            commands_tx,
+            "nothing (empty start)".to_string(),
+        ));
+        let store = Arc::new(MemoryStore::default());
+        let checkpoints: Arc<dyn Checkpoints> = store.clone();
+        let (writer, outcomes) = writer::spawn(checkpoints.clone());
+        let coordinator = Coordinator::new(
+            CoordinatorConfig {
+                timeout: Duration::from_secs(60),
+                dir: "memory".into(),
+                restored_from: "nothing (empty start)".to_string(),
+            },
+            Scheduler::new(
+                SchedulerSettings {
+                    interval: Duration::from_millis(1),
+                    min_pause: Duration::ZERO,
+                    timeout: Duration::from_secs(60),
+                    max_concurrent: 1,
+                    tolerable_failures: options.tolerable_failures,
+                },
+                1,
+                None,
+            ),
+            StateSpec::default(),
+            writer,
+            checkpoints,
+            None,
+            metrics.clone(),
+            admin.clone(),
+        );
+        let fake_changelog = Arc::new(FakeChangelog::default());
+        let changelog = options.changelog.then(|| Changelog {
+            io: fake_changelog.clone(),
+            ledger: Ledger::new(7),
+        });
+        let (handoff, released) = Handoff::new(
+            HandoffConfig {
+                group: "g".to_string(),
+                direct: !options.partition_scoped,
+            },
+            changelog,
+            shared.clone(),
+            metrics.clone(),
+            admin.clone(),
+        );
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let emitted = Arc::new(Mutex::new(Vec::new()));
+        let consumer = Arc::new(FakeConsumer::default());
+        let pipeline = Pipeline::new(Parts {
+            config: PipelineConfig {
+                auto_offset_reset: OffsetReset::Earliest,
+                dir: "memory".into(),
+                shutdown_timeout: Duration::from_secs(20),
+                on_cancel: OnCancel::Retain,
+            },
+            engine: Engine::new(EngineConfig {
+                windows: vec![WindowDef {
+                    name: "tumble".into(),
+                    kind: WindowKind::Tumbling { size: 1000 },
+                }],
+                max_out_of_orderness: 0,
+                allowed_lateness: 0,
+                hold_until_checkpoint: true,
+                partition_scoped: options.partition_scoped,
+            }),
+            decoder: Decoder {
+                key: FieldSource::Pointer("/user".into()),
+                value: Some("/amount".into()),
+                timestamp: TimeSource::Pointer("/ts".into()),
+            },
+            coordinator,
+            handoff,
+            status: Status::new(admin.clone(), shared.clone(), metrics.clone()),
+            consumer: consumer.clone(),
+            output: FakeOutput {
+                emitted: emitted.clone(),
+                acks: acks_tx,
+            },
+            metrics,
+            shared,
+        });
+        Rig {
+            pipeline,
+            inbox: Inbox {
+                outcomes,
+                acks,
+                commands,
+                released,
+                failures: mpsc::unbounded_channel().1,
+            },
+            store,
+            consumer,
+            changelog: fake_changelog,
+            emitted,
+            admin,
+            offsets: Default::default(),
+            _dir: dir,
+        }
+    }
+
+    async fn assign(&mut self, partitions: &[Partition]) {
+        self.pipeline
+            .on_rebalance(Rebalance::Assign(partitions.to_vec()))
+            .await
+            .expect("assign");
+    }
+
+    /// One record of `user` at event time `ts` on partition `p`.
+    fn record(&mut self, partition: &Partition, user: &str, ts: i64) {
+        let offset = self.offsets.entry(partition.clone()).or_insert(0);
+        let payload = format!(r#"{{"user":"{user}","amount":1,"ts":{ts}}}"#);
+        let m = OwnedMessage::new(
+            Some(payload.into_bytes()),
+            None,
+            partition.topic.clone(),
+            Timestamp::NotAvailable,
+            partition.partition,
+            *offset,
+            None,
+        );
+        *offset += 1;
+        self.pipeline.on_message(&m);
+    }
+
+    /// Lets the checkpoint interval pass and runs the timers: the checkpoint due is triggered.
+    fn tick(&mut self) {
+        std::thread::sleep(Duration::from_millis(2));
+        self.pipeline.on_tick().expect("tick");
+    }
+
+    /// Waits for the writer's next outcome and hands it to the pipeline.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), self.inbox.outcomes.recv())
+            .await
+            .expect("an outcome within 10 s")
+            .expect("writer alive");
+        self.pipeline.on_write_outcome(outcome)
+    }
+
+    fn emitted_users(&self) -> Vec<String> {
+        lock(&self.emitted)
+            .iter()
+            .map(|w| w.id.key.clone())
+            .collect()
+    }
+
+    fn history(&self, id: u64) -> AttemptStatus {
+        self.admin
+            .history()
+            .recent(100)
+            .into_iter()
+            .find(|r| r.id == id)
+            .map(|r| r.status)
+            .expect("attempt in the history")
+    }
+}
+
+#[tokio::test]
+async fn a_failed_checkpoint_releases_nothing_and_the_next_one_is_full() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    rig.settle().await.expect("checkpoint 1");
+    // a record past the window's end closes [0, 1000): final, held until a checkpoint
+    rig.record(&p(0), "b", 1500);
+    assert_eq!(rig.pipeline.engine().pending_emissions(), 1);
+    rig.store.fail_next_write("disk full");
+    rig.tick();
+    rig.settle().await.expect("a tolerable failure");
+    assert_eq!(rig.history(2), AttemptStatus::Failed);
+    assert!(
+        rig.emitted_users().is_empty(),
+        "nothing is released by a failed checkpoint"
+    );
+    rig.tick();
+    rig.settle().await.expect("checkpoint 3");
+    // the writer works in order: the failed attempt's record went before checkpoint 3
+    assert_eq!(
+        rig.store
+            .attempts()
+            .iter()
+            .map(|r| (r.id, r.status))
+            .collect::<Vec<_>>(),
+        vec![(2, AttemptStatus::Failed)],
+        "the failed attempt is recorded in the store's history"
+    );
+    let written = rig.store.written();
+    assert_eq!(
+        written.iter().map(|w| w.checkpoint.id).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    assert!(written[0].checkpoint.delta.full);
+    assert!(
+        written[1].checkpoint.delta.full && written[1].checkpoint.base.is_none(),
+        "after a failure the next checkpoint is a full one"
+    );
+    assert_eq!(rig.emitted_users(), vec!["a".to_string()]);
+    assert!(rig
+        .consumer
+        .calls()
+        .contains(&Call::Commit(vec![(p(0), crate::position::NextOffset(2))])));
+}
+
+#[tokio::test]
+async fn failures_past_the_tolerable_number_stop_the_service_naming_the_last_good_state() {
+    let mut rig = Rig::new(Options {
+        tolerable_failures: 0,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    rig.settle().await.expect("checkpoint 1");
+    rig.record(&p(0), "a", 200);
+    rig.store.fail_next_write("disk full");
+    rig.tick();
+    let err = rig.settle().await.expect_err("no failure is tolerable");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("The last good state (checkpoint 1) is intact"),
+        "{text}"
+    );
+    assert_eq!(rig.history(2), AttemptStatus::Failed);
+}
+
+#[tokio::test]
+async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_state_is_published() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0), p(1)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.record(&p(1), "b", 100);
+    rig.tick(); // checkpoint 1 in flight
+    rig.pipeline
+        .on_rebalance(Rebalance::Revoke {
+            partitions: vec![p(0)],
+            lost: false,
+        })
+        .await
+        .expect("revoke");
+    assert!(rig.consumer.released().is_empty(), "not released at once");
+    rig.settle().await.expect("checkpoint 1");
+    rig.settle().await.expect("revoke checkpoint 2");
+    assert!(
+        rig.consumer.released().is_empty(),
+        "not released before its publication is acknowledged"
+    );
+    let published: Vec<(Partition, u64)> = rig
+        .changelog
+        .chunks()
+        .iter()
+        .map(|c| (c.source().clone(), c.tag.checkpoint))
+        .collect();
+    assert!(
+        published.contains(&(p(0), 2)),
+        "the revoke checkpoint publishes the partition's state: {published:?}"
+    );
+    assert_eq!(rig.changelog.complete(Ok(())), 1);
+    let (id, partitions) = tokio::time::timeout(Duration::from_secs(5), rig.inbox.released.recv())
+        .await
+        .expect("release due")
+        .expect("channel open");
+    rig.pipeline.on_released(id, partitions);
+    assert_eq!(rig.consumer.released(), vec![p(0)]);
+    assert!(
+        rig.pipeline.engine().progress().all(|(q, _)| *q != p(0)),
+        "the released partition's state is dropped"
+    );
+    assert!(rig.pipeline.engine().progress().any(|(q, _)| *q == p(1)));
+}
+
+#[tokio::test]
+async fn a_revoke_checkpoint_that_fails_still_releases_the_partition() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.store.fail_next_write("disk full");
+    rig.pipeline
+        .on_rebalance(Rebalance::Revoke {
+            partitions: vec![p(0)],
+            lost: false,
+        })
+        .await
+        .expect("revoke");
+    rig.settle().await.expect("a tolerable failure");
+    let (id, partitions) = tokio::time::timeout(Duration::from_secs(5), rig.inbox.released.recv())
+        .await
+        .expect("release due after the failure")
+        .expect("channel open");
+    rig.pipeline.on_released(id, partitions);
+    assert_eq!(rig.consumer.released(), vec![p(0)]);
+}
+
+#[tokio::test]
+async fn a_stop_with_savepoint_settles_everything_then_takes_the_savepoint_last() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.record(&p(0), "b", 1500);
+    let (reply, answer) = oneshot::channel();
+    rig.pipeline.on_command(Command::Stop {
+        savepoint: Some(Some("before-upgrade".to_string())),
+        reply,
+    });
+    rig.pipeline
+        .stop(&mut rig.inbox)
+        .await
+        .expect("a clean stop");
+    let meta = answer
+        .await
+        .expect("answered")
+        .expect("savepoint taken")
+        .expect("savepoint meta");
+    assert_eq!(meta.name, "before-upgrade");
+    let written = rig.store.written();
+    let last = written.last().expect("writes");
+    assert_eq!(last.savepoint.as_deref(), Some("before-upgrade"));
+    assert_eq!(meta.checkpoint_id, last.checkpoint.id);
+    assert!(
+        written[..written.len() - 1]
+            .iter()
+            .all(|w| w.savepoint.is_none()),
+        "the savepoint is the stop's last write"
+    );
+    // the closed window was released, sent and acknowledged before the savepoint
+    assert_eq!(rig.emitted_users(), vec!["a".to_string()]);
+    assert_eq!(rig.pipeline.engine().pending_emissions(), 0);
+    assert!(!rig.pipeline.engine().has_changes());
+}
+
+#[tokio::test]
+async fn a_stop_whose_savepoint_cannot_be_written_fails_and_tells_the_requester() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    rig.settle().await.expect("checkpoint 1");
+    let (reply, answer) = oneshot::channel();
+    rig.pipeline.on_command(Command::Stop {
+        savepoint: Some(None),
+        reply,
+    });
+    // the stop's final checkpoint goes through; the savepoint after it does not
+    rig.store.fail_write_after(1, "disk full");
+    let result = rig.pipeline.stop(&mut rig.inbox).await;
+    let err = result.expect_err("the stop fails without its savepoint");
+    assert!(
+        format!("{err:#}").contains("savepoint (checkpoint"),
+        "{err:#}"
+    );
+    match answer.await.expect("answered") {
+        Err(CommandError::Failed(text)) => assert!(text.contains("disk full"), "{text}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}

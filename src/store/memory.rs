@@ -1,0 +1,133 @@
+//! An in-memory [`Checkpoints`] for in-process tests of the service's components: it keeps
+//! what was written, can be told to fail writes, and holds savepoints by name.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{Checkpoints, SavepointMeta, StoreError, WriteRequest, WriteStats};
+use crate::checkpoint::history::CheckpointRecord;
+use crate::checkpoint::protocol::{meta_of, Checkpoint};
+use crate::lock::lock;
+
+/// One durable write, as the store saw it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub checkpoint: Checkpoint,
+    pub savepoint: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    written: Vec<Written>,
+    attempts: Vec<CheckpointRecord>,
+    savepoints: BTreeMap<String, SavepointMeta>,
+    /// Writes asked for so far.
+    writes: usize,
+    /// Writes to fail (by number, the first being 1), with the reason.
+    failing: BTreeMap<usize, String>,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// The next write fails with `reason`.
+    pub fn fail_next_write(&self, reason: &str) {
+        self.fail_write_after(0, reason);
+    }
+
+    /// The write after the next `successes` ones fails with `reason`.
+    pub fn fail_write_after(&self, successes: usize, reason: &str) {
+        let mut inner = lock(&self.inner);
+        let n = inner.writes + successes + 1;
+        inner.failing.insert(n, reason.to_string());
+    }
+
+    /// Every durable write so far, in order.
+    pub fn written(&self) -> Vec<Written> {
+        lock(&self.inner).written.clone()
+    }
+
+    /// Records of attempts that did not complete.
+    pub fn attempts(&self) -> Vec<CheckpointRecord> {
+        lock(&self.inner).attempts.clone()
+    }
+
+    fn path() -> PathBuf {
+        PathBuf::from("memory")
+    }
+}
+
+impl Checkpoints for MemoryStore {
+    fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
+        let mut inner = lock(&self.inner);
+        inner.writes += 1;
+        let n = inner.writes;
+        if let Some(reason) = inner.failing.remove(&n) {
+            return Err(StoreError::Corrupt {
+                path: Self::path(),
+                detail: reason,
+            });
+        }
+        let cp = req.checkpoint;
+        let savepoint = req.savepoint.as_ref().map(|name| SavepointMeta {
+            name: name.clone(),
+            checkpoint_id: cp.id,
+            created_ms: cp.trigger_ms,
+            meta: meta_of(cp, 0, 0),
+            entries: cp.delta.upserts.len() as u64,
+        });
+        if let Some(meta) = &savepoint {
+            inner.savepoints.insert(meta.name.clone(), meta.clone());
+        }
+        inner.written.push(Written {
+            checkpoint: cp.clone(),
+            savepoint: req.savepoint.clone(),
+        });
+        Ok(WriteStats {
+            bytes: 1,
+            write: Duration::ZERO,
+            flush: Duration::ZERO,
+            savepoint,
+        })
+    }
+
+    fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError> {
+        lock(&self.inner).attempts.push(record.clone());
+        Ok(())
+    }
+
+    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        lock(&self.inner)
+            .savepoints
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoSuchSavepoint {
+                name: name.to_string(),
+                path: Self::path(),
+            })
+    }
+
+    fn delete_checkpoints(&self) -> Result<usize, StoreError> {
+        let mut inner = lock(&self.inner);
+        let n = inner.written.len();
+        inner.written.clear();
+        Ok(n)
+    }
+
+    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+        Ok(lock(&self.inner)
+            .written
+            .iter()
+            .map(|w| w.checkpoint.id)
+            .collect())
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
