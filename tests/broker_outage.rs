@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{self, consumer, mock_cluster, produce};
+use integration_tests::process::spawn_service;
 use rdkafka::message::Message;
 
-mod common;
-use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait};
-
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 const WINDOW_MS: i64 = 10_000;
 const START: i64 = 1_700_000_000_000;
 
@@ -28,13 +29,13 @@ fn records(from_s: i64, to_s: i64) -> Vec<(String, i64, i64)> {
 
 #[test]
 fn broker_outage_is_survived_without_loss() {
-    let (cluster, brokers, producer) = mock_cluster(2);
+    let (cluster, brokers, producer) = mock_cluster(2).expect("mock cluster");
     // keys are spread over both partitions by record index
     let first = records(0, 40);
-    produce(&producer, |i| (i % 2) as i32, &first);
+    produce(&producer, |i| (i % 2) as i32, &first).expect("produce");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
+    let addr = free_addr().expect("free port");
     let yaml = format!(
         r#"
 kafka: {{ brokers: "{brokers}", group_id: outage, topics: [in], options: {{ session.timeout.ms: "30000" }} }}
@@ -49,27 +50,29 @@ http: {{ listen: "{addr}" }}
     );
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, yaml).expect("config");
-    let mut guard = spawn_service(&config, &dir.path().join("service.log"));
-    let child = &mut guard.0;
+    let mut child = spawn_service(BIN, &config, &dir.path().join("service.log"), "info")
+        .expect("spawn checkpointer");
     let log_tail = || std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
 
-    wait("ready", Duration::from_secs(60), child, || {
-        get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
-    });
-    wait(
-        "first records consumed",
-        Duration::from_secs(60),
-        child,
-        || metric(addr, "checkpointer_records_consumed_total") == first.len() as f64,
-    );
+    child
+        .wait_for("ready", Duration::from_secs(60), || {
+            try_get(addr, "/readyz").is_some_and(|r| r.status == 200)
+        })
+        .expect("wait");
+    child
+        .wait_for("first records consumed", Duration::from_secs(60), || {
+            metric(addr, "checkpointer_records_consumed_total") == first.len() as f64
+        })
+        .expect("wait");
 
     cluster.broker_down(1).expect("broker down");
-    wait(
-        "readyz 503 during the outage",
-        Duration::from_secs(60),
-        child,
-        || get(addr, "/readyz").is_some_and(|(s, _)| s == 503),
-    );
+    child
+        .wait_for(
+            "readyz 503 during the outage",
+            Duration::from_secs(60),
+            || try_get(addr, "/readyz").is_some_and(|r| r.status == 503),
+        )
+        .expect("wait");
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         child.try_wait().expect("try_wait").is_none(),
@@ -80,14 +83,14 @@ http: {{ listen: "{addr}" }}
 
     // more data after the outage, then sentinels on both partitions; a new client, because an
     // idle producer of this process does not reconnect to the mock broker after it comes back
-    let producer = common::producer(&brokers);
+    let producer = mock_cluster::producer(&brokers).expect("producer");
     let second = records(40, 80);
-    produce(&producer, |i| (i % 2) as i32, &second);
+    produce(&producer, |i| (i % 2) as i32, &second).expect("produce");
     let sentinels = vec![
         ("~flush".to_string(), START + 3_600_000, 0),
         ("~flush".to_string(), START + 3_600_000, 0),
     ];
-    produce(&producer, |i| i as i32, &sentinels);
+    produce(&producer, |i| i as i32, &sentinels).expect("produce");
 
     let mut expected: BTreeMap<String, (u64, i64)> = BTreeMap::new();
     for (key, ts, amount) in first.iter().chain(&second) {
@@ -96,13 +99,7 @@ http: {{ listen: "{addr}" }}
         e.0 += 1;
         e.1 += amount;
     }
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "outage-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("reader");
-    reader.subscribe(&["out"]).expect("subscribe");
+    let reader = consumer(&brokers, "outage-reader", "out").expect("reader");
     let mut seen: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while seen.len() < expected.len() && Instant::now() < deadline {
@@ -131,7 +128,8 @@ http: {{ listen: "{addr}" }}
         assert_eq!(v["sum"].as_f64(), Some(*sum as f64), "{key}");
     }
     // the checkpoint history shows completed checkpoints with the offsets they hold
-    let (status, body) = get(addr, "/api/checkpoints?limit=5").expect("api");
+    let response = try_get(addr, "/api/checkpoints?limit=5").expect("api");
+    let (status, body) = (response.status, response.body);
     assert_eq!(status, 200);
     let api: serde_json::Value = serde_json::from_str(&body).expect("api json");
     let list = api["checkpoints"].as_array().expect("checkpoints list");
@@ -152,13 +150,13 @@ http: {{ listen: "{addr}" }}
         .filter_map(|p| p["next_offset"].as_i64())
         .sum();
     assert_eq!(total as usize, first.len() + second.len() + 2, "{done}");
-    wait(
-        "ready again after the outage",
-        Duration::from_secs(30),
-        child,
-        || get(addr, "/readyz").is_some_and(|(s, _)| s == 200),
-    );
-    nix_kill(child, "TERM");
-    let status = child.wait().expect("wait");
+    child
+        .wait_for(
+            "ready again after the outage",
+            Duration::from_secs(30),
+            || try_get(addr, "/readyz").is_some_and(|r| r.status == 200),
+        )
+        .expect("wait");
+    let status = child.terminate().expect("SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", log_tail());
 }

@@ -5,8 +5,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-mod common;
-use common::copy_tree;
+use integration_tests::copy_dir;
+use integration_tests::process::spawn_service;
+
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 const VALID: &str = r#"
 kafka:
@@ -232,13 +234,7 @@ fn a_start_takes_the_store_over_once_the_old_process_lets_go() {
         .expect("open store");
     let path = state_config(dir.path(), &state, "");
     let log = dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("CHECKPOINTER_CONFIG")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_service(BIN, &path, &log, "info").expect("spawn");
     let read_log = || {
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&log) {
@@ -246,29 +242,20 @@ fn a_start_takes_the_store_over_once_the_old_process_lets_go() {
         }
         text
     };
-    let wait_for = |needle: &str, child: &mut std::process::Child| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !read_log().contains(needle) {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "exited ({status}) before logging {needle:?}: {}",
-                    read_log()
-                );
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {needle:?} in {}",
-                read_log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+    let mut wait_for = |needle: &str| {
+        child
+            .wait_for(
+                &format!("{needle:?} in the log"),
+                std::time::Duration::from_secs(30),
+                || read_log().contains(needle),
+            )
+            .unwrap_or_else(|err| panic!("{err:#}: {}", read_log()));
     };
-    wait_for("waiting for it", &mut child);
+    wait_for("waiting for it");
     // the old instance finishes its shutdown
     drop(held);
-    wait_for("no checkpoint restored, starting empty", &mut child);
-    let _ = child.kill();
-    let _ = child.wait();
+    wait_for("no checkpoint restored, starting empty");
+    // the guard kills it
 }
 
 /// A configuration matching the golden fixture of store format 2 (`fixtures/state/v2`), with
@@ -300,10 +287,11 @@ fn fixture_store(dir: &Path) -> std::path::PathBuf {
 /// A copy of the fixture store of format `version` (the same state in every format).
 fn fixture_store_of(dir: &Path, version: u32) -> std::path::PathBuf {
     let state = dir.join("state");
-    copy_tree(
+    copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/state/v{version}/store")),
         &state,
-    );
+    )
+    .expect("copy the fixture store");
     state
 }
 

@@ -7,10 +7,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-mod common;
-use common::{free_addr, get, metric, nix_kill, KillOnDrop};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::process::KillOnDrop;
 
 /// A demo process with its stdout collected line by line.
 struct Demo {
@@ -39,7 +41,7 @@ fn start(state: &Path, addr: std::net::SocketAddr, log: &Path) -> Demo {
         }
     });
     Demo {
-        child: KillOnDrop(child),
+        child: KillOnDrop::new(child),
         stdout,
     }
 }
@@ -49,20 +51,19 @@ impl Demo {
         self.stdout.lock().expect("lock").clone()
     }
 
-    fn wait(&mut self, what: &str, timeout: Duration, mut ok: impl FnMut(&Demo) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !ok(self) {
-            if let Ok(Some(status)) = self.child.0.try_wait() {
-                panic!("demo exited ({status}) while waiting for {what}");
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    /// Waits until `ok(lines printed so far)` holds; panics if the demo exits first.
+    fn wait(&mut self, what: &str, timeout: Duration, mut ok: impl FnMut(&[String]) -> bool) {
+        let stdout = &self.stdout;
+        self.child
+            .wait_for(what, timeout, || {
+                let lines = stdout.lock().expect("lock").clone();
+                ok(&lines)
+            })
+            .expect("demo");
     }
 
     fn stop(mut self) {
-        nix_kill(&self.child.0, "TERM");
-        let status = self.child.0.wait().expect("wait");
+        let status = self.child.terminate().expect("SIGTERM");
         assert_eq!(status.code(), Some(0), "the demo stops cleanly");
     }
 }
@@ -90,11 +91,11 @@ fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     // a state directory whose parent does not exist yet, as on a fresh clone (`./data/demo`)
     let state = dir.path().join("data").join("state");
-    let addr = free_addr();
+    let addr = free_addr().expect("free port");
     let log = dir.path().join("first.log");
     let mut demo = start(&state, addr, &log);
-    demo.wait("windows printed", Duration::from_secs(60), |d| {
-        d.lines().iter().any(|l| l.starts_with("window {"))
+    demo.wait("windows printed", Duration::from_secs(60), |lines| {
+        lines.iter().any(|l| l.starts_with("window {"))
     });
     assert!(
         demo.lines()[0].contains("starting fresh"),
@@ -112,10 +113,13 @@ fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
     demo.wait("a checkpoint", Duration::from_secs(30), |_| {
         metric(addr, "checkpointer_checkpoints_completed_total") >= 1.0
     });
-    let page = get(addr, "/").expect("status page");
-    assert_eq!(page.0, 200);
-    assert!(page.1.contains("<html"), "the status page is HTML");
-    assert_eq!(get(addr, "/api/checkpoints").map(|r| r.0), Some(200));
+    let page = try_get(addr, "/").expect("status page");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<html"), "the status page is HTML");
+    assert_eq!(
+        try_get(addr, "/api/checkpoints").map(|r| r.status),
+        Some(200)
+    );
     demo.stop();
 
     let journal = dir.path().join("data").join("state.events");
@@ -129,7 +133,7 @@ fn the_demo_shows_windows_within_a_minute_and_resumes_when_run_again() {
     let log = dir.path().join("second.log");
     let mut demo = start(&state, addr, &log);
     demo.wait("the restart", Duration::from_secs(30), |_| {
-        get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
+        try_get(addr, "/readyz").is_some_and(|r| r.status == 200)
             && metric(addr, "checkpointer_checkpoints_completed_total") >= 1.0
     });
     let first = demo.lines().first().cloned().unwrap_or_default();

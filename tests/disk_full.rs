@@ -5,12 +5,16 @@
 //!
 //! Needs root (to mount the tmpfs), as CI has; elsewhere it says so and does nothing.
 
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-mod common;
-use common::{free_addr, get, metric, mock_cluster, produce, spawn_service, wait};
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{mock_cluster, produce};
+use integration_tests::process::spawn_service;
+use integration_tests::{copy_dir, free_addr, poll};
+
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 struct Mount(std::path::PathBuf);
 
@@ -26,16 +30,6 @@ fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .expect("cp");
-    assert!(status.success(), "copying {} failed", from.display());
 }
 
 #[test]
@@ -60,7 +54,7 @@ fn repeated_checkpoint_failures_stop_the_service_with_the_last_checkpoint_intact
     );
     let _mount = Mount(mnt.clone());
 
-    let (_cluster, brokers, producer) = mock_cluster(1);
+    let (_cluster, brokers, producer) = mock_cluster(1).expect("mock cluster");
     // every record opens a new key in a one-hour window
     let start = 1_700_000_000_000i64;
     let batch = |from: i64, to: i64| -> Vec<(String, i64, i64)> {
@@ -69,9 +63,9 @@ fn repeated_checkpoint_failures_stop_the_service_with_the_last_checkpoint_intact
             .collect()
     };
     const FIRST: i64 = 2_000;
-    produce(&producer, |_| 0, &batch(0, FIRST));
+    produce(&producer, |_| 0, &batch(0, FIRST)).expect("produce");
 
-    let addr = free_addr();
+    let addr = free_addr().expect("free port");
     let state = mnt.join("state");
     let yaml = format!(
         r#"
@@ -87,39 +81,36 @@ http: {{ listen: "{addr}" }}
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, &yaml).expect("config");
     let log = dir.path().join("service.log");
-    let mut guard = spawn_service(&config, &log);
-    wait(
-        "the first records consumed",
-        Duration::from_secs(60),
-        &mut guard.0,
-        || metric(addr, "checkpointer_records_consumed_total") == FIRST as f64,
-    );
+    let mut guard = spawn_service(BIN, &config, &log, "info").expect("spawn checkpointer");
+    guard
+        .wait_for(
+            "the first records consumed",
+            Duration::from_secs(60),
+            || metric(addr, "checkpointer_records_consumed_total") == FIRST as f64,
+        )
+        .expect("wait");
     let consumed_at = metric(addr, "checkpointer_checkpoint_last_completed_id");
-    wait(
-        "a checkpoint holding them",
-        Duration::from_secs(30),
-        &mut guard.0,
-        || metric(addr, "checkpointer_checkpoint_last_completed_id") >= consumed_at + 2.0,
-    );
+    guard
+        .wait_for("a checkpoint holding them", Duration::from_secs(30), || {
+            metric(addr, "checkpointer_checkpoint_last_completed_id") >= consumed_at + 2.0
+        })
+        .expect("wait");
     // now the disk fills up, and more records arrive
     let _ = Command::new("dd")
         .arg("if=/dev/zero")
         .arg(format!("of={}", mnt.join("filler").display()))
         .args(["bs=64k", "status=none"])
         .status();
-    produce(&producer, |_| 0, &batch(FIRST, FIRST + 500));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = guard.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the service kept running on a full disk:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    produce(&producer, |_| 0, &batch(FIRST, FIRST + 500)).expect("produce");
+    let status = guard
+        .wait_exit(Duration::from_secs(120))
+        .expect("try_wait")
+        .unwrap_or_else(|| {
+            panic!(
+                "the service kept running on a full disk:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(
@@ -133,7 +124,7 @@ http: {{ listen: "{addr}" }}
 
     // the last good checkpoint is intact: readable, and a new process resumes from it
     let rescued = dir.path().join("rescued");
-    copy_dir(&state, &rescued);
+    copy_dir(&state, &rescued).expect("copy the store");
     let store = checkpointer::store::Store::open(&rescued, checkpointer::store::Open::Create)
         .expect("open the store after the failures");
     let (meta, restored) = store.load().expect("load").expect("a checkpoint survived");
@@ -157,7 +148,7 @@ http: {{ listen: "{addr}" }}
         "one open window per record consumed"
     );
     drop(store);
-    let addr2 = free_addr();
+    let addr2 = free_addr().expect("free port");
     let yaml2 = yaml
         .replace(&state.display().to_string(), &rescued.display().to_string())
         .replace(&addr.to_string(), &addr2.to_string())
@@ -166,23 +157,27 @@ http: {{ listen: "{addr}" }}
         .replace("group_id: diskfull", "group_id: diskfull-restart");
     let config2 = dir.path().join("c2.yaml");
     std::fs::write(&config2, yaml2).expect("config");
-    let mut again = spawn_service(&config2, &dir.path().join("service2.log"));
+    let mut again = spawn_service(BIN, &config2, &dir.path().join("service2.log"), "info")
+        .expect("spawn checkpointer");
     let log2_path = dir.path().join("service2.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(addr2, "/readyz").is_none_or(|(s, _)| s != 200) {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted service is not ready:\n{}",
-            std::fs::read_to_string(&log2_path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait(
-        "the restarted service to resume, not replay",
-        Duration::from_secs(30),
-        &mut again.0,
-        || metric(addr2, "checkpointer_records_consumed_total") == (FIRST + 500 - next) as f64,
+    let ready = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok(try_get(addr2, "/readyz")
+            .is_some_and(|r| r.status == 200)
+            .then_some(()))
+    })
+    .expect("poll");
+    assert!(
+        ready.is_some(),
+        "the restarted service is not ready:\n{}",
+        std::fs::read_to_string(&log2_path).unwrap_or_default()
     );
+    again
+        .wait_for(
+            "the restarted service to resume, not replay",
+            Duration::from_secs(30),
+            || metric(addr2, "checkpointer_records_consumed_total") == (FIRST + 500 - next) as f64,
+        )
+        .expect("wait");
     let log2 = std::fs::read_to_string(dir.path().join("service2.log")).unwrap_or_default();
     assert!(
         log2.contains(&format!("checkpoint_id={}", meta.id)),

@@ -6,10 +6,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-mod common;
-use common::{
-    free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service_logging, wait,
-};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{mock_cluster, produce};
+use integration_tests::process::spawn_service;
+
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 const SECRET: &str = "pa55-w0rd-that-must-not-leak";
 const T0: i64 = 1_700_000_000_000;
@@ -32,8 +35,8 @@ fn with_message<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a se
 #[test]
 fn json_logs_carry_checkpoints_and_restores_and_never_a_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_cluster, brokers, producer) = mock_cluster(1);
-    let addr = free_addr();
+    let (_cluster, brokers, producer) = mock_cluster(1).expect("mock cluster");
+    let addr = free_addr().expect("free port");
     let yaml = format!(
         r#"
 kafka:
@@ -72,25 +75,23 @@ log: {{ format: json }}
     );
 
     let log = dir.path().join("first.log");
-    let mut service = spawn_service_logging(&config, &log, "debug");
-    wait("ready", Duration::from_secs(30), &mut service.0, || {
-        get(addr, "/readyz").is_some_and(|(s, _)| s == 200)
-    });
+    let mut service = spawn_service(BIN, &config, &log, "debug").expect("spawn checkpointer");
+    service
+        .wait_for("ready", Duration::from_secs(30), || {
+            try_get(addr, "/readyz").is_some_and(|r| r.status == 200)
+        })
+        .expect("wait");
     let records: Vec<(String, i64, i64)> = (0..20)
         .map(|i| (format!("u{}", i % 4), T0 + i * 100, 2))
         .collect();
-    produce(&producer, |_| 0, &records);
-    wait(
-        "checkpoints",
-        Duration::from_secs(30),
-        &mut service.0,
-        || {
+    produce(&producer, |_| 0, &records).expect("produce");
+    service
+        .wait_for("checkpoints", Duration::from_secs(30), || {
             metric(addr, "checkpointer_records_consumed_total") >= 20.0
                 && metric(addr, "checkpointer_checkpoints_completed_total") >= 2.0
-        },
-    );
-    nix_kill(&service.0, "TERM");
-    assert_eq!(service.0.wait().expect("wait").code(), Some(0));
+        })
+        .expect("wait");
+    assert_eq!(service.terminate().expect("SIGTERM").code(), Some(0));
 
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(!text.contains(SECRET), "the log shows the password");
@@ -116,18 +117,14 @@ log: {{ format: json }}
     // the restart logs one restore line naming what it restored (before it joins the group,
     // which the mock cluster holds up until the old member's session has expired)
     let log = dir.path().join("second.log");
-    let mut service = spawn_service_logging(&config, &log, "debug");
-    wait(
-        "the restore",
-        Duration::from_secs(30),
-        &mut service.0,
-        || {
+    let mut service = spawn_service(BIN, &config, &log, "debug").expect("spawn checkpointer");
+    service
+        .wait_for("the restore", Duration::from_secs(30), || {
             std::fs::read_to_string(&log).is_ok_and(|t| t.contains(r#""message":"restored""#))
-                && get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
-        },
-    );
-    nix_kill(&service.0, "TERM");
-    assert_eq!(service.0.wait().expect("wait").code(), Some(0));
+                && try_get(addr, "/healthz").is_some_and(|r| r.status == 200)
+        })
+        .expect("wait");
+    assert_eq!(service.terminate().expect("SIGTERM").code(), Some(0));
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(!text.contains(SECRET), "the log shows the password");
     let lines = json_lines(&text);

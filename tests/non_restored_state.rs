@@ -9,14 +9,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{consumer, mock_cluster, produce};
+use integration_tests::process::spawn_service;
+use integration_tests::{copy_dir, free_addr};
 use rdkafka::Message;
 
-mod common;
-use common::{
-    copy_tree, free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait,
-};
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 /// Event time origin of the fixture (`src/store/golden.rs`).
 const T0: i64 = 1_700_000_040_000;
@@ -25,12 +25,13 @@ const T0: i64 = 1_700_000_040_000;
 fn allowed_non_restored_state_drops_only_what_does_not_fit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    copy_tree(
+    copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state/v3/store"),
         &state,
-    );
-    let (_cluster, brokers, producer) = mock_cluster(1);
-    let addr = free_addr();
+    )
+    .expect("copy the fixture store");
+    let (_cluster, brokers, producer) = mock_cluster(1).expect("mock cluster");
+    let addr = free_addr().expect("free port");
     // the window `per_minute` is removed (its open window no longer fits; its final window is
     // still owed) and the fixture's topic `events` is replaced by `in`
     let yaml = format!(
@@ -49,14 +50,13 @@ http: {{ listen: "{addr}" }}
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, yaml).expect("write config");
     let log = dir.path().join("service.log");
-    let mut service = spawn_service(&config, &log);
+    let mut service = spawn_service(BIN, &config, &log, "info").expect("spawn checkpointer");
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait(
-        "the admin endpoint",
-        Duration::from_secs(30),
-        &mut service.0,
-        || get(addr, "/healthz").is_some_and(|(s, _)| s == 200),
-    );
+    service
+        .wait_for("the admin endpoint", Duration::from_secs(30), || {
+            try_get(addr, "/healthz").is_some_and(|r| r.status == 200)
+        })
+        .expect("wait");
     assert_eq!(
         metric(addr, "checkpointer_restore_dropped_entries_total"),
         1.0,
@@ -75,15 +75,9 @@ http: {{ listen: "{addr}" }}
     );
 
     // one record far ahead pushes the watermark past every restored window
-    produce(&producer, |_| 0, &[("zed".into(), T0 + 600_000, 1)]);
+    produce(&producer, |_| 0, &[("zed".into(), T0 + 600_000, 1)]).expect("produce");
 
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "nrs-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("reader");
-    reader.subscribe(&["out"]).expect("subscribe");
+    let reader = consumer(&brokers, "nrs-reader", "out").expect("reader");
     let mut seen: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let alice = format!("per_minute/alice/{}", T0 - 40_000);
     let alice_session = format!("sessions/alice/{}", T0 + 1_000);
@@ -134,7 +128,6 @@ http: {{ listen: "{addr}" }}
     );
     assert_eq!(seen.len(), 3, "{seen:?}");
 
-    nix_kill(&service.0, "TERM");
-    let status = service.0.wait().expect("wait");
+    let status = service.terminate().expect("SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", log_text());
 }

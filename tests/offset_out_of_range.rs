@@ -5,10 +5,13 @@
 
 use std::time::Duration;
 
-mod common;
-use common::{
-    free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait, Cluster,
-};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{mock_cluster, produce, Cluster};
+use integration_tests::process::spawn_service;
+
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 fn records(n: i64) -> Vec<(String, i64, i64)> {
     (0..n)
@@ -17,8 +20,8 @@ fn records(n: i64) -> Vec<(String, i64, i64)> {
 }
 
 fn cluster_with(n: i64) -> (Cluster, String) {
-    let (cluster, brokers, producer) = mock_cluster(1);
-    produce(&producer, |_| 0, &records(n));
+    let (cluster, brokers, producer) = mock_cluster(1).expect("mock cluster");
+    produce(&producer, |_| 0, &records(n)).expect("produce");
     (cluster, brokers)
 }
 
@@ -46,33 +49,39 @@ http: {{ listen: "{addr}" }}
     // first life: 50 records consumed and checkpointed, clean stop
     {
         let (_cluster, brokers) = cluster_with(50);
-        let addr = free_addr();
-        let mut service = spawn_service(&config(&brokers, addr), &dir.path().join("first.log"));
-        wait(
-            "50 records consumed",
-            Duration::from_secs(60),
-            &mut service.0,
-            || metric(addr, "checkpointer_records_consumed_total") == 50.0,
-        );
-        nix_kill(&service.0, "TERM");
-        let status = service.0.wait().expect("wait");
+        let addr = free_addr().expect("free port");
+        let mut service = spawn_service(
+            BIN,
+            &config(&brokers, addr),
+            &dir.path().join("first.log"),
+            "info",
+        )
+        .expect("spawn checkpointer");
+        service
+            .wait_for("50 records consumed", Duration::from_secs(60), || {
+                metric(addr, "checkpointer_records_consumed_total") == 50.0
+            })
+            .expect("wait");
+        let status = service.terminate().expect("SIGTERM");
         assert_eq!(status.code(), Some(0));
     }
 
     // second life: the topic now holds 10 records; the held position 50 is out of range
     let (_cluster, brokers) = cluster_with(10);
-    let addr = free_addr();
+    let addr = free_addr().expect("free port");
     let log = dir.path().join("second.log");
-    let mut service = spawn_service(&config(&brokers, addr), &log);
-    wait(
-        "the out-of-range position to be reported",
-        Duration::from_secs(60),
-        &mut service.0,
-        || metric(addr, "checkpointer_offset_out_of_range_total") >= 1.0,
-    );
+    let mut service =
+        spawn_service(BIN, &config(&brokers, addr), &log, "info").expect("spawn checkpointer");
+    service
+        .wait_for(
+            "the out-of-range position to be reported",
+            Duration::from_secs(60),
+            || metric(addr, "checkpointer_offset_out_of_range_total") >= 1.0,
+        )
+        .expect("wait");
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        service.0.try_wait().expect("try_wait").is_none(),
+        service.try_wait().expect("try_wait").is_none(),
         "the service exited"
     );
     assert_eq!(
@@ -82,9 +91,8 @@ http: {{ listen: "{addr}" }}
     );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("held position out of range"), "{text}");
-    assert!(get(addr, "/healthz").is_some_and(|(s, _)| s == 200));
-    nix_kill(&service.0, "TERM");
-    let status = service.0.wait().expect("wait");
+    assert!(try_get(addr, "/healthz").is_some_and(|r| r.status == 200));
+    let status = service.terminate().expect("SIGTERM");
     assert_eq!(status.code(), Some(0), "{text}");
     // the checkpoint still holds position 50
     let store =

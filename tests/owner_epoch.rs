@@ -4,12 +4,16 @@
 //! claims the store with a higher epoch and resumes from it. Runs the real binary against
 //! librdkafka's mock cluster.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use checkpointer::store::{read_owner_file, Owner, Store, OWNER_FILE};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::metrics::metric;
+use integration_tests::mock_cluster::{mock_cluster, produce};
+use integration_tests::process::spawn_service;
 
-mod common;
-use common::{free_addr, get, metric, mock_cluster, nix_kill, produce, spawn_service, wait};
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -17,8 +21,8 @@ const T0: i64 = 1_700_000_000_000;
 fn a_newer_owner_stops_the_running_instance_and_the_next_start_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let (_cluster, brokers, producer) = mock_cluster(1);
-    let addr = free_addr();
+    let (_cluster, brokers, producer) = mock_cluster(1).expect("mock cluster");
+    let addr = free_addr().expect("free port");
     let yaml = format!(
         r#"
 kafka: {{ brokers: "{brokers}", group_id: owner, topics: [in], instance_id: pod-0 }}
@@ -36,19 +40,18 @@ http: {{ listen: "{addr}" }}
     std::fs::write(&config, yaml).expect("write config");
     let log = dir.path().join("service.log");
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut service = spawn_service(&config, &log);
-    wait(
-        "the admin endpoint",
-        Duration::from_secs(30),
-        &mut service.0,
-        || get(addr, "/healthz").is_some_and(|(s, _)| s == 200),
-    );
+    let mut service = spawn_service(BIN, &config, &log, "info").expect("spawn checkpointer");
+    service
+        .wait_for("the admin endpoint", Duration::from_secs(30), || {
+            try_get(addr, "/healthz").is_some_and(|r| r.status == 200)
+        })
+        .expect("wait");
     let mine = read_owner_file(&state)
         .expect("owner file")
         .expect("the start claimed the store");
     assert_eq!(
         (mine.epoch, mine.instance.as_str(), mine.pid),
-        (1, "pod-0", service.0.id())
+        (1, "pod-0", service.id())
     );
 
     let batch = |from: usize| -> Vec<(String, i64, i64)> {
@@ -56,19 +59,17 @@ http: {{ listen: "{addr}" }}
             .map(|i| (format!("u{}", i % 5), T0 + i as i64 * 100, 1))
             .collect()
     };
-    produce(&producer, |_| 0, &batch(0));
-    wait(
-        "a checkpoint with records",
-        Duration::from_secs(30),
-        &mut service.0,
-        || metric(addr, "checkpointer_records_consumed_total") >= 50.0,
-    );
-    wait(
-        "a durable checkpoint",
-        Duration::from_secs(30),
-        &mut service.0,
-        || metric(addr, "checkpointer_checkpoint_last_completed_id") >= 1.0,
-    );
+    produce(&producer, |_| 0, &batch(0)).expect("produce");
+    service
+        .wait_for("a checkpoint with records", Duration::from_secs(30), || {
+            metric(addr, "checkpointer_records_consumed_total") >= 50.0
+        })
+        .expect("wait");
+    service
+        .wait_for("a durable checkpoint", Duration::from_secs(30), || {
+            metric(addr, "checkpointer_checkpoint_last_completed_id") >= 1.0
+        })
+        .expect("wait");
 
     // a second process claims the volume
     let newer = Owner {
@@ -83,20 +84,12 @@ http: {{ listen: "{addr}" }}
         serde_json::to_vec(&newer).expect("json"),
     )
     .expect("write owner file");
-    produce(&producer, |_| 0, &batch(50));
+    produce(&producer, |_| 0, &batch(50)).expect("produce");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = service.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the superseded instance kept running\n{}",
-            log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = service
+        .wait_exit(Duration::from_secs(30))
+        .expect("try_wait")
+        .unwrap_or_else(|| panic!("the superseded instance kept running\n{}", log_text()));
     assert_eq!(status.code(), Some(1), "{}", log_text());
     assert!(
         log_text().contains("claimed by a newer owner, epoch 2 (pod-0-replacement, pid 1)"),
@@ -117,13 +110,14 @@ http: {{ listen: "{addr}" }}
     );
 
     // the next start claims above the newer owner and resumes from the intact checkpoint
-    let mut service = spawn_service(&config, &log);
-    wait(
-        "the restarted admin endpoint",
-        Duration::from_secs(30),
-        &mut service.0,
-        || get(addr, "/healthz").is_some_and(|(s, _)| s == 200),
-    );
+    let mut service = spawn_service(BIN, &config, &log, "info").expect("spawn checkpointer");
+    service
+        .wait_for(
+            "the restarted admin endpoint",
+            Duration::from_secs(30),
+            || try_get(addr, "/healthz").is_some_and(|r| r.status == 200),
+        )
+        .expect("wait");
     let next = read_owner_file(&state).expect("read").expect("claim");
     assert_eq!(next.epoch, newer.epoch + 1);
     assert!(
@@ -133,7 +127,6 @@ http: {{ listen: "{addr}" }}
         "the restart resumes from checkpoint {head}\n{}",
         log_text()
     );
-    nix_kill(&service.0, "TERM");
-    let status = service.0.wait().expect("wait");
+    let status = service.terminate().expect("SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", log_text());
 }

@@ -4,15 +4,18 @@
 //! and not ready, and stops cleanly. (The TLS handshake and SCRAM login against a real broker are
 //! tested in `integration-tests/tests/secured_broker.rs`.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-mod common;
-use common::{free_addr, get, nix_kill, spawn_service};
+use integration_tests::free_addr;
+use integration_tests::http::try_get;
+use integration_tests::process::spawn_service;
+
+const BIN: &str = env!("CARGO_BIN_EXE_checkpointer");
 
 #[test]
 fn a_sasl_ssl_scram_configuration_is_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
+    let addr = free_addr().expect("free port");
     // nothing listens on port 1: the clients are created, then fail to connect
     let yaml = format!(
         r#"
@@ -38,23 +41,22 @@ http: {{ listen: "{addr}" }}
     let config = dir.path().join("c.yaml");
     std::fs::write(&config, yaml).expect("write config");
     let log = dir.path().join("service.log");
-    let mut service = spawn_service(&config, &log);
+    let mut service = spawn_service(BIN, &config, &log, "info").expect("spawn checkpointer");
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/healthz").is_none_or(|(s, _)| s != 200) {
-        if let Ok(Some(status)) = service.0.try_wait() {
+    service
+        .wait_for("/healthz", Duration::from_secs(30), || {
+            try_get(addr, "/healthz").is_some_and(|r| r.status == 200)
+        })
+        .unwrap_or_else(|err| {
             panic!(
-                "the service refused the configuration ({status}):\n{}",
+                "the service refused the configuration or never answered ({err:#}):\n{}",
                 log_text()
-            );
-        }
-        assert!(Instant::now() < deadline, "no /healthz\n{}", log_text());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            )
+        });
     // the clients exist and keep trying; nothing says TLS or SCRAM is unavailable
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        service.0.try_wait().expect("try_wait").is_none(),
+        service.try_wait().expect("try_wait").is_none(),
         "exited:\n{}",
         log_text()
     );
@@ -63,8 +65,7 @@ http: {{ listen: "{addr}" }}
         !text.contains("not available at build time") && !text.contains("Unsupported value"),
         "{text}"
     );
-    assert_eq!(get(addr, "/readyz").map(|r| r.0), Some(503));
-    nix_kill(&service.0, "TERM");
-    let status = service.0.wait().expect("wait");
+    assert_eq!(try_get(addr, "/readyz").map(|r| r.status), Some(503));
+    let status = service.terminate().expect("SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", log_text());
 }

@@ -31,7 +31,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::metadata::Metadata;
 
-use crate::{free_port, keep_temp_dirs, tail_file, workspace_dir};
+use crate::{free_port, keep_temp_dirs, tail_file, workspace_dir, KillOnDrop};
 
 /// How long a node may take from its start until the cluster answers metadata with every node.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -68,7 +68,8 @@ struct Node {
     id: u32,
     port: u16,
     dir: PathBuf,
-    child: Option<Child>,
+    /// The JVM while it runs (killed when dropped).
+    child: Option<KillOnDrop>,
 }
 
 impl Node {
@@ -514,11 +515,8 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         for node in &self.nodes {
-            let mut node = lock(node);
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            // the guard kills and reaps the JVM
+            drop(lock(node).child.take());
         }
         unregister(self);
         let Some(dir) = self.dir.take() else {
@@ -796,7 +794,7 @@ fn spawn_node(lib: &Path, node: &mut Node) -> Result<()> {
         node.id,
         child.id()
     );
-    node.child = Some(child);
+    node.child = Some(KillOnDrop::new(child));
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,6 +62,22 @@ impl CliOutput {
             self.stderr.trim_end()
         )
     }
+}
+
+/// Another program a test needs (Prometheus, promtool, Chromium): the path in the environment
+/// variable `var` if set, else `default` if it is a file, else an error saying where
+/// `scripts/test.sh` gets it (Debian's `package`).
+pub fn program(var: &str, default: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
+        return Ok(PathBuf::from(path));
+    }
+    let path = PathBuf::from(default);
+    if !path.is_file() {
+        bail!(
+            "{default} not found (set {var}); scripts/test.sh installs Debian's {package} package"
+        );
+    }
+    Ok(path)
 }
 
 /// Runs `checkpointer ARGS...` with [`CLI_TIMEOUT`]; see [`run_with_timeout`].

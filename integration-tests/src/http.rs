@@ -24,6 +24,15 @@ impl Response {
     }
 }
 
+/// The per-operation timeout the harness uses for the service's admin API.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `GET path` with [`TIMEOUT`]; `None` when nothing answers or the answer is not HTTP (a service
+/// still starting, or gone), for tests that poll.
+pub fn try_get(addr: SocketAddr, path: &str) -> Option<Response> {
+    get(addr, path, TIMEOUT).ok()
+}
+
 /// `GET path` on `addr` with `Connection: close`; the whole exchange is bounded by `timeout`
 /// per socket operation.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {

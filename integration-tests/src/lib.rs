@@ -1,19 +1,28 @@
-//! End-to-end test harness for `checkpointer`.
+//! The test-support crate of `checkpointer`: the one set of helpers for every test that drives
+//! the real binary, used by two suites that differ in the Kafka they run against.
 //!
-//! The tests in `tests/` run the real service binary against a real Apache Kafka broker:
+//! - `integration-tests/tests` (this crate's tests) run against a real Apache Kafka broker:
+//!   [`broker`] starts a throwaway broker or cluster in KRaft mode (or uses `KAFKA_BROKERS`),
+//!   creates topics, and can SIGKILL and restart a node; [`Producer`] writes JSON records (or
+//!   raw bytes) to chosen partitions and waits for delivery; [`OutputReader`] reads a topic from
+//!   the beginning, polling until a predicate holds; [`Service`] writes a YAML config, runs the
+//!   binary, kills or stops it, reads `/metrics`; [`model`] computes, independently of the
+//!   service, the windows a stream must produce; [`verify`] compares what the service wrote with
+//!   that model; [`cli`] runs the binary's operator subcommands.
+//! - The root crate's `tests/*.rs` run against librdkafka's mock cluster, in the test process:
+//!   [`mock_cluster`] creates it with its topics, produces to it and reads from it; those tests
+//!   write their own YAML and start the binary cargo built for them with
+//!   [`process::spawn_service`].
 //!
-//! - [`Broker`] starts a throwaway Apache Kafka broker or cluster in KRaft mode (or uses
-//!   `KAFKA_BROKERS`), creates topics, and can SIGKILL and restart a node;
-//! - [`Producer`] writes JSON records (or raw bytes) to chosen partitions and waits for delivery;
-//! - [`OutputReader`] reads a topic from the beginning, polling until a predicate holds;
-//! - [`Service`] writes a YAML config, runs the binary, kills or stops it, reads `/metrics`;
-//! - [`model`] computes, independently of the service, the windows a stream must produce;
-//! - [`verify`] compares what the service wrote with that model;
-//! - [`cli`] runs the binary's operator subcommands (`checkpoints`, `savepoint`, `stop`).
+//! Shared by both, each written once: [`process::KillOnDrop`] (the guard that kills a child
+//! process when the test ends, also behind [`Service`] and the broker's nodes),
+//! [`process::run_command`] (how the binary is launched), [`http`] (the HTTP client),
+//! [`metrics`] (the `/metrics` parser and [`metrics::metric`]), [`poll`] and [`poll_until`]
+//! (the polling loop), [`free_port`] and [`free_addr`], [`copy_dir`], [`tail_file`].
 //!
 //! Environment knobs: `KAFKA_BROKERS` (use an existing cluster for the shared broker),
 //! `KAFKA_LIB_DIR` (where `scripts/install-kafka.sh` keeps the broker's jars),
-//! `CHECKPOINTER_BIN` (service binary),
+//! `CHECKPOINTER_BIN` (service binary of this crate's tests),
 //! `CHECKPOINTER_TEST_SEED` (workload seed),
 //! `CHECKPOINTER_TEST_KEEP=1` (keep temp dirs and logs even when a test passes).
 
@@ -23,20 +32,25 @@ pub mod client;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod mock_cluster;
 pub mod model;
+pub mod process;
 pub mod service;
 pub mod verify;
 pub mod workload;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
 
 pub use broker::Broker;
 pub use client::{OutputReader, Producer};
 pub use metrics::Metrics;
 pub use model::{Event, WindowResult, WindowSpec};
+pub use process::KillOnDrop;
 pub use service::{Service, ServiceConfig};
 
 /// The cargo workspace root (the parent of this crate).
@@ -49,6 +63,11 @@ pub fn workspace_dir() -> PathBuf {
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// A loopback address on a [`free_port`], e.g. for the service's `http.listen`.
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }
 
 /// A name unique within this machine for a while: `<prefix>-<pid>-<millis>-<n>`.
@@ -83,27 +102,39 @@ pub fn keep_temp_dirs() -> bool {
     std::env::var("CHECKPOINTER_TEST_KEEP").is_ok_and(|v| v == "1")
 }
 
-/// Calls `probe` every `every` until it returns `Some`, or fails after `timeout` with `what`.
-pub fn poll_until<T>(
-    what: &str,
+/// Calls `probe` every `every` until it returns `Some`, or returns `None` once `timeout` has
+/// passed: the one polling loop of the harness ([`poll_until`] and
+/// [`KillOnDrop`](process::KillOnDrop)'s waits are built on it). An error of `probe` ends it.
+pub fn poll<T>(
     timeout: Duration,
     every: Duration,
     mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
+) -> anyhow::Result<Option<T>> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = probe()? {
-            return Ok(value);
+            return Ok(Some(value));
         }
         if Instant::now() >= deadline {
-            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+            return Ok(None);
         }
         std::thread::sleep(every);
     }
 }
 
+/// Calls `probe` every `every` until it returns `Some`, or fails after `timeout` with `what`.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    probe: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    poll(timeout, every, probe)?
+        .ok_or_else(|| anyhow::anyhow!("timed out after {timeout:?} waiting for {what}"))
+}
+
 /// The last `lines` lines of a text file, for failure reports.
-pub fn tail_file(path: &std::path::Path, lines: usize) -> String {
+pub fn tail_file(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
@@ -113,4 +144,28 @@ pub fn tail_file(path: &std::path::Path, lines: usize) -> String {
         }
         Err(err) => format!("<cannot read {}: {err}>", path.display()),
     }
+}
+
+/// Copies the directory tree `source` to `target` (created), files and sub-directories only:
+/// a fixture store is never opened in place (opening migrates it), a stopped service's state
+/// dir is restored in several ways from copies.
+pub fn copy_dir(source: &Path, target: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    let entries =
+        std::fs::read_dir(source).with_context(|| format!("listing {}", source.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", source.display()))?;
+        let from = entry.path();
+        let to = target.join(entry.file_name());
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading the type of {}", from.display()))?;
+        if kind.is_dir() {
+            copy_dir(&from, &to)?;
+        } else if kind.is_file() {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
 }

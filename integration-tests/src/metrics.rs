@@ -1,8 +1,11 @@
 //! Parsing of the Prometheus text exposition format served on `/metrics`.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail, Result};
+
+use crate::http;
 
 pub const RECORDS_CONSUMED: &str = "checkpointer_records_consumed_total";
 pub const RECORDS_INVALID: &str = "checkpointer_records_invalid_total";
@@ -122,6 +125,23 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `GET /metrics` on `addr`, parsed; `None` when the service does not answer 200 or the text
+/// does not parse.
+pub fn scrape(addr: SocketAddr) -> Option<Metrics> {
+    let response = http::try_get(addr, "/metrics")?;
+    if response.status != 200 {
+        return None;
+    }
+    Metrics::parse(&response.body).ok()
+}
+
+/// The value of `name` on `addr` (the sum of its series), or -1 when it cannot be read: no
+/// answer, or no such series. No counter of the service is negative, so a comparison with an
+/// expected count fails rather than passing on a missing metric.
+pub fn metric(addr: SocketAddr, name: &str) -> f64 {
+    scrape(addr).and_then(|m| m.sum(name)).unwrap_or(-1.0)
 }
 
 fn parse_sample(line: &str) -> Result<Sample> {

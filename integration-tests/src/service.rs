@@ -5,20 +5,20 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
+use crate::http::TIMEOUT as HTTP_TIMEOUT;
 use crate::metrics::Metrics;
 use crate::model::{contract_windows, human, WindowSpec};
-use crate::{free_port, http, keep_temp_dirs, unique_name, workspace_dir, Broker};
+use crate::process::{run_command, KillOnDrop, Signal};
+use crate::{copy_dir, free_addr, http, keep_temp_dirs, poll, unique_name, workspace_dir, Broker};
 
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_TAIL_LINES: usize = 80;
 
 /// What goes into the service's YAML config. `new` fills in the contract's example values;
@@ -82,6 +82,16 @@ impl ServiceConfig {
             extra_args: Vec::new(),
             state_extra: BTreeMap::new(),
         }
+    }
+
+    /// `state.scope: partition` with the changelog topic `changelog`: each partition's state
+    /// moves with the partition between instances.
+    pub fn partition_scoped(mut self, changelog: &str) -> Self {
+        self.state_extra
+            .insert("scope".to_owned(), "partition".to_owned());
+        self.state_extra
+            .insert("changelog_topic".to_owned(), format!("{changelog:?}"));
+        self
     }
 
     /// The YAML document; strings are written as JSON strings, which YAML reads verbatim.
@@ -204,7 +214,7 @@ pub struct Service {
     bin: PathBuf,
     dir: Option<TempDir>,
     dir_path: PathBuf,
-    child: Option<Child>,
+    child: Option<KillOnDrop>,
     http: Option<SocketAddr>,
     starts: u32,
 }
@@ -273,7 +283,7 @@ impl Service {
         if self.is_running()? {
             bail!("{}: already running", self.name);
         }
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let http = free_addr()?;
         let yaml = self.config.to_yaml(&self.state_dir(), http);
         std::fs::write(self.config_path(), &yaml)
             .with_context(|| format!("writing {}", self.config_path().display()))?;
@@ -287,22 +297,12 @@ impl Service {
         writeln!(log, "===== start #{} (http {http}) =====", self.starts)?;
         let stderr = log.try_clone()?;
 
-        let mut command = Command::new(&self.bin);
+        let mut command = run_command(&self.bin, &self.config_path());
         command
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path())
             .args(&self.config.extra_args)
             .current_dir(&self.dir_path)
-            .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);
-        // The environment overrides the file: keep the caller's CHECKPOINTER_* out of it.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CHECKPOINTER_") {
-                command.env_remove(key);
-            }
-        }
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
         command.env("RUST_LOG", rust_log);
         let child = command
@@ -314,7 +314,7 @@ impl Service {
             self.starts,
             child.id()
         );
-        self.child = Some(child);
+        self.child = Some(KillOnDrop::new(child));
         self.http = Some(http);
         Ok(())
     }
@@ -340,30 +340,43 @@ impl Service {
     /// `stop`, or a start that must fail); returns the exit status. On timeout the process is
     /// killed and an error returned.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.reap(
+            timeout,
+            "exited by itself",
+            &format!("did not exit within {timeout:?}"),
+        )
+    }
+
+    /// Waits up to `timeout` for the process to exit and reaps it (logging `exited` and the
+    /// time taken); on timeout kills it and fails with `timed_out` and the log's end.
+    fn reap(&mut self, timeout: Duration, exited: &str, timed_out: &str) -> Result<ExitStatus> {
         let started = Instant::now();
-        loop {
-            if let Some(status) = self.try_exit_status()? {
+        match self.child()?.wait_exit(timeout)? {
+            Some(status) => {
                 self.child = None;
                 eprintln!(
-                    "[service {}] exited by itself after {:.1?}: {status}",
+                    "[service {}] {exited} after {:.1?}: {status}",
                     self.name,
                     started.elapsed()
                 );
-                return Ok(status);
+                Ok(status)
             }
-            if self.child.is_none() {
-                bail!("{}: not running", self.name);
-            }
-            if started.elapsed() >= timeout {
+            None => {
                 self.sigkill()?;
                 bail!(
-                    "{}: did not exit within {timeout:?} (killed)\n{}",
+                    "{}: {timed_out} (killed)\n{}",
                     self.name,
                     self.log_tail(LOG_TAIL_LINES)
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process of the current run, an error naming the service when there is none.
+    fn child(&mut self) -> Result<&mut KillOnDrop> {
+        self.child
+            .as_mut()
+            .ok_or_else(|| anyhow!("{}: not running", self.name))
     }
 
     fn addr(&self) -> Result<SocketAddr> {
@@ -436,12 +449,10 @@ impl Service {
     /// The process id of the running (or last, not yet reaped) process, e.g. to sample its
     /// CPU time and memory from `/proc`.
     pub fn pid(&self) -> Result<Pid> {
-        let child = self
-            .child
+        self.child
             .as_ref()
-            .ok_or_else(|| anyhow!("{}: not started", self.name))?;
-        let pid = i32::try_from(child.id()).context("pid out of range")?;
-        Ok(Pid::from_raw(pid))
+            .ok_or_else(|| anyhow!("{}: not started", self.name))?
+            .pid()
     }
 
     /// Polls `GET /readyz` until it answers 200. Fails early, with the log tail, if the process
@@ -451,7 +462,8 @@ impl Service {
         let addr = self
             .http
             .ok_or_else(|| anyhow!("{}: not started", self.name))?;
-        loop {
+        let mut last = String::new();
+        let ready = poll(timeout, Duration::from_millis(100), || {
             if let Some(status) = self.try_exit_status()? {
                 bail!(
                     "{}: exited with {status} before becoming ready\n{}",
@@ -459,27 +471,26 @@ impl Service {
                     self.log_tail(LOG_TAIL_LINES)
                 );
             }
-            let last = match http::get(addr, "/readyz", HTTP_TIMEOUT) {
-                Ok(response) if response.status == 200 => {
-                    eprintln!(
-                        "[service {}] ready after {:.1?}",
-                        self.name,
-                        started.elapsed()
-                    );
-                    return Ok(());
-                }
+            last = match http::get(addr, "/readyz", HTTP_TIMEOUT) {
+                Ok(response) if response.status == 200 => return Ok(Some(())),
                 Ok(response) => format!("{} {}", response.status, response.body.trim()),
                 Err(err) => err.to_string(),
             };
-            if started.elapsed() >= timeout {
-                bail!(
-                    "{}: /readyz not 200 after {timeout:?} (last: {last})\n{}",
-                    self.name,
-                    self.log_tail(LOG_TAIL_LINES)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            Ok(None)
+        })?;
+        if ready.is_none() {
+            bail!(
+                "{}: /readyz not 200 after {timeout:?} (last: {last})\n{}",
+                self.name,
+                self.log_tail(LOG_TAIL_LINES)
+            );
         }
+        eprintln!(
+            "[service {}] ready after {:.1?}",
+            self.name,
+            started.elapsed()
+        );
+        Ok(())
     }
 
     /// `GET /readyz` status code.
@@ -515,33 +526,28 @@ impl Service {
         timeout: Duration,
         mut done: impl FnMut(&Metrics) -> bool,
     ) -> Result<Metrics> {
-        let started = Instant::now();
-        loop {
-            let last = self.scrape();
-            if let Ok(metrics) = &last {
-                if done(metrics) {
-                    return Ok(metrics.clone());
-                }
-            }
-            if started.elapsed() >= timeout {
-                let shown = match last {
-                    Ok(metrics) => metrics.text().to_owned(),
-                    Err(err) => format!("{err:#}"),
-                };
-                bail!(
-                    "{}: metrics never showed {what} within {timeout:?}; last scrape:\n{shown}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut shown = String::new();
+        let found = poll(timeout, Duration::from_millis(200), || {
+            shown = match self.scrape() {
+                Ok(metrics) if done(&metrics) => return Ok(Some(metrics)),
+                Ok(metrics) => metrics.text().to_owned(),
+                Err(err) => format!("{err:#}"),
+            };
+            Ok(None)
+        })?;
+        found.ok_or_else(|| {
+            anyhow!(
+                "{}: metrics never showed {what} within {timeout:?}; last scrape:\n{shown}",
+                self.name
+            )
+        })
     }
 
     /// Kills the process with SIGKILL (no chance to checkpoint) and reaps it.
     pub fn sigkill(&mut self) -> Result<()> {
         let pid = self.pid()?;
         if self.try_exit_status()?.is_none() {
-            kill(pid, Signal::SIGKILL).context("sending SIGKILL")?;
+            self.child()?.signal(Signal::SIGKILL)?;
         }
         if let Some(mut child) = self.child.take() {
             let status = child.wait()?;
@@ -555,29 +561,13 @@ impl Service {
     pub fn sigterm(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let pid = self.pid()?;
         if self.try_exit_status()?.is_none() {
-            kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
+            self.child()?.signal(Signal::SIGTERM)?;
         }
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.try_exit_status()? {
-                self.child = None;
-                eprintln!(
-                    "[service {}] pid {pid} stopped after {:.1?}: {status}",
-                    self.name,
-                    started.elapsed()
-                );
-                return Ok(status);
-            }
-            if started.elapsed() >= timeout {
-                self.sigkill()?;
-                bail!(
-                    "{}: still running {timeout:?} after SIGTERM (killed)\n{}",
-                    self.name,
-                    self.log_tail(LOG_TAIL_LINES)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.reap(
+            timeout,
+            &format!("pid {pid} stopped"),
+            &format!("still running {timeout:?} after SIGTERM"),
+        )
     }
 
     /// [`Service::sigterm`], and an error naming the status and the log's end unless the
@@ -650,10 +640,8 @@ impl Drop for Service {
         // a process the test never stopped (SIGTERM, SIGKILL, wait_exit) means the test gave
         // up early: an error returned with `?` drops the service before the test panics
         let abandoned = self.child.is_some();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // the guard kills and reaps it
+        drop(self.child.take());
         let failed = std::thread::panicking() || abandoned;
         if failed {
             if abandoned {
@@ -675,28 +663,6 @@ impl Drop for Service {
             }
         }
     }
-}
-
-/// Copies the directory tree `source` to `target` (created), files and sub-directories only.
-pub fn copy_dir(source: &Path, target: &Path) -> Result<()> {
-    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    let entries =
-        std::fs::read_dir(source).with_context(|| format!("listing {}", source.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", source.display()))?;
-        let from = entry.path();
-        let to = target.join(entry.file_name());
-        let kind = entry
-            .file_type()
-            .with_context(|| format!("reading the type of {}", from.display()))?;
-        if kind.is_dir() {
-            copy_dir(&from, &to)?;
-        } else if kind.is_file() {
-            std::fs::copy(&from, &to)
-                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`).

@@ -42,6 +42,15 @@ pub fn distinct_keys(messages: &[Message]) -> usize {
         .len()
 }
 
+/// What [`check_output`] finds wrong with `messages` (empty when nothing), for the message of a
+/// test whose output did not complete in time.
+pub fn output_problems(expected: &BTreeMap<String, WindowResult>, messages: &[Message]) -> String {
+    check_output(expected, messages)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default()
+}
+
 /// Checks the exactly-once contract: every copy of a window is byte-for-byte identical, and the
 /// distinct windows equal `expected` exactly (no missing, no extra, same aggregates).
 pub fn check_output(

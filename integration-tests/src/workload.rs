@@ -217,11 +217,23 @@ pub fn max_ts(partitions: &[Vec<Event>]) -> i64 {
 /// Each partition's valid records followed by one sentinel at `sentinel_ts`, which closes
 /// every window before it.
 pub fn with_sentinels(events: &[Vec<Event>], sentinel_ts: i64) -> Vec<Vec<Record>> {
+    followed_by(events, |_| sentinel(sentinel_ts))
+}
+
+/// [`with_sentinels`] for a [`partition_local`] stream: each partition's sentinel is a
+/// [`local_sentinel`].
+pub fn with_local_sentinels(events: &[Vec<Event>], sentinel_ts: i64) -> Vec<Vec<Record>> {
+    followed_by(events, |p| local_sentinel(p, sentinel_ts))
+}
+
+/// Each partition's valid records followed by `last(partition)`.
+fn followed_by(events: &[Vec<Event>], last: impl Fn(usize) -> Event) -> Vec<Vec<Record>> {
     events
         .iter()
-        .map(|partition| {
+        .enumerate()
+        .map(|(p, partition)| {
             let mut records = valid_records(partition);
-            records.push(Record::Valid(sentinel(sentinel_ts)));
+            records.push(Record::Valid(last(p)));
             records
         })
         .collect()
@@ -257,6 +269,13 @@ pub fn sentinel(ts: i64) -> Event {
         value: 0,
         ts,
     }
+}
+
+/// The sentinel of partition `p` of a [`partition_local`] stream: its key is local to `p`.
+pub fn local_sentinel(p: usize, ts: i64) -> Event {
+    let mut event = sentinel(ts);
+    event.key = local_key(p, &event.key);
+    event
 }
 
 /// Wraps valid events as records.

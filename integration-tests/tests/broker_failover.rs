@@ -106,13 +106,6 @@ fn run(
     );
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
     // partition-scoped windows are per partition: there, keys live on one partition each
-    let key_of = |p: usize, key: &str| {
-        if partition_scope {
-            workload::local_key(p, key)
-        } else {
-            key.to_owned()
-        }
-    };
     let events = if partition_scope {
         workload::partition_local(events)
     } else {
@@ -129,17 +122,11 @@ fn run(
             .insert("scope".into(), "partition".into());
     }
     let expected = expected_windows(&config.windows, &all);
-    let records: Vec<Vec<Record>> = events
-        .iter()
-        .enumerate()
-        .map(|(p, e)| {
-            let mut r = workload::valid_records(e);
-            let mut sentinel = workload::sentinel(sentinel_ts);
-            sentinel.key = key_of(p, &sentinel.key);
-            r.push(Record::Valid(sentinel));
-            r
-        })
-        .collect();
+    let records: Vec<Vec<Record>> = if partition_scope {
+        workload::with_local_sentinels(&events, sentinel_ts)
+    } else {
+        workload::with_sentinels(&events, sentinel_ts)
+    };
     let (first, rest): (Vec<Vec<Record>>, Vec<Vec<Record>>) = records
         .iter()
         .map(|r| {

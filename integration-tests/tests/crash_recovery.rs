@@ -130,13 +130,6 @@ fn run(
     // partition-scoped windows are per partition: there, keys live on one partition each (as
     // Kafka's partitioner places keyed records), so the model's per-key windows are theirs
     let local = !matches!(membership, Membership::Direct);
-    let key_of = |p: usize, key: &str| {
-        if local {
-            workload::local_key(p, key)
-        } else {
-            key.to_owned()
-        }
-    };
     let events = if local {
         workload::partition_local(events)
     } else {
@@ -151,9 +144,11 @@ fn run(
         let (before, after) = partition.split_at(BACKLOG_PER_PARTITION.min(partition.len()));
         backlog.push(workload::valid_records(before));
         let mut rest = workload::valid_records(after);
-        let mut sentinel = workload::sentinel(sentinel_ts);
-        sentinel.key = key_of(p, &sentinel.key);
-        rest.push(Record::Valid(sentinel));
+        rest.push(Record::Valid(if local {
+            workload::local_sentinel(p, sentinel_ts)
+        } else {
+            workload::sentinel(sentinel_ts)
+        }));
         live.push(rest);
     }
     let started = Instant::now();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use integration_tests::metrics::RECORDS_LATE;
 use integration_tests::model::{expected_windows, Event};
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
 use integration_tests::{free_port, http, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -65,14 +65,10 @@ fn empty_partition(seed: u64) -> Result<()> {
     ensure!(
         reader.poll_until(TIMEOUT, |m| contains_all(&expected, m)),
         "windows did not close with an empty partition assigned: {}\n{}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
+        output_problems(&expected, reader.messages()),
         service.log_tail(30)
     );
-    let status = service.sigterm(Duration::from_secs(30))?;
-    ensure!(status.code() == Some(0), "exit status {status}");
+    service.stop_cleanly(Duration::from_secs(30))?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(10));
     check_output(&expected, reader.messages())?;
     let metrics = service.scrape().ok();
@@ -199,13 +195,9 @@ fn two_topics(seed: u64) -> Result<()> {
     ensure!(
         complete,
         "output incomplete: {}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
+        output_problems(&expected, reader.messages())
     );
-    let status = service.sigterm(Duration::from_secs(30))?;
-    ensure!(status.code() == Some(0), "exit status {status}");
+    service.stop_cleanly(Duration::from_secs(30))?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(10));
     check_output(&expected, reader.messages())?;
     Ok(())

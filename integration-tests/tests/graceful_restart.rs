@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use integration_tests::metrics::{RECORDS_CONSUMED, RECORDS_LATE, WINDOWS_EMITTED};
 use integration_tests::model::{expected_windows, Event};
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, StreamShape, MAX_STEP_BACK_MS, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -63,22 +63,14 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     ensure!(
         reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected_first, m)),
         "first run incomplete: {}",
-        check_output(&expected_first, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
+        output_problems(&expected_first, reader.messages())
     );
     service.wait_metrics(
         &format!("{RECORDS_CONSUMED} = {produced_first}"),
         Duration::from_secs(15),
         |m| m.sum(RECORDS_CONSUMED) == Some(produced_first as f64),
     )?;
-    let status = service.sigterm(STOP_TIMEOUT)?;
-    ensure!(
-        status.code() == Some(0),
-        "exit status after SIGTERM: {status}\n{}",
-        service.log_tail(40)
-    );
+    service.stop_cleanly(STOP_TIMEOUT)?;
     reader.drain(Duration::from_secs(1), Duration::from_secs(15));
     let summary = check_output(&expected_first, reader.messages())?;
     ensure!(
@@ -142,10 +134,7 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     ensure!(
         reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected_all, m)),
         "new input not processed after the restart: {}",
-        check_output(&expected_all, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
+        output_problems(&expected_all, reader.messages())
     );
     service.wait_metrics(
         &format!("{RECORDS_CONSUMED} = {produced_second}"),

@@ -1,7 +1,6 @@
 //! Partition state moving between instances through the changelog topic (`state.scope:
 //! partition`, `state.changelog_topic`), against the Kafka broker with the real binary.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -9,7 +8,7 @@ use integration_tests::metrics::{
     CHANGELOG_PUBLISHED, CHANGELOG_RESTORES, RECORDS_CONSUMED, RECORDS_LATE,
 };
 use integration_tests::model::{expected_windows, Event};
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -20,36 +19,6 @@ const PARTITIONS: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn records(events: &[Vec<Event>], sentinel_ts: Option<i64>) -> Vec<Vec<Record>> {
-    events
-        .iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            let mut out = workload::valid_records(evs);
-            if let Some(ts) = sentinel_ts {
-                let mut s = workload::sentinel(ts);
-                s.key = workload::local_key(p, &s.key);
-                out.push(Record::Valid(s));
-            }
-            out
-        })
-        .collect()
-}
-
-fn partitioned_config(
-    broker: &Broker,
-    input: &str,
-    output: &str,
-    changelog: &str,
-) -> ServiceConfig {
-    let mut cfg = ServiceConfig::new(broker, input, output);
-    cfg.state_extra = BTreeMap::from([
-        ("scope".to_string(), "partition".to_string()),
-        ("changelog_topic".to_string(), format!("{changelog:?}")),
-    ]);
-    cfg
-}
 
 #[test]
 fn an_instance_on_an_empty_volume_restores_partitions_from_the_changelog() {
@@ -68,7 +37,7 @@ fn empty_volume(seed: u64) -> Result<()> {
     broker.create_topic(&input, PARTITIONS as i32)?;
     broker.create_topic(&output, 2)?;
     broker.create_topic(&changelog, PARTITIONS as i32)?;
-    let cfg = partitioned_config(broker, &input, &output, &changelog);
+    let cfg = ServiceConfig::new(broker, &input, &output).partition_scoped(&changelog);
     let windows = cfg.windows.clone();
     let mut producer = Producer::new(broker)?;
     let mut reader = OutputReader::new(broker, &output)?;
@@ -83,7 +52,9 @@ fn empty_volume(seed: u64) -> Result<()> {
             start_ts: START_TS,
         },
     ));
-    let produced_first = producer.send_partitions(&input, &records(&first, None))?;
+    let first_records: Vec<Vec<Record>> =
+        first.iter().map(|e| workload::valid_records(e)).collect();
+    let produced_first = producer.send_partitions(&input, &first_records)?;
     let mut a = Service::new("handoff_a", cfg.clone())?;
     a.start()?;
     a.wait_ready(READY_TIMEOUT)?;
@@ -124,14 +95,14 @@ fn empty_volume(seed: u64) -> Result<()> {
     let mut b = Service::new("handoff_b", cfg.clone())?;
     b.start()?;
     b.wait_ready(READY_TIMEOUT)?;
-    let produced_second = producer.send_partitions(&input, &records(&second, Some(sentinel_ts)))?;
+    let produced_second = producer.send_partitions(
+        &input,
+        &workload::with_local_sentinels(&second, sentinel_ts),
+    )?;
     ensure!(
         reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m)),
         "output incomplete after the takeover: {}\n{}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
+        output_problems(&expected, reader.messages()),
         b.log_tail(40)
     );
     let metrics = b.wait_metrics(
@@ -193,7 +164,7 @@ fn group(seed: u64) -> Result<()> {
     broker.create_topic(&input, GROUP_PARTITIONS as i32)?;
     broker.create_topic(&output, 2)?;
     broker.create_topic(&changelog, GROUP_PARTITIONS as i32)?;
-    let mut base = partitioned_config(broker, &input, &output, &changelog);
+    let mut base = ServiceConfig::new(broker, &input, &output).partition_scoped(&changelog);
     // a stopped static member's partitions move after its session expires
     base.kafka_options
         .insert("session.timeout.ms".into(), "6000".into());
@@ -237,7 +208,7 @@ fn group(seed: u64) -> Result<()> {
         s.wait_ready(READY_TIMEOUT)?;
     }
 
-    let all = records(&events, Some(sentinel_ts));
+    let all = workload::with_local_sentinels(&events, sentinel_ts);
     let sent = std::thread::scope(|scope| -> Result<usize> {
         // records flow the whole time: 10 per partition every 400 ms
         let feeder = scope
@@ -293,10 +264,7 @@ fn group(seed: u64) -> Result<()> {
     ensure!(
         reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m)),
         "output incomplete: {}\n--- a ---\n{}\n--- b ---\n{}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
+        output_problems(&expected, reader.messages()),
         a.log_tail(30),
         b.log_tail(30)
     );

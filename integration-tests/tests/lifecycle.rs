@@ -42,16 +42,6 @@ fn output_topic(broker: &Broker, prefix: &str) -> Result<String> {
     Ok(topic)
 }
 
-fn expect_clean_exit(service: &mut Service) -> Result<()> {
-    let status = service.sigterm(STOP_TIMEOUT)?;
-    ensure!(
-        status.code() == Some(0),
-        "exit status after SIGTERM: {status}\n{}",
-        service.log_tail(40)
-    );
-    Ok(())
-}
-
 /// Quotes a YAML scalar (a JSON string is a YAML string).
 fn yaml_str(s: &str) -> String {
     Value::from(s).to_string()
@@ -86,7 +76,7 @@ fn retention(seed: u64) -> Result<()> {
     );
 
     feed_until_distinct(&service, &mut input, 3, PER_BATCH)?;
-    expect_clean_exit(&mut service)?;
+    service.stop_cleanly(STOP_TIMEOUT)?;
 
     let (retained, records) = list_checkpoints(&service.state_dir())?;
     let completed: Vec<u64> = records
@@ -163,7 +153,7 @@ fn retention(seed: u64) -> Result<()> {
             .with_context(|| format!("restored checkpoint {id} must re-read {rereads} records"))?;
         let (summary, _) = expect_output(broker, copy, out, &expected)
             .with_context(|| format!("after restoring checkpoint {id}"))?;
-        expect_clean_exit(copy)?;
+        copy.stop_cleanly(STOP_TIMEOUT)?;
         eprintln!(
             "[retention] checkpoint {id}: re-read {rereads} records, {} windows as the model",
             summary.windows
@@ -205,8 +195,8 @@ fn on_cancel(seed: u64) -> Result<()> {
     retaining.wait_metrics("a completed checkpoint", Duration::from_secs(10), |m| {
         m.sum(CHECKPOINTS_COMPLETED).unwrap_or(0.0) >= 1.0
     })?;
-    expect_clean_exit(&mut retaining)?;
-    expect_clean_exit(&mut deleting)?;
+    retaining.stop_cleanly(STOP_TIMEOUT)?;
+    deleting.stop_cleanly(STOP_TIMEOUT)?;
 
     let (kept, keep_records) = list_checkpoints(&retaining.state_dir())?;
     let keep_newest = keep_records
@@ -270,7 +260,7 @@ fn on_cancel(seed: u64) -> Result<()> {
         !after_kill.is_empty(),
         "on_cancel delete removed checkpoints after SIGKILL"
     );
-    expect_clean_exit(&mut retaining)?;
+    retaining.stop_cleanly(STOP_TIMEOUT)?;
     Ok(())
 }
 
@@ -366,7 +356,7 @@ fn savepoint(seed: u64) -> Result<()> {
         "restored run read {consumed} records, expected {}",
         second + 3
     );
-    expect_clean_exit(&mut service)?;
+    service.stop_cleanly(STOP_TIMEOUT)?;
     eprintln!(
         "[savepoint] restored {name} (checkpoint {savepoint_id}), {} windows as the model",
         summary.windows
@@ -394,7 +384,7 @@ fn prefer(seed: u64) -> Result<()> {
     a.start()?;
     a.wait_ready(READY_TIMEOUT)?;
     wait_consumed(&a, first)?;
-    expect_clean_exit(&mut a)?;
+    a.stop_cleanly(STOP_TIMEOUT)?;
     let (a_retained, _) = list_checkpoints(&a.state_dir())?;
     let a_newest = *a_retained
         .last()
@@ -464,8 +454,8 @@ fn prefer(seed: u64) -> Result<()> {
     wait_consumed(&c, second + 3)?;
     expect_output(broker, &a, &out_savepoint, &expected).context("prefer false")?;
     expect_output(broker, &c, &out_checkpoint, &expected).context("prefer true")?;
-    expect_clean_exit(&mut a)?;
-    expect_clean_exit(&mut c)?;
+    a.stop_cleanly(STOP_TIMEOUT)?;
+    c.stop_cleanly(STOP_TIMEOUT)?;
     Ok(())
 }
 
@@ -580,8 +570,8 @@ fn export_import(seed: u64) -> Result<()> {
         from_source == from_target,
         "the imported savepoint's output differs from the original's"
     );
-    expect_clean_exit(&mut source)?;
-    expect_clean_exit(&mut target)?;
+    source.stop_cleanly(STOP_TIMEOUT)?;
+    target.stop_cleanly(STOP_TIMEOUT)?;
     eprintln!(
         "[export] {} byte file; {} windows, identical from both stores",
         bytes.len(),
@@ -607,7 +597,7 @@ fn corrupt(seed: u64) -> Result<()> {
     service.wait_ready(READY_TIMEOUT)?;
     // three: the previous checkpoint holds data too
     feed_until_distinct(&service, &mut input, 3, PER_BATCH)?;
-    expect_clean_exit(&mut service)?;
+    service.stop_cleanly(STOP_TIMEOUT)?;
 
     let (retained, _) = list_checkpoints(&service.state_dir())?;
     ensure!(
@@ -688,6 +678,6 @@ fn corrupt(seed: u64) -> Result<()> {
     service.wait_ready(READY_TIMEOUT)?;
     wait_consumed(&service, input.total() - covered(&previous_offsets))?;
     expect_output(broker, &service, &fresh, &expected)?;
-    expect_clean_exit(&mut service)?;
+    service.stop_cleanly(STOP_TIMEOUT)?;
     Ok(())
 }

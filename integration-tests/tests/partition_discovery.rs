@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context as _, Result};
 use integration_tests::metrics::{RECORDS_CONSUMED, RECORDS_LATE};
 use integration_tests::model::{expected_windows, Event};
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
 use integration_tests::{poll_until, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -88,11 +88,7 @@ fn run(seed: u64) -> Result<()> {
         events.push(part);
     }
     let sentinel_ts = start_ts + 3_600_000;
-    let sentinel = |p: usize| {
-        let mut s = workload::sentinel(sentinel_ts);
-        s.key = workload::local_key(p, &s.key);
-        Record::Valid(s)
-    };
+    let sentinel = |p: usize| Record::Valid(workload::local_sentinel(p, sentinel_ts));
     let all: Vec<Event> = events.iter().flatten().cloned().collect();
 
     // `latest`: a partition known from the start begins at its end, so its records are produced
@@ -153,10 +149,7 @@ fn run(seed: u64) -> Result<()> {
     ensure!(
         reader.poll_until(TIMEOUT, |m| contains_all(&expected, m)),
         "windows of the added partitions missing: {}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
+        output_problems(&expected, reader.messages())
     );
 
     // every partition's position reaches the group, tagged with the service's store

@@ -10,19 +10,22 @@
 //! `scripts/test.sh` installs them.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
+use integration_tests::cli::program;
 use integration_tests::http;
 use integration_tests::lifecycle::{config, wait_consumed, Input, READY_TIMEOUT};
 use integration_tests::metrics::CHECKPOINTS_COMPLETED;
+use integration_tests::{free_addr, poll, tail_file, workspace_dir, KillOnDrop};
 use integration_tests::{test_seed, unique_name, Broker, Service};
 
 const INTERVAL: Duration = Duration::from_secs(2);
 const PROMETHEUS_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_EVERY: Duration = Duration::from_millis(500);
 
 #[test]
 fn prometheus_scrapes_the_service_with_the_repos_configuration() {
@@ -32,29 +35,10 @@ fn prometheus_scrapes_the_service_with_the_repos_configuration() {
     }
 }
 
-fn bin(var: &str, default: &str) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(var) {
-        return Ok(PathBuf::from(path));
-    }
-    let path = PathBuf::from(default);
-    ensure!(
-        path.is_file(),
-        "{default} not found (set {var}); scripts/test.sh installs Debian's prometheus package"
-    );
-    Ok(path)
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
 /// The repo's `prometheus.yml`, scraping `target` every second and evaluating rules every
 /// second, with the rule file by absolute path.
 fn scrape_config(target: SocketAddr) -> Result<String> {
-    let dir = repo().join("deploy/prometheus");
+    let dir = workspace_dir().join("deploy/prometheus");
     let text = std::fs::read_to_string(dir.join("prometheus.yml")).context("prometheus.yml")?;
     let mut out = text.clone();
     for (from, to) in [
@@ -82,43 +66,42 @@ fn scrape_config(target: SocketAddr) -> Result<String> {
 }
 
 struct Prometheus {
-    child: Child,
+    /// Killed when the test ends.
+    _child: KillOnDrop,
     addr: SocketAddr,
     log: PathBuf,
 }
 
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Prometheus {
     fn start(dir: &Path, target: SocketAddr) -> Result<Prometheus> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = free_addr()?;
         let config = dir.join("prometheus.yml");
         std::fs::write(&config, scrape_config(target)?)?;
         let log = dir.join("prometheus.log");
-        let child = Command::new(bin("PROMETHEUS_BIN", "/usr/bin/prometheus")?)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting prometheus")?;
-        Ok(Prometheus { child, addr, log })
+        let child = Command::new(program(
+            "PROMETHEUS_BIN",
+            "/usr/bin/prometheus",
+            "prometheus",
+        )?)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting prometheus")?;
+        Ok(Prometheus {
+            _child: KillOnDrop::new(child),
+            addr,
+            log,
+        })
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail_file(&self.log, 20)
     }
 
     fn api(&self, path: &str) -> Result<serde_json::Value> {
@@ -147,26 +130,28 @@ impl Prometheus {
 
     /// The single value of `promql`, waiting until there is one that `ok` accepts.
     fn wait_value(&self, promql: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
-        let deadline = Instant::now() + PROMETHEUS_TIMEOUT;
         let mut last = String::new();
-        while Instant::now() < deadline {
+        let value = poll(PROMETHEUS_TIMEOUT, POLL_EVERY, || {
             match self.query(promql) {
                 Ok(values) => {
                     if let [v] = values[..] {
                         if ok(v) {
-                            return Ok(v);
+                            return Ok(Some(v));
                         }
                     }
                     last = format!("{values:?}");
                 }
                 Err(e) => last = format!("{e:#}"),
             }
-            std::thread::sleep(Duration::from_millis(500));
+            Ok(None)
+        })?;
+        match value {
+            Some(v) => Ok(v),
+            None => bail!(
+                "{promql} never gave an acceptable value (last: {last})\nprometheus log:\n{}",
+                self.log_tail()
+            ),
         }
-        bail!(
-            "{promql} never gave an acceptable value (last: {last})\nprometheus log:\n{}",
-            self.log_tail()
-        )
     }
 }
 
@@ -199,7 +184,7 @@ fn run(seed: u64) -> Result<()> {
 
     // the exposition passes promtool's checks (format and naming)
     let exposition = service.metrics()?;
-    let mut promtool = Command::new(bin("PROMTOOL_BIN", "/usr/bin/promtool")?)
+    let mut promtool = Command::new(program("PROMTOOL_BIN", "/usr/bin/promtool", "prometheus")?)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -256,10 +241,10 @@ fn run(seed: u64) -> Result<()> {
     prometheus.wait_value("checkpointer_ready", |v| v == 1.0)?;
 
     // every rule of the repo's alert file is loaded and evaluates cleanly against real series
-    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml"))?;
+    let rules = std::fs::read_to_string(workspace_dir().join("deploy/prometheus/alerts.yml"))?;
     let expected = rules.matches("- alert: ").count();
-    let deadline = Instant::now() + PROMETHEUS_TIMEOUT;
-    loop {
+    let mut last = String::new();
+    let all_evaluated = poll(PROMETHEUS_TIMEOUT, POLL_EVERY, || {
         let data = prometheus.api("/api/v1/rules")?;
         let loaded: Vec<&serde_json::Value> = data["groups"]
             .as_array()
@@ -272,7 +257,7 @@ fn run(seed: u64) -> Result<()> {
             .filter(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z")
             .count();
         if loaded.len() == expected && evaluated == expected {
-            break;
+            return Ok(Some(()));
         }
         let broken: Vec<String> = loaded
             .iter()
@@ -280,14 +265,13 @@ fn run(seed: u64) -> Result<()> {
             .map(|r| format!("{}: {}", r["name"], r["lastError"]))
             .collect();
         ensure!(broken.is_empty(), "rules failing to evaluate: {broken:?}");
-        ensure!(
-            Instant::now() < deadline,
-            "{} of {expected} rules loaded, {evaluated} evaluated\n{}",
-            loaded.len(),
-            prometheus.log_tail()
+        last = format!(
+            "{} of {expected} rules loaded, {evaluated} evaluated",
+            loaded.len()
         );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        Ok(None)
+    })?;
+    ensure!(all_evaluated.is_some(), "{last}\n{}", prometheus.log_tail());
     // a healthy instance raises nothing, not even a pending alert (most rules wait minutes
     // before firing; pending shows their condition already holds). WatermarkStalled may be
     // pending for a moment: a scrape can see records counted before the watermark gauge

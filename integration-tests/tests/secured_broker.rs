@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use integration_tests::model::{expected_windows, Event};
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, StreamShape, START_TS};
 use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -82,10 +82,7 @@ fn run(seed: u64, broker: &Broker) -> Result<()> {
     ensure!(
         reader.poll_until(TIMEOUT, |m| contains_all(&expected, m)),
         "output incomplete over SASL_SSL: {}\n{}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
+        output_problems(&expected, reader.messages()),
         service.log_tail(40)
     );
     service.stop_cleanly(Duration::from_secs(30))?;

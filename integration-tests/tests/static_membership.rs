@@ -3,13 +3,13 @@
 //! It must get exactly its partitions back, the other two must see no revocation, and the
 //! output must equal the model.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use integration_tests::metrics::RECORDS_LATE;
 use integration_tests::model::expected_windows;
-use integration_tests::verify::{check_output, contains_all};
+use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
 use integration_tests::{poll_until, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
@@ -60,11 +60,7 @@ fn run(seed: u64) -> Result<()> {
     broker.create_topic(&input, PARTITIONS as i32)?;
     broker.create_topic(&output, 2)?;
     broker.create_topic(&changelog, PARTITIONS as i32)?;
-    let mut base = ServiceConfig::new(broker, &input, &output);
-    base.state_extra = BTreeMap::from([
-        ("scope".to_string(), "partition".to_string()),
-        ("changelog_topic".to_string(), format!("{changelog:?}")),
-    ]);
+    let mut base = ServiceConfig::new(broker, &input, &output).partition_scoped(&changelog);
     base.kafka_options
         .insert("session.timeout.ms".into(), SESSION_MS.to_string());
     let windows = base.windows.clone();
@@ -84,17 +80,7 @@ fn run(seed: u64) -> Result<()> {
         &windows,
         &events.iter().flatten().cloned().collect::<Vec<_>>(),
     );
-    let records: Vec<Vec<Record>> = events
-        .iter()
-        .enumerate()
-        .map(|(p, evs)| {
-            let mut out = workload::valid_records(evs);
-            let mut s = workload::sentinel(sentinel_ts);
-            s.key = workload::local_key(p, &s.key);
-            out.push(Record::Valid(s));
-            out
-        })
-        .collect();
+    let records = workload::with_local_sentinels(&events, sentinel_ts);
 
     let mut services = Vec::new();
     for name in ["static_a", "static_b", "static_c"] {
@@ -194,10 +180,7 @@ fn run(seed: u64) -> Result<()> {
     ensure!(
         complete,
         "output incomplete: {}",
-        check_output(&expected, reader.messages())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
+        output_problems(&expected, reader.messages())
     );
     for s in services.iter_mut() {
         let metrics = s.scrape()?;

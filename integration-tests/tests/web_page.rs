@@ -5,7 +5,6 @@
 //! Needs Chromium (`/usr/bin/chromium`, or `CHROMIUM_BIN`); `scripts/test.sh` installs it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -25,17 +24,6 @@ fn status_page_renders_attempts_partitions_chart_and_savepoints_in_chromium() {
     if let Err(err) = run(seed) {
         panic!("{err:#}\n(web_page, seed {seed})");
     }
-}
-
-fn chromium() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("CHROMIUM_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let default = PathBuf::from("/usr/bin/chromium");
-    if default.is_file() {
-        return Ok(default);
-    }
-    bail!("chromium not found at /usr/bin/chromium (set CHROMIUM_BIN); scripts/test.sh installs it")
 }
 
 /// Headless Chromium on `url` with a fresh profile; `action` is `--dump-dom` or
@@ -60,7 +48,8 @@ fn run_chromium(url: &str, action: &[String]) -> Result<CliOutput> {
     args.push(format!("--user-data-dir={}", profile.path().display()));
     args.extend(action.iter().cloned());
     args.push(url.to_owned());
-    cli::run_program(&chromium()?, &args, CHROMIUM_TIMEOUT)?.ok()
+    let chromium = cli::program("CHROMIUM_BIN", "/usr/bin/chromium", "chromium")?;
+    cli::run_program(&chromium, &args, CHROMIUM_TIMEOUT)?.ok()
 }
 
 /// The part of `html` from `<table id="ID"` to its `</table>`.
