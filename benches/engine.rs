@@ -235,9 +235,13 @@ impl Pipeline {
         let id = self.next_checkpoint;
         self.next_checkpoint += 1;
         self.since_checkpoint = 0;
-        drop(black_box(self.engine.snapshot(id, false)));
+        drop(black_box(self.engine.snapshot(
+            checkpointer::checkpoint_id::CheckpointId(id),
+            false,
+        )));
         let start = Instant::now();
-        self.engine.checkpoint_completed(id);
+        self.engine
+            .checkpoint_completed(checkpointer::checkpoint_id::CheckpointId(id));
         let ready = self.engine.take_emittable();
         self.engine.emitted(ready.into_iter().map(|w| w.id));
         start.elapsed()
@@ -314,7 +318,11 @@ impl LiveState {
         assert_eq!(state.engine.open_windows(), keys);
         // the build is not a checkpoint interval: start from a clean change set
         let id = state.take_id();
-        drop(state.engine.snapshot(id, false));
+        drop(
+            state
+                .engine
+                .snapshot(checkpointer::checkpoint_id::CheckpointId(id), false),
+        );
         eprintln!(
             "live state of {keys} keys built in {:.1?}",
             started.elapsed()
@@ -360,11 +368,13 @@ impl LiveState {
                 Store::open(dir.path(), checkpointer::store::Open::Create).expect("open store");
             let id = self.take_id();
             let cp = Checkpoint {
-                id,
+                id: checkpointer::checkpoint_id::CheckpointId(id),
                 base: None,
                 trigger_ms: 0,
                 spec: Default::default(),
-                delta: self.engine.snapshot(id, true),
+                delta: self
+                    .engine
+                    .snapshot(checkpointer::checkpoint_id::CheckpointId(id), true),
             };
             let stats = write(&store, &cp).expect("write full state");
             eprintln!(
@@ -389,7 +399,9 @@ fn stall(live: &mut LiveState, iters: u64, full: bool) -> Duration {
         live.update(live.touched());
         let id = live.take_id();
         let start = Instant::now();
-        let delta = live.engine.snapshot(id, full);
+        let delta = live
+            .engine
+            .snapshot(checkpointer::checkpoint_id::CheckpointId(id), full);
         elapsed += start.elapsed();
         let expected = if full { live.keys } else { live.touched() };
         assert_eq!(delta.upserts.len(), expected);
@@ -405,11 +417,13 @@ fn write_delta(live: &mut LiveState) -> Duration {
     let base = live.durable().last_id;
     let id = live.take_id();
     let cp = Checkpoint {
-        id,
-        base: Some(base),
+        id: checkpointer::checkpoint_id::CheckpointId(id),
+        base: Some(checkpointer::checkpoint_id::CheckpointId(base)),
         trigger_ms: 0,
         spec: Default::default(),
-        delta: live.engine.snapshot(id, false),
+        delta: live
+            .engine
+            .snapshot(checkpointer::checkpoint_id::CheckpointId(id), false),
     };
     let keys = live.keys;
     let durable = live.durable();
@@ -482,7 +496,10 @@ fn restore(live: &mut LiveState, iters: u64, reopen: bool) -> Duration {
             durable.reopened = true;
             eprintln!("store of {keys} keys: first reopen + load + restore took {took:.1?}");
         }
-        assert_eq!(meta.id, durable.last_id);
+        assert_eq!(
+            meta.id,
+            checkpointer::checkpoint_id::CheckpointId(durable.last_id)
+        );
         assert_eq!(engine.open_windows(), keys);
         drop(black_box(engine));
     }

@@ -680,6 +680,7 @@ pub fn duration_ms(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint_id::CheckpointId;
 
     const BASE: &str = r#"
 kafka:
@@ -779,7 +780,10 @@ checkpoint:
             "checkpoint:\n  restore_from: 42\n  on_cancel: delete\n  retained: 5\n",
         );
         let s = load(&yaml, &[]).expect("valid");
-        assert_eq!(s.checkpoint.restore_from, RestoreFrom::Checkpoint(42));
+        assert_eq!(
+            s.checkpoint.restore_from,
+            RestoreFrom::Checkpoint(CheckpointId(42))
+        );
         assert_eq!(s.checkpoint.on_cancel, OnCancel::Delete);
         assert_eq!(s.checkpoint.retained, 5);
         let s = load(

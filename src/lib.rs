@@ -3,6 +3,7 @@
 
 pub mod changelog;
 pub mod checkpoint;
+pub mod checkpoint_id;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -139,7 +139,7 @@ enum CheckpointsAction {
     },
     /// One attempt: status, phases, offsets and watermarks per partition (JSON).
     Show {
-        id: u64,
+        id: checkpointer::checkpoint_id::CheckpointId,
         #[arg(long)]
         dir: PathBuf,
     },

@@ -79,8 +79,8 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
         });
     for id in 1..=3u64 {
         let cp = Checkpoint {
-            id,
-            base: (id > 1).then(|| id - 1),
+            id: checkpointer::checkpoint_id::CheckpointId(id),
+            base: (id > 1).then(|| checkpointer::checkpoint_id::CheckpointId(id - 1)),
             trigger_ms: 1_700_000_000_000 + id as i64,
             spec: StateSpec {
                 windows: vec![WindowDef {

@@ -105,7 +105,7 @@ http: {{ listen: "{addr}" }}
         .expect("head")
         .expect("a head checkpoint");
     assert!(
-        head <= last_before + 1,
+        head <= checkpointer::checkpoint_id::CheckpointId(last_before + 1),
         "checkpoints were written after the newer claim: head {head}, last seen {last_before}"
     );
 

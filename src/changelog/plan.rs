@@ -154,6 +154,7 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
 mod tests {
     use super::*;
     use crate::checkpoint::StateSpec;
+    use crate::checkpoint_id::CheckpointId;
     use crate::engine::{Acc, EntryStatus, PartitionState, StateDelta};
     use crate::position::NextOffset;
 
@@ -185,8 +186,8 @@ mod tests {
         users: &[(i32, &str)],
     ) -> Checkpoint {
         Checkpoint {
-            id,
-            base,
+            id: CheckpointId(id),
+            base: base.map(CheckpointId),
             trigger_ms: 0,
             spec: StateSpec::default(),
             delta: StateDelta {
@@ -218,7 +219,7 @@ mod tests {
                 p(1),
                 Tag {
                     run: 7,
-                    checkpoint: 1
+                    checkpoint: CheckpointId(1)
                 },
                 Kind::Full
             )]
@@ -255,12 +256,12 @@ mod tests {
                 p(0),
                 Tag {
                     run: 7,
-                    checkpoint: 2
+                    checkpoint: CheckpointId(2)
                 },
                 Kind::Delta {
                     base: Tag {
                         run: 7,
-                        checkpoint: 1
+                        checkpoint: CheckpointId(1)
                     }
                 }
             )]

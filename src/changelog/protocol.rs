@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Entry, PartitionState, StateKey};
 use crate::position::Partition;
 
@@ -26,7 +27,7 @@ const MAGIC: &[u8; 4] = b"CKCL";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Tag {
     pub run: u64,
-    pub checkpoint: u64,
+    pub checkpoint: CheckpointId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +117,7 @@ pub fn decode(raw: &[u8]) -> Result<Chunk, DecodeError> {
 /// was not computed from).
 pub fn publication_kind(
     full: bool,
-    base: Option<u64>,
+    base: Option<CheckpointId>,
     last: Option<Tag>,
     run: u64,
 ) -> Option<Kind> {

@@ -2,6 +2,7 @@
 //! `checkpoint.prefer_checkpoint_for_recovery` applied to what the store holds. Pure: the
 //! service reads the candidates in order and falls back only where the plan allows it.
 
+use crate::checkpoint_id::CheckpointId;
 use std::fmt;
 use std::str::FromStr;
 
@@ -16,7 +17,7 @@ pub enum RestoreFrom {
     /// Start empty, whatever the store holds.
     None,
     /// Exactly this retained checkpoint; an error if it cannot be restored.
-    Checkpoint(u64),
+    Checkpoint(CheckpointId),
     /// Exactly this savepoint; an error if it cannot be restored.
     Savepoint(String),
 }
@@ -34,9 +35,13 @@ impl FromStr for RestoreFrom {
                     validate_savepoint_name(name)?;
                     return Ok(RestoreFrom::Savepoint(name.to_string()));
                 }
-                s.parse::<u64>().map(RestoreFrom::Checkpoint).map_err(|_| {
-                    format!("{s:?} is not one of latest, none, <checkpoint id>, savepoint:<name>")
-                })
+                s.parse::<CheckpointId>()
+                    .map(RestoreFrom::Checkpoint)
+                    .map_err(|_| {
+                        format!(
+                            "{s:?} is not one of latest, none, <checkpoint id>, savepoint:<name>"
+                        )
+                    })
             }
         }
     }
@@ -88,7 +93,7 @@ pub fn validate_savepoint_name(name: &str) -> Result<(), String> {
 /// Something restorable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestorePoint {
-    Checkpoint(u64),
+    Checkpoint(CheckpointId),
     Savepoint(String),
 }
 
@@ -105,7 +110,7 @@ impl fmt::Display for RestorePoint {
 /// `(name, time of the checkpoint it was made from)`; times are epoch milliseconds.
 #[derive(Debug, Clone, Default)]
 pub struct Available {
-    pub checkpoints: Vec<(u64, i64)>,
+    pub checkpoints: Vec<(CheckpointId, i64)>,
     pub savepoints: Vec<(String, i64)>,
 }
 
@@ -120,7 +125,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChoiceError {
     #[error("checkpoint.restore_from is {id}, but checkpoint {id} is not retained; retained checkpoints: {retained}")]
-    NoSuchCheckpoint { id: u64, retained: String },
+    NoSuchCheckpoint { id: CheckpointId, retained: String },
     #[error("checkpoint.restore_from is savepoint:{name}, but there is no savepoint {name:?}; savepoints: {known}")]
     NoSuchSavepoint { name: String, known: String },
 }
@@ -178,23 +183,21 @@ pub fn plan(
             let mut by_id = available.checkpoints.clone();
             by_id.sort_unstable();
             let mut newest = i64::MIN;
-            let checkpoints: Vec<(u64, i64)> = by_id
+            let checkpoints: Vec<(CheckpointId, i64)> = by_id
                 .into_iter()
                 .map(|(id, t)| {
                     newest = newest.max(t);
                     (id, newest)
                 })
                 .collect();
-            let mut all: Vec<((i64, u64, u8), RestorePoint)> = checkpoints
-                .iter()
-                .map(|(id, t)| ((*t, *id, 1), RestorePoint::Checkpoint(*id)))
-                .chain(
-                    available
-                        .savepoints
-                        .iter()
-                        .map(|(n, t)| ((*t, 0, 0), RestorePoint::Savepoint(n.clone()))),
-                )
-                .collect();
+            let mut all: Vec<((i64, CheckpointId, u8), RestorePoint)> =
+                checkpoints
+                    .iter()
+                    .map(|(id, t)| ((*t, *id, 1), RestorePoint::Checkpoint(*id)))
+                    .chain(available.savepoints.iter().map(|(n, t)| {
+                        ((*t, CheckpointId(0), 0), RestorePoint::Savepoint(n.clone()))
+                    }))
+                    .collect();
             all.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
             let mut candidates: Vec<RestorePoint> = all.into_iter().map(|(_, s)| s).collect();
             if prefer_checkpoint {
@@ -215,7 +218,11 @@ mod tests {
 
     fn available() -> Available {
         Available {
-            checkpoints: vec![(3, 300), (4, 400), (5, 500)],
+            checkpoints: vec![
+                (CheckpointId(3), 300),
+                (CheckpointId(4), 400),
+                (CheckpointId(5), 500),
+            ],
             savepoints: vec![("before-upgrade".into(), 450), ("newest".into(), 600)],
         }
     }
@@ -264,7 +271,7 @@ mod tests {
     #[test]
     fn a_savepoint_ties_with_its_checkpoint_and_the_checkpoint_goes_first() {
         let a = Available {
-            checkpoints: vec![(7, 700)],
+            checkpoints: vec![(CheckpointId(7), 700)],
             savepoints: vec![("sp".into(), 700)],
         };
         let p = plan(&RestoreFrom::Latest, false, &a).expect("plan");
@@ -274,7 +281,7 @@ mod tests {
     #[test]
     fn checkpoints_are_ordered_by_id_even_if_the_clock_went_back() {
         let a = Available {
-            checkpoints: vec![(5, 1000), (6, 900)],
+            checkpoints: vec![(CheckpointId(5), 1000), (CheckpointId(6), 900)],
             savepoints: vec![("between".into(), 950)],
         };
         let p = plan(&RestoreFrom::Latest, false, &a).expect("plan");
@@ -286,12 +293,22 @@ mod tests {
 
     #[test]
     fn a_chosen_snapshot_never_falls_back_and_must_exist() {
-        let p = plan(&RestoreFrom::Checkpoint(4), false, &available()).expect("plan");
+        let p = plan(
+            &RestoreFrom::Checkpoint(CheckpointId(4)),
+            false,
+            &available(),
+        )
+        .expect("plan");
         assert_eq!(
             (names(&p), p.fallback),
             (vec!["checkpoint 4".into()], false)
         );
-        let err = plan(&RestoreFrom::Checkpoint(2), false, &available()).expect_err("gone");
+        let err = plan(
+            &RestoreFrom::Checkpoint(CheckpointId(2)),
+            false,
+            &available(),
+        )
+        .expect_err("gone");
         assert_eq!(
             err.to_string(),
             "checkpoint.restore_from is 2, but checkpoint 2 is not retained; retained checkpoints: 3, 4, 5"

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::CheckpointMeta;
+use crate::checkpoint_id::CheckpointId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,7 +60,7 @@ pub struct PartitionRecord {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
-    pub id: u64,
+    pub id: CheckpointId,
     pub kind: Kind,
     /// The savepoint's name, for savepoints.
     pub savepoint: Option<String>,
@@ -139,7 +140,7 @@ impl History {
     /// Changes record `id`; returns the changed record.
     pub fn update(
         &mut self,
-        id: u64,
+        id: CheckpointId,
         f: impl FnOnce(&mut CheckpointRecord),
     ) -> Option<CheckpointRecord> {
         let r = self.records.iter_mut().rev().find(|r| r.id == id)?;
@@ -158,10 +159,10 @@ impl History {
 pub fn merge_page(
     persisted: Vec<CheckpointRecord>,
     live: Vec<CheckpointRecord>,
-    before: Option<u64>,
+    before: Option<CheckpointId>,
     limit: usize,
 ) -> Vec<CheckpointRecord> {
-    let mut by_id: std::collections::BTreeMap<u64, CheckpointRecord> =
+    let mut by_id: std::collections::BTreeMap<CheckpointId, CheckpointRecord> =
         persisted.into_iter().map(|r| (r.id, r)).collect();
     for r in live {
         if before.is_none_or(|b| r.id < b) {
@@ -177,7 +178,7 @@ mod tests {
 
     fn rec(id: u64, status: Status) -> CheckpointRecord {
         CheckpointRecord {
-            id,
+            id: CheckpointId(id),
             kind: Kind::Checkpoint,
             savepoint: None,
             status,
@@ -199,11 +200,14 @@ mod tests {
         h.push(rec(1, Status::InProgress));
         h.push(rec(2, Status::InProgress));
         h.push(rec(3, Status::InProgress));
-        let changed = h.update(3, |r| r.status = Status::Completed);
+        let changed = h.update(CheckpointId(3), |r| r.status = Status::Completed);
         assert_eq!(changed.map(|r| r.status), Some(Status::Completed));
-        let ids: Vec<(u64, Status)> = h.recent(10).iter().map(|r| (r.id, r.status)).collect();
+        let ids: Vec<(u64, Status)> = h.recent(10).iter().map(|r| (r.id.0, r.status)).collect();
         assert_eq!(ids, vec![(3, Status::Completed), (2, Status::InProgress)]);
-        assert!(h.update(1, |_| {}).is_none(), "dropped past the cap");
+        assert!(
+            h.update(CheckpointId(1), |_| {}).is_none(),
+            "dropped past the cap"
+        );
     }
 
     #[test]
@@ -211,7 +215,7 @@ mod tests {
         let persisted = vec![rec(4, Status::Completed), rec(3, Status::Failed)];
         let live = vec![rec(5, Status::InProgress), rec(4, Status::Abandoned)];
         let page = merge_page(persisted.clone(), live.clone(), None, 10);
-        let got: Vec<(u64, Status)> = page.iter().map(|r| (r.id, r.status)).collect();
+        let got: Vec<(u64, Status)> = page.iter().map(|r| (r.id.0, r.status)).collect();
         assert_eq!(
             got,
             vec![
@@ -220,7 +224,7 @@ mod tests {
                 (3, Status::Failed)
             ]
         );
-        let page = merge_page(vec![rec(3, Status::Failed)], live, Some(4), 1);
-        assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3]);
+        let page = merge_page(vec![rec(3, Status::Failed)], live, Some(CheckpointId(4)), 1);
+        assert_eq!(page.iter().map(|r| r.id.0).collect::<Vec<_>>(), vec![3]);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{
     AggregateKind, Entry, PartitionState, RestoredState, StateDelta, StateKey, WindowDef,
 };
@@ -49,9 +50,9 @@ pub struct InputSpec {
 /// One checkpoint as handed to the writer: the engine's delta plus identity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
-    pub id: u64,
+    pub id: CheckpointId,
     /// The checkpoint this delta applies on top of; `None` for a full snapshot.
-    pub base: Option<u64>,
+    pub base: Option<CheckpointId>,
     /// Wall-clock trigger time, epoch milliseconds.
     pub trigger_ms: i64,
     pub spec: StateSpec,
@@ -61,7 +62,7 @@ pub struct Checkpoint {
 /// Metadata stored atomically with every completed checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
-    pub id: u64,
+    pub id: CheckpointId,
     pub trigger_ms: i64,
     /// Time from trigger until the write was flushed, milliseconds.
     pub duration_ms: u64,
@@ -78,15 +79,18 @@ pub struct CheckpointMeta {
 pub enum ApplyError {
     #[error("checkpoint {id} builds on checkpoint {base:?} but the store holds {current:?}")]
     BaseMismatch {
-        id: u64,
-        base: Option<u64>,
-        current: Option<u64>,
+        id: CheckpointId,
+        base: Option<CheckpointId>,
+        current: Option<CheckpointId>,
     },
     #[error("checkpoint {id} is not newer than the stored checkpoint {current}")]
-    NotNewer { id: u64, current: u64 },
+    NotNewer {
+        id: CheckpointId,
+        current: CheckpointId,
+    },
     #[error("checkpoint {id}: {source}")]
     Backwards {
-        id: u64,
+        id: CheckpointId,
         #[source]
         source: BackwardsMove,
     },
@@ -197,8 +201,8 @@ mod tests {
 
     fn cp(id: u64, base: Option<u64>, full: bool, next: i64) -> Checkpoint {
         Checkpoint {
-            id,
-            base,
+            id: CheckpointId(id),
+            base: base.map(CheckpointId),
             trigger_ms: 0,
             spec: StateSpec::default(),
             delta: StateDelta {
@@ -236,7 +240,11 @@ mod tests {
         assert_eq!(s.entries.len(), 2);
         let err = s.apply(&cp(4, Some(3), false, 7), 0, 0).expect_err("gap");
         assert!(matches!(err, ApplyError::BaseMismatch { .. }));
-        assert_eq!(s.meta.as_ref().map(|m| m.id), Some(2), "unchanged on error");
+        assert_eq!(
+            s.meta.as_ref().map(|m| m.id.0),
+            Some(2),
+            "unchanged on error"
+        );
     }
 
     #[test]

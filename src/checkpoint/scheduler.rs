@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::checkpoint_id::CheckpointId;
+
 #[derive(Debug, Clone)]
 pub struct SchedulerSettings {
     pub interval: Duration,
@@ -26,20 +28,20 @@ pub struct TooManyFailures {
 /// A checkpoint to take now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Trigger {
-    pub id: u64,
+    pub id: CheckpointId,
     /// The checkpoint the delta builds on; `None` means take a full snapshot.
-    pub base: Option<u64>,
+    pub base: Option<CheckpointId>,
 }
 
 #[derive(Debug)]
 pub struct Scheduler {
     settings: SchedulerSettings,
-    next_id: u64,
-    head: Option<u64>,
+    next_id: CheckpointId,
+    head: Option<CheckpointId>,
     /// In-flight checkpoints: trigger time and whether it is a delta.
-    in_flight: BTreeMap<u64, (Duration, bool)>,
+    in_flight: BTreeMap<CheckpointId, (Duration, bool)>,
     /// Deltas in flight behind a failed checkpoint: they fail too, as a consequence only.
-    doomed: BTreeSet<u64>,
+    doomed: BTreeSet<CheckpointId>,
     last_trigger: Option<Duration>,
     last_end: Option<Duration>,
     consecutive_failures: u32,
@@ -49,10 +51,14 @@ impl Scheduler {
     /// `next_id`: the first id the store has not used. `head`: the checkpoint the next delta
     /// may build on (the restored one, if it is also the newest in the store); `None` makes the
     /// first checkpoint a full snapshot.
-    pub fn new(settings: SchedulerSettings, next_id: u64, head: Option<u64>) -> Self {
+    pub fn new(
+        settings: SchedulerSettings,
+        next_id: CheckpointId,
+        head: Option<CheckpointId>,
+    ) -> Self {
         Scheduler {
             settings,
-            next_id: next_id.max(head.map_or(1, |h| h + 1)),
+            next_id: next_id.max(head.map_or(CheckpointId(1), CheckpointId::next)),
             head,
             in_flight: BTreeMap::new(),
             doomed: BTreeSet::new(),
@@ -69,7 +75,7 @@ impl Scheduler {
     }
 
     /// The id the next trigger will use.
-    pub fn peek_next_id(&self) -> u64 {
+    pub fn peek_next_id(&self) -> CheckpointId {
         self.next_id
     }
 
@@ -103,7 +109,7 @@ impl Scheduler {
     /// Starts a checkpoint at `now`, whether due or forced (shutdown).
     pub fn trigger(&mut self, now: Duration) -> Trigger {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.next();
         let base = self.head;
         self.head = Some(id);
         self.in_flight.insert(id, (now, base.is_some()));
@@ -112,7 +118,7 @@ impl Scheduler {
     }
 
     /// Checkpoint `id` is durable. Returns false if it was no longer in flight (abandoned).
-    pub fn completed(&mut self, id: u64, now: Duration) -> bool {
+    pub fn completed(&mut self, id: CheckpointId, now: Duration) -> bool {
         if self.in_flight.remove(&id).is_none() {
             return false;
         }
@@ -126,7 +132,7 @@ impl Scheduler {
     /// Returns whether it was in flight (a result arriving after abandonment is ignored).
     pub fn failed(
         &mut self,
-        id: u64,
+        id: CheckpointId,
         now: Duration,
         reason: &str,
     ) -> Result<bool, TooManyFailures> {
@@ -139,7 +145,7 @@ impl Scheduler {
             return Ok(true);
         }
         self.head = None;
-        for (later, (_, delta)) in self.in_flight.range(id + 1..) {
+        for (later, (_, delta)) in self.in_flight.range(id.next()..) {
             if *delta {
                 self.doomed.insert(*later);
             }
@@ -156,7 +162,7 @@ impl Scheduler {
     }
 
     /// Checkpoints in flight for longer than the timeout; the caller fails each of them.
-    pub fn expired(&self, now: Duration) -> Vec<u64> {
+    pub fn expired(&self, now: Duration) -> Vec<CheckpointId> {
         self.in_flight
             .iter()
             .filter(|(_, (started, _))| now.saturating_sub(*started) > self.settings.timeout)
@@ -184,61 +190,73 @@ mod tests {
 
     #[test]
     fn first_checkpoint_is_full_then_deltas_chain() {
-        let mut sch = Scheduler::new(settings(), 1, None);
+        let mut sch = Scheduler::new(settings(), CheckpointId(1), None);
         assert!(sch.due(s(0)));
         let t1 = sch.trigger(s(0));
-        assert_eq!(t1, Trigger { id: 1, base: None });
-        assert!(sch.completed(1, s(1)));
+        assert_eq!(
+            t1,
+            Trigger {
+                id: CheckpointId(1),
+                base: None
+            }
+        );
+        assert!(sch.completed(CheckpointId(1), s(1)));
         let t2 = sch.trigger(s(10));
         assert_eq!(
             t2,
             Trigger {
-                id: 2,
-                base: Some(1)
+                id: CheckpointId(2),
+                base: Some(CheckpointId(1))
             }
         );
     }
 
     #[test]
     fn restored_store_continues_its_ids_and_chain() {
-        let mut sch = Scheduler::new(settings(), 42, Some(41));
+        let mut sch = Scheduler::new(settings(), CheckpointId(42), Some(CheckpointId(41)));
         assert_eq!(
             sch.trigger(s(0)),
             Trigger {
-                id: 42,
-                base: Some(41)
+                id: CheckpointId(42),
+                base: Some(CheckpointId(41))
             }
         );
     }
 
     #[test]
     fn a_restore_that_is_not_the_newest_starts_with_a_full_snapshot_after_every_used_id() {
-        let mut sch = Scheduler::new(settings(), 12, None);
-        assert_eq!(sch.trigger(s(0)), Trigger { id: 12, base: None });
+        let mut sch = Scheduler::new(settings(), CheckpointId(12), None);
+        assert_eq!(
+            sch.trigger(s(0)),
+            Trigger {
+                id: CheckpointId(12),
+                base: None
+            }
+        );
     }
 
     #[test]
     fn interval_min_pause_and_max_concurrent_gate_triggers() {
-        let mut sch = Scheduler::new(settings(), 1, None);
+        let mut sch = Scheduler::new(settings(), CheckpointId(1), None);
         sch.trigger(s(0));
         assert!(!sch.due(s(20)), "max_concurrent 1 with one in flight");
-        sch.completed(1, s(8));
+        sch.completed(CheckpointId(1), s(8));
         assert!(!sch.due(s(10)), "min pause: ended at 8, needs 12");
         assert_eq!(sch.next_due_in(s(10)), s(2));
         assert!(sch.due(s(12)));
         sch.trigger(s(12));
-        sch.completed(2, s(12));
+        sch.completed(CheckpointId(2), s(12));
         assert!(!sch.due(s(21)), "interval from last trigger");
         assert!(sch.due(s(22)));
     }
 
     #[test]
     fn failure_forces_a_full_snapshot_and_too_many_stop() {
-        let mut sch = Scheduler::new(settings(), 1, None);
+        let mut sch = Scheduler::new(settings(), CheckpointId(1), None);
         sch.trigger(s(0));
-        sch.completed(1, s(0));
+        sch.completed(CheckpointId(1), s(0));
         sch.trigger(s(10));
-        assert_eq!(sch.failed(2, s(11), "disk"), Ok(true));
+        assert_eq!(sch.failed(CheckpointId(2), s(11), "disk"), Ok(true));
         let t = sch.trigger(s(20));
         assert_eq!(t.base, None, "after a failure the next checkpoint is full");
         let err = sch
@@ -249,7 +267,7 @@ mod tests {
 
     #[test]
     fn success_resets_consecutive_failures() {
-        let mut sch = Scheduler::new(settings(), 1, None);
+        let mut sch = Scheduler::new(settings(), CheckpointId(1), None);
         let a = sch.trigger(s(0));
         sch.failed(a.id, s(1), "x").expect("tolerable");
         let b = sch.trigger(s(10));
@@ -263,7 +281,7 @@ mod tests {
         let mut cfg = settings();
         cfg.max_concurrent = 4;
         cfg.tolerable_failures = 1;
-        let mut sch = Scheduler::new(cfg, 2, Some(1));
+        let mut sch = Scheduler::new(cfg, CheckpointId(2), Some(CheckpointId(1)));
         let a = sch.trigger(s(0));
         let b = sch.trigger(s(10));
         let c = sch.trigger(s(20));
@@ -280,7 +298,7 @@ mod tests {
 
     #[test]
     fn slow_checkpoints_expire_and_late_results_are_ignored() {
-        let mut sch = Scheduler::new(settings(), 1, None);
+        let mut sch = Scheduler::new(settings(), CheckpointId(1), None);
         let a = sch.trigger(s(0));
         assert!(sch.expired(s(30)).is_empty());
         assert_eq!(sch.expired(s(31)), vec![a.id]);

@@ -15,6 +15,7 @@ pub use state::{ClosedWindow, Entry, EntryStatus, StateKey};
 pub use watermark::PartitionProgress;
 pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 
+use crate::checkpoint_id::CheckpointId;
 use crate::position::{NextOffset, Partition};
 use state::WindowTable;
 use watermark::Watermarks;
@@ -83,7 +84,7 @@ struct Pending {
     end: i64,
     acc: crate::engine::Acc,
     /// The checkpoint whose durability releases this window for emission.
-    awaiting: Option<u64>,
+    awaiting: Option<CheckpointId>,
     handed_out: bool,
 }
 
@@ -407,7 +408,7 @@ impl Engine {
 
     /// Snapshot for checkpoint `id`. Cheap: proportional to what changed since the previous
     /// snapshot unless `full`.
-    pub fn snapshot(&mut self, id: u64, full: bool) -> StateDelta {
+    pub fn snapshot(&mut self, id: CheckpointId, full: bool) -> StateDelta {
         for pending in self.outbox.values_mut() {
             if !pending.handed_out && pending.awaiting.is_none() {
                 pending.awaiting = Some(id);
@@ -483,7 +484,7 @@ impl Engine {
     }
 
     /// Checkpoint `id` is durable: windows it closed may now be emitted.
-    pub fn checkpoint_completed(&mut self, id: u64) {
+    pub fn checkpoint_completed(&mut self, id: CheckpointId) {
         for (key, p) in self.outbox.iter_mut() {
             if !p.handed_out && p.awaiting.is_some_and(|a| a <= id) {
                 p.handed_out = true;
@@ -497,7 +498,7 @@ impl Engine {
     }
 
     /// Checkpoint `id` failed: windows waiting for it wait for the next one.
-    pub fn checkpoint_failed(&mut self, id: u64) {
+    pub fn checkpoint_failed(&mut self, id: CheckpointId) {
         for p in self.outbox.values_mut() {
             if !p.handed_out && p.awaiting == Some(id) {
                 p.awaiting = None;

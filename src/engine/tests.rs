@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::checkpoint::protocol::{Checkpoint, MaterializedState};
+use crate::checkpoint_id::CheckpointId;
 
 fn p(n: i32) -> Partition {
     Partition::new("t", n)
@@ -72,16 +73,16 @@ fn collect(engine: &mut Engine, out: &mut Emitted) {
 /// A checkpoint cycle as the service runs it: snapshot, make durable, emit what it released.
 fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: &mut Emitted) {
     let base = store.meta.as_ref().map(|m| m.id);
-    let delta = engine.snapshot(id, base.is_none());
+    let delta = engine.snapshot(CheckpointId(id), base.is_none());
     let cp = Checkpoint {
-        id,
+        id: CheckpointId(id),
         base,
         trigger_ms: 0,
         spec: Default::default(),
         delta,
     };
     store.apply(&cp, 0, 0).expect("apply");
-    engine.checkpoint_completed(id);
+    engine.checkpoint_completed(CheckpointId(id));
     collect(engine, out);
 }
 
@@ -147,11 +148,11 @@ proptest! {
         for (i, (part, key, ts, v)) in stream.iter().enumerate() {
             engine.process(&p(*part), i as i64, rec(key, *ts, *v));
         }
-        let snap = engine.snapshot(1, true);
+        let snap = engine.snapshot(CheckpointId(1), true);
         let mut store = MaterializedState::default();
-        store.apply(&Checkpoint { id: 1, base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
+        store.apply(&Checkpoint { id: CheckpointId(1), base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
         let mut restored = Engine::from_state(scoped_config(true, scoped), store.restored()).expect("restore");
-        let again = restored.snapshot(2, true);
+        let again = restored.snapshot(CheckpointId(2), true);
         let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
         prop_assert_eq!(sort(snap.upserts), sort(again.upserts));
         prop_assert_eq!(snap.partitions, again.partitions);
@@ -174,9 +175,9 @@ proptest! {
         }
         // the last delta and a full snapshot taken at the same instant must agree
         id += 1;
-        let delta = engine.snapshot(id, false);
-        store.apply(&Checkpoint { id, base: Some(id - 1), trigger_ms: 0, spec: Default::default(), delta }, 0, 0).expect("apply");
-        let full = engine.snapshot(id + 1, true);
+        let delta = engine.snapshot(CheckpointId(id), false);
+        store.apply(&Checkpoint { id: CheckpointId(id), base: Some(CheckpointId(id - 1)), trigger_ms: 0, spec: Default::default(), delta }, 0, 0).expect("apply");
+        let full = engine.snapshot(CheckpointId(id + 1), true);
         let mut expected: Vec<(StateKey, Entry)> = full.upserts;
         expected.sort_by(|a, b| a.0.cmp(&b.0));
         prop_assert_eq!(store.restored().entries, expected);
@@ -280,15 +281,15 @@ fn exactly_once_holds_windows_until_their_checkpoint_is_durable() {
         "closed but not checkpointed"
     );
     assert!(engine.pending_emissions() > 0);
-    let _ = engine.snapshot(7, true);
-    engine.checkpoint_failed(7);
-    engine.checkpoint_completed(7);
+    let _ = engine.snapshot(CheckpointId(7), true);
+    engine.checkpoint_failed(CheckpointId(7));
+    engine.checkpoint_completed(CheckpointId(7));
     assert!(
         engine.take_emittable().is_empty(),
         "a failed checkpoint releases nothing"
     );
-    let _ = engine.snapshot(8, true);
-    engine.checkpoint_completed(8);
+    let _ = engine.snapshot(CheckpointId(8), true);
+    engine.checkpoint_completed(CheckpointId(8));
     let released = engine.take_emittable();
     assert!(released
         .iter()
@@ -338,12 +339,12 @@ fn restored_closed_windows_are_emitted_again_identically() {
     engine.assign(&[p(0)]);
     engine.process(&p(0), 0, rec("a", 100, 2.0));
     engine.process(&p(0), 1, rec("a", 5_000, 1.0));
-    let delta = engine.snapshot(1, true);
+    let delta = engine.snapshot(CheckpointId(1), true);
     let mut store = MaterializedState::default();
     store
         .apply(
             &Checkpoint {
-                id: 1,
+                id: CheckpointId(1),
                 base: None,
                 trigger_ms: 0,
                 spec: Default::default(),
@@ -353,7 +354,7 @@ fn restored_closed_windows_are_emitted_again_identically() {
             0,
         )
         .expect("apply");
-    engine.checkpoint_completed(1);
+    engine.checkpoint_completed(CheckpointId(1));
     let first = engine.take_emittable();
     // crash before the acknowledgement was checkpointed
     let mut again = Engine::from_state(config(true), store.restored()).expect("restore");

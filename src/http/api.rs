@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::page::{PageView, PartitionView, SavepointView};
 use super::{AdminState, Command, CommandError};
 use crate::checkpoint::history::merge_page;
+use crate::checkpoint_id::CheckpointId;
 use crate::clock::epoch_ms;
 use crate::store::{Store, StoreError};
 
@@ -62,7 +63,7 @@ async fn read<T: Send + 'static>(
 #[derive(Deserialize)]
 pub(super) struct PageQuery {
     limit: Option<usize>,
-    before: Option<u64>,
+    before: Option<CheckpointId>,
 }
 
 /// Attempts newest first; `before` pages back (the `next_before` of the previous page).
@@ -86,7 +87,7 @@ pub(super) async fn checkpoints(
 
 pub(super) async fn checkpoint(
     State(state): State<Arc<AdminState>>,
-    Path(id): Path<u64>,
+    Path(id): Path<CheckpointId>,
 ) -> Response {
     let live = state
         .history()

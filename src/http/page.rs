@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
+use crate::checkpoint_id::CheckpointId;
 
 /// Everything the page shows.
 #[derive(Debug, Clone, Default)]
@@ -38,7 +39,7 @@ pub struct PartitionView {
 #[derive(Debug, Clone)]
 pub struct SavepointView {
     pub name: String,
-    pub checkpoint_id: u64,
+    pub checkpoint_id: CheckpointId,
     pub created_ms: i64,
     pub entries: u64,
 }
@@ -378,7 +379,7 @@ mod tests {
 
     fn attempt(id: u64, status: Status) -> CheckpointRecord {
         CheckpointRecord {
-            id,
+            id: CheckpointId(id),
             kind: Kind::Checkpoint,
             savepoint: None,
             status,
@@ -483,7 +484,7 @@ mod tests {
         let (checkpoint_id, created_ms, entries) = (2, 0, 9);
         v.savepoints.push(SavepointView {
             name,
-            checkpoint_id,
+            checkpoint_id: CheckpointId(checkpoint_id),
             created_ms,
             entries,
         });

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::OpsError;
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind};
+use crate::checkpoint_id::CheckpointId;
 use crate::store::portable::{self, Portable};
 use crate::store::{Open, Store, StoreError};
 
@@ -74,7 +75,7 @@ fn utc(ms: i64) -> String {
 }
 
 /// `checkpoints show ID`: one attempt with its offsets and watermarks, as JSON.
-pub fn show_checkpoint(dir: &Path, id: u64) -> Result<String, OpsError> {
+pub fn show_checkpoint(dir: &Path, id: CheckpointId) -> Result<String, OpsError> {
     let store = open(dir)?;
     let retained = match store.checkpoint(id) {
         Ok(r) => Some(r),

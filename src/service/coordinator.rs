@@ -17,6 +17,7 @@ use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint::protocol::meta_of;
 use crate::checkpoint::scheduler::Trigger;
 use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
+use crate::checkpoint_id::CheckpointId;
 use crate::clock::epoch_ms;
 use crate::engine::Engine;
 use crate::http::{AdminState, CommandError, Reply};
@@ -67,7 +68,7 @@ struct InFlight {
 /// A checkpoint that became durable, for the pipeline to act on: publish it, release what it
 /// holds, then [`Coordinator::record_completion`].
 pub(crate) struct Durable {
-    pub id: u64,
+    pub id: CheckpointId,
     pub checkpoint: Box<Checkpoint>,
     stats: Box<WriteStats>,
     duration: Duration,
@@ -82,7 +83,7 @@ pub(crate) enum Settled {
     /// Attempt `id` failed; `forget` says whether the engine must forget its snapshot (the
     /// next checkpoint is then a full one).
     Failed {
-        id: u64,
+        id: CheckpointId,
         forget: bool,
     },
 }
@@ -101,9 +102,9 @@ pub(crate) struct Coordinator {
     spec: StateSpec,
     writer: mpsc::UnboundedSender<Job>,
     store: Arc<dyn Checkpoints>,
-    in_flight: HashMap<u64, InFlight>,
+    in_flight: HashMap<CheckpointId, InFlight>,
     started: Instant,
-    last_durable: Option<u64>,
+    last_durable: Option<CheckpointId>,
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
 }
@@ -116,7 +117,7 @@ impl Coordinator {
         spec: StateSpec,
         writer: mpsc::UnboundedSender<Job>,
         store: Arc<dyn Checkpoints>,
-        last_durable: Option<u64>,
+        last_durable: Option<CheckpointId>,
         metrics: Arc<Metrics>,
         admin: Arc<AdminState>,
     ) -> Self {
@@ -146,7 +147,7 @@ impl Coordinator {
         self.scheduler.in_flight()
     }
 
-    pub(crate) fn last_durable(&self) -> Option<u64> {
+    pub(crate) fn last_durable(&self) -> Option<CheckpointId> {
         self.last_durable
     }
 
@@ -206,7 +207,7 @@ impl Coordinator {
         &mut self,
         engine: &mut Engine,
         savepoint: Option<SavepointRequest>,
-    ) -> u64 {
+    ) -> CheckpointId {
         let Trigger { id, base } = self.scheduler.trigger(self.now());
         let trigger_ms = epoch_ms();
         let started = Instant::now();
@@ -233,7 +234,7 @@ impl Coordinator {
         if let Some(r) = &savepoint {
             record.kind = Kind::Savepoint;
             record.savepoint = Some(r.name.clone());
-            tracing::info!(checkpoint_id = id, savepoint = %r.name, "taking a savepoint");
+            tracing::info!(checkpoint_id = id.0, savepoint = %r.name, "taking a savepoint");
         }
         self.admin.history().push(record.clone());
         let abandoned = Arc::new(AtomicBool::new(false));
@@ -254,7 +255,7 @@ impl Coordinator {
             },
         );
         if self.writer.send(Job::Write(Box::new(job))).is_err() {
-            tracing::error!(checkpoint_id = id, "checkpoint writer is gone");
+            tracing::error!(checkpoint_id = id.0, "checkpoint writer is gone");
         }
         self.metrics
             .checkpoints_in_flight
@@ -273,7 +274,7 @@ impl Coordinator {
             } => {
                 if !self.scheduler.completed(id, self.now()) {
                     tracing::info!(
-                        checkpoint_id = id,
+                        checkpoint_id = id.0,
                         "abandoned checkpoint was written after its timeout; it is ignored"
                     );
                     return Ok(Settled::Nothing);
@@ -297,7 +298,7 @@ impl Coordinator {
             }
             WriteOutcome::Skipped { id } => {
                 tracing::debug!(
-                    checkpoint_id = id,
+                    checkpoint_id = id.0,
                     "abandoned checkpoint skipped by the writer"
                 );
                 Ok(Settled::Nothing)
@@ -322,7 +323,7 @@ impl Coordinator {
         let m = &self.metrics;
         m.checkpoint_duration.observe(duration.as_secs_f64());
         m.checkpoint_size.set(stats.bytes as i64);
-        m.checkpoint_last_id.set(id as i64);
+        m.checkpoint_last_id.set(id.0 as i64);
         m.checkpoint_last_time.set(epoch_ms() as f64 / 1000.0);
         m.checkpoints_completed.inc();
         m.checkpoints_in_flight
@@ -335,7 +336,7 @@ impl Coordinator {
             r.phases.flush_ms = Some(stats.flush.as_millis() as u64);
         });
         tracing::info!(
-            checkpoint_id = id,
+            checkpoint_id = id.0,
             duration_ms = duration.as_millis() as u64,
             write_ms = stats.write.as_millis() as u64,
             flush_ms = stats.flush.as_millis() as u64,
@@ -348,7 +349,7 @@ impl Coordinator {
         };
         if let (Some(request), Some(meta)) = (f.savepoint, stats.savepoint) {
             self.metrics.savepoints.inc();
-            tracing::info!(checkpoint_id = id, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
+            tracing::info!(checkpoint_id = id.0, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
             request.waiter.succeed(meta);
         }
         f.positions
@@ -356,7 +357,7 @@ impl Coordinator {
 
     /// Records the end of a failed or abandoned attempt: history (memory and store), metrics,
     /// the savepoint requester.
-    fn record_failure(&mut self, id: u64, reason: &str, abandoned: bool) {
+    fn record_failure(&mut self, id: CheckpointId, reason: &str, abandoned: bool) {
         let status = if abandoned {
             Status::Abandoned
         } else {
@@ -387,14 +388,14 @@ impl Coordinator {
 
     /// Attempt `id` failed. Returns whether the engine must forget its snapshot; an error when
     /// failures are no longer tolerable.
-    fn fail(&mut self, id: u64, reason: &str, abandoned: bool) -> anyhow::Result<bool> {
+    fn fail(&mut self, id: CheckpointId, reason: &str, abandoned: bool) -> anyhow::Result<bool> {
         let now = self.now();
         match self.scheduler.failed(id, now, reason) {
             Ok(false) => Ok(false),
             Ok(true) => {
                 self.record_failure(id, reason, abandoned);
                 tracing::warn!(
-                    checkpoint_id = id,
+                    checkpoint_id = id.0,
                     reason,
                     "checkpoint failed; the next one is a full snapshot"
                 );

@@ -15,6 +15,7 @@ use crate::changelog::kafka::{
     read_states, Batch, ChangelogError, ChangelogTopic, OnProgress, Publisher,
 };
 use crate::changelog::protocol::Committed;
+use crate::checkpoint_id::CheckpointId;
 use crate::config::OffsetReset;
 use crate::engine::{ClosedWindow, StateKey};
 use crate::http::Command;
@@ -28,7 +29,7 @@ pub(crate) struct Inbox {
     pub outcomes: mpsc::UnboundedReceiver<WriteOutcome>,
     pub acks: mpsc::UnboundedReceiver<Vec<StateKey>>,
     pub commands: mpsc::UnboundedReceiver<Command>,
-    pub released: mpsc::UnboundedReceiver<(u64, Vec<Partition>)>,
+    pub released: mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>,
     pub failures: mpsc::UnboundedReceiver<PublishFailure>,
 }
 

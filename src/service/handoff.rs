@@ -19,6 +19,7 @@ use crate::changelog::kafka::{Batch, PublishFailure, ReadProgress};
 use crate::changelog::plan::{plan, Ledger};
 use crate::changelog::protocol::Committed;
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::Engine;
 use crate::http::AdminState;
 use crate::metrics::Metrics;
@@ -62,7 +63,7 @@ pub(crate) struct Handoff {
     /// Revoked partitions waiting for their checkpoint's publication.
     releases: Releases,
     changelog: Option<Changelog>,
-    released_tx: mpsc::UnboundedSender<(u64, Vec<Partition>)>,
+    released_tx: mpsc::UnboundedSender<(CheckpointId, Vec<Partition>)>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
@@ -76,7 +77,10 @@ impl Handoff {
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
         admin: Arc<AdminState>,
-    ) -> (Self, mpsc::UnboundedReceiver<(u64, Vec<Partition>)>) {
+    ) -> (
+        Self,
+        mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>,
+    ) {
         let (released_tx, released) = mpsc::unbounded_channel();
         let handoff = Handoff {
             config,
@@ -328,7 +332,7 @@ impl Handoff {
     ) {
         if self.changelog.is_some() && !lost && !partitions.is_empty() {
             let id = coordinator.trigger(engine, None);
-            tracing::info!(checkpoint_id = id, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
+            tracing::info!(checkpoint_id = id.0, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
             self.releases.begin(id, partitions);
             return;
         }
@@ -344,7 +348,7 @@ impl Handoff {
         engine: &mut Engine,
         coordinator: &mut Coordinator,
         consumer: &dyn Assignments,
-        id: u64,
+        id: CheckpointId,
         partitions: Vec<Partition>,
     ) {
         let partitions = self.releases.due(id, partitions);
@@ -387,9 +391,9 @@ impl Handoff {
 
     /// A revoke checkpoint failed: release its partitions anyway; the new owner restores the
     /// last published state, which matches its offsets.
-    pub(crate) fn release_after_failure(&mut self, id: u64) {
+    pub(crate) fn release_after_failure(&mut self, id: CheckpointId) {
         if let Some(partitions) = self.releases.take_checkpoint(id) {
-            tracing::warn!(checkpoint_id = id, "the checkpoint before releasing partitions failed; releasing them at their last published state");
+            tracing::warn!(checkpoint_id = id.0, "the checkpoint before releasing partitions failed; releasing them at their last published state");
             let _ = self.released_tx.send((id, partitions));
         }
     }

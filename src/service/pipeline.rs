@@ -19,6 +19,7 @@ use super::edge::{Assignments, Inbox, Output};
 use super::handoff::Handoff;
 use super::status::Status;
 use super::stop::{Facts, Step, StopSequence};
+use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel};
 use crate::engine::{Decoder, Engine, Outcome, StateKey};
 use crate::http::{Command, Reply};
@@ -332,7 +333,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
     }
 
     /// A revoke checkpoint's publication completed (or failed).
-    pub(crate) fn on_released(&mut self, id: u64, partitions: Vec<Partition>) {
+    pub(crate) fn on_released(&mut self, id: CheckpointId, partitions: Vec<Partition>) {
         self.handoff.on_released(
             &mut self.engine,
             &mut self.coordinator,

@@ -4,27 +4,28 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::checkpoint_id::CheckpointId;
 use crate::position::Partition;
 
 /// Revoked partitions on their way out.
 #[derive(Debug, Default)]
 pub(super) struct Releases {
     /// Revoke checkpoints in flight, with the partitions they release once published.
-    by_checkpoint: HashMap<u64, Vec<Partition>>,
+    by_checkpoint: HashMap<CheckpointId, Vec<Partition>>,
     /// Partitions revoked and not released yet, with the checkpoint they wait for.
-    pending: HashMap<Partition, u64>,
+    pending: HashMap<Partition, CheckpointId>,
 }
 
 impl Releases {
     /// `partitions` are released once checkpoint `id` is published (or failed).
-    pub(super) fn begin(&mut self, id: u64, partitions: Vec<Partition>) {
+    pub(super) fn begin(&mut self, id: CheckpointId, partitions: Vec<Partition>) {
         self.pending
             .extend(partitions.iter().map(|p| (p.clone(), id)));
         self.by_checkpoint.insert(id, partitions);
     }
 
     /// The partitions checkpoint `id` releases, if it is a revoke checkpoint.
-    pub(super) fn take_checkpoint(&mut self, id: u64) -> Option<Vec<Partition>> {
+    pub(super) fn take_checkpoint(&mut self, id: CheckpointId) -> Option<Vec<Partition>> {
         self.by_checkpoint.remove(&id)
     }
 
@@ -37,7 +38,7 @@ impl Releases {
     /// Of the partitions checkpoint `id`'s completed publication releases, those still
     /// waiting for it: a partition assigned again meanwhile stays, and one revoked again waits
     /// for its newer checkpoint, which holds what it processed in between.
-    pub(super) fn due(&mut self, id: u64, released: Vec<Partition>) -> Vec<Partition> {
+    pub(super) fn due(&mut self, id: CheckpointId, released: Vec<Partition>) -> Vec<Partition> {
         released
             .into_iter()
             .filter(|p| {
@@ -81,33 +82,33 @@ mod tests {
     #[test]
     fn a_partition_assigned_again_before_its_release_is_kept() {
         let mut r = Releases::default();
-        r.begin(5, vec![p(0), p(1)]);
+        r.begin(CheckpointId(5), vec![p(0), p(1)]);
         r.cancel(&[p(1)]);
-        assert_eq!(r.take_checkpoint(5), Some(vec![p(0), p(1)]));
-        assert_eq!(r.due(5, vec![p(0), p(1)]), vec![p(0)]);
+        assert_eq!(r.take_checkpoint(CheckpointId(5)), Some(vec![p(0), p(1)]));
+        assert_eq!(r.due(CheckpointId(5), vec![p(0), p(1)]), vec![p(0)]);
     }
 
     #[test]
     fn a_release_is_due_once() {
         let mut r = Releases::default();
-        r.begin(5, vec![p(0)]);
-        assert_eq!(r.due(5, vec![p(0)]), vec![p(0)]);
+        r.begin(CheckpointId(5), vec![p(0)]);
+        assert_eq!(r.due(CheckpointId(5), vec![p(0)]), vec![p(0)]);
         // a second answer for the same checkpoint releases nothing more
-        assert_eq!(r.due(5, vec![p(0)]), Vec::<Partition>::new());
-        assert_eq!(r.take_checkpoint(5), Some(vec![p(0)]));
-        assert_eq!(r.take_checkpoint(5), None);
+        assert_eq!(r.due(CheckpointId(5), vec![p(0)]), Vec::<Partition>::new());
+        assert_eq!(r.take_checkpoint(CheckpointId(5)), Some(vec![p(0)]));
+        assert_eq!(r.take_checkpoint(CheckpointId(5)), None);
     }
 
     #[test]
     fn a_partition_revoked_again_waits_for_its_newest_revoke_checkpoint() {
         let mut r = Releases::default();
-        r.begin(5, vec![p(0)]);
+        r.begin(CheckpointId(5), vec![p(0)]);
         r.cancel(&[p(0)]); // assigned again, records processed
-        r.begin(9, vec![p(0)]); // and revoked again
-                                // checkpoint 5's publication lacks what came after it: releasing on it would hand the
-                                // next owner an older state than this instance holds
-        assert_eq!(r.due(5, vec![p(0)]), Vec::<Partition>::new());
-        assert_eq!(r.due(9, vec![p(0)]), vec![p(0)]);
+        r.begin(CheckpointId(9), vec![p(0)]); // and revoked again
+                                              // checkpoint 5's publication lacks what came after it: releasing on it would hand the
+                                              // next owner an older state than this instance holds
+        assert_eq!(r.due(CheckpointId(5), vec![p(0)]), Vec::<Partition>::new());
+        assert_eq!(r.due(CheckpointId(9), vec![p(0)]), vec![p(0)]);
     }
 
     #[test]

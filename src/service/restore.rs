@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::checkpoint::choice::{plan, Available, ChoiceError, RestoreFrom, RestorePoint};
 use crate::checkpoint::compat::{self, Report, Target};
 use crate::checkpoint::CheckpointMeta;
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::RestoredState;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -18,9 +19,9 @@ pub struct Restored {
     pub meta: Option<CheckpointMeta>,
     pub state: Option<RestoredState>,
     /// The checkpoint the next delta may build on.
-    pub head: Option<u64>,
+    pub head: Option<CheckpointId>,
     /// The first checkpoint id not used yet.
-    pub next_id: u64,
+    pub next_id: CheckpointId,
     /// How the snapshot fits the configuration.
     pub report: Option<Report>,
 }

@@ -108,7 +108,7 @@ pub(super) fn engine(
             })?;
             tracing::info!(
                 restored_from = %restored.describe(),
-                checkpoint_id = meta.id,
+                checkpoint_id = meta.id.0,
                 entries,
                 bytes,
                 pending_windows = engine.pending_emissions(),
@@ -142,7 +142,7 @@ pub(super) fn engine(
         .with_label_values(&[kind, &id, &name])
         .set(1);
     if let Some(id) = restored.head {
-        metrics.checkpoint_last_id.set(id as i64);
+        metrics.checkpoint_last_id.set(id.0 as i64);
     }
     Ok(engine)
 }

@@ -3,13 +3,15 @@
 //! savepoint, taken once the state has settled so that it holds exactly what the stop leaves.
 //! The pipeline feeds it facts and carries out the step it names.
 
+use crate::checkpoint_id::CheckpointId;
+
 /// What the pipeline knows when it asks for the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Facts {
     /// Checkpoints triggered and not settled.
     pub in_flight: usize,
     /// The newest durable checkpoint.
-    pub last_durable: Option<u64>,
+    pub last_durable: Option<CheckpointId>,
     /// Final windows not acknowledged by the output yet.
     pub pending_emissions: usize,
     /// The state changed since the last snapshot.
@@ -27,7 +29,7 @@ pub(crate) enum Step {
     /// [`StopSequence::triggered`].
     Savepoint(Option<String>),
     /// The savepoint (this checkpoint) was not written: stop without it.
-    SavepointFailed(u64),
+    SavepointFailed(CheckpointId),
     /// Everything is durable and acknowledged.
     Done {
         /// A savepoint was taken: let its requester read the answer before exiting.
@@ -39,13 +41,13 @@ pub(crate) enum Step {
 enum Savepoint {
     NotAsked,
     Wanted(Option<String>),
-    Taken(u64),
+    Taken(CheckpointId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StopSequence {
     /// The checkpoint whose durability ends the stop (or leads to the savepoint).
-    last: Option<u64>,
+    last: Option<CheckpointId>,
     savepoint: Savepoint,
 }
 
@@ -91,7 +93,7 @@ impl StopSequence {
     }
 
     /// The checkpoint (or savepoint) the last step asked for was triggered as `id`.
-    pub(crate) fn triggered(&mut self, id: u64, savepoint: bool) {
+    pub(crate) fn triggered(&mut self, id: CheckpointId, savepoint: bool) {
         self.last = Some(id);
         if savepoint {
             self.savepoint = Savepoint::Taken(id);
@@ -103,7 +105,12 @@ impl StopSequence {
 mod tests {
     use super::*;
 
-    fn facts(in_flight: usize, last_durable: Option<u64>, pending: usize, changes: bool) -> Facts {
+    fn facts(
+        in_flight: usize,
+        last_durable: Option<CheckpointId>,
+        pending: usize,
+        changes: bool,
+    ) -> Facts {
         Facts {
             in_flight,
             last_durable,
@@ -115,22 +122,31 @@ mod tests {
     #[test]
     fn nothing_is_triggered_while_a_checkpoint_is_in_flight() {
         let mut s = StopSequence::new(None);
-        assert_eq!(s.next(facts(1, Some(3), 0, true)), Step::Wait);
+        assert_eq!(s.next(facts(1, Some(CheckpointId(3)), 0, true)), Step::Wait);
     }
 
     #[test]
     fn a_stop_with_pending_windows_checkpoints_waits_for_acks_and_checkpoints_again() {
         let mut s = StopSequence::new(None);
-        assert_eq!(s.next(facts(0, Some(3), 0, true)), Step::Checkpoint);
-        s.triggered(4, false);
-        assert_eq!(s.next(facts(1, Some(3), 0, true)), Step::Wait);
-        // checkpoint 4 is durable and released two windows: wait for their acknowledgement
-        assert_eq!(s.next(facts(0, Some(4), 2, false)), Step::Wait);
-        // acknowledged: the acknowledgement is state to record
-        assert_eq!(s.next(facts(0, Some(4), 0, true)), Step::Checkpoint);
-        s.triggered(5, false);
         assert_eq!(
-            s.next(facts(0, Some(5), 0, false)),
+            s.next(facts(0, Some(CheckpointId(3)), 0, true)),
+            Step::Checkpoint
+        );
+        s.triggered(CheckpointId(4), false);
+        assert_eq!(s.next(facts(1, Some(CheckpointId(3)), 0, true)), Step::Wait);
+        // checkpoint 4 is durable and released two windows: wait for their acknowledgement
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(4)), 2, false)),
+            Step::Wait
+        );
+        // acknowledged: the acknowledgement is state to record
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(4)), 0, true)),
+            Step::Checkpoint
+        );
+        s.triggered(CheckpointId(5), false);
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(5)), 0, false)),
             Step::Done { savepoint: false }
         );
     }
@@ -138,13 +154,19 @@ mod tests {
     #[test]
     fn a_failed_final_checkpoint_is_taken_again() {
         let mut s = StopSequence::new(None);
-        assert_eq!(s.next(facts(0, Some(3), 0, true)), Step::Checkpoint);
-        s.triggered(4, false);
-        // 4 failed: still 3 durable
-        assert_eq!(s.next(facts(0, Some(3), 0, true)), Step::Checkpoint);
-        s.triggered(5, false);
         assert_eq!(
-            s.next(facts(0, Some(5), 0, false)),
+            s.next(facts(0, Some(CheckpointId(3)), 0, true)),
+            Step::Checkpoint
+        );
+        s.triggered(CheckpointId(4), false);
+        // 4 failed: still 3 durable
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(3)), 0, true)),
+            Step::Checkpoint
+        );
+        s.triggered(CheckpointId(5), false);
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(5)), 0, false)),
             Step::Done { savepoint: false }
         );
     }
@@ -152,16 +174,22 @@ mod tests {
     #[test]
     fn the_savepoint_is_taken_once_the_state_has_settled_and_ends_the_stop() {
         let mut s = StopSequence::new(Some(Some("before-upgrade".into())));
-        assert_eq!(s.next(facts(0, Some(3), 0, true)), Step::Checkpoint);
-        s.triggered(4, false);
         assert_eq!(
-            s.next(facts(0, Some(4), 0, false)),
+            s.next(facts(0, Some(CheckpointId(3)), 0, true)),
+            Step::Checkpoint
+        );
+        s.triggered(CheckpointId(4), false);
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(4)), 0, false)),
             Step::Savepoint(Some("before-upgrade".into()))
         );
-        s.triggered(5, true);
-        assert_eq!(s.next(facts(1, Some(4), 0, false)), Step::Wait);
+        s.triggered(CheckpointId(5), true);
         assert_eq!(
-            s.next(facts(0, Some(5), 0, false)),
+            s.next(facts(1, Some(CheckpointId(4)), 0, false)),
+            Step::Wait
+        );
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(5)), 0, false)),
             Step::Done { savepoint: true }
         );
     }
@@ -170,12 +198,15 @@ mod tests {
     fn a_savepoint_that_was_not_written_fails_the_stop() {
         let mut s = StopSequence::new(Some(None));
         assert_eq!(s.next(facts(0, None, 0, false)), Step::Checkpoint);
-        s.triggered(1, false);
-        assert_eq!(s.next(facts(0, Some(1), 0, false)), Step::Savepoint(None));
-        s.triggered(2, true);
+        s.triggered(CheckpointId(1), false);
         assert_eq!(
-            s.next(facts(0, Some(1), 0, false)),
-            Step::SavepointFailed(2)
+            s.next(facts(0, Some(CheckpointId(1)), 0, false)),
+            Step::Savepoint(None)
+        );
+        s.triggered(CheckpointId(2), true);
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(1)), 0, false)),
+            Step::SavepointFailed(CheckpointId(2))
         );
     }
 }

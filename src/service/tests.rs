@@ -18,6 +18,7 @@ use super::status::Status;
 use crate::changelog::plan::Ledger;
 use crate::checkpoint::history::{History, Status as AttemptStatus};
 use crate::checkpoint::{Scheduler, SchedulerSettings, StateSpec};
+use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel};
 use crate::engine::{
     ClosedWindow, Decoder, Engine, EngineConfig, FieldSource, TimeSource, WindowDef, WindowKind,
@@ -96,7 +97,7 @@ impl Rig {
                     max_concurrent: 1,
                     tolerable_failures: options.tolerable_failures,
                 },
-                1,
+                CheckpointId(1),
                 None,
             ),
             StateSpec::default(),
@@ -222,7 +223,7 @@ impl Rig {
             .collect()
     }
 
-    fn history(&self, id: u64) -> AttemptStatus {
+    fn history(&self, id: CheckpointId) -> AttemptStatus {
         self.admin
             .history()
             .recent(100)
@@ -246,7 +247,7 @@ async fn a_failed_checkpoint_releases_nothing_and_the_next_one_is_full() {
     rig.store.fail_next_write("disk full");
     rig.tick();
     rig.settle().await.expect("a tolerable failure");
-    assert_eq!(rig.history(2), AttemptStatus::Failed);
+    assert_eq!(rig.history(CheckpointId(2)), AttemptStatus::Failed);
     assert!(
         rig.emitted_users().is_empty(),
         "nothing is released by a failed checkpoint"
@@ -258,14 +259,17 @@ async fn a_failed_checkpoint_releases_nothing_and_the_next_one_is_full() {
         rig.store
             .attempts()
             .iter()
-            .map(|r| (r.id, r.status))
+            .map(|r| (r.id.0, r.status))
             .collect::<Vec<_>>(),
         vec![(2, AttemptStatus::Failed)],
         "the failed attempt is recorded in the store's history"
     );
     let written = rig.store.written();
     assert_eq!(
-        written.iter().map(|w| w.checkpoint.id).collect::<Vec<_>>(),
+        written
+            .iter()
+            .map(|w| w.checkpoint.id.0)
+            .collect::<Vec<_>>(),
         vec![1, 3]
     );
     assert!(written[0].checkpoint.delta.full);
@@ -299,7 +303,7 @@ async fn failures_past_the_tolerable_number_stop_the_service_naming_the_last_goo
         text.contains("The last good state (checkpoint 1) is intact"),
         "{text}"
     );
-    assert_eq!(rig.history(2), AttemptStatus::Failed);
+    assert_eq!(rig.history(CheckpointId(2)), AttemptStatus::Failed);
 }
 
 #[tokio::test]
@@ -331,7 +335,7 @@ async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_stat
         .changelog
         .chunks()
         .iter()
-        .map(|c| (c.source().clone(), c.tag.checkpoint))
+        .map(|c| (c.source().clone(), c.tag.checkpoint.0))
         .collect();
     assert!(
         published.contains(&(p(0), 2)),

@@ -3,6 +3,7 @@
 //! sort correctly. Every value is sealed with a CRC-32 so that a damaged one is detected, not
 //! decoded into wrong state.
 
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::StateKey;
 use crate::position::Partition;
 
@@ -118,34 +119,34 @@ pub fn version_prefix(k: &StateKey) -> Vec<u8> {
     out
 }
 
-pub fn version_key(k: &StateKey, id: u64) -> Vec<u8> {
+pub fn version_key(k: &StateKey, id: CheckpointId) -> Vec<u8> {
     let mut out = version_prefix(k);
-    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&id.0.to_be_bytes());
     out
 }
 
 /// A version key of formats 2 and 3 (written only by the migration from format 1).
-pub fn v3_version_key(k: &StateKey, id: u64) -> Vec<u8> {
+pub fn v3_version_key(k: &StateKey, id: CheckpointId) -> Vec<u8> {
     let mut out = VERSION_PREFIX.to_vec();
     encode_v3_state_key(k, &mut out);
-    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&id.0.to_be_bytes());
     out
 }
 
-pub fn decode_version_key(raw: &[u8]) -> Option<(StateKey, u64)> {
+pub fn decode_version_key(raw: &[u8]) -> Option<(StateKey, CheckpointId)> {
     let (k, rest) = decode_state_key(raw.strip_prefix(VERSION_PREFIX)?)?;
-    (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (k, id)))?
+    (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (k, CheckpointId(id))))?
 }
 
-pub fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
+pub fn id_key(prefix: &[u8], id: CheckpointId) -> Vec<u8> {
     let mut out = prefix.to_vec();
-    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&id.0.to_be_bytes());
     out
 }
 
-pub fn decode_id_key(prefix: &[u8], raw: &[u8]) -> Option<u64> {
+pub fn decode_id_key(prefix: &[u8], raw: &[u8]) -> Option<CheckpointId> {
     let rest = raw.strip_prefix(prefix)?;
-    (rest.len() == 8).then(|| u64_at(rest, 0))?
+    (rest.len() == 8).then(|| u64_at(rest, 0).map(CheckpointId))?
 }
 
 pub fn savepoint_meta_key(name: &str) -> Vec<u8> {
@@ -206,14 +207,14 @@ mod tests {
         fn version_keys_round_trip(scope in proptest::option::of(("[a-z.]{0,8}", any::<i32>())), window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
             let partition = scope.map(|(t, p)| Partition::new(t, p));
             let k = StateKey { partition, window, start, key };
-            prop_assert_eq!(decode_version_key(&version_key(&k, id)), Some((k, id)));
+            prop_assert_eq!(decode_version_key(&version_key(&k, CheckpointId(id))), Some((k, CheckpointId(id))));
         }
 
         #[test]
         fn versions_of_one_key_sort_by_id_and_keys_by_start(a in any::<i64>(), b in any::<i64>(), i in any::<u64>(), j in any::<u64>()) {
             let ka = StateKey { partition: None, window: 1, start: a, key: "k".into() };
             let kb = StateKey { partition: None, window: 1, start: b, key: "k".into() };
-            prop_assert_eq!(version_key(&ka, i).cmp(&version_key(&kb, j)), (a, i).cmp(&(b, j)));
+            prop_assert_eq!(version_key(&ka, CheckpointId(i)).cmp(&version_key(&kb, CheckpointId(j))), (a, i).cmp(&(b, j)));
         }
 
         #[test]
@@ -221,7 +222,7 @@ mod tests {
             prop_assume!(a != b);
             let ka = StateKey { partition: None, window: 0, start: 0, key: a };
             let kb = StateKey { partition: None, window: 0, start: 0, key: b };
-            prop_assert!(!version_key(&kb, 7).starts_with(&version_prefix(&ka)));
+            prop_assert!(!version_key(&kb, CheckpointId(7)).starts_with(&version_prefix(&ka)));
         }
 
         #[test]

@@ -16,6 +16,7 @@ use super::portable::{self, Portable};
 use super::{Retention, Store, WriteRequest, FORMAT_VERSION};
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, StateSpec};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{
     Acc, AggregateKind, Entry, EntryStatus, PartitionState, RestoredState, StateDelta, StateKey,
     WindowDef, WindowKind,
@@ -157,8 +158,8 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
         ]
     };
     let cp = |id: u64, base: Option<u64>, delta: StateDelta| Checkpoint {
-        id,
-        base,
+        id: CheckpointId(id),
+        base: base.map(CheckpointId),
         trigger_ms: 1_763_000_000_000 + id as i64 * 10_000,
         spec: spec(),
         delta,
@@ -327,7 +328,7 @@ fn every_fixture_store_restores_its_recorded_state() {
             .expect("checkpoints object");
         let ids = store.checkpoint_ids().expect("ids");
         assert_eq!(
-            ids.iter().map(u64::to_string).collect::<Vec<_>>(),
+            ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
             recorded.keys().cloned().collect::<Vec<_>>(),
             "{}: retained checkpoints",
             dir.display()
@@ -335,7 +336,7 @@ fn every_fixture_store_restores_its_recorded_state() {
         for (id, want) in recorded {
             let id: u64 = id.parse().expect("id");
             let (meta, state) = store
-                .load_checkpoint(id)
+                .load_checkpoint(CheckpointId(id))
                 .unwrap_or_else(|e| panic!("{}: checkpoint {id}: {e}", dir.display()));
             assert_eq!(
                 &describe(&meta.spec, &state),
@@ -345,7 +346,7 @@ fn every_fixture_store_restores_its_recorded_state() {
             );
         }
         // a restarted build keeps counting from the fixture's ids
-        assert!(store.next_id().expect("next id") > ids.last().copied().unwrap_or(0));
+        assert!(store.next_id().expect("next id") > ids.last().copied().unwrap_or(CheckpointId(0)));
         // format 1 had no savepoints
         let sp = &expected["savepoint"];
         let Some(name) = sp["name"].as_str() else {
@@ -401,9 +402,12 @@ fn inspecting_an_older_store_leaves_it_in_its_format() {
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&v2, tmp.path()).expect("copy");
     let view = Store::open(tmp.path(), super::Open::Inspect).expect("inspect");
-    assert_eq!(view.checkpoint_ids().expect("ids"), vec![2, 3]);
+    assert_eq!(
+        view.checkpoint_ids().expect("ids"),
+        vec![CheckpointId(2), CheckpointId(3)]
+    );
     let (meta, _) = view
-        .load_checkpoint(3)
+        .load_checkpoint(CheckpointId(3))
         .expect("load through the migrated view");
     assert_eq!(
         meta.spec.input, None,
@@ -426,7 +430,7 @@ fn a_damaged_checkpoint_does_not_block_the_migration_of_the_others() {
     copy_dir(&fixtures_root().join("v2/store"), tmp.path()).expect("copy");
     {
         let raw = Store::open(tmp.path(), super::Open::AsIs).expect("open as it is");
-        let key = super::codec::id_key(super::codec::CHECKPOINT_PREFIX, 3);
+        let key = super::codec::id_key(super::codec::CHECKPOINT_PREFIX, CheckpointId(3));
         let mut value = raw.tree.get(&key).expect("get").expect("cp/3").to_vec();
         let last = value.len() - 1;
         value[last] ^= 0x55;
@@ -436,9 +440,11 @@ fn a_damaged_checkpoint_does_not_block_the_migration_of_the_others() {
     let store = Store::open(tmp.path(), super::Open::Create)
         .expect("migrates despite the damaged checkpoint");
     assert!(
-        store.load_checkpoint(3).is_err(),
+        store.load_checkpoint(CheckpointId(3)).is_err(),
         "still damaged, still refused"
     );
-    let (meta, _) = store.load_checkpoint(2).expect("the older one restores");
-    assert_eq!(meta.id, 2);
+    let (meta, _) = store
+        .load_checkpoint(CheckpointId(2))
+        .expect("the older one restores");
+    assert_eq!(meta.id, CheckpointId(2));
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{Retained, SavepointMeta};
 use crate::checkpoint::protocol::InputSpec;
 use crate::checkpoint::protocol::{CheckpointMeta, StateSpec};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{AggregateKind, Entry, PartitionState, StateKey, WindowDef};
 
 /// Formats 1 and 2: the spec named windows and aggregates only.
@@ -117,7 +118,7 @@ pub struct PortableV2 {
 impl From<CheckpointMetaV3> for CheckpointMeta {
     fn from(m: CheckpointMetaV3) -> Self {
         CheckpointMeta {
-            id: m.id,
+            id: CheckpointId(m.id),
             trigger_ms: m.trigger_ms,
             duration_ms: m.duration_ms,
             bytes: m.bytes,
@@ -149,7 +150,7 @@ impl From<SavepointMetaV3> for SavepointMeta {
     fn from(s: SavepointMetaV3) -> Self {
         SavepointMeta {
             name: s.name,
-            checkpoint_id: s.checkpoint_id,
+            checkpoint_id: CheckpointId(s.checkpoint_id),
             created_ms: s.created_ms,
             meta: s.meta.into(),
             entries: s.entries,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::{Checkpoints, SavepointMeta, StoreError, WriteRequest, WriteStats};
 use crate::checkpoint::history::CheckpointRecord;
 use crate::checkpoint::protocol::{meta_of, Checkpoint};
+use crate::checkpoint_id::CheckpointId;
 use crate::lock::lock;
 
 /// One durable write, as the store saw it.
@@ -119,7 +120,7 @@ impl Checkpoints for MemoryStore {
         Ok(n)
     }
 
-    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
         Ok(lock(&self.inner)
             .written
             .iter()

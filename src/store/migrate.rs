@@ -11,6 +11,7 @@ use super::legacy::{
 use super::{Retained, SavepointMeta, Store, StoreError};
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::CheckpointMeta;
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::Entry;
 
 impl Store {
@@ -30,8 +31,8 @@ fn reencode_metadata<OldCp, NewCp, OldSp, NewSp>(
     store: &Store,
     from: u32,
     batch: &mut sled::Batch,
-    cp_id: fn(&OldCp) -> u64,
-    sp_id: fn(&OldSp) -> u64,
+    cp_id: fn(&OldCp) -> CheckpointId,
+    sp_id: fn(&OldSp) -> CheckpointId,
 ) -> Result<(), StoreError>
 where
     OldCp: serde::de::DeserializeOwned,
@@ -110,7 +111,7 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
     }
     for item in tree.scan_prefix(GC_PREFIX) {
         let (k, v) = item?;
-        let id = super::codec::decode_id_key(GC_PREFIX, &k).unwrap_or(0);
+        let id = super::codec::decode_id_key(GC_PREFIX, &k).unwrap_or_default();
         match store.decode::<Vec<Vec<u8>>>(&v, "garbage list") {
             Ok(list) => {
                 let list: Vec<Vec<u8>> = list
@@ -127,8 +128,8 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
         store,
         3,
         &mut batch,
-        |r| r.meta.id,
-        |s| s.checkpoint_id,
+        |r| CheckpointId(r.meta.id),
+        |s| CheckpointId(s.checkpoint_id),
     )?;
     batch.insert(META_VERSION, &4u32.to_be_bytes());
     tree.apply_batch(batch)?;
@@ -147,8 +148,8 @@ fn from_v2(store: &Store) -> Result<(), StoreError> {
         store,
         2,
         &mut batch,
-        |r| r.meta.id,
-        |s| s.checkpoint_id,
+        |r| CheckpointId(r.meta.id),
+        |s| CheckpointId(s.checkpoint_id),
     )?;
     batch.insert(META_VERSION, &3u32.to_be_bytes());
     tree.apply_batch(batch)?;
@@ -166,7 +167,7 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
     if let Some(raw) = tree.get(v1::META_CURRENT)? {
         let meta: CheckpointMetaV2 = postcard::from_bytes(&raw)
             .map_err(|e| store.corrupt(format!("version 1 checkpoint metadata: {e}")))?;
-        let id = meta.id;
+        let id = CheckpointId(meta.id);
         let mut live = 0u64;
         for item in tree.scan_prefix(v1::STATE_PREFIX) {
             let (k, v) = item?;
@@ -183,7 +184,7 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
             live_entries: live,
         };
         batch.insert(id_key(CHECKPOINT_PREFIX, id), Store::encode(&retained, id)?);
-        batch.insert(META_HEAD, &id.to_be_bytes());
+        batch.insert(META_HEAD, &id.0.to_be_bytes());
         batch.remove(v1::META_CURRENT);
     }
     // version 1 history: unsealed metadata of completed checkpoints under the same prefix
@@ -191,7 +192,7 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
         let (k, v) = item?;
         match postcard::from_bytes::<CheckpointMetaV2>(&v) {
             Ok(meta) => {
-                let id = meta.id;
+                let id = CheckpointId(meta.id);
                 let meta = CheckpointMeta::from(CheckpointMetaV3::from(meta));
                 let record = CheckpointRecord::from_meta(&meta, Status::Completed);
                 batch.insert(k, Store::encode(&record, id)?);

@@ -23,6 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::checkpoint::history::CheckpointRecord;
 use crate::checkpoint::protocol::{ApplyError, CheckpointMeta};
+use crate::checkpoint_id::CheckpointId;
 pub use codec::FORMAT_VERSION;
 use codec::{
     decode_id_key, id_key, seal, unseal, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD, META_VERSION,
@@ -67,7 +68,7 @@ pub enum StoreError {
     Io(#[from] sled::Error),
     #[error("checkpoint {checkpoint_id} cannot be applied: {source}")]
     Apply {
-        checkpoint_id: u64,
+        checkpoint_id: CheckpointId,
         #[source]
         source: ApplyError,
     },
@@ -77,12 +78,15 @@ pub enum StoreError {
     Unreadable(#[from] Unreadable),
     #[error("cannot encode checkpoint {checkpoint_id}: {source}")]
     Encode {
-        checkpoint_id: u64,
+        checkpoint_id: CheckpointId,
         #[source]
         source: postcard::Error,
     },
     #[error("checkpoint {checkpoint_id} is not retained in {path}")]
-    NoSuchCheckpoint { checkpoint_id: u64, path: PathBuf },
+    NoSuchCheckpoint {
+        checkpoint_id: CheckpointId,
+        path: PathBuf,
+    },
     #[error("no savepoint named {name:?} in {path}")]
     NoSuchSavepoint { name: String, path: PathBuf },
     #[error("a savepoint named {name:?} already exists in {path}")]
@@ -356,7 +360,7 @@ impl Store {
         postcard::from_bytes(payload).map_err(|e| self.corrupt(format!("{what}: {e}")))
     }
 
-    fn encode<T: Serialize>(value: &T, checkpoint_id: u64) -> Result<Vec<u8>, StoreError> {
+    fn encode<T: Serialize>(value: &T, checkpoint_id: CheckpointId) -> Result<Vec<u8>, StoreError> {
         postcard::to_stdvec(value)
             .map(|payload| seal(&payload))
             .map_err(|source| StoreError::Encode {
@@ -370,32 +374,32 @@ impl Store {
     }
 
     /// Id of the newest checkpoint written, which the next delta must build on.
-    pub fn head(&self) -> Result<Option<u64>, StoreError> {
+    pub fn head(&self) -> Result<Option<CheckpointId>, StoreError> {
         match self.tree.get(META_HEAD)? {
             None => Ok(None),
             Some(raw) => <[u8; 8]>::try_from(raw.as_ref())
-                .map(|b| Some(u64::from_be_bytes(b)))
+                .map(|b| Some(CheckpointId(u64::from_be_bytes(b))))
                 .map_err(|_| self.corrupt("head checkpoint id is malformed")),
         }
     }
 
     /// The first id not used by any checkpoint, attempt or head: ids are never reused, even
     /// after the checkpoints were deleted.
-    pub fn next_id(&self) -> Result<u64, StoreError> {
-        let last = |prefix: &[u8]| -> Result<u64, StoreError> {
+    pub fn next_id(&self) -> Result<CheckpointId, StoreError> {
+        let last = |prefix: &[u8]| -> Result<CheckpointId, StoreError> {
             Ok(match self.tree.scan_prefix(prefix).keys().next_back() {
-                Some(k) => decode_id_key(prefix, &k?).unwrap_or(0),
-                None => 0,
+                Some(k) => decode_id_key(prefix, &k?).unwrap_or_default(),
+                None => CheckpointId::default(),
             })
         };
         let max = last(CHECKPOINT_PREFIX)?
             .max(last(HISTORY_PREFIX)?)
-            .max(self.head()?.unwrap_or(0));
-        Ok(max + 1)
+            .max(self.head()?.unwrap_or_default());
+        Ok(max.next())
     }
 
     /// Ids of the retained checkpoints, oldest first.
-    pub fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+    pub fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
         let mut out = Vec::new();
         for k in self.tree.scan_prefix(CHECKPOINT_PREFIX).keys() {
             if let Some(id) = decode_id_key(CHECKPOINT_PREFIX, &k?) {
@@ -410,14 +414,14 @@ impl Store {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(CHECKPOINT_PREFIX) {
             let (k, v) = item?;
-            let id = decode_id_key(CHECKPOINT_PREFIX, &k).unwrap_or(0);
+            let id = decode_id_key(CHECKPOINT_PREFIX, &k).unwrap_or_default();
             out.push(self.decode(&v, &format!("metadata of checkpoint {id}"))?);
         }
         Ok(out)
     }
 
     /// A retained checkpoint's metadata.
-    pub fn checkpoint(&self, id: u64) -> Result<Retained, StoreError> {
+    pub fn checkpoint(&self, id: CheckpointId) -> Result<Retained, StoreError> {
         match self.tree.get(id_key(CHECKPOINT_PREFIX, id))? {
             Some(raw) => self.decode(&raw, &format!("metadata of checkpoint {id}")),
             None => Err(StoreError::NoSuchCheckpoint {
@@ -457,10 +461,10 @@ impl Store {
     /// Attempt records with ids below `before` (all if `None`), newest first, at most `limit`.
     pub fn history(
         &self,
-        before: Option<u64>,
+        before: Option<CheckpointId>,
         limit: usize,
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let start = id_key(HISTORY_PREFIX, 0);
+        let start = id_key(HISTORY_PREFIX, CheckpointId(0));
         let end = match before {
             Some(b) => id_key(HISTORY_PREFIX, b),
             None => {
@@ -472,14 +476,14 @@ impl Store {
         let mut out = Vec::new();
         for item in self.tree.range(start..end).rev().take(limit) {
             let (k, v) = item?;
-            let id = decode_id_key(HISTORY_PREFIX, &k).unwrap_or(0);
+            let id = decode_id_key(HISTORY_PREFIX, &k).unwrap_or_default();
             out.push(self.decode(&v, &format!("history record {id}"))?);
         }
         Ok(out)
     }
 
     /// One attempt record.
-    pub fn attempt(&self, id: u64) -> Result<Option<CheckpointRecord>, StoreError> {
+    pub fn attempt(&self, id: CheckpointId) -> Result<Option<CheckpointRecord>, StoreError> {
         match self.tree.get(id_key(HISTORY_PREFIX, id))? {
             None => Ok(None),
             Some(raw) => Ok(Some(self.decode(&raw, &format!("history record {id}"))?)),
@@ -496,7 +500,7 @@ impl Store {
         entries
             .iter()
             .map(|(k, e)| {
-                let key = codec::version_key(k, 0).len();
+                let key = codec::version_key(k, CheckpointId(0)).len();
                 let value = postcard::to_stdvec(&Some(*e)).map_or(0, |v| seal(&v).len());
                 (key + value) as u64
             })

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::META_OWNER;
 use super::{Store, StoreError};
+use crate::checkpoint_id::CheckpointId;
 
 /// The file holding the current owner, inside the store directory.
 pub const OWNER_FILE: &str = "owner.json";
@@ -172,7 +173,8 @@ impl Store {
             return Ok(());
         };
         self.check_owner()?;
-        self.tree.insert(META_OWNER, Self::encode(owner, 0)?)?;
+        self.tree
+            .insert(META_OWNER, Self::encode(owner, CheckpointId(0))?)?;
         self.db.flush()?;
         Ok(())
     }

@@ -162,16 +162,17 @@ pub fn read_file(path: &Path) -> Result<Portable, PortableError> {
 mod tests {
     use super::*;
     use crate::checkpoint::protocol::CheckpointMeta;
+    use crate::checkpoint_id::CheckpointId;
     use crate::engine::{Acc, EntryStatus};
 
     fn sample() -> Portable {
         Portable {
             meta: SavepointMeta {
                 name: "before-upgrade".into(),
-                checkpoint_id: 9,
+                checkpoint_id: CheckpointId(9),
                 created_ms: 1_700_000_000_000,
                 meta: CheckpointMeta {
-                    id: 9,
+                    id: CheckpointId(9),
                     trigger_ms: 1_700_000_000_000,
                     duration_ms: 3,
                     bytes: 10,

@@ -12,13 +12,14 @@ use super::codec::{
 use super::{Store, StoreError, Unreadable};
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::protocol::{meta_of, Checkpoint, CheckpointMeta};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Entry, RestoredState, StateKey};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavepointMeta {
     pub name: String,
     /// The checkpoint it was made from (in the store that made it).
-    pub checkpoint_id: u64,
+    pub checkpoint_id: CheckpointId,
     /// When its checkpoint was triggered, epoch milliseconds.
     pub created_ms: i64,
     /// Offsets, watermark and window/aggregate spec of its state.

@@ -7,6 +7,7 @@ use super::portable::{self, Portable};
 use super::*;
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, MaterializedState};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateDelta, StateKey};
 use crate::position::{NextOffset, Partition};
 
@@ -27,6 +28,11 @@ fn entry(status: EntryStatus, v: f64) -> Entry {
     }
 }
 
+/// Checkpoint ids from numbers.
+fn ids(ns: &[u64]) -> Vec<CheckpointId> {
+    ns.iter().copied().map(CheckpointId).collect()
+}
+
 fn cp(
     id: u64,
     base: Option<u64>,
@@ -36,8 +42,8 @@ fn cp(
     next: i64,
 ) -> Checkpoint {
     Checkpoint {
-        id,
-        base,
+        id: CheckpointId(id),
+        base: base.map(CheckpointId),
         trigger_ms: 1_700_000_000_000 + id as i64,
         spec: Default::default(),
         delta: StateDelta {
@@ -128,21 +134,21 @@ fn every_retained_checkpoint_restores_exactly_after_reopen() {
         }
     }
     let store = open(&dir, 3);
-    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1, 2, 3]);
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[1, 2, 3]));
     for (id, want) in models {
         let (meta, got) = store.load_checkpoint(id).expect("load");
         assert_eq!(meta.id, id);
-        assert_eq!(meta.partitions[0].next, Some(NextOffset(id as i64 * 10)));
+        assert_eq!(meta.partitions[0].next, Some(NextOffset(id.0 as i64 * 10)));
         assert_eq!(sorted(got.entries), want.entries, "checkpoint {id}");
     }
     let ids: Vec<u64> = store
         .history(None, 10)
         .expect("history")
         .iter()
-        .map(|r| r.id)
+        .map(|r| r.id.0)
         .collect();
     assert_eq!(ids, vec![3, 2, 1]);
-    assert_eq!(store.next_id().expect("next"), 4);
+    assert_eq!(store.next_id().expect("next"), CheckpointId(4));
 }
 
 #[test]
@@ -155,12 +161,12 @@ fn retention_keeps_the_newest_n_and_reclaims_what_only_older_ones_needed() {
     }
     // checkpoint 3 holds only c/d: the superseded versions and tombstones are gone
     assert_eq!(store.version_count(), 1);
-    let (_, got) = store.load_checkpoint(3).expect("load");
+    let (_, got) = store.load_checkpoint(CheckpointId(3)).expect("load");
     assert_eq!(got.entries.len(), 1);
     assert!(matches!(
-        store.load_checkpoint(2),
+        store.load_checkpoint(CheckpointId(2)),
         Err(StoreError::NoSuchCheckpoint {
-            checkpoint_id: 2,
+            checkpoint_id: CheckpointId(2),
             ..
         })
     ));
@@ -174,10 +180,10 @@ fn full_checkpoint_drops_entries_it_does_not_list() {
     let z = vec![(key(0, 0, "z"), entry(EntryStatus::Open, 1.0))];
     write(&store, &cp(1, None, true, a, vec![], 1), None).expect("write");
     write(&store, &cp(2, None, true, z, vec![], 2), None).expect("write");
-    let (_, restored) = store.load_checkpoint(2).expect("load");
+    let (_, restored) = store.load_checkpoint(CheckpointId(2)).expect("load");
     assert_eq!(restored.entries.len(), 1);
     assert_eq!(restored.entries[0].0.key, "z");
-    let (_, older) = store.load_checkpoint(1).expect("load");
+    let (_, older) = store.load_checkpoint(CheckpointId(1)).expect("load");
     assert_eq!(older.entries[0].0.key, "a", "the older one is intact");
 }
 
@@ -189,11 +195,11 @@ fn a_full_checkpoint_after_restoring_an_older_one_starts_a_new_line() {
         write(&store, c, None).expect("write");
     }
     // restored checkpoint 1 (offset 10), processed a little: offsets below checkpoint 3's
-    let (_, one) = store.load_checkpoint(1).expect("load");
+    let (_, one) = store.load_checkpoint(CheckpointId(1)).expect("load");
     let mut up = one.entries.clone();
     up.push((key(0, 5, "new"), entry(EntryStatus::Open, 9.0)));
     write(&store, &cp(4, None, true, up.clone(), vec![], 12), None).expect("new line");
-    let (meta, four) = store.load_checkpoint(4).expect("load");
+    let (meta, four) = store.load_checkpoint(CheckpointId(4)).expect("load");
     assert_eq!(meta.partitions[0].next, Some(NextOffset(12)));
     assert_eq!(sorted(four.entries), sorted(up));
 }
@@ -209,14 +215,14 @@ fn a_delta_on_the_wrong_base_changes_nothing() {
         matches!(
             err,
             StoreError::Apply {
-                checkpoint_id: 3,
+                checkpoint_id: CheckpointId(3),
                 ..
             }
         ),
         "{err}"
     );
-    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1]);
-    assert_eq!(store.head().expect("head"), Some(1));
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[1]));
+    assert_eq!(store.head().expect("head"), Some(CheckpointId(1)));
     assert_eq!(store.version_count(), 0);
 }
 
@@ -228,9 +234,12 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
         write(&store, c, None).expect("write");
     }
     // damage the value of a version written by checkpoint 2
-    damage(&store, &codec::version_key(&key(2, 7, "c/d"), 2));
+    damage(
+        &store,
+        &codec::version_key(&key(2, 7, "c/d"), CheckpointId(2)),
+    );
     for id in [2, 3] {
-        match store.load_checkpoint(id) {
+        match store.load_checkpoint(CheckpointId(id)) {
             Err(StoreError::Unreadable(u)) => {
                 assert_eq!(u.snapshot, format!("checkpoint {id}"));
                 assert!(u.detail.contains("checksum"), "{}", u.detail);
@@ -238,13 +247,13 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
             other => panic!("checkpoint {id}: {other:?}"),
         }
     }
-    assert!(store.load_checkpoint(1).is_ok());
+    assert!(store.load_checkpoint(CheckpointId(1)).is_ok());
     // a version missing altogether (partly written): the entry count gives it away
     store
         .tree
-        .remove(codec::version_key(&key(1, -5, "b"), 1))
+        .remove(codec::version_key(&key(1, -5, "b"), CheckpointId(1)))
         .expect("remove");
-    match store.load_checkpoint(1) {
+    match store.load_checkpoint(CheckpointId(1)) {
         Err(StoreError::Unreadable(u)) => {
             assert!(u.detail.contains("should hold 2 entries"), "{}", u.detail)
         }
@@ -263,9 +272,9 @@ fn savepoints_outlive_retention_and_travel_through_export_files() {
     model.apply(&cps[1], 0, 0).expect("model");
     let stats = write(&store, &cps[1], Some("before-upgrade")).expect("write");
     let sp = stats.savepoint.expect("savepoint made");
-    assert_eq!((sp.checkpoint_id, sp.entries), (2, 2));
+    assert_eq!((sp.checkpoint_id, sp.entries), (CheckpointId(2), 2));
     write(&store, &cps[2], None).expect("write");
-    assert_eq!(store.checkpoint_ids().expect("ids"), vec![3]);
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[3]));
     let (meta, entries) = store.read_savepoint("before-upgrade").expect("read");
     assert_eq!(sorted(entries.clone()), model.restored().entries);
     assert_eq!(meta.meta.partitions[0].next, Some(NextOffset(20)));
@@ -321,7 +330,11 @@ fn deleting_checkpoints_keeps_savepoints_history_and_the_id_sequence() {
     assert_eq!(store.head().expect("head"), None);
     assert_eq!(store.savepoints().expect("sp").len(), 1);
     assert_eq!(store.history(None, 10).expect("history").len(), 2);
-    assert_eq!(store.next_id().expect("next"), 3, "ids are never reused");
+    assert_eq!(
+        store.next_id().expect("next"),
+        CheckpointId(3),
+        "ids are never reused"
+    );
 }
 
 #[test]
@@ -340,10 +353,10 @@ fn failed_attempts_are_kept_in_the_paged_history() {
     assert_eq!(page[0].failure.as_deref(), Some("No space left on device"));
     let older = store.history(Some(page[0].id), 10).expect("page 2");
     assert_eq!(
-        older.iter().map(|r| (r.id, r.status)).collect::<Vec<_>>(),
+        older.iter().map(|r| (r.id.0, r.status)).collect::<Vec<_>>(),
         vec![(1, Status::Completed)]
     );
-    assert_eq!(store.next_id().expect("next"), 3);
+    assert_eq!(store.next_id().expect("next"), CheckpointId(3));
 }
 
 #[test]
@@ -362,7 +375,7 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
         )
         .expect("cur");
         tree.insert(
-            codec::id_key(codec::HISTORY_PREFIX, 1),
+            codec::id_key(codec::HISTORY_PREFIX, CheckpointId(1)),
             postcard::to_stdvec(&meta).expect("enc"),
         )
         .expect("hist");
@@ -377,10 +390,10 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
         db.flush().expect("flush");
     }
     let store = open(&dir, 3);
-    let (meta, restored) = store.load_checkpoint(1).expect("migrated");
+    let (meta, restored) = store.load_checkpoint(CheckpointId(1)).expect("migrated");
     assert_eq!(meta.partitions[0].next, Some(NextOffset(10)));
     assert_eq!(sorted(restored.entries), sorted(c.delta.upserts.clone()));
-    assert_eq!(store.head().expect("head"), Some(1));
+    assert_eq!(store.head().expect("head"), Some(CheckpointId(1)));
     assert_eq!(
         store.history(None, 5).expect("history")[0].status,
         Status::Completed
@@ -491,13 +504,13 @@ proptest! {
         let ids = store.checkpoint_ids().expect("ids");
         let n = steps.len();
         prop_assert_eq!(ids.len(), retained.min(n));
-        prop_assert_eq!(ids.last().copied(), Some(n as u64));
+        prop_assert_eq!(ids.last().copied(), Some(CheckpointId(n as u64)));
         for id in &ids {
             let (_, got) = store.load_checkpoint(*id).expect("load");
-            prop_assert_eq!(&sorted(got.entries), &states[id], "checkpoint {}", id);
+            prop_assert_eq!(&sorted(got.entries), &states[&id.0], "checkpoint {}", id);
         }
         let oldest = ids[0];
-        let bound = states[&oldest].len() + ids[1..].iter().map(|i| touched[i]).sum::<usize>();
+        let bound = states[&oldest.0].len() + ids[1..].iter().map(|i| touched[&i.0]).sum::<usize>();
         prop_assert!(store.version_count() <= bound, "{} versions, at most {} needed", store.version_count(), bound);
     }
 }
@@ -509,13 +522,18 @@ fn a_full_checkpoint_can_be_written_over_a_damaged_version_after_a_fallback() {
     for c in &sample() {
         write(&store, c, None).expect("write");
     }
-    damage(&store, &codec::version_key(&key(2, 7, "c/d"), 2));
-    assert!(store.load_checkpoint(3).is_err());
-    let (_, one) = store.load_checkpoint(1).expect("fallback target");
+    damage(
+        &store,
+        &codec::version_key(&key(2, 7, "c/d"), CheckpointId(2)),
+    );
+    assert!(store.load_checkpoint(CheckpointId(3)).is_err());
+    let (_, one) = store
+        .load_checkpoint(CheckpointId(1))
+        .expect("fallback target");
     let next = store.next_id().expect("next");
     write(
         &store,
-        &cp(next, None, true, one.entries.clone(), vec![], 11),
+        &cp(next.0, None, true, one.entries.clone(), vec![], 11),
         None,
     )
     .expect("first full after the fallback");
@@ -576,7 +594,7 @@ fn a_key_upserted_and_deleted_in_one_delta_keeps_its_upsert_everywhere() {
     write(&store, &c2, Some("sp")).expect("write");
     let (_, sp) = store.read_savepoint("sp").expect("savepoint");
     assert_eq!(sorted(sp), model.restored().entries);
-    let (_, got) = store.load_checkpoint(2).expect("load");
+    let (_, got) = store.load_checkpoint(CheckpointId(2)).expect("load");
     assert_eq!(sorted(got.entries), model.restored().entries);
 }
 
@@ -663,9 +681,9 @@ fn a_newer_claim_stops_every_write_and_leaves_the_store_as_it_was() {
         store.delete_checkpoints(),
         Err(StoreError::Superseded { .. })
     ));
-    assert_eq!(store.head().expect("head"), Some(1));
-    assert_eq!(store.checkpoint_ids().expect("ids"), vec![1]);
-    assert_eq!(store.attempt(2).expect("attempt"), None);
+    assert_eq!(store.head().expect("head"), Some(CheckpointId(1)));
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[1]));
+    assert_eq!(store.attempt(CheckpointId(2)).expect("attempt"), None);
 }
 
 #[test]
@@ -691,7 +709,7 @@ fn a_missing_or_older_owner_record_is_written_again_and_writes_go_on() {
     .expect("write");
     write(&store, &sample[1], None).expect("write over an older record");
     assert_eq!(read_owner_file(dir.path()).expect("read"), Some(mine));
-    assert_eq!(store.head().expect("head"), Some(2));
+    assert_eq!(store.head().expect("head"), Some(CheckpointId(2)));
 }
 
 #[test]

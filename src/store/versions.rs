@@ -16,6 +16,7 @@ use super::codec::{
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
 use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Entry, RestoredState, StateKey};
 
 /// A checkpoint that cannot be restored: damaged or incomplete.
@@ -38,11 +39,11 @@ pub struct WriteRequest<'a> {
 }
 
 /// The newest version of a key: its id and whether it holds an entry (not a tombstone).
-type Latest = Option<(u64, bool)>;
+type Latest = Option<(CheckpointId, bool)>;
 
 impl Store {
     /// The newest version of `key` before checkpoint `before` (one seek, no iterator).
-    fn latest_version(&self, key: &StateKey, before: u64) -> Result<Latest, StoreError> {
+    fn latest_version(&self, key: &StateKey, before: CheckpointId) -> Result<Latest, StoreError> {
         let prefix = version_prefix(key);
         match self.tree.get_lt(version_key(key, before))? {
             Some((k, _)) if !k.starts_with(&prefix) => Ok(None),
@@ -64,7 +65,7 @@ impl Store {
     }
 
     /// The newest version of every key, for full snapshots.
-    fn all_latest(&self) -> Result<HashMap<StateKey, (u64, bool)>, StoreError> {
+    fn all_latest(&self) -> Result<HashMap<StateKey, (CheckpointId, bool)>, StoreError> {
         let mut out = HashMap::new();
         for item in self.tree.scan_prefix(VERSION_PREFIX) {
             let (k, v) = item?;
@@ -191,7 +192,7 @@ impl Store {
         bytes += meta_raw.len() as u64;
         stored.meta.bytes = bytes;
         batch.insert(id_key(CHECKPOINT_PREFIX, id), Self::encode(&stored, id)?);
-        batch.insert(META_HEAD, &id.to_be_bytes());
+        batch.insert(META_HEAD, &id.0.to_be_bytes());
         let mut record = req.record.clone();
         record.status = Status::Completed;
         if let Some(name) = &req.savepoint {
@@ -224,7 +225,7 @@ impl Store {
             Ok(())
         });
         if let Err(e) = rewrite {
-            tracing::warn!(checkpoint_id = id, error = %e, "cannot record the final duration of a durable checkpoint");
+            tracing::warn!(checkpoint_id = id.0, error = %e, "cannot record the final duration of a durable checkpoint");
         }
         Ok(WriteStats {
             bytes,
@@ -236,8 +237,12 @@ impl Store {
 
     /// Drops the oldest checkpoints beyond the retention count (with `new` counted) and
     /// reclaims the versions only they needed. Returns the retained ids, oldest first.
-    fn apply_retention(&self, new: u64, batch: &mut sled::Batch) -> Result<Vec<u64>, StoreError> {
-        let mut ids: Vec<u64> = Vec::new();
+    fn apply_retention(
+        &self,
+        new: CheckpointId,
+        batch: &mut sled::Batch,
+    ) -> Result<Vec<CheckpointId>, StoreError> {
+        let mut ids: Vec<CheckpointId> = Vec::new();
         for k in self.tree.scan_prefix(CHECKPOINT_PREFIX).keys() {
             if let Some(id) = decode_id_key(CHECKPOINT_PREFIX, &k?) {
                 ids.push(id);
@@ -250,7 +255,7 @@ impl Store {
             batch.remove(id_key(CHECKPOINT_PREFIX, id));
         }
         let oldest = ids.first().copied().unwrap_or(new);
-        let end = id_key(GC_PREFIX, oldest.saturating_add(1));
+        let end = id_key(GC_PREFIX, CheckpointId(oldest.0.saturating_add(1)));
         for item in self.tree.range(GC_PREFIX.to_vec()..end) {
             let (k, v) = item?;
             match self.decode::<Vec<Vec<u8>>>(&v, "garbage list") {
@@ -269,12 +274,16 @@ impl Store {
         Ok(ids)
     }
 
-    fn trim_history(&self, newest: u64, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    fn trim_history(
+        &self,
+        newest: CheckpointId,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
         let keep = self.retention.history.max(1);
-        if newest < keep {
+        if newest.0 < keep {
             return Ok(());
         }
-        let end = id_key(HISTORY_PREFIX, newest - keep + 1);
+        let end = id_key(HISTORY_PREFIX, CheckpointId(newest.0 - keep + 1));
         for k in self.tree.range(HISTORY_PREFIX.to_vec()..end).keys() {
             batch.remove(k?);
         }
@@ -325,7 +334,10 @@ impl Store {
     }
 
     /// Loads retained checkpoint `id` exactly as it was.
-    pub fn load_checkpoint(&self, id: u64) -> Result<(CheckpointMeta, RestoredState), StoreError> {
+    pub fn load_checkpoint(
+        &self,
+        id: CheckpointId,
+    ) -> Result<(CheckpointMeta, RestoredState), StoreError> {
         let cp = self.checkpoint(id).map_err(|e| match e {
             StoreError::Corrupt { detail, .. } => Unreadable {
                 snapshot: format!("checkpoint {id}"),

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{SavepointMeta, Store, StoreError, WriteRequest, WriteStats};
 use crate::checkpoint::history::CheckpointRecord;
 use crate::checkpoint::protocol::Checkpoint;
+use crate::checkpoint_id::CheckpointId;
 
 /// What the running service asks of the checkpoint store: write a checkpoint, record a failed
 /// attempt, look up and clear what it holds.
@@ -28,7 +29,7 @@ pub trait Checkpoints: Send + Sync + 'static {
     /// Deletes every checkpoint (savepoints stay); returns how many.
     fn delete_checkpoints(&self) -> Result<usize, StoreError>;
     /// Ids of the retained checkpoints.
-    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError>;
+    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError>;
     /// Bytes the store takes on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
@@ -46,7 +47,7 @@ impl Checkpoints for Store {
     fn delete_checkpoints(&self) -> Result<usize, StoreError> {
         Store::delete_checkpoints(self)
     }
-    fn checkpoint_ids(&self) -> Result<Vec<u64>, StoreError> {
+    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
         Store::checkpoint_ids(self)
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -72,22 +73,22 @@ pub enum Job {
 #[derive(Debug)]
 pub enum WriteOutcome {
     Durable {
-        id: u64,
+        id: CheckpointId,
         stats: Box<WriteStats>,
         duration: Duration,
         /// What was written, for publication to the changelog.
         checkpoint: Box<Checkpoint>,
     },
     Failed {
-        id: u64,
+        id: CheckpointId,
         reason: String,
     },
     Skipped {
-        id: u64,
+        id: CheckpointId,
     },
     /// A newer owner claimed the store: nothing more may be written.
     Superseded {
-        id: u64,
+        id: CheckpointId,
         reason: String,
     },
 }
@@ -110,7 +111,7 @@ pub fn spawn(
                     let result =
                         tokio::task::spawn_blocking(move || store.record_attempt(&record)).await;
                     if let Ok(Err(e)) = result {
-                        tracing::warn!(checkpoint_id = id, error = %e, "cannot record the failed attempt in the history");
+                        tracing::warn!(checkpoint_id = id.0, error = %e, "cannot record the failed attempt in the history");
                     }
                     continue;
                 }

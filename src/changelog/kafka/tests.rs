@@ -6,6 +6,7 @@ use rdkafka::producer::DefaultProducerContext;
 
 use super::*;
 use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateKey};
 use crate::position::NextOffset;
 
@@ -44,7 +45,10 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
         .collect();
     chunks(
         "g",
-        Tag { run, checkpoint },
+        Tag {
+            run,
+            checkpoint: CheckpointId(checkpoint),
+        },
         Kind::Full,
         PartitionState {
             partition: source(),

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, EntryStatus};
 use crate::position::NextOffset;
 
@@ -36,7 +37,10 @@ fn pos(p: i32, next: i64) -> PartitionState {
 }
 
 fn tag(run: u64, checkpoint: u64) -> Tag {
-    Tag { run, checkpoint }
+    Tag {
+        run,
+        checkpoint: CheckpointId(checkpoint),
+    }
 }
 
 fn publish(
@@ -293,15 +297,27 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
 #[test]
 fn a_delta_is_published_only_on_the_publication_it_was_computed_from() {
     let last = Some(tag(7, 4));
-    assert_eq!(publication_kind(true, Some(3), last, 7), Some(Kind::Full));
     assert_eq!(
-        publication_kind(false, Some(4), last, 7),
+        publication_kind(true, Some(CheckpointId(3)), last, 7),
+        Some(Kind::Full)
+    );
+    assert_eq!(
+        publication_kind(false, Some(CheckpointId(4)), last, 7),
         Some(Kind::Delta { base: tag(7, 4) })
     );
     // checkpoint 4 was never published (abandoned after its timeout): 5's delta on 4 cannot
     // go on top of the publication of 3
-    assert_eq!(publication_kind(false, Some(4), Some(tag(7, 3)), 7), None);
+    assert_eq!(
+        publication_kind(false, Some(CheckpointId(4)), Some(tag(7, 3)), 7),
+        None
+    );
     // nothing published yet by this run, or by another run
-    assert_eq!(publication_kind(false, Some(4), None, 7), None);
-    assert_eq!(publication_kind(false, Some(4), Some(tag(6, 4)), 7), None);
+    assert_eq!(
+        publication_kind(false, Some(CheckpointId(4)), None, 7),
+        None
+    );
+    assert_eq!(
+        publication_kind(false, Some(CheckpointId(4)), Some(tag(6, 4)), 7),
+        None
+    );
 }
