@@ -353,7 +353,7 @@ impl LiveState {
             let record = Record {
                 key,
                 value: Some((offset % 100) as f64),
-                ts,
+                ts: checkpointer::event_time::EventTime(ts),
             };
             let outcome = self.engine.process(&self.partitions[p], offset, Ok(record));
             assert_eq!(outcome, Outcome::Accepted);

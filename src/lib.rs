@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod event_time;
 pub mod generator;
 pub mod http;
 pub mod kafka_log;

@@ -97,7 +97,7 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
                 partitions: vec![PartitionState {
                     partition: Partition::new("events", 0),
                     next: Some(NextOffset(id as i64 * 10)),
-                    max_ts: Some(5),
+                    max_ts: Some(checkpointer::event_time::EventTime(5)),
                 }],
                 watermark: None,
                 upserts: vec![(

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Entry, PartitionState, StateKey};
+use crate::event_time::EventTime;
 use crate::position::Partition;
 
 /// Version of the record layout; a reader refuses records of a newer one.
@@ -51,7 +52,7 @@ pub struct Chunk {
     pub count: u32,
     /// The partition's position the state matches (also names the partition).
     pub position: PartitionState,
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub upserts: Vec<(StateKey, Entry)>,
     pub deletes: Vec<StateKey>,
 }
@@ -143,7 +144,7 @@ pub fn chunks(
     tag: Tag,
     kind: Kind,
     position: PartitionState,
-    watermark: Option<i64>,
+    watermark: Option<EventTime>,
     upserts: Vec<(StateKey, Entry)>,
     deletes: Vec<StateKey>,
     max_entries: usize,
@@ -200,7 +201,7 @@ pub struct Committed {
     /// The publication it is as of; `None` before any.
     pub tag: Option<Tag>,
     pub position: Option<PartitionState>,
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub entries: BTreeMap<StateKey, Entry>,
     /// Keys of every record of the partition read, to tombstone once a newer full
     /// publication supersedes them (so that compaction can remove them).

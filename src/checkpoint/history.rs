@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::protocol::CheckpointMeta;
 use crate::checkpoint_id::CheckpointId;
+use crate::event_time::EventTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,7 +56,7 @@ pub struct PartitionRecord {
     /// Next offset to read.
     pub next_offset: Option<i64>,
     /// Highest event time seen, epoch milliseconds.
-    pub max_event_time: Option<i64>,
+    pub max_event_time: Option<EventTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,7 +78,7 @@ pub struct CheckpointRecord {
     pub records: u64,
     pub partitions: Vec<PartitionRecord>,
     /// Service watermark, epoch milliseconds.
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub failure: Option<String>,
 }
 

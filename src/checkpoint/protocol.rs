@@ -9,6 +9,7 @@ use crate::checkpoint_id::CheckpointId;
 use crate::engine::{
     AggregateKind, Entry, PartitionState, RestoredState, StateDelta, StateKey, WindowDef,
 };
+use crate::event_time::EventTime;
 use crate::position::{check_forward, BackwardsMove};
 
 /// What the state means: the window definitions its entries belong to (by position), the
@@ -71,7 +72,7 @@ pub struct CheckpointMeta {
     pub full: bool,
     pub records: u64,
     pub partitions: Vec<PartitionState>,
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub spec: StateSpec,
 }
 

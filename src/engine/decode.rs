@@ -1,5 +1,6 @@
 //! Turning a Kafka message (key, payload, timestamp) into a record, or a reason it is invalid.
 
+use crate::event_time::EventTime;
 use serde_json::Value;
 
 /// Where the grouping key comes from.
@@ -28,7 +29,7 @@ pub struct Record {
     pub key: String,
     pub value: Option<f64>,
     /// Event time, epoch milliseconds.
-    pub ts: i64,
+    pub ts: EventTime,
 }
 
 /// Why a message was skipped. The label is the `reason` of `checkpointer_records_invalid_total`.
@@ -134,7 +135,11 @@ impl Decoder {
         if !(MIN_TS..=MAX_TS).contains(&ts) {
             return Err(InvalidReason::BadTimestamp);
         }
-        Ok(Record { key, value, ts })
+        Ok(Record {
+            key,
+            value,
+            ts: EventTime(ts),
+        })
     }
 }
 
@@ -166,7 +171,7 @@ mod tests {
             Record {
                 key: "u1".into(),
                 value: Some(2.5),
-                ts: 1000
+                ts: EventTime(1000)
             }
         );
     }
@@ -239,7 +244,7 @@ mod tests {
             .decode(Some(b"dev-1"), Some(b"{}"), Some(77))
             .expect("valid");
         assert_eq!(r.key, "dev-1");
-        assert_eq!(r.ts, 77);
+        assert_eq!(r.ts, EventTime(77));
         assert_eq!(
             d.decode(None, Some(b"{}"), Some(1)),
             Err(InvalidReason::NullKey)

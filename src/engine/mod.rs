@@ -16,6 +16,7 @@ pub use watermark::PartitionProgress;
 pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 
 use crate::checkpoint_id::CheckpointId;
+use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
 use state::WindowTable;
 use watermark::Watermarks;
@@ -48,7 +49,7 @@ pub enum Outcome {
 pub struct PartitionState {
     pub partition: Partition,
     pub next: Option<NextOffset>,
-    pub max_ts: Option<i64>,
+    pub max_ts: Option<EventTime>,
 }
 
 /// The part of a checkpoint the engine produces. `full` snapshots carry every entry; others
@@ -57,7 +58,7 @@ pub struct PartitionState {
 pub struct StateDelta {
     pub full: bool,
     pub partitions: Vec<PartitionState>,
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub upserts: Vec<(StateKey, Entry)>,
     pub deletes: Vec<StateKey>,
     pub records: u64,
@@ -67,7 +68,7 @@ pub struct StateDelta {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RestoredState {
     pub partitions: Vec<PartitionState>,
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub entries: Vec<(StateKey, Entry)>,
 }
 
@@ -245,7 +246,7 @@ impl Engine {
         self.marks.iter()
     }
 
-    pub fn watermark(&self) -> Option<i64> {
+    pub fn watermark(&self) -> Option<EventTime> {
         self.marks.current()
     }
 
@@ -316,7 +317,13 @@ impl Engine {
         let mut took = false;
         let mut dirty = std::mem::take(&mut self.dirty);
         for store in self.stores_of(scope) {
-            took |= store.add(&record.key, record.ts, record.value, limit, &mut dirty);
+            took |= store.add(
+                &record.key,
+                record.ts.millis(),
+                record.value,
+                limit,
+                &mut dirty,
+            );
         }
         self.dirty = dirty;
         let moved = self.marks.observe(partition, offset, Some(record.ts));
@@ -339,15 +346,16 @@ impl Engine {
     fn limit(&self) -> Option<i64> {
         self.marks
             .current()
-            .map(|wm| wm.saturating_sub(self.cfg.allowed_lateness))
+            .map(|wm| wm.minus(self.cfg.allowed_lateness).millis())
     }
 
     /// Partition `p`'s own limit: its highest event time, less the allowed disorder and
     /// lateness.
     fn partition_limit(&self, p: &Partition) -> Option<i64> {
         self.marks.get(p).and_then(|pr| pr.max_ts).map(|t| {
-            t.saturating_sub(self.cfg.max_out_of_orderness)
-                .saturating_sub(self.cfg.allowed_lateness)
+            t.minus(self.cfg.max_out_of_orderness)
+                .minus(self.cfg.allowed_lateness)
+                .millis()
         })
     }
 

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::checkpoint::protocol::{Checkpoint, MaterializedState};
 use crate::checkpoint_id::CheckpointId;
+use crate::event_time::EventTime;
 
 fn p(n: i32) -> Partition {
     Partition::new("t", n)
@@ -47,7 +48,7 @@ fn rec(key: &str, ts: i64, v: f64) -> Result<Record, InvalidReason> {
     Ok(Record {
         key: key.into(),
         value: Some(v),
-        ts,
+        ts: EventTime(ts),
     })
 }
 
@@ -421,9 +422,13 @@ fn the_service_watermark_moves_with_records_in_both_scopes() {
         engine.process(&p(0), 0, rec("a", 10_000, 1.0));
         engine.process(&p(1), 0, rec("b", 12_000, 1.0));
         let first = engine.watermark();
-        assert_eq!(first, Some(10_000 - 200), "scoped: {scoped}");
+        assert_eq!(first, Some(EventTime(10_000 - 200)), "scoped: {scoped}");
         engine.process(&p(0), 1, rec("a", 20_000, 1.0));
         engine.process(&p(1), 1, rec("b", 21_000, 1.0));
-        assert_eq!(engine.watermark(), Some(20_000 - 200), "scoped: {scoped}");
+        assert_eq!(
+            engine.watermark(),
+            Some(EventTime(20_000 - 200)),
+            "scoped: {scoped}"
+        );
     }
 }

@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 
+use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionProgress {
     pub next: Option<NextOffset>,
-    pub max_ts: Option<i64>,
+    pub max_ts: Option<EventTime>,
     pub assigned: bool,
     /// Reached the end of the partition while it had no data.
     pub caught_up_empty: bool,
@@ -28,7 +29,7 @@ impl PartitionProgress {
 #[derive(Debug, Default)]
 pub struct Watermarks {
     parts: HashMap<Partition, PartitionProgress>,
-    current: Option<i64>,
+    current: Option<EventTime>,
     out_of_orderness: i64,
 }
 
@@ -41,11 +42,11 @@ impl Watermarks {
         }
     }
 
-    pub fn current(&self) -> Option<i64> {
+    pub fn current(&self) -> Option<EventTime> {
         self.current
     }
 
-    pub fn set_current(&mut self, wm: Option<i64>) {
+    pub fn set_current(&mut self, wm: Option<EventTime>) {
         self.current = wm;
     }
 
@@ -88,7 +89,7 @@ impl Watermarks {
 
     /// Records that `offset` was consumed on `p`, with event time `ts` if the record was valid.
     /// Returns whether the service watermark may have changed.
-    pub fn observe(&mut self, p: &Partition, offset: i64, ts: Option<i64>) -> bool {
+    pub fn observe(&mut self, p: &Partition, offset: i64, ts: Option<EventTime>) -> bool {
         let current = self.current;
         let ooo = self.out_of_orderness;
         let entry = match self.parts.get_mut(p) {
@@ -105,15 +106,15 @@ impl Watermarks {
             Some(old) if ts > old => {
                 entry.max_ts = Some(ts);
                 // the minimum can only rise if this partition was holding it
-                current.is_none_or(|c| old.saturating_sub(ooo) <= c)
+                current.is_none_or(|c| old.minus(ooo) <= c)
             }
             Some(_) => false,
         }
     }
 
     /// Recomputes the service watermark; returns the new value if it advanced.
-    pub fn advance(&mut self) -> Option<i64> {
-        let mut min: Option<i64> = None;
+    pub fn advance(&mut self) -> Option<EventTime> {
+        let mut min: Option<EventTime> = None;
         for progress in self.parts.values() {
             if progress.pending() {
                 return None;
@@ -122,7 +123,7 @@ impl Watermarks {
                 continue;
             }
             if let Some(ts) = progress.max_ts {
-                let wm = ts.saturating_sub(self.out_of_orderness);
+                let wm = ts.minus(self.out_of_orderness);
                 min = Some(min.map_or(wm, |m| m.min(wm)));
             }
         }
@@ -149,12 +150,12 @@ mod tests {
         let mut w = Watermarks::new(10);
         w.assign(&p(0));
         w.assign(&p(1));
-        w.observe(&p(0), 0, Some(100));
+        w.observe(&p(0), 0, Some(EventTime(100)));
         assert_eq!(w.advance(), None, "partition 1 not known yet holds it back");
-        w.observe(&p(1), 0, Some(50));
-        assert_eq!(w.advance(), Some(40));
-        w.observe(&p(1), 1, Some(200));
-        assert_eq!(w.advance(), Some(90));
+        w.observe(&p(1), 0, Some(EventTime(50)));
+        assert_eq!(w.advance(), Some(EventTime(40)));
+        w.observe(&p(1), 1, Some(EventTime(200)));
+        assert_eq!(w.advance(), Some(EventTime(90)));
     }
 
     #[test]
@@ -162,22 +163,22 @@ mod tests {
         let mut w = Watermarks::new(0);
         w.assign(&p(0));
         w.assign(&p(1));
-        w.observe(&p(0), 0, Some(100));
+        w.observe(&p(0), 0, Some(EventTime(100)));
         assert_eq!(w.advance(), None);
         w.eof(&p(1));
-        assert_eq!(w.advance(), Some(100));
+        assert_eq!(w.advance(), Some(EventTime(100)));
     }
 
     #[test]
     fn watermark_never_moves_backwards() {
         let mut w = Watermarks::new(0);
         w.assign(&p(0));
-        w.observe(&p(0), 0, Some(100));
-        assert_eq!(w.advance(), Some(100));
+        w.observe(&p(0), 0, Some(EventTime(100)));
+        assert_eq!(w.advance(), Some(EventTime(100)));
         w.assign(&p(1));
-        w.observe(&p(1), 0, Some(10));
+        w.observe(&p(1), 0, Some(EventTime(10)));
         assert_eq!(w.advance(), None);
-        assert_eq!(w.current(), Some(100));
+        assert_eq!(w.current(), Some(EventTime(100)));
     }
 
     #[test]
@@ -185,11 +186,11 @@ mod tests {
         let mut w = Watermarks::new(0);
         w.assign(&p(0));
         w.assign(&p(1));
-        w.observe(&p(0), 0, Some(100));
-        w.observe(&p(1), 0, Some(10));
-        assert_eq!(w.advance(), Some(10));
+        w.observe(&p(0), 0, Some(EventTime(100)));
+        w.observe(&p(1), 0, Some(EventTime(10)));
+        assert_eq!(w.advance(), Some(EventTime(10)));
         w.revoke(&p(1));
-        assert_eq!(w.advance(), Some(100));
+        assert_eq!(w.advance(), Some(EventTime(100)));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use axum::Router;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::history::History;
+use crate::event_time::EventTime;
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::position::Partition;
@@ -66,8 +67,8 @@ pub enum Command {
 /// Event-time progress, refreshed by the processing loop about every second.
 #[derive(Debug, Clone, Default)]
 pub struct EventTimeProgress {
-    pub watermark: Option<i64>,
-    pub max_event_time: HashMap<Partition, i64>,
+    pub watermark: Option<EventTime>,
+    pub max_event_time: HashMap<Partition, EventTime>,
 }
 
 /// What the endpoints read; written by the service loop.

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint_id::CheckpointId;
+use crate::event_time::EventTime;
 
 /// Everything the page shows.
 #[derive(Debug, Clone, Default)]
@@ -13,7 +14,7 @@ pub struct PageView {
     pub attempts: Vec<CheckpointRecord>,
     pub partitions: Vec<PartitionView>,
     /// Service event-time watermark, epoch milliseconds.
-    pub watermark: Option<i64>,
+    pub watermark: Option<EventTime>,
     pub ready: bool,
     pub ready_reason: String,
     pub savepoints: Vec<SavepointView>,
@@ -33,7 +34,7 @@ pub struct PartitionView {
     /// Records behind the high watermark; None if unknown.
     pub lag: Option<i64>,
     /// Highest event time seen, epoch ms.
-    pub max_event_time: Option<i64>,
+    pub max_event_time: Option<EventTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +105,7 @@ fn header(out: &mut String, view: &PageView) {
          <span class=\"muted\">{reason}</span></dd></div>"
     );
     item(out, "Restored from", &escape(&view.restored_from));
-    let watermark = view.watermark.map(|w| stamp(view.now_ms, w));
+    let watermark = view.watermark.map(|w| stamp(view.now_ms, w.millis()));
     item(
         out,
         "Watermark",
@@ -149,7 +150,7 @@ fn partitions(out: &mut String, view: &PageView) {
         td(
             out,
             "",
-            &opt(p.max_event_time.map(|t| stamp(view.now_ms, t))),
+            &opt(p.max_event_time.map(|t| stamp(view.now_ms, t.millis()))),
         );
         out.push_str("</tr>\n");
     }
@@ -186,7 +187,7 @@ fn history(out: &mut String, attempts: &[CheckpointRecord]) {
         td(out, "num", &opt(a.bytes.map(human_bytes)));
         td(out, "", if a.full { "full" } else { "incremental" });
         td(out, "num", &a.records.to_string());
-        td(out, "", &opt(a.watermark.map(utc)));
+        td(out, "", &opt(a.watermark.map(|w| utc(w.millis()))));
         td(out, "failure", a.failure.as_deref().unwrap_or(""));
         out.push_str("</tr>\n");
     }
@@ -390,14 +391,14 @@ mod tests {
             full: id.is_multiple_of(5),
             records: id * 10,
             partitions: Vec::new(),
-            watermark: Some(T0),
+            watermark: Some(EventTime(T0)),
             failure: None,
         }
     }
 
     fn partition(topic: &str, partition: i32) -> PartitionView {
         let topic = topic.to_string();
-        let max_event_time = Some(T0);
+        let max_event_time = Some(EventTime(T0));
         PartitionView {
             topic,
             partition,
@@ -413,7 +414,7 @@ mod tests {
         PageView {
             attempts,
             partitions,
-            watermark: Some(T0),
+            watermark: Some(EventTime(T0)),
             now_ms,
             ..PageView::default()
         }

@@ -86,7 +86,7 @@ impl Status {
         m.windows_pending.set(engine.pending_emissions() as i64);
         m.checkpoints_in_flight.set(in_flight as i64);
         if let Some(wm) = engine.watermark() {
-            m.watermark.set(wm as f64 / 1000.0);
+            m.watermark.set(wm.seconds());
         }
         let mut progress = EventTimeProgress {
             watermark: engine.watermark(),
@@ -96,7 +96,7 @@ impl Status {
             if let Some(ts) = partition.max_ts {
                 m.partition_watermark
                     .with_label_values(&[&p.topic, &p.partition.to_string()])
-                    .set(ts as f64 / 1000.0);
+                    .set(ts.seconds());
                 progress.max_event_time.insert(p.clone(), ts);
             }
         }

@@ -21,6 +21,7 @@ use crate::engine::{
     Acc, AggregateKind, Entry, EntryStatus, PartitionState, RestoredState, StateDelta, StateKey,
     WindowDef, WindowKind,
 };
+use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
 
 fn fixtures_root() -> PathBuf {
@@ -148,12 +149,12 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
             PartitionState {
                 partition: Partition::new("events", 0),
                 next: Some(NextOffset(a)),
-                max_ts: Some(max),
+                max_ts: Some(EventTime(max)),
             },
             PartitionState {
                 partition: Partition::new("events", 1),
                 next: Some(NextOffset(b)),
-                max_ts: Some(max - 500),
+                max_ts: Some(EventTime(max - 500)),
             },
         ]
     };
@@ -172,7 +173,7 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
                 StateDelta {
                     full: true,
                     partitions: parts(4, 3, T0 + 5_000),
-                    watermark: Some(T0),
+                    watermark: Some(EventTime(T0)),
                     upserts: vec![
                         (key(0, T0 - 40_000, "alice"), open(T0 + 20_000, &[3.0, 4.5])),
                         (key(0, T0 - 40_000, "bob"), open(T0 + 20_000, &[-2.0])),
@@ -192,7 +193,7 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
                 StateDelta {
                     full: false,
                     partitions: parts(9, 6, T0 + 12_000),
-                    watermark: Some(T0 + 7_000),
+                    watermark: Some(EventTime(T0 + 7_000)),
                     upserts: vec![
                         (
                             key(0, T0 - 40_000, "alice"),
@@ -217,7 +218,7 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
                 StateDelta {
                     full: false,
                     partitions: parts(15, 11, T0 + 26_000),
-                    watermark: Some(T0 + 21_000),
+                    watermark: Some(EventTime(T0 + 21_000)),
                     upserts: vec![(
                         key(0, T0 - 40_000, "alice"),
                         Entry {

@@ -8,6 +8,7 @@ use crate::checkpoint::protocol::InputSpec;
 use crate::checkpoint::protocol::{CheckpointMeta, StateSpec};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{AggregateKind, Entry, PartitionState, StateKey, WindowDef};
+use crate::event_time::EventTime;
 
 /// Formats 1 and 2: the spec named windows and aggregates only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,7 +126,7 @@ impl From<CheckpointMetaV3> for CheckpointMeta {
             full: m.full,
             records: m.records,
             partitions: m.partitions,
-            watermark: m.watermark,
+            watermark: m.watermark.map(EventTime),
             spec: StateSpec {
                 windows: m.spec.windows,
                 aggregates: m.spec.aggregates,

@@ -164,6 +164,7 @@ mod tests {
     use crate::checkpoint::protocol::CheckpointMeta;
     use crate::checkpoint_id::CheckpointId;
     use crate::engine::{Acc, EntryStatus};
+    use crate::event_time::EventTime;
 
     fn sample() -> Portable {
         Portable {
@@ -179,7 +180,7 @@ mod tests {
                     full: false,
                     records: 5,
                     partitions: vec![],
-                    watermark: Some(7),
+                    watermark: Some(EventTime(7)),
                     spec: Default::default(),
                 },
                 entries: 1,

@@ -9,6 +9,7 @@ use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, MaterializedState};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateDelta, StateKey};
+use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
 
 fn key(window: u16, start: i64, k: &str) -> StateKey {
@@ -51,9 +52,9 @@ fn cp(
             partitions: vec![PartitionState {
                 partition: Partition::new("events", 2),
                 next: Some(NextOffset(next)),
-                max_ts: Some(99),
+                max_ts: Some(EventTime(99)),
             }],
-            watermark: Some(42),
+            watermark: Some(EventTime(42)),
             upserts: up,
             deletes: del,
             records: 7,

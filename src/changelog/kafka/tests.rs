@@ -8,6 +8,7 @@ use super::*;
 use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateKey};
+use crate::event_time::EventTime;
 use crate::position::NextOffset;
 
 const TOPIC: &str = "changelog";
@@ -53,9 +54,9 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
         PartitionState {
             partition: source(),
             next: Some(NextOffset(checkpoint as i64 * 100)),
-            max_ts: Some(1),
+            max_ts: Some(EventTime(1)),
         },
-        Some(1),
+        Some(EventTime(1)),
         entries,
         Vec::new(),
         2,

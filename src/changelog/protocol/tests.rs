@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, EntryStatus};
+use crate::event_time::EventTime;
 use crate::position::NextOffset;
 
 fn part(n: i32) -> Partition {
@@ -32,7 +33,7 @@ fn pos(p: i32, next: i64) -> PartitionState {
     PartitionState {
         partition: part(p),
         next: Some(NextOffset(next)),
-        max_ts: Some(next * 10),
+        max_ts: Some(EventTime(next * 10)),
     }
 }
 
@@ -55,7 +56,7 @@ fn publish(
         t,
         kind,
         pos(0, next),
-        Some(next),
+        Some(EventTime(next)),
         up,
         del,
         2,
@@ -251,7 +252,7 @@ proptest! {
             };
             let kind = match (full, prev) { (false, Some(base)) => Kind::Delta { base }, _ => Kind::Full };
             next += 3;
-            for c in chunks("g", t, kind, pos(0, next), Some(next), ups, dels, max, MAX_CHUNK_BYTES) {
+            for c in chunks("g", t, kind, pos(0, next), Some(EventTime(next)), ups, dels, max, MAX_CHUNK_BYTES) {
                 r.push(c);
             }
             prev = Some(t);

@@ -1,5 +1,6 @@
 use super::*;
 use crate::engine::{Acc, Entry, PartitionState, WindowDef, WindowKind};
+use crate::event_time::EventTime;
 use crate::position::OffsetReset;
 use crate::position::{NextOffset, Partition};
 
@@ -64,11 +65,11 @@ fn state() -> RestoredState {
     let part = |topic: &str, p: i32| PartitionState {
         partition: Partition::new(topic, p),
         next: Some(NextOffset(10)),
-        max_ts: Some(5),
+        max_ts: Some(EventTime(5)),
     };
     RestoredState {
         partitions: vec![part("clicks", 0), part("events", 0), part("events", 1)],
-        watermark: Some(1),
+        watermark: Some(EventTime(1)),
         entries: vec![
             entry(0, "a", EntryStatus::Open),
             entry(0, "b", EntryStatus::Open),
