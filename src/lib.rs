@@ -1,6 +1,7 @@
 //! checkpointer: consume Kafka, aggregate in event-time windows, checkpoint offsets and state
 //! atomically to sled, resume exactly after redeploys.
 
+pub mod board;
 pub mod changelog;
 pub mod checkpoint;
 pub mod checkpoint_id;

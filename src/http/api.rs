@@ -77,7 +77,7 @@ pub(super) async fn checkpoints(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let live = state.history().recent(1000);
+    let live = state.board.history().recent(1000);
     let items = merge_page(persisted, live, before, limit);
     let next_before = (items.len() == limit)
         .then(|| items.last().map(|r| r.id))
@@ -90,6 +90,7 @@ pub(super) async fn checkpoint(
     Path(id): Path<CheckpointId>,
 ) -> Response {
     let live = state
+        .board
         .history()
         .recent(1000)
         .into_iter()
@@ -202,17 +203,17 @@ pub(super) async fn partitions(State(state): State<Arc<AdminState>>) -> Json<Vec
 }
 
 fn partition_views(state: &AdminState) -> Vec<PartitionView> {
-    let progress = state.progress();
+    let progress = state.board.progress();
     state
-        .shared
+        .board
         .partitions()
         .into_iter()
-        .map(|(p, next, lag)| PartitionView {
-            max_event_time: progress.max_event_time.get(&p).copied(),
-            topic: p.topic,
-            partition: p.partition,
-            next_offset: next.map(|n| n.0),
-            lag,
+        .map(|held| PartitionView {
+            max_event_time: progress.max_event_time.get(&held.partition).copied(),
+            topic: held.partition.topic,
+            partition: held.partition.partition,
+            next_offset: held.next.map(|n| n.0),
+            lag: held.lag,
         })
         .collect()
 }
@@ -232,14 +233,15 @@ pub(super) async fn page_view(state: &AdminState) -> Result<PageView, StoreError
         detail: format!("store read task ended abnormally: {e}"),
     })?;
     let (persisted, savepoints, retained) = read?;
-    let progress = state.progress();
+    let progress = state.board.progress();
     let partitions = partition_views(state);
+    let (ready, ready_reason) = state.board.readiness();
     Ok(PageView {
-        attempts: merge_page(persisted, state.history().recent(200), None, 200),
+        attempts: merge_page(persisted, state.board.history().recent(200), None, 200),
         partitions,
         watermark: progress.watermark,
-        ready: state.ready.load(std::sync::atomic::Ordering::SeqCst),
-        ready_reason: state.ready_reason(),
+        ready,
+        ready_reason,
         savepoints: savepoints
             .into_iter()
             .map(|s| SavepointView {

@@ -5,10 +5,8 @@
 mod api;
 pub mod page;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -17,12 +15,8 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::checkpoint::history::History;
-use crate::event_time::EventTime;
-use crate::lock::lock;
+use crate::board::StatusBoard;
 use crate::metrics::Metrics;
-use crate::position::Partition;
-use crate::source::Shared;
 use crate::store::{SavepointMeta, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,72 +58,14 @@ pub enum Command {
     },
 }
 
-/// Event-time progress, refreshed by the processing loop about every second.
-#[derive(Debug, Clone, Default)]
-pub struct EventTimeProgress {
-    pub watermark: Option<EventTime>,
-    pub max_event_time: HashMap<Partition, EventTime>,
-}
-
-/// What the endpoints read; written by the service loop.
+/// What the endpoints read: the status board (written by the service), the store, the
+/// metrics; requests that need the processing loop go over `commands`.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub ready: AtomicBool,
-    pub ready_reason: Mutex<String>,
-    pub history: Mutex<History>,
+    pub board: Arc<StatusBoard>,
     pub store: Arc<Store>,
-    pub shared: Arc<Shared>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub restored_from: String,
-    pub progress: Mutex<EventTimeProgress>,
-}
-
-impl AdminState {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        history: History,
-        store: Arc<Store>,
-        shared: Arc<Shared>,
-        commands: mpsc::UnboundedSender<Command>,
-        restored_from: String,
-    ) -> Self {
-        AdminState {
-            metrics,
-            ready: AtomicBool::new(false),
-            ready_reason: Mutex::new("starting".to_string()),
-            history: Mutex::new(history),
-            store,
-            shared,
-            commands,
-            restored_from,
-            progress: Mutex::new(EventTimeProgress::default()),
-        }
-    }
-
-    pub fn set_ready(&self, ready: bool, reason: &str) {
-        self.ready.store(ready, Ordering::SeqCst);
-        self.metrics.ready.set(i64::from(ready));
-        let mut r = lock(&self.ready_reason);
-        if *r != reason {
-            *r = reason.to_string();
-        }
-    }
-
-    pub fn ready_reason(&self) -> String {
-        lock(&self.ready_reason).clone()
-    }
-
-    pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
-        lock(&self.history)
-    }
-
-    pub fn set_progress(&self, progress: EventTimeProgress) {
-        *lock(&self.progress) = progress;
-    }
-
-    pub fn progress(&self) -> EventTimeProgress {
-        lock(&self.progress).clone()
-    }
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -170,8 +106,8 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    let reason = state.ready_reason();
-    if state.ready.load(Ordering::SeqCst) {
+    let (ready, reason) = state.board.readiness();
+    if ready {
         (StatusCode::OK, format!("ready: {reason}\n")).into_response()
     } else {
         (

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tokio::sync::mpsc;
 
+use crate::board::StatusBoard;
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint::protocol::meta_of;
@@ -20,7 +21,7 @@ use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
 use crate::checkpoint_id::CheckpointId;
 use crate::clock::epoch_ms;
 use crate::engine::Engine;
-use crate::http::{AdminState, CommandError, Reply};
+use crate::http::{CommandError, Reply};
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 use crate::store::writer::{Job, WriteJob, WriteOutcome};
@@ -106,7 +107,7 @@ pub(crate) struct Coordinator {
     started: Instant,
     last_durable: Option<CheckpointId>,
     metrics: Arc<Metrics>,
-    admin: Arc<AdminState>,
+    board: Arc<StatusBoard>,
 }
 
 impl Coordinator {
@@ -119,7 +120,7 @@ impl Coordinator {
         store: Arc<dyn Checkpoints>,
         last_durable: Option<CheckpointId>,
         metrics: Arc<Metrics>,
-        admin: Arc<AdminState>,
+        board: Arc<StatusBoard>,
     ) -> Self {
         Coordinator {
             config,
@@ -131,7 +132,7 @@ impl Coordinator {
             started: Instant::now(),
             last_durable,
             metrics,
-            admin,
+            board,
         }
     }
 
@@ -236,7 +237,7 @@ impl Coordinator {
             record.savepoint = Some(r.name.clone());
             tracing::info!(checkpoint_id = id.0, savepoint = %r.name, "taking a savepoint");
         }
-        self.admin.history().push(record.clone());
+        self.board.history().push(record.clone());
         let abandoned = Arc::new(AtomicBool::new(false));
         let job = WriteJob {
             checkpoint: cp,
@@ -328,7 +329,7 @@ impl Coordinator {
         m.checkpoints_completed.inc();
         m.checkpoints_in_flight
             .set(self.scheduler.in_flight() as i64);
-        self.admin.history().update(id, |r| {
+        self.board.history().update(id, |r| {
             r.status = Status::Completed;
             r.duration_ms = Some(duration.as_millis() as u64);
             r.bytes = Some(stats.bytes);
@@ -369,7 +370,7 @@ impl Coordinator {
             self.metrics.checkpoints_failed.inc();
         }
         let started = self.in_flight.get(&id).map(|f| f.started);
-        let record = self.admin.history().update(id, |r| {
+        let record = self.board.history().update(id, |r| {
             r.status = status;
             r.failure = Some(reason.to_string());
             r.duration_ms = started.map(|s| s.elapsed().as_millis() as u64);

@@ -15,16 +15,15 @@ use tokio::sync::{mpsc, oneshot};
 use super::coordinator::Coordinator;
 use super::edge::{Assignments, ChangelogIo};
 use super::releases::{stale, Releases};
+use crate::board::StatusBoard;
 use crate::changelog::kafka::{Batch, PublishFailure, ReadProgress};
 use crate::changelog::plan::{plan, Ledger};
 use crate::changelog::protocol::Committed;
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::Engine;
-use crate::http::AdminState;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
-use crate::source::Shared;
 
 /// How often `/readyz` text follows a changelog restore's progress (the metrics follow every
 /// record).
@@ -64,9 +63,8 @@ pub(crate) struct Handoff {
     releases: Releases,
     changelog: Option<Changelog>,
     released_tx: mpsc::UnboundedSender<(CheckpointId, Vec<Partition>)>,
-    shared: Arc<Shared>,
+    board: Arc<StatusBoard>,
     metrics: Arc<Metrics>,
-    admin: Arc<AdminState>,
 }
 
 impl Handoff {
@@ -74,9 +72,8 @@ impl Handoff {
     pub(crate) fn new(
         config: HandoffConfig,
         changelog: Option<Changelog>,
-        shared: Arc<Shared>,
+        board: Arc<StatusBoard>,
         metrics: Arc<Metrics>,
-        admin: Arc<AdminState>,
     ) -> (
         Self,
         mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>,
@@ -90,9 +87,8 @@ impl Handoff {
             releases: Releases::default(),
             changelog,
             released_tx,
-            shared,
+            board,
             metrics,
-            admin,
         };
         (handoff, released)
     }
@@ -172,7 +168,7 @@ impl Handoff {
             if !stale.is_empty() {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
                 engine.drop_partitions(&stale);
-                self.shared.clear_positions(&stale);
+                self.board.clear_positions(&stale);
                 self.unreport(&stale);
                 coordinator.restart_line();
             }
@@ -201,7 +197,7 @@ impl Handoff {
                             .install_partition(&position, c.entries)
                             .with_context(|| format!("installing {p} from the changelog"))?;
                         if let Some(next) = position.next {
-                            self.shared.set_position(p, next);
+                            self.board.set_position(p, next);
                         }
                         self.metrics.changelog_restores.inc();
                         let bytes = progress.get(p).map_or(0, |r| r.bytes_read);
@@ -217,8 +213,8 @@ impl Handoff {
                 }
                 // the partition is assigned exactly where the state it holds ends
                 match engine.position(p) {
-                    Some(next) => self.shared.set_position(p, next),
-                    None => self.shared.clear_positions(std::slice::from_ref(p)),
+                    Some(next) => self.board.set_position(p, next),
+                    None => self.board.clear_positions(std::slice::from_ref(p)),
                 }
             }
             // the first checkpoint after a takeover publishes the partitions' full state
@@ -244,7 +240,7 @@ impl Handoff {
             }
         }
         engine.assign(&partitions);
-        self.shared.set_assigned(&self.assigned);
+        self.board.set_assigned(&self.assigned);
         Ok(())
     }
 
@@ -262,7 +258,7 @@ impl Handoff {
         let mut backoff = Duration::from_secs(1);
         let mut attempt = 1;
         loop {
-            let admin = self.admin.clone();
+            let board = self.board.clone();
             let metrics = self.metrics.clone();
             let io = io.clone();
             let (sources, group) = (partitions.to_vec(), self.config.group.clone());
@@ -292,7 +288,7 @@ impl Handoff {
                         && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
                     {
                         text_at = Some(Instant::now());
-                        admin.set_ready(
+                        board.set_ready(
                             false,
                             &format!(
                                 "restoring {p} from the changelog: {} records left, {} bytes read",
@@ -380,13 +376,13 @@ impl Handoff {
         self.unreport(partitions);
         if let Some(link) = self.changelog.as_mut() {
             engine.drop_partitions(partitions);
-            self.shared.clear_positions(partitions);
+            self.board.clear_positions(partitions);
             coordinator.restart_line();
             link.ledger.forget(partitions);
         } else {
             engine.revoke(partitions);
         }
-        self.shared.set_assigned(&self.assigned);
+        self.board.set_assigned(&self.assigned);
     }
 
     /// A revoke checkpoint failed: release its partitions anyway; the new owner restores the

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
 
+use crate::board::StatusBoard;
 use crate::changelog::kafka::{ChangelogTopic, Publisher};
 use crate::changelog::plan::Ledger;
 use crate::checkpoint::history::History;
@@ -128,22 +129,22 @@ pub async fn run(
     )?;
     let store = Arc::new(store);
 
-    let shared = Arc::new(Shared::default());
+    let board = Arc::new(StatusBoard::new(metrics.ready.clone(), History::new(200)));
+    let shared = Arc::new(Shared::new(board.clone()));
     let (commands_tx, commands) = tokio::sync::mpsc::unbounded_channel();
-    let admin = Arc::new(AdminState::new(
-        metrics.clone(),
-        History::new(200),
-        store.clone(),
-        shared.clone(),
-        commands_tx,
-        restored.describe(),
-    ));
+    let admin = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        board: board.clone(),
+        store: store.clone(),
+        commands: commands_tx,
+        restored_from: restored.describe(),
+    });
     let addr = http::serve(settings.http.listen, admin.clone()).await?;
     tracing::info!(%addr, "http listening");
 
     for (p, progress) in engine.progress() {
         if let Some(next) = progress.next {
-            shared.set_position(p, next);
+            board.set_position(p, next);
         }
     }
     let k = &settings.kafka;
@@ -244,7 +245,7 @@ pub async fn run(
         checkpoints,
         restored.head,
         metrics.clone(),
-        admin.clone(),
+        board.clone(),
     );
     let (handoff, released) = Handoff::new(
         HandoffConfig {
@@ -252,9 +253,8 @@ pub async fn run(
             direct,
         },
         changelog,
-        shared.clone(),
+        board.clone(),
         metrics.clone(),
-        admin.clone(),
     );
     let pipeline = Pipeline::new(Parts {
         config: PipelineConfig {
@@ -271,7 +271,7 @@ pub async fn run(
         },
         coordinator,
         handoff,
-        status: Status::new(admin.clone(), shared.clone(), metrics.clone()),
+        status: Status::new(board.clone(), metrics.clone()),
         consumer: consumer.clone(),
         output: sink,
         metrics,

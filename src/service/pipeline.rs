@@ -150,7 +150,9 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 return;
             }
         }
-        self.shared.set_position(&p, NextOffset::after(m.offset()));
+        self.shared
+            .board()
+            .set_position(&p, NextOffset::after(m.offset()));
         self.emit();
     }
 
@@ -212,7 +214,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             tracing::warn!(error = %e, suppressed, "consumer error, retrying");
         }
         if down {
-            self.shared.set_broker_error(Some(e.to_string()));
+            self.shared.board().set_broker_error(Some(e.to_string()));
         }
     }
 

@@ -4,10 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::board::{EventTimeProgress, StatusBoard};
 use crate::engine::Engine;
-use crate::http::{AdminState, EventTimeProgress};
 use crate::metrics::Metrics;
-use crate::source::Shared;
 use crate::store::Checkpoints;
 
 /// Whether the service is ready, and why (the `/readyz` text).
@@ -29,8 +28,7 @@ pub(crate) fn readiness(
 }
 
 pub(crate) struct Status {
-    admin: Arc<AdminState>,
-    shared: Arc<Shared>,
+    board: Arc<StatusBoard>,
     metrics: Arc<Metrics>,
     /// The readiness last published says the brokers are unreachable.
     broker_down: bool,
@@ -38,10 +36,9 @@ pub(crate) struct Status {
 }
 
 impl Status {
-    pub(crate) fn new(admin: Arc<AdminState>, shared: Arc<Shared>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(board: Arc<StatusBoard>, metrics: Arc<Metrics>) -> Self {
         Status {
-            admin,
-            shared,
+            board,
             metrics,
             broker_down: false,
             last_gauges: Instant::now(),
@@ -50,17 +47,17 @@ impl Status {
 
     /// Publishes readiness from the consumer's view of the brokers and the assignment.
     pub(crate) fn refresh(&mut self, assigned: usize, assignment_seen: bool) {
-        let broker_error = self.shared.broker_error();
+        let broker_error = self.board.broker_error();
         self.broker_down = broker_error.is_some();
         let (ready, reason) = readiness(broker_error.as_deref(), assigned, assignment_seen);
-        self.admin.set_ready(ready, &reason);
+        self.board.set_ready(ready, &reason);
     }
 
     /// A record arrived: an outage reported before is over.
     pub(crate) fn record_arrived(&mut self, assigned: usize, assignment_seen: bool) {
         if self.broker_down {
             self.broker_down = false;
-            self.shared.set_broker_error(None);
+            self.board.set_broker_error(None);
             tracing::info!("receiving records again");
             self.refresh(assigned, assignment_seen);
         }
@@ -68,11 +65,11 @@ impl Status {
 
     /// Whether the consumer's view of the brokers changed since readiness was published.
     pub(crate) fn stale(&self) -> bool {
-        self.shared.broker_error().is_some() != self.broker_down
+        self.board.broker_error().is_some() != self.broker_down
     }
 
     pub(crate) fn stopping(&self) {
-        self.admin.set_ready(false, "stopping");
+        self.board.set_ready(false, "stopping");
     }
 
     /// Refreshes gauges and event-time progress, at most once a second.
@@ -100,7 +97,7 @@ impl Status {
                 progress.max_event_time.insert(p.clone(), ts);
             }
         }
-        self.admin.set_progress(progress);
+        self.board.set_progress(progress);
         if let Ok(size) = store.size_on_disk() {
             m.store_size.set(size as i64);
         }

@@ -15,6 +15,7 @@ use super::fakes::{Call, FakeChangelog, FakeConsumer, FakeOutput};
 use super::handoff::{Changelog, Handoff, HandoffConfig};
 use super::pipeline::{Parts, Pipeline, PipelineConfig};
 use super::status::Status;
+use crate::board::StatusBoard;
 use crate::changelog::plan::Ledger;
 use crate::checkpoint::history::{History, Status as AttemptStatus};
 use crate::checkpoint::{Scheduler, SchedulerSettings, StateSpec};
@@ -23,13 +24,13 @@ use crate::config::{OffsetReset, OnCancel};
 use crate::engine::{
     ClosedWindow, Decoder, Engine, EngineConfig, FieldSource, TimeSource, WindowDef, WindowKind,
 };
-use crate::http::{AdminState, Command, CommandError};
+use crate::http::{Command, CommandError};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::position::Partition;
 use crate::source::{Rebalance, Shared};
 use crate::store::memory::MemoryStore;
-use crate::store::{writer, Checkpoints, Open, Store};
+use crate::store::{writer, Checkpoints};
 
 fn p(n: i32) -> Partition {
     Partition::new("events", n)
@@ -59,27 +60,16 @@ struct Rig {
     consumer: Arc<FakeConsumer>,
     changelog: Arc<FakeChangelog>,
     emitted: Arc<Mutex<Vec<ClosedWindow>>>,
-    admin: Arc<AdminState>,
+    board: Arc<StatusBoard>,
     offsets: std::collections::HashMap<Partition, i64>,
-    _dir: tempfile::TempDir,
 }
 
 impl Rig {
     fn new(options: Options) -> Rig {
-        let dir = tempfile::tempdir().expect("temp dir");
-        // the HTTP board needs a store to serve; the components use the in-memory one
-        let board_store = Arc::new(Store::open(dir.path(), Open::Create).expect("board store"));
         let metrics = Arc::new(Metrics::new());
-        let shared = Arc::new(Shared::default());
-        let (commands_tx, commands) = mpsc::unbounded_channel();
-        let admin = Arc::new(AdminState::new(
-            metrics.clone(),
-            History::new(200),
-            board_store,
-            shared.clone(),
-            commands_tx,
-            "nothing (empty start)".to_string(),
-        ));
+        let board = Arc::new(StatusBoard::new(metrics.ready.clone(), History::new(200)));
+        let shared = Arc::new(Shared::new(board.clone()));
+        let (_commands_tx, commands) = mpsc::unbounded_channel();
         let store = Arc::new(MemoryStore::default());
         let checkpoints: Arc<dyn Checkpoints> = store.clone();
         let (writer, outcomes) = writer::spawn(checkpoints.clone());
@@ -105,7 +95,7 @@ impl Rig {
             checkpoints,
             None,
             metrics.clone(),
-            admin.clone(),
+            board.clone(),
         );
         let fake_changelog = Arc::new(FakeChangelog::default());
         let changelog = options.changelog.then(|| Changelog {
@@ -118,9 +108,8 @@ impl Rig {
                 direct: !options.partition_scoped,
             },
             changelog,
-            shared.clone(),
+            board.clone(),
             metrics.clone(),
-            admin.clone(),
         );
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let emitted = Arc::new(Mutex::new(Vec::new()));
@@ -149,7 +138,7 @@ impl Rig {
             },
             coordinator,
             handoff,
-            status: Status::new(admin.clone(), shared.clone(), metrics.clone()),
+            status: Status::new(board.clone(), metrics.clone()),
             consumer: consumer.clone(),
             output: FakeOutput {
                 emitted: emitted.clone(),
@@ -171,9 +160,8 @@ impl Rig {
             consumer,
             changelog: fake_changelog,
             emitted,
-            admin,
+            board,
             offsets: Default::default(),
-            _dir: dir,
         }
     }
 
@@ -224,7 +212,7 @@ impl Rig {
     }
 
     fn history(&self, id: CheckpointId) -> AttemptStatus {
-        self.admin
+        self.board
             .history()
             .recent(100)
             .into_iter()

@@ -132,7 +132,7 @@ fn check_group(
     }
     // commit where reading will start: the broker refuses a commit without membership while
     // the group has members
-    let held = shared.positions_snapshot();
+    let held = shared.board().positions();
     let from_beginning = shared.from_beginning_snapshot();
     let mut probe = Vec::new();
     for e in committed.elements() {
@@ -245,7 +245,8 @@ async fn run(
     // topics the restored checkpoint holds positions in: their partitions without a position
     // were added while the service was down
     let restored_topics: BTreeSet<String> = shared
-        .positions_snapshot()
+        .board()
+        .positions()
         .into_keys()
         .map(|p| p.topic)
         .collect();
@@ -275,7 +276,7 @@ async fn run(
             if !missing.is_empty() && log_due() {
                 tracing::warn!(topics = ?missing, "input topics not found (yet); looking for them again at every partition discovery");
             }
-            let held = shared.positions_snapshot();
+            let held = shared.board().positions();
             let new: Vec<Partition> = partitions
                 .into_iter()
                 .filter(|p| !known.contains(p))

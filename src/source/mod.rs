@@ -8,7 +8,6 @@
 pub mod direct;
 pub mod ownership;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::board::StatusBoard;
 use crate::config::OffsetReset;
 use crate::kafka_log::ErrorLog;
 use crate::lock::lock;
@@ -63,27 +63,41 @@ pub enum Rebalance {
     Refused(String),
 }
 
-/// Shared between the processing loop and the rebalance callback, which runs inside `recv`.
-#[derive(Default)]
+/// Shared between the processing loop and the consumer's callbacks (rebalances run inside
+/// `recv`): the rebalances waiting for the loop, the shutdown flag, partitions to read from
+/// their beginning, the last commit; and the status board, whose positions the assignments
+/// start from.
 pub struct Shared {
     /// Set when the loop stops serving rebalances (shutdown): the callback completes them.
     closing: std::sync::atomic::AtomicBool,
-    positions: Mutex<HashMap<Partition, NextOffset>>,
     events: Mutex<Vec<Rebalance>>,
-    assigned: Mutex<Vec<Partition>>,
-    broker_error: Mutex<Option<String>>,
-    lags: Mutex<HashMap<Partition, i64>>,
     /// Partitions added to the topics (found while running, or while the service was down):
     /// read from their beginning when nothing is held for them.
     from_beginning: Mutex<std::collections::HashSet<Partition>>,
     /// The positions last committed to the group, and when.
     committed: Mutex<Committed>,
+    board: Arc<StatusBoard>,
 }
 
 /// The positions last committed to the group, and when.
 type Committed = (Vec<(Partition, NextOffset)>, Option<std::time::Instant>);
 
 impl Shared {
+    pub fn new(board: Arc<StatusBoard>) -> Self {
+        Shared {
+            closing: Default::default(),
+            events: Default::default(),
+            from_beginning: Default::default(),
+            committed: Default::default(),
+            board,
+        }
+    }
+
+    /// The status board: held positions, assignment, brokers' reachability.
+    pub fn board(&self) -> &StatusBoard {
+        &self.board
+    }
+
     /// From now on rebalances are completed in the callback itself (the loop has stopped).
     pub fn set_closing(&self) {
         self.closing
@@ -92,64 +106,6 @@ impl Shared {
 
     fn closing(&self) -> bool {
         self.closing.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    pub fn set_position(&self, p: &Partition, next: NextOffset) {
-        let mut map = lock(&self.positions);
-        match map.get_mut(p) {
-            Some(v) => *v = next,
-            None => {
-                map.insert(p.clone(), next);
-            }
-        }
-    }
-
-    /// Forgets the positions of partitions whose state this instance no longer holds: they
-    /// must not be resumed from there with an empty state.
-    pub fn clear_positions(&self, partitions: &[Partition]) {
-        let mut map = lock(&self.positions);
-        for p in partitions {
-            map.remove(p);
-        }
-    }
-
-    /// The client reported the brokers unreachable (`Some`) or the consumer received again.
-    pub fn set_broker_error(&self, error: Option<String>) {
-        *lock(&self.broker_error) = error;
-    }
-
-    pub fn broker_error(&self) -> Option<String> {
-        lock(&self.broker_error).clone()
-    }
-
-    pub fn set_assigned(&self, partitions: &[Partition]) {
-        *lock(&self.assigned) = partitions.to_vec();
-    }
-
-    pub fn assigned(&self) -> Vec<Partition> {
-        lock(&self.assigned).clone()
-    }
-
-    /// Assigned partitions with their next offset and last measured lag.
-    pub fn partitions(&self) -> Vec<(Partition, Option<NextOffset>, Option<i64>)> {
-        let positions = lock(&self.positions).clone();
-        let lags = lock(&self.lags);
-        let mut out: Vec<_> = self
-            .assigned()
-            .into_iter()
-            .map(|p| {
-                let next = positions.get(&p).copied();
-                let lag = lags.get(&p).copied();
-                (p, next, lag)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
-    /// Every held position.
-    pub fn positions_snapshot(&self) -> HashMap<Partition, NextOffset> {
-        lock(&self.positions).clone()
     }
 
     /// Partitions to start at their earliest offset when no position is held for them.
@@ -204,7 +160,9 @@ impl ClientContext for SourceContext {
             Some(RDKafkaErrorCode::PartitionEOF) => tracing::trace!(reason, "end of partition"),
             Some(RDKafkaErrorCode::AllBrokersDown) => {
                 self.errors.report("consumer", &error, reason);
-                self.shared.set_broker_error(Some(reason.to_string()));
+                self.shared
+                    .board()
+                    .set_broker_error(Some(reason.to_string()));
             }
             _ => self.errors.report("consumer", &error, reason),
         }
@@ -227,7 +185,7 @@ impl SourceContext {
         partitions: &[Partition],
     ) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
-        let positions = self.shared.positions_snapshot();
+        let positions = self.shared.board().positions();
         let from_beginning = self.shared.from_beginning_snapshot();
         for p in partitions {
             let start = match positions.get(p) {
@@ -460,8 +418,9 @@ pub fn spawn_lag_monitor(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            let assigned = shared.assigned();
-            let positions = lock(&shared.positions).clone();
+            let board = &shared.board;
+            let assigned = board.assigned();
+            let positions = board.positions();
             let consumer = consumer.clone();
             let lags = tokio::task::spawn_blocking(move || {
                 assigned
@@ -477,22 +436,17 @@ pub fn spawn_lag_monitor(
             match lags {
                 Ok(lags) => {
                     // a broker answered: the outage, if any, is over
-                    if !lags.is_empty() && shared.broker_error().is_some() {
+                    if !lags.is_empty() && board.broker_error().is_some() {
                         tracing::info!("brokers reachable again");
-                        shared.set_broker_error(None);
+                        board.set_broker_error(None);
                     }
-                    let mut known = lock(&shared.lags);
                     // partitions no longer assigned here stop being reported
-                    let current: std::collections::HashSet<&Partition> =
-                        lags.iter().map(|(p, _)| p).collect();
-                    for gone in known.keys().filter(|p| !current.contains(p)) {
+                    for gone in board.set_lags(&lags) {
                         let _ = metrics
                             .consumer_lag
                             .remove_label_values(&[&gone.topic, &gone.partition.to_string()]);
                     }
-                    known.clear();
                     for (p, lag) in lags {
-                        known.insert(p.clone(), lag);
                         metrics
                             .consumer_lag
                             .with_label_values(&[&p.topic, &p.partition.to_string()])
