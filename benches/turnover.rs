@@ -1,0 +1,348 @@
+//! The turnover workload: windows that open and close all the time, checkpointed as the
+//! service does, through the library's own decoder, engine, scheduler, sled store and
+//! background writer, driven as the pipeline drives them (snapshot on the loop, write off it,
+//! release on durability, acknowledge at once).
+//!
+//! Input: `--records` JSON records `{"user","amount","ts"}` over `--keys` keys, event time
+//! advancing 1 ms per record with up to 2 s of disorder; a tumbling 10 s and a hopping
+//! 30 s/10 s window; exactly-once (final windows wait for a durable checkpoint); a checkpoint
+//! every `--interval-ms` (2,000) with at most one in flight. The end of input closes every
+//! window (a record far in the future), and the run ends once every window is written and
+//! released. The records are generated on the loop (their formatting is included in the CPU
+//! time).
+//!
+//! Reports records per CPU-second of the process, wall time, checkpoint durations and
+//! snapshot stalls (p50/p99/max), peak RSS (`VmHWM`), the store's size on disk, and the time
+//! to reopen the store and restore its newest checkpoint. `--max-seconds` (900) and
+//! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
+//! got).
+//!
+//! Run: `cargo bench --bench turnover -- --keys 10000` (release build).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checkpointer::checkpoint::history::{CheckpointRecord, Status};
+use checkpointer::checkpoint::protocol::meta_of;
+use checkpointer::checkpoint::scheduler::Trigger;
+use checkpointer::checkpoint::{Checkpoint, Scheduler, SchedulerSettings, StateSpec};
+use checkpointer::checkpoint_id::CheckpointId;
+use checkpointer::engine::{
+    Decoder, Engine, EngineConfig, FieldSource, TimeSource, WindowDef, WindowKind,
+};
+use checkpointer::position::Partition;
+use checkpointer::store::writer::{self, Job, WriteJob, WriteOutcome};
+use checkpointer::store::{Checkpoints, Open, Store};
+
+const T0: i64 = 1_700_000_000_000;
+const DISORDER_MS: u64 = 2_000;
+const PARTITIONS: i32 = 4;
+
+struct Args {
+    records: u64,
+    keys: u64,
+    interval: Duration,
+    max_seconds: u64,
+    max_rss_gib: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        records: 2_000_000,
+        keys: 10_000,
+        interval: Duration::from_millis(2_000),
+        max_seconds: 900,
+        max_rss_gib: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{flag} needs a number"))
+        };
+        match flag.as_str() {
+            "--records" => a.records = value(),
+            "--keys" => a.keys = value(),
+            "--interval-ms" => a.interval = Duration::from_millis(value()),
+            "--max-seconds" => a.max_seconds = value(),
+            "--max-rss-gib" => a.max_rss_gib = value(),
+            // cargo bench passes --bench
+            _ => {}
+        }
+    }
+    a
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the command name, which is in parentheses
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of this process, bytes.
+fn peak_rss() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+/// Resident set size of this process now, bytes.
+fn rss() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// A `/proc/self/status` field in kB.
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn percentiles(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "-".to_string();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn main() {
+    let a = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    let store = Arc::new(Store::open(&path, Open::Create).expect("store"));
+    let checkpoints: Arc<dyn Checkpoints> = store.clone();
+    let (jobs, mut outcomes) = {
+        let _guard = runtime.enter();
+        writer::spawn(checkpoints)
+    };
+    let config = || EngineConfig {
+        windows: vec![
+            WindowDef {
+                name: "tumble".into(),
+                kind: WindowKind::Tumbling { size: 10_000 },
+            },
+            WindowDef {
+                name: "hop".into(),
+                kind: WindowKind::Hopping {
+                    size: 30_000,
+                    hop: 10_000,
+                },
+            },
+        ],
+        max_out_of_orderness: DISORDER_MS as i64,
+        allowed_lateness: 0,
+        hold_until_checkpoint: true,
+        partition_scoped: false,
+    };
+    let mut engine = Engine::new(config());
+    let decoder = Decoder {
+        key: FieldSource::Pointer("/user".into()),
+        value: Some("/amount".into()),
+        timestamp: TimeSource::Pointer("/ts".into()),
+    };
+    let mut scheduler = Scheduler::new(
+        SchedulerSettings {
+            interval: a.interval,
+            min_pause: Duration::ZERO,
+            timeout: Duration::from_secs(3_600),
+            max_concurrent: 1,
+            tolerable_failures: 0,
+        },
+        CheckpointId(1),
+        None,
+    );
+    let partitions: Vec<Partition> = (0..PARTITIONS).map(|n| Partition::new("in", n)).collect();
+    engine.assign(&partitions);
+
+    let started = Instant::now();
+    let cpu_start = cpu_seconds();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut offsets = vec![0i64; PARTITIONS as usize];
+    let mut payload = String::with_capacity(96);
+    let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Vec::new());
+    let mut in_flight: Option<(CheckpointId, Instant)> = None;
+    let mut stopped: Option<String> = None;
+    let mut next_rss_check = Instant::now();
+    let mut consumed = 0u64;
+    let total = a.records + PARTITIONS as u64; // the closing records
+    let deadline = started + Duration::from_secs(a.max_seconds);
+
+    let checkpoint = |engine: &mut Engine,
+                      scheduler: &mut Scheduler,
+                      in_flight: &mut Option<(CheckpointId, Instant)>,
+                      stalls: &mut Vec<f64>| {
+        let now = started.elapsed();
+        if in_flight.is_some() || !scheduler.due(now) {
+            return;
+        }
+        let Trigger { id, base } = scheduler.trigger(now);
+        let t = Instant::now();
+        let delta = engine.snapshot(id, base.is_none());
+        stalls.push(t.elapsed().as_secs_f64());
+        let cp = Checkpoint {
+            id,
+            base,
+            trigger_ms: T0,
+            spec: StateSpec::default(),
+            delta,
+        };
+        let record = CheckpointRecord::from_meta(&meta_of(&cp, 0, 0), Status::InProgress);
+        let job = WriteJob {
+            checkpoint: cp,
+            record,
+            savepoint: None,
+            started: t,
+            abandoned: Arc::new(AtomicBool::new(false)),
+        };
+        if jobs.send(Job::Write(Box::new(job))).is_err() {
+            panic!("writer gone");
+        }
+        *in_flight = Some((id, t));
+    };
+
+    loop {
+        // the writer's outcomes, as the pipeline settles them
+        while let Ok(outcome) = outcomes.try_recv() {
+            match outcome {
+                WriteOutcome::Durable { id, duration, .. } => {
+                    scheduler.completed(id, started.elapsed());
+                    engine.checkpoint_completed(id);
+                    durations.push(duration.as_secs_f64());
+                    in_flight = None;
+                }
+                other => panic!("checkpoint not written: {other:?}"),
+            }
+        }
+        let released = engine.take_emittable();
+        if !released.is_empty() {
+            emitted += released.len() as u64;
+            engine.emitted(released.into_iter().map(|w| w.id));
+        }
+        if consumed == total {
+            if in_flight.is_none() && engine.pending_emissions() == 0 && !engine.has_changes() {
+                break;
+            }
+            checkpoint(&mut engine, &mut scheduler, &mut in_flight, &mut stalls);
+            std::thread::sleep(Duration::from_millis(1));
+        } else {
+            for _ in 0..1_024 {
+                if consumed == total {
+                    break;
+                }
+                let (p, ts, user) = if consumed < a.records {
+                    let jitter = rng.next() % DISORDER_MS;
+                    let ts = T0 + consumed as i64 - jitter as i64;
+                    let user = rng.next() % a.keys;
+                    ((rng.next() % PARTITIONS as u64) as usize, ts, user)
+                } else {
+                    // one record per partition an hour ahead: every window of the data closes
+                    let p = (consumed - a.records) as usize;
+                    (p, T0 + a.records as i64 + 3_600_000, 0)
+                };
+                payload.clear();
+                use std::fmt::Write as _;
+                let _ = write!(payload, r#"{{"user":"u{user}","amount":1,"ts":{ts}}}"#);
+                let decoded = decoder.decode(None, Some(payload.as_bytes()), None);
+                let offset = offsets[p];
+                offsets[p] += 1;
+                engine.process(&partitions[p], offset, decoded);
+                consumed += 1;
+            }
+            checkpoint(&mut engine, &mut scheduler, &mut in_flight, &mut stalls);
+        }
+        if Instant::now() >= deadline {
+            stopped = Some(format!("--max-seconds {}", a.max_seconds));
+            break;
+        }
+        if next_rss_check.elapsed() >= Duration::from_millis(200) {
+            next_rss_check = Instant::now();
+            if rss() >= a.max_rss_gib << 30 {
+                stopped = Some(format!("--max-rss-gib {}", a.max_rss_gib));
+                break;
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_start;
+    let rss = peak_rss();
+    let store_bytes = store.size_on_disk().unwrap_or(0);
+    let pending = engine.pending_emissions();
+    drop(jobs);
+    drop(engine);
+    drop(store);
+    runtime.shutdown_timeout(Duration::from_secs(60));
+    let t = Instant::now();
+    let restore = if stopped.is_some() {
+        None
+    } else {
+        Some(
+            Store::open(&path, Open::Create)
+                .and_then(|s| s.load())
+                .map(|loaded| loaded.map(|(_, state)| Engine::from_state(config(), state).is_ok())),
+        )
+    };
+    let restore_s = t.elapsed().as_secs_f64();
+
+    println!(
+        "turnover: {} records, {} keys, checkpoint every {:?}",
+        a.records, a.keys, a.interval
+    );
+    if let Some(why) = &stopped {
+        println!("STOPPED after {wall:.0} s ({why}): {consumed} of {total} records read, {pending} windows not released");
+    }
+    println!(
+        "wall {wall:.1} s, CPU {cpu:.1} s, {:.0} records per CPU-second",
+        consumed as f64 / cpu.max(1e-9)
+    );
+    println!("windows emitted {emitted}");
+    println!(
+        "checkpoints {}: {}",
+        durations.len(),
+        percentiles(durations)
+    );
+    println!("snapshot stalls: {}", percentiles(stalls));
+    println!("peak RSS {:.1} MiB", rss as f64 / 1048576.0);
+    println!("store on disk {:.1} MiB", store_bytes as f64 / 1048576.0);
+    match restore {
+        None => println!("reopen + restore not measured (the run was stopped)"),
+        Some(Ok(Some(true))) => println!("reopen + restore {restore_s:.2} s"),
+        Some(other) => println!("reopen + restore failed: {other:?}"),
+    }
+}
