@@ -189,6 +189,26 @@ impl Rig {
         self.pipeline.on_message(&m);
     }
 
+    async fn revoke(&mut self, partitions: &[Partition]) {
+        self.pipeline
+            .on_rebalance(Rebalance::Revoke {
+                partitions: partitions.to_vec(),
+                lost: false,
+            })
+            .await
+            .expect("revoke");
+    }
+
+    /// Waits for a release the hand-off made due and hands it to the pipeline.
+    async fn release_due(&mut self, what: &str) {
+        let (id, partitions) =
+            tokio::time::timeout(Duration::from_secs(5), self.inbox.released.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what} within 5 s"))
+                .expect("channel open");
+        self.pipeline.on_released(id, partitions);
+    }
+
     /// Lets the checkpoint interval pass and runs the timers: the checkpoint due is triggered.
     fn tick(&mut self) {
         std::thread::sleep(Duration::from_millis(2));
@@ -305,13 +325,7 @@ async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_stat
     rig.record(&p(0), "a", 100);
     rig.record(&p(1), "b", 100);
     rig.tick(); // checkpoint 1 in flight
-    rig.pipeline
-        .on_rebalance(Rebalance::Revoke {
-            partitions: vec![p(0)],
-            lost: false,
-        })
-        .await
-        .expect("revoke");
+    rig.revoke(&[p(0)]).await;
     assert!(rig.consumer.released().is_empty(), "not released at once");
     rig.settle().await.expect("checkpoint 1");
     rig.settle().await.expect("revoke checkpoint 2");
@@ -330,11 +344,7 @@ async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_stat
         "the revoke checkpoint publishes the partition's state: {published:?}"
     );
     assert_eq!(rig.changelog.complete(Ok(())), 1);
-    let (id, partitions) = tokio::time::timeout(Duration::from_secs(5), rig.inbox.released.recv())
-        .await
-        .expect("release due")
-        .expect("channel open");
-    rig.pipeline.on_released(id, partitions);
+    rig.release_due("release due").await;
     assert_eq!(rig.consumer.released(), vec![p(0)]);
     assert!(
         rig.pipeline.engine().progress().all(|(q, _)| *q != p(0)),
@@ -353,19 +363,9 @@ async fn a_revoke_checkpoint_that_fails_still_releases_the_partition() {
     rig.assign(&[p(0)]).await;
     rig.record(&p(0), "a", 100);
     rig.store.fail_next_write("disk full");
-    rig.pipeline
-        .on_rebalance(Rebalance::Revoke {
-            partitions: vec![p(0)],
-            lost: false,
-        })
-        .await
-        .expect("revoke");
+    rig.revoke(&[p(0)]).await;
     rig.settle().await.expect("a tolerable failure");
-    let (id, partitions) = tokio::time::timeout(Duration::from_secs(5), rig.inbox.released.recv())
-        .await
-        .expect("release due after the failure")
-        .expect("channel open");
-    rig.pipeline.on_released(id, partitions);
+    rig.release_due("release due after the failure").await;
     assert_eq!(rig.consumer.released(), vec![p(0)]);
 }
 
