@@ -126,15 +126,12 @@ impl StatusBoard {
 
     /// The lags last measured; returns the partitions no longer measured.
     pub fn set_lags(&self, lags: &[(Partition, i64)]) -> Vec<Partition> {
+        let measured: HashMap<Partition, i64> = lags.iter().cloned().collect();
         let mut parts = lock(&self.partitions);
-        let gone = parts
-            .lags
-            .keys()
-            .filter(|p| !lags.iter().any(|(q, _)| q == *p))
-            .cloned()
-            .collect();
-        parts.lags = lags.iter().cloned().collect();
-        gone
+        let old = std::mem::replace(&mut parts.lags, measured);
+        old.into_keys()
+            .filter(|p| !parts.lags.contains_key(p))
+            .collect()
     }
 
     /// Assigned partitions with their next offset and last measured lag, in order.

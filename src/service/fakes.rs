@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::edge::{Assignments, ChangelogIo, Output};
 use crate::changelog::kafka::{Batch, ChangelogError, OnProgress};
-use crate::changelog::protocol::Committed;
+use crate::changelog::protocol::{Chunk, Committed};
 use crate::config::OffsetReset;
 use crate::engine::{ClosedWindow, StateKey};
 use crate::lock::lock;
@@ -83,17 +83,14 @@ impl Output for FakeOutput {
 /// Keeps every publication; their `done` answers wait for [`FakeChangelog::complete`].
 #[derive(Default)]
 pub(crate) struct FakeChangelog {
-    published: Mutex<Vec<(Vec<crate::changelog::protocol::Chunk>, usize)>>,
+    published: Mutex<Vec<Vec<Chunk>>>,
     waiting: Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
 }
 
 impl FakeChangelog {
     /// The chunks of every publication so far.
-    pub(crate) fn chunks(&self) -> Vec<crate::changelog::protocol::Chunk> {
-        lock(&self.published)
-            .iter()
-            .flat_map(|(c, _)| c.clone())
-            .collect()
+    pub(crate) fn chunks(&self) -> Vec<Chunk> {
+        lock(&self.published).iter().flatten().cloned().collect()
     }
 
     /// Answers every publication waiting for its acknowledgement with `result`.
@@ -109,7 +106,7 @@ impl FakeChangelog {
 
 impl ChangelogIo for FakeChangelog {
     fn publish(&self, batch: Batch) {
-        lock(&self.published).push((batch.chunks, batch.tombstones.len()));
+        lock(&self.published).push(batch.chunks);
         if let Some(done) = batch.done {
             lock(&self.waiting).push(done);
         }
