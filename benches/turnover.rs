@@ -152,6 +152,7 @@ fn main() {
         let _guard = runtime.enter();
         writer::spawn(checkpoints)
     };
+    let layout = store.layout().expect("key-group layout");
     let config = || EngineConfig {
         windows: vec![
             WindowDef {
@@ -170,6 +171,7 @@ fn main() {
         allowed_lateness: 0,
         hold_until_checkpoint: true,
         partition_scoped: false,
+        groups: layout,
     };
     let mut engine = Engine::new(config());
     let decoder = Decoder {

@@ -100,20 +100,26 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
                     max_ts: Some(checkpointer::event_time::EventTime(5)),
                 }],
                 watermark: None,
-                upserts: vec![(
-                    StateKey {
-                        partition: None,
-                        window: 0,
-                        start: 0,
-                        key: format!("user-{id}"),
-                    },
-                    Entry {
-                        status: EntryStatus::Open,
-                        end: 60_000,
-                        acc: Acc::of(None),
-                    },
-                )],
-                deletes: vec![],
+                // every group of the state so far, whole (unchanged ones too: allowed)
+                groups: checkpointer::engine::group::group_entries(
+                    &store.layout().expect("layout"),
+                    (1..=id).map(|n| {
+                        (
+                            StateKey {
+                                partition: None,
+                                window: 0,
+                                start: 0,
+                                key: format!("user-{n}"),
+                            },
+                            Entry {
+                                status: EntryStatus::Open,
+                                end: 60_000,
+                                acc: Acc::of(None),
+                            },
+                        )
+                    }),
+                ),
+                entries: id,
                 records: 10,
             },
         };

@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 
-use super::protocol::{chunks, publication_kind, Chunk, Kind, Tag, MAX_CHUNK_BYTES};
+use super::protocol::{chunks, publication_kind, Chunk, GroupChange, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
-use crate::engine::{Entry, StateKey};
+use crate::engine::group::encode_blob;
 use crate::position::Partition;
 
-/// Changes per chunk: keeps records far below Kafka's 1 MB default message size.
-pub const CHUNK_ENTRIES: usize = 2_000;
+/// Groups per chunk (with [`MAX_CHUNK_BYTES`], keeps records far below Kafka's 1 MB default
+/// message size).
+pub const CHUNK_GROUPS: usize = 2_000;
 /// A full publication of every partition after this many checkpoints, which tombstones the
 /// line before it: bounds what compaction keeps and what a restore reads.
 pub const FULL_EVERY: u64 = 100;
@@ -91,18 +92,6 @@ impl Ledger {
 /// The publication of durable checkpoint `cp` for the partitions in `owned`, by consumer group
 /// `group`, given what `ledger` says was published before.
 pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) -> Plan {
-    let mut ups: HashMap<&Partition, Vec<(StateKey, Entry)>> = HashMap::new();
-    let mut dels: HashMap<&Partition, Vec<StateKey>> = HashMap::new();
-    for (k, e) in &cp.delta.upserts {
-        if let Some(p) = &k.partition {
-            ups.entry(p).or_default().push((k.clone(), *e));
-        }
-    }
-    for k in &cp.delta.deletes {
-        if let Some(p) = &k.partition {
-            dels.entry(p).or_default().push(k.clone());
-        }
-    }
     let mut out = Plan {
         chunks: Vec::new(),
         tombstones: Vec::new(),
@@ -115,6 +104,24 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
         if !owned.contains(p) {
             continue;
         }
+        let groups: Result<Vec<GroupChange>, _> = cp
+            .delta
+            .groups
+            .iter()
+            .filter(|g| g.id.scope.as_ref() == Some(p))
+            .map(|g| {
+                encode_blob(&g.entries).map(|blob| GroupChange {
+                    group: g.id.group,
+                    blob,
+                })
+            })
+            .collect();
+        // an encoding failure is not expected (plain data into memory); the partition then
+        // waits for a full publication rather than publish a part of its changes
+        let Ok(groups) = groups else {
+            out.need_full = true;
+            continue;
+        };
         let Some(kind) = publication_kind(
             cp.delta.full,
             cp.base,
@@ -140,9 +147,8 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
             kind,
             position.clone(),
             cp.delta.watermark,
-            ups.remove(p).unwrap_or_default(),
-            dels.remove(p).unwrap_or_default(),
-            CHUNK_ENTRIES,
+            groups,
+            CHUNK_GROUPS,
             MAX_CHUNK_BYTES,
         ));
         out.published.push((p.clone(), tag, kind));
@@ -153,9 +159,13 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::protocol::Changes;
     use crate::checkpoint::StateSpec;
     use crate::checkpoint_id::CheckpointId;
-    use crate::engine::{Acc, EntryStatus, PartitionState, StateDelta};
+    use crate::engine::group::group_entries;
+    use crate::engine::{
+        Acc, Entry, EntryStatus, GroupLayout, PartitionState, StateDelta, StateKey,
+    };
     use crate::position::NextOffset;
 
     fn p(n: i32) -> Partition {
@@ -201,8 +211,11 @@ mod tests {
                     })
                     .collect(),
                 watermark: None,
-                upserts: users.iter().map(|(n, u)| (key(*n, u), entry())).collect(),
-                deletes: Vec::new(),
+                groups: group_entries(
+                    &GroupLayout::default(),
+                    users.iter().map(|(n, u)| (key(*n, u), entry())),
+                ),
+                entries: users.len() as u64,
                 records: 0,
             },
         }
@@ -225,11 +238,23 @@ mod tests {
             )]
         );
         assert!(plan.chunks.iter().all(|c| *c.source() == p(1)));
-        let users: Vec<&str> = plan
+        let mut users: Vec<String> = plan
             .chunks
             .iter()
-            .flat_map(|c| c.upserts.iter().map(|(k, _)| k.key.as_str()))
+            .flat_map(|c| match &c.changes {
+                Changes::Groups(groups) => groups
+                    .iter()
+                    .flat_map(|g| {
+                        crate::engine::group::decode_blob(&g.blob, &Some(p(1)))
+                            .expect("blob")
+                            .into_iter()
+                            .map(|(k, _)| k.key)
+                    })
+                    .collect::<Vec<_>>(),
+                Changes::Keys { .. } => panic!("publications carry groups"),
+            })
             .collect();
+        users.sort();
         assert_eq!(users, vec!["b", "c"]);
         assert!(!plan.need_full);
     }

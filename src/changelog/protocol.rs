@@ -2,8 +2,9 @@
 //! it. Pure: the publisher and the reader around it do the Kafka I/O.
 //!
 //! Every durable checkpoint publishes, per source partition it changed, one or more chunks
-//! tagged with the writer's run and checkpoint id: the partition's changed window entries and
-//! the position (next offset, highest event time) they match. A publication is either `Full`
+//! tagged with the writer's run and checkpoint id: the partition's changed key groups, each
+//! whole (the group blob of `engine::group`), and the position (next offset, highest event
+//! time) they match. A publication is either `Full`
 //! (the partition's whole state: it starts a new line) or a `Delta` on the publication it names
 //! as its base. A reader replays the changelog partition in log order and accepts a publication
 //! only once all of its chunks are there and only if it continues the line it holds, so it
@@ -16,12 +17,14 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint_id::CheckpointId;
+use crate::engine::group::{decode_blob, BlobError};
 use crate::engine::{Entry, PartitionState, StateKey};
 use crate::event_time::EventTime;
 use crate::position::Partition;
 
-/// Version of the record layout; a reader refuses records of a newer one.
-pub const RECORD_VERSION: u32 = 1;
+/// Version of the record layout; a reader refuses records of a newer one. Version 1 carried
+/// changes by key (upserts and deletes); it is still read.
+pub const RECORD_VERSION: u32 = 2;
 const MAGIC: &[u8; 4] = b"CKCL";
 
 /// One publication: a writer's run (random per process start) and its checkpoint id.
@@ -39,6 +42,40 @@ pub enum Kind {
     Delta { base: Tag },
 }
 
+/// One key group of the partition, whole: the blob of `engine::group` (without entries for a
+/// group that emptied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupChange {
+    pub group: u16,
+    pub blob: Vec<u8>,
+}
+
+/// What a chunk changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Changes {
+    /// Key groups replaced whole (records of version 2).
+    Groups(Vec<GroupChange>),
+    /// Entries set and removed by key (records of version 1).
+    Keys {
+        upserts: Vec<(StateKey, Entry)>,
+        deletes: Vec<StateKey>,
+    },
+}
+
+/// A record of version 1, read only to convert it.
+#[derive(Deserialize)]
+struct ChunkV1 {
+    group: String,
+    tag: Tag,
+    kind: Kind,
+    index: u32,
+    count: u32,
+    position: PartitionState,
+    watermark: Option<EventTime>,
+    upserts: Vec<(StateKey, Entry)>,
+    deletes: Vec<StateKey>,
+}
+
 /// One changelog record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
@@ -53,8 +90,7 @@ pub struct Chunk {
     /// The partition's position the state matches (also names the partition).
     pub position: PartitionState,
     pub watermark: Option<EventTime>,
-    pub upserts: Vec<(StateKey, Entry)>,
-    pub deletes: Vec<StateKey>,
+    pub changes: Changes,
 }
 
 impl Chunk {
@@ -108,7 +144,24 @@ pub fn decode(raw: &[u8]) -> Result<Chunk, DecodeError> {
     if crc32fast::hash(body) != crc {
         return Err(DecodeError::Checksum);
     }
-    postcard::from_bytes(body).map_err(|e| DecodeError::Undecodable(e.to_string()))
+    let undecodable = |e: postcard::Error| DecodeError::Undecodable(e.to_string());
+    if version == 1 {
+        let old: ChunkV1 = postcard::from_bytes(body).map_err(undecodable)?;
+        return Ok(Chunk {
+            group: old.group,
+            tag: old.tag,
+            kind: old.kind,
+            index: old.index,
+            count: old.count,
+            position: old.position,
+            watermark: old.watermark,
+            changes: Changes::Keys {
+                upserts: old.upserts,
+                deletes: old.deletes,
+            },
+        });
+    }
+    postcard::from_bytes(body).map_err(undecodable)
 }
 
 /// How a durable checkpoint is published for one partition, given what the writer last
@@ -135,9 +188,9 @@ pub fn publication_kind(
 /// size, whatever the keys' lengths.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
-/// Splits one partition's publication into chunks of at most `max_entries` changes and about
-/// `max_bytes` of encoded changes each (at least one chunk, so that a publication without
-/// changes still records the position; a single larger change gets a chunk of its own).
+/// Splits one partition's publication into chunks of at most `max_groups` groups and about
+/// `max_bytes` of group blobs each (at least one chunk, so that a publication without changes
+/// still records the position; a single larger group gets a chunk of its own).
 #[allow(clippy::too_many_arguments)]
 pub fn chunks(
     group: &str,
@@ -145,12 +198,11 @@ pub fn chunks(
     kind: Kind,
     position: PartitionState,
     watermark: Option<EventTime>,
-    upserts: Vec<(StateKey, Entry)>,
-    deletes: Vec<StateKey>,
-    max_entries: usize,
+    groups: Vec<GroupChange>,
+    max_groups: usize,
     max_bytes: usize,
 ) -> Vec<Chunk> {
-    let max = max_entries.max(1);
+    let max = max_groups.max(1);
     let empty = |index: u32| Chunk {
         group: group.to_string(),
         tag,
@@ -159,12 +211,12 @@ pub fn chunks(
         count: 0,
         position: position.clone(),
         watermark,
-        upserts: Vec::new(),
-        deletes: Vec::new(),
+        changes: Changes::Groups(Vec::new()),
     };
     let mut out = vec![empty(0)];
     let (mut fill, mut bytes) = (0usize, 0usize);
-    let mut room = |out: &mut Vec<Chunk>, size: usize| {
+    for g in groups {
+        let size = g.blob.len() + 8;
         if fill > 0 && (fill >= max || bytes + size > max_bytes) {
             let next = out.len() as u32;
             out.push(empty(next));
@@ -173,19 +225,12 @@ pub fn chunks(
         }
         fill += 1;
         bytes += size;
-    };
-    for u in upserts {
-        let size = postcard::experimental::serialized_size(&u).unwrap_or(0);
-        room(&mut out, size);
-        if let Some(last) = out.last_mut() {
-            last.upserts.push(u);
-        }
-    }
-    for d in deletes {
-        let size = postcard::experimental::serialized_size(&d).unwrap_or(0);
-        room(&mut out, size);
-        if let Some(last) = out.last_mut() {
-            last.deletes.push(d);
+        if let Some(Chunk {
+            changes: Changes::Groups(list),
+            ..
+        }) = out.last_mut()
+        {
+            list.push(g);
         }
     }
     let count = out.len() as u32;
@@ -203,6 +248,9 @@ pub struct Committed {
     pub position: Option<PartitionState>,
     pub watermark: Option<EventTime>,
     pub entries: BTreeMap<StateKey, Entry>,
+    /// The keys of `entries` by the group that carried them, so that a group replaced whole
+    /// drops what it no longer holds.
+    members: HashMap<u16, Vec<StateKey>>,
     /// Keys of every record of the partition read, to tombstone once a newer full
     /// publication supersedes them (so that compaction can remove them).
     pub record_keys: Vec<String>,
@@ -267,9 +315,24 @@ impl Replay {
             .collect();
         let Some(first) = chunks.first() else { return };
         let kind = first.kind;
-        let mut next = match kind {
-            Kind::Full => Committed::default(),
-            Kind::Delta { base } if part.committed.tag == Some(base) => part.committed.clone(),
+        // every group blob is decoded before anything changes: a damaged one leaves the line
+        // as it was
+        let mut decoded = Vec::with_capacity(chunks.len());
+        for c in &chunks {
+            match decode_changes(c) {
+                Ok(d) => decoded.push(d),
+                Err(e) => {
+                    self.ignored.push(Ignored {
+                        tag,
+                        reason: format!("undecodable group: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+        match kind {
+            Kind::Full => part.committed = Committed::default(),
+            Kind::Delta { base } if part.committed.tag == Some(base) => {}
             Kind::Delta { base } => {
                 self.ignored.push(Ignored {
                     tag,
@@ -280,19 +343,33 @@ impl Replay {
                 });
                 return;
             }
-        };
-        for c in chunks {
-            for k in &c.deletes {
-                next.entries.remove(k);
-            }
-            for (k, e) in c.upserts {
-                next.entries.insert(k, e);
+        }
+        let next = &mut part.committed;
+        for (c, changes) in chunks.into_iter().zip(decoded) {
+            match changes {
+                Decoded::Groups(groups) => {
+                    for (g, entries) in groups {
+                        for k in next.members.remove(&g).unwrap_or_default() {
+                            next.entries.remove(&k);
+                        }
+                        if !entries.is_empty() {
+                            next.members
+                                .insert(g, entries.iter().map(|(k, _)| k.clone()).collect());
+                        }
+                        next.entries.extend(entries);
+                    }
+                }
+                Decoded::Keys { upserts, deletes } => {
+                    for k in &deletes {
+                        next.entries.remove(k);
+                    }
+                    next.entries.extend(upserts);
+                }
             }
             next.position = Some(c.position);
             next.watermark = c.watermark;
         }
         next.tag = Some(tag);
-        part.committed = next;
     }
 
     /// The state of `p` as of the last publication accepted.
@@ -316,6 +393,32 @@ impl Replay {
                 ..r.committed
             })
             .filter(|c| c.tag.is_some())
+    }
+}
+
+/// A chunk's changes, decoded.
+enum Decoded {
+    Groups(Vec<(u16, Vec<(StateKey, Entry)>)>),
+    Keys {
+        upserts: Vec<(StateKey, Entry)>,
+        deletes: Vec<StateKey>,
+    },
+}
+
+fn decode_changes(c: &Chunk) -> Result<Decoded, BlobError> {
+    match &c.changes {
+        Changes::Groups(groups) => {
+            let scope = Some(c.source().clone());
+            let mut out = Vec::with_capacity(groups.len());
+            for g in groups {
+                out.push((g.group, decode_blob(&g.blob, &scope)?));
+            }
+            Ok(Decoded::Groups(out))
+        }
+        Changes::Keys { upserts, deletes } => Ok(Decoded::Keys {
+            upserts: upserts.clone(),
+            deletes: deletes.clone(),
+        }),
     }
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{
-    AggregateKind, Entry, PartitionState, RestoredState, StateDelta, StateKey, WindowDef,
+    AggregateKind, Entry, GroupId, PartitionState, RestoredState, StateDelta, StateKey, WindowDef,
 };
 use crate::event_time::EventTime;
 use crate::position::{check_forward, BackwardsMove};
@@ -138,11 +138,12 @@ pub fn check_applicable(
     Ok(())
 }
 
-/// The complete state as of one checkpoint: what restoring it yields.
+/// The complete state as of one checkpoint: what restoring it yields. A checkpoint replaces
+/// each group it carries whole (a full one replaces every group).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MaterializedState {
     pub meta: Option<CheckpointMeta>,
-    pub entries: BTreeMap<StateKey, Entry>,
+    pub groups: BTreeMap<GroupId, Vec<(StateKey, Entry)>>,
 }
 
 impl MaterializedState {
@@ -155,16 +156,26 @@ impl MaterializedState {
     ) -> Result<(), ApplyError> {
         check_applicable(self.meta.as_ref(), cp)?;
         if cp.delta.full {
-            self.entries.clear();
+            self.groups.clear();
         }
-        for key in &cp.delta.deletes {
-            self.entries.remove(key);
-        }
-        for (key, entry) in &cp.delta.upserts {
-            self.entries.insert(key.clone(), *entry);
+        for g in &cp.delta.groups {
+            if g.entries.is_empty() {
+                self.groups.remove(&g.id);
+            } else {
+                self.groups.insert(g.id.clone(), g.entries.clone());
+            }
         }
         self.meta = Some(meta_of(cp, duration_ms, bytes));
         Ok(())
+    }
+
+    /// Every entry, by key.
+    pub fn entries(&self) -> BTreeMap<StateKey, Entry> {
+        self.groups
+            .values()
+            .flatten()
+            .map(|(k, e)| (k.clone(), *e))
+            .collect()
     }
 
     pub fn restored(&self) -> RestoredState {
@@ -175,7 +186,7 @@ impl MaterializedState {
                 .map(|m| m.partitions.clone())
                 .unwrap_or_default(),
             watermark: self.meta.as_ref().and_then(|m| m.watermark),
-            entries: self.entries.iter().map(|(k, e)| (k.clone(), *e)).collect(),
+            entries: self.entries().into_iter().collect(),
         }
     }
 }
@@ -197,9 +208,11 @@ pub fn meta_of(cp: &Checkpoint, duration_ms: u64, bytes: u64) -> CheckpointMeta 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Acc, EntryStatus};
+    use crate::engine::group::group_entries;
+    use crate::engine::{Acc, EntryStatus, GroupLayout};
     use crate::position::{NextOffset, Partition};
 
+    /// Checkpoint `id` of one key whose state holds windows `1..=id` (`..=1` for `short`).
     fn cp(id: u64, base: Option<u64>, full: bool, next: i64) -> Checkpoint {
         Checkpoint {
             id: CheckpointId(id),
@@ -214,20 +227,25 @@ mod tests {
                     max_ts: None,
                 }],
                 watermark: None,
-                upserts: vec![(
-                    StateKey {
-                        partition: None,
-                        window: 0,
-                        start: id as i64,
-                        key: "k".into(),
-                    },
-                    Entry {
-                        status: EntryStatus::Open,
-                        end: 1,
-                        acc: Acc::of(Some(1.0)),
-                    },
-                )],
-                deletes: vec![],
+                groups: group_entries(
+                    &GroupLayout::default(),
+                    (1..=id).map(|start| {
+                        (
+                            StateKey {
+                                partition: None,
+                                window: 0,
+                                start: start as i64,
+                                key: "k".into(),
+                            },
+                            Entry {
+                                status: EntryStatus::Open,
+                                end: 1,
+                                acc: Acc::of(Some(1.0)),
+                            },
+                        )
+                    }),
+                ),
+                entries: id,
                 records: 1,
             },
         }
@@ -238,7 +256,7 @@ mod tests {
         let mut s = MaterializedState::default();
         s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
         s.apply(&cp(2, Some(1), false, 6), 0, 0).expect("delta");
-        assert_eq!(s.entries.len(), 2);
+        assert_eq!(s.entries().len(), 2);
         let err = s.apply(&cp(4, Some(3), false, 7), 0, 0).expect_err("gap");
         assert!(matches!(err, ApplyError::BaseMismatch { .. }));
         assert_eq!(
@@ -251,9 +269,11 @@ mod tests {
     #[test]
     fn full_snapshot_replaces_everything() {
         let mut s = MaterializedState::default();
-        s.apply(&cp(1, None, true, 5), 0, 0).expect("full");
-        s.apply(&cp(2, None, true, 6), 0, 0).expect("full");
-        assert_eq!(s.entries.len(), 1);
+        s.apply(&cp(2, None, true, 5), 0, 0).expect("full");
+        let mut other = cp(3, None, true, 6);
+        other.delta.groups.clear();
+        s.apply(&other, 0, 0).expect("full");
+        assert!(s.entries().is_empty());
     }
 
     #[test]

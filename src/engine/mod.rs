@@ -3,11 +3,14 @@
 
 mod aggregate;
 mod decode;
+pub mod group;
 mod state;
 mod watermark;
 mod window;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub use group::{GroupContent, GroupId, GroupLayout};
 
 pub use aggregate::{Acc, AggregateKind};
 pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
@@ -18,6 +21,7 @@ pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 use crate::checkpoint_id::CheckpointId;
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
+use group::DirtyGroups;
 use state::WindowTable;
 use watermark::Watermarks;
 
@@ -31,6 +35,8 @@ pub struct EngineConfig {
     /// Windows per source partition (`state.scope: partition`) instead of per key across every
     /// partition; what lets a partition's state move to another instance.
     pub partition_scoped: bool,
+    /// How keys map to groups: the store's, fixed for its life.
+    pub groups: GroupLayout,
 }
 
 /// What happened to one consumed message.
@@ -52,15 +58,18 @@ pub struct PartitionState {
     pub max_ts: Option<EventTime>,
 }
 
-/// The part of a checkpoint the engine produces. `full` snapshots carry every entry; others
-/// carry the entries changed since the previous snapshot.
+/// The part of a checkpoint the engine produces. `full` snapshots carry every group that holds
+/// entries; others carry the groups changed since the previous snapshot, each whole (empty
+/// when it emptied).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateDelta {
     pub full: bool,
     pub partitions: Vec<PartitionState>,
     pub watermark: Option<EventTime>,
-    pub upserts: Vec<(StateKey, Entry)>,
-    pub deletes: Vec<StateKey>,
+    /// Sorted by group id.
+    pub groups: Vec<GroupContent>,
+    /// Entries the whole state holds after this snapshot (checked on restore).
+    pub entries: u64,
     pub records: u64,
 }
 
@@ -89,16 +98,22 @@ struct Pending {
     handed_out: bool,
 }
 
+/// The open windows of one state scope, with the groups changed since the last snapshot.
+#[derive(Debug)]
+struct ScopeState {
+    tables: Vec<WindowTable>,
+    dirty: DirtyGroups,
+}
+
 pub struct Engine {
     cfg: EngineConfig,
     /// Windows of instance-scoped state (every partition merged).
-    instance: Vec<WindowTable>,
+    instance: ScopeState,
     /// Windows of partition-scoped state, per source partition.
-    scoped: HashMap<Partition, Vec<WindowTable>>,
+    scoped: HashMap<Partition, ScopeState>,
     marks: Watermarks,
     outbox: BTreeMap<StateKey, Pending>,
     emit_queue: Vec<ClosedWindow>,
-    dirty: HashSet<StateKey>,
     records_since_snapshot: u64,
 }
 
@@ -113,7 +128,6 @@ impl Engine {
             marks,
             outbox: BTreeMap::new(),
             emit_queue: Vec::new(),
-            dirty: HashSet::new(),
             records_since_snapshot: 0,
         }
     }
@@ -149,6 +163,7 @@ impl Engine {
                 let defined = self.cfg.windows.len();
                 let store = self
                     .stores_of(id.partition.as_ref())
+                    .tables
                     .get_mut(usize::from(id.window))
                     .ok_or(StateError::UnknownWindow {
                         window: id.window,
@@ -221,7 +236,6 @@ impl Engine {
         let gone = |k: &StateKey| k.partition.as_ref().is_some_and(|p| partitions.contains(p));
         self.outbox.retain(|k, _| !gone(k));
         self.emit_queue.retain(|w| !gone(&w.id));
-        self.dirty.retain(|k| !gone(k));
     }
 
     pub fn revoke(&mut self, partitions: &[Partition]) {
@@ -255,7 +269,7 @@ impl Engine {
     }
 
     /// The windows of `scope` (`None`: instance scope), created when first needed.
-    fn stores_of(&mut self, scope: Option<&Partition>) -> &mut Vec<WindowTable> {
+    fn stores_of(&mut self, scope: Option<&Partition>) -> &mut ScopeState {
         let Some(p) = scope else {
             return &mut self.instance;
         };
@@ -271,13 +285,23 @@ impl Engine {
     }
 
     fn all_stores(&self) -> impl Iterator<Item = &WindowTable> {
-        self.instance.iter().chain(self.scoped.values().flatten())
+        self.instance
+            .tables
+            .iter()
+            .chain(self.scoped.values().flat_map(|s| &s.tables))
     }
 
     fn all_stores_mut(&mut self) -> impl Iterator<Item = &mut WindowTable> {
         self.instance
+            .tables
             .iter_mut()
-            .chain(self.scoped.values_mut().flatten())
+            .chain(self.scoped.values_mut().flat_map(|s| &mut s.tables))
+    }
+
+    /// Marks the group of `id` changed.
+    fn mark(&mut self, id: &StateKey) {
+        let group = self.cfg.groups.group_of(&id.key);
+        self.stores_of(id.partition.as_ref()).dirty.mark(group);
     }
 
     /// Final windows not yet acknowledged by the output topic.
@@ -315,17 +339,18 @@ impl Engine {
             None => self.limit(),
         };
         let mut took = false;
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for store in self.stores_of(scope) {
+        let group = self.cfg.groups.group_of(&record.key);
+        let state = self.stores_of(scope);
+        for store in &mut state.tables {
             took |= store.add(
                 &record.key,
+                group,
                 record.ts.millis(),
                 record.value,
                 limit,
-                &mut dirty,
+                &mut state.dirty,
             );
         }
-        self.dirty = dirty;
         let moved = self.marks.observe(partition, offset, Some(record.ts));
         if self.cfg.partition_scoped {
             self.close_partition(partition);
@@ -365,8 +390,8 @@ impl Engine {
             return;
         };
         let mut closed = Vec::new();
-        if let Some(stores) = self.scoped.get_mut(p) {
-            for store in stores {
+        if let Some(state) = self.scoped.get_mut(p) {
+            for store in &mut state.tables {
                 store.close(limit, &mut closed);
             }
         }
@@ -388,7 +413,7 @@ impl Engine {
 
     fn finalize(&mut self, closed: Vec<ClosedWindow>) {
         for window in closed {
-            self.dirty.insert(window.id.clone());
+            self.mark(&window.id);
             // a final window stays in the state until the output acknowledges it, so a crash
             // before delivery re-sends it; exactly-once additionally waits for a durable
             // checkpoint before sending
@@ -422,36 +447,8 @@ impl Engine {
                 pending.awaiting = Some(id);
             }
         }
-        let dirty = std::mem::take(&mut self.dirty);
-        let mut upserts = Vec::new();
-        let mut deletes = Vec::new();
-        if full {
-            for store in self.all_stores_mut() {
-                store.mark_all_clean();
-            }
-            for store in self.all_stores() {
-                store.for_each(|key, end, acc| {
-                    upserts.push((
-                        key,
-                        Entry {
-                            status: EntryStatus::Open,
-                            end,
-                            acc,
-                        },
-                    ))
-                });
-            }
-            for (key, p) in &self.outbox {
-                upserts.push((key.clone(), closed_entry(p)));
-            }
-        } else {
-            for key in dirty {
-                match self.take_changed(&key) {
-                    Some(entry) => upserts.push((key, entry)),
-                    None => deletes.push(key),
-                }
-            }
-        }
+        let groups = self.changed_groups(full);
+        let entries = (self.open_windows() + self.outbox.len()) as u64;
         let mut partitions: Vec<PartitionState> = self
             .marks
             .iter()
@@ -467,28 +464,79 @@ impl Engine {
             full,
             partitions,
             watermark: self.marks.current(),
-            upserts,
-            deletes,
+            groups,
+            entries,
             records,
         }
     }
 
-    /// The current entry of a changed key, marking it as captured.
-    fn take_changed(&mut self, key: &StateKey) -> Option<Entry> {
-        if let Some(p) = self.outbox.get(key) {
-            return Some(closed_entry(p));
+    /// The whole content of every group changed since the last snapshot (every group holding
+    /// entries if `full`), sorted by group id; none is marked changed afterwards.
+    fn changed_groups(&mut self, full: bool) -> Vec<GroupContent> {
+        let mut wanted: HashMap<Option<Partition>, HashSet<u16>> = HashMap::new();
+        let mut any = false;
+        let scopes = std::iter::once((None, &mut self.instance))
+            .chain(self.scoped.iter_mut().map(|(p, s)| (Some(p.clone()), s)));
+        for (scope, state) in scopes {
+            let changed = state.dirty.take();
+            any |= !changed.is_empty();
+            if !full && !changed.is_empty() {
+                wanted.insert(scope, changed.into_iter().collect());
+            }
         }
-        let store = match &key.partition {
-            None => self.instance.get_mut(usize::from(key.window))?,
-            Some(p) => self.scoped.get_mut(p)?.get_mut(usize::from(key.window))?,
+        if !full && !any {
+            return Vec::new();
+        }
+        let layout = self.cfg.groups;
+        let mut out: BTreeMap<GroupId, Vec<(StateKey, Entry)>> = BTreeMap::new();
+        // every changed group is listed, also one that emptied
+        for (scope, groups) in &wanted {
+            for g in groups {
+                out.entry(GroupId {
+                    aggregation: 0,
+                    scope: scope.clone(),
+                    group: *g,
+                })
+                .or_default();
+            }
+        }
+        let mut take = |key: StateKey, entry: Entry| {
+            let group = layout.group_of(&key.key);
+            if !full
+                && !wanted
+                    .get(&key.partition)
+                    .is_some_and(|groups| groups.contains(&group))
+            {
+                return;
+            }
+            let id = GroupId {
+                aggregation: 0,
+                scope: key.partition.clone(),
+                group,
+            };
+            out.entry(id).or_default().push((key, entry));
         };
-        store
-            .take_changed(key.start, &key.key)
-            .map(|(end, acc)| Entry {
-                status: EntryStatus::Open,
-                end,
-                acc,
+        for store in self.all_stores() {
+            store.for_each(|key, end, acc| {
+                take(
+                    key,
+                    Entry {
+                        status: EntryStatus::Open,
+                        end,
+                        acc,
+                    },
+                )
+            });
+        }
+        for (key, p) in &self.outbox {
+            take(key.clone(), closed_entry(p));
+        }
+        out.into_iter()
+            .map(|(id, mut entries)| {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                GroupContent { id, entries }
             })
+            .collect()
     }
 
     /// Checkpoint `id` is durable: windows it closed may now be emitted.
@@ -518,23 +566,29 @@ impl Engine {
     pub fn emitted(&mut self, ids: impl IntoIterator<Item = StateKey>) {
         for id in ids {
             if self.outbox.remove(&id).is_some() {
-                self.dirty.insert(id);
+                self.mark(&id);
             }
         }
     }
 
     /// Whether anything changed since the last snapshot.
     pub fn has_changes(&self) -> bool {
-        !self.dirty.is_empty() || self.records_since_snapshot > 0
+        self.records_since_snapshot > 0
+            || !self.instance.dirty.is_empty()
+            || self.scoped.values().any(|s| !s.dirty.is_empty())
     }
 }
 
-fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> Vec<WindowTable> {
-    cfg.windows
-        .iter()
-        .enumerate()
-        .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
-        .collect()
+fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> ScopeState {
+    ScopeState {
+        tables: cfg
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
+            .collect(),
+        dirty: DirtyGroups::default(),
+    }
 }
 
 fn closed_entry(p: &Pending) -> Entry {

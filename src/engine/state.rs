@@ -1,11 +1,12 @@
-//! Open window state per window definition, with the identity of every entry that changed
-//! since the last snapshot so checkpoints can carry only what changed.
+//! Open window state per window definition. Every change marks the key's group dirty
+//! (`group`), so that a checkpoint carries only the groups that changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::Acc;
+use super::group::DirtyGroups;
 use super::window::{hopping_starts, tumbling_start, WindowKind};
 use crate::position::Partition;
 
@@ -48,22 +49,13 @@ struct Session {
     start: i64,
     end: i64,
     acc: Acc,
-    /// Already in the changed-keys set since the last snapshot.
-    dirty: bool,
-}
-
-/// A fixed window's accumulator, with whether it is already in the changed-keys set.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Slot {
-    acc: Acc,
-    dirty: bool,
 }
 
 #[derive(Debug)]
 enum Slots {
     Fixed {
         kind: WindowKind,
-        by_start: BTreeMap<i64, HashMap<String, Slot>>,
+        by_start: BTreeMap<i64, HashMap<String, Acc>>,
     },
     Session {
         gap: i64,
@@ -124,16 +116,25 @@ impl WindowTable {
     }
 
     /// Adds a record to every window of this definition that holds `ts` and is not final
-    /// (`end <= limit` is final). Returns whether any window took it.
+    /// (`end <= limit` is final), marking `group` (the key's) dirty if any did. Returns whether
+    /// any window took it.
     pub fn add(
         &mut self,
         key: &str,
+        group: u16,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
-        dirty: &mut HashSet<StateKey>,
+        dirty: &mut DirtyGroups,
     ) -> bool {
-        let (index, scope) = (self.index, &self.scope);
+        let took = self.add_inner(key, ts, value, limit);
+        if took {
+            dirty.mark(group);
+        }
+        took
+    }
+
+    fn add_inner(&mut self, key: &str, ts: i64, value: Option<f64>, limit: Option<i64>) -> bool {
         match &mut self.slots {
             Slots::Fixed { kind, by_start } => {
                 let mut took = false;
@@ -142,23 +143,12 @@ impl WindowTable {
                         return;
                     }
                     let keys = by_start.entry(start).or_default();
-                    let was_dirty = match keys.get_mut(key) {
-                        Some(slot) => {
-                            slot.acc.add(value);
-                            std::mem::replace(&mut slot.dirty, true)
-                        }
+                    match keys.get_mut(key) {
+                        Some(acc) => acc.add(value),
                         None => {
-                            let slot = Slot {
-                                acc: Acc::of(value),
-                                dirty: true,
-                            };
-                            keys.insert(key.to_string(), slot);
+                            keys.insert(key.to_string(), Acc::of(value));
                             *open += 1;
-                            false
                         }
-                    };
-                    if !was_dirty {
-                        dirty.insert(key_of(scope, index, start, key));
                     }
                     took = true;
                 };
@@ -186,7 +176,6 @@ impl WindowTable {
                     start: ts,
                     end: new_end,
                     acc: Acc::of(value),
-                    dirty: true,
                 };
                 let overlapping: Vec<usize> = sessions
                     .iter()
@@ -199,9 +188,6 @@ impl WindowTable {
                     let s = &mut sessions[i];
                     if ts >= s.start && new_end <= s.end {
                         s.acc.add(value);
-                        if !std::mem::replace(&mut s.dirty, true) {
-                            dirty.insert(key_of(scope, index, s.start, key));
-                        }
                         return true;
                     }
                 }
@@ -220,13 +206,11 @@ impl WindowTable {
                 for &i in overlapping.iter().rev() {
                     let old = sessions.remove(i);
                     by_end.remove(&(old.end, key.to_string(), old.start));
-                    dirty.insert(key_of(scope, index, old.start, key));
                     self.open -= 1;
                 }
                 let pos = sessions.partition_point(|s| s.start < merged.start);
                 sessions.insert(pos, merged);
                 by_end.insert((merged.end, key.to_string(), merged.start));
-                dirty.insert(key_of(scope, index, merged.start, key));
                 self.open += 1;
                 true
             }
@@ -248,7 +232,7 @@ impl WindowTable {
                     self.open -= keys.len();
                     let mut closed: Vec<ClosedWindow> = keys
                         .into_iter()
-                        .map(|(key, slot)| ClosedWindow {
+                        .map(|(key, acc)| ClosedWindow {
                             id: StateKey {
                                 partition: scope.clone(),
                                 window: index,
@@ -256,7 +240,7 @@ impl WindowTable {
                                 key,
                             },
                             end: start + size,
-                            acc: slot.acc,
+                            acc,
                         })
                         .collect();
                     closed.sort_by(|a, b| a.id.cmp(&b.id));
@@ -298,45 +282,12 @@ impl WindowTable {
                 by_start
                     .get(&start)
                     .and_then(|keys| keys.get(key))
-                    .map(|slot| (start + size, slot.acc))
+                    .map(|acc| (start + size, *acc))
             }
             Slots::Session { by_key, .. } => by_key
                 .get(key)
                 .and_then(|ss| ss.iter().find(|s| s.start == start))
                 .map(|s| (s.end, s.acc)),
-        }
-    }
-
-    /// The open entry for `start`/`key`, if any, marked as captured by a snapshot.
-    pub fn take_changed(&mut self, start: i64, key: &str) -> Option<(i64, Acc)> {
-        match &mut self.slots {
-            Slots::Fixed { kind, by_start } => {
-                let size = kind.size().unwrap_or(0);
-                let slot = by_start.get_mut(&start)?.get_mut(key)?;
-                slot.dirty = false;
-                Some((start + size, slot.acc))
-            }
-            Slots::Session { by_key, .. } => {
-                let s = by_key.get_mut(key)?.iter_mut().find(|s| s.start == start)?;
-                s.dirty = false;
-                Some((s.end, s.acc))
-            }
-        }
-    }
-
-    /// Marks every entry as captured (after a full snapshot).
-    pub fn mark_all_clean(&mut self) {
-        match &mut self.slots {
-            Slots::Fixed { by_start, .. } => {
-                for slot in by_start.values_mut().flat_map(|keys| keys.values_mut()) {
-                    slot.dirty = false;
-                }
-            }
-            Slots::Session { by_key, .. } => {
-                for s in by_key.values_mut().flat_map(|ss| ss.iter_mut()) {
-                    s.dirty = false;
-                }
-            }
         }
     }
 
@@ -347,7 +298,7 @@ impl WindowTable {
                 if by_start
                     .entry(start)
                     .or_default()
-                    .insert(key, Slot { acc, dirty: false })
+                    .insert(key, acc)
                     .is_none()
                 {
                     self.open += 1;
@@ -356,15 +307,7 @@ impl WindowTable {
             Slots::Session { by_key, by_end, .. } => {
                 let sessions = by_key.entry(key.clone()).or_default();
                 let pos = sessions.partition_point(|s| s.start < start);
-                sessions.insert(
-                    pos,
-                    Session {
-                        start,
-                        end,
-                        acc,
-                        dirty: false,
-                    },
-                );
+                sessions.insert(pos, Session { start, end, acc });
                 by_end.insert((end, key, start));
                 self.open += 1;
             }
@@ -377,8 +320,8 @@ impl WindowTable {
             Slots::Fixed { kind, by_start } => {
                 let size = kind.size().unwrap_or(0);
                 for (start, keys) in by_start {
-                    for (key, slot) in keys {
-                        f(self.state_key(*start, key), start + size, slot.acc);
+                    for (key, acc) in keys {
+                        f(self.state_key(*start, key), start + size, *acc);
                     }
                 }
             }
@@ -398,7 +341,7 @@ mod tests {
     use super::*;
 
     fn add(store: &mut WindowTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        store.add(key, ts, Some(1.0), limit, &mut HashSet::new())
+        store.add(key, 0, ts, Some(1.0), limit, &mut DirtyGroups::default())
     }
 
     #[test]
@@ -459,12 +402,12 @@ mod tests {
     }
 
     #[test]
-    fn dirty_set_names_every_changed_entry() {
-        let mut s = WindowTable::new(2, WindowKind::Session { gap: 10 }, None);
-        let mut dirty = HashSet::new();
-        s.add("k", 100, None, None, &mut dirty);
-        s.add("k", 95, None, None, &mut dirty);
-        let starts: BTreeSet<i64> = dirty.iter().map(|k| k.start).collect();
-        assert_eq!(starts, BTreeSet::from([95, 100]));
+    fn a_change_marks_the_keys_group_and_a_late_record_marks_nothing() {
+        let mut s = WindowTable::new(2, WindowKind::Tumbling { size: 10 }, None);
+        let mut dirty = DirtyGroups::default();
+        assert!(s.add("k", 7, 100, None, None, &mut dirty));
+        assert!(!s.add("j", 9, 5, None, Some(10), &mut dirty));
+        assert_eq!(dirty.take(), vec![7]);
+        assert!(dirty.is_empty());
     }
 }

@@ -41,6 +41,8 @@ fn scoped_config(hold: bool, partition_scoped: bool) -> EngineConfig {
         allowed_lateness: 0,
         hold_until_checkpoint: hold,
         partition_scoped,
+        // few groups: many keys share one, as in a large state
+        groups: GroupLayout { seed: 1, groups: 4 },
     }
 }
 
@@ -154,8 +156,10 @@ proptest! {
         store.apply(&Checkpoint { id: CheckpointId(1), base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
         let mut restored = Engine::from_state(scoped_config(true, scoped), store.restored()).expect("restore");
         let again = restored.snapshot(CheckpointId(2), true);
-        let sort = |mut v: Vec<(StateKey, Entry)>| { v.sort_by(|a, b| a.0.cmp(&b.0)); v };
-        prop_assert_eq!(sort(snap.upserts), sort(again.upserts));
+        let flat = |d: StateDelta| { let mut v: Vec<(StateKey, Entry)> = d.groups.into_iter().flat_map(|g| g.entries).collect(); v.sort_by(|a, b| a.0.cmp(&b.0)); v };
+        prop_assert_eq!(snap.entries, again.entries);
+        prop_assert_eq!(snap.entries as usize, flat(snap.clone()).len());
+        prop_assert_eq!(flat(snap.clone()), flat(again.clone()));
         prop_assert_eq!(snap.partitions, again.partitions);
         prop_assert_eq!(snap.watermark, again.watermark);
     }
@@ -179,8 +183,9 @@ proptest! {
         let delta = engine.snapshot(CheckpointId(id), false);
         store.apply(&Checkpoint { id: CheckpointId(id), base: Some(CheckpointId(id - 1)), trigger_ms: 0, spec: Default::default(), delta }, 0, 0).expect("apply");
         let full = engine.snapshot(CheckpointId(id + 1), true);
-        let mut expected: Vec<(StateKey, Entry)> = full.upserts;
+        let mut expected: Vec<(StateKey, Entry)> = full.groups.into_iter().flat_map(|g| g.entries).collect();
         expected.sort_by(|a, b| a.0.cmp(&b.0));
+        prop_assert_eq!(full.entries as usize, expected.len());
         prop_assert_eq!(store.restored().entries, expected);
     }
 

@@ -99,6 +99,8 @@ pub async fn run(
         allowed_lateness: duration_ms(settings.watermark.allowed_lateness),
         hold_until_checkpoint: settings.checkpoint.mode == CheckpointMode::ExactlyOnce,
         partition_scoped: settings.state.scope == StateScope::Partition,
+        // the store's layout, set once it is open
+        groups: Default::default(),
     };
     let spec = settings.state_spec()?;
     let (store, mut restored) = {
@@ -121,7 +123,7 @@ pub async fn run(
         .unwrap_or_default();
     let engine = start::engine(
         engine_config,
-        &restored,
+        &mut restored,
         &store,
         &settings.checkpoint.restore_from.to_string(),
         &metrics,

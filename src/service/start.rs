@@ -88,17 +88,17 @@ pub(super) fn owner_name(settings: &Settings) -> String {
 /// The engine holding what was restored (empty when nothing was), with the restore's metrics
 /// and log line.
 pub(super) fn engine(
-    config: EngineConfig,
-    restored: &Restored,
+    mut config: EngineConfig,
+    restored: &mut Restored,
     store: &Store,
     restore_from: &str,
     metrics: &Metrics,
     restore_started: Instant,
 ) -> anyhow::Result<Engine> {
-    let engine = match (&restored.meta, restored.state.clone()) {
+    config.groups = store.layout()?;
+    let engine = match (&restored.meta, restored.state.take()) {
         (Some(meta), Some(state)) => {
             let entries = state.entries.len();
-            let bytes = Store::state_bytes(&state.entries);
             let engine = Engine::from_state(config, state).with_context(|| {
                 format!(
                     "cannot restore {} from {}",
@@ -110,7 +110,6 @@ pub(super) fn engine(
                 restored_from = %restored.describe(),
                 checkpoint_id = meta.id.0,
                 entries,
-                bytes,
                 pending_windows = engine.pending_emissions(),
                 duration_ms = restore_started.elapsed().as_millis() as u64,
                 "restored"

@@ -130,6 +130,7 @@ impl Rig {
                 allowed_lateness: 0,
                 hold_until_checkpoint: true,
                 partition_scoped: options.partition_scoped,
+                groups: Default::default(),
             }),
             decoder: Decoder {
                 key: FieldSource::Pointer("/user".into()),

@@ -4,21 +4,26 @@
 //! decoded into wrong state.
 
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::StateKey;
+use crate::engine::{GroupId, StateKey};
 use crate::position::Partition;
 
-/// `ver/<state key><checkpoint id>` -> the entry as of that checkpoint, or a tombstone.
-pub const VERSION_PREFIX: &[u8] = b"ver/";
-/// `gc/<id>` -> the version keys that become garbage once checkpoint `id` is the oldest
+/// `g/<aggregation><scope><group><checkpoint id>` -> the group's whole content as of that
+/// checkpoint (entry count, u32 BE, then the group blob), or an empty value for a group that
+/// emptied there.
+pub const GROUP_PREFIX: &[u8] = b"g/";
+/// `gc/<id>` -> the group version keys that become garbage once checkpoint `id` is the oldest
 /// retained one.
 pub const GC_PREFIX: &[u8] = b"gc/";
+/// `spg/<name>/<aggregation><scope><group>` -> a savepoint's group (as a group version).
+pub const SAVEPOINT_GROUP_PREFIX: &[u8] = b"spg/";
+/// The key-group layout (seed and group count), fixed at creation.
+pub const META_GROUPS: &[u8] = b"meta/groups";
 /// `cp/<id>` -> metadata of a complete, restorable checkpoint.
 pub const CHECKPOINT_PREFIX: &[u8] = b"cp/";
 /// `hist/<id>` -> the record of an attempt (completed, failed or abandoned).
 pub const HISTORY_PREFIX: &[u8] = b"hist/";
-/// `spm/<name>` -> savepoint metadata; `spe/<name>/<state key>` -> its entries.
+/// `spm/<name>` -> savepoint metadata.
 pub const SAVEPOINT_META_PREFIX: &[u8] = b"spm/";
-pub const SAVEPOINT_ENTRY_PREFIX: &[u8] = b"spe/";
 /// Id of the newest checkpoint written: the one a delta must build on.
 pub const META_HEAD: &[u8] = b"meta/head";
 pub const META_VERSION: &[u8] = b"meta/version";
@@ -31,8 +36,17 @@ pub mod v1 {
     pub const META_CURRENT: &[u8] = b"meta/current";
 }
 
+/// Layout of formats 2 to 4 (one key per window instance), read only to migrate it.
+pub mod v4 {
+    /// `ver/<state key><checkpoint id>` -> the entry as of that checkpoint, or a tombstone.
+    pub const VERSION_PREFIX: &[u8] = b"ver/";
+    /// `spe/<name>/<state key>` -> a savepoint's entries.
+    pub const SAVEPOINT_ENTRY_PREFIX: &[u8] = b"spe/";
+}
+use v4::VERSION_PREFIX;
+
 /// Version of everything this build writes. Bump with a migration when the layout changes.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 fn i64_sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
@@ -47,6 +61,7 @@ fn u64_at(raw: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(b))
 }
 
+#[cfg(test)]
 /// The state key alone: its scope (0 for instance scope; 1, then the length-prefixed topic and
 /// the partition for partition scope), so that one partition's state is one prefix; then window,
 /// start and the length-prefixed key, so that a key is never a prefix of another.
@@ -113,12 +128,14 @@ pub fn decode_v3_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
     ))
 }
 
+#[cfg(test)]
 pub fn version_prefix(k: &StateKey) -> Vec<u8> {
     let mut out = VERSION_PREFIX.to_vec();
     encode_state_key(k, &mut out);
     out
 }
 
+#[cfg(test)]
 pub fn version_key(k: &StateKey, id: CheckpointId) -> Vec<u8> {
     let mut out = version_prefix(k);
     out.extend_from_slice(&id.0.to_be_bytes());
@@ -138,6 +155,80 @@ pub fn decode_version_key(raw: &[u8]) -> Option<(StateKey, CheckpointId)> {
     (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (k, CheckpointId(id))))?
 }
 
+/// The group's identity as a key part: aggregation, scope (as in state keys), group.
+fn encode_group_id(g: &GroupId, out: &mut Vec<u8>) {
+    out.extend_from_slice(&g.aggregation.to_be_bytes());
+    match &g.scope {
+        None => out.push(0),
+        Some(p) => out.extend_from_slice(&scope_prefix(p)),
+    }
+    out.extend_from_slice(&g.group.to_be_bytes());
+}
+
+fn decode_group_id(raw: &[u8]) -> Option<(GroupId, &[u8])> {
+    let aggregation = u16::from_be_bytes(raw.get(0..2)?.try_into().ok()?);
+    let raw = &raw[2..];
+    let (scope, rest) = match raw.first()? {
+        0 => (None, &raw[1..]),
+        1 => {
+            let len = usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?));
+            let topic = std::str::from_utf8(raw.get(3..3 + len)?).ok()?.to_string();
+            let at = 3 + len;
+            let p = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) ^ (1 << 31);
+            (Some(Partition::new(topic, p as i32)), &raw[at + 4..])
+        }
+        _ => return None,
+    };
+    let group = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
+    Some((
+        GroupId {
+            aggregation,
+            scope,
+            group,
+        },
+        &rest[2..],
+    ))
+}
+
+/// Every version of group `g` starts with this.
+pub fn group_prefix(g: &GroupId) -> Vec<u8> {
+    let mut out = GROUP_PREFIX.to_vec();
+    encode_group_id(g, &mut out);
+    out
+}
+
+pub fn group_version_key(g: &GroupId, id: CheckpointId) -> Vec<u8> {
+    let mut out = group_prefix(g);
+    out.extend_from_slice(&id.0.to_be_bytes());
+    out
+}
+
+pub fn decode_group_version_key(raw: &[u8]) -> Option<(GroupId, CheckpointId)> {
+    let (g, rest) = decode_group_id(raw.strip_prefix(GROUP_PREFIX)?)?;
+    (rest.len() == 8).then(|| u64_at(rest, 0).map(|id| (g, CheckpointId(id))))?
+}
+
+pub fn savepoint_groups_prefix(name: &str) -> Vec<u8> {
+    let mut out = SAVEPOINT_GROUP_PREFIX.to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'/');
+    out
+}
+
+pub fn savepoint_group_key(name: &str, g: &GroupId) -> Vec<u8> {
+    let mut out = savepoint_groups_prefix(name);
+    encode_group_id(g, &mut out);
+    out
+}
+
+pub fn decode_savepoint_group_key(name: &str, raw: &[u8]) -> Option<GroupId> {
+    let rest = raw.strip_prefix(savepoint_groups_prefix(name).as_slice())?;
+    match decode_group_id(rest)? {
+        (g, []) => Some(g),
+        _ => None,
+    }
+}
+
 pub fn id_key(prefix: &[u8], id: CheckpointId) -> Vec<u8> {
     let mut out = prefix.to_vec();
     out.extend_from_slice(&id.0.to_be_bytes());
@@ -155,16 +246,11 @@ pub fn savepoint_meta_key(name: &str) -> Vec<u8> {
     out
 }
 
-pub fn savepoint_entries_prefix(name: &str) -> Vec<u8> {
-    let mut out = SAVEPOINT_ENTRY_PREFIX.to_vec();
+/// Format 4's savepoint entries of `name` start with this.
+pub fn v4_savepoint_entries_prefix(name: &str) -> Vec<u8> {
+    let mut out = v4::SAVEPOINT_ENTRY_PREFIX.to_vec();
     out.extend_from_slice(name.as_bytes());
     out.push(b'/');
-    out
-}
-
-pub fn savepoint_entry_key(name: &str, k: &StateKey) -> Vec<u8> {
-    let mut out = savepoint_entries_prefix(name);
-    encode_state_key(k, &mut out);
     out
 }
 
@@ -203,6 +289,21 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn group_version_keys_round_trip(aggregation in any::<u16>(), scope in proptest::option::of(("[a-z.]{0,8}", any::<i32>())), group in any::<u16>(), id in any::<u64>()) {
+            let g = GroupId { aggregation, scope: scope.map(|(t, p)| Partition::new(t, p)), group };
+            prop_assert_eq!(decode_group_version_key(&group_version_key(&g, CheckpointId(id))), Some((g.clone(), CheckpointId(id))));
+            prop_assert_eq!(decode_savepoint_group_key("sp", &savepoint_group_key("sp", &g)), Some(g));
+        }
+
+        #[test]
+        fn versions_of_one_group_sort_by_id_and_no_group_prefixes_another(a in any::<u16>(), b in any::<u16>(), i in any::<u64>(), j in any::<u64>()) {
+            let ga = GroupId { aggregation: 0, scope: None, group: a };
+            let gb = GroupId { aggregation: 0, scope: None, group: b };
+            prop_assert_eq!(group_version_key(&ga, CheckpointId(i)).cmp(&group_version_key(&ga, CheckpointId(j))), i.cmp(&j));
+            prop_assert_eq!(group_version_key(&gb, CheckpointId(j)).starts_with(&group_prefix(&ga)), a == b);
+        }
+
         #[test]
         fn version_keys_round_trip(scope in proptest::option::of(("[a-z.]{0,8}", any::<i32>())), window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
             let partition = scope.map(|(t, p)| Partition::new(t, p));

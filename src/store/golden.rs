@@ -18,8 +18,8 @@ use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, StateSpec};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{
-    Acc, AggregateKind, Entry, EntryStatus, PartitionState, RestoredState, StateDelta, StateKey,
-    WindowDef, WindowKind,
+    Acc, AggregateKind, Entry, EntryStatus, GroupLayout, PartitionState, RestoredState, StateDelta,
+    StateKey, WindowDef, WindowKind,
 };
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
@@ -143,7 +143,24 @@ const T0: i64 = 1_700_000_040_000;
 
 /// Three checkpoints (full, delta, delta with a delete and a closed window) and a savepoint
 /// of the second.
-fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
+fn checkpoints(layout: GroupLayout) -> Vec<(Checkpoint, Option<&'static str>)> {
+    let mut line = super::tests::Line::new(layout);
+    let mut delta = |full: bool,
+                     partitions: Vec<PartitionState>,
+                     watermark: Option<EventTime>,
+                     up: Vec<(StateKey, Entry)>,
+                     del: Vec<StateKey>,
+                     records: u64| {
+        let (groups, entries) = line.changes(full, up, del);
+        StateDelta {
+            full,
+            partitions,
+            watermark,
+            groups,
+            entries,
+            records,
+        }
+    };
     let parts = |a: i64, b: i64, max: i64| {
         vec![
             PartitionState {
@@ -170,19 +187,19 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
             cp(
                 1,
                 None,
-                StateDelta {
-                    full: true,
-                    partitions: parts(4, 3, T0 + 5_000),
-                    watermark: Some(EventTime(T0)),
-                    upserts: vec![
+                delta(
+                    true,
+                    parts(4, 3, T0 + 5_000),
+                    Some(EventTime(T0)),
+                    vec![
                         (key(0, T0 - 40_000, "alice"), open(T0 + 20_000, &[3.0, 4.5])),
                         (key(0, T0 - 40_000, "bob"), open(T0 + 20_000, &[-2.0])),
                         (key(1, T0 + 1_000, "alice"), open(T0 + 35_000, &[3.0, 4.5])),
                         (key(1, T0 + 2_000, "bob"), open(T0 + 32_000, &[-2.0])),
                     ],
-                    deletes: vec![],
-                    records: 7,
-                },
+                    vec![],
+                    7,
+                ),
             ),
             None,
         ),
@@ -190,11 +207,11 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
             cp(
                 2,
                 Some(1),
-                StateDelta {
-                    full: false,
-                    partitions: parts(9, 6, T0 + 12_000),
-                    watermark: Some(EventTime(T0 + 7_000)),
-                    upserts: vec![
+                delta(
+                    false,
+                    parts(9, 6, T0 + 12_000),
+                    Some(EventTime(T0 + 7_000)),
+                    vec![
                         (
                             key(0, T0 - 40_000, "alice"),
                             open(T0 + 20_000, &[3.0, 4.5, 10.0]),
@@ -205,9 +222,9 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
                             open(T0 + 42_000, &[3.0, 4.5, 10.0]),
                         ),
                     ],
-                    deletes: vec![],
-                    records: 8,
-                },
+                    vec![],
+                    8,
+                ),
             ),
             Some("before-upgrade"),
         ),
@@ -215,11 +232,11 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
             cp(
                 3,
                 Some(2),
-                StateDelta {
-                    full: false,
-                    partitions: parts(15, 11, T0 + 26_000),
-                    watermark: Some(EventTime(T0 + 21_000)),
-                    upserts: vec![(
+                delta(
+                    false,
+                    parts(15, 11, T0 + 26_000),
+                    Some(EventTime(T0 + 21_000)),
+                    vec![(
                         key(0, T0 - 40_000, "alice"),
                         Entry {
                             status: EntryStatus::Closed,
@@ -227,9 +244,9 @@ fn checkpoints() -> Vec<(Checkpoint, Option<&'static str>)> {
                             acc: acc(&[3.0, 4.5, 10.0, 1.0]),
                         },
                     )],
-                    deletes: vec![key(0, T0 - 40_000, "bob")],
-                    records: 11,
-                },
+                    vec![key(0, T0 - 40_000, "bob")],
+                    11,
+                ),
             ),
             None,
         ),
@@ -252,7 +269,7 @@ fn write_golden_fixtures() {
             checkpoints: 2,
             history: 10,
         });
-    for (c, savepoint) in checkpoints() {
+    for (c, savepoint) in checkpoints(store.layout().expect("layout")) {
         store
             .write(&WriteRequest {
                 checkpoint: &c,

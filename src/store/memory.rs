@@ -80,7 +80,7 @@ impl Checkpoints for MemoryStore {
             checkpoint_id: cp.id,
             created_ms: cp.trigger_ms,
             meta: meta_of(cp, 0, 0),
-            entries: cp.delta.upserts.len() as u64,
+            entries: cp.delta.entries,
         });
         if let Some(meta) = &savepoint {
             inner.savepoints.insert(meta.name.clone(), meta.clone());

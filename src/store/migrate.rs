@@ -1,18 +1,24 @@
 //! Migration of older store layouts, run once at open.
 
+use super::codec::v4::{SAVEPOINT_ENTRY_PREFIX, VERSION_PREFIX};
+use super::codec::{
+    decode_state_key, decode_version_key, group_version_key, savepoint_group_key,
+    v4_savepoint_entries_prefix, GC_PREFIX, META_GROUPS, SAVEPOINT_GROUP_PREFIX,
+};
 use super::codec::{
     decode_v1_state_key, id_key, v1, v3_version_key, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD,
     META_VERSION, SAVEPOINT_META_PREFIX,
 };
-use super::codec::{GC_PREFIX, SAVEPOINT_ENTRY_PREFIX, VERSION_PREFIX};
 use super::legacy::{
     CheckpointMetaV2, CheckpointMetaV3, RetainedV2, RetainedV3, SavepointMetaV2, SavepointMetaV3,
 };
+use super::versions::{encode_group, Groups};
 use super::{Retained, SavepointMeta, Store, StoreError};
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::CheckpointMeta;
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::Entry;
+use crate::engine::group::group_entries;
+use crate::engine::{Entry, GroupLayout, StateKey};
 
 impl Store {
     fn log_migration(&self, from: u32, to: u32) {
@@ -76,6 +82,159 @@ pub(super) fn upgrade(store: &Store, found: u32) -> Result<(), StoreError> {
     if found <= 3 {
         from_v3(store)?;
     }
+    if found <= 4 {
+        from_v4(store)?;
+    }
+    Ok(())
+}
+
+/// The state of format 4 checkpoint `id`: per key, the newest version not after `id`.
+fn v4_state(store: &Store, id: CheckpointId) -> Result<Vec<(StateKey, Entry)>, String> {
+    let mut out = Vec::new();
+    let mut chosen: Option<(StateKey, sled::IVec)> = None;
+    let mut finish = |chosen: Option<(StateKey, sled::IVec)>| -> Result<(), String> {
+        if let Some((key, raw)) = chosen {
+            let entry: Option<Entry> = store
+                .decode(&raw, &format!("state of {key:?}"))
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = entry {
+                out.push((key, e));
+            }
+        }
+        Ok(())
+    };
+    for item in store.tree.scan_prefix(VERSION_PREFIX) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let (key, version) = decode_version_key(&k)
+            .ok_or_else(|| format!("undecodable version key {:?}", k.as_ref()))?;
+        if chosen.as_ref().is_some_and(|(c, _)| *c != key) {
+            finish(chosen.take())?;
+        }
+        if version <= id {
+            chosen = Some((key, v));
+        }
+    }
+    finish(chosen)?;
+    Ok(out)
+}
+
+fn by_group(layout: &GroupLayout, entries: Vec<(StateKey, Entry)>) -> Groups {
+    group_entries(layout, entries)
+        .into_iter()
+        .map(|g| (g.id, g.entries))
+        .collect()
+}
+
+/// Format 5 keeps state by key group: each retained checkpoint's state (one key per window
+/// instance in format 4) is rewritten as versions of the groups that changed at it, with the
+/// garbage lists that go with them; savepoints become groups; a new key-group layout is
+/// recorded. A retained checkpoint whose state is damaged cannot be rewritten: it is dropped
+/// from the retained ones (its history record stays), as a restore would have skipped it.
+fn from_v4(store: &Store) -> Result<(), StoreError> {
+    let tree = &store.tree;
+    let mut batch = sled::Batch::default();
+    let layout = match tree.get(META_GROUPS)? {
+        Some(raw) => store.decode(&raw, "key-group layout")?,
+        None => {
+            let layout = GroupLayout::random();
+            batch.insert(META_GROUPS, Store::encode(&layout, CheckpointId(0))?);
+            layout
+        }
+    };
+    // format 4's versions and garbage lists (which name format 4 keys) go; removed first, as a
+    // batch keeps the last write of a key and the new garbage lists reuse their keys
+    for item in tree.scan_prefix(VERSION_PREFIX).keys() {
+        batch.remove(item?);
+    }
+    for item in tree.scan_prefix(GC_PREFIX).keys() {
+        batch.remove(item?);
+    }
+    let mut previous: Groups = Groups::new();
+    let mut last_version: std::collections::HashMap<crate::engine::GroupId, CheckpointId> =
+        Default::default();
+    for item in tree.scan_prefix(CHECKPOINT_PREFIX) {
+        let (_, v) = item?;
+        // damaged metadata stays as it is: restores skip that checkpoint
+        let Ok(retained) = store.decode::<Retained>(&v, "format 4 checkpoint metadata") else {
+            continue;
+        };
+        let id = retained.meta.id;
+        let state = match v4_state(store, id) {
+            Ok(state) if state.len() as u64 == retained.live_entries => state,
+            Ok(state) => {
+                tracing::warn!(
+                    checkpoint_id = id.0,
+                    expected = retained.live_entries,
+                    found = state.len(),
+                    "format 4 checkpoint is incomplete; dropping it from the retained checkpoints"
+                );
+                batch.remove(id_key(CHECKPOINT_PREFIX, id));
+                continue;
+            }
+            Err(detail) => {
+                tracing::warn!(checkpoint_id = id.0, %detail, "format 4 checkpoint is damaged; dropping it from the retained checkpoints");
+                batch.remove(id_key(CHECKPOINT_PREFIX, id));
+                continue;
+            }
+        };
+        let groups = by_group(&layout, state);
+        // the version a changed group had before `id` is garbage once `id` is the oldest
+        // retained checkpoint; so is a version that empties a group
+        let mut garbage: Vec<Vec<u8>> = Vec::new();
+        for (g, entries) in &groups {
+            if previous.get(g) != Some(entries) {
+                batch.insert(group_version_key(g, id), encode_group(entries, id)?);
+                if let Some(prev) = last_version.insert(g.clone(), id) {
+                    garbage.push(group_version_key(g, prev));
+                }
+            }
+        }
+        for g in previous.keys().filter(|g| !groups.contains_key(*g)) {
+            let vk = group_version_key(g, id);
+            batch.insert(vk.clone(), encode_group(&[], id)?);
+            garbage.push(vk);
+            if let Some(prev) = last_version.insert(g.clone(), id) {
+                garbage.push(group_version_key(g, prev));
+            }
+        }
+        if !garbage.is_empty() {
+            batch.insert(id_key(GC_PREFIX, id), Store::encode(&garbage, id)?);
+        }
+        previous = groups;
+    }
+    for name in store.savepoint_names()? {
+        let prefix = v4_savepoint_entries_prefix(&name);
+        let mut entries = Vec::new();
+        for item in tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            batch.remove(k.clone());
+            let key = match decode_state_key(&k[prefix.len()..]) {
+                Some((key, [])) => key,
+                _ => {
+                    tracing::warn!(savepoint = %name, "undecodable format 4 savepoint key left out: the savepoint reads as damaged");
+                    continue;
+                }
+            };
+            match store.decode::<Entry>(&v, "savepoint entry") {
+                Ok(entry) => entries.push((key, entry)),
+                Err(e) => {
+                    tracing::warn!(savepoint = %name, error = %e, "damaged format 4 savepoint entry left out: the savepoint reads as damaged")
+                }
+            }
+        }
+        let id = store
+            .savepoint(&name)
+            .map(|m| m.checkpoint_id)
+            .unwrap_or_default();
+        for (g, entries) in by_group(&layout, entries) {
+            batch.insert(savepoint_group_key(&name, &g), encode_group(&entries, id)?);
+        }
+    }
+    debug_assert!(SAVEPOINT_GROUP_PREFIX != SAVEPOINT_ENTRY_PREFIX);
+    batch.insert(META_VERSION, &5u32.to_be_bytes());
+    tree.apply_batch(batch)?;
+    store.db.flush()?;
+    store.log_migration(4, 5);
     Ok(())
 }
 

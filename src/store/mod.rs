@@ -1,8 +1,8 @@
 //! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
 //! followed by a flush. A checkpoint is complete only once the flush returned.
 //!
-//! State is kept as versions: every checkpoint writes the entries it changed under its own id,
-//! so each retained checkpoint can be restored exactly (`versions`). Savepoints are full copies
+//! State is kept as versions of key groups: every checkpoint writes the groups it changed under
+//! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are full copies
 //! that retention never touches (`savepoints`); `portable` is their export file format.
 
 mod codec;
@@ -24,9 +24,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::checkpoint::history::CheckpointRecord;
 use crate::checkpoint::protocol::{ApplyError, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
+use crate::engine::GroupLayout;
 pub use codec::FORMAT_VERSION;
 use codec::{
-    decode_id_key, id_key, seal, unseal, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_HEAD, META_VERSION,
+    decode_id_key, id_key, seal, unseal, CHECKPOINT_PREFIX, HISTORY_PREFIX, META_GROUPS, META_HEAD,
+    META_VERSION,
 };
 pub use owner::{read_owner_file, Owner, OWNER_FILE};
 pub use savepoints::SavepointMeta;
@@ -338,8 +340,13 @@ impl Store {
                 }
             }
             None => {
-                self.tree
-                    .insert(META_VERSION, &FORMAT_VERSION.to_be_bytes())?;
+                let mut batch = sled::Batch::default();
+                batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
+                batch.insert(
+                    META_GROUPS,
+                    Self::encode(&GroupLayout::random(), CheckpointId(0))?,
+                );
+                self.tree.apply_batch(batch)?;
                 self.db.flush()?;
             }
         }
@@ -371,6 +378,14 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How keys map to groups in this store (recorded at creation).
+    pub fn layout(&self) -> Result<GroupLayout, StoreError> {
+        match self.tree.get(META_GROUPS)? {
+            Some(raw) => self.decode(&raw, "key-group layout"),
+            None => Err(self.corrupt("the key-group layout (meta/groups) is missing")),
+        }
     }
 
     /// Id of the newest checkpoint written, which the next delta must build on.
@@ -495,16 +510,20 @@ impl Store {
         Ok(self.db.size_on_disk()?)
     }
 
-    /// Bytes `entries` occupy as stored (keys and sealed values): the size of a restored state.
-    pub fn state_bytes(entries: &[(crate::engine::StateKey, crate::engine::Entry)]) -> u64 {
-        entries
-            .iter()
-            .map(|(k, e)| {
-                let key = codec::version_key(k, CheckpointId(0)).len();
-                let value = postcard::to_stdvec(&Some(*e)).map_or(0, |v| seal(&v).len());
-                (key + value) as u64
-            })
-            .sum()
+    /// Bytes `entries` occupy as stored in this store's groups (keys and sealed values): the
+    /// size of a restored state.
+    pub fn state_bytes(
+        &self,
+        entries: &[(crate::engine::StateKey, crate::engine::Entry)],
+    ) -> Result<u64, StoreError> {
+        let groups = crate::engine::group::group_entries(&self.layout()?, entries.iter().cloned());
+        let mut bytes = 0u64;
+        for g in groups {
+            let key = codec::group_version_key(&g.id, CheckpointId(0)).len();
+            let value = versions::encode_group(&g.entries, CheckpointId(0))?.len();
+            bytes += (key + value) as u64;
+        }
+        Ok(bytes)
     }
 
     /// Makes everything written so far durable.

@@ -1,18 +1,18 @@
-//! Savepoints: named full copies of a checkpoint's state that retention never removes. Only
-//! an explicit delete (HTTP or CLI) does.
-
-use std::collections::BTreeMap;
+//! Savepoints: named full copies of a checkpoint's state, group by group, that retention never
+//! removes. Only an explicit delete (HTTP or CLI) does.
 
 use serde::{Deserialize, Serialize};
 
 use super::codec::{
-    decode_state_key, savepoint_entries_prefix, savepoint_entry_key, savepoint_meta_key,
-    SAVEPOINT_ENTRY_PREFIX, SAVEPOINT_META_PREFIX,
+    decode_savepoint_group_key, savepoint_group_key, savepoint_groups_prefix, savepoint_meta_key,
+    SAVEPOINT_GROUP_PREFIX, SAVEPOINT_META_PREFIX,
 };
+use super::versions::{encode_group, Groups};
 use super::{Store, StoreError, Unreadable};
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::protocol::{meta_of, Checkpoint, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
+use crate::engine::group::group_entries;
 use crate::engine::{Entry, RestoredState, StateKey};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ impl Store {
         &self,
         name: &str,
         cp: &Checkpoint,
-        mut entries: BTreeMap<StateKey, Entry>,
+        mut groups: Groups,
         batch: &mut sled::Batch,
         bytes: &mut u64,
     ) -> Result<SavepointMeta, StoreError> {
@@ -44,13 +44,14 @@ impl Store {
             });
         }
         if cp.delta.full {
-            entries.clear();
+            groups.clear();
         }
-        for key in &cp.delta.deletes {
-            entries.remove(key);
-        }
-        for (key, entry) in &cp.delta.upserts {
-            entries.insert(key.clone(), *entry);
+        for g in &cp.delta.groups {
+            if g.entries.is_empty() {
+                groups.remove(&g.id);
+            } else {
+                groups.insert(g.id.clone(), g.entries.clone());
+            }
         }
         let before = *bytes;
         let mut meta = SavepointMeta {
@@ -58,26 +59,26 @@ impl Store {
             checkpoint_id: cp.id,
             created_ms: cp.trigger_ms,
             meta: meta_of(cp, 0, 0),
-            entries: entries.len() as u64,
+            entries: groups.values().map(|g| g.len() as u64).sum(),
         };
-        self.put_savepoint(&meta, entries.iter(), batch, bytes)?;
+        self.put_savepoint(&meta, &groups, batch, bytes)?;
         // its size: what the copy wrote (the checkpoint's own bytes are counted apart)
         meta.meta.bytes = *bytes - before;
         self.put_savepoint_meta(&meta, batch)?;
         Ok(meta)
     }
 
-    fn put_savepoint<'a>(
+    pub(super) fn put_savepoint(
         &self,
         meta: &SavepointMeta,
-        entries: impl Iterator<Item = (&'a StateKey, &'a Entry)>,
+        groups: &Groups,
         batch: &mut sled::Batch,
         bytes: &mut u64,
     ) -> Result<(), StoreError> {
         let id = meta.checkpoint_id;
-        for (key, entry) in entries {
-            let k = savepoint_entry_key(&meta.name, key);
-            let v = Self::encode(entry, id)?;
+        for (g, entries) in groups.iter().filter(|(_, e)| !e.is_empty()) {
+            let k = savepoint_group_key(&meta.name, g);
+            let v = encode_group(entries, id)?;
             *bytes += (k.len() + v.len()) as u64;
             batch.insert(k, v);
         }
@@ -146,18 +147,14 @@ impl Store {
             other => other,
         })?;
         let mut entries = Vec::new();
-        let prefix = savepoint_entries_prefix(name);
-        for item in self.tree.scan_prefix(&prefix) {
+        for item in self.tree.scan_prefix(savepoint_groups_prefix(name)) {
             let (k, v) = item?;
-            let (key, rest) = decode_state_key(&k[prefix.len()..])
+            let g = decode_savepoint_group_key(name, &k)
                 .ok_or_else(|| unreadable(format!("undecodable key {:?}", k.as_ref())))?;
-            if !rest.is_empty() {
-                return Err(unreadable(format!("undecodable key {:?}", k.as_ref())).into());
-            }
-            let entry: Entry = self
-                .decode(&v, &format!("entry {key:?}"))
-                .map_err(|e| unreadable(e.to_string()))?;
-            entries.push((key, entry));
+            let content = self
+                .decode_group(&v, &g, &format!("group {} of {:?}", g.group, g.scope))
+                .map_err(unreadable)?;
+            entries.extend(content);
         }
         if entries.len() as u64 != meta.entries {
             return Err(unreadable(format!(
@@ -207,12 +204,11 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         let mut bytes = 0;
-        self.put_savepoint(
-            meta,
-            entries.iter().map(|(k, e)| (k, e)),
-            &mut batch,
-            &mut bytes,
-        )?;
+        let groups: Groups = group_entries(&self.layout()?, entries.iter().cloned())
+            .into_iter()
+            .map(|g| (g.id, g.entries))
+            .collect();
+        self.put_savepoint(meta, &groups, &mut batch, &mut bytes)?;
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -223,7 +219,7 @@ impl Store {
         self.check_owner()?;
         let meta = self.savepoint(name)?;
         let mut batch = sled::Batch::default();
-        for k in self.tree.scan_prefix(savepoint_entries_prefix(name)).keys() {
+        for k in self.tree.scan_prefix(savepoint_groups_prefix(name)).keys() {
             batch.remove(k?);
         }
         batch.remove(savepoint_meta_key(name));
@@ -232,8 +228,8 @@ impl Store {
         Ok(meta)
     }
 
-    /// Number of savepoint entries stored (all savepoints), for tests and diagnostics.
-    pub fn savepoint_entry_count(&self) -> usize {
-        self.tree.scan_prefix(SAVEPOINT_ENTRY_PREFIX).count()
+    /// Number of savepoint groups stored (all savepoints), for tests and diagnostics.
+    pub fn savepoint_group_count(&self) -> usize {
+        self.tree.scan_prefix(SAVEPOINT_GROUP_PREFIX).count()
     }
 }

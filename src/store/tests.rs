@@ -8,7 +8,11 @@ use super::*;
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, MaterializedState};
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateDelta, StateKey};
+use crate::engine::group::group_entries;
+use crate::engine::{
+    Acc, Entry, EntryStatus, GroupContent, GroupId, GroupLayout, PartitionState, StateDelta,
+    StateKey,
+};
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
 
@@ -34,6 +38,106 @@ fn ids(ns: &[u64]) -> Vec<CheckpointId> {
     ns.iter().copied().map(CheckpointId).collect()
 }
 
+/// So many groups that the few keys of a test each get their own.
+const SPREAD: GroupLayout = GroupLayout {
+    seed: 0,
+    groups: u16::MAX,
+};
+
+fn group_of(layout: &GroupLayout, k: &StateKey) -> GroupId {
+    GroupId {
+        aggregation: 0,
+        scope: k.partition.clone(),
+        group: layout.group_of(&k.key),
+    }
+}
+
+/// Builds checkpoints from changes by key as the engine does: every group a change touches is
+/// carried whole; a key both upserted and deleted keeps its upsert.
+pub(super) struct Line {
+    layout: GroupLayout,
+    /// The state after the last checkpoint built.
+    state: BTreeMap<StateKey, Entry>,
+}
+
+impl Line {
+    pub(super) fn new(layout: GroupLayout) -> Self {
+        Line {
+            layout,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// The groups a checkpoint carries for these changes, and the entries of the state after.
+    pub(super) fn changes(
+        &mut self,
+        full: bool,
+        up: Vec<(StateKey, Entry)>,
+        del: Vec<StateKey>,
+    ) -> (Vec<GroupContent>, u64) {
+        if full {
+            self.state.clear();
+        }
+        let mut touched = std::collections::BTreeSet::new();
+        for k in del.iter().filter(|k| !up.iter().any(|(u, _)| u == *k)) {
+            self.state.remove(k);
+            touched.insert(group_of(&self.layout, k));
+        }
+        for (k, e) in up {
+            touched.insert(group_of(&self.layout, &k));
+            self.state.insert(k, e);
+        }
+        let groups = if full {
+            group_entries(&self.layout, self.state.clone())
+        } else {
+            touched
+                .into_iter()
+                .map(|id| GroupContent {
+                    entries: self
+                        .state
+                        .iter()
+                        .filter(|(k, _)| group_of(&self.layout, k) == id)
+                        .map(|(k, e)| (k.clone(), *e))
+                        .collect(),
+                    id,
+                })
+                .collect()
+        };
+        (groups, self.state.len() as u64)
+    }
+
+    fn cp(
+        &mut self,
+        id: u64,
+        base: Option<u64>,
+        full: bool,
+        up: Vec<(StateKey, Entry)>,
+        del: Vec<StateKey>,
+        next: i64,
+    ) -> Checkpoint {
+        let (groups, entries) = self.changes(full, up, del);
+        Checkpoint {
+            id: CheckpointId(id),
+            base: base.map(CheckpointId),
+            trigger_ms: 1_700_000_000_000 + id as i64,
+            spec: Default::default(),
+            delta: StateDelta {
+                full,
+                partitions: vec![PartitionState {
+                    partition: Partition::new("events", 2),
+                    next: Some(NextOffset(next)),
+                    max_ts: Some(EventTime(99)),
+                }],
+                watermark: Some(EventTime(42)),
+                groups,
+                entries,
+                records: 7,
+            },
+        }
+    }
+}
+
+/// A checkpoint on an empty state (for full ones, and deltas whose state does not matter).
 fn cp(
     id: u64,
     base: Option<u64>,
@@ -42,24 +146,16 @@ fn cp(
     del: Vec<StateKey>,
     next: i64,
 ) -> Checkpoint {
-    Checkpoint {
-        id: CheckpointId(id),
-        base: base.map(CheckpointId),
-        trigger_ms: 1_700_000_000_000 + id as i64,
-        spec: Default::default(),
-        delta: StateDelta {
-            full,
-            partitions: vec![PartitionState {
-                partition: Partition::new("events", 2),
-                next: Some(NextOffset(next)),
-                max_ts: Some(EventTime(99)),
-            }],
-            watermark: Some(EventTime(42)),
-            upserts: up,
-            deletes: del,
-            records: 7,
-        },
-    }
+    Line::new(SPREAD).cp(id, base, full, up, del, next)
+}
+
+/// Every entry a checkpoint carries.
+fn carried(c: &Checkpoint) -> Vec<(StateKey, Entry)> {
+    c.delta
+        .groups
+        .iter()
+        .flat_map(|g| g.entries.iter().cloned())
+        .collect()
 }
 
 fn write(store: &Store, c: &Checkpoint, savepoint: Option<&str>) -> Result<WriteStats, StoreError> {
@@ -94,8 +190,9 @@ fn open(dir: &tempfile::TempDir, retained: usize) -> Store {
 }
 
 fn sample() -> Vec<Checkpoint> {
+    let mut line = Line::new(SPREAD);
     vec![
-        cp(
+        line.cp(
             1,
             None,
             true,
@@ -106,7 +203,7 @@ fn sample() -> Vec<Checkpoint> {
             vec![],
             10,
         ),
-        cp(
+        line.cp(
             2,
             Some(1),
             false,
@@ -117,7 +214,7 @@ fn sample() -> Vec<Checkpoint> {
             vec![key(1, -5, "b")],
             20,
         ),
-        cp(3, Some(2), false, vec![], vec![key(0, 0, "a")], 30),
+        line.cp(3, Some(2), false, vec![], vec![key(0, 0, "a")], 30),
     ]
 }
 
@@ -237,7 +334,7 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
     // damage the value of a version written by checkpoint 2
     damage(
         &store,
-        &codec::version_key(&key(2, 7, "c/d"), CheckpointId(2)),
+        &codec::group_version_key(&group_of(&SPREAD, &key(2, 7, "c/d")), CheckpointId(2)),
     );
     for id in [2, 3] {
         match store.load_checkpoint(CheckpointId(id)) {
@@ -252,7 +349,10 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
     // a version missing altogether (partly written): the entry count gives it away
     store
         .tree
-        .remove(codec::version_key(&key(1, -5, "b"), CheckpointId(1)))
+        .remove(codec::group_version_key(
+            &group_of(&SPREAD, &key(1, -5, "b")),
+            CheckpointId(1),
+        ))
         .expect("remove");
     match store.load_checkpoint(CheckpointId(1)) {
         Err(StoreError::Unreadable(u)) => {
@@ -311,7 +411,7 @@ fn savepoints_outlive_retention_and_travel_through_export_files() {
     ));
 
     store.delete_savepoint("before-upgrade").expect("delete");
-    assert_eq!(store.savepoint_entry_count(), 0);
+    assert_eq!(store.savepoint_group_count(), 0);
     assert!(matches!(
         store.delete_savepoint("before-upgrade"),
         Err(StoreError::NoSuchSavepoint { .. })
@@ -380,7 +480,7 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
             postcard::to_stdvec(&meta).expect("enc"),
         )
         .expect("hist");
-        for (k, e) in &c.delta.upserts {
+        for (k, e) in &carried(c) {
             let mut raw = codec::v1::STATE_PREFIX.to_vec();
             raw.extend_from_slice(&k.window.to_be_bytes());
             raw.extend_from_slice(&((k.start as u64) ^ (1 << 63)).to_be_bytes());
@@ -393,7 +493,7 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
     let store = open(&dir, 3);
     let (meta, restored) = store.load_checkpoint(CheckpointId(1)).expect("migrated");
     assert_eq!(meta.partitions[0].next, Some(NextOffset(10)));
-    assert_eq!(sorted(restored.entries), sorted(c.delta.upserts.clone()));
+    assert_eq!(sorted(restored.entries), sorted(carried(c)));
     assert_eq!(store.head().expect("head"), Some(CheckpointId(1)));
     assert_eq!(
         store.history(None, 5).expect("history")[0].status,
@@ -475,6 +575,9 @@ proptest! {
     fn retained_checkpoints_restore_exactly_and_garbage_is_reclaimed(steps in steps(), retained in 1usize..4) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir, retained);
+        // three groups: keys share them, so a delta rewrites keys it did not change
+        let layout = GroupLayout { seed: 5, groups: 3 };
+        let mut line = Line::new(layout);
         let mut model = MaterializedState::default();
         let mut states: BTreeMap<u64, Vec<(StateKey, Entry)>> = BTreeMap::new();
         let mut touched: BTreeMap<u64, usize> = BTreeMap::new();
@@ -483,7 +586,7 @@ proptest! {
             let full = step.full || id == 1;
             let mut up: BTreeMap<StateKey, Entry> = BTreeMap::new();
             if full {
-                for (k, e) in model.entries.iter() { up.insert(k.clone(), *e); }
+                for (k, e) in model.entries() { up.insert(k, e); }
             }
             for (k, v) in &step.upserts {
                 up.insert(key(0, 0, &k.to_string()), entry(EntryStatus::Open, f64::from(*v)));
@@ -495,12 +598,12 @@ proptest! {
             if full {
                 for k in &step.deletes { up.remove(&key(0, 0, &k.to_string())); }
             }
-            let before = model.entries.len();
-            let c = cp(id, (!full).then_some(id - 1), full, up.into_iter().collect(), del, id as i64);
+            let before = model.groups.len();
+            let c = line.cp(id, (!full).then_some(id - 1), full, up.into_iter().collect(), del, id as i64);
             model.apply(&c, 0, 0).expect("model");
             write(&store, &c, None).expect("write");
             states.insert(id, model.restored().entries);
-            touched.insert(id, c.delta.upserts.len() + c.delta.deletes.len() + if full { before } else { 0 });
+            touched.insert(id, c.delta.groups.len() + if full { before } else { 0 });
         }
         let ids = store.checkpoint_ids().expect("ids");
         let n = steps.len();
@@ -511,7 +614,8 @@ proptest! {
             prop_assert_eq!(&sorted(got.entries), &states[&id.0], "checkpoint {}", id);
         }
         let oldest = ids[0];
-        let bound = states[&oldest.0].len() + ids[1..].iter().map(|i| touched[&i.0]).sum::<usize>();
+        let oldest_groups = group_entries(&layout, states[&oldest.0].clone()).len();
+        let bound = oldest_groups + ids[1..].iter().map(|i| touched[&i.0]).sum::<usize>();
         prop_assert!(store.version_count() <= bound, "{} versions, at most {} needed", store.version_count(), bound);
     }
 }
@@ -525,7 +629,7 @@ fn a_full_checkpoint_can_be_written_over_a_damaged_version_after_a_fallback() {
     }
     damage(
         &store,
-        &codec::version_key(&key(2, 7, "c/d"), CheckpointId(2)),
+        &codec::group_version_key(&group_of(&SPREAD, &key(2, 7, "c/d")), CheckpointId(2)),
     );
     assert!(store.load_checkpoint(CheckpointId(3)).is_err());
     let (_, one) = store
@@ -572,7 +676,8 @@ fn a_key_upserted_and_deleted_in_one_delta_keeps_its_upsert_everywhere() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 3);
     let a = key(0, 0, "a");
-    let c1 = cp(
+    let mut line = Line::new(SPREAD);
+    let c1 = line.cp(
         1,
         None,
         true,
@@ -580,7 +685,7 @@ fn a_key_upserted_and_deleted_in_one_delta_keeps_its_upsert_everywhere() {
         vec![],
         1,
     );
-    let c2 = cp(
+    let c2 = line.cp(
         2,
         Some(1),
         false,

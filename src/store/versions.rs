@@ -1,23 +1,26 @@
-//! Versioned state: writing a checkpoint, restoring any retained one, and reclaiming versions no
-//! retained checkpoint needs.
+//! Versioned state by key group: writing a checkpoint, restoring any retained one, and
+//! reclaiming versions no retained checkpoint needs.
 //!
-//! A checkpoint `c` writes `ver/<key><c>` for every key it changed (a tombstone for a removed
-//! key) and `cp/<c>` with its metadata. Restoring `c` takes, per key, the newest version not
-//! after `c`. The versions that checkpoint `c` supersedes are listed in `gc/<c>`: they are
-//! garbage once `c` is the oldest retained checkpoint (so are the tombstones `c` wrote).
+//! A checkpoint `c` writes `g/<group><c>` for every group it changed, with the group's whole
+//! content (an empty value for a group that emptied), and `cp/<c>` with its metadata.
+//! Restoring `c` takes, per group, the newest version not after `c`. The versions that
+//! checkpoint `c` supersedes are listed in `gc/<c>`: they are garbage once `c` is the oldest
+//! retained checkpoint (so are the empty versions `c` wrote). A checkpoint's cost follows the
+//! groups that changed: a window closing changes one group, not a key per window.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::codec::{
-    decode_id_key, decode_version_key, id_key, version_key, version_prefix, CHECKPOINT_PREFIX,
-    GC_PREFIX, HISTORY_PREFIX, META_HEAD, VERSION_PREFIX,
+    decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
+    CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD,
 };
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
 use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::{Entry, RestoredState, StateKey};
+use crate::engine::group::{decode_blob, encode_blob};
+use crate::engine::{Entry, GroupId, RestoredState, StateKey};
 
 /// A checkpoint that cannot be restored: damaged or incomplete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,41 +41,87 @@ pub struct WriteRequest<'a> {
     pub started: Instant,
 }
 
-/// The newest version of a key: its id and whether it holds an entry (not a tombstone).
+/// The newest version of a group: its id and whether it holds entries (not emptied).
 type Latest = Option<(CheckpointId, bool)>;
 
+/// Groups' contents, by group.
+pub type Groups = BTreeMap<GroupId, Vec<(StateKey, Entry)>>;
+
+/// A group version's value: the entry count (u32 BE) then the blob, sealed; an emptied group
+/// is a sealed empty value.
+pub(super) fn encode_group(
+    entries: &[(StateKey, Entry)],
+    id: CheckpointId,
+) -> Result<Vec<u8>, StoreError> {
+    if entries.is_empty() {
+        return Ok(super::codec::seal(&[]));
+    }
+    let blob = encode_blob(entries).map_err(|e| StoreError::Corrupt {
+        path: Default::default(),
+        detail: format!("cannot encode a group of checkpoint {id}: {e}"),
+    })?;
+    let mut payload = Vec::with_capacity(4 + blob.len());
+    payload.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    payload.extend_from_slice(&blob);
+    Ok(super::codec::seal(&payload))
+}
+
 impl Store {
-    /// The newest version of `key` before checkpoint `before` (one seek, no iterator).
-    fn latest_version(&self, key: &StateKey, before: CheckpointId) -> Result<Latest, StoreError> {
-        let prefix = version_prefix(key);
-        match self.tree.get_lt(version_key(key, before))? {
+    /// Decodes a group version's value (`what` names it in the error): its entries, empty for
+    /// an emptied group.
+    pub(super) fn decode_group(
+        &self,
+        raw: &[u8],
+        group: &GroupId,
+        what: &str,
+    ) -> Result<Vec<(StateKey, Entry)>, String> {
+        let payload =
+            super::codec::unseal(raw).ok_or_else(|| format!("{what}: checksum mismatch"))?;
+        if payload.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = payload
+            .get(0..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| format!("{what}: truncated"))?;
+        let entries =
+            decode_blob(&payload[4..], &group.scope).map_err(|e| format!("{what}: {e}"))?;
+        if entries.len() != count as usize {
+            return Err(format!(
+                "{what}: it should hold {count} entries but {} were decoded",
+                entries.len()
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// The newest version of group `g` before checkpoint `before` (one seek, no iterator).
+    fn latest_version(&self, g: &GroupId, before: CheckpointId) -> Result<Latest, StoreError> {
+        let prefix = group_prefix(g);
+        match self.tree.get_lt(group_version_key(g, before))? {
             Some((k, _)) if !k.starts_with(&prefix) => Ok(None),
             None => Ok(None),
             Some((k, v)) => {
-                let id = decode_version_key(&k).map(|(_, id)| id).ok_or_else(|| {
-                    self.corrupt(format!("undecodable version key {:?}", k.as_ref()))
-                })?;
-                Ok(Some((id, self.is_live(&v))))
+                let id = decode_group_version_key(&k)
+                    .map(|(_, id)| id)
+                    .ok_or_else(|| {
+                        self.corrupt(format!("undecodable group version key {:?}", k.as_ref()))
+                    })?;
+                Ok(Some((id, is_live(&v))))
             }
         }
     }
 
-    /// Whether a stored version holds an entry. A damaged one counts as an entry: writing over
-    /// it (a tombstone, a new version) must stay possible after a restore fell back past it.
-    fn is_live(&self, raw: &[u8]) -> bool {
-        self.decode::<Option<Entry>>(raw, "state version")
-            .map_or(true, |e| e.is_some())
-    }
-
-    /// The newest version of every key, for full snapshots.
-    fn all_latest(&self) -> Result<HashMap<StateKey, (CheckpointId, bool)>, StoreError> {
+    /// The newest version of every group, for full snapshots.
+    fn all_latest(&self) -> Result<HashMap<GroupId, (CheckpointId, bool)>, StoreError> {
         let mut out = HashMap::new();
-        for item in self.tree.scan_prefix(VERSION_PREFIX) {
+        for item in self.tree.scan_prefix(GROUP_PREFIX) {
             let (k, v) = item?;
-            let (key, id) = decode_version_key(&k)
-                .ok_or_else(|| self.corrupt(format!("undecodable version key {:?}", k.as_ref())))?;
-            let live = self.is_live(&v);
-            out.insert(key, (id, live));
+            let (g, id) = decode_group_version_key(&k).ok_or_else(|| {
+                self.corrupt(format!("undecodable group version key {:?}", k.as_ref()))
+            })?;
+            out.insert(g, (id, is_live(&v)));
         }
         Ok(out)
     }
@@ -105,69 +154,68 @@ impl Store {
         // versions that become garbage at `id`: inserted as gc entries, or removed at once if
         // `id` itself ends up the oldest retained checkpoint
         let mut garbage: Vec<Vec<u8>> = Vec::new();
-        let mut live = base.as_ref().map_or(0, |b| b.live_entries as i64);
         let mut put = |batch: &mut sled::Batch, k: Vec<u8>, v: Vec<u8>| {
             bytes += (k.len() + v.len()) as u64;
             batch.insert(k, v);
         };
+        let mut empty: Option<Vec<u8>> = None;
+        let mut emptied = |batch: &mut sled::Batch, k: Vec<u8>| -> Result<(), StoreError> {
+            let v = match &empty {
+                Some(v) => v.clone(),
+                None => empty.insert(encode_group(&[], id)?).clone(),
+            };
+            batch.insert(k, v);
+            Ok(())
+        };
         if cp.delta.full {
             let mut latest = self.all_latest()?;
-            for (key, entry) in &cp.delta.upserts {
-                let vk = version_key(key, id);
-                put(&mut batch, vk, Self::encode(&Some(*entry), id)?);
-                if let Some((prev, _)) = latest.remove(key) {
-                    garbage.push(version_key(key, prev));
-                }
-                live += 1;
-            }
-            // whatever the snapshot does not list is gone as of this checkpoint
-            for (key, (prev, is_live)) in latest {
-                if is_live {
-                    let vk = version_key(&key, id);
-                    put(&mut batch, vk.clone(), Self::encode(&None::<Entry>, id)?);
-                    garbage.push(vk);
-                }
-                garbage.push(version_key(&key, prev));
-            }
-        } else {
-            for (key, entry) in &cp.delta.upserts {
+            for g in cp.delta.groups.iter().filter(|g| !g.entries.is_empty()) {
                 put(
                     &mut batch,
-                    version_key(key, id),
-                    Self::encode(&Some(*entry), id)?,
+                    group_version_key(&g.id, id),
+                    encode_group(&g.entries, id)?,
                 );
-                match self.latest_version(key, id)? {
-                    Some((prev, was_live)) => {
-                        garbage.push(version_key(key, prev));
-                        live += i64::from(!was_live);
-                    }
-                    None => live += 1,
+                if let Some((prev, _)) = latest.remove(&g.id) {
+                    garbage.push(group_version_key(&g.id, prev));
                 }
             }
-            // a key both upserted and deleted keeps its upsert, as in the protocol's model
-            let upserted: std::collections::HashSet<&StateKey> = if cp.delta.deletes.is_empty() {
-                Default::default()
-            } else {
-                cp.delta.upserts.iter().map(|(k, _)| k).collect()
-            };
-            for key in cp.delta.deletes.iter().filter(|k| !upserted.contains(k)) {
-                if let Some((prev, was_live)) = self.latest_version(key, id)? {
-                    let vk = version_key(key, id);
-                    put(&mut batch, vk.clone(), Self::encode(&None::<Entry>, id)?);
-                    garbage.push(version_key(key, prev));
+            // whatever the snapshot does not list is empty as of this checkpoint
+            for (g, (prev, is_live)) in latest {
+                if is_live {
+                    let vk = group_version_key(&g, id);
+                    emptied(&mut batch, vk.clone())?;
                     garbage.push(vk);
-                    live -= i64::from(was_live);
+                }
+                garbage.push(group_version_key(&g, prev));
+            }
+        } else {
+            for g in &cp.delta.groups {
+                let prev = self.latest_version(&g.id, id)?;
+                if !g.entries.is_empty() {
+                    put(
+                        &mut batch,
+                        group_version_key(&g.id, id),
+                        encode_group(&g.entries, id)?,
+                    );
+                    if let Some((prev, _)) = prev {
+                        garbage.push(group_version_key(&g.id, prev));
+                    }
+                } else if let Some((prev, true)) = prev {
+                    let vk = group_version_key(&g.id, id);
+                    emptied(&mut batch, vk.clone())?;
+                    garbage.push(group_version_key(&g.id, prev));
+                    garbage.push(vk);
                 }
             }
         }
         let savepoint = match &req.savepoint {
             None => None,
             Some(name) => {
-                let entries = match &base {
+                let groups = match &base {
                     Some(b) => self.materialize(b)?,
                     None => BTreeMap::new(),
                 };
-                Some(self.savepoint_batch(name, cp, entries, &mut batch, &mut bytes)?)
+                Some(self.savepoint_batch(name, cp, groups, &mut batch, &mut bytes)?)
             }
         };
         let retained = self.apply_retention(id, &mut batch)?;
@@ -179,11 +227,7 @@ impl Store {
         } else if !garbage.is_empty() {
             batch.insert(id_key(GC_PREFIX, id), Self::encode(&garbage, id)?);
         }
-        let live_entries = u64::try_from(live).map_err(|_| {
-            self.corrupt(format!(
-                "checkpoint {id} would hold {live} entries; the stored versions are inconsistent"
-            ))
-        })?;
+        let live_entries = cp.delta.entries;
         let mut stored = Retained {
             meta: meta_of(cp, req.started.elapsed().as_millis() as u64, bytes),
             live_entries,
@@ -290,43 +334,45 @@ impl Store {
         Ok(())
     }
 
-    /// The entries of a retained checkpoint, verified against its metadata.
-    fn materialize(&self, cp: &Retained) -> Result<BTreeMap<StateKey, Entry>, StoreError> {
+    /// The groups of a retained checkpoint, verified against its metadata.
+    pub(super) fn materialize(&self, cp: &Retained) -> Result<Groups, StoreError> {
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("checkpoint {id}"),
             detail,
         };
-        let mut out = BTreeMap::new();
-        let mut chosen: Option<(StateKey, sled::IVec)> = None;
-        let mut finish = |chosen: Option<(StateKey, sled::IVec)>| -> Result<(), StoreError> {
-            if let Some((key, raw)) = chosen {
-                let entry: Option<Entry> = self
-                    .decode(&raw, &format!("state of {key:?}"))
-                    .map_err(|e| unreadable(e.to_string()))?;
-                if let Some(e) = entry {
-                    out.insert(key, e);
+        let mut out = Groups::new();
+        let mut chosen: Option<(GroupId, sled::IVec)> = None;
+        let mut entries = 0u64;
+        let mut finish = |chosen: Option<(GroupId, sled::IVec)>| -> Result<(), StoreError> {
+            if let Some((g, raw)) = chosen {
+                let content = self
+                    .decode_group(&raw, &g, &format!("group {} of {:?}", g.group, g.scope))
+                    .map_err(unreadable)?;
+                if !content.is_empty() {
+                    entries += content.len() as u64;
+                    out.insert(g, content);
                 }
             }
             Ok(())
         };
-        for item in self.tree.scan_prefix(VERSION_PREFIX) {
+        for item in self.tree.scan_prefix(GROUP_PREFIX) {
             let (k, v) = item?;
-            let (key, version) = decode_version_key(&k)
-                .ok_or_else(|| unreadable(format!("undecodable version key {:?}", k.as_ref())))?;
-            if chosen.as_ref().is_some_and(|(c, _)| *c != key) {
+            let (g, version) = decode_group_version_key(&k).ok_or_else(|| {
+                unreadable(format!("undecodable group version key {:?}", k.as_ref()))
+            })?;
+            if chosen.as_ref().is_some_and(|(c, _)| *c != g) {
                 finish(chosen.take())?;
             }
             if version <= id {
-                chosen = Some((key, v));
+                chosen = Some((g, v));
             }
         }
         finish(chosen)?;
-        if out.len() as u64 != cp.live_entries {
+        if entries != cp.live_entries {
             return Err(unreadable(format!(
                 "it should hold {} entries but {} were found (partly written or damaged)",
-                cp.live_entries,
-                out.len()
+                cp.live_entries, entries
             ))
             .into());
         }
@@ -346,11 +392,11 @@ impl Store {
             .into(),
             other => other,
         })?;
-        let entries = self.materialize(&cp)?;
+        let groups = self.materialize(&cp)?;
         let restored = RestoredState {
             partitions: cp.meta.partitions.clone(),
             watermark: cp.meta.watermark,
-            entries: entries.into_iter().collect(),
+            entries: groups.into_values().flatten().collect(),
         };
         Ok((cp.meta, restored))
     }
@@ -369,7 +415,7 @@ impl Store {
         self.check_owner()?;
         let mut batch = sled::Batch::default();
         let mut count = 0;
-        for prefix in [CHECKPOINT_PREFIX, VERSION_PREFIX, GC_PREFIX] {
+        for prefix in [CHECKPOINT_PREFIX, GROUP_PREFIX, GC_PREFIX] {
             for k in self.tree.scan_prefix(prefix).keys() {
                 count += usize::from(prefix == CHECKPOINT_PREFIX);
                 batch.remove(k?);
@@ -381,8 +427,15 @@ impl Store {
         Ok(count)
     }
 
-    /// Number of stored state versions (all checkpoints), for tests and diagnostics.
+    /// Number of stored group versions (all checkpoints), for tests and diagnostics.
     pub fn version_count(&self) -> usize {
-        self.tree.scan_prefix(VERSION_PREFIX).count()
+        self.tree.scan_prefix(GROUP_PREFIX).count()
     }
+}
+
+/// Whether a stored group version holds entries. A damaged one counts as holding some: writing
+/// over it (an emptied version, a new version) must stay possible after a restore fell back
+/// past it.
+fn is_live(raw: &[u8]) -> bool {
+    super::codec::unseal(raw).is_none_or(|payload| !payload.is_empty())
 }

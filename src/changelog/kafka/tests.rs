@@ -34,7 +34,14 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
                     partition: Some(source()),
                     window: 0,
                     start: 0,
-                    key: format!("{i:0>pad$}"),
+                    // `pad` letters that do not compress (groups travel compressed)
+                    key: (0..pad.max(1) as u64)
+                        .map(|j| {
+                            let h =
+                                xxhash_rust::xxh3::xxh3_64(&(i as u64 * 65_536 + j).to_be_bytes());
+                            char::from(b'a' + (h % 26) as u8)
+                        })
+                        .collect(),
                 },
                 Entry {
                     status: EntryStatus::Open,
@@ -57,8 +64,13 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
             max_ts: Some(EventTime(1)),
         },
         Some(EventTime(1)),
-        entries,
-        Vec::new(),
+        crate::engine::group::group_entries(&Default::default(), entries)
+            .into_iter()
+            .map(|g| crate::changelog::protocol::GroupChange {
+                group: g.id.group,
+                blob: crate::engine::group::encode_blob(&g.entries).expect("blob"),
+            })
+            .collect(),
         2,
         MAX_CHUNK_BYTES,
     )

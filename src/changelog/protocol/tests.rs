@@ -4,7 +4,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::{Acc, EntryStatus};
+use crate::engine::group::{encode_blob, group_entries};
+use crate::engine::{Acc, EntryStatus, GroupLayout};
 use crate::event_time::EventTime;
 use crate::position::NextOffset;
 
@@ -44,21 +45,31 @@ fn tag(run: u64, checkpoint: u64) -> Tag {
     }
 }
 
-fn publish(
-    t: Tag,
-    kind: Kind,
-    next: i64,
-    up: Vec<(StateKey, Entry)>,
-    del: Vec<StateKey>,
-) -> Vec<Chunk> {
+/// Keys spread so thinly that the few keys of a test each get a group of their own.
+const THIN: GroupLayout = GroupLayout {
+    seed: 0,
+    groups: u16::MAX,
+};
+
+/// The groups holding `entries`, each whole, under `layout`.
+fn groups(layout: &GroupLayout, entries: Vec<(StateKey, Entry)>) -> Vec<GroupChange> {
+    group_entries(layout, entries)
+        .into_iter()
+        .map(|g| GroupChange {
+            group: g.id.group,
+            blob: encode_blob(&g.entries).expect("blob"),
+        })
+        .collect()
+}
+
+fn publish(t: Tag, kind: Kind, next: i64, entries: Vec<(StateKey, Entry)>) -> Vec<Chunk> {
     chunks(
         "g",
         t,
         kind,
         pos(0, next),
         Some(EventTime(next)),
-        up,
-        del,
+        groups(&THIN, entries),
         2,
         MAX_CHUNK_BYTES,
     )
@@ -66,14 +77,7 @@ fn publish(
 
 #[test]
 fn records_round_trip_and_damage_is_refused() {
-    let c = publish(
-        tag(7, 3),
-        Kind::Full,
-        5,
-        vec![(key(0, "a"), entry(1.0))],
-        vec![],
-    )
-    .remove(0);
+    let c = publish(tag(7, 3), Kind::Full, 5, vec![(key(0, "a"), entry(1.0))]).remove(0);
     let raw = encode(&c).expect("encode");
     assert_eq!(decode(&raw), Ok(c));
     for i in 0..raw.len() {
@@ -96,7 +100,6 @@ fn record_keys_are_unique_per_chunk() {
         (0..5)
             .map(|i| (key(0, &i.to_string()), entry(1.0)))
             .collect(),
-        vec![],
     );
     let keys: std::collections::BTreeSet<String> = cs.iter().map(Chunk::record_key).collect();
     assert_eq!(keys.len(), cs.len());
@@ -106,13 +109,7 @@ fn record_keys_are_unique_per_chunk() {
 #[test]
 fn an_unfinished_publication_is_ignored() {
     let mut r = Replay::default();
-    for c in publish(
-        tag(1, 1),
-        Kind::Full,
-        10,
-        vec![(key(0, "a"), entry(1.0))],
-        vec![],
-    ) {
+    for c in publish(tag(1, 1), Kind::Full, 10, vec![(key(0, "a"), entry(1.0))]) {
         r.push(c);
     }
     let mut partial = publish(
@@ -122,7 +119,6 @@ fn an_unfinished_publication_is_ignored() {
         (0..4)
             .map(|i| (key(0, &format!("b{i}")), entry(2.0)))
             .collect(),
-        vec![],
     );
     partial.pop(); // the writer died before its last chunk
     for c in partial {
@@ -140,27 +136,19 @@ fn an_unfinished_publication_is_ignored() {
 
 #[test]
 fn a_stale_writer_never_mixes_into_the_line() {
-    let full = publish(
-        tag(1, 1),
-        Kind::Full,
-        10,
-        vec![(key(0, "a"), entry(1.0))],
-        vec![],
-    );
+    let full = publish(tag(1, 1), Kind::Full, 10, vec![(key(0, "a"), entry(1.0))]);
     // the new owner (run 2) restored (1,1) and continues; the old owner (run 1) publishes late
     let new_owner = publish(
         tag(2, 1),
         Kind::Delta { base: tag(1, 1) },
         30,
         vec![(key(0, "a"), entry(3.0))],
-        vec![],
     );
     let stale = publish(
         tag(1, 2),
         Kind::Delta { base: tag(1, 1) },
         20,
         vec![(key(0, "a"), entry(2.0))],
-        vec![],
     );
     // either order: the result is one consistent line, never a mix
     for (first, second, want) in [
@@ -188,8 +176,7 @@ fn partitions_replay_independently() {
         Kind::Full,
         pos(0, 5),
         None,
-        vec![(key(0, "a"), entry(1.0))],
-        vec![],
+        groups(&THIN, vec![(key(0, "a"), entry(1.0))]),
         10,
         MAX_CHUNK_BYTES,
     );
@@ -199,8 +186,7 @@ fn partitions_replay_independently() {
         Kind::Full,
         pos(1, 7),
         None,
-        vec![(key(1, "b"), entry(2.0))],
-        vec![],
+        groups(&THIN, vec![(key(1, "b"), entry(2.0))]),
         10,
         MAX_CHUNK_BYTES,
     );
@@ -219,13 +205,15 @@ fn partitions_replay_independently() {
 }
 
 proptest! {
-    /// A writer's line of publications (a full, then deltas; a new full now and then), cut into
-    /// chunks of any size, replays to exactly the state and position of the last one.
+    /// A writer's line of publications (a full, then deltas of whole groups; a new full now and
+    /// then), cut into chunks of any size, replays to exactly the state and position of the last
+    /// one, with several keys sharing a group.
     #[test]
     fn replay_yields_the_last_publication_exactly(
         steps in prop::collection::vec((prop::collection::vec((0u8..8, prop::option::of(0u8..50)), 0..12), any::<bool>()), 1..20),
         max in 1usize..6,
     ) {
+        let layout = GroupLayout { seed: 3, groups: 3 };
         let mut model: BTreeMap<StateKey, Entry> = BTreeMap::new();
         let mut r = Replay::default();
         let mut prev: Option<Tag> = None;
@@ -233,26 +221,36 @@ proptest! {
         for (i, (changes, full)) in steps.into_iter().enumerate() {
             let t = tag(9, i as u64 + 1);
             let full = full || prev.is_none();
-            let mut ups: BTreeMap<StateKey, Entry> = BTreeMap::new();
-            let mut dels = Vec::new();
             if full {
                 model.clear();
             }
+            let mut changed = std::collections::BTreeSet::new();
             for (k, v) in changes {
                 let k = key(0, &k.to_string());
+                changed.insert(layout.group_of(&k.key));
                 match v {
-                    Some(v) => { model.insert(k.clone(), entry(f64::from(v))); ups.insert(k.clone(), entry(f64::from(v))); dels.retain(|d| d != &k); }
-                    None => { model.remove(&k); ups.remove(&k); if !dels.contains(&k) { dels.push(k); } }
+                    Some(v) => { model.insert(k, entry(f64::from(v))); }
+                    None => { model.remove(&k); }
                 }
             }
-            let (ups, dels) = if full {
-                (model.clone().into_iter().collect(), vec![])
+            let published: Vec<GroupChange> = if full {
+                groups(&layout, model.clone().into_iter().collect())
             } else {
-                (ups.into_iter().collect(), dels)
+                changed
+                    .into_iter()
+                    .map(|g| {
+                        let members: Vec<(StateKey, Entry)> = model
+                            .iter()
+                            .filter(|(k, _)| layout.group_of(&k.key) == g)
+                            .map(|(k, e)| (k.clone(), *e))
+                            .collect();
+                        GroupChange { group: g, blob: encode_blob(&members).expect("blob") }
+                    })
+                    .collect()
             };
             let kind = match (full, prev) { (false, Some(base)) => Kind::Delta { base }, _ => Kind::Full };
             next += 3;
-            for c in chunks("g", t, kind, pos(0, next), Some(EventTime(next)), ups, dels, max, MAX_CHUNK_BYTES) {
+            for c in chunks("g", t, kind, pos(0, next), Some(EventTime(next)), published, max, MAX_CHUNK_BYTES) {
                 r.push(c);
             }
             prev = Some(t);
@@ -265,10 +263,94 @@ proptest! {
 }
 
 #[test]
+fn records_of_version_1_are_still_read_and_replayed() {
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        group: &'a str,
+        tag: Tag,
+        kind: Kind,
+        index: u32,
+        count: u32,
+        position: PartitionState,
+        watermark: Option<EventTime>,
+        upserts: Vec<(StateKey, Entry)>,
+        deletes: Vec<StateKey>,
+    }
+    let v1 = |t: Tag, kind: Kind, upserts, deletes| {
+        let body = postcard::to_stdvec(&V1 {
+            group: "g",
+            tag: t,
+            kind,
+            index: 0,
+            count: 1,
+            position: pos(0, 5),
+            watermark: None,
+            upserts,
+            deletes,
+        })
+        .expect("encode");
+        let mut raw = b"CKCL".to_vec();
+        raw.extend_from_slice(&1u32.to_be_bytes());
+        raw.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        raw.extend_from_slice(&body);
+        decode(&raw).expect("a version 1 record decodes")
+    };
+    let mut r = Replay::default();
+    r.push(v1(
+        tag(1, 1),
+        Kind::Full,
+        vec![(key(0, "a"), entry(1.0)), (key(0, "b"), entry(2.0))],
+        vec![],
+    ));
+    r.push(v1(
+        tag(1, 2),
+        Kind::Delta { base: tag(1, 1) },
+        vec![(key(0, "c"), entry(3.0))],
+        vec![key(0, "a")],
+    ));
+    let c = r.into_committed(&part(0)).expect("committed");
+    let keys: Vec<&str> = c.entries.keys().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, vec!["b", "c"]);
+}
+
+#[test]
+fn a_damaged_group_leaves_the_line_as_it_was() {
+    let mut r = Replay::default();
+    for c in publish(tag(1, 1), Kind::Full, 10, vec![(key(0, "a"), entry(1.0))]) {
+        r.push(c);
+    }
+    let mut bad = publish(
+        tag(1, 2),
+        Kind::Delta { base: tag(1, 1) },
+        20,
+        vec![(key(0, "a"), entry(5.0))],
+    );
+    if let Changes::Groups(gs) = &mut bad[0].changes {
+        gs[0].blob.truncate(3);
+    }
+    for c in bad {
+        r.push(c);
+    }
+    assert_eq!(r.ignored.len(), 1);
+    let c = r.into_committed(&part(0)).expect("committed");
+    assert_eq!(c.tag, Some(tag(1, 1)));
+    assert_eq!(c.entries[&key(0, "a")].acc.sum, 1.0);
+}
+
+#[test]
 fn chunks_stay_small_in_bytes_whatever_the_key_length() {
-    let long = "k".repeat(2_000);
+    // long keys that do not compress: 2,000 pseudo-random letters each
+    let noise = |i: u64| -> String {
+        (0..2_000u64)
+            .map(|j| {
+                char::from(
+                    b'a' + (xxhash_rust::xxh3::xxh3_64(&(i * 4_096 + j).to_be_bytes()) % 26) as u8,
+                )
+            })
+            .collect()
+    };
     let ups: Vec<(StateKey, Entry)> = (0..1_000)
-        .map(|i| (key(0, &format!("{long}{i}")), entry(1.0)))
+        .map(|i| (key(0, &noise(i)), entry(1.0)))
         .collect();
     let cs = chunks(
         "g",
@@ -276,8 +358,7 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
         Kind::Full,
         pos(0, 1),
         None,
-        ups,
-        vec![],
+        groups(&GroupLayout::default(), ups),
         2_000,
         MAX_CHUNK_BYTES,
     );
@@ -291,7 +372,16 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
         );
         assert_eq!(c.count as usize, cs.len());
     }
-    let total: usize = cs.iter().map(|c| c.upserts.len()).sum();
+    let total: usize = cs
+        .iter()
+        .map(|c| match &c.changes {
+            Changes::Groups(gs) => gs
+                .iter()
+                .map(|g| decode_blob(&g.blob, &Some(part(0))).expect("blob").len())
+                .sum(),
+            Changes::Keys { .. } => 0,
+        })
+        .sum();
     assert_eq!(total, 1_000);
 }
 
