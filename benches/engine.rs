@@ -160,11 +160,11 @@ impl Pipeline {
         engine.assign(&partitions);
         Pipeline {
             engine,
-            decoder: Decoder {
-                key: FieldSource::Pointer("/user".into()),
-                value: Some("/amount".into()),
-                timestamp: TimeSource::Pointer("/ts".into()),
-            },
+            decoder: Decoder::new(
+                FieldSource::Pointer("/user".into()),
+                Some("/amount".into()),
+                TimeSource::Pointer("/ts".into()),
+            ),
             partitions,
             offsets: Offsets::new(),
             rng: Rng(7),
@@ -353,7 +353,7 @@ impl LiveState {
             self.clock = (self.clock + 1) % (50 * MINUTE);
             let (p, offset) = self.offsets.next();
             let record = Record {
-                key,
+                key: key.into(),
                 value: Some((offset % 100) as f64),
                 ts: checkpointer::event_time::EventTime(ts),
             };

@@ -174,11 +174,11 @@ fn main() {
         groups: layout,
     };
     let mut engine = Engine::new(config());
-    let decoder = Decoder {
-        key: FieldSource::Pointer("/user".into()),
-        value: Some("/amount".into()),
-        timestamp: TimeSource::Pointer("/ts".into()),
-    };
+    let decoder = Decoder::new(
+        FieldSource::Pointer("/user".into()),
+        Some("/amount".into()),
+        TimeSource::Pointer("/ts".into()),
+    );
     let mut scheduler = Scheduler::new(
         SchedulerSettings {
             interval: a.interval,

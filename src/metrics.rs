@@ -2,8 +2,8 @@
 //! `checkpointer_<noun>_<unit>[_total]`; labels are bounded (never a record key).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::engine::InvalidReason;
@@ -42,6 +42,8 @@ pub struct Metrics {
     pub changelog_restore_read_bytes: IntGaugeVec,
     pub restore_dropped_partitions: IntCounter,
     pub checkpoints_in_flight: IntGauge,
+    pub backpressure: IntGauge,
+    pub backpressure_seconds: Counter,
     pub restore_duration: Gauge,
     pub consumer_lag: IntGaugeVec,
     pub partition_watermark: GaugeVec,
@@ -81,6 +83,13 @@ fn int_gauge(r: &Reg, name: &str, help: &str) -> IntGauge {
     reg(
         r,
         IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
+    )
+}
+
+fn float_counter(r: &Reg, name: &str, help: &str) -> Counter {
+    reg(
+        r,
+        Counter::new(name, help).unwrap_or_else(|_| unreachable!("valid metric name")),
     )
 }
 
@@ -165,6 +174,8 @@ impl Metrics {
             restore_dropped_entries: counter(&r, "checkpointer_restore_dropped_entries_total", "Open windows of the restored snapshot dropped at start because they no longer fit the configuration (checkpoint.allow_non_restored_state)."),
             restore_dropped_partitions: counter(&r, "checkpointer_restore_dropped_partitions_total", "Partition offsets of the restored snapshot dropped at start because their topic is no longer subscribed."),
             checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),
+            backpressure: int_gauge(&r, "checkpointer_backpressure", "1 while consumption is paused because a checkpoint has been writing for longer than checkpoint.interval, else 0."),
+            backpressure_seconds: float_counter(&r, "checkpointer_backpressure_seconds_total", "Seconds consumption spent paused by back-pressure (slow checkpoints), summed since start."),
             restore_duration: gauge(&r, "checkpointer_restore_duration_seconds", "Time the last start took to restore its checkpoint or savepoint."),
             consumer_lag: int_gauge_vec(&r, "checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark.", &["topic", "partition"]),
             partition_watermark: reg(&r, GaugeVec::new(Opts::new("checkpointer_partition_max_event_time_seconds", "Highest event time seen per partition (Unix time)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),

@@ -382,6 +382,7 @@ impl Report {
                 partitions,
                 watermark: state.watermark,
                 entries,
+                stored_bytes: state.stored_bytes,
             },
             dropped_entries,
         }

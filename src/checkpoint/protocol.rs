@@ -187,6 +187,7 @@ impl MaterializedState {
                 .unwrap_or_default(),
             watermark: self.meta.as_ref().and_then(|m| m.watermark),
             entries: self.entries().into_iter().collect(),
+            stored_bytes: 0,
         }
     }
 }

@@ -79,6 +79,11 @@ impl Scheduler {
         self.next_id
     }
 
+    /// The checkpoint interval.
+    pub fn interval(&self) -> Duration {
+        self.settings.interval
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }

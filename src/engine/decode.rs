@@ -1,7 +1,11 @@
 //! Turning a Kafka message (key, payload, timestamp) into a record, or a reason it is invalid.
 
+use std::borrow::Cow;
+
+use serde::de::IgnoredAny;
+use serde_json::{Number, Value};
+
 use crate::event_time::EventTime;
-use serde_json::Value;
 
 /// Where the grouping key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,10 +27,10 @@ pub enum TimeSource {
 pub const MIN_TS: i64 = -62_135_596_800_000;
 pub const MAX_TS: i64 = 253_402_300_799_999;
 
-/// A decoded input record.
+/// A decoded input record; its key borrows from the message where it can.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    pub key: String,
+pub struct Record<'a> {
+    pub key: Cow<'a, str>,
     pub value: Option<f64>,
     /// Event time, epoch milliseconds.
     pub ts: EventTime,
@@ -74,62 +78,192 @@ impl InvalidReason {
     }
 }
 
-/// Decodes messages per the `input:` settings.
+/// Decodes messages per the `input:` settings. The configured JSON pointers are compiled once:
+/// a message is parsed in one pass that validates the whole document but keeps only the
+/// configured fields, borrowing strings from the payload (no tree of values).
 #[derive(Debug, Clone)]
 pub struct Decoder {
     pub key: FieldSource,
     pub value: Option<String>,
     pub timestamp: TimeSource,
+    plan: Plan,
+}
+
+/// The three fields a record is made of, in capture order.
+const KEY: usize = 0;
+const VALUE: usize = 1;
+const TS: usize = 2;
+
+/// How the payload is read.
+#[derive(Debug, Clone)]
+enum Plan {
+    /// One pass over the document, capturing the fields at the trie's leaves.
+    Walk(Node),
+    /// Into a tree of values first (a pointer that is a prefix of another, or the whole
+    /// document): rare configurations, same results.
+    Tree,
+}
+
+/// A node of the trie of configured pointers: the field it captures, or its children.
+#[derive(Debug, Clone, Default)]
+struct Node {
+    capture: Option<usize>,
+    children: Vec<(String, Node)>,
+    /// Every field captured in this subtree (reset when the subtree is read again).
+    below: Vec<usize>,
+}
+
+/// The unescaped segments of a JSON pointer; `None` when it does not start with `/`.
+fn segments(pointer: &str) -> Option<Vec<String>> {
+    let rest = pointer.strip_prefix('/')?;
+    Some(
+        rest.split('/')
+            .map(|s| s.replace("~1", "/").replace("~0", "~"))
+            .collect(),
+    )
+}
+
+impl Plan {
+    fn new(key: &FieldSource, value: Option<&str>, timestamp: &TimeSource) -> Plan {
+        let mut paths: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut add = |field: usize, pointer: &str| -> bool {
+            match segments(pointer) {
+                Some(s) => {
+                    paths.push((field, s));
+                    true
+                }
+                None => false,
+            }
+        };
+        let mut walkable = true;
+        if let FieldSource::Pointer(p) = key {
+            walkable &= add(KEY, p);
+        }
+        if let Some(p) = value {
+            walkable &= add(VALUE, p);
+        }
+        if let TimeSource::Pointer(p) = timestamp {
+            walkable &= add(TS, p);
+        }
+        let prefix = paths.iter().any(|(i, a)| {
+            paths
+                .iter()
+                .any(|(j, b)| i != j && b.len() >= a.len() && b[..a.len()] == a[..])
+        });
+        if !walkable || prefix {
+            return Plan::Tree;
+        }
+        let mut root = Node::default();
+        for (field, path) in paths {
+            let mut node = &mut root;
+            node.below.push(field);
+            for seg in path {
+                let at = match node.children.iter().position(|(name, _)| *name == seg) {
+                    Some(at) => at,
+                    None => {
+                        node.children.push((seg, Node::default()));
+                        node.children.len() - 1
+                    }
+                };
+                node = &mut node.children[at].1;
+                node.below.push(field);
+            }
+            node.capture = Some(field);
+        }
+        Plan::Walk(root)
+    }
 }
 
 impl Decoder {
-    pub fn decode(
+    pub fn new(key: FieldSource, value: Option<String>, timestamp: TimeSource) -> Decoder {
+        let plan = Plan::new(&key, value.as_deref(), &timestamp);
+        Decoder {
+            key,
+            value,
+            timestamp,
+            plan,
+        }
+    }
+
+    pub fn decode<'a>(
         &self,
-        message_key: Option<&[u8]>,
-        payload: Option<&[u8]>,
+        message_key: Option<&'a [u8]>,
+        payload: Option<&'a [u8]>,
         message_ts: Option<i64>,
-    ) -> Result<Record, InvalidReason> {
+    ) -> Result<Record<'a>, InvalidReason> {
         let payload = match payload {
             Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
             _ => return Err(InvalidReason::EmptyPayload),
         };
-        let doc: Value = serde_json::from_slice(payload).map_err(|_| InvalidReason::InvalidJson)?;
-        if !doc.is_object() {
-            return Err(InvalidReason::InvalidJson);
+        let mut found: [Field<'a>; 3] = [Field::Missing, Field::Missing, Field::Missing];
+        match &self.plan {
+            Plan::Walk(root) => {
+                let mut de = serde_json::Deserializer::from_slice(payload);
+                serde::de::DeserializeSeed::deserialize(
+                    Walk {
+                        node: root,
+                        found: &mut found,
+                        root: true,
+                    },
+                    &mut de,
+                )
+                .map_err(|_| InvalidReason::InvalidJson)?;
+                de.end().map_err(|_| InvalidReason::InvalidJson)?;
+            }
+            Plan::Tree => {
+                let doc: Value =
+                    serde_json::from_slice(payload).map_err(|_| InvalidReason::InvalidJson)?;
+                if !doc.is_object() {
+                    return Err(InvalidReason::InvalidJson);
+                }
+                let mut take = |field: usize, pointer: &str| {
+                    found[field] = doc.pointer(pointer).map_or(Field::Missing, Field::of_value);
+                };
+                if let FieldSource::Pointer(p) = &self.key {
+                    take(KEY, p);
+                }
+                if let Some(p) = &self.value {
+                    take(VALUE, p);
+                }
+                if let TimeSource::Pointer(p) = &self.timestamp {
+                    take(TS, p);
+                }
+            }
         }
+        let [key, value, ts] = found;
         let key = match &self.key {
             FieldSource::MessageKey => match message_key {
                 None => return Err(InvalidReason::NullKey),
-                Some(bytes) => std::str::from_utf8(bytes)
-                    .map_err(|_| InvalidReason::BadKey)?
-                    .to_string(),
+                Some(bytes) => {
+                    Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| InvalidReason::BadKey)?)
+                }
             },
-            FieldSource::Pointer(p) => match doc.pointer(p) {
-                None => return Err(InvalidReason::MissingKey),
-                Some(Value::Null) => return Err(InvalidReason::NullKey),
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                Some(Value::Bool(b)) => b.to_string(),
-                Some(_) => return Err(InvalidReason::BadKey),
+            FieldSource::Pointer(_) => match key {
+                Field::Missing => return Err(InvalidReason::MissingKey),
+                Field::Null => return Err(InvalidReason::NullKey),
+                Field::Str(s) => s,
+                Field::Num(n) => Cow::Owned(n.to_string()),
+                Field::Bool(b) => Cow::Owned(b.to_string()),
+                Field::Other => return Err(InvalidReason::BadKey),
             },
         };
         let value = match &self.value {
             None => None,
-            Some(p) => match doc.pointer(p) {
-                None | Some(Value::Null) => return Err(InvalidReason::MissingValue),
-                Some(Value::Number(n)) => match n.as_f64() {
+            Some(_) => match value {
+                Field::Missing | Field::Null => return Err(InvalidReason::MissingValue),
+                Field::Num(n) => match n.as_f64() {
                     Some(v) if v.is_finite() => Some(v),
                     _ => return Err(InvalidReason::BadValue),
                 },
-                Some(_) => return Err(InvalidReason::BadValue),
+                _ => return Err(InvalidReason::BadValue),
             },
         };
         let ts = match &self.timestamp {
             TimeSource::MessageTimestamp => message_ts.ok_or(InvalidReason::MissingTimestamp)?,
-            TimeSource::Pointer(p) => match doc.pointer(p) {
-                None | Some(Value::Null) => return Err(InvalidReason::MissingTimestamp),
-                Some(Value::Number(n)) => n.as_i64().ok_or(InvalidReason::BadTimestamp)?,
-                Some(_) => return Err(InvalidReason::BadTimestamp),
+            TimeSource::Pointer(_) => match ts {
+                Field::Missing | Field::Null => return Err(InvalidReason::MissingTimestamp),
+                Field::Num(n) => n.as_i64().ok_or(InvalidReason::BadTimestamp)?,
+                _ => return Err(InvalidReason::BadTimestamp),
             },
         };
         if !(MIN_TS..=MAX_TS).contains(&ts) {
@@ -143,16 +277,193 @@ impl Decoder {
     }
 }
 
+/// A captured field.
+#[derive(Debug, Clone, PartialEq)]
+enum Field<'a> {
+    Missing,
+    Null,
+    Str(Cow<'a, str>),
+    Num(Number),
+    Bool(bool),
+    /// An array or an object.
+    Other,
+}
+
+impl Field<'_> {
+    fn of_value(v: &Value) -> Field<'static> {
+        match v {
+            Value::Null => Field::Null,
+            Value::String(s) => Field::Str(Cow::Owned(s.clone())),
+            Value::Number(n) => Field::Num(n.clone()),
+            Value::Bool(b) => Field::Bool(*b),
+            Value::Array(_) | Value::Object(_) => Field::Other,
+        }
+    }
+}
+
+/// Reads one value at `node` of the trie: captures it at a leaf, descends into the children
+/// otherwise, and skips (but validates) everything else. At the root, anything but an object
+/// is an error.
+struct Walk<'n, 'f, 'a> {
+    node: &'n Node,
+    found: &'f mut [Field<'a>; 3],
+    root: bool,
+}
+
+/// Names which child of a node a key is, without allocating for the key.
+struct KeySeed<'n>(&'n Node);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.children.iter().position(|(name, _)| name == v))
+    }
+}
+
+impl<'de: 'a, 'a> serde::de::DeserializeSeed<'de> for Walk<'_, '_, 'a> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'a> Walk<'_, '_, 'a> {
+    fn leaf<E: serde::de::Error>(self, field: Field<'a>) -> Result<(), E> {
+        if self.root {
+            return Err(E::custom("not an object"));
+        }
+        if let Some(i) = self.node.capture {
+            self.found[i] = field;
+        }
+        Ok(())
+    }
+}
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for Walk<'_, '_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.leaf(Field::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.leaf(Field::Num(v.into()))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.leaf(Field::Num(v.into()))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        // serde_json only produces finite numbers
+        match Number::from_f64(v) {
+            Some(n) => self.leaf(Field::Num(n)),
+            None => self.leaf(Field::Other),
+        }
+    }
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<(), E> {
+        self.leaf(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        // a string with escapes: unescaped into a buffer of the parser's
+        self.leaf(Field::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.leaf(Field::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.leaf(Field::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.root {
+            return Err(serde::de::Error::custom("not an object"));
+        }
+        if let Some(i) = self.node.capture {
+            self.found[i] = Field::Other;
+        }
+        let mut index = 0usize;
+        loop {
+            // an element whose index is a child's segment (as JSON pointers write indices)
+            let child = self
+                .node
+                .children
+                .iter()
+                .find(|(name, _)| index_of(name) == Some(index));
+            let more = match child {
+                Some((_, node)) => {
+                    for f in &node.below {
+                        self.found[*f] = Field::Missing;
+                    }
+                    seq.next_element_seed(Walk {
+                        node,
+                        found: &mut *self.found,
+                        root: false,
+                    })?
+                    .is_some()
+                }
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if let Some(i) = self.node.capture {
+            self.found[i] = Field::Other;
+        }
+        while let Some(child) = map.next_key_seed(KeySeed(self.node))? {
+            match child {
+                Some(at) => {
+                    let node = &self.node.children[at].1;
+                    // a key seen again replaces what it held, as in a parsed object
+                    for f in &node.below {
+                        self.found[*f] = Field::Missing;
+                    }
+                    map.next_value_seed(Walk {
+                        node,
+                        found: &mut *self.found,
+                        root: false,
+                    })?;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An array index as JSON pointers write it (no sign, no leading zero).
+fn index_of(segment: &str) -> Option<usize> {
+    if segment.starts_with('+') || (segment.starts_with('0') && segment.len() != 1) {
+        return None;
+    }
+    segment.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn decoder() -> Decoder {
-        Decoder {
-            key: FieldSource::Pointer("/user".into()),
-            value: Some("/amount".into()),
-            timestamp: TimeSource::Pointer("/ts".into()),
-        }
+        Decoder::new(
+            FieldSource::Pointer("/user".into()),
+            Some("/amount".into()),
+            TimeSource::Pointer("/ts".into()),
+        )
     }
 
     fn reason(payload: &str) -> InvalidReason {
@@ -235,11 +546,7 @@ mod tests {
 
     #[test]
     fn message_key_and_timestamp_sources() {
-        let d = Decoder {
-            key: FieldSource::MessageKey,
-            value: None,
-            timestamp: TimeSource::MessageTimestamp,
-        };
+        let d = Decoder::new(FieldSource::MessageKey, None, TimeSource::MessageTimestamp);
         let r = d
             .decode(Some(b"dev-1"), Some(b"{}"), Some(77))
             .expect("valid");
@@ -257,5 +564,87 @@ mod tests {
             d.decode(Some(b"k"), Some(b"{}"), None),
             Err(InvalidReason::MissingTimestamp)
         );
+    }
+
+    /// Any JSON value, as text, whose objects may repeat keys.
+    fn json() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            (-1e20f64..1e20).prop_map(|f| format!("{f:?}")),
+            Just("1.0".to_string()),
+            Just("1e3".to_string()),
+            "[a-z\\\"/é ]{0,6}".prop_map(|s| serde_json::to_string(&s).expect("string")),
+            Just(r#""esc\u00e9aped\n""#.to_string()),
+        ];
+        leaf.prop_recursive(3, 24, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec!["user", "amount", "ts", "a", "b", "0", "x/y"]),
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|members| {
+                    let body: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).expect("key")))
+                        .collect();
+                    format!("{{{}}}", body.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The one-pass reader gives exactly what reading the whole document into a tree gives,
+        /// for any document and top-level or nested pointers.
+        #[test]
+        fn one_pass_decoding_equals_decoding_a_tree(doc in json(), nested in any::<bool>()) {
+            let (key, value, ts) = if nested {
+                ("/a/b", "/a/0", "/x~1y/1")
+            } else {
+                ("/user", "/amount", "/ts")
+            };
+            let fast = Decoder::new(FieldSource::Pointer(key.into()), Some(value.into()), TimeSource::Pointer(ts.into()));
+            prop_assert!(matches!(fast.plan, Plan::Walk(_)));
+            let tree = Decoder { plan: Plan::Tree, ..fast.clone() };
+            prop_assert_eq!(
+                fast.decode(None, Some(doc.as_bytes()), None),
+                tree.decode(None, Some(doc.as_bytes()), None),
+                "{}", doc
+            );
+        }
+    }
+
+    #[test]
+    fn a_pointer_inside_another_reads_a_tree_and_still_decodes() {
+        let d = Decoder::new(
+            FieldSource::Pointer("/u".into()),
+            Some("/u/n".into()),
+            TimeSource::Pointer("/ts".into()),
+        );
+        assert!(matches!(d.plan, Plan::Tree));
+        assert_eq!(
+            d.decode(None, Some(br#"{"u":{"n":1},"ts":5}"#), None),
+            Err(InvalidReason::BadKey)
+        );
+    }
+
+    #[test]
+    fn keys_borrow_from_the_payload_unless_escaped() {
+        let payload = br#"{"user":"plain","amount":1,"ts":1}"#;
+        let r = decoder().decode(None, Some(payload), None).expect("valid");
+        assert!(matches!(r.key, Cow::Borrowed("plain")));
+        let payload = br#"{"user":"tab\tbed","amount":1,"ts":1}"#;
+        let r = decoder().decode(None, Some(payload), None).expect("valid");
+        assert_eq!(r.key, "tab\tbed");
     }
 }

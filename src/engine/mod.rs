@@ -79,6 +79,8 @@ pub struct RestoredState {
     pub partitions: Vec<PartitionState>,
     pub watermark: Option<EventTime>,
     pub entries: Vec<(StateKey, Entry)>,
+    /// Bytes the state occupies in the store it was read from (0 when not read from one).
+    pub stored_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! Open window state per window definition. Every change marks the key's group dirty
 //! (`group`), so that a checkpoint carries only the groups that changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 
 use serde::{Deserialize, Serialize};
 

@@ -46,7 +46,7 @@ fn scoped_config(hold: bool, partition_scoped: bool) -> EngineConfig {
     }
 }
 
-fn rec(key: &str, ts: i64, v: f64) -> Result<Record, InvalidReason> {
+fn rec(key: &str, ts: i64, v: f64) -> Result<Record<'_>, InvalidReason> {
     Ok(Record {
         key: key.into(),
         value: Some(v),
@@ -390,6 +390,7 @@ fn restore_refuses_state_of_unknown_windows() {
                 acc: Acc::of(None),
             },
         )],
+        stored_bytes: 0,
     };
     assert!(matches!(
         Engine::from_state(config(true), state),

@@ -148,6 +148,19 @@ impl Coordinator {
         self.scheduler.in_flight()
     }
 
+    /// The oldest attempt in flight, with how long it has been running.
+    pub(crate) fn oldest_in_flight(&self) -> Option<(CheckpointId, Duration)> {
+        self.in_flight
+            .iter()
+            .min_by_key(|(id, _)| **id)
+            .map(|(id, f)| (*id, f.started.elapsed()))
+    }
+
+    /// The checkpoint interval.
+    pub(crate) fn interval(&self) -> Duration {
+        self.scheduler.interval()
+    }
+
     pub(crate) fn last_durable(&self) -> Option<CheckpointId> {
         self.last_durable
     }

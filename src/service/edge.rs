@@ -56,6 +56,11 @@ pub(crate) trait Assignments {
     fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)>;
     /// Moves every partition back to the position the service holds for it.
     fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset);
+    /// Stops fetching `partitions` (back-pressure); reading resumes after the last record
+    /// delivered.
+    fn pause(&self, partitions: &[Partition]);
+    /// Fetches `partitions` again after [`Assignments::pause`].
+    fn resume(&self, partitions: &[Partition]);
 }
 
 impl Assignments for Source {
@@ -73,6 +78,12 @@ impl Assignments for Source {
     }
     fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset) {
         source::reposition(self, positions, reset)
+    }
+    fn pause(&self, partitions: &[Partition]) {
+        source::pause(self, partitions, true)
+    }
+    fn resume(&self, partitions: &[Partition]) {
+        source::pause(self, partitions, false)
     }
 }
 

@@ -22,6 +22,8 @@ pub(crate) enum Call {
     Assign(Vec<Partition>),
     Release(Vec<Partition>),
     Commit(Vec<(Partition, NextOffset)>),
+    Pause(Vec<Partition>),
+    Resume(Vec<Partition>),
 }
 
 #[derive(Default)]
@@ -61,6 +63,12 @@ impl Assignments for FakeConsumer {
         None
     }
     fn reposition(&self, _positions: &[(Partition, Option<NextOffset>)], _reset: OffsetReset) {}
+    fn pause(&self, partitions: &[Partition]) {
+        lock(&self.calls).push(Call::Pause(partitions.to_vec()));
+    }
+    fn resume(&self, partitions: &[Partition]) {
+        lock(&self.calls).push(Call::Resume(partitions.to_vec()));
+    }
 }
 
 /// Records every window it is handed and acknowledges it at once.

@@ -11,6 +11,7 @@
 //!
 //! [`run`] wires them and runs until its shutdown future completes.
 
+mod backpressure;
 mod coordinator;
 mod edge;
 #[cfg(test)]
@@ -266,11 +267,11 @@ pub async fn run(
             on_cancel: c.on_cancel,
         },
         engine,
-        decoder: Decoder {
-            key: settings.key_source()?,
-            value: settings.input.value.clone(),
-            timestamp: settings.time_source()?,
-        },
+        decoder: Decoder::new(
+            settings.key_source()?,
+            settings.input.value.clone(),
+            settings.time_source()?,
+        ),
         coordinator,
         handoff,
         status: Status::new(board.clone(), metrics.clone()),

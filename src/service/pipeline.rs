@@ -14,6 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 
+use super::backpressure::{Backpressure, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
 use super::edge::{Assignments, Inbox, Output};
 use super::handoff::Handoff;
@@ -32,6 +33,8 @@ use crate::store::SavepointMeta;
 
 /// How often timers (checkpoint due, timeouts, gauges) are evaluated.
 const TICK: Duration = Duration::from_millis(50);
+/// Records taken from the consumer's buffer per wake, without going back through the loop.
+const DRAIN_MAX: usize = 512;
 /// Minimum time between two identical error log lines.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -62,6 +65,13 @@ pub(crate) struct Pipeline<C, O> {
     shared: Arc<Shared>,
     invalid_log: RateLimit,
     consumer_error_log: RateLimit,
+    backpressure: Backpressure,
+    /// Partitions paused by back-pressure (assigned or not since): all resumed on release, so
+    /// that none stays paused if it comes back after a rebalance.
+    paused: Vec<Partition>,
+    backpressure_log: RateLimit,
+    /// The clock back-pressure is judged on.
+    started: std::time::Instant,
     stop: Option<StopRequest>,
 }
 
@@ -81,6 +91,8 @@ pub(crate) struct Parts<C, O> {
 
 impl<C: Assignments, O: Output> Pipeline<C, O> {
     pub(crate) fn new(parts: Parts<C, O>) -> Self {
+        // a checkpoint writing for longer than the interval pauses consumption
+        let backpressure = Backpressure::new(parts.coordinator.interval());
         let mut pipeline = Pipeline {
             config: parts.config,
             engine: parts.engine,
@@ -94,6 +106,10 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             shared: parts.shared,
             invalid_log: RateLimit::new(ERROR_LOG_EVERY),
             consumer_error_log: RateLimit::new(ERROR_LOG_EVERY),
+            backpressure,
+            paused: Vec::new(),
+            backpressure_log: RateLimit::new(ERROR_LOG_EVERY),
+            started: std::time::Instant::now(),
             stop: None,
         };
         // windows the restored checkpoint holds as final were durable there: send them again
@@ -150,9 +166,6 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 return;
             }
         }
-        self.shared
-            .board()
-            .set_position(&p, NextOffset::after(m.offset()));
         self.emit();
     }
 
@@ -243,6 +256,10 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             Rebalance::Failed(reason) => tracing::warn!(%reason, "rebalance did not complete"),
             Rebalance::Refused(reason) => bail!("{reason}"),
         }
+        if self.backpressure.engaged() {
+            // partitions assigned while paused wait too
+            self.pause_assigned();
+        }
         self.emit();
         self.refresh_readiness();
         Ok(())
@@ -256,8 +273,16 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         if self.coordinator.due() {
             self.coordinator.trigger(&mut self.engine, None);
         }
+        self.apply_backpressure();
         if self.status.stale() {
             self.refresh_readiness();
+        }
+        // positions are published on the tick, not per record
+        let board = self.shared.board();
+        for p in self.handoff.assigned() {
+            if let Some(next) = self.engine.position(p) {
+                board.set_position(p, next);
+            }
         }
         self.status.gauges(
             &self.engine,
@@ -265,6 +290,49 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             self.coordinator.store(),
         );
         Ok(())
+    }
+
+    /// Pauses consumption while a checkpoint has been writing for longer than the interval,
+    /// and resumes it once none has.
+    fn apply_backpressure(&mut self) {
+        let change = self
+            .backpressure
+            .evaluate(self.coordinator.oldest_in_flight(), self.started.elapsed());
+        match change {
+            Change::Same => {}
+            Change::Engage { id, age } => {
+                self.pause_assigned();
+                self.metrics.backpressure.set(1);
+                if let Some(suppressed) = self.backpressure_log.check() {
+                    tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)");
+                }
+            }
+            Change::Release { paused } => {
+                self.consumer.resume(&std::mem::take(&mut self.paused));
+                self.metrics.backpressure.set(0);
+                self.metrics
+                    .backpressure_seconds
+                    .inc_by(paused.as_secs_f64());
+                tracing::debug!(
+                    paused_ms = paused.as_millis() as u64,
+                    "back-pressure released: consumption resumed"
+                );
+            }
+        }
+    }
+
+    fn pause_assigned(&mut self) {
+        let new: Vec<Partition> = self
+            .handoff
+            .assigned()
+            .iter()
+            .filter(|p| !self.paused.contains(p))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            self.consumer.pause(&new);
+            self.paused.extend(new);
+        }
     }
 
     /// An operator's request.
@@ -305,6 +373,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
     pub(crate) fn on_write_outcome(&mut self, outcome: WriteOutcome) -> anyhow::Result<()> {
         let settled = self.coordinator.settle(outcome)?;
         self.on_settled(settled);
+        self.apply_backpressure();
         Ok(())
     }
 
@@ -430,6 +499,34 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
 }
 
 impl<O: Output> Pipeline<Source, O> {
+    /// Takes what the consumer already holds (up to [`DRAIN_MAX`] records) without waiting and
+    /// without going back through the loop: records arrive in batches, one wake each.
+    async fn drain(&mut self, consumer: &Source) -> anyhow::Result<()> {
+        use std::future::Future as _;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..DRAIN_MAX {
+            if self.stop.is_some() {
+                return Ok(());
+            }
+            let polled = std::pin::pin!(consumer.recv()).poll(&mut cx);
+            let std::task::Poll::Ready(msg) = polled else {
+                return Ok(());
+            };
+            // rebalances run inside recv: apply them before what recv returned
+            self.apply_rebalances().await?;
+            match msg {
+                Ok(m) => self.on_message(&m),
+                Err(KafkaError::PartitionEOF(n)) => self.on_eof(n),
+                Err(e) => {
+                    // the loop's own receive handles errors with its backoff
+                    self.on_consumer_error(&e);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs until `shutdown` completes (then stops gracefully), a stop is asked for over HTTP,
     /// or a fatal error.
     pub(crate) async fn run(
@@ -473,6 +570,8 @@ impl<O: Output> Pipeline<Source, O> {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
                             self.on_message(&m);
+                            drop(m);
+                            self.drain(&consumer).await?;
                         }
                         Err(KafkaError::PartitionEOF(n)) => {
                             tracing::debug!(partition = n, "end of partition");

@@ -99,6 +99,7 @@ pub(super) fn engine(
     let engine = match (&restored.meta, restored.state.take()) {
         (Some(meta), Some(state)) => {
             let entries = state.entries.len();
+            let bytes = state.stored_bytes;
             let engine = Engine::from_state(config, state).with_context(|| {
                 format!(
                     "cannot restore {} from {}",
@@ -110,6 +111,7 @@ pub(super) fn engine(
                 restored_from = %restored.describe(),
                 checkpoint_id = meta.id.0,
                 entries,
+                bytes,
                 pending_windows = engine.pending_emissions(),
                 duration_ms = restore_started.elapsed().as_millis() as u64,
                 "restored"

@@ -61,6 +61,7 @@ struct Rig {
     changelog: Arc<FakeChangelog>,
     emitted: Arc<Mutex<Vec<ClosedWindow>>>,
     board: Arc<StatusBoard>,
+    metrics: Arc<Metrics>,
     offsets: std::collections::HashMap<Partition, i64>,
 }
 
@@ -132,11 +133,11 @@ impl Rig {
                 partition_scoped: options.partition_scoped,
                 groups: Default::default(),
             }),
-            decoder: Decoder {
-                key: FieldSource::Pointer("/user".into()),
-                value: Some("/amount".into()),
-                timestamp: TimeSource::Pointer("/ts".into()),
-            },
+            decoder: Decoder::new(
+                FieldSource::Pointer("/user".into()),
+                Some("/amount".into()),
+                TimeSource::Pointer("/ts".into()),
+            ),
             coordinator,
             handoff,
             status: Status::new(board.clone(), metrics.clone()),
@@ -145,7 +146,7 @@ impl Rig {
                 emitted: emitted.clone(),
                 acks: acks_tx,
             },
-            metrics,
+            metrics: metrics.clone(),
             shared,
         });
         Rig {
@@ -162,6 +163,7 @@ impl Rig {
             changelog: fake_changelog,
             emitted,
             board,
+            metrics,
             offsets: Default::default(),
         }
     }
@@ -431,4 +433,56 @@ async fn a_stop_whose_savepoint_cannot_be_written_fails_and_tells_the_requester(
         Err(CommandError::Failed(text)) => assert!(text.contains("disk full"), "{text}"),
         other => panic!("expected a failure, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_checkpoint_slower_than_the_interval_pauses_consumption_until_durable_and_loses_nothing()
+{
+    let mut rig = Rig::new(Options::default());
+    rig.store.delay_writes(Duration::from_millis(300));
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    // checkpoint 1 is writing, for longer than the 1 ms interval
+    std::thread::sleep(Duration::from_millis(20));
+    rig.pipeline.on_tick().expect("tick");
+    assert!(rig.consumer.calls().contains(&Call::Pause(vec![p(0)])));
+    assert_eq!(rig.metrics.backpressure.get(), 1);
+    // a partition assigned while paused waits too
+    rig.assign(&[p(0), p(1)]).await;
+    assert!(rig.consumer.calls().contains(&Call::Pause(vec![p(1)])));
+    rig.settle().await.expect("checkpoint 1");
+    let calls = rig.consumer.calls();
+    let resumed: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Resume(_)))
+        .collect();
+    assert_eq!(resumed, vec![&Call::Resume(vec![p(0), p(1)])]);
+    assert_eq!(rig.metrics.backpressure.get(), 0);
+    assert!(rig.metrics.backpressure_seconds.get() > 0.0);
+    // consumption goes on: records past the window's end on both partitions close [0, 1000)
+    rig.record(&p(0), "b", 1500);
+    rig.record(&p(1), "c", 1600);
+    rig.tick();
+    rig.settle().await.expect("checkpoint 2");
+    assert_eq!(rig.emitted_users(), vec!["a".to_string()]);
+    let written = rig.store.written();
+    assert_eq!(
+        written
+            .iter()
+            .map(|w| w.checkpoint.id.0)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    // the state holds b's and c's open windows and a's final one (until its acknowledgement
+    // is checkpointed): every record is accounted for
+    let last = &written[1].checkpoint.delta;
+    let mut keys: Vec<String> = last
+        .groups
+        .iter()
+        .flat_map(|g| g.entries.iter().map(|(k, _)| k.key.clone()))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["a", "b", "c"]);
+    assert_eq!(last.entries, 3);
 }

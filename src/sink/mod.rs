@@ -1,6 +1,7 @@
-//! Emission of final windows to the output topic. A background task sends each window with an
-//! idempotent producer, retries with backoff until the broker acknowledges it, and reports the
-//! acknowledged windows back so they can leave the checkpointed state.
+//! Emission of final windows to the output topic. A background task sends each batch of
+//! windows (what one step of the engine made final) with an idempotent producer, all records at
+//! once, retries those that failed with backoff until the broker acknowledged every one, and
+//! reports the acknowledged windows back so they can leave the checkpointed state.
 
 mod format;
 
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
@@ -89,25 +92,24 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Vec<ClosedWindow>>,
     acks: mpsc::UnboundedSender<Vec<StateKey>>,
 ) {
-    let settings = Arc::new(settings);
     while let Some(batch) = rx.recv().await {
-        let mut sends = tokio::task::JoinSet::new();
-        for w in batch {
-            let producer = producer.clone();
-            let settings = settings.clone();
-            let metrics = metrics.clone();
-            sends.spawn(async move {
-                send_until_acked(&producer, &settings, &metrics, &w).await;
-                w.id
-            });
-        }
-        let mut done = Vec::with_capacity(sends.len());
-        while let Some(result) = sends.join_next().await {
-            match result {
-                Ok(id) => done.push(id),
-                Err(e) => tracing::error!(error = %e, "output task ended abnormally"),
-            }
-        }
+        let rendered: Vec<Rendered> = batch
+            .into_iter()
+            .map(|w| {
+                let name = settings
+                    .window_names
+                    .get(usize::from(w.id.window))
+                    .map(String::as_str)
+                    .unwrap_or("unknown");
+                let (key, payload) = render(name, &w, &settings.aggregates);
+                Rendered {
+                    id: w.id,
+                    key,
+                    payload,
+                }
+            })
+            .collect();
+        let done = send_until_acked(&producer, &settings.topic, &metrics, rendered).await;
         metrics.windows_emitted.inc_by(done.len() as u64);
         if acks.send(done).is_err() {
             return;
@@ -115,31 +117,68 @@ async fn run(
     }
 }
 
+/// One final window as its output record.
+struct Rendered {
+    id: StateKey,
+    key: String,
+    payload: Vec<u8>,
+}
+
+/// Sends a batch of windows: every record is handed to the producer at once and the
+/// deliveries awaited together; those that failed are sent again, with backoff, until the
+/// broker acknowledged every one. Returns the ids of the windows, all acknowledged.
 async fn send_until_acked(
     producer: &FutureProducer<SinkContext>,
-    settings: &SinkSettings,
+    topic: &str,
     metrics: &Metrics,
-    w: &ClosedWindow,
-) {
-    let name = settings
-        .window_names
-        .get(usize::from(w.id.window))
-        .map(String::as_str)
-        .unwrap_or("unknown");
-    let (key, payload) = render(name, w, &settings.aggregates);
+    mut pending: Vec<Rendered>,
+) -> Vec<StateKey> {
+    let mut done = Vec::with_capacity(pending.len());
     let mut backoff = Duration::from_millis(100);
-    loop {
-        let record = FutureRecord::to(&settings.topic)
-            .key(&key)
-            .payload(&payload);
-        match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return,
-            Err((e, _)) => {
-                metrics.emit_failures.inc();
-                tracing::warn!(error = %e, window = %key, "output write failed, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+    while !pending.is_empty() {
+        let mut in_flight = Vec::with_capacity(pending.len());
+        let mut failed: Vec<Rendered> = Vec::new();
+        let mut last_error = None;
+        for w in pending.drain(..) {
+            let delivery = loop {
+                let record = FutureRecord::to(topic).key(&w.key).payload(&w.payload);
+                match producer.send_result(record) {
+                    Ok(delivery) => break Ok(delivery),
+                    // the producer's queue is full: let deliveries drain it
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            match delivery {
+                Ok(delivery) => in_flight.push((w, delivery)),
+                Err(e) => {
+                    last_error = Some(e.to_string());
+                    failed.push(w);
+                }
             }
         }
+        for (w, delivery) in in_flight {
+            match delivery.await {
+                Ok(Ok(_)) => done.push(w.id),
+                Ok(Err((e, _))) => {
+                    last_error = Some(e.to_string());
+                    failed.push(w);
+                }
+                Err(_) => {
+                    last_error = Some("the producer dropped the delivery".into());
+                    failed.push(w);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            metrics.emit_failures.inc_by(failed.len() as u64);
+            tracing::warn!(error = ?last_error, windows = failed.len(), retry_in_ms = backoff.as_millis() as u64, "output writes failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        pending = failed;
     }
+    done
 }

@@ -71,6 +71,8 @@ pub struct Shared {
     /// Set when the loop stops serving rebalances (shutdown): the callback completes them.
     closing: std::sync::atomic::AtomicBool,
     events: Mutex<Vec<Rebalance>>,
+    /// Whether `events` holds any: read per record without taking the lock.
+    pending: std::sync::atomic::AtomicBool,
     /// Partitions added to the topics (found while running, or while the service was down):
     /// read from their beginning when nothing is held for them.
     from_beginning: Mutex<std::collections::HashSet<Partition>>,
@@ -87,6 +89,7 @@ impl Shared {
         Shared {
             closing: Default::default(),
             events: Default::default(),
+            pending: Default::default(),
             from_beginning: Default::default(),
             committed: Default::default(),
             board,
@@ -134,11 +137,20 @@ impl Shared {
     }
 
     pub fn take_events(&self) -> Vec<Rebalance> {
-        std::mem::take(&mut *lock(&self.events))
+        if !self.pending.load(std::sync::atomic::Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut events = lock(&self.events);
+        self.pending
+            .store(false, std::sync::atomic::Ordering::Release);
+        std::mem::take(&mut *events)
     }
 
     fn push(&self, e: Rebalance) {
-        lock(&self.events).push(e);
+        let mut events = lock(&self.events);
+        events.push(e);
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -247,6 +259,26 @@ fn is_cooperative<C: Consumer<SourceContext>>(consumer: &C) -> bool {
 /// Completes an `Assign` event: assigns `partitions` at the positions now in `Shared`.
 pub fn assign(consumer: &Source, partitions: &[Partition]) -> Result<(), SourceError> {
     consumer.context().assign_at_positions(consumer, partitions)
+}
+
+/// Pauses (or resumes) fetching `partitions`. librdkafka drops what it fetched ahead for a
+/// paused partition and resumes after the last record it delivered, so nothing is skipped.
+pub fn pause(consumer: &Source, partitions: &[Partition], pause: bool) {
+    if partitions.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&p.topic, p.partition);
+    }
+    let result = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "cannot pause or resume partitions");
+    }
 }
 
 /// Completes a `Revoke` event: lets `partitions` go to their new owner.

@@ -28,6 +28,8 @@ struct Inner {
     writes: usize,
     /// Writes to fail (by number, the first being 1), with the reason.
     failing: BTreeMap<usize, String>,
+    /// How long every write takes (a slow disk).
+    delay: Duration,
 }
 
 #[derive(Default)]
@@ -48,6 +50,11 @@ impl MemoryStore {
         inner.failing.insert(n, reason.to_string());
     }
 
+    /// Every write from now on takes `delay` (a slow disk).
+    pub fn delay_writes(&self, delay: Duration) {
+        lock(&self.inner).delay = delay;
+    }
+
     /// Every durable write so far, in order.
     pub fn written(&self) -> Vec<Written> {
         lock(&self.inner).written.clone()
@@ -65,6 +72,8 @@ impl MemoryStore {
 
 impl Checkpoints for MemoryStore {
     fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
+        let delay = lock(&self.inner).delay;
+        std::thread::sleep(delay);
         let mut inner = lock(&self.inner);
         inner.writes += 1;
         let n = inner.writes;

@@ -174,6 +174,8 @@ impl Store {
             partitions: meta.meta.partitions.clone(),
             watermark: meta.meta.watermark,
             entries,
+            // what the savepoint's copy occupies
+            stored_bytes: meta.meta.bytes,
         };
         Ok((meta, restored))
     }

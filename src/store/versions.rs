@@ -336,6 +336,11 @@ impl Store {
 
     /// The groups of a retained checkpoint, verified against its metadata.
     pub(super) fn materialize(&self, cp: &Retained) -> Result<Groups, StoreError> {
+        self.materialize_sized(cp).map(|(groups, _)| groups)
+    }
+
+    /// The groups of a retained checkpoint, verified, and the bytes they occupy.
+    fn materialize_sized(&self, cp: &Retained) -> Result<(Groups, u64), StoreError> {
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("checkpoint {id}"),
@@ -344,8 +349,10 @@ impl Store {
         let mut out = Groups::new();
         let mut chosen: Option<(GroupId, sled::IVec)> = None;
         let mut entries = 0u64;
+        let mut bytes = 0u64;
         let mut finish = |chosen: Option<(GroupId, sled::IVec)>| -> Result<(), StoreError> {
             if let Some((g, raw)) = chosen {
+                bytes += raw.len() as u64;
                 let content = self
                     .decode_group(&raw, &g, &format!("group {} of {:?}", g.group, g.scope))
                     .map_err(unreadable)?;
@@ -376,7 +383,7 @@ impl Store {
             ))
             .into());
         }
-        Ok(out)
+        Ok((out, bytes))
     }
 
     /// Loads retained checkpoint `id` exactly as it was.
@@ -392,11 +399,12 @@ impl Store {
             .into(),
             other => other,
         })?;
-        let groups = self.materialize(&cp)?;
+        let (groups, stored_bytes) = self.materialize_sized(&cp)?;
         let restored = RestoredState {
             partitions: cp.meta.partitions.clone(),
             watermark: cp.meta.watermark,
             entries: groups.into_values().flatten().collect(),
+            stored_bytes,
         };
         Ok((cp.meta, restored))
     }

@@ -76,6 +76,7 @@ fn state() -> RestoredState {
             entry(1, "a", EntryStatus::Open),
             entry(1, "z", EntryStatus::Closed),
         ],
+        stored_bytes: 0,
     }
 }
 
