@@ -196,6 +196,13 @@ pub struct CheckpointSettings {
     /// windows that do not (Flink's allowNonRestoredState). Off: such a start is refused.
     #[serde(default)]
     pub allow_non_restored_state: bool,
+    /// Bound of the store's page cache (sled's `cache_capacity`), e.g. `64 MiB`.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: bytesize::ByteSize,
+}
+
+fn default_cache_capacity() -> bytesize::ByteSize {
+    bytesize::ByteSize::b(crate::store::DEFAULT_CACHE_CAPACITY)
 }
 
 /// `checkpoint.on_cancel`: Flink's RETAIN_ON_CANCELLATION / DELETE_ON_CANCELLATION.
@@ -451,6 +458,15 @@ impl Settings {
                     format!("`{t}` must be a non-empty topic of its own, neither an input nor the output topic"),
                 ));
             }
+        }
+        if self.checkpoint.cache_capacity.as_u64() < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "checkpoint.cache_capacity",
+                format!(
+                    "{} is too small for the store's page cache; give at least 1 MiB (default 64 MiB)",
+                    self.checkpoint.cache_capacity
+                ),
+            ));
         }
         if self.aggregates.is_empty() {
             return Err(ConfigError::invalid(
@@ -916,5 +932,30 @@ checkpoint:
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/checkpointer.yaml");
         Settings::load(&path, Some(HashMap::new()))
             .expect("config/checkpointer.yaml must validate");
+    }
+
+    #[test]
+    fn cache_capacity_reads_sizes_from_file_or_environment_and_refuses_a_tiny_one() {
+        assert_eq!(
+            load(BASE, &[])
+                .expect("valid")
+                .checkpoint
+                .cache_capacity
+                .as_u64(),
+            64 << 20
+        );
+        let yaml = BASE.replace(
+            "  interval: 2s",
+            "  interval: 2s\n  cache_capacity: 256 MiB",
+        );
+        let s = load(&yaml, &[]).expect("valid");
+        assert_eq!(s.checkpoint.cache_capacity.as_u64(), 256 << 20);
+        let s = load(BASE, &[("CHECKPOINTER_CHECKPOINT__CACHE_CAPACITY", "1GiB")]).expect("valid");
+        assert_eq!(s.checkpoint.cache_capacity.as_u64(), 1 << 30);
+        let text = err_text(
+            &BASE.replace("  interval: 2s", "  interval: 2s\n  cache_capacity: 10 KiB"),
+            &[],
+        );
+        assert!(text.contains("checkpoint.cache_capacity"), "{text}");
     }
 }

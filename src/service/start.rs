@@ -18,11 +18,11 @@ use crate::store::{Open, Retention, Store, StoreError, FORMAT_VERSION};
 
 /// Opens the store, waiting up to `wait` for a lock another process holds: an old instance on
 /// the same volume may still be writing its final checkpoint. Logged while it waits.
-fn open_waiting(dir: &Path, wait: Duration) -> Result<Store, StoreError> {
+fn open_waiting(dir: &Path, wait: Duration, cache: u64) -> Result<Store, StoreError> {
     let started = Instant::now();
     let mut log = RateLimit::new(Duration::from_secs(10));
     loop {
-        match Store::open(dir, Open::AsIs) {
+        match Store::open_with_cache(dir, Open::AsIs, cache) {
             Err(StoreError::Locked { path }) => {
                 let waited = started.elapsed();
                 if waited >= wait {
@@ -60,7 +60,8 @@ pub(super) fn open_and_restore(
         allow_non_restored_state: c.allow_non_restored_state,
     };
     // the lock is held from here on: nothing can change the store between check and migration
-    let mut store = open_waiting(dir, c.lock_wait)?.with_retention(retention);
+    let mut store =
+        open_waiting(dir, c.lock_wait, c.cache_capacity.as_u64())?.with_retention(retention);
     // claimed before anything is migrated or restored: an older writer stops at its next write
     let owner = store.claim(&owner_name(settings))?;
     tracing::info!(dir = %dir.display(), epoch = owner.epoch, instance = %owner.instance, "claimed the checkpoint store");

@@ -35,6 +35,9 @@ pub use savepoints::SavepointMeta;
 pub use versions::{Unreadable, WriteRequest};
 pub use writer::Checkpoints;
 
+/// sled's page cache when the configuration does not say (`checkpoint.cache_capacity`).
+pub const DEFAULT_CACHE_CAPACITY: u64 = 64 << 20;
+
 /// How long an open waits for a lock that is being released.
 const LOCK_GRACE: Duration = Duration::from_secs(1);
 
@@ -180,6 +183,15 @@ impl Store {
     /// Opens the store at `path` as `mode` says (creating it, migrating it, or only reading
     /// it). Fails fast with `Locked` if another process holds it.
     pub fn open(path: &Path, mode: Open) -> Result<Store, StoreError> {
+        Self::open_with_cache(path, mode, DEFAULT_CACHE_CAPACITY)
+    }
+
+    /// [`Store::open`] with sled's page cache bounded to `cache_capacity` bytes.
+    pub fn open_with_cache(
+        path: &Path,
+        mode: Open,
+        cache_capacity: u64,
+    ) -> Result<Store, StoreError> {
         match mode {
             Open::Create | Open::NoMigration | Open::AsIs => std::fs::create_dir_all(path)
                 .map_err(|e| StoreError::Open {
@@ -188,7 +200,7 @@ impl Store {
                 })?,
             Open::Existing | Open::Inspect => Self::require_existing(path)?,
         }
-        let store = Self::open_existing_dir(path)?;
+        let store = Self::open_existing_dir(path, cache_capacity)?;
         match mode {
             Open::Create | Open::Existing => store.check_version(Migrate::InPlace)?,
             Open::NoMigration => store.check_version(Migrate::Refuse)?,
@@ -244,6 +256,7 @@ impl Store {
         .map_err(io)?;
         let db = sled::Config::new()
             .path(scratch.path().join("store"))
+            .cache_capacity(DEFAULT_CACHE_CAPACITY)
             .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree("checkpoints")?;
@@ -277,11 +290,15 @@ impl Store {
         Ok(())
     }
 
-    fn open_existing_dir(path: &Path) -> Result<Store, StoreError> {
+    fn open_existing_dir(path: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
         // a process that just exited (or a store just dropped) may hold the lock for a moment
         let deadline = std::time::Instant::now() + LOCK_GRACE;
         let db = loop {
-            match sled::Config::new().path(path).flush_every_ms(None).open() {
+            let config = sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_capacity)
+                .flush_every_ms(None);
+            match config.open() {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                     if std::time::Instant::now() >= deadline {

@@ -2,9 +2,11 @@
 //! checksummed so that a truncated or altered file is refused rather than restored.
 //!
 //! Layout: `CHKPTSAV` magic, format version (u32 BE), body length (u64 BE), the body (postcard:
-//! savepoint metadata with offsets, watermark and state spec, then the entries), and a CRC-32
-//! (u32 BE) of everything before it. Versions 1 and 2 (store formats 2 and 3) are read and
-//! converted; newer versions are refused.
+//! savepoint metadata with offsets, watermark and state spec, then the state as compressed
+//! group blobs, see `engine::group`), and a CRC-32 (u32 BE) of everything before it. Versions 1
+//! to 3 (store formats 2 to 4, entries one by one) are read and converted; newer versions are
+//! refused. The groups of a file are only its packaging: an import regroups the entries with the
+//! store's own key-group layout.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use super::legacy::{PortableV1, PortableV2, SavepointMetaV3};
 use super::SavepointMeta;
-use crate::engine::{Entry, StateKey};
+use crate::engine::group::{decode_blob, encode_blob, group_entries};
+use crate::engine::{Entry, GroupLayout, StateKey};
+use crate::position::Partition;
 
 const MAGIC: &[u8; 8] = b"CHKPTSAV";
 /// Version of the file format this build writes; it reads this one and every earlier one.
-pub const FILE_VERSION: u32 = 3;
+pub const FILE_VERSION: u32 = 4;
 const HEADER: usize = 8 + 4 + 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum PortableError {
     },
     #[error("cannot encode savepoint: {0}")]
     Encode(#[source] postcard::Error),
+    #[error("savepoint state is damaged: {0}")]
+    Blob(String),
 }
 
 /// A savepoint as carried in an export file.
@@ -63,8 +69,31 @@ pub struct Portable {
     pub entries: Vec<(StateKey, Entry)>,
 }
 
+/// Version 3's body: the entries one by one.
+#[derive(Deserialize)]
+struct PortableV3 {
+    meta: SavepointMeta,
+    entries: Vec<(StateKey, Entry)>,
+}
+
+/// Version 4's body: the entries as group blobs, each with its scope.
+#[derive(Serialize, Deserialize)]
+struct Body {
+    meta: SavepointMeta,
+    groups: Vec<(Option<Partition>, Vec<u8>)>,
+}
+
 pub fn encode(sp: &Portable) -> Result<Vec<u8>, PortableError> {
-    let body = postcard::to_stdvec(sp).map_err(PortableError::Encode)?;
+    let mut groups = Vec::new();
+    for g in group_entries(&GroupLayout::default(), sp.entries.iter().cloned()) {
+        let blob = encode_blob(&g.entries).map_err(|e| PortableError::Blob(e.to_string()))?;
+        groups.push((g.id.scope, blob));
+    }
+    let body = postcard::to_stdvec(&Body {
+        meta: sp.meta.clone(),
+        groups,
+    })
+    .map_err(PortableError::Encode)?;
     let mut out = Vec::with_capacity(HEADER + body.len() + 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FILE_VERSION.to_be_bytes());
@@ -127,7 +156,29 @@ pub fn decode(raw: &[u8], path: &Path) -> Result<Portable, PortableError> {
                 .map(|(k, e)| (k.into(), e))
                 .collect(),
         }),
-        _ => postcard::from_bytes(body),
+        3 => postcard::from_bytes::<PortableV3>(body).map(|old| Portable {
+            meta: old.meta,
+            entries: old.entries,
+        }),
+        _ => {
+            let body: Body =
+                postcard::from_bytes(body).map_err(|source| PortableError::Decode {
+                    path: path.clone(),
+                    source,
+                })?;
+            let mut entries = Vec::new();
+            for (scope, blob) in &body.groups {
+                entries.extend(
+                    decode_blob(blob, scope)
+                        .map_err(|e| PortableError::Blob(format!("{}: {e}", path.display())))?,
+                );
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(Portable {
+                meta: body.meta,
+                entries,
+            });
+        }
     };
     decoded.map_err(|source| PortableError::Decode { path, source })
 }
