@@ -110,7 +110,7 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
             .iter()
             .filter(|g| g.id.scope.as_ref() == Some(p))
             .map(|g| {
-                encode_blob(&g.entries).map(|blob| GroupChange {
+                encode_blob(&g.entries()).map(|blob| GroupChange {
                     group: g.id.group,
                     blob,
                 })

@@ -159,10 +159,10 @@ impl MaterializedState {
             self.groups.clear();
         }
         for g in &cp.delta.groups {
-            if g.entries.is_empty() {
+            if g.is_empty() {
                 self.groups.remove(&g.id);
             } else {
-                self.groups.insert(g.id.clone(), g.entries.clone());
+                self.groups.insert(g.id.clone(), g.entries());
             }
         }
         self.meta = Some(meta_of(cp, duration_ms, bytes));

@@ -11,7 +11,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::aggregate::Acc;
+use super::scope::GroupState;
 use super::state::{Entry, EntryStatus, StateKey};
 use crate::position::Partition;
 
@@ -64,12 +67,62 @@ pub struct GroupId {
     pub group: u16,
 }
 
-/// The whole content of one group at a snapshot; empty when the group emptied.
-#[derive(Debug, Clone, PartialEq)]
+/// The whole content of one group at a snapshot; empty when the group emptied. A snapshot
+/// shares the engine's group (copy on write) rather than copying it: its entries are made when
+/// asked for, by the writer, off the processing loop.
+#[derive(Debug, Clone)]
 pub struct GroupContent {
     pub id: GroupId,
-    /// Sorted by key.
-    pub entries: Vec<(StateKey, Entry)>,
+    content: Content,
+}
+
+#[derive(Debug, Clone)]
+enum Content {
+    Entries(Vec<(StateKey, Entry)>),
+    Shared(Arc<GroupState>),
+}
+
+impl GroupContent {
+    /// A group holding `entries` (sorted here).
+    pub fn new(id: GroupId, mut entries: Vec<(StateKey, Entry)>) -> Self {
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        GroupContent {
+            id,
+            content: Content::Entries(entries),
+        }
+    }
+
+    pub(crate) fn shared(id: GroupId, state: Arc<GroupState>) -> Self {
+        GroupContent {
+            id,
+            content: Content::Shared(state),
+        }
+    }
+
+    /// Its entries, sorted by key.
+    pub fn entries(&self) -> Vec<(StateKey, Entry)> {
+        match &self.content {
+            Content::Entries(e) => e.clone(),
+            Content::Shared(state) => state.entries(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.content {
+            Content::Entries(e) => e.len(),
+            Content::Shared(state) => state.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for GroupContent {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.entries() == other.entries()
+    }
 }
 
 /// Layout of the blob this build writes (first byte of every blob).
@@ -271,10 +324,7 @@ pub fn group_entries(
         by.entry(id).or_default().push((k, e));
     }
     by.into_iter()
-        .map(|(id, mut entries)| {
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            GroupContent { id, entries }
-        })
+        .map(|(id, entries)| GroupContent::new(id, entries))
         .collect()
 }
 

@@ -4,11 +4,12 @@
 mod aggregate;
 mod decode;
 pub mod group;
+mod scope;
 mod state;
 mod watermark;
 mod window;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 pub use group::{GroupContent, GroupId, GroupLayout};
 
@@ -21,8 +22,7 @@ pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 use crate::checkpoint_id::CheckpointId;
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
-use group::DirtyGroups;
-use state::WindowTable;
+use scope::ScopeState;
 use watermark::Watermarks;
 
 #[derive(Debug, Clone)]
@@ -91,22 +91,6 @@ pub enum StateError {
     UnknownWindow { window: u16, defined: usize },
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    end: i64,
-    acc: crate::engine::Acc,
-    /// The checkpoint whose durability releases this window for emission.
-    awaiting: Option<CheckpointId>,
-    handed_out: bool,
-}
-
-/// The open windows of one state scope, with the groups changed since the last snapshot.
-#[derive(Debug)]
-struct ScopeState {
-    tables: Vec<WindowTable>,
-    dirty: DirtyGroups,
-}
-
 pub struct Engine {
     cfg: EngineConfig,
     /// Windows of instance-scoped state (every partition merged).
@@ -114,21 +98,26 @@ pub struct Engine {
     /// Windows of partition-scoped state, per source partition.
     scoped: HashMap<Partition, ScopeState>,
     marks: Watermarks,
-    outbox: BTreeMap<StateKey, Pending>,
+    /// Final windows closed since the last snapshot, waiting for a checkpoint to hold them
+    /// (exactly-once).
+    held: Vec<ClosedWindow>,
+    /// Final windows by the checkpoint whose durability releases them.
+    awaiting: BTreeMap<CheckpointId, Vec<ClosedWindow>>,
     emit_queue: Vec<ClosedWindow>,
     records_since_snapshot: u64,
 }
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
-        let instance = new_stores(&cfg, None);
+        let instance = ScopeState::new(None, &cfg.windows);
         let marks = Watermarks::new(cfg.max_out_of_orderness);
         Engine {
             cfg,
             instance,
             scoped: HashMap::new(),
             marks,
-            outbox: BTreeMap::new(),
+            held: Vec::new(),
+            awaiting: BTreeMap::new(),
             emit_queue: Vec::new(),
             records_since_snapshot: 0,
         }
@@ -160,34 +149,19 @@ impl Engine {
     /// definition: they are queued for emission as they are (also those of windows no longer
     /// configured, under their old name).
     fn install_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), StateError> {
+        let group = self.cfg.groups.group_of(&id.key);
         match entry.status {
-            EntryStatus::Open => {
-                let defined = self.cfg.windows.len();
-                let store = self
-                    .stores_of(id.partition.as_ref())
-                    .tables
-                    .get_mut(usize::from(id.window))
-                    .ok_or(StateError::UnknownWindow {
-                        window: id.window,
-                        defined,
-                    })?;
-                store.restore(id.start, id.key, entry.end, entry.acc);
-            }
+            EntryStatus::Open => self
+                .stores_of(id.partition.clone().as_ref())
+                .restore_open(group, id, entry)?,
             EntryStatus::Closed => {
                 self.emit_queue.push(ClosedWindow {
                     id: id.clone(),
                     end: entry.end,
                     acc: entry.acc,
                 });
-                self.outbox.insert(
-                    id,
-                    Pending {
-                        end: entry.end,
-                        acc: entry.acc,
-                        awaiting: None,
-                        handed_out: true,
-                    },
-                );
+                self.stores_of(id.partition.clone().as_ref())
+                    .restore_closed(group, id, entry);
             }
         }
         Ok(())
@@ -235,9 +209,16 @@ impl Engine {
             self.scoped.remove(p);
             self.marks.remove(p);
         }
-        let gone = |k: &StateKey| k.partition.as_ref().is_some_and(|p| partitions.contains(p));
-        self.outbox.retain(|k, _| !gone(k));
-        self.emit_queue.retain(|w| !gone(&w.id));
+        let gone = |w: &ClosedWindow| {
+            w.id.partition
+                .as_ref()
+                .is_some_and(|p| partitions.contains(p))
+        };
+        self.held.retain(|w| !gone(w));
+        for windows in self.awaiting.values_mut() {
+            windows.retain(|w| !gone(w));
+        }
+        self.emit_queue.retain(|w| !gone(w));
     }
 
     pub fn revoke(&mut self, partitions: &[Partition]) {
@@ -267,7 +248,7 @@ impl Engine {
     }
 
     pub fn open_windows(&self) -> usize {
-        self.all_stores().map(WindowTable::open_count).sum()
+        self.all_scopes().map(ScopeState::open_windows).sum()
     }
 
     /// The windows of `scope` (`None`: instance scope), created when first needed.
@@ -276,7 +257,7 @@ impl Engine {
             return &mut self.instance;
         };
         if !self.scoped.contains_key(p) {
-            let stores = new_stores(&self.cfg, Some(p.clone()));
+            let stores = ScopeState::new(Some(p.clone()), &self.cfg.windows);
             self.scoped.insert(p.clone(), stores);
         }
         match self.scoped.get_mut(p) {
@@ -286,29 +267,13 @@ impl Engine {
         }
     }
 
-    fn all_stores(&self) -> impl Iterator<Item = &WindowTable> {
-        self.instance
-            .tables
-            .iter()
-            .chain(self.scoped.values().flat_map(|s| &s.tables))
-    }
-
-    fn all_stores_mut(&mut self) -> impl Iterator<Item = &mut WindowTable> {
-        self.instance
-            .tables
-            .iter_mut()
-            .chain(self.scoped.values_mut().flat_map(|s| &mut s.tables))
-    }
-
-    /// Marks the group of `id` changed.
-    fn mark(&mut self, id: &StateKey) {
-        let group = self.cfg.groups.group_of(&id.key);
-        self.stores_of(id.partition.as_ref()).dirty.mark(group);
+    fn all_scopes(&self) -> impl Iterator<Item = &ScopeState> {
+        std::iter::once(&self.instance).chain(self.scoped.values())
     }
 
     /// Final windows not yet acknowledged by the output topic.
     pub fn pending_emissions(&self) -> usize {
-        self.outbox.len()
+        self.all_scopes().map(ScopeState::pending).sum()
     }
 
     /// Processes the message at `offset` of `partition`.
@@ -340,19 +305,10 @@ impl Engine {
             Some(p) => self.partition_limit(p),
             None => self.limit(),
         };
-        let mut took = false;
         let group = self.cfg.groups.group_of(&record.key);
-        let state = self.stores_of(scope);
-        for store in &mut state.tables {
-            took |= store.add(
-                &record.key,
-                group,
-                record.ts.millis(),
-                record.value,
-                limit,
-                &mut state.dirty,
-            );
-        }
+        let took =
+            self.stores_of(scope)
+                .add(&record.key, group, record.ts.millis(), record.value, limit);
         let moved = self.marks.observe(partition, offset, Some(record.ts));
         if self.cfg.partition_scoped {
             self.close_partition(partition);
@@ -393,9 +349,7 @@ impl Engine {
         };
         let mut closed = Vec::new();
         if let Some(state) = self.scoped.get_mut(p) {
-            for store in &mut state.tables {
-                store.close(limit, &mut closed);
-            }
+            state.close(limit, &mut closed);
         }
         self.finalize(closed);
     }
@@ -407,31 +361,21 @@ impl Engine {
         }
         let Some(limit) = self.limit() else { return };
         let mut closed = Vec::new();
-        for store in self.all_stores_mut() {
-            store.close(limit, &mut closed);
+        self.instance.close(limit, &mut closed);
+        for state in self.scoped.values_mut() {
+            state.close(limit, &mut closed);
         }
         self.finalize(closed);
     }
 
+    /// Windows just closed (already in their group's state until acknowledged, so that a crash
+    /// before delivery re-sends them): emitted now, or under exactly-once held until a
+    /// durable checkpoint holds them.
     fn finalize(&mut self, closed: Vec<ClosedWindow>) {
-        for window in closed {
-            self.mark(&window.id);
-            // a final window stays in the state until the output acknowledges it, so a crash
-            // before delivery re-sends it; exactly-once additionally waits for a durable
-            // checkpoint before sending
-            let send_now = !self.cfg.hold_until_checkpoint;
-            self.outbox.insert(
-                window.id.clone(),
-                Pending {
-                    end: window.end,
-                    acc: window.acc,
-                    awaiting: None,
-                    handed_out: send_now,
-                },
-            );
-            if send_now {
-                self.emit_queue.push(window);
-            }
+        if self.cfg.hold_until_checkpoint {
+            self.held.extend(closed);
+        } else {
+            self.emit_queue.extend(closed);
         }
     }
 
@@ -444,13 +388,21 @@ impl Engine {
     /// Snapshot for checkpoint `id`. Cheap: proportional to what changed since the previous
     /// snapshot unless `full`.
     pub fn snapshot(&mut self, id: CheckpointId, full: bool) -> StateDelta {
-        for pending in self.outbox.values_mut() {
-            if !pending.handed_out && pending.awaiting.is_none() {
-                pending.awaiting = Some(id);
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            match self.awaiting.get_mut(&id) {
+                Some(windows) => windows.extend(held),
+                None => {
+                    self.awaiting.insert(id, held);
+                }
             }
         }
-        let groups = self.changed_groups(full);
-        let entries = (self.open_windows() + self.outbox.len()) as u64;
+        let mut groups = self.instance.snapshot(full);
+        for state in self.scoped.values_mut() {
+            groups.extend(state.snapshot(full));
+        }
+        groups.sort_by(|a, b| a.id.cmp(&b.id));
+        let entries = (self.open_windows() + self.pending_emissions()) as u64;
         let mut partitions: Vec<PartitionState> = self
             .marks
             .iter()
@@ -472,132 +424,38 @@ impl Engine {
         }
     }
 
-    /// The whole content of every group changed since the last snapshot (every group holding
-    /// entries if `full`), sorted by group id; none is marked changed afterwards.
-    fn changed_groups(&mut self, full: bool) -> Vec<GroupContent> {
-        let mut wanted: HashMap<Option<Partition>, HashSet<u16>> = HashMap::new();
-        let mut any = false;
-        let scopes = std::iter::once((None, &mut self.instance))
-            .chain(self.scoped.iter_mut().map(|(p, s)| (Some(p.clone()), s)));
-        for (scope, state) in scopes {
-            let changed = state.dirty.take();
-            any |= !changed.is_empty();
-            if !full && !changed.is_empty() {
-                wanted.insert(scope, changed.into_iter().collect());
-            }
-        }
-        if !full && !any {
-            return Vec::new();
-        }
-        let layout = self.cfg.groups;
-        let mut out: BTreeMap<GroupId, Vec<(StateKey, Entry)>> = BTreeMap::new();
-        // every changed group is listed, also one that emptied
-        for (scope, groups) in &wanted {
-            for g in groups {
-                out.entry(GroupId {
-                    aggregation: 0,
-                    scope: scope.clone(),
-                    group: *g,
-                })
-                .or_default();
-            }
-        }
-        let mut take = |key: StateKey, entry: Entry| {
-            let group = layout.group_of(&key.key);
-            if !full
-                && !wanted
-                    .get(&key.partition)
-                    .is_some_and(|groups| groups.contains(&group))
-            {
-                return;
-            }
-            let id = GroupId {
-                aggregation: 0,
-                scope: key.partition.clone(),
-                group,
-            };
-            out.entry(id).or_default().push((key, entry));
-        };
-        for store in self.all_stores() {
-            store.for_each(|key, end, acc| {
-                take(
-                    key,
-                    Entry {
-                        status: EntryStatus::Open,
-                        end,
-                        acc,
-                    },
-                )
-            });
-        }
-        for (key, p) in &self.outbox {
-            take(key.clone(), closed_entry(p));
-        }
-        out.into_iter()
-            .map(|(id, mut entries)| {
-                entries.sort_by(|a, b| a.0.cmp(&b.0));
-                GroupContent { id, entries }
-            })
-            .collect()
-    }
-
     /// Checkpoint `id` is durable: windows it closed may now be emitted.
     pub fn checkpoint_completed(&mut self, id: CheckpointId) {
-        for (key, p) in self.outbox.iter_mut() {
-            if !p.handed_out && p.awaiting.is_some_and(|a| a <= id) {
-                p.handed_out = true;
-                self.emit_queue.push(ClosedWindow {
-                    id: key.clone(),
-                    end: p.end,
-                    acc: p.acc,
-                });
-            }
+        let later = self.awaiting.split_off(&id.next());
+        for (_, windows) in std::mem::replace(&mut self.awaiting, later) {
+            self.emit_queue.extend(windows);
         }
     }
 
     /// Checkpoint `id` failed: windows waiting for it wait for the next one.
     pub fn checkpoint_failed(&mut self, id: CheckpointId) {
-        for p in self.outbox.values_mut() {
-            if !p.handed_out && p.awaiting == Some(id) {
-                p.awaiting = None;
-            }
+        if let Some(windows) = self.awaiting.remove(&id) {
+            self.held.extend(windows);
         }
     }
 
-    /// The output topic acknowledged these windows; they leave the state at the next checkpoint.
+    /// The output acknowledged these windows; they leave the state at the next checkpoint.
     pub fn emitted(&mut self, ids: impl IntoIterator<Item = StateKey>) {
         for id in ids {
-            if self.outbox.remove(&id).is_some() {
-                self.mark(&id);
+            let group = self.cfg.groups.group_of(&id.key);
+            let state = match &id.partition {
+                None => Some(&mut self.instance),
+                Some(p) => self.scoped.get_mut(p),
+            };
+            if let Some(state) = state {
+                state.acknowledge(group, &id);
             }
         }
     }
 
     /// Whether anything changed since the last snapshot.
     pub fn has_changes(&self) -> bool {
-        self.records_since_snapshot > 0
-            || !self.instance.dirty.is_empty()
-            || self.scoped.values().any(|s| !s.dirty.is_empty())
-    }
-}
-
-fn new_stores(cfg: &EngineConfig, scope: Option<Partition>) -> ScopeState {
-    ScopeState {
-        tables: cfg
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
-            .collect(),
-        dirty: DirtyGroups::default(),
-    }
-}
-
-fn closed_entry(p: &Pending) -> Entry {
-    Entry {
-        status: EntryStatus::Closed,
-        end: p.end,
-        acc: p.acc,
+        self.records_since_snapshot > 0 || self.all_scopes().any(ScopeState::has_changes)
     }
 }
 

@@ -1,5 +1,6 @@
-//! Open window state per window definition. Every change marks the key's group dirty
-//! (`group`), so that a checkpoint carries only the groups that changed.
+//! Open window state per window definition (of one key group, see `scope`). Every change
+//! reports the window ends it adds or removes, so that the scope knows which groups the
+//! watermark closes windows in.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,7 +9,6 @@ use foldhash::{HashMap, HashMapExt};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::Acc;
-use super::group::DirtyGroups;
 use super::window::{hopping_starts, tumbling_start, WindowKind};
 use crate::position::Partition;
 
@@ -38,6 +38,17 @@ pub struct Entry {
     pub acc: Acc,
 }
 
+/// A window end a change added or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndChange {
+    /// A fixed window ends here (reported on every record; repeats are harmless).
+    Fixed(i64),
+    /// A session now ends here.
+    SessionAdded(i64),
+    /// A session that ended here is gone (merged or extended).
+    SessionRemoved(i64),
+}
+
 /// A final window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosedWindow {
@@ -53,7 +64,7 @@ struct Session {
     acc: Acc,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Slots {
     Fixed {
         kind: WindowKind,
@@ -67,7 +78,7 @@ enum Slots {
 }
 
 /// The open windows of one definition in one state scope.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WindowTable {
     index: u16,
     scope: Option<Partition>,
@@ -118,25 +129,16 @@ impl WindowTable {
     }
 
     /// Adds a record to every window of this definition that holds `ts` and is not final
-    /// (`end <= limit` is final), marking `group` (the key's) dirty if any did. Returns whether
-    /// any window took it.
+    /// (`end <= limit` is final), reporting the ends of the windows it touched in `ends`.
+    /// Returns whether any window took it.
     pub fn add(
         &mut self,
         key: &str,
-        group: u16,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
-        dirty: &mut DirtyGroups,
+        ends: &mut Vec<EndChange>,
     ) -> bool {
-        let took = self.add_inner(key, ts, value, limit);
-        if took {
-            dirty.mark(group);
-        }
-        took
-    }
-
-    fn add_inner(&mut self, key: &str, ts: i64, value: Option<f64>, limit: Option<i64>) -> bool {
         match &mut self.slots {
             Slots::Fixed { kind, by_start } => {
                 let mut took = false;
@@ -144,6 +146,7 @@ impl WindowTable {
                     if is_final(start + size, limit) {
                         return;
                     }
+                    ends.push(EndChange::Fixed(start + size));
                     let keys = by_start.entry(start).or_default();
                     match keys.get_mut(key) {
                         Some(acc) => acc.add(value),
@@ -185,11 +188,22 @@ impl WindowTable {
                     .filter(|(_, s)| ts < s.end && s.start < new_end)
                     .map(|(i, _)| i)
                     .collect();
-                // the common case: the record falls inside one session with the same start
+                // the common cases: the record falls inside one session, or extends it in order
                 if let [i] = overlapping[..] {
                     let s = &mut sessions[i];
                     if ts >= s.start && new_end <= s.end {
                         s.acc.add(value);
+                        return true;
+                    }
+                    let next_start = sessions.get(i + 1).map_or(i64::MAX, |n| n.start);
+                    let s = &mut sessions[i];
+                    if ts >= s.start && new_end <= next_start && !is_final(new_end, limit) {
+                        by_end.remove(&(s.end, key.to_string(), s.start));
+                        ends.push(EndChange::SessionRemoved(s.end));
+                        s.end = new_end;
+                        s.acc.add(value);
+                        by_end.insert((s.end, key.to_string(), s.start));
+                        ends.push(EndChange::SessionAdded(s.end));
                         return true;
                     }
                 }
@@ -208,11 +222,13 @@ impl WindowTable {
                 for &i in overlapping.iter().rev() {
                     let old = sessions.remove(i);
                     by_end.remove(&(old.end, key.to_string(), old.start));
+                    ends.push(EndChange::SessionRemoved(old.end));
                     self.open -= 1;
                 }
                 let pos = sessions.partition_point(|s| s.start < merged.start);
                 sessions.insert(pos, merged);
                 by_end.insert((merged.end, key.to_string(), merged.start));
+                ends.push(EndChange::SessionAdded(merged.end));
                 self.open += 1;
                 true
             }
@@ -293,10 +309,10 @@ impl WindowTable {
         }
     }
 
-    /// Puts back an open entry read from a checkpoint.
-    pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) {
+    /// Puts back an open entry read from a checkpoint; returns its end as registered.
+    pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) -> EndChange {
         match &mut self.slots {
-            Slots::Fixed { by_start, .. } => {
+            Slots::Fixed { by_start, kind } => {
                 if by_start
                     .entry(start)
                     .or_default()
@@ -305,6 +321,7 @@ impl WindowTable {
                 {
                     self.open += 1;
                 }
+                EndChange::Fixed(start.saturating_add(kind.size().unwrap_or(0)))
             }
             Slots::Session { by_key, by_end, .. } => {
                 let sessions = by_key.entry(key.clone()).or_default();
@@ -312,6 +329,7 @@ impl WindowTable {
                 sessions.insert(pos, Session { start, end, acc });
                 by_end.insert((end, key, start));
                 self.open += 1;
+                EndChange::SessionAdded(end)
             }
         }
     }
@@ -343,7 +361,7 @@ mod tests {
     use super::*;
 
     fn add(store: &mut WindowTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        store.add(key, 0, ts, Some(1.0), limit, &mut DirtyGroups::default())
+        store.add(key, ts, Some(1.0), limit, &mut Vec::new())
     }
 
     #[test]
@@ -404,12 +422,29 @@ mod tests {
     }
 
     #[test]
-    fn a_change_marks_the_keys_group_and_a_late_record_marks_nothing() {
+    fn changes_report_the_window_ends_they_add_and_remove() {
         let mut s = WindowTable::new(2, WindowKind::Tumbling { size: 10 }, None);
-        let mut dirty = DirtyGroups::default();
-        assert!(s.add("k", 7, 100, None, None, &mut dirty));
-        assert!(!s.add("j", 9, 5, None, Some(10), &mut dirty));
-        assert_eq!(dirty.take(), vec![7]);
-        assert!(dirty.is_empty());
+        let mut ends = Vec::new();
+        assert!(s.add("k", 12, None, None, &mut ends));
+        assert!(!s.add("j", 5, None, Some(10), &mut ends));
+        assert_eq!(ends, vec![EndChange::Fixed(20)]);
+        let mut s = WindowTable::new(0, WindowKind::Session { gap: 10 }, None);
+        let mut ends = Vec::new();
+        s.add("k", 100, None, None, &mut ends);
+        // in order: the session is extended in place
+        s.add("k", 105, None, None, &mut ends);
+        assert_eq!(
+            ends,
+            vec![
+                EndChange::SessionAdded(110),
+                EndChange::SessionRemoved(110),
+                EndChange::SessionAdded(115)
+            ]
+        );
+        assert_eq!(
+            s.get(100, "k").map(|(end, acc)| (end, acc.count)),
+            Some((115, 2))
+        );
+        assert_eq!(s.open_count(), 1);
     }
 }

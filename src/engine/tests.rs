@@ -144,6 +144,40 @@ fn run_whole_with(stream: &[(i32, String, i64, f64)], cfg: EngineConfig) -> (Emi
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// A snapshot shares the engine's groups (copy on write): whatever the engine does after it
+    /// (more records, windows closing, acknowledgements), the snapshot still holds exactly the
+    /// state it was taken at.
+    #[test]
+    fn a_snapshot_is_not_changed_by_what_the_engine_does_after_it(stream in stream_strategy(), cut in 0usize..300, scoped in any::<bool>(), full in any::<bool>()) {
+        let mut engine = Engine::new(scoped_config(true, scoped));
+        engine.assign(&[p(0), p(1), p(2)]);
+        let cut = cut.min(stream.len());
+        let mut offsets = [0i64; 3];
+        let mut feed = |engine: &mut Engine, part: i32, key: &str, ts: i64, v: f64| {
+            let o = offsets[part as usize];
+            offsets[part as usize] += 1;
+            engine.process(&p(part), o, rec(key, ts, v));
+        };
+        for (part, key, ts, v) in &stream[..cut] {
+            feed(&mut engine, *part, key, *ts, *v);
+        }
+        let _ = engine.snapshot(CheckpointId(1), true);
+        for (part, key, ts, v) in &stream[cut..cut + (stream.len() - cut) / 2] {
+            feed(&mut engine, *part, key, *ts, *v);
+        }
+        let snap = engine.snapshot(CheckpointId(2), full);
+        let at_snapshot: Vec<Vec<(StateKey, Entry)>> = snap.groups.iter().map(|g| g.entries()).collect();
+        engine.checkpoint_completed(CheckpointId(2));
+        let released: Vec<StateKey> = engine.take_emittable().into_iter().map(|w| w.id).collect();
+        engine.emitted(released);
+        for (part, key, ts, v) in &stream[cut + (stream.len() - cut) / 2..] {
+            feed(&mut engine, *part, key, *ts, *v);
+        }
+        engine.revoke(&[p(0), p(1), p(2)]);
+        let later: Vec<Vec<(StateKey, Entry)>> = snap.groups.iter().map(|g| g.entries()).collect();
+        prop_assert_eq!(later, at_snapshot);
+    }
+
     #[test]
     fn restore_of_snapshot_equals_state(stream in stream_strategy(), scoped in any::<bool>()) {
         let mut engine = Engine::new(scoped_config(true, scoped));
@@ -156,7 +190,7 @@ proptest! {
         store.apply(&Checkpoint { id: CheckpointId(1), base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
         let mut restored = Engine::from_state(scoped_config(true, scoped), store.restored()).expect("restore");
         let again = restored.snapshot(CheckpointId(2), true);
-        let flat = |d: StateDelta| { let mut v: Vec<(StateKey, Entry)> = d.groups.into_iter().flat_map(|g| g.entries).collect(); v.sort_by(|a, b| a.0.cmp(&b.0)); v };
+        let flat = |d: StateDelta| { let mut v: Vec<(StateKey, Entry)> = d.groups.into_iter().flat_map(|g| g.entries()).collect(); v.sort_by(|a, b| a.0.cmp(&b.0)); v };
         prop_assert_eq!(snap.entries, again.entries);
         prop_assert_eq!(snap.entries as usize, flat(snap.clone()).len());
         prop_assert_eq!(flat(snap.clone()), flat(again.clone()));
@@ -183,7 +217,7 @@ proptest! {
         let delta = engine.snapshot(CheckpointId(id), false);
         store.apply(&Checkpoint { id: CheckpointId(id), base: Some(CheckpointId(id - 1)), trigger_ms: 0, spec: Default::default(), delta }, 0, 0).expect("apply");
         let full = engine.snapshot(CheckpointId(id + 1), true);
-        let mut expected: Vec<(StateKey, Entry)> = full.groups.into_iter().flat_map(|g| g.entries).collect();
+        let mut expected: Vec<(StateKey, Entry)> = full.groups.into_iter().flat_map(|g| g.entries()).collect();
         expected.sort_by(|a, b| a.0.cmp(&b.0));
         prop_assert_eq!(full.entries as usize, expected.len());
         prop_assert_eq!(store.restored().entries, expected);

@@ -480,7 +480,7 @@ async fn a_checkpoint_slower_than_the_interval_pauses_consumption_until_durable_
     let mut keys: Vec<String> = last
         .groups
         .iter()
-        .flat_map(|g| g.entries.iter().map(|(k, _)| k.key.clone()))
+        .flat_map(|g| g.entries().into_iter().map(|(k, _)| k.key))
         .collect();
     keys.sort();
     assert_eq!(keys, vec!["a", "b", "c"]);

@@ -121,7 +121,7 @@ fn v4_state(store: &Store, id: CheckpointId) -> Result<Vec<(StateKey, Entry)>, S
 fn by_group(layout: &GroupLayout, entries: Vec<(StateKey, Entry)>) -> Groups {
     group_entries(layout, entries)
         .into_iter()
-        .map(|g| (g.id, g.entries))
+        .map(|g| (g.id.clone(), g.entries()))
         .collect()
 }
 

@@ -86,7 +86,7 @@ struct Body {
 pub fn encode(sp: &Portable) -> Result<Vec<u8>, PortableError> {
     let mut groups = Vec::new();
     for g in group_entries(&GroupLayout::default(), sp.entries.iter().cloned()) {
-        let blob = encode_blob(&g.entries).map_err(|e| PortableError::Blob(e.to_string()))?;
+        let blob = encode_blob(&g.entries()).map_err(|e| PortableError::Blob(e.to_string()))?;
         groups.push((g.id.scope, blob));
     }
     let body = postcard::to_stdvec(&Body {

@@ -47,10 +47,10 @@ impl Store {
             groups.clear();
         }
         for g in &cp.delta.groups {
-            if g.entries.is_empty() {
+            if g.is_empty() {
                 groups.remove(&g.id);
             } else {
-                groups.insert(g.id.clone(), g.entries.clone());
+                groups.insert(g.id.clone(), g.entries());
             }
         }
         let before = *bytes;
@@ -208,7 +208,7 @@ impl Store {
         let mut bytes = 0;
         let groups: Groups = group_entries(&self.layout()?, entries.iter().cloned())
             .into_iter()
-            .map(|g| (g.id, g.entries))
+            .map(|g| (g.id.clone(), g.entries()))
             .collect();
         self.put_savepoint(meta, &groups, &mut batch, &mut bytes)?;
         self.tree.apply_batch(batch)?;

@@ -92,14 +92,14 @@ impl Line {
         } else {
             touched
                 .into_iter()
-                .map(|id| GroupContent {
-                    entries: self
+                .map(|id| {
+                    let entries = self
                         .state
                         .iter()
                         .filter(|(k, _)| group_of(&self.layout, k) == id)
                         .map(|(k, e)| (k.clone(), *e))
-                        .collect(),
-                    id,
+                        .collect();
+                    GroupContent::new(id, entries)
                 })
                 .collect()
         };
@@ -151,11 +151,7 @@ fn cp(
 
 /// Every entry a checkpoint carries.
 fn carried(c: &Checkpoint) -> Vec<(StateKey, Entry)> {
-    c.delta
-        .groups
-        .iter()
-        .flat_map(|g| g.entries.iter().cloned())
-        .collect()
+    c.delta.groups.iter().flat_map(|g| g.entries()).collect()
 }
 
 fn write(store: &Store, c: &Checkpoint, savepoint: Option<&str>) -> Result<WriteStats, StoreError> {

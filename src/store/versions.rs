@@ -169,11 +169,11 @@ impl Store {
         };
         if cp.delta.full {
             let mut latest = self.all_latest()?;
-            for g in cp.delta.groups.iter().filter(|g| !g.entries.is_empty()) {
+            for g in cp.delta.groups.iter().filter(|g| !g.is_empty()) {
                 put(
                     &mut batch,
                     group_version_key(&g.id, id),
-                    encode_group(&g.entries, id)?,
+                    encode_group(&g.entries(), id)?,
                 );
                 if let Some((prev, _)) = latest.remove(&g.id) {
                     garbage.push(group_version_key(&g.id, prev));
@@ -191,11 +191,11 @@ impl Store {
         } else {
             for g in &cp.delta.groups {
                 let prev = self.latest_version(&g.id, id)?;
-                if !g.entries.is_empty() {
+                if !g.is_empty() {
                     put(
                         &mut batch,
                         group_version_key(&g.id, id),
-                        encode_group(&g.entries, id)?,
+                        encode_group(&g.entries(), id)?,
                     );
                     if let Some((prev, _)) = prev {
                         garbage.push(group_version_key(&g.id, prev));

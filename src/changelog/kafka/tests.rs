@@ -68,7 +68,7 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
             .into_iter()
             .map(|g| crate::changelog::protocol::GroupChange {
                 group: g.id.group,
-                blob: crate::engine::group::encode_blob(&g.entries).expect("blob"),
+                blob: crate::engine::group::encode_blob(&g.entries()).expect("blob"),
             })
             .collect(),
         2,

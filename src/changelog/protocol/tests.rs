@@ -57,7 +57,7 @@ fn groups(layout: &GroupLayout, entries: Vec<(StateKey, Entry)>) -> Vec<GroupCha
         .into_iter()
         .map(|g| GroupChange {
             group: g.id.group,
-            blob: encode_blob(&g.entries).expect("blob"),
+            blob: encode_blob(&g.entries()).expect("blob"),
         })
         .collect()
 }
