@@ -17,7 +17,11 @@
 //! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
 //! got).
 //!
-//! Run: `cargo bench --bench turnover -- --keys 10000` (release build).
+//! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--window-ms N` sets
+//! the tumbling size (the hopping window is 3N every N); `--keys-in-order` takes keys in turn,
+//! so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M live keys.
+//! Before the run ends, a full checkpoint of the state as it is then is timed
+//! (`full checkpoint`).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -45,6 +49,11 @@ struct Args {
     interval: Duration,
     max_seconds: u64,
     max_rss_gib: u64,
+    /// Tumbling window size; the hopping window is 3x as long, hopping by it.
+    window_ms: i64,
+    /// Keys in turn (`u0`, `u1`, ...) instead of at random: with `--records` equal to
+    /// `--keys` and windows longer than the run, every key is live at the end.
+    keys_in_order: bool,
 }
 
 fn args() -> Args {
@@ -54,9 +63,15 @@ fn args() -> Args {
         interval: Duration::from_millis(2_000),
         max_seconds: 900,
         max_rss_gib: 16,
+        window_ms: 10_000,
+        keys_in_order: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--keys-in-order" {
+            a.keys_in_order = true;
+            continue;
+        }
         let mut value = || {
             it.next()
                 .and_then(|v| v.parse::<u64>().ok())
@@ -68,6 +83,7 @@ fn args() -> Args {
             "--interval-ms" => a.interval = Duration::from_millis(value()),
             "--max-seconds" => a.max_seconds = value(),
             "--max-rss-gib" => a.max_rss_gib = value(),
+            "--window-ms" => a.window_ms = value() as i64,
             // cargo bench passes --bench
             _ => {}
         }
@@ -157,13 +173,13 @@ fn main() {
         windows: vec![
             WindowDef {
                 name: "tumble".into(),
-                kind: WindowKind::Tumbling { size: 10_000 },
+                kind: WindowKind::Tumbling { size: a.window_ms },
             },
             WindowDef {
                 name: "hop".into(),
                 kind: WindowKind::Hopping {
-                    size: 30_000,
-                    hop: 10_000,
+                    size: 3 * a.window_ms,
+                    hop: a.window_ms,
                 },
             },
         ],
@@ -206,13 +222,22 @@ fn main() {
     let total = a.records + PARTITIONS as u64; // the closing records
     let deadline = started + Duration::from_secs(a.max_seconds);
 
+    // the full checkpoint timed at the end of the data (before the closing records)
+    let mut full: Option<(CheckpointId, u64)> = None;
+    let mut full_took: Option<f64> = None;
+    let mut peak_restore: Option<(f64, bool)> = None;
+    let mut restore_cpu = 0.0;
     let checkpoint = |engine: &mut Engine,
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
-                      stalls: &mut Vec<f64>| {
+                      stalls: &mut Vec<f64>,
+                      force_full: bool| {
         let now = started.elapsed();
-        if in_flight.is_some() || !scheduler.due(now) {
-            return;
+        if in_flight.is_some() || !(force_full || scheduler.due(now)) {
+            return None;
+        }
+        if force_full {
+            scheduler.restart_line();
         }
         let Trigger { id, base } = scheduler.trigger(now);
         let t = Instant::now();
@@ -237,6 +262,7 @@ fn main() {
             panic!("writer gone");
         }
         *in_flight = Some((id, t));
+        Some(id)
     };
 
     loop {
@@ -244,6 +270,18 @@ fn main() {
         while let Ok(outcome) = outcomes.try_recv() {
             match outcome {
                 WriteOutcome::Durable { id, duration, .. } => {
+                    if full.is_some_and(|(f, _)| f == id) {
+                        full_took = Some(duration.as_secs_f64());
+                        // restore it, as a start would (not counted in the run's CPU)
+                        let (t, cpu) = (Instant::now(), cpu_seconds());
+                        let ok = store
+                            .load_checkpoint(id)
+                            .ok()
+                            .and_then(|(_, state)| Engine::from_state(config(), state).ok())
+                            .is_some();
+                        peak_restore = Some((t.elapsed().as_secs_f64(), ok));
+                        restore_cpu += cpu_seconds() - cpu;
+                    }
                     scheduler.completed(id, started.elapsed());
                     engine.checkpoint_completed(id);
                     durations.push(duration.as_secs_f64());
@@ -261,17 +299,40 @@ fn main() {
             if in_flight.is_none() && engine.pending_emissions() == 0 && !engine.has_changes() {
                 break;
             }
-            checkpoint(&mut engine, &mut scheduler, &mut in_flight, &mut stalls);
+            checkpoint(
+                &mut engine,
+                &mut scheduler,
+                &mut in_flight,
+                &mut stalls,
+                false,
+            );
             std::thread::sleep(Duration::from_millis(1));
+        } else if consumed == a.records && full.is_none() {
+            // the state at its largest: time a full checkpoint of it
+            let entries = (engine.open_windows() + engine.pending_emissions()) as u64;
+            match checkpoint(
+                &mut engine,
+                &mut scheduler,
+                &mut in_flight,
+                &mut stalls,
+                true,
+            ) {
+                Some(id) => full = Some((id, entries)),
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
         } else {
             for _ in 0..1_024 {
-                if consumed == total {
+                if consumed == total || (consumed == a.records && full.is_none()) {
                     break;
                 }
                 let (p, ts, user) = if consumed < a.records {
                     let jitter = rng.next() % DISORDER_MS;
                     let ts = T0 + consumed as i64 - jitter as i64;
-                    let user = rng.next() % a.keys;
+                    let user = if a.keys_in_order {
+                        consumed % a.keys
+                    } else {
+                        rng.next() % a.keys
+                    };
                     ((rng.next() % PARTITIONS as u64) as usize, ts, user)
                 } else {
                     // one record per partition an hour ahead: every window of the data closes
@@ -287,7 +348,13 @@ fn main() {
                 engine.process(&partitions[p], offset, decoded);
                 consumed += 1;
             }
-            checkpoint(&mut engine, &mut scheduler, &mut in_flight, &mut stalls);
+            checkpoint(
+                &mut engine,
+                &mut scheduler,
+                &mut in_flight,
+                &mut stalls,
+                false,
+            );
         }
         if Instant::now() >= deadline {
             stopped = Some(format!("--max-seconds {}", a.max_seconds));
@@ -302,7 +369,7 @@ fn main() {
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_start;
+    let cpu = cpu_seconds() - cpu_start - restore_cpu;
     let rss = peak_rss();
     let store_bytes = store.size_on_disk().unwrap_or(0);
     let pending = engine.pending_emissions();
@@ -340,6 +407,17 @@ fn main() {
         percentiles(durations)
     );
     println!("snapshot stalls: {}", percentiles(stalls));
+    match (full, full_took) {
+        (Some((_, entries)), Some(took)) => {
+            println!("full checkpoint at the end of the data: {took:.3} s for {entries} live window-keys")
+        }
+        _ => println!("full checkpoint at the end of the data: not reached"),
+    }
+    match peak_restore {
+        Some((took, true)) => println!("restore of that checkpoint (load + engine): {took:.3} s"),
+        Some((_, false)) => println!("restore of that checkpoint FAILED"),
+        None => println!("restore of that checkpoint: not reached"),
+    }
     println!("peak RSS {:.1} MiB", rss as f64 / 1048576.0);
     println!("store on disk {:.1} MiB", store_bytes as f64 / 1048576.0);
     match restore {

@@ -98,11 +98,17 @@ pub struct Engine {
     /// Windows of partition-scoped state, per source partition.
     scoped: HashMap<Partition, ScopeState>,
     marks: Watermarks,
-    /// Final windows closed since the last snapshot, waiting for a checkpoint to hold them
-    /// (exactly-once).
-    held: Vec<ClosedWindow>,
-    /// Final windows by the checkpoint whose durability releases them.
-    awaiting: BTreeMap<CheckpointId, Vec<ClosedWindow>>,
+    /// Exactly-once release, by epochs: a window closing is tagged with the current epoch
+    /// (windows kept in their group's state); snapshot `id` ends an epoch and holds every
+    /// window of it and of the epochs before; when `id` is durable, the windows of the epochs
+    /// after `released` up to its own are handed out, read from the groups (no second copy of
+    /// final windows waits anywhere). Windows restored, or emitted at once
+    /// (at-least-once), have epoch 0.
+    epoch: u64,
+    /// The epoch each snapshot in flight ended.
+    snapshots: BTreeMap<CheckpointId, u64>,
+    /// Every window of this epoch and before has been handed out.
+    released: u64,
     emit_queue: Vec<ClosedWindow>,
     records_since_snapshot: u64,
 }
@@ -116,8 +122,9 @@ impl Engine {
             instance,
             scoped: HashMap::new(),
             marks,
-            held: Vec::new(),
-            awaiting: BTreeMap::new(),
+            epoch: 1,
+            snapshots: BTreeMap::new(),
+            released: 0,
             emit_queue: Vec::new(),
             records_since_snapshot: 0,
         }
@@ -214,10 +221,6 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|p| partitions.contains(p))
         };
-        self.held.retain(|w| !gone(w));
-        for windows in self.awaiting.values_mut() {
-            windows.retain(|w| !gone(w));
-        }
         self.emit_queue.retain(|w| !gone(w));
     }
 
@@ -348,8 +351,9 @@ impl Engine {
             return;
         };
         let mut closed = Vec::new();
+        let epoch = self.closing_epoch();
         if let Some(state) = self.scoped.get_mut(p) {
-            state.close(limit, &mut closed);
+            state.close(limit, epoch, &mut closed);
         }
         self.finalize(closed);
     }
@@ -361,9 +365,10 @@ impl Engine {
         }
         let Some(limit) = self.limit() else { return };
         let mut closed = Vec::new();
-        self.instance.close(limit, &mut closed);
+        let epoch = self.closing_epoch();
+        self.instance.close(limit, epoch, &mut closed);
         for state in self.scoped.values_mut() {
-            state.close(limit, &mut closed);
+            state.close(limit, epoch, &mut closed);
         }
         self.finalize(closed);
     }
@@ -372,10 +377,17 @@ impl Engine {
     /// before delivery re-sends them): emitted now, or under exactly-once held until a
     /// durable checkpoint holds them.
     fn finalize(&mut self, closed: Vec<ClosedWindow>) {
-        if self.cfg.hold_until_checkpoint {
-            self.held.extend(closed);
-        } else {
+        if !self.cfg.hold_until_checkpoint {
             self.emit_queue.extend(closed);
+        }
+    }
+
+    /// The epoch windows closing now are tagged with.
+    fn closing_epoch(&self) -> u64 {
+        if self.cfg.hold_until_checkpoint {
+            self.epoch
+        } else {
+            0
         }
     }
 
@@ -388,15 +400,8 @@ impl Engine {
     /// Snapshot for checkpoint `id`. Cheap: proportional to what changed since the previous
     /// snapshot unless `full`.
     pub fn snapshot(&mut self, id: CheckpointId, full: bool) -> StateDelta {
-        if !self.held.is_empty() {
-            let held = std::mem::take(&mut self.held);
-            match self.awaiting.get_mut(&id) {
-                Some(windows) => windows.extend(held),
-                None => {
-                    self.awaiting.insert(id, held);
-                }
-            }
-        }
+        self.snapshots.insert(id, self.epoch);
+        self.epoch += 1;
         let mut groups = self.instance.snapshot(full);
         for state in self.scoped.values_mut() {
             groups.extend(state.snapshot(full));
@@ -426,17 +431,24 @@ impl Engine {
 
     /// Checkpoint `id` is durable: windows it closed may now be emitted.
     pub fn checkpoint_completed(&mut self, id: CheckpointId) {
-        let later = self.awaiting.split_off(&id.next());
-        for (_, windows) in std::mem::replace(&mut self.awaiting, later) {
-            self.emit_queue.extend(windows);
+        let later = self.snapshots.split_off(&id.next());
+        let done = std::mem::replace(&mut self.snapshots, later);
+        let Some(upto) = done.into_values().max().filter(|e| *e > self.released) else {
+            return;
+        };
+        let after = self.released;
+        self.instance.release(after, upto, &mut self.emit_queue);
+        for state in self.scoped.values() {
+            state.release(after, upto, &mut self.emit_queue);
         }
+        self.released = upto;
     }
 
     /// Checkpoint `id` failed: windows waiting for it wait for the next one.
     pub fn checkpoint_failed(&mut self, id: CheckpointId) {
-        if let Some(windows) = self.awaiting.remove(&id) {
-            self.held.extend(windows);
-        }
+        // its windows stay in their groups; the next snapshot holds them, and its durability
+        // releases them
+        self.snapshots.remove(&id);
     }
 
     /// The output acknowledged these windows; they leave the state at the next checkpoint.

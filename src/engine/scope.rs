@@ -22,8 +22,9 @@ use crate::position::Partition;
 pub(crate) struct GroupState {
     /// Open windows, per window definition.
     tables: Vec<WindowTable>,
-    /// Final windows not acknowledged by the output yet.
-    closed: BTreeMap<StateKey, (i64, Acc)>,
+    /// Final windows not acknowledged by the output yet: end, accumulator, and the epoch they
+    /// closed in (see `Engine`), which says which checkpoint releases them.
+    closed: BTreeMap<StateKey, (i64, Acc, u64)>,
 }
 
 impl GroupState {
@@ -61,7 +62,7 @@ impl GroupState {
                 ))
             });
         }
-        out.extend(self.closed.iter().map(|(k, (end, acc))| {
+        out.extend(self.closed.iter().map(|(k, (end, acc, _))| {
             (
                 k.clone(),
                 Entry {
@@ -161,8 +162,9 @@ impl ScopeState {
     }
 
     /// Closes every window whose end is at or before `limit`: it leaves its table and waits,
-    /// in its group's state, for its acknowledgement. Appends them to `out`.
-    pub(crate) fn close(&mut self, limit: i64, out: &mut Vec<ClosedWindow>) {
+    /// in its group's state and tagged with `epoch`, for its acknowledgement. Appends them to
+    /// `out`.
+    pub(crate) fn close(&mut self, limit: i64, epoch: u64, out: &mut Vec<ClosedWindow>) {
         let mut due = DirtyGroups::default();
         while let Some(entry) = self.fixed_ends.first_entry() {
             if *entry.key() > limit {
@@ -190,7 +192,7 @@ impl ScopeState {
             }
             if out.len() > from {
                 for w in &out[from..] {
-                    group.closed.insert(w.id.clone(), (w.end, w.acc));
+                    group.closed.insert(w.id.clone(), (w.end, w.acc, epoch));
                 }
                 self.closed += out.len() - from;
                 self.dirty.mark(g);
@@ -224,7 +226,7 @@ impl ScopeState {
         if self
             .group_mut(group)
             .closed
-            .insert(id, (entry.end, entry.acc))
+            .insert(id, (entry.end, entry.acc, 0))
             .is_none()
         {
             self.closed += 1;
@@ -275,6 +277,22 @@ impl ScopeState {
             .collect();
         self.groups.retain(|_, g| g.len() > 0);
         out
+    }
+
+    /// Appends the final windows that closed in an epoch after `after`, up to `upto`
+    /// (reading the groups, never copying them).
+    pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Vec<ClosedWindow>) {
+        for group in self.groups.values() {
+            for (id, (end, acc, epoch)) in &group.closed {
+                if *epoch > after && *epoch <= upto {
+                    out.push(ClosedWindow {
+                        id: id.clone(),
+                        end: *end,
+                        acc: *acc,
+                    });
+                }
+            }
+        }
     }
 
     pub(crate) fn open_windows(&self) -> usize {
