@@ -460,7 +460,7 @@ impl Engine {
                 Some(p) => self.scoped.get_mut(p),
             };
             if let Some(state) = state {
-                state.acknowledge(group, &id);
+                state.acknowledge(group, id);
             }
         }
     }

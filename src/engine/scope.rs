@@ -23,8 +23,17 @@ pub(crate) struct GroupState {
     /// Open windows, per window definition.
     tables: Vec<WindowTable>,
     /// Final windows not acknowledged by the output yet: end, accumulator, and the epoch they
-    /// closed in (see `Engine`), which says which checkpoint releases them.
-    closed: BTreeMap<StateKey, (i64, Acc, u64)>,
+    /// closed in (see `Engine`), which says which checkpoint releases them. Keyed by window,
+    /// start and key (the scope is the group's).
+    closed: BTreeMap<ClosedKey, (i64, Acc, u64)>,
+    scope: Option<Partition>,
+}
+
+/// A final window's identity within its group: window index, start, key.
+type ClosedKey = (u16, i64, String);
+
+fn closed_key(id: StateKey) -> ClosedKey {
+    (id.window, id.start, id.key)
 }
 
 impl GroupState {
@@ -36,6 +45,16 @@ impl GroupState {
                 .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
                 .collect(),
             closed: BTreeMap::new(),
+            scope: scope.clone(),
+        }
+    }
+
+    fn state_key(&self, (window, start, key): &ClosedKey) -> StateKey {
+        StateKey {
+            partition: self.scope.clone(),
+            window: *window,
+            start: *start,
+            key: key.clone(),
         }
     }
 
@@ -64,7 +83,7 @@ impl GroupState {
         }
         out.extend(self.closed.iter().map(|(k, (end, acc, _))| {
             (
-                k.clone(),
+                self.state_key(k),
                 Entry {
                     status: EntryStatus::Closed,
                     end: *end,
@@ -192,7 +211,8 @@ impl ScopeState {
             }
             if out.len() > from {
                 for w in &out[from..] {
-                    group.closed.insert(w.id.clone(), (w.end, w.acc, epoch));
+                    let key = (w.id.window, w.id.start, w.id.key.clone());
+                    group.closed.insert(key, (w.end, w.acc, epoch));
                 }
                 self.closed += out.len() - from;
                 self.dirty.mark(g);
@@ -226,7 +246,7 @@ impl ScopeState {
         if self
             .group_mut(group)
             .closed
-            .insert(id, (entry.end, entry.acc, 0))
+            .insert(closed_key(id), (entry.end, entry.acc, 0))
             .is_none()
         {
             self.closed += 1;
@@ -234,14 +254,15 @@ impl ScopeState {
     }
 
     /// The output acknowledged final window `id`: it leaves the state.
-    pub(crate) fn acknowledge(&mut self, group: u16, id: &StateKey) {
+    pub(crate) fn acknowledge(&mut self, group: u16, id: StateKey) {
         let Some(shared) = self.groups.get_mut(&group) else {
             return;
         };
-        if !shared.closed.contains_key(id) {
+        let key = closed_key(id);
+        if !shared.closed.contains_key(&key) {
             return;
         }
-        Arc::make_mut(shared).closed.remove(id);
+        Arc::make_mut(shared).closed.remove(&key);
         self.closed -= 1;
         self.dirty.mark(group);
     }
@@ -282,11 +303,18 @@ impl ScopeState {
     /// Appends the final windows that closed in an epoch after `after`, up to `upto`
     /// (reading the groups, never copying them).
     pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Vec<ClosedWindow>) {
+        let due = |epoch: u64| epoch > after && epoch <= upto;
+        let count: usize = self
+            .groups
+            .values()
+            .map(|g| g.closed.values().filter(|(_, _, e)| due(*e)).count())
+            .sum();
+        out.reserve_exact(count);
         for group in self.groups.values() {
             for (id, (end, acc, epoch)) in &group.closed {
-                if *epoch > after && *epoch <= upto {
+                if due(*epoch) {
                     out.push(ClosedWindow {
-                        id: id.clone(),
+                        id: group.state_key(id),
                         end: *end,
                         acc: *acc,
                     });
