@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 
-use serde::de::IgnoredAny;
 use serde_json::{Number, Value};
 
 use crate::event_time::EventTime;
@@ -310,6 +309,15 @@ struct Walk<'n, 'f, 'a> {
     root: bool,
 }
 
+/// What a value on no configured pointer is read with: nothing captured, but read through
+/// the parser's full checks (UTF-8, escapes, nesting depth) as parsing a tree would, which
+/// skipping it with `IgnoredAny` would not.
+static SKIP: Node = Node {
+    capture: None,
+    children: Vec::new(),
+    below: Vec::new(),
+};
+
 /// Names which child of a node a key is, without allocating for the key.
 struct KeySeed<'n>(&'n Node);
 
@@ -375,6 +383,9 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for Walk<'_, '_, 'a> {
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
         // a string with escapes: unescaped into a buffer of the parser's
+        if self.node.capture.is_none() {
+            return self.leaf(Field::Other);
+        }
         self.leaf(Field::Str(Cow::Owned(v.to_string())))
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
@@ -410,7 +421,13 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for Walk<'_, '_, 'a> {
                     })?
                     .is_some()
                 }
-                None => seq.next_element::<IgnoredAny>()?.is_some(),
+                None => seq
+                    .next_element_seed(Walk {
+                        node: &SKIP,
+                        found: &mut *self.found,
+                        root: false,
+                    })?
+                    .is_some(),
             };
             if !more {
                 return Ok(());
@@ -436,9 +453,11 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for Walk<'_, '_, 'a> {
                         root: false,
                     })?;
                 }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                None => map.next_value_seed(Walk {
+                    node: &SKIP,
+                    found: &mut *self.found,
+                    root: false,
+                })?,
             }
         }
         Ok(())
@@ -578,6 +597,7 @@ mod tests {
             Just("1e3".to_string()),
             "[a-z\\\"/é ]{0,6}".prop_map(|s| serde_json::to_string(&s).expect("string")),
             Just(r#""esc\u00e9aped\n""#.to_string()),
+            Just(r#""\ud800""#.to_string()),
         ];
         leaf.prop_recursive(3, 24, 5, |inner| {
             prop_oneof![
@@ -646,5 +666,43 @@ mod tests {
         let payload = br#"{"user":"tab\tbed","amount":1,"ts":1}"#;
         let r = decoder().decode(None, Some(payload), None).expect("valid");
         assert_eq!(r.key, "tab\tbed");
+    }
+
+    #[test]
+    fn fields_on_no_pointer_are_checked_as_a_tree_would_check_them() {
+        let d = decoder();
+        let tree = Decoder {
+            plan: Plan::Tree,
+            ..d.clone()
+        };
+        let mut bad_utf8 = br#"{"user":"u","amount":1,"ts":1,"junk":""#.to_vec();
+        bad_utf8.extend_from_slice(&[0xff, 0xfe]);
+        bad_utf8.extend_from_slice(br#""}"#);
+        let deep = format!(
+            r#"{{"user":"u","amount":1,"ts":1,"junk":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let cases: Vec<Vec<u8>> = vec![
+            bad_utf8,
+            br#"{"user":"u","amount":1,"ts":1,"junk":"\ud800"}"#.to_vec(),
+            br#"{"user":"u","amount":1,"ts":1,"junk":{"a":"\ud800x"}}"#.to_vec(),
+            deep.into_bytes(),
+        ];
+        for raw in cases {
+            let want = tree.decode(None, Some(&raw), None);
+            assert_eq!(
+                want,
+                Err(InvalidReason::InvalidJson),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+            assert_eq!(
+                d.decode(None, Some(&raw), None),
+                want,
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
     }
 }

@@ -125,6 +125,9 @@ impl PartialEq for GroupContent {
     }
 }
 
+/// LZ4 expands a block at most about 255 times.
+const MAX_LZ4_RATIO: u64 = 256;
+
 /// Layout of the blob this build writes (first byte of every blob).
 const BLOB_VERSION: u8 = 1;
 
@@ -216,6 +219,17 @@ pub fn decode_blob(
     let (&version, compressed) = raw.split_first().ok_or(BlobError::Empty)?;
     if version != BLOB_VERSION {
         return Err(BlobError::Newer(version));
+    }
+    // the size it announces bounds what is allocated: never more than LZ4 can expand to
+    let announced = compressed
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .ok_or(BlobError::Inconsistent("no size"))?;
+    if u64::from(announced) > (compressed.len() as u64).saturating_mul(MAX_LZ4_RATIO) {
+        return Err(BlobError::Inconsistent(
+            "announces more than its compressed size can hold",
+        ));
     }
     let body = lz4_flex::decompress_size_prepended(compressed)
         .map_err(|e| BlobError::Decompress(e.to_string()))?;
@@ -432,5 +446,12 @@ mod tests {
         assert_eq!(decode_blob(&[], &None), Err(BlobError::Empty));
         assert_eq!(decode_blob(&[9, 1, 2], &None), Err(BlobError::Newer(9)));
         assert!(decode_blob(&[1, 200, 0, 0, 0, 1], &None).is_err());
+        // a size far beyond what the compressed bytes can hold is refused before allocating
+        assert_eq!(
+            decode_blob(&[1, 0xff, 0xff, 0xff, 0xff, 0, 0], &None),
+            Err(BlobError::Inconsistent(
+                "announces more than its compressed size can hold"
+            ))
+        );
     }
 }

@@ -241,6 +241,9 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
 
     /// One rebalance, completed by the hand-off.
     pub(crate) async fn on_rebalance(&mut self, event: Rebalance) -> anyhow::Result<()> {
+        // assignments start from the board's positions, which are otherwise published on the
+        // tick: bring them up to the engine's first
+        self.publish_positions();
         let (engine, coordinator, consumer) =
             (&mut self.engine, &mut self.coordinator, &*self.consumer);
         match event {
@@ -257,8 +260,9 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             Rebalance::Refused(reason) => bail!("{reason}"),
         }
         if self.backpressure.engaged() {
-            // partitions assigned while paused wait too
-            self.pause_assigned();
+            // partitions assigned while paused wait too (all of them again: a client may
+            // forget a pause when a partition is assigned anew)
+            self.pause_assigned(true);
         }
         self.emit();
         self.refresh_readiness();
@@ -278,12 +282,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             self.refresh_readiness();
         }
         // positions are published on the tick, not per record
-        let board = self.shared.board();
-        for p in self.handoff.assigned() {
-            if let Some(next) = self.engine.position(p) {
-                board.set_position(p, next);
-            }
-        }
+        self.publish_positions();
         self.status.gauges(
             &self.engine,
             self.coordinator.in_flight(),
@@ -301,7 +300,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         match change {
             Change::Same => {}
             Change::Engage { id, age } => {
-                self.pause_assigned();
+                self.pause_assigned(false);
                 self.metrics.backpressure.set(1);
                 if let Some(suppressed) = self.backpressure_log.check() {
                     tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)");
@@ -321,17 +320,33 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         }
     }
 
-    fn pause_assigned(&mut self) {
-        let new: Vec<Partition> = self
+    /// Pauses the assigned partitions not paused yet (every assigned one if `all`).
+    fn pause_assigned(&mut self, all: bool) {
+        let pause: Vec<Partition> = self
             .handoff
             .assigned()
             .iter()
-            .filter(|p| !self.paused.contains(p))
+            .filter(|p| all || !self.paused.contains(p))
             .cloned()
             .collect();
-        if !new.is_empty() {
-            self.consumer.pause(&new);
-            self.paused.extend(new);
+        if pause.is_empty() {
+            return;
+        }
+        self.consumer.pause(&pause);
+        for p in pause {
+            if !self.paused.contains(&p) {
+                self.paused.push(p);
+            }
+        }
+    }
+
+    /// Publishes the position of every partition the engine holds to the status board.
+    fn publish_positions(&self) {
+        let board = self.shared.board();
+        for (p, progress) in self.engine.progress() {
+            if let Some(next) = progress.next {
+                board.set_position(p, next);
+            }
         }
     }
 
