@@ -83,9 +83,10 @@ pub fn scope_prefix(p: &Partition) -> Vec<u8> {
     out
 }
 
-/// Decodes a state key at the start of `raw`; returns it and the bytes that follow.
-pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
-    let (partition, rest) = match raw.first()? {
+/// Decodes a scope (see [`scope_prefix`]; 0 for instance scope) at the start of `raw`; returns
+/// it and the bytes that follow.
+fn decode_scope(raw: &[u8]) -> Option<(Option<Partition>, &[u8])> {
+    Some(match raw.first()? {
         0 => (None, &raw[1..]),
         1 => {
             let len = usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?));
@@ -95,7 +96,12 @@ pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
             (Some(Partition::new(topic, p as i32)), &raw[at + 4..])
         }
         _ => return None,
-    };
+    })
+}
+
+/// Decodes a state key at the start of `raw`; returns it and the bytes that follow.
+pub fn decode_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
+    let (partition, rest) = decode_scope(raw)?;
     let (mut key, rest) = decode_v3_state_key(rest)?;
     key.partition = partition;
     Some((key, rest))
@@ -168,17 +174,7 @@ fn encode_group_id(g: &GroupId, out: &mut Vec<u8>) {
 fn decode_group_id(raw: &[u8]) -> Option<(GroupId, &[u8])> {
     let aggregation = u16::from_be_bytes(raw.get(0..2)?.try_into().ok()?);
     let raw = &raw[2..];
-    let (scope, rest) = match raw.first()? {
-        0 => (None, &raw[1..]),
-        1 => {
-            let len = usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?));
-            let topic = std::str::from_utf8(raw.get(3..3 + len)?).ok()?.to_string();
-            let at = 3 + len;
-            let p = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) ^ (1 << 31);
-            (Some(Partition::new(topic, p as i32)), &raw[at + 4..])
-        }
-        _ => return None,
-    };
+    let (scope, rest) = decode_scope(raw)?;
     let group = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
     Some((
         GroupId {
