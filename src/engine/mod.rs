@@ -350,12 +350,11 @@ impl Engine {
         let Some(limit) = self.partition_limit(p) else {
             return;
         };
-        let mut closed = Vec::new();
         let epoch = self.closing_epoch();
+        let out = (!self.cfg.hold_until_checkpoint).then_some(&mut self.emit_queue);
         if let Some(state) = self.scoped.get_mut(p) {
-            state.close(limit, epoch, &mut closed);
+            state.close(limit, epoch, out);
         }
-        self.finalize(closed);
     }
 
     fn advance(&mut self) {
@@ -364,21 +363,14 @@ impl Engine {
             return;
         }
         let Some(limit) = self.limit() else { return };
-        let mut closed = Vec::new();
         let epoch = self.closing_epoch();
-        self.instance.close(limit, epoch, &mut closed);
+        // windows just closed stay in their group's state until acknowledged, so that a crash
+        // before delivery re-sends them; they are emitted now, or under exactly-once held
+        // until a durable checkpoint holds them
+        let mut out = (!self.cfg.hold_until_checkpoint).then_some(&mut self.emit_queue);
+        self.instance.close(limit, epoch, out.as_deref_mut());
         for state in self.scoped.values_mut() {
-            state.close(limit, epoch, &mut closed);
-        }
-        self.finalize(closed);
-    }
-
-    /// Windows just closed (already in their group's state until acknowledged, so that a crash
-    /// before delivery re-sends them): emitted now, or under exactly-once held until a
-    /// durable checkpoint holds them.
-    fn finalize(&mut self, closed: Vec<ClosedWindow>) {
-        if !self.cfg.hold_until_checkpoint {
-            self.emit_queue.extend(closed);
+            state.close(limit, epoch, out.as_deref_mut());
         }
     }
 

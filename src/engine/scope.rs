@@ -182,8 +182,13 @@ impl ScopeState {
 
     /// Closes every window whose end is at or before `limit`: it leaves its table and waits,
     /// in its group's state and tagged with `epoch`, for its acknowledgement. Appends them to
-    /// `out`.
-    pub(crate) fn close(&mut self, limit: i64, epoch: u64, out: &mut Vec<ClosedWindow>) {
+    /// `out` if given (windows emitted as they close), else only keeps them.
+    pub(crate) fn close(
+        &mut self,
+        limit: i64,
+        epoch: u64,
+        mut out: Option<&mut Vec<ClosedWindow>>,
+    ) {
         let mut due = DirtyGroups::default();
         while let Some(entry) = self.fixed_ends.first_entry() {
             if *entry.key() > limit {
@@ -200,22 +205,30 @@ impl ScopeState {
             self.session_ends.pop_first();
             due.mark(g);
         }
+        let mut now = Vec::new();
         for g in due.take() {
             let Some(shared) = self.groups.get_mut(&g) else {
                 continue;
             };
             let group = Arc::make_mut(shared);
-            let from = out.len();
             for t in &mut group.tables {
-                t.close(limit, out);
+                t.close(limit, &mut now);
             }
-            if out.len() > from {
-                for w in &out[from..] {
+            if now.is_empty() {
+                continue;
+            }
+            self.closed += now.len();
+            self.dirty.mark(g);
+            if let Some(out) = out.as_mut() {
+                for w in &now {
                     let key = (w.id.window, w.id.start, w.id.key.clone());
                     group.closed.insert(key, (w.end, w.acc, epoch));
                 }
-                self.closed += out.len() - from;
-                self.dirty.mark(g);
+                out.append(&mut now);
+            } else {
+                for w in now.drain(..) {
+                    group.closed.insert(closed_key(w.id), (w.end, w.acc, epoch));
+                }
             }
         }
     }

@@ -34,6 +34,20 @@ pub fn render(
     w: &ClosedWindow,
     aggregates: &[AggregateKind],
 ) -> (String, Vec<u8>) {
+    let (mut key, mut payload) = (String::new(), Vec::new());
+    render_into(window_name, w, aggregates, &mut key, &mut payload);
+    (key, payload)
+}
+
+/// [`render`] into buffers the caller reuses (cleared first).
+pub fn render_into(
+    window_name: &str,
+    w: &ClosedWindow,
+    aggregates: &[AggregateKind],
+    key: &mut String,
+    payload: &mut Vec<u8>,
+) {
+    use std::fmt::Write;
     let has = |a: AggregateKind| aggregates.contains(&a);
     let out = Output {
         window: window_name,
@@ -52,10 +66,12 @@ pub fn render(
             None
         },
     };
-    let key = format!("{}/{}/{}", window_name, w.id.key, w.id.start);
-    // serializing plain numbers and strings cannot fail
-    let payload = serde_json::to_vec(&out).unwrap_or_default();
-    (key, payload)
+    key.clear();
+    // writing to a String cannot fail
+    let _ = write!(key, "{}/{}/{}", window_name, w.id.key, w.id.start);
+    payload.clear();
+    // serializing plain numbers and strings into a Vec cannot fail
+    let _ = serde_json::to_writer(&mut *payload, &out);
 }
 
 #[cfg(test)]
