@@ -272,8 +272,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_release_past_the_in_flight_bound_is_sent_whole_and_acknowledged_once_per_window(
-    ) {
+    async fn a_release_past_the_in_flight_bound_is_sent_whole_and_acknowledged_once_per_window() {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic(TOPIC, 1, 1).expect("topic");
         let mut client = ClientConfig::new();
