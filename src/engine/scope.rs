@@ -3,7 +3,10 @@
 //! an `Arc`: a snapshot shares the changed groups instead of copying the state, and a group
 //! changed while a checkpoint still writes it is copied then (copy on write: one group, never
 //! the state). An index of window ends per group tells which groups the watermark closes
-//! windows in, so that closing never scans every group.
+//! windows in, so that closing never scans every group. A group's final windows sit in chunks,
+//! one per epoch they closed in, behind `Arc`s of their own: final windows never change, they
+//! only leave, so a group copied on write shares them, and acknowledgements are marked beside
+//! them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,18 +25,110 @@ use crate::position::Partition;
 pub(crate) struct GroupState {
     /// Open windows, per window definition.
     tables: Vec<WindowTable>,
-    /// Final windows not acknowledged by the output yet: end, accumulator, and the epoch they
-    /// closed in (see `Engine`), which says which checkpoint releases them. Keyed by window,
-    /// start and key (the scope is the group's).
-    closed: BTreeMap<ClosedKey, (i64, Acc, u64)>,
+    /// Final windows not acknowledged by the output yet, by the epoch they closed in (see
+    /// `Engine`), which says which checkpoint releases them; oldest epoch first.
+    closed: Vec<ClosedChunk>,
     scope: Option<Partition>,
 }
 
-/// A final window's identity within its group: window index, start, key.
-type ClosedKey = (u16, i64, String);
+/// A final window waiting for its acknowledgement (its scope is its group's).
+#[derive(Debug, Clone)]
+struct ClosedRow {
+    window: u16,
+    start: i64,
+    end: i64,
+    acc: Acc,
+    key: Box<str>,
+}
 
-fn closed_key(id: StateKey) -> ClosedKey {
-    (id.window, id.start, id.key)
+impl ClosedRow {
+    fn of(w: ClosedWindow) -> Self {
+        ClosedRow {
+            window: w.id.window,
+            start: w.id.start,
+            end: w.end,
+            acc: w.acc,
+            key: w.id.key.into_boxed_str(),
+        }
+    }
+
+    fn is(&self, id: &StateKey) -> bool {
+        self.window == id.window && self.start == id.start && *self.key == *id.key
+    }
+}
+
+/// The final windows of one group that closed in one epoch, in the order they closed.
+#[derive(Debug, Clone)]
+struct ClosedChunk {
+    epoch: u64,
+    /// Shared by the copies of the group; appended to only while its epoch is current.
+    rows: Arc<Vec<ClosedRow>>,
+    /// One bit per row: acknowledged.
+    acked: Vec<u64>,
+    /// Rows not acknowledged.
+    remaining: usize,
+    /// Where the next acknowledgement is looked for first: they come back in the order the
+    /// rows were released.
+    cursor: usize,
+}
+
+impl ClosedChunk {
+    fn new(epoch: u64) -> Self {
+        ClosedChunk {
+            epoch,
+            rows: Arc::new(Vec::new()),
+            acked: Vec::new(),
+            remaining: 0,
+            cursor: 0,
+        }
+    }
+
+    fn push(&mut self, row: ClosedRow) {
+        let rows = Arc::make_mut(&mut self.rows);
+        rows.push(row);
+        if rows.len() > self.acked.len() * 64 {
+            self.acked.push(0);
+        }
+        self.remaining += 1;
+    }
+
+    fn is_acked(&self, i: usize) -> bool {
+        self.acked[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// The rows not acknowledged.
+    fn pending(&self) -> impl Iterator<Item = &ClosedRow> {
+        self.rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.is_acked(*i))
+            .map(|(_, r)| r)
+    }
+
+    /// Where final window `id` is, if it waits here.
+    fn find(&self, id: &StateKey) -> Option<usize> {
+        let n = self.rows.len();
+        (0..n)
+            .map(|step| (self.cursor + step) % n)
+            .find(|&i| !self.is_acked(i) && self.rows[i].is(id))
+    }
+
+    /// Marks row `i` acknowledged; once most rows are, keeps only the others.
+    fn acknowledge(&mut self, i: usize) {
+        self.acked[i / 64] |= 1 << (i % 64);
+        self.remaining -= 1;
+        self.cursor = i + 1;
+        if self.remaining > 0 && self.rows.len() >= 64 && self.remaining * 2 < self.rows.len() {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let rows: Vec<ClosedRow> = self.pending().cloned().collect();
+        self.acked = vec![0; rows.len().div_ceil(64)];
+        self.cursor = 0;
+        self.rows = Arc::new(rows);
+    }
 }
 
 impl GroupState {
@@ -44,18 +139,52 @@ impl GroupState {
                 .enumerate()
                 .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
                 .collect(),
-            closed: BTreeMap::new(),
+            closed: Vec::new(),
             scope: scope.clone(),
         }
     }
 
-    fn state_key(&self, (window, start, key): &ClosedKey) -> StateKey {
-        StateKey {
-            partition: self.scope.clone(),
-            window: *window,
-            start: *start,
-            key: key.clone(),
+    fn closed_window(&self, row: &ClosedRow) -> ClosedWindow {
+        ClosedWindow {
+            id: StateKey {
+                partition: self.scope.clone(),
+                window: row.window,
+                start: row.start,
+                key: row.key.to_string(),
+            },
+            end: row.end,
+            acc: row.acc,
         }
+    }
+
+    /// Keeps a final window that closed in `epoch` until its acknowledgement.
+    fn hold(&mut self, w: ClosedWindow, epoch: u64) {
+        if self.closed.last().is_none_or(|c| c.epoch != epoch) {
+            self.closed.push(ClosedChunk::new(epoch));
+        }
+        if let Some(chunk) = self.closed.last_mut() {
+            chunk.push(ClosedRow::of(w));
+        }
+    }
+
+    /// Where final window `id` waits: chunk and row.
+    fn find_closed(&self, id: &StateKey) -> Option<(usize, usize)> {
+        self.closed
+            .iter()
+            .enumerate()
+            .find_map(|(c, chunk)| chunk.find(id).map(|r| (c, r)))
+    }
+
+    fn acknowledge(&mut self, (c, r): (usize, usize)) {
+        let chunk = &mut self.closed[c];
+        chunk.acknowledge(r);
+        if chunk.remaining == 0 {
+            self.closed.remove(c);
+        }
+    }
+
+    fn closed_count(&self) -> usize {
+        self.closed.iter().map(|c| c.remaining).sum()
     }
 
     fn open(&self) -> usize {
@@ -63,7 +192,7 @@ impl GroupState {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.open() + self.closed.len()
+        self.open() + self.closed_count()
     }
 
     /// Every entry, sorted by key.
@@ -81,16 +210,19 @@ impl GroupState {
                 ))
             });
         }
-        out.extend(self.closed.iter().map(|(k, (end, acc, _))| {
-            (
-                self.state_key(k),
-                Entry {
-                    status: EntryStatus::Closed,
-                    end: *end,
-                    acc: *acc,
-                },
-            )
-        }));
+        for chunk in &self.closed {
+            out.extend(chunk.pending().map(|row| {
+                let w = self.closed_window(row);
+                (
+                    w.id,
+                    Entry {
+                        status: EntryStatus::Closed,
+                        end: w.end,
+                        acc: w.acc,
+                    },
+                )
+            }));
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
@@ -221,13 +353,12 @@ impl ScopeState {
             self.dirty.mark(g);
             if let Some(out) = out.as_mut() {
                 for w in &now {
-                    let key = (w.id.window, w.id.start, w.id.key.clone());
-                    group.closed.insert(key, (w.end, w.acc, epoch));
+                    group.hold(w.clone(), epoch);
                 }
                 out.append(&mut now);
             } else {
                 for w in now.drain(..) {
-                    group.closed.insert(closed_key(w.id), (w.end, w.acc, epoch));
+                    group.hold(w, epoch);
                 }
             }
         }
@@ -256,14 +387,16 @@ impl ScopeState {
 
     /// Puts back a final window read from a checkpoint.
     pub(crate) fn restore_closed(&mut self, group: u16, id: StateKey, entry: Entry) {
-        if self
-            .group_mut(group)
-            .closed
-            .insert(closed_key(id), (entry.end, entry.acc, 0))
-            .is_none()
-        {
-            self.closed += 1;
-        }
+        // a checkpoint holds each window once: no search for an equal one
+        self.group_mut(group).hold(
+            ClosedWindow {
+                id,
+                end: entry.end,
+                acc: entry.acc,
+            },
+            0,
+        );
+        self.closed += 1;
     }
 
     /// The output acknowledged final window `id`: it leaves the state.
@@ -271,11 +404,10 @@ impl ScopeState {
         let Some(shared) = self.groups.get_mut(&group) else {
             return;
         };
-        let key = closed_key(id);
-        if !shared.closed.contains_key(&key) {
+        let Some(at) = shared.find_closed(&id) else {
             return;
-        }
-        Arc::make_mut(shared).closed.remove(&key);
+        };
+        Arc::make_mut(shared).acknowledge(at);
         self.closed -= 1;
         self.dirty.mark(group);
     }
@@ -320,18 +452,13 @@ impl ScopeState {
         let count: usize = self
             .groups
             .values()
-            .map(|g| g.closed.values().filter(|(_, _, e)| due(*e)).count())
+            .flat_map(|g| g.closed.iter().filter(|c| due(c.epoch)))
+            .map(|c| c.remaining)
             .sum();
         out.reserve_exact(count);
         for group in self.groups.values() {
-            for (id, (end, acc, epoch)) in &group.closed {
-                if due(*epoch) {
-                    out.push(ClosedWindow {
-                        id: group.state_key(id),
-                        end: *end,
-                        acc: *acc,
-                    });
-                }
+            for chunk in group.closed.iter().filter(|c| due(c.epoch)) {
+                out.extend(chunk.pending().map(|row| group.closed_window(row)));
             }
         }
     }
@@ -347,5 +474,104 @@ impl ScopeState {
 
     pub(crate) fn has_changes(&self) -> bool {
         !self.dirty.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Final windows held in chunks: what is pending is exactly what was held and not
+    //! acknowledged, in whatever order acknowledgements come, and a copy of the group taken
+    //! for a snapshot keeps what it saw.
+
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn window(i: u32) -> ClosedWindow {
+        ClosedWindow {
+            id: StateKey {
+                partition: None,
+                window: (i % 2) as u16,
+                start: i64::from(i / 7) * 10,
+                key: format!("k{}", i % 7),
+            },
+            end: i64::from(i / 7) * 10 + 10,
+            acc: Acc::of(Some(f64::from(i))),
+        }
+    }
+
+    fn pending(g: &GroupState) -> BTreeSet<(u16, i64, String)> {
+        g.entries()
+            .into_iter()
+            .map(|(id, e)| {
+                assert_eq!(e.status, EntryStatus::Closed);
+                (id.window, id.start, id.key)
+            })
+            .collect()
+    }
+
+    fn id_of(i: u32) -> (u16, i64, String) {
+        let w = window(i);
+        (w.id.window, w.id.start, w.id.key)
+    }
+
+    proptest! {
+        #[test]
+        fn pending_final_windows_are_those_held_and_not_acknowledged(
+            epochs in proptest::collection::vec(1usize..150, 1..5),
+            order in proptest::collection::vec(any::<prop::sample::Index>(), 0..400),
+            copy_at in 0usize..400,
+        ) {
+            let mut g = GroupState::new(&[], &None);
+            let mut model = BTreeSet::new();
+            let mut next = 0u32;
+            for (epoch, n) in epochs.iter().enumerate() {
+                for _ in 0..*n {
+                    g.hold(window(next), epoch as u64 + 1);
+                    model.insert(id_of(next));
+                    next += 1;
+                }
+            }
+            prop_assert_eq!(pending(&g), model.clone());
+            let mut copy = None;
+            for (step, pick) in order.iter().enumerate() {
+                if step == copy_at {
+                    copy = Some((Arc::new(g.clone()), model.clone()));
+                }
+                let Some(target) = model.iter().nth(pick.index(model.len().max(1))).cloned() else {
+                    break;
+                };
+                let id = StateKey { partition: None, window: target.0, start: target.1, key: target.2.clone() };
+                let at = g.find_closed(&id);
+                prop_assert!(at.is_some(), "{:?} is pending", target);
+                if let Some(at) = at {
+                    g.acknowledge(at);
+                }
+                model.remove(&target);
+                prop_assert_eq!(g.closed_count(), model.len());
+                prop_assert!(g.find_closed(&id).is_none(), "{:?} acknowledged twice", target);
+            }
+            prop_assert_eq!(pending(&g), model);
+            if let Some((copy, seen)) = copy {
+                prop_assert_eq!(pending(&copy), seen);
+            }
+        }
+    }
+
+    #[test]
+    fn a_copy_of_a_group_shares_its_final_windows() {
+        let mut g = GroupState::new(&[], &None);
+        for i in 0..100 {
+            g.hold(window(i), 1);
+        }
+        let copy = g.clone();
+        assert!(Arc::ptr_eq(&g.closed[0].rows, &copy.closed[0].rows));
+        g.hold(window(100), 2);
+        assert!(
+            Arc::ptr_eq(&g.closed[0].rows, &copy.closed[0].rows),
+            "a window closing in a later epoch does not copy the earlier ones"
+        );
     }
 }
