@@ -8,7 +8,6 @@ use std::collections::HashMap;
 
 use super::protocol::{chunks, publication_kind, Chunk, GroupChange, Kind, Tag, MAX_CHUNK_BYTES};
 use crate::checkpoint::Checkpoint;
-use crate::engine::group::encode_blob;
 use crate::position::Partition;
 
 /// Groups per chunk (with [`MAX_CHUNK_BYTES`], keeps records far below Kafka's 1 MB default
@@ -110,7 +109,7 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
             .iter()
             .filter(|g| g.id.scope.as_ref() == Some(p))
             .map(|g| {
-                encode_blob(&g.entries()).map(|blob| GroupChange {
+                g.blob().map(|blob| GroupChange {
                     group: g.id.group,
                     blob,
                 })

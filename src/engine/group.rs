@@ -107,6 +107,15 @@ impl GroupContent {
         }
     }
 
+    /// Its blob ([`encode_blob`]), encoded from the group where it lives, without copying
+    /// its entries.
+    pub fn blob(&self) -> Result<Vec<u8>, BlobError> {
+        match &self.content {
+            Content::Entries(e) => encode_blob(e),
+            Content::Shared(state) => encode_rows(&mut state.rows()),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match &self.content {
             Content::Entries(e) => e.len(),
@@ -173,39 +182,72 @@ fn values_of(acc: &Acc) -> Option<(f64, f64, f64)> {
     (!untouched).then_some((acc.sum, acc.min, acc.max))
 }
 
+/// One entry of a group, borrowed from wherever it lives, as a blob encodes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EntryRef<'a> {
+    pub key: &'a str,
+    pub window: u16,
+    pub start: i64,
+    pub end: i64,
+    pub acc: Acc,
+    pub closed: bool,
+}
+
+/// What [`Blob`] serializes to, with borrowed keys.
+#[derive(Serialize)]
+struct BlobRef<'a> {
+    keys: Vec<(u32, &'a [u8])>,
+    rows: Vec<Row>,
+}
+
 /// Encodes one group's entries (all of one scope) as a compressed blob. The order of
 /// `entries` does not matter; the blob is the same for the same set.
 pub fn encode_blob(entries: &[(StateKey, Entry)]) -> Result<Vec<u8>, BlobError> {
-    let mut order: Vec<&(StateKey, Entry)> = entries.iter().collect();
-    order.sort_by(|a, b| (&a.0.key, a.0.window, a.0.start).cmp(&(&b.0.key, b.0.window, b.0.start)));
-    let mut keys: Vec<(u32, Vec<u8>)> = Vec::new();
-    let mut rows = Vec::with_capacity(order.len());
+    let mut rows: Vec<EntryRef<'_>> = entries
+        .iter()
+        .map(|(k, e)| EntryRef {
+            key: &k.key,
+            window: k.window,
+            start: k.start,
+            end: e.end,
+            acc: e.acc,
+            closed: e.status == EntryStatus::Closed,
+        })
+        .collect();
+    encode_rows(&mut rows)
+}
+
+/// [`encode_blob`] of borrowed entries (reordered here).
+pub(crate) fn encode_rows(entries: &mut [EntryRef<'_>]) -> Result<Vec<u8>, BlobError> {
+    entries.sort_by(|a, b| (a.key, a.window, a.start).cmp(&(b.key, b.window, b.start)));
+    let mut keys: Vec<(u32, &[u8])> = Vec::new();
+    let mut rows = Vec::with_capacity(entries.len());
     let mut last_key: Option<&str> = None;
     let mut last_start = 0i64;
-    for (k, e) in order {
-        if last_key != Some(k.key.as_str()) {
+    for e in entries.iter() {
+        if last_key != Some(e.key) {
             let prev = last_key.unwrap_or("").as_bytes();
             let shared = prev
                 .iter()
-                .zip(k.key.as_bytes())
+                .zip(e.key.as_bytes())
                 .take_while(|(a, b)| a == b)
                 .count();
-            keys.push((shared as u32, k.key.as_bytes()[shared..].to_vec()));
-            last_key = Some(k.key.as_str());
+            keys.push((shared as u32, &e.key.as_bytes()[shared..]));
+            last_key = Some(e.key);
         }
         rows.push(Row {
             key: (keys.len() - 1) as u32,
-            window: k.window,
-            start_delta: k.start.wrapping_sub(last_start),
-            len: e.end.wrapping_sub(k.start),
-            closed: e.status == EntryStatus::Closed,
+            window: e.window,
+            start_delta: e.start.wrapping_sub(last_start),
+            len: e.end.wrapping_sub(e.start),
+            closed: e.closed,
             count: e.acc.count,
             values: values_of(&e.acc),
         });
-        last_start = k.start;
+        last_start = e.start;
     }
-    let body =
-        postcard::to_stdvec(&Blob { keys, rows }).map_err(|e| BlobError::Decode(e.to_string()))?;
+    let body = postcard::to_stdvec(&BlobRef { keys, rows })
+        .map_err(|e| BlobError::Decode(e.to_string()))?;
     let mut out = vec![BLOB_VERSION];
     out.extend_from_slice(&lz4_flex::compress_prepend_size(&body));
     Ok(out)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
-use super::group::{DirtyGroups, GroupContent, GroupId};
+use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
 use super::state::{ClosedWindow, EndChange, Entry, EntryStatus, StateKey, WindowTable};
 use super::window::WindowDef;
 use super::StateError;
@@ -193,6 +193,34 @@ impl GroupState {
 
     pub(crate) fn len(&self) -> usize {
         self.open() + self.closed_count()
+    }
+
+    /// Every entry, borrowed, in no particular order.
+    pub(crate) fn rows(&self) -> Vec<EntryRef<'_>> {
+        let mut out = Vec::with_capacity(self.len());
+        for t in &self.tables {
+            t.for_each_ref(|window, start, key, end, acc| {
+                out.push(EntryRef {
+                    key,
+                    window,
+                    start,
+                    end,
+                    acc,
+                    closed: false,
+                })
+            });
+        }
+        for chunk in &self.closed {
+            out.extend(chunk.pending().map(|row| EntryRef {
+                key: &row.key,
+                window: row.window,
+                start: row.start,
+                end: row.end,
+                acc: row.acc,
+                closed: true,
+            }));
+        }
+        out
     }
 
     /// Every entry, sorted by key.
@@ -557,6 +585,42 @@ mod tests {
             if let Some((copy, seen)) = copy {
                 prop_assert_eq!(pending(&copy), seen);
             }
+        }
+    }
+
+    #[test]
+    fn a_group_encodes_where_it_lives_to_the_blob_of_its_entries() {
+        use crate::engine::group::encode_blob;
+        use crate::engine::window::{WindowDef, WindowKind};
+        let defs = [
+            WindowDef {
+                name: "t".into(),
+                kind: WindowKind::Tumbling { size: 10 },
+            },
+            WindowDef {
+                name: "h".into(),
+                kind: WindowKind::Hopping { size: 30, hop: 10 },
+            },
+            WindowDef {
+                name: "s".into(),
+                kind: WindowKind::Session { gap: 5 },
+            },
+        ];
+        let mut scope = ScopeState::new(Some(Partition::new("in", 3)), &defs);
+        for i in 0..300i64 {
+            let key = format!("key-{}", i % 13);
+            scope.add(&key, (i % 5) as u16, i * 3, Some(i as f64), None);
+            if i % 50 == 49 {
+                scope.close(i * 3 - 20, (i / 50) as u64 + 1, None);
+            }
+        }
+        let groups = scope.snapshot(true);
+        assert_eq!(groups.len(), 5);
+        for g in &groups {
+            let entries = g.entries();
+            assert!(entries.iter().any(|(_, e)| e.status == EntryStatus::Closed));
+            assert!(entries.iter().any(|(_, e)| e.status == EntryStatus::Open));
+            assert_eq!(g.blob(), encode_blob(&entries), "group {}", g.id.group);
         }
     }
 

@@ -69,6 +69,9 @@ enum Slots {
     Fixed {
         kind: WindowKind,
         by_start: BTreeMap<i64, HashMap<String, Acc>>,
+        /// Keys of the window that closed last: a new window's table starts that large, so
+        /// that it does not grow step by step as its keys arrive.
+        hint: usize,
     },
     Session {
         gap: i64,
@@ -108,6 +111,7 @@ impl WindowTable {
                 by_end: BTreeSet::new(),
             },
             other => Slots::Fixed {
+                hint: 0,
                 kind: other,
                 by_start: BTreeMap::new(),
             },
@@ -140,14 +144,20 @@ impl WindowTable {
         ends: &mut Vec<EndChange>,
     ) -> bool {
         match &mut self.slots {
-            Slots::Fixed { kind, by_start } => {
+            Slots::Fixed {
+                kind,
+                by_start,
+                hint,
+            } => {
                 let mut took = false;
                 let mut touch = |start: i64, size: i64, open: &mut usize| {
                     if is_final(start + size, limit) {
                         return;
                     }
                     ends.push(EndChange::Fixed(start + size));
-                    let keys = by_start.entry(start).or_default();
+                    let keys = by_start
+                        .entry(start)
+                        .or_insert_with(|| HashMap::with_capacity(*hint));
                     match keys.get_mut(key) {
                         Some(acc) => acc.add(value),
                         None => {
@@ -239,7 +249,11 @@ impl WindowTable {
     pub fn close(&mut self, limit: i64, out: &mut Vec<ClosedWindow>) {
         let (index, scope) = (self.index, &self.scope);
         match &mut self.slots {
-            Slots::Fixed { kind, by_start } => {
+            Slots::Fixed {
+                kind,
+                by_start,
+                hint,
+            } => {
                 let size = kind.size().unwrap_or(0);
                 while let Some(entry) = by_start.first_entry() {
                     let start = *entry.key();
@@ -248,6 +262,7 @@ impl WindowTable {
                     }
                     let keys = entry.remove();
                     self.open -= keys.len();
+                    *hint = keys.len();
                     let mut closed: Vec<ClosedWindow> = keys
                         .into_iter()
                         .map(|(key, acc)| ClosedWindow {
@@ -295,7 +310,7 @@ impl WindowTable {
     #[cfg(test)]
     pub fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
         match &self.slots {
-            Slots::Fixed { kind, by_start } => {
+            Slots::Fixed { kind, by_start, .. } => {
                 let size = kind.size().unwrap_or(0);
                 by_start
                     .get(&start)
@@ -312,7 +327,7 @@ impl WindowTable {
     /// Puts back an open entry read from a checkpoint; returns its end as registered.
     pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) -> EndChange {
         match &mut self.slots {
-            Slots::Fixed { by_start, kind } => {
+            Slots::Fixed { by_start, kind, .. } => {
                 if by_start
                     .entry(start)
                     .or_default()
@@ -334,10 +349,31 @@ impl WindowTable {
         }
     }
 
+    /// Every open entry, borrowed: window index, start, key, end, accumulator.
+    pub fn for_each_ref<'a>(&'a self, mut f: impl FnMut(u16, i64, &'a str, i64, Acc)) {
+        match &self.slots {
+            Slots::Fixed { kind, by_start, .. } => {
+                let size = kind.size().unwrap_or(0);
+                for (start, keys) in by_start {
+                    for (key, acc) in keys {
+                        f(self.index, *start, key, start + size, *acc);
+                    }
+                }
+            }
+            Slots::Session { by_key, .. } => {
+                for (key, sessions) in by_key {
+                    for s in sessions {
+                        f(self.index, s.start, key, s.end, s.acc);
+                    }
+                }
+            }
+        }
+    }
+
     /// Every open entry, for a full snapshot.
     pub fn for_each(&self, mut f: impl FnMut(StateKey, i64, Acc)) {
         match &self.slots {
-            Slots::Fixed { kind, by_start } => {
+            Slots::Fixed { kind, by_start, .. } => {
                 let size = kind.size().unwrap_or(0);
                 for (start, keys) in by_start {
                     for (key, acc) in keys {

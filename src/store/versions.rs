@@ -20,6 +20,7 @@ use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
 use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::group::{decode_blob, encode_blob};
+use crate::engine::GroupContent;
 use crate::engine::{Entry, GroupId, RestoredState, StateKey};
 
 /// A checkpoint that cannot be restored: damaged or incomplete.
@@ -60,10 +61,26 @@ pub(super) fn encode_group(
         path: Default::default(),
         detail: format!("cannot encode a group of checkpoint {id}: {e}"),
     })?;
+    Ok(sealed_group(entries.len(), &blob))
+}
+
+/// [`encode_group`] of a group as the engine shares it, encoded where it lives.
+fn encode_content(g: &GroupContent, id: CheckpointId) -> Result<Vec<u8>, StoreError> {
+    if g.is_empty() {
+        return Ok(super::codec::seal(&[]));
+    }
+    let blob = g.blob().map_err(|e| StoreError::Corrupt {
+        path: Default::default(),
+        detail: format!("cannot encode a group of checkpoint {id}: {e}"),
+    })?;
+    Ok(sealed_group(g.len(), &blob))
+}
+
+fn sealed_group(entries: usize, blob: &[u8]) -> Vec<u8> {
     let mut payload = Vec::with_capacity(4 + blob.len());
-    payload.extend_from_slice(&(entries.len() as u32).to_be_bytes());
-    payload.extend_from_slice(&blob);
-    Ok(super::codec::seal(&payload))
+    payload.extend_from_slice(&(entries as u32).to_be_bytes());
+    payload.extend_from_slice(blob);
+    super::codec::seal(&payload)
 }
 
 impl Store {
@@ -173,7 +190,7 @@ impl Store {
                 put(
                     &mut batch,
                     group_version_key(&g.id, id),
-                    encode_group(&g.entries(), id)?,
+                    encode_content(g, id)?,
                 );
                 if let Some((prev, _)) = latest.remove(&g.id) {
                     garbage.push(group_version_key(&g.id, prev));
@@ -195,7 +212,7 @@ impl Store {
                     put(
                         &mut batch,
                         group_version_key(&g.id, id),
-                        encode_group(&g.entries(), id)?,
+                        encode_content(g, id)?,
                     );
                     if let Some((prev, _)) = prev {
                         garbage.push(group_version_key(&g.id, prev));
