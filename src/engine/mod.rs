@@ -12,6 +12,7 @@ mod window;
 use std::collections::{BTreeMap, HashMap};
 
 pub use group::{GroupContent, GroupId, GroupLayout};
+pub use scope::Emission;
 
 pub use aggregate::{Acc, AggregateKind};
 pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
@@ -109,7 +110,7 @@ pub struct Engine {
     snapshots: BTreeMap<CheckpointId, u64>,
     /// Every window of this epoch and before has been handed out.
     released: u64,
-    emit_queue: Vec<ClosedWindow>,
+    emit_queue: Emission,
     records_since_snapshot: u64,
 }
 
@@ -125,7 +126,7 @@ impl Engine {
             epoch: 1,
             snapshots: BTreeMap::new(),
             released: 0,
-            emit_queue: Vec::new(),
+            emit_queue: Emission::default(),
             records_since_snapshot: 0,
         }
     }
@@ -216,12 +217,8 @@ impl Engine {
             self.scoped.remove(p);
             self.marks.remove(p);
         }
-        let gone = |w: &ClosedWindow| {
-            w.id.partition
-                .as_ref()
-                .is_some_and(|p| partitions.contains(p))
-        };
-        self.emit_queue.retain(|w| !gone(w));
+        self.emit_queue
+            .retain_scopes(|scope| !scope.as_ref().is_some_and(|p| partitions.contains(p)));
     }
 
     pub fn revoke(&mut self, partitions: &[Partition]) {
@@ -386,6 +383,11 @@ impl Engine {
     /// Final windows that may be emitted now. In exactly-once mode these are windows whose
     /// closing checkpoint is durable; otherwise every window as soon as it closes.
     pub fn take_emittable(&mut self) -> Vec<ClosedWindow> {
+        self.take_emission().into_windows().collect()
+    }
+
+    /// [`Engine::take_emittable`], read from the state as the output reaches each window.
+    pub fn take_emission(&mut self) -> Emission {
         std::mem::take(&mut self.emit_queue)
     }
 

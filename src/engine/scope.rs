@@ -20,6 +20,109 @@ use super::window::WindowDef;
 use super::StateError;
 use crate::position::Partition;
 
+/// Final windows ready for the output: some as they are, most read from the chunks they were
+/// held in as they are sent (a release of a million windows is never copied out whole).
+#[derive(Debug, Default)]
+pub struct Emission {
+    windows: Vec<ClosedWindow>,
+    parts: Vec<ReleasedChunk>,
+    len: usize,
+}
+
+/// A chunk's final windows released, with the scope they belong to.
+#[derive(Debug)]
+struct ReleasedChunk {
+    scope: Option<Partition>,
+    rows: Arc<Vec<ClosedRow>>,
+    /// Rows acknowledged before the release (skipped).
+    acked: Vec<u64>,
+}
+
+impl ReleasedChunk {
+    fn is_acked(&self, i: usize) -> bool {
+        self.acked
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+impl Emission {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn push(&mut self, w: ClosedWindow) {
+        self.windows.push(w);
+        self.len += 1;
+    }
+
+    fn push_chunk(&mut self, scope: &Option<Partition>, chunk: &ClosedChunk) {
+        self.len += chunk.remaining;
+        self.parts.push(ReleasedChunk {
+            scope: scope.clone(),
+            rows: Arc::clone(&chunk.rows),
+            acked: chunk.acked.clone(),
+        });
+    }
+
+    /// Appends `other`.
+    pub fn append(&mut self, other: Emission) {
+        self.windows.extend(other.windows);
+        self.parts.extend(other.parts);
+        self.len += other.len;
+    }
+
+    /// Keeps only the windows whose scope passes `keep`.
+    pub(crate) fn retain_scopes(&mut self, keep: impl Fn(&Option<Partition>) -> bool) {
+        self.windows.retain(|w| keep(&w.id.partition));
+        self.parts.retain(|p| keep(&p.scope));
+        self.len = self.windows.len()
+            + self
+                .parts
+                .iter()
+                .map(|p| (0..p.rows.len()).filter(|i| !p.is_acked(*i)).count())
+                .sum::<usize>();
+    }
+
+    /// The windows, each made as it is reached.
+    pub fn into_windows(self) -> impl Iterator<Item = ClosedWindow> {
+        self.windows
+            .into_iter()
+            .chain(self.parts.into_iter().flat_map(|part| {
+                (0..part.rows.len()).filter_map(move |i| {
+                    if part.is_acked(i) {
+                        return None;
+                    }
+                    let row = &part.rows[i];
+                    Some(ClosedWindow {
+                        id: StateKey {
+                            partition: part.scope.clone(),
+                            window: row.window,
+                            start: row.start,
+                            key: row.key.to_string(),
+                        },
+                        end: row.end,
+                        acc: row.acc,
+                    })
+                })
+            }))
+    }
+}
+
+impl From<Vec<ClosedWindow>> for Emission {
+    fn from(windows: Vec<ClosedWindow>) -> Self {
+        Emission {
+            len: windows.len(),
+            windows,
+            parts: Vec::new(),
+        }
+    }
+}
+
 /// One key group's state.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupState {
@@ -113,7 +216,8 @@ impl ClosedChunk {
             .find(|&i| !self.is_acked(i) && self.rows[i].is(id))
     }
 
-    /// Marks row `i` acknowledged; once most rows are, keeps only the others.
+    /// Marks row `i` acknowledged; once most rows are, keeps only the others (see
+    /// [`ClosedChunk::compact`]).
     fn acknowledge(&mut self, i: usize) {
         self.acked[i / 64] |= 1 << (i % 64);
         self.remaining -= 1;
@@ -123,11 +227,22 @@ impl ClosedChunk {
         }
     }
 
+    /// Drops the acknowledged rows, in place, unless a copy of the group or a release still
+    /// reads them (then they go with the chunk).
     fn compact(&mut self) {
-        let rows: Vec<ClosedRow> = self.pending().cloned().collect();
+        let acked = std::mem::take(&mut self.acked);
+        let Some(rows) = Arc::get_mut(&mut self.rows) else {
+            self.acked = acked;
+            return;
+        };
+        let mut i = 0;
+        rows.retain(|_| {
+            let keep = acked[i / 64] & (1 << (i % 64)) == 0;
+            i += 1;
+            keep
+        });
         self.acked = vec![0; rows.len().div_ceil(64)];
         self.cursor = 0;
-        self.rows = Arc::new(rows);
     }
 }
 
@@ -343,12 +458,7 @@ impl ScopeState {
     /// Closes every window whose end is at or before `limit`: it leaves its table and waits,
     /// in its group's state and tagged with `epoch`, for its acknowledgement. Appends them to
     /// `out` if given (windows emitted as they close), else only keeps them.
-    pub(crate) fn close(
-        &mut self,
-        limit: i64,
-        epoch: u64,
-        mut out: Option<&mut Vec<ClosedWindow>>,
-    ) {
+    pub(crate) fn close(&mut self, limit: i64, epoch: u64, mut out: Option<&mut Emission>) {
         let mut due = DirtyGroups::default();
         while let Some(entry) = self.fixed_ends.first_entry() {
             if *entry.key() > limit {
@@ -380,10 +490,10 @@ impl ScopeState {
             self.closed += now.len();
             self.dirty.mark(g);
             if let Some(out) = out.as_mut() {
-                for w in &now {
+                for w in now.drain(..) {
                     group.hold(w.clone(), epoch);
+                    out.push(w);
                 }
-                out.append(&mut now);
             } else {
                 for w in now.drain(..) {
                     group.hold(w, epoch);
@@ -473,20 +583,13 @@ impl ScopeState {
         out
     }
 
-    /// Appends the final windows that closed in an epoch after `after`, up to `upto`
-    /// (reading the groups, never copying them).
-    pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Vec<ClosedWindow>) {
+    /// Appends the final windows that closed in an epoch after `after`, up to `upto`: their
+    /// chunks, shared, never copied.
+    pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Emission) {
         let due = |epoch: u64| epoch > after && epoch <= upto;
-        let count: usize = self
-            .groups
-            .values()
-            .flat_map(|g| g.closed.iter().filter(|c| due(c.epoch)))
-            .map(|c| c.remaining)
-            .sum();
-        out.reserve_exact(count);
         for group in self.groups.values() {
             for chunk in group.closed.iter().filter(|c| due(c.epoch)) {
-                out.extend(chunk.pending().map(|row| group.closed_window(row)));
+                out.push_chunk(&self.scope, chunk);
             }
         }
     }
@@ -622,6 +725,45 @@ mod tests {
             assert!(entries.iter().any(|(_, e)| e.status == EntryStatus::Open));
             assert_eq!(g.blob(), encode_blob(&entries), "group {}", g.id.group);
         }
+    }
+
+    #[test]
+    fn a_release_reads_the_chunks_of_its_epochs_and_skips_what_was_acknowledged() {
+        let p = Partition::new("in", 1);
+        let mut scope = ScopeState::new(Some(p.clone()), &[]);
+        for i in 0..200u32 {
+            let mut w = window(i);
+            w.id.partition = Some(p.clone());
+            let group = (i % 3) as u16;
+            scope.group_mut(group).hold(w, u64::from(i / 100) + 1);
+            scope.closed += 1;
+        }
+        // one window of epoch 1 acknowledged early
+        let mut early = window(7);
+        early.id.partition = Some(p.clone());
+        scope.acknowledge(1, early.id.clone());
+        let mut out = Emission::default();
+        scope.release(0, 1, &mut out);
+        assert_eq!(out.len(), 99);
+        let ids: BTreeSet<(u16, i64, String)> = out
+            .into_windows()
+            .map(|w| {
+                assert_eq!(w.id.partition.as_ref(), Some(&p));
+                (w.id.window, w.id.start, w.id.key)
+            })
+            .collect();
+        let expected: BTreeSet<_> = (0..100).filter(|i| *i != 7).map(id_of).collect();
+        assert_eq!(ids, expected);
+
+        let mut out = Emission::from(vec![window(500)]);
+        scope.release(1, 2, &mut out);
+        assert_eq!(out.len(), 101);
+        out.retain_scopes(|s| s.is_none());
+        assert_eq!(
+            out.len(),
+            1,
+            "the partition's windows are dropped, the other kept"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::changelog::kafka::{
 use crate::changelog::protocol::Committed;
 use crate::checkpoint_id::CheckpointId;
 use crate::config::OffsetReset;
-use crate::engine::{ClosedWindow, StateKey};
+use crate::engine::{Emission, StateKey};
 use crate::http::Command;
 use crate::position::{NextOffset, Partition};
 use crate::sink::Sink;
@@ -89,11 +89,11 @@ impl Assignments for Source {
 
 /// Where final windows go; acknowledgements come back on the pipeline's `acks` channel.
 pub(crate) trait Output {
-    fn emit(&self, windows: Vec<ClosedWindow>);
+    fn emit(&self, windows: Emission);
 }
 
 impl Output for Sink {
-    fn emit(&self, windows: Vec<ClosedWindow>) {
+    fn emit(&self, windows: Emission) {
         Sink::emit(self, windows)
     }
 }

@@ -11,7 +11,7 @@ use super::edge::{Assignments, ChangelogIo, Output};
 use crate::changelog::kafka::{Batch, ChangelogError, OnProgress};
 use crate::changelog::protocol::{Chunk, Committed};
 use crate::config::OffsetReset;
-use crate::engine::{ClosedWindow, StateKey};
+use crate::engine::{ClosedWindow, Emission, StateKey};
 use crate::lock::lock;
 use crate::position::{NextOffset, Partition};
 use crate::source::SourceError;
@@ -78,10 +78,11 @@ pub(crate) struct FakeOutput {
 }
 
 impl Output for FakeOutput {
-    fn emit(&self, windows: Vec<ClosedWindow>) {
+    fn emit(&self, windows: Emission) {
         if windows.is_empty() {
             return;
         }
+        let windows: Vec<ClosedWindow> = windows.into_windows().collect();
         let ids = windows.iter().map(|w| w.id.clone()).collect();
         lock(&self.emitted).extend(windows);
         let _ = self.acks.send(ids);

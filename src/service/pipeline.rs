@@ -120,7 +120,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
 
     /// Hands what the engine made final to the output; returns how many windows.
     fn emit(&mut self) -> usize {
-        let ready = self.engine.take_emittable();
+        let ready = self.engine.take_emission();
         let n = ready.len();
         self.output.emit(ready);
         n

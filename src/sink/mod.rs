@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 pub use format::{render, render_into};
 
-use crate::engine::{AggregateKind, ClosedWindow, StateKey};
+use crate::engine::{AggregateKind, ClosedWindow, Emission, StateKey};
 use crate::kafka_log::ErrorLog;
 use crate::metrics::Metrics;
 
@@ -52,7 +52,7 @@ impl ClientContext for SinkContext {
 
 /// Handle to the emitter task.
 pub struct Sink {
-    tx: mpsc::UnboundedSender<Vec<ClosedWindow>>,
+    tx: mpsc::UnboundedSender<Emission>,
 }
 
 impl Sink {
@@ -79,7 +79,7 @@ impl Sink {
         Ok((Sink { tx }, ack_rx))
     }
 
-    pub fn emit(&self, windows: Vec<ClosedWindow>) {
+    pub fn emit(&self, windows: Emission) {
         if !windows.is_empty() {
             // the receiver lives as long as the runtime; a send error means shutdown
             let _ = self.tx.send(windows);
@@ -97,7 +97,7 @@ async fn run(
     producer: FutureProducer<SinkContext>,
     settings: SinkSettings,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::UnboundedReceiver<Vec<ClosedWindow>>,
+    mut rx: mpsc::UnboundedReceiver<Emission>,
     acks: mpsc::UnboundedSender<Vec<StateKey>>,
 ) {
     let mut out = Acks {
@@ -106,9 +106,15 @@ async fn run(
         metrics: &metrics,
     };
     while let Some(batch) = rx.recv().await {
-        if send_until_acked(&producer, &settings, &metrics, batch, &mut out)
-            .await
-            .is_err()
+        if send_until_acked(
+            &producer,
+            &settings,
+            &metrics,
+            batch.into_windows(),
+            &mut out,
+        )
+        .await
+        .is_err()
         {
             return;
         }
@@ -184,18 +190,19 @@ async fn send_until_acked(
     producer: &FutureProducer<SinkContext>,
     settings: &SinkSettings,
     metrics: &Metrics,
-    mut pending: Vec<ClosedWindow>,
+    windows: impl Iterator<Item = ClosedWindow> + Send + 'static,
     out: &mut Acks<'_>,
 ) -> Result<(), Closed> {
     let mut backoff = Duration::from_millis(100);
     let (mut key, mut payload) = (String::new(), Vec::new());
-    while !pending.is_empty() {
-        let mut in_flight = VecDeque::with_capacity(MAX_IN_FLIGHT.min(pending.len()));
+    let mut pending: Box<dyn Iterator<Item = ClosedWindow> + Send> = Box::new(windows);
+    loop {
+        let mut in_flight = VecDeque::new();
         let mut failed = Failures {
             windows: Vec::new(),
             last_error: None,
         };
-        for w in pending.drain(..) {
+        for w in pending {
             if in_flight.len() >= MAX_IN_FLIGHT {
                 if let Some(oldest) = in_flight.pop_front() {
                     settle(oldest, out, &mut failed).await?;
@@ -229,15 +236,15 @@ async fn send_until_acked(
             settle(oldest, out, &mut failed).await?;
         }
         out.flush()?;
-        if !failed.windows.is_empty() {
-            metrics.emit_failures.inc_by(failed.windows.len() as u64);
-            tracing::warn!(error = ?failed.last_error, windows = failed.windows.len(), retry_in_ms = backoff.as_millis() as u64, "output writes failed, retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+        if failed.windows.is_empty() {
+            return Ok(());
         }
-        pending = failed.windows;
+        metrics.emit_failures.inc_by(failed.windows.len() as u64);
+        tracing::warn!(error = ?failed.last_error, windows = failed.windows.len(), retry_in_ms = backoff.as_millis() as u64, "output writes failed, retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        pending = Box::new(failed.windows.into_iter());
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -291,8 +298,8 @@ mod tests {
         let sent: Vec<ClosedWindow> = (0..n).map(window).collect();
         let expected: HashSet<StateKey> = sent.iter().map(|w| w.id.clone()).collect();
         assert_eq!(expected.len(), n, "the test's windows are distinct");
-        sink.emit(sent[..n / 3].to_vec());
-        sink.emit(sent[n / 3..].to_vec());
+        sink.emit(sent[..n / 3].to_vec().into());
+        sink.emit(sent[n / 3..].to_vec().into());
 
         let mut acknowledged = HashSet::new();
         let mut chunks = 0;
