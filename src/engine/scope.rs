@@ -164,7 +164,8 @@ impl ClosedRow {
 #[derive(Debug, Clone)]
 struct ClosedChunk {
     epoch: u64,
-    /// Shared by the copies of the group; appended to only while its epoch is current.
+    /// Shared by the copies of the group and by releases; never changed while shared (a
+    /// window closing while a copy shares it copies the rows first).
     rows: Arc<Vec<ClosedRow>>,
     /// One bit per row: acknowledged.
     acked: Vec<u64>,
@@ -282,12 +283,20 @@ impl GroupState {
         }
     }
 
-    /// Where final window `id` waits: chunk and row.
+    /// Where final window `id` waits: chunk and row. Acknowledgements come in the order of
+    /// release, so each chunk's next row is tried before any chunk is searched.
     fn find_closed(&self, id: &StateKey) -> Option<(usize, usize)> {
-        self.closed
-            .iter()
-            .enumerate()
-            .find_map(|(c, chunk)| chunk.find(id).map(|r| (c, r)))
+        let next = self.closed.iter().enumerate().find_map(|(c, chunk)| {
+            let r = chunk.cursor % chunk.rows.len().max(1);
+            let hit = chunk.rows.get(r).is_some_and(|row| row.is(id));
+            (hit && !chunk.is_acked(r)).then_some((c, r))
+        });
+        next.or_else(|| {
+            self.closed
+                .iter()
+                .enumerate()
+                .find_map(|(c, chunk)| chunk.find(id).map(|r| (c, r)))
+        })
     }
 
     fn acknowledge(&mut self, (c, r): (usize, usize)) {

@@ -155,9 +155,15 @@ impl WindowTable {
                         return;
                     }
                     ends.push(EndChange::Fixed(start + size));
+                    // sized like the last closed window only when it opens the newest start
+                    // (not for a start reopened by a late record)
+                    let newest = by_start
+                        .last_key_value()
+                        .is_none_or(|(last, _)| start > *last);
+                    let size_hint = if newest { *hint } else { 0 };
                     let keys = by_start
                         .entry(start)
-                        .or_insert_with(|| HashMap::with_capacity(*hint));
+                        .or_insert_with(|| HashMap::with_capacity(size_hint));
                     match keys.get_mut(key) {
                         Some(acc) => acc.add(value),
                         None => {
