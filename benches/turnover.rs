@@ -12,7 +12,8 @@
 //! time).
 //!
 //! Reports records per CPU-second of the process, wall time, checkpoint durations and
-//! snapshot stalls (p50/p99/max), peak RSS (`VmHWM`), the store's size on disk, and the time
+//! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one),
+//! peak RSS (`VmHWM`), the store's size on disk, and the time
 //! to reopen the store and restore its newest checkpoint. `--max-seconds` (900) and
 //! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
 //! got).
@@ -117,6 +118,18 @@ fn rss() -> u64 {
     status_kib("VmRSS:") * 1024
 }
 
+/// This thread's time on a CPU and waiting for one, in seconds
+/// (`/proc/thread-self/schedstat`): a stall longer than its time on a CPU was spent preempted.
+fn thread_sched() -> (f64, f64) {
+    let raw = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut fields = raw
+        .split_whitespace()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0));
+    let on_cpu = fields.next().unwrap_or(0.0) / 1e9;
+    let waiting = fields.next().unwrap_or(0.0) / 1e9;
+    (on_cpu, waiting)
+}
+
 /// A `/proc/self/status` field in kB.
 fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -215,6 +228,8 @@ fn main() {
     let mut offsets = vec![0i64; PARTITIONS as usize];
     let mut payload = String::with_capacity(96);
     let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Vec::new());
+    // of each stall: the loop's time on a CPU, and waiting for one
+    let (mut stall_cpu, mut stall_wait) = (Vec::new(), Vec::new());
     let mut in_flight: Option<(CheckpointId, Instant)> = None;
     let mut stopped: Option<String> = None;
     let mut next_rss_check = Instant::now();
@@ -231,6 +246,7 @@ fn main() {
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
                       stalls: &mut Vec<f64>,
+                      stall_sched: (&mut Vec<f64>, &mut Vec<f64>),
                       force_full: bool| {
         let now = started.elapsed();
         if in_flight.is_some() || !(force_full || scheduler.due(now)) {
@@ -240,9 +256,12 @@ fn main() {
             scheduler.restart_line();
         }
         let Trigger { id, base } = scheduler.trigger(now);
-        let t = Instant::now();
+        let (t, sched) = (Instant::now(), thread_sched());
         let delta = engine.snapshot(id, base.is_none());
         stalls.push(t.elapsed().as_secs_f64());
+        let after = thread_sched();
+        stall_sched.0.push(after.0 - sched.0);
+        stall_sched.1.push(after.1 - sched.1);
         let cp = Checkpoint {
             id,
             base,
@@ -304,6 +323,7 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
+                (&mut stall_cpu, &mut stall_wait),
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -315,6 +335,7 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
+                (&mut stall_cpu, &mut stall_wait),
                 true,
             ) {
                 Some(id) => full = Some((id, entries)),
@@ -353,6 +374,7 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
+                (&mut stall_cpu, &mut stall_wait),
                 false,
             );
         }
@@ -407,6 +429,11 @@ fn main() {
         percentiles(durations)
     );
     println!("snapshot stalls: {}", percentiles(stalls));
+    println!(
+        "  of which on a CPU: {}; waiting for a CPU: {}",
+        percentiles(stall_cpu),
+        percentiles(stall_wait)
+    );
     match (full, full_took) {
         (Some((_, entries)), Some(took)) => {
             println!("full checkpoint at the end of the data: {took:.3} s for {entries} live window-keys")
