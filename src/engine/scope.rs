@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use fixedbitset::FixedBitSet;
 use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
@@ -35,14 +36,12 @@ struct ReleasedChunk {
     scope: Option<Partition>,
     rows: Arc<Vec<ClosedRow>>,
     /// Rows acknowledged before the release (skipped).
-    acked: Vec<u64>,
+    acked: FixedBitSet,
 }
 
 impl ReleasedChunk {
-    fn is_acked(&self, i: usize) -> bool {
-        self.acked
-            .get(i / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    fn pending(&self) -> usize {
+        self.rows.len() - self.acked.count_ones(..)
     }
 }
 
@@ -69,23 +68,12 @@ impl Emission {
         });
     }
 
-    /// Appends `other`.
-    pub fn append(&mut self, other: Emission) {
-        self.windows.extend(other.windows);
-        self.parts.extend(other.parts);
-        self.len += other.len;
-    }
-
     /// Keeps only the windows whose scope passes `keep`.
     pub(crate) fn retain_scopes(&mut self, keep: impl Fn(&Option<Partition>) -> bool) {
         self.windows.retain(|w| keep(&w.id.partition));
         self.parts.retain(|p| keep(&p.scope));
-        self.len = self.windows.len()
-            + self
-                .parts
-                .iter()
-                .map(|p| (0..p.rows.len()).filter(|i| !p.is_acked(*i)).count())
-                .sum::<usize>();
+        self.len =
+            self.windows.len() + self.parts.iter().map(ReleasedChunk::pending).sum::<usize>();
     }
 
     /// The windows, each made as it is reached.
@@ -93,22 +81,10 @@ impl Emission {
         self.windows
             .into_iter()
             .chain(self.parts.into_iter().flat_map(|part| {
-                (0..part.rows.len()).filter_map(move |i| {
-                    if part.is_acked(i) {
-                        return None;
-                    }
-                    let row = &part.rows[i];
-                    Some(ClosedWindow {
-                        id: StateKey {
-                            partition: part.scope.clone(),
-                            window: row.window,
-                            start: row.start,
-                            key: row.key.to_string(),
-                        },
-                        end: row.end,
-                        acc: row.acc,
-                    })
-                })
+                let ReleasedChunk { scope, rows, acked } = part;
+                (0..rows.len())
+                    .filter(move |i| !acked.contains(*i))
+                    .map(move |i| rows[i].to_window(&scope))
             }))
     }
 }
@@ -155,6 +131,19 @@ impl ClosedRow {
         }
     }
 
+    fn to_window(&self, scope: &Option<Partition>) -> ClosedWindow {
+        ClosedWindow {
+            id: StateKey {
+                partition: scope.clone(),
+                window: self.window,
+                start: self.start,
+                key: self.key.to_string(),
+            },
+            end: self.end,
+            acc: self.acc,
+        }
+    }
+
     fn is(&self, id: &StateKey) -> bool {
         self.window == id.window && self.start == id.start && *self.key == *id.key
     }
@@ -168,7 +157,7 @@ struct ClosedChunk {
     /// window closing while a copy shares it copies the rows first).
     rows: Arc<Vec<ClosedRow>>,
     /// One bit per row: acknowledged.
-    acked: Vec<u64>,
+    acked: FixedBitSet,
     /// Rows not acknowledged.
     remaining: usize,
     /// Where the next acknowledgement is looked for first: they come back in the order the
@@ -181,7 +170,7 @@ impl ClosedChunk {
         ClosedChunk {
             epoch,
             rows: Arc::new(Vec::new()),
-            acked: Vec::new(),
+            acked: FixedBitSet::new(),
             remaining: 0,
             cursor: 0,
         }
@@ -190,14 +179,8 @@ impl ClosedChunk {
     fn push(&mut self, row: ClosedRow) {
         let rows = Arc::make_mut(&mut self.rows);
         rows.push(row);
-        if rows.len() > self.acked.len() * 64 {
-            self.acked.push(0);
-        }
+        self.acked.grow(rows.len());
         self.remaining += 1;
-    }
-
-    fn is_acked(&self, i: usize) -> bool {
-        self.acked[i / 64] & (1 << (i % 64)) != 0
     }
 
     /// The rows not acknowledged.
@@ -205,7 +188,7 @@ impl ClosedChunk {
         self.rows
             .iter()
             .enumerate()
-            .filter(|(i, _)| !self.is_acked(*i))
+            .filter(|(i, _)| !self.acked.contains(*i))
             .map(|(_, r)| r)
     }
 
@@ -214,13 +197,13 @@ impl ClosedChunk {
         let n = self.rows.len();
         (0..n)
             .map(|step| (self.cursor + step) % n)
-            .find(|&i| !self.is_acked(i) && self.rows[i].is(id))
+            .find(|&i| !self.acked.contains(i) && self.rows[i].is(id))
     }
 
     /// Marks row `i` acknowledged; once most rows are, keeps only the others (see
     /// [`ClosedChunk::compact`]).
     fn acknowledge(&mut self, i: usize) {
-        self.acked[i / 64] |= 1 << (i % 64);
+        self.acked.insert(i);
         self.remaining -= 1;
         self.cursor = i + 1;
         if self.remaining > 0 && self.rows.len() >= 64 && self.remaining * 2 < self.rows.len() {
@@ -231,18 +214,16 @@ impl ClosedChunk {
     /// Drops the acknowledged rows, in place, unless a copy of the group or a release still
     /// reads them (then they go with the chunk).
     fn compact(&mut self) {
-        let acked = std::mem::take(&mut self.acked);
         let Some(rows) = Arc::get_mut(&mut self.rows) else {
-            self.acked = acked;
             return;
         };
         let mut i = 0;
         rows.retain(|_| {
-            let keep = acked[i / 64] & (1 << (i % 64)) == 0;
+            let keep = !self.acked.contains(i);
             i += 1;
             keep
         });
-        self.acked = vec![0; rows.len().div_ceil(64)];
+        self.acked = FixedBitSet::with_capacity(rows.len());
         self.cursor = 0;
     }
 }
@@ -257,19 +238,6 @@ impl GroupState {
                 .collect(),
             closed: Vec::new(),
             scope: scope.clone(),
-        }
-    }
-
-    fn closed_window(&self, row: &ClosedRow) -> ClosedWindow {
-        ClosedWindow {
-            id: StateKey {
-                partition: self.scope.clone(),
-                window: row.window,
-                start: row.start,
-                key: row.key.to_string(),
-            },
-            end: row.end,
-            acc: row.acc,
         }
     }
 
@@ -289,7 +257,7 @@ impl GroupState {
         let next = self.closed.iter().enumerate().find_map(|(c, chunk)| {
             let r = chunk.cursor % chunk.rows.len().max(1);
             let hit = chunk.rows.get(r).is_some_and(|row| row.is(id));
-            (hit && !chunk.is_acked(r)).then_some((c, r))
+            (hit && !chunk.acked.contains(r)).then_some((c, r))
         });
         next.or_else(|| {
             self.closed
@@ -349,32 +317,29 @@ impl GroupState {
 
     /// Every entry, sorted by key.
     pub(crate) fn entries(&self) -> Vec<(StateKey, Entry)> {
-        let mut out = Vec::with_capacity(self.len());
-        for t in &self.tables {
-            t.for_each(|key, end, acc| {
-                out.push((
-                    key,
-                    Entry {
-                        status: EntryStatus::Open,
-                        end,
-                        acc,
-                    },
-                ))
-            });
-        }
-        for chunk in &self.closed {
-            out.extend(chunk.pending().map(|row| {
-                let w = self.closed_window(row);
-                (
-                    w.id,
-                    Entry {
-                        status: EntryStatus::Closed,
-                        end: w.end,
-                        acc: w.acc,
-                    },
-                )
-            }));
-        }
+        let mut out: Vec<(StateKey, Entry)> = self
+            .rows()
+            .into_iter()
+            .map(|r| {
+                let key = StateKey {
+                    partition: self.scope.clone(),
+                    window: r.window,
+                    start: r.start,
+                    key: r.key.to_string(),
+                };
+                let status = if r.closed {
+                    EntryStatus::Closed
+                } else {
+                    EntryStatus::Open
+                };
+                let entry = Entry {
+                    status,
+                    end: r.end,
+                    acc: r.acc,
+                };
+                (key, entry)
+            })
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }

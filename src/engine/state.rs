@@ -128,10 +128,6 @@ impl WindowTable {
         self.open
     }
 
-    fn state_key(&self, start: i64, key: &str) -> StateKey {
-        key_of(&self.scope, self.index, start, key)
-    }
-
     /// Adds a record to every window of this definition that holds `ts` and is not final
     /// (`end <= limit` is final), reporting the ends of the windows it touched in `ends`.
     /// Returns whether any window took it.
@@ -370,27 +366,6 @@ impl WindowTable {
                 for (key, sessions) in by_key {
                     for s in sessions {
                         f(self.index, s.start, key, s.end, s.acc);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every open entry, for a full snapshot.
-    pub fn for_each(&self, mut f: impl FnMut(StateKey, i64, Acc)) {
-        match &self.slots {
-            Slots::Fixed { kind, by_start, .. } => {
-                let size = kind.size().unwrap_or(0);
-                for (start, keys) in by_start {
-                    for (key, acc) in keys {
-                        f(self.state_key(*start, key), start + size, *acc);
-                    }
-                }
-            }
-            Slots::Session { by_key, .. } => {
-                for (key, sessions) in by_key {
-                    for s in sessions {
-                        f(self.state_key(s.start, key), s.end, s.acc);
                     }
                 }
             }

@@ -537,7 +537,7 @@ impl Store {
         let mut bytes = 0u64;
         for g in groups {
             let key = codec::group_version_key(&g.id, CheckpointId(0)).len();
-            let value = versions::encode_group(&g.entries(), CheckpointId(0))?.len();
+            let value = versions::encode_content(&g, CheckpointId(0))?.len();
             bytes += (key + value) as u64;
         }
         Ok(bytes)

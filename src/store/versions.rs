@@ -19,7 +19,7 @@ use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
 use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
-use crate::engine::group::{decode_blob, encode_blob};
+use crate::engine::group::{decode_blob, encode_blob, BlobError};
 use crate::engine::GroupContent;
 use crate::engine::{Entry, GroupId, RestoredState, StateKey};
 
@@ -54,33 +54,31 @@ pub(super) fn encode_group(
     entries: &[(StateKey, Entry)],
     id: CheckpointId,
 ) -> Result<Vec<u8>, StoreError> {
-    if entries.is_empty() {
-        return Ok(super::codec::seal(&[]));
-    }
-    let blob = encode_blob(entries).map_err(|e| StoreError::Corrupt {
-        path: Default::default(),
-        detail: format!("cannot encode a group of checkpoint {id}: {e}"),
-    })?;
-    Ok(sealed_group(entries.len(), &blob))
+    seal_group(entries.len(), || encode_blob(entries), id)
 }
 
 /// [`encode_group`] of a group as the engine shares it, encoded where it lives.
-fn encode_content(g: &GroupContent, id: CheckpointId) -> Result<Vec<u8>, StoreError> {
-    if g.is_empty() {
+pub(super) fn encode_content(g: &GroupContent, id: CheckpointId) -> Result<Vec<u8>, StoreError> {
+    seal_group(g.len(), || g.blob(), id)
+}
+
+/// A group version's value: its entry count and blob, sealed; an emptied group is sealed empty.
+fn seal_group(
+    entries: usize,
+    blob: impl FnOnce() -> Result<Vec<u8>, BlobError>,
+    id: CheckpointId,
+) -> Result<Vec<u8>, StoreError> {
+    if entries == 0 {
         return Ok(super::codec::seal(&[]));
     }
-    let blob = g.blob().map_err(|e| StoreError::Corrupt {
+    let blob = blob().map_err(|e| StoreError::Corrupt {
         path: Default::default(),
         detail: format!("cannot encode a group of checkpoint {id}: {e}"),
     })?;
-    Ok(sealed_group(g.len(), &blob))
-}
-
-fn sealed_group(entries: usize, blob: &[u8]) -> Vec<u8> {
     let mut payload = Vec::with_capacity(4 + blob.len());
     payload.extend_from_slice(&(entries as u32).to_be_bytes());
-    payload.extend_from_slice(blob);
-    super::codec::seal(&payload)
+    payload.extend_from_slice(&blob);
+    Ok(super::codec::seal(&payload))
 }
 
 impl Store {
