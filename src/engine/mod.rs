@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod decode;
+mod fixed;
 pub mod group;
 mod scope;
 mod state;
@@ -92,6 +93,9 @@ pub enum StateError {
     UnknownWindow { window: u16, defined: usize },
 }
 
+/// Entries a restore's list holds before it is shrunk as it is installed.
+const SHRINK_ABOVE: usize = 1 << 16;
+
 pub struct Engine {
     cfg: EngineConfig,
     /// Windows of instance-scoped state (every partition merged).
@@ -147,8 +151,16 @@ impl Engine {
             );
         }
         engine.marks.set_current(state.watermark);
-        for (id, entry) in state.entries {
+        // installed in order from a reversed list that shrinks as it goes (in place: the
+        // allocator returns the tail), so that the decoded entries and the engine built from
+        // them are never both held whole
+        let mut entries = state.entries;
+        entries.reverse();
+        while let Some((id, entry)) = entries.pop() {
             engine.install_entry(id, entry)?;
+            if entries.capacity() > SHRINK_ABOVE && entries.len() < entries.capacity() / 8 * 7 {
+                entries.shrink_to_fit();
+            }
         }
         Ok(engine)
     }

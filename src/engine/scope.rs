@@ -15,9 +15,10 @@ use fixedbitset::FixedBitSet;
 use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
+use super::fixed::FixedWindows;
 use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
-use super::state::{ClosedWindow, EndChange, Entry, EntryStatus, StateKey, WindowTable};
-use super::window::WindowDef;
+use super::state::{ClosedWindow, EndChange, Entry, EntryStatus, SessionTable, StateKey};
+use super::window::{WindowDef, WindowKind};
 use super::StateError;
 use crate::position::Partition;
 
@@ -102,8 +103,10 @@ impl From<Vec<ClosedWindow>> for Emission {
 /// One key group's state.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupState {
-    /// Open windows, per window definition.
-    tables: Vec<WindowTable>,
+    /// Open tumbling and hopping windows, key by key.
+    fixed: FixedWindows,
+    /// Open session windows, per session definition.
+    sessions: Vec<SessionTable>,
     /// Final windows not acknowledged by the output yet, by the epoch they closed in (see
     /// `Engine`), which says which checkpoint releases them; oldest epoch first.
     closed: Vec<ClosedChunk>,
@@ -117,7 +120,8 @@ struct ClosedRow {
     start: i64,
     end: i64,
     acc: Acc,
-    key: Box<str>,
+    /// Shared with the group's open windows of the key and with other final windows.
+    key: Arc<str>,
 }
 
 impl ClosedRow {
@@ -127,7 +131,7 @@ impl ClosedRow {
             start: w.id.start,
             end: w.end,
             acc: w.acc,
-            key: w.id.key.into_boxed_str(),
+            key: Arc::from(w.id.key),
         }
     }
 
@@ -231,10 +235,16 @@ impl ClosedChunk {
 impl GroupState {
     fn new(windows: &[WindowDef], scope: &Option<Partition>) -> Self {
         GroupState {
-            tables: windows
+            fixed: FixedWindows::new(windows),
+            sessions: windows
                 .iter()
                 .enumerate()
-                .map(|(i, w)| WindowTable::new(i as u16, w.kind, scope.clone()))
+                .filter_map(|(i, w)| match w.kind {
+                    WindowKind::Session { gap } => {
+                        Some(SessionTable::new(i as u16, gap, scope.clone()))
+                    }
+                    _ => None,
+                })
                 .collect(),
             closed: Vec::new(),
             scope: scope.clone(),
@@ -242,13 +252,53 @@ impl GroupState {
     }
 
     /// Keeps a final window that closed in `epoch` until its acknowledgement.
-    fn hold(&mut self, w: ClosedWindow, epoch: u64) {
+    fn hold(&mut self, row: ClosedRow, epoch: u64) {
         if self.closed.last().is_none_or(|c| c.epoch != epoch) {
             self.closed.push(ClosedChunk::new(epoch));
         }
         if let Some(chunk) = self.closed.last_mut() {
-            chunk.push(ClosedRow::of(w));
+            chunk.push(row);
         }
+    }
+
+    /// Adds a record to its windows; see `FixedWindows::add`.
+    fn add(
+        &mut self,
+        key: &str,
+        ts: i64,
+        value: Option<f64>,
+        limit: Option<i64>,
+        ends: &mut Vec<EndChange>,
+    ) -> bool {
+        let mut took = self.fixed.add(key, ts, value, limit, ends);
+        for t in &mut self.sessions {
+            took |= t.add(key, ts, value, limit, ends);
+        }
+        took
+    }
+
+    /// Removes the windows that end at or before `limit` into `out`, in the order of their
+    /// definitions, fixed ones by start and key.
+    fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) {
+        let from = out.len();
+        self.fixed.close(limit, |window, start, end, acc, key| {
+            out.push(ClosedRow {
+                window,
+                start,
+                end,
+                acc,
+                key: Arc::clone(key),
+            })
+        });
+        out[from..]
+            .sort_unstable_by(|a, b| (a.window, a.start, &a.key).cmp(&(b.window, b.start, &b.key)));
+        let mut sessions = Vec::new();
+        for t in &mut self.sessions {
+            t.close(limit, &mut sessions);
+            out.extend(sessions.drain(..).map(ClosedRow::of));
+        }
+        // stable: each session definition keeps the order its sessions closed in
+        out[from..].sort_by_key(|r| r.window);
     }
 
     /// Where final window `id` waits: chunk and row. Acknowledgements come in the order of
@@ -280,7 +330,12 @@ impl GroupState {
     }
 
     fn open(&self) -> usize {
-        self.tables.iter().map(WindowTable::open_count).sum()
+        self.fixed.open_count()
+            + self
+                .sessions
+                .iter()
+                .map(SessionTable::open_count)
+                .sum::<usize>()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -290,17 +345,19 @@ impl GroupState {
     /// Every entry, borrowed, in no particular order.
     pub(crate) fn rows(&self) -> Vec<EntryRef<'_>> {
         let mut out = Vec::with_capacity(self.len());
-        for t in &self.tables {
-            t.for_each_ref(|window, start, key, end, acc| {
-                out.push(EntryRef {
-                    key,
-                    window,
-                    start,
-                    end,
-                    acc,
-                    closed: false,
-                })
-            });
+        let mut open = |window, start, key, end, acc| {
+            out.push(EntryRef {
+                key,
+                window,
+                start,
+                end,
+                acc,
+                closed: false,
+            })
+        };
+        self.fixed.for_each_ref(&mut open);
+        for t in &self.sessions {
+            t.for_each_ref(&mut open);
         }
         for chunk in &self.closed {
             out.extend(chunk.pending().map(|row| EntryRef {
@@ -414,11 +471,7 @@ impl ScopeState {
         limit: Option<i64>,
     ) -> bool {
         let mut ends = std::mem::take(&mut self.ends);
-        let g = self.group_mut(group);
-        let mut took = false;
-        for t in &mut g.tables {
-            took |= t.add(key, ts, value, limit, &mut ends);
-        }
+        let took = self.group_mut(group).add(key, ts, value, limit, &mut ends);
         if took {
             self.dirty.mark(group);
         }
@@ -455,23 +508,17 @@ impl ScopeState {
                 continue;
             };
             let group = Arc::make_mut(shared);
-            for t in &mut group.tables {
-                t.close(limit, &mut now);
-            }
+            group.close(limit, &mut now);
             if now.is_empty() {
                 continue;
             }
             self.closed += now.len();
             self.dirty.mark(g);
-            if let Some(out) = out.as_mut() {
-                for w in now.drain(..) {
-                    group.hold(w.clone(), epoch);
-                    out.push(w);
+            for row in now.drain(..) {
+                if let Some(out) = out.as_mut() {
+                    out.push(row.to_window(&self.scope));
                 }
-            } else {
-                for w in now.drain(..) {
-                    group.hold(w, epoch);
-                }
+                group.hold(row, epoch);
             }
         }
     }
@@ -483,16 +530,28 @@ impl ScopeState {
         id: StateKey,
         entry: Entry,
     ) -> Result<(), StateError> {
-        let defined = self.windows.len();
-        let table = self
-            .group_mut(group)
-            .tables
-            .get_mut(usize::from(id.window))
-            .ok_or(StateError::UnknownWindow {
-                window: id.window,
-                defined,
-            })?;
-        let change = table.restore(id.start, id.key, entry.end, entry.acc);
+        let unknown = StateError::UnknownWindow {
+            window: id.window,
+            defined: self.windows.len(),
+        };
+        let kind = self
+            .windows
+            .get(usize::from(id.window))
+            .map(|w| w.kind)
+            .ok_or(unknown)?;
+        let g = self.group_mut(group);
+        let change = match kind {
+            WindowKind::Session { .. } => {
+                let Some(table) = g.sessions.iter_mut().find(|t| t.index() == id.window) else {
+                    return Err(StateError::UnknownWindow {
+                        window: id.window,
+                        defined: self.windows.len(),
+                    });
+                };
+                table.restore(id.start, id.key, entry.end, entry.acc)
+            }
+            _ => g.fixed.restore(id.window, id.start, &id.key, entry.acc),
+        };
         self.register(group, change);
         Ok(())
     }
@@ -501,11 +560,11 @@ impl ScopeState {
     pub(crate) fn restore_closed(&mut self, group: u16, id: StateKey, entry: Entry) {
         // a checkpoint holds each window once: no search for an equal one
         self.group_mut(group).hold(
-            ClosedWindow {
+            ClosedRow::of(ClosedWindow {
                 id,
                 end: entry.end,
                 acc: entry.acc,
-            },
+            }),
             0,
         );
         self.closed += 1;
@@ -634,7 +693,7 @@ mod tests {
             let mut next = 0u32;
             for (epoch, n) in epochs.iter().enumerate() {
                 for _ in 0..*n {
-                    g.hold(window(next), epoch as u64 + 1);
+                    g.hold(ClosedRow::of(window(next)), epoch as u64 + 1);
                     model.insert(id_of(next));
                     next += 1;
                 }
@@ -709,7 +768,9 @@ mod tests {
             let mut w = window(i);
             w.id.partition = Some(p.clone());
             let group = (i % 3) as u16;
-            scope.group_mut(group).hold(w, u64::from(i / 100) + 1);
+            scope
+                .group_mut(group)
+                .hold(ClosedRow::of(w), u64::from(i / 100) + 1);
             scope.closed += 1;
         }
         // one window of epoch 1 acknowledged early
@@ -744,11 +805,11 @@ mod tests {
     fn a_copy_of_a_group_shares_its_final_windows() {
         let mut g = GroupState::new(&[], &None);
         for i in 0..100 {
-            g.hold(window(i), 1);
+            g.hold(ClosedRow::of(window(i)), 1);
         }
         let copy = g.clone();
         assert!(Arc::ptr_eq(&g.closed[0].rows, &copy.closed[0].rows));
-        g.hold(window(100), 2);
+        g.hold(ClosedRow::of(window(100)), 2);
         assert!(
             Arc::ptr_eq(&g.closed[0].rows, &copy.closed[0].rows),
             "a window closing in a later epoch does not copy the earlier ones"

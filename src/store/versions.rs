@@ -48,6 +48,10 @@ type Latest = Option<(CheckpointId, bool)>;
 /// Groups' contents, by group.
 pub type Groups = BTreeMap<GroupId, Vec<(StateKey, Entry)>>;
 
+/// The most entries a restore reserves room for up front from a checkpoint's metadata (a
+/// damaged count must not allocate without bound); past it, the entries grow as read.
+const MAX_PRESIZED_ENTRIES: usize = 1 << 28;
+
 /// A group version's value: the entry count (u32 BE) then the blob, sealed; an emptied group
 /// is a sealed empty value.
 pub(super) fn encode_group(
@@ -351,17 +355,26 @@ impl Store {
 
     /// The groups of a retained checkpoint, verified against its metadata.
     pub(super) fn materialize(&self, cp: &Retained) -> Result<Groups, StoreError> {
-        self.materialize_sized(cp).map(|(groups, _)| groups)
+        let mut out = Groups::new();
+        self.visit_groups(cp, |g, content| {
+            out.insert(g, content);
+        })?;
+        Ok(out)
     }
 
-    /// The groups of a retained checkpoint, verified, and the bytes they occupy.
-    fn materialize_sized(&self, cp: &Retained) -> Result<(Groups, u64), StoreError> {
+    /// Hands each non-empty group of a retained checkpoint to `sink` as it is read and
+    /// decoded (one group in memory at a time), then verifies the entry count against the
+    /// checkpoint's metadata; returns the bytes the groups occupy.
+    fn visit_groups(
+        &self,
+        cp: &Retained,
+        mut sink: impl FnMut(GroupId, Vec<(StateKey, Entry)>),
+    ) -> Result<u64, StoreError> {
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("checkpoint {id}"),
             detail,
         };
-        let mut out = Groups::new();
         let mut chosen: Option<(GroupId, sled::IVec)> = None;
         let mut entries = 0u64;
         let mut bytes = 0u64;
@@ -373,7 +386,7 @@ impl Store {
                     .map_err(unreadable)?;
                 if !content.is_empty() {
                     entries += content.len() as u64;
-                    out.insert(g, content);
+                    sink(g, content);
                 }
             }
             Ok(())
@@ -398,7 +411,7 @@ impl Store {
             ))
             .into());
         }
-        Ok((out, bytes))
+        Ok(bytes)
     }
 
     /// Loads retained checkpoint `id` exactly as it was.
@@ -414,11 +427,18 @@ impl Store {
             .into(),
             other => other,
         })?;
-        let (groups, stored_bytes) = self.materialize_sized(&cp)?;
+        // sized once from the metadata, filled group by group as the groups are read (a
+        // million-entry state is never held twice, nor grown step by step); the count is
+        // verified after the last group, and a larger one is refused before it is allocated
+        let room = usize::try_from(cp.live_entries)
+            .unwrap_or(usize::MAX)
+            .min(MAX_PRESIZED_ENTRIES);
+        let mut entries = Vec::with_capacity(room);
+        let stored_bytes = self.visit_groups(&cp, |_, content| entries.extend(content))?;
         let restored = RestoredState {
             partitions: cp.meta.partitions.clone(),
             watermark: cp.meta.watermark,
-            entries: groups.into_values().flatten().collect(),
+            entries,
             stored_bytes,
         };
         Ok((cp.meta, restored))
