@@ -144,6 +144,14 @@ impl Default for WatermarkSettings {
 #[serde(deny_unknown_fields)]
 pub struct OutputSettings {
     pub topic: String,
+    /// Final windows waiting for the output (not acknowledged yet) past which consumption
+    /// pauses until half of them are acknowledged; 0: no bound.
+    #[serde(default = "default_max_pending_windows")]
+    pub max_pending_windows: u64,
+}
+
+fn default_max_pending_windows() -> u64 {
+    1_000_000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

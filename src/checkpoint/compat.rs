@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::protocol::{InputSpec, StateSpec};
-use crate::engine::{AggregateKind, EntryStatus, RestoredState, StateKey, WindowDef};
+use crate::engine::{AggregateKind, EntryStatus, RestoredState, WindowDef};
 use crate::position::OffsetReset;
 
 /// The configuration a snapshot is about to be restored under.
@@ -350,10 +350,10 @@ impl Report {
     /// Applies the report: re-numbers windows, drops incompatible open windows and the
     /// partitions of topics no longer subscribed.
     pub fn apply(&self, state: RestoredState) -> Applied {
-        let mut dropped_entries = 0;
-        let mut entries: Vec<(StateKey, crate::engine::Entry)> =
-            Vec::with_capacity(state.entries.len());
-        for (mut k, e) in state.entries {
+        // in place: a restored state of millions of entries is not copied
+        let mut entries = state.entries;
+        let before = entries.len();
+        entries.retain_mut(|(k, e)| {
             let map = match e.status {
                 EntryStatus::Open => &self.open_map,
                 EntryStatus::Closed => &self.closed_map,
@@ -365,11 +365,12 @@ impl Report {
             match map.get(&k.window).filter(|_| !topic_dropped) {
                 Some(&index) => {
                     k.window = index;
-                    entries.push((k, e));
+                    true
                 }
-                None => dropped_entries += 1,
+                None => false,
             }
-        }
+        });
+        let dropped_entries = (before - entries.len()) as u64;
         let before = state.partitions.len();
         let partitions: Vec<_> = state
             .partitions

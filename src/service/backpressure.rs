@@ -1,21 +1,38 @@
-//! Back-pressure: when a checkpoint takes longer than the checkpoint interval, consumption
-//! pauses until it is durable, so that the state (and, in exactly-once mode, the final windows
-//! waiting for that checkpoint) stops growing while the store catches up. Pure: the pipeline
-//! feeds it the age of the oldest checkpoint in flight and carries out what it decides
-//! (pausing and resuming the assigned partitions, the metric, the log).
+//! Back-pressure: consumption pauses while the service cannot keep up, so that memory stops
+//! growing instead of growing until the kernel kills the process. Two causes:
+//!
+//! - a checkpoint takes longer than the checkpoint interval: the state (and, in exactly-once
+//!   mode, the final windows waiting for that checkpoint) would grow while the store catches
+//!   up; consumption resumes once no checkpoint in flight is that old;
+//! - more final windows wait for the output than `output.max_pending_windows` (the output
+//!   is slower than the input): consumption resumes once they fell to half the bound (not at
+//!   the bound, so that it does not pause and resume at every acknowledgement).
+//!
+//! Pure: the pipeline feeds it the age of the oldest checkpoint in flight and the final
+//! windows not acknowledged by the output, and carries out what it decides (pausing and
+//! resuming the assigned partitions, the metric, the log).
 
 use std::time::Duration;
 
 use crate::checkpoint_id::CheckpointId;
+
+/// Why consumption pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Checkpoint `id` has been writing for `age`, longer than the limit.
+    Checkpoint { id: CheckpointId, age: Duration },
+    /// `pending` final windows wait for the output, more than the bound.
+    Output { pending: usize, bound: usize },
+}
 
 /// What changed at an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Change {
     /// Nothing to do.
     Same,
-    /// Pause consumption: checkpoint `id` has been writing for `age`, longer than the limit.
-    Engage { id: CheckpointId, age: Duration },
-    /// Resume consumption after `paused` (the slow checkpoint settled).
+    /// Pause consumption.
+    Engage(Cause),
+    /// Resume consumption after `paused` (every cause is gone).
     Release { paused: Duration },
 }
 
@@ -24,15 +41,21 @@ pub(crate) struct Backpressure {
     /// A checkpoint in flight for longer than this pauses consumption (the checkpoint
     /// interval).
     limit: Duration,
+    /// More final windows than this waiting for the output pause consumption (0: no bound).
+    max_pending: usize,
     /// Since when (on the caller's clock) consumption is paused.
     engaged_at: Option<Duration>,
+    /// The output's backlog went past the bound and has not fallen to half of it yet.
+    backlog: bool,
 }
 
 impl Backpressure {
-    pub(crate) fn new(limit: Duration) -> Self {
+    pub(crate) fn new(limit: Duration, max_pending: usize) -> Self {
         Backpressure {
             limit,
+            max_pending,
             engaged_at: None,
+            backlog: false,
         }
     }
 
@@ -40,18 +63,32 @@ impl Backpressure {
         self.engaged_at.is_some()
     }
 
-    /// Decides from the oldest checkpoint in flight (its id and age), at `now` (any monotonic
-    /// clock the caller keeps).
+    /// Decides from the oldest checkpoint in flight (its id and age) and the final windows not
+    /// acknowledged by the output, at `now` (any monotonic clock the caller keeps).
     pub(crate) fn evaluate(
         &mut self,
         oldest: Option<(CheckpointId, Duration)>,
+        pending: usize,
         now: Duration,
     ) -> Change {
-        let late = oldest.filter(|(_, age)| *age > self.limit);
-        match (self.engaged_at, late) {
-            (None, Some((id, age))) => {
+        let late = oldest
+            .filter(|(_, age)| *age > self.limit)
+            .map(|(id, age)| Cause::Checkpoint { id, age });
+        // past the bound, the backlog holds the pause until it fell to half the bound
+        let over = if self.backlog {
+            self.max_pending / 2
+        } else {
+            self.max_pending
+        };
+        self.backlog = self.max_pending > 0 && pending > over;
+        let backlog = self.backlog.then_some(Cause::Output {
+            pending,
+            bound: self.max_pending,
+        });
+        match (self.engaged_at, late.or(backlog)) {
+            (None, Some(cause)) => {
                 self.engaged_at = Some(now);
-                Change::Engage { id, age }
+                Change::Engage(cause)
             }
             (Some(since), None) => {
                 self.engaged_at = None;
@@ -72,34 +109,88 @@ mod tests {
 
     #[test]
     fn a_checkpoint_older_than_the_limit_pauses_until_none_is() {
-        let mut b = Backpressure::new(2 * S);
-        assert_eq!(b.evaluate(None, S), Change::Same);
-        assert_eq!(b.evaluate(Some((CheckpointId(4), S)), 2 * S), Change::Same);
+        let mut b = Backpressure::new(2 * S, 0);
+        assert_eq!(b.evaluate(None, 0, S), Change::Same);
         assert_eq!(
-            b.evaluate(Some((CheckpointId(4), 3 * S)), 4 * S),
-            Change::Engage {
+            b.evaluate(Some((CheckpointId(4), S)), 0, 2 * S),
+            Change::Same
+        );
+        assert_eq!(
+            b.evaluate(Some((CheckpointId(4), 3 * S)), 0, 4 * S),
+            Change::Engage(Cause::Checkpoint {
                 id: CheckpointId(4),
                 age: 3 * S
-            }
+            })
         );
         assert!(b.engaged());
         // still writing: no second engagement
         assert_eq!(
-            b.evaluate(Some((CheckpointId(4), 5 * S)), 6 * S),
+            b.evaluate(Some((CheckpointId(4), 5 * S)), 0, 6 * S),
             Change::Same
         );
         // it settled; the next one is young
         assert_eq!(
-            b.evaluate(Some((CheckpointId(5), Duration::ZERO)), 7 * S),
+            b.evaluate(Some((CheckpointId(5), Duration::ZERO)), 0, 7 * S),
             Change::Release { paused: 3 * S }
         );
         assert!(!b.engaged());
-        assert_eq!(b.evaluate(None, 8 * S), Change::Same);
+        assert_eq!(b.evaluate(None, 0, 8 * S), Change::Same);
     }
 
     #[test]
     fn a_checkpoint_exactly_at_the_limit_does_not_pause() {
-        let mut b = Backpressure::new(2 * S);
-        assert_eq!(b.evaluate(Some((CheckpointId(1), 2 * S)), S), Change::Same);
+        let mut b = Backpressure::new(2 * S, 0);
+        assert_eq!(
+            b.evaluate(Some((CheckpointId(1), 2 * S)), 0, S),
+            Change::Same
+        );
+    }
+
+    #[test]
+    fn an_output_backlog_over_the_bound_pauses_until_it_fell_to_half() {
+        let mut b = Backpressure::new(2 * S, 100);
+        assert_eq!(b.evaluate(None, 100, S), Change::Same);
+        assert_eq!(
+            b.evaluate(None, 101, 2 * S),
+            Change::Engage(Cause::Output {
+                pending: 101,
+                bound: 100
+            })
+        );
+        // below the bound but above half: still paused
+        assert_eq!(b.evaluate(None, 80, 3 * S), Change::Same);
+        assert!(b.engaged());
+        assert_eq!(
+            b.evaluate(None, 50, 5 * S),
+            Change::Release { paused: 3 * S }
+        );
+        // no bound: never for the output
+        let mut unbounded = Backpressure::new(2 * S, 0);
+        assert_eq!(unbounded.evaluate(None, usize::MAX, S), Change::Same);
+    }
+
+    #[test]
+    fn paused_for_both_causes_it_resumes_when_both_are_gone() {
+        let mut b = Backpressure::new(2 * S, 100);
+        assert!(matches!(
+            b.evaluate(Some((CheckpointId(1), 3 * S)), 500, S),
+            Change::Engage(Cause::Checkpoint { .. })
+        ));
+        // the checkpoint settled; the backlog is still over half the bound
+        assert_eq!(b.evaluate(None, 60, 2 * S), Change::Same);
+        assert_eq!(
+            b.evaluate(None, 10, 4 * S),
+            Change::Release { paused: 3 * S }
+        );
+    }
+
+    #[test]
+    fn a_pause_for_a_slow_checkpoint_alone_ends_with_it_whatever_the_backlog_under_the_bound() {
+        let mut b = Backpressure::new(2 * S, 100);
+        assert!(matches!(
+            b.evaluate(Some((CheckpointId(1), 3 * S)), 80, S),
+            Change::Engage(Cause::Checkpoint { .. })
+        ));
+        assert_eq!(b.evaluate(None, 80, 2 * S), Change::Release { paused: S });
     }
 }

@@ -265,6 +265,8 @@ pub async fn run(
             dir: c.dir.clone(),
             shutdown_timeout: c.shutdown_timeout,
             on_cancel: c.on_cancel,
+            max_pending_windows: usize::try_from(settings.output.max_pending_windows)
+                .unwrap_or(usize::MAX),
         },
         engine,
         decoder: Decoder::new(

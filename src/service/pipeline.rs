@@ -14,7 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::backpressure::{Backpressure, Change};
+use super::backpressure::{Backpressure, Cause, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
 use super::edge::{Assignments, Inbox, Output};
 use super::handoff::Handoff;
@@ -44,6 +44,8 @@ pub(crate) struct PipelineConfig {
     pub dir: PathBuf,
     pub shutdown_timeout: Duration,
     pub on_cancel: OnCancel,
+    /// `output.max_pending_windows` (0: no bound).
+    pub max_pending_windows: usize,
 }
 
 /// A stop asked for over HTTP, with the savepoint to take as its last act (name or default)
@@ -91,8 +93,12 @@ pub(crate) struct Parts<C, O> {
 
 impl<C: Assignments, O: Output> Pipeline<C, O> {
     pub(crate) fn new(parts: Parts<C, O>) -> Self {
-        // a checkpoint writing for longer than the interval pauses consumption
-        let backpressure = Backpressure::new(parts.coordinator.interval());
+        // a checkpoint writing for longer than the interval, or an output backlog past its
+        // bound, pauses consumption
+        let backpressure = Backpressure::new(
+            parts.coordinator.interval(),
+            parts.config.max_pending_windows,
+        );
         let mut pipeline = Pipeline {
             config: parts.config,
             engine: parts.engine,
@@ -291,19 +297,30 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         Ok(())
     }
 
-    /// Pauses consumption while a checkpoint has been writing for longer than the interval,
-    /// and resumes it once none has.
+    /// Checkpoints in flight (for tests that settle them).
+    #[cfg(test)]
+    pub(crate) fn checkpoints_in_flight(&self) -> usize {
+        self.coordinator.in_flight()
+    }
+
+    /// Pauses consumption while a checkpoint has been writing for longer than the interval or
+    /// the output's backlog is past its bound, and resumes it once neither is.
     fn apply_backpressure(&mut self) {
-        let change = self
-            .backpressure
-            .evaluate(self.coordinator.oldest_in_flight(), self.started.elapsed());
+        let change = self.backpressure.evaluate(
+            self.coordinator.oldest_in_flight(),
+            self.engine.pending_emissions(),
+            self.started.elapsed(),
+        );
         match change {
             Change::Same => {}
-            Change::Engage { id, age } => {
+            Change::Engage(cause) => {
                 self.pause_assigned(false);
                 self.metrics.backpressure.set(1);
                 if let Some(suppressed) = self.backpressure_log.check() {
-                    tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)");
+                    match cause {
+                        Cause::Checkpoint { id, age } => tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)"),
+                        Cause::Output { pending, bound } => tracing::warn!(pending_windows = pending, max_pending_windows = bound, suppressed, "back-pressure: more final windows wait for the output than output.max_pending_windows; consumption is paused until half of them are acknowledged (checkpointer_backpressure)"),
+                    }
                 }
             }
             Change::Release { paused } => {

@@ -49,8 +49,9 @@ type Latest = Option<(CheckpointId, bool)>;
 pub type Groups = BTreeMap<GroupId, Vec<(StateKey, Entry)>>;
 
 /// The most entries a restore reserves room for up front from a checkpoint's metadata (a
-/// damaged count must not allocate without bound); past it, the entries grow as read.
-const MAX_PRESIZED_ENTRIES: usize = 1 << 28;
+/// damaged count must not allocate without bound); past it, or when the room cannot be had,
+/// the entries grow as read.
+const MAX_PRESIZED_ENTRIES: usize = 1 << 27;
 
 /// A group version's value: the entry count (u32 BE) then the blob, sealed; an emptied group
 /// is a sealed empty value.
@@ -433,7 +434,14 @@ impl Store {
         let room = usize::try_from(cp.live_entries)
             .unwrap_or(usize::MAX)
             .min(MAX_PRESIZED_ENTRIES);
-        let mut entries = Vec::with_capacity(room);
+        let mut entries = Vec::new();
+        if entries.try_reserve_exact(room).is_err() {
+            tracing::debug!(
+                checkpoint_id = id.0,
+                entries = room,
+                "cannot reserve room for the restored entries at once; they grow as read"
+            );
+        }
         let stored_bytes = self.visit_groups(&cp, |_, content| entries.extend(content))?;
         let restored = RestoredState {
             partitions: cp.meta.partitions.clone(),

@@ -1,5 +1,5 @@
 use super::*;
-use crate::engine::{Acc, Entry, PartitionState, WindowDef, WindowKind};
+use crate::engine::{Acc, Entry, PartitionState, StateKey, WindowDef, WindowKind};
 use crate::event_time::EventTime;
 use crate::position::OffsetReset;
 use crate::position::{NextOffset, Partition};
