@@ -162,27 +162,27 @@ impl Engine {
                 entries.shrink_to_fit();
             }
         }
+        engine.instance.queue_restored(&mut engine.emit_queue);
+        for state in engine.scoped.values() {
+            state.queue_restored(&mut engine.emit_queue);
+        }
         Ok(engine)
     }
 
     /// Puts back one entry read from a checkpoint or the changelog. Final windows need no
-    /// definition: they are queued for emission as they are (also those of windows no longer
-    /// configured, under their old name).
+    /// definition: they are kept as they are (also those of windows no longer configured,
+    /// under their old name), to be queued for emission by `queue_restored`.
     fn install_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), StateError> {
         let group = self.cfg.groups.group_of(&id.key);
         match entry.status {
             EntryStatus::Open => self
                 .stores_of(id.partition.clone().as_ref())
                 .restore_open(group, id, entry)?,
-            EntryStatus::Closed => {
-                self.emit_queue.push(ClosedWindow {
-                    id: id.clone(),
-                    end: entry.end,
-                    acc: entry.acc,
-                });
-                self.stores_of(id.partition.clone().as_ref())
-                    .restore_closed(group, id, entry);
-            }
+            // queued for emission once every entry is in (`queue_restored`), read from the
+            // group that holds them (not a second copy)
+            EntryStatus::Closed => self
+                .stores_of(id.partition.clone().as_ref())
+                .restore_closed(group, id, entry),
         }
         Ok(())
     }
@@ -218,6 +218,9 @@ impl Engine {
         );
         for (id, entry) in entries {
             self.install_entry(id, entry)?;
+        }
+        if let Some(state) = self.scoped.get(p) {
+            state.queue_restored(&mut self.emit_queue);
         }
         Ok(())
     }

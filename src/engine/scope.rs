@@ -403,6 +403,10 @@ impl GroupState {
 }
 
 /// The groups of one scope, the changed ones, and where their windows end.
+/// The epoch of final windows put back from a checkpoint (and of those emitted at once, under
+/// at-least-once).
+const RESTORED_EPOCH: u64 = 0;
+
 #[derive(Debug)]
 pub(crate) struct ScopeState {
     scope: Option<Partition>,
@@ -565,7 +569,7 @@ impl ScopeState {
                 end: entry.end,
                 acc: entry.acc,
             }),
-            0,
+            RESTORED_EPOCH,
         );
         self.closed += 1;
     }
@@ -618,6 +622,16 @@ impl ScopeState {
 
     /// Appends the final windows that closed in an epoch after `after`, up to `upto`: their
     /// chunks, shared, never copied.
+    /// Queues the final windows put back by `restore_closed` (epoch 0; called on a scope that
+    /// holds no other window of epoch 0), shared with the chunks that hold them.
+    pub(crate) fn queue_restored(&self, out: &mut Emission) {
+        for group in self.groups.values() {
+            for chunk in group.closed.iter().filter(|c| c.epoch == RESTORED_EPOCH) {
+                out.push_chunk(&self.scope, chunk);
+            }
+        }
+    }
+
     pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Emission) {
         let due = |epoch: u64| epoch > after && epoch <= upto;
         for group in self.groups.values() {
