@@ -99,7 +99,7 @@ impl FixedWindows {
         limit: Option<i64>,
         ends: &mut Vec<EndChange>,
     ) -> bool {
-        let defs = Arc::clone(&self.defs);
+        let defs = &self.defs;
         let mut slots = self.keys.get_mut(key);
         let mut existing = slots.as_mut().map(|s| Arc::make_mut(*s));
         let mut took = false;

@@ -240,9 +240,7 @@ impl GroupState {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, w)| match w.kind {
-                    WindowKind::Session { gap } => {
-                        Some(SessionTable::new(i as u16, gap, scope.clone()))
-                    }
+                    WindowKind::Session { gap } => Some(SessionTable::new(i as u16, gap)),
                     _ => None,
                 })
                 .collect(),
@@ -292,10 +290,16 @@ impl GroupState {
         });
         out[from..]
             .sort_unstable_by(|a, b| (a.window, a.start, &a.key).cmp(&(b.window, b.start, &b.key)));
-        let mut sessions = Vec::new();
         for t in &mut self.sessions {
-            t.close(limit, &mut sessions);
-            out.extend(sessions.drain(..).map(ClosedRow::of));
+            t.close(limit, |window, start, end, acc, key| {
+                out.push(ClosedRow {
+                    window,
+                    start,
+                    end,
+                    acc,
+                    key: Arc::clone(key),
+                })
+            });
         }
         // stable: each session definition keeps the order its sessions closed in
         out[from..].sort_by_key(|r| r.window);
@@ -552,7 +556,7 @@ impl ScopeState {
                         defined: self.windows.len(),
                     });
                 };
-                table.restore(id.start, id.key, entry.end, entry.acc)
+                table.restore(id.start, &id.key, entry.end, entry.acc)
             }
             _ => g.fixed.restore(id.window, id.start, &id.key, entry.acc),
         };

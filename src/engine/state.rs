@@ -4,6 +4,7 @@
 //! watermark closes windows in.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -65,23 +66,15 @@ struct Session {
 }
 
 /// The open session windows of one definition in one key group (fixed windows: see `fixed`).
+/// Keys are shared between the two indexes and with the final windows they close into, so
+/// that a record extending its session in order allocates nothing.
 #[derive(Debug, Clone)]
 pub struct SessionTable {
     index: u16,
-    scope: Option<Partition>,
     gap: i64,
-    by_key: HashMap<String, Vec<Session>>,
-    by_end: BTreeSet<(i64, String, i64)>,
+    by_key: HashMap<Arc<str>, Vec<Session>>,
+    by_end: BTreeSet<(i64, Arc<str>, i64)>,
     open: usize,
-}
-
-fn key_of(scope: &Option<Partition>, window: u16, start: i64, key: &str) -> StateKey {
-    StateKey {
-        partition: scope.clone(),
-        window,
-        start,
-        key: key.to_string(),
-    }
 }
 
 fn is_final(end: i64, limit: Option<i64>) -> bool {
@@ -89,10 +82,9 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
 }
 
 impl SessionTable {
-    pub fn new(index: u16, gap: i64, scope: Option<Partition>) -> Self {
+    pub fn new(index: u16, gap: i64) -> Self {
         SessionTable {
             index,
-            scope,
             gap,
             by_key: HashMap::new(),
             by_end: BTreeSet::new(),
@@ -119,9 +111,13 @@ impl SessionTable {
         limit: Option<i64>,
         ends: &mut Vec<EndChange>,
     ) -> bool {
+        let name: Arc<str> = match self.by_key.get_key_value(key) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(key),
+        };
         let (by_key, by_end) = (&mut self.by_key, &mut self.by_end);
         let new_end = ts.saturating_add(self.gap);
-        let sessions = by_key.entry(key.to_string()).or_default();
+        let sessions = by_key.entry(Arc::clone(&name)).or_default();
         let mut merged = Session {
             start: ts,
             end: new_end,
@@ -143,11 +139,11 @@ impl SessionTable {
             let next_start = sessions.get(i + 1).map_or(i64::MAX, |n| n.start);
             let s = &mut sessions[i];
             if ts >= s.start && new_end <= next_start && !is_final(new_end, limit) {
-                by_end.remove(&(s.end, key.to_string(), s.start));
+                by_end.remove(&(s.end, Arc::clone(&name), s.start));
                 ends.push(EndChange::SessionRemoved(s.end));
                 s.end = new_end;
                 s.acc.add(value);
-                by_end.insert((s.end, key.to_string(), s.start));
+                by_end.insert((s.end, name, s.start));
                 ends.push(EndChange::SessionAdded(s.end));
                 return true;
             }
@@ -166,40 +162,36 @@ impl SessionTable {
         }
         for &i in overlapping.iter().rev() {
             let old = sessions.remove(i);
-            by_end.remove(&(old.end, key.to_string(), old.start));
+            by_end.remove(&(old.end, Arc::clone(&name), old.start));
             ends.push(EndChange::SessionRemoved(old.end));
             self.open -= 1;
         }
         let pos = sessions.partition_point(|s| s.start < merged.start);
         sessions.insert(pos, merged);
-        by_end.insert((merged.end, key.to_string(), merged.start));
+        by_end.insert((merged.end, name, merged.start));
         ends.push(EndChange::SessionAdded(merged.end));
         self.open += 1;
         true
     }
 
-    /// Removes and returns every session whose end is at or before `limit`.
-    pub fn close(&mut self, limit: i64, out: &mut Vec<ClosedWindow>) {
-        let (index, scope) = (self.index, &self.scope);
+    /// Removes every session whose end is at or before `limit`, handing each to `f` (window
+    /// index, start, end, accumulator, key), in the order of their ends.
+    pub fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
         while let Some((end, key, start)) = self.by_end.first().cloned() {
             if end > limit {
                 break;
             }
             self.by_end.pop_first();
-            let Some(sessions) = self.by_key.get_mut(&key) else {
+            let Some(sessions) = self.by_key.get_mut(&*key) else {
                 continue;
             };
             if let Some(pos) = sessions.iter().position(|s| s.start == start) {
                 let s = sessions.remove(pos);
                 self.open -= 1;
-                out.push(ClosedWindow {
-                    id: key_of(scope, index, start, &key),
-                    end: s.end,
-                    acc: s.acc,
-                });
+                f(self.index, start, s.end, s.acc, &key);
             }
             if sessions.is_empty() {
-                self.by_key.remove(&key);
+                self.by_key.remove(&*key);
             }
         }
     }
@@ -214,11 +206,15 @@ impl SessionTable {
     }
 
     /// Puts back an open session read from a checkpoint; returns its end as registered.
-    pub fn restore(&mut self, start: i64, key: String, end: i64, acc: Acc) -> EndChange {
-        let sessions = self.by_key.entry(key.clone()).or_default();
+    pub fn restore(&mut self, start: i64, key: &str, end: i64, acc: Acc) -> EndChange {
+        let name: Arc<str> = match self.by_key.get_key_value(key) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(key),
+        };
+        let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
         let pos = sessions.partition_point(|s| s.start < start);
         sessions.insert(pos, Session { start, end, acc });
-        self.by_end.insert((end, key, start));
+        self.by_end.insert((end, name, start));
         self.open += 1;
         EndChange::SessionAdded(end)
     }
@@ -243,7 +239,7 @@ mod tests {
 
     #[test]
     fn sessions_merge_when_closer_than_gap() {
-        let mut s = SessionTable::new(0, 10, None);
+        let mut s = SessionTable::new(0, 10);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 109, None); // 9 < 10: same session
         add(&mut s, "k", 119, None); // exactly gap after 109: new session
@@ -262,8 +258,21 @@ mod tests {
     }
 
     #[test]
+    fn both_indexes_share_one_copy_of_a_key() {
+        let mut s = SessionTable::new(0, 10);
+        for ts in [100, 105, 130, 131] {
+            add(&mut s, "k", ts, None);
+        }
+        assert_eq!(s.open_count(), 2);
+        let (name, _) = s.by_key.get_key_value("k").expect("k is open");
+        // the table's key and the two sessions' entries in the index of ends
+        assert_eq!(Arc::strong_count(name), 3);
+        assert!(s.by_end.iter().all(|(_, k, _)| Arc::ptr_eq(k, name)));
+    }
+
+    #[test]
     fn out_of_order_record_extends_session_backwards() {
-        let mut s = SessionTable::new(0, 10, None);
+        let mut s = SessionTable::new(0, 10);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 95, None);
         assert_eq!(s.get(95, "k").map(|(end, _)| end), Some(110));
@@ -272,7 +281,7 @@ mod tests {
 
     #[test]
     fn session_changes_report_the_ends_they_add_and_remove() {
-        let mut s = SessionTable::new(0, 10, None);
+        let mut s = SessionTable::new(0, 10);
         let mut ends = Vec::new();
         s.add("k", 100, None, None, &mut ends);
         // in order: the session is extended in place
