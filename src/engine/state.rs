@@ -123,14 +123,13 @@ impl SessionTable {
             end: new_end,
             acc: Acc::of(value),
         };
-        let overlapping: Vec<usize> = sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| ts < s.end && s.start < new_end)
-            .map(|(i, _)| i)
-            .collect();
+        // a key's sessions never overlap and are ordered by start, so their ends are ordered
+        // too: the sessions the record overlaps are one run of them
+        let overlapping = sessions.partition_point(|s| s.end <= ts)
+            ..sessions.partition_point(|s| s.start < new_end);
         // the common cases: the record falls inside one session, or extends it in order
-        if let [i] = overlapping[..] {
+        if overlapping.len() == 1 {
+            let i = overlapping.start;
             let s = &mut sessions[i];
             if ts >= s.start && new_end <= s.end {
                 s.acc.add(value);
@@ -148,8 +147,7 @@ impl SessionTable {
                 return true;
             }
         }
-        for &i in &overlapping {
-            let s = sessions[i];
+        for s in &sessions[overlapping.clone()] {
             merged.start = merged.start.min(s.start);
             merged.end = merged.end.max(s.end);
             merged.acc.merge(&s.acc);
@@ -160,8 +158,7 @@ impl SessionTable {
             }
             return false;
         }
-        for &i in overlapping.iter().rev() {
-            let old = sessions.remove(i);
+        for old in sessions.drain(overlapping.clone()).rev() {
             by_end.remove(&(old.end, Arc::clone(&name), old.start));
             ends.push(EndChange::SessionRemoved(old.end));
             self.open -= 1;
