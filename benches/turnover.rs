@@ -25,7 +25,8 @@
 //! the tumbling size (the hopping window is 3N every N); `--keys-in-order` takes keys in turn,
 //! so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M live keys.
 //! Before the run ends, a full checkpoint of the state as it is then is timed
-//! (`full checkpoint`).
+//! (`full checkpoint`). The restores run this executable again with the same flags and
+//! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

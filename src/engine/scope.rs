@@ -406,11 +406,11 @@ impl GroupState {
     }
 }
 
-/// The groups of one scope, the changed ones, and where their windows end.
 /// The epoch of final windows put back from a checkpoint (and of those emitted at once, under
 /// at-least-once).
 const RESTORED_EPOCH: u64 = 0;
 
+/// The groups of one scope, the changed ones, and where their windows end.
 #[derive(Debug)]
 pub(crate) struct ScopeState {
     scope: Option<Partition>,
@@ -542,21 +542,17 @@ impl ScopeState {
             window: id.window,
             defined: self.windows.len(),
         };
-        let kind = self
-            .windows
-            .get(usize::from(id.window))
-            .map(|w| w.kind)
-            .ok_or(unknown)?;
+        let kind = match self.windows.get(usize::from(id.window)) {
+            Some(w) => w.kind,
+            None => return Err(unknown),
+        };
         let g = self.group_mut(group);
         let change = match kind {
             WindowKind::Session { .. } => {
-                let Some(table) = g.sessions.iter_mut().find(|t| t.index() == id.window) else {
-                    return Err(StateError::UnknownWindow {
-                        window: id.window,
-                        defined: self.windows.len(),
-                    });
-                };
-                table.restore(id.start, &id.key, entry.end, entry.acc)
+                match g.sessions.iter_mut().find(|t| t.index() == id.window) {
+                    Some(table) => table.restore(id.start, &id.key, entry.end, entry.acc),
+                    None => return Err(unknown),
+                }
             }
             _ => g.fixed.restore(id.window, id.start, &id.key, entry.acc),
         };
@@ -624,8 +620,6 @@ impl ScopeState {
         out
     }
 
-    /// Appends the final windows that closed in an epoch after `after`, up to `upto`: their
-    /// chunks, shared, never copied.
     /// Queues the final windows put back by `restore_closed` (epoch 0; called on a scope that
     /// holds no other window of epoch 0), shared with the chunks that hold them.
     pub(crate) fn queue_restored(&self, out: &mut Emission) {
@@ -636,6 +630,8 @@ impl ScopeState {
         }
     }
 
+    /// Appends the final windows that closed in an epoch after `after`, up to `upto`: their
+    /// chunks, shared, never copied.
     pub(crate) fn release(&self, after: u64, upto: u64, out: &mut Emission) {
         let due = |epoch: u64| epoch > after && epoch <= upto;
         for group in self.groups.values() {

@@ -430,7 +430,8 @@ impl Store {
         })?;
         // sized once from the metadata, filled group by group as the groups are read (a
         // million-entry state is never held twice, nor grown step by step); the count is
-        // verified after the last group, and a larger one is refused before it is allocated
+        // verified after the last group, and no more than MAX_PRESIZED_ENTRIES is reserved
+        // on its word
         let room = usize::try_from(cp.live_entries)
             .unwrap_or(usize::MAX)
             .min(MAX_PRESIZED_ENTRIES);
