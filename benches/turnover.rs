@@ -7,7 +7,9 @@
 //! Input: `--records` JSON records `{"user","amount","ts"}` over `--keys` keys, event time
 //! advancing 1 ms per record with up to 2 s of disorder; a tumbling 10 s and a hopping
 //! 30 s/10 s window; exactly-once (final windows wait for a durable checkpoint); a checkpoint
-//! every `--interval-ms` (2,000) with at most one in flight. The end of input closes every
+//! every `--interval-ms` (2,000) with at most one in flight. As the service does by default
+//! (`output.max_pending_windows`), reading pauses while more than `--max-pending` (1,000,000;
+//! 0: never) final windows wait, until half of them are released and acknowledged. The end of input closes every
 //! window (a record far in the future), and the run ends once every window is written and
 //! released. The records are generated on the loop (their formatting is included in the CPU
 //! time).
@@ -61,6 +63,9 @@ struct Args {
     /// Keys in turn (`u0`, `u1`, ...) instead of at random: with `--records` equal to
     /// `--keys` and windows longer than the run, every key is live at the end.
     keys_in_order: bool,
+    /// The service's `output.max_pending_windows`: past this many final windows waiting,
+    /// reading pauses until half of them are released and acknowledged (0: never).
+    max_pending: usize,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -75,6 +80,7 @@ fn args() -> Args {
         window_ms: 10_000,
         keys_in_order: false,
         restore_from: None,
+        max_pending: 1_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -98,6 +104,7 @@ fn args() -> Args {
             "--max-seconds" => a.max_seconds = value(),
             "--max-rss-gib" => a.max_rss_gib = value(),
             "--window-ms" => a.window_ms = value() as i64,
+            "--max-pending" => a.max_pending = value() as usize,
             // cargo bench passes --bench
             _ => {}
         }
@@ -323,6 +330,8 @@ fn main() {
     let mut consumed = 0u64;
     // the most final windows held at once (exactly-once holds them until a checkpoint)
     let mut most_held = 0usize;
+    // reading paused by the output bound, and how many times it was
+    let (mut paused, mut pauses) = (false, 0u64);
     let total = a.records + PARTITIONS as u64; // the closing records
     let deadline = started + Duration::from_secs(a.max_seconds);
 
@@ -406,7 +415,18 @@ fn main() {
                 other => panic!("checkpoint not written: {other:?}"),
             }
         }
-        most_held = most_held.max(engine.pending_emissions());
+        let held = engine.pending_emissions();
+        most_held = most_held.max(held);
+        // as `output.max_pending_windows` does in the service: past the bound, reading pauses
+        // until the final windows waiting fell to half of it
+        if a.max_pending > 0 {
+            if !paused && held > a.max_pending {
+                paused = true;
+                pauses += 1;
+            } else if paused && held <= a.max_pending / 2 {
+                paused = false;
+            }
+        }
         // as the sink does: each window made as it is reached, acknowledged in chunks
         let mut released = engine.take_emission().into_windows();
         loop {
@@ -421,6 +441,17 @@ fn main() {
             if in_flight.is_none() && engine.pending_emissions() == 0 && !engine.has_changes() {
                 break;
             }
+            checkpoint(
+                &mut engine,
+                &mut scheduler,
+                &mut in_flight,
+                &mut stalls,
+                (&mut stall_cpu, &mut stall_wait),
+                false,
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        } else if paused {
+            // the service's output back-pressure: no reading while the backlog drains
             checkpoint(
                 &mut engine,
                 &mut scheduler,
@@ -517,7 +548,7 @@ fn main() {
         "wall {wall:.1} s, CPU {cpu:.1} s, {:.0} records per CPU-second",
         consumed as f64 / cpu.max(1e-9)
     );
-    println!("windows emitted {emitted}; at most {most_held} final windows held at once");
+    println!("windows emitted {emitted}; at most {most_held} final windows held at once; reading paused {pauses} times past {} of them", a.max_pending);
     println!(
         "checkpoints {}: {}",
         durations.len(),
