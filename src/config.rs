@@ -936,6 +936,22 @@ checkpoint:
     }
 
     #[test]
+    fn the_output_bound_defaults_to_a_million_and_reads_from_file_or_environment() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.output.max_pending_windows, 1_000_000);
+        let s = load(
+            BASE,
+            &[("CHECKPOINTER_OUTPUT__MAX_PENDING_WINDOWS", "250000")],
+        )
+        .expect("valid");
+        assert_eq!(s.output.max_pending_windows, 250_000);
+        let yaml = BASE.replace("topic: out", "topic: out\n  max_pending_windows: 0");
+        assert_ne!(yaml, BASE, "the base configuration names its output topic");
+        let s = load(&yaml, &[]).expect("valid");
+        assert_eq!(s.output.max_pending_windows, 0);
+    }
+
+    #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/checkpointer.yaml");
         Settings::load(&path, Some(HashMap::new()))
