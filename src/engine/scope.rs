@@ -153,6 +153,20 @@ impl ClosedRow {
     }
 }
 
+/// What a table's `close` hands each window it closes to: a row appended to `out`, sharing
+/// the key.
+fn rows_into(out: &mut Vec<ClosedRow>) -> impl FnMut(u16, i64, i64, Acc, &Arc<str>) + '_ {
+    move |window, start, end, acc, key: &Arc<str>| {
+        out.push(ClosedRow {
+            window,
+            start,
+            end,
+            acc,
+            key: Arc::clone(key),
+        })
+    }
+}
+
 /// The final windows of one group that closed in one epoch, in the order they closed.
 #[derive(Debug, Clone)]
 struct ClosedChunk {
@@ -279,27 +293,11 @@ impl GroupState {
     /// definitions, fixed ones by start and key.
     fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) {
         let from = out.len();
-        self.fixed.close(limit, |window, start, end, acc, key| {
-            out.push(ClosedRow {
-                window,
-                start,
-                end,
-                acc,
-                key: Arc::clone(key),
-            })
-        });
+        self.fixed.close(limit, rows_into(out));
         out[from..]
             .sort_unstable_by(|a, b| (a.window, a.start, &a.key).cmp(&(b.window, b.start, &b.key)));
         for t in &mut self.sessions {
-            t.close(limit, |window, start, end, acc, key| {
-                out.push(ClosedRow {
-                    window,
-                    start,
-                    end,
-                    acc,
-                    key: Arc::clone(key),
-                })
-            });
+            t.close(limit, rows_into(out));
         }
         // stable: each session definition keeps the order its sessions closed in
         out[from..].sort_by_key(|r| r.window);
