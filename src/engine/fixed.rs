@@ -11,7 +11,7 @@ use std::sync::Arc;
 use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
-use super::state::EndChange;
+use super::state::note_end;
 use super::window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 
 /// One open window of a key.
@@ -47,6 +47,9 @@ pub(crate) struct FixedWindows {
     defs: Arc<Defs>,
     keys: HashMap<Arc<str>, Arc<[Slot]>>,
     open: usize,
+    /// The earliest end of an open window (exact: a window's end never changes, and closing
+    /// computes it again).
+    earliest: Option<i64>,
     /// Windows a record opens for a key that has some already (always left empty).
     added: Vec<Slot>,
 }
@@ -80,6 +83,7 @@ impl FixedWindows {
             defs: Arc::new(defs),
             keys: HashMap::new(),
             open: 0,
+            earliest: None,
             added: Vec::new(),
         }
     }
@@ -88,26 +92,31 @@ impl FixedWindows {
         self.open
     }
 
+    /// The earliest end of an open window, if any is open.
+    pub(crate) fn earliest_end(&self) -> Option<i64> {
+        self.earliest
+    }
+
     /// Adds a record to every fixed window that holds `ts` and is not final (`end <= limit`
-    /// is final), reporting the ends of the windows it touched in `ends`. Returns whether any
-    /// window took it.
+    /// is final), noting in `earliest` the ends of the windows it opens (see [`note_end`]).
+    /// Returns whether any window took it.
     pub(crate) fn add(
         &mut self,
         key: &str,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
-        ends: &mut Vec<EndChange>,
+        earliest: &mut Option<i64>,
     ) -> bool {
         let defs = &self.defs;
         let mut slots = self.keys.get_mut(key);
         let mut existing = slots.as_mut().map(|s| Arc::make_mut(*s));
         let mut took = false;
+        let mut opened = None;
         let mut touch = |window: u16, start: i64, size: i64, added: &mut Vec<Slot>| {
             if is_final(start + size, limit) {
                 return;
             }
-            ends.push(EndChange::Fixed(start + size));
             took = true;
             let hit = existing.as_mut().and_then(|s| {
                 s.iter_mut()
@@ -115,11 +124,14 @@ impl FixedWindows {
             });
             match hit {
                 Some(s) => s.acc.add(value),
-                None => added.push(Slot {
-                    window,
-                    start,
-                    acc: Acc::of(value),
-                }),
+                None => {
+                    note_end(&mut opened, start + size);
+                    added.push(Slot {
+                        window,
+                        start,
+                        acc: Acc::of(value),
+                    })
+                }
             }
         };
         for &(window, kind) in &defs.fixed {
@@ -137,6 +149,10 @@ impl FixedWindows {
         }
         if !self.added.is_empty() {
             self.open += self.added.len();
+            if let Some(end) = opened {
+                note_end(earliest, end);
+                note_end(&mut self.earliest, end);
+            }
             match slots {
                 Some(slots) => {
                     *slots = sorted(slots.iter().copied().chain(self.added.drain(..)));
@@ -155,8 +171,12 @@ impl FixedWindows {
     pub(crate) fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
         let defs = &self.defs;
         let mut closed = 0;
+        let mut earliest = None;
         self.keys.retain(|key, slots| {
             if slots.iter().all(|s| defs.end(s) > limit) {
+                for s in slots.iter() {
+                    note_end(&mut earliest, defs.end(s));
+                }
                 return true;
             }
             let mut keep = Vec::with_capacity(slots.len());
@@ -166,6 +186,7 @@ impl FixedWindows {
                     f(s.window, s.start, end, s.acc, key);
                     closed += 1;
                 } else {
+                    note_end(&mut earliest, end);
                     keep.push(*s);
                 }
             }
@@ -173,11 +194,14 @@ impl FixedWindows {
             !slots.is_empty()
         });
         self.open -= closed;
+        self.earliest = earliest;
     }
 
-    /// Puts back an open window read from a checkpoint; returns its end as registered.
-    pub(crate) fn restore(&mut self, window: u16, start: i64, key: &str, acc: Acc) -> EndChange {
+    /// Puts back an open window read from a checkpoint; returns its end.
+    pub(crate) fn restore(&mut self, window: u16, start: i64, key: &str, acc: Acc) -> i64 {
         let slot = Slot { window, start, acc };
+        let end = start.saturating_add(self.defs.size(window));
+        note_end(&mut self.earliest, end);
         match self.keys.get_mut(key) {
             Some(slots) => {
                 match Arc::make_mut(slots)
@@ -196,7 +220,7 @@ impl FixedWindows {
                 self.open += 1;
             }
         }
-        EndChange::Fixed(start.saturating_add(self.defs.size(window)))
+        end
     }
 
     /// Every open window, borrowed, ordered by key, window index and start: window index,
@@ -242,7 +266,7 @@ mod tests {
     }
 
     fn add(f: &mut FixedWindows, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        f.add(key, ts, Some(1.0), limit, &mut Vec::new())
+        f.add(key, ts, Some(1.0), limit, &mut None)
     }
 
     fn closed(f: &mut FixedWindows, limit: i64) -> Vec<(u16, i64, String)> {
@@ -301,22 +325,28 @@ mod tests {
     }
 
     #[test]
-    fn changes_report_the_window_ends_they_touch() {
+    fn only_the_windows_a_record_opens_report_their_end() {
         let mut f = FixedWindows::new(&defs(&[
             WindowKind::Tumbling { size: 10 },
             WindowKind::Hopping { size: 20, hop: 10 },
         ]));
-        let mut ends = Vec::new();
-        assert!(f.add("k", 12, None, None, &mut ends));
-        assert!(!f.add("j", 5, None, Some(20), &mut ends));
-        assert_eq!(
-            ends,
-            vec![
-                EndChange::Fixed(20),
-                EndChange::Fixed(30),
-                EndChange::Fixed(20)
-            ]
-        );
+        let mut earliest = None;
+        // opens tumbling [10,20) and hopping [0,20), [10,30)
+        assert!(f.add("k", 12, None, None, &mut earliest));
+        assert_eq!(earliest, Some(20));
+        let mut earliest = None;
+        assert!(f.add("k", 13, None, None, &mut earliest));
+        assert_eq!(earliest, None, "every window it falls in was open");
+        // a final window opens nothing
+        assert!(!f.add("j", 5, None, Some(20), &mut earliest));
+        assert_eq!(earliest, None);
+        assert!(f.add("j", 25, None, Some(20), &mut earliest));
+        assert_eq!(earliest, Some(30));
+        assert_eq!(f.earliest_end(), Some(20));
+        closed(&mut f, 20);
+        assert_eq!(f.earliest_end(), Some(30), "closing computes it again");
+        closed(&mut f, 40);
+        assert_eq!(f.earliest_end(), None);
     }
 
     #[test]
@@ -367,10 +397,7 @@ mod tests {
             WindowKind::Session { gap: 5 },
             WindowKind::Tumbling { size: 10 },
         ]));
-        assert_eq!(
-            f.restore(1, 10, "k", Acc::of(Some(2.0))),
-            EndChange::Fixed(20)
-        );
+        assert_eq!(f.restore(1, 10, "k", Acc::of(Some(2.0))), 20);
         f.restore(1, 20, "k", Acc::of(Some(3.0)));
         f.restore(1, 10, "k", Acc::of(Some(4.0)));
         assert_eq!(f.open_count(), 2);

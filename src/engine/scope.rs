@@ -8,7 +8,7 @@
 //! only leave, so a group copied on write shares them, and acknowledgements are marked beside
 //! them.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use fixedbitset::FixedBitSet;
@@ -17,7 +17,7 @@ use foldhash::{HashMap, HashMapExt};
 use super::aggregate::Acc;
 use super::fixed::FixedWindows;
 use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
-use super::state::{ClosedWindow, EndChange, Entry, EntryStatus, SessionTable, StateKey};
+use super::state::{ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
 use super::window::{WindowDef, WindowKind};
 use super::StateError;
 use crate::position::Partition;
@@ -273,33 +273,47 @@ impl GroupState {
         }
     }
 
-    /// Adds a record to its windows; see `FixedWindows::add`.
+    /// Adds a record to its windows, noting in `earliest` the earliest end of the windows it
+    /// opens; see `FixedWindows::add`.
     fn add(
         &mut self,
         key: &str,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
-        ends: &mut Vec<EndChange>,
+        earliest: &mut Option<i64>,
     ) -> bool {
-        let mut took = self.fixed.add(key, ts, value, limit, ends);
+        let mut took = self.fixed.add(key, ts, value, limit, earliest);
         for t in &mut self.sessions {
-            took |= t.add(key, ts, value, limit, ends);
+            took |= t.add(key, ts, value, limit, earliest);
         }
         took
     }
 
+    /// A time at or before the end of every open window of the group, if any is open.
+    fn earliest_end(&self) -> Option<i64> {
+        let sessions = self.sessions.iter().filter_map(SessionTable::earliest_end);
+        self.fixed.earliest_end().into_iter().chain(sessions).min()
+    }
+
     /// Removes the windows that end at or before `limit` into `out`, in the order of their
-    /// definitions, fixed ones by start and key.
+    /// definitions, fixed ones by start and key, sessions by end, key and start.
     fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) {
         let from = out.len();
-        self.fixed.close(limit, rows_into(out));
+        let due = |earliest: Option<i64>| earliest.is_some_and(|end| end <= limit);
+        if due(self.fixed.earliest_end()) {
+            self.fixed.close(limit, rows_into(out));
+        }
         out[from..]
             .sort_unstable_by(|a, b| (a.window, a.start, &a.key).cmp(&(b.window, b.start, &b.key)));
-        for t in &mut self.sessions {
+        let sessions = out.len();
+        for t in self.sessions.iter_mut().filter(|t| due(t.earliest_end())) {
             t.close(limit, rows_into(out));
         }
-        // stable: each session definition keeps the order its sessions closed in
+        out[sessions..].sort_unstable_by(|a, b| {
+            (a.window, a.end, &a.key, a.start).cmp(&(b.window, b.end, &b.key, b.start))
+        });
+        // fixed and session definitions interleave by index
         out[from..].sort_by_key(|r| r.window);
     }
 
@@ -408,6 +422,24 @@ impl GroupState {
 /// at-least-once).
 const RESTORED_EPOCH: u64 = 0;
 
+/// A window of `group` ending at `end` is open: the group is due when the watermark reaches
+/// `end`, if not earlier.
+fn note_due(bounds: &mut HashMap<u16, i64>, due: &mut BTreeSet<(i64, u16)>, group: u16, end: i64) {
+    use std::collections::hash_map::Entry as Slot;
+    match bounds.entry(group) {
+        Slot::Vacant(v) => {
+            v.insert(end);
+            due.insert((end, group));
+        }
+        Slot::Occupied(mut o) if end < *o.get() => {
+            due.remove(&(*o.get(), group));
+            due.insert((end, group));
+            *o.get_mut() = end;
+        }
+        Slot::Occupied(_) => {}
+    }
+}
+
 /// The groups of one scope, the changed ones, and where their windows end.
 #[derive(Debug)]
 pub(crate) struct ScopeState {
@@ -415,14 +447,13 @@ pub(crate) struct ScopeState {
     windows: Vec<WindowDef>,
     groups: HashMap<u16, Arc<GroupState>>,
     dirty: DirtyGroups,
-    /// Ends of fixed windows, with the groups that hold a window ending there.
-    fixed_ends: BTreeMap<i64, DirtyGroups>,
-    /// Ends of sessions per group, with how many sessions end there.
-    session_ends: BTreeMap<(i64, u16), u32>,
+    /// Per group with open windows, a time at or before the end of each (its earliest end,
+    /// or earlier: sessions that grew keep their older bound until closing reaches it).
+    bounds: HashMap<u16, i64>,
+    /// The same, ordered by that time: the groups a watermark reaches come first.
+    due: BTreeSet<(i64, u16)>,
     /// Final windows not acknowledged yet, over all groups.
     closed: usize,
-    /// Reused for the ends one record reports.
-    ends: Vec<EndChange>,
 }
 
 impl ScopeState {
@@ -432,10 +463,9 @@ impl ScopeState {
             windows: windows.to_vec(),
             groups: HashMap::new(),
             dirty: DirtyGroups::default(),
-            fixed_ends: BTreeMap::new(),
-            session_ends: BTreeMap::new(),
+            bounds: HashMap::new(),
+            due: BTreeSet::new(),
             closed: 0,
-            ends: Vec::new(),
         }
     }
 
@@ -450,21 +480,9 @@ impl ScopeState {
         Arc::make_mut(shared)
     }
 
-    fn register(&mut self, group: u16, change: EndChange) {
-        match change {
-            EndChange::Fixed(end) => self.fixed_ends.entry(end).or_default().mark(group),
-            EndChange::SessionAdded(end) => {
-                *self.session_ends.entry((end, group)).or_default() += 1
-            }
-            EndChange::SessionRemoved(end) => {
-                if let Some(n) = self.session_ends.get_mut(&(end, group)) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.session_ends.remove(&(end, group));
-                    }
-                }
-            }
-        }
+    /// A window of `group` ending at `end` opened; see [`note_due`].
+    fn register(&mut self, group: u16, end: i64) {
+        note_due(&mut self.bounds, &mut self.due, group, end);
     }
 
     /// Adds a record of `key` (in `group`) to every window holding `ts` that is not final.
@@ -476,15 +494,16 @@ impl ScopeState {
         value: Option<f64>,
         limit: Option<i64>,
     ) -> bool {
-        let mut ends = std::mem::take(&mut self.ends);
-        let took = self.group_mut(group).add(key, ts, value, limit, &mut ends);
+        let mut earliest = None;
+        let took = self
+            .group_mut(group)
+            .add(key, ts, value, limit, &mut earliest);
         if took {
             self.dirty.mark(group);
         }
-        for change in ends.drain(..) {
-            self.register(group, change);
+        if let Some(end) = earliest {
+            self.register(group, end);
         }
-        self.ends = ends;
         took
     }
 
@@ -492,34 +511,32 @@ impl ScopeState {
     /// in its group's state and tagged with `epoch`, for its acknowledgement. Appends them to
     /// `out` if given (windows emitted as they close), else only keeps them.
     pub(crate) fn close(&mut self, limit: i64, epoch: u64, mut out: Option<&mut Emission>) {
-        let mut due = DirtyGroups::default();
-        while let Some(entry) = self.fixed_ends.first_entry() {
-            if *entry.key() > limit {
-                break;
-            }
-            for g in entry.remove().take() {
-                due.mark(g);
+        let mut due = Vec::new();
+        while self.due.first().is_some_and(|(bound, _)| *bound <= limit) {
+            if let Some((_, g)) = self.due.pop_first() {
+                self.bounds.remove(&g);
+                due.push(g);
             }
         }
-        while let Some((&(end, g), _)) = self.session_ends.first_key_value() {
-            if end > limit {
-                break;
-            }
-            self.session_ends.pop_first();
-            due.mark(g);
-        }
+        due.sort_unstable();
         let mut now = Vec::new();
-        for g in due.take() {
+        for g in due {
             let Some(shared) = self.groups.get_mut(&g) else {
                 continue;
             };
-            let group = Arc::make_mut(shared);
-            group.close(limit, &mut now);
+            // closing copies a group a snapshot shares: only when a window is due
+            if shared.earliest_end().is_some_and(|end| end <= limit) {
+                Arc::make_mut(shared).close(limit, &mut now);
+            }
+            if let Some(end) = shared.earliest_end() {
+                note_due(&mut self.bounds, &mut self.due, g, end);
+            }
             if now.is_empty() {
                 continue;
             }
             self.closed += now.len();
             self.dirty.mark(g);
+            let group = Arc::make_mut(shared);
             for row in now.drain(..) {
                 if let Some(out) = out.as_mut() {
                     out.push(row.to_window(&self.scope));
@@ -545,7 +562,7 @@ impl ScopeState {
             None => return Err(unknown),
         };
         let g = self.group_mut(group);
-        let change = match kind {
+        let end = match kind {
             WindowKind::Session { .. } => {
                 match g.sessions.iter_mut().find(|t| t.index() == id.window) {
                     Some(table) => table.restore(id.start, &id.key, entry.end, entry.acc),
@@ -554,7 +571,7 @@ impl ScopeState {
             }
             _ => g.fixed.restore(id.window, id.start, &id.key, entry.acc),
         };
-        self.register(group, change);
+        self.register(group, end);
         Ok(())
     }
 

@@ -39,15 +39,13 @@ pub struct Entry {
     pub acc: Acc,
 }
 
-/// A window end a change added or removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndChange {
-    /// A fixed window ends here (reported on every record; repeats are harmless).
-    Fixed(i64),
-    /// A session now ends here.
-    SessionAdded(i64),
-    /// A session that ended here is gone (merged or extended).
-    SessionRemoved(i64),
+/// Notes `end` in `earliest`, the earliest end among the windows a change created.
+///
+/// The scope keeps, per group, a time at or before the group's earliest window end. Window
+/// ends only move later (a session grows, a window closes and leaves), so only a window that a
+/// change creates can move that time earlier, and a change that creates none reports nothing.
+pub(crate) fn note_end(earliest: &mut Option<i64>, end: i64) {
+    *earliest = Some(earliest.map_or(end, |e| e.min(end)));
 }
 
 /// A final window.
@@ -66,8 +64,13 @@ struct Session {
 }
 
 /// The open session windows of one definition in one key group (fixed windows: see `fixed`).
-/// Keys are shared between the two indexes and with the final windows they close into, so
-/// that a record extending its session in order allocates nothing.
+///
+/// `by_end` holds, for every open session, an entry (end, key, start) whose end is at or
+/// before the session's: a session that grows in order keeps its entry, so that the common
+/// record (one that extends its key's session) changes no index and allocates nothing. Closing
+/// checks each entry it reaches against the session's real end, and puts back the entries of
+/// sessions that grew past the limit. Keys are shared between the two indexes and with the
+/// final windows they close into.
 #[derive(Debug, Clone)]
 pub struct SessionTable {
     index: u16,
@@ -79,6 +82,13 @@ pub struct SessionTable {
 
 fn is_final(end: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| end <= l)
+}
+
+/// Where `ts`, with the session it starts ending at `new_end`, meets a key's sessions: the run
+/// of sessions it overlaps (a key's sessions never overlap and are ordered by start, so their
+/// ends are ordered too).
+fn overlapping(sessions: &[Session], ts: i64, new_end: i64) -> std::ops::Range<usize> {
+    sessions.partition_point(|s| s.end <= ts)..sessions.partition_point(|s| s.start < new_end)
 }
 
 impl SessionTable {
@@ -100,96 +110,100 @@ impl SessionTable {
         self.open
     }
 
+    /// A time at or before the end of every open session, if any is open.
+    pub fn earliest_end(&self) -> Option<i64> {
+        self.by_end.first().map(|(end, _, _)| *end)
+    }
+
     /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
-    /// that session is not final (`end <= limit` is final), reporting the session ends it adds
-    /// and removes in `ends`. Returns whether a session took it.
+    /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
+    /// session it creates (see [`note_end`]). Returns whether a session took it.
     pub fn add(
         &mut self,
         key: &str,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
-        ends: &mut Vec<EndChange>,
+        earliest: &mut Option<i64>,
     ) -> bool {
+        let new_end = ts.saturating_add(self.gap);
+        // the common cases: the record falls inside one session, or extends it in order
+        if let Some(sessions) = self.by_key.get_mut(key) {
+            let run = overlapping(sessions, ts, new_end);
+            if run.len() == 1 {
+                let i = run.start;
+                let next_start = sessions.get(i + 1).map_or(i64::MAX, |n| n.start);
+                let s = &mut sessions[i];
+                if ts >= s.start && new_end <= s.end {
+                    s.acc.add(value);
+                    return true;
+                }
+                if ts >= s.start && new_end <= next_start && !is_final(new_end, limit) {
+                    // the end only grows: the session's entry in `by_end` stays a bound
+                    s.end = new_end;
+                    s.acc.add(value);
+                    return true;
+                }
+            }
+        }
         let name: Arc<str> = match self.by_key.get_key_value(key) {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(key),
         };
-        let (by_key, by_end) = (&mut self.by_key, &mut self.by_end);
-        let new_end = ts.saturating_add(self.gap);
-        let sessions = by_key.entry(Arc::clone(&name)).or_default();
+        let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
+        let run = overlapping(sessions, ts, new_end);
         let mut merged = Session {
             start: ts,
             end: new_end,
             acc: Acc::of(value),
         };
-        // a key's sessions never overlap and are ordered by start, so their ends are ordered
-        // too: the sessions the record overlaps are one run of them
-        let overlapping = sessions.partition_point(|s| s.end <= ts)
-            ..sessions.partition_point(|s| s.start < new_end);
-        // the common cases: the record falls inside one session, or extends it in order
-        if overlapping.len() == 1 {
-            let i = overlapping.start;
-            let s = &mut sessions[i];
-            if ts >= s.start && new_end <= s.end {
-                s.acc.add(value);
-                return true;
-            }
-            let next_start = sessions.get(i + 1).map_or(i64::MAX, |n| n.start);
-            let s = &mut sessions[i];
-            if ts >= s.start && new_end <= next_start && !is_final(new_end, limit) {
-                by_end.remove(&(s.end, Arc::clone(&name), s.start));
-                ends.push(EndChange::SessionRemoved(s.end));
-                s.end = new_end;
-                s.acc.add(value);
-                by_end.insert((s.end, name, s.start));
-                ends.push(EndChange::SessionAdded(s.end));
-                return true;
-            }
-        }
-        for s in &sessions[overlapping.clone()] {
+        for s in &sessions[run.clone()] {
             merged.start = merged.start.min(s.start);
             merged.end = merged.end.max(s.end);
             merged.acc.merge(&s.acc);
         }
         if is_final(merged.end, limit) {
             if sessions.is_empty() {
-                by_key.remove(key);
+                self.by_key.remove(key);
             }
             return false;
         }
-        for old in sessions.drain(overlapping.clone()).rev() {
-            by_end.remove(&(old.end, Arc::clone(&name), old.start));
-            ends.push(EndChange::SessionRemoved(old.end));
-            self.open -= 1;
-        }
+        // the merged sessions' entries in `by_end` go when closing reaches them
+        self.open -= sessions.drain(run).count();
         let pos = sessions.partition_point(|s| s.start < merged.start);
         sessions.insert(pos, merged);
-        by_end.insert((merged.end, name, merged.start));
-        ends.push(EndChange::SessionAdded(merged.end));
+        self.by_end.insert((merged.end, name, merged.start));
+        note_end(earliest, merged.end);
         self.open += 1;
         true
     }
 
     /// Removes every session whose end is at or before `limit`, handing each to `f` (window
-    /// index, start, end, accumulator, key), in the order of their ends.
+    /// index, start, end, accumulator, key), in no particular order.
     pub fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
-        while let Some((end, key, start)) = self.by_end.first().cloned() {
-            if end > limit {
+        while self.by_end.first().is_some_and(|(end, _, _)| *end <= limit) {
+            let Some((_, key, start)) = self.by_end.pop_first() else {
                 break;
-            }
-            self.by_end.pop_first();
+            };
             let Some(sessions) = self.by_key.get_mut(&*key) else {
                 continue;
             };
-            if let Some(pos) = sessions.iter().position(|s| s.start == start) {
-                let s = sessions.remove(pos);
-                self.open -= 1;
-                f(self.index, start, s.end, s.acc, &key);
+            let pos = sessions.partition_point(|s| s.start < start);
+            let Some(s) = sessions.get(pos).filter(|s| s.start == start).copied() else {
+                // merged into another session, or closed already
+                continue;
+            };
+            if s.end > limit {
+                // it grew since the entry was made
+                self.by_end.insert((s.end, key, start));
+                continue;
             }
+            sessions.remove(pos);
+            self.open -= 1;
             if sessions.is_empty() {
                 self.by_key.remove(&*key);
             }
+            f(self.index, start, s.end, s.acc, &key);
         }
     }
 
@@ -202,8 +216,8 @@ impl SessionTable {
             .map(|s| (s.end, s.acc))
     }
 
-    /// Puts back an open session read from a checkpoint; returns its end as registered.
-    pub fn restore(&mut self, start: i64, key: &str, end: i64, acc: Acc) -> EndChange {
+    /// Puts back an open session read from a checkpoint; returns its end.
+    pub fn restore(&mut self, start: i64, key: &str, end: i64, acc: Acc) -> i64 {
         let name: Arc<str> = match self.by_key.get_key_value(key) {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(key),
@@ -213,7 +227,7 @@ impl SessionTable {
         sessions.insert(pos, Session { start, end, acc });
         self.by_end.insert((end, name, start));
         self.open += 1;
-        EndChange::SessionAdded(end)
+        end
     }
 
     /// Every open session, borrowed: window index, start, key, end, accumulator.
@@ -231,7 +245,7 @@ mod tests {
     use super::*;
 
     fn add(store: &mut SessionTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        store.add(key, ts, Some(1.0), limit, &mut Vec::new())
+        store.add(key, ts, Some(1.0), limit, &mut None)
     }
 
     #[test]
@@ -276,25 +290,107 @@ mod tests {
         assert_eq!(s.get(100, "k"), None);
     }
 
+    fn closed(s: &mut SessionTable, limit: i64) -> Vec<(String, i64, i64, u64)> {
+        let mut out = Vec::new();
+        s.close(limit, |_, start, end, acc, key| {
+            out.push((key.to_string(), start, end, acc.count))
+        });
+        out.sort();
+        out
+    }
+
     #[test]
-    fn session_changes_report_the_ends_they_add_and_remove() {
+    fn only_a_new_session_reports_its_end_and_closing_follows_real_ends() {
         let mut s = SessionTable::new(0, 10);
-        let mut ends = Vec::new();
-        s.add("k", 100, None, None, &mut ends);
-        // in order: the session is extended in place
-        s.add("k", 105, None, None, &mut ends);
+        let mut earliest = None;
+        s.add("k", 100, None, None, &mut earliest);
+        assert_eq!(earliest, Some(110));
+        // in order: the session grows in place and reports nothing
+        let mut earliest = None;
+        s.add("k", 105, None, None, &mut earliest);
+        assert_eq!(earliest, None);
         assert_eq!(
-            ends,
-            vec![
-                EndChange::SessionAdded(110),
-                EndChange::SessionRemoved(110),
-                EndChange::SessionAdded(115)
-            ]
+            s.earliest_end(),
+            Some(110),
+            "a bound at or before the real end"
         );
-        assert_eq!(
-            s.get(100, "k").map(|(end, acc)| (end, acc.count)),
-            Some((115, 2))
-        );
-        assert_eq!(s.open_count(), 1);
+        assert!(closed(&mut s, 112).is_empty(), "the session grew to 115");
+        assert_eq!(s.earliest_end(), Some(115));
+        assert_eq!(closed(&mut s, 115), vec![("k".into(), 100, 115, 2)]);
+        assert_eq!(s.open_count(), 0);
+        assert_eq!(s.earliest_end(), None);
+        assert!(s.by_key.is_empty());
+    }
+
+    /// A key's sessions, the plain way: merge every session a record comes within the gap of.
+    #[derive(Default)]
+    struct Model {
+        sessions: std::collections::BTreeMap<String, Vec<(i64, i64, u64)>>,
+    }
+
+    impl Model {
+        fn add(&mut self, key: &str, ts: i64, gap: i64) {
+            let list = self.sessions.entry(key.to_string()).or_default();
+            let (mut start, mut end, mut count) = (ts, ts + gap, 1);
+            list.retain(|&(s, e, c)| {
+                let overlaps = e > ts && s < ts + gap;
+                if overlaps {
+                    start = start.min(s);
+                    end = end.max(e);
+                    count += c;
+                }
+                !overlaps
+            });
+            list.push((start, end, count));
+            list.sort();
+        }
+
+        fn close(&mut self, limit: i64) -> Vec<(String, i64, i64, u64)> {
+            let mut out = Vec::new();
+            for (key, list) in &mut self.sessions {
+                list.retain(|&(s, e, c)| {
+                    let done = e <= limit;
+                    if done {
+                        out.push((key.clone(), s, e, c));
+                    }
+                    !done
+                });
+            }
+            out.sort();
+            out
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn closing_takes_exactly_the_sessions_that_ended(
+            steps in proptest::collection::vec((0u8..4, 0i64..300, proptest::bool::weighted(0.1)), 1..300),
+        ) {
+            let gap = 20;
+            let mut table = SessionTable::new(0, gap);
+            let mut model = Model::default();
+            let mut limit = 0;
+            for (key, at, close) in steps {
+                let key = format!("k{key}");
+                // time moves forward with some disorder, as records do
+                let ts = limit + at;
+                if close {
+                    limit += at / 2;
+                    proptest::prop_assert_eq!(closed(&mut table, limit), model.close(limit));
+                } else {
+                    let mut earliest = None;
+                    table.add(&key, ts, None, None, &mut earliest);
+                    model.add(&key, ts, gap);
+                    let open: usize = model.sessions.values().map(Vec::len).sum();
+                    proptest::prop_assert_eq!(table.open_count(), open);
+                    let first = model.sessions.values().flatten().map(|s| s.1).min();
+                    proptest::prop_assert!(
+                        table.earliest_end() <= first && first.is_some() == table.earliest_end().is_some(),
+                        "the bound {:?} is at or before the earliest end {:?}", table.earliest_end(), first
+                    );
+                }
+            }
+            proptest::prop_assert_eq!(closed(&mut table, i64::MAX), model.close(i64::MAX));
+        }
     }
 }
