@@ -27,6 +27,11 @@ pub const SAVEPOINT_META_PREFIX: &[u8] = b"spm/";
 /// Id of the newest checkpoint written: the one a delta must build on.
 pub const META_HEAD: &[u8] = b"meta/head";
 pub const META_VERSION: &[u8] = b"meta/version";
+/// Id of a checkpoint whose group versions are being written ahead of its last batch (set by
+/// the first batch that writes some, removed by the last): versions under that id belong to
+/// no checkpoint until the last batch lands, and are removed before the next write if it
+/// never does. Older builds ignore the key, so no format change.
+pub const META_PARTIAL: &[u8] = b"meta/partial";
 /// The newest claim of the store (`owner`); not part of the state, so no format change.
 pub const META_OWNER: &[u8] = b"meta/owner";
 

@@ -1,5 +1,6 @@
 //! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
-//! followed by a flush. A checkpoint is complete only once the flush returned.
+//! (its group versions past `versions::BATCH_BYTES` written ahead of it) followed by a flush.
+//! A checkpoint is complete only once the flush returned.
 //!
 //! State is kept as versions of key groups: every checkpoint writes the groups it changed under
 //! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are full copies
@@ -177,6 +178,12 @@ pub struct Store {
     scratch: Option<tempfile::TempDir>,
     /// This process's claim (`claim`); every write checks it first.
     owner: Option<Owner>,
+    /// Group versions a checkpoint writes ahead of its last batch once they pass this many
+    /// bytes (`versions::BATCH_BYTES`; smaller in tests).
+    batch_bytes: usize,
+    /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
+    #[cfg(test)]
+    fail_after_batches: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -271,6 +278,9 @@ impl Store {
             retention: self.retention,
             scratch: Some(scratch),
             owner: None,
+            batch_bytes: versions::BATCH_BYTES,
+            #[cfg(test)]
+            fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
         copy.check_version(Migrate::InPlace)?;
         Ok(copy)
@@ -324,6 +334,9 @@ impl Store {
             retention: Retention::default(),
             scratch: None,
             owner: None,
+            batch_bytes: versions::BATCH_BYTES,
+            #[cfg(test)]
+            fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 

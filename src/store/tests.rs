@@ -15,6 +15,7 @@ use crate::engine::{
 };
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
+use codec::{GROUP_PREFIX, META_PARTIAL};
 
 fn key(window: u16, start: i64, k: &str) -> StateKey {
     StateKey {
@@ -568,9 +569,13 @@ proptest! {
     /// Whatever the sequence and the retention count, every retained checkpoint restores to
     /// exactly its own state, and no version survives that no retained checkpoint needs.
     #[test]
-    fn retained_checkpoints_restore_exactly_and_garbage_is_reclaimed(steps in steps(), retained in 1usize..4) {
+    fn retained_checkpoints_restore_exactly_and_garbage_is_reclaimed(steps in steps(), retained in 1usize..4, ahead in proptest::bool::ANY) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(&dir, retained);
+        let mut store = open(&dir, retained);
+        if ahead {
+            // every group version in a batch of its own ahead of the checkpoint's last one
+            store.batch_bytes = 1;
+        }
         // three groups: keys share them, so a delta rewrites keys it did not change
         let layout = GroupLayout { seed: 5, groups: 3 };
         let mut line = Line::new(layout);
@@ -613,6 +618,90 @@ proptest! {
         let oldest_groups = group_entries(&layout, states[&oldest.0].clone()).len();
         let bound = oldest_groups + ids[1..].iter().map(|i| touched[&i.0]).sum::<usize>();
         prop_assert!(store.version_count() <= bound, "{} versions, at most {} needed", store.version_count(), bound);
+    }
+}
+
+/// Entries of twenty keys, each in a group of its own, with values from `v`.
+fn twenty(v: f64) -> Vec<(StateKey, Entry)> {
+    (0..20)
+        .map(|i| {
+            (
+                key(0, 0, &format!("k{i}")),
+                entry(EntryStatus::Open, v + f64::from(i)),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_checkpoint_whose_last_batch_never_landed_leaves_nothing_a_later_one_restores() {
+    for reopen in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = open(&dir, 3);
+        store.batch_bytes = 1;
+        let mut line = Line::new(SPREAD);
+        let one = line.cp(1, None, true, twenty(1.0), vec![], 10);
+        write(&store, &one, None).expect("write 1");
+        assert!(store.tree.get(META_PARTIAL).expect("get").is_none());
+        // checkpoint 2 rewrites every group, and stops after 3 of its batches, as a crash would
+        store
+            .fail_after_batches
+            .store(3, std::sync::atomic::Ordering::Relaxed);
+        let two = Line::new(SPREAD).cp(2, None, true, twenty(100.0), vec![], 20);
+        if reopen {
+            // as the service does: the attempt is recorded, so its id is not used again
+            store
+                .record_attempt(
+                    &CheckpointRecord::from_meta(&meta_of(&two, 0, 0), Status::InProgress),
+                    false,
+                )
+                .expect("record");
+        }
+        assert!(write(&store, &two, None).is_err());
+        assert!(store.tree.get(META_PARTIAL).expect("get").is_some());
+        let orphans = |store: &Store| {
+            store
+                .tree
+                .scan_prefix(GROUP_PREFIX)
+                .keys()
+                .filter(|k| {
+                    k.as_ref().is_ok_and(|k| {
+                        codec::decode_group_version_key(k).is_some_and(|(_, v)| v.0 == 2)
+                    })
+                })
+                .count()
+        };
+        assert_eq!(orphans(&store), 3, "three versions were written ahead");
+        if reopen {
+            drop(store);
+            store = open(&dir, 3);
+        }
+        store
+            .fail_after_batches
+            .store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[1]));
+        // a delta on checkpoint 1 that changes one key: every other group must come from 1
+        let next = store.next_id().expect("next");
+        let three = line.cp(
+            next.0,
+            Some(1),
+            false,
+            vec![(key(0, 0, "k0"), entry(EntryStatus::Open, 7.0))],
+            vec![],
+            30,
+        );
+        write(&store, &three, None).expect("write 3");
+        // with the attempt unrecorded, its id is used again, by a checkpoint of one group
+        let (reused, written) = if reopen { (3, 0) } else { (2, 1) };
+        assert_eq!(next.0, reused);
+        assert_eq!(orphans(&store), written, "reopen {reopen}");
+        assert!(store.tree.get(META_PARTIAL).expect("get").is_none());
+        let mut expected = twenty(1.0);
+        expected[0].1 = entry(EntryStatus::Open, 7.0);
+        let (_, got) = store.load_checkpoint(next).expect("load");
+        assert_eq!(sorted(got.entries), sorted(expected), "reopen {reopen}");
+        let (_, got) = store.load_checkpoint(CheckpointId(1)).expect("load 1");
+        assert_eq!(sorted(got.entries), sorted(twenty(1.0)));
     }
 }
 

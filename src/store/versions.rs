@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::codec::{
     decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
-    CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD,
+    CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD, META_PARTIAL,
 };
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
@@ -42,11 +42,26 @@ pub struct WriteRequest<'a> {
     pub started: Instant,
 }
 
+/// Group versions of the checkpoint being written that were written ahead of its last batch.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// Batches written ahead.
+    batches: usize,
+    /// Bytes gathered since the last one.
+    pending: usize,
+}
+
 /// The newest version of a group: its id and whether it holds entries (not emptied).
 type Latest = Option<(CheckpointId, bool)>;
 
 /// Groups' contents, by group.
 pub type Groups = BTreeMap<GroupId, Vec<(StateKey, Entry)>>;
+
+/// Once the group versions of a checkpoint pass this many bytes, they are written in a batch
+/// of their own ahead of the checkpoint's last one, which makes them part of a checkpoint: a
+/// full checkpoint of a large state is then several moderate batches, not one holding every
+/// group's blob at once (sled takes longer and holds more memory for a very large batch).
+pub(super) const BATCH_BYTES: usize = 64 << 20;
 
 /// The most entries a restore reserves room for up front from a checkpoint's metadata (a
 /// damaged count must not allocate without bound); past it, or when the room cannot be had,
@@ -147,7 +162,9 @@ impl Store {
     }
 
     /// Applies a checkpoint as one atomic batch (its versions, metadata, history record,
-    /// retention and, if asked, its savepoint) and flushes it.
+    /// retention and, if asked, its savepoint) and flushes it. Group versions past
+    /// `BATCH_BYTES` go in batches ahead of it (see `META_PARTIAL`); what an earlier write
+    /// left that way is removed first.
     pub fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
         self.check_owner()?;
         let cp = req.checkpoint;
@@ -168,15 +185,20 @@ impl Store {
             checkpoint_id: id,
             source,
         })?;
+        self.discard_partial()?;
         let t0 = Instant::now();
         let mut batch = sled::Batch::default();
         let mut bytes: u64 = 0;
+        // group versions written ahead of the last batch: see BATCH_BYTES and META_PARTIAL
+        let mut ahead = Ahead::default();
         // versions that become garbage at `id`: inserted as gc entries, or removed at once if
         // `id` itself ends up the oldest retained checkpoint
         let mut garbage: Vec<Vec<u8>> = Vec::new();
-        let mut put = |batch: &mut sled::Batch, k: Vec<u8>, v: Vec<u8>| {
-            bytes += (k.len() + v.len()) as u64;
+        let mut put = |batch: &mut sled::Batch, k: Vec<u8>, v: Vec<u8>| -> Result<(), StoreError> {
+            let len = k.len() + v.len();
+            bytes += len as u64;
             batch.insert(k, v);
+            self.write_ahead(&mut ahead, len, batch, id)
         };
         let mut empty: Option<Vec<u8>> = None;
         let mut emptied = |batch: &mut sled::Batch, k: Vec<u8>| -> Result<(), StoreError> {
@@ -194,7 +216,7 @@ impl Store {
                     &mut batch,
                     group_version_key(&g.id, id),
                     encode_content(g, id)?,
-                );
+                )?;
                 if let Some((prev, _)) = latest.remove(&g.id) {
                     garbage.push(group_version_key(&g.id, prev));
                 }
@@ -216,7 +238,7 @@ impl Store {
                         &mut batch,
                         group_version_key(&g.id, id),
                         encode_content(g, id)?,
-                    );
+                    )?;
                     if let Some((prev, _)) = prev {
                         garbage.push(group_version_key(&g.id, prev));
                     }
@@ -227,6 +249,9 @@ impl Store {
                     garbage.push(vk);
                 }
             }
+        }
+        if ahead.batches > 0 {
+            batch.remove(META_PARTIAL);
         }
         let savepoint = match &req.savepoint {
             None => None,
@@ -354,6 +379,70 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the group versions gathered in `batch` ahead of the checkpoint's last batch once
+    /// they pass `batch_bytes`, the first time with the marker that they belong to no
+    /// checkpoint yet (`META_PARTIAL`).
+    fn write_ahead(
+        &self,
+        ahead: &mut Ahead,
+        len: usize,
+        batch: &mut sled::Batch,
+        id: CheckpointId,
+    ) -> Result<(), StoreError> {
+        ahead.pending += len;
+        if ahead.pending < self.batch_bytes {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if ahead.batches
+            == self
+                .fail_after_batches
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(StoreError::Io(sled::Error::Unsupported(
+                "a failure injected by a test".into(),
+            )));
+        }
+        if ahead.batches == 0 {
+            batch.insert(META_PARTIAL, &id.0.to_be_bytes());
+        }
+        self.tree.apply_batch(std::mem::take(batch))?;
+        ahead.batches += 1;
+        ahead.pending = 0;
+        Ok(())
+    }
+
+    /// Removes the group versions of a checkpoint whose last batch never landed (the process
+    /// stopped, or the write failed, after versions were written ahead of it): they belong to
+    /// no checkpoint, and a later one would otherwise restore them as its own.
+    pub(super) fn discard_partial(&self) -> Result<(), StoreError> {
+        let Some(raw) = self.tree.get(META_PARTIAL)? else {
+            return Ok(());
+        };
+        let id = <[u8; 8]>::try_from(raw.as_ref())
+            .map(|b| CheckpointId(u64::from_be_bytes(b)))
+            .map_err(|_| {
+                self.corrupt(format!("undecodable {META_PARTIAL:?} {:?}", raw.as_ref()))
+            })?;
+        let mut batch = sled::Batch::default();
+        let mut versions = 0usize;
+        for k in self.tree.scan_prefix(GROUP_PREFIX).keys() {
+            let k = k?;
+            if decode_group_version_key(&k).is_some_and(|(_, v)| v == id) {
+                batch.remove(k);
+                versions += 1;
+            }
+        }
+        batch.remove(META_PARTIAL);
+        self.tree.apply_batch(batch)?;
+        tracing::warn!(
+            checkpoint_id = id.0,
+            versions,
+            "removed the group versions of a checkpoint that was not completed"
+        );
+        Ok(())
+    }
+
     /// The groups of a retained checkpoint, verified against its metadata.
     pub(super) fn materialize(&self, cp: &Retained) -> Result<Groups, StoreError> {
         let mut out = Groups::new();
@@ -474,6 +563,7 @@ impl Store {
             }
         }
         batch.remove(META_HEAD);
+        batch.remove(META_PARTIAL);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(count)
