@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::protocol::{InputSpec, StateSpec};
-use crate::engine::{AggregateKind, EntryStatus, RestoredState, WindowDef};
+use crate::engine::{AggregateKind, EntryStatus, Remap, RestoredState, WindowDef};
 use crate::position::OffsetReset;
 
 /// The configuration a snapshot is about to be restored under.
@@ -116,12 +116,13 @@ fn aggregate_name(a: AggregateKind) -> String {
 pub fn assess(stored: &StateSpec, state: &RestoredState, target: Target<'_>) -> Report {
     let mut open_per_window: BTreeMap<u16, u64> = BTreeMap::new();
     let mut closed_per_window: BTreeMap<u16, u64> = BTreeMap::new();
-    for (k, e) in &state.entries {
-        let counts = match e.status {
-            EntryStatus::Open => &mut open_per_window,
-            EntryStatus::Closed => &mut closed_per_window,
+    for ((_, window, closed), n) in state.counts() {
+        let counts = if closed {
+            &mut closed_per_window
+        } else {
+            &mut open_per_window
         };
-        *counts.entry(k.window).or_default() += 1;
+        *counts.entry(window).or_default() += n;
     }
     let mut notes = Vec::new();
     // a change of what feeds the accumulators invalidates every open window
@@ -347,45 +348,50 @@ impl Report {
         &self.retired
     }
 
+    /// What applying the report changes in each restored entry.
+    fn remap(&self) -> Remap {
+        Remap {
+            open: self.open_map.clone(),
+            closed: self.closed_map.clone(),
+            dropped_topics: self.dropped_topics.clone(),
+        }
+    }
+
     /// Applies the report: re-numbers windows, drops incompatible open windows and the
-    /// partitions of topics no longer subscribed.
+    /// partitions of topics no longer subscribed. Decoded entries change at once; stored
+    /// groups carry the change to their install (nothing is decoded here).
     pub fn apply(&self, state: RestoredState) -> Applied {
+        let remap = self.remap();
+        let before = state.len();
         // in place: a restored state of millions of entries is not copied
         let mut entries = state.entries;
-        let before = entries.len();
         entries.retain_mut(|(k, e)| {
-            let map = match e.status {
-                EntryStatus::Open => &self.open_map,
-                EntryStatus::Closed => &self.closed_map,
-            };
-            let topic_dropped = k
-                .partition
-                .as_ref()
-                .is_some_and(|p| self.dropped_topics.contains(&p.topic));
-            match map.get(&k.window).filter(|_| !topic_dropped) {
-                Some(&index) => {
+            match remap.window(&k.partition, k.window, e.status == EntryStatus::Closed) {
+                Some(index) => {
                     k.window = index;
                     true
                 }
                 None => false,
             }
         });
-        let dropped_entries = (before - entries.len()) as u64;
-        let before = state.partitions.len();
+        let parts_before = state.partitions.len();
         let partitions: Vec<_> = state
             .partitions
             .into_iter()
             .filter(|p| !self.dropped_topics.contains(&p.partition.topic))
             .collect();
+        let applied = RestoredState {
+            partitions,
+            watermark: state.watermark,
+            entries,
+            remap: (!state.groups.is_empty()).then_some(remap),
+            groups: state.groups,
+            stored_bytes: state.stored_bytes,
+        };
         Applied {
-            dropped_partitions: (before - partitions.len()) as u64,
-            state: RestoredState {
-                partitions,
-                watermark: state.watermark,
-                entries,
-                stored_bytes: state.stored_bytes,
-            },
-            dropped_entries,
+            dropped_partitions: (parts_before - applied.partitions.len()) as u64,
+            dropped_entries: before - applied.len(),
+            state: applied,
         }
     }
 }

@@ -188,6 +188,7 @@ impl MaterializedState {
             watermark: self.meta.as_ref().and_then(|m| m.watermark),
             entries: self.entries().into_iter().collect(),
             stored_bytes: 0,
+            ..Default::default()
         }
     }
 }

@@ -141,13 +141,6 @@ const MAX_LZ4_RATIO: u64 = 256;
 const BLOB_VERSION: u8 = 1;
 
 #[derive(Serialize, Deserialize)]
-struct Blob {
-    /// Distinct keys, sorted, front-coded: bytes shared with the previous key, then the rest.
-    keys: Vec<(u32, Vec<u8>)>,
-    rows: Vec<Row>,
-}
-
-#[derive(Serialize, Deserialize)]
 struct Row {
     /// Index into `keys`.
     key: u32,
@@ -193,7 +186,8 @@ pub(crate) struct EntryRef<'a> {
     pub closed: bool,
 }
 
-/// What [`Blob`] serializes to, with borrowed keys.
+/// A group's blob before compression: its distinct keys, sorted, front-coded (bytes shared
+/// with the previous key, then the rest), and its rows.
 #[derive(Serialize)]
 struct BlobRef<'a> {
     keys: Vec<(u32, &'a [u8])>,
@@ -253,11 +247,16 @@ pub(crate) fn encode_rows(entries: &mut [EntryRef<'_>]) -> Result<Vec<u8>, BlobE
     Ok(out)
 }
 
-/// Decodes a blob of scope `scope` into its entries, sorted by key.
-pub fn decode_blob(
-    raw: &[u8],
-    scope: &Option<Partition>,
-) -> Result<Vec<(StateKey, Entry)>, BlobError> {
+/// What a blob's body (see [`BlobRef`]) deserializes to, its keys borrowed from the body.
+#[derive(Deserialize)]
+struct BlobView<'a> {
+    #[serde(borrow)]
+    keys: Vec<(u32, &'a [u8])>,
+    rows: Vec<Row>,
+}
+
+/// The decompressed body of a blob, checked against what its header announces.
+fn body_of(raw: &[u8]) -> Result<Vec<u8>, BlobError> {
     let (&version, compressed) = raw.split_first().ok_or(BlobError::Empty)?;
     if version != BLOB_VERSION {
         return Err(BlobError::Newer(version));
@@ -273,11 +272,24 @@ pub fn decode_blob(
             "announces more than its compressed size can hold",
         ));
     }
-    let body = lz4_flex::decompress_size_prepended(compressed)
-        .map_err(|e| BlobError::Decompress(e.to_string()))?;
-    let blob: Blob = postcard::from_bytes(&body).map_err(|e| BlobError::Decode(e.to_string()))?;
-    let mut keys: Vec<String> = Vec::with_capacity(blob.keys.len());
-    let mut prev: Vec<u8> = Vec::new();
+    lz4_flex::decompress_size_prepended(compressed)
+        .map_err(|e| BlobError::Decompress(e.to_string()))
+}
+
+/// One entry of a blob as [`visit_blob`] hands it over: key, window, start, end, accumulator
+/// and whether the window is final.
+pub type BlobEntry<'a> = (&'a str, u16, i64, i64, Acc, bool);
+
+/// Reads a blob entry by entry, in key order, each key borrowed (no entry is allocated);
+/// returns the number of entries.
+pub fn visit_blob(raw: &[u8], mut f: impl FnMut(BlobEntry<'_>)) -> Result<usize, BlobError> {
+    let body = body_of(raw)?;
+    let blob: BlobView<'_> =
+        postcard::from_bytes(&body).map_err(|e| BlobError::Decode(e.to_string()))?;
+    // the keys, rebuilt from their shared prefixes into one buffer: key i is ends[i-1]..ends[i]
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut ends: Vec<usize> = Vec::with_capacity(blob.keys.len());
+    let mut prev = 0..0;
     for (shared, rest) in blob.keys {
         let shared = shared as usize;
         if shared > prev.len() {
@@ -285,45 +297,77 @@ pub fn decode_blob(
                 "key shares more than the previous key holds",
             ));
         }
-        prev.truncate(shared);
-        prev.extend_from_slice(&rest);
-        let key = String::from_utf8(prev.clone())
-            .map_err(|_| BlobError::Inconsistent("key is not UTF-8"))?;
-        keys.push(key);
+        let start = bytes.len();
+        bytes.extend_from_within(prev.start..prev.start + shared);
+        bytes.extend_from_slice(rest);
+        if std::str::from_utf8(&bytes[start..]).is_err() {
+            return Err(BlobError::Inconsistent("key is not UTF-8"));
+        }
+        prev = start..bytes.len();
+        ends.push(bytes.len());
     }
-    let mut out = Vec::with_capacity(blob.rows.len());
+    // every key is UTF-8 on its own, so each one's bounds are character boundaries
+    let text = String::from_utf8(bytes).map_err(|_| BlobError::Inconsistent("key is not UTF-8"))?;
     let mut start = 0i64;
+    let rows = blob.rows.len();
     for row in blob.rows {
-        let key = keys.get(row.key as usize).ok_or(BlobError::Inconsistent(
-            "row names a key the blob does not hold",
-        ))?;
+        let k = row.key as usize;
+        let from = k.checked_sub(1).map_or(Some(0), |i| ends.get(i).copied());
+        let Some(key) = from
+            .zip(ends.get(k).copied())
+            .and_then(|(from, to)| text.get(from..to))
+        else {
+            return Err(BlobError::Inconsistent(
+                "row names a key the blob does not hold",
+            ));
+        };
         start = start.wrapping_add(row.start_delta);
         let (sum, min, max) = row
             .values
             .unwrap_or((0.0, f64::INFINITY, f64::NEG_INFINITY));
+        let acc = Acc {
+            count: row.count,
+            sum,
+            min,
+            max,
+        };
+        f((
+            key,
+            row.window,
+            start,
+            start.wrapping_add(row.len),
+            acc,
+            row.closed,
+        ));
+    }
+    Ok(rows)
+}
+
+/// Decodes a blob of scope `scope` into its entries, sorted by key.
+pub fn decode_blob(
+    raw: &[u8],
+    scope: &Option<Partition>,
+) -> Result<Vec<(StateKey, Entry)>, BlobError> {
+    let mut out = Vec::new();
+    visit_blob(raw, |(key, window, start, end, acc, closed)| {
         out.push((
             StateKey {
                 partition: scope.clone(),
-                window: row.window,
+                window,
                 start,
-                key: key.clone(),
+                key: key.to_string(),
             },
             Entry {
-                status: if row.closed {
+                status: if closed {
                     EntryStatus::Closed
                 } else {
                     EntryStatus::Open
                 },
-                end: start.wrapping_add(row.len),
-                acc: Acc {
-                    count: row.count,
-                    sum,
-                    min,
-                    max,
-                },
+                end,
+                acc,
             },
-        ));
-    }
+        ))
+    })?;
     Ok(out)
 }
 

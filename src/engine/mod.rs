@@ -5,6 +5,7 @@ mod aggregate;
 mod decode;
 mod fixed;
 pub mod group;
+mod restored;
 mod scope;
 mod state;
 mod watermark;
@@ -13,6 +14,7 @@ mod window;
 use std::collections::{BTreeMap, HashMap};
 
 pub use group::{GroupContent, GroupId, GroupLayout};
+pub use restored::{Counts, Remap, RestoredState, StoredGroup};
 pub use scope::Emission;
 
 pub use aggregate::{Acc, AggregateKind};
@@ -75,22 +77,19 @@ pub struct StateDelta {
     pub records: u64,
 }
 
-/// The state the engine restarts from.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RestoredState {
-    pub partitions: Vec<PartitionState>,
-    pub watermark: Option<EventTime>,
-    pub entries: Vec<(StateKey, Entry)>,
-    /// Bytes the state occupies in the store it was read from (0 when not read from one).
-    pub stored_bytes: u64,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(
         "checkpoint holds open windows of window #{window}, but only {defined} windows are configured"
     )]
     UnknownWindow { window: u16, defined: usize },
+    #[error("group {group} of {scope:?} cannot be decoded: {source}")]
+    Damaged {
+        scope: Option<Partition>,
+        group: u16,
+        #[source]
+        source: group::BlobError,
+    },
 }
 
 /// Entries a restore's list holds before it is shrunk as it is installed.
@@ -162,11 +161,47 @@ impl Engine {
                 entries.shrink_to_fit();
             }
         }
+        // stored groups are decoded one at a time, each dropped once installed
+        let mut groups = state.groups;
+        groups.reverse();
+        while let Some(g) = groups.pop() {
+            engine.install_group(&g, state.remap.as_ref())?;
+        }
         engine.instance.queue_restored(&mut engine.emit_queue);
         for state in engine.scoped.values() {
             state.queue_restored(&mut engine.emit_queue);
         }
         Ok(engine)
+    }
+
+    /// Puts back the entries of a stored group, decoded as they are read (`remap` re-numbers
+    /// their windows or leaves them out).
+    fn install_group(&mut self, g: &StoredGroup, remap: Option<&Remap>) -> Result<(), StateError> {
+        let scope = &g.id.scope;
+        let mut failed = None;
+        let store = self.stores_of(scope.as_ref());
+        let read = group::visit_blob(&g.blob, |(key, window, start, end, acc, closed)| {
+            let window = match remap {
+                Some(r) => match r.window(scope, window, closed) {
+                    Some(w) => w,
+                    None => return,
+                },
+                None => window,
+            };
+            if closed {
+                store.restore_closed_parts(g.id.group, window, start, end, acc, key);
+            } else if let Err(e) =
+                store.restore_open_parts(g.id.group, window, start, end, acc, key)
+            {
+                failed.get_or_insert(e);
+            }
+        });
+        read.map_err(|source| StateError::Damaged {
+            scope: scope.clone(),
+            group: g.id.group,
+            source,
+        })?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Puts back one entry read from a checkpoint or the changelog. Final windows need no

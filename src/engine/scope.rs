@@ -125,6 +125,7 @@ struct ClosedRow {
 }
 
 impl ClosedRow {
+    #[cfg(test)]
     fn of(w: ClosedWindow) -> Self {
         ClosedRow {
             window: w.id.window,
@@ -553,23 +554,36 @@ impl ScopeState {
         id: StateKey,
         entry: Entry,
     ) -> Result<(), StateError> {
+        self.restore_open_parts(group, id.window, id.start, entry.end, entry.acc, &id.key)
+    }
+
+    /// [`ScopeState::restore_open`] of an entry in parts (its key borrowed).
+    pub(crate) fn restore_open_parts(
+        &mut self,
+        group: u16,
+        window: u16,
+        start: i64,
+        end: i64,
+        acc: Acc,
+        key: &str,
+    ) -> Result<(), StateError> {
         let unknown = StateError::UnknownWindow {
-            window: id.window,
+            window,
             defined: self.windows.len(),
         };
-        let kind = match self.windows.get(usize::from(id.window)) {
+        let kind = match self.windows.get(usize::from(window)) {
             Some(w) => w.kind,
             None => return Err(unknown),
         };
         let g = self.group_mut(group);
         let end = match kind {
             WindowKind::Session { .. } => {
-                match g.sessions.iter_mut().find(|t| t.index() == id.window) {
-                    Some(table) => table.restore(id.start, &id.key, entry.end, entry.acc),
+                match g.sessions.iter_mut().find(|t| t.index() == window) {
+                    Some(table) => table.restore(start, key, end, acc),
                     None => return Err(unknown),
                 }
             }
-            _ => g.fixed.restore(id.window, id.start, &id.key, entry.acc),
+            _ => g.fixed.restore(window, start, key, acc),
         };
         self.register(group, end);
         Ok(())
@@ -577,15 +591,28 @@ impl ScopeState {
 
     /// Puts back a final window read from a checkpoint.
     pub(crate) fn restore_closed(&mut self, group: u16, id: StateKey, entry: Entry) {
+        self.restore_closed_parts(group, id.window, id.start, entry.end, entry.acc, &id.key);
+    }
+
+    /// [`ScopeState::restore_closed`] of an entry in parts (its key borrowed).
+    pub(crate) fn restore_closed_parts(
+        &mut self,
+        group: u16,
+        window: u16,
+        start: i64,
+        end: i64,
+        acc: Acc,
+        key: &str,
+    ) {
         // a checkpoint holds each window once: no search for an equal one
-        self.group_mut(group).hold(
-            ClosedRow::of(ClosedWindow {
-                id,
-                end: entry.end,
-                acc: entry.acc,
-            }),
-            RESTORED_EPOCH,
-        );
+        let row = ClosedRow {
+            window,
+            start,
+            end,
+            acc,
+            key: Arc::from(key),
+        };
+        self.group_mut(group).hold(row, RESTORED_EPOCH);
         self.closed += 1;
     }
 

@@ -107,6 +107,19 @@ fn stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
     )
 }
 
+/// `s` with its entries in stored groups under `layout`, as a restore of a checkpoint reads them.
+fn as_stored(s: RestoredState, layout: &GroupLayout) -> RestoredState {
+    let groups = super::group::group_entries(layout, s.entries.clone())
+        .into_iter()
+        .map(|g| StoredGroup::read(g.id.clone(), g.blob().expect("blob")).expect("read"))
+        .collect();
+    RestoredState {
+        entries: Vec::new(),
+        groups,
+        ..s
+    }
+}
+
 /// Sentinels far ahead on every partition so that every real window closes.
 fn flush(engine: &mut Engine, offsets: &mut [i64; 3]) {
     for part in 0..3 {
@@ -224,7 +237,7 @@ proptest! {
     }
 
     #[test]
-    fn two_halves_with_checkpoint_restore_equal_the_whole(stream in stream_strategy(), cut in 0usize..300, hold in any::<bool>(), scoped in any::<bool>()) {
+    fn two_halves_with_checkpoint_restore_equal_the_whole(stream in stream_strategy(), cut in 0usize..300, hold in any::<bool>(), scoped in any::<bool>(), encoded in any::<bool>()) {
         let (whole, _) = run_whole_with(&stream, scoped_config(hold, scoped));
         let cut = cut.min(stream.len());
         let mut engine = Engine::new(scoped_config(hold, scoped));
@@ -240,7 +253,10 @@ proptest! {
         }
         checkpoint(&mut engine, &mut store, 1, &mut out);
         // a crash right after the checkpoint: everything after it is lost, state comes back
-        let mut engine = Engine::from_state(scoped_config(hold, scoped), store.restored()).expect("restore");
+        // (decoded, or as stored groups decoded as they are installed)
+        let cfg = scoped_config(hold, scoped);
+        let restored = if encoded { as_stored(store.restored(), &cfg.groups) } else { store.restored() };
+        let mut engine = Engine::from_state(cfg, restored).expect("restore");
         engine.assign(&[p(0), p(1), p(2)]);
         collect(&mut engine, &mut out);
         for (part, key, ts, v) in &stream[cut..] {
@@ -396,14 +412,17 @@ fn restored_closed_windows_are_emitted_again_identically() {
         .expect("apply");
     engine.checkpoint_completed(CheckpointId(1));
     let first = engine.take_emittable();
-    // crash before the acknowledgement was checkpointed
-    let mut again = Engine::from_state(config(true), store.restored()).expect("restore");
-    let mut second = again.take_emittable();
+    // crash before the acknowledgement was checkpointed: restored decoded, or as stored groups
     let mut first_sorted = first;
     first_sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    second.sort_by(|a, b| a.id.cmp(&b.id));
-    assert!(!second.is_empty());
-    assert_eq!(first_sorted, second);
+    let layout = config(true).groups;
+    for restored in [store.restored(), as_stored(store.restored(), &layout)] {
+        let mut again = Engine::from_state(config(true), restored).expect("restore");
+        let mut second = again.take_emittable();
+        second.sort_by(|a, b| a.id.cmp(&b.id));
+        assert!(!second.is_empty());
+        assert_eq!(first_sorted, second);
+    }
 }
 
 #[test]
@@ -425,6 +444,7 @@ fn restore_refuses_state_of_unknown_windows() {
             },
         )],
         stored_bytes: 0,
+        ..Default::default()
     };
     assert!(matches!(
         Engine::from_state(config(true), state),

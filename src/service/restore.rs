@@ -105,7 +105,7 @@ pub fn restore(
     let mut skipped: Vec<String> = Vec::new();
     for candidate in &plan.candidates {
         let loaded = match candidate {
-            RestorePoint::Checkpoint(id) => store.load_checkpoint(*id),
+            RestorePoint::Checkpoint(id) => store.load_checkpoint_stored(*id),
             RestorePoint::Savepoint(name) => store
                 .load_savepoint(name)
                 .map(|(sp, state)| (sp.meta, state)),

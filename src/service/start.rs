@@ -99,7 +99,7 @@ pub(super) fn engine(
     config.groups = store.layout()?;
     let engine = match (&restored.meta, restored.state.take()) {
         (Some(meta), Some(state)) => {
-            let entries = state.entries.len();
+            let entries = state.len();
             let bytes = state.stored_bytes;
             let engine = Engine::from_state(config, state).with_context(|| {
                 format!(

@@ -362,6 +362,21 @@ fn every_fixture_store_restores_its_recorded_state() {
                 "{}: checkpoint {id}",
                 dir.display()
             );
+            // as a start reads it: groups kept encoded, decoded as installed
+            let (_, stored) = store
+                .load_checkpoint_stored(CheckpointId(id))
+                .unwrap_or_else(|e| panic!("{}: checkpoint {id} stored: {e}", dir.display()));
+            let decoded = RestoredState {
+                entries: stored.clone().into_entries().expect("decodes"),
+                groups: Vec::new(),
+                ..stored
+            };
+            assert_eq!(
+                &describe(&meta.spec, &decoded),
+                want,
+                "{}: checkpoint {id} stored",
+                dir.display()
+            );
         }
         // a restarted build keeps counting from the fixture's ids
         assert!(store.next_id().expect("next id") > ids.last().copied().unwrap_or(CheckpointId(0)));

@@ -176,6 +176,7 @@ impl Store {
             entries,
             // what the savepoint's copy occupies
             stored_bytes: meta.meta.bytes,
+            ..Default::default()
         };
         Ok((meta, restored))
     }

@@ -341,8 +341,16 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
             }
             other => panic!("checkpoint {id}: {other:?}"),
         }
+        // read as stored groups (as a start reads it), the damage is found as it is read too
+        match store.load_checkpoint_stored(CheckpointId(id)) {
+            Err(StoreError::Unreadable(u)) => {
+                assert!(u.detail.contains("checksum"), "{}", u.detail)
+            }
+            other => panic!("checkpoint {id} stored: {other:?}"),
+        }
     }
     assert!(store.load_checkpoint(CheckpointId(1)).is_ok());
+    assert!(store.load_checkpoint_stored(CheckpointId(1)).is_ok());
     // a version missing altogether (partly written): the entry count gives it away
     store
         .tree
@@ -356,6 +364,12 @@ fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() 
             assert!(u.detail.contains("should hold 2 entries"), "{}", u.detail)
         }
         other => panic!("{other:?}"),
+    }
+    match store.load_checkpoint_stored(CheckpointId(1)) {
+        Err(StoreError::Unreadable(u)) => {
+            assert!(u.detail.contains("should hold 2 entries"), "{}", u.detail)
+        }
+        other => panic!("stored: {other:?}"),
     }
 }
 
@@ -613,6 +627,9 @@ proptest! {
         for id in &ids {
             let (_, got) = store.load_checkpoint(*id).expect("load");
             prop_assert_eq!(&sorted(got.entries), &states[&id.0], "checkpoint {}", id);
+            let (_, stored) = store.load_checkpoint_stored(*id).expect("load stored");
+            prop_assert_eq!(stored.len(), states[&id.0].len() as u64);
+            prop_assert_eq!(&stored.into_entries().expect("decodes"), &states[&id.0], "checkpoint {} stored", id);
         }
         let oldest = ids[0];
         let oldest_groups = group_entries(&layout, states[&oldest.0].clone()).len();

@@ -21,7 +21,7 @@ use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, Checkpo
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::group::{decode_blob, encode_blob, BlobError};
 use crate::engine::GroupContent;
-use crate::engine::{Entry, GroupId, RestoredState, StateKey};
+use crate::engine::{Entry, GroupId, RestoredState, StateKey, StoredGroup};
 
 /// A checkpoint that cannot be restored: damaged or incomplete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -460,6 +460,22 @@ impl Store {
         cp: &Retained,
         mut sink: impl FnMut(GroupId, Vec<(StateKey, Entry)>),
     ) -> Result<u64, StoreError> {
+        self.visit_stored(cp, |g, blob, what| {
+            let entries = decode_blob(blob, &g.scope).map_err(|e| format!("{what}: {e}"))?;
+            let found = entries.len() as u64;
+            sink(g, entries);
+            Ok(found)
+        })
+    }
+
+    /// Hands the blob of each non-empty group of a retained checkpoint to `sink` (with a name
+    /// for errors), which returns the entries it found there; verifies each group's count and
+    /// the total against the checkpoint's metadata, and returns the bytes the groups occupy.
+    fn visit_stored(
+        &self,
+        cp: &Retained,
+        mut sink: impl FnMut(GroupId, &[u8], &str) -> Result<u64, String>,
+    ) -> Result<u64, StoreError> {
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("checkpoint {id}"),
@@ -469,16 +485,24 @@ impl Store {
         let mut entries = 0u64;
         let mut bytes = 0u64;
         let mut finish = |chosen: Option<(GroupId, sled::IVec)>| -> Result<(), StoreError> {
-            if let Some((g, raw)) = chosen {
-                bytes += raw.len() as u64;
-                let content = self
-                    .decode_group(&raw, &g, &format!("group {} of {:?}", g.group, g.scope))
-                    .map_err(unreadable)?;
-                if !content.is_empty() {
-                    entries += content.len() as u64;
-                    sink(g, content);
-                }
+            let Some((g, raw)) = chosen else {
+                return Ok(());
+            };
+            bytes += raw.len() as u64;
+            let what = format!("group {} of {:?}", g.group, g.scope);
+            let Some((count, blob)) =
+                group_payload(&raw).map_err(|e| unreadable(format!("{what}: {e}")))?
+            else {
+                return Ok(());
+            };
+            let found = sink(g, blob, &what).map_err(unreadable)?;
+            if found != u64::from(count) {
+                return Err(unreadable(format!(
+                    "{what}: it should hold {count} entries but {found} were decoded"
+                ))
+                .into());
             }
+            entries += found;
             Ok(())
         };
         for item in self.tree.scan_prefix(GROUP_PREFIX) {
@@ -504,19 +528,49 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Loads retained checkpoint `id` exactly as it was.
-    pub fn load_checkpoint(
+    /// Loads retained checkpoint `id` with its groups as stored, each read once to count and
+    /// check it but kept encoded: the engine decodes them one at a time as it installs them
+    /// (`Engine::from_state`), so that the whole state is never held decoded.
+    pub fn load_checkpoint_stored(
         &self,
         id: CheckpointId,
     ) -> Result<(CheckpointMeta, RestoredState), StoreError> {
-        let cp = self.checkpoint(id).map_err(|e| match e {
+        let cp = self.retained_for_restore(id)?;
+        let mut groups = Vec::new();
+        let stored_bytes = self.visit_stored(&cp, |g, blob, what| {
+            let group = StoredGroup::read(g, blob.to_vec()).map_err(|e| format!("{what}: {e}"))?;
+            let found = group.len();
+            groups.push(group);
+            Ok(found)
+        })?;
+        let restored = RestoredState {
+            partitions: cp.meta.partitions.clone(),
+            watermark: cp.meta.watermark,
+            groups,
+            stored_bytes,
+            ..Default::default()
+        };
+        Ok((cp.meta, restored))
+    }
+
+    /// Retained checkpoint `id`'s metadata, its damage reported as unreadable.
+    fn retained_for_restore(&self, id: CheckpointId) -> Result<Retained, StoreError> {
+        self.checkpoint(id).map_err(|e| match e {
             StoreError::Corrupt { detail, .. } => Unreadable {
                 snapshot: format!("checkpoint {id}"),
                 detail,
             }
             .into(),
             other => other,
-        })?;
+        })
+    }
+
+    /// Loads retained checkpoint `id` exactly as it was.
+    pub fn load_checkpoint(
+        &self,
+        id: CheckpointId,
+    ) -> Result<(CheckpointMeta, RestoredState), StoreError> {
+        let cp = self.retained_for_restore(id)?;
         // sized once from the metadata, filled group by group as the groups are read (a
         // million-entry state is never held twice, nor grown step by step); the count is
         // verified after the last group, and no more than MAX_PRESIZED_ENTRIES is reserved
@@ -538,6 +592,7 @@ impl Store {
             watermark: cp.meta.watermark,
             entries,
             stored_bytes,
+            ..Default::default()
         };
         Ok((cp.meta, restored))
     }
@@ -573,6 +628,20 @@ impl Store {
     pub fn version_count(&self) -> usize {
         self.tree.scan_prefix(GROUP_PREFIX).count()
     }
+}
+
+/// A stored group version's entry count and blob; `None` for an emptied group.
+fn group_payload(raw: &[u8]) -> Result<Option<(u32, &[u8])>, String> {
+    let payload = super::codec::unseal(raw).ok_or("checksum mismatch")?;
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let count = payload
+        .get(0..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or("truncated")?;
+    Ok(Some((count, &payload[4..])))
 }
 
 /// Whether a stored group version holds entries. A damaged one counts as holding some: writing

@@ -77,6 +77,7 @@ fn state() -> RestoredState {
             entry(1, "z", EntryStatus::Closed),
         ],
         stored_bytes: 0,
+        ..Default::default()
     }
 }
 
@@ -443,4 +444,70 @@ fn state_without_recorded_input_that_read_no_value_cannot_grow_a_sum() {
         Verdict::Incompatible(_)
     ));
     assert!(report.refuses());
+}
+
+/// `s` with its entries in stored groups, as a restore of a checkpoint reads them.
+fn stored_groups(s: &RestoredState) -> RestoredState {
+    use crate::engine::group::group_entries;
+    use crate::engine::{GroupLayout, StoredGroup};
+    let layout = GroupLayout { seed: 3, groups: 4 };
+    let groups = group_entries(&layout, s.entries.clone())
+        .into_iter()
+        .map(|g| StoredGroup::read(g.id.clone(), g.blob().expect("blob")).expect("read"))
+        .collect();
+    RestoredState {
+        entries: Vec::new(),
+        groups,
+        ..s.clone()
+    }
+}
+
+#[test]
+fn stored_groups_are_assessed_and_applied_as_their_decoded_entries_are() {
+    let mut scoped = stored_spec();
+    scoped.partition_scoped = true;
+    let mut partitioned = state();
+    for (k, _) in &mut partitioned.entries {
+        let topic = if k.key == "b" { "clicks" } else { "events" };
+        k.partition = Some(Partition::new(topic, 0));
+    }
+    let swapped = spec(
+        vec![session("visits", 30_000), tumbling("minute", 60_000)],
+        vec![AggregateKind::Count, AggregateKind::Sum],
+    );
+    let changed = spec(
+        vec![tumbling("minute", 120_000), session("visits", 30_000)],
+        vec![AggregateKind::Count, AggregateKind::Sum],
+    );
+    let cases = [
+        (
+            stored_spec(),
+            state(),
+            stored_spec(),
+            topics(&["clicks", "events"]),
+        ),
+        (
+            stored_spec(),
+            state(),
+            swapped,
+            topics(&["clicks", "events"]),
+        ),
+        (stored_spec(), state(), changed, topics(&["events"])),
+        (scoped.clone(), partitioned, scoped, topics(&["events"])),
+    ];
+    for (stored, decoded, configured, t) in cases {
+        let encoded = stored_groups(&decoded);
+        assert_eq!(encoded.len(), decoded.entries.len() as u64);
+        assert_eq!(encoded.counts(), decoded.counts());
+        let report = assess_on(&stored, &decoded, &configured, &t);
+        assert_eq!(assess_on(&stored, &encoded, &configured, &t), report);
+        let want = report.apply(decoded);
+        let got = report.apply(encoded);
+        assert_eq!(got.dropped_entries, want.dropped_entries);
+        assert_eq!(got.dropped_partitions, want.dropped_partitions);
+        assert_eq!(got.state.len(), want.state.entries.len() as u64);
+        let mut expected = want.state.entries;
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got.state.into_entries().expect("decodes"), expected);
+    }
 }

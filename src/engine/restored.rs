@@ -1,0 +1,160 @@
+//! The state a restore hands the engine: entries decoded already, and key groups still encoded
+//! as they were stored, which the engine decodes one at a time as it installs them, so that a
+//! restore never holds the whole state decoded beside the engine it builds.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::group::{visit_blob, BlobError, GroupId};
+use super::state::{Entry, EntryStatus, StateKey};
+use super::PartitionState;
+use crate::event_time::EventTime;
+use crate::position::Partition;
+
+/// One key group as stored: its blob (see [`visit_blob`]), decoded when installed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredGroup {
+    pub id: GroupId,
+    /// Entries the blob holds, by window index and finality, as counted when it was read.
+    pub counts: Vec<(u16, bool, u64)>,
+    pub blob: Vec<u8>,
+}
+
+impl StoredGroup {
+    /// Reads `blob` once to count its entries by window and finality (which also checks that
+    /// it decodes).
+    pub fn read(id: GroupId, blob: Vec<u8>) -> Result<StoredGroup, BlobError> {
+        let mut counts: BTreeMap<(u16, bool), u64> = BTreeMap::new();
+        visit_blob(&blob, |(_, window, _, _, _, closed)| {
+            *counts.entry((window, closed)).or_default() += 1;
+        })?;
+        Ok(StoredGroup {
+            id,
+            counts: counts.into_iter().map(|((w, c), n)| (w, c, n)).collect(),
+            blob,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.counts.iter().map(|(_, _, n)| n).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Entries of a restored state by the topic of their scope (`None`: instance scope), window
+/// index and finality (`true`: final).
+pub type Counts = BTreeMap<(Option<String>, u16, bool), u64>;
+
+/// What a compatibility report changes in restored entries: windows re-numbered (open and
+/// final ones apart), and the entries of other windows and of dropped topics left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Remap {
+    pub open: BTreeMap<u16, u16>,
+    pub closed: BTreeMap<u16, u16>,
+    pub dropped_topics: BTreeSet<String>,
+}
+
+impl Remap {
+    /// The index an entry of `window` in `scope` is restored under; `None`: left out.
+    pub fn window(&self, scope: &Option<Partition>, window: u16, closed: bool) -> Option<u16> {
+        if scope
+            .as_ref()
+            .is_some_and(|p| self.dropped_topics.contains(&p.topic))
+        {
+            return None;
+        }
+        let map = if closed { &self.closed } else { &self.open };
+        map.get(&window).copied()
+    }
+}
+
+/// The state the engine restarts from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RestoredState {
+    pub partitions: Vec<PartitionState>,
+    pub watermark: Option<EventTime>,
+    /// Entries decoded already (savepoints, the changelog, tests).
+    pub entries: Vec<(StateKey, Entry)>,
+    /// Groups still encoded (a checkpoint), installed one at a time.
+    pub groups: Vec<StoredGroup>,
+    /// Applied to `groups` as they are installed (`entries` are re-numbered at once).
+    pub remap: Option<Remap>,
+    /// Bytes the state occupies in the store it was read from (0 when not read from one).
+    pub stored_bytes: u64,
+}
+
+impl RestoredState {
+    /// Entries by topic, window and finality, as stored (before any `remap`).
+    pub fn counts(&self) -> Counts {
+        let mut out = Counts::new();
+        for (k, e) in &self.entries {
+            let topic = k.partition.as_ref().map(|p| p.topic.clone());
+            *out.entry((topic, k.window, e.status == EntryStatus::Closed))
+                .or_default() += 1;
+        }
+        for g in &self.groups {
+            let topic = g.id.scope.as_ref().map(|p| p.topic.clone());
+            for &(window, closed, n) in &g.counts {
+                *out.entry((topic.clone(), window, closed)).or_default() += n;
+            }
+        }
+        out
+    }
+
+    /// Entries the engine will hold: those decoded, and those of the groups `remap` keeps.
+    pub fn len(&self) -> u64 {
+        let kept = |g: &StoredGroup| -> u64 {
+            g.counts
+                .iter()
+                .filter(|(w, c, _)| {
+                    self.remap
+                        .as_ref()
+                        .is_none_or(|r| r.window(&g.id.scope, *w, *c).is_some())
+                })
+                .map(|(_, _, n)| n)
+                .sum()
+        };
+        self.entries.len() as u64 + self.groups.iter().map(kept).sum::<u64>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every entry, decoded (the groups' with `remap` applied), sorted by key.
+    pub fn into_entries(self) -> Result<Vec<(StateKey, Entry)>, BlobError> {
+        let mut out = self.entries;
+        for g in &self.groups {
+            visit_blob(&g.blob, |(key, window, start, end, acc, closed)| {
+                let window = match &self.remap {
+                    Some(r) => match r.window(&g.id.scope, window, closed) {
+                        Some(w) => w,
+                        None => return,
+                    },
+                    None => window,
+                };
+                out.push((
+                    StateKey {
+                        partition: g.id.scope.clone(),
+                        window,
+                        start,
+                        key: key.to_string(),
+                    },
+                    Entry {
+                        status: if closed {
+                            EntryStatus::Closed
+                        } else {
+                            EntryStatus::Open
+                        },
+                        end,
+                        acc,
+                    },
+                ));
+            })?;
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
