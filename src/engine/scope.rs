@@ -8,7 +8,8 @@
 //! only leave, so a group copied on write shares them, and acknowledgements are marked beside
 //! them.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use fixedbitset::FixedBitSet;
@@ -292,30 +293,38 @@ impl GroupState {
     }
 
     /// A time at or before the end of every open window of the group, if any is open.
+    #[cfg(test)]
     fn earliest_end(&self) -> Option<i64> {
         let sessions = self.sessions.iter().filter_map(SessionTable::earliest_end);
         self.fixed.earliest_end().into_iter().chain(sessions).min()
     }
 
     /// Removes the windows that end at or before `limit` into `out`, in the order of their
-    /// definitions, fixed ones by start and key, sessions by end, key and start.
-    fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) {
+    /// definitions, fixed ones by start and key, sessions by end, key and start. Returns
+    /// [`GroupState::earliest_end`] after.
+    fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) -> Option<i64> {
         let from = out.len();
         let due = |earliest: Option<i64>| earliest.is_some_and(|end| end <= limit);
         if due(self.fixed.earliest_end()) {
             self.fixed.close(limit, rows_into(out));
         }
+        let mut earliest = self.fixed.earliest_end();
         out[from..]
             .sort_unstable_by(|a, b| (a.window, a.start, &a.key).cmp(&(b.window, b.start, &b.key)));
         let sessions = out.len();
-        for t in self.sessions.iter_mut().filter(|t| due(t.earliest_end())) {
-            t.close(limit, rows_into(out));
+        for t in &mut self.sessions {
+            let first = match t.earliest_end() {
+                Some(end) if end <= limit => t.close(limit, rows_into(out)),
+                first => first,
+            };
+            earliest = earlier(earliest, first);
         }
         out[sessions..].sort_unstable_by(|a, b| {
             (a.window, a.end, &a.key, a.start).cmp(&(b.window, b.end, &b.key, b.start))
         });
         // fixed and session definitions interleave by index
         out[from..].sort_by_key(|r| r.window);
+        earliest
     }
 
     /// Where final window `id` waits: chunk and row. Acknowledgements come in the order of
@@ -423,21 +432,57 @@ impl GroupState {
 /// at-least-once).
 const RESTORED_EPOCH: u64 = 0;
 
-/// A window of `group` ending at `end` is open: the group is due when the watermark reaches
-/// `end`, if not earlier.
-fn note_due(bounds: &mut HashMap<u16, i64>, due: &mut BTreeSet<(i64, u16)>, group: u16, end: i64) {
-    use std::collections::hash_map::Entry as Slot;
-    match bounds.entry(group) {
-        Slot::Vacant(v) => {
-            v.insert(end);
-            due.insert((end, group));
+/// The earlier of two optional times.
+fn earlier(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Per group with open windows, a time at or before the end of each of them (its earliest
+/// end, or earlier: sessions that grew keep their older bound until closing reaches it), and
+/// the groups ordered by that time: the groups a watermark reaches come first.
+#[derive(Debug, Default)]
+struct Due {
+    /// By group: its time, `i64::MAX` for none (no window ends there: event times are years
+    /// 1 to 9999, windows at most 100 years long).
+    bounds: Vec<i64>,
+    /// (time, group), earliest first. A group's time only moves earlier while it waits (a
+    /// window opening), so an entry left behind by a move is skipped when it comes up.
+    heap: BinaryHeap<Reverse<(i64, u16)>>,
+}
+
+impl Due {
+    /// A window of `group` ending at `end` is open: the group is due when the watermark
+    /// reaches `end`, if not earlier.
+    fn note(&mut self, group: u16, end: i64) {
+        let i = usize::from(group);
+        if i >= self.bounds.len() {
+            self.bounds.resize(i + 1, i64::MAX);
         }
-        Slot::Occupied(mut o) if end < *o.get() => {
-            due.remove(&(*o.get(), group));
-            due.insert((end, group));
-            *o.get_mut() = end;
+        if end < self.bounds[i] {
+            self.bounds[i] = end;
+            self.heap.push(Reverse((end, group)));
         }
-        Slot::Occupied(_) => {}
+    }
+
+    /// Takes the groups whose time is at or before `limit` into `out`, ascending.
+    fn take(&mut self, limit: i64, out: &mut Vec<u16>) {
+        while let Some(&Reverse((end, group))) = self.heap.peek() {
+            if end > limit {
+                break;
+            }
+            self.heap.pop();
+            if let Some(bound) = self.bounds.get_mut(usize::from(group)) {
+                if *bound == end {
+                    *bound = i64::MAX;
+                    out.push(group);
+                }
+            }
+        }
+        out.sort_unstable();
     }
 }
 
@@ -448,11 +493,8 @@ pub(crate) struct ScopeState {
     windows: Vec<WindowDef>,
     groups: HashMap<u16, Arc<GroupState>>,
     dirty: DirtyGroups,
-    /// Per group with open windows, a time at or before the end of each (its earliest end,
-    /// or earlier: sessions that grew keep their older bound until closing reaches it).
-    bounds: HashMap<u16, i64>,
-    /// The same, ordered by that time: the groups a watermark reaches come first.
-    due: BTreeSet<(i64, u16)>,
+    /// When each group has windows to close.
+    due: Due,
     /// Final windows not acknowledged yet, over all groups.
     closed: usize,
 }
@@ -464,8 +506,7 @@ impl ScopeState {
             windows: windows.to_vec(),
             groups: HashMap::new(),
             dirty: DirtyGroups::default(),
-            bounds: HashMap::new(),
-            due: BTreeSet::new(),
+            due: Due::default(),
             closed: 0,
         }
     }
@@ -481,9 +522,9 @@ impl ScopeState {
         Arc::make_mut(shared)
     }
 
-    /// A window of `group` ending at `end` opened; see [`note_due`].
+    /// A window of `group` ending at `end` opened; see [`Due::note`].
     fn register(&mut self, group: u16, end: i64) {
-        note_due(&mut self.bounds, &mut self.due, group, end);
+        self.due.note(group, end);
     }
 
     /// Adds a record of `key` (in `group`) to every window holding `ts` that is not final.
@@ -513,24 +554,16 @@ impl ScopeState {
     /// `out` if given (windows emitted as they close), else only keeps them.
     pub(crate) fn close(&mut self, limit: i64, epoch: u64, mut out: Option<&mut Emission>) {
         let mut due = Vec::new();
-        while self.due.first().is_some_and(|(bound, _)| *bound <= limit) {
-            if let Some((_, g)) = self.due.pop_first() {
-                self.bounds.remove(&g);
-                due.push(g);
-            }
-        }
-        due.sort_unstable();
+        self.due.take(limit, &mut due);
         let mut now = Vec::new();
         for g in due {
             let Some(shared) = self.groups.get_mut(&g) else {
                 continue;
             };
-            // closing copies a group a snapshot shares: only when a window is due
-            if shared.earliest_end().is_some_and(|end| end <= limit) {
-                Arc::make_mut(shared).close(limit, &mut now);
-            }
-            if let Some(end) = shared.earliest_end() {
-                note_due(&mut self.bounds, &mut self.due, g, end);
+            // closing copies a group a snapshot shares; a group is due only when one of its
+            // windows (or a session's older bound) ends by `limit`
+            if let Some(end) = Arc::make_mut(shared).close(limit, &mut now) {
+                self.due.note(g, end);
             }
             if now.is_empty() {
                 continue;
@@ -855,6 +888,29 @@ mod tests {
             1,
             "the partition's windows are dropped, the other kept"
         );
+    }
+
+    #[test]
+    fn due_groups_come_once_each_when_their_earliest_time_is_reached() {
+        let mut due = Due::default();
+        due.note(7, 50);
+        due.note(3, 40);
+        // a window opening earlier moves group 7 earlier; a later one changes nothing
+        due.note(7, 30);
+        due.note(7, 60);
+        due.note(500, 45);
+        let mut out = Vec::new();
+        due.take(29, &mut out);
+        assert!(out.is_empty());
+        due.take(45, &mut out);
+        assert_eq!(out, vec![3, 7, 500], "ascending, group 7 once");
+        // taken groups wait for a new time; the entry left behind by the move is skipped
+        out.clear();
+        due.take(100, &mut out);
+        assert!(out.is_empty());
+        due.note(7, 50);
+        due.take(100, &mut out);
+        assert_eq!(out, vec![7]);
     }
 
     #[test]

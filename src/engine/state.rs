@@ -179,8 +179,13 @@ impl SessionTable {
     }
 
     /// Removes every session whose end is at or before `limit`, handing each to `f` (window
-    /// index, start, end, accumulator, key), in no particular order.
-    pub fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
+    /// index, start, end, accumulator, key), in no particular order. Returns
+    /// [`SessionTable::earliest_end`] after.
+    pub fn close(
+        &mut self,
+        limit: i64,
+        mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>),
+    ) -> Option<i64> {
         while self.by_end.first().is_some_and(|(end, _, _)| *end <= limit) {
             let Some((_, key, start)) = self.by_end.pop_first() else {
                 break;
@@ -205,6 +210,7 @@ impl SessionTable {
             }
             f(self.index, start, s.end, s.acc, &key);
         }
+        self.earliest_end()
     }
 
     /// The open session of `key` starting at `start`, if any.
