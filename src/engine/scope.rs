@@ -292,13 +292,6 @@ impl GroupState {
         took
     }
 
-    /// A time at or before the end of every open window of the group, if any is open.
-    #[cfg(test)]
-    fn earliest_end(&self) -> Option<i64> {
-        let sessions = self.sessions.iter().filter_map(SessionTable::earliest_end);
-        self.fixed.earliest_end().into_iter().chain(sessions).min()
-    }
-
     /// Removes the windows that end at or before `limit` into `out`, in the order of their
     /// definitions, fixed ones by start and key, sessions by end, key and start. Returns
     /// [`GroupState::earliest_end`] after.
