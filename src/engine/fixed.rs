@@ -55,7 +55,9 @@ impl Slot {
         }
     }
 
-    /// [`Acc::add`], in place.
+    /// [`Acc::add`], in place: the record path's hottest line (going through `acc()` and
+    /// `Slot::new` instead cost a quarter of `decode_aggregate`'s throughput). The test below
+    /// holds the two to the same result.
     fn add(&mut self, value: Option<f64>) {
         if self.tag & MAX_COUNT < MAX_COUNT {
             self.tag += 1;
@@ -328,10 +330,12 @@ mod tests {
         for window in [0, 1, 300, u16::MAX] {
             let mut slot = Slot::new(window, -17, acc);
             assert_eq!((slot.window(), slot.start, slot.acc()), (window, -17, acc));
-            slot.add(None);
             let mut more = acc;
-            more.add(None);
-            assert_eq!((slot.window(), slot.acc()), (window, more));
+            for value in [None, Some(-40.0), Some(3.5), Some(100.0)] {
+                slot.add(value);
+                more.add(value);
+                assert_eq!((slot.window(), slot.acc()), (window, more));
+            }
         }
         // a count at the bound stays there and leaves the index alone
         let full = Acc {

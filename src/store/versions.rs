@@ -110,18 +110,10 @@ impl Store {
         group: &GroupId,
         what: &str,
     ) -> Result<Vec<(StateKey, Entry)>, String> {
-        let payload =
-            super::codec::unseal(raw).ok_or_else(|| format!("{what}: checksum mismatch"))?;
-        if payload.is_empty() {
+        let Some((count, blob)) = group_payload(raw).map_err(|e| format!("{what}: {e}"))? else {
             return Ok(Vec::new());
-        }
-        let count = payload
-            .get(0..4)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_be_bytes)
-            .ok_or_else(|| format!("{what}: truncated"))?;
-        let entries =
-            decode_blob(&payload[4..], &group.scope).map_err(|e| format!("{what}: {e}"))?;
+        };
+        let entries = decode_blob(blob, &group.scope).map_err(|e| format!("{what}: {e}"))?;
         if entries.len() != count as usize {
             return Err(format!(
                 "{what}: it should hold {count} entries but {} were decoded",
