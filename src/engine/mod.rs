@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod decode;
+mod due;
 mod fixed;
 pub mod group;
 mod restored;
@@ -179,8 +180,16 @@ impl Engine {
     fn install_group(&mut self, g: &StoredGroup, remap: Option<&Remap>) -> Result<(), StateError> {
         let scope = &g.id.scope;
         let mut failed = None;
+        // the group the writer filed the entries under; the engine's layout is the store's
+        // (`service::start`), so a key lands where its later records look for it
+        let layout = self.cfg.groups;
         let store = self.stores_of(scope.as_ref());
         let read = group::visit_blob(&g.blob, |(key, window, start, end, acc, closed)| {
+            debug_assert_eq!(
+                layout.group_of(key),
+                g.id.group,
+                "key {key:?} filed in another group"
+            );
             let window = match remap {
                 Some(r) => match r.window(scope, window, closed) {
                     Some(w) => w,

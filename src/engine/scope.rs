@@ -2,20 +2,19 @@
 //! its windows per definition and its final windows waiting for their acknowledgement, behind
 //! an `Arc`: a snapshot shares the changed groups instead of copying the state, and a group
 //! changed while a checkpoint still writes it is copied then (copy on write: one group, never
-//! the state). An index of window ends per group tells which groups the watermark closes
-//! windows in, so that closing never scans every group. A group's final windows sit in chunks,
+//! the state). A time per group, at or before the end of each of its windows (`due`), tells
+//! which groups the watermark closes windows in, so that closing never scans every group. A group's final windows sit in chunks,
 //! one per epoch they closed in, behind `Arc`s of their own: final windows never change, they
 //! only leave, so a group copied on write shares them, and acknowledgements are marked beside
 //! them.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use fixedbitset::FixedBitSet;
 use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
+use super::due::Due;
 use super::fixed::FixedWindows;
 use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
 use super::state::{ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
@@ -434,51 +433,6 @@ fn earlier(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     }
 }
 
-/// Per group with open windows, a time at or before the end of each of them (its earliest
-/// end, or earlier: sessions that grew keep their older bound until closing reaches it), and
-/// the groups ordered by that time: the groups a watermark reaches come first.
-#[derive(Debug, Default)]
-struct Due {
-    /// By group: its time, `i64::MAX` for none (no window ends there: event times are years
-    /// 1 to 9999, windows at most 100 years long).
-    bounds: Vec<i64>,
-    /// (time, group), earliest first. A group's time only moves earlier while it waits (a
-    /// window opening), so an entry left behind by a move is skipped when it comes up.
-    heap: BinaryHeap<Reverse<(i64, u16)>>,
-}
-
-impl Due {
-    /// A window of `group` ending at `end` is open: the group is due when the watermark
-    /// reaches `end`, if not earlier.
-    fn note(&mut self, group: u16, end: i64) {
-        let i = usize::from(group);
-        if i >= self.bounds.len() {
-            self.bounds.resize(i + 1, i64::MAX);
-        }
-        if end < self.bounds[i] {
-            self.bounds[i] = end;
-            self.heap.push(Reverse((end, group)));
-        }
-    }
-
-    /// Takes the groups whose time is at or before `limit` into `out`, ascending.
-    fn take(&mut self, limit: i64, out: &mut Vec<u16>) {
-        while let Some(&Reverse((end, group))) = self.heap.peek() {
-            if end > limit {
-                break;
-            }
-            self.heap.pop();
-            if let Some(bound) = self.bounds.get_mut(usize::from(group)) {
-                if *bound == end {
-                    *bound = i64::MAX;
-                    out.push(group);
-                }
-            }
-        }
-        out.sort_unstable();
-    }
-}
-
 /// The groups of one scope, the changed ones, and where their windows end.
 #[derive(Debug)]
 pub(crate) struct ScopeState {
@@ -881,29 +835,6 @@ mod tests {
             1,
             "the partition's windows are dropped, the other kept"
         );
-    }
-
-    #[test]
-    fn due_groups_come_once_each_when_their_earliest_time_is_reached() {
-        let mut due = Due::default();
-        due.note(7, 50);
-        due.note(3, 40);
-        // a window opening earlier moves group 7 earlier; a later one changes nothing
-        due.note(7, 30);
-        due.note(7, 60);
-        due.note(500, 45);
-        let mut out = Vec::new();
-        due.take(29, &mut out);
-        assert!(out.is_empty());
-        due.take(45, &mut out);
-        assert_eq!(out, vec![3, 7, 500], "ascending, group 7 once");
-        // taken groups wait for a new time; the entry left behind by the move is skipped
-        out.clear();
-        due.take(100, &mut out);
-        assert!(out.is_empty());
-        due.note(7, 50);
-        due.take(100, &mut out);
-        assert_eq!(out, vec![7]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The vocabulary of window state (identities, entries, final windows), and the open session
-//! windows of one definition in one key group (fixed windows: see `fixed`). Every change
-//! reports the window ends it adds or removes, so that the scope knows which groups the
-//! watermark closes windows in.
+//! windows of one definition in one key group (fixed windows: see `fixed`). A change reports
+//! the end of a window it creates (`note_end`), so that the scope knows when the watermark may
+//! close windows in a group; ends only move later otherwise.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -30,8 +30,14 @@ pub const META_VERSION: &[u8] = b"meta/version";
 /// Id of a checkpoint whose group versions are being written ahead of its last batch (set by
 /// the first batch that writes some, removed by the last): versions under that id belong to
 /// no checkpoint until the last batch lands, and are removed before the next write if it
-/// never does. Older builds ignore the key, so no format change.
+/// never does. While it is set, the format version is stamped `PARTIAL_FORMAT_OFFSET` higher.
 pub const META_PARTIAL: &[u8] = b"meta/partial";
+/// Added to the stored format version while `META_PARTIAL` is set (5 becomes 1005): a build
+/// that does not know about versions written ahead (every build before this one) refuses such
+/// a store as newer, rather than write a checkpoint that would later restore them; this build
+/// reads it as its base format and removes them before it writes. A store is stamped back
+/// when the checkpoint's last batch lands or the versions are removed.
+pub const PARTIAL_FORMAT_OFFSET: u32 = 1000;
 /// The newest claim of the store (`owner`); not part of the state, so no format change.
 pub const META_OWNER: &[u8] = b"meta/owner";
 

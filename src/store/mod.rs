@@ -1,5 +1,5 @@
 //! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
-//! (its group versions past `versions::BATCH_BYTES` written ahead of it) followed by a flush.
+//! (its group versions past `partial::BATCH_BYTES` written ahead of it) followed by a flush.
 //! A checkpoint is complete only once the flush returned.
 //!
 //! State is kept as versions of key groups: every checkpoint writes the groups it changed under
@@ -12,6 +12,7 @@ mod legacy;
 pub(crate) mod memory;
 mod migrate;
 mod owner;
+mod partial;
 pub mod portable;
 mod savepoints;
 mod versions;
@@ -179,7 +180,7 @@ pub struct Store {
     /// This process's claim (`claim`); every write checks it first.
     owner: Option<Owner>,
     /// Group versions a checkpoint writes ahead of its last batch once they pass this many
-    /// bytes (`versions::BATCH_BYTES`; smaller in tests).
+    /// bytes (`partial::BATCH_BYTES`; smaller in tests).
     batch_bytes: usize,
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
@@ -233,6 +234,12 @@ impl Store {
 
     /// The format version the store records; `None` for a new, empty store.
     pub fn format_version(&self) -> Result<Option<u32>, StoreError> {
+        Ok(self.stamped_version()?.map(base_format))
+    }
+
+    /// The format version as stamped (`PARTIAL_FORMAT_OFFSET` higher while versions of an
+    /// incomplete checkpoint are on disk).
+    fn stamped_version(&self) -> Result<Option<u32>, StoreError> {
         match self.tree.get(META_VERSION)? {
             None => Ok(None),
             Some(raw) => <[u8; 4]>::try_from(raw.as_ref())
@@ -278,7 +285,7 @@ impl Store {
             retention: self.retention,
             scratch: Some(scratch),
             owner: None,
-            batch_bytes: versions::BATCH_BYTES,
+            batch_bytes: partial::BATCH_BYTES,
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
@@ -334,7 +341,7 @@ impl Store {
             retention: Retention::default(),
             scratch: None,
             owner: None,
-            batch_bytes: versions::BATCH_BYTES,
+            batch_bytes: partial::BATCH_BYTES,
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
@@ -346,29 +353,24 @@ impl Store {
     }
 
     fn check_version(&self, migrate: Migrate) -> Result<(), StoreError> {
-        match self.tree.get(META_VERSION)? {
-            Some(raw) => {
-                let found = <[u8; 4]>::try_from(raw.as_ref())
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| self.corrupt("format version key is malformed"))?;
-                match found {
-                    FORMAT_VERSION => {}
-                    1..FORMAT_VERSION if migrate == Migrate::Refuse => {
-                        return Err(StoreError::NeedsMigration {
-                            path: self.path.clone(),
-                            found,
-                        })
-                    }
-                    1..FORMAT_VERSION => migrate::upgrade(self, found)?,
-                    _ => {
-                        return Err(StoreError::UnsupportedFormat {
-                            path: self.path.clone(),
-                            found,
-                            supported: FORMAT_VERSION,
-                        })
-                    }
+        match self.stamped_version()?.map(base_format) {
+            Some(found) => match found {
+                FORMAT_VERSION => {}
+                1..FORMAT_VERSION if migrate == Migrate::Refuse => {
+                    return Err(StoreError::NeedsMigration {
+                        path: self.path.clone(),
+                        found,
+                    })
                 }
-            }
+                1..FORMAT_VERSION => migrate::upgrade(self, found)?,
+                _ => {
+                    return Err(StoreError::UnsupportedFormat {
+                        path: self.path.clone(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    })
+                }
+            },
             None => {
                 let mut batch = sled::Batch::default();
                 batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
@@ -437,9 +439,12 @@ impl Store {
                 None => CheckpointId::default(),
             })
         };
+        // nor the id of a checkpoint that stopped after writing versions ahead (they are
+        // removed before the next write, but the id stays used)
         let max = last(CHECKPOINT_PREFIX)?
             .max(last(HISTORY_PREFIX)?)
-            .max(self.head()?.unwrap_or_default());
+            .max(self.head()?.unwrap_or_default())
+            .max(self.partial_id()?.unwrap_or_default());
         Ok(max.next())
     }
 
@@ -568,3 +573,12 @@ mod tests;
 
 #[cfg(test)]
 mod golden;
+
+/// The format a stamped version stands for (see `codec::PARTIAL_FORMAT_OFFSET`).
+fn base_format(stamped: u32) -> u32 {
+    if stamped >= codec::PARTIAL_FORMAT_OFFSET {
+        stamped - codec::PARTIAL_FORMAT_OFFSET
+    } else {
+        stamped
+    }
+}

@@ -14,7 +14,10 @@ use std::time::Instant;
 use super::codec::{
     decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
     CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD, META_PARTIAL,
+    META_VERSION,
 };
+use super::partial::Ahead;
+use super::FORMAT_VERSION;
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
 use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
@@ -42,26 +45,11 @@ pub struct WriteRequest<'a> {
     pub started: Instant,
 }
 
-/// Group versions of the checkpoint being written that were written ahead of its last batch.
-#[derive(Debug, Default)]
-struct Ahead {
-    /// Batches written ahead.
-    batches: usize,
-    /// Bytes gathered since the last one.
-    pending: usize,
-}
-
 /// The newest version of a group: its id and whether it holds entries (not emptied).
 type Latest = Option<(CheckpointId, bool)>;
 
 /// Groups' contents, by group.
 pub type Groups = BTreeMap<GroupId, Vec<(StateKey, Entry)>>;
-
-/// Once the group versions of a checkpoint pass this many bytes, they are written in a batch
-/// of their own ahead of the checkpoint's last one, which makes them part of a checkpoint: a
-/// full checkpoint of a large state is then several moderate batches, not one holding every
-/// group's blob at once (sled takes longer and holds more memory for a very large batch).
-pub(super) const BATCH_BYTES: usize = 64 << 20;
 
 /// The most entries a restore reserves room for up front from a checkpoint's metadata (a
 /// damaged count must not allocate without bound); past it, or when the room cannot be had,
@@ -244,6 +232,7 @@ impl Store {
         }
         if ahead.batches > 0 {
             batch.remove(META_PARTIAL);
+            batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         }
         let savepoint = match &req.savepoint {
             None => None,
@@ -368,70 +357,6 @@ impl Store {
         for k in self.tree.range(HISTORY_PREFIX.to_vec()..end).keys() {
             batch.remove(k?);
         }
-        Ok(())
-    }
-
-    /// Writes the group versions gathered in `batch` ahead of the checkpoint's last batch once
-    /// they pass `batch_bytes`, the first time with the marker that they belong to no
-    /// checkpoint yet (`META_PARTIAL`).
-    fn write_ahead(
-        &self,
-        ahead: &mut Ahead,
-        len: usize,
-        batch: &mut sled::Batch,
-        id: CheckpointId,
-    ) -> Result<(), StoreError> {
-        ahead.pending += len;
-        if ahead.pending < self.batch_bytes {
-            return Ok(());
-        }
-        #[cfg(test)]
-        if ahead.batches
-            == self
-                .fail_after_batches
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(StoreError::Io(sled::Error::Unsupported(
-                "a failure injected by a test".into(),
-            )));
-        }
-        if ahead.batches == 0 {
-            batch.insert(META_PARTIAL, &id.0.to_be_bytes());
-        }
-        self.tree.apply_batch(std::mem::take(batch))?;
-        ahead.batches += 1;
-        ahead.pending = 0;
-        Ok(())
-    }
-
-    /// Removes the group versions of a checkpoint whose last batch never landed (the process
-    /// stopped, or the write failed, after versions were written ahead of it): they belong to
-    /// no checkpoint, and a later one would otherwise restore them as its own.
-    pub(super) fn discard_partial(&self) -> Result<(), StoreError> {
-        let Some(raw) = self.tree.get(META_PARTIAL)? else {
-            return Ok(());
-        };
-        let id = <[u8; 8]>::try_from(raw.as_ref())
-            .map(|b| CheckpointId(u64::from_be_bytes(b)))
-            .map_err(|_| {
-                self.corrupt(format!("undecodable {META_PARTIAL:?} {:?}", raw.as_ref()))
-            })?;
-        let mut batch = sled::Batch::default();
-        let mut versions = 0usize;
-        for k in self.tree.scan_prefix(GROUP_PREFIX).keys() {
-            let k = k?;
-            if decode_group_version_key(&k).is_some_and(|(_, v)| v == id) {
-                batch.remove(k);
-                versions += 1;
-            }
-        }
-        batch.remove(META_PARTIAL);
-        self.tree.apply_batch(batch)?;
-        tracing::warn!(
-            checkpoint_id = id.0,
-            versions,
-            "removed the group versions of a checkpoint that was not completed"
-        );
         Ok(())
     }
 
@@ -611,6 +536,7 @@ impl Store {
         }
         batch.remove(META_HEAD);
         batch.remove(META_PARTIAL);
+        batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(count)
