@@ -349,26 +349,27 @@ pub fn decode_blob(
     scope: &Option<Partition>,
 ) -> Result<Vec<(StateKey, Entry)>, BlobError> {
     let mut out = Vec::new();
-    visit_blob(raw, |(key, window, start, end, acc, closed)| {
-        out.push((
-            StateKey {
-                partition: scope.clone(),
-                window,
-                start,
-                key: key.to_string(),
-            },
-            Entry {
-                status: if closed {
-                    EntryStatus::Closed
-                } else {
-                    EntryStatus::Open
-                },
-                end,
-                acc,
-            },
-        ))
-    })?;
+    visit_blob(raw, |e| out.push(entry_of(scope, e)))?;
     Ok(out)
+}
+
+/// A blob entry of scope `scope` as an identity and an entry of its own.
+pub(crate) fn entry_of(
+    scope: &Option<Partition>,
+    (key, window, start, end, acc, closed): BlobEntry<'_>,
+) -> (StateKey, Entry) {
+    let status = if closed {
+        EntryStatus::Closed
+    } else {
+        EntryStatus::Open
+    };
+    let id = StateKey {
+        partition: scope.clone(),
+        window,
+        start,
+        key: key.to_string(),
+    };
+    (id, Entry { status, end, acc })
 }
 
 /// Which groups of one scope changed since the last snapshot: one bit per group.

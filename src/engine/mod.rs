@@ -184,25 +184,17 @@ impl Engine {
         // (`service::start`), so a key lands where its later records look for it
         let layout = self.cfg.groups;
         let store = self.stores_of(scope.as_ref());
-        let read = group::visit_blob(&g.blob, |(key, window, start, end, acc, closed)| {
+        let read = group::visit_blob(&g.blob, |e| {
             debug_assert_eq!(
-                layout.group_of(key),
+                layout.group_of(e.0),
                 g.id.group,
-                "key {key:?} filed in another group"
+                "key {:?} filed in another group",
+                e.0
             );
-            let window = match remap {
-                Some(r) => match r.window(scope, window, closed) {
-                    Some(w) => w,
-                    None => return,
-                },
-                None => window,
-            };
-            if closed {
-                store.restore_closed_parts(g.id.group, window, start, end, acc, key);
-            } else if let Err(e) =
-                store.restore_open_parts(g.id.group, window, start, end, acc, key)
-            {
-                failed.get_or_insert(e);
+            if let Some(e) = restored::remapped(remap, scope, e) {
+                if let Err(err) = store.restore(g.id.group, e) {
+                    failed.get_or_insert(err);
+                }
             }
         });
         read.map_err(|source| StateError::Damaged {
@@ -218,17 +210,11 @@ impl Engine {
     /// under their old name), to be queued for emission by `queue_restored`.
     fn install_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), StateError> {
         let group = self.cfg.groups.group_of(&id.key);
-        match entry.status {
-            EntryStatus::Open => self
-                .stores_of(id.partition.clone().as_ref())
-                .restore_open(group, id, entry)?,
-            // queued for emission once every entry is in (`queue_restored`), read from the
-            // group that holds them (not a second copy)
-            EntryStatus::Closed => self
-                .stores_of(id.partition.clone().as_ref())
-                .restore_closed(group, id, entry),
-        }
-        Ok(())
+        let closed = entry.status == EntryStatus::Closed;
+        let e = (&*id.key, id.window, id.start, entry.end, entry.acc, closed);
+        // final windows are queued for emission once every entry is in (`queue_restored`),
+        // read from the group that holds them (not a second copy)
+        self.stores_of(id.partition.as_ref()).restore(group, e)
     }
 
     pub fn config(&self) -> &EngineConfig {

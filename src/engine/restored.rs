@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::group::{visit_blob, BlobError, GroupId};
+use super::group::{entry_of, visit_blob, BlobEntry, BlobError, GroupId};
 use super::state::{Entry, EntryStatus, StateKey};
 use super::PartitionState;
 use crate::event_time::EventTime;
@@ -127,34 +127,43 @@ impl RestoredState {
     pub fn into_entries(self) -> Result<Vec<(StateKey, Entry)>, BlobError> {
         let mut out = self.entries;
         for g in &self.groups {
-            visit_blob(&g.blob, |(key, window, start, end, acc, closed)| {
-                let window = match &self.remap {
-                    Some(r) => match r.window(&g.id.scope, window, closed) {
-                        Some(w) => w,
-                        None => return,
-                    },
-                    None => window,
-                };
-                out.push((
-                    StateKey {
-                        partition: g.id.scope.clone(),
-                        window,
-                        start,
-                        key: key.to_string(),
-                    },
-                    Entry {
-                        status: if closed {
-                            EntryStatus::Closed
-                        } else {
-                            EntryStatus::Open
-                        },
-                        end,
-                        acc,
-                    },
-                ));
+            visit_blob(&g.blob, |e| {
+                if let Some(e) = remapped(self.remap.as_ref(), &g.id.scope, e) {
+                    out.push(entry_of(&g.id.scope, e));
+                }
             })?;
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+
+    /// This state with its entries in stored groups under `layout`, as a restore of a
+    /// checkpoint reads them.
+    #[cfg(test)]
+    pub(crate) fn into_stored(self, layout: &super::GroupLayout) -> RestoredState {
+        let groups = super::group::group_entries(layout, self.entries.clone())
+            .into_iter()
+            .map(|g| StoredGroup::read(g.id.clone(), g.blob().expect("blob")).expect("read"))
+            .collect();
+        RestoredState {
+            entries: Vec::new(),
+            groups,
+            ..self
+        }
+    }
+}
+
+/// A stored entry of `scope` as `remap` restores it: its window re-numbered, or `None` when it
+/// is left out.
+pub(crate) fn remapped<'a>(
+    remap: Option<&Remap>,
+    scope: &Option<Partition>,
+    e: BlobEntry<'a>,
+) -> Option<BlobEntry<'a>> {
+    let (key, window, start, end, acc, closed) = e;
+    let window = match remap {
+        Some(r) => r.window(scope, window, closed)?,
+        None => window,
+    };
+    Some((key, window, start, end, acc, closed))
 }

@@ -16,7 +16,7 @@ use foldhash::{HashMap, HashMapExt};
 use super::aggregate::Acc;
 use super::due::Due;
 use super::fixed::FixedWindows;
-use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
+use super::group::{BlobEntry, DirtyGroups, EntryRef, GroupContent, GroupId};
 use super::state::{ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
 use super::window::{WindowDef, WindowKind};
 use super::StateError;
@@ -527,26 +527,26 @@ impl ScopeState {
         }
     }
 
-    /// Puts back an open entry read from a checkpoint.
-    pub(crate) fn restore_open(
+    /// Puts back an entry read from a checkpoint or the changelog: an open window into its
+    /// table, a final one into its group's held windows (a checkpoint holds each window once:
+    /// no search for an equal one).
+    pub(crate) fn restore(
         &mut self,
         group: u16,
-        id: StateKey,
-        entry: Entry,
+        (key, window, start, end, acc, closed): BlobEntry<'_>,
     ) -> Result<(), StateError> {
-        self.restore_open_parts(group, id.window, id.start, entry.end, entry.acc, &id.key)
-    }
-
-    /// [`ScopeState::restore_open`] of an entry in parts (its key borrowed).
-    pub(crate) fn restore_open_parts(
-        &mut self,
-        group: u16,
-        window: u16,
-        start: i64,
-        end: i64,
-        acc: Acc,
-        key: &str,
-    ) -> Result<(), StateError> {
+        if closed {
+            let row = ClosedRow {
+                window,
+                start,
+                end,
+                acc,
+                key: Arc::from(key),
+            };
+            self.group_mut(group).hold(row, RESTORED_EPOCH);
+            self.closed += 1;
+            return Ok(());
+        }
         let unknown = StateError::UnknownWindow {
             window,
             defined: self.windows.len(),
@@ -567,33 +567,6 @@ impl ScopeState {
         };
         self.register(group, end);
         Ok(())
-    }
-
-    /// Puts back a final window read from a checkpoint.
-    pub(crate) fn restore_closed(&mut self, group: u16, id: StateKey, entry: Entry) {
-        self.restore_closed_parts(group, id.window, id.start, entry.end, entry.acc, &id.key);
-    }
-
-    /// [`ScopeState::restore_closed`] of an entry in parts (its key borrowed).
-    pub(crate) fn restore_closed_parts(
-        &mut self,
-        group: u16,
-        window: u16,
-        start: i64,
-        end: i64,
-        acc: Acc,
-        key: &str,
-    ) {
-        // a checkpoint holds each window once: no search for an equal one
-        let row = ClosedRow {
-            window,
-            start,
-            end,
-            acc,
-            key: Arc::from(key),
-        };
-        self.group_mut(group).hold(row, RESTORED_EPOCH);
-        self.closed += 1;
     }
 
     /// The output acknowledged final window `id`: it leaves the state.
@@ -642,7 +615,7 @@ impl ScopeState {
         out
     }
 
-    /// Queues the final windows put back by `restore_closed` (epoch 0; called on a scope that
+    /// Queues the final windows put back by `restore` (epoch 0; called on a scope that
     /// holds no other window of epoch 0), shared with the chunks that hold them.
     pub(crate) fn queue_restored(&self, out: &mut Emission) {
         for group in self.groups.values() {

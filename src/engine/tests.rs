@@ -107,19 +107,6 @@ fn stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
     )
 }
 
-/// `s` with its entries in stored groups under `layout`, as a restore of a checkpoint reads them.
-fn as_stored(s: RestoredState, layout: &GroupLayout) -> RestoredState {
-    let groups = super::group::group_entries(layout, s.entries.clone())
-        .into_iter()
-        .map(|g| StoredGroup::read(g.id.clone(), g.blob().expect("blob")).expect("read"))
-        .collect();
-    RestoredState {
-        entries: Vec::new(),
-        groups,
-        ..s
-    }
-}
-
 /// Sentinels far ahead on every partition so that every real window closes.
 fn flush(engine: &mut Engine, offsets: &mut [i64; 3]) {
     for part in 0..3 {
@@ -255,7 +242,7 @@ proptest! {
         // a crash right after the checkpoint: everything after it is lost, state comes back
         // (decoded, or as stored groups decoded as they are installed)
         let cfg = scoped_config(hold, scoped);
-        let restored = if encoded { as_stored(store.restored(), &cfg.groups) } else { store.restored() };
+        let restored = if encoded { store.restored().into_stored(&cfg.groups) } else { store.restored() };
         let mut engine = Engine::from_state(cfg, restored).expect("restore");
         engine.assign(&[p(0), p(1), p(2)]);
         collect(&mut engine, &mut out);
@@ -416,7 +403,7 @@ fn restored_closed_windows_are_emitted_again_identically() {
     let mut first_sorted = first;
     first_sorted.sort_by(|a, b| a.id.cmp(&b.id));
     let layout = config(true).groups;
-    for restored in [store.restored(), as_stored(store.restored(), &layout)] {
+    for restored in [store.restored(), store.restored().into_stored(&layout)] {
         let mut again = Engine::from_state(config(true), restored).expect("restore");
         let mut second = again.take_emittable();
         second.sort_by(|a, b| a.id.cmp(&b.id));

@@ -446,22 +446,6 @@ fn state_without_recorded_input_that_read_no_value_cannot_grow_a_sum() {
     assert!(report.refuses());
 }
 
-/// `s` with its entries in stored groups, as a restore of a checkpoint reads them.
-fn stored_groups(s: &RestoredState) -> RestoredState {
-    use crate::engine::group::group_entries;
-    use crate::engine::{GroupLayout, StoredGroup};
-    let layout = GroupLayout { seed: 3, groups: 4 };
-    let groups = group_entries(&layout, s.entries.clone())
-        .into_iter()
-        .map(|g| StoredGroup::read(g.id.clone(), g.blob().expect("blob")).expect("read"))
-        .collect();
-    RestoredState {
-        entries: Vec::new(),
-        groups,
-        ..s.clone()
-    }
-}
-
 #[test]
 fn stored_groups_are_assessed_and_applied_as_their_decoded_entries_are() {
     let mut scoped = stored_spec();
@@ -496,7 +480,9 @@ fn stored_groups_are_assessed_and_applied_as_their_decoded_entries_are() {
         (scoped.clone(), partitioned, scoped, topics(&["events"])),
     ];
     for (stored, decoded, configured, t) in cases {
-        let encoded = stored_groups(&decoded);
+        let encoded = decoded
+            .clone()
+            .into_stored(&crate::engine::GroupLayout { seed: 3, groups: 4 });
         assert_eq!(encoded.len(), decoded.entries.len() as u64);
         assert_eq!(encoded.counts(), decoded.counts());
         let report = assess_on(&stored, &decoded, &configured, &t);
