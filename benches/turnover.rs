@@ -18,7 +18,9 @@
 //! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one),
 //! peak RSS of the run (`VmHWM`), the store's size on disk, and the time and peak RSS of
 //! reopening the store and restoring its newest checkpoint in a new process, as a start does
-//! (groups read and counted, the compatibility report, groups decoded as installed):
+//! (groups read and counted, the compatibility report, groups decoded as installed), split
+//! into opening the store, reading its groups and installing them, with the restore's CPU
+//! time in user code and in the kernel (first touches of fresh memory are kernel time):
 //! once for a crash image of the store taken when the full checkpoint below was durable, and
 //! once for the store after the run. `--max-seconds` (900) and
 //! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
@@ -119,6 +121,12 @@ fn args() -> Args {
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {
+    let (user, system) = cpu_split();
+    user + system
+}
+
+/// CPU seconds of this process in user code and in the kernel (page faults among them).
+fn cpu_split() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // fields after the command name, which is in parentheses
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -130,7 +138,7 @@ fn cpu_seconds() -> f64 {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// Peak resident set size of this process, bytes.
@@ -240,7 +248,11 @@ fn engine_config(a: &Args, groups: GroupLayout) -> EngineConfig {
 /// a start would, and prints the time it took and this process's peak RSS.
 fn restore_child(a: &Args, path: &std::path::Path) {
     let t = Instant::now();
+    // seconds spent opening the store (sled replays its log), reading and checking the
+    // groups (with the compatibility report), and installing them in the engine
+    let mut phases = [0.0f64; 3];
     let outcome = Store::open(path, Open::Create).and_then(|store| {
+        phases[0] = t.elapsed().as_secs_f64();
         let layout = store.layout()?;
         let Some(&id) = store.checkpoint_ids()?.last() else {
             return Ok(None);
@@ -260,10 +272,10 @@ fn restore_child(a: &Args, path: &std::path::Path) {
         );
         let state = report.apply(state).state;
         let entries = state.len();
-        Ok(Some((
-            entries,
-            Engine::from_state(engine_config(a, layout), state),
-        )))
+        phases[1] = t.elapsed().as_secs_f64() - phases[0];
+        let engine = Engine::from_state(engine_config(a, layout), state);
+        phases[2] = t.elapsed().as_secs_f64() - phases[0] - phases[1];
+        Ok(Some((entries, engine)))
     });
     let took = t.elapsed().as_secs_f64();
     let rss = peak_rss() as f64 / 1048576.0;
@@ -272,8 +284,10 @@ fn restore_child(a: &Args, path: &std::path::Path) {
     match outcome {
         Ok(Some((entries, Ok(engine)))) => {
             let open = engine.open_windows() + engine.pending_emissions();
+            let [opened, read, installed] = phases;
+            let (user, system) = cpu_split();
             println!(
-                "{took:.2} s, peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine)"
+                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine)"
             );
         }
         other => println!(

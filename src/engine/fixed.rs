@@ -2,6 +2,16 @@
 //! once for every fixed window definition, with its open windows beside it in one slice. A
 //! record looks its key up once, whatever the number of windows it falls in.
 //!
+//! A hopping window whose size is a multiple of its hop is kept as panes: one accumulator per
+//! hop (`[start, start + hop)`), combined into each window holding it when that window closes
+//! or is checkpointed. A record updates one pane instead of `size / hop` windows, and a key
+//! seen once holds one pane instead of `size / hop` windows. A pane is made only while every
+//! window holding it is still open, so that it counts in all of them. A record later than
+//! that (its first windows already final) goes, as for every other hopping definition, to the
+//! windows still open one by one, and so do the windows a checkpoint restores; a window's
+//! value is its own accumulator, if it has one, combined with the panes it holds. Panes live
+//! in memory only: a checkpoint lists windows, so the store format does not know of them.
+//!
 //! Both the key and its slice sit behind `Arc`s, so that a copy of the group made on write
 //! (while a checkpoint still encodes it) shares them: only the keys written after the copy get
 //! a slice of their own, not the whole group.
@@ -14,14 +24,16 @@ use super::aggregate::Acc;
 use super::state::note_end;
 use super::window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 
-/// One open window of a key: 40 bytes. The definition index sits in the top 16 bits of the
-/// record count, so that a key's four windows fit a 192-byte allocation, not 224: a window
-/// counts up to 2^48 - 1 records of a key (281 trillion; it stays there past that), where a
-/// separate index would add 8 bytes of padding to every window of every key.
+/// One open window or pane of a key: 40 bytes. The definition index sits in the top 16 bits
+/// of the record count, and a pane bit below it, so that a key's four windows fit a 192-byte
+/// allocation, not 224: a window or pane counts up to 2^47 - 1 records of a key (140
+/// trillion; it stays there past that), where a separate index would add 8 bytes of padding
+/// to every window of every key.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Slot {
+    /// The window's start, or the pane's.
     start: i64,
-    /// Definition index (top 16 bits) and record count (low 48 bits).
+    /// Definition index (top 16 bits), pane bit (bit 47) and record count (low 47 bits).
     tag: u64,
     sum: f64,
     min: f64,
@@ -29,7 +41,13 @@ struct Slot {
 }
 
 /// The most records a slot counts.
-const MAX_COUNT: u64 = (1 << 48) - 1;
+const MAX_COUNT: u64 = (1 << 47) - 1;
+const PANE: u64 = 1 << 47;
+
+/// What a slot is, in the top bits of its tag: definition index and pane bit.
+fn head(window: u16, pane: bool) -> u64 {
+    (u64::from(window) << 1) | u64::from(pane)
+}
 
 impl Slot {
     fn new(window: u16, start: i64, acc: Acc) -> Slot {
@@ -42,8 +60,22 @@ impl Slot {
         }
     }
 
+    fn pane(window: u16, start: i64, acc: Acc) -> Slot {
+        let mut s = Slot::new(window, start, acc);
+        s.tag |= PANE;
+        s
+    }
+
     fn window(&self) -> u16 {
         (self.tag >> 48) as u16
+    }
+
+    fn is_pane(&self) -> bool {
+        self.tag & PANE != 0
+    }
+
+    fn head(&self) -> u64 {
+        self.tag >> 47
     }
 
     fn acc(&self) -> Acc {
@@ -70,13 +102,39 @@ impl Slot {
     }
 }
 
+/// How the windows of one fixed definition are kept.
+#[derive(Debug, Clone, Copy)]
+enum Fixed {
+    Tumbling {
+        size: i64,
+    },
+    /// Size a multiple of the hop (twice or more): panes.
+    Panes {
+        size: i64,
+        hop: i64,
+    },
+    /// Any other hopping window: one slot per window.
+    Hopping {
+        size: i64,
+        hop: i64,
+    },
+}
+
 /// The fixed window definitions, shared by every group of a scope.
 #[derive(Debug)]
 struct Defs {
     /// Index and kind of each tumbling or hopping definition.
-    fixed: Vec<(u16, WindowKind)>,
+    fixed: Vec<(u16, Fixed)>,
     /// Length by window index (0 for sessions).
     sizes: Vec<i64>,
+    /// Distance between two window starts by window index: the hop of hopping windows (1
+    /// otherwise, where a slot is a single window).
+    hops: Vec<i64>,
+}
+
+/// `t` rounded down to a multiple of `step`.
+fn align(t: i64, step: i64) -> i64 {
+    t.saturating_sub(t.rem_euclid(step))
 }
 
 impl Defs {
@@ -84,9 +142,201 @@ impl Defs {
         self.sizes.get(usize::from(window)).copied().unwrap_or(0)
     }
 
-    fn end(&self, s: &Slot) -> i64 {
-        s.start + self.size(s.window())
+    fn hop(&self, window: u16) -> i64 {
+        self.hops.get(usize::from(window)).copied().unwrap_or(1)
     }
+
+    /// The bounds of a close or a listing, per definition: every window ending at or before
+    /// `closed` has closed, and the listing stops at windows ending at or before `until`.
+    fn bounds(&self, closed: Option<i64>, until: Option<i64>, out: &mut Vec<Bound>) {
+        out.clear();
+        out.extend(
+            self.sizes
+                .iter()
+                .zip(&self.hops)
+                .map(|(&size, &hop)| Bound {
+                    first_end: closed.map_or(i64::MIN, |c| align(c, hop).saturating_add(hop)),
+                    last_start: until.map_or(i64::MAX, |u| align(u.saturating_sub(size), hop)),
+                }),
+        );
+    }
+
+    /// End of the first window a slot still counts in: a window's own end; for a pane, that
+    /// of the first window holding it that is still open.
+    fn first_end(&self, s: &Slot, bounds: &[Bound]) -> i64 {
+        let w = usize::from(s.window());
+        let size = self.sizes.get(w).copied().unwrap_or(0);
+        if !s.is_pane() {
+            return s.start.saturating_add(size);
+        }
+        let hop = self.hops.get(w).copied().unwrap_or(1);
+        let after = bounds.get(w).map_or(i64::MIN, |b| b.first_end);
+        s.start.saturating_add(hop).max(after)
+    }
+
+    /// End of the last window a slot counts in (a pane's last window starts with it).
+    fn last_end(&self, s: &Slot) -> i64 {
+        s.start.saturating_add(self.size(s.window()))
+    }
+
+    /// The windows a key's slots count in within `bounds`, as runs of starts (definition
+    /// index, first start, last start), sorted and merged per definition; a window held by
+    /// several slots is listed once.
+    fn spans(&self, slots: &[Slot], bounds: &[Bound], out: &mut Vec<Span>) {
+        out.clear();
+        for s in slots {
+            let window = s.window();
+            let lo = self.first_end(s, bounds) - self.size(window);
+            let hi = bounds
+                .get(usize::from(window))
+                .map_or(s.start, |b| s.start.min(b.last_start));
+            if lo <= hi {
+                out.push(Span { window, lo, hi });
+            }
+        }
+        if out.len() < 2 {
+            return;
+        }
+        out.sort_unstable_by_key(|s| (s.window, s.lo));
+        let mut merged = 0;
+        for i in 1..out.len() {
+            let next = out[i];
+            let last = &mut out[merged];
+            if next.window == last.window && next.lo <= last.hi {
+                last.hi = last.hi.max(next.hi);
+            } else {
+                merged += 1;
+                out[merged] = next;
+            }
+        }
+        out.truncate(merged + 1);
+    }
+
+    /// How many open windows that a key does not count in yet a new slot of it adds (every
+    /// window holding a new pane is open: see `FixedWindows::add`).
+    fn opened_by(&self, existing: &[Slot], new: &Slot) -> usize {
+        let w = new.window();
+        let (size, hop) = (self.size(w), self.hop(w));
+        let mut panes = existing
+            .iter()
+            .filter(|s| s.window() == w && s.is_pane())
+            .peekable();
+        if panes.peek().is_none() && !new.is_pane() {
+            return 1;
+        }
+        if !new.is_pane() {
+            let held = panes.any(|q| q.start >= new.start && q.start < new.start + size);
+            return usize::from(!held);
+        }
+        // the windows holding the pane are [p - size + hop, p]; panes below and above it
+        // already count the ends of that run
+        let p = new.start;
+        let (mut first, mut last) = (p - size + hop, p);
+        for q in panes {
+            if q.start < p {
+                first = first.max(q.start + hop);
+            } else if q.start > p {
+                last = last.min(q.start - size);
+            }
+        }
+        if first > last {
+            return 0;
+        }
+        let own = existing
+            .iter()
+            .filter(|s| s.window() == w && !s.is_pane() && (first..=last).contains(&s.start))
+            .count();
+        ((last - first) / hop) as usize + 1 - own
+    }
+
+    /// How many windows the spans hold.
+    fn count(&self, spans: &[Span]) -> usize {
+        spans
+            .iter()
+            .map(|s| ((s.hi - s.lo) / self.hop(s.window)) as usize + 1)
+            .sum()
+    }
+
+    /// How many distinct open windows a key's slots count in.
+    fn open_windows(&self, slots: &[Slot], bounds: &[Bound], scratch: &mut Vec<Span>) -> usize {
+        if !slots.iter().any(Slot::is_pane) {
+            return slots.len();
+        }
+        self.spans(slots, bounds, scratch);
+        self.count(scratch)
+    }
+
+    /// Every window of the spans, with its value: its own slot, if it has one, combined with
+    /// the panes it holds (the key's slots are sorted: see [`sorted`]).
+    fn each_window(&self, slots: &[Slot], spans: &[Span], mut f: impl FnMut(u16, i64, i64, Acc)) {
+        for span in spans {
+            let (size, hop) = (self.size(span.window), self.hop(span.window));
+            // the definition's windows, then its panes, each by start (slots are few: a scan)
+            let run = |from: usize, h: u64| {
+                let first = from + slots[from..].iter().take_while(|s| s.head() < h).count();
+                let last = first + slots[first..].iter().take_while(|s| s.head() == h).count();
+                first..last
+            };
+            let own = run(0, head(span.window, false));
+            let panes = &slots[run(own.end, head(span.window, true))];
+            let own = &slots[own];
+            let mut start = span.lo;
+            let next = |start: i64| (start < span.hi).then(|| start.saturating_add(hop));
+            if let ([], [pane]) = (own, panes) {
+                // one pane: each window is its accumulator
+                let acc = pane.acc();
+                let mut at = Some(start);
+                while let Some(start) = at {
+                    f(span.window, start, start.saturating_add(size), acc);
+                    at = next(start);
+                }
+                continue;
+            }
+            let (mut o, mut first, mut last) = (0, 0, 0);
+            loop {
+                let mut acc = Acc::default();
+                while own.get(o).is_some_and(|s| s.start < start) {
+                    o += 1;
+                }
+                if let Some(s) = own.get(o).filter(|s| s.start == start) {
+                    acc.merge(&s.acc());
+                }
+                let end = start.saturating_add(size);
+                while panes.get(first).is_some_and(|s| s.start < start) {
+                    first += 1;
+                }
+                last = last.max(first);
+                while panes.get(last).is_some_and(|s| s.start < end) {
+                    last += 1;
+                }
+                for s in &panes[first..last] {
+                    acc.merge(&s.acc());
+                }
+                f(span.window, start, end, acc);
+                match next(start) {
+                    Some(n) => start = n,
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+/// See [`Defs::bounds`].
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    /// End of the first window ending after the last close (panes only).
+    first_end: i64,
+    /// Start of the last window listed.
+    last_start: i64,
+}
+
+/// A run of window starts of one definition, `hop` apart: `lo..=hi`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    window: u16,
+    lo: i64,
+    hi: i64,
 }
 
 /// The open fixed windows of one group.
@@ -94,19 +344,27 @@ impl Defs {
 pub(crate) struct FixedWindows {
     defs: Arc<Defs>,
     keys: HashMap<Arc<str>, Arc<[Slot]>>,
+    /// Open windows (a window held by panes and its own slot counts once).
     open: usize,
     /// The earliest end of an open window (exact: a window's end never changes, and closing
     /// computes it again).
     earliest: Option<i64>,
-    /// Windows a record opens for a key that has some already (always left empty).
+    /// Every window ending at or before this has closed (the last `close` limit).
+    closed: Option<i64>,
+    /// [`Defs::bounds`] of `closed`, without an end.
+    open_bounds: Vec<Bound>,
+    /// Windows and panes a record opens for a key that has some already (always left empty).
     added: Vec<Slot>,
+    /// Scratch room for a key's windows as spans.
+    spans: Vec<Span>,
 }
 
-/// A key's windows, ordered by window index and start (the order a group's blob lists them in).
+/// A key's windows and panes, ordered by window index, windows before panes, and start (the
+/// order a group's blob lists windows in).
 fn sorted(slots: impl Iterator<Item = Slot>) -> Arc<[Slot]> {
     let mut out: Arc<[Slot]> = slots.collect();
     if let Some(s) = Arc::get_mut(&mut out) {
-        s.sort_unstable_by_key(|s| (s.window(), s.start));
+        s.sort_unstable_by_key(|s| (s.head(), s.start));
     }
     out
 }
@@ -115,24 +373,71 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| end <= l)
 }
 
+/// Adds a record's `value` to a key's slot `(head, start)`, or, if the key has none, to a new
+/// one in `added` (a window, or a pane whose first window ends at `end`, noted in `opened`).
+fn touch(
+    existing: &mut Option<&mut [Slot]>,
+    (head, start, end): (u64, i64, i64),
+    value: Option<f64>,
+    opened: &mut Option<i64>,
+    added: &mut Vec<Slot>,
+) {
+    let hit = existing
+        .as_deref_mut()
+        .and_then(|s| s.iter_mut().find(|s| s.head() == head && s.start == start));
+    match hit {
+        Some(s) => s.add(value),
+        None => {
+            note_end(opened, end);
+            let window = (head >> 1) as u16;
+            let acc = Acc::of(value);
+            added.push(match head & 1 {
+                0 => Slot::new(window, start, acc),
+                _ => Slot::pane(window, start, acc),
+            });
+        }
+    }
+}
+
 impl FixedWindows {
     pub(crate) fn new(windows: &[WindowDef]) -> Self {
-        let fixed: Vec<(u16, WindowKind)> = windows
+        let fixed: Vec<(u16, Fixed)> = windows
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.kind.size().is_some())
-            .map(|(i, w)| (i as u16, w.kind))
+            .filter_map(|(i, w)| {
+                let kind = match w.kind {
+                    WindowKind::Tumbling { size } => Fixed::Tumbling { size },
+                    WindowKind::Hopping { size, hop }
+                        if hop > 0 && size % hop == 0 && size / hop >= 2 =>
+                    {
+                        Fixed::Panes { size, hop }
+                    }
+                    WindowKind::Hopping { size, hop } => Fixed::Hopping { size, hop },
+                    WindowKind::Session { .. } => return None,
+                };
+                Some((i as u16, kind))
+            })
             .collect();
         let defs = Defs {
             fixed,
             sizes: windows.iter().map(|w| w.kind.size().unwrap_or(0)).collect(),
+            hops: windows
+                .iter()
+                .map(|w| match w.kind {
+                    WindowKind::Hopping { hop, .. } => hop.max(1),
+                    _ => 1,
+                })
+                .collect(),
         };
         FixedWindows {
             defs: Arc::new(defs),
             keys: HashMap::new(),
             open: 0,
             earliest: None,
+            closed: None,
+            open_bounds: Vec::new(),
             added: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -161,49 +466,73 @@ impl FixedWindows {
         let mut existing = slots.as_mut().map(|s| Arc::make_mut(*s));
         let mut took = false;
         let mut opened = None;
-        let mut touch = |window: u16, start: i64, size: i64, added: &mut Vec<Slot>| {
-            if is_final(start + size, limit) {
-                return;
-            }
-            took = true;
-            let hit = existing.as_mut().and_then(|s| {
-                s.iter_mut()
-                    .find(|s| s.window() == window && s.start == start)
-            });
-            match hit {
-                Some(s) => s.add(value),
-                None => {
-                    note_end(&mut opened, start + size);
-                    added.push(Slot::new(window, start, Acc::of(value)))
-                }
-            }
+        let added = &mut self.added;
+        let mut take = |existing: &mut Option<&mut [Slot]>, head: u64, start: i64, end: i64| {
+            touch(existing, (head, start, end), value, &mut opened, added)
         };
         for &(window, kind) in &defs.fixed {
+            let windows = |size: i64, hop: i64| {
+                hopping_starts(ts, size, hop).filter(move |s| !is_final(s + size, limit))
+            };
             match kind {
-                WindowKind::Tumbling { size } => {
-                    touch(window, tumbling_start(ts, size), size, &mut self.added)
-                }
-                WindowKind::Hopping { size, hop } => {
-                    for start in hopping_starts(ts, size, hop) {
-                        touch(window, start, size, &mut self.added);
+                Fixed::Tumbling { size } => {
+                    let start = tumbling_start(ts, size);
+                    if !is_final(start + size, limit) {
+                        took = true;
+                        take(&mut existing, head(window, false), start, start + size);
                     }
                 }
-                WindowKind::Session { .. } => {}
+                Fixed::Hopping { size, hop } => {
+                    for start in windows(size, hop) {
+                        took = true;
+                        take(&mut existing, head(window, false), start, start + size);
+                    }
+                }
+                Fixed::Panes { size, hop } => {
+                    let pane = tumbling_start(ts, hop);
+                    if is_final(pane + size, limit) {
+                        // every window holding it is final
+                        continue;
+                    }
+                    took = true;
+                    let has_pane = existing.as_deref().is_some_and(|s| {
+                        s.iter()
+                            .any(|s| s.head() == head(window, true) && s.start == pane)
+                    });
+                    if has_pane || !is_final(pane + hop, limit) {
+                        take(&mut existing, head(window, true), pane, pane + hop);
+                    } else {
+                        // too late for the first windows holding it: the others take it one
+                        // by one
+                        for start in windows(size, hop) {
+                            take(&mut existing, head(window, false), start, start + size);
+                        }
+                    }
+                }
             }
         }
         if !self.added.is_empty() {
-            self.open += self.added.len();
             if let Some(end) = opened {
                 note_end(earliest, end);
                 note_end(&mut self.earliest, end);
             }
             match slots {
                 Some(slots) => {
+                    self.open += self
+                        .added
+                        .iter()
+                        .map(|a| defs.opened_by(slots, a))
+                        .sum::<usize>();
                     *slots = sorted(slots.iter().copied().chain(self.added.drain(..)));
                 }
                 None => {
-                    let new = sorted(self.added.drain(..));
-                    self.keys.insert(Arc::from(key), new);
+                    self.open += self
+                        .added
+                        .iter()
+                        .map(|a| defs.opened_by(&[], a))
+                        .sum::<usize>();
+                    self.keys
+                        .insert(Arc::from(key), sorted(self.added.drain(..)));
                 }
             }
         }
@@ -211,64 +540,97 @@ impl FixedWindows {
     }
 
     /// Removes every window whose end is at or before `limit`, handing each to `f` (window
-    /// index, start, end, accumulator, key).
+    /// index, start, end, accumulator, key); a pane goes once the last window holding it
+    /// closes.
     pub(crate) fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
         let defs = &self.defs;
-        let mut closed = 0;
+        let mut due = Vec::new();
+        defs.bounds(self.closed, Some(limit), &mut due);
+        let closed = Some(self.closed.map_or(limit, |c| c.max(limit)));
+        let mut after = Vec::new();
+        defs.bounds(closed, None, &mut after);
+        let spans = &mut self.spans;
+        let mut count = 0;
         let mut earliest = None;
         self.keys.retain(|key, slots| {
-            if slots.iter().all(|s| defs.end(s) > limit) {
+            if slots.iter().all(|s| defs.first_end(s, &due) > limit) {
                 for s in slots.iter() {
-                    note_end(&mut earliest, defs.end(s));
+                    note_end(&mut earliest, defs.first_end(s, &due));
                 }
                 return true;
             }
+            defs.spans(slots, &due, spans);
+            defs.each_window(slots, spans, |window, start, end, acc| {
+                f(window, start, end, acc, key);
+                count += 1;
+            });
             let mut keep = Vec::with_capacity(slots.len());
-            for s in slots.iter() {
-                let end = defs.end(s);
-                if end <= limit {
-                    f(s.window(), s.start, end, s.acc(), key);
-                    closed += 1;
-                } else {
-                    note_end(&mut earliest, end);
-                    keep.push(*s);
-                }
+            for s in slots.iter().filter(|s| defs.last_end(s) > limit) {
+                note_end(&mut earliest, defs.first_end(s, &after));
+                keep.push(*s);
             }
             *slots = Arc::from(keep);
             !slots.is_empty()
         });
-        self.open -= closed;
+        self.open -= count;
         self.earliest = earliest;
+        self.closed = closed;
+        self.open_bounds = after;
     }
 
-    /// Puts back an open window read from a checkpoint; returns its end.
-    pub(crate) fn restore(&mut self, window: u16, start: i64, key: &str, acc: Acc) -> i64 {
-        let slot = Slot::new(window, start, acc);
-        let end = start.saturating_add(self.defs.size(window));
-        note_end(&mut self.earliest, end);
-        match self.keys.get_mut(key) {
-            Some(slots) => {
-                match Arc::make_mut(slots)
-                    .iter_mut()
-                    .find(|s| s.window() == window && s.start == start)
-                {
-                    Some(s) => *s = slot,
-                    None => {
-                        *slots = sorted(slots.iter().copied().chain([slot]));
-                        self.open += 1;
-                    }
-                }
-            }
-            None => {
-                self.keys.insert(Arc::from(key), Arc::from([slot]));
-                self.open += 1;
+    /// Puts back open windows of `key` read from a checkpoint (each window index, start and
+    /// accumulator; one that is open already is overwritten), in one allocation; `shared`
+    /// is the key's copy to share, made here if it has none yet. Returns the earliest end
+    /// among them.
+    pub(crate) fn restore(
+        &mut self,
+        key: &str,
+        shared: &mut Option<Arc<str>>,
+        windows: &[(u16, i64, Acc)],
+    ) -> Option<i64> {
+        let defs = &self.defs;
+        let earliest = windows
+            .iter()
+            .map(|&(w, start, _)| start.saturating_add(defs.size(w)))
+            .min()?;
+        note_end(&mut self.earliest, earliest);
+        let existing = self.keys.get_mut(key);
+        let mut all: Vec<Slot> = existing.as_deref().map_or_else(Vec::new, |s| s.to_vec());
+        let before = defs.open_windows(&all, &self.open_bounds, &mut self.spans);
+        for &(window, start, acc) in windows {
+            let slot = Slot::new(window, start, acc);
+            match all
+                .iter_mut()
+                .find(|s| s.head() == slot.head() && s.start == start)
+            {
+                Some(s) => *s = slot,
+                None => all.push(slot),
             }
         }
-        end
+        let all = sorted(all.into_iter());
+        self.open += defs
+            .open_windows(&all, &self.open_bounds, &mut self.spans)
+            .saturating_sub(before);
+        match existing {
+            Some(slots) => *slots = all,
+            None => {
+                let key = Arc::clone(shared.get_or_insert_with(|| Arc::from(key)));
+                self.keys.insert(key, all);
+            }
+        }
+        Some(earliest)
     }
 
-    /// Every open window, borrowed, ordered by key, window index and start: window index,
-    /// start, key, end, accumulator.
+    /// The copy of `key` this group holds, and how many windows and panes it holds.
+    #[cfg(test)]
+    pub(crate) fn key(&self, key: &str) -> Option<(usize, Arc<str>)> {
+        self.keys
+            .get_key_value(key)
+            .map(|(k, slots)| (slots.len(), Arc::clone(k)))
+    }
+
+    /// Every open window, ordered by key, window index and start: window index, start, key,
+    /// end, accumulator (a window held by panes combined from them).
     pub(crate) fn for_each_ref<'a>(&'a self, mut f: impl FnMut(u16, i64, &'a str, i64, Acc)) {
         let mut keys: Vec<(&'a str, &'a [Slot])> = self
             .keys
@@ -276,9 +638,18 @@ impl FixedWindows {
             .map(|(key, slots)| (&**key, &**slots))
             .collect();
         keys.sort_unstable_by_key(|(key, _)| *key);
+        let mut spans = Vec::new();
         for (key, slots) in keys {
-            for s in slots {
-                f(s.window(), s.start, key, self.defs.end(s), s.acc());
+            if slots.iter().any(Slot::is_pane) {
+                self.defs.spans(slots, &self.open_bounds, &mut spans);
+                self.defs
+                    .each_window(slots, &spans, |window, start, end, acc| {
+                        f(window, start, key, end, acc)
+                    });
+            } else {
+                for s in slots {
+                    f(s.window(), s.start, key, self.defs.last_end(s), s.acc());
+                }
             }
         }
     }
@@ -286,11 +657,16 @@ impl FixedWindows {
     /// The open window `window`/`start`/`key`, if any: its end and accumulator.
     #[cfg(test)]
     pub(crate) fn get(&self, window: u16, start: i64, key: &str) -> Option<(i64, Acc)> {
-        self.keys
-            .get(key)?
-            .iter()
-            .find(|s| s.window() == window && s.start == start)
-            .map(|s| (self.defs.end(s), s.acc()))
+        let slots = self.keys.get(key)?;
+        let mut spans = Vec::new();
+        self.defs.spans(slots, &self.open_bounds, &mut spans);
+        let mut found = None;
+        self.defs.each_window(slots, &spans, |w, s, end, acc| {
+            if (w, s) == (window, start) {
+                found = Some((end, acc));
+            }
+        });
+        found
     }
 }
 
@@ -452,7 +828,7 @@ mod tests {
         for (k, ts) in [("b", 25), ("a", 5), ("b", 3), ("a", 31), ("c", -4)] {
             add(&mut f, k, ts, None);
         }
-        f.restore(1, -30, "b", Acc::of(None));
+        f.restore("b", &mut None, &[(1, -30, Acc::of(None))]);
         let mut listed = Vec::new();
         f.for_each_ref(|window, start, key, _, _| listed.push((key.to_string(), window, start)));
         let mut want = listed.clone();
@@ -468,9 +844,12 @@ mod tests {
             WindowKind::Session { gap: 5 },
             WindowKind::Tumbling { size: 10 },
         ]));
-        assert_eq!(f.restore(1, 10, "k", Acc::of(Some(2.0))), 20);
-        f.restore(1, 20, "k", Acc::of(Some(3.0)));
-        f.restore(1, 10, "k", Acc::of(Some(4.0)));
+        assert_eq!(
+            f.restore("k", &mut None, &[(1, 10, Acc::of(Some(2.0)))]),
+            Some(20)
+        );
+        f.restore("k", &mut None, &[(1, 20, Acc::of(Some(3.0)))]);
+        f.restore("k", &mut None, &[(1, 10, Acc::of(Some(4.0)))]);
         assert_eq!(f.open_count(), 2);
         assert_eq!(
             f.get(1, 10, "k").map(|(end, acc)| (end, acc.sum)),
@@ -478,5 +857,166 @@ mod tests {
         );
         add(&mut f, "k", 11, None);
         assert_eq!(f.get(1, 10, "k").map(|(_, acc)| acc.count), Some(2));
+    }
+
+    /// The windows of a key as each record adding to every open window holding it would keep
+    /// them: what panes must be indistinguishable from.
+    #[derive(Default)]
+    struct Model {
+        windows: std::collections::BTreeMap<(String, u16, i64), (i64, Acc)>,
+    }
+
+    impl Model {
+        fn add(
+            &mut self,
+            defs: &[WindowDef],
+            key: &str,
+            ts: i64,
+            value: Option<f64>,
+            limit: Option<i64>,
+        ) -> bool {
+            let mut took = false;
+            for (i, d) in defs.iter().enumerate() {
+                let starts: Vec<i64> = match d.kind {
+                    WindowKind::Tumbling { size } => vec![tumbling_start(ts, size)],
+                    WindowKind::Hopping { size, hop } => hopping_starts(ts, size, hop).collect(),
+                    WindowKind::Session { .. } => continue,
+                };
+                let size = d.kind.size().unwrap_or(0);
+                for start in starts.into_iter().filter(|s| !is_final(s + size, limit)) {
+                    took = true;
+                    self.windows
+                        .entry((key.to_string(), i as u16, start))
+                        .or_insert((start + size, Acc::default()))
+                        .1
+                        .add(value);
+                }
+            }
+            took
+        }
+
+        fn close(&mut self, limit: i64) -> Vec<(u16, i64, String, i64, Acc)> {
+            let mut out = Vec::new();
+            self.windows.retain(|(key, window, start), (end, acc)| {
+                if *end <= limit {
+                    out.push((*window, *start, key.clone(), *end, *acc));
+                }
+                *end > limit
+            });
+            out.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+            out
+        }
+
+        fn list(&self) -> Vec<(String, u16, i64, i64, Acc)> {
+            self.windows
+                .iter()
+                .map(|((key, window, start), (end, acc))| {
+                    (key.clone(), *window, *start, *end, *acc)
+                })
+                .collect()
+        }
+    }
+
+    fn list(f: &FixedWindows) -> Vec<(String, u16, i64, i64, Acc)> {
+        let mut out = Vec::new();
+        f.for_each_ref(|window, start, key, end, acc| {
+            out.push((key.to_string(), window, start, end, acc))
+        });
+        out
+    }
+
+    fn restored(f: &FixedWindows, windows: &[WindowDef]) -> FixedWindows {
+        let mut g = FixedWindows::new(windows);
+        f.for_each_ref(|window, start, key, _, acc| {
+            g.restore(key, &mut None, &[(window, start, acc)]);
+        });
+        g
+    }
+
+    #[test]
+    fn a_hopping_window_whose_size_is_a_multiple_of_its_hop_keeps_one_pane_per_hop() {
+        let windows = defs(&[WindowKind::Hopping { size: 30, hop: 10 }]);
+        let mut f = FixedWindows::new(&windows);
+        for ts in [1, 2, 3] {
+            add(&mut f, "k", ts, None);
+        }
+        // one pane, three windows
+        assert_eq!(f.keys["k"].len(), 1);
+        assert_eq!(f.open_count(), 3);
+        add(&mut f, "k", 14, None);
+        assert_eq!(f.keys["k"].len(), 2);
+        assert_eq!(f.open_count(), 4);
+        assert_eq!(
+            f.get(0, 0, "k").map(|(end, acc)| (end, acc.count)),
+            Some((30, 4))
+        );
+        assert_eq!(f.get(0, -20, "k").map(|(_, acc)| acc.count), Some(3));
+        assert_eq!(f.get(0, 10, "k").map(|(_, acc)| acc.count), Some(1));
+        // a record too late for the first windows of its pane goes to the others one by one
+        assert_eq!(closed(&mut f, 10).len(), 1);
+        assert!(add(&mut f, "j", 5, Some(10)));
+        assert_eq!(f.keys["j"].iter().filter(|s| s.is_pane()).count(), 0);
+        assert_eq!(f.get(0, -10, "j").map(|(_, acc)| acc.count), Some(1));
+        assert_eq!(f.get(0, -20, "j"), None);
+        assert_eq!(f.open_count(), 3 + 2);
+        // a pane goes once its last window has closed
+        assert_eq!(closed(&mut f, 30).len(), 4);
+        assert_eq!(f.keys["k"].len(), 1);
+        assert_eq!(f.open_count(), 1);
+    }
+
+    proptest::proptest! {
+        /// Under any records (late ones included), closes as the scope makes them (only once
+        /// the earliest end is reached) and restores of what a checkpoint lists, the windows
+        /// equal those of adding every record to every open window holding it.
+        #[test]
+        fn panes_are_indistinguishable_from_a_window_per_hop(
+            shape in 0usize..3,
+            steps in proptest::collection::vec((0u8..8, 0u8..4, -45i64..45, -3i8..4), 1..250),
+        ) {
+            let kinds = [
+                vec![WindowKind::Tumbling { size: 10 }, WindowKind::Hopping { size: 30, hop: 10 }],
+                vec![WindowKind::Hopping { size: 20, hop: 5 }, WindowKind::Hopping { size: 25, hop: 10 }],
+                vec![WindowKind::Session { gap: 5 }, WindowKind::Hopping { size: 40, hop: 10 }, WindowKind::Tumbling { size: 7 }],
+            ];
+            let windows = defs(&kinds[shape]);
+            let mut f = FixedWindows::new(&windows);
+            let mut model = Model::default();
+            let mut limit: Option<i64> = None;
+            let mut newest = 0i64;
+            for (op, key, dt, v) in steps {
+                match op {
+                    0..=4 => {
+                        let key = format!("k{key}");
+                        let ts = newest + dt;
+                        newest = newest.max(ts);
+                        let value = (v >= 0).then_some(f64::from(v));
+                        let want = model.add(&windows, &key, ts, value, limit);
+                        proptest::prop_assert_eq!(f.add(&key, ts, value, limit, &mut None), want);
+                    }
+                    5 | 6 => {
+                        let l = newest - i64::from(key) * 4;
+                        if limit.is_some_and(|old| l <= old) {
+                            continue;
+                        }
+                        limit = Some(l);
+                        let want = model.close(l);
+                        if f.earliest_end().is_some_and(|end| end <= l) {
+                            let mut got = Vec::new();
+                            f.close(l, |window, start, end, acc, key| got.push((window, start, key.to_string(), end, acc)));
+                            got.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+                            proptest::prop_assert_eq!(got, want);
+                        } else {
+                            proptest::prop_assert!(want.is_empty(), "windows due that the earliest end did not tell of");
+                        }
+                    }
+                    _ => f = restored(&f, &windows),
+                }
+                let want = model.list();
+                proptest::prop_assert_eq!(f.open_count(), want.len());
+                proptest::prop_assert_eq!(list(&f), want.clone());
+                proptest::prop_assert_eq!(f.earliest_end(), want.iter().map(|w| w.3).min());
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! row of varints (start delta-coded), value aggregates only where the window saw values,
 //! compressed with LZ4.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use std::sync::Arc;
 
@@ -247,14 +247,6 @@ pub(crate) fn encode_rows(entries: &mut [EntryRef<'_>]) -> Result<Vec<u8>, BlobE
     Ok(out)
 }
 
-/// What a blob's body (see [`BlobRef`]) deserializes to, its keys borrowed from the body.
-#[derive(Deserialize)]
-struct BlobView<'a> {
-    #[serde(borrow)]
-    keys: Vec<(u32, &'a [u8])>,
-    rows: Vec<Row>,
-}
-
 /// The decompressed body of a blob, checked against what its header announces.
 fn body_of(raw: &[u8]) -> Result<Vec<u8>, BlobError> {
     let (&version, compressed) = raw.split_first().ok_or(BlobError::Empty)?;
@@ -280,17 +272,69 @@ fn body_of(raw: &[u8]) -> Result<Vec<u8>, BlobError> {
 /// and whether the window is final.
 pub type BlobEntry<'a> = (&'a str, u16, i64, i64, Acc, bool);
 
-/// Reads a blob entry by entry, in key order, each key borrowed (no entry is allocated);
-/// returns the number of entries.
-pub fn visit_blob(raw: &[u8], mut f: impl FnMut(BlobEntry<'_>)) -> Result<usize, BlobError> {
+/// Reads a blob entry by entry, in key order, each key borrowed (no entry is allocated, and
+/// the rows are read as they are handed over, never listed); returns the number of entries.
+pub fn visit_blob(raw: &[u8], f: impl FnMut(BlobEntry<'_>)) -> Result<usize, BlobError> {
     let body = body_of(raw)?;
-    let blob: BlobView<'_> =
-        postcard::from_bytes(&body).map_err(|e| BlobError::Decode(e.to_string()))?;
-    // the keys, rebuilt from their shared prefixes into one buffer: key i is ends[i-1]..ends[i]
+    let mut found = None;
+    let mut de = postcard::Deserializer::from_bytes(&body);
+    let visitor = BlobVisitor {
+        f,
+        found: &mut found,
+    };
+    let read = de.deserialize_struct("BlobView", &["keys", "rows"], visitor);
+    match (read, found) {
+        (Ok(rows), _) => Ok(rows),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(BlobError::Decode(e.to_string())),
+    }
+}
+
+/// Reads a blob's body (see [`BlobRef`]): its keys, then each row as it comes. What is wrong
+/// with the blob beyond its encoding goes to `found` (serde's errors cannot carry it).
+struct BlobVisitor<'e, F> {
+    f: F,
+    found: &'e mut Option<BlobError>,
+}
+
+impl<'de, F: FnMut(BlobEntry<'_>)> serde::de::Visitor<'de> for BlobVisitor<'_, F> {
+    type Value = usize;
+
+    fn expecting(&self, out: &mut std::fmt::Formatter) -> std::fmt::Result {
+        out.write_str("a group blob's keys and rows")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        use serde::de::Error;
+        let BlobVisitor { f, found } = self;
+        let keys: Vec<(u32, &'de [u8])> = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("no keys"))?;
+        let (text, ends) = match keys_of(keys) {
+            Ok(k) => k,
+            Err(e) => {
+                *found = Some(e);
+                return Err(A::Error::custom("inconsistent keys"));
+            }
+        };
+        let rows = RowsSeed {
+            text: &text,
+            ends: &ends,
+            f,
+            found,
+        };
+        seq.next_element_seed(rows)?
+            .ok_or_else(|| A::Error::custom("no rows"))
+    }
+}
+
+/// The keys of a blob, rebuilt from their shared prefixes into one text: key i is
+/// `ends[i-1]..ends[i]`.
+fn keys_of(keys: Vec<(u32, &[u8])>) -> Result<(String, Vec<usize>), BlobError> {
     let mut bytes: Vec<u8> = Vec::new();
-    let mut ends: Vec<usize> = Vec::with_capacity(blob.keys.len());
+    let mut ends: Vec<usize> = Vec::with_capacity(keys.len());
     let mut prev = 0..0;
-    for (shared, rest) in blob.keys {
+    for (shared, rest) in keys {
         let shared = shared as usize;
         if shared > prev.len() {
             return Err(BlobError::Inconsistent(
@@ -308,39 +352,71 @@ pub fn visit_blob(raw: &[u8], mut f: impl FnMut(BlobEntry<'_>)) -> Result<usize,
     }
     // every key is UTF-8 on its own, so each one's bounds are character boundaries
     let text = String::from_utf8(bytes).map_err(|_| BlobError::Inconsistent("key is not UTF-8"))?;
-    let mut start = 0i64;
-    let rows = blob.rows.len();
-    for row in blob.rows {
-        let k = row.key as usize;
-        let from = k.checked_sub(1).map_or(Some(0), |i| ends.get(i).copied());
-        let Some(key) = from
-            .zip(ends.get(k).copied())
-            .and_then(|(from, to)| text.get(from..to))
-        else {
-            return Err(BlobError::Inconsistent(
-                "row names a key the blob does not hold",
-            ));
-        };
-        start = start.wrapping_add(row.start_delta);
-        let (sum, min, max) = row
-            .values
-            .unwrap_or((0.0, f64::INFINITY, f64::NEG_INFINITY));
-        let acc = Acc {
-            count: row.count,
-            sum,
-            min,
-            max,
-        };
-        f((
-            key,
-            row.window,
-            start,
-            start.wrapping_add(row.len),
-            acc,
-            row.closed,
-        ));
+    Ok((text, ends))
+}
+
+/// Hands each row of a blob over as an entry, as it is read.
+struct RowsSeed<'k, 'e, F> {
+    text: &'k str,
+    ends: &'k [usize],
+    f: F,
+    found: &'e mut Option<BlobError>,
+}
+
+impl<'de, F: FnMut(BlobEntry<'_>)> serde::de::DeserializeSeed<'de> for RowsSeed<'_, '_, F> {
+    type Value = usize;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<usize, D::Error> {
+        de.deserialize_seq(self)
     }
-    Ok(rows)
+}
+
+impl<'de, F: FnMut(BlobEntry<'_>)> serde::de::Visitor<'de> for RowsSeed<'_, '_, F> {
+    type Value = usize;
+
+    fn expecting(&self, out: &mut std::fmt::Formatter) -> std::fmt::Result {
+        out.write_str("a group blob's rows")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<usize, A::Error> {
+        let mut start = 0i64;
+        let mut rows = 0;
+        while let Some(row) = seq.next_element::<Row>()? {
+            let k = row.key as usize;
+            let from = k
+                .checked_sub(1)
+                .map_or(Some(0), |i| self.ends.get(i).copied());
+            let Some(key) = from
+                .zip(self.ends.get(k).copied())
+                .and_then(|(from, to)| self.text.get(from..to))
+            else {
+                *self.found = Some(BlobError::Inconsistent(
+                    "row names a key the blob does not hold",
+                ));
+                return Err(serde::de::Error::custom("unknown key"));
+            };
+            start = start.wrapping_add(row.start_delta);
+            let (sum, min, max) = row
+                .values
+                .unwrap_or((0.0, f64::INFINITY, f64::NEG_INFINITY));
+            let acc = Acc {
+                count: row.count,
+                sum,
+                min,
+                max,
+            };
+            (self.f)((
+                key,
+                row.window,
+                start,
+                start.wrapping_add(row.len),
+                acc,
+                row.closed,
+            ));
+            rows += 1;
+        }
+        Ok(rows)
+    }
 }
 
 /// Decodes a blob of scope `scope` into its entries, sorted by key.

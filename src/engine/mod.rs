@@ -27,7 +27,7 @@ pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 use crate::checkpoint_id::CheckpointId;
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
-use scope::ScopeState;
+use scope::{KeyEntry, ScopeState};
 use watermark::Watermarks;
 
 #[derive(Debug, Clone)]
@@ -184,6 +184,18 @@ impl Engine {
         // (`service::start`), so a key lands where its later records look for it
         let layout = self.cfg.groups;
         let store = self.stores_of(scope.as_ref());
+        // a blob lists a key's entries together: they go in key by key
+        let mut key = String::new();
+        let mut entries: Vec<KeyEntry> = Vec::new();
+        let mut put = |store: &mut ScopeState, key: &str, entries: &mut Vec<KeyEntry>| {
+            if entries.is_empty() {
+                return;
+            }
+            if let Err(err) = store.restore(g.id.group, key, entries) {
+                failed.get_or_insert(err);
+            }
+            entries.clear();
+        };
         let read = group::visit_blob(&g.blob, |e| {
             debug_assert_eq!(
                 layout.group_of(e.0),
@@ -191,12 +203,17 @@ impl Engine {
                 "key {:?} filed in another group",
                 e.0
             );
-            if let Some(e) = restored::remapped(remap, scope, e) {
-                if let Err(err) = store.restore(g.id.group, e) {
-                    failed.get_or_insert(err);
+            if let Some((k, window, start, end, acc, closed)) = restored::remapped(remap, scope, e)
+            {
+                if k != key {
+                    put(store, &key, &mut entries);
+                    key.clear();
+                    key.push_str(k);
                 }
+                entries.push((window, start, end, acc, closed));
             }
         });
+        put(store, &key, &mut entries);
         read.map_err(|source| StateError::Damaged {
             scope: scope.clone(),
             group: g.id.group,
@@ -211,10 +228,11 @@ impl Engine {
     fn install_entry(&mut self, id: StateKey, entry: Entry) -> Result<(), StateError> {
         let group = self.cfg.groups.group_of(&id.key);
         let closed = entry.status == EntryStatus::Closed;
-        let e = (&*id.key, id.window, id.start, entry.end, entry.acc, closed);
+        let e = (id.window, id.start, entry.end, entry.acc, closed);
         // final windows are queued for emission once every entry is in (`queue_restored`),
         // read from the group that holds them (not a second copy)
-        self.stores_of(id.partition.as_ref()).restore(group, e)
+        self.stores_of(id.partition.as_ref())
+            .restore(group, &id.key, &[e])
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -16,11 +16,15 @@ use foldhash::{HashMap, HashMapExt};
 use super::aggregate::Acc;
 use super::due::Due;
 use super::fixed::FixedWindows;
-use super::group::{BlobEntry, DirtyGroups, EntryRef, GroupContent, GroupId};
-use super::state::{ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
+use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
+use super::state::{note_end, ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
 use super::window::{WindowDef, WindowKind};
 use super::StateError;
 use crate::position::Partition;
+
+/// One entry of a key as a restore puts it back: window index, start, end, accumulator and
+/// whether the window is final.
+pub(crate) type KeyEntry = (u16, i64, i64, Acc, bool);
 
 /// Final windows ready for the output: some as they are, most read from the chunks they were
 /// held in as they are sent (a release of a million windows is never copied out whole).
@@ -444,6 +448,8 @@ pub(crate) struct ScopeState {
     due: Due,
     /// Final windows not acknowledged yet, over all groups.
     closed: usize,
+    /// Room for the fixed windows of the key a restore puts back (always left empty).
+    restoring: Vec<(u16, i64, Acc)>,
 }
 
 impl ScopeState {
@@ -455,6 +461,7 @@ impl ScopeState {
             dirty: DirtyGroups::default(),
             due: Due::default(),
             closed: 0,
+            restoring: Vec::new(),
         }
     }
 
@@ -527,45 +534,62 @@ impl ScopeState {
         }
     }
 
-    /// Puts back an entry read from a checkpoint or the changelog: an open window into its
-    /// table, a final one into its group's held windows (a checkpoint holds each window once:
-    /// no search for an equal one).
+    /// Puts back the entries of one key read from a checkpoint or the changelog (a blob lists
+    /// a key's entries together): open windows into their tables, final ones into the group's
+    /// held windows (a checkpoint holds each window once: no search for an equal one). The
+    /// key's fixed windows take one allocation, and its final windows and fixed windows share
+    /// one copy of the key.
     pub(crate) fn restore(
         &mut self,
         group: u16,
-        (key, window, start, end, acc, closed): BlobEntry<'_>,
+        key: &str,
+        entries: &[KeyEntry],
     ) -> Result<(), StateError> {
-        if closed {
-            let row = ClosedRow {
-                window,
-                start,
-                end,
-                acc,
-                key: Arc::from(key),
-            };
-            self.group_mut(group).hold(row, RESTORED_EPOCH);
-            self.closed += 1;
-            return Ok(());
-        }
-        let unknown = StateError::UnknownWindow {
-            window,
-            defined: self.windows.len(),
-        };
-        let kind = match self.windows.get(usize::from(window)) {
-            Some(w) => w.kind,
-            None => return Err(unknown),
-        };
-        let g = self.group_mut(group);
-        let end = match kind {
-            WindowKind::Session { .. } => {
-                match g.sessions.iter_mut().find(|t| t.index() == window) {
-                    Some(table) => table.restore(start, key, end, acc),
-                    None => return Err(unknown),
-                }
+        let (windows, scope) = (&self.windows, &self.scope);
+        let g = Arc::make_mut(
+            self.groups
+                .entry(group)
+                .or_insert_with(|| Arc::new(GroupState::new(windows, scope))),
+        );
+        let mut shared: Option<Arc<str>> = None;
+        let mut earliest = None;
+        let fixed = &mut self.restoring;
+        fixed.clear();
+        for &(window, start, end, acc, closed) in entries {
+            if closed {
+                let key = Arc::clone(shared.get_or_insert_with(|| Arc::from(key)));
+                let row = ClosedRow {
+                    window,
+                    start,
+                    end,
+                    acc,
+                    key,
+                };
+                g.hold(row, RESTORED_EPOCH);
+                self.closed += 1;
+                continue;
             }
-            _ => g.fixed.restore(window, start, key, acc),
-        };
-        self.register(group, end);
+            let unknown = StateError::UnknownWindow {
+                window,
+                defined: windows.len(),
+            };
+            match windows.get(usize::from(window)).map(|w| w.kind) {
+                None => return Err(unknown),
+                Some(WindowKind::Session { .. }) => {
+                    match g.sessions.iter_mut().find(|t| t.index() == window) {
+                        Some(table) => note_end(&mut earliest, table.restore(start, key, end, acc)),
+                        None => return Err(unknown),
+                    }
+                }
+                Some(_) => fixed.push((window, start, acc)),
+            }
+        }
+        if let Some(end) = g.fixed.restore(key, &mut shared, fixed) {
+            note_end(&mut earliest, end);
+        }
+        if let Some(end) = earliest {
+            self.register(group, end);
+        }
         Ok(())
     }
 
@@ -823,5 +847,33 @@ mod tests {
             Arc::ptr_eq(&g.closed[0].rows, &copy.closed[0].rows),
             "a window closing in a later epoch does not copy the earlier ones"
         );
+    }
+
+    #[test]
+    fn a_restored_key_is_one_copy_shared_by_its_windows() {
+        let defs = [WindowDef {
+            name: "t".into(),
+            kind: WindowKind::Tumbling { size: 10 },
+        }];
+        let mut scope = ScopeState::new(None, &defs);
+        let acc = Acc::of(Some(1.0));
+        let (open, closed) = ((0, 30, 40, acc, false), (0, 0, 10, acc, true));
+        scope
+            .restore(3, "a", &[closed, (0, 10, 20, acc, true), open])
+            .unwrap();
+        scope.restore(3, "b", &[closed]).unwrap();
+        scope.restore(4, "b", &[open]).unwrap();
+        let three = &scope.groups[&3];
+        let rows: Vec<&ClosedRow> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
+        assert_eq!(rows.len(), 3);
+        let (held, a) = three.fixed.key("a").unwrap();
+        assert!(Arc::ptr_eq(&rows[0].key, &rows[1].key));
+        assert!(Arc::ptr_eq(&rows[0].key, &a));
+        assert_eq!(held, 1);
+        // two final windows and the open window hold the only copy (and `a` here)
+        assert_eq!(Arc::strong_count(&a), 4);
+        assert!(!Arc::ptr_eq(&rows[0].key, &rows[2].key));
+        assert_eq!(scope.closed, 3);
+        assert_eq!(scope.open_windows(), 2);
     }
 }
