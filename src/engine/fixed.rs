@@ -102,6 +102,11 @@ impl Slot {
     }
 }
 
+/// The most panes a window is combined from. A checkpoint lists every open window of a
+/// changed group, each combined from its panes again, so that listing a key costs up to
+/// `(size/hop)^2` merges: past this ratio a hopping window keeps a slot per window.
+const MAX_PANES_PER_WINDOW: i64 = 16;
+
 /// How the windows of one fixed definition are kept.
 #[derive(Debug, Clone, Copy)]
 enum Fixed {
@@ -246,7 +251,7 @@ impl Defs {
             .iter()
             .filter(|s| s.window() == w && !s.is_pane() && (first..=last).contains(&s.start))
             .count();
-        ((last - first) / hop) as usize + 1 - own
+        (((last - first) / hop) as usize + 1).saturating_sub(own)
     }
 
     /// How many windows the spans hold.
@@ -353,6 +358,8 @@ pub(crate) struct FixedWindows {
     closed: Option<i64>,
     /// [`Defs::bounds`] of `closed`, without an end.
     open_bounds: Vec<Bound>,
+    /// Room for the bounds of a close (left as the last close made them).
+    due_bounds: Vec<Bound>,
     /// Windows and panes a record opens for a key that has some already (always left empty).
     added: Vec<Slot>,
     /// Scratch room for a key's windows as spans.
@@ -408,7 +415,9 @@ impl FixedWindows {
                 let kind = match w.kind {
                     WindowKind::Tumbling { size } => Fixed::Tumbling { size },
                     WindowKind::Hopping { size, hop }
-                        if hop > 0 && size % hop == 0 && size / hop >= 2 =>
+                        if hop > 0
+                            && size % hop == 0
+                            && (2..=MAX_PANES_PER_WINDOW).contains(&(size / hop)) =>
                     {
                         Fixed::Panes { size, hop }
                     }
@@ -436,6 +445,7 @@ impl FixedWindows {
             earliest: None,
             closed: None,
             open_bounds: Vec::new(),
+            due_bounds: Vec::new(),
             added: Vec::new(),
             spans: Vec::new(),
         }
@@ -544,10 +554,10 @@ impl FixedWindows {
     /// closes.
     pub(crate) fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
         let defs = &self.defs;
-        let mut due = Vec::new();
+        let mut due = std::mem::take(&mut self.due_bounds);
         defs.bounds(self.closed, Some(limit), &mut due);
         let closed = Some(self.closed.map_or(limit, |c| c.max(limit)));
-        let mut after = Vec::new();
+        let mut after = std::mem::take(&mut self.open_bounds);
         defs.bounds(closed, None, &mut after);
         let spans = &mut self.spans;
         let mut count = 0;
@@ -559,11 +569,18 @@ impl FixedWindows {
                 }
                 return true;
             }
-            defs.spans(slots, &due, spans);
-            defs.each_window(slots, spans, |window, start, end, acc| {
-                f(window, start, end, acc, key);
-                count += 1;
-            });
+            if slots.iter().any(Slot::is_pane) {
+                defs.spans(slots, &due, spans);
+                defs.each_window(slots, spans, |window, start, end, acc| {
+                    f(window, start, end, acc, key);
+                    count += 1;
+                });
+            } else {
+                for s in slots.iter().filter(|s| defs.last_end(s) <= limit) {
+                    f(s.window(), s.start, defs.last_end(s), s.acc(), key);
+                    count += 1;
+                }
+            }
             let mut keep = Vec::with_capacity(slots.len());
             for s in slots.iter().filter(|s| defs.last_end(s) > limit) {
                 note_end(&mut earliest, defs.first_end(s, &after));
@@ -572,10 +589,11 @@ impl FixedWindows {
             *slots = Arc::from(keep);
             !slots.is_empty()
         });
-        self.open -= count;
+        self.open = self.open.saturating_sub(count);
         self.earliest = earliest;
         self.closed = closed;
         self.open_bounds = after;
+        self.due_bounds = due;
     }
 
     /// Puts back open windows of `key` read from a checkpoint (each window index, start and
@@ -965,19 +983,35 @@ mod tests {
         assert_eq!(f.open_count(), 1);
     }
 
+    #[test]
+    fn past_sixteen_hops_a_window_a_hopping_window_keeps_a_slot_per_window() {
+        let windows = defs(&[
+            WindowKind::Hopping { size: 32, hop: 2 },
+            WindowKind::Hopping { size: 34, hop: 2 },
+        ]);
+        let mut f = FixedWindows::new(&windows);
+        add(&mut f, "k", 1, None);
+        let slots = &f.keys["k"];
+        assert_eq!(slots.iter().filter(|s| s.is_pane()).count(), 1);
+        assert_eq!(slots.iter().filter(|s| !s.is_pane()).count(), 17);
+        assert_eq!(f.open_count(), 16 + 17);
+    }
+
     proptest::proptest! {
         /// Under any records (late ones included), closes as the scope makes them (only once
         /// the earliest end is reached) and restores of what a checkpoint lists, the windows
         /// equal those of adding every record to every open window holding it.
         #[test]
         fn panes_are_indistinguishable_from_a_window_per_hop(
-            shape in 0usize..3,
+            shape in 0usize..4,
             steps in proptest::collection::vec((0u8..8, 0u8..4, -45i64..45, -3i8..4), 1..250),
         ) {
             let kinds = [
                 vec![WindowKind::Tumbling { size: 10 }, WindowKind::Hopping { size: 30, hop: 10 }],
                 vec![WindowKind::Hopping { size: 20, hop: 5 }, WindowKind::Hopping { size: 25, hop: 10 }],
                 vec![WindowKind::Session { gap: 5 }, WindowKind::Hopping { size: 40, hop: 10 }, WindowKind::Tumbling { size: 7 }],
+                // 16 panes a window, and past the most panes a window is combined from
+                vec![WindowKind::Hopping { size: 32, hop: 2 }, WindowKind::Hopping { size: 34, hop: 2 }],
             ];
             let windows = defs(&kinds[shape]);
             let mut f = FixedWindows::new(&windows);

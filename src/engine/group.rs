@@ -617,4 +617,79 @@ mod tests {
             ))
         );
     }
+
+    /// A blob around a body made by hand.
+    fn blob_of(keys: Vec<(u32, &[u8])>, rows: Vec<Row>) -> Vec<u8> {
+        let body = postcard::to_stdvec(&BlobRef { keys, rows }).expect("encode");
+        let mut out = vec![BLOB_VERSION];
+        out.extend_from_slice(&lz4_flex::compress_prepend_size(&body));
+        out
+    }
+
+    fn row(key: u32, start_delta: i64) -> Row {
+        Row {
+            key,
+            window: 0,
+            start_delta,
+            len: 10,
+            closed: false,
+            count: 1,
+            values: None,
+        }
+    }
+
+    #[test]
+    fn damage_inside_a_blob_body_is_an_error_naming_it() {
+        let visit = |raw: &[u8]| {
+            let mut seen = Vec::new();
+            let read = visit_blob(raw, |e| seen.push((e.0.to_string(), e.2)));
+            (read, seen)
+        };
+        // sound: two keys, the second sharing one byte with the first
+        let sound = blob_of(vec![(0, b"ab"), (1, b"c")], vec![row(0, 5), row(1, 5)]);
+        let (read, seen) = visit(&sound);
+        assert_eq!(read, Ok(2));
+        assert_eq!(seen, vec![("ab".to_string(), 5), ("ac".to_string(), 10)]);
+        // a key sharing more than the previous key holds
+        let raw = blob_of(vec![(0, b"ab"), (3, b"c")], vec![row(0, 5)]);
+        assert_eq!(
+            visit(&raw),
+            (
+                Err(BlobError::Inconsistent(
+                    "key shares more than the previous key holds"
+                )),
+                vec![]
+            )
+        );
+        // a key that is not UTF-8
+        let raw = blob_of(vec![(0, &[0xff, 0xfe])], vec![row(0, 5)]);
+        assert_eq!(
+            visit(&raw).0,
+            Err(BlobError::Inconsistent("key is not UTF-8"))
+        );
+        // a row naming a key the blob does not hold, after a sound row
+        let raw = blob_of(vec![(0, b"ab")], vec![row(0, 5), row(7, 5)]);
+        let (read, seen) = visit(&raw);
+        assert_eq!(
+            read,
+            Err(BlobError::Inconsistent(
+                "row names a key the blob does not hold"
+            ))
+        );
+        assert_eq!(seen.len(), 1, "rows are handed over as they are read");
+        // a body cut short in its rows
+        let body = postcard::to_stdvec(&BlobRef {
+            keys: vec![(0, b"ab")],
+            rows: vec![row(0, 5), row(0, 5)],
+        })
+        .expect("encode");
+        let mut raw = vec![BLOB_VERSION];
+        raw.extend_from_slice(&lz4_flex::compress_prepend_size(&body[..body.len() - 3]));
+        assert!(matches!(visit(&raw).0, Err(BlobError::Decode(_))));
+        // decode_blob, which lists a blob, says the same
+        assert_eq!(
+            decode_blob(&raw, &None).map(|e| e.len()),
+            visit(&raw).0.map(|_| 0)
+        );
+    }
 }

@@ -84,6 +84,14 @@ pub enum StateError {
         "checkpoint holds open windows of window #{window}, but only {defined} windows are configured"
     )]
     UnknownWindow { window: u16, defined: usize },
+    #[error(
+        "checkpoint holds an open window of window #{window} starting at {start}, which is not a start of that window ({kind})"
+    )]
+    MisalignedWindow {
+        window: u16,
+        start: i64,
+        kind: String,
+    },
     #[error("group {group} of {scope:?} cannot be decoded: {source}")]
     Damaged {
         scope: Option<Partition>,

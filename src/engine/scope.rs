@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use fixedbitset::FixedBitSet;
-use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
 use super::due::Due;
@@ -437,12 +436,50 @@ fn earlier(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     }
 }
 
+/// The groups of one scope by group index (a record finds its group without hashing).
+#[derive(Debug, Default)]
+struct Groups(Vec<Option<Arc<GroupState>>>);
+
+impl Groups {
+    fn get(&self, group: u16) -> Option<&Arc<GroupState>> {
+        self.0.get(usize::from(group))?.as_ref()
+    }
+
+    fn get_mut(&mut self, group: u16) -> Option<&mut Arc<GroupState>> {
+        self.0.get_mut(usize::from(group))?.as_mut()
+    }
+
+    fn get_or_insert_with(
+        &mut self,
+        group: u16,
+        new: impl FnOnce() -> GroupState,
+    ) -> &mut Arc<GroupState> {
+        let i = usize::from(group);
+        if i >= self.0.len() {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i].get_or_insert_with(|| Arc::new(new()))
+    }
+
+    /// Every group made so far, by index.
+    fn iter(&self) -> impl Iterator<Item = (u16, &Arc<GroupState>)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| Some((i as u16, g.as_ref()?)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<GroupState>> {
+        self.0.iter().flatten()
+    }
+}
+
 /// The groups of one scope, the changed ones, and where their windows end.
 #[derive(Debug)]
 pub(crate) struct ScopeState {
     scope: Option<Partition>,
     windows: Vec<WindowDef>,
-    groups: HashMap<u16, Arc<GroupState>>,
+    groups: Groups,
     dirty: DirtyGroups,
     /// When each group has windows to close.
     due: Due,
@@ -457,7 +494,7 @@ impl ScopeState {
         ScopeState {
             scope,
             windows: windows.to_vec(),
-            groups: HashMap::new(),
+            groups: Groups::default(),
             dirty: DirtyGroups::default(),
             due: Due::default(),
             closed: 0,
@@ -471,8 +508,7 @@ impl ScopeState {
         let (windows, scope) = (&self.windows, &self.scope);
         let shared = self
             .groups
-            .entry(group)
-            .or_insert_with(|| Arc::new(GroupState::new(windows, scope)));
+            .get_or_insert_with(group, || GroupState::new(windows, scope));
         Arc::make_mut(shared)
     }
 
@@ -511,7 +547,7 @@ impl ScopeState {
         self.due.take(limit, &mut due);
         let mut now = Vec::new();
         for g in due {
-            let Some(shared) = self.groups.get_mut(&g) else {
+            let Some(shared) = self.groups.get_mut(g) else {
                 continue;
             };
             // closing copies a group a snapshot shares; a group is due only when one of its
@@ -548,8 +584,7 @@ impl ScopeState {
         let (windows, scope) = (&self.windows, &self.scope);
         let g = Arc::make_mut(
             self.groups
-                .entry(group)
-                .or_insert_with(|| Arc::new(GroupState::new(windows, scope))),
+                .get_or_insert_with(group, || GroupState::new(windows, scope)),
         );
         let mut shared: Option<Arc<str>> = None;
         let mut earliest = None;
@@ -581,7 +616,20 @@ impl ScopeState {
                         None => return Err(unknown),
                     }
                 }
-                Some(_) => fixed.push((window, start, acc)),
+                Some(kind) => {
+                    let step = match kind {
+                        WindowKind::Hopping { hop, .. } => hop,
+                        _ => kind.size().unwrap_or(1),
+                    };
+                    if start.rem_euclid(step.max(1)) != 0 {
+                        return Err(StateError::MisalignedWindow {
+                            window,
+                            start,
+                            kind: kind.describe(),
+                        });
+                    }
+                    fixed.push((window, start, acc))
+                }
             }
         }
         if let Some(end) = g.fixed.restore(key, &mut shared, fixed) {
@@ -595,7 +643,7 @@ impl ScopeState {
 
     /// The output acknowledged final window `id`: it leaves the state.
     pub(crate) fn acknowledge(&mut self, group: u16, id: StateKey) {
-        let Some(shared) = self.groups.get_mut(&group) else {
+        let Some(shared) = self.groups.get_mut(group) else {
             return;
         };
         let Some(at) = shared.find_closed(&id) else {
@@ -616,7 +664,7 @@ impl ScopeState {
             self.groups
                 .iter()
                 .filter(|(_, g)| g.len() > 0)
-                .map(|(id, _)| *id)
+                .map(|(id, _)| id)
                 .collect()
         } else {
             changed
@@ -630,7 +678,7 @@ impl ScopeState {
                     scope: self.scope.clone(),
                     group: g,
                 };
-                match self.groups.get(&g).filter(|s| s.len() > 0) {
+                match self.groups.get(g).filter(|s| s.len() > 0) {
                     Some(state) => GroupContent::shared(id, state.clone()),
                     None => GroupContent::new(id, Vec::new()),
                 }
@@ -863,7 +911,7 @@ mod tests {
             .unwrap();
         scope.restore(3, "b", &[closed]).unwrap();
         scope.restore(4, "b", &[open]).unwrap();
-        let three = &scope.groups[&3];
+        let three = scope.groups.get(3).unwrap();
         let rows: Vec<&ClosedRow> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
         assert_eq!(rows.len(), 3);
         let (held, a) = three.fixed.key("a").unwrap();
@@ -875,5 +923,44 @@ mod tests {
         assert!(!Arc::ptr_eq(&rows[0].key, &rows[2].key));
         assert_eq!(scope.closed, 3);
         assert_eq!(scope.open_windows(), 2);
+    }
+
+    #[test]
+    fn a_restored_window_that_is_not_a_start_of_its_definition_is_refused() {
+        let defs = [
+            WindowDef {
+                name: "t".into(),
+                kind: WindowKind::Tumbling { size: 10 },
+            },
+            WindowDef {
+                name: "h".into(),
+                kind: WindowKind::Hopping { size: 30, hop: 10 },
+            },
+        ];
+        let mut scope = ScopeState::new(None, &defs);
+        let acc = Acc::of(Some(1.0));
+        for (window, start) in [(0, 15), (1, 5), (1, -25)] {
+            let err = scope
+                .restore(0, "k", &[(window, start, start + 10, acc, false)])
+                .expect_err("misaligned");
+            assert!(
+                matches!(err, StateError::MisalignedWindow { window: w, start: s, .. } if (w, s) == (window, start)),
+                "{err}"
+            );
+        }
+        assert_eq!(scope.open_windows(), 0);
+        // aligned ones go in, and a final window needs no definition at all
+        scope
+            .restore(
+                0,
+                "k",
+                &[
+                    (0, -20, -10, acc, false),
+                    (1, 20, 50, acc, false),
+                    (1, 5, 35, acc, true),
+                ],
+            )
+            .unwrap();
+        assert_eq!((scope.open_windows(), scope.closed), (2, 1));
     }
 }
