@@ -8,6 +8,7 @@ mod fixed;
 pub mod group;
 mod restored;
 mod scope;
+mod slots;
 mod state;
 mod watermark;
 mod window;
