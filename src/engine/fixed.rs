@@ -61,8 +61,8 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| end <= l)
 }
 
-/// Adds a record's `value` to a key's slot `(head, start)`, or, if the key has none, to a new
-/// one in `added` (a window, or a pane whose first window ends at `end`, noted in `opened`).
+/// Adds a record's `value` to a key's window `(head, start)`, or, if the key has none, to a new
+/// one in `added` (its end `end` noted in `opened`).
 fn touch(
     existing: &mut Option<&mut [Slot]>,
     (head, start, end): (u64, i64, i64),
@@ -77,12 +77,7 @@ fn touch(
         Some(s) => s.add(value),
         None => {
             note_end(opened, end);
-            let window = (head >> 1) as u16;
-            let acc = Acc::of(value);
-            added.push(match head & 1 {
-                0 => Slot::new(window, start, acc),
-                _ => Slot::pane(window, start, acc),
-            });
+            added.push(Slot::new((head >> 1) as u16, start, Acc::of(value)));
         }
     }
 }
@@ -129,25 +124,26 @@ impl FixedWindows {
         let mut took = false;
         let mut opened = None;
         let added = &mut self.added;
-        let mut take = |existing: &mut Option<&mut [Slot]>, head: u64, start: i64, end: i64| {
-            touch(existing, (head, start, end), value, &mut opened, added)
-        };
         for &(window, kind) in &defs.fixed {
             let windows = |size: i64, hop: i64| {
                 hopping_starts(ts, size, hop).filter(move |s| !is_final(s + size, limit))
+            };
+            let mut take = |existing: &mut Option<&mut [Slot]>, start: i64, end: i64| {
+                let slot = (head(window, false), start, end);
+                touch(existing, slot, value, &mut opened, added)
             };
             match kind {
                 Fixed::Tumbling { size } => {
                     let start = tumbling_start(ts, size);
                     if !is_final(start + size, limit) {
                         took = true;
-                        take(&mut existing, head(window, false), start, start + size);
+                        take(&mut existing, start, start + size);
                     }
                 }
                 Fixed::Hopping { size, hop } => {
                     for start in windows(size, hop) {
                         took = true;
-                        take(&mut existing, head(window, false), start, start + size);
+                        take(&mut existing, start, start + size);
                     }
                 }
                 Fixed::Panes { size, hop } => {
@@ -157,17 +153,21 @@ impl FixedWindows {
                         continue;
                     }
                     took = true;
-                    let has_pane = existing.as_deref().is_some_and(|s| {
-                        s.iter()
-                            .any(|s| s.head() == head(window, true) && s.start == pane)
-                    });
-                    if has_pane || !is_final(pane + hop, limit) {
-                        take(&mut existing, head(window, true), pane, pane + hop);
+                    let h = head(window, true);
+                    let hit = existing
+                        .as_deref_mut()
+                        .and_then(|s| s.iter_mut().find(|s| s.head() == h && s.start == pane));
+                    if let Some(s) = hit {
+                        s.add(value);
+                    } else if !is_final(pane + hop, limit) {
+                        // its first window ends with it
+                        note_end(&mut opened, pane + hop);
+                        added.push(Slot::pane(window, pane, Acc::of(value)));
                     } else {
                         // too late for the first windows holding it: the others take it one
                         // by one
                         for start in windows(size, hop) {
-                            take(&mut existing, head(window, false), start, start + size);
+                            take(&mut existing, start, start + size);
                         }
                     }
                 }
