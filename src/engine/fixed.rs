@@ -2,7 +2,7 @@
 //! once for every fixed window definition, with its open windows beside it in one slice. A
 //! record looks its key up once, whatever the number of windows it falls in.
 //!
-//! A hopping window whose size is a multiple of its hop is kept as panes: one accumulator per
+//! A hopping window whose size is 2 to 16 times its hop is kept as panes: one accumulator per
 //! hop (`[start, start + hop)`), combined into each window holding it when that window closes
 //! or is checkpointed. A record updates one pane instead of `size / hop` windows, and a key
 //! seen once holds one pane instead of `size / hop` windows. A pane is made only while every
@@ -47,8 +47,8 @@ pub(crate) struct FixedWindows {
     spans: Vec<Span>,
 }
 
-/// A key's windows and panes, ordered by window index, windows before panes, and start (the
-/// order a group's blob lists windows in).
+/// A key's windows and panes, ordered by window index, windows before panes, and start (for a
+/// key without panes, the order a group's blob lists its windows in).
 fn sorted(slots: impl Iterator<Item = Slot>) -> Arc<[Slot]> {
     let mut out: Arc<[Slot]> = slots.collect();
     if let Some(s) = Arc::get_mut(&mut out) {

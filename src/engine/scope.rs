@@ -296,7 +296,7 @@ impl GroupState {
 
     /// Removes the windows that end at or before `limit` into `out`, in the order of their
     /// definitions, fixed ones by start and key, sessions by end, key and start. Returns
-    /// [`GroupState::earliest_end`] after.
+    /// the earliest end of its windows after, if any is open.
     fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) -> Option<i64> {
         let from = out.len();
         let due = |earliest: Option<i64>| earliest.is_some_and(|end| end <= limit);
@@ -485,7 +485,7 @@ pub(crate) struct ScopeState {
     due: Due,
     /// Final windows not acknowledged yet, over all groups.
     closed: usize,
-    /// Room for the fixed windows of the key a restore puts back (always left empty).
+    /// Room for the fixed windows of the key a restore puts back (cleared before each use).
     restoring: Vec<(u16, i64, Acc)>,
 }
 

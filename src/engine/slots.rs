@@ -95,7 +95,7 @@ pub(super) enum Fixed {
     Tumbling {
         size: i64,
     },
-    /// Size a multiple of the hop (twice or more): panes.
+    /// Size 2 to 16 times the hop: panes.
     Panes {
         size: i64,
         hop: i64,
@@ -167,7 +167,7 @@ impl Defs {
     }
 
     /// The bounds of a close or a listing, per definition: every window ending at or before
-    /// `closed` has closed, and the listing stops at windows ending at or before `until`.
+    /// `closed` has closed, and only windows ending at or before `until` are listed.
     pub(super) fn bounds(&self, closed: Option<i64>, until: Option<i64>, out: &mut Vec<Bound>) {
         out.clear();
         out.extend(
@@ -292,7 +292,7 @@ impl Defs {
     }
 
     /// Every window of the spans, with its value: its own slot, if it has one, combined with
-    /// the panes it holds (the key's slots are sorted: see [`sorted`]).
+    /// the panes it holds (the key's slots are sorted: see `fixed::sorted`).
     pub(super) fn each_window(
         &self,
         slots: &[Slot],

@@ -3,7 +3,7 @@
 //! attempts that failed, in the same order.
 //!
 //! It writes through [`Checkpoints`], the narrow part of the store the service needs while
-//! running; [`memory::MemoryStore`](super::memory::MemoryStore) implements it for in-process
+//! running; `memory::MemoryStore` implements it for in-process
 //! tests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
