@@ -46,5 +46,7 @@ bash scripts/install-kafka.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# the code's own docs: every link in them resolves
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items
 cargo build --bin checkpointer
 cargo test --workspace --no-fail-fast

@@ -104,7 +104,7 @@ pub fn keep_temp_dirs() -> bool {
 
 /// Calls `probe` every `every` until it returns `Some`, or returns `None` once `timeout` has
 /// passed: the one polling loop of the harness ([`poll_until`] and
-/// [`KillOnDrop`](process::KillOnDrop)'s waits are built on it). An error of `probe` ends it.
+/// [`KillOnDrop`]'s waits are built on it). An error of `probe` ends it.
 pub fn poll<T>(
     timeout: Duration,
     every: Duration,
