@@ -291,6 +291,11 @@ impl FixedWindows {
         Some(earliest)
     }
 
+    /// The copy of `key` this group's fixed windows hold, if they hold any of its windows.
+    pub(crate) fn shared_key(&self, key: &str) -> Option<Arc<str>> {
+        self.keys.get_key_value(key).map(|(k, _)| Arc::clone(k))
+    }
+
     /// The copy of `key` this group holds, and how many windows and panes it holds.
     #[cfg(test)]
     pub(crate) fn key(&self, key: &str) -> Option<(usize, Arc<str>)> {

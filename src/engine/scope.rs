@@ -288,8 +288,9 @@ impl GroupState {
         earliest: &mut Option<i64>,
     ) -> bool {
         let mut took = self.fixed.add(key, ts, value, limit, earliest);
+        let fixed = &self.fixed;
         for t in &mut self.sessions {
-            took |= t.add(key, ts, value, limit, earliest);
+            took |= t.add_shared(key, ts, value, limit, earliest, || fixed.shared_key(key));
         }
         took
     }
@@ -612,7 +613,10 @@ impl ScopeState {
                 None => return Err(unknown),
                 Some(WindowKind::Session { .. }) => {
                     match g.sessions.iter_mut().find(|t| t.index() == window) {
-                        Some(table) => note_end(&mut earliest, table.restore(start, key, end, acc)),
+                        Some(table) => {
+                            let end = table.restore(start, key, end, acc, &mut shared);
+                            note_end(&mut earliest, end)
+                        }
                         None => return Err(unknown),
                     }
                 }
@@ -962,5 +966,44 @@ mod tests {
             )
             .unwrap();
         assert_eq!((scope.open_windows(), scope.closed), (2, 1));
+    }
+
+    #[test]
+    fn fixed_windows_and_sessions_of_a_key_share_one_copy_of_it() {
+        let defs = [
+            WindowDef {
+                name: "t".into(),
+                kind: WindowKind::Tumbling { size: 10 },
+            },
+            WindowDef {
+                name: "s".into(),
+                kind: WindowKind::Session { gap: 5 },
+            },
+        ];
+        let acc = Acc::of(Some(1.0));
+        // as records add them
+        let mut g = GroupState::new(&defs, &None);
+        for ts in [1, 2, 30] {
+            assert!(g.add("k", ts, Some(1.0), None, &mut None));
+        }
+        let fixed = g.fixed.shared_key("k").unwrap();
+        assert!(Arc::ptr_eq(&fixed, &g.sessions[0].key("k").unwrap()));
+        // as a restore puts them back, sessions first (a blob lists them by window)
+        let mut scope = ScopeState::new(None, &defs);
+        scope
+            .restore(
+                0,
+                "k",
+                &[
+                    (0, 0, 10, acc, false),
+                    (1, 1, 6, acc, false),
+                    (0, 10, 20, acc, true),
+                ],
+            )
+            .unwrap();
+        let g = scope.groups.get(0).unwrap();
+        let fixed = g.fixed.shared_key("k").unwrap();
+        assert!(Arc::ptr_eq(&fixed, &g.sessions[0].key("k").unwrap()));
+        assert!(Arc::ptr_eq(&fixed, &g.closed[0].rows[0].key));
     }
 }

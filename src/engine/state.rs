@@ -118,6 +118,7 @@ impl SessionTable {
     /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
     /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
     /// session it creates (see [`note_end`]). Returns whether a session took it.
+    #[cfg(test)]
     pub fn add(
         &mut self,
         key: &str,
@@ -125,6 +126,21 @@ impl SessionTable {
         value: Option<f64>,
         limit: Option<i64>,
         earliest: &mut Option<i64>,
+    ) -> bool {
+        self.add_shared(key, ts, value, limit, earliest, || None)
+    }
+
+    /// [`SessionTable::add`], taking the copy of `key` that `shared` gives, if any, when the
+    /// table has none yet: the group's fixed windows and sessions share one copy of a key, so
+    /// that a record reads its key's bytes once.
+    pub fn add_shared(
+        &mut self,
+        key: &str,
+        ts: i64,
+        value: Option<f64>,
+        limit: Option<i64>,
+        earliest: &mut Option<i64>,
+        shared: impl FnOnce() -> Option<Arc<str>>,
     ) -> bool {
         let new_end = ts.saturating_add(self.gap);
         // the common cases: the record falls inside one session, or extends it in order
@@ -148,7 +164,7 @@ impl SessionTable {
         }
         let name: Arc<str> = match self.by_key.get_key_value(key) {
             Some((name, _)) => Arc::clone(name),
-            None => Arc::from(key),
+            None => shared().unwrap_or_else(|| Arc::from(key)),
         };
         let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
         let run = overlapping(sessions, ts, new_end);
@@ -213,6 +229,12 @@ impl SessionTable {
         self.earliest_end()
     }
 
+    /// This table's copy of `key`, if it holds a session of it.
+    #[cfg(test)]
+    pub fn key(&self, key: &str) -> Option<Arc<str>> {
+        self.by_key.get_key_value(key).map(|(k, _)| Arc::clone(k))
+    }
+
     /// The open session of `key` starting at `start`, if any.
     #[cfg(test)]
     pub fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
@@ -222,11 +244,19 @@ impl SessionTable {
             .map(|s| (s.end, s.acc))
     }
 
-    /// Puts back an open session read from a checkpoint; returns its end.
-    pub fn restore(&mut self, start: i64, key: &str, end: i64, acc: Acc) -> i64 {
+    /// Puts back an open session read from a checkpoint; returns its end. `shared` is the
+    /// key's copy to share, made here if it has none yet.
+    pub fn restore(
+        &mut self,
+        start: i64,
+        key: &str,
+        end: i64,
+        acc: Acc,
+        shared: &mut Option<Arc<str>>,
+    ) -> i64 {
         let name: Arc<str> = match self.by_key.get_key_value(key) {
             Some((name, _)) => Arc::clone(name),
-            None => Arc::from(key),
+            None => Arc::clone(shared.get_or_insert_with(|| Arc::from(key))),
         };
         let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
         let pos = sessions.partition_point(|s| s.start < start);
