@@ -115,9 +115,7 @@ impl SessionTable {
         self.by_end.first().map(|(end, _, _)| *end)
     }
 
-    /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
-    /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
-    /// session it creates (see [`note_end`]). Returns whether a session took it.
+    /// [`SessionTable::add_shared`] with no copy of the key to share.
     #[cfg(test)]
     pub fn add(
         &mut self,
@@ -130,9 +128,12 @@ impl SessionTable {
         self.add_shared(key, ts, value, limit, earliest, || None)
     }
 
-    /// [`SessionTable::add`], taking the copy of `key` that `shared` gives, if any, when the
-    /// table has none yet: the group's fixed windows and sessions share one copy of a key, so
-    /// that a record reads its key's bytes once.
+    /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
+    /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
+    /// session it creates (see [`note_end`]). Returns whether a session took it. When the
+    /// table has no copy of `key` yet, it takes the one `shared` gives, if any: the group's
+    /// fixed windows and sessions share one copy of a key, so that a record reads its key's
+    /// bytes once.
     pub fn add_shared(
         &mut self,
         key: &str,
