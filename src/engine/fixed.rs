@@ -215,10 +215,9 @@ impl FixedWindows {
         let mut count = 0;
         let mut earliest = None;
         self.keys.retain(|key, slots| {
-            if slots.iter().all(|s| defs.first_end(s, &due) > limit) {
-                for s in slots.iter() {
-                    note_end(&mut earliest, defs.first_end(s, &due));
-                }
+            let first = slots.iter().map(|s| defs.first_end(s, &due)).min();
+            if let Some(first) = first.filter(|&end| end > limit) {
+                note_end(&mut earliest, first);
                 return true;
             }
             if slots.iter().any(Slot::is_pane) {

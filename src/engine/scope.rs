@@ -290,7 +290,7 @@ impl GroupState {
         let mut took = self.fixed.add(key, ts, value, limit, earliest);
         let fixed = &self.fixed;
         for t in &mut self.sessions {
-            took |= t.add_shared(key, ts, value, limit, earliest, || fixed.shared_key(key));
+            took |= t.add(key, ts, value, limit, earliest, || fixed.shared_key(key));
         }
         took
     }
@@ -621,11 +621,7 @@ impl ScopeState {
                     }
                 }
                 Some(kind) => {
-                    let step = match kind {
-                        WindowKind::Hopping { hop, .. } => hop,
-                        _ => kind.size().unwrap_or(1),
-                    };
-                    if start.rem_euclid(step.max(1)) != 0 {
+                    if !kind.is_start(start) {
                         return Err(StateError::MisalignedWindow {
                             window,
                             start,
@@ -738,6 +734,17 @@ mod tests {
 
     use super::*;
 
+    /// Window definitions of these names and kinds.
+    fn defs(kinds: &[(&str, WindowKind)]) -> Vec<WindowDef> {
+        kinds
+            .iter()
+            .map(|(name, kind)| WindowDef {
+                name: name.to_string(),
+                kind: *kind,
+            })
+            .collect()
+    }
+
     fn window(i: u32) -> ClosedWindow {
         ClosedWindow {
             id: StateKey {
@@ -812,21 +819,12 @@ mod tests {
     #[test]
     fn a_group_encodes_where_it_lives_to_the_blob_of_its_entries() {
         use crate::engine::group::encode_blob;
-        use crate::engine::window::{WindowDef, WindowKind};
-        let defs = [
-            WindowDef {
-                name: "t".into(),
-                kind: WindowKind::Tumbling { size: 10 },
-            },
-            WindowDef {
-                name: "h".into(),
-                kind: WindowKind::Hopping { size: 30, hop: 10 },
-            },
-            WindowDef {
-                name: "s".into(),
-                kind: WindowKind::Session { gap: 5 },
-            },
-        ];
+        use crate::engine::window::WindowKind;
+        let defs = defs(&[
+            ("t", WindowKind::Tumbling { size: 10 }),
+            ("h", WindowKind::Hopping { size: 30, hop: 10 }),
+            ("s", WindowKind::Session { gap: 5 }),
+        ]);
         let mut scope = ScopeState::new(Some(Partition::new("in", 3)), &defs);
         for i in 0..300i64 {
             let key = format!("key-{}", i % 13);
@@ -903,10 +901,7 @@ mod tests {
 
     #[test]
     fn a_restored_key_is_one_copy_shared_by_its_windows() {
-        let defs = [WindowDef {
-            name: "t".into(),
-            kind: WindowKind::Tumbling { size: 10 },
-        }];
+        let defs = defs(&[("t", WindowKind::Tumbling { size: 10 })]);
         let mut scope = ScopeState::new(None, &defs);
         let acc = Acc::of(Some(1.0));
         let (open, closed) = ((0, 30, 40, acc, false), (0, 0, 10, acc, true));
@@ -931,16 +926,10 @@ mod tests {
 
     #[test]
     fn a_restored_window_that_is_not_a_start_of_its_definition_is_refused() {
-        let defs = [
-            WindowDef {
-                name: "t".into(),
-                kind: WindowKind::Tumbling { size: 10 },
-            },
-            WindowDef {
-                name: "h".into(),
-                kind: WindowKind::Hopping { size: 30, hop: 10 },
-            },
-        ];
+        let defs = defs(&[
+            ("t", WindowKind::Tumbling { size: 10 }),
+            ("h", WindowKind::Hopping { size: 30, hop: 10 }),
+        ]);
         let mut scope = ScopeState::new(None, &defs);
         let acc = Acc::of(Some(1.0));
         for (window, start) in [(0, 15), (1, 5), (1, -25)] {
@@ -970,16 +959,10 @@ mod tests {
 
     #[test]
     fn fixed_windows_and_sessions_of_a_key_share_one_copy_of_it() {
-        let defs = [
-            WindowDef {
-                name: "t".into(),
-                kind: WindowKind::Tumbling { size: 10 },
-            },
-            WindowDef {
-                name: "s".into(),
-                kind: WindowKind::Session { gap: 5 },
-            },
-        ];
+        let defs = defs(&[
+            ("t", WindowKind::Tumbling { size: 10 }),
+            ("s", WindowKind::Session { gap: 5 }),
+        ]);
         let acc = Acc::of(Some(1.0));
         // as records add them
         let mut g = GroupState::new(&defs, &None);

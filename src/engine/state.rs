@@ -115,26 +115,13 @@ impl SessionTable {
         self.by_end.first().map(|(end, _, _)| *end)
     }
 
-    /// [`SessionTable::add_shared`] with no copy of the key to share.
-    #[cfg(test)]
-    pub fn add(
-        &mut self,
-        key: &str,
-        ts: i64,
-        value: Option<f64>,
-        limit: Option<i64>,
-        earliest: &mut Option<i64>,
-    ) -> bool {
-        self.add_shared(key, ts, value, limit, earliest, || None)
-    }
-
     /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
     /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
     /// session it creates (see [`note_end`]). Returns whether a session took it. When the
     /// table has no copy of `key` yet, it takes the one `shared` gives, if any: the group's
     /// fixed windows and sessions share one copy of a key, so that a record reads its key's
     /// bytes once.
-    pub fn add_shared(
+    pub fn add(
         &mut self,
         key: &str,
         ts: i64,
@@ -282,7 +269,7 @@ mod tests {
     use super::*;
 
     fn add(store: &mut SessionTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        store.add(key, ts, Some(1.0), limit, &mut None)
+        store.add(key, ts, Some(1.0), limit, &mut None, || None)
     }
 
     #[test]
@@ -340,11 +327,11 @@ mod tests {
     fn only_a_new_session_reports_its_end_and_closing_follows_real_ends() {
         let mut s = SessionTable::new(0, 10);
         let mut earliest = None;
-        s.add("k", 100, None, None, &mut earliest);
+        s.add("k", 100, None, None, &mut earliest, || None);
         assert_eq!(earliest, Some(110));
         // in order: the session grows in place and reports nothing
         let mut earliest = None;
-        s.add("k", 105, None, None, &mut earliest);
+        s.add("k", 105, None, None, &mut earliest, || None);
         assert_eq!(earliest, None);
         assert_eq!(
             s.earliest_end(),
@@ -416,7 +403,7 @@ mod tests {
                     proptest::prop_assert_eq!(closed(&mut table, limit), model.close(limit));
                 } else {
                     let mut earliest = None;
-                    table.add(&key, ts, None, None, &mut earliest);
+                    table.add(&key, ts, None, None, &mut earliest, || None);
                     model.add(&key, ts, gap);
                     let open: usize = model.sessions.values().map(Vec::len).sum();
                     proptest::prop_assert_eq!(table.open_count(), open);

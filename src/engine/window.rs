@@ -51,6 +51,17 @@ impl WindowKind {
         }
     }
 
+    /// Whether a window of this kind can start at `start`: tumbling windows start at
+    /// multiples of their size, hopping ones at multiples of their hop, sessions anywhere.
+    pub fn is_start(&self, start: i64) -> bool {
+        match *self {
+            WindowKind::Tumbling { size: step } | WindowKind::Hopping { hop: step, .. } => {
+                start.rem_euclid(step.max(1)) == 0
+            }
+            WindowKind::Session { .. } => true,
+        }
+    }
+
     /// The fixed length of the window, `None` for sessions.
     pub fn size(&self) -> Option<i64> {
         match *self {
