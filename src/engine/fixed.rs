@@ -41,7 +41,8 @@ pub(crate) struct FixedWindows {
     open_bounds: Vec<Bound>,
     /// Room for the bounds of a close (left as the last close made them).
     due_bounds: Vec<Bound>,
-    /// Windows and panes a record opens for a key that has some already (always left empty).
+    /// Windows and panes a record opens for a key, or a key's windows a close keeps (always
+    /// left empty).
     added: Vec<Slot>,
     /// Scratch room for a key's windows as spans.
     spans: Vec<Span>,
@@ -212,6 +213,7 @@ impl FixedWindows {
         let mut after = std::mem::take(&mut self.open_bounds);
         defs.bounds(closed, None, &mut after);
         let spans = &mut self.spans;
+        let keep = &mut self.added;
         let mut count = 0;
         let mut earliest = None;
         self.keys.retain(|key, slots| {
@@ -232,12 +234,12 @@ impl FixedWindows {
                     count += 1;
                 }
             }
-            let mut keep = Vec::with_capacity(slots.len());
             for s in slots.iter().filter(|s| defs.last_end(s) > limit) {
                 note_end(&mut earliest, defs.first_end(s, &after));
                 keep.push(*s);
             }
-            *slots = Arc::from(keep);
+            *slots = Arc::from(&keep[..]);
+            keep.clear();
             !slots.is_empty()
         });
         self.open = self.open.saturating_sub(count);

@@ -13,7 +13,9 @@ mod state;
 mod watermark;
 mod window;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 
 pub use group::{GroupContent, GroupId, GroupLayout};
 pub use restored::{Counts, Remap, RestoredState, StoredGroup};

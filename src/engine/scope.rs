@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use fixedbitset::FixedBitSet;
+use smallvec::SmallVec;
 
 use super::aggregate::Acc;
 use super::due::Due;
@@ -108,8 +109,9 @@ impl From<Vec<ClosedWindow>> for Emission {
 pub(crate) struct GroupState {
     /// Open tumbling and hopping windows, key by key.
     fixed: FixedWindows,
-    /// Open session windows, per session definition.
-    sessions: Vec<SessionTable>,
+    /// Open session windows, per session definition (the first held in place: one fewer
+    /// pointer for a record to follow).
+    sessions: SmallVec<[SessionTable; 1]>,
     /// Final windows not acknowledged by the output yet, by the epoch they closed in (see
     /// `Engine`), which says which checkpoint releases them; oldest epoch first.
     closed: Vec<ClosedChunk>,
@@ -488,6 +490,8 @@ pub(crate) struct ScopeState {
     closed: usize,
     /// Room for the fixed windows of the key a restore puts back (cleared before each use).
     restoring: Vec<(u16, i64, Acc)>,
+    /// Room for the groups a close visits and the windows one group closes (left empty).
+    closing: (Vec<u16>, Vec<ClosedRow>),
 }
 
 impl ScopeState {
@@ -500,6 +504,7 @@ impl ScopeState {
             due: Due::default(),
             closed: 0,
             restoring: Vec::new(),
+            closing: (Vec::new(), Vec::new()),
         }
     }
 
@@ -544,10 +549,9 @@ impl ScopeState {
     /// in its group's state and tagged with `epoch`, for its acknowledgement. Appends them to
     /// `out` if given (windows emitted as they close), else only keeps them.
     pub(crate) fn close(&mut self, limit: i64, epoch: u64, mut out: Option<&mut Emission>) {
-        let mut due = Vec::new();
+        let (mut due, mut now) = std::mem::take(&mut self.closing);
         self.due.take(limit, &mut due);
-        let mut now = Vec::new();
-        for g in due {
+        for g in due.drain(..) {
             let Some(shared) = self.groups.get_mut(g) else {
                 continue;
             };
@@ -569,6 +573,7 @@ impl ScopeState {
                 group.hold(row, epoch);
             }
         }
+        self.closing = (due, now);
     }
 
     /// Puts back the entries of one key read from a checkpoint or the changelog (a blob lists

@@ -3,12 +3,14 @@
 //! the end of a window it creates (`note_end`), so that the scope knows when the watermark may
 //! close windows in a group; ends only move later otherwise.
 
-use std::collections::BTreeSet;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use super::aggregate::Acc;
 use crate::position::Partition;
@@ -65,7 +67,7 @@ struct Session {
 
 /// The open session windows of one definition in one key group (fixed windows: see `fixed`).
 ///
-/// `by_end` holds, for every open session, an entry (end, key, start) whose end is at or
+/// `by_end` holds, for every open session, an entry (end, start, key) whose end is at or
 /// before the session's: a session that grows in order keeps its entry, so that the common
 /// record (one that extends its key's session) changes no index and allocates nothing. Closing
 /// checks each entry it reaches against the session's real end, and puts back the entries of
@@ -75,9 +77,43 @@ struct Session {
 pub struct SessionTable {
     index: u16,
     gap: i64,
-    by_key: HashMap<Arc<str>, Vec<Session>>,
-    by_end: BTreeSet<(i64, Arc<str>, i64)>,
+    /// A key's sessions, ordered by start; the first held in the table (a key has one session
+    /// open most of the time, and a record then follows no pointer to reach it).
+    by_key: HashMap<Arc<str>, SmallVec<[Session; 1]>>,
+    by_end: BinaryHeap<EndBound>,
     open: usize,
+}
+
+/// An entry of a session table's index of ends: a time at or before the end of `key`'s
+/// session starting at `start`. Ordered so that a `BinaryHeap` gives the earliest time first
+/// (then the earliest start); the key is not compared, so that ordering reads no key bytes.
+/// A heap keeps its entries in one allocation sized to them, where a tree of a few entries
+/// per group would take a node of eleven.
+#[derive(Debug, Clone)]
+struct EndBound {
+    end: i64,
+    start: i64,
+    key: Arc<str>,
+}
+
+impl PartialEq for EndBound {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for EndBound {}
+
+impl PartialOrd for EndBound {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EndBound {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.end, other.start).cmp(&(self.end, self.start))
+    }
 }
 
 fn is_final(end: i64, limit: Option<i64>) -> bool {
@@ -97,7 +133,7 @@ impl SessionTable {
             index,
             gap,
             by_key: HashMap::new(),
-            by_end: BTreeSet::new(),
+            by_end: BinaryHeap::new(),
             open: 0,
         }
     }
@@ -112,7 +148,7 @@ impl SessionTable {
 
     /// A time at or before the end of every open session, if any is open.
     pub fn earliest_end(&self) -> Option<i64> {
-        self.by_end.first().map(|(end, _, _)| *end)
+        self.by_end.peek().map(|b| b.end)
     }
 
     /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
@@ -176,7 +212,11 @@ impl SessionTable {
         self.open -= sessions.drain(run).count();
         let pos = sessions.partition_point(|s| s.start < merged.start);
         sessions.insert(pos, merged);
-        self.by_end.insert((merged.end, name, merged.start));
+        self.by_end.push(EndBound {
+            end: merged.end,
+            start: merged.start,
+            key: name,
+        });
         note_end(earliest, merged.end);
         self.open += 1;
         true
@@ -190,8 +230,8 @@ impl SessionTable {
         limit: i64,
         mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>),
     ) -> Option<i64> {
-        while self.by_end.first().is_some_and(|(end, _, _)| *end <= limit) {
-            let Some((_, key, start)) = self.by_end.pop_first() else {
+        while self.by_end.peek().is_some_and(|b| b.end <= limit) {
+            let Some(EndBound { start, key, .. }) = self.by_end.pop() else {
                 break;
             };
             let Some(sessions) = self.by_key.get_mut(&*key) else {
@@ -204,7 +244,11 @@ impl SessionTable {
             };
             if s.end > limit {
                 // it grew since the entry was made
-                self.by_end.insert((s.end, key, start));
+                self.by_end.push(EndBound {
+                    end: s.end,
+                    start,
+                    key,
+                });
                 continue;
             }
             sessions.remove(pos);
@@ -249,7 +293,11 @@ impl SessionTable {
         let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
         let pos = sessions.partition_point(|s| s.start < start);
         sessions.insert(pos, Session { start, end, acc });
-        self.by_end.insert((end, name, start));
+        self.by_end.push(EndBound {
+            end,
+            start,
+            key: name,
+        });
         self.open += 1;
         end
     }
@@ -302,7 +350,7 @@ mod tests {
         let (name, _) = s.by_key.get_key_value("k").expect("k is open");
         // the table's key and the two sessions' entries in the index of ends
         assert_eq!(Arc::strong_count(name), 3);
-        assert!(s.by_end.iter().all(|(_, k, _)| Arc::ptr_eq(k, name)));
+        assert!(s.by_end.iter().all(|b| Arc::ptr_eq(&b.key, name)));
     }
 
     #[test]

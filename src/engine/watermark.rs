@@ -6,7 +6,7 @@
 //! watermark back, so a partition that is read late cannot see its records dropped as late.
 //! The service watermark never moves backwards.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
