@@ -12,9 +12,10 @@
 //! value is its own accumulator, if it has one, combined with the panes it holds. Panes live
 //! in memory only: a checkpoint lists windows, so the store format does not know of them.
 //!
-//! Both the key and its slice sit behind `Arc`s, so that a copy of the group made on write
-//! (while a checkpoint still encodes it) shares them: only the keys written after the copy get
-//! a slice of their own, not the whole group.
+//! A key's slice sits behind an `Arc`, so that a copy of the group made on write (while a
+//! checkpoint still encodes it) shares it: only the keys written after the copy get a slice of
+//! their own, not the whole group. The key itself is a [`Key`]: in place when short, else
+//! shared by every copy.
 
 use std::sync::Arc;
 
@@ -22,14 +23,14 @@ use foldhash::{HashMap, HashMapExt};
 
 use super::aggregate::Acc;
 use super::slots::{head, Bound, Defs, Fixed, Slot, Span};
-use super::state::note_end;
+use super::state::{note_end, Key};
 use super::window::{hopping_starts, tumbling_start, WindowDef};
 
 /// The open fixed windows of one group.
 #[derive(Debug, Clone)]
 pub(crate) struct FixedWindows {
     defs: Arc<Defs>,
-    keys: HashMap<Arc<str>, Arc<[Slot]>>,
+    keys: HashMap<Key, Arc<[Slot]>>,
     /// Open windows (a window held by panes and its own slot counts once).
     open: usize,
     /// The earliest end of an open window (exact: a window's end never changes, and closing
@@ -195,7 +196,7 @@ impl FixedWindows {
                         .map(|a| defs.opened_by(&[], a))
                         .sum::<usize>();
                     self.keys
-                        .insert(Arc::from(key), sorted(self.added.drain(..)));
+                        .insert(Key::new(key), sorted(self.added.drain(..)));
                 }
             }
         }
@@ -205,7 +206,7 @@ impl FixedWindows {
     /// Removes every window whose end is at or before `limit`, handing each to `f` (window
     /// index, start, end, accumulator, key); a pane goes once the last window holding it
     /// closes.
-    pub(crate) fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>)) {
+    pub(crate) fn close(&mut self, limit: i64, mut f: impl FnMut(u16, i64, i64, Acc, &Key)) {
         let defs = &self.defs;
         let mut due = std::mem::take(&mut self.due_bounds);
         defs.bounds(self.closed, Some(limit), &mut due);
@@ -256,7 +257,7 @@ impl FixedWindows {
     pub(crate) fn restore(
         &mut self,
         key: &str,
-        shared: &mut Option<Arc<str>>,
+        shared: &mut Option<Key>,
         windows: &[(u16, i64, Acc)],
     ) -> Option<i64> {
         let defs = &self.defs;
@@ -285,7 +286,7 @@ impl FixedWindows {
         match existing {
             Some(slots) => *slots = all,
             None => {
-                let key = Arc::clone(shared.get_or_insert_with(|| Arc::from(key)));
+                let key = shared.get_or_insert_with(|| Key::new(key)).clone();
                 self.keys.insert(key, all);
             }
         }
@@ -293,16 +294,16 @@ impl FixedWindows {
     }
 
     /// The copy of `key` this group's fixed windows hold, if they hold any of its windows.
-    pub(crate) fn shared_key(&self, key: &str) -> Option<Arc<str>> {
-        self.keys.get_key_value(key).map(|(k, _)| Arc::clone(k))
+    pub(crate) fn shared_key(&self, key: &str) -> Option<Key> {
+        self.keys.get_key_value(key).map(|(k, _)| k.clone())
     }
 
     /// The copy of `key` this group holds, and how many windows and panes it holds.
     #[cfg(test)]
-    pub(crate) fn key(&self, key: &str) -> Option<(usize, Arc<str>)> {
+    pub(crate) fn key(&self, key: &str) -> Option<(usize, Key)> {
         self.keys
             .get_key_value(key)
-            .map(|(k, slots)| (slots.len(), Arc::clone(k)))
+            .map(|(k, slots)| (slots.len(), k.clone()))
     }
 
     /// Every open window, ordered by key, window index and start: window index, start, key,

@@ -17,7 +17,7 @@ use super::aggregate::Acc;
 use super::due::Due;
 use super::fixed::FixedWindows;
 use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
-use super::state::{note_end, ClosedWindow, Entry, EntryStatus, SessionTable, StateKey};
+use super::state::{note_end, ClosedWindow, Entry, EntryStatus, Key, SessionTable, StateKey};
 use super::window::{WindowDef, WindowKind};
 use super::StateError;
 use crate::position::Partition;
@@ -126,7 +126,7 @@ struct ClosedRow {
     end: i64,
     acc: Acc,
     /// Shared with the group's open windows of the key and with other final windows.
-    key: Arc<str>,
+    key: Key,
 }
 
 impl ClosedRow {
@@ -137,7 +137,7 @@ impl ClosedRow {
             start: w.id.start,
             end: w.end,
             acc: w.acc,
-            key: Arc::from(w.id.key),
+            key: Key::new(w.id.key),
         }
     }
 
@@ -161,14 +161,14 @@ impl ClosedRow {
 
 /// What a table's `close` hands each window it closes to: a row appended to `out`, sharing
 /// the key.
-fn rows_into(out: &mut Vec<ClosedRow>) -> impl FnMut(u16, i64, i64, Acc, &Arc<str>) + '_ {
-    move |window, start, end, acc, key: &Arc<str>| {
+fn rows_into(out: &mut Vec<ClosedRow>) -> impl FnMut(u16, i64, i64, Acc, &Key) + '_ {
+    move |window, start, end, acc, key: &Key| {
         out.push(ClosedRow {
             window,
             start,
             end,
             acc,
-            key: Arc::clone(key),
+            key: key.clone(),
         })
     }
 }
@@ -592,13 +592,13 @@ impl ScopeState {
             self.groups
                 .get_or_insert_with(group, || GroupState::new(windows, scope)),
         );
-        let mut shared: Option<Arc<str>> = None;
+        let mut shared: Option<Key> = None;
         let mut earliest = None;
         let fixed = &mut self.restoring;
         fixed.clear();
         for &(window, start, end, acc, closed) in entries {
             if closed {
-                let key = Arc::clone(shared.get_or_insert_with(|| Arc::from(key)));
+                let key = shared.get_or_insert_with(|| Key::new(key)).clone();
                 let row = ClosedRow {
                     window,
                     start,
@@ -737,6 +737,7 @@ mod tests {
 
     use proptest::prelude::*;
 
+    use super::super::state::{one_copy, LONG_KEY};
     use super::*;
 
     /// Window definitions of these names and kinds.
@@ -910,21 +911,22 @@ mod tests {
         let mut scope = ScopeState::new(None, &defs);
         let acc = Acc::of(Some(1.0));
         let (open, closed) = ((0, 30, 40, acc, false), (0, 0, 10, acc, true));
+        let b = format!("{LONG_KEY} b");
         scope
-            .restore(3, "a", &[closed, (0, 10, 20, acc, true), open])
+            .restore(3, LONG_KEY, &[closed, (0, 10, 20, acc, true), open])
             .unwrap();
-        scope.restore(3, "b", &[closed]).unwrap();
-        scope.restore(4, "b", &[open]).unwrap();
+        scope.restore(3, &b, &[closed]).unwrap();
+        scope.restore(4, &b, &[open]).unwrap();
         let three = scope.groups.get(3).unwrap();
         let rows: Vec<&ClosedRow> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
         assert_eq!(rows.len(), 3);
-        let (held, a) = three.fixed.key("a").unwrap();
-        assert!(Arc::ptr_eq(&rows[0].key, &rows[1].key));
-        assert!(Arc::ptr_eq(&rows[0].key, &a));
+        let (held, a) = three.fixed.key(LONG_KEY).unwrap();
+        // two final windows and the open window hold one copy
+        assert!(one_copy(&rows[0].key, &rows[1].key));
+        assert!(one_copy(&rows[0].key, &a));
         assert_eq!(held, 1);
-        // two final windows and the open window hold the only copy (and `a` here)
-        assert_eq!(Arc::strong_count(&a), 4);
-        assert!(!Arc::ptr_eq(&rows[0].key, &rows[2].key));
+        assert_eq!(*rows[2].key, *b);
+        assert!(!one_copy(&rows[0].key, &rows[2].key));
         assert_eq!(scope.closed, 3);
         assert_eq!(scope.open_windows(), 2);
     }
@@ -972,16 +974,16 @@ mod tests {
         // as records add them
         let mut g = GroupState::new(&defs, &None);
         for ts in [1, 2, 30] {
-            assert!(g.add("k", ts, Some(1.0), None, &mut None));
+            assert!(g.add(LONG_KEY, ts, Some(1.0), None, &mut None));
         }
-        let fixed = g.fixed.shared_key("k").unwrap();
-        assert!(Arc::ptr_eq(&fixed, &g.sessions[0].key("k").unwrap()));
+        let fixed = g.fixed.shared_key(LONG_KEY).unwrap();
+        assert!(one_copy(&fixed, &g.sessions[0].key(LONG_KEY).unwrap()));
         // as a restore puts them back, sessions first (a blob lists them by window)
         let mut scope = ScopeState::new(None, &defs);
         scope
             .restore(
                 0,
-                "k",
+                LONG_KEY,
                 &[
                     (0, 0, 10, acc, false),
                     (1, 1, 6, acc, false),
@@ -990,8 +992,8 @@ mod tests {
             )
             .unwrap();
         let g = scope.groups.get(0).unwrap();
-        let fixed = g.fixed.shared_key("k").unwrap();
-        assert!(Arc::ptr_eq(&fixed, &g.sessions[0].key("k").unwrap()));
-        assert!(Arc::ptr_eq(&fixed, &g.closed[0].rows[0].key));
+        let fixed = g.fixed.shared_key(LONG_KEY).unwrap();
+        assert!(one_copy(&fixed, &g.sessions[0].key(LONG_KEY).unwrap()));
+        assert!(one_copy(&fixed, &g.closed[0].rows[0].key));
     }
 }

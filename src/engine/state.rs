@@ -5,7 +5,6 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -40,6 +39,22 @@ pub struct Entry {
     pub end: i64,
     pub acc: Acc,
 }
+
+/// A key as the state holds it. A key of up to 23 bytes (most keys) sits in place, so that a
+/// lookup compares bytes it has read already and a copy allocates nothing; a longer one sits
+/// behind one shared allocation, which every copy of it (open windows, sessions, final
+/// windows) shares.
+pub(crate) type Key = smol_str::SmolStr;
+
+/// Whether two copies of a long key share one allocation.
+#[cfg(test)]
+pub(crate) fn one_copy(a: &Key, b: &Key) -> bool {
+    a.is_heap_allocated() && std::ptr::eq(a.as_str(), b.as_str())
+}
+
+/// A key too long to sit in place, for tests of sharing.
+#[cfg(test)]
+pub(crate) const LONG_KEY: &str = "a key longer than twenty-three bytes";
 
 /// Notes `end` in `earliest`, the earliest end among the windows a change created.
 ///
@@ -79,7 +94,7 @@ pub struct SessionTable {
     gap: i64,
     /// A key's sessions, ordered by start; the first held in the table (a key has one session
     /// open most of the time, and a record then follows no pointer to reach it).
-    by_key: HashMap<Arc<str>, SmallVec<[Session; 1]>>,
+    by_key: HashMap<Key, SmallVec<[Session; 1]>>,
     by_end: BinaryHeap<EndBound>,
     open: usize,
 }
@@ -93,7 +108,7 @@ pub struct SessionTable {
 struct EndBound {
     end: i64,
     start: i64,
-    key: Arc<str>,
+    key: Key,
 }
 
 impl PartialEq for EndBound {
@@ -164,7 +179,7 @@ impl SessionTable {
         value: Option<f64>,
         limit: Option<i64>,
         earliest: &mut Option<i64>,
-        shared: impl FnOnce() -> Option<Arc<str>>,
+        shared: impl FnOnce() -> Option<Key>,
     ) -> bool {
         let new_end = ts.saturating_add(self.gap);
         // the common cases: the record falls inside one session, or extends it in order
@@ -186,11 +201,11 @@ impl SessionTable {
                 }
             }
         }
-        let name: Arc<str> = match self.by_key.get_key_value(key) {
-            Some((name, _)) => Arc::clone(name),
-            None => shared().unwrap_or_else(|| Arc::from(key)),
+        let name: Key = match self.by_key.get_key_value(key) {
+            Some((name, _)) => name.clone(),
+            None => shared().unwrap_or_else(|| Key::new(key)),
         };
-        let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
+        let sessions = self.by_key.entry(name.clone()).or_default();
         let run = overlapping(sessions, ts, new_end);
         let mut merged = Session {
             start: ts,
@@ -228,7 +243,7 @@ impl SessionTable {
     pub fn close(
         &mut self,
         limit: i64,
-        mut f: impl FnMut(u16, i64, i64, Acc, &Arc<str>),
+        mut f: impl FnMut(u16, i64, i64, Acc, &Key),
     ) -> Option<i64> {
         while self.by_end.peek().is_some_and(|b| b.end <= limit) {
             let Some(EndBound { start, key, .. }) = self.by_end.pop() else {
@@ -263,8 +278,8 @@ impl SessionTable {
 
     /// This table's copy of `key`, if it holds a session of it.
     #[cfg(test)]
-    pub fn key(&self, key: &str) -> Option<Arc<str>> {
-        self.by_key.get_key_value(key).map(|(k, _)| Arc::clone(k))
+    pub fn key(&self, key: &str) -> Option<Key> {
+        self.by_key.get_key_value(key).map(|(k, _)| k.clone())
     }
 
     /// The open session of `key` starting at `start`, if any.
@@ -284,13 +299,13 @@ impl SessionTable {
         key: &str,
         end: i64,
         acc: Acc,
-        shared: &mut Option<Arc<str>>,
+        shared: &mut Option<Key>,
     ) -> i64 {
-        let name: Arc<str> = match self.by_key.get_key_value(key) {
-            Some((name, _)) => Arc::clone(name),
-            None => Arc::clone(shared.get_or_insert_with(|| Arc::from(key))),
+        let name: Key = match self.by_key.get_key_value(key) {
+            Some((name, _)) => name.clone(),
+            None => shared.get_or_insert_with(|| Key::new(key)).clone(),
         };
-        let sessions = self.by_key.entry(Arc::clone(&name)).or_default();
+        let sessions = self.by_key.entry(name.clone()).or_default();
         let pos = sessions.partition_point(|s| s.start < start);
         sessions.insert(pos, Session { start, end, acc });
         self.by_end.push(EndBound {
@@ -344,13 +359,17 @@ mod tests {
     fn both_indexes_share_one_copy_of_a_key() {
         let mut s = SessionTable::new(0, 10);
         for ts in [100, 105, 130, 131] {
+            add(&mut s, LONG_KEY, ts, None);
             add(&mut s, "k", ts, None);
         }
-        assert_eq!(s.open_count(), 2);
-        let (name, _) = s.by_key.get_key_value("k").expect("k is open");
+        assert_eq!(s.open_count(), 4);
+        let (name, _) = s.by_key.get_key_value(LONG_KEY).expect("open");
         // the table's key and the two sessions' entries in the index of ends
-        assert_eq!(Arc::strong_count(name), 3);
-        assert!(s.by_end.iter().all(|b| Arc::ptr_eq(&b.key, name)));
+        let entries: Vec<&Key> = s.by_end.iter().map(|b| &b.key).collect();
+        assert_eq!(entries.iter().filter(|k| one_copy(k, name)).count(), 2);
+        // a short key is held in place: nothing to share
+        let (short, _) = s.by_key.get_key_value("k").expect("open");
+        assert!(!short.is_heap_allocated());
     }
 
     #[test]
