@@ -109,7 +109,7 @@ fn populated_store(state: &Path) -> checkpointer::store::Store {
                                 partition: None,
                                 window: 0,
                                 start: 0,
-                                key: format!("user-{n}"),
+                                key: format!("user-{n}").into(),
                             },
                             Entry {
                                 status: EntryStatus::Open,

@@ -176,7 +176,7 @@ mod tests {
             partition: Some(p(partition)),
             window: 0,
             start: 0,
-            key: user.to_string(),
+            key: user.into(),
         }
     }
 
@@ -247,7 +247,7 @@ mod tests {
                         crate::engine::group::decode_blob(&g.blob, &Some(p(1)))
                             .expect("blob")
                             .into_iter()
-                            .map(|(k, _)| k.key)
+                            .map(|(k, _)| k.key.to_string())
                     })
                     .collect::<Vec<_>>(),
                 Changes::Keys { .. } => panic!("publications carry groups"),

@@ -443,7 +443,7 @@ pub(crate) fn entry_of(
         partition: scope.clone(),
         window,
         start,
-        key: key.to_string(),
+        key: key.into(),
     };
     (id, Entry { status, end, acc })
 }
@@ -527,7 +527,7 @@ mod tests {
                         partition: Some(Partition::new("t", 3)),
                         window,
                         start,
-                        key,
+                        key: key.into(),
                     },
                     Entry {
                         status: if closed {

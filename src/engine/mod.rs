@@ -23,7 +23,7 @@ pub use scope::Emission;
 
 pub use aggregate::{Acc, AggregateKind};
 pub use decode::{Decoder, FieldSource, InvalidReason, Record, TimeSource};
-pub use state::{ClosedWindow, Entry, EntryStatus, StateKey};
+pub use state::{ClosedWindow, Entry, EntryStatus, Key, StateKey};
 pub use watermark::PartitionProgress;
 pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 

@@ -147,7 +147,7 @@ impl ClosedRow {
                 partition: scope.clone(),
                 window: self.window,
                 start: self.start,
-                key: self.key.to_string(),
+                key: self.key.clone(),
             },
             end: self.end,
             acc: self.acc,
@@ -406,7 +406,7 @@ impl GroupState {
                     partition: self.scope.clone(),
                     window: r.window,
                     start: r.start,
-                    key: r.key.to_string(),
+                    key: r.key.into(),
                 };
                 let status = if r.closed {
                     EntryStatus::Closed
@@ -757,7 +757,7 @@ mod tests {
                 partition: None,
                 window: (i % 2) as u16,
                 start: i64::from(i / 7) * 10,
-                key: format!("k{}", i % 7),
+                key: format!("k{}", i % 7).into(),
             },
             end: i64::from(i / 7) * 10 + 10,
             acc: Acc::of(Some(f64::from(i))),
@@ -769,14 +769,14 @@ mod tests {
             .into_iter()
             .map(|(id, e)| {
                 assert_eq!(e.status, EntryStatus::Closed);
-                (id.window, id.start, id.key)
+                (id.window, id.start, id.key.to_string())
             })
             .collect()
     }
 
     fn id_of(i: u32) -> (u16, i64, String) {
         let w = window(i);
-        (w.id.window, w.id.start, w.id.key)
+        (w.id.window, w.id.start, w.id.key.to_string())
     }
 
     proptest! {
@@ -805,7 +805,7 @@ mod tests {
                 let Some(target) = model.iter().nth(pick.index(model.len().max(1))).cloned() else {
                     break;
                 };
-                let id = StateKey { partition: None, window: target.0, start: target.1, key: target.2.clone() };
+                let id = StateKey { partition: None, window: target.0, start: target.1, key: target.2.clone().into() };
                 let at = g.find_closed(&id);
                 prop_assert!(at.is_some(), "{:?} is pending", target);
                 if let Some(at) = at {
@@ -873,7 +873,7 @@ mod tests {
             .into_windows()
             .map(|w| {
                 assert_eq!(w.id.partition.as_ref(), Some(&p));
-                (w.id.window, w.id.start, w.id.key)
+                (w.id.window, w.id.start, w.id.key.to_string())
             })
             .collect();
         let expected: BTreeSet<_> = (0..100).filter(|i| *i != 7).map(id_of).collect();

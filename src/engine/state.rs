@@ -21,7 +21,7 @@ pub struct StateKey {
     pub partition: Option<Partition>,
     pub window: u16,
     pub start: i64,
-    pub key: String,
+    pub key: Key,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +44,7 @@ pub struct Entry {
 /// lookup compares bytes it has read already and a copy allocates nothing; a longer one sits
 /// behind one shared allocation, which every copy of it (open windows, sessions, final
 /// windows) shares.
-pub(crate) type Key = smol_str::SmolStr;
+pub type Key = smol_str::SmolStr;
 
 /// Whether two copies of a long key share one allocation.
 #[cfg(test)]

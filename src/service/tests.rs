@@ -233,7 +233,7 @@ impl Rig {
     fn emitted_users(&self) -> Vec<String> {
         lock(&self.emitted)
             .iter()
-            .map(|w| w.id.key.clone())
+            .map(|w| w.id.key.to_string())
             .collect()
     }
 
@@ -486,7 +486,7 @@ async fn a_checkpoint_slower_than_the_interval_pauses_consumption_until_durable_
     let mut keys: Vec<String> = last
         .groups
         .iter()
-        .flat_map(|g| g.entries().into_iter().map(|(k, _)| k.key))
+        .flat_map(|g| g.entries().into_iter().map(|(k, _)| k.key.to_string()))
         .collect();
     keys.sort();
     assert_eq!(keys, vec!["a", "b", "c"]);

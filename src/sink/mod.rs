@@ -271,7 +271,7 @@ mod tests {
                 partition: None,
                 window: 0,
                 start: (i as i64 / 100) * 10_000,
-                key: format!("u{}", i % 100),
+                key: format!("u{}", i % 100).into(),
             },
             end: (i as i64 / 100) * 10_000 + 10_000,
             acc: Acc::of(Some(i as f64)),

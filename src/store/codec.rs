@@ -139,7 +139,7 @@ pub fn decode_v3_state_key(raw: &[u8]) -> Option<(StateKey, &[u8])> {
             partition: None,
             window,
             start,
-            key,
+            key: key.into(),
         },
         &raw[14 + len..],
     ))
@@ -286,7 +286,7 @@ pub fn decode_v1_state_key(raw: &[u8]) -> Option<StateKey> {
         partition: None,
         window,
         start,
-        key,
+        key: key.into(),
     })
 }
 
@@ -314,7 +314,7 @@ mod tests {
         #[test]
         fn version_keys_round_trip(scope in proptest::option::of(("[a-z.]{0,8}", any::<i32>())), window in any::<u16>(), start in any::<i64>(), key in ".*", id in any::<u64>()) {
             let partition = scope.map(|(t, p)| Partition::new(t, p));
-            let k = StateKey { partition, window, start, key };
+            let k = StateKey { partition, window, start, key: key.into() };
             prop_assert_eq!(decode_version_key(&version_key(&k, CheckpointId(id))), Some((k, CheckpointId(id))));
         }
 
@@ -328,14 +328,14 @@ mod tests {
         #[test]
         fn no_key_prefixes_another_keys_versions(a in "[a-c]{0,4}", b in "[a-c]{0,4}") {
             prop_assume!(a != b);
-            let ka = StateKey { partition: None, window: 0, start: 0, key: a };
-            let kb = StateKey { partition: None, window: 0, start: 0, key: b };
+            let ka = StateKey { partition: None, window: 0, start: 0, key: a.into() };
+            let kb = StateKey { partition: None, window: 0, start: 0, key: b.into() };
             prop_assert!(!version_key(&kb, CheckpointId(7)).starts_with(&version_prefix(&ka)));
         }
 
         #[test]
         fn one_partitions_state_is_one_prefix(t in "[a-c]{1,3}", p in any::<i32>(), q in any::<i32>(), key in "[a-c]{0,3}") {
-            let k = StateKey { partition: Some(Partition::new(t.clone(), q)), window: 0, start: 0, key };
+            let k = StateKey { partition: Some(Partition::new(t.clone(), q)), window: 0, start: 0, key: key.into() };
             let mut raw = Vec::new();
             encode_state_key(&k, &mut raw);
             prop_assert_eq!(raw.starts_with(&scope_prefix(&Partition::new(t, p))), p == q);

@@ -60,7 +60,7 @@ impl From<StateKeyV3> for StateKey {
             partition: None,
             window: k.window,
             start: k.start,
-            key: k.key,
+            key: k.key.into(),
         }
     }
 }
