@@ -46,6 +46,9 @@ pub struct Entry {
 /// windows) shares.
 pub type Key = smol_str::SmolStr;
 
+/// The longest key a [`Key`] holds in place.
+pub(crate) const INLINE_KEY: usize = 23;
+
 /// Whether two copies of a long key share one allocation.
 #[cfg(test)]
 pub(crate) fn one_copy(a: &Key, b: &Key) -> bool {
@@ -86,8 +89,11 @@ struct Session {
 /// before the session's: a session that grows in order keeps its entry, so that the common
 /// record (one that extends its key's session) changes no index and allocates nothing. Closing
 /// checks each entry it reaches against the session's real end, and puts back the entries of
-/// sessions that grew past the limit. Keys are shared between the two indexes and with the
-/// final windows they close into.
+/// sessions that grew past the limit. A session has one entry: one that merges with the next
+/// keeps its start and its entry; the entries of sessions merged into an earlier one are
+/// dropped when closing reaches them. A key longer than [`INLINE_KEY`] bytes is one copy
+/// shared by the two indexes and the final windows it closes into; a shorter one sits in
+/// place in each.
 #[derive(Debug, Clone)]
 pub struct SessionTable {
     index: u16,
@@ -102,8 +108,8 @@ pub struct SessionTable {
 /// An entry of a session table's index of ends: a time at or before the end of `key`'s
 /// session starting at `start`. Ordered so that a `BinaryHeap` gives the earliest time first
 /// (then the earliest start); the key is not compared, so that ordering reads no key bytes.
-/// A heap keeps its entries in one allocation sized to them, where a tree of a few entries
-/// per group would take a node of eleven.
+/// A heap keeps its entries in one allocation, where a tree of the few entries of a group
+/// would take a node of eleven.
 #[derive(Debug, Clone)]
 struct EndBound {
     end: i64,
@@ -170,8 +176,7 @@ impl SessionTable {
     /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
     /// session it creates (see [`note_end`]). Returns whether a session took it. When the
     /// table has no copy of `key` yet, it takes the one `shared` gives, if any: the group's
-    /// fixed windows and sessions share one copy of a key, so that a record reads its key's
-    /// bytes once.
+    /// fixed windows and sessions share one copy of a key longer than [`INLINE_KEY`] bytes.
     pub fn add(
         &mut self,
         key: &str,
@@ -223,17 +228,24 @@ impl SessionTable {
             }
             return false;
         }
-        // the merged sessions' entries in `by_end` go when closing reaches them
+        // a session that keeps its start keeps its entry in `by_end` (a bound still: its end
+        // only grew), so that a session has one entry however often it merges; the entries of
+        // the sessions merged into another go when closing reaches them
+        let kept = sessions[run.clone()]
+            .first()
+            .is_some_and(|s| s.start == merged.start);
         self.open -= sessions.drain(run).count();
         let pos = sessions.partition_point(|s| s.start < merged.start);
         sessions.insert(pos, merged);
-        self.by_end.push(EndBound {
-            end: merged.end,
-            start: merged.start,
-            key: name,
-        });
-        note_end(earliest, merged.end);
         self.open += 1;
+        if !kept {
+            self.by_end.push(EndBound {
+                end: merged.end,
+                start: merged.start,
+                key: name,
+            });
+            note_end(earliest, merged.end);
+        }
         true
     }
 
@@ -370,6 +382,39 @@ mod tests {
         // a short key is held in place: nothing to share
         let (short, _) = s.by_key.get_key_value("k").expect("open");
         assert!(!short.is_heap_allocated());
+    }
+
+    #[test]
+    fn keys_up_to_the_inline_length_sit_in_place() {
+        assert!(!Key::new("k".repeat(INLINE_KEY)).is_heap_allocated());
+        assert!(Key::new("k".repeat(INLINE_KEY + 1)).is_heap_allocated());
+        assert!(LONG_KEY.len() > INLINE_KEY);
+    }
+
+    #[test]
+    fn a_session_keeps_one_entry_in_the_index_of_ends_however_often_it_merges() {
+        let mut s = SessionTable::new(0, 10);
+        add(&mut s, "k", 100, None);
+        let mut end = 110;
+        for _ in 0..50 {
+            // a session just past the key's one, then a record bridging the two
+            add(&mut s, "k", end + 1, None);
+            add(&mut s, "k", end - 1, None);
+            end += 11;
+            assert_eq!(s.open_count(), 1);
+        }
+        assert_eq!(
+            s.get(100, "k").map(|(e, acc)| (e, acc.count)),
+            Some((end, 101))
+        );
+        // closing short of the session drops the bridged sessions' entries and puts the
+        // session's one back at its end: one entry per session is left, and the last
+        // bridged session's (its end is the session's)
+        assert!(closed(&mut s, end - 1).is_empty());
+        assert!(s.by_end.len() <= 2, "{} entries", s.by_end.len());
+        assert_eq!(closed(&mut s, end), vec![("k".to_string(), 100, end, 101)]);
+        assert!(s.by_end.is_empty());
+        assert_eq!(s.open_count(), 0);
     }
 
     #[test]
