@@ -587,7 +587,8 @@ impl ScopeState {
             };
             // closing copies a group a snapshot shares; a group is due only when one of its
             // windows (or a session's older bound) ends by `limit`
-            if let Some(end) = Arc::make_mut(shared).close(limit, &mut now) {
+            let group = Arc::make_mut(shared);
+            if let Some(end) = group.close(limit, &mut now) {
                 self.due.note(g, end);
             }
             if now.is_empty() {
@@ -595,7 +596,6 @@ impl ScopeState {
             }
             self.closed += now.len();
             self.dirty.mark(g);
-            let group = Arc::make_mut(shared);
             for row in now.drain(..) {
                 if let Some(out) = out.as_mut() {
                     out.push(row.to_window(&self.scope));
