@@ -23,6 +23,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 # --- dependencies first (rebuilt only when Cargo.toml/Cargo.lock change), then the source
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
+# the allocator's built-in options (docs/operations.md, memory): the dependency layer builds
+# jemalloc with them
+COPY .cargo .cargo
 RUN cargo chef cook --release --locked --package checkpointer --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --package checkpointer --bin checkpointer \

@@ -209,6 +209,8 @@ fn image_and_compose_settings_pass_the_configuration_check() {
         "VOLUME [\"/var/lib/checkpointer\"]",
         "CMD [\"checkpointer\", \"probe\"]",
         "COPY config/ /etc/checkpointer/",
+        // before the dependency layer, which builds the allocator with its options
+        "COPY .cargo .cargo\nRUN cargo chef cook",
     ] {
         assert!(dockerfile.contains(needed), "Dockerfile lacks {needed}");
     }
