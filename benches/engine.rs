@@ -214,9 +214,9 @@ impl Pipeline {
                     rejected += 1;
                 }
                 // the service hands whatever became emittable to the sink after every record
-                let ready = self.engine.take_emittable();
+                let ready = self.engine.take_emission();
                 if !ready.is_empty() {
-                    self.engine.emitted(ready.into_iter().map(|w| w.id));
+                    self.engine.emitted(ready.into_windows().map(|w| w.id));
                 }
             }
             elapsed += start.elapsed();
@@ -243,8 +243,8 @@ impl Pipeline {
         let start = Instant::now();
         self.engine
             .checkpoint_completed(checkpointer::checkpoint_id::CheckpointId(id));
-        let ready = self.engine.take_emittable();
-        self.engine.emitted(ready.into_iter().map(|w| w.id));
+        let ready = self.engine.take_emission();
+        self.engine.emitted(ready.into_windows().map(|w| w.id));
         start.elapsed()
     }
 }

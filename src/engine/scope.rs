@@ -230,6 +230,16 @@ impl ClosedChunk {
         self.remaining += 1;
     }
 
+    /// Moves every row of `more` here, leaving it empty (one copy of the rows at most, if a
+    /// snapshot shares them).
+    fn append(&mut self, more: &mut Vec<ClosedRow>) {
+        let n = more.len();
+        let rows = Arc::make_mut(&mut self.rows);
+        rows.append(more);
+        self.acked.grow(rows.len());
+        self.remaining += n;
+    }
+
     /// The rows not acknowledged.
     fn pending(&self) -> impl Iterator<Item = &ClosedRow> {
         self.rows
@@ -292,13 +302,24 @@ impl GroupState {
         }
     }
 
-    /// Keeps a final window that closed in `epoch` until its acknowledgement.
-    fn hold(&mut self, row: ClosedRow, epoch: u64) {
+    /// The chunk of the final windows that close in `epoch` (the newest).
+    fn chunk(&mut self, epoch: u64) -> &mut ClosedChunk {
         if self.closed.last().is_none_or(|c| c.epoch != epoch) {
             self.closed.push(ClosedChunk::new(epoch));
         }
-        if let Some(chunk) = self.closed.last_mut() {
-            chunk.push(row);
+        let last = self.closed.len() - 1;
+        &mut self.closed[last]
+    }
+
+    /// Keeps a final window that closed in `epoch` until its acknowledgement.
+    fn hold(&mut self, row: ClosedRow, epoch: u64) {
+        self.chunk(epoch).push(row);
+    }
+
+    /// [`GroupState::hold`] for every window of `rows`, leaving it empty.
+    fn hold_all(&mut self, rows: &mut Vec<ClosedRow>, epoch: u64) {
+        if !rows.is_empty() {
+            self.chunk(epoch).append(rows);
         }
     }
 
@@ -596,12 +617,12 @@ impl ScopeState {
             }
             self.closed += now.len();
             self.dirty.mark(g);
-            for row in now.drain(..) {
-                if let Some(out) = out.as_mut() {
+            if let Some(out) = out.as_mut() {
+                for row in &now {
                     out.push(row.to_window(&self.scope));
                 }
-                group.hold(row, epoch);
             }
+            group.hold_all(&mut now, epoch);
         }
         self.closing = (due, now);
     }
@@ -911,6 +932,33 @@ mod tests {
             1,
             "the partition's windows are dropped, the other kept"
         );
+    }
+
+    #[test]
+    fn windows_closing_together_join_their_epoch_and_leave_a_copy_as_it_was() {
+        let mut g = GroupState::new(&[], &None);
+        let mut rows: Vec<ClosedRow> = (0..10).map(|i| ClosedRow::of(window(i))).collect();
+        g.hold_all(&mut rows, 1);
+        assert!(rows.is_empty(), "the rows move into the group");
+        let copy = g.clone();
+        let mut more: Vec<ClosedRow> = (10..30).map(|i| ClosedRow::of(window(i))).collect();
+        g.hold_all(&mut more, 1);
+        g.hold_all(&mut Vec::new(), 2);
+        assert_eq!(
+            g.closed.len(),
+            1,
+            "one chunk per epoch, none for nothing held"
+        );
+        assert_eq!(pending(&g), (0..30).map(id_of).collect());
+        assert_eq!(
+            pending(&copy),
+            (0..10).map(id_of).collect(),
+            "the copy as it was"
+        );
+        let at = g.find_closed(&window(20).id).expect("held");
+        g.acknowledge(at);
+        assert_eq!(g.closed_count(), 29);
+        assert!(g.find_closed(&window(20).id).is_none());
     }
 
     #[test]
