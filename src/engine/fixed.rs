@@ -156,9 +156,13 @@ impl FixedWindows {
                     }
                     took = true;
                     let h = head(window, true);
-                    let hit = existing
-                        .as_deref_mut()
-                        .and_then(|s| s.iter_mut().find(|s| s.head() == h && s.start == pane));
+                    // a key's newest pane is its last slot: looked for from the end, the
+                    // search reads one cache line of the slots, not all of them
+                    let hit = existing.as_deref_mut().and_then(|s| {
+                        s.iter_mut()
+                            .rev()
+                            .find(|s| s.head() == h && s.start == pane)
+                    });
                     if let Some(s) = hit {
                         s.add(value);
                     } else if !is_final(pane + hop, limit) {
