@@ -22,7 +22,9 @@
 //! into opening the store, reading its groups and installing them, with the restore's CPU
 //! time in user code and in the kernel (first touches of fresh memory are kernel time):
 //! once for a crash image of the store taken when the full checkpoint below was durable, and
-//! once for the store after the run. `--max-seconds` (900) and
+//! once for the store after the run. Before they run, this process hands the memory of the
+//! dropped run back to the system (jemalloc's background threads, until its RSS stops
+//! falling), as the exit of a crashed process would; its RSS then is reported. `--max-seconds` (900) and
 //! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
 //! got).
 //!
@@ -149,6 +151,37 @@ fn peak_rss() -> u64 {
 /// Resident set size of this process now, bytes.
 fn rss() -> u64 {
     status_kib("VmRSS:") * 1024
+}
+
+/// Returns the memory the dropped run freed to the system before the restores run, as the
+/// exit of a process that crashed or stopped does: jemalloc gives freed memory back only while
+/// it is called, or from its background threads, and this process waits idle while a restore
+/// runs, so without them it would keep the run's memory and the restore would get memory the
+/// machine had not used lately (see docs/benchmarks.md on the 10M restores). Waits until the
+/// RSS stops falling (at most 30 s); returns the RSS before and after.
+fn release_freed_memory() -> (u64, u64) {
+    let before = rss();
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("could not start jemalloc's background threads ({e}): the restores run beside the run's freed memory");
+        return (before, before);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = before;
+    let mut steady = 0;
+    // freed memory goes back after the allocator's decay time (one second dirty, one muzzy),
+    // a little at a time: wait until two seconds in a row gave back less than 8 MiB
+    while Instant::now() < deadline && steady < 2 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss();
+        steady = if last.saturating_sub(now) < 8 << 20 {
+            steady + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    let _ = tikv_jemalloc_ctl::background_thread::write(false);
+    (before, rss())
 }
 
 /// This thread's time on a CPU and waiting for one, in seconds
@@ -592,6 +625,7 @@ fn main() {
     drop(engine);
     drop(store);
     runtime.shutdown_timeout(Duration::from_secs(60));
+    let (held, released) = release_freed_memory();
     // restores in new processes, one after the other, this one idle
     let full_restore = full_copied.then(|| restore_in_child(&full_copy));
     let restore = stopped.is_none().then(|| restore_in_child(&path));
@@ -625,6 +659,11 @@ fn main() {
         }
         _ => println!("full checkpoint at the end of the data: not reached"),
     }
+    println!(
+        "this process's RSS once the run's state was dropped {:.1} MiB, when the restores ran {:.1} MiB",
+        held as f64 / 1048576.0,
+        released as f64 / 1048576.0
+    );
     match full_restore {
         Some(report) => println!("reopen + restore of that checkpoint in a new process: {report}"),
         None => println!("reopen + restore of that checkpoint: not reached"),
