@@ -24,9 +24,9 @@
 //! once for a crash image of the store taken when the full checkpoint below was durable, and
 //! once for the store after the run. Before they run, this process hands the memory of the
 //! dropped run back to the system (jemalloc's background threads, until its RSS stops
-//! falling), as the exit of a crashed process would; its RSS then is reported. `--max-seconds` (900) and
-//! `--max-rss-gib` (16) stop a run that goes past them (reported as stopped, with how far it
-//! got).
+//! falling), as the exit of a crashed process would; its RSS then is reported.
+//! `--max-seconds` (900) and `--max-rss-gib` (16) stop a run that goes past them (reported as
+//! stopped, with how far it got).
 //!
 //! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--window-ms N` sets
 //! the tumbling size (the hopping window is 3N every N); `--keys-in-order` takes keys in turn,
@@ -153,7 +153,7 @@ fn rss() -> u64 {
     status_kib("VmRSS:") * 1024
 }
 
-/// Returns the memory the dropped run freed to the system before the restores run, as the
+/// Gives the memory the dropped run freed back to the system before the restores run, as the
 /// exit of a process that crashed or stopped does: jemalloc gives freed memory back only while
 /// it is called, or from its background threads, and this process waits idle while a restore
 /// runs, so without them it would keep the run's memory and the restore would get memory the
