@@ -621,7 +621,9 @@ fn main() {
     let rss = peak_rss();
     let store_bytes = store.size_on_disk().unwrap_or(0);
     let pending = engine.pending_emissions();
+    // an outcome not read yet holds the checkpoint it wrote, and so the groups of the state
     drop(jobs);
+    drop(outcomes);
     drop(engine);
     drop(store);
     runtime.shutdown_timeout(Duration::from_secs(60));
