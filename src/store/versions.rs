@@ -11,6 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::codec::{
     decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
     CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD, META_PARTIAL,
@@ -68,6 +70,32 @@ pub(super) fn encode_group(
 /// [`encode_group`] of a group as the engine shares it, encoded where it lives.
 pub(super) fn encode_content(g: &GroupContent, id: CheckpointId) -> Result<Vec<u8>, StoreError> {
     seal_group(g.len(), || g.blob(), id)
+}
+
+/// Groups encoded in parallel at most this many at a time, so that the encoded values waiting
+/// for the batch stay a small part of the state.
+const ENCODE_AHEAD: usize = 64;
+
+/// Each group with its encoded value ([`encode_content`]; `None` for an emptied group), in
+/// order. Groups are encoded [`ENCODE_AHEAD`] at a time on every core rayon has (one per core
+/// the process may use): a full checkpoint of millions of keys is mostly encoding.
+fn encoded(
+    groups: &[GroupContent],
+    id: CheckpointId,
+) -> impl Iterator<Item = (&GroupContent, Result<Option<Vec<u8>>, StoreError>)> {
+    groups.chunks(ENCODE_AHEAD).flat_map(move |chunk| {
+        let blobs: Vec<_> = chunk
+            .par_iter()
+            .map(|g| {
+                if g.is_empty() {
+                    Ok(None)
+                } else {
+                    encode_content(g, id).map(Some)
+                }
+            })
+            .collect();
+        chunk.iter().zip(blobs)
+    })
 }
 
 /// A group version's value: its entry count and blob, sealed; an emptied group is sealed empty.
@@ -191,12 +219,9 @@ impl Store {
         };
         if cp.delta.full {
             let mut latest = self.all_latest()?;
-            for g in cp.delta.groups.iter().filter(|g| !g.is_empty()) {
-                put(
-                    &mut batch,
-                    group_version_key(&g.id, id),
-                    encode_content(g, id)?,
-                )?;
+            for (g, blob) in encoded(&cp.delta.groups, id) {
+                let Some(blob) = blob? else { continue };
+                put(&mut batch, group_version_key(&g.id, id), blob)?;
                 if let Some((prev, _)) = latest.remove(&g.id) {
                     garbage.push(group_version_key(&g.id, prev));
                 }
@@ -211,14 +236,10 @@ impl Store {
                 garbage.push(group_version_key(&g, prev));
             }
         } else {
-            for g in &cp.delta.groups {
+            for (g, blob) in encoded(&cp.delta.groups, id) {
                 let prev = self.latest_version(&g.id, id)?;
-                if !g.is_empty() {
-                    put(
-                        &mut batch,
-                        group_version_key(&g.id, id),
-                        encode_content(g, id)?,
-                    )?;
+                if let Some(blob) = blob? {
+                    put(&mut batch, group_version_key(&g.id, id), blob)?;
                     if let Some((prev, _)) = prev {
                         garbage.push(group_version_key(&g.id, prev));
                     }
@@ -567,4 +588,58 @@ fn group_payload(raw: &[u8]) -> Result<Option<(u32, &[u8])>, String> {
 /// past it.
 fn is_live(raw: &[u8]) -> bool {
     super::codec::unseal(raw).is_none_or(|payload| !payload.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Acc, EntryStatus};
+
+    #[test]
+    fn groups_encoded_in_parallel_come_in_order_each_with_its_own_value() {
+        // more groups than are encoded at once, every third one emptied
+        let groups: Vec<GroupContent> = (0..ENCODE_AHEAD as u16 * 2 + 7)
+            .map(|g| {
+                let id = GroupId {
+                    aggregation: 0,
+                    scope: None,
+                    group: g,
+                };
+                let entries = if g % 3 == 0 {
+                    Vec::new()
+                } else {
+                    (0..i64::from(g))
+                        .map(|start| {
+                            let key = StateKey {
+                                partition: None,
+                                window: 0,
+                                start,
+                                key: format!("k{g}").into(),
+                            };
+                            let entry = Entry {
+                                status: EntryStatus::Open,
+                                end: start + 10,
+                                acc: Acc::of(Some(start as f64)),
+                            };
+                            (key, entry)
+                        })
+                        .collect()
+                };
+                GroupContent::new(id, entries)
+            })
+            .collect();
+        let id = CheckpointId(9);
+        let out: Vec<_> = encoded(&groups, id).collect();
+        assert_eq!(out.len(), groups.len());
+        for ((g, blob), expected) in out.into_iter().zip(&groups) {
+            assert_eq!(g.id, expected.id);
+            let blob = blob.expect("encodes");
+            if expected.is_empty() {
+                assert_eq!(blob, None, "group {} emptied", g.id.group);
+            } else {
+                let one_by_one = encode_content(expected, id).expect("encodes");
+                assert_eq!(blob, Some(one_by_one), "group {}", g.id.group);
+            }
+        }
+    }
 }
