@@ -13,7 +13,9 @@ use crate::checkpoint_id::CheckpointId;
 /// of their own ahead of the checkpoint's last one, which makes them part of a checkpoint: a
 /// full checkpoint of a large state is then several moderate batches, not one holding every
 /// group's blob at once (sled takes longer and holds more memory for a very large batch).
-pub(super) const BATCH_BYTES: usize = 64 << 20;
+/// 16 MiB: at 10k keys every checkpoint rewrites most groups, and a batch of 64 MiB was a
+/// tenth of the service's peak heap.
+pub(super) const BATCH_BYTES: usize = 16 << 20;
 
 /// Group versions of the checkpoint being written that were written ahead of its last batch.
 #[derive(Debug, Default)]
