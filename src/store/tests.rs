@@ -321,6 +321,46 @@ fn a_delta_on_the_wrong_base_changes_nothing() {
     assert_eq!(store.version_count(), 0);
 }
 
+/// Re-seals the group version at `key` announcing `count` entries, its blob unchanged.
+fn announce(store: &Store, key: &[u8], count: u32) {
+    let raw = store.tree.get(key).expect("get").expect("present");
+    let payload = codec::unseal(&raw).expect("sealed");
+    let mut changed = count.to_be_bytes().to_vec();
+    changed.extend_from_slice(&payload[4..]);
+    store
+        .tree
+        .insert(key, codec::seal(&changed))
+        .expect("insert");
+}
+
+#[test]
+fn a_group_holding_other_than_it_announces_is_found_even_when_the_total_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let first = &sample()[0];
+    write(&store, first, None).expect("write");
+    // one entry each; announced as two and none, so the checkpoint's total still agrees
+    let a = codec::group_version_key(&group_of(&SPREAD, &key(0, 0, "a")), CheckpointId(1));
+    let b = codec::group_version_key(&group_of(&SPREAD, &key(1, -5, "b")), CheckpointId(1));
+    announce(&store, &a, 2);
+    announce(&store, &b, 0);
+    for stored in [false, true] {
+        let loaded = if stored {
+            store.load_checkpoint_stored(CheckpointId(1))
+        } else {
+            store.load_checkpoint(CheckpointId(1))
+        };
+        match loaded {
+            Err(StoreError::Unreadable(u)) => {
+                assert_eq!(u.snapshot, "checkpoint 1");
+                assert!(u.detail.contains("entries but"), "{}", u.detail);
+                assert!(u.detail.contains("were decoded"), "{}", u.detail);
+            }
+            other => panic!("stored {stored}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn damaged_or_missing_versions_make_that_checkpoint_unreadable_not_older_ones() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -398,7 +398,7 @@ impl Store {
         cp: &Retained,
         mut sink: impl FnMut(GroupId, Vec<(StateKey, Entry)>),
     ) -> Result<u64, StoreError> {
-        self.visit_stored(cp, |g, blob, what| {
+        self.visit_stored(cp, |g, blob, _, what| {
             let entries = decode_blob(blob, &g.scope).map_err(|e| format!("{what}: {e}"))?;
             let found = entries.len() as u64;
             sink(g, entries);
@@ -406,13 +406,14 @@ impl Store {
         })
     }
 
-    /// Hands the blob of each non-empty group of a retained checkpoint to `sink` (with a name
-    /// for errors), which returns the entries it found there; verifies each group's count and
-    /// the total against the checkpoint's metadata, and returns the bytes the groups occupy.
+    /// Hands the blob of each non-empty group of a retained checkpoint to `sink` (with the
+    /// entry count its value announces and a name for errors), which returns the entries it
+    /// found there; verifies each group's count and the total against the checkpoint's
+    /// metadata, and returns the bytes the groups occupy.
     fn visit_stored(
         &self,
         cp: &Retained,
-        mut sink: impl FnMut(GroupId, &[u8], &str) -> Result<u64, String>,
+        mut sink: impl FnMut(GroupId, &[u8], u32, &str) -> Result<u64, String>,
     ) -> Result<u64, StoreError> {
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
@@ -433,7 +434,7 @@ impl Store {
             else {
                 return Ok(());
             };
-            let found = sink(g, blob, &what).map_err(unreadable)?;
+            let found = sink(g, blob, count, &what).map_err(unreadable)?;
             if found != u64::from(count) {
                 return Err(unreadable(format!(
                     "{what}: it should hold {count} entries but {found} were decoded"
@@ -466,21 +467,41 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Loads retained checkpoint `id` with its groups as stored, each read once to count and
-    /// check it but kept encoded: the engine decodes them one at a time as it installs them
+    /// Loads retained checkpoint `id` with its groups as stored, each read once (in parallel)
+    /// to count and check it but kept encoded: the engine decodes them one at a time as it installs them
     /// (`Engine::from_state`), so that the whole state is never held decoded.
     pub fn load_checkpoint_stored(
         &self,
         id: CheckpointId,
     ) -> Result<(CheckpointMeta, RestoredState), StoreError> {
         let cp = self.retained_for_restore(id)?;
-        let mut groups = Vec::new();
-        let stored_bytes = self.visit_stored(&cp, |g, blob, what| {
-            let group = StoredGroup::read(g, blob.to_vec()).map_err(|e| format!("{what}: {e}"))?;
-            let found = group.len();
-            groups.push(group);
-            Ok(found)
+        // the groups are read (decompressed and counted) on every core, after the scan: the
+        // scan takes each group's count on its value's word, and the reads check it
+        let mut found = Vec::new();
+        let stored_bytes = self.visit_stored(&cp, |g, blob, count, what| {
+            found.push((g, blob.to_vec(), count, what.to_owned()));
+            Ok(u64::from(count))
         })?;
+        let read: Vec<Result<StoredGroup, String>> = found
+            .into_par_iter()
+            .map(|(g, blob, count, what)| {
+                let group = StoredGroup::read(g, blob).map_err(|e| format!("{what}: {e}"))?;
+                if group.len() != u64::from(count) {
+                    return Err(format!(
+                        "{what}: it should hold {count} entries but {} were decoded",
+                        group.len()
+                    ));
+                }
+                Ok(group)
+            })
+            .collect();
+        let groups = read
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|detail| Unreadable {
+                snapshot: format!("checkpoint {id}"),
+                detail,
+            })?;
         let restored = RestoredState {
             partitions: cp.meta.partitions.clone(),
             watermark: cp.meta.watermark,
