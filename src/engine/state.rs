@@ -4,6 +4,7 @@
 //! close windows in a group; ends only move later otherwise.
 
 use std::cmp::Ordering;
+use std::collections::binary_heap::PeekMut;
 use std::collections::BinaryHeap;
 
 use foldhash::{HashMap, HashMapExt};
@@ -257,27 +258,27 @@ impl SessionTable {
         limit: i64,
         mut f: impl FnMut(u16, i64, i64, Acc, &Key),
     ) -> Option<i64> {
-        while self.by_end.peek().is_some_and(|b| b.end <= limit) {
-            let Some(EndBound { start, key, .. }) = self.by_end.pop() else {
+        while let Some(mut top) = self.by_end.peek_mut() {
+            if top.end > limit {
                 break;
-            };
-            let Some(sessions) = self.by_key.get_mut(&*key) else {
-                continue;
-            };
-            let pos = sessions.partition_point(|s| s.start < start);
-            let Some(s) = sessions.get(pos).filter(|s| s.start == start).copied() else {
+            }
+            let start = top.start;
+            let found = self.by_key.get_mut(&*top.key).and_then(|sessions| {
+                let pos = sessions.partition_point(|s| s.start < start);
+                let s = sessions.get(pos).filter(|s| s.start == start).copied()?;
+                Some((sessions, pos, s))
+            });
+            let Some((sessions, pos, s)) = found else {
                 // merged into another session, or closed already
+                PeekMut::pop(top);
                 continue;
             };
             if s.end > limit {
-                // it grew since the entry was made
-                self.by_end.push(EndBound {
-                    end: s.end,
-                    start,
-                    key,
-                });
+                // it grew since the entry was made: the entry moves to its end in place
+                top.end = s.end;
                 continue;
             }
+            let EndBound { key, .. } = PeekMut::pop(top);
             sessions.remove(pos);
             self.open -= 1;
             if sessions.is_empty() {
