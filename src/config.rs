@@ -339,6 +339,11 @@ const MANAGED_KAFKA_OPTIONS: &[&str] = &[
     "group.instance.id",
 ];
 
+/// Most windows a hopping definition puts each record in (`size / hop`, rounded up): each
+/// costs work per record and memory per key, so a typo in a hop (`1s` for `1m` in an hour's
+/// window: 3,600) is refused rather than making the service thousands of times slower.
+pub const MAX_HOPS: i64 = 1_000;
+
 /// Longest window size, hop or gap: keeps window arithmetic on valid timestamps in range.
 const MAX_WINDOW_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
@@ -667,6 +672,18 @@ impl Settings {
                             "must not be longer than size (records between windows would be lost)",
                         ));
                     }
+                    // both at least 1 ms, and hop at most size
+                    let windows = (size - 1) / hop + 1;
+                    if windows > MAX_HOPS {
+                        return Err(ConfigError::invalid(
+                            at("hop"),
+                            format!(
+                                "puts every record in {windows} windows (size / hop), more than \
+                                 the {MAX_HOPS} allowed: each costs work per record and memory \
+                                 per key (is the hop a typo?)"
+                            ),
+                        ));
+                    }
                     WindowKind::Hopping { size, hop }
                 }
                 WindowType::Session => {
@@ -860,6 +877,19 @@ checkpoint:
         let yaml = BASE.replace("interval: 2s", "interval: two seconds");
         let text = err_text(&yaml, &[]);
         assert!(text.contains("interval"), "{text}");
+    }
+
+    #[test]
+    fn a_hopping_window_puts_a_record_in_at_most_a_thousand_windows() {
+        let yaml = BASE.replace("size: 1m, hop: 30s", "size: 1000s, hop: 1s");
+        assert!(load(&yaml, &[]).is_ok());
+        // 1,001 windows, counting the one a remainder of the size starts
+        for (size, hop) in [("1001s", "1s"), ("1h", "1s"), ("1000001ms", "1s")] {
+            let yaml = BASE.replace("size: 1m, hop: 30s", &format!("size: {size}, hop: {hop}"));
+            let text = err_text(&yaml, &[]);
+            assert!(text.contains("windows[1].hop"), "{text}");
+            assert!(text.contains("more than the 1000 allowed"), "{text}");
+        }
     }
 
     #[test]

@@ -185,6 +185,36 @@ fn impossible_combination_exits_2() {
 }
 
 #[test]
+fn a_hop_that_puts_a_record_in_thousands_of_windows_is_refused_at_start() {
+    // an hour's window hopping by a second where a minute was meant: 3,600 windows per record
+    let yaml = VALID.replace(
+        "type: tumbling, size: 1m",
+        "type: hopping, size: 1h, hop: 1s",
+    );
+    for cmd in ["check-config", "run"] {
+        let out = run(&[cmd], &yaml, &[]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("windows[0].hop"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("3600 windows"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+    }
+    // a minute's hop is fine
+    let yaml = VALID.replace(
+        "type: tumbling, size: 1m",
+        "type: hopping, size: 1h, hop: 1m",
+    );
+    let out = run(&["check-config"], &yaml, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
 fn missing_file_exits_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
         .args(["check-config", "--config"])
