@@ -129,6 +129,14 @@ pub struct WatermarkSettings {
     pub max_out_of_orderness: Duration,
     #[serde(default, with = "humantime_serde")]
     pub allowed_lateness: Duration,
+    /// How far ahead of the wall clock a record's event time may be; further ahead, it is
+    /// invalid (`future_timestamp`) and moves no watermark.
+    #[serde(default = "default_max_future_skew", with = "humantime_serde")]
+    pub max_future_skew: Duration,
+}
+
+fn default_max_future_skew() -> Duration {
+    Duration::from_secs(3600)
 }
 
 impl Default for WatermarkSettings {
@@ -136,6 +144,7 @@ impl Default for WatermarkSettings {
         WatermarkSettings {
             max_out_of_orderness: default_out_of_orderness(),
             allowed_lateness: Duration::ZERO,
+            max_future_skew: default_max_future_skew(),
         }
     }
 }
@@ -471,6 +480,13 @@ impl Settings {
                     format!("`{t}` must be a non-empty topic of its own, neither an input nor the output topic"),
                 ));
             }
+        }
+        if self.watermark.max_future_skew < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "watermark.max_future_skew",
+                "must be at least 1s: records stamped by producers whose clocks run a little \
+                 ahead would be refused (default 1h)",
+            ));
         }
         if self.checkpoint.cache_capacity.as_u64() < 1 << 20 {
             return Err(ConfigError::invalid(
@@ -877,6 +893,16 @@ checkpoint:
         let yaml = BASE.replace("interval: 2s", "interval: two seconds");
         let text = err_text(&yaml, &[]);
         assert!(text.contains("interval"), "{text}");
+    }
+
+    #[test]
+    fn the_future_skew_defaults_to_an_hour_and_is_at_least_a_second() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.watermark.max_future_skew, Duration::from_secs(3600));
+        let s = load(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "10m")]).expect("valid");
+        assert_eq!(s.watermark.max_future_skew, Duration::from_secs(600));
+        let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "0s")]);
+        assert!(text.contains("watermark.max_future_skew"), "{text}");
     }
 
     #[test]

@@ -47,10 +47,12 @@ pub enum InvalidReason {
     BadValue,
     MissingTimestamp,
     BadTimestamp,
+    /// Event time further ahead of the wall clock than `watermark.max_future_skew`.
+    FutureTimestamp,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 9] = [
+    pub const ALL: [InvalidReason; 10] = [
         InvalidReason::EmptyPayload,
         InvalidReason::InvalidJson,
         InvalidReason::MissingKey,
@@ -60,6 +62,7 @@ impl InvalidReason {
         InvalidReason::BadValue,
         InvalidReason::MissingTimestamp,
         InvalidReason::BadTimestamp,
+        InvalidReason::FutureTimestamp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -73,6 +76,7 @@ impl InvalidReason {
             InvalidReason::BadValue => "bad_value",
             InvalidReason::MissingTimestamp => "missing_timestamp",
             InvalidReason::BadTimestamp => "bad_timestamp",
+            InvalidReason::FutureTimestamp => "future_timestamp",
         }
     }
 }

@@ -127,6 +127,9 @@ pub struct Engine {
     released: u64,
     emit_queue: Emission,
     records_since_snapshot: u64,
+    /// Records stamped after this are invalid ([`InvalidReason::FutureTimestamp`]): the wall
+    /// clock plus `watermark.max_future_skew`, as the loop last set it.
+    not_after: Option<i64>,
 }
 
 impl Engine {
@@ -143,7 +146,15 @@ impl Engine {
             released: 0,
             emit_queue: Emission::default(),
             records_since_snapshot: 0,
+            not_after: None,
         }
+    }
+
+    /// From now on, a record stamped after `t` (epoch milliseconds; the wall clock plus the
+    /// allowed skew) is invalid and moves no watermark: one record from the far future would
+    /// otherwise close every open window and make every later record late. `None`: no bound.
+    pub fn set_not_after(&mut self, t: Option<i64>) {
+        self.not_after = t;
     }
 
     /// Rebuilds the engine from a checkpoint. Windows that the checkpoint holds as closed were
@@ -364,6 +375,12 @@ impl Engine {
             return Outcome::Duplicate;
         }
         self.records_since_snapshot += 1;
+        let record = match record {
+            Ok(r) if self.not_after.is_some_and(|t| r.ts.millis() > t) => {
+                Err(InvalidReason::FutureTimestamp)
+            }
+            other => other,
+        };
         let record = match record {
             Ok(r) => r,
             Err(reason) => {

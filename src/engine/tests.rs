@@ -349,6 +349,41 @@ fn at_least_once_emits_as_soon_as_windows_close() {
 }
 
 #[test]
+fn a_record_from_the_far_future_is_invalid_and_moves_no_watermark() {
+    let mut engine = Engine::new(config(false));
+    engine.assign(&[p(0)]);
+    engine.set_not_after(Some(10_000));
+    assert_eq!(
+        engine.process(&p(0), 0, rec("a", 1_000, 1.0)),
+        Outcome::Accepted
+    );
+    let before = engine.watermark();
+    // stamped after the bound: skipped, its offset consumed, the watermark where it was
+    assert_eq!(
+        engine.process(&p(0), 1, rec("a", 4_102_444_800_000, 1.0)),
+        Outcome::Invalid(InvalidReason::FutureTimestamp)
+    );
+    assert_eq!(engine.watermark(), before);
+    assert_eq!(engine.position(&p(0)).map(|n| n.0), Some(2));
+    assert!(engine.take_emittable().is_empty(), "no window closed");
+    // at the bound is on time, and later records are not late
+    assert_eq!(
+        engine.process(&p(0), 2, rec("a", 10_000, 1.0)),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        engine.process(&p(0), 3, rec("b", 9_900, 1.0)),
+        Outcome::Accepted
+    );
+    // without a bound, the same record is accepted
+    engine.set_not_after(None);
+    assert_eq!(
+        engine.process(&p(0), 4, rec("a", 4_102_444_800_000, 1.0)),
+        Outcome::Accepted
+    );
+}
+
+#[test]
 fn late_records_are_counted_and_dropped() {
     let mut engine = Engine::new(config(false));
     engine.assign(&[p(0)]);

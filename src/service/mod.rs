@@ -267,6 +267,7 @@ pub async fn run(
             on_cancel: c.on_cancel,
             max_pending_windows: usize::try_from(settings.output.max_pending_windows)
                 .unwrap_or(usize::MAX),
+            max_future_skew_ms: duration_ms(settings.watermark.max_future_skew),
         },
         engine,
         decoder: Decoder::new(

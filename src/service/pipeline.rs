@@ -46,6 +46,8 @@ pub(crate) struct PipelineConfig {
     pub on_cancel: OnCancel,
     /// `output.max_pending_windows` (0: no bound).
     pub max_pending_windows: usize,
+    /// `watermark.max_future_skew`, in milliseconds.
+    pub max_future_skew_ms: i64,
 }
 
 /// A stop asked for over HTTP, with the savepoint to take as its last act (name or default)
@@ -601,6 +603,11 @@ impl<O: Output> Pipeline<Source, O> {
                     match msg {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
+                            // the wall clock once per wake, for this record and those drained
+                            // with it
+                            self.engine.set_not_after(Some(
+                                crate::clock::epoch_ms().saturating_add(self.config.max_future_skew_ms),
+                            ));
                             self.on_message(&m);
                             drop(m);
                             self.drain(&consumer).await?;

@@ -124,6 +124,7 @@ impl Rig {
                 shutdown_timeout: Duration::from_secs(20),
                 on_cancel: OnCancel::Retain,
                 max_pending_windows: options.max_pending_windows,
+                max_future_skew_ms: 3_600_000,
             },
             engine: Engine::new(EngineConfig {
                 windows: vec![WindowDef {
