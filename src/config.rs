@@ -257,13 +257,30 @@ pub enum StateScope {
 pub struct HttpSettings {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// File holding the token that requests changing the instance (savepoints, stops,
+    /// deletions) must carry as `Authorization: Bearer <token>`; e.g. a mounted secret.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Start on an address other than loopback without a token (anyone who reaches it can
+    /// stop the service and delete its savepoints). Off: such a start is refused.
+    #[serde(default)]
+    pub allow_unauthenticated_admin: bool,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: default_listen(),
+            admin_token_file: None,
+            allow_unauthenticated_admin: false,
         }
+    }
+}
+
+impl HttpSettings {
+    /// Listening where others can reach it, with nothing asked of them.
+    fn open_to_others(&self) -> bool {
+        !self.listen.ip().is_loopback() && self.admin_token_file.is_none()
     }
 }
 
@@ -557,6 +574,28 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
+        let h = &self.http;
+        if h.admin_token_file
+            .as_ref()
+            .is_some_and(|f| f.as_os_str().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "http.admin_token_file",
+                "must not be empty when set",
+            ));
+        }
+        if h.open_to_others() && !h.allow_unauthenticated_admin {
+            return Err(ConfigError::invalid(
+                "http.admin_token_file",
+                format!(
+                    "is required: http.listen {} is not a loopback address, and without a token \
+                     anyone who reaches it can stop the service and delete its savepoints; name \
+                     a file holding a token (e.g. a mounted secret made by `openssl rand -hex \
+                     32`), or set http.allow_unauthenticated_admin: true to accept that",
+                    h.listen
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -579,6 +618,14 @@ impl Settings {
                 "checkpoint.timeout ({}) is shorter than checkpoint.interval ({})",
                 humantime::format_duration(c.timeout),
                 humantime::format_duration(c.interval)
+            ));
+        }
+        if self.http.open_to_others() {
+            out.push(format!(
+                "http.listen {} is not a loopback address and http.admin_token_file is not set: \
+                 anyone who reaches it can stop the service and delete its savepoints \
+                 (http.allow_unauthenticated_admin is true)",
+                self.http.listen
             ));
         }
         out
@@ -903,6 +950,48 @@ checkpoint:
         assert_eq!(s.watermark.max_future_skew, Duration::from_secs(600));
         let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "0s")]);
         assert!(text.contains("watermark.max_future_skew"), "{text}");
+    }
+
+    #[test]
+    fn an_admin_api_others_can_reach_needs_a_token_or_an_explicit_waiver() {
+        // loopback (the default): no token needed
+        let s = load(BASE, &[]).expect("valid");
+        assert!(s.http.admin_token_file.is_none());
+        assert!(s.warnings().iter().all(|w| !w.contains("http.listen")));
+        let all = [("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:9180")];
+        let text = err_text(BASE, &all);
+        assert!(text.contains("http.admin_token_file"), "{text}");
+        assert!(text.contains("0.0.0.0:9180"), "{text}");
+        let ipv6 = [("CHECKPOINTER_HTTP__LISTEN", "[::]:9180")];
+        assert!(err_text(BASE, &ipv6).contains("http.admin_token_file"));
+        let s = load(
+            BASE,
+            &[
+                all[0],
+                ("CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE", "/run/secrets/token"),
+            ],
+        )
+        .expect("a token file is enough");
+        assert_eq!(
+            s.http.admin_token_file.as_deref(),
+            Some(std::path::Path::new("/run/secrets/token"))
+        );
+        assert!(s.warnings().iter().all(|w| !w.contains("http.listen")));
+        let s = load(
+            BASE,
+            &[
+                all[0],
+                ("CHECKPOINTER_HTTP__ALLOW_UNAUTHENTICATED_ADMIN", "true"),
+            ],
+        )
+        .expect("waived");
+        assert!(
+            s.warnings()
+                .iter()
+                .any(|w| w.contains("http.admin_token_file")),
+            "{:?}",
+            s.warnings()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use checkpointer::config::{LogFormat, RestoreFrom, Settings};
+use checkpointer::http::auth::AdminToken;
 use checkpointer::ops::{offline, remote, OpsError};
 
 /// Where `savepoint`, `stop` and `probe` find a running instance unless told otherwise: the
@@ -122,7 +123,19 @@ enum Command {
         /// How long to wait for the savepoint and the stop.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         wait: Duration,
+        /// File holding the instance's admin token (its http.admin_token_file).
+        #[arg(long, env = TOKEN_ENV)]
+        admin_token_file: Option<PathBuf>,
     },
+}
+
+/// The variable that names the admin token file, for the instance and for the commands that
+/// call it alike.
+const TOKEN_ENV: &str = "CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE";
+
+/// The token read from `file`, if one is named.
+fn token(file: Option<&std::path::Path>) -> Result<Option<AdminToken>, OpsError> {
+    Ok(file.map(AdminToken::read).transpose()?)
 }
 
 #[derive(Subcommand)]
@@ -159,6 +172,9 @@ struct SavepointArgs {
     /// How long to wait for the savepoint to be durable.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// File holding the instance's admin token (its http.admin_token_file).
+    #[arg(long, env = TOKEN_ENV)]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +210,9 @@ enum SavepointAction {
         dir: Option<PathBuf>,
         #[arg(long)]
         url: Option<String>,
+        /// File holding the instance's admin token (with --url).
+        #[arg(long, env = TOKEN_ENV)]
+        admin_token_file: Option<PathBuf>,
     },
 }
 
@@ -227,22 +246,30 @@ fn load(path: &std::path::Path) -> Result<Settings, ExitCode> {
     })
 }
 
-/// Loads the configuration and applies a `--restore-from` override.
-fn load_restoring(
-    path: &std::path::Path,
-    restore_from: Option<RestoreFrom>,
-) -> Result<Settings, ExitCode> {
-    let mut settings = load(path)?;
+/// [`load`], and the admin token it names read (a configuration error when it cannot be).
+fn load_with_token(path: &std::path::Path) -> Result<Settings, ExitCode> {
+    let settings = load(path)?;
+    match AdminToken::load(&settings.http) {
+        Ok(_) => Ok(settings),
+        Err(e) => {
+            eprintln!("checkpointer: {e}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+/// The configuration with a `--restore-from` override applied.
+fn restoring(mut settings: Settings, restore_from: Option<RestoreFrom>) -> Settings {
     if let Some(from) = restore_from {
         settings.checkpoint.restore_from = from;
     }
-    Ok(settings)
+    settings
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(&config) {
+        Command::CheckConfig { config } => match load_with_token(&config) {
             Err(code) => code,
             Ok(settings) => {
                 for w in settings.warnings() {
@@ -261,7 +288,7 @@ fn main() -> ExitCode {
             dir,
             restore_from,
         } => {
-            let settings = match load_restoring(&config, restore_from) {
+            let settings = match load(&config).map(|s| restoring(s, restore_from)) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -287,11 +314,16 @@ fn main() -> ExitCode {
             url,
             savepoint,
             wait,
+            admin_token_file,
         } => {
             let savepoint = savepoint
                 .as_deref()
                 .map(|n| Some(n).filter(|n| !n.is_empty()));
-            report(remote::stop(url.trim_end_matches('/'), savepoint, wait))
+            report(
+                token(admin_token_file.as_deref()).and_then(|t| {
+                    remote::stop(url.trim_end_matches('/'), savepoint, wait, t.as_ref())
+                }),
+            )
         }
         Command::Probe { url, timeout } => report(remote::probe(&url, timeout)),
         Command::Generate {
@@ -323,7 +355,7 @@ fn main() -> ExitCode {
             config,
             restore_from,
         } => {
-            let settings = match load_restoring(&config, restore_from) {
+            let settings = match load_with_token(&config).map(|s| restoring(s, restore_from)) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -373,7 +405,12 @@ fn checkpoints(action: CheckpointsAction) -> Result<String, OpsError> {
 fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
     let base = |url: &str| url.trim_end_matches('/').to_string();
     match args.action {
-        None => remote::trigger_savepoint(&base(&args.url), args.name.as_deref(), args.timeout),
+        None => remote::trigger_savepoint(
+            &base(&args.url),
+            args.name.as_deref(),
+            args.timeout,
+            token(args.admin_token_file.as_deref())?.as_ref(),
+        ),
         Some(SavepointAction::List { dir: Some(dir), .. }) => offline::list_savepoints(&dir),
         Some(SavepointAction::List { url, .. }) => {
             remote::list_savepoints(&base(url.unwrap_or_else(default_url).as_str()))
@@ -389,9 +426,16 @@ fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
             dir: Some(dir),
             ..
         }) => offline::delete_savepoint(&dir, &name),
-        Some(SavepointAction::Delete { name, url, .. }) => {
-            remote::delete_savepoint(&base(url.unwrap_or_else(default_url).as_str()), &name)
-        }
+        Some(SavepointAction::Delete {
+            name,
+            url,
+            admin_token_file,
+            ..
+        }) => remote::delete_savepoint(
+            &base(url.unwrap_or_else(default_url).as_str()),
+            &name,
+            token(admin_token_file.as_deref())?.as_ref(),
+        ),
     }
 }
 

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub store_size: IntGauge,
     pub checkpoint_interval: Gauge,
     pub build_info: IntGaugeVec,
+    pub admin_refused: IntCounterVec,
 }
 
 /// The registry being filled, and the names registered in it (kept because the exposition
@@ -136,6 +137,20 @@ impl Metrics {
         for reason in InvalidReason::ALL {
             records_invalid.with_label_values(&[reason.label()]);
         }
+        let admin_refused = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "checkpointer_admin_requests_refused_total",
+                    "Admin requests that would change the instance (savepoint, stop, delete) refused, by reason: missing_token, wrong_token, cross_site.",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|_| unreachable!("valid metric name")),
+        );
+        for reason in crate::http::auth::Denied::LABELS {
+            admin_refused.with_label_values(&[reason]);
+        }
         let secs = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             60.0,
@@ -184,6 +199,7 @@ impl Metrics {
             store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the sled checkpoint store occupies on disk."),
             checkpoint_interval: gauge(&r, "checkpointer_checkpoint_interval_seconds", "The configured checkpoint.interval (alert rules compare checkpoint age with it)."),
             build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
+            admin_refused,
             names: r.names.take(),
             registry: r.registry,
         }

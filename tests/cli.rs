@@ -215,6 +215,85 @@ fn a_hop_that_puts_a_record_in_thousands_of_windows_is_refused_at_start() {
 }
 
 #[test]
+fn an_admin_api_open_to_other_hosts_without_a_token_is_refused_at_start() {
+    for cmd in ["check-config", "run"] {
+        let out = run(&[cmd], VALID, &[("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:0")]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("http.admin_token_file")
+                && stderr(&out).contains("http.allow_unauthenticated_admin"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+    }
+    // waived explicitly: accepted, with a warning
+    let out = run(
+        &["check-config"],
+        VALID,
+        &[
+            ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:0"),
+            ("CHECKPOINTER_HTTP__ALLOW_UNAUTHENTICATED_ADMIN", "true"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: http.listen"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_admin_token_file_that_cannot_be_used_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-token");
+    let short = dir.path().join("short-token");
+    std::fs::write(&short, "abc\n").expect("write");
+    for (file, says) in [(&missing, "cannot read"), (&short, "fewer than 16")] {
+        let file = file.to_str().expect("utf-8");
+        for cmd in ["check-config", "run"] {
+            let out = run(
+                &[cmd],
+                VALID,
+                &[
+                    ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:0"),
+                    ("CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE", file),
+                ],
+            );
+            assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+            let text = stderr(&out);
+            assert!(
+                text.contains(file)
+                    && text.contains("http.admin_token_file")
+                    && text.contains(says),
+                "{cmd}: {text}"
+            );
+        }
+    }
+    // a good one: accepted, and never printed
+    let good = dir.path().join("token");
+    std::fs::write(&good, "s3cr3t-t0ken-0123456789\n").expect("write");
+    let out = run(
+        &["check-config"],
+        VALID,
+        &[
+            ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:0"),
+            (
+                "CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE",
+                good.to_str().expect("utf-8"),
+            ),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("s3cr3t") && !stderr(&out).contains("s3cr3t"));
+    assert!(
+        stdout(&out).contains("\"admin_token_file\""),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn missing_file_exits_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
         .args(["check-config", "--config"])
@@ -819,12 +898,34 @@ fn the_kubernetes_example_configuration_is_valid() {
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
     assert!(config.contains("changelog_topic"), "{config}");
+    // the pod names the token where it mounts the secret
+    assert!(
+        manifest.contains(
+            "- name: CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE\n              value: /run/secrets/checkpointer-admin-token"
+        ) && manifest.contains("mountPath: /run/secrets")
+            && manifest.contains("items: [{ key: token, path: checkpointer-admin-token }]"),
+        "the admin token is not mounted where the pod names it"
+    );
+    // listening on all interfaces needs the token: a file stands in for the secret
+    let secret = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(secret.path(), "0123456789abcdef0123456789abcdef").expect("token");
+    let token_file = secret.path().to_str().expect("utf-8 path");
+    let without = run(
+        &["check-config"],
+        &config,
+        &[
+            ("CHECKPOINTER_KAFKA__INSTANCE_ID", "checkpointer-0"),
+            ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:9180"),
+        ],
+    );
+    assert_eq!(without.status.code(), Some(2), "{}", stderr(&without));
     let out = run(
         &["check-config"],
         &config,
         &[
             ("CHECKPOINTER_KAFKA__INSTANCE_ID", "checkpointer-0"),
             ("CHECKPOINTER_HTTP__LISTEN", "0.0.0.0:9180"),
+            ("CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE", token_file),
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

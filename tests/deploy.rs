@@ -256,6 +256,31 @@ fn image_and_compose_settings_pass_the_configuration_check() {
         "{volumes:?}"
     );
 
+    // the admin token: the image's file names the secret compose mounts (at its default
+    // place), and compose names the same file to the CLI inside the container
+    let token_path = "/run/secrets/checkpointer-admin-token";
+    assert!(
+        read("config/container.yaml").contains(&format!("admin_token_file: {token_path}")),
+        "the image's configuration names no admin token file at {token_path}"
+    );
+    assert_eq!(get(&env, "CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE"), token_path);
+    let secrets: Vec<&str> = service["secrets"]
+        .as_vec()
+        .expect("secrets")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(secrets, vec!["checkpointer-admin-token"]);
+    assert!(
+        compose["secrets"]["checkpointer-admin-token"]["file"]
+            .as_str()
+            .is_some(),
+        "the secret's file"
+    );
+    // check-config reads the token: a file stands in for the secret
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("checkpointer-admin-token");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").expect("token");
     let out = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
         .arg("check-config")
         .env("CHECKPOINTER_CONFIG", &in_repo)
@@ -264,8 +289,13 @@ fn image_and_compose_settings_pass_the_configuration_check() {
                 .filter(|(k, _)| k != "CHECKPOINTER_CONFIG")
                 .cloned(),
         )
+        .env("CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE", &secret)
         .output()
         .expect("run check-config");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("0123456789abcdef0123456789abcdef"),
+        "check-config printed the token"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -292,7 +322,24 @@ fn image_and_compose_settings_pass_the_configuration_check() {
         .iter()
         .filter_map(Yaml::as_str)
         .collect();
-    assert_eq!(ports, vec!["9180:9180"]);
+    assert_eq!(ports, vec!["127.0.0.1:9180:9180"]);
+    // nothing of the stack is published beyond this host, and Prometheus offers no lifecycle
+    // API (reload, shutdown) to whoever reaches it
+    for (name, svc) in compose["services"].as_hash().expect("services") {
+        for port in svc["ports"].as_vec().into_iter().flatten() {
+            let port = port.as_str().expect("port as text");
+            assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port}");
+        }
+    }
+    let prometheus = compose["services"]["prometheus"]["command"]
+        .as_vec()
+        .expect("prometheus command");
+    assert!(
+        prometheus
+            .iter()
+            .all(|a| a.as_str() != Some("--web.enable-lifecycle")),
+        "{prometheus:?}"
+    );
     assert!(read("deploy/prometheus/prometheus.yml").contains("\"checkpointer:9180\""));
     let probe = Command::new(env!("CARGO_BIN_EXE_checkpointer"))
         .args(["probe", "--help"])

@@ -99,10 +99,33 @@ where
     run_program(&service_bin()?, args, timeout)
 }
 
+/// Runs `checkpointer ARGS...` with the variables `env` set (and no others of the caller's
+/// `CHECKPOINTER_*`); otherwise like [`run`].
+pub fn run_with_env<I, S>(args: I, env: &[(&str, &OsStr)]) -> Result<CliOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_program_with_env(&service_bin()?, args, env, CLI_TIMEOUT)
+}
+
 /// Runs `program ARGS...` with the caller's `CHECKPOINTER_*` variables removed and stdin
 /// closed, capturing stdout and stderr; kills it and fails after `timeout`. A non-zero exit is
 /// not an error here (see [`CliOutput::ok`]).
 pub fn run_program<I, S>(program: &Path, args: I, timeout: Duration) -> Result<CliOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_program_with_env(program, args, &[], timeout)
+}
+
+fn run_program_with_env<I, S>(
+    program: &Path,
+    args: I,
+    env: &[(&str, &OsStr)],
+    timeout: Duration,
+) -> Result<CliOutput>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -136,6 +159,7 @@ where
             command.env_remove(key);
         }
     }
+    command.envs(env.iter().copied());
     let mut child = command
         .spawn()
         .with_context(|| format!("spawning {command_line}"))?;

@@ -49,7 +49,28 @@ pub fn delete(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Res
     request(addr, "DELETE", path, timeout)
 }
 
+/// `METHOD path` with more request headers (`name`, `value`); otherwise like [`get`].
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<Response> {
+    request_with(addr, method, path, headers, timeout)
+}
+
 fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io::Result<Response> {
+    request_with(addr, method, path, &[], timeout)
+}
+
+fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -58,9 +79,13 @@ fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io:
     } else {
         "Content-Length: 0\r\n"
     };
+    let more: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n{body_header}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n{body_header}{more}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

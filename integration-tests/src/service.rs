@@ -54,6 +54,8 @@ pub struct ServiceConfig {
     pub extra_args: Vec<String>,
     /// Keys of a `state:` section (written when not empty), values verbatim YAML.
     pub state_extra: BTreeMap<String, String>,
+    /// More keys of the `http:` section (besides `listen`), values verbatim YAML.
+    pub http_extra: BTreeMap<String, String>,
 }
 
 impl ServiceConfig {
@@ -81,6 +83,7 @@ impl ServiceConfig {
             checkpoint_extra: BTreeMap::new(),
             extra_args: Vec::new(),
             state_extra: BTreeMap::new(),
+            http_extra: BTreeMap::new(),
         }
     }
 
@@ -157,6 +160,9 @@ impl ServiceConfig {
         }
         yaml.push_str("http:\n");
         yaml.push_str(&format!("  listen: {}\n", q(&http_listen.to_string())));
+        for (key, value) in &self.http_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
         yaml
     }
 }
@@ -399,6 +405,17 @@ impl Service {
     pub fn post(&self, path: &str) -> Result<http::Response> {
         http::post(self.addr()?, path, HTTP_TIMEOUT)
             .with_context(|| format!("{}: POST {path}", self.name))
+    }
+
+    /// `METHOD path` on the admin listener with more request headers (empty body).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<http::Response> {
+        http::send(self.addr()?, method, path, headers, HTTP_TIMEOUT)
+            .with_context(|| format!("{}: {method} {path}", self.name))
     }
 
     /// `DELETE path` on the admin listener.

@@ -1,15 +1,18 @@
 //! Admin HTTP server: the operator page at `/`, `/metrics`, `/healthz`, `/readyz`, and the
 //! checkpoint and savepoint API (`api`). Handlers read shared state and the store; requests
-//! that need the processing loop (savepoint, stop) go to it as `Command`s.
+//! that need the processing loop (savepoint, stop) go to it as `Command`s. Requests that
+//! change something pass [`auth`] first.
 
 mod api;
+pub mod auth;
 pub mod page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -17,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::board::StatusBoard;
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimit;
 use crate::store::{SavepointMeta, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,17 @@ pub enum HttpError {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot read the admin token from {path} (http.admin_token_file): {source}")]
+    TokenFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unusable admin token in {path} (http.admin_token_file): {reason}")]
+    BadToken {
+        path: std::path::PathBuf,
+        reason: String,
     },
 }
 
@@ -66,7 +81,14 @@ pub struct AdminState {
     pub store: Arc<Store>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub restored_from: String,
+    /// Required of requests that change something, when set (`http.admin_token_file`).
+    pub admin_token: Option<auth::AdminToken>,
+    /// At most one log line per period for refused requests (a flood of them is counted).
+    pub refused_log: std::sync::Mutex<RateLimit>,
 }
+
+/// How often a refused request is logged at most.
+pub const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
@@ -83,7 +105,39 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/api/savepoints/{name}", delete(api::delete_savepoint))
         .route("/api/stop", post(api::stop))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// Lets a request that changes something through only if [`auth::authorize`] does; refused:
+/// 401, counted and logged (without the token), and nothing happens.
+async fn guard(State(state): State<Arc<AdminState>>, request: Request, next: Next) -> Response {
+    if auth::reads_only(request.method()) {
+        return next.run(request).await;
+    }
+    match auth::authorize(request.headers(), state.admin_token.as_ref()) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => {
+            state
+                .metrics
+                .admin_refused
+                .with_label_values(&[denied.label()])
+                .inc();
+            let logged = state
+                .refused_log
+                .lock()
+                .map_or(Some(0), |mut limit| limit.check());
+            if let Some(suppressed) = logged {
+                tracing::warn!(method = %request.method(), path = request.uri().path(), reason = denied.label(), suppressed, "{denied}");
+            }
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"checkpointer\"")],
+                axum::Json(serde_json::json!({ "error": denied.to_string() })),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Binds `addr` and serves until the process ends.

@@ -23,6 +23,8 @@ pub enum OpsError {
         status: u16,
         message: String,
     },
+    #[error(transparent)]
+    Token(#[from] crate::http::HttpError),
     #[error("cannot print the result: {0}")]
     Print(#[from] serde_json::Error),
 }

@@ -1,8 +1,11 @@
-//! Commands sent to a running instance over its admin HTTP API.
+//! Commands sent to a running instance over its admin HTTP API. Those that change it carry the
+//! admin token when one is given (`--admin-token-file`, or `CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE`
+//! as the instance reads it).
 
 use std::time::{Duration, Instant};
 
 use super::OpsError;
+use crate::http::auth::AdminToken;
 
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -12,12 +15,20 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-/// Sends a request and returns the JSON body of a 2xx answer.
-fn call(method: &str, url: &str, timeout: Duration) -> Result<String, OpsError> {
+/// Sends a request (with the token, if given) and returns the JSON body of a 2xx answer.
+fn call(
+    method: &str,
+    url: &str,
+    timeout: Duration,
+    token: Option<&AdminToken>,
+) -> Result<String, OpsError> {
     let a = agent(timeout);
-    let result = match method {
-        "POST" => a.post(url).send_empty(),
-        "DELETE" => a.delete(url).call(),
+    let bearer = token.map(AdminToken::bearer);
+    let result = match (method, bearer) {
+        ("POST", Some(b)) => a.post(url).header("authorization", &b).send_empty(),
+        ("POST", None) => a.post(url).send_empty(),
+        ("DELETE", Some(b)) => a.delete(url).header("authorization", &b).call(),
+        ("DELETE", None) => a.delete(url).call(),
         _ => a.get(url).call(),
     };
     let mut resp = result.map_err(|e| OpsError::Unreachable {
@@ -65,12 +76,13 @@ pub fn trigger_savepoint(
     base: &str,
     name: Option<&str>,
     timeout: Duration,
+    token: Option<&AdminToken>,
 ) -> Result<String, OpsError> {
     let url = match name {
         Some(n) => format!("{base}/api/savepoints?name={}", query_name(n)),
         None => format!("{base}/api/savepoints"),
     };
-    call("POST", &url, timeout).map(|b| pretty(&b))
+    call("POST", &url, timeout, token).map(|b| pretty(&b))
 }
 
 pub fn list_savepoints(base: &str) -> Result<String, OpsError> {
@@ -78,15 +90,21 @@ pub fn list_savepoints(base: &str) -> Result<String, OpsError> {
         "GET",
         &format!("{base}/api/savepoints"),
         Duration::from_secs(10),
+        None,
     )
     .map(|b| pretty(&b))
 }
 
-pub fn delete_savepoint(base: &str, name: &str) -> Result<String, OpsError> {
+pub fn delete_savepoint(
+    base: &str,
+    name: &str,
+    token: Option<&AdminToken>,
+) -> Result<String, OpsError> {
     call(
         "DELETE",
         &format!("{base}/api/savepoints/{}", query_name(name)),
         Duration::from_secs(10),
+        token,
     )
     .map(|_| format!("deleted savepoint {name}"))
 }
@@ -97,13 +115,14 @@ pub fn stop(
     base: &str,
     savepoint: Option<Option<&str>>,
     wait: Duration,
+    token: Option<&AdminToken>,
 ) -> Result<String, OpsError> {
     let url = match savepoint {
         None => format!("{base}/api/stop"),
         Some(None) => format!("{base}/api/stop?savepoint"),
         Some(Some(n)) => format!("{base}/api/stop?savepoint={}", query_name(n)),
     };
-    let body = call("POST", &url, wait)?;
+    let body = call("POST", &url, wait, token)?;
     let deadline = Instant::now() + wait;
     let health = format!("{base}/healthz");
     while Instant::now() < deadline {
@@ -122,7 +141,7 @@ pub fn stop(
 /// A container health check: GETs `url` (the instance's `/healthz`, or `/readyz`) and
 /// answers with its body when the status is 2xx, else an error naming the status.
 pub fn probe(url: &str, timeout: Duration) -> Result<String, OpsError> {
-    call("GET", url, timeout).map(|body| {
+    call("GET", url, timeout, None).map(|body| {
         let body = body.trim();
         if body.is_empty() {
             "ok".to_string()

@@ -42,6 +42,7 @@ use crate::config::{duration_ms, CheckpointMode, Settings, StateScope};
 use crate::engine::{Decoder, EngineConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimit;
 use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
 use crate::store::{writer, Checkpoints, Retention};
@@ -80,6 +81,8 @@ pub async fn run(
     for w in settings.warnings() {
         tracing::warn!("{w}");
     }
+    // before anything is opened: a start without its token goes no further
+    let admin_token = http::auth::AdminToken::load(&settings.http)?;
     let metrics = Arc::new(Metrics::new());
     metrics
         .checkpoint_interval
@@ -141,6 +144,8 @@ pub async fn run(
         store: store.clone(),
         commands: commands_tx,
         restored_from: restored.describe(),
+        admin_token,
+        refused_log: std::sync::Mutex::new(RateLimit::new(http::REFUSED_LOG_EVERY)),
     });
     let addr = http::serve(settings.http.listen, admin.clone()).await?;
     tracing::info!(%addr, "http listening");
