@@ -179,7 +179,7 @@ fn release_freed_memory() -> (u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = before;
     let mut steady = 0;
-    // freed memory goes back after the allocator's decay time (one second dirty, one muzzy),
+    // freed memory goes back after the allocator's decay time (one second),
     // a little at a time: wait until two seconds in a row gave back less than 8 MiB
     while Instant::now() < deadline && steady < 2 {
         std::thread::sleep(Duration::from_secs(1));
