@@ -197,6 +197,13 @@ pub struct CheckpointSettings {
     /// Complete checkpoints kept restorable; older ones are removed.
     #[serde(default = "default_retained")]
     pub retained: usize,
+    /// Savepoints taken without a name that are kept; older ones are removed (named ones stay
+    /// until deleted).
+    #[serde(default = "default_retained_unnamed_savepoints")]
+    pub retained_unnamed_savepoints: usize,
+    /// Savepoints operators may ask for in a minute; more are refused (429).
+    #[serde(default = "default_savepoints_per_minute")]
+    pub savepoints_per_minute: u32,
     /// What a graceful stop does with the checkpoints.
     #[serde(default)]
     pub on_cancel: OnCancel,
@@ -216,6 +223,14 @@ pub struct CheckpointSettings {
     /// Bound of the store's page cache (sled's `cache_capacity`), e.g. `64 MiB`.
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: bytesize::ByteSize,
+}
+
+fn default_retained_unnamed_savepoints() -> usize {
+    5
+}
+
+fn default_savepoints_per_minute() -> u32 {
+    6
 }
 
 fn default_cache_capacity() -> bytesize::ByteSize {
@@ -566,6 +581,18 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "checkpoint.history",
                 "must be at least 1",
+            ));
+        }
+        if c.retained_unnamed_savepoints == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.retained_unnamed_savepoints",
+                "must be at least 1: a savepoint taken without a name would be removed as soon as it is made",
+            ));
+        }
+        if c.savepoints_per_minute == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.savepoints_per_minute",
+                "must be at least 1 (every savepoint would be refused)",
             ));
         }
         if c.shutdown_timeout.is_zero() {
@@ -950,6 +977,18 @@ checkpoint:
         assert_eq!(s.watermark.max_future_skew, Duration::from_secs(600));
         let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "0s")]);
         assert!(text.contains("watermark.max_future_skew"), "{text}");
+    }
+
+    #[test]
+    fn savepoint_limits_default_to_five_unnamed_kept_and_six_a_minute_and_are_never_zero() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.checkpoint.retained_unnamed_savepoints, 5);
+        assert_eq!(s.checkpoint.savepoints_per_minute, 6);
+        for key in ["retained_unnamed_savepoints", "savepoints_per_minute"] {
+            let var = format!("CHECKPOINTER_CHECKPOINT__{}", key.to_uppercase());
+            let text = err_text(BASE, &[(var.as_str(), "0")]);
+            assert!(text.contains(&format!("checkpoint.{key}")), "{text}");
+        }
     }
 
     #[test]

@@ -88,6 +88,11 @@ impl Scheduler {
         self.in_flight.len()
     }
 
+    /// Whether another checkpoint may start now (`max_concurrent`).
+    pub fn has_room(&self) -> bool {
+        self.in_flight.len() < self.settings.max_concurrent as usize
+    }
+
     /// Whether a periodic checkpoint is due at `now`.
     pub fn due(&self, now: Duration) -> bool {
         let s = &self.settings;

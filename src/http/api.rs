@@ -43,6 +43,17 @@ fn command_error(e: CommandError) -> Response {
         CommandError::Conflict(_) => StatusCode::CONFLICT,
         CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         CommandError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        CommandError::TooMany(_, after) => {
+            // whole seconds, rounded up
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, &e);
+            if let Ok(value) = secs.max(1).to_string().parse() {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+            return response;
+        }
     };
     error(status, e)
 }

@@ -55,6 +55,9 @@ pub enum CommandError {
     Unavailable(String),
     #[error("{0}")]
     Failed(String),
+    /// Too many requests: ask again after the duration.
+    #[error("{0}")]
+    TooMany(String, std::time::Duration),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;

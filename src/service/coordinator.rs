@@ -1,7 +1,9 @@
 //! The checkpoint coordinator: owns the scheduler, the attempts in flight, the link to the
 //! store's writer and the savepoint requests. It triggers checkpoints from the engine's
 //! snapshots, settles their outcomes (history, metrics, requesters) and tells the pipeline
-//! what followed: a durable checkpoint to act on, or a failure.
+//! what followed: a durable checkpoint to act on, or a failure. Savepoints operators ask for
+//! pass its `SavepointGate` (one at a time, a bound per minute) and may wait, queued, for a
+//! checkpoint in flight to make room (`checkpoint.max_concurrent`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use crate::board::StatusBoard;
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint::protocol::meta_of;
+use crate::checkpoint::savepoints::{self, Admission, SavepointGate};
 use crate::checkpoint::scheduler::Trigger;
 use crate::checkpoint::{Checkpoint, Scheduler, StateSpec};
 use crate::checkpoint_id::CheckpointId;
@@ -95,6 +98,10 @@ pub(crate) struct CoordinatorConfig {
     pub dir: PathBuf,
     /// What the service restored at start, for the message of a fatal failure.
     pub restored_from: String,
+    /// `checkpoint.retained_unnamed_savepoints`.
+    pub retained_unnamed_savepoints: usize,
+    /// `checkpoint.savepoints_per_minute`.
+    pub savepoints_per_minute: u32,
 }
 
 pub(crate) struct Coordinator {
@@ -108,6 +115,9 @@ pub(crate) struct Coordinator {
     last_durable: Option<CheckpointId>,
     metrics: Arc<Metrics>,
     board: Arc<StatusBoard>,
+    gate: SavepointGate,
+    /// A savepoint admitted while no checkpoint could start, taken once one can.
+    queued: Option<SavepointRequest>,
 }
 
 impl Coordinator {
@@ -123,6 +133,8 @@ impl Coordinator {
         board: Arc<StatusBoard>,
     ) -> Self {
         Coordinator {
+            gate: SavepointGate::new(config.savepoints_per_minute),
+            queued: None,
             config,
             scheduler,
             spec,
@@ -176,7 +188,7 @@ impl Coordinator {
 
     /// The name of an unnamed savepoint taken next.
     pub(crate) fn default_savepoint_name(&self) -> String {
-        format!("savepoint-{}", self.scheduler.peek_next_id())
+        savepoints::unnamed_name(self.scheduler.peek_next_id())
     }
 
     /// Refuses a savepoint name that is invalid, taken, or being taken.
@@ -185,7 +197,9 @@ impl Coordinator {
         let in_flight = self
             .in_flight
             .values()
-            .any(|f| f.savepoint.as_ref().is_some_and(|r| r.name == name));
+            .filter_map(|f| f.savepoint.as_ref())
+            .chain(self.queued.as_ref())
+            .any(|r| r.name == name);
         let exists = match self.store.savepoint(name) {
             Ok(_) => true,
             Err(StoreError::NoSuchSavepoint { .. }) => false,
@@ -200,7 +214,15 @@ impl Coordinator {
         Ok(())
     }
 
-    /// A savepoint asked for over HTTP: checked, then triggered.
+    /// Refuses a name an operator gave that is invalid, taken, or of the form unnamed
+    /// savepoints take.
+    pub(crate) fn check_given_savepoint_name(&self, name: &str) -> Result<(), CommandError> {
+        savepoints::check_given_name(name).map_err(CommandError::BadRequest)?;
+        self.check_savepoint_name(name)
+    }
+
+    /// A savepoint asked for over HTTP: checked, admitted by the gate, then triggered now or
+    /// once a checkpoint in flight makes room.
     pub(crate) fn request_savepoint(
         &mut self,
         engine: &mut Engine,
@@ -208,12 +230,63 @@ impl Coordinator {
         reply: Reply<SavepointMeta>,
     ) {
         let waiter = SavepointWaiter::Trigger(reply);
-        let name = name.unwrap_or_else(|| self.default_savepoint_name());
-        if let Err(e) = self.check_savepoint_name(&name) {
-            waiter.fail(e);
+        if let Some(given) = &name {
+            if let Err(e) = self.check_given_savepoint_name(given) {
+                waiter.fail(e);
+                return;
+            }
+        }
+        let busy = self.queued.is_some() || self.in_flight.values().any(|f| f.savepoint.is_some());
+        match self.gate.admit(self.now(), busy, self.scheduler.has_room()) {
+            Admission::Refused {
+                reason,
+                retry_after,
+            } => {
+                tracing::info!(%reason, "savepoint refused");
+                waiter.fail(CommandError::TooMany(reason, retry_after));
+            }
+            Admission::Now => {
+                let name = name.unwrap_or_else(|| self.default_savepoint_name());
+                self.trigger(engine, Some(SavepointRequest { name, waiter }));
+            }
+            Admission::Queued => {
+                tracing::info!(
+                    in_flight = self.scheduler.in_flight(),
+                    "savepoint queued until a checkpoint in flight completes (checkpoint.max_concurrent)"
+                );
+                // named when taken: an unnamed one takes the id it is written under
+                self.queued = Some(SavepointRequest {
+                    name: name.unwrap_or_default(),
+                    waiter,
+                });
+            }
+        }
+    }
+
+    /// Takes the queued savepoint once a checkpoint can start.
+    pub(crate) fn trigger_queued(&mut self, engine: &mut Engine) {
+        if self.queued.is_none() || !self.scheduler.has_room() {
             return;
         }
-        self.trigger(engine, Some(SavepointRequest { name, waiter }));
+        if let Some(mut request) = self.queued.take() {
+            if request.name.is_empty() {
+                request.name = self.default_savepoint_name();
+            } else if let Err(e) = self.check_savepoint_name(&request.name) {
+                // taken meanwhile
+                request.waiter.fail(e);
+                return;
+            }
+            self.trigger(engine, Some(request));
+        }
+    }
+
+    /// The queued savepoint will not be taken: the service stops.
+    pub(crate) fn drop_queued(&mut self) {
+        if let Some(request) = self.queued.take() {
+            request.waiter.fail(CommandError::Unavailable(
+                "the service is stopping; the savepoint was not taken (a stop with --savepoint takes one as its last act)".to_string(),
+            ));
+        }
     }
 
     /// Takes a snapshot and hands it to the writer, as a savepoint if asked. Returns the id.
@@ -252,10 +325,15 @@ impl Coordinator {
         }
         self.board.history().push(record.clone());
         let abandoned = Arc::new(AtomicBool::new(false));
+        let keep_unnamed = savepoint
+            .as_ref()
+            .filter(|r| savepoints::unnamed_id(&r.name).is_some())
+            .map(|_| self.config.retained_unnamed_savepoints);
         let job = WriteJob {
             checkpoint: cp,
             record,
             savepoint: savepoint.as_ref().map(|r| r.name.clone()),
+            keep_unnamed,
             started,
             abandoned: abandoned.clone(),
         };

@@ -236,6 +236,8 @@ pub async fn run(
             timeout: c.timeout,
             dir: c.dir.clone(),
             restored_from: restored.describe(),
+            retained_unnamed_savepoints: c.retained_unnamed_savepoints,
+            savepoints_per_minute: c.savepoints_per_minute,
         },
         Scheduler::new(
             SchedulerSettings {

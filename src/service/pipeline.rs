@@ -282,6 +282,8 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         for expired in self.coordinator.expire()? {
             self.on_settled(expired);
         }
+        // an operator's savepoint waiting for room goes before the periodic checkpoint
+        self.coordinator.trigger_queued(&mut self.engine);
         if self.coordinator.due() {
             self.coordinator.trigger(&mut self.engine, None);
         }
@@ -385,7 +387,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 reply,
             } => {
                 if let Some(n) = &name {
-                    if let Err(e) = self.coordinator.check_savepoint_name(n) {
+                    if let Err(e) = self.coordinator.check_given_savepoint_name(n) {
                         let _ = reply.send(Err(e));
                         return;
                     }
@@ -462,6 +464,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         self.shared.set_closing();
         self.status.stopping();
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        self.coordinator.drop_queued();
         let mut savepoint = self.stop.take().and_then(|s| s.savepoint);
         let mut sequence = StopSequence::new(savepoint.as_ref().map(|(name, _)| name.clone()));
         loop {

@@ -41,6 +41,8 @@ struct Options {
     changelog: bool,
     tolerable_failures: u32,
     max_pending_windows: usize,
+    retained_unnamed_savepoints: usize,
+    savepoints_per_minute: u32,
 }
 
 impl Default for Options {
@@ -50,6 +52,8 @@ impl Default for Options {
             changelog: false,
             tolerable_failures: 3,
             max_pending_windows: 1_000_000,
+            retained_unnamed_savepoints: 5,
+            savepoints_per_minute: 6,
         }
     }
 }
@@ -81,6 +85,8 @@ impl Rig {
                 timeout: Duration::from_secs(60),
                 dir: "memory".into(),
                 restored_from: "nothing (empty start)".to_string(),
+                retained_unnamed_savepoints: options.retained_unnamed_savepoints,
+                savepoints_per_minute: options.savepoints_per_minute,
             },
             Scheduler::new(
                 SchedulerSettings {
@@ -539,4 +545,73 @@ async fn an_output_backlog_past_its_bound_pauses_consumption_until_acknowledged_
     let mut users = rig.emitted_users();
     users.sort();
     assert_eq!(users, vec!["a", "b", "c"]);
+}
+
+/// Asks for a savepoint as the HTTP API does; the answer arrives on the receiver.
+fn ask_savepoint(
+    rig: &mut Rig,
+    name: Option<&str>,
+) -> oneshot::Receiver<Result<crate::store::SavepointMeta, CommandError>> {
+    let (reply, answer) = oneshot::channel();
+    rig.pipeline.on_command(Command::Savepoint {
+        name: name.map(String::from),
+        reply,
+    });
+    answer
+}
+
+#[tokio::test]
+async fn operator_savepoints_wait_for_room_come_one_at_a_time_and_only_the_newest_unnamed_stay() {
+    let mut rig = Rig::new(Options {
+        retained_unnamed_savepoints: 2,
+        savepoints_per_minute: 4,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    // checkpoint 1 is in flight and max_concurrent is 1: the savepoint waits for room
+    let mut first = ask_savepoint(&mut rig, None);
+    assert!(first.try_recv().is_err(), "answered before it was taken");
+    // one at a time: another one meanwhile is refused, asked to come back
+    let second = ask_savepoint(&mut rig, Some("meanwhile"));
+    match second.await.expect("answered") {
+        Err(CommandError::TooMany(reason, _)) => assert!(reason.contains("already"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    rig.settle().await.expect("checkpoint 1");
+    // the next tick takes the queued savepoint before any periodic checkpoint
+    rig.tick();
+    rig.settle().await.expect("the savepoint");
+    let meta = first.await.expect("answered").expect("taken");
+    assert_eq!(meta.name, "savepoint-2");
+    assert_eq!(meta.checkpoint_id, CheckpointId(2));
+    // a given name of the unnamed form is refused
+    match ask_savepoint(&mut rig, Some("savepoint-9"))
+        .await
+        .expect("answered")
+    {
+        Err(CommandError::BadRequest(reason)) => assert!(reason.contains("unnamed"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // three more: a named one and two unnamed; then the per-minute bound refuses the fifth
+    for name in [Some("keep"), None, None] {
+        let answer = ask_savepoint(&mut rig, name);
+        rig.settle().await.expect("the savepoint");
+        answer.await.expect("answered").expect("taken");
+    }
+    match ask_savepoint(&mut rig, None).await.expect("answered") {
+        Err(CommandError::TooMany(reason, retry_after)) => {
+            assert!(
+                reason.contains("checkpoint.savepoints_per_minute"),
+                "{reason}"
+            );
+            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(60));
+        }
+        other => panic!("{other:?}"),
+    }
+    // the two newest unnamed ones stay, and the named one
+    let mut names = rig.store.savepoint_names().expect("names");
+    names.sort();
+    assert_eq!(names, vec!["keep", "savepoint-4", "savepoint-5"]);
 }

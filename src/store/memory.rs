@@ -122,6 +122,20 @@ impl Checkpoints for MemoryStore {
             })
     }
 
+    fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.inner).savepoints.keys().cloned().collect())
+    }
+
+    fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        lock(&self.inner)
+            .savepoints
+            .remove(name)
+            .ok_or_else(|| StoreError::NoSuchSavepoint {
+                name: name.to_string(),
+                path: Self::path(),
+            })
+    }
+
     fn delete_checkpoints(&self) -> Result<usize, StoreError> {
         let mut inner = lock(&self.inner);
         let n = inner.written.len();

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{SavepointMeta, Store, StoreError, WriteRequest, WriteStats};
 use crate::checkpoint::history::CheckpointRecord;
 use crate::checkpoint::protocol::Checkpoint;
+use crate::checkpoint::savepoints::unnamed_to_drop;
 use crate::checkpoint_id::CheckpointId;
 
 /// What the running service asks of the checkpoint store: write a checkpoint, record a failed
@@ -26,6 +27,10 @@ pub trait Checkpoints: Send + Sync + 'static {
     fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError>;
     /// The savepoint of this name, if there is one.
     fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
+    /// The names of the savepoints held.
+    fn savepoint_names(&self) -> Result<Vec<String>, StoreError>;
+    /// Deletes a savepoint.
+    fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
     /// Deletes every checkpoint (savepoints stay); returns how many.
     fn delete_checkpoints(&self) -> Result<usize, StoreError>;
     /// Ids of the retained checkpoints.
@@ -44,6 +49,12 @@ impl Checkpoints for Store {
     fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
         Store::savepoint(self, name)
     }
+    fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
+        Store::savepoint_names(self)
+    }
+    fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        Store::delete_savepoint(self, name)
+    }
     fn delete_checkpoints(&self) -> Result<usize, StoreError> {
         Store::delete_checkpoints(self)
     }
@@ -59,6 +70,9 @@ pub struct WriteJob {
     pub checkpoint: Checkpoint,
     pub record: CheckpointRecord,
     pub savepoint: Option<String>,
+    /// For an unnamed savepoint: how many unnamed savepoints to keep once it is durable (the
+    /// oldest others are deleted).
+    pub keep_unnamed: Option<usize>,
     pub started: Instant,
     /// Set when the checkpoint was abandoned (timeout) before the writer reached it.
     pub abandoned: Arc<AtomicBool>,
@@ -91,6 +105,31 @@ pub enum WriteOutcome {
         id: CheckpointId,
         reason: String,
     },
+}
+
+/// Deletes the oldest unnamed savepoints beyond the newest `keep`
+/// (`checkpoint.retained_unnamed_savepoints`); a failure is logged and retried with the next
+/// unnamed savepoint.
+fn drop_unnamed_savepoints(store: &dyn Checkpoints, keep: usize) {
+    let names = match store.savepoint_names() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list savepoints to remove the oldest unnamed ones");
+            return;
+        }
+    };
+    for name in unnamed_to_drop(&names, keep) {
+        match store.delete_savepoint(&name) {
+            Ok(_) => tracing::info!(
+                savepoint = %name,
+                retained_unnamed_savepoints = keep,
+                "removed the oldest unnamed savepoint"
+            ),
+            Err(e) => {
+                tracing::warn!(savepoint = %name, error = %e, "cannot remove an unnamed savepoint")
+            }
+        }
+    }
 }
 
 /// Starts the writer task. Jobs are carried out in the order they are sent.
@@ -127,17 +166,22 @@ pub fn spawn(
                         checkpoint,
                         record,
                         savepoint,
+                        keep_unnamed,
                         started,
                         ..
                     } = *job;
-                    store
+                    let written = store
                         .write(&WriteRequest {
                             checkpoint: &checkpoint,
                             record,
                             savepoint,
                             started,
                         })
-                        .map(|s| (s, started.elapsed(), checkpoint))
+                        .map(|s| (s, started.elapsed(), checkpoint));
+                    if let (Ok(_), Some(keep)) = (&written, keep_unnamed) {
+                        drop_unnamed_savepoints(&*store, keep);
+                    }
+                    written
                 })
                 .await;
                 match result {
