@@ -225,6 +225,9 @@ pub struct CheckpointSettings {
     pub cache_capacity: bytesize::ByteSize,
 }
 
+/// The least `state.max_memory` accepted.
+const MIN_MAX_MEMORY: u64 = 16 << 20;
+
 fn default_retained_unnamed_savepoints() -> usize {
     5
 }
@@ -257,6 +260,10 @@ pub struct StateSettings {
     /// an instance taking over a partition restores its state (needs `scope: partition`).
     #[serde(default)]
     pub changelog_topic: Option<String>,
+    /// Resident memory past which consumption pauses until it fell below 90% of it; unset:
+    /// 80% of the container's memory limit, if it has one.
+    #[serde(default)]
+    pub max_memory: Option<bytesize::ByteSize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -527,6 +534,16 @@ impl Settings {
                     "{} is too small for the store's page cache; give at least 1 MiB (default 64 MiB)",
                     self.checkpoint.cache_capacity
                 ),
+            ));
+        }
+        if self
+            .state
+            .max_memory
+            .is_some_and(|m| m.as_u64() < MIN_MAX_MEMORY)
+        {
+            return Err(ConfigError::invalid(
+                "state.max_memory",
+                "must be at least 16 MiB: the process needs about that to start",
             ));
         }
         if self.aggregates.is_empty() {

@@ -14,6 +14,7 @@ pub mod generator;
 pub mod http;
 pub mod kafka_log;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod position;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub checkpoint_interval: Gauge,
     pub build_info: IntGaugeVec,
     pub admin_refused: IntCounterVec,
+    pub memory_resident: IntGauge,
+    pub memory_limit: IntGauge,
 }
 
 /// The registry being filled, and the names registered in it (kept because the exposition
@@ -200,6 +202,8 @@ impl Metrics {
             checkpoint_interval: gauge(&r, "checkpointer_checkpoint_interval_seconds", "The configured checkpoint.interval (alert rules compare checkpoint age with it)."),
             build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
             admin_refused,
+            memory_resident: int_gauge(&r, "checkpointer_memory_resident_bytes", "The process's resident memory (VmRSS), read every quarter second."),
+            memory_limit: int_gauge(&r, "checkpointer_memory_limit_bytes", "Resident memory past which consumption pauses (state.max_memory, or 80% of the container's limit); 0: no limit."),
             names: r.names.take(),
             registry: r.registry,
         }

@@ -906,6 +906,11 @@ fn the_kubernetes_example_configuration_is_valid() {
             && manifest.contains("items: [{ key: token, path: checkpointer-admin-token }]"),
         "the admin token is not mounted where the pod names it"
     );
+    // a memory limit for the memory guard (80% of it) to follow
+    assert!(
+        manifest.contains("limits: { memory: "),
+        "the pod has no memory limit"
+    );
     // listening on all interfaces needs the token: a file stands in for the secret
     let secret = tempfile::NamedTempFile::new().expect("token file");
     std::fs::write(secret.path(), "0123456789abcdef0123456789abcdef").expect("token");

@@ -350,6 +350,17 @@ fn image_and_compose_settings_pass_the_configuration_check() {
         "the health check's default URL is the baked listen port"
     );
 
+    // a memory limit, so that the memory guard (80% of it by default) pauses before the kernel
+    // kills the container
+    assert!(
+        service["mem_limit"].as_str().is_some(),
+        "the checkpointer service has no mem_limit"
+    );
+    assert!(
+        shown["state"]["max_memory"].is_null(),
+        "the guard follows the container's limit unless set"
+    );
+
     // docker stops a container after its grace period: the final checkpoint must fit in it
     let shutdown = duration(
         shown["checkpoint"]["shutdown_timeout"]

@@ -6,11 +6,14 @@
 //!   up; consumption resumes once no checkpoint in flight is that old;
 //! - more final windows wait for the output than `output.max_pending_windows` (the output
 //!   is slower than the input): consumption resumes once they fell to half the bound (not at
-//!   the bound, so that it does not pause and resume at every acknowledgement).
+//!   the bound, so that it does not pause and resume at every acknowledgement);
+//! - the process's resident memory passed `state.max_memory`: consumption resumes once it fell
+//!   below 90% of it (the final windows waiting drain through checkpoints and the output, and
+//!   the allocator gives their memory back).
 //!
-//! Pure: the pipeline feeds it the age of the oldest checkpoint in flight and the final
-//! windows not acknowledged by the output, and carries out what it decides (pausing and
-//! resuming the assigned partitions, the metric, the log).
+//! Pure: the pipeline feeds it the age of the oldest checkpoint in flight, the final windows
+//! not acknowledged by the output and the resident memory it last read, and carries out what
+//! it decides (pausing and resuming the assigned partitions, the metric, the log).
 
 use std::time::Duration;
 
@@ -23,6 +26,8 @@ pub(crate) enum Cause {
     Checkpoint { id: CheckpointId, age: Duration },
     /// `pending` final windows wait for the output, more than the bound.
     Output { pending: usize, bound: usize },
+    /// `resident` bytes are resident, more than `limit` (`state.max_memory`).
+    Memory { resident: u64, limit: u64 },
 }
 
 /// What changed at an evaluation.
@@ -47,6 +52,12 @@ pub(crate) struct Backpressure {
     engaged_at: Option<Duration>,
     /// The output's backlog went past the bound and has not fallen to half of it yet.
     backlog: bool,
+    /// Resident bytes past which consumption pauses (`state.max_memory`).
+    max_memory: Option<u64>,
+    /// The resident bytes last read.
+    resident: Option<u64>,
+    /// The resident memory went past the limit and has not fallen below 90% of it yet.
+    over_memory: bool,
 }
 
 impl Backpressure {
@@ -56,11 +67,30 @@ impl Backpressure {
             max_pending,
             engaged_at: None,
             backlog: false,
+            max_memory: None,
+            resident: None,
+            over_memory: false,
         }
+    }
+
+    /// Pauses consumption while more than `limit` bytes are resident.
+    pub(crate) fn with_memory_limit(mut self, limit: Option<u64>) -> Self {
+        self.max_memory = limit;
+        self
+    }
+
+    /// The resident memory read now; the next evaluation judges it.
+    pub(crate) fn observe_resident(&mut self, bytes: u64) {
+        self.resident = Some(bytes);
     }
 
     pub(crate) fn engaged(&self) -> bool {
         self.engaged_at.is_some()
+    }
+
+    /// Whether the memory limit holds consumption paused.
+    pub(crate) fn over_memory(&self) -> bool {
+        self.over_memory
     }
 
     /// Decides from the oldest checkpoint in flight (its id and age) and the final windows not
@@ -85,7 +115,24 @@ impl Backpressure {
             pending,
             bound: self.max_pending,
         });
-        match (self.engaged_at, late.or(backlog)) {
+        // likewise, past the memory limit the pause holds until 90% of it
+        let memory = match (self.max_memory, self.resident) {
+            (Some(limit), Some(resident)) => {
+                let over = if self.over_memory {
+                    limit / 10 * 9
+                } else {
+                    limit
+                };
+                self.over_memory = resident > over;
+                self.over_memory
+                    .then_some(Cause::Memory { resident, limit })
+            }
+            _ => {
+                self.over_memory = false;
+                None
+            }
+        };
+        match (self.engaged_at, late.or(backlog).or(memory)) {
             (None, Some(cause)) => {
                 self.engaged_at = Some(now);
                 Change::Engage(cause)
@@ -106,6 +153,55 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn resident_memory_past_the_limit_pauses_until_it_fell_below_nine_tenths() {
+        let mut b = Backpressure::new(2 * S, 0).with_memory_limit(Some(1000));
+        // nothing read yet
+        assert_eq!(b.evaluate(None, 0, S), Change::Same);
+        b.observe_resident(1000);
+        assert_eq!(b.evaluate(None, 0, 2 * S), Change::Same);
+        b.observe_resident(1001);
+        assert_eq!(
+            b.evaluate(None, 0, 3 * S),
+            Change::Engage(Cause::Memory {
+                resident: 1001,
+                limit: 1000
+            })
+        );
+        assert!(b.over_memory());
+        // back under the limit but not under 90% of it: still paused
+        b.observe_resident(950);
+        assert_eq!(b.evaluate(None, 0, 4 * S), Change::Same);
+        assert!(b.engaged());
+        b.observe_resident(899);
+        assert_eq!(
+            b.evaluate(None, 0, 6 * S),
+            Change::Release { paused: 3 * S }
+        );
+        assert!(!b.over_memory());
+        // without a limit, memory never pauses
+        let mut b = Backpressure::new(2 * S, 0);
+        b.observe_resident(u64::MAX);
+        assert_eq!(b.evaluate(None, 0, S), Change::Same);
+    }
+
+    #[test]
+    fn a_pause_for_memory_and_a_slow_checkpoint_ends_when_both_are_over() {
+        let mut b = Backpressure::new(2 * S, 0).with_memory_limit(Some(1000));
+        b.observe_resident(2000);
+        assert!(matches!(
+            b.evaluate(Some((CheckpointId(1), 3 * S)), 0, S),
+            Change::Engage(Cause::Checkpoint { .. })
+        ));
+        // the checkpoint completed, memory is still high
+        assert_eq!(b.evaluate(None, 0, 2 * S), Change::Same);
+        b.observe_resident(500);
+        assert_eq!(
+            b.evaluate(None, 0, 3 * S),
+            Change::Release { paused: 2 * S }
+        );
+    }
 
     #[test]
     fn a_checkpoint_older_than_the_limit_pauses_until_none_is() {

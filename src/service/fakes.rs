@@ -129,3 +129,19 @@ impl ChangelogIo for FakeChangelog {
         Ok(HashMap::new())
     }
 }
+
+/// A resident set the test sets (0: unknown).
+#[derive(Default)]
+pub(crate) struct FakeMemory(std::sync::atomic::AtomicU64);
+
+impl FakeMemory {
+    pub(crate) fn set(&self, bytes: u64) {
+        self.0.store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl crate::memory::Resident for FakeMemory {
+    fn resident_bytes(&self) -> Option<u64> {
+        Some(self.0.load(std::sync::atomic::Ordering::SeqCst)).filter(|b| *b > 0)
+    }
+}

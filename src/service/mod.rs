@@ -41,6 +41,7 @@ use crate::checkpoint::{Scheduler, SchedulerSettings};
 use crate::config::{duration_ms, CheckpointMode, Settings, StateScope};
 use crate::engine::{Decoder, EngineConfig};
 use crate::http::{self, AdminState};
+use crate::memory::{self, ProcessMemory};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 use crate::sink::{Sink, SinkSettings};
@@ -266,6 +267,23 @@ pub async fn run(
         board.clone(),
         metrics.clone(),
     );
+    let container = memory::container_limit();
+    let max_memory =
+        memory::effective_limit(settings.state.max_memory.map(|m| m.as_u64()), container);
+    match (max_memory, settings.state.max_memory, container) {
+        (Some(limit), Some(_), _) => {
+            tracing::info!(
+                max_memory_mib = limit >> 20,
+                "memory guard: state.max_memory"
+            )
+        }
+        (Some(limit), None, Some(c)) => tracing::info!(
+            max_memory_mib = limit >> 20,
+            container_limit_mib = c >> 20,
+            "memory guard: 80% of the container's memory limit (state.max_memory is not set)"
+        ),
+        _ => tracing::info!("memory guard off: no state.max_memory and no container memory limit"),
+    }
     let pipeline = Pipeline::new(Parts {
         config: PipelineConfig {
             auto_offset_reset: k.auto_offset_reset,
@@ -275,6 +293,7 @@ pub async fn run(
             max_pending_windows: usize::try_from(settings.output.max_pending_windows)
                 .unwrap_or(usize::MAX),
             max_future_skew_ms: duration_ms(settings.watermark.max_future_skew),
+            max_memory,
         },
         engine,
         decoder: Decoder::new(
@@ -289,6 +308,7 @@ pub async fn run(
         output: sink,
         metrics,
         shared: shared.clone(),
+        memory: Arc::new(ProcessMemory),
     });
     let inbox = Inbox {
         outcomes,

@@ -24,6 +24,7 @@ use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel};
 use crate::engine::{Decoder, Engine, Outcome, StateKey};
 use crate::http::{Command, Reply};
+use crate::memory::Resident;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 use crate::ratelimit::RateLimit;
@@ -48,7 +49,13 @@ pub(crate) struct PipelineConfig {
     pub max_pending_windows: usize,
     /// `watermark.max_future_skew`, in milliseconds.
     pub max_future_skew_ms: i64,
+    /// Resident bytes past which consumption pauses (`state.max_memory`, or the default share
+    /// of the container's limit); `None`: no limit.
+    pub max_memory: Option<u64>,
 }
+
+/// How often the resident memory is read.
+const MEMORY_READ_EVERY: Duration = Duration::from_millis(250);
 
 /// A stop asked for over HTTP, with the savepoint to take as its last act (name or default)
 /// and its requester.
@@ -77,6 +84,10 @@ pub(crate) struct Pipeline<C, O> {
     /// The clock back-pressure is judged on.
     started: std::time::Instant,
     stop: Option<StopRequest>,
+    /// The process's resident memory, for the memory limit and its gauge.
+    memory: Arc<dyn Resident>,
+    /// When it was last read.
+    memory_read: Option<std::time::Instant>,
 }
 
 /// The parts a pipeline is made of.
@@ -91,6 +102,7 @@ pub(crate) struct Parts<C, O> {
     pub output: O,
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
+    pub memory: Arc<dyn Resident>,
 }
 
 impl<C: Assignments, O: Output> Pipeline<C, O> {
@@ -100,7 +112,12 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         let backpressure = Backpressure::new(
             parts.coordinator.interval(),
             parts.config.max_pending_windows,
-        );
+        )
+        .with_memory_limit(parts.config.max_memory);
+        parts
+            .metrics
+            .memory_limit
+            .set(parts.config.max_memory.map_or(0, |m| m as i64));
         let mut pipeline = Pipeline {
             config: parts.config,
             engine: parts.engine,
@@ -119,6 +136,8 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             backpressure_log: RateLimit::new(ERROR_LOG_EVERY),
             started: std::time::Instant::now(),
             stop: None,
+            memory: parts.memory,
+            memory_read: None,
         };
         // windows the restored checkpoint holds as final were durable there: send them again
         pipeline.emit();
@@ -282,6 +301,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         for expired in self.coordinator.expire()? {
             self.on_settled(expired);
         }
+        self.read_memory();
         // an operator's savepoint waiting for room goes before the periodic checkpoint
         self.coordinator.trigger_queued(&mut self.engine);
         if self.coordinator.due() {
@@ -309,6 +329,21 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
 
     /// Pauses consumption while a checkpoint has been writing for longer than the interval or
     /// the output's backlog is past its bound, and resumes it once neither is.
+    /// Reads the resident memory when it is due, for back-pressure and the gauge.
+    fn read_memory(&mut self) {
+        if self
+            .memory_read
+            .is_some_and(|at| at.elapsed() < MEMORY_READ_EVERY)
+        {
+            return;
+        }
+        self.memory_read = Some(std::time::Instant::now());
+        if let Some(bytes) = self.memory.resident_bytes() {
+            self.backpressure.observe_resident(bytes);
+            self.metrics.memory_resident.set(bytes as i64);
+        }
+    }
+
     fn apply_backpressure(&mut self) {
         let change = self.backpressure.evaluate(
             self.coordinator.oldest_in_flight(),
@@ -324,6 +359,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                     match cause {
                         Cause::Checkpoint { id, age } => tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)"),
                         Cause::Output { pending, bound } => tracing::warn!(pending_windows = pending, max_pending_windows = bound, suppressed, "back-pressure: more final windows wait for the output than output.max_pending_windows; consumption is paused until half of them are acknowledged (checkpointer_backpressure)"),
+                        Cause::Memory { resident, limit } => tracing::warn!(resident_mib = resident >> 20, max_memory_mib = limit >> 20, pending_windows = self.engine.pending_emissions(), open_windows = self.engine.open_windows(), suppressed, "back-pressure: the process's resident memory passed state.max_memory; consumption is paused until it is below 90% of it, and the service is not ready meanwhile (checkpointer_backpressure)"),
                     }
                 }
             }
@@ -339,6 +375,26 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 );
             }
         }
+        // not ready while memory holds consumption paused
+        let why = self.memory_pause_reason();
+        let resumed = why.is_none();
+        if self.status.set_memory_pause(why) {
+            if resumed {
+                tracing::info!("resident memory is below 90% of state.max_memory again");
+            }
+            self.refresh_readiness();
+        }
+    }
+
+    /// The `/readyz` reason while memory holds consumption paused.
+    fn memory_pause_reason(&self) -> Option<String> {
+        let limit = self.config.max_memory?;
+        self.backpressure.over_memory().then(|| {
+            format!(
+                "consumption paused: resident memory passed state.max_memory ({} MiB); it resumes below 90% of it",
+                limit >> 20
+            )
+        })
     }
 
     /// Pauses the assigned partitions not paused yet (every assigned one if `all`).

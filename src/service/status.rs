@@ -12,11 +12,14 @@ use crate::store::Checkpoints;
 /// Whether the service is ready, and why (the `/readyz` text).
 pub(crate) fn readiness(
     broker_error: Option<&str>,
+    memory_pause: Option<&str>,
     assigned: usize,
     assignment_seen: bool,
 ) -> (bool, String) {
     if let Some(e) = broker_error {
         (false, format!("broker unreachable: {e}"))
+    } else if let Some(why) = memory_pause {
+        (false, why.to_string())
     } else if assigned == 0 && !assignment_seen {
         (
             false,
@@ -32,6 +35,8 @@ pub(crate) struct Status {
     metrics: Arc<Metrics>,
     /// The readiness last published says the brokers are unreachable.
     broker_down: bool,
+    /// Why consumption is paused for memory, while it is.
+    memory_pause: Option<String>,
     last_gauges: Instant,
 }
 
@@ -41,6 +46,7 @@ impl Status {
             board,
             metrics,
             broker_down: false,
+            memory_pause: None,
             last_gauges: Instant::now(),
         }
     }
@@ -49,7 +55,12 @@ impl Status {
     pub(crate) fn refresh(&mut self, assigned: usize, assignment_seen: bool) {
         let broker_error = self.board.broker_error();
         self.broker_down = broker_error.is_some();
-        let (ready, reason) = readiness(broker_error.as_deref(), assigned, assignment_seen);
+        let (ready, reason) = readiness(
+            broker_error.as_deref(),
+            self.memory_pause.as_deref(),
+            assigned,
+            assignment_seen,
+        );
         self.board.set_ready(ready, &reason);
     }
 
@@ -61,6 +72,14 @@ impl Status {
             tracing::info!("receiving records again");
             self.refresh(assigned, assignment_seen);
         }
+    }
+
+    /// Consumption is paused for memory (`Some`, why) or not; returns whether that changed
+    /// (readiness is then stale).
+    pub(crate) fn set_memory_pause(&mut self, why: Option<String>) -> bool {
+        let changed = self.memory_pause.is_some() != why.is_some();
+        self.memory_pause = why;
+        changed
     }
 
     /// Whether the consumer's view of the brokers changed since readiness was published.
@@ -114,7 +133,7 @@ mod tests {
     #[test]
     fn an_unreachable_broker_makes_the_service_unready_whatever_it_holds() {
         assert_eq!(
-            readiness(Some("all brokers down"), 4, true),
+            readiness(Some("all brokers down"), None, 4, true),
             (false, "broker unreachable: all brokers down".to_string())
         );
     }
@@ -122,19 +141,27 @@ mod tests {
     #[test]
     fn ready_once_an_assignment_arrived_even_an_empty_one() {
         assert_eq!(
-            readiness(None, 0, false),
+            readiness(None, None, 0, false),
             (
                 false,
                 "restored; waiting for partition assignment".to_string()
             )
         );
         assert_eq!(
-            readiness(None, 0, true),
+            readiness(None, None, 0, true),
             (true, "0 partitions assigned".to_string())
         );
         assert_eq!(
-            readiness(None, 3, true),
+            readiness(None, None, 3, true),
             (true, "3 partitions assigned".to_string())
+        );
+    }
+
+    #[test]
+    fn a_pause_for_memory_makes_the_service_unready_with_its_reason() {
+        assert_eq!(
+            readiness(None, Some("memory: over state.max_memory"), 3, true),
+            (false, "memory: over state.max_memory".to_string())
         );
     }
 }

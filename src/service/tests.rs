@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::coordinator::{Coordinator, CoordinatorConfig};
 use super::edge::Inbox;
-use super::fakes::{Call, FakeChangelog, FakeConsumer, FakeOutput};
+use super::fakes::{Call, FakeChangelog, FakeConsumer, FakeMemory, FakeOutput};
 use super::handoff::{Changelog, Handoff, HandoffConfig};
 use super::pipeline::{Parts, Pipeline, PipelineConfig};
 use super::status::Status;
@@ -43,6 +43,7 @@ struct Options {
     max_pending_windows: usize,
     retained_unnamed_savepoints: usize,
     savepoints_per_minute: u32,
+    max_memory: Option<u64>,
 }
 
 impl Default for Options {
@@ -54,6 +55,7 @@ impl Default for Options {
             max_pending_windows: 1_000_000,
             retained_unnamed_savepoints: 5,
             savepoints_per_minute: 6,
+            max_memory: None,
         }
     }
 }
@@ -68,11 +70,13 @@ struct Rig {
     emitted: Arc<Mutex<Vec<ClosedWindow>>>,
     board: Arc<StatusBoard>,
     metrics: Arc<Metrics>,
+    memory: Arc<FakeMemory>,
     offsets: std::collections::HashMap<Partition, i64>,
 }
 
 impl Rig {
     fn new(options: Options) -> Rig {
+        let memory = Arc::new(FakeMemory::default());
         let metrics = Arc::new(Metrics::new());
         let board = Arc::new(StatusBoard::new(metrics.ready.clone(), History::new(200)));
         let shared = Arc::new(Shared::new(board.clone()));
@@ -131,6 +135,7 @@ impl Rig {
                 on_cancel: OnCancel::Retain,
                 max_pending_windows: options.max_pending_windows,
                 max_future_skew_ms: 3_600_000,
+                max_memory: options.max_memory,
             },
             engine: Engine::new(EngineConfig {
                 windows: vec![WindowDef {
@@ -158,6 +163,7 @@ impl Rig {
             },
             metrics: metrics.clone(),
             shared,
+            memory: memory.clone(),
         });
         Rig {
             pipeline,
@@ -174,6 +180,7 @@ impl Rig {
             emitted,
             board,
             metrics,
+            memory,
             offsets: Default::default(),
         }
     }
@@ -614,4 +621,64 @@ async fn operator_savepoints_wait_for_room_come_one_at_a_time_and_only_the_newes
     let mut names = rig.store.savepoint_names().expect("names");
     names.sort();
     assert_eq!(names, vec!["keep", "savepoint-4", "savepoint-5"]);
+}
+
+#[tokio::test]
+async fn resident_memory_past_the_limit_pauses_consumption_and_readiness_until_it_falls() {
+    let mut rig = Rig::new(Options {
+        max_memory: Some(100 << 20),
+        ..Options::default()
+    });
+    rig.assign(&[p(0), p(1)]).await;
+    rig.memory.set(90 << 20);
+    rig.tick();
+    // the checkpoint each tick triggers is settled, so that only memory can hold a pause
+    rig.settle().await.expect("checkpoint");
+    assert!(rig.board.readiness().0);
+    assert_eq!(rig.metrics.memory_limit.get(), 100 << 20);
+    rig.memory.set(120 << 20);
+    // the memory is read at most every quarter second
+    std::thread::sleep(Duration::from_millis(300));
+    rig.tick();
+    // the checkpoint each tick triggers is settled, so that only memory can hold a pause
+    rig.settle().await.expect("checkpoint");
+    assert!(
+        rig.consumer
+            .calls()
+            .contains(&Call::Pause(vec![p(0), p(1)])),
+        "{:?}",
+        rig.consumer.calls()
+    );
+    assert_eq!(rig.metrics.backpressure.get(), 1);
+    assert_eq!(rig.metrics.memory_resident.get(), 120 << 20);
+    let (ready, reason) = rig.board.readiness();
+    assert!(!ready && reason.contains("state.max_memory"), "{reason}");
+    // under the limit, not under 90% of it: still paused
+    rig.memory.set(95 << 20);
+    std::thread::sleep(Duration::from_millis(300));
+    rig.tick();
+    // the checkpoint each tick triggers is settled, so that only memory can hold a pause
+    rig.settle().await.expect("checkpoint");
+    assert!(!rig
+        .consumer
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::Resume(_))));
+    rig.memory.set(80 << 20);
+    std::thread::sleep(Duration::from_millis(300));
+    rig.tick();
+    // the checkpoint each tick triggers is settled, so that only memory can hold a pause
+    rig.settle().await.expect("checkpoint");
+    assert!(
+        rig.consumer
+            .calls()
+            .contains(&Call::Resume(vec![p(0), p(1)])),
+        "{:?}",
+        rig.consumer.calls()
+    );
+    assert_eq!(rig.metrics.backpressure.get(), 0);
+    assert_eq!(
+        rig.board.readiness(),
+        (true, "2 partitions assigned".to_string())
+    );
 }
