@@ -39,6 +39,8 @@ struct Partitions {
     /// The next offset of every partition whose state this instance holds.
     positions: HashMap<Partition, NextOffset>,
     lags: HashMap<Partition, i64>,
+    /// High watermarks last measured (by the lag probe).
+    highs: HashMap<Partition, i64>,
 }
 
 pub struct StatusBoard {
@@ -132,6 +134,16 @@ impl StatusBoard {
         old.into_keys()
             .filter(|p| !parts.lags.contains_key(p))
             .collect()
+    }
+
+    /// The high watermarks last measured.
+    pub fn set_highs(&self, highs: &[(Partition, i64)]) {
+        lock(&self.partitions).highs = highs.iter().cloned().collect();
+    }
+
+    /// The high watermark of `p` last measured, if any.
+    pub fn high(&self, p: &Partition) -> Option<i64> {
+        lock(&self.partitions).highs.get(p).copied()
     }
 
     /// Assigned partitions with their next offset and last measured lag, in order.

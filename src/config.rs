@@ -133,6 +133,25 @@ pub struct WatermarkSettings {
     /// invalid (`future_timestamp`) and moves no watermark.
     #[serde(default = "default_max_future_skew", with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// A partition caught up and quiet this long no longer holds the service watermark back,
+    /// until its next record. Unset: never.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// With `state.scope: partition`: whether an idle partition's own windows close as the
+    /// wall clock advances.
+    #[serde(default)]
+    pub idle_advance: IdleAdvance,
+}
+
+/// `watermark.idle_advance`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleAdvance {
+    /// An idle partition's own windows wait for its next records.
+    #[default]
+    None,
+    /// An idle partition's own event time follows the wall clock (not deterministic).
+    WallClock,
 }
 
 fn default_max_future_skew() -> Duration {
@@ -145,6 +164,8 @@ impl Default for WatermarkSettings {
             max_out_of_orderness: default_out_of_orderness(),
             allowed_lateness: Duration::ZERO,
             max_future_skew: default_max_future_skew(),
+            idle_timeout: None,
+            idle_advance: IdleAdvance::None,
         }
     }
 }
@@ -526,6 +547,29 @@ impl Settings {
                 "must be at least 1s: records stamped by producers whose clocks run a little \
                  ahead would be refused (default 1h)",
             ));
+        }
+        let w = &self.watermark;
+        if w.idle_timeout
+            .is_some_and(|t| t < Duration::from_millis(100))
+        {
+            return Err(ConfigError::invalid(
+                "watermark.idle_timeout",
+                "must be at least 100ms (partitions are looked at every quarter second)",
+            ));
+        }
+        if w.idle_advance == IdleAdvance::WallClock {
+            if w.idle_timeout.is_none() {
+                return Err(ConfigError::invalid(
+                    "watermark.idle_advance",
+                    "wall_clock needs watermark.idle_timeout: it applies to idle partitions",
+                ));
+            }
+            if self.state.scope != StateScope::Partition {
+                return Err(ConfigError::invalid(
+                    "watermark.idle_advance",
+                    "wall_clock needs state.scope: partition (with instance scope an idle partition already stops holding the other partitions' windows back)",
+                ));
+            }
         }
         if self.checkpoint.cache_capacity.as_u64() < 1 << 20 {
             return Err(ConfigError::invalid(
@@ -994,6 +1038,29 @@ checkpoint:
         assert_eq!(s.watermark.max_future_skew, Duration::from_secs(600));
         let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "0s")]);
         assert!(text.contains("watermark.max_future_skew"), "{text}");
+    }
+
+    #[test]
+    fn idle_partitions_are_off_by_default_and_the_wall_clock_needs_partition_scope() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.watermark.idle_timeout, None);
+        assert_eq!(s.watermark.idle_advance, IdleAdvance::None);
+        let idle = ("CHECKPOINTER_WATERMARK__IDLE_TIMEOUT", "30s");
+        let s = load(BASE, &[idle]).expect("valid");
+        assert_eq!(s.watermark.idle_timeout, Some(Duration::from_secs(30)));
+        let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__IDLE_TIMEOUT", "10ms")]);
+        assert!(text.contains("watermark.idle_timeout"), "{text}");
+        let wall = ("CHECKPOINTER_WATERMARK__IDLE_ADVANCE", "wall_clock");
+        let text = err_text(BASE, &[wall]);
+        assert!(text.contains("needs watermark.idle_timeout"), "{text}");
+        let text = err_text(BASE, &[idle, wall]);
+        assert!(text.contains("needs state.scope: partition"), "{text}");
+        let s = load(
+            BASE,
+            &[idle, wall, ("CHECKPOINTER_STATE__SCOPE", "partition")],
+        )
+        .expect("valid");
+        assert_eq!(s.watermark.idle_advance, IdleAdvance::WallClock);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub admin_refused: IntCounterVec,
     pub memory_resident: IntGauge,
     pub memory_limit: IntGauge,
+    pub partitions_idle: IntGauge,
 }
 
 /// The registry being filled, and the names registered in it (kept because the exposition
@@ -203,6 +204,7 @@ impl Metrics {
             build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
             admin_refused,
             memory_resident: int_gauge(&r, "checkpointer_memory_resident_bytes", "The process's resident memory (VmRSS), read every quarter second."),
+            partitions_idle: int_gauge(&r, "checkpointer_partitions_idle", "Assigned partitions caught up and quiet for watermark.idle_timeout, which do not hold the watermark back until their next record."),
             memory_limit: int_gauge(&r, "checkpointer_memory_limit_bytes", "Resident memory past which consumption pauses (state.max_memory, or 80% of the container's limit); 0: no limit."),
             names: r.names.take(),
             registry: r.registry,

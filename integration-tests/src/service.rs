@@ -56,6 +56,8 @@ pub struct ServiceConfig {
     pub state_extra: BTreeMap<String, String>,
     /// More keys of the `http:` section (besides `listen`), values verbatim YAML.
     pub http_extra: BTreeMap<String, String>,
+    /// More keys of the `watermark:` section, values verbatim YAML.
+    pub watermark_extra: BTreeMap<String, String>,
 }
 
 impl ServiceConfig {
@@ -84,6 +86,7 @@ impl ServiceConfig {
             extra_args: Vec::new(),
             state_extra: BTreeMap::new(),
             http_extra: BTreeMap::new(),
+            watermark_extra: BTreeMap::new(),
         }
     }
 
@@ -140,6 +143,9 @@ impl ServiceConfig {
             "  allowed_lateness: {}\n",
             human(self.allowed_lateness)
         ));
+        for (key, value) in &self.watermark_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
         yaml.push_str("output:\n");
         yaml.push_str(&format!("  topic: {}\n", q(&self.output_topic)));
         yaml.push_str("checkpoint:\n");

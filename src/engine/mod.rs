@@ -169,6 +169,7 @@ impl Engine {
                     max_ts: ps.max_ts,
                     assigned: false,
                     caught_up_empty: false,
+                    idle: false,
                 },
             );
         }
@@ -284,6 +285,7 @@ impl Engine {
                 max_ts: position.max_ts,
                 assigned: false,
                 caught_up_empty: false,
+                idle: false,
             },
         );
         for (id, entry) in entries {
@@ -317,6 +319,28 @@ impl Engine {
     pub fn partition_eof(&mut self, partition: &Partition) {
         self.marks.eof(partition);
         self.advance();
+    }
+
+    /// Marks `partition` idle (caught up and quiet): it holds the service watermark back no
+    /// more, until its next record; windows the watermark passes then close.
+    pub fn set_idle(&mut self, partition: &Partition, idle: bool) {
+        if self.marks.set_idle(partition, idle) {
+            self.advance();
+        }
+    }
+
+    /// With partition-scoped state: moves idle `partition`'s event time up to `now_ms` (the
+    /// wall clock), as a record would, and closes the windows of its scope that passes
+    /// (`watermark.idle_advance: wall_clock`).
+    pub fn advance_idle(&mut self, partition: &Partition, now_ms: i64) {
+        let idle = self.marks.get(partition).is_some_and(|p| p.idle);
+        if !idle || !self.cfg.partition_scoped {
+            return;
+        }
+        if self.marks.raise(partition, EventTime(now_ms)) {
+            self.close_partition(partition);
+            self.marks.advance();
+        }
     }
 
     /// Where reading `partition` must continue, if the engine has consumed from it.

@@ -514,3 +514,58 @@ fn the_service_watermark_moves_with_records_in_both_scopes() {
         );
     }
 }
+
+#[test]
+fn an_idle_partition_lets_the_others_close_their_windows_and_its_next_record_holds_again() {
+    let mut engine = Engine::new(config(false));
+    engine.assign(&[p(0), p(1)]);
+    engine.process(&p(0), 0, rec("a", 100, 1.0));
+    engine.process(&p(1), 0, rec("b", 150, 1.0));
+    // partition 0 moves on, partition 1 is quiet: its 150 holds the watermark at -50
+    engine.process(&p(0), 1, rec("a", 5_000, 1.0));
+    assert!(
+        engine.take_emittable().is_empty(),
+        "held back by partition 1"
+    );
+    engine.set_idle(&p(1), true);
+    let closed: Vec<String> = engine
+        .take_emittable()
+        .iter()
+        .map(|w| w.id.key.to_string())
+        .collect();
+    assert!(
+        closed.contains(&"a".to_string()) && closed.contains(&"b".to_string()),
+        "{closed:?}"
+    );
+    assert_eq!(engine.watermark(), Some(EventTime(4_800)));
+    // its next record: late where the windows closed, and it holds the watermark again
+    assert!(matches!(
+        engine.process(&p(1), 1, rec("b", 200, 1.0)),
+        Outcome::Late
+    ));
+    engine.process(&p(0), 2, rec("a", 9_000, 1.0));
+    assert_eq!(engine.watermark(), Some(EventTime(4_800)), "held at 4,800");
+}
+
+#[test]
+fn with_partition_scope_an_idle_partition_can_follow_the_wall_clock() {
+    let mut engine = Engine::new(scoped_config(false, true));
+    engine.assign(&[p(0)]);
+    engine.process(&p(0), 0, rec("a", 100, 1.0));
+    assert!(engine.take_emittable().is_empty());
+    // not idle: the wall clock does not move it
+    engine.advance_idle(&p(0), 10_000);
+    assert!(engine.take_emittable().is_empty());
+    engine.set_idle(&p(0), true);
+    engine.advance_idle(&p(0), 10_000);
+    let closed = engine.take_emittable();
+    assert!(
+        closed.iter().any(|w| w.id.key.as_str() == "a"),
+        "{closed:?}"
+    );
+    // the wall clock stands as the partition's event time: older records are late
+    assert!(matches!(
+        engine.process(&p(0), 1, rec("a", 500, 1.0)),
+        Outcome::Late
+    ));
+}

@@ -4,6 +4,9 @@
 //! service watermark is the minimum over assigned partitions that have data; an assigned
 //! partition whose content is not known yet (no record and no end-of-partition seen) holds the
 //! watermark back, so a partition that is read late cannot see its records dropped as late.
+//! A partition marked idle (caught up and quiet for `watermark.idle_timeout`, decided by the
+//! service) does not hold the service watermark back until its next record; when every
+//! partition with data is idle, the service watermark is the highest of theirs.
 //! The service watermark never moves backwards.
 
 use foldhash::{HashMap, HashMapExt};
@@ -18,6 +21,8 @@ pub struct PartitionProgress {
     pub assigned: bool,
     /// Reached the end of the partition while it had no data.
     pub caught_up_empty: bool,
+    /// Caught up and quiet: holds the service watermark back no more, until its next record.
+    pub idle: bool,
 }
 
 impl PartitionProgress {
@@ -79,6 +84,29 @@ impl Watermarks {
         }
     }
 
+    /// Marks `p` idle or not; returns whether that changed.
+    pub fn set_idle(&mut self, p: &Partition, idle: bool) -> bool {
+        match self.parts.get_mut(p) {
+            Some(entry) if entry.idle != idle => {
+                entry.idle = idle;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves `p`'s highest event time up to `ts` (never down), as a record would; returns
+    /// whether it moved.
+    pub fn raise(&mut self, p: &Partition, ts: EventTime) -> bool {
+        match self.parts.get_mut(p) {
+            Some(entry) if entry.max_ts.is_none_or(|m| ts > m) => {
+                entry.max_ts = Some(ts);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn eof(&mut self, p: &Partition) {
         if let Some(entry) = self.parts.get_mut(p) {
             if entry.max_ts.is_none() {
@@ -98,6 +126,8 @@ impl Watermarks {
         };
         entry.next = Some(NextOffset::after(offset));
         let Some(ts) = ts else { return false };
+        // a record: the partition holds the watermark again
+        entry.idle = false;
         match entry.max_ts {
             None => {
                 entry.max_ts = Some(ts);
@@ -114,7 +144,10 @@ impl Watermarks {
 
     /// Recomputes the service watermark; returns the new value if it advanced.
     pub fn advance(&mut self) -> Option<EventTime> {
+        // the minimum over the partitions that hold it; when every one with data is idle, the
+        // highest of theirs (none holds it back)
         let mut min: Option<EventTime> = None;
+        let mut max_idle: Option<EventTime> = None;
         for progress in self.parts.values() {
             if progress.pending() {
                 return None;
@@ -124,10 +157,14 @@ impl Watermarks {
             }
             if let Some(ts) = progress.max_ts {
                 let wm = ts.minus(self.out_of_orderness);
-                min = Some(min.map_or(wm, |m| m.min(wm)));
+                if progress.idle {
+                    max_idle = Some(max_idle.map_or(wm, |m| m.max(wm)));
+                } else {
+                    min = Some(min.map_or(wm, |m| m.min(wm)));
+                }
             }
         }
-        let candidate = min?;
+        let candidate = min.or(max_idle)?;
         if self.current.is_none_or(|c| candidate > c) {
             self.current = Some(candidate);
             Some(candidate)
@@ -167,6 +204,50 @@ mod tests {
         assert_eq!(w.advance(), None);
         w.eof(&p(1));
         assert_eq!(w.advance(), Some(EventTime(100)));
+    }
+
+    #[test]
+    fn an_idle_partition_holds_the_watermark_back_no_more_until_its_next_record() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.assign(&p(1));
+        w.observe(&p(0), 0, Some(EventTime(100)));
+        w.observe(&p(1), 0, Some(EventTime(10)));
+        assert_eq!(w.advance(), Some(EventTime(10)));
+        w.observe(&p(0), 1, Some(EventTime(500)));
+        assert_eq!(w.advance(), None, "partition 1 holds it at 10");
+        assert!(w.set_idle(&p(1), true));
+        assert!(!w.set_idle(&p(1), true), "no change");
+        assert_eq!(w.advance(), Some(EventTime(500)));
+        // its next record: it holds again (the watermark does not go back)
+        w.observe(&p(1), 1, Some(EventTime(20)));
+        assert!(!w.get(&p(1)).is_some_and(|x| x.idle));
+        w.observe(&p(0), 2, Some(EventTime(900)));
+        assert_eq!(w.advance(), None, "held at 500 by partition 1 at 20");
+        assert_eq!(w.current(), Some(EventTime(500)));
+    }
+
+    #[test]
+    fn when_every_partition_is_idle_the_highest_one_sets_the_watermark() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.assign(&p(1));
+        w.observe(&p(0), 0, Some(EventTime(900)));
+        w.observe(&p(1), 0, Some(EventTime(10)));
+        assert_eq!(w.advance(), Some(EventTime(10)));
+        w.set_idle(&p(0), true);
+        w.set_idle(&p(1), true);
+        assert_eq!(w.advance(), Some(EventTime(900)));
+    }
+
+    #[test]
+    fn a_raised_event_time_never_goes_down() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        w.observe(&p(0), 0, Some(EventTime(100)));
+        assert!(w.raise(&p(0), EventTime(200)));
+        assert!(!w.raise(&p(0), EventTime(150)));
+        assert_eq!(w.get(&p(0)).and_then(|x| x.max_ts), Some(EventTime(200)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod edge;
 #[cfg(test)]
 mod fakes;
 mod handoff;
+mod idle;
 mod pipeline;
 mod releases;
 pub(crate) mod restore;
@@ -38,7 +39,7 @@ use crate::changelog::kafka::{ChangelogTopic, Publisher};
 use crate::changelog::plan::Ledger;
 use crate::checkpoint::history::History;
 use crate::checkpoint::{Scheduler, SchedulerSettings};
-use crate::config::{duration_ms, CheckpointMode, Settings, StateScope};
+use crate::config::{duration_ms, CheckpointMode, IdleAdvance, Settings, StateScope};
 use crate::engine::{Decoder, EngineConfig};
 use crate::http::{self, AdminState};
 use crate::memory::{self, ProcessMemory};
@@ -294,6 +295,8 @@ pub async fn run(
                 .unwrap_or(usize::MAX),
             max_future_skew_ms: duration_ms(settings.watermark.max_future_skew),
             max_memory,
+            idle_timeout: settings.watermark.idle_timeout,
+            idle_wall_clock: settings.watermark.idle_advance == IdleAdvance::WallClock,
         },
         engine,
         decoder: Decoder::new(

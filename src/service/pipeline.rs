@@ -18,6 +18,7 @@ use super::backpressure::{Backpressure, Cause, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
 use super::edge::{Assignments, Inbox, Output};
 use super::handoff::Handoff;
+use super::idle::{Idleness, Seen};
 use super::status::Status;
 use super::stop::{Facts, Step, StopSequence};
 use crate::checkpoint_id::CheckpointId;
@@ -52,7 +53,14 @@ pub(crate) struct PipelineConfig {
     /// Resident bytes past which consumption pauses (`state.max_memory`, or the default share
     /// of the container's limit); `None`: no limit.
     pub max_memory: Option<u64>,
+    /// `watermark.idle_timeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `watermark.idle_advance: wall_clock`.
+    pub idle_wall_clock: bool,
 }
+
+/// How often partitions are looked at for idleness.
+const IDLE_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// How often the resident memory is read.
 const MEMORY_READ_EVERY: Duration = Duration::from_millis(250);
@@ -88,6 +96,10 @@ pub(crate) struct Pipeline<C, O> {
     memory: Arc<dyn Resident>,
     /// When it was last read.
     memory_read: Option<std::time::Instant>,
+    /// Idle partitions (`watermark.idle_timeout`), when configured.
+    idleness: Option<Idleness>,
+    /// When partitions were last looked at for idleness.
+    idle_checked: Option<std::time::Instant>,
 }
 
 /// The parts a pipeline is made of.
@@ -118,7 +130,9 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             .metrics
             .memory_limit
             .set(parts.config.max_memory.map_or(0, |m| m as i64));
+        let idleness = parts.config.idle_timeout.map(Idleness::new);
         let mut pipeline = Pipeline {
+            idleness,
             config: parts.config,
             engine: parts.engine,
             decoder: parts.decoder,
@@ -138,6 +152,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             stop: None,
             memory: parts.memory,
             memory_read: None,
+            idle_checked: None,
         };
         // windows the restored checkpoint holds as final were durable there: send them again
         pipeline.emit();
@@ -302,6 +317,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             self.on_settled(expired);
         }
         self.read_memory();
+        self.check_idle();
         // an operator's savepoint waiting for room goes before the periodic checkpoint
         self.coordinator.trigger_queued(&mut self.engine);
         if self.coordinator.due() {
@@ -329,6 +345,52 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
 
     /// Pauses consumption while a checkpoint has been writing for longer than the interval or
     /// the output's backlog is past its bound, and resumes it once neither is.
+    /// Marks partitions idle that are caught up and quiet for `watermark.idle_timeout` (their
+    /// windows may close then), notes those that moved again, and with `idle_advance:
+    /// wall_clock` moves idle partitions' event time with the wall clock.
+    fn check_idle(&mut self) {
+        let Some(idleness) = self.idleness.as_mut() else {
+            return;
+        };
+        if self
+            .idle_checked
+            .is_some_and(|at| at.elapsed() < IDLE_CHECK_EVERY)
+        {
+            return;
+        }
+        self.idle_checked = Some(std::time::Instant::now());
+        // while consumption is paused, partitions are quiet but not caught up
+        if self.backpressure.engaged() {
+            return;
+        }
+        let engine = &self.engine;
+        let board = self.shared.board();
+        let seen = self.handoff.assigned().iter().map(|p| Seen {
+            partition: p,
+            position: engine.position(p),
+            high: board.high(p),
+        });
+        let changes = idleness.evaluate(seen, self.started.elapsed());
+        for p in &changes.active {
+            tracing::info!(partition = %p, "partition has records again; it holds the watermark back again");
+        }
+        for p in &changes.idle {
+            tracing::info!(partition = %p, next_offset = ?self.engine.position(p), "partition is caught up and quiet for watermark.idle_timeout; it no longer holds the watermark back until its next record");
+            self.engine.set_idle(p, true);
+        }
+        let idle: Vec<Partition> = idleness.idle().cloned().collect();
+        self.metrics.partitions_idle.set(idle.len() as i64);
+        if self.config.idle_wall_clock {
+            let now = crate::clock::epoch_ms();
+            for p in &idle {
+                self.engine.advance_idle(p, now);
+            }
+        }
+        if !changes.idle.is_empty() || (self.config.idle_wall_clock && !idle.is_empty()) {
+            self.emit();
+        }
+    }
+
     /// Reads the resident memory when it is due, for back-pressure and the gauge.
     fn read_memory(&mut self) {
         if self

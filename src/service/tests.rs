@@ -44,6 +44,7 @@ struct Options {
     retained_unnamed_savepoints: usize,
     savepoints_per_minute: u32,
     max_memory: Option<u64>,
+    idle_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -56,6 +57,7 @@ impl Default for Options {
             retained_unnamed_savepoints: 5,
             savepoints_per_minute: 6,
             max_memory: None,
+            idle_timeout: None,
         }
     }
 }
@@ -136,6 +138,8 @@ impl Rig {
                 max_pending_windows: options.max_pending_windows,
                 max_future_skew_ms: 3_600_000,
                 max_memory: options.max_memory,
+                idle_timeout: options.idle_timeout,
+                idle_wall_clock: false,
             },
             engine: Engine::new(EngineConfig {
                 windows: vec![WindowDef {

@@ -471,19 +471,26 @@ pub fn spawn_lag_monitor(
             let assigned = board.assigned();
             let positions = board.positions();
             let consumer = consumer.clone();
-            let lags = tokio::task::spawn_blocking(move || {
+            let highs = tokio::task::spawn_blocking(move || {
                 assigned
                     .into_iter()
                     .filter_map(|p| {
                         let high = high_watermark(&consumer, &p, Duration::from_secs(2))?;
-                        let next = positions.get(&p).map_or(0, |n| n.0);
-                        Some((p, (high - next).max(0)))
+                        Some((p, high))
                     })
                     .collect::<Vec<_>>()
             })
             .await;
-            match lags {
-                Ok(lags) => {
+            match highs {
+                Ok(highs) => {
+                    board.set_highs(&highs);
+                    let lags: Vec<(Partition, i64)> = highs
+                        .into_iter()
+                        .map(|(p, high)| {
+                            let next = positions.get(&p).map_or(0, |n| n.0);
+                            (p, (high - next).max(0))
+                        })
+                        .collect();
                     // a broker answered: the outage, if any, is over
                     if !lags.is_empty() && board.broker_error().is_some() {
                         tracing::info!("brokers reachable again");
