@@ -27,7 +27,7 @@ pub const RESTORE_DURATION: &str = "checkpointer_restore_duration_seconds";
 pub const RESTORE_FALLBACKS: &str = "checkpointer_restore_fallbacks_total";
 
 /// Every `reason` label value of [`RECORDS_INVALID`] in the service contract.
-pub const INVALID_REASONS: [&str; 10] = [
+pub const INVALID_REASONS: [&str; 11] = [
     "invalid_json",
     "missing_key",
     "null_key",
@@ -38,6 +38,7 @@ pub const INVALID_REASONS: [&str; 10] = [
     "bad_timestamp",
     "empty_payload",
     "future_timestamp",
+    "value_out_of_range",
 ];
 
 /// One sample: metric name, labels, value.

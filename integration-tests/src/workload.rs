@@ -74,10 +74,12 @@ pub enum GarbageKind {
     StringValue,
     MissingTimestamp,
     StringTimestamp,
+    /// A value two of which sum to infinity.
+    HugeValue,
 }
 
 impl GarbageKind {
-    pub const ALL: [GarbageKind; 9] = [
+    pub const ALL: [GarbageKind; 10] = [
         GarbageKind::NotJson,
         GarbageKind::EmptyPayload,
         GarbageKind::MissingKey,
@@ -87,6 +89,7 @@ impl GarbageKind {
         GarbageKind::StringValue,
         GarbageKind::MissingTimestamp,
         GarbageKind::StringTimestamp,
+        GarbageKind::HugeValue,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -100,6 +103,7 @@ impl GarbageKind {
             GarbageKind::StringValue => "bad_value",
             GarbageKind::MissingTimestamp => "missing_timestamp",
             GarbageKind::StringTimestamp => "bad_timestamp",
+            GarbageKind::HugeValue => "value_out_of_range",
         }
     }
 }
@@ -127,6 +131,7 @@ impl Garbage {
             GarbageKind::StringTimestamp => {
                 json!({"user": "user-00", "amount": 5, "ts": ts.to_string()})
             }
+            GarbageKind::HugeValue => json!({"user": "user-00", "amount": 1.5e308, "ts": ts}),
         };
         serde_json::to_vec(&value).unwrap_or_default()
     }

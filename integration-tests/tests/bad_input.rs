@@ -1,5 +1,6 @@
 //! Garbage mixed into the input is counted by reason and otherwise ignored: the output equals
-//! the model over the valid records alone.
+//! the model over the valid records alone, and no aggregate is written as null (values whose
+//! sums would overflow to infinity are refused).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -86,6 +87,13 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
 
     let summary = check_output(&expected, reader.messages())?;
     ensure!(complete, "output incomplete after {COMPLETE_TIMEOUT:?}");
+    // values whose sums overflow are refused, so no aggregate is ever written as null
+    let nulls = reader
+        .messages()
+        .iter()
+        .filter(|m| String::from_utf8_lossy(&m.payload).contains("null"))
+        .count();
+    ensure!(nulls == 0, "{nulls} windows carry null aggregates");
     eprintln!(
         "[bad_input] output matches the model over valid records: {} windows {:?}",
         summary.windows, summary.per_window

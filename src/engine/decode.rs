@@ -49,10 +49,17 @@ pub enum InvalidReason {
     BadTimestamp,
     /// Event time further ahead of the wall clock than `watermark.max_future_skew`.
     FutureTimestamp,
+    /// A value beyond ±[`MAX_VALUE`]: sums of such values could overflow to infinity.
+    ValueOutOfRange,
 }
 
+/// The largest magnitude of a value: the sum of as many values as a window can count
+/// (2^64) stays finite (below 1.8e307, where `f64::MAX` is 1.8e308), so that no sum or
+/// mean overflows to infinity and is written as `null`.
+pub const MAX_VALUE: f64 = 1e288;
+
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 10] = [
+    pub const ALL: [InvalidReason; 11] = [
         InvalidReason::EmptyPayload,
         InvalidReason::InvalidJson,
         InvalidReason::MissingKey,
@@ -63,6 +70,7 @@ impl InvalidReason {
         InvalidReason::MissingTimestamp,
         InvalidReason::BadTimestamp,
         InvalidReason::FutureTimestamp,
+        InvalidReason::ValueOutOfRange,
     ];
 
     pub fn label(self) -> &'static str {
@@ -77,6 +85,7 @@ impl InvalidReason {
             InvalidReason::MissingTimestamp => "missing_timestamp",
             InvalidReason::BadTimestamp => "bad_timestamp",
             InvalidReason::FutureTimestamp => "future_timestamp",
+            InvalidReason::ValueOutOfRange => "value_out_of_range",
         }
     }
 }
@@ -255,7 +264,8 @@ impl Decoder {
             Some(_) => match value {
                 Field::Missing | Field::Null => return Err(InvalidReason::MissingValue),
                 Field::Num(n) => match n.as_f64() {
-                    Some(v) if v.is_finite() => Some(v),
+                    Some(v) if v.abs() <= MAX_VALUE => Some(v),
+                    Some(v) if v.is_finite() => return Err(InvalidReason::ValueOutOfRange),
                     _ => return Err(InvalidReason::BadValue),
                 },
                 _ => return Err(InvalidReason::BadValue),
@@ -544,6 +554,19 @@ mod tests {
             reason(r#"{"user":"u","amount":"3","ts":1}"#),
             InvalidReason::BadValue
         );
+        // two of these would sum to infinity
+        assert_eq!(
+            reason(r#"{"user":"u","amount":1.5e308,"ts":1}"#),
+            InvalidReason::ValueOutOfRange
+        );
+        assert_eq!(
+            reason(r#"{"user":"u","amount":-1e289,"ts":1}"#),
+            InvalidReason::ValueOutOfRange
+        );
+        let largest = decoder()
+            .decode(None, Some(br#"{"user":"u","amount":1e288,"ts":1}"#), None)
+            .expect("the largest value is valid");
+        assert_eq!(largest.value, Some(1e288));
         assert_eq!(
             reason(r#"{"user":"u","amount":3}"#),
             InvalidReason::MissingTimestamp
