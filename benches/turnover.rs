@@ -478,7 +478,7 @@ fn main() {
             checkpoint: cp,
             record,
             savepoint: None,
-            keep_unnamed: None,
+            prune: None,
             started: t,
             abandoned: Arc::new(AtomicBool::new(false)),
         };

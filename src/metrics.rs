@@ -56,6 +56,7 @@ pub struct Metrics {
     pub memory_resident: IntGauge,
     pub memory_limit: IntGauge,
     pub partitions_idle: IntGauge,
+    pub memory_paused: IntGauge,
 }
 
 /// The registry being filled, and the names registered in it (kept because the exposition
@@ -204,6 +205,7 @@ impl Metrics {
             build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
             admin_refused,
             memory_resident: int_gauge(&r, "checkpointer_memory_resident_bytes", "The process's resident memory (VmRSS), read every quarter second."),
+            memory_paused: int_gauge(&r, "checkpointer_memory_paused", "1 while consumption is paused because the resident memory passed state.max_memory (until it is below 90% of it), else 0."),
             partitions_idle: int_gauge(&r, "checkpointer_partitions_idle", "Assigned partitions caught up and quiet for watermark.idle_timeout, which do not hold the watermark back until their next record."),
             memory_limit: int_gauge(&r, "checkpointer_memory_limit_bytes", "Resident memory past which consumption pauses (state.max_memory, or 80% of the container's limit); 0: no limit."),
             names: r.names.take(),

@@ -902,7 +902,8 @@ fn the_kubernetes_example_configuration_is_valid() {
     assert!(
         manifest.contains(
             "- name: CHECKPOINTER_HTTP__ADMIN_TOKEN_FILE\n              value: /run/secrets/checkpointer-admin-token"
-        ) && manifest.contains("mountPath: /run/secrets")
+        ) && manifest.contains("mountPath: /run/secrets/checkpointer-admin-token")
+            && manifest.contains("subPath: checkpointer-admin-token")
             && manifest.contains("items: [{ key: token, path: checkpointer-admin-token }]"),
         "the admin token is not mounted where the pod names it"
     );

@@ -83,9 +83,15 @@ fn request_with(
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
+    // the address, unless the caller names the host itself
+    let host = if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        String::new()
+    } else {
+        format!("Host: {addr}\r\n")
+    };
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n{body_header}{more}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\n{host}Accept: */*\r\n{body_header}{more}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

@@ -92,8 +92,9 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
         before.sum(RECORDS_CONSUMED)
     );
     ensure!(
-        after.sum("checkpointer_backpressure") == Some(1.0),
-        "checkpointer_backpressure is not 1"
+        after.sum("checkpointer_backpressure") == Some(1.0)
+            && after.sum("checkpointer_memory_paused") == Some(1.0),
+        "checkpointer_backpressure or checkpointer_memory_paused is not 1"
     );
     ensure!(
         after.sum("checkpointer_memory_limit_bytes") == Some(16.0 * 1024.0 * 1024.0),

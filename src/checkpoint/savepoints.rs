@@ -43,20 +43,29 @@ pub fn check_given_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The unnamed savepoints among `names` beyond the newest `keep` (by checkpoint id), oldest
-/// first: the ones to delete.
-pub fn unnamed_to_drop(names: &[String], keep: usize) -> Vec<String> {
-    let mut unnamed: Vec<(u64, &String)> = names
+/// The unnamed savepoints among `savepoints` (name, creation time) beyond the newest `keep`
+/// (by creation time, then checkpoint id), oldest first: the ones to delete. Those named in
+/// `protected` (the one just taken, the one `checkpoint.restore_from` names) are never among
+/// them.
+pub fn unnamed_to_drop(
+    savepoints: &[(String, i64)],
+    keep: usize,
+    protected: &[String],
+) -> Vec<String> {
+    let mut unnamed: Vec<(i64, u64, &String)> = savepoints
         .iter()
-        .filter_map(|n| unnamed_id(n).map(|id| (id, n)))
+        .filter_map(|(n, created)| unnamed_id(n).map(|id| (*created, id, n)))
         .collect();
-    unnamed.sort();
-    let excess = unnamed.len().saturating_sub(keep);
-    unnamed
+    // newest first
+    unnamed.sort_by(|a, b| b.cmp(a));
+    let mut drop: Vec<String> = unnamed
         .into_iter()
-        .take(excess)
-        .map(|(_, n)| n.clone())
-        .collect()
+        .skip(keep)
+        .map(|(_, _, n)| n.clone())
+        .filter(|n| !protected.contains(n))
+        .collect();
+    drop.reverse();
+    drop
 }
 
 /// What happens to a savepoint an operator asks for.
@@ -174,23 +183,44 @@ mod tests {
 
     #[test]
     fn unnamed_savepoints_beyond_the_newest_kept_are_dropped_oldest_first() {
-        let names: Vec<String> = [
-            "savepoint-12",
-            "before-upgrade",
-            "savepoint-3",
-            "savepoint-100",
-            "savepoint-7",
-            "savepoint-x",
-            "savepoint-",
+        let all: Vec<(String, i64)> = [
+            ("savepoint-12", 1_200),
+            ("before-upgrade", 50),
+            ("savepoint-3", 300),
+            ("savepoint-100", 10_000),
+            ("savepoint-7", 700),
+            ("savepoint-x", 1),
+            ("savepoint-", 2),
         ]
-        .map(String::from)
+        .map(|(n, t)| (n.to_string(), t))
         .to_vec();
         assert_eq!(
-            unnamed_to_drop(&names, 2),
+            unnamed_to_drop(&all, 2, &[]),
             vec!["savepoint-3".to_string(), "savepoint-7".to_string()]
         );
-        assert!(unnamed_to_drop(&names, 4).is_empty());
-        assert_eq!(unnamed_to_drop(&names, 0).len(), 4);
+        assert!(unnamed_to_drop(&all, 4, &[]).is_empty());
+        assert_eq!(unnamed_to_drop(&all, 0, &[]).len(), 4);
+        // protected ones stay, whatever their age
+        assert_eq!(
+            unnamed_to_drop(&all, 2, &["savepoint-3".to_string()]),
+            vec!["savepoint-7".to_string()]
+        );
+    }
+
+    #[test]
+    fn age_decides_not_the_id_in_the_name() {
+        // imported from a store whose ids ran higher: older, though its id is larger
+        let all: Vec<(String, i64)> = [
+            ("savepoint-900", 100),
+            ("savepoint-5", 200),
+            ("savepoint-6", 300),
+        ]
+        .map(|(n, t)| (n.to_string(), t))
+        .to_vec();
+        assert_eq!(
+            unnamed_to_drop(&all, 2, &["savepoint-6".to_string()]),
+            vec!["savepoint-900".to_string()]
+        );
     }
 
     #[test]

@@ -343,6 +343,11 @@ impl Engine {
         }
     }
 
+    /// The progress the engine holds for `partition`.
+    pub fn progress_of(&self, partition: &Partition) -> Option<&PartitionProgress> {
+        self.marks.get(partition)
+    }
+
     /// Where reading `partition` must continue, if the engine has consumed from it.
     pub fn position(&self, partition: &Partition) -> Option<NextOffset> {
         self.marks.get(partition).and_then(|p| p.next)

@@ -71,6 +71,8 @@ impl Watermarks {
         let entry = self.parts.entry(p.clone()).or_default();
         entry.assigned = true;
         entry.caught_up_empty = false;
+        // what it holds is not known yet: it holds the watermark until found idle again
+        entry.idle = false;
     }
 
     /// Forgets `p` entirely (its state moved to another instance).
@@ -125,9 +127,9 @@ impl Watermarks {
             None => self.parts.entry(p.clone()).or_default(),
         };
         entry.next = Some(NextOffset::after(offset));
-        let Some(ts) = ts else { return false };
-        // a record: the partition holds the watermark again
+        // a record, valid or not: the partition holds the watermark again
         entry.idle = false;
+        let Some(ts) = ts else { return false };
         match entry.max_ts {
             None => {
                 entry.max_ts = Some(ts);
@@ -225,6 +227,11 @@ mod tests {
         w.observe(&p(0), 2, Some(EventTime(900)));
         assert_eq!(w.advance(), None, "held at 500 by partition 1 at 20");
         assert_eq!(w.current(), Some(EventTime(500)));
+        // assigned anew (after a rebalance), a partition is not idle any more
+        w.set_idle(&p(1), true);
+        w.revoke(&p(1));
+        w.assign(&p(1));
+        assert!(!w.get(&p(1)).is_some_and(|x| x.idle));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use axum::http::uri::Authority;
 use axum::http::{header, HeaderMap, Method};
 use subtle::ConstantTimeEq;
 
@@ -30,10 +31,10 @@ impl AdminToken {
     /// tools leave, is not part of it).
     pub fn parse(text: &str) -> Result<AdminToken, String> {
         let token = text.trim();
-        if token.len() < MIN_TOKEN_LEN {
+        if token.chars().count() < MIN_TOKEN_LEN {
             return Err(format!(
                 "the token has {} characters, fewer than {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32` makes one)",
-                token.len()
+                token.chars().count()
             ));
         }
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -118,7 +119,15 @@ pub fn reads_only(method: &Method) -> bool {
 pub fn authorize(headers: &HeaderMap, token: Option<&AdminToken>) -> Result<(), Denied> {
     cross_site(headers).map_or(Ok(()), |why| Err(Denied::CrossSite(why)))?;
     let Some(token) = token else {
-        return Ok(());
+        // without a token, the instance must be addressed by an IP address or `localhost`:
+        // a page of another site can point a name of its own at this host (DNS rebinding),
+        // and its requests are then same-origin
+        return match host_by_name(headers) {
+            Some(name) => Err(Denied::CrossSite(format!(
+                "addressed as {name}: without an admin token, address the instance by IP address or localhost"
+            ))),
+            None => Ok(()),
+        };
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -136,6 +145,17 @@ fn bearer_value(value: &[u8]) -> Option<&[u8]> {
     let scheme = b"bearer ";
     (value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme))
         .then(|| value[scheme.len()..].trim_ascii())
+}
+
+/// The `Host` of the request when it is a name other than `localhost` (an IP address, or no
+/// `Host` at all, gives `None`).
+fn host_by_name(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get(header::HOST)?.to_str().unwrap_or("(not text)");
+    let literal = raw.parse::<Authority>().is_ok_and(|a| {
+        let host = a.host().trim_start_matches('[').trim_end_matches(']');
+        host.parse::<std::net::IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost")
+    });
+    (!literal).then(|| raw.to_string())
 }
 
 /// Why the request comes from another site's page, if it does. Browsers say where a request
@@ -260,6 +280,50 @@ mod tests {
         }
         assert_eq!(
             authorize(&headers(&[("sec-fetch-site", "same-origin")]), None),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn without_a_token_the_instance_must_be_addressed_by_ip_address_or_localhost() {
+        for host in [
+            "127.0.0.1:9180",
+            "localhost:9180",
+            "LOCALHOST",
+            "[::1]:9180",
+            "10.0.0.7",
+        ] {
+            assert_eq!(
+                authorize(&headers(&[("host", host)]), None),
+                Ok(()),
+                "{host}"
+            );
+        }
+        // a name a page's site controls, pointed at this host (DNS rebinding): its requests
+        // are same-origin for the browser
+        for host in [
+            "rebind.attacker.example:9180",
+            "checkpointer",
+            "[not-v6]:9180",
+        ] {
+            let rebound = headers(&[
+                ("host", host),
+                ("origin", &format!("http://{host}")),
+                ("sec-fetch-site", "same-origin"),
+            ]);
+            let got = authorize(&rebound, None);
+            assert!(matches!(got, Err(Denied::CrossSite(_))), "{host}: {got:?}");
+        }
+        // with a token the name does not matter: the token decides
+        let bearer = format!("Bearer {TOKEN}");
+        assert_eq!(
+            authorize(
+                &headers(&[
+                    ("host", "checkpointer-0.checkpointer:9180"),
+                    ("authorization", &bearer)
+                ]),
+                Some(&token())
+            ),
             Ok(())
         );
     }

@@ -27,7 +27,7 @@ use crate::engine::Engine;
 use crate::http::{CommandError, Reply};
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
-use crate::store::writer::{Job, WriteJob, WriteOutcome};
+use crate::store::writer::{Job, Prune, WriteJob, WriteOutcome};
 use crate::store::{Checkpoints, SavepointMeta, StoreError, WriteStats};
 
 /// Who waits for a savepoint.
@@ -102,6 +102,8 @@ pub(crate) struct CoordinatorConfig {
     pub retained_unnamed_savepoints: usize,
     /// `checkpoint.savepoints_per_minute`.
     pub savepoints_per_minute: u32,
+    /// The savepoint `checkpoint.restore_from` names, which is never removed as unnamed.
+    pub pinned_savepoint: Option<String>,
 }
 
 pub(crate) struct Coordinator {
@@ -247,6 +249,11 @@ impl Coordinator {
             }
             Admission::Now => {
                 let name = name.unwrap_or_else(|| self.default_savepoint_name());
+                // a default name may be taken too (an import, a name an older build accepted)
+                if let Err(e) = self.check_savepoint_name(&name) {
+                    waiter.fail(e);
+                    return;
+                }
                 self.trigger(engine, Some(SavepointRequest { name, waiter }));
             }
             Admission::Queued => {
@@ -271,8 +278,9 @@ impl Coordinator {
         if let Some(mut request) = self.queued.take() {
             if request.name.is_empty() {
                 request.name = self.default_savepoint_name();
-            } else if let Err(e) = self.check_savepoint_name(&request.name) {
-                // taken meanwhile
+            }
+            // a given name may have been taken meanwhile, a default one by an import
+            if let Err(e) = self.check_savepoint_name(&request.name) {
                 request.waiter.fail(e);
                 return;
             }
@@ -325,15 +333,20 @@ impl Coordinator {
         }
         self.board.history().push(record.clone());
         let abandoned = Arc::new(AtomicBool::new(false));
-        let keep_unnamed = savepoint
+        let prune = savepoint
             .as_ref()
             .filter(|r| savepoints::unnamed_id(&r.name).is_some())
-            .map(|_| self.config.retained_unnamed_savepoints);
+            .map(|r| Prune {
+                keep: self.config.retained_unnamed_savepoints,
+                protected: std::iter::once(r.name.clone())
+                    .chain(self.config.pinned_savepoint.clone())
+                    .collect(),
+            });
         let job = WriteJob {
             checkpoint: cp,
             record,
             savepoint: savepoint.as_ref().map(|r| r.name.clone()),
-            keep_unnamed,
+            prune,
             started,
             abandoned: abandoned.clone(),
         };

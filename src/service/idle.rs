@@ -1,9 +1,12 @@
-//! Idle partitions (`watermark.idle_timeout`): a partition that is caught up (its position at
-//! the high watermark the consumer last saw) and has not moved for the timeout no longer holds
-//! the service watermark back, until its next record (the engine clears the mark then). Quiet
-//! is judged from the partition's position as the engine holds it, on the tick, so the record
-//! path pays nothing. Pure: the pipeline gives it positions, high watermarks and a clock, and
-//! carries out its decisions on the engine.
+//! Idle partitions (`watermark.idle_timeout`): a partition that is caught up and has not moved
+//! for the timeout no longer holds the service watermark back, until its next record (the
+//! engine clears the mark then). Caught up: the consumer reported the end of the partition at
+//! its current position, or its position is at the high watermark the lag probe last measured
+//! (every few seconds). Quiet is judged from the partition's position as the engine holds it,
+//! on the tick, so the record path pays nothing; while consumption is paused nothing becomes
+//! idle, and the quiet time starts again after the pause. Pure: the pipeline gives it
+//! positions, ends, high watermarks, the engine's marks and a clock, and carries out its
+//! decisions on the engine.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,6 +19,8 @@ struct Quiet {
     position: Option<NextOffset>,
     since: Duration,
     idle: bool,
+    /// The position at which the consumer last reported the end of the partition.
+    end_at: Option<NextOffset>,
 }
 
 #[derive(Debug)]
@@ -30,8 +35,10 @@ pub(crate) struct Seen<'a> {
     pub partition: &'a Partition,
     /// The next offset the engine holds for it.
     pub position: Option<NextOffset>,
-    /// The high watermark the consumer last saw for it (no request to the broker).
+    /// The high watermark the lag probe last measured for it.
     pub high: Option<i64>,
+    /// Whether the engine holds it idle (a record clears that; a new assignment too).
+    pub engine_idle: bool,
 }
 
 /// What changed at an evaluation.
@@ -64,8 +71,10 @@ impl Idleness {
                 position: s.position,
                 since: now,
                 idle: false,
+                end_at: None,
             });
-            if q.position != s.position {
+            // moved, or no longer idle for the engine (a record, an assignment anew)
+            if q.position != s.position || (q.idle && !s.engine_idle) {
                 q.position = s.position;
                 q.since = now;
                 if q.idle {
@@ -73,10 +82,12 @@ impl Idleness {
                     changes.active.push(s.partition.clone());
                 }
             }
-            let caught_up = match (s.position, s.high) {
+            let at_end = q.end_at.is_some() && q.end_at == s.position;
+            let at_high = match (s.position, s.high) {
                 (Some(next), Some(high)) => next.0 >= high,
                 _ => false,
             };
+            let caught_up = at_end || at_high;
             if !q.idle && caught_up && now.saturating_sub(q.since) >= self.timeout {
                 q.idle = true;
                 changes.idle.push(s.partition.clone());
@@ -85,6 +96,33 @@ impl Idleness {
         }
         self.parts = seen;
         changes
+    }
+
+    /// The consumer reported the end of `partition` with the engine at `position` (transaction
+    /// markers keep a position below the high watermark: the end says it is caught up).
+    pub(crate) fn end_reached(
+        &mut self,
+        partition: &Partition,
+        position: Option<NextOffset>,
+        now: Duration,
+    ) {
+        self.parts
+            .entry(partition.clone())
+            .or_insert(Quiet {
+                position,
+                since: now,
+                idle: false,
+                end_at: None,
+            })
+            .end_at = position;
+    }
+
+    /// Consumption is paused at `now`: nothing is quiet for being paused, so every partition
+    /// not idle yet starts its quiet time again.
+    pub(crate) fn paused(&mut self, now: Duration) {
+        for q in self.parts.values_mut().filter(|q| !q.idle) {
+            q.since = now;
+        }
     }
 
     /// The idle partitions.
@@ -110,6 +148,8 @@ mod tests {
             partition: p,
             position: Some(NextOffset(next)),
             high: Some(high),
+            // as the engine holds it once the tracker said so
+            engine_idle: true,
         }
     }
 
@@ -149,8 +189,48 @@ mod tests {
             partition: &a,
             position: Some(NextOffset(5)),
             high: None,
+            engine_idle: false,
         };
         assert!(idle.evaluate([unknown], s(20)).idle.is_empty());
+    }
+
+    #[test]
+    fn the_end_of_the_partition_counts_as_caught_up_below_the_high_watermark() {
+        let a = p(0);
+        let mut idle = Idleness::new(s(1));
+        // a transaction's commit marker: the position stays one below the high watermark
+        idle.evaluate([seen(&a, 9, 10)], s(0));
+        assert!(idle.evaluate([seen(&a, 9, 10)], s(5)).idle.is_empty());
+        idle.end_reached(&a, Some(NextOffset(9)), s(5));
+        assert_eq!(idle.evaluate([seen(&a, 9, 10)], s(6)).idle, vec![a.clone()]);
+    }
+
+    #[test]
+    fn the_quiet_time_starts_again_after_a_pause() {
+        let a = p(0);
+        let mut idle = Idleness::new(s(3));
+        idle.evaluate([seen(&a, 5, 5)], s(0));
+        idle.paused(s(10));
+        // records waited during the pause; the high watermark measured before them says
+        // caught up, but the partition must be quiet for the timeout after the pause
+        assert!(idle.evaluate([seen(&a, 5, 5)], s(11)).idle.is_empty());
+        assert_eq!(idle.evaluate([seen(&a, 5, 5)], s(13)).idle, vec![a.clone()]);
+    }
+
+    #[test]
+    fn a_partition_the_engine_no_longer_holds_idle_is_active_again() {
+        let a = p(0);
+        let mut idle = Idleness::new(s(1));
+        idle.evaluate([seen(&a, 5, 5)], s(0));
+        assert_eq!(idle.evaluate([seen(&a, 5, 5)], s(2)).idle, vec![a.clone()]);
+        // assigned anew, or an invalid record at the same position: the engine cleared it
+        let cleared = Seen {
+            engine_idle: false,
+            ..seen(&a, 5, 5)
+        };
+        assert_eq!(idle.evaluate([cleared], s(3)).active, vec![a.clone()]);
+        // and it may become idle again after the timeout
+        assert_eq!(idle.evaluate([seen(&a, 5, 5)], s(4)).idle, vec![a.clone()]);
     }
 
     #[test]

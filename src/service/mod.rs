@@ -42,7 +42,7 @@ use crate::checkpoint::{Scheduler, SchedulerSettings};
 use crate::config::{duration_ms, CheckpointMode, IdleAdvance, Settings, StateScope};
 use crate::engine::{Decoder, EngineConfig};
 use crate::http::{self, AdminState};
-use crate::memory::{self, ProcessMemory};
+use crate::memory::{self, ProcessMemory, Resident as _};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 use crate::sink::{Sink, SinkSettings};
@@ -240,6 +240,10 @@ pub async fn run(
             restored_from: restored.describe(),
             retained_unnamed_savepoints: c.retained_unnamed_savepoints,
             savepoints_per_minute: c.savepoints_per_minute,
+            pinned_savepoint: match &c.restore_from {
+                crate::checkpoint::RestoreFrom::Savepoint(name) => Some(name.clone()),
+                _ => None,
+            },
         },
         Scheduler::new(
             SchedulerSettings {
@@ -284,6 +288,9 @@ pub async fn run(
             "memory guard: 80% of the container's memory limit (state.max_memory is not set)"
         ),
         _ => tracing::info!("memory guard off: no state.max_memory and no container memory limit"),
+    }
+    if max_memory.is_some() && ProcessMemory.resident_bytes().is_none() {
+        tracing::warn!("memory guard off: the resident memory cannot be read (/proc/self/status)");
     }
     let pipeline = Pipeline::new(Parts {
         config: PipelineConfig {

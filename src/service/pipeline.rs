@@ -223,6 +223,12 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             .cloned()
             .collect();
         let unambiguous = same_number.len() == 1;
+        if let (Some(idleness), true) = (self.idleness.as_mut(), unambiguous) {
+            let now = self.started.elapsed();
+            for p in &same_number {
+                idleness.end_reached(p, self.engine.position(p), now);
+            }
+        }
         for p in same_number {
             let pending = self
                 .engine
@@ -343,8 +349,6 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         self.coordinator.in_flight()
     }
 
-    /// Pauses consumption while a checkpoint has been writing for longer than the interval or
-    /// the output's backlog is past its bound, and resumes it once neither is.
     /// Marks partitions idle that are caught up and quiet for `watermark.idle_timeout` (their
     /// windows may close then), notes those that moved again, and with `idle_advance:
     /// wall_clock` moves idle partitions' event time with the wall clock.
@@ -361,6 +365,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         self.idle_checked = Some(std::time::Instant::now());
         // while consumption is paused, partitions are quiet but not caught up
         if self.backpressure.engaged() {
+            idleness.paused(self.started.elapsed());
             return;
         }
         let engine = &self.engine;
@@ -369,6 +374,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             partition: p,
             position: engine.position(p),
             high: board.high(p),
+            engine_idle: engine.progress_of(p).is_some_and(|x| x.idle),
         });
         let changes = idleness.evaluate(seen, self.started.elapsed());
         for p in &changes.active {
@@ -406,6 +412,9 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         }
     }
 
+    /// Pauses consumption while a checkpoint has been writing for longer than the interval,
+    /// the output's backlog is past its bound or the resident memory past its limit, and
+    /// resumes it once none is; not ready while memory holds it.
     fn apply_backpressure(&mut self) {
         let change = self.backpressure.evaluate(
             self.coordinator.oldest_in_flight(),
@@ -440,6 +449,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         // not ready while memory holds consumption paused
         let why = self.memory_pause_reason();
         let resumed = why.is_none();
+        self.metrics.memory_paused.set(i64::from(!resumed));
         if self.status.set_memory_pause(why) {
             if resumed {
                 tracing::info!("resident memory is below 90% of state.max_memory again");

@@ -93,6 +93,7 @@ impl Rig {
                 restored_from: "nothing (empty start)".to_string(),
                 retained_unnamed_savepoints: options.retained_unnamed_savepoints,
                 savepoints_per_minute: options.savepoints_per_minute,
+                pinned_savepoint: None,
             },
             Scheduler::new(
                 SchedulerSettings {
@@ -622,7 +623,13 @@ async fn operator_savepoints_wait_for_room_come_one_at_a_time_and_only_the_newes
         other => panic!("{other:?}"),
     }
     // the two newest unnamed ones stay, and the named one
-    let mut names = rig.store.savepoint_names().expect("names");
+    let mut names: Vec<String> = rig
+        .store
+        .savepoints()
+        .expect("savepoints")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
     names.sort();
     assert_eq!(names, vec!["keep", "savepoint-4", "savepoint-5"]);
 }
@@ -654,6 +661,7 @@ async fn resident_memory_past_the_limit_pauses_consumption_and_readiness_until_i
         rig.consumer.calls()
     );
     assert_eq!(rig.metrics.backpressure.get(), 1);
+    assert_eq!(rig.metrics.memory_paused.get(), 1);
     assert_eq!(rig.metrics.memory_resident.get(), 120 << 20);
     let (ready, reason) = rig.board.readiness();
     assert!(!ready && reason.contains("state.max_memory"), "{reason}");
@@ -681,6 +689,7 @@ async fn resident_memory_past_the_limit_pauses_consumption_and_readiness_until_i
         rig.consumer.calls()
     );
     assert_eq!(rig.metrics.backpressure.get(), 0);
+    assert_eq!(rig.metrics.memory_paused.get(), 0);
     assert_eq!(
         rig.board.readiness(),
         (true, "2 partitions assigned".to_string())

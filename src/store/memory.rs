@@ -122,8 +122,8 @@ impl Checkpoints for MemoryStore {
             })
     }
 
-    fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
-        Ok(lock(&self.inner).savepoints.keys().cloned().collect())
+    fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
+        Ok(lock(&self.inner).savepoints.values().cloned().collect())
     }
 
     fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {

@@ -27,8 +27,8 @@ pub trait Checkpoints: Send + Sync + 'static {
     fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError>;
     /// The savepoint of this name, if there is one.
     fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
-    /// The names of the savepoints held.
-    fn savepoint_names(&self) -> Result<Vec<String>, StoreError>;
+    /// The savepoints held (damaged ones left out).
+    fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError>;
     /// Deletes a savepoint.
     fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
     /// Deletes every checkpoint (savepoints stay); returns how many.
@@ -49,8 +49,8 @@ impl Checkpoints for Store {
     fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
         Store::savepoint(self, name)
     }
-    fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
-        Store::savepoint_names(self)
+    fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
+        Store::savepoints(self)
     }
     fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
         Store::delete_savepoint(self, name)
@@ -70,12 +70,21 @@ pub struct WriteJob {
     pub checkpoint: Checkpoint,
     pub record: CheckpointRecord,
     pub savepoint: Option<String>,
-    /// For an unnamed savepoint: how many unnamed savepoints to keep once it is durable (the
+    /// For an unnamed savepoint: which unnamed savepoints to keep once it is durable (the
     /// oldest others are deleted).
-    pub keep_unnamed: Option<usize>,
+    pub prune: Option<Prune>,
     pub started: Instant,
     /// Set when the checkpoint was abandoned (timeout) before the writer reached it.
     pub abandoned: Arc<AtomicBool>,
+}
+
+/// The unnamed savepoints to keep after an unnamed one is durable.
+#[derive(Debug, Clone)]
+pub struct Prune {
+    /// How many (`checkpoint.retained_unnamed_savepoints`).
+    pub keep: usize,
+    /// Never deleted: the savepoint just taken, the one `checkpoint.restore_from` names.
+    pub protected: Vec<String>,
 }
 
 pub enum Job {
@@ -107,18 +116,19 @@ pub enum WriteOutcome {
     },
 }
 
-/// Deletes the oldest unnamed savepoints beyond the newest `keep`
-/// (`checkpoint.retained_unnamed_savepoints`); a failure is logged and retried with the next
-/// unnamed savepoint.
-fn drop_unnamed_savepoints(store: &dyn Checkpoints, keep: usize) {
-    let names = match store.savepoint_names() {
-        Ok(n) => n,
+/// Deletes the oldest unnamed savepoints beyond the newest `prune.keep`
+/// (`checkpoint.retained_unnamed_savepoints`), never a protected one; a failure is logged and
+/// retried with the next unnamed savepoint.
+fn drop_unnamed_savepoints(store: &dyn Checkpoints, prune: &Prune) {
+    let held: Vec<(String, i64)> = match store.savepoints() {
+        Ok(s) => s.into_iter().map(|m| (m.name, m.created_ms)).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot list savepoints to remove the oldest unnamed ones");
             return;
         }
     };
-    for name in unnamed_to_drop(&names, keep) {
+    let keep = prune.keep;
+    for name in unnamed_to_drop(&held, keep, &prune.protected) {
         match store.delete_savepoint(&name) {
             Ok(_) => tracing::info!(
                 savepoint = %name,
@@ -166,7 +176,7 @@ pub fn spawn(
                         checkpoint,
                         record,
                         savepoint,
-                        keep_unnamed,
+                        prune,
                         started,
                         ..
                     } = *job;
@@ -178,8 +188,8 @@ pub fn spawn(
                             started,
                         })
                         .map(|s| (s, started.elapsed(), checkpoint));
-                    if let (Ok(_), Some(keep)) = (&written, keep_unnamed) {
-                        drop_unnamed_savepoints(&*store, keep);
+                    if let (Ok(_), Some(prune)) = (&written, prune) {
+                        drop_unnamed_savepoints(&*store, &prune);
                     }
                     written
                 })
