@@ -67,6 +67,11 @@ pub struct KafkaSettings {
     pub topics: Vec<String>,
     #[serde(default)]
     pub auto_offset_reset: OffsetReset,
+    /// Where a partition the checkpoint holds no position for starts: the group's committed
+    /// offset (else `auto_offset_reset`), its earliest or its latest offset. Unset:
+    /// `auto_offset_reset`.
+    #[serde(default)]
+    pub start_from: Option<StartFrom>,
     /// Static group membership (`group.instance.id`), e.g. the pod name: a restarted instance
     /// gets its partitions back without waiting for its old session to expire.
     #[serde(default)]
@@ -141,6 +146,34 @@ pub struct WatermarkSettings {
     /// wall clock advances.
     #[serde(default)]
     pub idle_advance: IdleAdvance,
+}
+
+/// `kafka.start_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The group's committed offset (migrating from a consumer of the same group), else
+    /// `auto_offset_reset`.
+    Committed,
+    Earliest,
+    Latest,
+}
+
+impl KafkaSettings {
+    /// Where a partition with neither a held position nor (with `start_from: committed`) a
+    /// committed offset starts.
+    pub fn reset(&self) -> OffsetReset {
+        match self.start_from {
+            Some(StartFrom::Earliest) => OffsetReset::Earliest,
+            Some(StartFrom::Latest) => OffsetReset::Latest,
+            Some(StartFrom::Committed) | None => self.auto_offset_reset,
+        }
+    }
+
+    /// Whether a partition with no held position starts at the group's committed offset.
+    pub fn from_committed(&self) -> bool {
+        self.start_from == Some(StartFrom::Committed)
+    }
 }
 
 /// `watermark.idle_advance`.
@@ -1038,6 +1071,24 @@ checkpoint:
         assert_eq!(s.watermark.max_future_skew, Duration::from_secs(600));
         let text = err_text(BASE, &[("CHECKPOINTER_WATERMARK__MAX_FUTURE_SKEW", "0s")]);
         assert!(text.contains("watermark.max_future_skew"), "{text}");
+    }
+
+    #[test]
+    fn start_from_is_unset_by_default_and_overrides_auto_offset_reset_when_set() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.kafka.start_from, None);
+        assert_eq!(s.kafka.reset(), OffsetReset::Earliest);
+        assert!(!s.kafka.from_committed());
+        let s = load(BASE, &[("CHECKPOINTER_KAFKA__START_FROM", "committed")]).expect("valid");
+        assert!(s.kafka.from_committed());
+        assert_eq!(s.kafka.reset(), OffsetReset::Earliest, "the fallback");
+        let s = load(BASE, &[("CHECKPOINTER_KAFKA__START_FROM", "latest")]).expect("valid");
+        assert_eq!(s.kafka.reset(), OffsetReset::Latest);
+        let text = err_text(BASE, &[("CHECKPOINTER_KAFKA__START_FROM", "yesterday")]);
+        assert!(
+            text.contains("start_from") || text.contains("yesterday"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn preflight(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<P
         target: Target {
             spec: &spec,
             topics: &settings.kafka.topics,
-            auto_offset_reset: settings.kafka.auto_offset_reset,
+            auto_offset_reset: settings.kafka.reset(),
         },
         allow_non_restored_state: c.allow_non_restored_state,
     };

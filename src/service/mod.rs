@@ -186,7 +186,8 @@ pub async fn run(
             brokers: &k.brokers,
             group_id: &k.group_id,
             topics: &k.topics,
-            auto_offset_reset: k.auto_offset_reset,
+            auto_offset_reset: k.reset(),
+            from_committed: k.from_committed(),
             instance_id: k.instance_id.as_deref(),
             options: &k.options,
             direct,
@@ -204,7 +205,8 @@ pub async fn run(
                 discovery_interval: k.partition_discovery_interval,
                 tag,
                 wait: settings.checkpoint.lock_wait,
-                reset: k.auto_offset_reset,
+                reset: k.reset(),
+                from_committed: k.from_committed(),
             },
         );
     }
@@ -294,7 +296,7 @@ pub async fn run(
     }
     let pipeline = Pipeline::new(Parts {
         config: PipelineConfig {
-            auto_offset_reset: k.auto_offset_reset,
+            auto_offset_reset: k.reset(),
             dir: c.dir.clone(),
             shutdown_timeout: c.shutdown_timeout,
             on_cancel: c.on_cancel,

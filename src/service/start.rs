@@ -55,7 +55,7 @@ pub(super) fn open_and_restore(
         target: Target {
             spec,
             topics: &settings.kafka.topics,
-            auto_offset_reset: settings.kafka.auto_offset_reset,
+            auto_offset_reset: settings.kafka.reset(),
         },
         allow_non_restored_state: c.allow_non_restored_state,
     };

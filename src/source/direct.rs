@@ -7,7 +7,8 @@
 //! `kafka.partition_discovery_interval`) and hands new ones to the processing loop as
 //! assignments. Partitions found while running, and partitions of a topic the restored
 //! checkpoint knows that it holds no position for (added while the service was down), are read
-//! from their beginning; others (a topic new to the configuration) per `auto_offset_reset`.
+//! from their beginning; others (a topic new to the configuration, a new store) at the group's
+//! committed offset with `kafka.start_from: committed`, else per `start_from`/`auto_offset_reset`.
 //!
 //! Offsets are still committed to `group_id` after every durable checkpoint, and the last ones
 //! again every few seconds (a heartbeat), each commit tagged ([`CommitTag`]) so lag tools see
@@ -17,8 +18,9 @@
 //!   committed by another store within [`super::ownership::LIVE_WITHIN`] means another instance is running on
 //!   the group; the start waits for its commits to stop (up to `checkpoint.lock_wait`, logged),
 //!   then gives up;
-//! - then it commits where it will read from (held positions, else the group's, else the
-//!   partition's start): the broker refuses that while the group has members (an instance with
+//! - then it commits where it will read from (held positions, else the group's with
+//!   `start_from: committed`, else the partition's start or end): the broker refuses that
+//!   while the group has members (an instance with
 //!   `state.scope: partition`, an old static member whose session has not expired, any
 //!   subscribed consumer); the start waits for them to leave the same way, then gives up;
 //! - while running, every heartbeat reads the group's commits again: a commit by another run
@@ -122,6 +124,7 @@ fn check_group(
     partitions: &[Partition],
     tag: &CommitTag,
     reset: OffsetReset,
+    from_committed: bool,
 ) -> GroupCheck {
     let (committed, tags) = match read_group(consumer, partitions) {
         Ok(found) => found,
@@ -139,7 +142,7 @@ fn check_group(
         let p = Partition::new(e.topic(), e.partition());
         let next = match (held.get(&p), e.offset()) {
             (Some(next), _) => *next,
-            (None, Offset::Offset(o)) if o >= 0 => NextOffset(o),
+            (None, Offset::Offset(o)) if o >= 0 && from_committed => NextOffset(o),
             _ => match consumer.fetch_watermarks(&p.topic, p.partition, REQUEST_TIMEOUT) {
                 Ok((low, _)) if from_beginning.contains(&p) || reset == OffsetReset::Earliest => {
                     NextOffset(low)
@@ -196,8 +199,10 @@ pub struct DirectSettings {
     pub tag: CommitTag,
     /// How long the start waits for another instance to stop.
     pub wait: Duration,
-    /// `kafka.auto_offset_reset`.
+    /// `kafka.start_from`/`auto_offset_reset`, for partitions without a committed offset to use.
     pub reset: OffsetReset,
+    /// `kafka.start_from: committed`.
+    pub from_committed: bool,
 }
 
 /// What a heartbeat found.
@@ -303,11 +308,12 @@ async fn run(
                     new.clone(),
                     settings.tag.clone(),
                 );
-                let reset = settings.reset;
-                let verdict =
-                    tokio::task::spawn_blocking(move || check_group(&c, &s, &ps, &tag, reset))
-                        .await
-                        .map_err(|_| String::new());
+                let (reset, from_committed) = (settings.reset, settings.from_committed);
+                let verdict = tokio::task::spawn_blocking(move || {
+                    check_group(&c, &s, &ps, &tag, reset, from_committed)
+                })
+                .await
+                .map_err(|_| String::new());
                 match verdict {
                     Err(_) => return Ok(()),
                     Ok(GroupCheck::Clear) => checked = true,

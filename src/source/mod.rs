@@ -8,6 +8,7 @@
 pub mod direct;
 pub mod ownership;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,6 +162,8 @@ pub struct SourceContext {
     reset: Offset,
     /// Partitions are assigned directly, without group membership.
     direct: bool,
+    /// A partition with no held position starts at the group's committed offset, if any.
+    from_committed: bool,
     /// The metadata of every offset commit.
     tag: ownership::CommitTag,
 }
@@ -181,6 +184,34 @@ impl ClientContext for SourceContext {
     }
 }
 
+/// The group's committed offsets of `partitions` (those it has; none if the broker cannot
+/// say, logged).
+fn committed_offsets<C: Consumer<SourceContext>>(
+    consumer: &C,
+    partitions: &[&Partition],
+) -> HashMap<Partition, NextOffset> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&p.topic, p.partition);
+    }
+    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(found) => found
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => {
+                    Some((Partition::new(e.topic(), e.partition()), NextOffset(o)))
+                }
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the group's committed offsets; partitions without a checkpointed position start per auto_offset_reset");
+            HashMap::new()
+        }
+    }
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
     tpl.elements()
         .iter()
@@ -189,8 +220,10 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
 }
 
 impl SourceContext {
-    /// Assigns `partitions`, each at the service's position for it (never the group's
-    /// committed offset, which is advisory), else per `auto_offset_reset`.
+    /// Assigns `partitions`, each at the service's position for it, else (with
+    /// `kafka.start_from: committed`) at the group's committed offset, else per
+    /// `start_from`/`auto_offset_reset`. A partition the restored checkpoint's topics gained
+    /// while the service was down starts at its beginning.
     fn assign_at_positions<C: Consumer<Self>>(
         &self,
         consumer: &C,
@@ -199,11 +232,22 @@ impl SourceContext {
         let mut tpl = TopicPartitionList::new();
         let positions = self.shared.board().positions();
         let from_beginning = self.shared.from_beginning_snapshot();
+        let unknown: Vec<&Partition> = partitions
+            .iter()
+            .filter(|p| !positions.contains_key(*p) && !from_beginning.contains(*p))
+            .collect();
+        let committed = if self.from_committed && !unknown.is_empty() {
+            committed_offsets(consumer, &unknown)
+        } else {
+            HashMap::new()
+        };
         for p in partitions {
             let start = match positions.get(p) {
                 Some(next) => Offset::Offset(next.0),
                 None if from_beginning.contains(p) => Offset::Beginning,
-                None => self.reset,
+                None => committed
+                    .get(p)
+                    .map_or(self.reset, |next| Offset::Offset(next.0)),
             };
             tpl.add_partition_offset(&p.topic, p.partition, start)
                 .map_err(|source| SourceError::Assign {
@@ -225,9 +269,14 @@ impl SourceContext {
                 Some(next) => {
                     tracing::info!(partition = %p, next_offset = next.0, "partition assigned, resuming at checkpointed position")
                 }
-                None => {
-                    tracing::info!(partition = %p, "partition assigned, no checkpointed position: starting per auto_offset_reset")
-                }
+                None => match committed.get(p) {
+                    Some(next) => {
+                        tracing::info!(partition = %p, next_offset = next.0, "partition assigned, no checkpointed position: starting at the group's committed offset (kafka.start_from: committed)")
+                    }
+                    None => {
+                        tracing::info!(partition = %p, "partition assigned, no checkpointed position: starting per kafka.start_from / auto_offset_reset")
+                    }
+                },
             }
         }
         Ok(())
@@ -330,6 +379,9 @@ pub struct SourceSettings<'a> {
     pub group_id: &'a str,
     pub topics: &'a [String],
     pub auto_offset_reset: OffsetReset,
+    /// A partition with no held position starts at the group's committed offset, if any
+    /// (`kafka.start_from: committed`).
+    pub from_committed: bool,
     pub instance_id: Option<&'a str>,
     pub options: &'a std::collections::BTreeMap<String, String>,
     /// Assign partitions directly ([`direct`]) instead of subscribing as a group member.
@@ -392,6 +444,7 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
                 OffsetReset::Earliest => Offset::Beginning,
             },
             direct: settings.direct,
+            from_committed: settings.from_committed,
             tag: settings.tag.clone(),
         })
         .map_err(SourceError::Create)?;
@@ -527,6 +580,7 @@ mod tests {
             group_id: "g",
             topics: &[],
             auto_offset_reset: OffsetReset::Earliest,
+            from_committed: false,
             instance_id: None,
             options,
             direct: false,
