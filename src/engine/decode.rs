@@ -49,7 +49,7 @@ pub enum InvalidReason {
     BadTimestamp,
     /// Event time further ahead of the wall clock than `watermark.max_future_skew`.
     FutureTimestamp,
-    /// A value beyond ±[`MAX_VALUE`]: sums of such values could overflow to infinity.
+    /// A value beyond ±1e288 (`MAX_VALUE`): sums of such values could overflow to infinity.
     ValueOutOfRange,
 }
 
