@@ -378,10 +378,7 @@ impl Coordinator {
                 checkpoint,
             } => {
                 if !self.scheduler.completed(id, self.now()) {
-                    tracing::info!(
-                        checkpoint_id = id.0,
-                        "abandoned checkpoint was written after its timeout; it is ignored"
-                    );
+                    self.record_late_completion(id, &stats, duration);
                     return Ok(Settled::Nothing);
                 }
                 self.last_durable = Some(id);
@@ -458,6 +455,31 @@ impl Coordinator {
             request.waiter.succeed(meta);
         }
         f.positions
+    }
+
+    /// Checkpoint `id` was abandoned (`checkpoint.timeout`) but the writer completed it
+    /// afterwards: it is complete in the store, and a start may restore it, so the history
+    /// says completed (in memory, and in the store after the abandonment it recorded first).
+    /// Nothing is released for it: the next checkpoint, a full one, does that.
+    fn record_late_completion(&mut self, id: CheckpointId, stats: &WriteStats, duration: Duration) {
+        let record = self.board.history().update(id, |r| {
+            r.status = Status::Completed;
+            r.failure = None;
+            r.duration_ms = Some(duration.as_millis() as u64);
+            r.bytes = Some(stats.bytes);
+            r.phases.write_ms = Some(stats.write.as_millis() as u64);
+            r.phases.flush_ms = Some(stats.flush.as_millis() as u64);
+        });
+        if let Some(record) = record {
+            let _ = self.writer.send(Job::Record(record));
+        }
+        tracing::warn!(
+            checkpoint_id = id.0,
+            duration_ms = duration.as_millis() as u64,
+            timeout_ms = self.config.timeout.as_millis() as u64,
+            savepoint = stats.savepoint.as_ref().map(|s| s.name.as_str()),
+            "a checkpoint abandoned at checkpoint.timeout was completed afterwards: it is recorded as completed and a start may restore it; its final windows go out with the next checkpoint"
+        );
     }
 
     /// Records the end of a failed or abandoned attempt: history (memory and store), metrics,

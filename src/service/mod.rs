@@ -78,8 +78,16 @@ pub async fn shutdown_signal() -> &'static str {
 /// was checkpointed and acknowledged) or a fatal error.
 pub async fn run(
     settings: Settings,
-    shutdown: impl Future<Output = &'static str>,
+    shutdown: impl Future<Output = &'static str> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // waited for from now on (signal handlers are installed when it is first polled), not from
+    // when the loop first looks: a SIGTERM during the restore stops the service cleanly once it
+    // is up instead of killing it
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = stopping.send(shutdown.await);
+    });
+    let shutdown = async move { stopped.await.unwrap_or("shutdown") };
     for w in settings.warnings() {
         tracing::warn!("{w}");
     }

@@ -45,6 +45,7 @@ struct Options {
     savepoints_per_minute: u32,
     max_memory: Option<u64>,
     idle_timeout: Option<Duration>,
+    timeout: Duration,
 }
 
 impl Default for Options {
@@ -58,6 +59,7 @@ impl Default for Options {
             savepoints_per_minute: 6,
             max_memory: None,
             idle_timeout: None,
+            timeout: Duration::from_secs(60),
         }
     }
 }
@@ -88,7 +90,7 @@ impl Rig {
         let (writer, outcomes) = writer::spawn(checkpoints.clone());
         let coordinator = Coordinator::new(
             CoordinatorConfig {
-                timeout: Duration::from_secs(60),
+                timeout: options.timeout,
                 dir: "memory".into(),
                 restored_from: "nothing (empty start)".to_string(),
                 retained_unnamed_savepoints: options.retained_unnamed_savepoints,
@@ -99,7 +101,7 @@ impl Rig {
                 SchedulerSettings {
                     interval: Duration::from_millis(1),
                     min_pause: Duration::ZERO,
-                    timeout: Duration::from_secs(60),
+                    timeout: options.timeout,
                     max_concurrent: 1,
                     tolerable_failures: options.tolerable_failures,
                 },
@@ -693,5 +695,51 @@ async fn resident_memory_past_the_limit_pauses_consumption_and_readiness_until_i
     assert_eq!(
         rig.board.readiness(),
         (true, "2 partitions assigned".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_completed_after_its_timeout_is_recorded_as_completed_not_abandoned() {
+    let mut rig = Rig::new(Options {
+        timeout: Duration::from_millis(50),
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.store.delay_writes(Duration::from_millis(300));
+    rig.tick();
+    // the timeout passes while the store still writes (the writer runs meanwhile): abandoned
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.tick();
+    assert_eq!(rig.history(CheckpointId(1)), AttemptStatus::Abandoned);
+    // the write completes anyway: the store holds it, complete, and a start may restore it
+    rig.settle().await.expect("late completion");
+    assert_eq!(
+        rig.store
+            .written()
+            .iter()
+            .map(|w| w.checkpoint.id)
+            .collect::<Vec<_>>()
+            .first(),
+        Some(&CheckpointId(1))
+    );
+    assert_eq!(rig.history(CheckpointId(1)), AttemptStatus::Completed);
+    // the store's history too, after the abandonment it recorded first (the writer works in
+    // order)
+    let persisted = |rig: &Rig| -> Vec<AttemptStatus> {
+        rig.store
+            .attempts()
+            .iter()
+            .filter(|r| r.id == CheckpointId(1))
+            .map(|r| r.status)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while persisted(&rig).len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        persisted(&rig),
+        vec![AttemptStatus::Abandoned, AttemptStatus::Completed]
     );
 }
