@@ -72,6 +72,10 @@ pub struct KafkaSettings {
     /// `auto_offset_reset`.
     #[serde(default)]
     pub start_from: Option<StartFrom>,
+    /// What a held position the broker no longer has (records deleted by retention, the
+    /// topic recreated) does: stop, or move that partition to its earliest or latest offset.
+    #[serde(default)]
+    pub on_offset_out_of_range: OnOutOfRange,
     /// Static group membership (`group.instance.id`), e.g. the pod name: a restarted instance
     /// gets its partitions back without waiting for its old session to expire.
     #[serde(default)]
@@ -103,6 +107,11 @@ pub struct InputSettings {
     pub value: Option<String>,
     /// `$timestamp` (the Kafka message timestamp) or a JSON pointer to epoch milliseconds.
     pub timestamp: String,
+    /// Topic that invalid and late input records are copied to, unchanged, with headers naming
+    /// the reason and where they came from (and, with `output.on_error: dead_letter`, final
+    /// windows the output topic refuses for good). None: they are counted and skipped.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -159,6 +168,20 @@ pub enum StartFrom {
     Latest,
 }
 
+/// `kafka.on_offset_out_of_range`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOutOfRange {
+    /// Exit 1 naming the partition, the held position and the broker's offsets; the
+    /// checkpoint stays as it is.
+    #[default]
+    Fail,
+    /// Move the partition to the earliest offset the broker has (skipping only what is gone).
+    Earliest,
+    /// Move the partition to the latest offset (skipping everything up to it).
+    Latest,
+}
+
 impl KafkaSettings {
     /// Where a partition with neither a held position nor (with `start_from: committed`) a
     /// committed offset starts.
@@ -211,6 +234,22 @@ pub struct OutputSettings {
     /// pauses until half of them are acknowledged; 0: no bound.
     #[serde(default = "default_max_pending_windows")]
     pub max_pending_windows: u64,
+    /// What a final window the output topic refuses for good (too large, not authorized,
+    /// unknown topic, invalid record) does: stop the service or go to the dead-letter topic.
+    #[serde(default)]
+    pub on_error: OnOutputError,
+}
+
+/// `output.on_error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOutputError {
+    /// Exit 1 naming the window and the error; the state keeps the window, which is sent
+    /// again at the next start.
+    #[default]
+    Fail,
+    /// Write the window to `input.dead_letter_topic` with headers naming the error, and go on.
+    DeadLetter,
 }
 
 fn default_max_pending_windows() -> u64 {
@@ -573,6 +612,26 @@ impl Settings {
                     format!("`{t}` must be a non-empty topic of its own, neither an input nor the output topic"),
                 ));
             }
+        }
+        if let Some(t) = &self.input.dead_letter_topic {
+            if t.trim().is_empty()
+                || k.topics.contains(t)
+                || *t == self.output.topic
+                || self.state.changelog_topic.as_ref() == Some(t)
+            {
+                return Err(ConfigError::invalid(
+                    "input.dead_letter_topic",
+                    format!("`{t}` must be a non-empty topic of its own, neither an input, the output nor the changelog topic"),
+                ));
+            }
+        }
+        if self.output.on_error == OnOutputError::DeadLetter
+            && self.input.dead_letter_topic.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "output.on_error",
+                "dead_letter needs input.dead_letter_topic, the topic refused windows go to",
+            ));
         }
         if self.watermark.max_future_skew < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
@@ -1089,6 +1148,29 @@ checkpoint:
             text.contains("start_from") || text.contains("yesterday"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_dead_letter_topic_is_a_topic_of_its_own_and_dead_letter_output_needs_it() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.input.dead_letter_topic, None);
+        assert_eq!(s.output.on_error, OnOutputError::Fail);
+        let topic = ("CHECKPOINTER_INPUT__DEAD_LETTER_TOPIC", "dead");
+        let divert = ("CHECKPOINTER_OUTPUT__ON_ERROR", "dead_letter");
+        let s = load(BASE, &[topic, divert]).expect("valid");
+        assert_eq!(s.input.dead_letter_topic.as_deref(), Some("dead"));
+        assert_eq!(s.output.on_error, OnOutputError::DeadLetter);
+        let text = err_text(BASE, &[divert]);
+        assert!(
+            text.contains("output.on_error") && text.contains("input.dead_letter_topic"),
+            "{text}"
+        );
+        for same in ["events", "out", " "] {
+            let text = err_text(BASE, &[("CHECKPOINTER_INPUT__DEAD_LETTER_TOPIC", same)]);
+            assert!(text.contains("input.dead_letter_topic"), "{same}: {text}");
+        }
+        let text = err_text(BASE, &[("CHECKPOINTER_OUTPUT__ON_ERROR", "retry")]);
+        assert!(text.contains("on_error"), "{text}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use checkpointer::config::{LogFormat, RestoreFrom, Settings};
 use checkpointer::http::auth::AdminToken;
 use checkpointer::ops::{offline, remote, OpsError};
+use checkpointer::position::Partition;
 
 /// Where `savepoint`, `stop` and `probe` find a running instance unless told otherwise: the
 /// `CHECKPOINTER_HTTP__LISTEN` address when that is set (as a container's environment may
@@ -112,6 +113,25 @@ enum Command {
     },
     /// Take a savepoint of a running instance; or list, export, import, delete savepoints.
     Savepoint(SavepointArgs),
+    /// Move one partition's held position in a stopped instance's checkpoint directory (after
+    /// its records were deleted, or to skip or replay on purpose): a new checkpoint with the
+    /// same state, noted in the history. The next start reads the partition from there.
+    ResetPosition {
+        /// Checkpoint directory of the stopped instance.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partition: i32,
+        /// earliest or latest (the broker's offsets, asked through --config), or an offset.
+        #[arg(long, value_name = "earliest|latest|OFFSET")]
+        to: offline::Target,
+        /// Configuration whose kafka.brokers and kafka.options reach the broker (needed for
+        /// earliest and latest).
+        #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Stop a running instance gracefully, optionally after a savepoint (the upgrade path).
     Stop {
         /// Admin URL of the instance.
@@ -309,6 +329,29 @@ fn main() -> ExitCode {
             }
         }
         Command::Checkpoints { action } => report(checkpoints(action)),
+        Command::ResetPosition {
+            dir,
+            topic,
+            partition,
+            to,
+            config,
+        } => {
+            let settings = match config.as_deref().map(load).transpose() {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let ask = settings.as_ref().map(|s| {
+                let kafka = s.kafka.clone();
+                move |p: &Partition| broker_watermarks(&kafka, p)
+            });
+            let ask = ask.as_ref().map(|f| f as offline::Watermarks<'_>);
+            report(offline::reset_position(
+                &dir,
+                &Partition::new(&topic, partition),
+                to,
+                ask,
+            ))
+        }
         Command::Savepoint(args) => report(savepoint(args)),
         Command::Stop {
             url,
@@ -474,4 +517,18 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
             ExitCode::FAILURE
         }
     }
+}
+
+/// The earliest and latest offsets of `p`, asked of the brokers of `kafka` (bounded).
+fn broker_watermarks(
+    kafka: &checkpointer::config::KafkaSettings,
+    p: &Partition,
+) -> Result<(i64, i64), String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = checkpointer::source::base_client(&kafka.brokers, &kafka.options)
+        .create()
+        .map_err(|e| format!("cannot create a Kafka client for {}: {e}", kafka.brokers))?;
+    consumer
+        .fetch_watermarks(&p.topic, p.partition, Duration::from_secs(15))
+        .map_err(|e| format!("cannot ask {} for the offsets of {p}: {e}", kafka.brokers))
 }

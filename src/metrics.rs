@@ -57,7 +57,14 @@ pub struct Metrics {
     pub memory_limit: IntGauge,
     pub partitions_idle: IntGauge,
     pub memory_paused: IntGauge,
+    pub dead_letters: IntCounterVec,
+    pub dead_letters_pending: IntGauge,
+    pub records_skipped: IntCounterVec,
 }
+
+/// `checkpointer_records_skipped_total`'s reason for offsets skipped because a held position
+/// was out of range.
+pub const SKIPPED_OUT_OF_RANGE: &str = "offset_out_of_range";
 
 /// The registry being filled, and the names registered in it (kept because the exposition
 /// leaves out labelled families that have no series yet).
@@ -155,6 +162,37 @@ impl Metrics {
         for reason in crate::http::auth::Denied::LABELS {
             admin_refused.with_label_values(&[reason]);
         }
+        let dead_letters = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "checkpointer_dead_letters_total",
+                    "Records written to input.dead_letter_topic, by reason: an invalid-record reason, late, or output_too_large, output_unauthorized, output_unknown_topic, output_invalid for windows the output refused.",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|_| unreachable!("valid metric name")),
+        );
+        for reason in InvalidReason::ALL
+            .iter()
+            .map(|r| r.label())
+            .chain([crate::sink::dead_letter::LATE])
+            .chain(crate::sink::verdict::Refusal::ALL.iter().map(|r| r.label()))
+        {
+            dead_letters.with_label_values(&[reason]);
+        }
+        let records_skipped = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "checkpointer_records_skipped_total",
+                    "Offsets never read because a held position was moved past them, by reason (offset_out_of_range: kafka.on_offset_out_of_range moved a partition whose held position the broker no longer had).",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|_| unreachable!("valid metric name")),
+        );
+        records_skipped.with_label_values(&[SKIPPED_OUT_OF_RANGE]);
         let secs = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             60.0,
@@ -167,12 +205,12 @@ impl Metrics {
             records_invalid,
             records_late: counter(&r, "checkpointer_records_late_total", "Records dropped because all of their windows were already final."),
             records_duplicate: counter(&r, "checkpointer_records_duplicate_total", "Redelivered records at offsets already processed, ignored."),
-            offset_out_of_range: counter(&r, "checkpointer_offset_out_of_range_total", "Times the broker reported a held position out of range; the service moved back to it instead of skipping."),
+            offset_out_of_range: counter(&r, "checkpointer_offset_out_of_range_total", "Times the broker reported a held position out of range (kafka.on_offset_out_of_range decides what happens)."),
             offset_gap: reg(&r, IntCounterVec::new(Opts::new("checkpointer_offset_gap_records_total", "Offsets skipped between the held position and a partition's first record after an assignment (compaction and transaction markers make small gaps legitimate)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
             windows_open: int_gauge(&r, "checkpointer_windows_open", "Window instances (window, key, start) currently accumulating."),
             windows_pending: int_gauge(&r, "checkpointer_windows_pending", "Final windows waiting for a durable checkpoint or an output acknowledgement."),
             windows_emitted: counter(&r, "checkpointer_windows_emitted_total", "Final windows acknowledged by the output topic."),
-            emit_failures: counter(&r, "checkpointer_emit_failures_total", "Failed attempts to write a final window to the output topic (retried)."),
+            emit_failures: counter(&r, "checkpointer_emit_failures_total", "Transient failures to write a final window to the output topic (retried; a refusal for good follows output.on_error instead)."),
             checkpoint_duration: histogram(&r, "checkpointer_checkpoint_duration_seconds", "Time from checkpoint trigger to durable (flushed) in sled.", secs),
             checkpoint_stall: histogram(&r, "checkpointer_checkpoint_stall_seconds", "Time record processing paused to take a checkpoint snapshot.", stall),
             checkpoint_size: int_gauge(&r, "checkpointer_checkpoint_size_bytes", "Bytes written by the last completed checkpoint."),
@@ -193,7 +231,7 @@ impl Metrics {
             restore_dropped_entries: counter(&r, "checkpointer_restore_dropped_entries_total", "Open windows of the restored snapshot dropped at start because they no longer fit the configuration (checkpoint.allow_non_restored_state)."),
             restore_dropped_partitions: counter(&r, "checkpointer_restore_dropped_partitions_total", "Partition offsets of the restored snapshot dropped at start because their topic is no longer subscribed."),
             checkpoints_in_flight: int_gauge(&r, "checkpointer_checkpoints_in_flight", "Checkpoints triggered and not yet durable."),
-            backpressure: int_gauge(&r, "checkpointer_backpressure", "1 while consumption is paused because a checkpoint has been writing for longer than checkpoint.interval, else 0."),
+            backpressure: int_gauge(&r, "checkpointer_backpressure", "1 while consumption is paused (back-pressure): a checkpoint writing for longer than checkpoint.interval, final windows past output.max_pending_windows, resident memory past state.max_memory, or dead-letter copies holding a checkpoint back; else 0."),
             backpressure_seconds: float_counter(&r, "checkpointer_backpressure_seconds_total", "Seconds consumption spent paused by back-pressure (slow checkpoints), summed since start."),
             restore_duration: gauge(&r, "checkpointer_restore_duration_seconds", "Time the last start took to restore its checkpoint or savepoint."),
             consumer_lag: int_gauge_vec(&r, "checkpointer_consumer_lag_records", "Records between the next offset to read and the partition's high watermark.", &["topic", "partition"]),
@@ -208,6 +246,9 @@ impl Metrics {
             memory_paused: int_gauge(&r, "checkpointer_memory_paused", "1 while consumption is paused because the resident memory passed state.max_memory (until it is below 90% of it), else 0."),
             partitions_idle: int_gauge(&r, "checkpointer_partitions_idle", "Assigned partitions caught up and quiet for watermark.idle_timeout, which do not hold the watermark back until their next record."),
             memory_limit: int_gauge(&r, "checkpointer_memory_limit_bytes", "Resident memory past which consumption pauses (state.max_memory, or 80% of the container's limit); 0: no limit."),
+            dead_letters,
+            records_skipped,
+            dead_letters_pending: int_gauge(&r, "checkpointer_dead_letters_pending", "Copies for input.dead_letter_topic not acknowledged yet; checkpoints wait for them."),
             names: r.names.take(),
             registry: r.registry,
         }
@@ -217,6 +258,16 @@ impl Metrics {
         self.records_invalid
             .with_label_values(&[reason.label()])
             .inc();
+    }
+
+    /// `n` offsets skipped, for `reason`.
+    pub fn records_skipped(&self, reason: &str, n: u64) {
+        self.records_skipped.with_label_values(&[reason]).inc_by(n);
+    }
+
+    /// A record written to the dead-letter topic, for `reason`.
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_letters.with_label_values(&[reason]).inc();
     }
 
     /// The name of every metric family the service exports (histograms: the base name of

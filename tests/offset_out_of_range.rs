@@ -1,12 +1,13 @@
 //! A held position the broker reports out of range (records deleted, topic recreated) is never
-//! skipped silently: the service stays at its position, counts
-//! `checkpointer_offset_out_of_range_total`, warns, processes nothing it would have to skip to,
-//! and stays up. Two mock clusters stand in for the topic before and after it lost its records.
+//! skipped silently: with `kafka.on_offset_out_of_range: fail` (the default) the service
+//! processes nothing, exits 1 naming the partition, the held position and the broker's
+//! offsets, and leaves its checkpoint as it is. Two mock clusters stand in for the topic
+//! before and after it lost its records (the policies on the real broker:
+//! `integration-tests/tests/out_of_range.rs`).
 
 use std::time::Duration;
 
 use integration_tests::free_addr;
-use integration_tests::http::try_get;
 use integration_tests::metrics::metric;
 use integration_tests::mock_cluster::{mock_cluster, produce, Cluster};
 use integration_tests::process::spawn_service;
@@ -26,7 +27,7 @@ fn cluster_with(n: i64) -> (Cluster, String) {
 }
 
 #[test]
-fn a_position_out_of_range_is_held_not_skipped() {
+fn a_position_out_of_range_stops_the_service_with_its_checkpoint_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let config = |brokers: &str, addr: std::net::SocketAddr| {
@@ -72,28 +73,18 @@ http: {{ listen: "{addr}" }}
     let log = dir.path().join("second.log");
     let mut service =
         spawn_service(BIN, &config(&brokers, addr), &log, "info").expect("spawn checkpointer");
-    service
-        .wait_for(
-            "the out-of-range position to be reported",
-            Duration::from_secs(60),
-            || metric(addr, "checkpointer_offset_out_of_range_total") >= 1.0,
-        )
-        .expect("wait");
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        service.try_wait().expect("try_wait").is_none(),
-        "the service exited"
-    );
-    assert_eq!(
-        metric(addr, "checkpointer_records_consumed_total"),
-        0.0,
-        "records were read from a position the service does not hold"
-    );
+    let status = service
+        .wait_exit(Duration::from_secs(60))
+        .expect("wait")
+        .expect("the service stops by itself");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("held position out of range"), "{text}");
-    assert!(try_get(addr, "/healthz").is_some_and(|r| r.status == 200));
-    let status = service.terminate().expect("SIGTERM");
-    assert_eq!(status.code(), Some(0), "{text}");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "partition in[0]: the held position 50 is out of range: the broker has offsets 0 to 10"
+        ),
+        "{text}"
+    );
     // the checkpoint still holds position 50
     let store =
         checkpointer::store::Store::open(&state, checkpointer::store::Open::Create).expect("open");

@@ -477,6 +477,24 @@ impl Broker {
         self.wait_for_partitions(topic, partitions)
     }
 
+    /// Deletes the records of `topic`/`partition` before `before` (what retention does): the
+    /// partition's earliest offset becomes `before`.
+    pub fn delete_records(&self, topic: &str, partition: i32, before: i64) -> Result<()> {
+        let runtime = runtime()?;
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        let result = runtime
+            .block_on(self.admin.delete_records(&offsets, &options))
+            .with_context(|| format!("DeleteRecords {topic}/{partition} before {before}"))?;
+        for e in result.elements() {
+            if let Err(err) = e.error() {
+                return Err(anyhow!("DeleteRecords {topic}/{}: {err}", e.partition()));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds partitions to `topic` until it has `total`, and waits until they have leaders.
     pub fn add_partitions(&self, topic: &str, total: usize) -> Result<()> {
         let runtime = runtime()?;

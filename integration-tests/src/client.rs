@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -226,6 +226,18 @@ pub struct Message {
     /// The message key as UTF-8 (lossy); empty when the message had no key.
     pub key: String,
     pub payload: Vec<u8>,
+    /// The message's headers, in order (a header without a value reads as empty).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Message {
+    /// The first header named `name`, as UTF-8 (lossy).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
 }
 
 /// Reads every partition of a topic from the beginning and keeps all messages seen so far.
@@ -300,6 +312,14 @@ impl OutputReader {
                         .map(|k| String::from_utf8_lossy(k).into_owned())
                         .unwrap_or_default(),
                     payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }),
                 Err(err) => {
                     self.errors += 1;

@@ -58,6 +58,10 @@ pub struct ServiceConfig {
     pub http_extra: BTreeMap<String, String>,
     /// More keys of the `watermark:` section, values verbatim YAML.
     pub watermark_extra: BTreeMap<String, String>,
+    /// More keys of the `input:` section, values verbatim YAML.
+    pub input_extra: BTreeMap<String, String>,
+    /// More keys of the `output:` section, values verbatim YAML.
+    pub output_extra: BTreeMap<String, String>,
 }
 
 impl ServiceConfig {
@@ -87,6 +91,8 @@ impl ServiceConfig {
             state_extra: BTreeMap::new(),
             http_extra: BTreeMap::new(),
             watermark_extra: BTreeMap::new(),
+            input_extra: BTreeMap::new(),
+            output_extra: BTreeMap::new(),
         }
     }
 
@@ -129,6 +135,9 @@ impl ServiceConfig {
         yaml.push_str(&format!("  key: {}\n", q(&self.key_pointer)));
         yaml.push_str(&format!("  value: {}\n", q(&self.value_pointer)));
         yaml.push_str(&format!("  timestamp: {}\n", q(&self.timestamp_pointer)));
+        for (key, value) in &self.input_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
         yaml.push_str("windows:\n");
         for window in &self.windows {
             yaml.push_str(&format!("  - {}\n", window.to_yaml()));
@@ -148,6 +157,9 @@ impl ServiceConfig {
         }
         yaml.push_str("output:\n");
         yaml.push_str(&format!("  topic: {}\n", q(&self.output_topic)));
+        for (key, value) in &self.output_extra {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
         yaml.push_str("checkpoint:\n");
         yaml.push_str(&format!("  dir: {}\n", q(&state_dir.to_string_lossy())));
         yaml.push_str(&format!(

@@ -231,6 +231,7 @@ mod tests {
             offset: 0,
             key: key.to_owned(),
             payload: payload.as_bytes().to_vec(),
+            headers: Vec::new(),
         }
     }
 

@@ -127,6 +127,8 @@ pub struct Engine {
     released: u64,
     emit_queue: Emission,
     records_since_snapshot: u64,
+    /// A position was moved since the last snapshot ([`Engine::move_position`]).
+    positions_moved: bool,
     /// Records stamped after this are invalid ([`InvalidReason::FutureTimestamp`]): the wall
     /// clock plus `watermark.max_future_skew`, as the loop last set it.
     not_after: Option<i64>,
@@ -146,6 +148,7 @@ impl Engine {
             released: 0,
             emit_queue: Emission::default(),
             records_since_snapshot: 0,
+            positions_moved: false,
             not_after: None,
         }
     }
@@ -313,6 +316,13 @@ impl Engine {
             self.marks.revoke(p);
         }
         self.advance();
+    }
+
+    /// Reading `partition` goes on at `next`, forward or back (its held position was out of
+    /// range and `kafka.on_offset_out_of_range` moved it); the next checkpoint holds it.
+    pub fn move_position(&mut self, partition: &Partition, next: NextOffset) {
+        self.marks.move_to(partition, next);
+        self.positions_moved = true;
     }
 
     /// The consumer reached the end of `partition`.
@@ -533,6 +543,7 @@ impl Engine {
             .collect();
         partitions.sort_by(|a, b| a.partition.cmp(&b.partition));
         let records = std::mem::take(&mut self.records_since_snapshot);
+        self.positions_moved = false;
         StateDelta {
             full,
             partitions,
@@ -581,7 +592,9 @@ impl Engine {
 
     /// Whether anything changed since the last snapshot.
     pub fn has_changes(&self) -> bool {
-        self.records_since_snapshot > 0 || self.all_scopes().any(ScopeState::has_changes)
+        self.records_since_snapshot > 0
+            || self.positions_moved
+            || self.all_scopes().any(ScopeState::has_changes)
     }
 }
 

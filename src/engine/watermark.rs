@@ -109,6 +109,11 @@ impl Watermarks {
         }
     }
 
+    /// Reading `p` goes on at `next` (a held position out of range moved by policy).
+    pub fn move_to(&mut self, p: &Partition, next: NextOffset) {
+        self.parts.entry(p.clone()).or_default().next = Some(next);
+    }
+
     pub fn eof(&mut self, p: &Partition) {
         if let Some(entry) = self.parts.get_mut(p) {
             if entry.max_ts.is_none() {

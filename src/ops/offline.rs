@@ -10,6 +10,7 @@ use super::OpsError;
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind};
 use crate::checkpoint_id::CheckpointId;
+use crate::position::{NextOffset, Partition};
 use crate::store::portable::{self, Portable};
 use crate::store::{Open, Store, StoreError};
 
@@ -30,8 +31,14 @@ pub fn list_checkpoints(dir: &Path, limit: usize, as_json: bool) -> Result<Strin
     let retained = store.checkpoint_ids()?;
     let records = store.history(None, limit)?;
     if as_json {
+        let mut notes = serde_json::Map::new();
+        for r in &records {
+            if let Some(note) = store.note(r.id)? {
+                notes.insert(r.id.to_string(), note.into());
+            }
+        }
         return Ok(serde_json::to_string_pretty(
-            &json!({ "retained": retained, "checkpoints": records }),
+            &json!({ "retained": retained, "checkpoints": records, "notes": notes }),
         )?);
     }
     let mut out = format!(
@@ -52,6 +59,9 @@ pub fn list_checkpoints(dir: &Path, limit: usize, as_json: bool) -> Result<Strin
         ));
         if let Some(f) = &r.failure {
             out.push_str(&format!("{:>8}  failure: {f}\n", ""));
+        }
+        if let Some(note) = store.note(r.id)? {
+            out.push_str(&format!("{:>8}  note: {note}\n", ""));
         }
     }
     if records.is_empty() {
@@ -93,6 +103,7 @@ pub fn show_checkpoint(dir: &Path, id: CheckpointId) -> Result<String, OpsError>
         "checkpoint": record,
         "retained": retained.is_some(),
         "entries": retained.as_ref().map(|r| r.live_entries),
+        "note": store.note(id)?,
         "spec": retained.map(|r| r.meta.spec),
     }))?)
 }
@@ -138,4 +149,72 @@ pub fn delete_savepoint(dir: &Path, name: &str) -> Result<String, OpsError> {
     let store = open_for_change(dir)?;
     store.delete_savepoint(name)?;
     Ok(format!("deleted savepoint {name}"))
+}
+
+/// Where `reset-position --to` moves a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The earliest offset the broker has.
+    Earliest,
+    /// The offset the next record will get.
+    Latest,
+    Offset(i64),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "earliest" => Ok(Target::Earliest),
+            "latest" => Ok(Target::Latest),
+            n => match n.parse::<i64>() {
+                Ok(o) if o >= 0 => Ok(Target::Offset(o)),
+                _ => Err(format!(
+                    "`{s}` is neither earliest, latest nor an offset (a whole number, 0 or more)"
+                )),
+            },
+        }
+    }
+}
+
+/// The earliest and latest offsets of a partition, asked of the brokers of `client`.
+pub type Watermarks<'a> = &'a dyn Fn(&Partition) -> Result<(i64, i64), String>;
+
+/// `reset-position`: moves one partition's held position in a stopped instance's store (a new
+/// checkpoint with the same state, noted in the history). `earliest` and `latest` ask the
+/// broker through `watermarks`.
+pub fn reset_position(
+    dir: &Path,
+    partition: &Partition,
+    to: Target,
+    watermarks: Option<Watermarks<'_>>,
+) -> Result<String, OpsError> {
+    let (offset, why) = match to {
+        Target::Offset(o) => (o, format!("--to {o}")),
+        Target::Earliest | Target::Latest => {
+            let ask = watermarks.ok_or_else(|| {
+                OpsError::Invalid(
+                    "--to earliest and --to latest ask the broker: give --config (its kafka.brokers and kafka.options)".to_string(),
+                )
+            })?;
+            let (low, high) = ask(partition).map_err(OpsError::Invalid)?;
+            let (o, name) = if to == Target::Earliest {
+                (low, "earliest")
+            } else {
+                (high, "latest")
+            };
+            (
+                o,
+                format!("--to {name}: the broker had offsets {low} to {high}"),
+            )
+        }
+    };
+    let store = open_for_change(dir)?;
+    let note = format!("reset-position: the held position of {partition} set to {offset} ({why})");
+    let (id, before) = store.reset_position(partition, NextOffset(offset), &note)?;
+    let before = before.map_or("none".to_string(), |n| n.0.to_string());
+    Ok(format!(
+        "moved the held position of {partition} from {before} to {offset} ({why}) in checkpoint {id}; the next start reads {partition} from {offset} (the other partitions and the window state are unchanged)"
+    ))
 }

@@ -9,7 +9,9 @@
 //!   the bound, so that it does not pause and resume at every acknowledgement);
 //! - the process's resident memory passed `state.max_memory`: consumption resumes once it fell
 //!   below 90% of it (the final windows waiting drain through checkpoints and the output, and
-//!   the allocator gives their memory back).
+//!   the allocator gives their memory back);
+//! - copies for the dead-letter topic hold a checkpoint back for long, or too many are
+//!   unacknowledged: consumption resumes once they are written.
 //!
 //! Pure: the pipeline feeds it the age of the oldest checkpoint in flight, the final windows
 //! not acknowledged by the output and the resident memory it last read, and carries out what
@@ -28,6 +30,9 @@ pub(crate) enum Cause {
     Output { pending: usize, bound: usize },
     /// `resident` bytes are resident, more than `limit` (`state.max_memory`).
     Memory { resident: u64, limit: u64 },
+    /// `outstanding` dead-letter copies are not acknowledged, and a checkpoint waits for them
+    /// or there are too many.
+    DeadLetters { outstanding: u64 },
 }
 
 /// What changed at an evaluation.
@@ -58,6 +63,8 @@ pub(crate) struct Backpressure {
     resident: Option<u64>,
     /// The resident memory went past the limit and has not fallen below 90% of it yet.
     over_memory: bool,
+    /// Dead-letter copies that hold consumption back, as the pipeline last judged them.
+    dead_letters: Option<u64>,
 }
 
 impl Backpressure {
@@ -70,7 +77,14 @@ impl Backpressure {
             max_memory: None,
             resident: None,
             over_memory: false,
+            dead_letters: None,
         }
+    }
+
+    /// `Some(outstanding)`: dead-letter copies hold consumption back (a checkpoint has waited
+    /// for them too long, or too many are unacknowledged); `None`: they do not.
+    pub(crate) fn observe_dead_letters(&mut self, blocking: Option<u64>) {
+        self.dead_letters = blocking;
     }
 
     /// Pauses consumption while more than `limit` bytes are resident.
@@ -132,7 +146,13 @@ impl Backpressure {
                 None
             }
         };
-        match (self.engaged_at, late.or(backlog).or(memory)) {
+        let dead_letters = self
+            .dead_letters
+            .map(|outstanding| Cause::DeadLetters { outstanding });
+        match (
+            self.engaged_at,
+            late.or(backlog).or(memory).or(dead_letters),
+        ) {
             (None, Some(cause)) => {
                 self.engaged_at = Some(now);
                 Change::Engage(cause)
@@ -288,5 +308,22 @@ mod tests {
             Change::Engage(Cause::Checkpoint { .. })
         ));
         assert_eq!(b.evaluate(None, 80, 2 * S), Change::Release { paused: S });
+    }
+
+    #[test]
+    fn dead_letter_copies_hold_consumption_back_while_the_pipeline_says_so() {
+        let mut b = Backpressure::new(2 * S, 0);
+        assert_eq!(b.evaluate(None, 0, S), Change::Same);
+        b.observe_dead_letters(Some(7));
+        assert_eq!(
+            b.evaluate(None, 0, 2 * S),
+            Change::Engage(Cause::DeadLetters { outstanding: 7 })
+        );
+        assert_eq!(b.evaluate(None, 0, 3 * S), Change::Same);
+        b.observe_dead_letters(None);
+        assert_eq!(
+            b.evaluate(None, 0, 4 * S),
+            Change::Release { paused: 2 * S }
+        );
     }
 }

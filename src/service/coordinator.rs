@@ -230,6 +230,7 @@ impl Coordinator {
         engine: &mut Engine,
         name: Option<String>,
         reply: Reply<SavepointMeta>,
+        may_start: bool,
     ) {
         let waiter = SavepointWaiter::Trigger(reply);
         if let Some(given) = &name {
@@ -239,7 +240,10 @@ impl Coordinator {
             }
         }
         let busy = self.queued.is_some() || self.in_flight.values().any(|f| f.savepoint.is_some());
-        match self.gate.admit(self.now(), busy, self.scheduler.has_room()) {
+        match self
+            .gate
+            .admit(self.now(), busy, may_start && self.scheduler.has_room())
+        {
             Admission::Refused {
                 reason,
                 retry_after,
@@ -259,7 +263,7 @@ impl Coordinator {
             Admission::Queued => {
                 tracing::info!(
                     in_flight = self.scheduler.in_flight(),
-                    "savepoint queued until a checkpoint in flight completes (checkpoint.max_concurrent)"
+                    "savepoint queued until it can start (a checkpoint in flight and checkpoint.max_concurrent, or dead-letter copies not written yet)"
                 );
                 // named when taken: an unnamed one takes the id it is written under
                 self.queued = Some(SavepointRequest {
@@ -268,6 +272,11 @@ impl Coordinator {
                 });
             }
         }
+    }
+
+    /// Whether an operator's savepoint waits for room.
+    pub(crate) fn has_queued(&self) -> bool {
+        self.queued.is_some()
     }
 
     /// Takes the queued savepoint once a checkpoint can start.

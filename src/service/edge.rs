@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::out_of_range::Probed;
 use crate::changelog::kafka::PublishFailure;
 use crate::changelog::kafka::{
     read_states, Batch, ChangelogError, ChangelogTopic, OnProgress, Publisher,
 };
 use crate::changelog::protocol::Committed;
 use crate::checkpoint_id::CheckpointId;
-use crate::config::OffsetReset;
 use crate::engine::{Emission, StateKey};
 use crate::http::Command;
 use crate::position::{NextOffset, Partition};
@@ -31,6 +31,10 @@ pub(crate) struct Inbox {
     pub commands: mpsc::UnboundedReceiver<Command>,
     pub released: mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>,
     pub failures: mpsc::UnboundedReceiver<PublishFailure>,
+    /// A window or dead-letter copy that can be written nowhere: the service stops.
+    pub fatal: mpsc::UnboundedReceiver<String>,
+    /// The broker's offsets of the assigned partitions, asked after an out-of-range report.
+    pub probes: mpsc::UnboundedReceiver<Vec<Probed>>,
 }
 
 impl Inbox {
@@ -54,8 +58,9 @@ pub(crate) trait Assignments {
     fn commit(&self, positions: &[(Partition, NextOffset)]);
     /// Low and high watermarks of `partition` (blocking, bounded).
     fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)>;
-    /// Moves every partition back to the position the service holds for it.
-    fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset);
+    /// Reading each of `moves` (partition, offset) starts again at its offset (also after
+    /// librdkafka stopped fetching it on an out-of-range report).
+    fn restart_at(&self, moves: &[(Partition, i64)]) -> Result<(), SourceError>;
     /// Stops fetching `partitions` (back-pressure); reading resumes after the last record
     /// delivered.
     fn pause(&self, partitions: &[Partition]);
@@ -76,8 +81,8 @@ impl Assignments for Source {
     fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)> {
         source::watermarks(self, partition, Duration::from_secs(1))
     }
-    fn reposition(&self, positions: &[(Partition, Option<NextOffset>)], reset: OffsetReset) {
-        source::reposition(self, positions, reset)
+    fn restart_at(&self, moves: &[(Partition, i64)]) -> Result<(), SourceError> {
+        source::restart_at(self, moves)
     }
     fn pause(&self, partitions: &[Partition]) {
         source::pause(self, partitions, true)

@@ -10,7 +10,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::edge::{Assignments, ChangelogIo, Output};
 use crate::changelog::kafka::{Batch, ChangelogError, OnProgress};
 use crate::changelog::protocol::{Chunk, Committed};
-use crate::config::OffsetReset;
 use crate::engine::{ClosedWindow, Emission, StateKey};
 use crate::lock::lock;
 use crate::position::{NextOffset, Partition};
@@ -24,14 +23,22 @@ pub(crate) enum Call {
     Commit(Vec<(Partition, NextOffset)>),
     Pause(Vec<Partition>),
     Resume(Vec<Partition>),
+    Seek(Partition, i64),
 }
 
 #[derive(Default)]
 pub(crate) struct FakeConsumer {
     calls: Mutex<Vec<Call>>,
+    /// What `watermarks` answers, per partition (None when absent).
+    offsets: Mutex<HashMap<Partition, (i64, i64)>>,
 }
 
 impl FakeConsumer {
+    /// The low and high watermarks the broker would report for `partition`.
+    pub(crate) fn set_watermarks(&self, partition: &Partition, low: i64, high: i64) {
+        lock(&self.offsets).insert(partition.clone(), (low, high));
+    }
+
     pub(crate) fn calls(&self) -> Vec<Call> {
         lock(&self.calls).clone()
     }
@@ -59,10 +66,16 @@ impl Assignments for FakeConsumer {
     fn commit(&self, positions: &[(Partition, NextOffset)]) {
         lock(&self.calls).push(Call::Commit(positions.to_vec()));
     }
-    fn watermarks(&self, _partition: &Partition) -> Option<(i64, i64)> {
-        None
+    fn watermarks(&self, partition: &Partition) -> Option<(i64, i64)> {
+        lock(&self.offsets).get(partition).copied()
     }
-    fn reposition(&self, _positions: &[(Partition, Option<NextOffset>)], _reset: OffsetReset) {}
+    fn restart_at(&self, moves: &[(Partition, i64)]) -> Result<(), SourceError> {
+        let mut calls = lock(&self.calls);
+        for (p, offset) in moves {
+            calls.push(Call::Seek(p.clone(), *offset));
+        }
+        Ok(())
+    }
     fn pause(&self, partitions: &[Partition]) {
         lock(&self.calls).push(Call::Pause(partitions.to_vec()));
     }

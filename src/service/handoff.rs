@@ -97,6 +97,12 @@ impl Handoff {
         &self.assigned
     }
 
+    /// Whether revoked partitions wait for their release: the group waits for this consumer's
+    /// answer to the revoke, and no other assignment change may come first.
+    pub(crate) fn releasing(&self) -> bool {
+        self.releases.any_pending()
+    }
+
     pub(crate) fn assignment_seen(&self) -> bool {
         self.assignment_seen
     }

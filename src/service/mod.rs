@@ -18,6 +18,7 @@ mod edge;
 mod fakes;
 mod handoff;
 mod idle;
+mod out_of_range;
 mod pipeline;
 mod releases;
 pub(crate) mod restore;
@@ -39,12 +40,15 @@ use crate::changelog::kafka::{ChangelogTopic, Publisher};
 use crate::changelog::plan::Ledger;
 use crate::checkpoint::history::History;
 use crate::checkpoint::{Scheduler, SchedulerSettings};
-use crate::config::{duration_ms, CheckpointMode, IdleAdvance, Settings, StateScope};
+use crate::config::{
+    duration_ms, CheckpointMode, IdleAdvance, OnOutputError, Settings, StateScope,
+};
 use crate::engine::{Decoder, EngineConfig};
 use crate::http::{self, AdminState};
 use crate::memory::{self, ProcessMemory, Resident as _};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
+use crate::sink::dead_letter::DeadLetters;
 use crate::sink::{Sink, SinkSettings};
 use crate::source::{self, Shared, SourceSettings};
 use crate::store::{writer, Checkpoints, Retention};
@@ -166,6 +170,20 @@ pub async fn run(
         }
     }
     let k = &settings.kafka;
+    let (fatal_tx, fatal) = tokio::sync::mpsc::unbounded_channel();
+    let (probes_tx, probes) = tokio::sync::mpsc::unbounded_channel();
+    let dead_letters = match &settings.input.dead_letter_topic {
+        Some(topic) => {
+            tracing::info!(%topic, on_output_error = ?settings.output.on_error, "invalid and late records are copied to the dead-letter topic");
+            Some(DeadLetters::start(
+                source::base_client(&k.brokers, &k.options),
+                topic.clone(),
+                metrics.clone(),
+                fatal_tx.clone(),
+            )?)
+        }
+        None => None,
+    };
     let (sink, acks) = Sink::start(
         source::base_client(&k.brokers, &k.options),
         SinkSettings {
@@ -176,8 +194,13 @@ pub async fn run(
                 .chain(spec.retired.iter().map(|w| w.name.clone()))
                 .collect(),
             aggregates: settings.aggregates.clone(),
+            dead_letter_topic: match settings.output.on_error {
+                OnOutputError::DeadLetter => settings.input.dead_letter_topic.clone(),
+                OnOutputError::Fail => None,
+            },
         },
         metrics.clone(),
+        fatal_tx,
     )?;
     // one instance owns every partition: no group membership, partitions assigned directly
     let direct = settings.state.scope == StateScope::Instance;
@@ -314,6 +337,7 @@ pub async fn run(
             max_memory,
             idle_timeout: settings.watermark.idle_timeout,
             idle_wall_clock: settings.watermark.idle_advance == IdleAdvance::WallClock,
+            on_out_of_range: k.on_offset_out_of_range,
         },
         engine,
         decoder: Decoder::new(
@@ -329,6 +353,8 @@ pub async fn run(
         metrics,
         shared: shared.clone(),
         memory: Arc::new(ProcessMemory),
+        dead_letters,
+        probes: probes_tx,
     });
     let inbox = Inbox {
         outcomes,
@@ -336,6 +362,8 @@ pub async fn run(
         commands,
         released,
         failures,
+        fatal,
+        probes,
     };
     let result = pipeline.run(inbox, shutdown).await;
     shared.set_closing();

@@ -13,22 +13,25 @@ use anyhow::bail;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc;
 
 use super::backpressure::{Backpressure, Cause, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
 use super::edge::{Assignments, Inbox, Output};
 use super::handoff::Handoff;
 use super::idle::{Idleness, Seen};
+use super::out_of_range::{Decision, Probed};
 use super::status::Status;
 use super::stop::{Facts, Step, StopSequence};
 use crate::checkpoint_id::CheckpointId;
-use crate::config::{OffsetReset, OnCancel};
+use crate::config::{OffsetReset, OnCancel, OnOutOfRange};
 use crate::engine::{Decoder, Engine, Outcome, StateKey};
 use crate::http::{Command, Reply};
 use crate::memory::Resident;
 use crate::metrics::Metrics;
 use crate::position::{NextOffset, Partition};
 use crate::ratelimit::RateLimit;
+use crate::sink::dead_letter::{self, DeadLetter, DeadLetters};
 use crate::source::{Rebalance, Shared, Source};
 use crate::store::writer::WriteOutcome;
 use crate::store::SavepointMeta;
@@ -57,10 +60,28 @@ pub(crate) struct PipelineConfig {
     pub idle_timeout: Option<Duration>,
     /// `watermark.idle_advance: wall_clock`.
     pub idle_wall_clock: bool,
+    /// `kafka.on_offset_out_of_range`.
+    pub on_out_of_range: OnOutOfRange,
 }
+
+/// How long after a revoke records are checked against the assignment (the consumer may
+/// still hand over one it fetched for a partition taken away).
+const RECENT_REVOKE: Duration = Duration::from_secs(5);
+/// Least time between two questions to the broker about partitions out of range.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Longest pause of reading after a consumer error.
+const MAX_CONSUMER_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How often partitions are looked at for idleness.
 const IDLE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Dead-letter copies not acknowledged yet past which consumption pauses until they are.
+const MAX_DEAD_LETTERS_OUTSTANDING: u64 = 50_000;
+/// How long a checkpoint waiting for dead-letter copies stops reading before the partitions
+/// are paused (back-pressure) instead.
+const DEAD_LETTER_HOLD: Duration = Duration::from_secs(1);
+/// How long a revoke waits for dead-letter copies of the partitions' records.
+const REVOKE_DEAD_LETTER_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the resident memory is read.
 const MEMORY_READ_EVERY: Duration = Duration::from_millis(250);
@@ -100,6 +121,25 @@ pub(crate) struct Pipeline<C, O> {
     idleness: Option<Idleness>,
     /// When partitions were last looked at for idleness.
     idle_checked: Option<std::time::Instant>,
+    /// The dead-letter topic's writer, when `input.dead_letter_topic` is set.
+    dead_letters: Option<DeadLetters>,
+    /// Since when a checkpoint that is due waits for dead-letter copies: no record is read
+    /// meanwhile, for up to [`DEAD_LETTER_HOLD`]; past it the partitions are paused instead (the
+    /// consumer must go on being polled).
+    awaiting_dead_letters: Option<std::time::Instant>,
+    /// Where the broker's offsets of the assigned partitions go, asked off the loop.
+    probes: mpsc::UnboundedSender<Vec<Probed>>,
+    /// The broker reported a position out of range and has not been asked which one yet.
+    probe_wanted: bool,
+    /// The broker is being asked; when the last question was.
+    probe_in_flight: bool,
+    last_probe: Option<std::time::Instant>,
+    /// Reading pauses until then after a consumer error (never a sleep inside the loop).
+    consumer_backoff_until: Option<tokio::time::Instant>,
+    consumer_backoff: Duration,
+    /// When partitions were last revoked: for [`RECENT_REVOKE`] after, records are checked
+    /// against the assignment.
+    revoked_at: Option<std::time::Instant>,
 }
 
 /// The parts a pipeline is made of.
@@ -115,9 +155,11 @@ pub(crate) struct Parts<C, O> {
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
     pub memory: Arc<dyn Resident>,
+    pub dead_letters: Option<DeadLetters>,
+    pub probes: mpsc::UnboundedSender<Vec<Probed>>,
 }
 
-impl<C: Assignments, O: Output> Pipeline<C, O> {
+impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     pub(crate) fn new(parts: Parts<C, O>) -> Self {
         // a checkpoint writing for longer than the interval, or an output backlog past its
         // bound, pauses consumption
@@ -153,6 +195,15 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             memory: parts.memory,
             memory_read: None,
             idle_checked: None,
+            dead_letters: parts.dead_letters,
+            awaiting_dead_letters: None,
+            probes: parts.probes,
+            probe_wanted: false,
+            probe_in_flight: false,
+            last_probe: None,
+            consumer_backoff_until: None,
+            consumer_backoff: Duration::from_millis(100),
+            revoked_at: None,
         };
         // windows the restored checkpoint holds as final were durable there: send them again
         pipeline.emit();
@@ -182,6 +233,16 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             self.handoff.assignment_seen(),
         );
         let p = Partition::new(m.topic(), m.partition());
+        // a record the consumer returned together with the rebalance that took its partition
+        // away belongs to the partition's next owner
+        if self
+            .revoked_at
+            .is_some_and(|at| at.elapsed() < RECENT_REVOKE)
+            && !self.handoff.assigned().contains(&p)
+        {
+            tracing::debug!(partition = %p, offset = m.offset(), "record of a partition no longer assigned: not applied");
+            return;
+        }
         let engine = &self.engine;
         self.handoff
             .check_first_record(&p, m.offset(), || engine.position(&p));
@@ -195,10 +256,16 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             Outcome::Late => {
                 metrics.records_consumed.inc();
                 metrics.records_late.inc();
+                if let Some(d) = self.dead_letters.as_mut() {
+                    d.send(DeadLetter::of_input(m, dead_letter::LATE));
+                }
             }
             Outcome::Invalid(reason) => {
                 metrics.records_consumed.inc();
                 metrics.invalid(reason);
+                if let Some(d) = self.dead_letters.as_mut() {
+                    d.send(DeadLetter::of_input(m, reason.label()));
+                }
                 if let Some(suppressed) = self.invalid_log.check() {
                     tracing::warn!(partition = %p, offset = m.offset(), reason = reason.label(), suppressed, "skipping invalid record (further ones are counted in checkpointer_records_invalid_total and logged at most every 10s)");
                 }
@@ -255,18 +322,14 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         self.emit();
     }
 
-    fn on_consumer_error(&mut self, e: &KafkaError) {
+    pub(crate) fn on_consumer_error(&mut self, e: &KafkaError) {
         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            // librdkafka stops fetching the partition and does not say which one it is: the
+            // broker is asked for every assigned partition's offsets, off the loop
             self.metrics.offset_out_of_range.inc();
-            tracing::warn!(error = %e, "the broker reported a held position out of range; moving every partition back to its held position instead of skipping records (if records were deleted by retention, this repeats: restore the data or start from an empty checkpoint.dir)");
-            let positions: Vec<(Partition, Option<NextOffset>)> = self
-                .handoff
-                .assigned()
-                .iter()
-                .map(|p| (p.clone(), self.engine.position(p)))
-                .collect();
-            self.consumer
-                .reposition(&positions, self.config.auto_offset_reset);
+            tracing::warn!(error = %e, "the broker reported a held position out of range; asking it which partition (kafka.on_offset_out_of_range decides what happens)");
+            self.probe_wanted = true;
+            self.start_probe();
             return;
         }
         // one broker failing is not an outage: its partitions move to other leaders
@@ -277,6 +340,131 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         if down {
             self.shared.board().set_broker_error(Some(e.to_string()));
         }
+        // librdkafka reconnects by itself, reporting every failed attempt: a broker that
+        // refuses connections (one of several, or the group coordinator) must not hold back
+        // the records of partitions whose leaders answer, so only other errors pause reading,
+        // briefly, with the loop going on meanwhile
+        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::BrokerTransportFailure) {
+            self.consumer_backoff_until = Some(tokio::time::Instant::now() + self.consumer_backoff);
+            self.consumer_backoff = (self.consumer_backoff * 2).min(MAX_CONSUMER_BACKOFF);
+        }
+    }
+
+    /// A record arrived: errors are over.
+    fn consumer_recovered(&mut self) {
+        self.consumer_backoff = Duration::from_millis(100);
+        self.consumer_backoff_until = None;
+    }
+
+    /// Asks the broker for the offsets of every assigned partition, on a blocking thread, at
+    /// most once per [`PROBE_EVERY`]; the answer comes back on the inbox's `probes`.
+    fn start_probe(&mut self) {
+        if !self.probe_wanted
+            || self.probe_in_flight
+            || self.handoff.releasing()
+            || self.last_probe.is_some_and(|at| at.elapsed() < PROBE_EVERY)
+        {
+            return;
+        }
+        self.probe_wanted = false;
+        self.probe_in_flight = true;
+        self.last_probe = Some(std::time::Instant::now());
+        let held: Vec<(Partition, Option<NextOffset>)> = self
+            .handoff
+            .assigned()
+            .iter()
+            .map(|p| (p.clone(), self.engine.position(p)))
+            .collect();
+        let consumer = self.consumer.clone();
+        let tx = self.probes.clone();
+        tokio::task::spawn_blocking(move || {
+            let probed = held
+                .into_iter()
+                .filter_map(|(partition, held)| {
+                    let (low, high) = consumer.watermarks(&partition)?;
+                    Some(Probed {
+                        partition,
+                        held,
+                        low,
+                        high,
+                    })
+                })
+                .collect();
+            let _ = tx.send(probed);
+        });
+    }
+
+    /// The broker's offsets after an out-of-range report: each partition whose held position
+    /// the broker no longer has follows `kafka.on_offset_out_of_range`; the others are left
+    /// alone.
+    pub(crate) fn on_probed(&mut self, probed: Vec<Probed>) -> anyhow::Result<()> {
+        self.probe_in_flight = false;
+        if self.handoff.releasing() {
+            // assigning anew now would answer the group's pending revoke early: ask again
+            // once the release is done
+            self.probe_wanted = true;
+            return Ok(());
+        }
+        let policy = self.config.on_out_of_range;
+        // judged by the position sent with the question: a partition revoked meanwhile, or one
+        // that read on since (it is evidently fetched), is left alone
+        let probed: Vec<Probed> = probed
+            .into_iter()
+            .filter(|p| {
+                self.handoff.assigned().contains(&p.partition)
+                    && self.engine.position(&p.partition) == p.held
+            })
+            .collect();
+        let mut moves = Vec::new();
+        for p in &probed {
+            match p.decide(policy) {
+                Decision::InRange => {}
+                Decision::Fail => bail!("{}", p.failure()),
+                Decision::Move { to, skipped } => {
+                    if p.held.is_some_and(|NextOffset(held)| to < held) {
+                        // offsets move only forward along a line of incremental checkpoints
+                        self.coordinator.restart_line();
+                    }
+                    self.engine.move_position(&p.partition, NextOffset(to));
+                    self.metrics
+                        .records_skipped(crate::metrics::SKIPPED_OUT_OF_RANGE, skipped);
+                    tracing::warn!(partition = %p.partition, held = ?p.held.map(|n| n.0), moved_to = to, skipped, low = p.low, high = p.high, policy = ?policy, "held position out of range: moved by kafka.on_offset_out_of_range; skipped offsets are counted in checkpointer_records_skipped_total");
+                    moves.push((p.partition.clone(), to));
+                }
+            }
+        }
+        if moves.is_empty() && !probed.is_empty() {
+            // no held position is out of range by the broker's offsets now: librdkafka's
+            // fetch position was (a topic truncated below what it had fetched ahead), or a
+            // partition without a held position started at a committed offset that is gone.
+            // librdkafka fetches none of them any more: every partition starts again at its
+            // held position, one without at auto_offset_reset's end of what the broker has
+            moves = probed
+                .iter()
+                .map(|p| {
+                    let to = p.held.map_or(
+                        match self.config.auto_offset_reset {
+                            OffsetReset::Earliest => p.low,
+                            OffsetReset::Latest => p.high,
+                        },
+                        |n| n.0,
+                    );
+                    (p.partition.clone(), to)
+                })
+                .collect();
+            tracing::warn!(partitions = moves.len(), "no held position is out of range by the broker's offsets now; every assigned partition starts again at its held position (one without, at auto_offset_reset)");
+        }
+        if !moves.is_empty() {
+            // the board's positions are those the other partitions start at again where the
+            // whole assignment must be renewed
+            self.publish_positions();
+            self.consumer.restart_at(&moves)?;
+            if self.backpressure.engaged() {
+                // a partition assigned anew is fetched again: the pause holds for it too
+                self.pause_assigned(true);
+            }
+        }
+        Ok(())
     }
 
     /// Carries out the rebalances the consumer queued.
@@ -301,6 +489,15 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                     .await?
             }
             Rebalance::Revoke { partitions, lost } => {
+                self.revoked_at = Some(std::time::Instant::now());
+                // the revoke checkpoint hands the partitions' positions on: their records'
+                // dead-letter copies go first
+                let deadline = tokio::time::Instant::now() + REVOKE_DEAD_LETTER_WAIT;
+                if !lost && !self.dead_letters_written(deadline).await {
+                    tracing::warn!(outstanding = self.dead_letters.as_ref().map_or(0, DeadLetters::outstanding), "dead-letter copies still unwritten after 10s at a revoke; the hand-off goes on and they are still being written (a crash now loses them)");
+                }
+                let (engine, coordinator, consumer) =
+                    (&mut self.engine, &mut self.coordinator, &*self.consumer);
                 self.handoff
                     .on_revoke(engine, coordinator, consumer, partitions, lost)
             }
@@ -324,10 +521,32 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         }
         self.read_memory();
         self.check_idle();
-        // an operator's savepoint waiting for room goes before the periodic checkpoint
-        self.coordinator.trigger_queued(&mut self.engine);
-        if self.coordinator.due() {
-            self.coordinator.trigger(&mut self.engine, None);
+        self.start_probe();
+        // a checkpoint moves past records only once their dead-letter copies are written:
+        // while any is outstanding, no record is read and the checkpoint waits for them
+        let outstanding = self
+            .dead_letters
+            .as_ref()
+            .map_or(0, DeadLetters::outstanding);
+        self.metrics.dead_letters_pending.set(outstanding as i64);
+        let awaiting = outstanding > 0 && (self.coordinator.due() || self.coordinator.has_queued());
+        self.awaiting_dead_letters = match (awaiting, self.awaiting_dead_letters) {
+            (false, _) => None,
+            (true, None) => Some(std::time::Instant::now()),
+            (true, since) => since,
+        };
+        let held_long = self
+            .awaiting_dead_letters
+            .is_some_and(|since| since.elapsed() >= DEAD_LETTER_HOLD);
+        self.backpressure.observe_dead_letters(
+            (held_long || outstanding >= MAX_DEAD_LETTERS_OUTSTANDING).then_some(outstanding),
+        );
+        if !awaiting {
+            // an operator's savepoint waiting for room goes before the periodic checkpoint
+            self.coordinator.trigger_queued(&mut self.engine);
+            if self.coordinator.due() {
+                self.coordinator.trigger(&mut self.engine, None);
+            }
         }
         self.apply_backpressure();
         if self.status.stale() {
@@ -341,6 +560,26 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
             self.coordinator.store(),
         );
         Ok(())
+    }
+
+    /// Whether the consumer is polled now: not during the first [`DEAD_LETTER_HOLD`] a
+    /// checkpoint waits for dead-letter copies (past it, back-pressure pauses the partitions
+    /// and polling goes on, as it must within `max.poll.interval.ms`), nor during the backoff
+    /// after a consumer error.
+    fn reading(&self) -> bool {
+        self.awaiting_dead_letters
+            .is_none_or(|since| since.elapsed() >= DEAD_LETTER_HOLD)
+            && self
+                .consumer_backoff_until
+                .is_none_or(|until| tokio::time::Instant::now() >= until)
+    }
+
+    /// Waits until every dead-letter copy handed over is written, or `deadline`.
+    async fn dead_letters_written(&self, deadline: tokio::time::Instant) -> bool {
+        match &self.dead_letters {
+            Some(d) => d.drained(deadline).await,
+            None => true,
+        }
     }
 
     /// Checkpoints in flight (for tests that settle them).
@@ -430,6 +669,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                     match cause {
                         Cause::Checkpoint { id, age } => tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)"),
                         Cause::Output { pending, bound } => tracing::warn!(pending_windows = pending, max_pending_windows = bound, suppressed, "back-pressure: more final windows wait for the output than output.max_pending_windows; consumption is paused until half of them are acknowledged (checkpointer_backpressure)"),
+                        Cause::DeadLetters { outstanding } => tracing::warn!(outstanding, suppressed, "back-pressure: copies for input.dead_letter_topic are not written and a checkpoint waits for them (or too many wait); consumption is paused until they are (checkpointer_backpressure, checkpointer_dead_letters_pending)"),
                         Cause::Memory { resident, limit } => tracing::warn!(resident_mib = resident >> 20, max_memory_mib = limit >> 20, pending_windows = self.engine.pending_emissions(), open_windows = self.engine.open_windows(), suppressed, "back-pressure: the process's resident memory passed state.max_memory; consumption is paused until it is below 90% of it, and the service is not ready meanwhile (checkpointer_backpressure)"),
                     }
                 }
@@ -527,8 +767,14 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 });
             }
             Command::Savepoint { name, reply } => {
+                // a savepoint moves past records only once their dead-letter copies are
+                // written: with copies outstanding it is queued and taken on the tick
+                let copies_written = self
+                    .dead_letters
+                    .as_ref()
+                    .is_none_or(|d| d.outstanding() == 0);
                 self.coordinator
-                    .request_savepoint(&mut self.engine, name, reply)
+                    .request_savepoint(&mut self.engine, name, reply, copies_written)
             }
         }
     }
@@ -593,6 +839,18 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
         self.status.stopping();
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         self.coordinator.drop_queued();
+        // the final checkpoint moves past every record read: their dead-letter copies first
+        tokio::select! {
+            written = self.dead_letters_written(deadline) => if !written {
+                bail!(
+                    "graceful stop did not finish within checkpoint.shutdown_timeout ({}): {} dead-letter copies are not written (their records are read again at the next start); last durable checkpoint: {:?}",
+                    humantime::format_duration(self.config.shutdown_timeout),
+                    self.dead_letters.as_ref().map_or(0, DeadLetters::outstanding),
+                    self.coordinator.last_durable()
+                );
+            },
+            Some(message) = inbox.fatal.recv() => bail!("{message}"),
+        }
         let mut savepoint = self.stop.take().and_then(|s| s.savepoint);
         let mut sequence = StopSequence::new(savepoint.as_ref().map(|(name, _)| name.clone()));
         loop {
@@ -658,6 +916,7 @@ impl<C: Assignments, O: Output> Pipeline<C, O> {
                 }
                 Some(outcome) = inbox.outcomes.recv() => self.on_write_outcome(outcome)?,
                 Some(ids) = inbox.acks.recv() => self.on_acknowledged(ids),
+                Some(message) = inbox.fatal.recv() => bail!("{message}"),
             }
         }
     }
@@ -670,7 +929,7 @@ impl<O: Output> Pipeline<Source, O> {
         use std::future::Future as _;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         for _ in 0..DRAIN_MAX {
-            if self.stop.is_some() {
+            if self.stop.is_some() || !self.reading() {
                 return Ok(());
             }
             let polled = std::pin::pin!(consumer.recv()).poll(&mut cx);
@@ -702,7 +961,6 @@ impl<O: Output> Pipeline<Source, O> {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backoff = Duration::from_millis(100);
         let consumer = self.consumer.clone();
         loop {
             if self.stop.is_some() {
@@ -722,18 +980,20 @@ impl<O: Output> Pipeline<Source, O> {
                 Some(ids) = inbox.acks.recv() => self.on_acknowledged(ids),
                 Some((id, ps)) = inbox.released.recv() => self.on_released(id, ps),
                 Some(f) = inbox.failures.recv() => self.handoff.on_publish_failure(&mut self.coordinator, f),
+                Some(message) = inbox.fatal.recv() => bail!("{message}"),
+                Some(probed) = inbox.probes.recv() => self.on_probed(probed)?,
                 _ = tick.tick() => {
                     // rebalances wait for the loop (assign after restore, release after a
                     // checkpoint); without assigned partitions recv would never return
                     self.apply_rebalances().await?;
                     self.on_tick()?
                 }
-                msg = consumer.recv() => {
+                msg = consumer.recv(), if self.reading() => {
                     // rebalances run inside recv: apply them before what recv returned
                     self.apply_rebalances().await?;
                     match msg {
                         Ok(m) => {
-                            backoff = Duration::from_millis(100);
+                            self.consumer_recovered();
                             // the wall clock once per wake, for this record and those drained
                             // with it
                             self.engine.set_not_after(Some(
@@ -747,17 +1007,7 @@ impl<O: Output> Pipeline<Source, O> {
                             tracing::debug!(partition = n, "end of partition");
                             self.on_eof(n);
                         }
-                        Err(e) => {
-                            self.on_consumer_error(&e);
-                            // librdkafka reconnects by itself, reporting every failed attempt:
-                            // a broker that refuses connections (one of several, or the group
-                            // coordinator) must not hold back the records of partitions whose
-                            // leaders answer, so only other errors pause the loop, briefly
-                            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::BrokerTransportFailure) {
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(Duration::from_secs(1));
-                            }
-                        }
+                        Err(e) => self.on_consumer_error(&e),
                     }
                 }
             }

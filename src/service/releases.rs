@@ -31,6 +31,11 @@ impl Releases {
 
     /// `partitions` were assigned again, or released right away: a release that arrives for
     /// them later is stale.
+    /// Whether a release waits for its revoke checkpoint's publication.
+    pub(super) fn any_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub(super) fn cancel(&mut self, partitions: &[Partition]) {
         self.pending.retain(|p, _| !partitions.contains(p));
     }

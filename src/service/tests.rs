@@ -3,6 +3,7 @@
 //! writer is the real background task. Each test drives the pipeline's event handlers in the
 //! order the select loop would.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::http::{Command, CommandError};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::position::Partition;
+use crate::sink::dead_letter::{self, DeadLetter, DeadLetters};
 use crate::source::{Rebalance, Shared};
 use crate::store::memory::MemoryStore;
 use crate::store::{writer, Checkpoints};
@@ -46,6 +48,8 @@ struct Options {
     max_memory: Option<u64>,
     idle_timeout: Option<Duration>,
     timeout: Duration,
+    dead_letters: bool,
+    on_out_of_range: crate::config::OnOutOfRange,
 }
 
 impl Default for Options {
@@ -60,6 +64,8 @@ impl Default for Options {
             max_memory: None,
             idle_timeout: None,
             timeout: Duration::from_secs(60),
+            dead_letters: false,
+            on_out_of_range: crate::config::OnOutOfRange::Fail,
         }
     }
 }
@@ -76,6 +82,9 @@ struct Rig {
     metrics: Arc<Metrics>,
     memory: Arc<FakeMemory>,
     offsets: std::collections::HashMap<Partition, i64>,
+    /// Dead-letter copies handed over, and how many of them count as written.
+    letters: mpsc::UnboundedReceiver<DeadLetter>,
+    letters_written: Arc<AtomicU64>,
 }
 
 impl Rig {
@@ -130,6 +139,12 @@ impl Rig {
             metrics.clone(),
         );
         let (acks_tx, acks) = mpsc::unbounded_channel();
+        let (letters_tx, letters) = mpsc::unbounded_channel();
+        let (probes_tx, probes) = mpsc::unbounded_channel();
+        let letters_written = Arc::new(AtomicU64::new(0));
+        let dead_letters = options
+            .dead_letters
+            .then(|| DeadLetters::detached(letters_tx, letters_written.clone()));
         let emitted = Arc::new(Mutex::new(Vec::new()));
         let consumer = Arc::new(FakeConsumer::default());
         let pipeline = Pipeline::new(Parts {
@@ -143,6 +158,7 @@ impl Rig {
                 max_memory: options.max_memory,
                 idle_timeout: options.idle_timeout,
                 idle_wall_clock: false,
+                on_out_of_range: options.on_out_of_range,
             },
             engine: Engine::new(EngineConfig {
                 windows: vec![WindowDef {
@@ -171,6 +187,8 @@ impl Rig {
             metrics: metrics.clone(),
             shared,
             memory: memory.clone(),
+            dead_letters,
+            probes: probes_tx,
         });
         Rig {
             pipeline,
@@ -180,6 +198,8 @@ impl Rig {
                 commands,
                 released,
                 failures: mpsc::unbounded_channel().1,
+                fatal: mpsc::unbounded_channel().1,
+                probes,
             },
             store,
             consumer,
@@ -189,6 +209,8 @@ impl Rig {
             metrics,
             memory,
             offsets: Default::default(),
+            letters,
+            letters_written,
         }
     }
 
@@ -741,5 +763,334 @@ async fn a_checkpoint_completed_after_its_timeout_is_recorded_as_completed_not_a
     assert_eq!(
         persisted(&rig),
         vec![AttemptStatus::Abandoned, AttemptStatus::Completed]
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_waits_for_the_dead_letter_copies_of_the_records_it_moves_past() {
+    let mut rig = Rig::new(Options {
+        dead_letters: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.record(&p(0), "b", 1500);
+    // garbage and a record too late for its window (closed by the watermark at 1500)
+    let garbage = OwnedMessage::new(
+        Some(b"not json".to_vec()),
+        Some(b"k".to_vec()),
+        "events".to_string(),
+        Timestamp::CreateTime(42),
+        0,
+        2,
+        None,
+    );
+    rig.pipeline.on_message(&garbage);
+    rig.offsets.insert(p(0), 3);
+    rig.record(&p(0), "c", 10);
+    let first = rig
+        .letters
+        .try_recv()
+        .expect("the invalid record is copied");
+    let second = rig.letters.try_recv().expect("the late record is copied");
+    assert_eq!(first.payload.as_deref(), Some(&b"not json"[..]));
+    assert_eq!(first.key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(first.timestamp, Some(42));
+    let header = |l: &DeadLetter, name: &str| {
+        l.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.clone())
+            .map(|v| String::from_utf8(v).expect("utf8"))
+    };
+    assert_eq!(
+        header(&first, dead_letter::REASON).as_deref(),
+        Some("invalid_json")
+    );
+    assert_eq!(
+        header(&first, dead_letter::SOURCE_TOPIC).as_deref(),
+        Some("events")
+    );
+    assert_eq!(
+        header(&first, dead_letter::SOURCE_PARTITION).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        header(&first, dead_letter::SOURCE_OFFSET).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        header(&second, dead_letter::REASON).as_deref(),
+        Some("late")
+    );
+    assert_eq!(
+        header(&second, dead_letter::SOURCE_OFFSET).as_deref(),
+        Some("3")
+    );
+
+    // due, but two copies are unwritten: no checkpoint, and no record is read meanwhile
+    rig.tick();
+    rig.tick();
+    assert_eq!(rig.pipeline.checkpoints_in_flight(), 0);
+    assert!(rig.store.written().is_empty());
+    assert_eq!(rig.metrics.dead_letters_pending.get(), 2);
+    rig.letters_written.store(1, Ordering::Release);
+    rig.tick();
+    assert_eq!(
+        rig.pipeline.checkpoints_in_flight(),
+        0,
+        "one copy is still unwritten"
+    );
+    rig.letters_written.store(2, Ordering::Release);
+    rig.tick();
+    assert_eq!(rig.pipeline.checkpoints_in_flight(), 1);
+    rig.settle().await.expect("the checkpoint");
+    assert_eq!(rig.store.written().len(), 1);
+    assert!(
+        rig.consumer
+            .calls()
+            .contains(&Call::Commit(vec![(p(0), crate::position::NextOffset(4))])),
+        "the checkpoint covers the copied records once they are written: {:?}",
+        rig.consumer.calls()
+    );
+}
+
+/// Reports an out-of-range position as librdkafka does, and hands the broker's answer about
+/// the assigned partitions' offsets to the pipeline.
+async fn out_of_range(rig: &mut Rig) -> anyhow::Result<()> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    rig.pipeline
+        .on_consumer_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AutoOffsetReset,
+        ));
+    let probed = tokio::time::timeout(Duration::from_secs(5), rig.inbox.probes.recv())
+        .await
+        .expect("the broker is asked within 5 s")
+        .expect("channel open");
+    rig.pipeline.on_probed(probed)
+}
+
+/// Two partitions read to offsets 3 and 2; the broker now has 10..20 of the first (its
+/// records before 10 deleted) and 0..2 of the second.
+async fn deleted_records(policy: crate::config::OnOutOfRange) -> (Rig, anyhow::Result<()>) {
+    let mut rig = Rig::new(Options {
+        on_out_of_range: policy,
+        ..Options::default()
+    });
+    rig.assign(&[p(0), p(1)]).await;
+    for ts in [100, 200, 300] {
+        rig.record(&p(0), "a", ts);
+    }
+    rig.record(&p(1), "b", 100);
+    rig.record(&p(1), "b", 200);
+    rig.consumer.set_watermarks(&p(0), 10, 20);
+    rig.consumer.set_watermarks(&p(1), 0, 2);
+    let result = out_of_range(&mut rig).await;
+    (rig, result)
+}
+
+fn seeks(rig: &Rig) -> Vec<Call> {
+    rig.consumer
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::Seek(..)))
+        .collect()
+}
+
+#[tokio::test]
+async fn out_of_range_with_fail_stops_naming_the_partition_and_the_brokers_offsets() {
+    let (rig, result) = deleted_records(crate::config::OnOutOfRange::Fail).await;
+    let text = format!("{:#}", result.expect_err("the service stops"));
+    for part in [
+        "events[0]",
+        "held position 3",
+        "offsets 10 to 20",
+        "reset-position",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    assert!(seeks(&rig).is_empty(), "nothing moved: {:?}", seeks(&rig));
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(crate::position::NextOffset(3))
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_with_earliest_moves_only_that_partition_and_counts_the_skipped_offsets() {
+    let (mut rig, result) = deleted_records(crate::config::OnOutOfRange::Earliest).await;
+    result.expect("moved, not stopped");
+    assert_eq!(
+        seeks(&rig),
+        vec![Call::Seek(p(0), 10)],
+        "the healthy partition is left alone"
+    );
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(crate::position::NextOffset(10))
+    );
+    assert_eq!(
+        rig.pipeline.engine().position(&p(1)),
+        Some(crate::position::NextOffset(2))
+    );
+    assert_eq!(
+        rig.metrics
+            .records_skipped
+            .with_label_values(&[crate::metrics::SKIPPED_OUT_OF_RANGE])
+            .get(),
+        7
+    );
+    // the next checkpoint holds the moved position
+    rig.tick();
+    rig.settle().await.expect("checkpoint");
+    assert!(
+        rig.consumer
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Commit(ps)
+            if ps.contains(&(p(0), crate::position::NextOffset(10)))
+                && ps.contains(&(p(1), crate::position::NextOffset(2))))),
+        "{:?}",
+        rig.consumer.calls()
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_with_latest_skips_to_the_end() {
+    let (rig, result) = deleted_records(crate::config::OnOutOfRange::Latest).await;
+    result.expect("moved, not stopped");
+    assert_eq!(seeks(&rig), vec![Call::Seek(p(0), 20)]);
+    assert_eq!(
+        rig.metrics
+            .records_skipped
+            .with_label_values(&[crate::metrics::SKIPPED_OUT_OF_RANGE])
+            .get(),
+        17
+    );
+}
+
+#[tokio::test]
+async fn a_position_past_the_recreated_end_moves_back_and_the_next_checkpoint_is_full() {
+    let mut rig = Rig::new(Options {
+        on_out_of_range: crate::config::OnOutOfRange::Earliest,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    for ts in [100, 200, 300] {
+        rig.record(&p(0), "a", ts);
+    }
+    rig.tick();
+    rig.settle().await.expect("checkpoint 1 holds position 3");
+    // the topic was recreated: it has offsets 0..1 now
+    rig.consumer.set_watermarks(&p(0), 0, 1);
+    out_of_range(&mut rig).await.expect("moved back");
+    assert_eq!(seeks(&rig), vec![Call::Seek(p(0), 0)]);
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(crate::position::NextOffset(0))
+    );
+    rig.offsets.insert(p(0), 0);
+    rig.record(&p(0), "b", 400);
+    rig.tick();
+    rig.settle()
+        .await
+        .expect("checkpoint 2 holds the moved position");
+    let written = rig.store.written();
+    let last = written.last().expect("written");
+    assert!(
+        last.checkpoint.delta.full,
+        "offsets only move forward along incremental checkpoints: the next one is full"
+    );
+    assert_eq!(
+        last.checkpoint.delta.partitions[0].next,
+        Some(crate::position::NextOffset(1))
+    );
+}
+
+#[tokio::test]
+async fn a_report_no_held_position_explains_starts_every_partition_again_where_it_is_held() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0), p(1)]).await;
+    rig.record(&p(0), "a", 100);
+    // partition 0 is within what the broker has; partition 1 read nothing (it started at a
+    // committed offset that is gone)
+    rig.consumer.set_watermarks(&p(0), 0, 5);
+    rig.consumer.set_watermarks(&p(1), 7, 9);
+    out_of_range(&mut rig)
+        .await
+        .expect("nothing out of range: no stop, even with fail");
+    let mut calls = seeks(&rig);
+    calls.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        calls,
+        vec![Call::Seek(p(0), 1), Call::Seek(p(1), 7)],
+        "held where it is, and per auto_offset_reset (earliest) without a held position"
+    );
+    assert_eq!(
+        rig.metrics
+            .records_skipped
+            .with_label_values(&[crate::metrics::SKIPPED_OUT_OF_RANGE])
+            .get(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_record_of_a_partition_just_lost_is_not_applied() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0), p(1)]).await;
+    rig.record(&p(1), "a", 100);
+    rig.pipeline
+        .on_rebalance(Rebalance::Revoke {
+            partitions: vec![p(1)],
+            lost: true,
+        })
+        .await
+        .expect("lost");
+    let consumed = rig.metrics.records_consumed.get();
+    // the consumer returned it with the rebalance that took the partition away
+    rig.record(&p(1), "b", 200);
+    assert_eq!(rig.metrics.records_consumed.get(), consumed, "not counted");
+    assert_eq!(
+        rig.pipeline.engine().position(&p(1)),
+        Some(crate::position::NextOffset(1)),
+        "the record after the loss is not applied"
+    );
+    rig.record(&p(0), "c", 200);
+    assert_eq!(rig.metrics.records_consumed.get(), consumed + 1);
+}
+
+#[tokio::test]
+async fn a_partition_that_read_on_while_the_broker_was_asked_is_left_alone() {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    for ts in [100, 200, 300] {
+        rig.record(&p(0), "a", ts);
+    }
+    // the broker's answer is older than the record that arrives meanwhile: by it, position 4
+    // would lie past the end
+    rig.consumer.set_watermarks(&p(0), 0, 3);
+    rig.pipeline
+        .on_consumer_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AutoOffsetReset,
+        ));
+    let probed = tokio::time::timeout(Duration::from_secs(5), rig.inbox.probes.recv())
+        .await
+        .expect("asked")
+        .expect("open");
+    rig.record(&p(0), "a", 400);
+    rig.pipeline
+        .on_probed(probed)
+        .expect("a partition that reads on is not out of range");
+    assert!(seeks(&rig).is_empty(), "{:?}", seeks(&rig));
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(crate::position::NextOffset(4))
     );
 }

@@ -4,28 +4,33 @@
 //! those that failed with backoff until the broker acknowledged every one, and reports the
 //! acknowledged windows back in chunks so they can leave the checkpointed state.
 
+pub mod dead_letter;
 mod format;
+pub mod verdict;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
 pub use format::{render, render_into};
 
+use self::dead_letter::{hand_over, DeadLetter};
+use self::verdict::{classify, is_unknown_topic, Refusal, Verdict};
 use crate::engine::{AggregateKind, ClosedWindow, Emission, StateKey};
 use crate::kafka_log::ErrorLog;
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("cannot create the output producer for topic {topic}: {source}")]
+    #[error("cannot create the producer for topic {topic}: {source}")]
     Create {
         topic: String,
         #[source]
@@ -37,6 +42,9 @@ pub struct SinkSettings {
     pub topic: String,
     pub window_names: Vec<String>,
     pub aggregates: Vec<AggregateKind>,
+    /// Where windows the output topic refuses for good go (`output.on_error: dead_letter`);
+    /// None: such a window stops the service.
+    pub dead_letter_topic: Option<String>,
 }
 
 #[derive(Default)]
@@ -50,32 +58,62 @@ impl ClientContext for SinkContext {
     }
 }
 
+/// An idempotent producer writing to `topic` (named in the error).
+pub(crate) fn producer(
+    mut client: ClientConfig,
+    topic: &str,
+) -> Result<FutureProducer<SinkContext>, SinkError> {
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    client
+        .create_with_context(SinkContext::default())
+        .map_err(|source| SinkError::Create {
+            topic: topic.to_string(),
+            source,
+        })
+}
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The producer's `message.max.bytes` (from `kafka.options`, or librdkafka's default).
+pub(crate) fn message_max_bytes(client: &ClientConfig) -> usize {
+    client
+        .get("message.max.bytes")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+}
+
 /// Handle to the emitter task.
 pub struct Sink {
     tx: mpsc::UnboundedSender<Emission>,
 }
 
 impl Sink {
-    /// Starts the emitter. Acknowledged window ids arrive on the returned receiver.
+    /// Starts the emitter. Acknowledged window ids arrive on the returned receiver; a window
+    /// that can be written neither to the output nor (with `dead_letter_topic`) to the
+    /// dead-letter topic is reported on `fatal`, and the emitter stops.
     pub fn start(
         client: ClientConfig,
         settings: SinkSettings,
         metrics: Arc<Metrics>,
+        fatal: mpsc::UnboundedSender<String>,
     ) -> Result<(Sink, mpsc::UnboundedReceiver<Vec<StateKey>>), SinkError> {
-        let mut client = client;
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5");
-        let producer: FutureProducer<SinkContext> = client
-            .create_with_context(SinkContext::default())
-            .map_err(|source| SinkError::Create {
-                topic: settings.topic.clone(),
-                source,
-            })?;
+        let max_bytes = message_max_bytes(&client);
+        let producer = producer(client, &settings.topic)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(producer, settings, metrics, rx, ack_tx));
+        let emitter = Emitter {
+            producer,
+            settings,
+            metrics,
+            max_bytes,
+            warn: RateLimit::new(WARN_EVERY),
+            diverted_log: RateLimit::new(WARN_EVERY),
+        };
+        tokio::spawn(run(emitter, rx, ack_tx, fatal));
         Ok((Sink { tx }, ack_rx))
     }
 
@@ -92,158 +130,395 @@ impl Sink {
 const MAX_IN_FLIGHT: usize = 4096;
 /// Acknowledged windows are reported back in chunks of this many, as they come.
 const ACK_CHUNK: usize = 4096;
+/// Minimum time between two retry warnings.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Room left for headers and record overhead when a refused window is copied to the
+/// dead-letter topic.
+const DEAD_LETTER_HEADROOM: usize = 4096;
+/// The bytes of a key a dead-letter copy keeps when the whole one does not fit.
+const DEAD_LETTER_KEY_PREFIX: usize = 1024;
 
-async fn run(
+/// The emitter task's own state.
+struct Emitter {
     producer: FutureProducer<SinkContext>,
     settings: SinkSettings,
     metrics: Arc<Metrics>,
+    /// The producer's `message.max.bytes`.
+    max_bytes: usize,
+    warn: RateLimit,
+    /// Windows written to the dead-letter topic are logged at most this often.
+    diverted_log: RateLimit,
+}
+
+async fn run(
+    mut emitter: Emitter,
     mut rx: mpsc::UnboundedReceiver<Emission>,
     acks: mpsc::UnboundedSender<Vec<StateKey>>,
+    fatal: mpsc::UnboundedSender<String>,
 ) {
     let mut out = Acks {
         done: Vec::new(),
+        emitted: 0,
         acks,
-        metrics: &metrics,
+        metrics: emitter.metrics.clone(),
     };
     while let Some(batch) = rx.recv().await {
-        if send_until_acked(
-            &producer,
-            &settings,
-            &metrics,
-            batch.into_windows(),
-            &mut out,
-        )
-        .await
-        .is_err()
+        match emitter
+            .send_until_acked(batch.into_windows(), &mut out)
+            .await
         {
-            return;
+            Ok(()) => {}
+            Err(Stopped::Closed) => return,
+            Err(Stopped::Refused(message)) => {
+                // the pipeline stops with this message as its error
+                let _ = fatal.send(message);
+                return;
+            }
         }
     }
 }
 
 /// Acknowledged windows on their way back to the loop.
-struct Acks<'a> {
+struct Acks {
     done: Vec<StateKey>,
+    /// How many of `done` were written to the output (the others to the dead-letter topic).
+    emitted: u64,
     acks: mpsc::UnboundedSender<Vec<StateKey>>,
-    metrics: &'a Metrics,
+    metrics: Arc<Metrics>,
 }
 
-/// The loop is gone: the service is shutting down.
-struct Closed;
+/// Why the emitter stops.
+enum Stopped {
+    /// The loop is gone: the service is shutting down.
+    Closed,
+    /// A window can be written nowhere: the message names it.
+    Refused(String),
+}
 
-impl Acks<'_> {
-    fn push(&mut self, id: StateKey) -> Result<(), Closed> {
+impl Acks {
+    fn push(&mut self, id: StateKey, emitted: bool) -> Result<(), Stopped> {
         self.done.push(id);
+        self.emitted += u64::from(emitted);
         if self.done.len() >= ACK_CHUNK {
             self.flush()?;
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), Closed> {
+    fn flush(&mut self) -> Result<(), Stopped> {
         if self.done.is_empty() {
             return Ok(());
         }
-        self.metrics.windows_emitted.inc_by(self.done.len() as u64);
+        self.metrics
+            .windows_emitted
+            .inc_by(std::mem::take(&mut self.emitted));
         let chunk = std::mem::replace(&mut self.done, Vec::with_capacity(ACK_CHUNK));
-        self.acks.send(chunk).map_err(|_| Closed)
+        self.acks.send(chunk).map_err(|_| Stopped::Closed)
     }
 }
 
 /// A delivery that failed, and why.
-struct Failures {
-    windows: Vec<ClosedWindow>,
-    last_error: Option<String>,
-}
-
-impl Failures {
-    fn push(&mut self, w: ClosedWindow, error: String) {
-        self.windows.push(w);
-        self.last_error = Some(error);
-    }
+struct Failed {
+    window: ClosedWindow,
+    code: Option<RDKafkaErrorCode>,
+    error: String,
 }
 
 /// Waits for one delivery; the window goes to the acknowledged or to the failed ones.
 async fn settle(
     (w, delivery): (ClosedWindow, DeliveryFuture),
-    out: &mut Acks<'_>,
-    failed: &mut Failures,
-) -> Result<(), Closed> {
-    match delivery.await {
-        Ok(Ok(_)) => out.push(w.id),
-        Ok(Err((e, _))) => {
-            failed.push(w, e.to_string());
-            Ok(())
+    out: &mut Acks,
+    failed: &mut Vec<Failed>,
+) -> Result<(), Stopped> {
+    let (code, error) = match delivery.await {
+        Ok(Ok(_)) => return out.push(w.id, true),
+        Ok(Err((e, _))) => (e.rdkafka_error_code(), e.to_string()),
+        Err(_) => (None, "the producer dropped the delivery".to_string()),
+    };
+    failed.push(Failed {
+        window: w,
+        code,
+        error,
+    });
+    Ok(())
+}
+
+/// How long the topic has been unknown, given whether this round's failures say it is.
+fn unknown_for(since: &mut Option<Instant>, unknown: bool) -> Duration {
+    match (unknown, *since) {
+        (false, _) => {
+            *since = None;
+            Duration::ZERO
         }
-        Err(_) => {
-            failed.push(w, "the producer dropped the delivery".into());
-            Ok(())
+        (true, None) => {
+            *since = Some(Instant::now());
+            Duration::ZERO
         }
+        (true, Some(at)) => at.elapsed(),
     }
 }
 
-/// Sends a batch of windows, each rendered just before it is handed to the producer, with at
-/// most [`MAX_IN_FLIGHT`] deliveries outstanding; those that failed are sent again, with
-/// backoff, until the broker acknowledged every one. Acknowledged windows are reported in
-/// chunks as they come.
-async fn send_until_acked(
-    producer: &FutureProducer<SinkContext>,
-    settings: &SinkSettings,
-    metrics: &Metrics,
-    windows: impl Iterator<Item = ClosedWindow> + Send + 'static,
-    out: &mut Acks<'_>,
-) -> Result<(), Closed> {
-    let mut backoff = Duration::from_millis(100);
-    let (mut key, mut payload) = (String::new(), Vec::new());
-    let mut pending: Box<dyn Iterator<Item = ClosedWindow> + Send> = Box::new(windows);
-    loop {
-        let mut in_flight = VecDeque::new();
-        let mut failed = Failures {
-            windows: Vec::new(),
-            last_error: None,
+impl Emitter {
+    fn window_name(&self, w: &ClosedWindow) -> &str {
+        self.settings
+            .window_names
+            .get(usize::from(w.id.window))
+            .map(String::as_str)
+            .unwrap_or("unknown")
+    }
+
+    /// Names a window in an error: its window, key (cut short), partition and bounds.
+    fn describe(&self, w: &ClosedWindow) -> String {
+        let key: String = w.id.key.chars().take(64).collect();
+        let cut = if key.len() < w.id.key.len() {
+            "…"
+        } else {
+            ""
         };
-        for w in pending {
-            if in_flight.len() >= MAX_IN_FLIGHT {
-                if let Some(oldest) = in_flight.pop_front() {
-                    settle(oldest, out, &mut failed).await?;
-                }
-            }
-            let name = settings
-                .window_names
-                .get(usize::from(w.id.window))
-                .map(String::as_str)
-                .unwrap_or("unknown");
-            render_into(name, &w, &settings.aggregates, &mut key, &mut payload);
-            let delivery = loop {
-                let record = FutureRecord::to(&settings.topic)
-                    .key(&key)
-                    .payload(&payload);
-                match producer.send_result(record) {
-                    Ok(delivery) => break Ok(delivery),
-                    // the producer's queue is full: let deliveries drain it
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await
+        let partition =
+            w.id.partition
+                .as_ref()
+                .map(|p| format!(" of partition {p}"))
+                .unwrap_or_default();
+        format!(
+            "window {} key {key:?}{cut} ({} bytes){partition} [{}, {})",
+            self.window_name(w),
+            w.id.key.len(),
+            w.id.start,
+            w.end
+        )
+    }
+
+    /// Sends a batch of windows, each rendered just before it is handed to the producer, with
+    /// at most [`MAX_IN_FLIGHT`] deliveries outstanding; those that failed transiently are
+    /// sent again, with backoff, until the broker acknowledged every one. A window refused for
+    /// good goes to the dead-letter topic if there is one, or stops the emitter. Acknowledged
+    /// windows are reported in chunks as they come.
+    async fn send_until_acked(
+        &mut self,
+        windows: impl Iterator<Item = ClosedWindow> + Send + 'static,
+        out: &mut Acks,
+    ) -> Result<(), Stopped> {
+        let mut backoff = Duration::from_millis(100);
+        let mut unknown_since = None;
+        let (mut key, mut payload) = (String::new(), Vec::new());
+        let mut pending: Box<dyn Iterator<Item = ClosedWindow> + Send> = Box::new(windows);
+        loop {
+            let mut in_flight = VecDeque::new();
+            let mut failed = Vec::new();
+            for w in pending {
+                if in_flight.len() >= MAX_IN_FLIGHT {
+                    if let Some(oldest) = in_flight.pop_front() {
+                        settle(oldest, out, &mut failed).await?;
                     }
-                    Err((e, _)) => break Err(e),
                 }
-            };
-            match delivery {
-                Ok(delivery) => in_flight.push_back((w, delivery)),
-                Err(e) => failed.push(w, e.to_string()),
+                render_into(
+                    self.window_name(&w),
+                    &w,
+                    &self.settings.aggregates,
+                    &mut key,
+                    &mut payload,
+                );
+                let size = key.len() + payload.len();
+                if size > self.max_bytes {
+                    failed.push(Failed {
+                        code: Some(RDKafkaErrorCode::MessageSizeTooLarge),
+                        error: format!(
+                            "the output record is {size} bytes (key {} bytes), over the producer's message.max.bytes ({})",
+                            key.len(),
+                            self.max_bytes
+                        ),
+                        window: w,
+                    });
+                    continue;
+                }
+                let delivery = loop {
+                    let record = FutureRecord::to(&self.settings.topic)
+                        .key(&key)
+                        .payload(&payload);
+                    match self.producer.send_result(record) {
+                        Ok(delivery) => break Ok(delivery),
+                        // the producer's queue is full: let deliveries drain it
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        Err((e, _)) => break Err(e),
+                    }
+                };
+                match delivery {
+                    Ok(delivery) => in_flight.push_back((w, delivery)),
+                    Err(e) => failed.push(Failed {
+                        window: w,
+                        code: e.rdkafka_error_code(),
+                        error: e.to_string(),
+                    }),
+                }
             }
+            while let Some(oldest) = in_flight.pop_front() {
+                settle(oldest, out, &mut failed).await?;
+            }
+            out.flush()?;
+            if failed.is_empty() {
+                return Ok(());
+            }
+            let unknown = failed.iter().any(|f| f.code.is_some_and(is_unknown_topic));
+            let unknown_for = unknown_for(&mut unknown_since, unknown);
+            let mut retry = Vec::new();
+            let mut last_error = None;
+            for f in failed {
+                let verdict = match self.producer.client().fatal_error() {
+                    Some(_) => Verdict::Fatal,
+                    None => classify(f.code, unknown_for),
+                };
+                match verdict {
+                    Verdict::Retry => {
+                        last_error = Some(f.error);
+                        retry.push(f.window);
+                    }
+                    Verdict::Refused(refusal) => match self.settings.dead_letter_topic.clone() {
+                        Some(topic) => {
+                            self.dead_letter(&topic, &f, refusal).await?;
+                            out.push(f.window.id, false)?;
+                        }
+                        None => {
+                            return Err(Stopped::Refused(format!(
+                                "the output topic {} refuses {} for good ({}): {}; output.on_error is fail, so the service stops with its state intact (the window is sent again at the next start); set output.on_error: dead_letter with input.dead_letter_topic to divert such windows",
+                                self.settings.topic,
+                                self.describe(&f.window),
+                                refusal.label(),
+                                f.error
+                            )))
+                        }
+                    },
+                    Verdict::Fatal => {
+                        let why = self
+                            .producer
+                            .client()
+                            .fatal_error()
+                            .map(|(_, why)| why)
+                            .unwrap_or_else(|| f.error.clone());
+                        return Err(Stopped::Refused(format!(
+                            "the output producer failed for good ({why}) writing {}; the service stops with its state intact (the window is sent again at the next start)",
+                            self.describe(&f.window)
+                        )));
+                    }
+                }
+            }
+            out.flush()?;
+            if retry.is_empty() {
+                return Ok(());
+            }
+            // transient failures only: a refusal stops the service or is counted as a dead
+            // letter
+            self.metrics.emit_failures.inc_by(retry.len() as u64);
+            if let Some(suppressed) = self.warn.check() {
+                tracing::warn!(error = ?last_error, windows = retry.len(), retry_in_ms = backoff.as_millis() as u64, suppressed, "output writes failed, retrying (further ones are counted in checkpointer_emit_failures_total and logged at most every 10s)");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            pending = Box::new(retry.into_iter());
         }
-        while let Some(oldest) = in_flight.pop_front() {
-            settle(oldest, out, &mut failed).await?;
+    }
+
+    /// The dead-letter copy of a window the output refuses: its output key and payload with
+    /// headers naming the refusal; when they do not fit, the payload with the key cut to its
+    /// first [`DEAD_LETTER_KEY_PREFIX`] bytes and no message key.
+    fn dead_letter_copy(&self, f: &Failed, refusal: Refusal) -> DeadLetter {
+        let w = &f.window;
+        let name = self.window_name(w);
+        let (key, payload) = render(name, w, &self.settings.aggregates);
+        let mut headers = vec![
+            (
+                dead_letter::REASON.to_string(),
+                Some(refusal.label().as_bytes().to_vec()),
+            ),
+            (
+                dead_letter::ERROR.to_string(),
+                Some(f.error.clone().into_bytes()),
+            ),
+            (
+                dead_letter::OUTPUT_TOPIC.to_string(),
+                Some(self.settings.topic.clone().into_bytes()),
+            ),
+        ];
+        let fits = key.len() + payload.len() + DEAD_LETTER_HEADROOM <= self.max_bytes;
+        let (key, payload) = if fits {
+            (Some(key.into_bytes()), payload)
+        } else {
+            let mut cut = DEAD_LETTER_KEY_PREFIX.min(w.id.key.len());
+            while !w.id.key.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let short = ClosedWindow {
+                id: StateKey {
+                    key: w.id.key[..cut].into(),
+                    ..w.id.clone()
+                },
+                end: w.end,
+                acc: w.acc,
+            };
+            headers.push((
+                dead_letter::KEY_TRUNCATED.to_string(),
+                Some(w.id.key.len().to_string().into_bytes()),
+            ));
+            (None, render(name, &short, &self.settings.aggregates).1)
+        };
+        DeadLetter {
+            key,
+            payload: Some(payload),
+            headers,
+            timestamp: None,
+            reason: refusal.label(),
+            origin: self.describe(w),
         }
-        out.flush()?;
-        if failed.windows.is_empty() {
-            return Ok(());
+    }
+
+    /// Writes the dead-letter copy of a refused window, retrying transient failures.
+    async fn dead_letter(
+        &mut self,
+        topic: &str,
+        f: &Failed,
+        refusal: Refusal,
+    ) -> Result<(), Stopped> {
+        let letter = self.dead_letter_copy(f, refusal);
+        let mut backoff = Duration::from_millis(100);
+        let mut unknown_since = None;
+        loop {
+            let error = match hand_over(&self.producer, topic, &letter).await {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => {
+                        self.metrics.dead_letter(letter.reason);
+                        if let Some(suppressed) = self.diverted_log.check() {
+                            tracing::warn!(window = %letter.origin, reason = letter.reason, error = %f.error, topic, suppressed, "the output refuses a window for good; written to the dead-letter topic instead (further ones are counted in checkpointer_dead_letters_total and logged at most every 10s)");
+                        }
+                        return Ok(());
+                    }
+                    Ok(Err((e, _))) => e,
+                    Err(_) => KafkaError::Canceled,
+                },
+                Err(e) => e,
+            };
+            let code = error.rdkafka_error_code();
+            let unknown_for = unknown_for(&mut unknown_since, code.is_some_and(is_unknown_topic));
+            let verdict = match self.producer.client().fatal_error() {
+                Some(_) => Verdict::Fatal,
+                None => classify(code, unknown_for),
+            };
+            if verdict != Verdict::Retry {
+                return Err(Stopped::Refused(format!(
+                    "the output topic {} refuses {} ({}: {}) and the dead-letter topic {topic} refuses its copy too: {error}; the service stops with its state intact (the window is sent again at the next start)",
+                    self.settings.topic,
+                    letter.origin,
+                    refusal.label(),
+                    f.error
+                )));
+            }
+            if let Some(suppressed) = self.warn.check() {
+                tracing::warn!(%error, topic, retry_in_ms = backoff.as_millis() as u64, suppressed, "dead-letter write of a refused window failed, retrying");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
-        metrics.emit_failures.inc_by(failed.windows.len() as u64);
-        tracing::warn!(error = ?failed.last_error, windows = failed.windows.len(), retry_in_ms = backoff.as_millis() as u64, "output writes failed, retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-        pending = Box::new(failed.windows.into_iter());
     }
 }
 
@@ -290,8 +565,10 @@ mod tests {
                 topic: TOPIC.into(),
                 window_names: vec!["tumbling".into()],
                 aggregates: vec![AggregateKind::Count, AggregateKind::Sum],
+                dead_letter_topic: None,
             },
             Arc::new(Metrics::new()),
+            mpsc::unbounded_channel().0,
         )
         .expect("sink");
         let n = MAX_IN_FLIGHT * 2 + ACK_CHUNK / 2 + 17;

@@ -461,22 +461,42 @@ pub fn connect(settings: &SourceSettings<'_>, shared: Arc<Shared>) -> Result<Sou
     Ok(consumer)
 }
 
-/// Moves every partition back to the position the service holds for it (after the broker
-/// reported a position out of range: librdkafka does not say which partition).
-pub fn reposition(
-    consumer: &Source,
-    positions: &[(Partition, Option<NextOffset>)],
-    reset: OffsetReset,
-) {
-    for (p, next) in positions {
-        let offset = match next {
-            Some(n) => Offset::Offset(n.0),
-            None if reset == OffsetReset::Latest => Offset::End,
-            None => Offset::Beginning,
-        };
-        if let Err(e) = consumer.seek(&p.topic, p.partition, offset, Duration::from_secs(1)) {
-            tracing::warn!(partition = %p, error = %e, "cannot move back to the held position");
+/// Reading each of `moves` (partition, offset) starts again at its offset. After an
+/// out-of-range report librdkafka has stopped fetching the partition and refuses a seek
+/// ("Erroneous state"), so the partitions are assigned anew: on their own where assignments
+/// are incremental, else the whole assignment once more, every other partition at the position
+/// the board holds (nothing is skipped or read twice: the loop has applied every record
+/// delivered up to those positions).
+pub fn restart_at(consumer: &Source, moves: &[(Partition, i64)]) -> Result<(), SourceError> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let context = consumer.context();
+    let board = context.shared.board();
+    for (p, offset) in moves {
+        board.set_position(p, NextOffset(*offset));
+    }
+    let moved: Vec<Partition> = moves.iter().map(|(p, _)| p.clone()).collect();
+    let failed = |source| SourceError::Assign {
+        partitions: moved.iter().map(ToString::to_string).collect(),
+        source,
+    };
+    if context.direct || is_cooperative(consumer) {
+        let mut tpl = TopicPartitionList::new();
+        for p in &moved {
+            tpl.add_partition(&p.topic, p.partition);
         }
+        consumer.incremental_unassign(&tpl).map_err(failed)?;
+        context.assign_at_positions(consumer, &moved)
+    } else {
+        let all: Vec<Partition> = consumer
+            .assignment()
+            .map_err(failed)?
+            .elements()
+            .iter()
+            .map(|e| Partition::new(e.topic(), e.partition()))
+            .collect();
+        context.assign_at_positions(consumer, &all)
     }
 }
 

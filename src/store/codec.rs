@@ -22,6 +22,9 @@ pub const META_GROUPS: &[u8] = b"meta/groups";
 pub const CHECKPOINT_PREFIX: &[u8] = b"cp/";
 /// `hist/<id>` -> the record of an attempt (completed, failed or abandoned).
 pub const HISTORY_PREFIX: &[u8] = b"hist/";
+/// `note/<id>`: an operator's note on a checkpoint's history record (a position reset);
+/// older builds ignore the prefix.
+pub const NOTE_PREFIX: &[u8] = b"note/";
 /// `spm/<name>` -> savepoint metadata.
 pub const SAVEPOINT_META_PREFIX: &[u8] = b"spm/";
 /// Id of the newest checkpoint written: the one a delta must build on.

@@ -100,6 +100,8 @@ pub enum StoreError {
     SavepointExists { name: String, path: PathBuf },
     #[error("invalid savepoint: {0}")]
     InvalidSavepoint(String),
+    #[error("cannot move the held position: {0}")]
+    Position(String),
 }
 
 /// Timings and size of one durable checkpoint.

@@ -975,3 +975,77 @@ fn stores_opened_without_a_claim_never_check_the_owner() {
     write(&store, &sample()[0], None).expect("offline write");
     assert!(store.owner().is_none());
 }
+
+#[test]
+fn a_reset_position_moves_one_partition_either_way_keeping_the_state_and_noting_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let mut model = MaterializedState::default();
+    for c in &sample() {
+        write(&store, c, None).expect("write");
+        model.apply(c, 0, 0).expect("model");
+    }
+    let (meta, _) = store.load().expect("load").expect("checkpoint");
+    let partition = meta.partitions[0].partition.clone();
+    assert_eq!(meta.partitions[0].next, Some(NextOffset(30)));
+
+    // forward (records deleted), then back (the topic recreated)
+    for (to, id) in [(100, 4), (5, 5)] {
+        let before = store
+            .load()
+            .expect("load")
+            .expect("checkpoint")
+            .0
+            .partitions[0]
+            .next;
+        let (got, held) = store
+            .reset_position(&partition, NextOffset(to), &format!("moved to {to}"))
+            .expect("reset");
+        assert_eq!((got, held), (CheckpointId(id), before));
+        let (meta, state) = store.load().expect("load").expect("checkpoint");
+        assert_eq!(meta.id, CheckpointId(id));
+        assert_eq!(meta.partitions[0].next, Some(NextOffset(to)));
+        assert_eq!(
+            sorted(state.entries),
+            model.restored().entries,
+            "the state is unchanged"
+        );
+        assert_eq!(
+            store.note(CheckpointId(id)).expect("note").as_deref(),
+            Some(format!("moved to {to}").as_str())
+        );
+        let record = store
+            .attempt(CheckpointId(id))
+            .expect("history")
+            .expect("recorded");
+        assert_eq!(record.status, Status::Completed);
+        assert_eq!(record.partitions[0].next_offset, Some(to));
+        // offline, the configured retention is not known: nothing is removed
+        let all: Vec<u64> = (1..=id).collect();
+        assert_eq!(store.checkpoint_ids().expect("ids"), ids(&all));
+    }
+    // the service's next delta goes on from the moved position, and applies retention
+    let mut next = Line::new(SPREAD).cp(6, Some(5), false, vec![], vec![], 9);
+    next.delta.entries = model.restored().entries.len() as u64;
+    write(&store, &next, None).expect("a delta after a reset");
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[4, 5, 6]));
+    let (_, state) = store.load().expect("load").expect("checkpoint");
+    assert_eq!(sorted(state.entries), model.restored().entries);
+
+    let unknown = crate::position::Partition::new("elsewhere", 9);
+    let text = store
+        .reset_position(&unknown, NextOffset(1), "x")
+        .expect_err("no position held for it")
+        .to_string();
+    assert!(
+        text.contains("elsewhere[9]") && text.contains(&partition.to_string()),
+        "{text}"
+    );
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let text = open(&empty, 3)
+        .reset_position(&partition, NextOffset(1), "x")
+        .expect_err("nothing to move")
+        .to_string();
+    assert!(text.contains("holds no checkpoint"), "{text}");
+}

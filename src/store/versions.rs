@@ -16,17 +16,20 @@ use rayon::prelude::*;
 use super::codec::{
     decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
     CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD, META_PARTIAL,
-    META_VERSION,
+    META_VERSION, NOTE_PREFIX,
 };
 use super::partial::Ahead;
 use super::FORMAT_VERSION;
 use super::{Retained, Store, StoreError, WriteStats};
 use crate::checkpoint::history::{CheckpointRecord, Kind, Phases, Status};
-use crate::checkpoint::protocol::{check_applicable, meta_of, Checkpoint, CheckpointMeta};
+use crate::checkpoint::protocol::{
+    check_applicable, meta_of, ApplyError, Checkpoint, CheckpointMeta,
+};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::group::{decode_blob, encode_blob, BlobError};
 use crate::engine::GroupContent;
 use crate::engine::{Entry, GroupId, RestoredState, StateKey, StoredGroup};
+use crate::position::{NextOffset, Partition};
 
 /// A checkpoint that cannot be restored: damaged or incomplete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +177,90 @@ impl Store {
     /// `BATCH_BYTES` go in batches ahead of it (see `META_PARTIAL`); what an earlier write
     /// left that way is removed first.
     pub fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError> {
+        self.write_with(req, None)
+    }
+
+    /// Moves `partition`'s held position to `to` (forward or back), offline: a new
+    /// checkpoint on top of the newest one, with the same state and the other positions as
+    /// they are, whose history record carries `note` (`checkpointer reset-position`).
+    /// Returns the new checkpoint's id and the position held before.
+    pub fn reset_position(
+        &self,
+        partition: &Partition,
+        to: NextOffset,
+        note: &str,
+    ) -> Result<(CheckpointId, Option<NextOffset>), StoreError> {
+        let head = self.head()?.ok_or_else(|| {
+            StoreError::Position(format!(
+                "{} holds no checkpoint: there is no position to move (a start reads per kafka.start_from / auto_offset_reset)",
+                self.path.display()
+            ))
+        })?;
+        let base = self.checkpoint(head)?;
+        let mut partitions = base.meta.partitions.clone();
+        let Some(held) = partitions.iter_mut().find(|p| p.partition == *partition) else {
+            let known: Vec<String> = partitions.iter().map(|p| p.partition.to_string()).collect();
+            return Err(StoreError::Position(format!(
+                "checkpoint {head} holds no position for {partition}; it holds {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let before = held.next;
+        held.next = Some(to);
+        let id = self.next_id()?;
+        let cp = Checkpoint {
+            id,
+            base: Some(head),
+            trigger_ms: crate::clock::epoch_ms(),
+            spec: base.meta.spec.clone(),
+            delta: crate::engine::StateDelta {
+                full: false,
+                partitions,
+                watermark: base.meta.watermark,
+                groups: Vec::new(),
+                entries: base.live_entries,
+                records: 0,
+            },
+        };
+        let meta = meta_of(&cp, 0, 0);
+        let mut record = CheckpointRecord::from_meta(&meta, Status::Completed);
+        record.full = false;
+        self.write_with(
+            &WriteRequest {
+                checkpoint: &cp,
+                record,
+                savepoint: None,
+                started: Instant::now(),
+            },
+            Some(note),
+        )?;
+        Ok((id, before))
+    }
+
+    /// The note an operator's change left on checkpoint `id`'s history record, if any.
+    pub fn note(&self, id: CheckpointId) -> Result<Option<String>, StoreError> {
+        match self.tree.get(id_key(NOTE_PREFIX, id))? {
+            Some(raw) => Ok(Some(
+                self.decode(&raw, &format!("note of checkpoint {id}"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Store::write`]; with an operator's `note` (a position reset, offline): a position may
+    /// move back, the note is written in the same batch, and neither retention nor the
+    /// history bound is applied (the offline command does not know the configured ones; the
+    /// service's next checkpoint applies them).
+    fn write_with(
+        &self,
+        req: &WriteRequest<'_>,
+        note: Option<&str>,
+    ) -> Result<WriteStats, StoreError> {
+        let moves = note.is_some();
         self.check_owner()?;
         let cp = req.checkpoint;
         let id = cp.id;
@@ -189,10 +276,16 @@ impl Store {
                 id: h,
                 ..meta_of(cp, 0, 0)
             }));
-        check_applicable(head_meta.as_ref(), cp).map_err(|source| StoreError::Apply {
-            checkpoint_id: id,
-            source,
-        })?;
+        match check_applicable(head_meta.as_ref(), cp) {
+            Ok(()) => {}
+            Err(ApplyError::Backwards { .. }) if moves => {}
+            Err(source) => {
+                return Err(StoreError::Apply {
+                    checkpoint_id: id,
+                    source,
+                })
+            }
+        }
         self.discard_partial()?;
         let t0 = Instant::now();
         let mut batch = sled::Batch::default();
@@ -265,7 +358,19 @@ impl Store {
                 Some(self.savepoint_batch(name, cp, groups, &mut batch, &mut bytes)?)
             }
         };
-        let retained = self.apply_retention(id, &mut batch)?;
+        let retained = if moves {
+            let mut ids = self.checkpoint_ids()?;
+            ids.push(id);
+            ids
+        } else {
+            self.apply_retention(id, &mut batch)?
+        };
+        if let Some(note) = note {
+            batch.insert(
+                id_key(NOTE_PREFIX, id),
+                Self::encode(&note.to_string(), id)?,
+            );
+        }
         let oldest = retained.first().copied().unwrap_or(id);
         if oldest >= id {
             for vk in garbage {
@@ -294,7 +399,9 @@ impl Store {
         record.phases.write_ms = Some(t0.elapsed().as_millis() as u64);
         record.duration_ms = Some(req.started.elapsed().as_millis() as u64);
         batch.insert(id_key(HISTORY_PREFIX, id), Self::encode(&record, id)?);
-        self.trim_history(id, &mut batch)?;
+        if !moves {
+            self.trim_history(id, &mut batch)?;
+        }
         self.tree.apply_batch(batch)?;
         let write = t0.elapsed();
         let t1 = Instant::now();
@@ -376,6 +483,10 @@ impl Store {
         }
         let end = id_key(HISTORY_PREFIX, CheckpointId(newest.0 - keep + 1));
         for k in self.tree.range(HISTORY_PREFIX.to_vec()..end).keys() {
+            batch.remove(k?);
+        }
+        let end = id_key(NOTE_PREFIX, CheckpointId(newest.0 - keep + 1));
+        for k in self.tree.range(NOTE_PREFIX.to_vec()..end).keys() {
             batch.remove(k?);
         }
         Ok(())
