@@ -125,10 +125,16 @@ pub struct PublishFailure {
     pub reason: String,
 }
 
+/// The publisher, its failures, and its task (which ends once the publisher is dropped and
+/// what it was handed is published or failed).
+pub type Started = (
+    Publisher,
+    mpsc::UnboundedReceiver<PublishFailure>,
+    tokio::task::JoinHandle<()>,
+);
+
 impl Publisher {
-    pub fn start(
-        topic: ChangelogTopic,
-    ) -> Result<(Publisher, mpsc::UnboundedReceiver<PublishFailure>), ChangelogError> {
+    pub fn start(topic: ChangelogTopic) -> Result<Started, ChangelogError> {
         let mut client = topic.client.clone();
         client
             .set("enable.idempotence", "true")
@@ -142,8 +148,9 @@ impl Publisher {
             })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (fail_tx, fail_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(producer, topic, rx, fail_tx));
-        Ok((Publisher { tx }, fail_rx))
+        // ends once the Publisher is dropped and what it was handed is published (or failed)
+        let task = tokio::spawn(run(producer, topic, rx, fail_tx));
+        Ok((Publisher { tx }, fail_rx, task))
     }
 
     pub fn publish(&self, batch: Batch) {

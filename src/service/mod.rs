@@ -172,19 +172,24 @@ pub async fn run(
     let k = &settings.kafka;
     let (fatal_tx, fatal) = tokio::sync::mpsc::unbounded_channel();
     let (probes_tx, probes) = tokio::sync::mpsc::unbounded_channel();
+    // tasks holding Kafka clients: the producers' end when the pipeline drops their handles,
+    // the others are stopped; all of them before `run` returns, so that no client outlives it
+    let mut producers = Vec::new();
     let dead_letters = match &settings.input.dead_letter_topic {
         Some(topic) => {
             tracing::info!(%topic, on_output_error = ?settings.output.on_error, "invalid and late records are copied to the dead-letter topic");
-            Some(DeadLetters::start(
+            let (handle, task) = DeadLetters::start(
                 source::base_client(&k.brokers, &k.options),
                 topic.clone(),
                 metrics.clone(),
                 fatal_tx.clone(),
-            )?)
+            )?;
+            producers.push(task);
+            Some(handle)
         }
         None => None,
     };
-    let (sink, acks) = Sink::start(
+    let (sink, acks, sink_task) = Sink::start(
         source::base_client(&k.brokers, &k.options),
         SinkSettings {
             topic: settings.output.topic.clone(),
@@ -202,6 +207,8 @@ pub async fn run(
         metrics.clone(),
         fatal_tx,
     )?;
+    producers.push(sink_task);
+    let mut background = Vec::new();
     // one instance owns every partition: no group membership, partitions assigned directly
     let direct = settings.state.scope == StateScope::Instance;
     let run_id = Changelog::run_id();
@@ -227,7 +234,7 @@ pub async fn run(
         shared.clone(),
     )?);
     if direct {
-        source::direct::spawn(
+        background.push(source::direct::spawn(
             consumer.clone(),
             shared.clone(),
             source::direct::DirectSettings {
@@ -239,14 +246,14 @@ pub async fn run(
                 reset: k.reset(),
                 from_committed: k.from_committed(),
             },
-        );
+        ));
     }
-    source::spawn_lag_monitor(
+    background.push(source::spawn_lag_monitor(
         consumer.clone(),
         shared.clone(),
         metrics.clone(),
         Duration::from_secs(5),
-    );
+    ));
     let checkpoints: Arc<dyn Checkpoints> = store.clone();
     let (writer, outcomes) = writer::spawn(checkpoints.clone());
     let (changelog, failures) = match settings.state.changelog_topic.clone() {
@@ -256,7 +263,8 @@ pub async fn run(
                 .await
                 .context("changelog lookup task")??;
             tracing::info!(topic = %topic.topic, partitions = topic.partitions, "publishing partition state to the changelog");
-            let (publisher, failures) = Publisher::start(topic.clone())?;
+            let (publisher, failures, task) = Publisher::start(topic.clone())?;
+            producers.push(task);
             let changelog = Changelog {
                 io: Arc::new(KafkaChangelog { topic, publisher }),
                 ledger: Ledger::new(run_id),
@@ -368,5 +376,37 @@ pub async fn run(
     let result = pipeline.run(inbox, shutdown).await;
     shared.set_closing();
     consumer.unsubscribe();
+    close(background, producers).await;
+    // a question to the broker that a stopped task had started still holds the consumer
+    // until it is answered (bounded)
+    let deadline = tokio::time::Instant::now() + PRODUCER_CLOSE;
+    while Arc::strong_count(&consumer) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the last handle on the consumer: it leaves the group while the brokers are there
+    drop(consumer);
     result
+}
+
+/// How long the producers may take to settle what they were handed when the service ends.
+const PRODUCER_CLOSE: Duration = Duration::from_secs(5);
+
+/// Stops the background tasks and waits (bounded) for the producers' tasks to end, so that
+/// every Kafka client is closed before the service returns, never after its brokers went away
+/// (the demo's embedded broker ends right after).
+async fn close(
+    background: Vec<tokio::task::JoinHandle<()>>,
+    producers: Vec<tokio::task::JoinHandle<()>>,
+) {
+    for task in &background {
+        task.abort();
+    }
+    for task in background {
+        let _ = task.await;
+    }
+    for task in producers {
+        if tokio::time::timeout(PRODUCER_CLOSE, task).await.is_err() {
+            tracing::warn!("a producer did not settle within 5s at the stop; what it still held is sent again at the next start");
+        }
+    }
 }

@@ -194,18 +194,19 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// Starts the writer for `topic`. A copy the topic refuses for good is reported on `fatal`
-    /// (and the writer stops).
+    /// (and the writer stops). The task ends once the handle is dropped and what it was handed
+    /// is written.
     pub fn start(
         client: ClientConfig,
         topic: String,
         metrics: Arc<Metrics>,
         fatal: mpsc::UnboundedSender<String>,
-    ) -> Result<DeadLetters, SinkError> {
+    ) -> Result<(DeadLetters, tokio::task::JoinHandle<()>), SinkError> {
         let max_bytes = super::message_max_bytes(&client);
         let producer = super::producer(client, &topic)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let done = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(
+        let task = tokio::spawn(run(
             producer,
             topic,
             metrics,
@@ -214,12 +215,15 @@ impl DeadLetters {
             fatal,
             max_bytes,
         ));
-        Ok(DeadLetters {
-            tx,
-            sent: 0,
-            done,
-            max_bytes,
-        })
+        Ok((
+            DeadLetters {
+                tx,
+                sent: 0,
+                done,
+                max_bytes,
+            },
+            task,
+        ))
     }
 
     /// A handle whose copies go to `tx` and count as written when `done` says so (tests).

@@ -86,6 +86,14 @@ pub(crate) fn message_max_bytes(client: &ClientConfig) -> usize {
         .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
 }
 
+/// The emitter's handle, the acknowledged window ids, and its task (which ends once the handle
+/// is dropped and what it was handed is settled).
+pub type Started = (
+    Sink,
+    mpsc::UnboundedReceiver<Vec<StateKey>>,
+    tokio::task::JoinHandle<()>,
+);
+
 /// Handle to the emitter task.
 pub struct Sink {
     tx: mpsc::UnboundedSender<Emission>,
@@ -100,7 +108,7 @@ impl Sink {
         settings: SinkSettings,
         metrics: Arc<Metrics>,
         fatal: mpsc::UnboundedSender<String>,
-    ) -> Result<(Sink, mpsc::UnboundedReceiver<Vec<StateKey>>), SinkError> {
+    ) -> Result<Started, SinkError> {
         let max_bytes = message_max_bytes(&client);
         let producer = producer(client, &settings.topic)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -113,8 +121,9 @@ impl Sink {
             warn: RateLimit::new(WARN_EVERY),
             diverted_log: RateLimit::new(WARN_EVERY),
         };
-        tokio::spawn(run(emitter, rx, ack_tx, fatal));
-        Ok((Sink { tx }, ack_rx))
+        // ends once the Sink is dropped and what it was handed is settled (or refused)
+        let task = tokio::spawn(run(emitter, rx, ack_tx, fatal));
+        Ok((Sink { tx }, ack_rx, task))
     }
 
     pub fn emit(&self, windows: Emission) {
@@ -559,7 +568,7 @@ mod tests {
         cluster.create_topic(TOPIC, 1, 1).expect("topic");
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", cluster.bootstrap_servers());
-        let (sink, mut acks) = Sink::start(
+        let (sink, mut acks, _task) = Sink::start(
             client,
             SinkSettings {
                 topic: TOPIC.into(),

@@ -233,12 +233,16 @@ fn heartbeat(consumer: &Source, shared: &Shared, known: &[Partition], tag: &Comm
 }
 
 /// Runs discovery, the start-up group check and the heartbeat until the consumer goes.
-pub fn spawn(consumer: Arc<Source>, shared: Arc<Shared>, settings: DirectSettings) {
+pub fn spawn(
+    consumer: Arc<Source>,
+    shared: Arc<Shared>,
+    settings: DirectSettings,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(reason) = run(consumer, shared.clone(), settings).await {
             shared.push(Rebalance::Refused(reason));
         }
-    });
+    })
 }
 
 /// Ends with the reason this instance must stop, or `Ok` when the runtime went away.

@@ -536,7 +536,7 @@ pub fn spawn_lag_monitor(
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     every: Duration,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
@@ -585,7 +585,7 @@ pub fn spawn_lag_monitor(
                 Err(_) => return,
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]

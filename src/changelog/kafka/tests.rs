@@ -123,7 +123,7 @@ async fn publish(
 async fn tombstones_follow_the_publication_that_supersedes_them() {
     let (_cluster, client) = cluster();
     let topic = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
-    let (publisher, _failures) = Publisher::start(topic.clone()).expect("publisher");
+    let (publisher, _failures, _task) = Publisher::start(topic.clone()).expect("publisher");
     let old = publication(1, 1, 5, 1, 1.0);
     let old_keys: Vec<String> = old.iter().map(Chunk::record_key).collect();
     publish(&publisher, old, Vec::new())
@@ -195,7 +195,7 @@ async fn tombstones_follow_the_publication_that_supersedes_them() {
 async fn a_publication_that_fails_sends_no_tombstones_and_is_reported() {
     let (_cluster, mut client) = cluster();
     let topic = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
-    let (publisher, _) = Publisher::start(topic.clone()).expect("publisher");
+    let (publisher, _, _task) = Publisher::start(topic.clone()).expect("publisher");
     let old = publication(1, 1, 2, 1, 1.0);
     let old_keys: Vec<String> = old.iter().map(Chunk::record_key).collect();
     publish(&publisher, old, Vec::new())
@@ -206,7 +206,7 @@ async fn a_publication_that_fails_sends_no_tombstones_and_is_reported() {
     // locally, while tombstones (a key, no value) would fit
     client.set("message.max.bytes", "1000");
     let small = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
-    let (failing, mut failures) = Publisher::start(small).expect("publisher");
+    let (failing, mut failures, _task) = Publisher::start(small).expect("publisher");
     let big = publication(2, 7, 4, 600, 2.0);
     let answer = publish(&failing, big, old_keys.clone()).await;
     let reason = answer.expect_err("the publication cannot succeed");
