@@ -357,6 +357,24 @@ pub struct StateSettings {
     /// 80% of the container's memory limit, if it has one.
     #[serde(default)]
     pub max_memory: Option<bytesize::ByteSize>,
+    /// What a changelog record this build cannot read (damaged, or written by a newer build)
+    /// does when a partition's state is restored: stop naming it, or skip it and restore the
+    /// newest complete publication without it.
+    #[serde(default)]
+    pub on_unreadable_changelog: OnUnreadable,
+}
+
+/// `state.on_unreadable_changelog`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnreadable {
+    /// Stop (exit 1) naming the changelog partition and offset; every instance that gets the
+    /// partition stops the same way until an operator decides.
+    #[default]
+    Fail,
+    /// Skip the record: the publication it belongs to is incomplete, so the newest complete
+    /// one before it is restored, and the records after that are read again.
+    Skip,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -1171,6 +1189,10 @@ checkpoint:
         }
         let text = err_text(BASE, &[("CHECKPOINTER_OUTPUT__ON_ERROR", "retry")]);
         assert!(text.contains("on_error"), "{text}");
+        assert_eq!(s.state.on_unreadable_changelog, OnUnreadable::Fail);
+        let skip = ("CHECKPOINTER_STATE__ON_UNREADABLE_CHANGELOG", "skip");
+        let s = load(BASE, &[skip]).expect("valid");
+        assert_eq!(s.state.on_unreadable_changelog, OnUnreadable::Skip);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum ChangelogError {
         at: i64,
         end: i64,
     },
-    #[error("changelog partition {topic}[{partition}] holds a record this build cannot read at offset {offset}: {detail}")]
+    #[error("changelog partition {topic}[{partition}] holds a record this build cannot read at offset {offset}: {detail}; state.on_unreadable_changelog is fail, so the service stops (every instance that gets this partition does). Restore the record, or set state.on_unreadable_changelog: skip to restore the newest complete publication before it")]
     Unreadable {
         topic: String,
         partition: i32,
@@ -59,6 +59,9 @@ pub struct ChangelogTopic {
     pub client: ClientConfig,
     pub topic: String,
     pub partitions: i32,
+    /// A record this build cannot read is skipped on restore (`state.on_unreadable_changelog:
+    /// skip`) instead of failing the read.
+    pub skip_unreadable: bool,
 }
 
 impl ChangelogTopic {
@@ -94,6 +97,7 @@ impl ChangelogTopic {
             client,
             topic: topic.to_string(),
             partitions: partitions as i32,
+            skip_unreadable: false,
         })
     }
 
@@ -382,6 +386,11 @@ pub fn read_states(
                     // something else written to the topic: not ours, not state
                     Err(DecodeError::Foreign) => {
                         tracing::warn!(topic = %topic.topic, partition, offset = m.offset(), "skipping a record that is not a changelog record");
+                    }
+                    // the publication it belongs to stays incomplete, so the replay takes the
+                    // newest complete one before it: state and offsets still match
+                    Err(e) if topic.skip_unreadable => {
+                        tracing::warn!(topic = %topic.topic, partition, offset = m.offset(), error = %e, "skipping a changelog record this build cannot read (state.on_unreadable_changelog: skip); the newest complete publication without it is restored and the records after it are read again");
                     }
                     Err(e) => {
                         return Err(ChangelogError::Unreadable {

@@ -16,7 +16,7 @@ use super::coordinator::Coordinator;
 use super::edge::{Assignments, ChangelogIo};
 use super::releases::{stale, Releases};
 use crate::board::StatusBoard;
-use crate::changelog::kafka::{Batch, PublishFailure, ReadProgress};
+use crate::changelog::kafka::{Batch, ChangelogError, PublishFailure, ReadProgress};
 use crate::changelog::plan::{plan, Ledger};
 use crate::changelog::protocol::Committed;
 use crate::checkpoint::Checkpoint;
@@ -311,6 +311,10 @@ impl Handoff {
             .context("changelog reader task")?;
             match result {
                 Ok(read) => return Ok(read),
+                // the same record is as unreadable on the next try
+                Err(e @ ChangelogError::Unreadable { .. }) => {
+                    return Err(e).context("restoring partitions from the changelog")
+                }
                 Err(e) if attempt < 4 => {
                     tracing::warn!(attempt, error = %e, "changelog read failed; retrying");
                     tokio::time::sleep(backoff).await;

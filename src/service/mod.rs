@@ -259,9 +259,12 @@ pub async fn run(
     let (changelog, failures) = match settings.state.changelog_topic.clone() {
         Some(topic) => {
             let client = source::base_client(&k.brokers, &k.options);
-            let topic = tokio::task::spawn_blocking(move || ChangelogTopic::lookup(client, &topic))
-                .await
-                .context("changelog lookup task")??;
+            let mut topic =
+                tokio::task::spawn_blocking(move || ChangelogTopic::lookup(client, &topic))
+                    .await
+                    .context("changelog lookup task")??;
+            topic.skip_unreadable =
+                settings.state.on_unreadable_changelog == crate::config::OnUnreadable::Skip;
             tracing::info!(topic = %topic.topic, partitions = topic.partitions, "publishing partition state to the changelog");
             let (publisher, failures, task) = Publisher::start(topic.clone())?;
             producers.push(task);

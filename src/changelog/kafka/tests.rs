@@ -227,3 +227,49 @@ async fn a_publication_that_fails_sends_no_tombstones_and_is_reported() {
         "only the first publication: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_fails_the_read_naming_it_or_is_skipped_by_policy() {
+    let (_cluster, client) = cluster();
+    let topic = ChangelogTopic::lookup(client.clone(), TOPIC).expect("lookup");
+    let (publisher, _failures, _task) = Publisher::start(topic.clone()).expect("publisher");
+    publish(&publisher, publication(1, 1, 5, 1, 1.0), Vec::new())
+        .await
+        .expect("publication");
+    // a changelog record (its magic) whose checksum does not match: damaged on the way
+    let producer: FutureProducer = client.clone().create().expect("producer");
+    let mut damaged = b"CKCL\0\0\0\x02\0\0\0\0".to_vec();
+    damaged.extend_from_slice(b"not what the checksum says");
+    let delivery = producer
+        .send(
+            FutureRecord::to(TOPIC)
+                .partition(topic.partition_of(&source()))
+                .key("damaged")
+                .payload(&damaged),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produced");
+    let offset = delivery.offset;
+    let read = |skip: bool| {
+        let topic = ChangelogTopic {
+            skip_unreadable: skip,
+            ..topic.clone()
+        };
+        tokio::task::spawn_blocking(move || read_states(&topic, "g", &[source()], &mut |_, _| {}))
+    };
+    let failed = read(false).await.expect("reader").expect_err("unreadable");
+    let text = failed.to_string();
+    assert!(
+        matches!(failed, ChangelogError::Unreadable { offset: o, .. } if o == offset),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("at offset {offset}")) && text.contains("on_unreadable_changelog"),
+        "{text}"
+    );
+    let states = read(true).await.expect("reader").expect("skipped");
+    let state = states.get(&source()).expect("the publication before it");
+    assert_eq!(state.next_offset(), Some(100));
+    assert_eq!(state.entries.len(), 5);
+}
