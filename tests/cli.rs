@@ -823,6 +823,23 @@ fn export_import_round_trip_and_damaged_files_are_refused() {
         stderr(&out)
     );
 
+    // under the name of an unnamed savepoint it would be pruned like one: refused
+    let out = cli(&[
+        "savepoint",
+        "import",
+        f,
+        "--dir",
+        fr,
+        "--name",
+        "savepoint-7",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("form of unnamed savepoints") && stderr(&out).contains("--name"),
+        "{}",
+        stderr(&out)
+    );
+
     let out = cli(&["savepoint", "delete", "before-upgrade", "--dir", fr]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = cli(&["savepoint", "delete", "before-upgrade", "--dir", fr]);

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::OpsError;
 use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind};
+use crate::checkpoint::savepoints::check_given_name;
 use crate::checkpoint_id::CheckpointId;
 use crate::position::{NextOffset, Partition};
 use crate::store::portable::{self, Portable};
@@ -134,6 +135,10 @@ pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result
         validate_savepoint_name(name).map_err(OpsError::Invalid)?;
         sp.meta.name = name.to_string();
     }
+    // under the name of an unnamed one it would be pruned like one, by age
+    check_given_name(&sp.meta.name).map_err(|e| {
+        OpsError::Invalid(format!("{e}; import it under another name with --name NEW"))
+    })?;
     let store = Store::open(dir, Open::Create)?;
     store.import_savepoint(&sp.meta, &sp.entries)?;
     Ok(format!(
