@@ -19,7 +19,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
-use super::verdict::{classify, is_unknown_topic, Refusal, Verdict};
+use super::verdict::{is_unknown_topic, Refusal, Verdict};
+use super::{judge, unknown_for};
 use super::{SinkContext, SinkError};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
@@ -147,6 +148,15 @@ impl DeadLetter {
             }
         }
         copy
+    }
+
+    /// The value of the first header named `name`, as UTF-8 (lossy).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     fn is_stripped(&self) -> bool {
@@ -334,33 +344,26 @@ async fn write(
         let unknown = failed
             .iter()
             .any(|(_, e)| e.rdkafka_error_code().is_some_and(is_unknown_topic));
-        let unknown_for = match (unknown, unknown_since) {
-            (false, _) => {
-                unknown_since = None;
-                Duration::ZERO
-            }
-            (true, None) => {
-                unknown_since = Some(Instant::now());
-                Duration::ZERO
-            }
-            (true, Some(at)) => at.elapsed(),
-        };
+        let unknown_for = unknown_for(&mut unknown_since, unknown);
         let mut retry = Vec::with_capacity(failed.len());
         for (letter, e) in failed {
-            let fatal = producer.client().fatal_error();
-            match (fatal, classify(e.rdkafka_error_code(), unknown_for)) {
-                (Some((_, why)), _) => {
+            match judge(producer, e.rdkafka_error_code(), unknown_for) {
+                Verdict::Retry => retry.push((letter, e)),
+                // the topic takes less than the producer: the copy goes without its payload
+                Verdict::Refused(Refusal::TooLarge) if !letter.is_stripped() => {
+                    retry.push((letter.stripped(max_bytes), e))
+                }
+                Verdict::Fatal => {
+                    let why = producer
+                        .client()
+                        .fatal_error()
+                        .map_or_else(|| e.to_string(), |(_, why)| why);
                     return Err(format!(
                         "the dead-letter producer failed for good ({why}) writing the copy of {} to {topic}",
                         letter.origin
-                    ))
+                    ));
                 }
-                (None, Verdict::Retry) => retry.push((letter, e)),
-                // the topic takes less than the producer: the copy goes without its payload
-                (None, Verdict::Refused(Refusal::TooLarge)) if !letter.is_stripped() => {
-                    retry.push((letter.stripped(max_bytes), e))
-                }
-                (None, Verdict::Refused(_) | Verdict::Fatal) => {
+                Verdict::Refused(_) => {
                     return Err(format!(
                         "the dead-letter topic {topic} refuses the copy of {} ({} bytes, reason {}): {e}; nothing past it is checkpointed, so it is copied again at the next start once the topic takes it",
                         letter.origin,
@@ -396,30 +399,22 @@ mod tests {
         }
     }
 
-    fn header(l: &DeadLetter, name: &str) -> Option<String> {
-        l.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.clone())
-            .map(|v| String::from_utf8(v).expect("utf8"))
-    }
-
     #[test]
     fn a_copy_too_large_goes_without_its_payload_and_if_need_be_its_key() {
         let small_key = letter(10, 2_000_000).stripped(1_000_000);
         assert_eq!(small_key.payload, None);
         assert_eq!(small_key.key.as_deref().map(<[u8]>::len), Some(10));
         assert_eq!(
-            header(&small_key, PAYLOAD_DROPPED).as_deref(),
+            small_key.header(PAYLOAD_DROPPED).as_deref(),
             Some("2000000")
         );
-        assert_eq!(header(&small_key, KEY_DROPPED), None);
+        assert_eq!(small_key.header(KEY_DROPPED), None);
         assert!(small_key.is_stripped());
-        assert_eq!(header(&small_key, REASON).as_deref(), Some("invalid_json"));
+        assert_eq!(small_key.header(REASON).as_deref(), Some("invalid_json"));
 
         let big_key = letter(999_000, 10).stripped(1_000_000);
         assert_eq!((big_key.key.clone(), big_key.payload.clone()), (None, None));
-        assert_eq!(header(&big_key, KEY_DROPPED).as_deref(), Some("999000"));
+        assert_eq!(big_key.header(KEY_DROPPED).as_deref(), Some("999000"));
         assert!(big_key.size() < 1_000);
     }
 

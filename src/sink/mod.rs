@@ -252,8 +252,21 @@ async fn settle(
     Ok(())
 }
 
+/// The verdict on a failed delivery of `producer`: [`Verdict::Fatal`] once the producer itself
+/// failed for good, else what [`classify`] says of `code`.
+pub(crate) fn judge(
+    producer: &FutureProducer<SinkContext>,
+    code: Option<RDKafkaErrorCode>,
+    unknown_for: Duration,
+) -> Verdict {
+    match producer.client().fatal_error() {
+        Some(_) => Verdict::Fatal,
+        None => classify(code, unknown_for),
+    }
+}
+
 /// How long the topic has been unknown, given whether this round's failures say it is.
-fn unknown_for(since: &mut Option<Instant>, unknown: bool) -> Duration {
+pub(crate) fn unknown_for(since: &mut Option<Instant>, unknown: bool) -> Duration {
     match (unknown, *since) {
         (false, _) => {
             *since = None;
@@ -375,11 +388,7 @@ impl Emitter {
             let mut retry = Vec::new();
             let mut last_error = None;
             for f in failed {
-                let verdict = match self.producer.client().fatal_error() {
-                    Some(_) => Verdict::Fatal,
-                    None => classify(f.code, unknown_for),
-                };
-                match verdict {
+                match judge(&self.producer, f.code, unknown_for) {
                     Verdict::Retry => {
                         last_error = Some(f.error);
                         retry.push(f.window);
@@ -509,11 +518,7 @@ impl Emitter {
             };
             let code = error.rdkafka_error_code();
             let unknown_for = unknown_for(&mut unknown_since, code.is_some_and(is_unknown_topic));
-            let verdict = match self.producer.client().fatal_error() {
-                Some(_) => Verdict::Fatal,
-                None => classify(code, unknown_for),
-            };
-            if verdict != Verdict::Retry {
+            if judge(&self.producer, code, unknown_for) != Verdict::Retry {
                 return Err(Stopped::Refused(format!(
                     "the output topic {} refuses {} ({}: {}) and the dead-letter topic {topic} refuses its copy too: {error}; the service stops with its state intact (the window is sent again at the next start)",
                     self.settings.topic,
