@@ -357,6 +357,10 @@ pub struct StateSettings {
     /// 80% of the container's memory limit, if it has one.
     #[serde(default)]
     pub max_memory: Option<bytesize::ByteSize>,
+    /// Open windows (window instances of a key) past which consumption pauses until they fell
+    /// below 90% of it: the key-count guard. Unset: no limit.
+    #[serde(default)]
+    pub max_open_windows: Option<u64>,
     /// What a changelog record this build cannot read (damaged, or written by a newer build)
     /// does when a partition's state is restored: stop naming it, or skip it and restore the
     /// newest complete publication without it.
@@ -698,6 +702,12 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "state.max_memory",
                 "must be at least 16 MiB: the process needs about that to start",
+            ));
+        }
+        if self.state.max_open_windows == Some(0) {
+            return Err(ConfigError::invalid(
+                "state.max_open_windows",
+                "must be at least 1 (leave it out for no limit)",
             ));
         }
         if self.aggregates.is_empty() {
@@ -1193,6 +1203,18 @@ checkpoint:
         let skip = ("CHECKPOINTER_STATE__ON_UNREADABLE_CHANGELOG", "skip");
         let s = load(BASE, &[skip]).expect("valid");
         assert_eq!(s.state.on_unreadable_changelog, OnUnreadable::Skip);
+    }
+
+    #[test]
+    fn the_open_window_limit_is_off_by_default_and_at_least_one() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.state.max_open_windows, None);
+        let s = load(BASE, &[("CHECKPOINTER_STATE__MAX_OPEN_WINDOWS", "5000000")]).expect("valid");
+        assert_eq!(s.state.max_open_windows, Some(5_000_000));
+        let text = err_text(BASE, &[("CHECKPOINTER_STATE__MAX_OPEN_WINDOWS", "0")]);
+        assert!(text.contains("state.max_open_windows"), "{text}");
+        let text = err_text(BASE, &[("CHECKPOINTER_STATE__MAX_OPEN_WINDOWS", "many")]);
+        assert!(text.contains("max_open_windows"), "{text}");
     }
 
     #[test]

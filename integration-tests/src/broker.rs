@@ -495,6 +495,30 @@ impl Broker {
         Ok(())
     }
 
+    /// Bounds what clients named `client_id` (`client.id`) may fetch per second, a broker
+    /// quota: a slow link on demand. The broker answers their fetches and then makes them wait.
+    pub fn set_consumer_byte_rate(&self, client_id: &str, bytes_per_second: u64) -> Result<()> {
+        let lib = kafka_lib()?;
+        let rate = format!("consumer_byte_rate={bytes_per_second}");
+        run_java(
+            &lib,
+            &[
+                "kafka.admin.ConfigCommand",
+                "--bootstrap-server",
+                self.bootstrap(),
+                "--alter",
+                "--entity-type",
+                "clients",
+                "--entity-name",
+                client_id,
+                "--add-config",
+                &rate,
+            ],
+        )
+        .with_context(|| format!("setting a consumer byte rate quota for client {client_id}"))?;
+        Ok(())
+    }
+
     /// Adds partitions to `topic` until it has `total`, and waits until they have leaders.
     pub fn add_partitions(&self, topic: &str, total: usize) -> Result<()> {
         let runtime = runtime()?;

@@ -1,12 +1,12 @@
-//! `state.max_memory` stops the service from growing until the kernel kills it: with a limit
-//! below what the process holds, it pauses consumption at once, says why in `/readyz`
-//! (503) and its metrics, and still stops cleanly; restarted with room, it resumes from its
-//! checkpoint and the output equals the model: nothing was lost or sent twice.
+//! `state.max_memory` and `state.max_open_windows` stop the service from growing until the
+//! kernel kills it: with a limit below what the process holds, it pauses consumption, says why
+//! in `/readyz` (503) and its metrics, and still stops cleanly; restarted with room, it resumes
+//! from its checkpoint and the output equals the model: nothing was lost or sent twice.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use integration_tests::metrics::RECORDS_CONSUMED;
+use integration_tests::metrics::{Metrics, RECORDS_CONSUMED};
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::verify::{check_output, contains_all};
 use integration_tests::workload::{self, Record, StreamShape, START_TS};
@@ -23,24 +23,93 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One guard: its `state` key and value, and what shows it holding consumption paused.
+struct Guard {
+    key: &'static str,
+    value: &'static str,
+    /// Named by `/readyz` while paused.
+    setting: &'static str,
+    /// 1 while paused.
+    paused_metric: &'static str,
+    /// In the log line that engaged the pause.
+    log: &'static str,
+    /// What else its metrics must show while paused.
+    check: fn(&Metrics) -> Result<()>,
+}
+
 #[test]
 fn past_max_memory_consumption_pauses_and_nothing_is_lost() {
-    let seed = test_seed("memory_guard");
+    guarded(Guard {
+        key: "max_memory",
+        // far below what any build of the process holds
+        value: "16 MiB",
+        setting: "state.max_memory",
+        paused_metric: "checkpointer_memory_paused",
+        log: "resident memory passed state.max_memory",
+        check: |m| {
+            ensure!(
+                m.sum("checkpointer_memory_limit_bytes") == Some(16.0 * 1024.0 * 1024.0),
+                "checkpointer_memory_limit_bytes: {:?}",
+                m.sum("checkpointer_memory_limit_bytes")
+            );
+            ensure!(
+                m.sum("checkpointer_memory_resident_bytes").unwrap_or(0.0) > 16.0 * 1024.0 * 1024.0,
+                "checkpointer_memory_resident_bytes: {:?}",
+                m.sum("checkpointer_memory_resident_bytes")
+            );
+            Ok(())
+        },
+    });
+}
+
+#[test]
+fn past_max_open_windows_consumption_pauses_and_nothing_is_lost() {
+    guarded(Guard {
+        key: "max_open_windows",
+        // 16 keys hold about 60 windows open at once
+        value: "20",
+        setting: "state.max_open_windows",
+        paused_metric: "checkpointer_open_windows_paused",
+        log: "more windows are open than state.max_open_windows",
+        check: |m| {
+            ensure!(
+                m.sum("checkpointer_open_windows_limit") == Some(20.0),
+                "checkpointer_open_windows_limit: {:?}",
+                m.sum("checkpointer_open_windows_limit")
+            );
+            ensure!(
+                m.sum("checkpointer_memory_paused") == Some(0.0),
+                "paused for memory rather than open windows"
+            );
+            Ok(())
+        },
+    });
+}
+
+fn guarded(guard: Guard) {
+    let seed = test_seed(&format!("guard_{}", guard.key));
     let broker = Broker::shared().unwrap_or_else(|err| panic!("{err:#}"));
-    let input = unique_name("memory-in");
-    let output = unique_name("memory-out");
+    let input = unique_name("guard-in");
+    let output = unique_name("guard-out");
     let mut config = ServiceConfig::new(broker, &input, &output);
-    // far below what any build of the process holds
     config
         .state_extra
-        .insert("max_memory".into(), "16 MiB".into());
-    let mut service = Service::new("memory_guard", config).unwrap_or_else(|err| panic!("{err:#}"));
-    if let Err(err) = run(seed, broker, &mut service, &input, &output) {
+        .insert(guard.key.into(), guard.value.into());
+    let mut service = Service::new(&format!("guard_{}", guard.key), config)
+        .unwrap_or_else(|err| panic!("{err:#}"));
+    if let Err(err) = run(seed, broker, &mut service, &input, &output, &guard) {
         panic!("{err:#}\n(seed {seed})");
     }
 }
 
-fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &str) -> Result<()> {
+fn run(
+    seed: u64,
+    broker: &Broker,
+    service: &mut Service,
+    input: &str,
+    output: &str,
+    guard: &Guard,
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     broker.create_topic(input, PARTITIONS as i32)?;
     broker.create_topic(output, 2)?;
@@ -63,18 +132,19 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     let produced = Producer::new(broker)?.send_partitions(input, &records)?;
     let mut reader = OutputReader::new(broker, output)?;
 
-    // over the limit from the start: paused, not ready, and says why
+    // over the limit at once: paused, not ready, and says why
     service.start()?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(r) = service.get("/readyz") {
-            if r.status == 503 && r.body.contains("state.max_memory") {
+            if r.status == 503 && r.body.contains(guard.setting) {
                 break;
             }
         }
         if Instant::now() > deadline {
             bail!(
-                "/readyz never named state.max_memory\n{}",
+                "/readyz never named {}\n{}",
+                guard.setting,
                 service.log_tail(30)
             );
         }
@@ -88,31 +158,19 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
     let consumed = after.sum(RECORDS_CONSUMED).unwrap_or(0.0);
     ensure!(
         before.sum(RECORDS_CONSUMED) == after.sum(RECORDS_CONSUMED) && consumed < produced as f64,
-        "consumption went on past state.max_memory: {:?} then {consumed} of {produced}",
+        "consumption went on past {}: {:?} then {consumed} of {produced}",
+        guard.setting,
         before.sum(RECORDS_CONSUMED)
     );
     ensure!(
         after.sum("checkpointer_backpressure") == Some(1.0)
-            && after.sum("checkpointer_memory_paused") == Some(1.0),
-        "checkpointer_backpressure or checkpointer_memory_paused is not 1"
+            && after.sum(guard.paused_metric) == Some(1.0),
+        "checkpointer_backpressure or {} is not 1",
+        guard.paused_metric
     );
+    (guard.check)(&after)?;
     ensure!(
-        after.sum("checkpointer_memory_limit_bytes") == Some(16.0 * 1024.0 * 1024.0),
-        "checkpointer_memory_limit_bytes: {:?}",
-        after.sum("checkpointer_memory_limit_bytes")
-    );
-    ensure!(
-        after
-            .sum("checkpointer_memory_resident_bytes")
-            .unwrap_or(0.0)
-            > 16.0 * 1024.0 * 1024.0,
-        "checkpointer_memory_resident_bytes: {:?}",
-        after.sum("checkpointer_memory_resident_bytes")
-    );
-    ensure!(
-        service
-            .log_since_start()
-            .contains("resident memory passed state.max_memory"),
+        service.log_since_start().contains(guard.log),
         "no log line names the limit\n{}",
         service.log_tail(30)
     );
@@ -122,10 +180,13 @@ fn run(seed: u64, broker: &Broker, service: &mut Service, input: &str, output: &
         "a paused service must still stop cleanly: {status}\n{}",
         service.log_tail(30)
     );
-    eprintln!("[memory_guard] paused after {consumed} of {produced} records; restarting with room");
+    eprintln!(
+        "[{}] paused after {consumed} of {produced} records; restarting with room",
+        guard.key
+    );
 
     // with room: resumes from its checkpoint, and every window is exact
-    service.config_mut().state_extra.remove("max_memory");
+    service.config_mut().state_extra.remove(guard.key);
     service.start()?;
     service.wait_ready(READY_TIMEOUT)?;
     let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));

@@ -7,6 +7,7 @@
 //! partition are told apart.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -51,6 +52,8 @@ pub enum ChangelogError {
         offset: i64,
         detail: String,
     },
+    #[error("reading changelog topic {topic} was cancelled (the service is stopping)")]
+    Cancelled { topic: String },
 }
 
 /// Where the changelog is and how to reach it.
@@ -279,20 +282,27 @@ pub type OnProgress<'a> = &'a mut dyn FnMut(&Partition, ReadProgress);
 
 /// Replays the changelog partitions of `sources` (all at once, one reader) from their start to
 /// their end and returns the state the changelog holds for each source (absent: none).
-/// Blocking.
+/// Blocking; gives up with [`ChangelogError::Cancelled`] soon after `cancel` is set.
 pub fn read_states(
     topic: &ChangelogTopic,
     group: &str,
     sources: &[Partition],
     on_progress: OnProgress<'_>,
+    cancel: &AtomicBool,
 ) -> Result<HashMap<Partition, Committed>, ChangelogError> {
     let mut out = HashMap::new();
     if sources.is_empty() {
         return Ok(out);
     }
+    // its own client id, so that a broker quota can bound restore traffic apart from the rest
+    let client_id = format!(
+        "{}-changelog-reader",
+        topic.client.get("client.id").unwrap_or("checkpointer")
+    );
     let consumer: BaseConsumer = topic
         .client
         .clone()
+        .set("client.id", client_id)
         .set("group.id", "checkpointer-changelog-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -356,6 +366,11 @@ pub fn read_states(
     let mut replay = Replay::default();
     let mut idle_since = Instant::now();
     while !pending.is_empty() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ChangelogError::Cancelled {
+                topic: topic.topic.clone(),
+            });
+        }
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 idle_since = Instant::now();

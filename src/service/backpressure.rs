@@ -1,5 +1,5 @@
 //! Back-pressure: consumption pauses while the service cannot keep up, so that memory stops
-//! growing instead of growing until the kernel kills the process. Two causes:
+//! growing instead of growing until the kernel kills the process. The causes:
 //!
 //! - a checkpoint takes longer than the checkpoint interval: the state (and, in exactly-once
 //!   mode, the final windows waiting for that checkpoint) would grow while the store catches
@@ -11,7 +11,11 @@
 //!   below 90% of it (the final windows waiting drain through checkpoints and the output, and
 //!   the allocator gives their memory back);
 //! - copies for the dead-letter topic hold a checkpoint back for long, or too many are
-//!   unacknowledged: consumption resumes once they are written.
+//!   unacknowledged: consumption resumes once they are written;
+//! - more windows are open than `state.max_open_windows` (the key-count guard): consumption
+//!   resumes once they fell below 90% of it (windows close as event time moves, which needs
+//!   records, so the pause ends by itself only where event time moves without them:
+//!   `watermark.idle_advance: wall_clock`; otherwise an operator raises the limit).
 //!
 //! Pure: the pipeline feeds it the age of the oldest checkpoint in flight, the final windows
 //! not acknowledged by the output and the resident memory it last read, and carries out what
@@ -33,6 +37,8 @@ pub(crate) enum Cause {
     /// `outstanding` dead-letter copies are not acknowledged, and a checkpoint waits for them
     /// or there are too many.
     DeadLetters { outstanding: u64 },
+    /// `open` windows are open, more than `limit` (`state.max_open_windows`).
+    OpenWindows { open: usize, limit: usize },
 }
 
 /// What changed at an evaluation.
@@ -65,6 +71,12 @@ pub(crate) struct Backpressure {
     over_memory: bool,
     /// Dead-letter copies that hold consumption back, as the pipeline last judged them.
     dead_letters: Option<u64>,
+    /// Open windows past which consumption pauses (`state.max_open_windows`).
+    max_open: Option<usize>,
+    /// The open windows last counted.
+    open: Option<usize>,
+    /// The open windows went past the limit and have not fallen below 90% of it yet.
+    over_open: bool,
 }
 
 impl Backpressure {
@@ -78,7 +90,31 @@ impl Backpressure {
             resident: None,
             over_memory: false,
             dead_letters: None,
+            max_open: None,
+            open: None,
+            over_open: false,
         }
+    }
+
+    /// Pauses consumption while more than `limit` windows are open.
+    pub(crate) fn with_open_windows_limit(mut self, limit: Option<usize>) -> Self {
+        self.max_open = limit;
+        self
+    }
+
+    /// Whether open windows are counted for a limit.
+    pub(crate) fn counts_open_windows(&self) -> bool {
+        self.max_open.is_some()
+    }
+
+    /// The open windows counted now; the next evaluation judges them.
+    pub(crate) fn observe_open_windows(&mut self, open: usize) {
+        self.open = Some(open);
+    }
+
+    /// Whether the open-window limit holds consumption paused.
+    pub(crate) fn over_open_windows(&self) -> bool {
+        self.over_open
     }
 
     /// `Some(outstanding)`: dead-letter copies hold consumption back (a checkpoint has waited
@@ -149,9 +185,25 @@ impl Backpressure {
         let dead_letters = self
             .dead_letters
             .map(|outstanding| Cause::DeadLetters { outstanding });
+        // and past the open-window limit until 90% of it
+        let open = match (self.max_open, self.open) {
+            (Some(limit), Some(open)) => {
+                let over = if self.over_open {
+                    limit - limit.div_ceil(10)
+                } else {
+                    limit
+                };
+                self.over_open = open > over;
+                self.over_open.then_some(Cause::OpenWindows { open, limit })
+            }
+            _ => {
+                self.over_open = false;
+                None
+            }
+        };
         match (
             self.engaged_at,
-            late.or(backlog).or(memory).or(dead_letters),
+            late.or(backlog).or(memory).or(open).or(dead_letters),
         ) {
             (None, Some(cause)) => {
                 self.engaged_at = Some(now);
@@ -173,6 +225,51 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn open_windows_past_the_limit_pause_until_they_fell_below_nine_tenths() {
+        let mut b = Backpressure::new(2 * S, 0).with_open_windows_limit(Some(1000));
+        assert!(b.counts_open_windows());
+        // nothing counted yet
+        assert_eq!(b.evaluate(None, 0, S), Change::Same);
+        b.observe_open_windows(1000);
+        assert_eq!(b.evaluate(None, 0, 2 * S), Change::Same);
+        b.observe_open_windows(1001);
+        assert_eq!(
+            b.evaluate(None, 0, 3 * S),
+            Change::Engage(Cause::OpenWindows {
+                open: 1001,
+                limit: 1000
+            })
+        );
+        assert!(b.over_open_windows());
+        // under the limit but not under 90% of it: still paused
+        b.observe_open_windows(950);
+        assert_eq!(b.evaluate(None, 0, 4 * S), Change::Same);
+        assert!(b.engaged() && b.over_open_windows());
+        b.observe_open_windows(899);
+        assert_eq!(
+            b.evaluate(None, 0, 6 * S),
+            Change::Release { paused: 3 * S }
+        );
+        assert!(!b.over_open_windows());
+        // a small limit still has room under it to resume at
+        let mut small = Backpressure::new(2 * S, 0).with_open_windows_limit(Some(3));
+        small.observe_open_windows(4);
+        assert!(matches!(small.evaluate(None, 0, S), Change::Engage(_)));
+        small.observe_open_windows(3);
+        assert_eq!(small.evaluate(None, 0, 2 * S), Change::Same);
+        small.observe_open_windows(2);
+        assert_eq!(
+            small.evaluate(None, 0, 3 * S),
+            Change::Release { paused: 2 * S }
+        );
+        // without a limit, nothing is counted and nothing pauses
+        let mut off = Backpressure::new(2 * S, 0);
+        assert!(!off.counts_open_windows());
+        off.observe_open_windows(usize::MAX);
+        assert_eq!(off.evaluate(None, 0, S), Change::Same);
+    }
 
     #[test]
     fn resident_memory_past_the_limit_pauses_until_it_fell_below_nine_tenths() {

@@ -6,10 +6,12 @@
 //! the in-memory ones in `fakes`.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::handoff::Restored;
 use super::out_of_range::Probed;
 use crate::changelog::kafka::PublishFailure;
 use crate::changelog::kafka::{
@@ -35,6 +37,8 @@ pub(crate) struct Inbox {
     pub fatal: mpsc::UnboundedReceiver<String>,
     /// The broker's offsets of the assigned partitions, asked after an out-of-range report.
     pub probes: mpsc::UnboundedReceiver<Vec<Probed>>,
+    /// Changelog replays for assignments, read off the loop.
+    pub restored: mpsc::UnboundedReceiver<Restored>,
 }
 
 impl Inbox {
@@ -108,12 +112,14 @@ pub(crate) trait ChangelogIo: Send + Sync + 'static {
     /// Hands a publication to the publisher (in order); `batch.done` answers when it is
     /// acknowledged or failed.
     fn publish(&self, batch: Batch);
-    /// Replays the changelog of `partitions` and returns their states (blocking).
+    /// Replays the changelog of `partitions` and returns their states (blocking; gives up soon
+    /// after `cancel` is set).
     fn read(
         &self,
         group: &str,
         partitions: &[Partition],
         on_progress: OnProgress<'_>,
+        cancel: &AtomicBool,
     ) -> Result<HashMap<Partition, Committed>, ChangelogError>;
 }
 
@@ -132,7 +138,8 @@ impl ChangelogIo for KafkaChangelog {
         group: &str,
         partitions: &[Partition],
         on_progress: OnProgress<'_>,
+        cancel: &AtomicBool,
     ) -> Result<HashMap<Partition, Committed>, ChangelogError> {
-        read_states(&self.topic, group, partitions, on_progress)
+        read_states(&self.topic, group, partitions, on_progress, cancel)
     }
 }

@@ -3,6 +3,7 @@
 //! and a changelog that holds publications until the test completes them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::{mpsc, oneshot};
@@ -102,11 +103,14 @@ impl Output for FakeOutput {
     }
 }
 
-/// Keeps every publication; their `done` answers wait for [`FakeChangelog::complete`].
+/// Keeps every publication; their `done` answers wait for [`FakeChangelog::complete`]. Reads
+/// find nothing, and wait while [`FakeChangelog::hold_reads`] holds them.
 #[derive(Default)]
 pub(crate) struct FakeChangelog {
     published: Mutex<Vec<Vec<Chunk>>>,
     waiting: Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
+    held: AtomicBool,
+    reading: AtomicBool,
 }
 
 impl FakeChangelog {
@@ -126,6 +130,18 @@ impl FakeChangelog {
     }
 }
 
+impl FakeChangelog {
+    /// Reads from now on wait until `hold_reads(false)` (or their cancellation).
+    pub(crate) fn hold_reads(&self, hold: bool) {
+        self.held.store(hold, Ordering::SeqCst);
+    }
+
+    /// Whether a read is waiting on [`FakeChangelog::hold_reads`].
+    pub(crate) fn reading(&self) -> bool {
+        self.reading.load(Ordering::SeqCst)
+    }
+}
+
 impl ChangelogIo for FakeChangelog {
     fn publish(&self, batch: Batch) {
         lock(&self.published).push(batch.chunks);
@@ -138,7 +154,18 @@ impl ChangelogIo for FakeChangelog {
         _group: &str,
         _partitions: &[Partition],
         _on_progress: OnProgress<'_>,
+        cancel: &AtomicBool,
     ) -> Result<HashMap<Partition, Committed>, ChangelogError> {
+        self.reading.store(true, Ordering::SeqCst);
+        while self.held.load(Ordering::SeqCst) && !cancel.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.reading.store(false, Ordering::SeqCst);
+        if cancel.load(Ordering::SeqCst) {
+            return Err(ChangelogError::Cancelled {
+                topic: "fake".to_string(),
+            });
+        }
         Ok(HashMap::new())
     }
 }

@@ -5,6 +5,7 @@
 //! partition. Owns the assignment, the releases on their way, and the changelog link.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,112 @@ impl Changelog {
     }
 }
 
+/// What a changelog replay found: each partition's committed state, and how far the read
+/// went per partition.
+type Replayed = (
+    HashMap<Partition, Committed>,
+    HashMap<Partition, ReadProgress>,
+);
+
+/// A finished changelog replay of an assignment's partitions, handed back to the loop.
+pub(crate) struct Restored {
+    partitions: Vec<Partition>,
+    read: anyhow::Result<Replayed>,
+    duration: Duration,
+}
+
+/// A changelog replay in flight.
+struct Restoring {
+    partitions: Vec<Partition>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// One changelog replay of an assignment's partitions, run off the loop.
+struct Replay {
+    io: Arc<dyn ChangelogIo>,
+    group: String,
+    partitions: Vec<Partition>,
+    board: Arc<StatusBoard>,
+    metrics: Arc<Metrics>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Replay {
+    /// Replays the changelog of the partitions (one reader for all), retrying a failed or
+    /// stalled read a few times before giving up (the service then stops rather than restore
+    /// an older state than published).
+    async fn run(&self) -> anyhow::Result<Replayed> {
+        let mut backoff = Duration::from_secs(1);
+        let mut attempt = 1;
+        loop {
+            let board = self.board.clone();
+            let metrics = self.metrics.clone();
+            let io = self.io.clone();
+            let cancel = self.cancel.clone();
+            let (sources, group) = (self.partitions.clone(), self.group.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                // called per changelog record: gauge handles are looked up once per partition and
+                // the readiness text is rewritten at most every READY_TEXT_EVERY
+                let mut seen: HashMap<Partition, (IntGauge, IntGauge, ReadProgress)> =
+                    HashMap::new();
+                let mut text_at: Option<Instant> = None;
+                let mut progress = |p: &Partition, now: ReadProgress| {
+                    let (left, bytes, last) = seen.entry(p.clone()).or_insert_with(|| {
+                        let label = p.to_string();
+                        (
+                            metrics
+                                .changelog_restore_remaining
+                                .with_label_values(&[label.as_str()]),
+                            metrics
+                                .changelog_restore_read_bytes
+                                .with_label_values(&[label.as_str()]),
+                            ReadProgress::default(),
+                        )
+                    });
+                    left.set(now.records_left);
+                    bytes.set(now.bytes_read as i64);
+                    *last = now;
+                    if now.records_left > 0
+                        && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
+                    {
+                        text_at = Some(Instant::now());
+                        board.set_ready(
+                            false,
+                            &format!(
+                                "restoring {p} from the changelog: {} records left, {} bytes read",
+                                now.records_left, now.bytes_read
+                            ),
+                        );
+                    }
+                };
+                let states = io.read(&group, &sources, &mut progress, &cancel);
+                let last = seen.into_iter().map(|(p, (_, _, r))| (p, r)).collect();
+                states.map(|states| (states, last))
+            })
+            .await
+            .context("changelog reader task")?;
+            match result {
+                Ok(read) => return Ok(read),
+                // the same record is as unreadable on the next try; a cancelled read is over
+                Err(e @ (ChangelogError::Unreadable { .. } | ChangelogError::Cancelled { .. })) => {
+                    return Err(e).context("restoring partitions from the changelog")
+                }
+                Err(e) if attempt < 4 && !self.cancel.load(Ordering::Relaxed) => {
+                    tracing::warn!(attempt, error = %e, "changelog read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e).context("restoring partitions from the changelog"),
+            }
+        }
+    }
+}
+
+/// Where revoked partitions whose release is due arrive, with the checkpoint that published
+/// them.
+pub(crate) type ReleasesDue = mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>;
+
 /// What does not change while the hand-off runs.
 pub(crate) struct HandoffConfig {
     /// The consumer group whose state the changelog holds.
@@ -62,23 +169,25 @@ pub(crate) struct Handoff {
     /// Revoked partitions waiting for their checkpoint's publication.
     releases: Releases,
     changelog: Option<Changelog>,
+    /// The changelog replay of an assignment, while it runs.
+    restoring: Option<Restoring>,
     released_tx: mpsc::UnboundedSender<(CheckpointId, Vec<Partition>)>,
+    restored_tx: mpsc::UnboundedSender<Restored>,
     board: Arc<StatusBoard>,
     metrics: Arc<Metrics>,
 }
 
 impl Handoff {
-    /// A hand-off; releases due after a publication arrive on the returned receiver.
+    /// A hand-off; releases due after a publication arrive on the first receiver returned,
+    /// finished changelog replays on the second.
     pub(crate) fn new(
         config: HandoffConfig,
         changelog: Option<Changelog>,
         board: Arc<StatusBoard>,
         metrics: Arc<Metrics>,
-    ) -> (
-        Self,
-        mpsc::UnboundedReceiver<(CheckpointId, Vec<Partition>)>,
-    ) {
+    ) -> (Self, ReleasesDue, mpsc::UnboundedReceiver<Restored>) {
         let (released_tx, released) = mpsc::unbounded_channel();
+        let (restored_tx, restored) = mpsc::unbounded_channel();
         let handoff = Handoff {
             config,
             assigned: Vec::new(),
@@ -86,11 +195,13 @@ impl Handoff {
             assignment_seen: false,
             releases: Releases::default(),
             changelog,
+            restoring: None,
             released_tx,
+            restored_tx,
             board,
             metrics,
         };
-        (handoff, released)
+        (handoff, released, restored)
     }
 
     pub(crate) fn assigned(&self) -> &[Partition] {
@@ -101,6 +212,12 @@ impl Handoff {
     /// answer to the revoke, and no other assignment change may come first.
     pub(crate) fn releasing(&self) -> bool {
         self.releases.any_pending()
+    }
+
+    /// Whether the group waits for this consumer's answer to a rebalance (a revoke's release,
+    /// or an assignment's changelog replay): no other assignment change may come first.
+    pub(crate) fn rebalancing(&self) -> bool {
+        self.releasing() || self.restoring.is_some()
     }
 
     pub(crate) fn assignment_seen(&self) -> bool {
@@ -156,8 +273,12 @@ impl Handoff {
             .collect()
     }
 
-    /// Completes an assignment: restores what needs restoring, then assigns.
-    pub(crate) async fn on_assign(
+    /// Takes an assignment: without a changelog, assigns at once; with one, starts replaying
+    /// the partitions' changelog off the loop and assigns when it is done
+    /// ([`Handoff::on_restored`]). Until then the partitions are not read, the consumer goes on
+    /// being polled (a replay may take longer than `max.poll.interval.ms`), and the caller
+    /// holds back further rebalances ([`Handoff::restoring`]).
+    pub(crate) fn on_assign(
         &mut self,
         engine: &mut Engine,
         coordinator: &mut Coordinator,
@@ -181,54 +302,136 @@ impl Handoff {
         }
         // a partition assigned again is no longer on its way out
         self.releases.cancel(&partitions);
-        if let Some(io) = self.changelog.as_ref().map(|c| c.io.clone()) {
+        match self.changelog.as_ref().map(|c| c.io.clone()) {
+            Some(io) => {
+                self.start_restore(io, partitions);
+                Ok(())
+            }
+            None => self.assign_now(engine, consumer, partitions),
+        }
+    }
+
+    /// Partitions whose changelog replay is in flight (empty: none).
+    pub(crate) fn restoring(&self) -> &[Partition] {
+        self.restoring
+            .as_ref()
+            .map_or(&[], |r| r.partitions.as_slice())
+    }
+
+    /// Gives up a replay in flight (the service stops; its partitions were never assigned).
+    pub(crate) fn cancel_restore(&mut self) {
+        if let Some(r) = self.restoring.take() {
+            r.cancel.store(true, Ordering::Relaxed);
+            tracing::info!(partitions = ?r.partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "changelog restore cancelled: stopping");
+        }
+    }
+
+    fn start_restore(&mut self, io: Arc<dyn ChangelogIo>, partitions: Vec<Partition>) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let replay = Replay {
+            io,
+            group: self.config.group.clone(),
+            partitions: partitions.clone(),
+            board: self.board.clone(),
+            metrics: self.metrics.clone(),
+            cancel: cancel.clone(),
+        };
+        let done = self.restored_tx.clone();
+        tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "restoring assigned partitions from the changelog before reading them");
+        self.board.set_ready(
+            false,
+            &format!(
+                "restoring {} partitions from the changelog",
+                partitions.len()
+            ),
+        );
+        tokio::spawn(async move {
             let started = Instant::now();
-            let (mut states, progress) = self.read_changelog(io, &partitions).await?;
-            let read_ms = started.elapsed().as_millis() as u64;
-            for p in &partitions {
-                let local = engine.position(p).map(|n| n.0);
-                let committed = states.remove(p);
-                if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
-                    link.ledger
-                        .record_keys
-                        .insert(p.clone(), c.record_keys.clone());
+            let read = replay.run().await;
+            let _ = done.send(Restored {
+                partitions: replay.partitions,
+                read,
+                duration: started.elapsed(),
+            });
+        });
+        self.restoring = Some(Restoring { partitions, cancel });
+    }
+
+    /// Completes an assignment whose changelog replay is done: installs what the changelog holds
+    /// newer than this instance, then assigns. A failed replay stops the service (restoring an
+    /// older state than published would double-count).
+    pub(crate) fn on_restored(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        consumer: &dyn Assignments,
+        restored: Restored,
+    ) -> anyhow::Result<()> {
+        match &self.restoring {
+            Some(r) if r.partitions == restored.partitions => self.restoring = None,
+            // cancelled, or an answer to an earlier replay
+            _ => return Ok(()),
+        }
+        let Restored {
+            partitions,
+            read,
+            duration,
+        } = restored;
+        let (mut states, progress) = read?;
+        let read_ms = duration.as_millis() as u64;
+        for p in &partitions {
+            let local = engine.position(p).map(|n| n.0);
+            let committed = states.remove(p);
+            if let (Some(c), Some(link)) = (&committed, self.changelog.as_mut()) {
+                link.ledger
+                    .record_keys
+                    .insert(p.clone(), c.record_keys.clone());
+            }
+            match committed {
+                Some(c) if c.next_offset() > local => {
+                    let Some(position) = c.position.clone() else {
+                        continue;
+                    };
+                    let entries = c.entries.len();
+                    engine
+                        .install_partition(&position, c.entries)
+                        .with_context(|| format!("installing {p} from the changelog"))?;
+                    if let Some(next) = position.next {
+                        self.board.set_position(p, next);
+                    }
+                    self.metrics.changelog_restores.inc();
+                    let bytes = progress.get(p).map_or(0, |r| r.bytes_read);
+                    let checkpoint_id = c.tag.map(|t| t.checkpoint);
+                    tracing::info!(partition = %p, checkpoint_id = ?checkpoint_id, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, bytes, duration_ms = read_ms, "restored partition state from the changelog");
                 }
-                match committed {
-                    Some(c) if c.next_offset() > local => {
-                        let Some(position) = c.position.clone() else {
-                            continue;
-                        };
-                        let entries = c.entries.len();
-                        engine
-                            .install_partition(&position, c.entries)
-                            .with_context(|| format!("installing {p} from the changelog"))?;
-                        if let Some(next) = position.next {
-                            self.board.set_position(p, next);
-                        }
-                        self.metrics.changelog_restores.inc();
-                        let bytes = progress.get(p).map_or(0, |r| r.bytes_read);
-                        let checkpoint_id = c.tag.map(|t| t.checkpoint);
-                        tracing::info!(partition = %p, checkpoint_id = ?checkpoint_id, next_offset = ?position.next.map(|n| n.0), local_next_offset = ?local, entries, bytes, duration_ms = read_ms, "restored partition state from the changelog");
-                    }
-                    Some(c) => {
-                        tracing::info!(partition = %p, next_offset = ?local, changelog_next_offset = ?c.next_offset(), "local partition state is as new as the changelog's; keeping it")
-                    }
-                    None => {
-                        tracing::info!(partition = %p, next_offset = ?local, "no changelog state for the partition")
-                    }
+                Some(c) => {
+                    tracing::info!(partition = %p, next_offset = ?local, changelog_next_offset = ?c.next_offset(), "local partition state is as new as the changelog's; keeping it")
                 }
-                // the partition is assigned exactly where the state it holds ends
-                match engine.position(p) {
-                    Some(next) => self.board.set_position(p, next),
-                    None => self.board.clear_positions(std::slice::from_ref(p)),
+                None => {
+                    tracing::info!(partition = %p, next_offset = ?local, "no changelog state for the partition")
                 }
             }
-            // the first checkpoint after a takeover publishes the partitions' full state
-            coordinator.restart_line();
-            if let Some(link) = self.changelog.as_mut() {
-                link.ledger.forget(&partitions);
+            // the partition is assigned exactly where the state it holds ends
+            match engine.position(p) {
+                Some(next) => self.board.set_position(p, next),
+                None => self.board.clear_positions(std::slice::from_ref(p)),
             }
         }
+        // the first checkpoint after a takeover publishes the partitions' full state
+        coordinator.restart_line();
+        if let Some(link) = self.changelog.as_mut() {
+            link.ledger.forget(&partitions);
+        }
+        self.assign_now(engine, consumer, partitions)
+    }
+
+    /// Assigns `partitions` to the consumer at the positions held for them.
+    fn assign_now(
+        &mut self,
+        engine: &mut Engine,
+        consumer: &dyn Assignments,
+        partitions: Vec<Partition>,
+    ) -> anyhow::Result<()> {
         if let Err(e) = consumer.assign(&partitions) {
             if self.config.direct {
                 // assigned directly, nothing would assign them again: stop rather than never
@@ -248,82 +451,6 @@ impl Handoff {
         engine.assign(&partitions);
         self.board.set_assigned(&self.assigned);
         Ok(())
-    }
-
-    /// Replays the changelog for `partitions` (one reader for all), retrying a failed or
-    /// stalled read a few times before giving up (the service then stops rather than restore
-    /// an older state than published).
-    async fn read_changelog(
-        &self,
-        io: Arc<dyn ChangelogIo>,
-        partitions: &[Partition],
-    ) -> anyhow::Result<(
-        HashMap<Partition, Committed>,
-        HashMap<Partition, ReadProgress>,
-    )> {
-        let mut backoff = Duration::from_secs(1);
-        let mut attempt = 1;
-        loop {
-            let board = self.board.clone();
-            let metrics = self.metrics.clone();
-            let io = io.clone();
-            let (sources, group) = (partitions.to_vec(), self.config.group.clone());
-            let result = tokio::task::spawn_blocking(move || {
-                // called per changelog record: gauge handles are looked up once per partition and
-                // the readiness text is rewritten at most every READY_TEXT_EVERY
-                let mut seen: HashMap<Partition, (IntGauge, IntGauge, ReadProgress)> =
-                    HashMap::new();
-                let mut text_at: Option<Instant> = None;
-                let mut progress = |p: &Partition, now: ReadProgress| {
-                    let (left, bytes, last) = seen.entry(p.clone()).or_insert_with(|| {
-                        let label = p.to_string();
-                        (
-                            metrics
-                                .changelog_restore_remaining
-                                .with_label_values(&[label.as_str()]),
-                            metrics
-                                .changelog_restore_read_bytes
-                                .with_label_values(&[label.as_str()]),
-                            ReadProgress::default(),
-                        )
-                    });
-                    left.set(now.records_left);
-                    bytes.set(now.bytes_read as i64);
-                    *last = now;
-                    if now.records_left > 0
-                        && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
-                    {
-                        text_at = Some(Instant::now());
-                        board.set_ready(
-                            false,
-                            &format!(
-                                "restoring {p} from the changelog: {} records left, {} bytes read",
-                                now.records_left, now.bytes_read
-                            ),
-                        );
-                    }
-                };
-                let states = io.read(&group, &sources, &mut progress);
-                let last = seen.into_iter().map(|(p, (_, _, r))| (p, r)).collect();
-                states.map(|states| (states, last))
-            })
-            .await
-            .context("changelog reader task")?;
-            match result {
-                Ok(read) => return Ok(read),
-                // the same record is as unreadable on the next try
-                Err(e @ ChangelogError::Unreadable { .. }) => {
-                    return Err(e).context("restoring partitions from the changelog")
-                }
-                Err(e) if attempt < 4 => {
-                    tracing::warn!(attempt, error = %e, "changelog read failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e).context("restoring partitions from the changelog"),
-            }
-        }
     }
 
     /// Starts a revocation: with a changelog, a checkpoint first, released once it is

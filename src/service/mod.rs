@@ -307,7 +307,7 @@ pub async fn run(
         metrics.clone(),
         board.clone(),
     );
-    let (handoff, released) = Handoff::new(
+    let (handoff, released, restored) = Handoff::new(
         HandoffConfig {
             group: k.group_id.clone(),
             direct,
@@ -346,6 +346,10 @@ pub async fn run(
                 .unwrap_or(usize::MAX),
             max_future_skew_ms: duration_ms(settings.watermark.max_future_skew),
             max_memory,
+            max_open_windows: settings
+                .state
+                .max_open_windows
+                .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
             idle_timeout: settings.watermark.idle_timeout,
             idle_wall_clock: settings.watermark.idle_advance == IdleAdvance::WallClock,
             on_out_of_range: k.on_offset_out_of_range,
@@ -375,6 +379,7 @@ pub async fn run(
         failures,
         fatal,
         probes,
+        restored,
     };
     let result = pipeline.run(inbox, shutdown).await;
     shared.set_closing();

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::backpressure::{Backpressure, Cause, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
 use super::edge::{Assignments, Inbox, Output};
-use super::handoff::Handoff;
+use super::handoff::{Handoff, Restored};
 use super::idle::{Idleness, Seen};
 use super::out_of_range::{Decision, Probed};
 use super::status::Status;
@@ -56,6 +56,9 @@ pub(crate) struct PipelineConfig {
     /// Resident bytes past which consumption pauses (`state.max_memory`, or the default share
     /// of the container's limit); `None`: no limit.
     pub max_memory: Option<u64>,
+    /// Open windows past which consumption pauses (`state.max_open_windows`); `None`: no
+    /// limit.
+    pub max_open_windows: Option<usize>,
     /// `watermark.idle_timeout`.
     pub idle_timeout: Option<Duration>,
     /// `watermark.idle_advance: wall_clock`.
@@ -134,6 +137,8 @@ pub(crate) struct Pipeline<C, O> {
     /// The broker is being asked; when the last question was.
     probe_in_flight: bool,
     last_probe: Option<std::time::Instant>,
+    /// Rebalances held back while a changelog replay runs, in the order they came.
+    deferred: std::collections::VecDeque<Rebalance>,
     /// Reading pauses until then after a consumer error (never a sleep inside the loop).
     consumer_backoff_until: Option<tokio::time::Instant>,
     consumer_backoff: Duration,
@@ -167,11 +172,16 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             parts.coordinator.interval(),
             parts.config.max_pending_windows,
         )
-        .with_memory_limit(parts.config.max_memory);
+        .with_memory_limit(parts.config.max_memory)
+        .with_open_windows_limit(parts.config.max_open_windows);
         parts
             .metrics
             .memory_limit
             .set(parts.config.max_memory.map_or(0, |m| m as i64));
+        parts
+            .metrics
+            .open_windows_limit
+            .set(parts.config.max_open_windows.map_or(0, |m| m as i64));
         let idleness = parts.config.idle_timeout.map(Idleness::new);
         let mut pipeline = Pipeline {
             idleness,
@@ -201,6 +211,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             probe_wanted: false,
             probe_in_flight: false,
             last_probe: None,
+            deferred: Default::default(),
             consumer_backoff_until: None,
             consumer_backoff: Duration::from_millis(100),
             revoked_at: None,
@@ -223,6 +234,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         self.status.refresh(
             self.handoff.assigned().len(),
             self.handoff.assignment_seen(),
+            self.handoff.restoring().len(),
         );
     }
 
@@ -231,6 +243,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         self.status.record_arrived(
             self.handoff.assigned().len(),
             self.handoff.assignment_seen(),
+            self.handoff.restoring().len(),
         );
         let p = Partition::new(m.topic(), m.partition());
         // a record the consumer returned together with the rebalance that took its partition
@@ -361,7 +374,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     fn start_probe(&mut self) {
         if !self.probe_wanted
             || self.probe_in_flight
-            || self.handoff.releasing()
+            || self.handoff.rebalancing()
             || self.last_probe.is_some_and(|at| at.elapsed() < PROBE_EVERY)
         {
             return;
@@ -399,9 +412,9 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     /// alone.
     pub(crate) fn on_probed(&mut self, probed: Vec<Probed>) -> anyhow::Result<()> {
         self.probe_in_flight = false;
-        if self.handoff.releasing() {
-            // assigning anew now would answer the group's pending revoke early: ask again
-            // once the release is done
+        if self.handoff.rebalancing() {
+            // assigning anew now would answer the group's pending revoke or assignment early:
+            // ask again once it is done
             self.probe_wanted = true;
             return Ok(());
         }
@@ -468,11 +481,38 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     }
 
     /// Carries out the rebalances the consumer queued.
-    async fn apply_rebalances(&mut self) -> anyhow::Result<()> {
-        for event in self.shared.take_events() {
+    pub(crate) async fn apply_rebalances(&mut self) -> anyhow::Result<()> {
+        self.deferred.extend(self.shared.take_events());
+        // while a changelog replay runs, later rebalances wait for its assignment, in order
+        while self.handoff.restoring().is_empty() {
+            let Some(event) = self.deferred.pop_front() else {
+                break;
+            };
             self.on_rebalance(event).await?;
         }
         Ok(())
+    }
+
+    /// The changelog replay of an assignment is done: its partitions are assigned, and the
+    /// rebalances held back meanwhile are applied.
+    pub(crate) async fn on_restored(&mut self, restored: Restored) -> anyhow::Result<()> {
+        let (engine, coordinator, consumer) =
+            (&mut self.engine, &mut self.coordinator, &*self.consumer);
+        self.handoff
+            .on_restored(engine, coordinator, consumer, restored)?;
+        self.after_assignment_change();
+        self.apply_rebalances().await
+    }
+
+    /// What follows any change of the assignment.
+    fn after_assignment_change(&mut self) {
+        if self.backpressure.engaged() {
+            // partitions assigned while paused wait too (all of them again: a client may
+            // forget a pause when a partition is assigned anew)
+            self.pause_assigned(true);
+        }
+        self.emit();
+        self.refresh_readiness();
     }
 
     /// One rebalance, completed by the hand-off.
@@ -483,11 +523,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         let (engine, coordinator, consumer) =
             (&mut self.engine, &mut self.coordinator, &*self.consumer);
         match event {
-            Rebalance::Assign(ps) => {
-                self.handoff
-                    .on_assign(engine, coordinator, consumer, ps)
-                    .await?
-            }
+            Rebalance::Assign(ps) => self.handoff.on_assign(engine, coordinator, consumer, ps)?,
             Rebalance::Revoke { partitions, lost } => {
                 self.revoked_at = Some(std::time::Instant::now());
                 // the revoke checkpoint hands the partitions' positions on: their records'
@@ -504,13 +540,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             Rebalance::Failed(reason) => tracing::warn!(%reason, "rebalance did not complete"),
             Rebalance::Refused(reason) => bail!("{reason}"),
         }
-        if self.backpressure.engaged() {
-            // partitions assigned while paused wait too (all of them again: a client may
-            // forget a pause when a partition is assigned anew)
-            self.pause_assigned(true);
-        }
-        self.emit();
-        self.refresh_readiness();
+        self.after_assignment_change();
         Ok(())
     }
 
@@ -580,6 +610,12 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             Some(d) => d.drained(deadline).await,
             None => true,
         }
+    }
+
+    /// Whether a changelog replay runs (for tests).
+    #[cfg(test)]
+    pub(crate) fn restoring(&self) -> bool {
+        !self.handoff.restoring().is_empty()
     }
 
     /// Checkpoints in flight (for tests that settle them).
@@ -655,6 +691,10 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     /// the output's backlog is past its bound or the resident memory past its limit, and
     /// resumes it once none is; not ready while memory holds it.
     fn apply_backpressure(&mut self) {
+        if self.backpressure.counts_open_windows() {
+            self.backpressure
+                .observe_open_windows(self.engine.open_windows());
+        }
         let change = self.backpressure.evaluate(
             self.coordinator.oldest_in_flight(),
             self.engine.pending_emissions(),
@@ -670,6 +710,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                         Cause::Checkpoint { id, age } => tracing::warn!(checkpoint_id = id.0, writing_ms = age.as_millis() as u64, interval_ms = self.coordinator.interval().as_millis() as u64, suppressed, "back-pressure: a checkpoint takes longer than checkpoint.interval; consumption is paused until it is durable (checkpointer_backpressure)"),
                         Cause::Output { pending, bound } => tracing::warn!(pending_windows = pending, max_pending_windows = bound, suppressed, "back-pressure: more final windows wait for the output than output.max_pending_windows; consumption is paused until half of them are acknowledged (checkpointer_backpressure)"),
                         Cause::DeadLetters { outstanding } => tracing::warn!(outstanding, suppressed, "back-pressure: copies for input.dead_letter_topic are not written and a checkpoint waits for them (or too many wait); consumption is paused until they are (checkpointer_backpressure, checkpointer_dead_letters_pending)"),
+                        Cause::OpenWindows { open, limit } => tracing::warn!(open_windows = open, max_open_windows = limit, pending_windows = self.engine.pending_emissions(), suppressed, "back-pressure: more windows are open than state.max_open_windows; consumption is paused until they are below 90% of it, and the service is not ready meanwhile (checkpointer_backpressure, checkpointer_open_windows_paused)"),
                         Cause::Memory { resident, limit } => tracing::warn!(resident_mib = resident >> 20, max_memory_mib = limit >> 20, pending_windows = self.engine.pending_emissions(), open_windows = self.engine.open_windows(), suppressed, "back-pressure: the process's resident memory passed state.max_memory; consumption is paused until it is below 90% of it, and the service is not ready meanwhile (checkpointer_backpressure)"),
                     }
                 }
@@ -686,27 +727,43 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                 );
             }
         }
-        // not ready while memory holds consumption paused
-        let why = self.memory_pause_reason();
+        // not ready while a limit on memory or open windows holds consumption paused
+        self.metrics
+            .memory_paused
+            .set(i64::from(self.backpressure.over_memory()));
+        self.metrics
+            .open_windows_paused
+            .set(i64::from(self.backpressure.over_open_windows()));
+        let why = self.limit_pause_reason();
         let resumed = why.is_none();
-        self.metrics.memory_paused.set(i64::from(!resumed));
-        if self.status.set_memory_pause(why) {
+        if self.status.set_limit_pause(why) {
             if resumed {
-                tracing::info!("resident memory is below 90% of state.max_memory again");
+                tracing::info!("below 90% of state.max_memory and state.max_open_windows again");
             }
             self.refresh_readiness();
         }
     }
 
-    /// The `/readyz` reason while memory holds consumption paused.
-    fn memory_pause_reason(&self) -> Option<String> {
-        let limit = self.config.max_memory?;
-        self.backpressure.over_memory().then(|| {
-            format!(
+    /// The `/readyz` reason while a limit on memory or open windows holds consumption paused.
+    fn limit_pause_reason(&self) -> Option<String> {
+        if let Some(limit) = self
+            .config
+            .max_memory
+            .filter(|_| self.backpressure.over_memory())
+        {
+            return Some(format!(
                 "consumption paused: resident memory passed state.max_memory ({} MiB); it resumes below 90% of it",
                 limit >> 20
-            )
-        })
+            ));
+        }
+        self.config
+            .max_open_windows
+            .filter(|_| self.backpressure.over_open_windows())
+            .map(|limit| {
+                format!(
+                    "consumption paused: open windows passed state.max_open_windows ({limit}); it resumes below 90% of it"
+                )
+            })
     }
 
     /// Pauses the assigned partitions not paused yet (every assigned one if `all`).
@@ -824,6 +881,12 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         );
     }
 
+    /// The hand-off, for in-process tests to look at.
+    #[cfg(test)]
+    pub(crate) fn handoff(&self) -> &Handoff {
+        &self.handoff
+    }
+
     /// The engine, for in-process tests to look at.
     #[cfg(test)]
     pub(crate) fn engine(&self) -> &Engine {
@@ -834,8 +897,11 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     /// records the acknowledgements, all within `checkpoint.shutdown_timeout`; then the
     /// savepoint, if the stop asked for one.
     pub(crate) async fn stop(&mut self, inbox: &mut Inbox) -> anyhow::Result<()> {
-        // rebalances from here on are completed by the consumer callback itself
+        // rebalances from here on are completed by the consumer callback itself; partitions
+        // still waiting for their changelog replay are never read here
         self.shared.set_closing();
+        self.handoff.cancel_restore();
+        self.deferred.clear();
         self.status.stopping();
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         self.coordinator.drop_queued();
@@ -982,6 +1048,7 @@ impl<O: Output> Pipeline<Source, O> {
                 Some(f) = inbox.failures.recv() => self.handoff.on_publish_failure(&mut self.coordinator, f),
                 Some(message) = inbox.fatal.recv() => bail!("{message}"),
                 Some(probed) = inbox.probes.recv() => self.on_probed(probed)?,
+                Some(restored) = inbox.restored.recv() => self.on_restored(restored).await?,
                 _ = tick.tick() => {
                     // rebalances wait for the loop (assign after restore, release after a
                     // checkpoint); without assigned partitions recv would never return

@@ -12,14 +12,20 @@ use crate::store::Checkpoints;
 /// Whether the service is ready, and why (the `/readyz` text).
 pub(crate) fn readiness(
     broker_error: Option<&str>,
-    memory_pause: Option<&str>,
+    limit_pause: Option<&str>,
     assigned: usize,
     assignment_seen: bool,
+    restoring: usize,
 ) -> (bool, String) {
     if let Some(e) = broker_error {
         (false, format!("broker unreachable: {e}"))
-    } else if let Some(why) = memory_pause {
+    } else if let Some(why) = limit_pause {
         (false, why.to_string())
+    } else if restoring > 0 {
+        (
+            false,
+            format!("restoring {restoring} partitions from the changelog"),
+        )
     } else if assigned == 0 && !assignment_seen {
         (
             false,
@@ -35,8 +41,8 @@ pub(crate) struct Status {
     metrics: Arc<Metrics>,
     /// The readiness last published says the brokers are unreachable.
     broker_down: bool,
-    /// Why consumption is paused for memory, while it is.
-    memory_pause: Option<String>,
+    /// Why consumption is paused for a limit (memory, open windows), while it is.
+    limit_pause: Option<String>,
     last_gauges: Instant,
 }
 
@@ -46,39 +52,45 @@ impl Status {
             board,
             metrics,
             broker_down: false,
-            memory_pause: None,
+            limit_pause: None,
             last_gauges: Instant::now(),
         }
     }
 
     /// Publishes readiness from the consumer's view of the brokers and the assignment.
-    pub(crate) fn refresh(&mut self, assigned: usize, assignment_seen: bool) {
+    pub(crate) fn refresh(&mut self, assigned: usize, assignment_seen: bool, restoring: usize) {
         let broker_error = self.board.broker_error();
         self.broker_down = broker_error.is_some();
         let (ready, reason) = readiness(
             broker_error.as_deref(),
-            self.memory_pause.as_deref(),
+            self.limit_pause.as_deref(),
             assigned,
             assignment_seen,
+            restoring,
         );
         self.board.set_ready(ready, &reason);
     }
 
     /// A record arrived: an outage reported before is over.
-    pub(crate) fn record_arrived(&mut self, assigned: usize, assignment_seen: bool) {
+    pub(crate) fn record_arrived(
+        &mut self,
+        assigned: usize,
+        assignment_seen: bool,
+        restoring: usize,
+    ) {
         if self.broker_down {
             self.broker_down = false;
             self.board.set_broker_error(None);
             tracing::info!("receiving records again");
-            self.refresh(assigned, assignment_seen);
+            self.refresh(assigned, assignment_seen, restoring);
         }
     }
 
-    /// Consumption is paused for memory (`Some`, why) or not; returns whether that changed
-    /// (readiness is then stale).
-    pub(crate) fn set_memory_pause(&mut self, why: Option<String>) -> bool {
-        let changed = self.memory_pause.is_some() != why.is_some();
-        self.memory_pause = why;
+    /// Consumption is paused for a limit (`Some`, why) or not; returns whether the reason
+    /// changed (readiness is then stale).
+    pub(crate) fn set_limit_pause(&mut self, why: Option<String>) -> bool {
+        let changed = self.limit_pause != why;
+        self.limit_pause = why;
         changed
     }
 
@@ -133,7 +145,7 @@ mod tests {
     #[test]
     fn an_unreachable_broker_makes_the_service_unready_whatever_it_holds() {
         assert_eq!(
-            readiness(Some("all brokers down"), None, 4, true),
+            readiness(Some("all brokers down"), None, 4, true, 0),
             (false, "broker unreachable: all brokers down".to_string())
         );
     }
@@ -141,18 +153,18 @@ mod tests {
     #[test]
     fn ready_once_an_assignment_arrived_even_an_empty_one() {
         assert_eq!(
-            readiness(None, None, 0, false),
+            readiness(None, None, 0, false, 0),
             (
                 false,
                 "restored; waiting for partition assignment".to_string()
             )
         );
         assert_eq!(
-            readiness(None, None, 0, true),
+            readiness(None, None, 0, true, 0),
             (true, "0 partitions assigned".to_string())
         );
         assert_eq!(
-            readiness(None, None, 3, true),
+            readiness(None, None, 3, true, 0),
             (true, "3 partitions assigned".to_string())
         );
     }
@@ -160,8 +172,19 @@ mod tests {
     #[test]
     fn a_pause_for_memory_makes_the_service_unready_with_its_reason() {
         assert_eq!(
-            readiness(None, Some("memory: over state.max_memory"), 3, true),
+            readiness(None, Some("memory: over state.max_memory"), 3, true, 0),
             (false, "memory: over state.max_memory".to_string())
+        );
+    }
+
+    #[test]
+    fn a_changelog_replay_in_flight_makes_the_service_unready() {
+        assert_eq!(
+            readiness(None, None, 3, true, 2),
+            (
+                false,
+                "restoring 2 partitions from the changelog".to_string()
+            )
         );
     }
 }

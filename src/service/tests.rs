@@ -28,7 +28,7 @@ use crate::engine::{
 use crate::http::{Command, CommandError};
 use crate::lock::lock;
 use crate::metrics::Metrics;
-use crate::position::Partition;
+use crate::position::{NextOffset, Partition};
 use crate::sink::dead_letter::{self, DeadLetter, DeadLetters};
 use crate::source::{Rebalance, Shared};
 use crate::store::memory::MemoryStore;
@@ -46,6 +46,7 @@ struct Options {
     retained_unnamed_savepoints: usize,
     savepoints_per_minute: u32,
     max_memory: Option<u64>,
+    max_open_windows: Option<usize>,
     idle_timeout: Option<Duration>,
     timeout: Duration,
     dead_letters: bool,
@@ -62,6 +63,7 @@ impl Default for Options {
             retained_unnamed_savepoints: 5,
             savepoints_per_minute: 6,
             max_memory: None,
+            max_open_windows: None,
             idle_timeout: None,
             timeout: Duration::from_secs(60),
             dead_letters: false,
@@ -85,6 +87,8 @@ struct Rig {
     /// Dead-letter copies handed over, and how many of them count as written.
     letters: mpsc::UnboundedReceiver<DeadLetter>,
     letters_written: Arc<AtomicU64>,
+    /// Where the consumer's rebalance callback leaves its events.
+    shared: Arc<Shared>,
 }
 
 impl Rig {
@@ -129,7 +133,7 @@ impl Rig {
             io: fake_changelog.clone(),
             ledger: Ledger::new(7),
         });
-        let (handoff, released) = Handoff::new(
+        let (handoff, released, restored) = Handoff::new(
             HandoffConfig {
                 group: "g".to_string(),
                 direct: !options.partition_scoped,
@@ -156,6 +160,7 @@ impl Rig {
                 max_pending_windows: options.max_pending_windows,
                 max_future_skew_ms: 3_600_000,
                 max_memory: options.max_memory,
+                max_open_windows: options.max_open_windows,
                 idle_timeout: options.idle_timeout,
                 idle_wall_clock: false,
                 on_out_of_range: options.on_out_of_range,
@@ -185,7 +190,7 @@ impl Rig {
                 acks: acks_tx,
             },
             metrics: metrics.clone(),
-            shared,
+            shared: shared.clone(),
             memory: memory.clone(),
             dead_letters,
             probes: probes_tx,
@@ -200,6 +205,7 @@ impl Rig {
                 failures: mpsc::unbounded_channel().1,
                 fatal: mpsc::unbounded_channel().1,
                 probes,
+                restored,
             },
             store,
             consumer,
@@ -211,14 +217,28 @@ impl Rig {
             offsets: Default::default(),
             letters,
             letters_written,
+            shared,
         }
     }
 
+    /// Assigns `partitions`, waiting for their changelog replay when there is one.
     async fn assign(&mut self, partitions: &[Partition]) {
         self.pipeline
             .on_rebalance(Rebalance::Assign(partitions.to_vec()))
             .await
             .expect("assign");
+        if self.pipeline.restoring() {
+            self.restored("the changelog replay").await;
+        }
+    }
+
+    /// Waits for a changelog replay and hands its end to the pipeline.
+    async fn restored(&mut self, what: &str) {
+        let restored = tokio::time::timeout(Duration::from_secs(5), self.inbox.restored.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 5 s"))
+            .expect("channel open");
+        self.pipeline.on_restored(restored).await.expect("restored");
     }
 
     /// One record of `user` at event time `ts` on partition `p`.
@@ -400,6 +420,116 @@ async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_stat
         "the released partition's state is dropped"
     );
     assert!(rig.pipeline.engine().progress().any(|(q, _)| *q == p(1)));
+}
+
+#[tokio::test]
+async fn a_changelog_replay_runs_off_the_loop_and_holds_back_later_rebalances_until_it_assigns() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.changelog.hold_reads(true);
+    rig.pipeline
+        .on_rebalance(Rebalance::Assign(vec![p(1)]))
+        .await
+        .expect("assignment taken");
+    assert!(
+        rig.pipeline.restoring(),
+        "the replay runs in the background"
+    );
+    let (ready, reason) = rig.board.readiness();
+    assert!(!ready && reason.contains("restoring"), "{reason}");
+    assert_eq!(
+        rig.consumer.calls(),
+        vec![Call::Assign(vec![p(0)])],
+        "not assigned before its replay ends"
+    );
+    // the loop goes on: a record of the partition held is applied meanwhile
+    rig.record(&p(0), "a", 100);
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(NextOffset(1)),
+        "records are applied during the replay"
+    );
+    // a revoke that comes meanwhile waits for the assignment before it
+    rig.shared.push(Rebalance::Revoke {
+        partitions: vec![p(0)],
+        lost: false,
+    });
+    rig.pipeline.apply_rebalances().await.expect("held back");
+    assert!(
+        !rig.pipeline.handoff().releasing(),
+        "the revoke waits for the replay"
+    );
+    rig.changelog.hold_reads(false);
+    rig.restored("the replay").await;
+    assert!(!rig.pipeline.restoring());
+    assert_eq!(
+        rig.consumer.calls(),
+        vec![Call::Assign(vec![p(0)]), Call::Assign(vec![p(1)])]
+    );
+    assert!(
+        rig.pipeline.handoff().releasing(),
+        "the revoke held back is applied once the replay assigned"
+    );
+    assert!(rig.board.readiness().0, "ready once restored");
+}
+
+#[tokio::test]
+async fn a_stop_during_a_changelog_replay_cancels_it_and_never_assigns_its_partitions() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.changelog.hold_reads(true);
+    rig.pipeline
+        .on_rebalance(Rebalance::Assign(vec![p(1)]))
+        .await
+        .expect("assignment taken");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !rig.changelog.reading() {
+        assert!(std::time::Instant::now() < deadline, "the replay started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // the changelog acknowledges every publication of the stop
+    let changelog = rig.changelog.clone();
+    let acks = tokio::spawn(async move {
+        loop {
+            changelog.complete(Ok(()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rig.pipeline.stop(&mut rig.inbox))
+        .await
+        .expect("the stop does not wait for the replay")
+        .expect("a clean stop");
+    acks.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while rig.changelog.reading() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay is cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !rig.consumer.calls().contains(&Call::Assign(vec![p(1)])),
+        "never assigned"
+    );
+    assert!(
+        rig.store.written().last().is_some_and(|w| w
+            .checkpoint
+            .delta
+            .partitions
+            .iter()
+            .any(|s| s.partition == p(0) && s.next == Some(NextOffset(1)))),
+        "the final checkpoint holds the partition read"
+    );
 }
 
 #[tokio::test]
@@ -656,6 +786,60 @@ async fn operator_savepoints_wait_for_room_come_one_at_a_time_and_only_the_newes
         .collect();
     names.sort();
     assert_eq!(names, vec!["keep", "savepoint-4", "savepoint-5"]);
+}
+
+#[tokio::test]
+async fn open_windows_past_the_limit_pause_consumption_and_readiness_until_they_fall() {
+    let mut rig = Rig::new(Options {
+        max_open_windows: Some(3),
+        ..Options::default()
+    });
+    rig.assign(&[p(0), p(1)]).await;
+    assert_eq!(rig.metrics.open_windows_limit.get(), 3);
+    for user in ["a", "b", "c"] {
+        rig.record(&p(0), user, 100);
+    }
+    rig.tick();
+    rig.settle().await.expect("checkpoint");
+    assert!(rig.board.readiness().0, "at the limit, not past it");
+    rig.record(&p(1), "d", 100);
+    rig.tick();
+    rig.settle().await.expect("checkpoint");
+    assert!(
+        rig.consumer
+            .calls()
+            .contains(&Call::Pause(vec![p(0), p(1)])),
+        "{:?}",
+        rig.consumer.calls()
+    );
+    assert_eq!(rig.metrics.backpressure.get(), 1);
+    assert_eq!(rig.metrics.open_windows_paused.get(), 1);
+    assert_eq!(rig.metrics.memory_paused.get(), 0);
+    let (ready, reason) = rig.board.readiness();
+    assert!(
+        !ready && reason.contains("state.max_open_windows"),
+        "{reason}"
+    );
+    // records already fetched move event time on: the four windows close, one opens (the
+    // key e in both partitions)
+    rig.record(&p(0), "e", 5_000);
+    rig.record(&p(1), "e", 5_000);
+    assert_eq!(rig.pipeline.engine().open_windows(), 1);
+    rig.tick();
+    rig.settle().await.expect("checkpoint");
+    assert!(
+        rig.consumer
+            .calls()
+            .contains(&Call::Resume(vec![p(0), p(1)])),
+        "{:?}",
+        rig.consumer.calls()
+    );
+    assert_eq!(rig.metrics.backpressure.get(), 0);
+    assert_eq!(rig.metrics.open_windows_paused.get(), 0);
+    assert_eq!(
+        rig.board.readiness(),
+        (true, "2 partitions assigned".to_string())
+    );
 }
 
 #[tokio::test]

@@ -162,9 +162,13 @@ async fn tombstones_follow_the_publication_that_supersedes_them() {
     let (client_topic, group) = (topic.clone(), "g".to_string());
     let (states, reports) = tokio::task::spawn_blocking(move || {
         let mut reports = Vec::new();
-        let states = read_states(&client_topic, &group, &[source()], &mut |p, r| {
-            reports.push((p.clone(), r))
-        });
+        let states = read_states(
+            &client_topic,
+            &group,
+            &[source()],
+            &mut |p, r| reports.push((p.clone(), r)),
+            &AtomicBool::new(false),
+        );
         (states, reports)
     })
     .await
@@ -256,7 +260,15 @@ async fn an_unreadable_record_fails_the_read_naming_it_or_is_skipped_by_policy()
             skip_unreadable: skip,
             ..topic.clone()
         };
-        tokio::task::spawn_blocking(move || read_states(&topic, "g", &[source()], &mut |_, _| {}))
+        tokio::task::spawn_blocking(move || {
+            read_states(
+                &topic,
+                "g",
+                &[source()],
+                &mut |_, _| {},
+                &AtomicBool::new(false),
+            )
+        })
     };
     let failed = read(false).await.expect("reader").expect_err("unreadable");
     let text = failed.to_string();

@@ -1,0 +1,214 @@
+//! A changelog restore that takes longer than `max.poll.interval.ms`, on the real broker and
+//! binary. Two instances share two partitions; when one stops, the other takes its partition
+//! over and must replay its changelog, which a broker quota on the changelog reader's client id
+//! (`<client.id>-changelog-reader`) makes slow. The member keeps polling its consumer meanwhile,
+//! so it stays in the group, reads on from where the restored state ends, and the output
+//! equals the model. A service that replays on its consumer loop exceeds the poll interval
+//! and is put out of the group (librdkafka logs it).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use integration_tests::metrics::{CHANGELOG_PUBLISHED, RECORDS_CONSUMED};
+use integration_tests::model::{expected_windows, Event};
+use integration_tests::verify::{check_output, contains_all, output_problems};
+use integration_tests::workload::{self, START_TS};
+use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
+use integration_tests::{Service, ServiceConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(180);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Both members' `max.poll.interval.ms` (and session timeout): the replay takes longer.
+const MAX_POLL_MS: u64 = 6_000;
+/// Keys per partition, each with windows open at the hand-off: the changelog holds them.
+const KEYS: usize = 1_500;
+/// Rounds of input, each published on its own, so that the changelog holds many record
+/// batches (a fetch of the reader returns one, and the quota throttles between them).
+const ROUNDS: usize = 10;
+/// What the changelog reader may fetch per second.
+const RESTORE_BYTES_PER_SECOND: u64 = 15_000;
+
+#[test]
+fn a_restore_longer_than_the_poll_interval_keeps_the_member_in_the_group_and_exact() {
+    let seed = test_seed("slow_restore");
+    if let Err(err) = run(seed) {
+        panic!("{err:#}\n(seed {seed})");
+    }
+}
+
+/// Every key once, within one second of event time: all their windows stay open.
+fn open_windows(rng: &mut StdRng, partition: usize, keys: usize, start_ts: i64) -> Vec<Event> {
+    (0..keys)
+        .map(|k| Event {
+            key: format!("p{partition}-device-{k:05}-of-a-fleet-large-enough-to-hold-state"),
+            value: rng.random_range(-100..=1000),
+            ts: start_ts + (k as i64 * 1_000 / keys as i64),
+        })
+        .collect()
+}
+
+/// How many partitions the instance's `/readyz` says it holds.
+fn assigned(service: &Service) -> Option<usize> {
+    let body = service.get("/readyz").ok()?.body;
+    body.trim()
+        .strip_prefix("ready: ")?
+        .strip_suffix(" partitions assigned")?
+        .parse()
+        .ok()
+}
+
+fn wait_assigned(services: &[&Service], want: usize) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if services.iter().all(|s| assigned(s) == Some(want)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("the instances did not hold {want} partition(s) each")
+}
+
+fn run(seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let broker = Broker::shared()?;
+    let input = unique_name("slow-restore-in");
+    let output = unique_name("slow-restore-out");
+    let changelog = unique_name("slow-restore-changelog");
+    broker.create_topic(&input, 2)?;
+    broker.create_topic(&output, 1)?;
+    broker.create_topic(&changelog, 2)?;
+    let client_id = unique_name("slow-restore");
+    let mut cfg = ServiceConfig::new(broker, &input, &output).partition_scoped(&changelog);
+    for (key, value) in [
+        ("client.id", client_id.clone()),
+        ("max.poll.interval.ms", MAX_POLL_MS.to_string()),
+        ("session.timeout.ms", MAX_POLL_MS.to_string()),
+        ("heartbeat.interval.ms", "1000".to_string()),
+        // a fetch returns one record batch
+        ("max.partition.fetch.bytes", "1024".to_string()),
+    ] {
+        cfg.kafka_options.insert(key.into(), value);
+    }
+    let windows = cfg.windows.clone();
+    let mut producer = Producer::new(broker)?;
+    let mut reader = OutputReader::new(broker, &output)?;
+
+    // two members, a partition each
+    let mut a = Service::new("slow_restore_a", cfg.clone())?;
+    let mut b = Service::new("slow_restore_b", cfg.clone())?;
+    a.start()?;
+    b.start()?;
+    a.wait_ready(READY_TIMEOUT)?;
+    b.wait_ready(READY_TIMEOUT)?;
+    wait_assigned(&[&a, &b], 1)?;
+
+    // keys whose windows all stay open, in rounds with a publication after each
+    let first: Vec<Vec<Event>> = (0..2)
+        .map(|p| open_windows(&mut rng, p, KEYS, START_TS))
+        .collect();
+    let mut produced = 0;
+    for round in 0..ROUNDS {
+        let part: Vec<Vec<_>> = first
+            .iter()
+            .map(|events| {
+                let per = events.len() / ROUNDS;
+                workload::valid_records(&events[round * per..(round + 1) * per])
+            })
+            .collect();
+        produced += producer.send_partitions(&input, &part)?;
+        let published = |s: &Service| {
+            s.scrape()
+                .ok()
+                .and_then(|m| m.sum(CHANGELOG_PUBLISHED))
+                .unwrap_or(0.0)
+        };
+        let deadline = Instant::now() + COMPLETE_TIMEOUT;
+        loop {
+            let consumed: f64 = [&a, &b]
+                .iter()
+                .filter_map(|s| s.scrape().ok().and_then(|m| m.sum(RECORDS_CONSUMED)))
+                .sum();
+            if consumed == produced as f64
+                && published(&a) > round as f64
+                && published(&b) > round as f64
+            {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "round {round} not published");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // the link to the changelog gets slow; the first member stops and the second takes its
+    // partition over, replaying it
+    broker.set_consumer_byte_rate(
+        &format!("{client_id}-changelog-reader"),
+        RESTORE_BYTES_PER_SECOND,
+    )?;
+    let status = a.sigterm(STOP_TIMEOUT)?;
+    ensure!(status.code() == Some(0), "first member: {status}");
+    wait_assigned(&[&b], 2)?;
+
+    // the rest of the stream, then sentinels that close every window
+    let second: Vec<Vec<Event>> = (0..2)
+        .map(|p| open_windows(&mut rng, p, 20, START_TS + 1_500))
+        .collect();
+    let sentinel_ts = workload::max_ts(&second) + 3_600_000;
+    producer.send_partitions(
+        &input,
+        &workload::with_local_sentinels(&second, sentinel_ts),
+    )?;
+    let mut history: Vec<Event> = first.iter().flatten().cloned().collect();
+    history.extend(second.iter().flatten().cloned());
+    let expected = expected_windows(&windows, &history);
+    let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));
+    let status = b.sigterm(STOP_TIMEOUT)?;
+    let log = b.log_since_start();
+    ensure!(
+        complete,
+        "output incomplete: {}\n{}",
+        output_problems(&expected, reader.messages()),
+        b.log_tail(30)
+    );
+    reader.drain(Duration::from_secs(1), Duration::from_secs(10));
+    check_output(&expected, reader.messages())?;
+
+    // the replay of the partition taken over really took longer than the poll interval
+    let restore_ms = restore_duration_ms(&log).context("the restore is logged")?;
+    eprintln!("the restore took {restore_ms} ms");
+    ensure!(
+        restore_ms > 2 * MAX_POLL_MS,
+        "the quota did not make the restore slow ({restore_ms} ms); the test proves nothing:\n{}",
+        log.lines()
+            .filter(|l| l.contains("from the changelog"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    ensure!(
+        !log.to_lowercase().contains("maximum poll interval")
+            && !log.to_lowercase().contains("session timed out"),
+        "the restore held the consumer loop past max.poll.interval.ms:\n{}",
+        b.log_tail(40)
+    );
+    ensure!(status.code() == Some(0), "second member: {status}");
+    Ok(())
+}
+
+/// The longest `duration_ms` of the log lines that report a changelog restore.
+fn restore_duration_ms(log: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("restored partition state from the changelog"))
+        .filter_map(|line| {
+            let rest = &line[line.find("duration_ms")? + "duration_ms".len()..];
+            let digits: String = rest
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .max()
+}
