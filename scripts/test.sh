@@ -17,8 +17,9 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 # compose file (tests/deploy.rs); libssl-dev and pkg-config build librdkafka with TLS. Quiet, and a no-op when they are installed; the package lists
 # are refreshed only when the install cannot go ahead without it.
 missing=()
-# Java and Maven run the test broker (scripts/install-kafka.sh).
-for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose java:openjdk-17-jre-headless mvn:maven; do
+# Java and Maven run the test broker (scripts/install-kafka.sh); cc builds the slow-disk fault
+# (integration-tests/src/fault/slow_sync.c) and links librdkafka.
+for pair in chromium:chromium prometheus:prometheus promtool:prometheus docker-compose:docker-compose java:openjdk-17-jre-headless mvn:maven cc:gcc; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 # librdkafka is built with TLS against the system's OpenSSL

@@ -19,6 +19,7 @@
 //! [`process::run_command`] (how the binary is launched), [`http`] (the HTTP client),
 //! [`metrics`] (the `/metrics` parser and [`metrics::metric`]), [`poll`] and [`poll_until`]
 //! (the polling loop), [`free_port`] and [`free_addr`], [`copy_dir`], [`tail_file`].
+//! [`slow_disk`] makes the service's disk syncs slow on demand (a preloaded library).
 //!
 //! Environment knobs: `KAFKA_BROKERS` (use an existing cluster for the shared broker),
 //! `KAFKA_LIB_DIR` (where `scripts/install-kafka.sh` keeps the broker's jars),
@@ -36,6 +37,7 @@ pub mod mock_cluster;
 pub mod model;
 pub mod process;
 pub mod service;
+pub mod slow_disk;
 pub mod verify;
 pub mod workload;
 

@@ -62,6 +62,8 @@ pub struct ServiceConfig {
     pub input_extra: BTreeMap<String, String>,
     /// More keys of the `output:` section, values verbatim YAML.
     pub output_extra: BTreeMap<String, String>,
+    /// Environment variables of the service process (not part of the YAML).
+    pub env: BTreeMap<String, String>,
 }
 
 impl ServiceConfig {
@@ -93,6 +95,7 @@ impl ServiceConfig {
             watermark_extra: BTreeMap::new(),
             input_extra: BTreeMap::new(),
             output_extra: BTreeMap::new(),
+            env: BTreeMap::new(),
         }
     }
 
@@ -329,6 +332,7 @@ impl Service {
             .stderr(stderr);
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
         command.env("RUST_LOG", rust_log);
+        command.envs(&self.config.env);
         let child = command
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::checkpoint::history::CheckpointRecord;
+use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{ApplyError, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::GroupLayout;
@@ -499,9 +499,19 @@ impl Store {
     }
 
     /// Records an attempt (failed, abandoned, or a correction) in the history. Durable at the
-    /// next flush; flushed now when `flush`.
+    /// next flush; flushed now when `flush`. A record that is not `completed` never replaces
+    /// the record of a checkpoint the store holds complete: a checkpoint abandoned at its
+    /// timeout whose write completed before the abandonment reached the store is restorable,
+    /// and its history says so (even if the process dies before the correction that follows).
     pub fn record_attempt(&self, record: &CheckpointRecord, flush: bool) -> Result<(), StoreError> {
         self.check_owner()?;
+        if record.status != Status::Completed
+            && self
+                .tree
+                .contains_key(id_key(CHECKPOINT_PREFIX, record.id))?
+        {
+            return Ok(());
+        }
         let raw = Self::encode(record, record.id)?;
         self.tree.insert(id_key(HISTORY_PREFIX, record.id), raw)?;
         if flush {

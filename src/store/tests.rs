@@ -490,6 +490,32 @@ fn deleting_checkpoints_keeps_savepoints_history_and_the_id_sequence() {
 }
 
 #[test]
+fn an_abandonment_recorded_after_the_checkpoint_completed_leaves_it_completed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let cps = sample();
+    write(&store, &cps[0], None).expect("write");
+    // the timeout's record reaches the store after the write it gave up on completed
+    let mut abandoned = CheckpointRecord::from_meta(&meta_of(&cps[0], 0, 0), Status::Abandoned);
+    abandoned.failure = Some("timed out after 1s".into());
+    store.record_attempt(&abandoned, true).expect("record");
+    drop(store);
+    let store = open(&dir, 3);
+    let record = store.attempt(cps[0].id).expect("read").expect("recorded");
+    assert_eq!(record.status, Status::Completed);
+    assert_eq!(record.failure, None);
+    assert!(store.checkpoint_ids().expect("ids").contains(&cps[0].id));
+    // an attempt the store does not hold is recorded as it is
+    let mut failed = CheckpointRecord::from_meta(&meta_of(&cps[1], 0, 0), Status::Abandoned);
+    failed.failure = Some("timed out after 1s".into());
+    store.record_attempt(&failed, true).expect("record");
+    assert_eq!(
+        store.attempt(cps[1].id).expect("read").map(|r| r.status),
+        Some(Status::Abandoned)
+    );
+}
+
+#[test]
 fn failed_attempts_are_kept_in_the_paged_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 3);
