@@ -124,12 +124,12 @@ fn run(
     );
     let valid: Vec<Event> = events.iter().flatten().cloned().collect();
     let expected = expected_windows(&service.config().windows, &valid);
+    // the sentinels that close every window go in only once the pause was seen: a service that
+    // read everything within one look at its limits would never pause
     let sentinel_ts = workload::max_ts(&events) + 3_600_000;
-    let mut records: Vec<Vec<Record>> = events.iter().map(|p| workload::valid_records(p)).collect();
-    for partition in &mut records {
-        partition.push(Record::Valid(workload::sentinel(sentinel_ts)));
-    }
-    let produced = Producer::new(broker)?.send_partitions(input, &records)?;
+    let records: Vec<Vec<Record>> = events.iter().map(|p| workload::valid_records(p)).collect();
+    let mut producer = Producer::new(broker)?;
+    let produced = producer.send_partitions(input, &records)?;
     let mut reader = OutputReader::new(broker, output)?;
 
     // over the limit at once: paused, not ready, and says why
@@ -184,6 +184,11 @@ fn run(
         "[{}] paused after {consumed} of {produced} records; restarting with room",
         guard.key
     );
+
+    let sentinels: Vec<Vec<Record>> = (0..PARTITIONS)
+        .map(|_| vec![Record::Valid(workload::sentinel(sentinel_ts))])
+        .collect();
+    producer.send_partitions(input, &sentinels)?;
 
     // with room: resumes from its checkpoint, and every window is exact
     service.config_mut().state_extra.remove(guard.key);

@@ -13,9 +13,9 @@
 //! - copies for the dead-letter topic hold a checkpoint back for long, or too many are
 //!   unacknowledged: consumption resumes once they are written;
 //! - more windows are open than `state.max_open_windows` (the key-count guard): consumption
-//!   resumes once they fell below 90% of it (windows close as event time moves, which needs
-//!   records, so the pause ends by itself only where event time moves without them:
-//!   `watermark.idle_advance: wall_clock`; otherwise an operator raises the limit).
+//!   resumes once at most 90% of it are open (windows close as event time moves, which needs
+//!   the records the pause holds back, so in practice the pause holds until an operator raises
+//!   the limit and restarts).
 //!
 //! Pure: the pipeline feeds it the age of the oldest checkpoint in flight, the final windows
 //! not acknowledged by the output and the resident memory it last read, and carries out what

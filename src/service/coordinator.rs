@@ -123,6 +123,11 @@ pub(crate) struct Coordinator {
 }
 
 impl Coordinator {
+    /// The id the next checkpoint will get.
+    pub(crate) fn next_id(&self) -> CheckpointId {
+        self.scheduler.peek_next_id()
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: CoordinatorConfig,

@@ -109,7 +109,9 @@ impl Replay {
                     left.set(now.records_left);
                     bytes.set(now.bytes_read as i64);
                     *last = now;
+                    // a cancelled replay leaves the text to the stop
                     if now.records_left > 0
+                        && !cancel.load(Ordering::Relaxed)
                         && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
                     {
                         text_at = Some(Instant::now());
@@ -171,6 +173,10 @@ pub(crate) struct Handoff {
     changelog: Option<Changelog>,
     /// The changelog replay of an assignment, while it runs.
     restoring: Option<Restoring>,
+    /// The first checkpoint id triggered after each assigned partition was assigned: an
+    /// earlier checkpoint (in flight at the assignment) holds what the instance had of it
+    /// before, which is neither published nor committed for it.
+    assigned_from: HashMap<Partition, CheckpointId>,
     released_tx: mpsc::UnboundedSender<(CheckpointId, Vec<Partition>)>,
     restored_tx: mpsc::UnboundedSender<Restored>,
     board: Arc<StatusBoard>,
@@ -196,6 +202,7 @@ impl Handoff {
             releases: Releases::default(),
             changelog,
             restoring: None,
+            assigned_from: HashMap::new(),
             released_tx,
             restored_tx,
             board,
@@ -261,16 +268,22 @@ impl Handoff {
         }
     }
 
-    /// Of a durable checkpoint's positions, those this instance may commit: only members can
-    /// commit, and only for what they own.
+    /// Of durable checkpoint `id`'s positions, those this instance may commit: only members
+    /// can commit, and only for what they owned when the checkpoint was triggered.
     pub(crate) fn owned(
         &self,
+        id: CheckpointId,
         positions: Vec<(Partition, NextOffset)>,
     ) -> Vec<(Partition, NextOffset)> {
         positions
             .into_iter()
-            .filter(|(p, _)| self.assigned.contains(p))
+            .filter(|(p, _)| self.owned_at(id, p))
             .collect()
+    }
+
+    /// Whether `p` was assigned when checkpoint `id` was triggered.
+    fn owned_at(&self, id: CheckpointId, p: &Partition) -> bool {
+        self.assigned.contains(p) && self.assigned_from.get(p).is_none_or(|from| id >= *from)
     }
 
     /// Takes an assignment: without a changelog, assigns at once; with one, starts replaying
@@ -303,11 +316,17 @@ impl Handoff {
         // a partition assigned again is no longer on its way out
         self.releases.cancel(&partitions);
         match self.changelog.as_ref().map(|c| c.io.clone()) {
-            Some(io) => {
+            Some(io) if !partitions.is_empty() => {
+                if let Some(r) = &self.restoring {
+                    anyhow::bail!(
+                        "internal error: an assignment arrived while the changelog replay of {} partitions runs",
+                        r.partitions.len()
+                    );
+                }
                 self.start_restore(io, partitions);
                 Ok(())
             }
-            None => self.assign_now(engine, consumer, partitions),
+            _ => self.assign_now(engine, consumer, partitions, coordinator.next_id()),
         }
     }
 
@@ -422,15 +441,17 @@ impl Handoff {
         if let Some(link) = self.changelog.as_mut() {
             link.ledger.forget(&partitions);
         }
-        self.assign_now(engine, consumer, partitions)
+        self.assign_now(engine, consumer, partitions, coordinator.next_id())
     }
 
-    /// Assigns `partitions` to the consumer at the positions held for them.
+    /// Assigns `partitions` to the consumer at the positions held for them; checkpoints from
+    /// `first` on are theirs.
     fn assign_now(
         &mut self,
         engine: &mut Engine,
         consumer: &dyn Assignments,
         partitions: Vec<Partition>,
+        first: CheckpointId,
     ) -> anyhow::Result<()> {
         if let Err(e) = consumer.assign(&partitions) {
             if self.config.direct {
@@ -447,6 +468,7 @@ impl Handoff {
             if !self.assigned.contains(p) {
                 self.assigned.push(p.clone());
             }
+            self.assigned_from.insert(p.clone(), first);
         }
         engine.assign(&partitions);
         self.board.set_assigned(&self.assigned);
@@ -510,6 +532,9 @@ impl Handoff {
         partitions: &[Partition],
     ) {
         self.assigned.retain(|p| !partitions.contains(p));
+        for p in partitions {
+            self.assigned_from.remove(p);
+        }
         self.unreport(partitions);
         if let Some(link) = self.changelog.as_mut() {
             engine.drop_partitions(partitions);
@@ -537,7 +562,13 @@ impl Handoff {
         let Some(link) = self.changelog.as_mut() else {
             return;
         };
-        let plan = plan(&link.ledger, &self.config.group, cp, &self.assigned);
+        let owned: Vec<Partition> = self
+            .assigned
+            .iter()
+            .filter(|p| self.assigned_from.get(*p).is_none_or(|from| cp.id >= *from))
+            .cloned()
+            .collect();
+        let plan = plan(&link.ledger, &self.config.group, cp, &owned);
         let done = releasing.map(|partitions| {
             let (tx, rx) = oneshot::channel::<Result<(), String>>();
             let released = self.released_tx.clone();

@@ -178,10 +178,12 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             .metrics
             .memory_limit
             .set(parts.config.max_memory.map_or(0, |m| m as i64));
-        parts
-            .metrics
-            .open_windows_limit
-            .set(parts.config.max_open_windows.map_or(0, |m| m as i64));
+        parts.metrics.open_windows_limit.set(
+            parts
+                .config
+                .max_open_windows
+                .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
+        );
         let idleness = parts.config.idle_timeout.map(Idleness::new);
         let mut pipeline = Pipeline {
             idleness,
@@ -736,9 +738,16 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             .set(i64::from(self.backpressure.over_open_windows()));
         let why = self.limit_pause_reason();
         let resumed = why.is_none();
+        let before = self.status.limit_pause().map(str::to_owned);
         if self.status.set_limit_pause(why) {
-            if resumed {
-                tracing::info!("below 90% of state.max_memory and state.max_open_windows again");
+            match before {
+                Some(b) if resumed && b.contains("state.max_memory") => {
+                    tracing::info!("resident memory is below 90% of state.max_memory again")
+                }
+                Some(_) if resumed => {
+                    tracing::info!("open windows are below 90% of state.max_open_windows again")
+                }
+                _ => {}
             }
             self.refresh_readiness();
         }
@@ -854,7 +863,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                 self.engine.checkpoint_completed(id);
                 let released = self.emit();
                 let positions = self.coordinator.record_completion(durable, released);
-                self.consumer.commit(&self.handoff.owned(positions));
+                self.consumer.commit(&self.handoff.owned(id, positions));
             }
             Settled::Failed { id, forget } => {
                 self.handoff.release_after_failure(id);

@@ -86,6 +86,11 @@ impl Status {
         }
     }
 
+    /// Why consumption is paused for a limit, while it is.
+    pub(crate) fn limit_pause(&self) -> Option<&str> {
+        self.limit_pause.as_deref()
+    }
+
     /// Consumption is paused for a limit (`Some`, why) or not; returns whether the reason
     /// changed (readiness is then stale).
     pub(crate) fn set_limit_pause(&mut self, why: Option<String>) -> bool {

@@ -478,6 +478,44 @@ async fn a_changelog_replay_runs_off_the_loop_and_holds_back_later_rebalances_un
 }
 
 #[tokio::test]
+async fn a_checkpoint_triggered_before_an_assignment_neither_publishes_nor_commits_the_partition() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick(); // checkpoint 1 in flight, triggered while only p0 was assigned
+    rig.assign(&[p(1)]).await;
+    let positions = vec![(p(0), NextOffset(1)), (p(1), NextOffset(7))];
+    assert_eq!(
+        rig.pipeline
+            .handoff()
+            .owned(CheckpointId(1), positions.clone()),
+        vec![(p(0), NextOffset(1))],
+        "what checkpoint 1 holds of p1 predates its assignment"
+    );
+    assert_eq!(
+        rig.pipeline
+            .handoff()
+            .owned(CheckpointId(2), positions.clone()),
+        positions
+    );
+    rig.settle().await.expect("checkpoint 1");
+    let published: Vec<Partition> = rig
+        .changelog
+        .chunks()
+        .iter()
+        .map(|c| c.source().clone())
+        .collect();
+    assert!(
+        !published.contains(&p(1)),
+        "checkpoint 1 publishes nothing of p1: {published:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_stop_during_a_changelog_replay_cancels_it_and_never_assigns_its_partitions() {
     let mut rig = Rig::new(Options {
         partition_scoped: true,
