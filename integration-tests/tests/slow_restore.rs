@@ -1,10 +1,14 @@
 //! A changelog restore that takes longer than `max.poll.interval.ms`, on the real broker and
 //! binary. Two instances share two partitions; when one stops, the other takes its partition
 //! over and must replay its changelog, which a broker quota on the changelog reader's client id
-//! (`<client.id>-changelog-reader`) makes slower than the poll interval. The member keeps
-//! polling its consumer meanwhile, so it stays in the group, reads on from where the restored
-//! state ends, and the output equals the model. A service that replays on its consumer loop
-//! exceeds the poll interval and is put out of the group (librdkafka logs it).
+//! (`<client.id>-changelog-reader`) makes slower than the poll interval. A third member joins
+//! during that replay: the group rebalances at once (the partitions being restored are
+//! assigned, paused), the second member lets them go unread, and each member replays what it
+//! gets. The members keep polling their consumers meanwhile, so they stay in the group, read
+//! on from where the restored state ends, and the output equals the model. A service that
+//! replays on its consumer loop exceeds the poll interval and is put out of the group
+//! (librdkafka logs it); one that replays before assigning holds the group's rebalance back
+//! until its replay ends.
 
 use std::time::{Duration, Instant};
 
@@ -151,7 +155,35 @@ fn run(seed: u64) -> Result<()> {
     )?;
     let status = a.sigterm(STOP_TIMEOUT)?;
     ensure!(status.code() == Some(0), "first member: {status}");
-    wait_assigned(&[&b], 2)?;
+
+    // a third member joins while that replay runs: the group rebalances at once (the
+    // partitions being restored are assigned, paused), the second member lets its partitions
+    // go unread, and each replays the partition it gets
+    const REPLAY: &str = "restoring assigned partitions from the changelog before reading them";
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while b.log_since_start().matches(REPLAY).count() < 2 {
+        ensure!(
+            Instant::now() < deadline,
+            "the takeover's replay did not start\n{}",
+            b.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = Service::new("slow_restore_c", cfg.clone())?;
+    c.start()?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !b
+        .log_since_start()
+        .contains("revoked before their changelog restore ended: released unread")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the group did not rebalance during the replay\n{}",
+            b.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_assigned(&[&b, &c], 1)?;
 
     // the rest of the stream, then sentinels that close every window
     let second: Vec<Vec<Event>> = (0..2)
@@ -166,18 +198,20 @@ fn run(seed: u64) -> Result<()> {
     history.extend(second.iter().flatten().cloned());
     let expected = expected_windows(&windows, &history);
     let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));
+    let status_c = c.sigterm(STOP_TIMEOUT)?;
     let status = b.sigterm(STOP_TIMEOUT)?;
-    let log = b.log_since_start();
+    let log = format!("{}\n{}", b.log_since_start(), c.log_since_start());
     ensure!(
         complete,
-        "output incomplete: {}\n{}",
+        "output incomplete: {}\n{}\n{}",
         output_problems(&expected, reader.messages()),
-        b.log_tail(30)
+        b.log_tail(30),
+        c.log_tail(30)
     );
     reader.drain(Duration::from_secs(1), Duration::from_secs(10));
     check_output(&expected, reader.messages())?;
 
-    // the replay of the partition taken over really took longer than the poll interval
+    // the replays really took longer than the poll interval
     let restore_ms = restore_duration_ms(&log).context("the restore is logged")?;
     eprintln!("the restore took {restore_ms} ms");
     ensure!(
@@ -191,10 +225,12 @@ fn run(seed: u64) -> Result<()> {
     ensure!(
         !log.to_lowercase().contains("maximum poll interval")
             && !log.to_lowercase().contains("session timed out"),
-        "the restore held the consumer loop past max.poll.interval.ms:\n{}",
-        b.log_tail(40)
+        "the restore held the consumer loop past max.poll.interval.ms:\n{}\n{}",
+        b.log_tail(40),
+        c.log_tail(40)
     );
     ensure!(status.code() == Some(0), "second member: {status}");
+    ensure!(status_c.code() == Some(0), "third member: {status_c}");
     Ok(())
 }
 

@@ -65,6 +65,9 @@ pub(crate) trait Assignments {
     /// Reading each of `moves` (partition, offset) starts again at its offset (also after
     /// librdkafka stopped fetching it on an out-of-range report).
     fn restart_at(&self, moves: &[(Partition, i64)]) -> Result<(), SourceError>;
+    /// Reads `partitions` (assigned) again from the positions held for them, whatever was
+    /// fetched before.
+    fn reassign(&self, partitions: &[Partition]) -> Result<(), SourceError>;
     /// Stops fetching `partitions` (back-pressure); reading resumes after the last record
     /// delivered.
     fn pause(&self, partitions: &[Partition]);
@@ -87,6 +90,9 @@ impl Assignments for Source {
     }
     fn restart_at(&self, moves: &[(Partition, i64)]) -> Result<(), SourceError> {
         source::restart_at(self, moves)
+    }
+    fn reassign(&self, partitions: &[Partition]) -> Result<(), SourceError> {
+        source::reassign(self, partitions)
     }
     fn pause(&self, partitions: &[Partition]) {
         source::pause(self, partitions, true)

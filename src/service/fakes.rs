@@ -25,6 +25,7 @@ pub(crate) enum Call {
     Pause(Vec<Partition>),
     Resume(Vec<Partition>),
     Seek(Partition, i64),
+    Reassign(Vec<Partition>),
 }
 
 #[derive(Default)]
@@ -75,6 +76,10 @@ impl Assignments for FakeConsumer {
         for (p, offset) in moves {
             calls.push(Call::Seek(p.clone(), *offset));
         }
+        Ok(())
+    }
+    fn reassign(&self, partitions: &[Partition]) -> Result<(), SourceError> {
+        lock(&self.calls).push(Call::Reassign(partitions.to_vec()));
         Ok(())
     }
     fn pause(&self, partitions: &[Partition]) {

@@ -53,6 +53,8 @@ type Replayed = (
 
 /// A finished changelog replay of an assignment's partitions, handed back to the loop.
 pub(crate) struct Restored {
+    /// Which replay this is (a replay given up and started again answers too).
+    generation: u64,
     partitions: Vec<Partition>,
     read: anyhow::Result<Replayed>,
     duration: Duration,
@@ -60,6 +62,7 @@ pub(crate) struct Restored {
 
 /// A changelog replay in flight.
 struct Restoring {
+    generation: u64,
     partitions: Vec<Partition>,
     cancel: Arc<AtomicBool>,
 }
@@ -173,6 +176,8 @@ pub(crate) struct Handoff {
     changelog: Option<Changelog>,
     /// The changelog replay of an assignment, while it runs.
     restoring: Option<Restoring>,
+    /// Replays started so far.
+    replays: u64,
     /// The first checkpoint id triggered after each assigned partition was assigned: an
     /// earlier checkpoint (in flight at the assignment) holds what the instance had of it
     /// before, which is neither published nor committed for it.
@@ -202,6 +207,7 @@ impl Handoff {
             releases: Releases::default(),
             changelog,
             restoring: None,
+            replays: 0,
             assigned_from: HashMap::new(),
             released_tx,
             restored_tx,
@@ -221,8 +227,9 @@ impl Handoff {
         self.releases.any_pending()
     }
 
-    /// Whether the group waits for this consumer's answer to a rebalance (a revoke's release,
-    /// or an assignment's changelog replay): no other assignment change may come first.
+    /// Whether an assignment change is under way (a revoke waiting for its release, or
+    /// partitions assigned paused while their changelog replays): nothing is assigned anew
+    /// meanwhile.
     pub(crate) fn rebalancing(&self) -> bool {
         self.releasing() || self.restoring.is_some()
     }
@@ -286,11 +293,11 @@ impl Handoff {
         self.assigned.contains(p) && self.assigned_from.get(p).is_none_or(|from| id >= *from)
     }
 
-    /// Takes an assignment: without a changelog, assigns at once; with one, starts replaying
-    /// the partitions' changelog off the loop and assigns when it is done
-    /// ([`Handoff::on_restored`]). Until then the partitions are not read, the consumer goes on
-    /// being polled (a replay may take longer than `max.poll.interval.ms`), and the caller
-    /// holds back further rebalances ([`Handoff::restoring`]).
+    /// Takes an assignment: without a changelog, assigns at once; with one, assigns the
+    /// partitions paused (so that librdkafka's rebalance completes and the group can rebalance
+    /// again at any time) and replays their changelog off the loop; they are read, from the
+    /// position the state they hold matches, once it is done ([`Handoff::on_restored`]). A
+    /// replay running meanwhile is started again with these partitions added.
     pub(crate) fn on_assign(
         &mut self,
         engine: &mut Engine,
@@ -303,7 +310,7 @@ impl Handoff {
             let stale = stale(
                 engine.progress().map(|(p, _)| p),
                 &self.assigned,
-                &partitions,
+                &[&partitions[..], self.restoring()].concat(),
             );
             if !stale.is_empty() {
                 tracing::info!(partitions = ?stale.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropping the state of partitions assigned elsewhere");
@@ -315,33 +322,57 @@ impl Handoff {
         }
         // a partition assigned again is no longer on its way out
         self.releases.cancel(&partitions);
-        match self.changelog.as_ref().map(|c| c.io.clone()) {
-            Some(io) if !partitions.is_empty() => {
-                if let Some(r) = &self.restoring {
-                    anyhow::bail!(
-                        "internal error: an assignment arrived while the changelog replay of {} partitions runs",
-                        r.partitions.len()
-                    );
-                }
-                self.start_restore(io, partitions);
-                Ok(())
+        let Some(io) = self
+            .changelog
+            .as_ref()
+            .map(|c| c.io.clone())
+            .filter(|_| !partitions.is_empty())
+        else {
+            return self.assign_now(engine, consumer, partitions, coordinator.next_id());
+        };
+        if let Err(e) = consumer.assign(&partitions) {
+            if self.config.direct {
+                anyhow::bail!("{e}");
             }
-            _ => self.assign_now(engine, consumer, partitions, coordinator.next_id()),
+            tracing::error!(error = %e, "assignment failed");
+            return Ok(());
         }
+        // nothing is read before the state is in place
+        consumer.pause(&partitions);
+        self.assignment_seen = true;
+        let mut all = self.cancel_replay();
+        for p in partitions {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
+        self.start_restore(io, all);
+        Ok(())
     }
 
-    /// Partitions whose changelog replay is in flight (empty: none).
+    /// Partitions assigned and paused while their changelog replay runs (empty: none).
     pub(crate) fn restoring(&self) -> &[Partition] {
         self.restoring
             .as_ref()
             .map_or(&[], |r| r.partitions.as_slice())
     }
 
-    /// Gives up a replay in flight (the service stops; its partitions were never assigned).
+    /// Gives up a replay in flight (the service stops; its partitions were never read).
     pub(crate) fn cancel_restore(&mut self) {
-        if let Some(r) = self.restoring.take() {
-            r.cancel.store(true, Ordering::Relaxed);
-            tracing::info!(partitions = ?r.partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "changelog restore cancelled: stopping");
+        let partitions = self.cancel_replay();
+        if !partitions.is_empty() {
+            tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "changelog restore cancelled: stopping");
+        }
+    }
+
+    /// Stops the replay in flight, if any; returns its partitions.
+    fn cancel_replay(&mut self) -> Vec<Partition> {
+        match self.restoring.take() {
+            Some(r) => {
+                r.cancel.store(true, Ordering::Relaxed);
+                r.partitions
+            }
+            None => Vec::new(),
         }
     }
 
@@ -356,6 +387,8 @@ impl Handoff {
             cancel: cancel.clone(),
         };
         let done = self.restored_tx.clone();
+        self.replays += 1;
+        let generation = self.replays;
         tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "restoring assigned partitions from the changelog before reading them");
         self.board.set_ready(
             false,
@@ -368,12 +401,17 @@ impl Handoff {
             let started = Instant::now();
             let read = replay.run().await;
             let _ = done.send(Restored {
+                generation,
                 partitions: replay.partitions,
                 read,
                 duration: started.elapsed(),
             });
         });
-        self.restoring = Some(Restoring { partitions, cancel });
+        self.restoring = Some(Restoring {
+            generation,
+            partitions,
+            cancel,
+        });
     }
 
     /// Completes an assignment whose changelog replay is done: installs what the changelog holds
@@ -387,7 +425,7 @@ impl Handoff {
         restored: Restored,
     ) -> anyhow::Result<()> {
         match &self.restoring {
-            Some(r) if r.partitions == restored.partitions => self.restoring = None,
+            Some(r) if r.generation == restored.generation => self.restoring = None,
             // cancelled, or an answer to an earlier replay
             _ => return Ok(()),
         }
@@ -395,6 +433,7 @@ impl Handoff {
             partitions,
             read,
             duration,
+            ..
         } = restored;
         let (mut states, progress) = read?;
         let read_ms = duration.as_millis() as u64;
@@ -441,7 +480,17 @@ impl Handoff {
         if let Some(link) = self.changelog.as_mut() {
             link.ledger.forget(&partitions);
         }
-        self.assign_now(engine, consumer, partitions, coordinator.next_id())
+        // read from where the state ends, whatever was fetched while paused
+        if let Err(e) = consumer.reassign(&partitions) {
+            if self.config.direct {
+                anyhow::bail!("{e}");
+            }
+            tracing::error!(error = %e, "assignment after the changelog restore failed");
+            return Ok(());
+        }
+        consumer.resume(&partitions);
+        self.adopt(engine, &partitions, coordinator.next_id());
+        Ok(())
     }
 
     /// Assigns `partitions` to the consumer at the positions held for them; checkpoints from
@@ -463,20 +512,29 @@ impl Handoff {
             return Ok(());
         }
         self.assignment_seen = true;
+        self.adopt(engine, &partitions, first);
+        Ok(())
+    }
+
+    /// `partitions`, assigned and read from now on, are this instance's; checkpoints from
+    /// `first` on are theirs.
+    fn adopt(&mut self, engine: &mut Engine, partitions: &[Partition], first: CheckpointId) {
         self.awaiting_first.extend(partitions.iter().cloned());
-        for p in &partitions {
+        for p in partitions {
             if !self.assigned.contains(p) {
                 self.assigned.push(p.clone());
             }
             self.assigned_from.insert(p.clone(), first);
         }
-        engine.assign(&partitions);
+        engine.assign(partitions);
         self.board.set_assigned(&self.assigned);
-        Ok(())
     }
 
     /// Starts a revocation: with a changelog, a checkpoint first, released once it is
-    /// published (`on_released`); otherwise (or when the partitions are already lost) at once.
+    /// published (`on_released`); otherwise (or when the partitions are already lost, or all of
+    /// them still wait for their changelog replay) at once. A replay of revoked partitions is
+    /// given up (and started again for the others it covered): they were never read here, and
+    /// their state is the changelog's, never published from here.
     pub(crate) fn on_revoke(
         &mut self,
         engine: &mut Engine,
@@ -485,9 +543,33 @@ impl Handoff {
         partitions: Vec<Partition>,
         lost: bool,
     ) {
-        if self.changelog.is_some() && !lost && !partitions.is_empty() {
+        let replaying = self.restoring().to_vec();
+        let (unread, read): (Vec<Partition>, Vec<Partition>) = partitions
+            .iter()
+            .cloned()
+            .partition(|p| replaying.contains(p));
+        if !unread.is_empty() {
+            let keep: Vec<Partition> = self
+                .cancel_replay()
+                .into_iter()
+                .filter(|p| !unread.contains(p))
+                .collect();
+            tracing::info!(partitions = ?unread.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked before their changelog restore ended: released unread");
+            engine.drop_partitions(&unread);
+            self.board.clear_positions(&unread);
+            if let Some(io) = self
+                .changelog
+                .as_ref()
+                .map(|c| c.io.clone())
+                .filter(|_| !keep.is_empty())
+            {
+                self.start_restore(io, keep);
+            }
+        }
+        if self.changelog.is_some() && !lost && !read.is_empty() {
             let id = coordinator.trigger(engine, None);
             tracing::info!(checkpoint_id = id.0, partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked: checkpointing them before release");
+            // released together: an eager assignor's release lets every partition go at once
             self.releases.begin(id, partitions);
             return;
         }

@@ -137,8 +137,6 @@ pub(crate) struct Pipeline<C, O> {
     /// The broker is being asked; when the last question was.
     probe_in_flight: bool,
     last_probe: Option<std::time::Instant>,
-    /// Rebalances held back while a changelog replay runs, in the order they came.
-    deferred: std::collections::VecDeque<Rebalance>,
     /// Reading pauses until then after a consumer error (never a sleep inside the loop).
     consumer_backoff_until: Option<tokio::time::Instant>,
     consumer_backoff: Duration,
@@ -213,7 +211,6 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             probe_wanted: false,
             probe_in_flight: false,
             last_probe: None,
-            deferred: Default::default(),
             consumer_backoff_until: None,
             consumer_backoff: Duration::from_millis(100),
             revoked_at: None,
@@ -256,6 +253,12 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             && !self.handoff.assigned().contains(&p)
         {
             tracing::debug!(partition = %p, offset = m.offset(), "record of a partition no longer assigned: not applied");
+            return;
+        }
+        // assigned paused while its state is restored, and read anew from there after: a
+        // record fetched before the pause is read again then
+        if !self.handoff.restoring().is_empty() && self.handoff.restoring().contains(&p) {
+            tracing::debug!(partition = %p, offset = m.offset(), "record of a partition being restored: not applied");
             return;
         }
         let engine = &self.engine;
@@ -415,7 +418,8 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     pub(crate) fn on_probed(&mut self, probed: Vec<Probed>) -> anyhow::Result<()> {
         self.probe_in_flight = false;
         if self.handoff.rebalancing() {
-            // assigning anew now would answer the group's pending revoke or assignment early:
+            // assigning anew now would answer the group's pending revoke early, or read
+            // partitions waiting for their changelog replay:
             // ask again once it is done
             self.probe_wanted = true;
             return Ok(());
@@ -483,27 +487,24 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     }
 
     /// Carries out the rebalances the consumer queued.
-    pub(crate) async fn apply_rebalances(&mut self) -> anyhow::Result<()> {
-        self.deferred.extend(self.shared.take_events());
-        // while a changelog replay runs, later rebalances wait for its assignment, in order
-        while self.handoff.restoring().is_empty() {
-            let Some(event) = self.deferred.pop_front() else {
-                break;
-            };
+    async fn apply_rebalances(&mut self) -> anyhow::Result<()> {
+        for event in self.shared.take_events() {
             self.on_rebalance(event).await?;
         }
         Ok(())
     }
 
-    /// The changelog replay of an assignment is done: its partitions are assigned, and the
-    /// rebalances held back meanwhile are applied.
-    pub(crate) async fn on_restored(&mut self, restored: Restored) -> anyhow::Result<()> {
+    /// The changelog replay of an assignment is done: its partitions are read from where the
+    /// state they now hold ends.
+    pub(crate) fn on_restored(&mut self, restored: Restored) -> anyhow::Result<()> {
+        // with an eager assignor every partition is assigned anew, from the board's positions
+        self.publish_positions();
         let (engine, coordinator, consumer) =
             (&mut self.engine, &mut self.coordinator, &*self.consumer);
         self.handoff
             .on_restored(engine, coordinator, consumer, restored)?;
         self.after_assignment_change();
-        self.apply_rebalances().await
+        Ok(())
     }
 
     /// What follows any change of the assignment.
@@ -910,7 +911,6 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         // still waiting for their changelog replay are never read here
         self.shared.set_closing();
         self.handoff.cancel_restore();
-        self.deferred.clear();
         self.status.stopping();
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         self.coordinator.drop_queued();
@@ -1057,7 +1057,7 @@ impl<O: Output> Pipeline<Source, O> {
                 Some(f) = inbox.failures.recv() => self.handoff.on_publish_failure(&mut self.coordinator, f),
                 Some(message) = inbox.fatal.recv() => bail!("{message}"),
                 Some(probed) = inbox.probes.recv() => self.on_probed(probed)?,
-                Some(restored) = inbox.restored.recv() => self.on_restored(restored).await?,
+                Some(restored) = inbox.restored.recv() => self.on_restored(restored)?,
                 _ = tick.tick() => {
                     // rebalances wait for the loop (assign after restore, release after a
                     // checkpoint); without assigned partitions recv would never return

@@ -87,8 +87,6 @@ struct Rig {
     /// Dead-letter copies handed over, and how many of them count as written.
     letters: mpsc::UnboundedReceiver<DeadLetter>,
     letters_written: Arc<AtomicU64>,
-    /// Where the consumer's rebalance callback leaves its events.
-    shared: Arc<Shared>,
 }
 
 impl Rig {
@@ -190,7 +188,7 @@ impl Rig {
                 acks: acks_tx,
             },
             metrics: metrics.clone(),
-            shared: shared.clone(),
+            shared,
             memory: memory.clone(),
             dead_letters,
             probes: probes_tx,
@@ -217,7 +215,6 @@ impl Rig {
             offsets: Default::default(),
             letters,
             letters_written,
-            shared,
         }
     }
 
@@ -232,13 +229,16 @@ impl Rig {
         }
     }
 
-    /// Waits for a changelog replay and hands its end to the pipeline.
+    /// Waits for the changelog replay running to end, handing the pipeline every answer (a
+    /// replay given up answers too).
     async fn restored(&mut self, what: &str) {
-        let restored = tokio::time::timeout(Duration::from_secs(5), self.inbox.restored.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{what} within 5 s"))
-            .expect("channel open");
-        self.pipeline.on_restored(restored).await.expect("restored");
+        while self.pipeline.restoring() {
+            let restored = tokio::time::timeout(Duration::from_secs(5), self.inbox.restored.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what} within 5 s"))
+                .expect("channel open");
+            self.pipeline.on_restored(restored).expect("restored");
+        }
     }
 
     /// One record of `user` at event time `ts` on partition `p`.
@@ -423,13 +423,23 @@ async fn a_partition_revoked_during_a_checkpoint_is_released_only_after_its_stat
 }
 
 #[tokio::test]
-async fn a_changelog_replay_runs_off_the_loop_and_holds_back_later_rebalances_until_it_assigns() {
+async fn a_changelog_replay_runs_off_the_loop_with_its_partitions_assigned_paused_then_read_anew() {
     let mut rig = Rig::new(Options {
         partition_scoped: true,
         changelog: true,
         ..Options::default()
     });
     rig.assign(&[p(0)]).await;
+    assert_eq!(
+        rig.consumer.calls(),
+        vec![
+            Call::Assign(vec![p(0)]),
+            Call::Pause(vec![p(0)]),
+            Call::Reassign(vec![p(0)]),
+            Call::Resume(vec![p(0)]),
+        ],
+        "assigned paused at once, read anew from the restored position"
+    );
     rig.changelog.hold_reads(true);
     rig.pipeline
         .on_rebalance(Rebalance::Assign(vec![p(1)]))
@@ -439,42 +449,73 @@ async fn a_changelog_replay_runs_off_the_loop_and_holds_back_later_rebalances_un
         rig.pipeline.restoring(),
         "the replay runs in the background"
     );
+    assert!(rig
+        .consumer
+        .calls()
+        .ends_with(&[Call::Assign(vec![p(1)]), Call::Pause(vec![p(1)])]));
     let (ready, reason) = rig.board.readiness();
     assert!(!ready && reason.contains("restoring"), "{reason}");
-    assert_eq!(
-        rig.consumer.calls(),
-        vec![Call::Assign(vec![p(0)])],
-        "not assigned before its replay ends"
-    );
-    // the loop goes on: a record of the partition held is applied meanwhile
+    // a record of the partition being restored is not applied; the loop goes on
+    rig.record(&p(1), "x", 100);
+    assert_eq!(rig.pipeline.engine().position(&p(1)), None);
     rig.record(&p(0), "a", 100);
-    assert_eq!(
-        rig.pipeline.engine().position(&p(0)),
-        Some(NextOffset(1)),
-        "records are applied during the replay"
-    );
-    // a revoke that comes meanwhile waits for the assignment before it
-    rig.shared.push(Rebalance::Revoke {
-        partitions: vec![p(0)],
-        lost: false,
-    });
-    rig.pipeline.apply_rebalances().await.expect("held back");
+    assert_eq!(rig.pipeline.engine().position(&p(0)), Some(NextOffset(1)));
+    // a rebalance meanwhile is applied at once
+    rig.revoke(&[p(0)]).await;
     assert!(
-        !rig.pipeline.handoff().releasing(),
-        "the revoke waits for the replay"
+        rig.pipeline.handoff().releasing(),
+        "the revoke checkpoints its partition at once"
     );
     rig.changelog.hold_reads(false);
     rig.restored("the replay").await;
     assert!(!rig.pipeline.restoring());
+    assert!(rig
+        .consumer
+        .calls()
+        .ends_with(&[Call::Reassign(vec![p(1)]), Call::Resume(vec![p(1)])]));
+    assert_eq!(rig.pipeline.handoff().assigned(), &[p(0), p(1)]);
+}
+
+#[tokio::test]
+async fn a_partition_revoked_during_its_changelog_replay_is_released_unread_at_once() {
+    let mut rig = Rig::new(Options {
+        partition_scoped: true,
+        changelog: true,
+        ..Options::default()
+    });
+    rig.changelog.hold_reads(true);
+    rig.pipeline
+        .on_rebalance(Rebalance::Assign(vec![p(0), p(1)]))
+        .await
+        .expect("assignment taken");
+    rig.revoke(&[p(1)]).await;
     assert_eq!(
-        rig.consumer.calls(),
-        vec![Call::Assign(vec![p(0)]), Call::Assign(vec![p(1)])]
+        rig.consumer.released(),
+        vec![p(1)],
+        "released at once: nothing of it was read here"
     );
     assert!(
-        rig.pipeline.handoff().releasing(),
-        "the revoke held back is applied once the replay assigned"
+        !rig.pipeline.handoff().releasing(),
+        "no checkpoint waited for"
     );
-    assert!(rig.board.readiness().0, "ready once restored");
+    assert!(rig.pipeline.restoring(), "the replay goes on for the other");
+    rig.changelog.hold_reads(false);
+    rig.restored("the replay of the partition kept").await;
+    assert!(rig
+        .consumer
+        .calls()
+        .ends_with(&[Call::Reassign(vec![p(0)]), Call::Resume(vec![p(0)])]));
+    assert_eq!(rig.pipeline.handoff().assigned(), &[p(0)]);
+    let published: Vec<Partition> = rig
+        .changelog
+        .chunks()
+        .iter()
+        .map(|c| c.source().clone())
+        .collect();
+    assert!(
+        !published.contains(&p(1)),
+        "nothing of the partition revoked unread is published: {published:?}"
+    );
 }
 
 #[tokio::test]
@@ -516,7 +557,7 @@ async fn a_checkpoint_triggered_before_an_assignment_neither_publishes_nor_commi
 }
 
 #[tokio::test]
-async fn a_stop_during_a_changelog_replay_cancels_it_and_never_assigns_its_partitions() {
+async fn a_stop_during_a_changelog_replay_cancels_it_and_never_reads_its_partitions() {
     let mut rig = Rig::new(Options {
         partition_scoped: true,
         changelog: true,
@@ -556,8 +597,10 @@ async fn a_stop_during_a_changelog_replay_cancels_it_and_never_assigns_its_parti
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(
-        !rig.consumer.calls().contains(&Call::Assign(vec![p(1)])),
-        "never assigned"
+        !rig.consumer.calls().contains(&Call::Resume(vec![p(1)]))
+            && !rig.consumer.calls().contains(&Call::Reassign(vec![p(1)])),
+        "never read: {:?}",
+        rig.consumer.calls()
     );
     assert!(
         rig.store.written().last().is_some_and(|w| w

@@ -147,7 +147,7 @@ impl Shared {
         std::mem::take(&mut *events)
     }
 
-    pub(crate) fn push(&self, e: Rebalance) {
+    fn push(&self, e: Rebalance) {
         let mut events = lock(&self.events);
         events.push(e);
         self.pending
@@ -477,6 +477,18 @@ pub fn restart_at(consumer: &Source, moves: &[(Partition, i64)]) -> Result<(), S
         board.set_position(p, NextOffset(*offset));
     }
     let moved: Vec<Partition> = moves.iter().map(|(p, _)| p.clone()).collect();
+    reassign(consumer, &moved)
+}
+
+/// Reads `partitions` (assigned) again from the positions the board holds for them, whatever
+/// librdkafka fetched or was told before: they are assigned anew (with an eager assignor, the
+/// whole assignment is).
+pub fn reassign(consumer: &Source, partitions: &[Partition]) -> Result<(), SourceError> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let context = consumer.context();
+    let moved = partitions.to_vec();
     let failed = |source| SourceError::Assign {
         partitions: moved.iter().map(ToString::to_string).collect(),
         source,
