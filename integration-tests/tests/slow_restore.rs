@@ -153,15 +153,16 @@ fn run(seed: u64) -> Result<()> {
         &format!("{client_id}-changelog-reader"),
         RESTORE_BYTES_PER_SECOND,
     )?;
+    const REPLAY: &str = "restoring assigned partitions from the changelog before reading them";
+    let replays_before = b.log_since_start().matches(REPLAY).count();
     let status = a.sigterm(STOP_TIMEOUT)?;
     ensure!(status.code() == Some(0), "first member: {status}");
 
     // a third member joins while that replay runs: the group rebalances at once (the
     // partitions being restored are assigned, paused), the second member lets its partitions
     // go unread, and each replays the partition it gets
-    const REPLAY: &str = "restoring assigned partitions from the changelog before reading them";
     let deadline = Instant::now() + READY_TIMEOUT;
-    while b.log_since_start().matches(REPLAY).count() < 2 {
+    while b.log_since_start().matches(REPLAY).count() <= replays_before {
         ensure!(
             Instant::now() < deadline,
             "the takeover's replay did not start\n{}",
@@ -169,11 +170,11 @@ fn run(seed: u64) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let seen = b.log_since_start().len();
     let mut c = Service::new("slow_restore_c", cfg.clone())?;
     c.start()?;
     let deadline = Instant::now() + READY_TIMEOUT;
-    while !b
-        .log_since_start()
+    while !b.log_since_start()[seen..]
         .contains("revoked before their changelog restore ended: released unread")
     {
         ensure!(
@@ -198,6 +199,18 @@ fn run(seed: u64) -> Result<()> {
     history.extend(second.iter().flatten().cloned());
     let expected = expected_windows(&windows, &history);
     let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));
+    // no restore is left reported as running (RestoreTooLong would fire), the one given up
+    // included
+    for s in [&b, &c] {
+        let left = s
+            .scrape()?
+            .sum("checkpointer_changelog_restore_remaining_records")
+            .unwrap_or(0.0);
+        ensure!(
+            left == 0.0,
+            "{left} changelog records still reported left to restore"
+        );
+    }
     let status_c = c.sigterm(STOP_TIMEOUT)?;
     let status = b.sigterm(STOP_TIMEOUT)?;
     let log = format!("{}\n{}", b.log_since_start(), c.log_since_start());

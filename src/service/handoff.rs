@@ -64,6 +64,9 @@ pub(crate) struct Restored {
 struct Restoring {
     generation: u64,
     partitions: Vec<Partition>,
+    /// The replay is done and its state installed; the partitions wait to be read
+    /// ([`Handoff::finish_reading`]).
+    installed: bool,
     cancel: Arc<AtomicBool>,
 }
 
@@ -97,6 +100,10 @@ impl Replay {
                     HashMap::new();
                 let mut text_at: Option<Instant> = None;
                 let mut progress = |p: &Partition, now: ReadProgress| {
+                    // a replay given up leaves its gauges to the one that follows
+                    if cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
                     let (left, bytes, last) = seen.entry(p.clone()).or_insert_with(|| {
                         let label = p.to_string();
                         (
@@ -112,9 +119,7 @@ impl Replay {
                     left.set(now.records_left);
                     bytes.set(now.bytes_read as i64);
                     *last = now;
-                    // a cancelled replay leaves the text to the stop
                     if now.records_left > 0
-                        && !cancel.load(Ordering::Relaxed)
                         && text_at.is_none_or(|t| t.elapsed() >= READY_TEXT_EVERY)
                     {
                         text_at = Some(Instant::now());
@@ -357,6 +362,11 @@ impl Handoff {
             .map_or(&[], |r| r.partitions.as_slice())
     }
 
+    /// Whether partitions whose state a replay installed wait to be read.
+    pub(crate) fn waiting_to_read(&self) -> bool {
+        self.restoring.as_ref().is_some_and(|r| r.installed)
+    }
+
     /// Gives up a replay in flight (the service stops; its partitions were never read).
     pub(crate) fn cancel_restore(&mut self) {
         let partitions = self.cancel_replay();
@@ -365,15 +375,26 @@ impl Handoff {
         }
     }
 
-    /// Stops the replay in flight, if any; returns its partitions.
+    /// Stops the replay in flight, if any (or forgets the partitions one installed, waiting
+    /// to be read); returns its partitions. Their restore gauges go: a replay started again
+    /// sets them anew.
     fn cancel_replay(&mut self) -> Vec<Partition> {
-        match self.restoring.take() {
-            Some(r) => {
-                r.cancel.store(true, Ordering::Relaxed);
-                r.partitions
-            }
-            None => Vec::new(),
+        let Some(r) = self.restoring.take() else {
+            return Vec::new();
+        };
+        r.cancel.store(true, Ordering::Relaxed);
+        for p in &r.partitions {
+            let label = p.to_string();
+            let _ = self
+                .metrics
+                .changelog_restore_remaining
+                .remove_label_values(&[label.as_str()]);
+            let _ = self
+                .metrics
+                .changelog_restore_read_bytes
+                .remove_label_values(&[label.as_str()]);
         }
+        r.partitions
     }
 
     fn start_restore(&mut self, io: Arc<dyn ChangelogIo>, partitions: Vec<Partition>) {
@@ -410,6 +431,7 @@ impl Handoff {
         self.restoring = Some(Restoring {
             generation,
             partitions,
+            installed: false,
             cancel,
         });
     }
@@ -425,7 +447,7 @@ impl Handoff {
         restored: Restored,
     ) -> anyhow::Result<()> {
         match &self.restoring {
-            Some(r) if r.generation == restored.generation => self.restoring = None,
+            Some(r) if r.generation == restored.generation && !r.installed => {}
             // cancelled, or an answer to an earlier replay
             _ => return Ok(()),
         }
@@ -480,17 +502,45 @@ impl Handoff {
         if let Some(link) = self.changelog.as_mut() {
             link.ledger.forget(&partitions);
         }
-        // read from where the state ends, whatever was fetched while paused
-        if let Err(e) = consumer.reassign(&partitions) {
-            if self.config.direct {
-                anyhow::bail!("{e}");
-            }
-            tracing::error!(error = %e, "assignment after the changelog restore failed");
-            return Ok(());
+        if let Some(r) = self.restoring.as_mut() {
+            r.installed = true;
         }
-        consumer.resume(&partitions);
-        self.adopt(engine, &partitions, coordinator.next_id());
+        self.finish_reading(engine, coordinator, consumer)?;
         Ok(())
+    }
+
+    /// Reads the partitions whose state a replay installed, from where that state ends
+    /// (whatever was fetched before they were paused is dropped): they are assigned anew and
+    /// resumed. Not while a revoke waits for its release: assigning anew would answer the
+    /// group's pending revoke early (a cooperative assignor takes any unassign as that
+    /// answer), so they wait for it. Returns whether it read them. A failure stops the
+    /// service: the partitions would stay paused, and the group reassigns them to the next
+    /// start.
+    pub(crate) fn finish_reading(
+        &mut self,
+        engine: &mut Engine,
+        coordinator: &mut Coordinator,
+        consumer: &dyn Assignments,
+    ) -> anyhow::Result<bool> {
+        if !self.restoring.as_ref().is_some_and(|r| r.installed) || self.releasing() {
+            return Ok(false);
+        }
+        let Some(r) = self.restoring.take() else {
+            return Ok(false);
+        };
+        consumer.reassign(&r.partitions).with_context(|| {
+            format!(
+                "reading the partitions restored from the changelog ({})",
+                r.partitions
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        consumer.resume(&r.partitions);
+        self.adopt(engine, &r.partitions, coordinator.next_id());
+        Ok(true)
     }
 
     /// Assigns `partitions` to the consumer at the positions held for them; checkpoints from

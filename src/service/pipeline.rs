@@ -507,6 +507,20 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         Ok(())
     }
 
+    /// Reads the partitions a replay restored, once no revoke waits for its release.
+    fn finish_reading(&mut self) -> anyhow::Result<()> {
+        if !self.handoff.waiting_to_read() {
+            return Ok(());
+        }
+        self.publish_positions();
+        let (engine, coordinator, consumer) =
+            (&mut self.engine, &mut self.coordinator, &*self.consumer);
+        if self.handoff.finish_reading(engine, coordinator, consumer)? {
+            self.after_assignment_change();
+        }
+        Ok(())
+    }
+
     /// What follows any change of the assignment.
     fn after_assignment_change(&mut self) {
         if self.backpressure.engaged() {
@@ -552,6 +566,8 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         for expired in self.coordinator.expire()? {
             self.on_settled(expired);
         }
+        // restored partitions that waited for a release that is no longer pending
+        self.finish_reading()?;
         self.read_memory();
         self.check_idle();
         self.start_probe();
@@ -881,7 +897,11 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
     }
 
     /// A revoke checkpoint's publication completed (or failed).
-    pub(crate) fn on_released(&mut self, id: CheckpointId, partitions: Vec<Partition>) {
+    pub(crate) fn on_released(
+        &mut self,
+        id: CheckpointId,
+        partitions: Vec<Partition>,
+    ) -> anyhow::Result<()> {
         self.handoff.on_released(
             &mut self.engine,
             &mut self.coordinator,
@@ -889,6 +909,8 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             id,
             partitions,
         );
+        // partitions restored meanwhile waited for the release
+        self.finish_reading()
     }
 
     /// The hand-off, for in-process tests to look at.
@@ -1053,14 +1075,19 @@ impl<O: Output> Pipeline<Source, O> {
                 Some(outcome) = inbox.outcomes.recv() => self.on_write_outcome(outcome)?,
                 Some(command) = inbox.commands.recv() => self.on_command(command),
                 Some(ids) = inbox.acks.recv() => self.on_acknowledged(ids),
-                Some((id, ps)) = inbox.released.recv() => self.on_released(id, ps),
+                Some((id, ps)) = inbox.released.recv() => self.on_released(id, ps)?,
                 Some(f) = inbox.failures.recv() => self.handoff.on_publish_failure(&mut self.coordinator, f),
                 Some(message) = inbox.fatal.recv() => bail!("{message}"),
                 Some(probed) = inbox.probes.recv() => self.on_probed(probed)?,
-                Some(restored) = inbox.restored.recv() => self.on_restored(restored)?,
+                Some(restored) = inbox.restored.recv() => {
+                    // a revoke the consumer already reported goes first: reading the restored
+                    // partitions waits for its release
+                    self.apply_rebalances().await?;
+                    self.on_restored(restored)?
+                }
                 _ = tick.tick() => {
-                    // rebalances wait for the loop (assign after restore, release after a
-                    // checkpoint); without assigned partitions recv would never return
+                    // rebalances wait for the loop (release after a checkpoint); without
+                    // assigned partitions recv would never return
                     self.apply_rebalances().await?;
                     self.on_tick()?
                 }
