@@ -18,7 +18,8 @@
 //! process when the test ends, also behind [`Service`] and the broker's nodes),
 //! [`process::run_command`] (how the binary is launched), [`http`] (the HTTP client),
 //! [`metrics`] (the `/metrics` parser and [`metrics::metric`]), [`poll`] and [`poll_until`]
-//! (the polling loop), [`free_port`] and [`free_addr`], [`copy_dir`], [`tail_file`].
+//! (the polling loop), [`free_port`] and [`free_addr`], [`copy_dir`], [`tail_file`],
+//! [`log_numbers`] (numbers a service log gives as `key=N`).
 //! [`slow_disk`] makes the service's disk syncs slow on demand (a preloaded library).
 //!
 //! Environment knobs: `KAFKA_BROKERS` (use an existing cluster for the shared broker),
@@ -170,4 +171,19 @@ pub fn copy_dir(source: &Path, target: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The numbers a service log gives as `key=N` on its lines that contain `line`, in order.
+pub fn log_numbers(log: &str, line: &str, key: &str) -> Vec<u64> {
+    let key = format!("{key}=");
+    log.lines()
+        .filter(|l| l.contains(line))
+        .filter_map(|l| {
+            let rest = &l[l.find(&key)? + key.len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }

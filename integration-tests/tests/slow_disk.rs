@@ -16,7 +16,7 @@ use integration_tests::model::{expected_windows, Event};
 use integration_tests::slow_disk::SlowDisk;
 use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, StreamShape, START_TS};
-use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
+use integration_tests::{log_numbers, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -38,16 +38,7 @@ fn a_checkpoint_written_after_its_timeout_is_completed_and_restorable() {
 
 /// The checkpoint ids of the log lines that report a late completion.
 fn late_ids(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains(LATE))
-        .filter_map(|l| {
-            let rest = &l[l.find("checkpoint_id=")? + "checkpoint_id=".len()..];
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
+    log_numbers(log, LATE, "checkpoint_id")
 }
 
 fn run(seed: u64) -> Result<()> {

@@ -17,7 +17,7 @@ use integration_tests::metrics::{CHANGELOG_PUBLISHED, RECORDS_CONSUMED};
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, START_TS};
-use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
+use integration_tests::{log_numbers, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -249,16 +249,11 @@ fn run(seed: u64) -> Result<()> {
 
 /// The longest `duration_ms` of the log lines that report a changelog restore.
 fn restore_duration_ms(log: &str) -> Option<u64> {
-    log.lines()
-        .filter(|l| l.contains("restored partition state from the changelog"))
-        .filter_map(|line| {
-            let rest = &line[line.find("duration_ms")? + "duration_ms".len()..];
-            let digits: String = rest
-                .chars()
-                .skip_while(|c| !c.is_ascii_digit())
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        })
-        .max()
+    log_numbers(
+        log,
+        "restored partition state from the changelog",
+        "duration_ms",
+    )
+    .into_iter()
+    .max()
 }

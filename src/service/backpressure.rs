@@ -52,6 +52,18 @@ pub(crate) enum Change {
     Release { paused: Duration },
 }
 
+/// Whether `value` holds consumption paused against `limit`: past the limit, and once past it
+/// (`was`) until it is back at 90% of it (a tenth rounded up, so that a small limit still has
+/// room under it), so that it does not pause and resume at every reading. Nothing read or no
+/// limit: not past.
+fn past(value: Option<u64>, limit: Option<u64>, was: bool) -> bool {
+    match (value, limit) {
+        (Some(value), Some(limit)) if was => value > limit - limit.div_ceil(10),
+        (Some(value), Some(limit)) => value > limit,
+        _ => false,
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Backpressure {
     /// A checkpoint in flight for longer than this pauses consumption (the checkpoint
@@ -166,41 +178,20 @@ impl Backpressure {
             bound: self.max_pending,
         });
         // likewise, past the memory limit the pause holds until 90% of it
-        let memory = match (self.max_memory, self.resident) {
-            (Some(limit), Some(resident)) => {
-                let over = if self.over_memory {
-                    limit / 10 * 9
-                } else {
-                    limit
-                };
-                self.over_memory = resident > over;
-                self.over_memory
-                    .then_some(Cause::Memory { resident, limit })
-            }
-            _ => {
-                self.over_memory = false;
-                None
-            }
-        };
+        self.over_memory = past(self.resident, self.max_memory, self.over_memory);
+        let memory = self.over_memory.then(|| Cause::Memory {
+            resident: self.resident.unwrap_or_default(),
+            limit: self.max_memory.unwrap_or_default(),
+        });
         let dead_letters = self
             .dead_letters
             .map(|outstanding| Cause::DeadLetters { outstanding });
-        // and past the open-window limit until 90% of it
-        let open = match (self.max_open, self.open) {
-            (Some(limit), Some(open)) => {
-                let over = if self.over_open {
-                    limit - limit.div_ceil(10)
-                } else {
-                    limit
-                };
-                self.over_open = open > over;
-                self.over_open.then_some(Cause::OpenWindows { open, limit })
-            }
-            _ => {
-                self.over_open = false;
-                None
-            }
-        };
+        let widen = |n: Option<usize>| n.map(|n| n as u64);
+        self.over_open = past(widen(self.open), widen(self.max_open), self.over_open);
+        let open = self.over_open.then(|| Cause::OpenWindows {
+            open: self.open.unwrap_or_default(),
+            limit: self.max_open.unwrap_or_default(),
+        });
         match (
             self.engaged_at,
             late.or(backlog).or(memory).or(open).or(dead_letters),
