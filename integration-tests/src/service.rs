@@ -595,6 +595,12 @@ impl Service {
         Ok(())
     }
 
+    /// Sends `signal` to the running process without waiting (SIGSTOP freezes it, SIGCONT
+    /// lets it continue).
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        self.child()?.signal(signal)
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit status. On
     /// timeout the process is killed and an error returned.
     pub fn sigterm(&mut self, timeout: Duration) -> Result<ExitStatus> {

@@ -8,7 +8,8 @@
 //! on from where the restored state ends, and the output equals the model. A service that
 //! replays on its consumer loop exceeds the poll interval and is put out of the group
 //! (librdkafka logs it); one that replays before assigning holds the group's rebalance back
-//! until its replay ends.
+//! until its replay ends. With the cooperative-sticky assignor the takeover is incremental, and
+//! the member reads the partition it already held on while it replays the one it got.
 
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,28 @@ const RESTORE_BYTES_PER_SECOND: u64 = 15_000;
 #[test]
 fn a_restore_longer_than_the_poll_interval_keeps_the_member_in_the_group_and_exact() {
     let seed = test_seed("slow_restore");
-    if let Err(err) = run(seed) {
+    if let Err(err) = run(seed, Assignor::Eager) {
         panic!("{err:#}\n(seed {seed})");
     }
+}
+
+/// The same with `partition.assignment.strategy: cooperative-sticky`: the takeover is an
+/// incremental assignment, and the member reads the partition it already held on while it
+/// replays the one it got.
+#[test]
+fn a_cooperative_member_reads_its_partitions_on_while_it_restores_another() {
+    let seed = test_seed("slow_restore_cooperative");
+    if let Err(err) = run(seed, Assignor::Cooperative) {
+        panic!("{err:#}\n(seed {seed})");
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Assignor {
+    /// librdkafka's default (range, roundrobin): every rebalance revokes every partition.
+    Eager,
+    /// cooperative-sticky: a rebalance moves only the partitions that change owner.
+    Cooperative,
 }
 
 /// Every key once, within one second of event time: all their windows stay open.
@@ -76,7 +96,7 @@ fn wait_assigned(services: &[&Service], want: usize) -> Result<()> {
     bail!("the instances did not hold {want} partition(s) each")
 }
 
-fn run(seed: u64) -> Result<()> {
+fn run(seed: u64, assignor: Assignor) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let broker = Broker::shared()?;
     let input = unique_name("slow-restore-in");
@@ -96,6 +116,12 @@ fn run(seed: u64) -> Result<()> {
         ("max.partition.fetch.bytes", "1024".to_string()),
     ] {
         cfg.kafka_options.insert(key.into(), value);
+    }
+    if assignor == Assignor::Cooperative {
+        cfg.kafka_options.insert(
+            "partition.assignment.strategy".into(),
+            "cooperative-sticky".into(),
+        );
     }
     let windows = cfg.windows.clone();
     let mut producer = Producer::new(broker)?;
@@ -170,20 +196,55 @@ fn run(seed: u64) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let replay_started = b.log_since_start().len();
+    let mut history: Vec<Event> = first.iter().flatten().cloned().collect();
+    if assignor == Assignor::Cooperative {
+        // the partition it held is read on meanwhile (the other one's records wait for the
+        // replay's end)
+        let before = consumed(&b);
+        let during: Vec<Vec<Event>> = (0..2)
+            .map(|p| open_windows(&mut rng, p, 10, START_TS + 1_200))
+            .collect();
+        producer.send_partitions(
+            &input,
+            &during
+                .iter()
+                .map(|e| workload::valid_records(e))
+                .collect::<Vec<_>>(),
+        )?;
+        history.extend(during.iter().flatten().cloned());
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while consumed(&b) < before + 10.0 {
+            ensure!(
+                Instant::now() < deadline,
+                "the held partition was not read during the replay\n{}",
+                b.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(
+            restore_duration_ms(&b.log_since_start()[replay_started..]).is_none(),
+            "the replay ended before the held partition was read: the test proves nothing"
+        );
+    }
     let seen = b.log_since_start().len();
     let mut c = Service::new("slow_restore_c", cfg.clone())?;
     c.start()?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while !b.log_since_start()[seen..]
-        .contains("revoked before their changelog restore ended: released unread")
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "the group did not rebalance during the replay\n{}",
-            b.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    if assignor == Assignor::Eager {
+        // every partition is revoked: the one being restored is released unread
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !b.log_since_start()[seen..]
+            .contains("revoked before their changelog restore ended: released unread")
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "the group did not rebalance during the replay\n{}",
+                b.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
+    // (cooperative: the assignor moves either partition to the new member)
     wait_assigned(&[&b, &c], 1)?;
 
     // the rest of the stream, then sentinels that close every window
@@ -195,7 +256,6 @@ fn run(seed: u64) -> Result<()> {
         &input,
         &workload::with_local_sentinels(&second, sentinel_ts),
     )?;
-    let mut history: Vec<Event> = first.iter().flatten().cloned().collect();
     history.extend(second.iter().flatten().cloned());
     let expected = expected_windows(&windows, &history);
     let complete = reader.poll_until(COMPLETE_TIMEOUT, |m| contains_all(&expected, m));
@@ -245,6 +305,15 @@ fn run(seed: u64) -> Result<()> {
     ensure!(status.code() == Some(0), "second member: {status}");
     ensure!(status_c.code() == Some(0), "third member: {status_c}");
     Ok(())
+}
+
+/// Records the instance has consumed.
+fn consumed(service: &Service) -> f64 {
+    service
+        .scrape()
+        .ok()
+        .and_then(|m| m.sum(RECORDS_CONSUMED))
+        .unwrap_or(0.0)
 }
 
 /// The longest `duration_ms` of the log lines that report a changelog restore.
