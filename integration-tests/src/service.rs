@@ -540,6 +540,25 @@ impl Service {
         Ok(http::get(addr, "/readyz", HTTP_TIMEOUT)?.status)
     }
 
+    /// How many partitions `/readyz` says the instance holds; `None` while it is not ready
+    /// (or not answering).
+    pub fn assigned_partitions(&self) -> Option<usize> {
+        let body = self.get("/readyz").ok()?.body;
+        body.trim()
+            .strip_prefix("ready: ")?
+            .strip_suffix(" partitions assigned")?
+            .parse()
+            .ok()
+    }
+
+    /// Records the instance has consumed (`checkpointer_records_consumed_total`), an error
+    /// when it cannot be scraped.
+    pub fn records_consumed(&self) -> Result<f64> {
+        self.scrape()?
+            .sum(crate::metrics::RECORDS_CONSUMED)
+            .ok_or_else(|| anyhow!("{}: no records-consumed metric", self.name))
+    }
+
     /// `GET /metrics` body.
     pub fn metrics(&self) -> Result<String> {
         let addr = self

@@ -1,8 +1,8 @@
 //! A member frozen past its session timeout while records flow (a "zombie"), on the real broker
 //! and binary. Two instances share two partitions with partition-scoped state. One is stopped
-//! with SIGSTOP right after a burst of records, so librdkafka holds records of its partition it
-//! has fetched and not yet handed over; the broker expels it, and the other member takes its
-//! partition over from the changelog. Then the frozen one continues (SIGCONT): its consumer
+//! with SIGSTOP right after a burst of records, so that its consumer may hold records of its
+//! partition fetched and not yet handed over; the broker expels it, and the other member takes
+//! its partition over from the changelog. Then the frozen one continues (SIGCONT): its consumer
 //! hands over what it had fetched and, once it notices, the rebalance that took the partition
 //! away (`lost`). Nothing it applies after that may reach the output or the changelog, and
 //! whatever it emitted before it noticed is a re-send with identical bytes. It rejoins and the
@@ -18,12 +18,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use integration_tests::metrics::RECORDS_CONSUMED;
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::process::Signal;
 use integration_tests::verify::{check_output, contains_all, output_problems};
 use integration_tests::workload::{self, START_TS};
-use integration_tests::{test_seed, unique_name, Broker, OutputReader, Producer};
+use integration_tests::{poll_until, test_seed, unique_name, Broker, OutputReader, Producer};
 use integration_tests::{Service, ServiceConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,6 +33,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The broker's smallest session timeout (`group.min.session.timeout.ms`): the frozen member
 /// is expelled this long after its last heartbeat.
 const SESSION_MS: u64 = 6_000;
+/// Its heartbeat interval: the session runs from the last heartbeat, up to this long before
+/// the freeze.
+const HEARTBEAT_MS: u64 = 1_000;
 /// Keys per partition.
 const KEYS: usize = 40;
 /// Records per partition in a round; rounds follow each other every [`ROUND_PAUSE`].
@@ -44,6 +46,8 @@ const ROUND_MS: i64 = 1_000;
 const ROUND_PAUSE: Duration = Duration::from_millis(250);
 /// The debug line of a record the consumer handed over for a partition no longer assigned.
 const NOT_APPLIED: &str = "record of a partition no longer assigned: not applied";
+/// The line of a partition's state restored from the changelog.
+const RESTORED: &str = "restored partition state from the changelog";
 
 #[test]
 fn a_member_frozen_past_its_session_timeout_adds_nothing_to_the_output() {
@@ -91,16 +95,6 @@ impl Stream {
     }
 }
 
-/// How many partitions the instance's `/readyz` says it holds (`None` while not ready).
-fn assigned(service: &Service) -> Option<usize> {
-    let body = service.get("/readyz").ok()?.body;
-    body.trim()
-        .strip_prefix("ready: ")?
-        .strip_suffix(" partitions assigned")?
-        .parse()
-        .ok()
-}
-
 fn run(seed: u64) -> Result<()> {
     let broker = Broker::shared()?;
     let input = unique_name("zombie-in");
@@ -113,7 +107,7 @@ fn run(seed: u64) -> Result<()> {
     for (key, value) in [
         ("session.timeout.ms", SESSION_MS.to_string()),
         ("max.poll.interval.ms", SESSION_MS.to_string()),
-        ("heartbeat.interval.ms", "1000".to_string()),
+        ("heartbeat.interval.ms", HEARTBEAT_MS.to_string()),
     ] {
         cfg.kafka_options.insert(key.into(), value);
     }
@@ -137,13 +131,14 @@ fn run(seed: u64) -> Result<()> {
     a.wait_ready(READY_TIMEOUT)?;
     b.wait_ready(READY_TIMEOUT)?;
     wait_until(READY_TIMEOUT, "a partition each", || {
-        assigned(&a) == Some(1) && assigned(&b) == Some(1)
+        a.assigned_partitions() == Some(1) && b.assigned_partitions() == Some(1)
     })?;
 
     // records flow; windows close and are emitted
     stream.produce(&mut producer, &input, 12)?;
     wait_until(COMPLETE_TIMEOUT, "the first rounds read", || {
-        consumed(&[&a, &b]) == stream.history.len() as f64
+        a.records_consumed().unwrap_or(0.0) + b.records_consumed().unwrap_or(0.0)
+            == stream.history.len() as f64
     })?;
 
     // a burst, and the first member freezes while its consumer holds part of it
@@ -167,7 +162,7 @@ fn run(seed: u64) -> Result<()> {
     // flow
     let seen = b.log_since_start().len();
     let deadline = Instant::now() + READY_TIMEOUT;
-    while assigned(&b) != Some(2) {
+    while b.assigned_partitions() != Some(2) {
         ensure!(
             Instant::now() < deadline,
             "the second member did not take the frozen one's partition over\n{}",
@@ -176,11 +171,14 @@ fn run(seed: u64) -> Result<()> {
         stream.produce(&mut producer, &input, 1)?;
     }
     ensure!(
-        frozen_at.elapsed() >= Duration::from_millis(SESSION_MS),
+        frozen_at.elapsed() >= Duration::from_millis(SESSION_MS - HEARTBEAT_MS),
         "the partition moved before the session expired: the test froze nothing"
     );
     ensure!(
-        b.log_since_start()[seen..].contains("restored partition state from the changelog"),
+        b.log_since_start()
+            .get(seen..)
+            .unwrap_or("")
+            .contains(RESTORED),
         "the takeover did not restore from the changelog\n{}",
         b.log_tail(30)
     );
@@ -193,7 +191,9 @@ fn run(seed: u64) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let log = a.log_since_start();
-        if log[seen_a..]
+        if log
+            .get(seen_a..)
+            .unwrap_or("")
             .lines()
             .any(|l| l.contains("partitions revoked") && l.contains("lost=true"))
         {
@@ -207,7 +207,7 @@ fn run(seed: u64) -> Result<()> {
         stream.produce(&mut producer, &input, 1)?;
     }
     let deadline = Instant::now() + READY_TIMEOUT;
-    while !(assigned(&a) == Some(1) && assigned(&b) == Some(1)) {
+    while !(a.assigned_partitions() == Some(1) && b.assigned_partitions() == Some(1)) {
         ensure!(
             Instant::now() < deadline,
             "the frozen member did not rejoin\n{}\n{}",
@@ -221,9 +221,10 @@ fn run(seed: u64) -> Result<()> {
     // the other member stops: the one that was frozen takes every partition, its own old one
     // from the changelog the other member wrote after the takeover (never from what it held
     // itself when it froze)
+    let seen_a = a.log_since_start().len();
     let status_b = b.sigterm(STOP_TIMEOUT)?;
     let deadline = Instant::now() + READY_TIMEOUT;
-    while assigned(&a) != Some(2) {
+    while a.assigned_partitions() != Some(2) {
         ensure!(
             Instant::now() < deadline,
             "the frozen member did not take every partition over\n{}",
@@ -231,6 +232,14 @@ fn run(seed: u64) -> Result<()> {
         );
         stream.produce(&mut producer, &input, 1)?;
     }
+    ensure!(
+        a.log_since_start()
+            .get(seen_a..)
+            .unwrap_or("")
+            .contains(RESTORED),
+        "the frozen member did not take its old partition back from the changelog\n{}",
+        a.log_tail(30)
+    );
     stream.produce(&mut producer, &input, 4)?;
 
     // sentinels close every window
@@ -265,18 +274,9 @@ fn run(seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn consumed(services: &[&Service]) -> f64 {
-    services
-        .iter()
-        .filter_map(|s| s.scrape().ok().and_then(|m| m.sum(RECORDS_CONSUMED)))
-        .sum()
-}
-
+/// Waits until `done` holds, every 200 ms, failing after `timeout` naming `what`.
 fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+    poll_until(what, timeout, Duration::from_millis(200), || {
+        Ok(done().then_some(()))
+    })
 }

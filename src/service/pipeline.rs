@@ -735,15 +735,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                 }
             }
             Change::Release { paused } => {
-                // only what is still assigned and read here: a partition revoked meanwhile
-                // is no longer ours to read, and one assigned since waits for its replay
-                // paused (it was never added)
-                let assigned = self.handoff.assigned();
-                let resume: Vec<Partition> = std::mem::take(&mut self.paused)
-                    .into_iter()
-                    .filter(|p| assigned.contains(p))
-                    .collect();
-                self.consumer.resume(&resume);
+                self.consumer.resume(&std::mem::take(&mut self.paused));
                 self.metrics.backpressure.set(0);
                 self.metrics
                     .backpressure_seconds
