@@ -871,7 +871,12 @@ async fn an_output_backlog_past_its_bound_pauses_consumption_until_acknowledged_
     rig.tick();
     assert!(resumed(&rig));
     assert!(rig.consumer.calls().contains(&Call::Resume(vec![p(0)])));
-    assert_eq!(rig.metrics.backpressure.get(), 0);
+    // the output no longer holds consumption; the checkpoint this tick triggered may (its
+    // interval is 1 ms here, and on a loaded machine it can be older than that already)
+    assert!(
+        rig.metrics.backpressure.get() == 0 || rig.pipeline.checkpoints_in_flight() > 0,
+        "paused with no checkpoint in flight"
+    );
     // each final window went out once
     let mut users = rig.emitted_users();
     users.sort();
