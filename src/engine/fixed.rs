@@ -243,9 +243,14 @@ impl FixedWindows {
                 note_end(&mut earliest, defs.first_end(s, &after));
                 keep.push(*s);
             }
-            *slots = Arc::from(&keep[..]);
+            // a key whose windows all stay (panes whose later windows are open) keeps its
+            // slots as they are, one that lost some gets the others, one that lost all goes
+            let stays = !keep.is_empty();
+            if stays && keep.len() < slots.len() {
+                *slots = Arc::from(&keep[..]);
+            }
             keep.clear();
-            !slots.is_empty()
+            stays
         });
         self.open = self.open.saturating_sub(count);
         self.earliest = earliest;
