@@ -386,6 +386,38 @@ mod tests {
     }
 
     #[test]
+    fn a_key_whose_slots_all_stay_open_keeps_them_where_they_are() {
+        let mut f = FixedWindows::new(&defs(&[
+            WindowKind::Hopping { size: 30, hop: 10 },
+            WindowKind::Tumbling { size: 10 },
+        ]));
+        // pane [0,10) counts in [-20,10), [-10,20) and [0,30); the tumbling window is [0,10)
+        add(&mut f, "k", 5, None);
+        let at = |f: &FixedWindows| {
+            f.keys
+                .get("k")
+                .map(|s| (Arc::as_ptr(s).cast::<Slot>(), s.len()))
+        };
+        let (first, n) = at(&f).expect("the key holds its pane and window");
+        assert_eq!(n, 2);
+        // the tumbling window closes: the key keeps the pane alone, in a new allocation
+        assert_eq!(
+            closed(&mut f, 10),
+            vec![(0, -20, "k".into()), (1, 0, "k".into())]
+        );
+        let (second, n) = at(&f).expect("the pane stays");
+        assert_eq!(n, 1);
+        assert_ne!(second, first);
+        // a window of the pane closes, the pane stays: nothing is copied
+        assert_eq!(closed(&mut f, 20), vec![(0, -10, "k".into())]);
+        assert_eq!(at(&f), Some((second, 1)));
+        // the pane's last window closes: the key goes
+        assert_eq!(closed(&mut f, 30), vec![(0, 0, "k".into())]);
+        assert_eq!(at(&f), None);
+        assert_eq!(f.open_count(), 0);
+    }
+
+    #[test]
     fn final_windows_do_not_take_records() {
         let mut f = FixedWindows::new(&defs(&[WindowKind::Tumbling { size: 10 }]));
         assert!(!add(&mut f, "k", 5, Some(10)));

@@ -185,7 +185,7 @@ mod tests {
             partition in proptest::option::of(("[a-z.\\-\"\\\\]{1,8}", proptest::prelude::any::<i32>())),
             start in proptest::prelude::any::<i64>(),
             end in proptest::prelude::any::<i64>(),
-            count in proptest::prelude::any::<u64>(),
+            count in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::prelude::any::<u64>()],
             (sum, min, max) in (float(), float(), float()),
             chosen in proptest::collection::vec(proptest::prelude::any::<bool>(), 5),
         ) {
