@@ -684,6 +684,12 @@ impl Service {
             .join("\n")
     }
 
+    /// [`Service::log_since_start`] past its first `seen` bytes (a length it had earlier): what
+    /// the current start logged since then.
+    pub fn log_after(&self, seen: usize) -> String {
+        self.log_since_start().get(seen..).unwrap_or("").to_string()
+    }
+
     /// Runs `checkpointer check-config --config PATH` on the config this service would use.
     pub fn check_config(&self) -> Result<std::process::Output> {
         let http: SocketAddr = "127.0.0.1:0".parse()?;

@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use integration_tests::model::{expected_windows, Event};
 use integration_tests::process::Signal;
 use integration_tests::verify::{check_output, contains_all, output_problems};
@@ -93,6 +93,27 @@ impl Stream {
         }
         Ok(())
     }
+
+    /// Produces a round at a time until `done` holds; after [`READY_TIMEOUT`], fails naming
+    /// `what` with the last lines of the `logs` of these instances.
+    fn produce_until(
+        &mut self,
+        producer: &mut Producer,
+        topic: &str,
+        what: &str,
+        logs: &[&Service],
+        mut done: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !done() {
+            if Instant::now() >= deadline {
+                let tails: Vec<String> = logs.iter().map(|s| s.log_tail(40)).collect();
+                bail!("{what}\n{}", tails.join("\n"));
+            }
+            self.produce(producer, topic, 1)?;
+        }
+        Ok(())
+    }
 }
 
 fn run(seed: u64) -> Result<()> {
@@ -161,24 +182,19 @@ fn run(seed: u64) -> Result<()> {
     // the other member takes its partition over once the session has expired, while records
     // flow
     let seen = b.log_since_start().len();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while b.assigned_partitions() != Some(2) {
-        ensure!(
-            Instant::now() < deadline,
-            "the second member did not take the frozen one's partition over\n{}",
-            b.log_tail(30)
-        );
-        stream.produce(&mut producer, &input, 1)?;
-    }
+    stream.produce_until(
+        &mut producer,
+        &input,
+        "the second member did not take the frozen one's partition over",
+        &[&b],
+        || b.assigned_partitions() == Some(2),
+    )?;
     ensure!(
         frozen_at.elapsed() >= Duration::from_millis(SESSION_MS - HEARTBEAT_MS),
         "the partition moved before the session expired: the test froze nothing"
     );
     ensure!(
-        b.log_since_start()
-            .get(seen..)
-            .unwrap_or("")
-            .contains(RESTORED),
+        b.log_after(seen).contains(RESTORED),
         "the takeover did not restore from the changelog\n{}",
         b.log_tail(30)
     );
@@ -188,34 +204,24 @@ fn run(seed: u64) -> Result<()> {
     // and rejoins
     let seen_a = a.log_since_start().len();
     a.signal(Signal::SIGCONT)?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        let log = a.log_since_start();
-        if log
-            .get(seen_a..)
-            .unwrap_or("")
-            .lines()
-            .any(|l| l.contains("partitions revoked") && l.contains("lost=true"))
-        {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the frozen member did not learn that its partition was lost\n{}",
-            a.log_tail(40)
-        );
-        stream.produce(&mut producer, &input, 1)?;
-    }
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while !(a.assigned_partitions() == Some(1) && b.assigned_partitions() == Some(1)) {
-        ensure!(
-            Instant::now() < deadline,
-            "the frozen member did not rejoin\n{}\n{}",
-            a.log_tail(30),
-            b.log_tail(30)
-        );
-        stream.produce(&mut producer, &input, 1)?;
-    }
+    stream.produce_until(
+        &mut producer,
+        &input,
+        "the frozen member did not learn that its partition was lost",
+        &[&a],
+        || {
+            a.log_after(seen_a)
+                .lines()
+                .any(|l| l.contains("partitions revoked") && l.contains("lost=true"))
+        },
+    )?;
+    stream.produce_until(
+        &mut producer,
+        &input,
+        "the frozen member did not rejoin",
+        &[&a, &b],
+        || a.assigned_partitions() == Some(1) && b.assigned_partitions() == Some(1),
+    )?;
     stream.produce(&mut producer, &input, 8)?;
 
     // the other member stops: the one that was frozen takes every partition, its own old one
@@ -223,20 +229,15 @@ fn run(seed: u64) -> Result<()> {
     // itself when it froze)
     let seen_a = a.log_since_start().len();
     let status_b = b.sigterm(STOP_TIMEOUT)?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while a.assigned_partitions() != Some(2) {
-        ensure!(
-            Instant::now() < deadline,
-            "the frozen member did not take every partition over\n{}",
-            a.log_tail(30)
-        );
-        stream.produce(&mut producer, &input, 1)?;
-    }
+    stream.produce_until(
+        &mut producer,
+        &input,
+        "the frozen member did not take every partition over",
+        &[&a],
+        || a.assigned_partitions() == Some(2),
+    )?;
     ensure!(
-        a.log_since_start()
-            .get(seen_a..)
-            .unwrap_or("")
-            .contains(RESTORED),
+        a.log_after(seen_a).contains(RESTORED),
         "the frozen member did not take its old partition back from the changelog\n{}",
         a.log_tail(30)
     );
