@@ -229,12 +229,13 @@ fn rows_into(out: &mut Vec<ClosedRow>) -> impl FnMut(u16, i64, i64, Acc, &Key) +
 }
 
 /// A chunk's rows in the order they closed, in runs that never change once shared: windows
-/// closing while a copy of the group (a snapshot's) shares the chunk start a run of their own,
-/// so that no row is moved or copied again while it waits (one list per chunk was copied whole
-/// on the loop when a window closed while a checkpoint still encoded the group); otherwise they
-/// join the last run, which grows in place up to [`RUN_ROWS`] rows. A run per close read a fifth
-/// less at 10k keys in the turnover benchmark (a few rows each, and every acknowledgement looked
-/// up through them); runs of at most 128 rows took 5-8% more peak RSS there.
+/// closing while a copy of the group (a snapshot's) or a release shares the last run start a
+/// run of their own, so that the rows before them are not copied (one list per chunk was copied
+/// whole on the loop when a window closed while a checkpoint still encoded the group);
+/// otherwise they join the last run, which grows in place up to [`RUN_ROWS`] rows. A run per
+/// close read a fifth less at 10k keys in the turnover benchmark (a few rows each, and every
+/// acknowledgement looked up through them); runs of at most 128 rows took 5-10% more peak RSS
+/// there.
 #[derive(Debug, Clone, Default)]
 struct Runs {
     runs: Vec<Arc<Vec<ClosedRow>>>,
@@ -243,9 +244,9 @@ struct Runs {
     len: usize,
 }
 
-/// The most rows a run grows to in place (36 KiB): more than a group's windows of one
-/// checkpoint interval hold in most runs, so that a chunk is one run unless a snapshot shared
-/// it while its windows closed.
+/// The most rows a run grows to in place (36 KiB): more than most groups close in one
+/// checkpoint interval, so that a chunk is mostly one run unless a snapshot shared it while its
+/// windows closed.
 const RUN_ROWS: usize = 512;
 
 impl Runs {
@@ -973,6 +974,7 @@ mod tests {
             order in proptest::collection::vec(any::<prop::sample::Index>(), 0..400),
             copy_at in 0usize..400,
             after_copy in 0usize..40,
+            in_order in any::<bool>(),
         ) {
             let mut g = GroupState::new(&[], &None);
             let mut model = BTreeSet::new();
@@ -995,6 +997,9 @@ mod tests {
             }
             prop_assert_eq!(pending(&g), model.clone());
             let mut copy = None;
+            // acknowledged in the order the windows were held (as the output's come back), or
+            // in any order
+            let mut oldest = 0u32;
             for (step, pick) in order.iter().enumerate() {
                 if step == copy_at {
                     copy = Some((Arc::new(g.clone()), model.clone()));
@@ -1004,7 +1009,13 @@ mod tests {
                     model.extend((next..next + after_copy as u32).map(id_of));
                     next += after_copy as u32;
                 }
-                let Some(target) = model.iter().nth(pick.index(model.len().max(1))).cloned() else {
+                let picked = if in_order {
+                    oldest += 1;
+                    (oldest <= next).then(|| id_of(oldest - 1))
+                } else {
+                    model.iter().nth(pick.index(model.len().max(1))).cloned()
+                };
+                let Some(target) = picked else {
                     break;
                 };
                 let id = StateKey { partition: None, window: target.0, start: target.1, key: target.2.clone().into() };
@@ -1149,7 +1160,7 @@ mod tests {
         let mut more: Vec<ClosedRow> = (50..80).map(|i| ClosedRow::of(window(i))).collect();
         g.hold_all(&mut more, 1);
         // a single row (as a restore holds them) joins the last run while nothing shares it,
-        // and no shared run
+        // and starts a run of its own when something does
         g.hold(ClosedRow::of(window(80)), 1);
         let second = g.clone();
         g.hold(ClosedRow::of(window(81)), 1);
@@ -1171,6 +1182,14 @@ mod tests {
             assert!(row.is(&window(i).id), "row {i}");
         }
         assert!(g.closed[0].rows.get(82).is_none());
+        // and read from any index on, as the search for an acknowledged window starts
+        for from in 0..84usize {
+            let read: Vec<usize> = g.closed[0].rows.iter_from(from).map(|(i, _)| i).collect();
+            assert_eq!(read, (from..82).collect::<Vec<_>>(), "from {from}");
+            for (i, row) in g.closed[0].rows.iter_from(from) {
+                assert!(row.is(&window(i as u32).id), "row {i} read from {from}");
+            }
+        }
         // unshared, windows closing join the last run up to RUN_ROWS rows
         let mut h = GroupState::new(&[], &None);
         for n in [RUN_ROWS as u32 - 29, 28, 1, 30, 30] {
@@ -1181,14 +1200,72 @@ mod tests {
             runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
             [RUN_ROWS, 30 + 30]
         );
-        // and read from any index on, as the search for an acknowledged window starts
-        for from in 0..84usize {
-            let read: Vec<usize> = g.closed[0].rows.iter_from(from).map(|(i, _)| i).collect();
-            assert_eq!(read, (from..82).collect::<Vec<_>>(), "from {from}");
-            for (i, row) in g.closed[0].rows.iter_from(from) {
-                assert!(row.is(&window(i as u32).id), "row {i} read from {from}");
-            }
+    }
+
+    /// The ids a release yields, in order.
+    fn released(out: Emission) -> Vec<(u16, i64, String)> {
+        out.into_windows()
+            .map(|w| (w.id.window, w.id.start, w.id.key.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn acknowledged_windows_leave_a_chunk_that_a_copy_and_a_release_still_read() {
+        let mut g = GroupState::new(&[], &None);
+        g.hold_all(&mut (0..100).map(|i| ClosedRow::of(window(i))).collect(), 1);
+        let copy = g.clone();
+        let mut out = Emission::default();
+        out.push_chunk(&None, &g.closed[0]);
+        for i in 0..51 {
+            let at = g.find_closed(&window(i).id).expect("held");
+            g.acknowledge(at);
         }
+        // most rows acknowledged: the others are copied into one run of their own
+        let chunk = &g.closed[0];
+        assert_eq!(
+            (chunk.rows.len(), chunk.rows.runs.len(), chunk.remaining),
+            (49, 1, 49)
+        );
+        assert!(!Arc::ptr_eq(
+            &chunk.rows.runs[0],
+            &copy.closed[0].rows.runs[0]
+        ));
+        assert_eq!(pending(&g), (51..100).map(id_of).collect());
+        // the copy and the release read the rows as they were
+        assert_eq!(pending(&copy), (0..100).map(id_of).collect());
+        assert_eq!(released(out), (0..100).map(id_of).collect::<Vec<_>>());
+        let at = g.find_closed(&window(75).id).expect("held");
+        g.acknowledge(at);
+        assert_eq!(g.closed_count(), 48);
+    }
+
+    #[test]
+    fn a_release_reads_every_run_of_a_chunk_and_skips_what_was_acknowledged() {
+        let mut g = GroupState::new(&[], &None);
+        let mut copies = Vec::new();
+        for (from, to) in [(0, 50), (50, 80), (80, 100)] {
+            g.hold_all(
+                &mut (from..to).map(|i| ClosedRow::of(window(i))).collect(),
+                1,
+            );
+            copies.push(g.clone());
+        }
+        let runs = &g.closed[0].rows.runs;
+        assert_eq!(
+            runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [50, 30, 20]
+        );
+        // the first and last rows, and both sides of each boundary between runs
+        let acked = [0, 49, 50, 79, 80, 99];
+        for i in acked {
+            let at = g.find_closed(&window(i).id).expect("held");
+            g.acknowledge(at);
+        }
+        let mut out = Emission::default();
+        out.push_chunk(&None, &g.closed[0]);
+        assert_eq!(out.len(), 94);
+        let expected: Vec<_> = (0..100).filter(|i| !acked.contains(i)).map(id_of).collect();
+        assert_eq!(released(out), expected);
     }
 
     #[test]
