@@ -9,7 +9,9 @@
 //! 30 s/10 s window; exactly-once (final windows wait for a durable checkpoint); a checkpoint
 //! every `--interval-ms` (2,000) with at most one in flight. As the service does by default
 //! (`output.max_pending_windows`), reading pauses while more than `--max-pending` (1,000,000;
-//! 0: never) final windows wait, until half of them are released and acknowledged. The end of input closes every
+//! 0: never) final windows wait, until half of them are released and acknowledged.
+//! `--ack-delay-ms N` (0) makes the output lag: a released window is acknowledged only N ms
+//! after its release, as by an output cluster that is slow to answer. The end of input closes every
 //! window (a record far in the future), and the run ends once every window is written and
 //! released. The records are generated on the loop (their formatting is included in the CPU
 //! time).
@@ -76,6 +78,8 @@ struct Args {
     /// The service's `output.max_pending_windows`: past this many final windows waiting,
     /// reading pauses until half of them are released and acknowledged (0: never).
     max_pending: usize,
+    /// Acknowledgements held back this long after the release (an output that lags).
+    ack_delay: Duration,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -91,6 +95,7 @@ fn args() -> Args {
         keys_in_order: false,
         restore_from: None,
         max_pending: 1_000_000,
+        ack_delay: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -115,6 +120,7 @@ fn args() -> Args {
             "--max-rss-gib" => a.max_rss_gib = value(),
             "--window-ms" => a.window_ms = value() as i64,
             "--max-pending" => a.max_pending = value() as usize,
+            "--ack-delay-ms" => a.ack_delay = Duration::from_millis(value()),
             // cargo bench passes --bench
             _ => {}
         }
@@ -435,6 +441,10 @@ fn main() {
     let mut most_held = 0usize;
     // reading paused by the output bound, and how many times it was
     let (mut paused, mut pauses) = (false, 0u64);
+    // acknowledgements held back by `--ack-delay-ms`, in release order
+    let mut lagging: std::collections::VecDeque<(Instant, Vec<_>)> = Default::default();
+    // bytes the checkpoints wrote
+    let mut written = 0u64;
     let total = a.records + PARTITIONS as u64; // the closing records
     let deadline = started + Duration::from_secs(a.max_seconds);
 
@@ -493,7 +503,13 @@ fn main() {
         // the writer's outcomes, as the pipeline settles them
         while let Ok(outcome) = outcomes.try_recv() {
             match outcome {
-                WriteOutcome::Durable { id, duration, .. } => {
+                WriteOutcome::Durable {
+                    id,
+                    duration,
+                    stats,
+                    ..
+                } => {
+                    written += stats.bytes;
                     if full.is_some_and(|(f, _)| f == id) {
                         full_took = Some(duration.as_secs_f64());
                         // keep a crash image of the store with it as the newest checkpoint (the
@@ -533,13 +549,19 @@ fn main() {
         }
         // as the sink does: each window made as it is reached, acknowledged in chunks
         let mut released = engine.take_emission().into_windows();
+        let now = Instant::now();
         loop {
             let acks: Vec<_> = released.by_ref().take(ACK_CHUNK).map(|w| w.id).collect();
             if acks.is_empty() {
                 break;
             }
             emitted += acks.len() as u64;
-            engine.emitted(acks);
+            lagging.push_back((now + a.ack_delay, acks));
+        }
+        while lagging.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, acks)) = lagging.pop_front() {
+                engine.emitted(acks);
+            }
         }
         if consumed == total {
             if in_flight.is_none() && engine.pending_emissions() == 0 && !engine.has_changes() {
@@ -646,8 +668,8 @@ fn main() {
     let restore = stopped.is_none().then(|| restore_in_child(&path));
 
     println!(
-        "turnover: {} records, {} keys, checkpoint every {:?}",
-        a.records, a.keys, a.interval
+        "turnover: {} records, {} keys, checkpoint every {:?}, acknowledgements {:?} after release",
+        a.records, a.keys, a.interval, a.ack_delay
     );
     if let Some(why) = &stopped {
         println!("STOPPED after {wall:.0} s ({why}): {consumed} of {total} records read, {pending} windows not released");
@@ -661,6 +683,10 @@ fn main() {
         "checkpoints {}: {}",
         durations.len(),
         percentiles(durations)
+    );
+    println!(
+        "checkpoints wrote {:.1} MiB in all",
+        written as f64 / 1048576.0
     );
     println!("snapshot stalls: {}", percentiles(stalls));
     println!(
