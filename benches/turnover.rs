@@ -11,7 +11,8 @@
 //! (`output.max_pending_windows`), reading pauses while more than `--max-pending` (1,000,000;
 //! 0: never) final windows wait, until half of them are released and acknowledged.
 //! `--ack-delay-ms N` (0) makes the output lag: a released window is acknowledged only N ms
-//! after its release, as by an output cluster that is slow to answer. The end of input closes every
+//! after its release, as by an output cluster that is slow to answer; `--rate N` (0: as fast
+//! as it can) reads at most N records per second of wall time, as a steady input arrives. The end of input closes every
 //! window (a record far in the future), and the run ends once every window is written and
 //! released. The records are generated on the loop (their formatting is included in the CPU
 //! time).
@@ -80,6 +81,8 @@ struct Args {
     max_pending: usize,
     /// Acknowledgements held back this long after the release (an output that lags).
     ack_delay: Duration,
+    /// Records per second of wall time at most (0: as fast as the loop goes).
+    rate: u64,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -96,6 +99,7 @@ fn args() -> Args {
         restore_from: None,
         max_pending: 1_000_000,
         ack_delay: Duration::ZERO,
+        rate: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -121,6 +125,7 @@ fn args() -> Args {
             "--window-ms" => a.window_ms = value() as i64,
             "--max-pending" => a.max_pending = value() as usize,
             "--ack-delay-ms" => a.ack_delay = Duration::from_millis(value()),
+            "--rate" => a.rate = value(),
             // cargo bench passes --bench
             _ => {}
         }
@@ -601,6 +606,20 @@ fn main() {
                 Some(id) => full = Some((id, entries)),
                 None => std::thread::sleep(Duration::from_millis(1)),
             }
+        } else if a.rate > 0
+            && consumed < a.records
+            && consumed as f64 > started.elapsed().as_secs_f64() * a.rate as f64
+        {
+            // ahead of the input's rate: wait for it, checkpointing on time meanwhile
+            checkpoint(
+                &mut engine,
+                &mut scheduler,
+                &mut in_flight,
+                &mut stalls,
+                (&mut stall_cpu, &mut stall_wait),
+                false,
+            );
+            std::thread::sleep(Duration::from_millis(1));
         } else {
             for _ in 0..1_024 {
                 if consumed == total || (consumed == a.records && full.is_none()) {
@@ -668,8 +687,8 @@ fn main() {
     let restore = stopped.is_none().then(|| restore_in_child(&path));
 
     println!(
-        "turnover: {} records, {} keys, checkpoint every {:?}, acknowledgements {:?} after release",
-        a.records, a.keys, a.interval, a.ack_delay
+        "turnover: {} records, {} keys, checkpoint every {:?}, acknowledgements {:?} after release, at most {} records/s (0: no bound)",
+        a.records, a.keys, a.interval, a.ack_delay, a.rate
     );
     if let Some(why) = &stopped {
         println!("STOPPED after {wall:.0} s ({why}): {consumed} of {total} records read, {pending} windows not released");
