@@ -213,7 +213,12 @@ impl Coordinator {
             Err(StoreError::Corrupt { .. }) => true,
             Err(e) => return Err(CommandError::Failed(e.to_string())),
         };
-        if in_flight || exists {
+        if in_flight {
+            return Err(CommandError::Conflict(format!(
+                "a savepoint named {name:?} is being taken (asked for earlier, waiting for room or being written); wait for it, or choose another name"
+            )));
+        }
+        if exists {
             return Err(CommandError::Conflict(format!(
                 "a savepoint named {name:?} already exists; delete it first or choose another name"
             )));

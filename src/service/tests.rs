@@ -958,6 +958,54 @@ async fn operator_savepoints_wait_for_room_come_one_at_a_time_and_only_the_newes
     assert_eq!(names, vec!["keep", "savepoint-4", "savepoint-5"]);
 }
 
+/// Asks for a stop with a savepoint of `name`, as the HTTP API does.
+fn ask_stop_with_savepoint(
+    rig: &mut Rig,
+    name: &str,
+) -> oneshot::Receiver<Result<Option<crate::store::SavepointMeta>, CommandError>> {
+    let (reply, answer) = oneshot::channel();
+    rig.pipeline.on_command(Command::Stop {
+        savepoint: Some(Some(name.to_string())),
+        reply,
+    });
+    answer
+}
+
+#[tokio::test]
+async fn a_savepoint_name_being_taken_or_taken_is_refused_saying_which() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    // checkpoint 1 in flight: the savepoint waits for room under its name
+    let mut queued = ask_savepoint(&mut rig, Some("release-7"));
+    assert!(queued.try_recv().is_err(), "answered before it was taken");
+    match ask_stop_with_savepoint(&mut rig, "release-7")
+        .await
+        .expect("answered")
+    {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("is being taken"), "{reason}");
+            assert!(!reason.contains("already exists"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    rig.settle().await.expect("checkpoint 1");
+    rig.tick();
+    rig.settle().await.expect("the savepoint");
+    queued.await.expect("answered").expect("taken");
+    // once written, the name is taken for good
+    match ask_stop_with_savepoint(&mut rig, "release-7")
+        .await
+        .expect("answered")
+    {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("already exists"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn open_windows_past_the_limit_pause_consumption_and_readiness_until_they_fall() {
     let mut rig = Rig::new(Options {
