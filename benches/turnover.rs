@@ -581,8 +581,13 @@ fn main() {
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
-        } else if paused {
-            // the service's output back-pressure: no reading while the backlog drains
+        } else if paused
+            || (a.rate > 0
+                && consumed < a.records
+                && consumed as f64 > started.elapsed().as_secs_f64() * a.rate as f64)
+        {
+            // the service's output back-pressure: no reading while the backlog drains; or
+            // ahead of the input's rate: wait for it, checkpointing on time meanwhile
             checkpoint(
                 &mut engine,
                 &mut scheduler,
@@ -606,20 +611,6 @@ fn main() {
                 Some(id) => full = Some((id, entries)),
                 None => std::thread::sleep(Duration::from_millis(1)),
             }
-        } else if a.rate > 0
-            && consumed < a.records
-            && consumed as f64 > started.elapsed().as_secs_f64() * a.rate as f64
-        {
-            // ahead of the input's rate: wait for it, checkpointing on time meanwhile
-            checkpoint(
-                &mut engine,
-                &mut scheduler,
-                &mut in_flight,
-                &mut stalls,
-                (&mut stall_cpu, &mut stall_wait),
-                false,
-            );
-            std::thread::sleep(Duration::from_millis(1));
         } else {
             for _ in 0..1_024 {
                 if consumed == total || (consumed == a.records && full.is_none()) {
