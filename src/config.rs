@@ -500,6 +500,11 @@ const MANAGED_KAFKA_OPTIONS: &[&str] = &[
     "enable.partition.eof",
     "auto.offset.reset",
     "group.instance.id",
+    // the output's and the changelog's writes must be neither lost nor repeated
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "transactional.id",
 ];
 
 /// Most windows a hopping definition puts each record in (`size / hop`, rounded up): each
@@ -1337,6 +1342,33 @@ checkpoint:
             "topics: [events]\n  options: { enable.auto.commit: \"true\" }",
         );
         assert!(err_text(&yaml, &[]).contains("kafka.options.enable.auto.commit"));
+    }
+
+    #[test]
+    fn producer_guarantees_cannot_be_weakened_through_kafka_options() {
+        for (key, value) in [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("transactional.id", "t"),
+        ] {
+            let yaml = BASE.replace(
+                "topics: [events]",
+                &format!("topics: [events]\n  options: {{ {key}: \"{value}\" }}"),
+            );
+            let text = err_text(&yaml, &[]);
+            assert!(
+                text.contains(&format!("kafka.options.{key}")),
+                "{key}: {text}"
+            );
+            assert!(text.contains("is managed by checkpointer"), "{key}: {text}");
+        }
+        // a tuning setting of the producer is the operator's to make
+        let yaml = BASE.replace(
+            "topics: [events]",
+            "topics: [events]\n  options: { linger.ms: \"20\" }",
+        );
+        assert!(load(&yaml, &[]).is_ok());
     }
 
     #[test]

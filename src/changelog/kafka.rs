@@ -142,13 +142,9 @@ pub type Started = (
 
 impl Publisher {
     pub fn start(topic: ChangelogTopic) -> Result<Started, ChangelogError> {
-        let mut client = topic.client.clone();
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5");
-        let producer: FutureProducer =
-            client.create().map_err(|source| ChangelogError::Create {
+        let producer: FutureProducer = crate::sink::idempotent(topic.client.clone())
+            .create()
+            .map_err(|source| ChangelogError::Create {
                 role: "producer",
                 topic: topic.topic.clone(),
                 source,

@@ -58,16 +58,32 @@ impl ClientContext for SinkContext {
     }
 }
 
-/// An idempotent producer writing to `topic` (named in the error).
+/// How long the producer waits to fill a batch unless `kafka.options` says otherwise
+/// (`linger.ms`, or its alias `queue.buffering.max.ms`): the cheapest in CPU per window of the
+/// settings measured (docs/benchmarks.md).
+pub const PRODUCER_LINGER_MS: &str = "5";
+
+/// The settings of a producer whose writes are never lost or repeated by a retry: `client`
+/// (the service's `kafka.options`, which may not set what is managed here: the configuration
+/// refuses it) made idempotent, every write acknowledged by all in-sync replicas, and batches
+/// lingering [`PRODUCER_LINGER_MS`] unless the options set a linger of their own.
+pub fn idempotent(mut client: ClientConfig) -> ClientConfig {
+    client.set("enable.idempotence", "true").set("acks", "all");
+    let lingers = ["linger.ms", "queue.buffering.max.ms"]
+        .iter()
+        .any(|k| client.get(k).is_some());
+    if !lingers {
+        client.set("linger.ms", PRODUCER_LINGER_MS);
+    }
+    client
+}
+
+/// An idempotent producer writing to `topic` (named in the error); see [`idempotent`].
 pub(crate) fn producer(
-    mut client: ClientConfig,
+    client: ClientConfig,
     topic: &str,
 ) -> Result<FutureProducer<SinkContext>, SinkError> {
-    client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5");
-    client
+    idempotent(client)
         .create_with_context(SinkContext::default())
         .map_err(|source| SinkError::Create {
             topic: topic.to_string(),
@@ -553,6 +569,24 @@ mod tests {
     use crate::engine::Acc;
 
     const TOPIC: &str = "windows";
+
+    #[test]
+    fn the_producer_is_idempotent_and_lingers_5_ms_unless_the_options_set_a_linger() {
+        let made = idempotent(ClientConfig::new());
+        assert_eq!(made.get("enable.idempotence"), Some("true"));
+        assert_eq!(made.get("acks"), Some("all"));
+        assert_eq!(made.get("linger.ms"), Some(PRODUCER_LINGER_MS));
+        for key in ["linger.ms", "queue.buffering.max.ms"] {
+            let mut options = ClientConfig::new();
+            options.set(key, "20");
+            let made = idempotent(options);
+            assert_eq!(made.get(key), Some("20"), "{key}");
+            // the alias is not set beside it: librdkafka would apply the two in any order
+            let others = ["linger.ms", "queue.buffering.max.ms"].map(|k| made.get(k));
+            assert_eq!(others.iter().flatten().count(), 1, "{key}");
+            assert_eq!(made.get("acks"), Some("all"));
+        }
+    }
 
     fn window(i: usize) -> ClosedWindow {
         ClosedWindow {
