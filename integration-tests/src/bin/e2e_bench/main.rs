@@ -20,7 +20,7 @@ mod proc;
 mod report;
 mod service;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use crate::service::run_service;
 
 const USAGE: &str = "usage: e2e_bench [--records N (2000000)] [--keys N (10000)] \
 [--partitions N (4)] [--disorder-ms N (2000)] [--seed N (1)] [--timeout DUR (30m)] \
-[--max-rss-gb N (16)] [--json PATH]";
+[--max-rss-gb N (16)] [--kafka-option KEY=VALUE]... [--json PATH]";
 /// How often the service's CPU time and RSS are read from `/proc`, and its metrics scraped
 /// once the input is consumed.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -49,6 +49,8 @@ struct Args {
     seed: u64,
     timeout: Duration,
     max_rss_bytes: u64,
+    /// librdkafka settings given to the service as `kafka.options`.
+    kafka_options: BTreeMap<String, String>,
     json: Option<PathBuf>,
 }
 
@@ -61,6 +63,7 @@ fn parse_args() -> Result<Args> {
         seed: 1,
         timeout: Duration::from_secs(30 * 60),
         max_rss_bytes: 16 * (1 << 30),
+        kafka_options: BTreeMap::new(),
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -85,6 +88,13 @@ fn parse_args() -> Result<Args> {
             "--seed" => args.seed = num(&value)?,
             "--timeout" => args.timeout = parse_duration(&value)?,
             "--max-rss-gb" => args.max_rss_bytes = num(&value)? << 30,
+            "--kafka-option" => {
+                let (key, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--kafka-option needs KEY=VALUE, got {value:?}"))?;
+                args.kafka_options
+                    .insert(key.trim().into(), v.trim().into());
+            }
             "--json" => args.json = Some(PathBuf::from(value)),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }

@@ -79,6 +79,7 @@ pub(crate) fn run_service(
     config.checkpoint_interval = Duration::from_secs(2);
     config.mode = "exactly_once".into();
     config.max_out_of_orderness = Duration::from_secs(2);
+    config.kafka_options = args.kafka_options.clone();
     let mut service = Service::new("e2e-bench", config)?;
     let mut reader = OutputReader::new(broker, output)?;
 
