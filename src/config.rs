@@ -491,21 +491,57 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9180))
 }
 
-/// librdkafka settings the service manages itself; overriding them would break the guarantees.
-const MANAGED_KAFKA_OPTIONS: &[&str] = &[
-    "bootstrap.servers",
-    "group.id",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "enable.partition.eof",
-    "auto.offset.reset",
-    "group.instance.id",
-    // the output's and the changelog's writes must be neither lost nor repeated
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "transactional.id",
+/// librdkafka settings the service manages itself (overriding them would break the guarantees),
+/// each with what to do instead.
+const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("group.id", "set kafka.group_id instead"),
+    ("group.instance.id", "set kafka.instance_id instead"),
+    (
+        "enable.auto.commit",
+        "offsets are committed to the group after each checkpoint",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed to the group after each checkpoint",
+    ),
+    (
+        "enable.partition.eof",
+        "the service follows the end of each partition itself",
+    ),
+    (
+        "auto.offset.reset",
+        "set kafka.auto_offset_reset, kafka.start_from or kafka.on_offset_out_of_range instead",
+    ),
+    // the output's, the dead-letter and the changelog writes must be neither lost nor repeated
+    (
+        "enable.idempotence",
+        "the producers are always idempotent, so that a retry never writes a window twice",
+    ),
+    (
+        "acks",
+        "the producers always wait for all in-sync replicas (acks=all)",
+    ),
+    (
+        "request.required.acks",
+        "the producers always wait for all in-sync replicas (acks=all)",
+    ),
+    (
+        "transactional.id",
+        "the producers are idempotent, not transactional: exactly-once comes from the checkpoints",
+    ),
 ];
+
+/// Why `key` of `kafka.options` is refused, if it is: a setting the service manages, named as
+/// is or with librdkafka's `topic.` prefix (which librdkafka strips).
+fn managed_kafka_option(key: &str) -> Option<&'static str> {
+    let name = key.trim();
+    let name = name.strip_prefix("topic.").unwrap_or(name);
+    MANAGED_KAFKA_OPTIONS
+        .iter()
+        .find(|(managed, _)| *managed == name)
+        .map(|(_, instead)| *instead)
+}
 
 /// Most windows a hopping definition puts each record in (`size / hop`, rounded up): each
 /// costs work per record and memory per key, so a typo in a hop (`1s` for `1m` in an hour's
@@ -606,10 +642,10 @@ impl Settings {
             ));
         }
         for key in k.options.keys() {
-            if MANAGED_KAFKA_OPTIONS.contains(&key.as_str()) {
+            if let Some(instead) = managed_kafka_option(key) {
                 return Err(ConfigError::invalid(
                     format!("kafka.options.{key}"),
-                    "is managed by checkpointer; use the dedicated setting instead",
+                    format!("is managed by checkpointer: {instead}"),
                 ));
             }
         }
@@ -1351,6 +1387,10 @@ checkpoint:
             ("acks", "1"),
             ("request.required.acks", "0"),
             ("transactional.id", "t"),
+            // librdkafka strips this prefix: the same settings under another name
+            ("topic.acks", "1"),
+            ("topic.request.required.acks", "1"),
+            ("topic.auto.offset.reset", "earliest"),
         ] {
             let yaml = BASE.replace(
                 "topics: [events]",

@@ -35,7 +35,8 @@ use crate::service::run_service;
 
 const USAGE: &str = "usage: e2e_bench [--records N (2000000)] [--keys N (10000)] \
 [--partitions N (4)] [--disorder-ms N (2000)] [--seed N (1)] [--timeout DUR (30m)] \
-[--max-rss-gb N (16)] [--kafka-option KEY=VALUE]... [--json PATH]";
+[--max-rss-gb N (16)] [--kafka-option KEY=VALUE (a librdkafka setting for the service only; \
+repeatable)] [--json PATH]";
 /// How often the service's CPU time and RSS are read from `/proc`, and its metrics scraped
 /// once the input is consumed.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -91,6 +92,7 @@ fn parse_args() -> Result<Args> {
             "--kafka-option" => {
                 let (key, v) = value
                     .split_once('=')
+                    .filter(|(key, _)| !key.trim().is_empty())
                     .ok_or_else(|| anyhow!("--kafka-option needs KEY=VALUE, got {value:?}"))?;
                 args.kafka_options
                     .insert(key.trim().into(), v.trim().into());
@@ -136,6 +138,22 @@ fn main() -> Result<()> {
     let bin = service_binary()?;
     let shown = bin.display().to_string();
     report.add("service_binary", "service binary", shown.clone(), shown);
+    let options: Vec<String> = args
+        .kafka_options
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let shown = if options.is_empty() {
+        "none".to_string()
+    } else {
+        options.join(", ")
+    };
+    report.add(
+        "service_kafka_options",
+        "service kafka.options (not the bare consume's)",
+        serde_json::json!(args.kafka_options),
+        shown,
+    );
     #[rustfmt::skip]
     let rows: [Row; 4] = [
         ("records", "records (plus 1 sentinel per partition)", Some(args.records as f64), 0),
