@@ -313,7 +313,17 @@ impl Runs {
             return;
         }
         match self.runs.last_mut().and_then(Arc::get_mut) {
-            Some(last) if last.len() + n <= RUN_ROWS => last.append(more),
+            Some(last) if last.len() + n <= RUN_ROWS => {
+                // grown by half, not doubled: a snapshot seals the run as it is (every
+                // checkpoint shares its group), and doubled runs were sealed up to half
+                // empty
+                let room = last.capacity() - last.len();
+                if room < n {
+                    let grow = n.max(last.len() / 2).min(RUN_ROWS - last.len());
+                    last.reserve_exact(grow);
+                }
+                last.append(more)
+            }
             _ => {
                 // an exact allocation; `more` (the closing scratch) keeps its room
                 let mut run = Vec::with_capacity(n);
@@ -1131,6 +1141,35 @@ mod tests {
     }
 
     /// Whether two chunks' rows are the same runs in memory.
+    #[test]
+    fn a_run_filled_a_few_rows_at_a_time_is_never_more_than_a_third_empty() {
+        // a checkpoint seals a run as it is: what it holds empty stays empty until released
+        for batch in [1, 3, 7, 40] {
+            let mut runs = Runs::default();
+            let mut next = 0;
+            while runs.len() < 3 * RUN_ROWS {
+                let mut rows: Vec<ClosedRow> = (next..next + batch)
+                    .map(|i| ClosedRow::of(window(i)))
+                    .collect();
+                next += batch;
+                runs.append(&mut rows);
+                for run in &runs.runs {
+                    let (len, cap) = (run.len(), run.capacity());
+                    assert!(
+                        cap <= len + len / 2 + batch as usize,
+                        "batches of {batch}: a run of {len} rows holds room for {cap}"
+                    );
+                    assert!(len <= RUN_ROWS);
+                }
+            }
+            assert_eq!(runs.len(), next as usize);
+            assert!(runs
+                .iter()
+                .zip(0..)
+                .all(|(row, i)| row.start == window(i).id.start));
+        }
+    }
+
     fn same_runs(a: &Runs, b: &Runs) -> bool {
         a.runs.len() == b.runs.len() && a.runs.iter().zip(&b.runs).all(|(x, y)| Arc::ptr_eq(x, y))
     }
