@@ -495,6 +495,7 @@ fn default_listen() -> SocketAddr {
 /// each with what to do instead.
 const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "set kafka.brokers instead"),
+    ("metadata.broker.list", "set kafka.brokers instead"),
     ("group.id", "set kafka.group_id instead"),
     ("group.instance.id", "set kafka.instance_id instead"),
     (
@@ -1378,6 +1379,20 @@ checkpoint:
             "topics: [events]\n  options: { enable.auto.commit: \"true\" }",
         );
         assert!(err_text(&yaml, &[]).contains("kafka.options.enable.auto.commit"));
+    }
+
+    #[test]
+    fn a_managed_option_is_found_as_librdkafka_reads_its_name() {
+        let instead = managed_kafka_option("acks").expect("acks is managed");
+        assert!(instead.contains("acks=all"), "{instead}");
+        for name in ["topic.acks", " acks ", "metadata.broker.list"] {
+            assert!(managed_kafka_option(name).is_some(), "{name:?}");
+        }
+        // librdkafka strips the prefix once and matches names case-sensitively: these are
+        // names it does not know, and it refuses them itself
+        for name in ["topic.topic.acks", "ACKS", "topic.", "linger.ms", "acks.x"] {
+            assert_eq!(managed_kafka_option(name), None, "{name:?}");
+        }
     }
 
     #[test]

@@ -112,6 +112,34 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
+/// Whether a librdkafka setting holds a secret (a password, a key, a token).
+fn is_secret(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+/// The command line as the report shows it: the values of secret `--kafka-option`s masked.
+fn shown_command(args: impl Iterator<Item = String>) -> String {
+    let mut out = Vec::new();
+    let mut option = false;
+    for arg in args {
+        let shown = match arg.split_once('=') {
+            Some((key, _)) if option && is_secret(key) => format!("{key}=***"),
+            _ => arg,
+        };
+        option = shown == "--kafka-option";
+        out.push(shown);
+    }
+    out.join(" ")
+}
+
 /// `90`, `90s`, `500ms`, `45m`, `1h` (a bare number is seconds).
 fn parse_duration(text: &str) -> Result<Duration> {
     let split = text
@@ -132,14 +160,19 @@ fn parse_duration(text: &str) -> Result<Duration> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = shown_command(std::env::args());
     let mut report = Report::default();
     machine_rows(&mut report, &command);
     let bin = service_binary()?;
     let shown = bin.display().to_string();
     report.add("service_binary", "service binary", shown.clone(), shown);
-    let options: Vec<String> = args
+    // secrets (SASL passwords, keys) are not written into the report
+    let shown_options: BTreeMap<&str, &str> = args
         .kafka_options
+        .iter()
+        .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+        .collect();
+    let options: Vec<String> = shown_options
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
@@ -151,7 +184,7 @@ fn main() -> Result<()> {
     report.add(
         "service_kafka_options",
         "service kafka.options (not the bare consume's)",
-        serde_json::json!(args.kafka_options),
+        serde_json::json!(shown_options),
         shown,
     );
     #[rustfmt::skip]
