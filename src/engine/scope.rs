@@ -332,16 +332,13 @@ impl Runs {
     }
 }
 
-/// Makes room for `n` more rows in a run that stays within [`RUN_ROWS`] with them, growing it
-/// by half rather than doubling it: a snapshot seals a run as it is (every checkpoint shares
-/// its group), and doubled runs were sealed up to half empty; one grown by half is at most a
-/// third empty.
+/// Makes room for `n` more rows in a run that stays within [`RUN_ROWS`] with them (the
+/// callers' guard), growing it by half rather than doubling it: a snapshot seals a run as it is
+/// (every checkpoint shares its group), and doubled runs were sealed up to half empty; one grown
+/// by half is at most a third empty.
 fn make_room(run: &mut Vec<ClosedRow>, n: usize) {
     if run.capacity() - run.len() < n {
-        let grow = n
-            .max(run.len() / 2)
-            .min(RUN_ROWS.saturating_sub(run.len()).max(n));
-        run.reserve_exact(grow);
+        run.reserve_exact(n.max(run.len() / 2).min(RUN_ROWS - run.len()));
     }
 }
 

@@ -112,17 +112,20 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Whether a librdkafka setting holds a secret (a password, a key, a token).
-fn is_secret(key: &str) -> bool {
+/// Whether a librdkafka setting holds a secret (a password, a key, a token): the service's own
+/// rule (`checkpointer::config::is_secret`, which this crate does not link), word for word.
+fn is_secret(option: &str) -> bool {
+    let k = option.to_ascii_lowercase();
     [
         "password",
         "secret",
         "token",
-        "key.pem",
+        ".key",
         "oauthbearer.config",
+        "jaas",
     ]
     .iter()
-    .any(|s| key.contains(s))
+    .any(|s| k.contains(s))
 }
 
 /// The command line as the report shows it: the values of secret `--kafka-option`s masked.
