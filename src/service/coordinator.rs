@@ -233,6 +233,30 @@ impl Coordinator {
         self.check_savepoint_name(name)
     }
 
+    /// Refuses a name a stop with savepoint gave as [`Self::check_given_savepoint_name`]
+    /// does, except the name of the savepoint queued for room: a stop drops that one untaken,
+    /// so the stop takes its name over (the savepoint it takes last is the final state), and
+    /// the queued savepoint's asker is told so. A savepoint being written keeps its name.
+    pub(crate) fn take_over_savepoint_name(&mut self, name: &str) -> Result<(), CommandError> {
+        let queued = self.queued.take_if(|r| r.name == name);
+        if let Err(e) = self.check_given_savepoint_name(name) {
+            if queued.is_some() {
+                self.queued = queued;
+            }
+            return Err(e);
+        }
+        if let Some(request) = queued {
+            tracing::info!(
+                savepoint = name,
+                "a stop with a savepoint of the same name takes over the queued savepoint"
+            );
+            request.waiter.fail(CommandError::Unavailable(format!(
+                "the service is stopping; a stop with a savepoint named {name:?} took this request over and takes that savepoint as its last act"
+            )));
+        }
+        Ok(())
+    }
+
     /// A savepoint asked for over HTTP: checked, admitted by the gate, then triggered now or
     /// once a checkpoint in flight makes room.
     pub(crate) fn request_savepoint(

@@ -838,7 +838,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                 reply,
             } => {
                 if let Some(n) = &name {
-                    if let Err(e) = self.coordinator.check_given_savepoint_name(n) {
+                    if let Err(e) = self.coordinator.take_over_savepoint_name(n) {
                         let _ = reply.send(Err(e));
                         return;
                     }

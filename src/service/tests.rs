@@ -980,7 +980,7 @@ async fn a_savepoint_name_being_taken_or_taken_is_refused_saying_which() {
     // checkpoint 1 in flight: the savepoint waits for room under its name
     let mut queued = ask_savepoint(&mut rig, Some("release-7"));
     assert!(queued.try_recv().is_err(), "answered before it was taken");
-    match ask_stop_with_savepoint(&mut rig, "release-7")
+    match ask_savepoint(&mut rig, Some("release-7"))
         .await
         .expect("answered")
     {
@@ -1004,6 +1004,90 @@ async fn a_savepoint_name_being_taken_or_taken_is_refused_saying_which() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_stop_with_savepoint_takes_over_the_name_of_a_queued_savepoint() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    // checkpoint 1 in flight: "release-8" waits for room under its name
+    let mut queued = ask_savepoint(&mut rig, Some("release-8"));
+    rig.settle().await.expect("checkpoint 1");
+    rig.record(&p(0), "b", 200);
+    let stop = ask_stop_with_savepoint(&mut rig, "release-8");
+    match queued.try_recv() {
+        Ok(Err(CommandError::Unavailable(reason))) => {
+            assert!(reason.contains("took this request over"), "{reason}")
+        }
+        other => panic!("the queued savepoint is dropped for the stop: {other:?}"),
+    }
+    // nothing takes the queued savepoint now: a tick only checkpoints
+    rig.tick();
+    rig.settle().await.expect("checkpoint 2");
+    assert!(rig.store.written().iter().all(|w| w.savepoint.is_none()));
+    rig.pipeline
+        .stop(&mut rig.inbox)
+        .await
+        .expect("a clean stop");
+    let meta = stop
+        .await
+        .expect("answered")
+        .expect("savepoint taken")
+        .expect("savepoint meta");
+    assert_eq!(meta.name, "release-8");
+    let written = rig.store.written();
+    assert_eq!(
+        written.last().and_then(|w| w.savepoint.as_deref()),
+        Some("release-8"),
+        "the stop's last write"
+    );
+}
+
+#[tokio::test]
+async fn a_stop_with_savepoint_named_as_one_written_or_being_written_is_refused_and_changes_nothing(
+) {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    // nothing in flight: the savepoint is written at once, under its name
+    let written = ask_savepoint(&mut rig, Some("release-9"));
+    match ask_stop_with_savepoint(&mut rig, "release-9")
+        .await
+        .expect("answered")
+    {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("is being taken"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    rig.settle().await.expect("the savepoint");
+    assert_eq!(
+        written.await.expect("answered").expect("taken").name,
+        "release-9"
+    );
+    // a savepoint of another name queued for room stays queued when the stop is refused
+    rig.record(&p(0), "b", 200);
+    rig.tick();
+    let mut other = ask_savepoint(&mut rig, Some("release-10"));
+    match ask_stop_with_savepoint(&mut rig, "release-9")
+        .await
+        .expect("answered")
+    {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("already exists"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(other.try_recv().is_err(), "still queued");
+    rig.settle().await.expect("checkpoint 2");
+    rig.tick();
+    rig.settle().await.expect("the queued savepoint");
+    assert_eq!(
+        other.await.expect("answered").expect("taken").name,
+        "release-10"
+    );
 }
 
 #[tokio::test]

@@ -212,6 +212,26 @@ fn committed_offsets<C: Consumer<SourceContext>>(
     }
 }
 
+/// The partitions of `partitions` whose start is looked up among the group's committed
+/// offsets: with `kafka.start_from: committed` (`look_up`), those with no held position that
+/// the restored checkpoint's topics did not gain while the service was down. The service passes
+/// `look_up` false while it stops: partitions assigned then are never read, and the lookup (up
+/// to 10 s, in the consumer's rebalance callback) would only hold the stop up.
+fn to_look_up<'a>(
+    partitions: &'a [Partition],
+    positions: &HashMap<Partition, NextOffset>,
+    from_beginning: &std::collections::HashSet<Partition>,
+    look_up: bool,
+) -> Vec<&'a Partition> {
+    if !look_up {
+        return Vec::new();
+    }
+    partitions
+        .iter()
+        .filter(|p| !positions.contains_key(*p) && !from_beginning.contains(*p))
+        .collect()
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
     tpl.elements()
         .iter()
@@ -232,14 +252,16 @@ impl SourceContext {
         let mut tpl = TopicPartitionList::new();
         let positions = self.shared.board().positions();
         let from_beginning = self.shared.from_beginning_snapshot();
-        let unknown: Vec<&Partition> = partitions
-            .iter()
-            .filter(|p| !positions.contains_key(*p) && !from_beginning.contains(*p))
-            .collect();
-        let committed = if self.from_committed && !unknown.is_empty() {
-            committed_offsets(consumer, &unknown)
-        } else {
+        let unknown = to_look_up(
+            partitions,
+            &positions,
+            &from_beginning,
+            self.from_committed && !self.shared.closing(),
+        );
+        let committed = if unknown.is_empty() {
             HashMap::new()
+        } else {
+            committed_offsets(consumer, &unknown)
         };
         for p in partitions {
             let start = match positions.get(p) {
@@ -265,6 +287,10 @@ impl SourceContext {
             source,
         })?;
         for p in partitions {
+            if self.shared.closing() {
+                tracing::info!(partition = %p, "partition assigned while the service stops: not read");
+                continue;
+            }
             match positions.get(p) {
                 Some(next) => {
                     tracing::info!(partition = %p, next_offset = next.0, "partition assigned, resuming at checkpointed position")
@@ -624,6 +650,26 @@ mod tests {
                 instance: "i".into(),
             },
         })
+    }
+
+    #[test]
+    fn only_partitions_without_a_known_start_are_looked_up_and_none_while_stopping() {
+        let (a, b, c) = (
+            Partition::new("in", 0),
+            Partition::new("in", 1),
+            Partition::new("in", 2),
+        );
+        let partitions = [a.clone(), b.clone(), c.clone()];
+        let positions = HashMap::from([(a.clone(), NextOffset(7))]);
+        let gained = std::collections::HashSet::from([b.clone()]);
+        let looked = to_look_up(&partitions, &positions, &gained, true);
+        assert_eq!(
+            looked,
+            vec![&c],
+            "held and gained partitions start where they are"
+        );
+        // no lookup without start_from: committed, nor while the service stops
+        assert!(to_look_up(&partitions, &positions, &gained, false).is_empty());
     }
 
     #[test]
