@@ -6,7 +6,9 @@
 //! which groups the watermark closes windows in, so that closing never scans every group. A group's final windows sit in chunks,
 //! one per epoch they closed in, behind `Arc`s of their own: final windows never change, they
 //! only leave, so a group copied on write shares them, and acknowledgements are marked beside
-//! them.
+//! them. A chunk keeps its final windows packed, 48 bytes each, each run of them with the keys
+//! its rows refer to (a key once per run while a group's keys are few; at a million keys,
+//! where a group closes a key's windows far apart, about one key per row).
 
 use std::sync::Arc;
 
@@ -68,7 +70,7 @@ impl Iterator for ReleasedWindows {
     fn next(&mut self) -> Option<ClosedWindow> {
         loop {
             let run = self.part.rows.runs.get(self.run)?;
-            let Some(row) = run.get(self.at) else {
+            let Some(row) = run.row(self.at) else {
                 self.run += 1;
                 self.at = 0;
                 continue;
@@ -150,9 +152,8 @@ pub(crate) struct GroupState {
     scope: Option<Partition>,
 }
 
-/// A final window waiting for its acknowledgement (its scope is its group's).
+/// A final window as a close hands it over, before a run packs it (see [`PackedRow`]).
 #[derive(Debug, Clone)]
-/// 72 bytes: a million of them wait at once when the output lags.
 struct ClosedRow {
     /// The definition index in the top 16 bits, the record count in the others (up to
     /// [`ROW_MAX_COUNT`]).
@@ -214,9 +215,209 @@ impl ClosedRow {
             acc: self.acc(),
         }
     }
+}
+
+/// A final window waiting for its acknowledgement, as its run keeps it (its scope is its
+/// group's): 48 bytes, where a row holding its end and its key took 72, and hundreds of
+/// thousands wait at once when the output lags. Its key is an index into the run's keys (a
+/// group's few keys close window after window), its end a distance from its start.
+#[derive(Debug, Clone)]
+struct PackedRow {
+    /// As [`ClosedRow::tag`].
+    tag: u64,
+    start: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    /// The end less the start, or [`LONG_SPAN`]: the end is then in the run's `long_ends`.
+    span: u32,
+    /// Where the key is in the run's keys.
+    key: u32,
+}
+
+/// The span of a row whose end is not within `u32::MAX - 1` milliseconds after its start
+/// (a session or window longer than 49 days).
+const LONG_SPAN: u32 = u32::MAX;
+
+/// How many of its keys a run finds again by their hash (a slot each, the newest key of a
+/// hash kept): more than a group of 10k keys holds (2-3 keys each), so that its rows share
+/// their keys, while a row whose key is new reads no key to find out (a slot keeps 16 more bits
+/// of its key's hash: at a million keys, reading the key a slot names, out of the cache by
+/// then, cost a tenth of the turnover benchmark).
+const KEY_SLOTS: usize = 16;
+
+/// The slot of `key` among a run's [`KEY_SLOTS`], and the 16 bits of its hash a slot keeps.
+fn key_slot(key: &str) -> (usize, u32) {
+    use std::hash::BuildHasher;
+    let hash = foldhash::fast::FixedState::with_seed(0).hash_one(key);
+    ((hash >> 32) as usize % KEY_SLOTS, (hash & 0xffff) as u32)
+}
+
+/// Rows of one chunk that closed together or in a row, with the keys and the long ends they
+/// refer to; shared by copies of the group and by releases, never changed once shared.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rows: Vec<PackedRow>,
+    keys: Vec<Key>,
+    /// By [`key_slot`]: the hash bits of the newest key of that slot in the top 16 bits,
+    /// 1 + its index in the others; 0 if none.
+    slots: [u32; KEY_SLOTS],
+    /// The end of each row whose span is [`LONG_SPAN`], by row index, ascending.
+    long_ends: Vec<(u32, i64)>,
+}
+
+/// One row of a run, read.
+#[derive(Clone, Copy)]
+struct RowRef<'a> {
+    run: &'a Run,
+    row: &'a PackedRow,
+    at: usize,
+}
+
+impl Run {
+    fn with_capacity(n: usize) -> Self {
+        Run {
+            rows: Vec::with_capacity(n),
+            ..Run::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn row(&self, at: usize) -> Option<RowRef<'_>> {
+        Some(RowRef {
+            run: self,
+            row: self.rows.get(at)?,
+            at,
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = RowRef<'_>> {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(move |(at, row)| RowRef { run: self, row, at })
+    }
+
+    /// Where `key` is in the run's keys: the newest key of its slot, else added.
+    fn intern(&mut self, key: &Key) -> u32 {
+        let (slot, bits) = key_slot(key);
+        let held = self.slots[slot];
+        if held >> 16 == bits {
+            let newest = ((held & 0xffff) as usize).checked_sub(1);
+            if let Some(i) = newest.filter(|&i| self.keys.get(i) == Some(key)) {
+                return i as u32;
+            }
+        }
+        // grown by half, as the rows are (a run of a million keys holds about a key per row)
+        if self.keys.len() == self.keys.capacity() {
+            self.keys.reserve_exact((self.keys.len() / 2).max(1));
+        }
+        self.keys.push(key.clone());
+        let i = self.keys.len() - 1;
+        // a compacted run past 65,535 keys finds its later keys by no slot
+        if let Ok(index) = u16::try_from(i + 1) {
+            self.slots[slot] = (bits << 16) | u32::from(index);
+        }
+        i as u32
+    }
+
+    /// Adds a row (the caller makes room for it).
+    fn add(&mut self, row: &ClosedRow) {
+        let acc = [row.sum, row.min, row.max];
+        self.put(row.tag, row.start, row.end, acc, &row.key);
+    }
+
+    /// Adds a copy of a row of another run (the caller makes room for it).
+    fn copy(&mut self, row: RowRef<'_>) {
+        let r = row.row;
+        self.put(r.tag, r.start, row.end(), [r.sum, r.min, r.max], row.key());
+    }
+
+    fn put(&mut self, tag: u64, start: i64, end: i64, [sum, min, max]: [f64; 3], key: &Key) {
+        let at = self.rows.len() as u32;
+        let span = end
+            .checked_sub(start)
+            .and_then(|span| u32::try_from(span).ok())
+            .filter(|&span| span != LONG_SPAN)
+            .unwrap_or_else(|| {
+                self.long_ends.push((at, end));
+                LONG_SPAN
+            });
+        let key = self.intern(key);
+        self.rows.push(PackedRow {
+            tag,
+            start,
+            sum,
+            min,
+            max,
+            span,
+            key,
+        });
+    }
+}
+
+impl std::fmt::Debug for RowRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowRef")
+            .field("at", &self.at)
+            .field("window", &self.window())
+            .field("start", &self.start())
+            .field("end", &self.end())
+            .field("key", self.key())
+            .finish()
+    }
+}
+
+impl<'a> RowRef<'a> {
+    fn window(&self) -> u16 {
+        (self.row.tag >> 48) as u16
+    }
+
+    fn start(&self) -> i64 {
+        self.row.start
+    }
+
+    fn end(&self) -> i64 {
+        if self.row.span != LONG_SPAN {
+            return self.row.start + i64::from(self.row.span);
+        }
+        // `Run::put` lists the end of every long row, in the order of the rows
+        let at = self.at as u32;
+        let ends = &self.run.long_ends;
+        ends[ends.partition_point(|&(i, _)| i < at)].1
+    }
+
+    fn key(&self) -> &'a Key {
+        &self.run.keys[self.row.key as usize]
+    }
+
+    fn acc(&self) -> Acc {
+        Acc {
+            count: self.row.tag & ROW_MAX_COUNT,
+            sum: self.row.sum,
+            min: self.row.min,
+            max: self.row.max,
+        }
+    }
+
+    fn to_window(self, scope: &Option<Partition>) -> ClosedWindow {
+        ClosedWindow {
+            id: StateKey {
+                partition: scope.clone(),
+                window: self.window(),
+                start: self.start(),
+                key: self.key().clone(),
+            },
+            end: self.end(),
+            acc: self.acc(),
+        }
+    }
 
     fn is(&self, id: &StateKey) -> bool {
-        self.window() == id.window && self.start == id.start && *self.key == *id.key
+        self.window() == id.window && self.start() == id.start && **self.key() == *id.key
     }
 }
 
@@ -238,13 +439,13 @@ fn rows_into(out: &mut Vec<ClosedRow>) -> impl FnMut(u16, i64, i64, Acc, &Key) +
 /// there.
 #[derive(Debug, Clone, Default)]
 struct Runs {
-    runs: Vec<Arc<Vec<ClosedRow>>>,
+    runs: Vec<Arc<Run>>,
     /// The chunk index of each run's first row.
     starts: Vec<usize>,
     len: usize,
 }
 
-/// The most rows a run grows to in place (36 KiB): more than most groups close in one
+/// The most rows a run grows to in place (24 KiB): more than most groups close in one
 /// checkpoint interval, so that a chunk is mostly one run unless a snapshot shared it while its
 /// windows closed.
 const RUN_ROWS: usize = 512;
@@ -255,21 +456,21 @@ impl Runs {
     }
 
     /// Row `i` of the chunk.
-    fn get(&self, i: usize) -> Option<&ClosedRow> {
+    fn get(&self, i: usize) -> Option<RowRef<'_>> {
         if i >= self.len {
             return None;
         }
         // the first run starts at 0 <= i
         let r = self.starts.partition_point(|&s| s <= i).checked_sub(1)?;
-        self.runs.get(r)?.get(i - self.starts[r])
+        self.runs.get(r)?.row(i - self.starts[r])
     }
 
-    fn iter(&self) -> impl Iterator<Item = &ClosedRow> {
+    fn iter(&self) -> impl Iterator<Item = RowRef<'_>> {
         self.runs.iter().flat_map(|run| run.iter())
     }
 
     /// The rows from index `i` on, with their indexes.
-    fn iter_from(&self, i: usize) -> impl Iterator<Item = (usize, &ClosedRow)> {
+    fn iter_from(&self, i: usize) -> impl Iterator<Item = (usize, RowRef<'_>)> {
         let r = self.starts.partition_point(|&s| s <= i).saturating_sub(1);
         let first = self.starts.get(r).copied().unwrap_or(self.len);
         self.runs
@@ -282,34 +483,39 @@ impl Runs {
             .map(|(row, i)| (i, row))
     }
 
-    /// The rows of `rows` as one run.
-    fn of(rows: Vec<ClosedRow>) -> Runs {
-        let mut out = Runs::default();
-        if !rows.is_empty() {
-            out.starts.push(0);
-            out.len = rows.len();
-            out.runs.push(Arc::new(rows));
+    /// `run` as the only run.
+    fn of(run: Run) -> Runs {
+        let len = run.len();
+        if len == 0 {
+            return Runs::default();
         }
-        out
+        Runs {
+            runs: vec![Arc::new(run)],
+            starts: vec![0],
+            len,
+        }
     }
 
     /// Adds `row` as [`Runs::append`] does.
     fn push(&mut self, row: ClosedRow) {
         match self.runs.last_mut().and_then(Arc::get_mut) {
             Some(last) if last.len() < RUN_ROWS => {
-                make_room(last, 1);
-                last.push(row)
+                make_room(&mut last.rows, 1);
+                last.add(&row)
             }
             _ => {
+                let mut run = Run::with_capacity(1);
+                run.add(&row);
                 self.starts.push(self.len);
-                self.runs.push(Arc::new(vec![row]));
+                self.runs.push(Arc::new(run));
             }
         }
         self.len += 1;
     }
 
-    /// Moves the rows of `more` here, leaving it empty: into the last run if nothing shares it
-    /// and it stays within [`RUN_ROWS`], else as a run of their own (in one exact allocation).
+    /// Packs the rows of `more` here, leaving it empty: into the last run if nothing shares it
+    /// and it stays within [`RUN_ROWS`], else as a run of their own (its rows in one exact
+    /// allocation).
     fn append(&mut self, more: &mut Vec<ClosedRow>) {
         let n = more.len();
         if n == 0 {
@@ -317,13 +523,16 @@ impl Runs {
         }
         match self.runs.last_mut().and_then(Arc::get_mut) {
             Some(last) if last.len() + n <= RUN_ROWS => {
-                make_room(last, n);
-                last.append(more)
+                make_room(&mut last.rows, n);
+                for row in more.drain(..) {
+                    last.add(&row);
+                }
             }
             _ => {
-                // an exact allocation; `more` (the closing scratch) keeps its room
-                let mut run = Vec::with_capacity(n);
-                run.append(more);
+                let mut run = Run::with_capacity(n);
+                for row in more.drain(..) {
+                    run.add(&row);
+                }
                 self.starts.push(self.len);
                 self.runs.push(Arc::new(run));
             }
@@ -333,10 +542,10 @@ impl Runs {
 }
 
 /// Makes room for `n` more rows in a run that stays within [`RUN_ROWS`] with them (the
-/// callers' guard), growing it by half rather than doubling it: a snapshot seals a run as it is
-/// (every checkpoint shares its group), and doubled runs were sealed up to half empty; one grown
-/// by half is at most a third empty.
-fn make_room(run: &mut Vec<ClosedRow>, n: usize) {
+/// callers' guard), growing it by half rather than doubling it: a snapshot
+/// seals a run as it is (every checkpoint shares its group), and doubled runs were sealed up to
+/// half empty; one grown by half is at most a third empty.
+fn make_room(run: &mut Vec<PackedRow>, n: usize) {
     if run.capacity() - run.len() < n {
         run.reserve_exact(n.max(run.len() / 2).min(RUN_ROWS - run.len()));
     }
@@ -374,7 +583,7 @@ impl ClosedChunk {
         self.remaining += 1;
     }
 
-    /// Moves every row of `more` here, leaving it empty (see [`Runs::append`]).
+    /// Packs every row of `more` here, leaving it empty (see [`Runs::append`]).
     fn append(&mut self, more: &mut Vec<ClosedRow>) {
         let n = more.len();
         self.rows.append(more);
@@ -383,7 +592,7 @@ impl ClosedChunk {
     }
 
     /// The rows not acknowledged.
-    fn pending(&self) -> impl Iterator<Item = &ClosedRow> {
+    fn pending(&self) -> impl Iterator<Item = RowRef<'_>> {
         self.rows
             .iter()
             .enumerate()
@@ -394,7 +603,7 @@ impl ClosedChunk {
     /// Where final window `id` is, if it waits here: looked for from the cursor on, then
     /// from the start.
     fn find(&self, id: &StateKey) -> Option<usize> {
-        let hit = |(i, row): &(usize, &ClosedRow)| !self.acked.contains(*i) && row.is(id);
+        let hit = |(i, row): &(usize, RowRef<'_>)| !self.acked.contains(*i) && row.is(id);
         self.rows
             .iter_from(self.cursor)
             .find(hit)
@@ -413,30 +622,18 @@ impl ClosedChunk {
         }
     }
 
-    /// Keeps only the rows not acknowledged, as one run: moved out of the runs nothing else
-    /// reads, copied out of those a copy of the group or a release still reads (which keep
-    /// them as they are and drop them with their last reader).
+    /// Keeps only the rows not acknowledged, copied into one run; the runs a copy of the
+    /// group or a release still reads stay as they are, and go with their last reader.
     fn compact(&mut self) {
-        let mut kept = Vec::with_capacity(self.remaining);
+        let mut kept = Run::with_capacity(self.remaining);
         let mut i = 0;
+        // each run let go once read: the chunk is never held twice over
         for run in std::mem::take(&mut self.rows.runs) {
-            match Arc::try_unwrap(run) {
-                Ok(rows) => {
-                    for row in rows {
-                        if !self.acked.contains(i) {
-                            kept.push(row);
-                        }
-                        i += 1;
-                    }
+            for row in run.iter() {
+                if !self.acked.contains(i) {
+                    kept.copy(row);
                 }
-                Err(shared) => {
-                    for row in shared.iter() {
-                        if !self.acked.contains(i) {
-                            kept.push(row.clone());
-                        }
-                        i += 1;
-                    }
-                }
+                i += 1;
             }
         }
         self.rows = Runs::of(kept);
@@ -596,10 +793,10 @@ impl GroupState {
         }
         for chunk in &self.closed {
             out.extend(chunk.pending().map(|row| EntryRef {
-                key: &row.key,
+                key: row.key(),
                 window: row.window(),
-                start: row.start,
-                end: row.end,
+                start: row.start(),
+                end: row.end(),
                 acc: row.acc(),
                 closed: true,
             }));
@@ -955,32 +1152,42 @@ mod tests {
             .collect()
     }
 
+    /// Final window `i`: of 11 keys (more than a run looks back among), some of them
+    /// longer than 49 days (an end a row cannot hold as a distance from its start).
     fn window(i: u32) -> ClosedWindow {
+        let start = i64::from(i / 7) * 10;
+        let span = match i % 13 {
+            5 => 1 << 40,
+            9 => i64::from(u32::MAX),
+            11 => i64::from(u32::MAX) - 1,
+            _ => 10,
+        };
         ClosedWindow {
             id: StateKey {
                 partition: None,
                 window: (i % 2) as u16,
-                start: i64::from(i / 7) * 10,
-                key: format!("k{}", i % 7).into(),
+                start,
+                key: format!("k{}", i % 11).into(),
             },
-            end: i64::from(i / 7) * 10 + 10,
+            end: start + span,
             acc: Acc::of(Some(f64::from(i))),
         }
     }
 
-    fn pending(g: &GroupState) -> BTreeSet<(u16, i64, String)> {
+    /// The final windows waiting in `g`: id and end.
+    fn pending(g: &GroupState) -> BTreeSet<(u16, i64, String, i64)> {
         g.entries()
             .into_iter()
             .map(|(id, e)| {
                 assert_eq!(e.status, EntryStatus::Closed);
-                (id.window, id.start, id.key.to_string())
+                (id.window, id.start, id.key.to_string(), e.end)
             })
             .collect()
     }
 
-    fn id_of(i: u32) -> (u16, i64, String) {
+    fn id_of(i: u32) -> (u16, i64, String, i64) {
         let w = window(i);
-        (w.id.window, w.id.start, w.id.key.to_string())
+        (w.id.window, w.id.start, w.id.key.to_string(), w.end)
     }
 
     proptest! {
@@ -1098,11 +1305,11 @@ mod tests {
         let mut out = Emission::default();
         scope.release(0, 1, &mut out);
         assert_eq!(out.len(), 99);
-        let ids: BTreeSet<(u16, i64, String)> = out
+        let ids: BTreeSet<(u16, i64, String, i64)> = out
             .into_windows()
             .map(|w| {
                 assert_eq!(w.id.partition.as_ref(), Some(&p));
-                (w.id.window, w.id.start, w.id.key.to_string())
+                (w.id.window, w.id.start, w.id.key.to_string(), w.end)
             })
             .collect();
         let expected: BTreeSet<_> = (0..100).filter(|i| *i != 7).map(id_of).collect();
@@ -1159,7 +1366,7 @@ mod tests {
                 next += batch;
                 runs.append(&mut rows);
                 for run in &runs.runs {
-                    let (len, cap) = (run.len(), run.capacity());
+                    let (len, cap) = (run.len(), run.rows.capacity());
                     assert!(
                         3 * (cap - len) <= cap && cap <= RUN_ROWS,
                         "batches of {batch}: a run of {len} rows holds room for {cap}"
@@ -1170,13 +1377,16 @@ mod tests {
             assert!(runs
                 .iter()
                 .zip(0..)
-                .all(|(row, i)| row.start == window(i).id.start));
+                .all(|(row, i)| row.to_window(&None) == window(i)));
         }
         // a restore fills runs row by row
         let mut runs = Runs::default();
         for i in 0..3 * RUN_ROWS as u32 {
             runs.push(ClosedRow::of(window(i)));
-            let (len, cap) = runs.runs.last().map_or((0, 0), |r| (r.len(), r.capacity()));
+            let (len, cap) = runs
+                .runs
+                .last()
+                .map_or((0, 0), |r| (r.len(), r.rows.capacity()));
             assert!(
                 3 * (cap - len) <= cap,
                 "a run of {len} rows pushed holds room for {cap}"
@@ -1257,10 +1467,10 @@ mod tests {
         );
     }
 
-    /// The ids a release yields, in order.
-    fn released(out: Emission) -> Vec<(u16, i64, String)> {
+    /// The ids and ends a release yields, in order.
+    fn released(out: Emission) -> Vec<(u16, i64, String, i64)> {
         out.into_windows()
-            .map(|w| (w.id.window, w.id.start, w.id.key.to_string()))
+            .map(|w| (w.id.window, w.id.start, w.id.key.to_string(), w.end))
             .collect()
     }
 
@@ -1325,21 +1535,109 @@ mod tests {
 
     #[test]
     fn a_final_window_keeps_its_definition_and_count_in_one_word() {
-        assert_eq!(std::mem::size_of::<ClosedRow>(), 72);
+        assert_eq!(std::mem::size_of::<PackedRow>(), 48);
         let acc = Acc {
             count: ROW_MAX_COUNT,
             ..Acc::of(Some(2.5))
         };
-        let row = ClosedRow::new(u16::MAX, -5, 7, acc, Key::new("k"));
-        assert_eq!((row.window(), row.start, row.end), (u16::MAX, -5, 7));
-        assert_eq!(row.acc(), acc);
+        let mut run = Run::default();
+        run.add(&ClosedRow::new(u16::MAX, -5, 7, acc, Key::new("k")));
         // a count past the bound (panes combined) stays at it and leaves the index alone
         let more = Acc {
             count: u64::MAX,
             ..acc
         };
-        let row = ClosedRow::new(3, 0, 1, more, Key::new("k"));
-        assert_eq!((row.window(), row.acc()), (3, acc));
+        run.add(&ClosedRow::new(3, 0, 1, more, Key::new("k")));
+        let rows: Vec<_> = run
+            .iter()
+            .map(|r| (r.window(), r.start(), r.end(), r.acc()))
+            .collect();
+        assert_eq!(rows, [(u16::MAX, -5, 7, acc), (3, 0, 1, acc)]);
+    }
+
+    #[test]
+    fn a_row_reads_back_every_end_and_key_it_was_given() {
+        let acc = Acc::of(Some(1.0));
+        let max = i64::from(u32::MAX);
+        // ends a distance from the start holds, and those it cannot (too far, before the
+        // start, past the range of a difference), between ordinary ones
+        let spans = [
+            (0, 0),
+            (0, max - 1),
+            (0, max),
+            (10, 10 + max + 1),
+            (5, 4),
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MIN),
+            (-7, 3),
+            (1, 1 << 50),
+        ];
+        let mut run = Run::default();
+        let mut given = Vec::new();
+        for (i, (start, end)) in spans.iter().copied().enumerate() {
+            // keys the run holds already (long rows among them), and new ones
+            let key = Key::new(format!("key-{}", i % 4));
+            let row = ClosedRow::new(i as u16, start, end, acc, key);
+            given.push(row.to_window(&None));
+            run.add(&row);
+        }
+        let back: Vec<_> = run.iter().map(|r| r.to_window(&None)).collect();
+        assert_eq!(back, given);
+        assert_eq!(run.long_ends.len(), 6);
+        // a copy into another run (as a chunk compacts) reads the same
+        let mut copy = Run::default();
+        for row in run.iter().skip(1) {
+            copy.copy(row);
+        }
+        let back: Vec<_> = copy.iter().map(|r| r.to_window(&None)).collect();
+        assert_eq!(back, given[1..]);
+        // keys of different slots, closing window after window, are stored once each
+        let mut distinct: Vec<Key> = Vec::new();
+        for i in 0.. {
+            let key = Key::new(format!("k{i}"));
+            if distinct.iter().all(|k| key_slot(k).0 != key_slot(&key).0) {
+                distinct.push(key);
+            }
+            if distinct.len() == 4 {
+                break;
+            }
+        }
+        let mut keys = Run::default();
+        for i in 0..40 {
+            let key = distinct[i % 4].clone();
+            keys.add(&ClosedRow::new(0, i as i64, i as i64 + 1, acc, key));
+        }
+        assert_eq!(keys.keys.len(), 4);
+        // a key of a slot a later key took is stored again; every row reads its own key back
+        let mut many = Run::default();
+        let names: Vec<String> = (0..200).map(|i| format!("user-{}", i % 70)).collect();
+        for (i, name) in names.iter().enumerate() {
+            many.add(&ClosedRow::new(
+                0,
+                i as i64,
+                i as i64 + 1,
+                acc,
+                Key::new(name),
+            ));
+        }
+        let read: Vec<&str> = many.iter().map(|r| r.key().as_str()).collect();
+        assert_eq!(read, names);
+        assert!(many.keys.len() > KEY_SLOTS && many.keys.len() <= names.len());
+        // a run compacted past 65,535 keys still reads every row's key
+        let mut big = Run::default();
+        for i in 0..70_000i64 {
+            big.add(&ClosedRow::new(
+                0,
+                i,
+                i + 1,
+                acc,
+                Key::new(format!("{}", i % 66_000)),
+            ));
+        }
+        assert!(big
+            .iter()
+            .zip(0i64..)
+            .all(|(r, i)| r.key().as_str() == format!("{}", i % 66_000)));
     }
 
     #[test]
@@ -1355,14 +1653,14 @@ mod tests {
         scope.restore(3, &b, &[closed]).unwrap();
         scope.restore(4, &b, &[open]).unwrap();
         let three = scope.groups.get(3).unwrap();
-        let rows: Vec<&ClosedRow> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
+        let rows: Vec<RowRef<'_>> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
         assert_eq!(rows.len(), 3);
         let (held, a) = three.fixed.key(LONG_KEY).unwrap();
         // two final windows and the open window hold one copy
-        assert!(one_copy(&rows[0].key, &rows[1].key));
-        assert!(one_copy(&rows[0].key, &a));
+        assert!(one_copy(rows[0].key(), rows[1].key()));
+        assert!(one_copy(rows[0].key(), &a));
         assert_eq!(held, 1);
-        assert_eq!(*rows[2].key, *b);
+        assert_eq!(**rows[2].key(), *b);
         assert_eq!(scope.closed, 3);
         assert_eq!(scope.open_windows(), 2);
     }
@@ -1431,6 +1729,6 @@ mod tests {
         let fixed = g.fixed.shared_key(LONG_KEY).unwrap();
         assert!(one_copy(&fixed, &g.sessions[0].key(LONG_KEY).unwrap()));
         let row = g.closed[0].rows.get(0).expect("held");
-        assert!(one_copy(&fixed, &row.key));
+        assert!(one_copy(&fixed, row.key()));
     }
 }

@@ -215,7 +215,7 @@ impl Coordinator {
         };
         if in_flight {
             return Err(CommandError::Conflict(format!(
-                "a savepoint named {name:?} is being taken (asked for earlier, waiting for room or being written); wait for it, or choose another name"
+                "a savepoint named {name:?} is being taken (asked for earlier and not durable yet); wait for it, or choose another name"
             )));
         }
         if exists {
@@ -251,7 +251,7 @@ impl Coordinator {
                 "a stop with a savepoint of the same name takes over the queued savepoint"
             );
             request.waiter.fail(CommandError::Unavailable(format!(
-                "the service is stopping; a stop with a savepoint named {name:?} took this request over and takes that savepoint as its last act"
+                "the service is stopping; a stop with a savepoint named {name:?} took this request over and will take that savepoint as its last act, once the stop has settled"
             )));
         }
         Ok(())

@@ -252,11 +252,13 @@ impl SourceContext {
         let mut tpl = TopicPartitionList::new();
         let positions = self.shared.board().positions();
         let from_beginning = self.shared.from_beginning_snapshot();
+        // read once: the lookup and the log below agree
+        let closing = self.shared.closing();
         let unknown = to_look_up(
             partitions,
             &positions,
             &from_beginning,
-            self.from_committed && !self.shared.closing(),
+            self.from_committed && !closing,
         );
         let committed = if unknown.is_empty() {
             HashMap::new()
@@ -287,7 +289,7 @@ impl SourceContext {
             source,
         })?;
         for p in partitions {
-            if self.shared.closing() {
+            if closing {
                 tracing::info!(partition = %p, "partition assigned while the service stops: not read");
                 continue;
             }
