@@ -16,6 +16,7 @@ mod window;
 use std::collections::BTreeMap;
 
 use foldhash::{HashMap, HashMapExt};
+use rayon::prelude::*;
 
 pub use group::{GroupContent, GroupId, GroupLayout};
 pub use restored::{Counts, Remap, RestoredState, StoredGroup};
@@ -30,7 +31,7 @@ pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 use crate::checkpoint_id::CheckpointId;
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
-use scope::{KeyEntry, ScopeState};
+use scope::{BuiltGroup, KeyEntry, ScopeState};
 use watermark::Watermarks;
 
 #[derive(Debug, Clone)]
@@ -106,6 +107,10 @@ pub enum StateError {
 
 /// Entries a restore's list holds before it is shrunk as it is installed.
 const SHRINK_ABOVE: usize = 1 << 16;
+
+/// Stored groups a restore rebuilds at once on every core: enough to keep the cores busy, few
+/// enough that their blobs and rebuilt states are a sliver of the state.
+const INSTALL_BATCH: usize = 64;
 
 pub struct Engine {
     cfg: EngineConfig,
@@ -188,11 +193,12 @@ impl Engine {
                 entries.shrink_to_fit();
             }
         }
-        // stored groups are decoded one at a time, each dropped once installed
+        // stored groups are rebuilt on every core a batch at a time, each batch's blobs
+        // dropped once it is installed
         let mut groups = state.groups;
-        groups.reverse();
-        while let Some(g) = groups.pop() {
-            engine.install_group(&g, state.remap.as_ref())?;
+        while !groups.is_empty() {
+            let batch: Vec<StoredGroup> = groups.drain(..groups.len().min(INSTALL_BATCH)).collect();
+            engine.install_groups(batch, state.remap.as_ref())?;
         }
         engine.instance.queue_restored(&mut engine.emit_queue);
         for state in engine.scoped.values() {
@@ -201,49 +207,52 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Puts back the entries of a stored group, decoded as they are read (`remap` re-numbers
-    /// their windows or leaves them out).
-    fn install_group(&mut self, g: &StoredGroup, remap: Option<&Remap>) -> Result<(), StateError> {
-        let scope = &g.id.scope;
-        let mut failed = None;
-        // the group the writer filed the entries under; the engine's layout is the store's
-        // (`service::start`), so a key lands where its later records look for it
-        let layout = self.cfg.groups;
-        let store = self.stores_of(scope.as_ref());
-        // a blob lists a key's entries together: they go in key by key
-        let mut key = String::new();
-        let mut entries: Vec<KeyEntry> = Vec::new();
-        let mut put = |store: &mut ScopeState, key: &str, entries: &mut Vec<KeyEntry>| {
-            if entries.is_empty() {
-                return;
+    /// Puts back the entries of stored groups: each group the engine does not hold yet is
+    /// rebuilt apart, on every core (rayon's threads), then put in whole, in order; a group it
+    /// holds already (entries installed before it, or a group listed twice) goes in key by key.
+    fn install_groups(
+        &mut self,
+        batch: Vec<StoredGroup>,
+        remap: Option<&Remap>,
+    ) -> Result<(), StateError> {
+        let mut seen = std::collections::HashSet::new();
+        let apart: Vec<bool> = batch
+            .iter()
+            .map(|g| seen.insert((&g.id.scope, g.id.group)) && !self.holds(&g.id.scope, g.id.group))
+            .collect();
+        let (layout, windows) = (self.cfg.groups, &self.cfg.windows);
+        let built: Vec<Option<Result<BuiltGroup, StateError>>> = batch
+            .par_iter()
+            .zip(apart.par_iter())
+            .map(|(g, &apart)| apart.then(|| build_group(layout, windows, g, remap)))
+            .collect();
+        for (g, built) in batch.iter().zip(built) {
+            match built {
+                Some(built) => self.stores_of(g.id.scope.as_ref()).put_built(built?),
+                None => self.install_group(g, remap)?,
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the engine holds group `group` of `scope`.
+    fn holds(&self, scope: &Option<Partition>, group: u16) -> bool {
+        match scope {
+            None => self.instance.holds(group),
+            Some(p) => self.scoped.get(p).is_some_and(|s| s.holds(group)),
+        }
+    }
+
+    /// Puts back the entries of a stored group key by key (`remap` re-numbers their windows
+    /// or leaves them out).
+    fn install_group(&mut self, g: &StoredGroup, remap: Option<&Remap>) -> Result<(), StateError> {
+        let layout = self.cfg.groups;
+        let store = self.stores_of(g.id.scope.as_ref());
+        let mut failed = None;
+        read_group(layout, g, remap, |key, entries| {
             if let Err(err) = store.restore(g.id.group, key, entries) {
                 failed.get_or_insert(err);
             }
-            entries.clear();
-        };
-        let read = group::visit_blob(&g.blob, |e| {
-            debug_assert_eq!(
-                layout.group_of(e.0),
-                g.id.group,
-                "key {:?} filed in another group",
-                e.0
-            );
-            if let Some((k, window, start, end, acc, closed)) = restored::remapped(remap, scope, e)
-            {
-                if k != key {
-                    put(store, &key, &mut entries);
-                    key.clear();
-                    key.push_str(k);
-                }
-                entries.push((window, start, end, acc, closed));
-            }
-        });
-        put(store, &key, &mut entries);
-        read.map_err(|source| StateError::Damaged {
-            scope: scope.clone(),
-            group: g.id.group,
-            source,
         })?;
         failed.map_or(Ok(()), Err)
     }
@@ -596,6 +605,67 @@ impl Engine {
             || self.positions_moved
             || self.all_scopes().any(ScopeState::has_changes)
     }
+}
+
+/// Reads a stored group key by key, decoded as it is read: `put` takes each key with its
+/// entries (a blob lists a key's entries together), re-numbered by `remap` (entries it leaves
+/// out are skipped).
+fn read_group(
+    layout: GroupLayout,
+    g: &StoredGroup,
+    remap: Option<&Remap>,
+    mut put: impl FnMut(&str, &[KeyEntry]),
+) -> Result<(), StateError> {
+    let scope = &g.id.scope;
+    let mut key = String::new();
+    let mut entries: Vec<KeyEntry> = Vec::new();
+    let read = group::visit_blob(&g.blob, |e| {
+        // the group the writer filed the entries under; the engine's layout is the store's
+        // (`service::start`), so a key lands where its later records look for it
+        debug_assert_eq!(
+            layout.group_of(e.0),
+            g.id.group,
+            "key {:?} filed in another group",
+            e.0
+        );
+        if let Some((k, window, start, end, acc, closed)) = restored::remapped(remap, scope, e) {
+            if k != key {
+                if !entries.is_empty() {
+                    put(&key, &entries);
+                    entries.clear();
+                }
+                key.clear();
+                key.push_str(k);
+            }
+            entries.push((window, start, end, acc, closed));
+        }
+    });
+    if !entries.is_empty() {
+        put(&key, &entries);
+    }
+    read.map_err(|source| StateError::Damaged {
+        scope: scope.clone(),
+        group: g.id.group,
+        source,
+    })?;
+    Ok(())
+}
+
+/// A stored group rebuilt apart from the engine (see [`Engine::install_groups`]).
+fn build_group(
+    layout: GroupLayout,
+    windows: &[WindowDef],
+    g: &StoredGroup,
+    remap: Option<&Remap>,
+) -> Result<BuiltGroup, StateError> {
+    let mut built = BuiltGroup::new(g.id.group, windows, &g.id.scope);
+    let mut failed = None;
+    read_group(layout, g, remap, |key, entries| {
+        if failed.is_none() {
+            failed = built.restore(windows, key, entries).err();
+        }
+    })?;
+    failed.map_or(Ok(built), Err)
 }
 
 #[cfg(test)]

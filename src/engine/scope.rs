@@ -659,6 +659,63 @@ impl GroupState {
         }
     }
 
+    /// Puts back the entries of one key read from a checkpoint or the changelog (a blob lists
+    /// a key's entries together): open windows into their tables, final ones into the held
+    /// windows (a checkpoint holds each window once: no search for an equal one). The key's
+    /// fixed windows take one allocation, and its final windows and fixed windows share one
+    /// copy of the key. `fixed` is room for the key's fixed windows (cleared here). Returns
+    /// how many final windows it held, and the earliest end of the open windows it put back.
+    fn restore_key(
+        &mut self,
+        windows: &[WindowDef],
+        key: &str,
+        entries: &[KeyEntry],
+        fixed: &mut Vec<(u16, i64, Acc)>,
+    ) -> Result<(usize, Option<i64>), StateError> {
+        let mut shared: Option<Key> = None;
+        let mut earliest = None;
+        let mut closed = 0;
+        fixed.clear();
+        for &(window, start, end, acc, final_window) in entries {
+            if final_window {
+                let key = shared.get_or_insert_with(|| Key::new(key)).clone();
+                self.hold(ClosedRow::new(window, start, end, acc, key), RESTORED_EPOCH);
+                closed += 1;
+                continue;
+            }
+            let unknown = StateError::UnknownWindow {
+                window,
+                defined: windows.len(),
+            };
+            match windows.get(usize::from(window)).map(|w| w.kind) {
+                None => return Err(unknown),
+                Some(WindowKind::Session { .. }) => {
+                    match self.sessions.iter_mut().find(|t| t.index() == window) {
+                        Some(table) => {
+                            let end = table.restore(start, key, end, acc, &mut shared);
+                            note_end(&mut earliest, end)
+                        }
+                        None => return Err(unknown),
+                    }
+                }
+                Some(kind) => {
+                    if !kind.is_start(start) {
+                        return Err(StateError::MisalignedWindow {
+                            window,
+                            start,
+                            kind: kind.describe(),
+                        });
+                    }
+                    fixed.push((window, start, acc))
+                }
+            }
+        }
+        if let Some(end) = self.fixed.restore(key, &mut shared, fixed) {
+            note_end(&mut earliest, end);
+        }
+        Ok((closed, earliest))
+    }
+
     /// The chunk of the final windows that close in `epoch` (the newest).
     fn chunk(&mut self, epoch: u64) -> &mut ClosedChunk {
         if self.closed.last().is_none_or(|c| c.epoch != epoch) {
@@ -847,6 +904,46 @@ fn earlier(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     }
 }
 
+/// A group's state rebuilt from its stored entries apart from its scope, on any thread, then
+/// put in whole ([`ScopeState::put_built`]): a restore rebuilds its groups on every core.
+pub(crate) struct BuiltGroup {
+    group: u16,
+    state: GroupState,
+    /// Final windows among its entries.
+    closed: usize,
+    /// The earliest end of its open windows, if any is open.
+    earliest: Option<i64>,
+    /// Room for a key's fixed windows.
+    restoring: Vec<(u16, i64, Acc)>,
+}
+
+impl BuiltGroup {
+    pub(crate) fn new(group: u16, windows: &[WindowDef], scope: &Option<Partition>) -> Self {
+        BuiltGroup {
+            group,
+            state: GroupState::new(windows, scope),
+            closed: 0,
+            earliest: None,
+            restoring: Vec::new(),
+        }
+    }
+
+    /// [`ScopeState::restore`] of one key into this group.
+    pub(crate) fn restore(
+        &mut self,
+        windows: &[WindowDef],
+        key: &str,
+        entries: &[KeyEntry],
+    ) -> Result<(), StateError> {
+        let (closed, earliest) =
+            self.state
+                .restore_key(windows, key, entries, &mut self.restoring)?;
+        self.closed += closed;
+        self.earliest = earlier(self.earliest, earliest);
+        Ok(())
+    }
+}
+
 /// The groups of one scope by group index (a record finds its group without hashing).
 #[derive(Debug, Default)]
 struct Groups(Vec<Option<Arc<GroupState>>>);
@@ -870,6 +967,14 @@ impl Groups {
             self.0.resize(i + 1, None);
         }
         self.0[i].get_or_insert_with(|| Arc::new(new()))
+    }
+
+    fn put(&mut self, group: u16, state: Arc<GroupState>) {
+        let i = usize::from(group);
+        if i >= self.0.len() {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(state);
     }
 
     /// Every group made so far, by index.
@@ -985,10 +1090,7 @@ impl ScopeState {
     }
 
     /// Puts back the entries of one key read from a checkpoint or the changelog (a blob lists
-    /// a key's entries together): open windows into their tables, final ones into the group's
-    /// held windows (a checkpoint holds each window once: no search for an equal one). The
-    /// key's fixed windows take one allocation, and its final windows and fixed windows share
-    /// one copy of the key.
+    /// a key's entries together); see [`GroupState::restore_key`].
     pub(crate) fn restore(
         &mut self,
         group: u16,
@@ -1000,51 +1102,39 @@ impl ScopeState {
             self.groups
                 .get_or_insert_with(group, || GroupState::new(windows, scope)),
         );
-        let mut shared: Option<Key> = None;
-        let mut earliest = None;
-        let fixed = &mut self.restoring;
-        fixed.clear();
-        for &(window, start, end, acc, closed) in entries {
-            if closed {
-                let key = shared.get_or_insert_with(|| Key::new(key)).clone();
-                g.hold(ClosedRow::new(window, start, end, acc, key), RESTORED_EPOCH);
-                self.closed += 1;
-                continue;
-            }
-            let unknown = StateError::UnknownWindow {
-                window,
-                defined: windows.len(),
-            };
-            match windows.get(usize::from(window)).map(|w| w.kind) {
-                None => return Err(unknown),
-                Some(WindowKind::Session { .. }) => {
-                    match g.sessions.iter_mut().find(|t| t.index() == window) {
-                        Some(table) => {
-                            let end = table.restore(start, key, end, acc, &mut shared);
-                            note_end(&mut earliest, end)
-                        }
-                        None => return Err(unknown),
-                    }
-                }
-                Some(kind) => {
-                    if !kind.is_start(start) {
-                        return Err(StateError::MisalignedWindow {
-                            window,
-                            start,
-                            kind: kind.describe(),
-                        });
-                    }
-                    fixed.push((window, start, acc))
-                }
-            }
-        }
-        if let Some(end) = g.fixed.restore(key, &mut shared, fixed) {
-            note_end(&mut earliest, end);
-        }
+        let (closed, earliest) = g.restore_key(windows, key, entries, &mut self.restoring)?;
+        self.closed += closed;
         if let Some(end) = earliest {
             self.register(group, end);
         }
         Ok(())
+    }
+
+    /// Whether the scope holds group `group` (built apart, it could not go in whole).
+    pub(crate) fn holds(&self, group: u16) -> bool {
+        self.groups.get(group).is_some()
+    }
+
+    /// Puts in a group rebuilt apart from the scope ([`BuiltGroup`]), which the scope does not
+    /// hold yet ([`ScopeState::holds`]); one left empty is not put in.
+    pub(crate) fn put_built(&mut self, built: BuiltGroup) {
+        let BuiltGroup {
+            group,
+            state,
+            closed,
+            earliest,
+            ..
+        } = built;
+        debug_assert!(!self.holds(group), "group {group} built apart twice");
+        if state.len() == 0 {
+            // every entry left out (a remap): the scope makes no group, as key by key
+            return;
+        }
+        self.groups.put(group, Arc::new(state));
+        self.closed += closed;
+        if let Some(end) = earliest {
+            self.register(group, end);
+        }
     }
 
     /// The output acknowledged final window `id`: it leaves the state.

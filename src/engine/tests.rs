@@ -141,6 +141,72 @@ fn run_whole_with(stream: &[(i32, String, i64, f64)], cfg: EngineConfig) -> (Emi
     (out, late)
 }
 
+/// Streams over up to 400 keys: with [`wide_config`], more groups than a restore rebuilds at
+/// once ([`INSTALL_BATCH`]).
+fn wide_stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
+    prop::collection::vec((0i32..3, 0usize..400, 0i64..60, 0i64..150, 1u8..50), 1..400).prop_map(
+        |steps| {
+            let mut clock = [10_000i64; 3];
+            steps
+                .into_iter()
+                .map(|(part, key, step, back, v)| {
+                    let i = part as usize;
+                    clock[i] += step;
+                    (part, format!("k{key}"), clock[i] - back, f64::from(v))
+                })
+                .collect()
+        },
+    )
+}
+
+fn wide_config(partition_scoped: bool) -> EngineConfig {
+    EngineConfig {
+        groups: GroupLayout {
+            seed: 1,
+            groups: 150,
+        },
+        ..scoped_config(true, partition_scoped)
+    }
+}
+
+/// `decoded`'s entries split three ways by group: a third listed decoded, a third half decoded
+/// and half stored (the engine holds the group when its stored half comes), a third stored in
+/// two halves (a group listed twice).
+fn mixed(decoded: RestoredState, layout: &GroupLayout) -> RestoredState {
+    let (mut entries, mut groups) = (Vec::new(), Vec::new());
+    for g in group::group_entries(layout, decoded.entries.clone()) {
+        let stored = |list: Vec<(StateKey, Entry)>| {
+            let blob = GroupContent::new(g.id.clone(), list).blob().expect("blob");
+            StoredGroup::read(g.id.clone(), blob).expect("read")
+        };
+        let mut first = g.entries();
+        let second = first.split_off(first.len() / 2);
+        match g.id.group % 3 {
+            0 => entries.extend(first.into_iter().chain(second)),
+            1 => {
+                entries.extend(first);
+                groups.push(stored(second));
+            }
+            _ => {
+                groups.push(stored(first));
+                groups.push(stored(second));
+            }
+        }
+    }
+    RestoredState {
+        entries,
+        groups,
+        ..decoded
+    }
+}
+
+/// Every entry of `d`, sorted.
+fn flat(d: StateDelta) -> Vec<(StateKey, Entry)> {
+    let mut v: Vec<(StateKey, Entry)> = d.groups.into_iter().flat_map(|g| g.entries()).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -196,6 +262,49 @@ proptest! {
         prop_assert_eq!(flat(snap.clone()), flat(again.clone()));
         prop_assert_eq!(snap.partitions, again.partitions);
         prop_assert_eq!(snap.watermark, again.watermark);
+    }
+
+    /// A restore rebuilds the stored groups on every core, each apart from the engine, and puts
+    /// each in whole; a group the engine holds already (entries installed before it, or a group
+    /// listed twice) goes in key by key. Every way restores the state the snapshot held, open
+    /// and final windows, and emits the same windows once everything closes.
+    #[test]
+    fn groups_rebuilt_on_every_core_restore_what_key_by_key_restores(stream in wide_stream_strategy(), scoped in any::<bool>()) {
+        let mut engine = Engine::new(wide_config(scoped));
+        engine.assign(&[p(0), p(1), p(2)]);
+        for (i, (part, key, ts, v)) in stream.iter().enumerate() {
+            engine.process(&p(*part), i as i64, rec(key, *ts, *v));
+        }
+        // exactly-once without a checkpoint: the windows that closed wait in their groups
+        let snap = engine.snapshot(CheckpointId(1), true);
+        let mut store = MaterializedState::default();
+        store.apply(&Checkpoint { id: CheckpointId(1), base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
+        let layout = wide_config(scoped).groups;
+        let decoded = store.restored();
+        let ways = [decoded.clone(), decoded.clone().into_stored(&layout), mixed(decoded, &layout)];
+        prop_assert!(ways[1].entries.is_empty());
+        let mut outs = Vec::new();
+        for (way, restored) in ways.into_iter().enumerate() {
+            let mut engine = Engine::from_state(wide_config(scoped), restored).expect("restore");
+            let again = engine.snapshot(CheckpointId(2), true);
+            prop_assert_eq!(again.entries, snap.entries, "way {}", way);
+            prop_assert_eq!(flat(again), flat(snap.clone()), "way {}", way);
+            prop_assert_eq!(engine.pending_emissions() + engine.open_windows(), snap.entries as usize, "way {}", way);
+            // everything closes: the windows restored final, then every open one
+            engine.assign(&[p(0), p(1), p(2)]);
+            let mut out = Emitted::new();
+            collect(&mut engine, &mut out);
+            let mut offsets = [1_000_000i64; 3];
+            flush(&mut engine, &mut offsets);
+            checkpoint(&mut engine, &mut MaterializedState::default(), 3, &mut out);
+            // no record came for them after the snapshot: each window emits what it held
+            for (id, e) in flat(snap.clone()) {
+                prop_assert_eq!(out.get(&id), Some(&(e.end, e.acc)), "way {} {:?}", way, id);
+            }
+            outs.push(out);
+        }
+        prop_assert_eq!(&outs[1], &outs[0]);
+        prop_assert_eq!(&outs[2], &outs[0]);
     }
 
     #[test]
@@ -568,4 +677,47 @@ fn with_partition_scope_an_idle_partition_can_follow_the_wall_clock() {
         engine.process(&p(0), 1, rec("a", 500, 1.0)),
         Outcome::Late
     ));
+}
+
+#[test]
+fn a_group_whose_every_entry_a_remap_leaves_out_is_not_made() {
+    let cfg = || scoped_config(true, true);
+    let mut engine = Engine::new(cfg());
+    engine.assign(&[p(0)]);
+    for (i, key) in ["k1", "k2", "k3", "k4", "k5"].into_iter().enumerate() {
+        engine.process(&p(0), i as i64, rec(key, 10_000, 1.0));
+    }
+    let snap = engine.snapshot(CheckpointId(1), true);
+    assert!(!snap.groups.is_empty());
+    let mut store = MaterializedState::default();
+    let cp = Checkpoint {
+        id: CheckpointId(1),
+        base: None,
+        trigger_ms: 0,
+        spec: Default::default(),
+        delta: snap.clone(),
+    };
+    store.apply(&cp, 0, 0).expect("apply");
+    let same: BTreeMap<u16, u16> = (0..3).map(|w| (w, w)).collect();
+    let remap = |dropped: &[&str]| Remap {
+        open: same.clone(),
+        closed: same.clone(),
+        dropped_topics: dropped.iter().map(|t| t.to_string()).collect(),
+    };
+    let restore = |r: Remap| {
+        let mut state = store.restored().into_stored(&cfg().groups);
+        state.remap = Some(r);
+        Engine::from_state(cfg(), state).expect("restore")
+    };
+    // the same remap without the topic dropped makes every group
+    let kept = restore(remap(&[]));
+    assert_eq!(kept.open_windows() as u64, snap.entries);
+    for g in &snap.groups {
+        assert!(kept.holds(&g.id.scope, g.id.group), "{:?}", g.id);
+    }
+    let dropped = restore(remap(&["t"]));
+    assert_eq!(dropped.open_windows(), 0);
+    for g in &snap.groups {
+        assert!(!dropped.holds(&g.id.scope, g.id.group), "{:?}", g.id);
+    }
 }
