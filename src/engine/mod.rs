@@ -15,7 +15,7 @@ mod window;
 
 use std::collections::BTreeMap;
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use rayon::prelude::*;
 
 pub use group::{GroupContent, GroupId, GroupLayout};
@@ -31,7 +31,8 @@ pub use window::{hopping_starts, tumbling_start, WindowDef, WindowKind};
 use crate::checkpoint_id::CheckpointId;
 use crate::event_time::EventTime;
 use crate::position::{NextOffset, Partition};
-use scope::{BuiltGroup, KeyEntry, ScopeState};
+use restored::{build_group, read_group};
+use scope::{BuiltGroup, ScopeState};
 use watermark::Watermarks;
 
 #[derive(Debug, Clone)]
@@ -193,11 +194,13 @@ impl Engine {
                 entries.shrink_to_fit();
             }
         }
-        // stored groups are rebuilt on every core a batch at a time, each batch's blobs
-        // dropped once it is installed
+        // stored groups are rebuilt on every core a batch at a time, taken from the end of a
+        // reversed list (nothing moves), each blob dropped once its group is in
         let mut groups = state.groups;
+        groups.reverse();
         while !groups.is_empty() {
-            let batch: Vec<StoredGroup> = groups.drain(..groups.len().min(INSTALL_BATCH)).collect();
+            let mut batch = groups.split_off(groups.len().saturating_sub(INSTALL_BATCH));
+            batch.reverse();
             engine.install_groups(batch, state.remap.as_ref())?;
         }
         engine.instance.queue_restored(&mut engine.emit_queue);
@@ -215,7 +218,7 @@ impl Engine {
         batch: Vec<StoredGroup>,
         remap: Option<&Remap>,
     ) -> Result<(), StateError> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let apart: Vec<bool> = batch
             .iter()
             .map(|g| seen.insert((&g.id.scope, g.id.group)) && !self.holds(&g.id.scope, g.id.group))
@@ -226,10 +229,10 @@ impl Engine {
             .zip(apart.par_iter())
             .map(|(g, &apart)| apart.then(|| build_group(layout, windows, g, remap)))
             .collect();
-        for (g, built) in batch.iter().zip(built) {
+        for (g, built) in batch.into_iter().zip(built) {
             match built {
                 Some(built) => self.stores_of(g.id.scope.as_ref()).put_built(built?),
-                None => self.install_group(g, remap)?,
+                None => self.install_group(&g, remap)?,
             }
         }
         Ok(())
@@ -605,67 +608,6 @@ impl Engine {
             || self.positions_moved
             || self.all_scopes().any(ScopeState::has_changes)
     }
-}
-
-/// Reads a stored group key by key, decoded as it is read: `put` takes each key with its
-/// entries (a blob lists a key's entries together), re-numbered by `remap` (entries it leaves
-/// out are skipped).
-fn read_group(
-    layout: GroupLayout,
-    g: &StoredGroup,
-    remap: Option<&Remap>,
-    mut put: impl FnMut(&str, &[KeyEntry]),
-) -> Result<(), StateError> {
-    let scope = &g.id.scope;
-    let mut key = String::new();
-    let mut entries: Vec<KeyEntry> = Vec::new();
-    let read = group::visit_blob(&g.blob, |e| {
-        // the group the writer filed the entries under; the engine's layout is the store's
-        // (`service::start`), so a key lands where its later records look for it
-        debug_assert_eq!(
-            layout.group_of(e.0),
-            g.id.group,
-            "key {:?} filed in another group",
-            e.0
-        );
-        if let Some((k, window, start, end, acc, closed)) = restored::remapped(remap, scope, e) {
-            if k != key {
-                if !entries.is_empty() {
-                    put(&key, &entries);
-                    entries.clear();
-                }
-                key.clear();
-                key.push_str(k);
-            }
-            entries.push((window, start, end, acc, closed));
-        }
-    });
-    if !entries.is_empty() {
-        put(&key, &entries);
-    }
-    read.map_err(|source| StateError::Damaged {
-        scope: scope.clone(),
-        group: g.id.group,
-        source,
-    })?;
-    Ok(())
-}
-
-/// A stored group rebuilt apart from the engine (see [`Engine::install_groups`]).
-fn build_group(
-    layout: GroupLayout,
-    windows: &[WindowDef],
-    g: &StoredGroup,
-    remap: Option<&Remap>,
-) -> Result<BuiltGroup, StateError> {
-    let mut built = BuiltGroup::new(g.id.group, windows, &g.id.scope);
-    let mut failed = None;
-    read_group(layout, g, remap, |key, entries| {
-        if failed.is_none() {
-            failed = built.restore(windows, key, entries).err();
-        }
-    })?;
-    failed.map_or(Ok(built), Err)
 }
 
 #[cfg(test)]

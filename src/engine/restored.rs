@@ -1,12 +1,16 @@
 //! The state a restore hands the engine: entries decoded already, and key groups still encoded
-//! as they were stored, which the engine decodes one at a time as it installs them, so that a
-//! restore never holds the whole state decoded beside the engine it builds.
+//! as they were stored, which the engine decodes as it installs them (a batch at a time, on
+//! every core), so that a restore never holds the whole state decoded beside the engine it
+//! builds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::group::{entry_of, visit_blob, BlobEntry, BlobError, GroupId};
+use super::group::{entry_of, visit_blob, BlobEntry, BlobError, GroupId, GroupLayout};
+use super::scope::{BuiltGroup, KeyEntry};
 use super::state::{Entry, EntryStatus, StateKey};
+use super::window::WindowDef;
 use super::PartitionState;
+use super::StateError;
 use crate::event_time::EventTime;
 use crate::position::Partition;
 
@@ -77,7 +81,7 @@ pub struct RestoredState {
     pub watermark: Option<EventTime>,
     /// Entries decoded already (savepoints, the changelog, tests).
     pub entries: Vec<(StateKey, Entry)>,
-    /// Groups still encoded (a checkpoint), installed one at a time.
+    /// Groups still encoded (a checkpoint), decoded as they are installed, a batch at a time.
     pub groups: Vec<StoredGroup>,
     /// Applied to `groups` as they are installed (`entries` are re-numbered at once).
     pub remap: Option<Remap>,
@@ -166,4 +170,65 @@ pub(crate) fn remapped<'a>(
         None => window,
     };
     Some((key, window, start, end, acc, closed))
+}
+
+/// Reads a stored group key by key, decoded as it is read: `put` takes each key with its
+/// entries (a blob lists a key's entries together), re-numbered by `remap` (entries it leaves
+/// out are skipped).
+pub(super) fn read_group(
+    layout: GroupLayout,
+    g: &StoredGroup,
+    remap: Option<&Remap>,
+    mut put: impl FnMut(&str, &[KeyEntry]),
+) -> Result<(), StateError> {
+    let scope = &g.id.scope;
+    let mut key = String::new();
+    let mut entries: Vec<KeyEntry> = Vec::new();
+    let read = visit_blob(&g.blob, |e| {
+        // the group the writer filed the entries under; the engine's layout is the store's
+        // (`service::start`), so a key lands where its later records look for it
+        debug_assert_eq!(
+            layout.group_of(e.0),
+            g.id.group,
+            "key {:?} filed in another group",
+            e.0
+        );
+        if let Some((k, window, start, end, acc, closed)) = remapped(remap, scope, e) {
+            if k != key {
+                if !entries.is_empty() {
+                    put(&key, &entries);
+                    entries.clear();
+                }
+                key.clear();
+                key.push_str(k);
+            }
+            entries.push((window, start, end, acc, closed));
+        }
+    });
+    if !entries.is_empty() {
+        put(&key, &entries);
+    }
+    read.map_err(|source| StateError::Damaged {
+        scope: scope.clone(),
+        group: g.id.group,
+        source,
+    })?;
+    Ok(())
+}
+
+/// A stored group rebuilt apart from the engine, on any thread (`Engine::install_groups`).
+pub(super) fn build_group(
+    layout: GroupLayout,
+    windows: &[WindowDef],
+    g: &StoredGroup,
+    remap: Option<&Remap>,
+) -> Result<BuiltGroup, StateError> {
+    let mut built = BuiltGroup::new(g.id.group, windows, &g.id.scope);
+    let mut failed = None;
+    read_group(layout, g, remap, |key, entries| {
+        if failed.is_none() {
+            failed = built.restore(windows, key, entries).err();
+        }
+    })?;
+    failed.map_or(Ok(built), Err)
 }

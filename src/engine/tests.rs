@@ -281,8 +281,22 @@ proptest! {
         store.apply(&Checkpoint { id: CheckpointId(1), base: None, trigger_ms: 0, spec: Default::default(), delta: snap.clone() }, 0, 0).expect("apply");
         let layout = wide_config(scoped).groups;
         let decoded = store.restored();
-        let ways = [decoded.clone(), decoded.clone().into_stored(&layout), mixed(decoded, &layout)];
+        let ways = [decoded.clone(), decoded.clone().into_stored(&layout), mixed(decoded.clone(), &layout)];
         prop_assert!(ways[1].entries.is_empty());
+        // a remap through the groups rebuilt apart: open sessions left out (their definition
+        // gone), the fixed windows re-numbered as they are
+        let mut remapped = decoded.into_stored(&layout);
+        remapped.remap = Some(Remap {
+            open: [(0, 0), (1, 1)].into(),
+            closed: [(0, 0), (1, 1), (2, 2)].into(),
+            dropped_topics: Default::default(),
+        });
+        let kept: Vec<(StateKey, Entry)> = flat(snap.clone())
+            .into_iter()
+            .filter(|(k, e)| k.window != 2 || e.status == EntryStatus::Closed)
+            .collect();
+        let mut engine = Engine::from_state(wide_config(scoped), remapped).expect("restore");
+        prop_assert_eq!(flat(engine.snapshot(CheckpointId(2), true)), kept);
         let mut outs = Vec::new();
         for (way, restored) in ways.into_iter().enumerate() {
             let mut engine = Engine::from_state(wide_config(scoped), restored).expect("restore");
@@ -720,4 +734,150 @@ fn a_group_whose_every_entry_a_remap_leaves_out_is_not_made() {
     for g in &snap.groups {
         assert!(!dropped.holds(&g.id.scope, g.id.group), "{:?}", g.id);
     }
+}
+
+/// One stored group per group of [`wide_config`]'s layout, two keys each, every entry an open
+/// tumbling window; `bad` adds an entry of window `w` at `start` to the group at a position.
+fn stored_groups(bad: &[(usize, u16, i64)]) -> Vec<StoredGroup> {
+    let layout = wide_config(false).groups;
+    let mut keys: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    let mut i = 0;
+    while keys.len() < usize::from(layout.groups) || keys.values().any(|k| k.len() < 2) {
+        let key = format!("k{i}");
+        let list = keys.entry(layout.group_of(&key)).or_default();
+        if list.len() < 2 {
+            list.push(key);
+        }
+        i += 1;
+    }
+    let entry = |key: &str, window: u16, start: i64| {
+        let id = StateKey {
+            partition: None,
+            window,
+            start,
+            key: key.into(),
+        };
+        let e = Entry {
+            status: EntryStatus::Open,
+            end: start + 1000,
+            acc: Acc::of(Some(1.0)),
+        };
+        (id, e)
+    };
+    keys.into_iter()
+        .enumerate()
+        .map(|(at, (group, keys))| {
+            let mut list: Vec<(StateKey, Entry)> =
+                keys.iter().map(|k| entry(k, 0, 10_000)).collect();
+            for &(_, window, start) in bad.iter().filter(|b| b.0 == at) {
+                list.push(entry(&keys[0], window, start));
+            }
+            let id = GroupId {
+                aggregation: 0,
+                scope: None,
+                group,
+            };
+            let blob = GroupContent::new(id.clone(), list).blob().expect("blob");
+            StoredGroup::read(id, blob).expect("read")
+        })
+        .collect()
+}
+
+#[test]
+fn a_restore_that_fails_names_the_first_group_in_order_that_fails() {
+    let restore = |groups: Vec<StoredGroup>| {
+        let state = RestoredState {
+            groups,
+            ..Default::default()
+        };
+        Engine::from_state(wide_config(false), state).err()
+    };
+    // in a batch after the first, and across batches; the earlier failure wins either way
+    let unknown_first = restore(stored_groups(&[(70, 7, 10_000), (100, 0, 10_001)]));
+    assert!(
+        matches!(
+            unknown_first,
+            Some(StateError::UnknownWindow { window: 7, .. })
+        ),
+        "{unknown_first:?}"
+    );
+    let misaligned_first = restore(stored_groups(&[(70, 0, 10_001), (75, 7, 10_000)]));
+    assert!(
+        matches!(
+            misaligned_first,
+            Some(StateError::MisalignedWindow { start: 10_001, .. })
+        ),
+        "{misaligned_first:?}"
+    );
+    // a damaged group before one of an unknown window
+    let mut groups = stored_groups(&[(90, 7, 10_000)]);
+    let half = groups[80].blob.len() / 2;
+    groups[80].blob.truncate(half);
+    let damaged = groups[80].id.group;
+    let first = restore(groups);
+    assert!(
+        matches!(first, Some(StateError::Damaged { group, .. }) if group == damaged),
+        "{first:?}"
+    );
+    assert!(restore(stored_groups(&[])).is_none());
+}
+
+#[test]
+fn a_group_listed_twice_far_apart_restores_both_halves() {
+    let whole = stored_groups(&[]);
+    assert!(whole.len() > 2 * INSTALL_BATCH);
+    let expected = Engine::from_state(
+        wide_config(false),
+        RestoredState {
+            groups: whole.clone(),
+            ..Default::default()
+        },
+    )
+    .expect("restore")
+    .snapshot(CheckpointId(1), true);
+    assert_eq!(expected.entries, 2 * whole.len() as u64);
+    // group 3's keys split in two listings, the second in the last batch: by then the engine
+    // holds the group, and the second half goes in key by key beside the first
+    let halves: Vec<Vec<(StateKey, Entry)>> = {
+        let g = &whole[3];
+        let mut entries = Vec::new();
+        group::visit_blob(&g.blob, |e| {
+            let (key, window, start, end, acc, _) = e;
+            let id = StateKey {
+                partition: None,
+                window,
+                start,
+                key: key.into(),
+            };
+            let entry = Entry {
+                status: EntryStatus::Open,
+                end,
+                acc,
+            };
+            entries.push((id, entry));
+        })
+        .expect("read");
+        let second = entries.split_off(1);
+        vec![entries, second]
+    };
+    let listing = |list: Vec<(StateKey, Entry)>| {
+        let id = whole[3].id.clone();
+        let blob = GroupContent::new(id.clone(), list).blob().expect("blob");
+        StoredGroup::read(id, blob).expect("read")
+    };
+    let mut groups = whole.clone();
+    let [first, second]: [Vec<(StateKey, Entry)>; 2] = halves.try_into().expect("two halves");
+    groups[3] = listing(first);
+    groups.push(listing(second));
+    let mut engine = Engine::from_state(
+        wide_config(false),
+        RestoredState {
+            groups,
+            ..Default::default()
+        },
+    )
+    .expect("restore");
+    let again = engine.snapshot(CheckpointId(1), true);
+    assert_eq!(again.entries, expected.entries);
+    assert_eq!(flat(again), flat(expected));
 }

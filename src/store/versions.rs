@@ -579,8 +579,8 @@ impl Store {
     }
 
     /// Loads retained checkpoint `id` with its groups as stored, each read once (in parallel)
-    /// to count and check it but kept encoded: the engine decodes them one at a time as it installs them
-    /// (`Engine::from_state`), so that the whole state is never held decoded.
+    /// to count and check it but kept encoded: the engine decodes them as it installs them, a
+    /// batch at a time (`Engine::from_state`), so that the whole state is never held decoded.
     pub fn load_checkpoint_stored(
         &self,
         id: CheckpointId,
