@@ -542,7 +542,10 @@ impl Engine {
         for state in self.scoped.values_mut() {
             groups.extend(state.snapshot(full));
         }
-        groups.sort_by(|a, b| a.id.cmp(&b.id));
+        // every id once: an unstable sort orders them as a stable one would, without the stable
+        // sort's scratch copy of the list (a quarter of a megabyte of fresh pages at 4,096
+        // groups, on the loop, at every snapshot)
+        groups.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let entries = (self.open_windows() + self.pending_emissions()) as u64;
         let mut partitions: Vec<PartitionState> = self
             .marks
