@@ -18,7 +18,9 @@
 //! time).
 //!
 //! Reports records per CPU-second of the process, wall time, checkpoint durations and
-//! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one),
+//! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one; the
+//! loop's page faults in a snapshot, and for each stall over 2 ms its page faults and the
+//! machine's ticks of hypervisor steal),
 //! peak RSS of the run (`VmHWM`), the store's size on disk, and the time and peak RSS of
 //! reopening the store and restoring its newest checkpoint in a new process, as a start does
 //! (groups read and counted, the compatibility report, groups decoded as installed), split
@@ -177,12 +179,15 @@ fn collect_sled_garbage() {
 
 /// Gives the memory the dropped run freed back to the system before the restores run, as the
 /// exit of a process that crashed or stopped does: jemalloc gives freed memory back only while
-/// it is called, or from its background threads, and this process waits idle while a restore
-/// runs, so without them it would keep the run's memory and the restore would get memory the
-/// machine had not used lately (see docs/benchmarks.md on the 10M restores). Waits until the
-/// RSS stops falling (at most 30 s); returns the RSS before and after.
+/// it is called, or from its background threads (on where the binary is built so), and this
+/// process waits idle while a restore runs, so without them it would keep the run's memory and
+/// the restore would get memory the machine had not used lately (see docs/benchmarks.md on the
+/// 10M restores). Waits until the RSS stops falling (at most 30 s); returns the RSS before and
+/// after.
 fn release_freed_memory() -> (u64, u64) {
     let before = rss();
+    // on already where the binary is built so (see .cargo/config.toml); left as found
+    let was_on = tikv_jemalloc_ctl::background_thread::read().unwrap_or(false);
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         eprintln!("could not start jemalloc's background threads ({e}): the restores run beside the run's freed memory");
         return (before, before);
@@ -202,7 +207,7 @@ fn release_freed_memory() -> (u64, u64) {
         };
         last = now;
     }
-    let _ = tikv_jemalloc_ctl::background_thread::write(false);
+    let _ = tikv_jemalloc_ctl::background_thread::write(was_on);
     (before, rss())
 }
 
@@ -216,6 +221,30 @@ fn thread_sched() -> (f64, f64) {
     let on_cpu = fields.next().unwrap_or(0.0) / 1e9;
     let waiting = fields.next().unwrap_or(0.0) / 1e9;
     (on_cpu, waiting)
+}
+
+/// This thread's minor page faults so far (`/proc/thread-self/stat`): pages the kernel
+/// handed it, fresh or back from the allocator.
+fn thread_faults() -> u64 {
+    let raw = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // the fields after the command name (which may hold spaces): state, ppid, pgrp, session,
+    // tty, tpgid, flags, minflt
+    raw.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Time the machine's CPUs were stolen by the hypervisor, in ticks of 10 ms (`/proc/stat`,
+/// every CPU): a virtual CPU the host takes away keeps counting as running in the guest.
+fn steal_ticks() -> u64 {
+    let raw = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu user nice system idle iowait irq softirq steal
+    raw.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A `/proc/self/status` field in kB.
@@ -438,6 +467,10 @@ fn main() {
     let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Vec::new());
     // of each stall: the loop's time on a CPU, and waiting for one
     let (mut stall_cpu, mut stall_wait) = (Vec::new(), Vec::new());
+    // of each stall: the loop's minor page faults
+    let mut stall_faults: Vec<u64> = Vec::new();
+    // of each stall: the machine's ticks of steal
+    let mut stall_steal: Vec<u64> = Vec::new();
     let mut in_flight: Option<(CheckpointId, Instant)> = None;
     let mut stopped: Option<String> = None;
     let mut next_rss_check = Instant::now();
@@ -465,7 +498,7 @@ fn main() {
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
                       stalls: &mut Vec<f64>,
-                      stall_sched: (&mut Vec<f64>, &mut Vec<f64>),
+                      stall_sched: (&mut Vec<f64>, &mut Vec<f64>, &mut Vec<u64>, &mut Vec<u64>),
                       force_full: bool| {
         let now = started.elapsed();
         if in_flight.is_some() || !(force_full || scheduler.due(now)) {
@@ -475,12 +508,19 @@ fn main() {
             scheduler.restart_line();
         }
         let Trigger { id, base } = scheduler.trigger(now);
-        let (t, sched) = (Instant::now(), thread_sched());
+        let (t, sched, faults, steal) = (
+            Instant::now(),
+            thread_sched(),
+            thread_faults(),
+            steal_ticks(),
+        );
         let delta = engine.snapshot(id, base.is_none());
         stalls.push(t.elapsed().as_secs_f64());
         let after = thread_sched();
         stall_sched.0.push(after.0 - sched.0);
         stall_sched.1.push(after.1 - sched.1);
+        stall_sched.2.push(thread_faults().saturating_sub(faults));
+        stall_sched.3.push(steal_ticks().saturating_sub(steal));
         let cp = Checkpoint {
             id,
             base,
@@ -577,7 +617,12 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (&mut stall_cpu, &mut stall_wait),
+                (
+                    &mut stall_cpu,
+                    &mut stall_wait,
+                    &mut stall_faults,
+                    &mut stall_steal,
+                ),
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -593,7 +638,12 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (&mut stall_cpu, &mut stall_wait),
+                (
+                    &mut stall_cpu,
+                    &mut stall_wait,
+                    &mut stall_faults,
+                    &mut stall_steal,
+                ),
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -605,7 +655,12 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (&mut stall_cpu, &mut stall_wait),
+                (
+                    &mut stall_cpu,
+                    &mut stall_wait,
+                    &mut stall_faults,
+                    &mut stall_steal,
+                ),
                 true,
             ) {
                 Some(id) => full = Some((id, entries)),
@@ -644,7 +699,12 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (&mut stall_cpu, &mut stall_wait),
+                (
+                    &mut stall_cpu,
+                    &mut stall_wait,
+                    &mut stall_faults,
+                    &mut stall_steal,
+                ),
                 false,
             );
         }
@@ -698,11 +758,35 @@ fn main() {
         "checkpoints wrote {:.1} MiB in all",
         written as f64 / 1048576.0
     );
+    // the long stalls with their page faults, before the percentiles sort the stalls
+    let long: Vec<String> = stalls
+        .iter()
+        .zip(stall_faults.iter().zip(&stall_steal))
+        .filter(|(s, _)| **s > 0.002)
+        .map(|(s, (f, st))| {
+            format!(
+                "{:.0} ms with {f} page faults and {st} ticks of steal",
+                s * 1000.0
+            )
+        })
+        .collect();
+    let mut faults = stall_faults.clone();
+    faults.sort_unstable();
     println!("snapshot stalls: {}", percentiles(stalls));
     println!(
         "  of which on a CPU: {}; waiting for a CPU: {}",
         percentiles(stall_cpu),
         percentiles(stall_wait)
+    );
+    println!(
+        "  the loop's page faults in a snapshot: p50 {}, max {}; stalls over 2 ms: {}",
+        faults.get(faults.len() / 2).copied().unwrap_or(0),
+        faults.last().copied().unwrap_or(0),
+        if long.is_empty() {
+            "none".to_string()
+        } else {
+            long.join(", ")
+        }
     );
     match (full, full_took) {
         (Some((_, entries)), Some(took)) => {
