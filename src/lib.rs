@@ -53,5 +53,11 @@ mod allocator_tests {
                 "built with {conf:?}, without {option}"
             );
         }
+        // and the threads run in this process
+        assert!(
+            tikv_jemalloc_ctl::background_thread::read()
+                .expect("jemalloc reports whether its background threads run"),
+            "jemalloc's background threads are off"
+        );
     }
 }
