@@ -172,6 +172,21 @@ struct ClosedRow {
 /// count more stays here).
 const ROW_MAX_COUNT: u64 = (1 << 48) - 1;
 
+/// The definition index a row's tag holds (see [`ClosedRow::tag`]).
+fn tag_window(tag: u64) -> u16 {
+    (tag >> 48) as u16
+}
+
+/// A row's accumulator: the record count its tag holds, and its values.
+fn tag_acc(tag: u64, [sum, min, max]: [f64; 3]) -> Acc {
+    Acc {
+        count: tag & ROW_MAX_COUNT,
+        sum,
+        min,
+        max,
+    }
+}
+
 impl ClosedRow {
     fn new(window: u16, start: i64, end: i64, acc: Acc, key: Key) -> Self {
         ClosedRow {
@@ -186,16 +201,11 @@ impl ClosedRow {
     }
 
     fn window(&self) -> u16 {
-        (self.tag >> 48) as u16
+        tag_window(self.tag)
     }
 
     fn acc(&self) -> Acc {
-        Acc {
-            count: self.tag & ROW_MAX_COUNT,
-            sum: self.sum,
-            min: self.min,
-            max: self.max,
-        }
+        tag_acc(self.tag, [self.sum, self.min, self.max])
     }
 
     #[cfg(test)]
@@ -373,7 +383,7 @@ impl std::fmt::Debug for RowRef<'_> {
 
 impl<'a> RowRef<'a> {
     fn window(&self) -> u16 {
-        (self.row.tag >> 48) as u16
+        tag_window(self.row.tag)
     }
 
     fn start(&self) -> i64 {
@@ -395,12 +405,8 @@ impl<'a> RowRef<'a> {
     }
 
     fn acc(&self) -> Acc {
-        Acc {
-            count: self.row.tag & ROW_MAX_COUNT,
-            sum: self.row.sum,
-            min: self.row.min,
-            max: self.row.max,
-        }
+        let r = self.row;
+        tag_acc(r.tag, [r.sum, r.min, r.max])
     }
 
     fn to_window(self, scope: &Option<Partition>) -> ClosedWindow {

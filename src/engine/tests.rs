@@ -92,7 +92,17 @@ fn checkpoint(engine: &mut Engine, store: &mut MaterializedState, id: u64, out: 
 /// Interleaved partition streams: (partition, key, ts, value).
 fn stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
     // per partition, event time advances by 0..150ms with jitter up to 150ms backwards (< 200)
-    prop::collection::vec((0i32..3, 0usize..5, 0i64..150, 0i64..150, 1u8..50), 1..300).prop_map(
+    streams(5, 150, 300)
+}
+
+/// Streams of fewer than `len` records over `keys` keys, event time advancing by less than
+/// `step` ms a record per partition, with jitter of less than 150 ms backwards.
+fn streams(
+    keys: usize,
+    step: i64,
+    len: usize,
+) -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
+    prop::collection::vec((0i32..3, 0..keys, 0..step, 0i64..150, 1u8..50), 1..len).prop_map(
         |steps| {
             let mut clock = [10_000i64; 3];
             steps
@@ -144,19 +154,7 @@ fn run_whole_with(stream: &[(i32, String, i64, f64)], cfg: EngineConfig) -> (Emi
 /// Streams over up to 400 keys: with [`wide_config`], more groups than a restore rebuilds at
 /// once ([`INSTALL_BATCH`]).
 fn wide_stream_strategy() -> impl Strategy<Value = Vec<(i32, String, i64, f64)>> {
-    prop::collection::vec((0i32..3, 0usize..400, 0i64..60, 0i64..150, 1u8..50), 1..400).prop_map(
-        |steps| {
-            let mut clock = [10_000i64; 3];
-            steps
-                .into_iter()
-                .map(|(part, key, step, back, v)| {
-                    let i = part as usize;
-                    clock[i] += step;
-                    (part, format!("k{key}"), clock[i] - back, f64::from(v))
-                })
-                .collect()
-        },
-    )
+    streams(400, 60, 400)
 }
 
 fn wide_config(partition_scoped: bool) -> EngineConfig {
