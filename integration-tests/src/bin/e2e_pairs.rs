@@ -7,9 +7,12 @@
 //! then with B's, the order swapped every other pair so that neither always runs first. Each
 //! run's table and JSON go to `DIR/<name>-<pair>.log` and `.json`; the pairs and their
 //! medians are printed as one markdown table and written to `DIR/summary.md`. `--env-a` and
-//! `--env-b` (repeatable) set environment variables for one side only, e.g. an allocator
-//! option (`_RJEM_MALLOC_CONF=background_thread:false`) on the same binary. A run that fails
-//! or leaves no JSON is reported as failed, the others still run, and the exit code is 1.
+//! `--env-b` (repeatable) set environment variables for one side's runs of `e2e_bench` (its
+//! broker, bare consume and service alike), e.g. an allocator option of the service
+//! (`_RJEM_MALLOC_CONF=background_thread:false`) on the same binary. A run that fails or
+//! leaves no JSON is reported as failed, the others still run, and the exit code is 1. A run
+//! that is not exact (stopped by a timeout or the RSS limit, a window lost or repeated) is a
+//! result: shown as such, and left out of the medians and ratios.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,7 +48,7 @@ struct Args {
 fn key_value(flag: &str, value: &str) -> Result<(String, String)> {
     value
         .split_once('=')
-        .filter(|(k, v)| !k.trim().is_empty() && !v.is_empty())
+        .filter(|(k, _)| !k.trim().is_empty())
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .ok_or_else(|| anyhow!("{flag} needs KEY=VALUE, got {value:?}\n{USAGE}"))
 }
@@ -93,6 +96,7 @@ fn parse_args(args: impl Iterator<Item = String>, now: u64) -> Result<Args> {
     let side = |given: Option<(String, String)>, env, flag: &str| -> Result<Side> {
         let (name, binary) =
             given.ok_or_else(|| anyhow!("{flag} NAME=BINARY is required\n{USAGE}"))?;
+        ensure!(!binary.is_empty(), "{flag} {name}=: no binary given");
         ensure!(
             name.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
@@ -135,7 +139,8 @@ fn a_first(pair: usize) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 struct Figures {
     records_per_cpu_s: f64,
-    share_of_bare: f64,
+    /// Absent when the bench never saw the whole input consumed.
+    share_of_bare: Option<f64>,
     peak_rss_gib: f64,
     longest_checkpoint_s: Option<f64>,
     longest_snapshot_ms: Option<f64>,
@@ -161,7 +166,7 @@ fn figures(json: &Value) -> Result<Figures> {
         && num("output_windows")? == num("workload_windows")?;
     Ok(Figures {
         records_per_cpu_s: num("service_records_per_cpu_s")?,
-        share_of_bare: num("service_ratio_to_bare")?,
+        share_of_bare: json.get("service_ratio_to_bare").and_then(Value::as_f64),
         peak_rss_gib: num("service_peak_rss_gib")?,
         longest_checkpoint_s: json
             .pointer("/api_checkpoint_duration/max")
@@ -207,7 +212,8 @@ fn thousands(x: f64) -> String {
 }
 
 /// The pairs as one markdown table with a median row, and a line saying how often B read
-/// more than A.
+/// more than A. Only exact runs count in the medians and the ratios: a run stopped early
+/// (a timeout, the RSS limit) divides every input record by the CPU it used, read or not.
 fn summary(a: &str, b: &str, pairs: &[(Run, Run)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -217,8 +223,10 @@ fn summary(a: &str, b: &str, pairs: &[(Run, Run)]) -> String {
     let _ = writeln!(out, "|{}", "---|".repeat(15));
     let opt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let exact = |r: &Run| r.as_ref().ok().filter(|f| f.exact).cloned();
     let mut ratios = Vec::new();
-    let mut cols: [Vec<f64>; 8] = Default::default();
+    // per side (A, B): rate, share, peak RSS, longest checkpoint, longest snapshot
+    let mut cols: [[Vec<f64>; 5]; 2] = Default::default();
     for (i, (ra, rb)) in pairs.iter().enumerate() {
         let pair = i + 1;
         let first = if a_first(pair) { a } else { b };
@@ -226,71 +234,81 @@ fn summary(a: &str, b: &str, pairs: &[(Run, Run)]) -> String {
             Ok(fig) => f(fig),
             Err(_) => "failed".to_string(),
         };
-        if let (Ok(fa), Ok(fb)) = (ra, rb) {
-            if fa.records_per_cpu_s > 0.0 {
-                ratios.push(fb.records_per_cpu_s / fa.records_per_cpu_s);
+        for (side, r) in [ra, rb].into_iter().enumerate() {
+            if let Some(f) = exact(r) {
+                let c = &mut cols[side];
+                c[0].push(f.records_per_cpu_s);
+                c[1].extend(f.share_of_bare);
+                c[2].push(f.peak_rss_gib);
+                c[3].extend(f.longest_checkpoint_s);
+                c[4].extend(f.longest_snapshot_ms);
             }
         }
-        for (side, r) in [(0, ra), (1, rb)] {
-            if let Ok(f) = r {
-                cols[side].push(f.records_per_cpu_s);
-                cols[2 + side].push(f.share_of_bare);
-                cols[4 + side].push(f.peak_rss_gib);
-                if let Some(c) = f.longest_checkpoint_s {
-                    cols[6 + side].push(c);
-                }
-            }
-        }
-        let ratio = match (ra, rb) {
-            (Ok(fa), Ok(fb)) if fa.records_per_cpu_s > 0.0 => {
-                format!("{:.2}", fb.records_per_cpu_s / fa.records_per_cpu_s)
+        let ratio = match (exact(ra), exact(rb)) {
+            (Some(fa), Some(fb)) if fa.records_per_cpu_s > 0.0 => {
+                let r = fb.records_per_cpu_s / fa.records_per_cpu_s;
+                ratios.push(r);
+                format!("{r:.2}")
             }
             _ => "-".to_string(),
+        };
+        let verdict = |f: &Figures| {
+            if f.exact {
+                "yes".to_string()
+            } else {
+                format!("**no** ({})", f.outcome)
+            }
         };
         let _ = writeln!(
             out,
             "| {pair} | {first} | {} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(ra, &|f| thousands(f.records_per_cpu_s)),
             cell(rb, &|f| thousands(f.records_per_cpu_s)),
-            cell(ra, &|f| format!("{:.3}", f.share_of_bare)),
-            cell(rb, &|f| format!("{:.3}", f.share_of_bare)),
+            cell(ra, &|f| opt(f.share_of_bare, 3)),
+            cell(rb, &|f| opt(f.share_of_bare, 3)),
             cell(ra, &|f| format!("{:.3}", f.peak_rss_gib)),
             cell(rb, &|f| format!("{:.3}", f.peak_rss_gib)),
             cell(ra, &|f| opt(f.longest_checkpoint_s, 2)),
             cell(rb, &|f| opt(f.longest_checkpoint_s, 2)),
             cell(ra, &|f| opt(f.longest_snapshot_ms, 0)),
             cell(rb, &|f| opt(f.longest_snapshot_ms, 0)),
-            cell(ra, &|f| if f.exact { "yes".into() } else { format!("**no** ({})", f.outcome) }),
-            cell(rb, &|f| if f.exact { "yes".into() } else { format!("**no** ({})", f.outcome) }),
+            cell(ra, &verdict),
+            cell(rb, &verdict),
         );
     }
-    let med = |i: usize, digits: usize| opt(median(&cols[i]), digits);
+    let med = |side: usize, col: usize, digits: usize| opt(median(&cols[side][col]), digits);
     let _ = writeln!(
         out,
-        "| median | | {} | {} | {} | {} | {} | {} | {} | {} | {} | | | | | |",
-        median(&cols[0]).map_or("-".into(), thousands),
-        median(&cols[1]).map_or("-".into(), thousands),
+        "| median of the exact runs | | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | | |",
+        median(&cols[0][0]).map_or("-".into(), thousands),
+        median(&cols[1][0]).map_or("-".into(), thousands),
         opt(median(&ratios), 2),
-        med(2, 3),
-        med(3, 3),
-        med(4, 3),
-        med(5, 3),
-        med(6, 2),
-        med(7, 2),
+        med(0, 1, 3),
+        med(1, 1, 3),
+        med(0, 2, 3),
+        med(1, 2, 3),
+        med(0, 3, 2),
+        med(1, 3, 2),
+        med(0, 4, 1),
+        med(1, 4, 1),
     );
     let more = ratios.iter().filter(|r| **r > 1.0).count();
     let _ = writeln!(
         out,
-        "\n{b} read more records per CPU-second than {a} in {more} of {} complete pairs.",
+        "\n{b} read more records per CPU-second than {a} in {more} of the {} pairs whose two runs were exact ({b} ÷ {a}: the median of those pairs' ratios).",
         ratios.len()
     );
-    let failed = pairs
-        .iter()
-        .flat_map(|(ra, rb)| [ra, rb])
-        .filter(|r| r.is_err())
-        .count();
+    let runs = pairs.iter().flat_map(|(ra, rb)| [ra, rb]);
+    let failed = runs.clone().filter(|r| r.is_err()).count();
+    let inexact = runs.filter(|r| r.as_ref().is_ok_and(|f| !f.exact)).count();
     if failed > 0 {
         let _ = writeln!(out, "{failed} run(s) failed; see their logs.");
+    }
+    if inexact > 0 {
+        let _ = writeln!(
+            out,
+            "{inexact} run(s) did not emit every window exactly; they are left out of the medians and ratios."
+        );
     }
     out
 }
@@ -300,6 +318,13 @@ fn run(bench: &Path, args: &Args, side: &Side, pair: usize) -> Run {
     let base = args.out.join(format!("{}-{pair}", side.name));
     let json = base.with_extension("json");
     let log = base.with_extension("log");
+    // a JSON left by an earlier use of the directory must not pass for this run's
+    match std::fs::remove_file(&json) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", json.display()))
+        }
+        _ => {}
+    }
     let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = file
         .try_clone()
@@ -428,6 +453,8 @@ mod tests {
         assert_eq!(a.a.name, "old");
         assert_eq!(a.b.binary, PathBuf::from("/bin/new"));
         assert_eq!(a.b.env.get("X").map(String::as_str), Some("y=z"));
+        let empty = args(&["--a", "a=/b", "--b", "b=/c", "--env-a", "EMPTY="]).expect("parse");
+        assert_eq!(empty.a.env.get("EMPTY").map(String::as_str), Some(""));
         assert!(a.a.env.is_empty());
         assert_eq!(a.pairs, 4);
         assert_eq!(a.bench_args, ["--keys", "1000000"]);
@@ -439,6 +466,7 @@ mod tests {
         let err = |list: &[&str]| args(list).expect_err("refused").to_string();
         assert!(err(&["--a", "x=/b"]).contains("--b NAME=BINARY is required"));
         assert!(err(&["--a", "x=/b", "--b", "x=/c"]).contains("different names"));
+        assert!(err(&["--a", "x=", "--b", "z=/c"]).contains("no binary given"));
         assert!(err(&["--a", "x/y=/b", "--b", "z=/c"]).contains("names files"));
         assert!(err(&["--a", "x=/b", "--b", "z=/c", "--pairs", "0"]).contains("at least 1"));
         assert!(err(&["--a", "x=/b", "--b", "z=/c", "--", "--json", "f"]).contains("--json"));
@@ -469,17 +497,28 @@ mod tests {
         let mut stopped = run_json(50_000.0, true);
         stopped["service_outcome"] = "Timeout".into();
         assert!(!figures(&stopped).expect("read").exact);
+        // a run stopped before the input was consumed has no share of the bare consume
+        let mut timed_out = run_json(50_000.0, true);
+        timed_out["service_outcome"] = "Timeout".into();
+        timed_out["service_ratio_to_bare"] = Value::Null;
+        let read = figures(&timed_out).expect("a timed-out run is a result");
+        assert!(!read.exact);
+        assert_eq!(read.share_of_bare, None);
         let missing = serde_json::json!({"service_outcome": "Complete"});
         assert!(figures(&missing).is_err());
     }
 
     #[test]
-    fn the_summary_gives_each_pair_its_ratio_and_the_medians() {
-        let f = |rate| figures(&run_json(rate, true)).map_err(|e| e.to_string());
+    fn the_summary_gives_each_pair_its_ratio_and_the_medians_of_the_exact_runs() {
+        let f = |rate, exact| figures(&run_json(rate, exact)).map_err(|e| e.to_string());
         let pairs = vec![
-            (f(50_000.0), f(60_000.0)),
-            (f(40_000.0), f(30_000.0)),
-            (f(45_000.0), Err("e2e_bench exit status: 1".to_string())),
+            (f(50_000.0, true), f(60_000.0, true)),
+            (f(40_000.0, true), f(30_000.0, true)),
+            (
+                f(45_000.0, true),
+                Err("e2e_bench exit status: 1".to_string()),
+            ),
+            (f(90_000.0, false), f(44_000.0, true)),
         ];
         let table = summary("old", "new", &pairs);
         assert!(
@@ -494,14 +533,28 @@ mod tests {
             table.contains("| 3 | old | 45,000 | failed | - |"),
             "{table}"
         );
-        // medians over the runs that finished: old 45,000 of three, new 45,000 of two
         assert!(
-            table.contains("| median | | 45,000 | 45,000 | 0.97 |"),
+            table.contains("| 4 | new | 90,000 | 44,000 | - |"),
             "{table}"
         );
-        assert!(table
-            .contains("new read more records per CPU-second than old in 1 of 2 complete pairs"));
+        assert!(table.contains("**no** (Complete)"), "{table}");
+        // medians over the exact runs: old 45,000 of three (the inexact 90,000 left out), new
+        // 44,000 of three; the ratio over the two pairs whose runs were both exact
+        assert!(
+            table.contains("| median of the exact runs | | 45,000 | 44,000 | 0.97 |"),
+            "{table}"
+        );
+        assert!(table.contains("new read more records per CPU-second than old in 1 of the 2 pairs"));
         assert!(table.contains("1 run(s) failed"));
+        assert!(table.contains("1 run(s) did not emit every window exactly"));
+        // every row of the table has the header's cells
+        let cells: Vec<usize> = table
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .map(|l| l.matches('|').count())
+            .collect();
+        assert_eq!(cells.len(), 7, "{table}");
+        assert!(cells.iter().all(|&c| c == cells[0]), "{cells:?}\n{table}");
     }
 
     #[test]
