@@ -271,6 +271,71 @@ fn percentiles(mut v: Vec<f64>) -> String {
     )
 }
 
+/// The loop's snapshot stalls: each one's length, the loop's time on a CPU and waiting for
+/// one meanwhile, its page faults, and the machine's ticks of steal.
+#[derive(Default)]
+struct Stalls {
+    secs: Vec<f64>,
+    on_cpu: Vec<f64>,
+    waiting: Vec<f64>,
+    faults: Vec<u64>,
+    steal: Vec<u64>,
+}
+
+impl Stalls {
+    /// Runs `snapshot` on the loop, measured as one stall.
+    fn measure<T>(&mut self, snapshot: impl FnOnce() -> T) -> T {
+        let (t, sched, faults, steal) = (
+            Instant::now(),
+            thread_sched(),
+            thread_faults(),
+            steal_ticks(),
+        );
+        let out = snapshot();
+        self.secs.push(t.elapsed().as_secs_f64());
+        let after = thread_sched();
+        self.on_cpu.push(after.0 - sched.0);
+        self.waiting.push(after.1 - sched.1);
+        self.faults.push(thread_faults().saturating_sub(faults));
+        self.steal.push(steal_ticks().saturating_sub(steal));
+        out
+    }
+
+    fn report(self) {
+        // the long stalls with their page faults, before the percentiles sort the stalls
+        let long: Vec<String> = self
+            .secs
+            .iter()
+            .zip(self.faults.iter().zip(&self.steal))
+            .filter(|(s, _)| **s > 0.002)
+            .map(|(s, (f, st))| {
+                format!(
+                    "{:.0} ms with {f} page faults and {st} ticks of steal",
+                    s * 1000.0
+                )
+            })
+            .collect();
+        let mut faults = self.faults;
+        faults.sort_unstable();
+        println!("snapshot stalls: {}", percentiles(self.secs));
+        println!(
+            "  of which on a CPU: {}; waiting for a CPU: {}",
+            percentiles(self.on_cpu),
+            percentiles(self.waiting)
+        );
+        println!(
+            "  the loop's page faults in a snapshot: p50 {}, max {}; stalls over 2 ms: {}",
+            faults.get(faults.len() / 2).copied().unwrap_or(0),
+            faults.last().copied().unwrap_or(0),
+            if long.is_empty() {
+                "none".to_string()
+            } else {
+                long.join(", ")
+            }
+        );
+    }
+}
+
 /// A small deterministic generator (xorshift).
 struct Rng(u64);
 
@@ -464,13 +529,7 @@ fn main() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut offsets = vec![0i64; PARTITIONS as usize];
     let mut payload = String::with_capacity(96);
-    let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Vec::new());
-    // of each stall: the loop's time on a CPU, and waiting for one
-    let (mut stall_cpu, mut stall_wait) = (Vec::new(), Vec::new());
-    // of each stall: the loop's minor page faults
-    let mut stall_faults: Vec<u64> = Vec::new();
-    // of each stall: the machine's ticks of steal
-    let mut stall_steal: Vec<u64> = Vec::new();
+    let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Stalls::default());
     let mut in_flight: Option<(CheckpointId, Instant)> = None;
     let mut stopped: Option<String> = None;
     let mut next_rss_check = Instant::now();
@@ -497,8 +556,7 @@ fn main() {
     let checkpoint = |engine: &mut Engine,
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
-                      stalls: &mut Vec<f64>,
-                      stall_sched: (&mut Vec<f64>, &mut Vec<f64>, &mut Vec<u64>, &mut Vec<u64>),
+                      stalls: &mut Stalls,
                       force_full: bool| {
         let now = started.elapsed();
         if in_flight.is_some() || !(force_full || scheduler.due(now)) {
@@ -508,19 +566,9 @@ fn main() {
             scheduler.restart_line();
         }
         let Trigger { id, base } = scheduler.trigger(now);
-        let (t, sched, faults, steal) = (
-            Instant::now(),
-            thread_sched(),
-            thread_faults(),
-            steal_ticks(),
-        );
-        let delta = engine.snapshot(id, base.is_none());
-        stalls.push(t.elapsed().as_secs_f64());
-        let after = thread_sched();
-        stall_sched.0.push(after.0 - sched.0);
-        stall_sched.1.push(after.1 - sched.1);
-        stall_sched.2.push(thread_faults().saturating_sub(faults));
-        stall_sched.3.push(steal_ticks().saturating_sub(steal));
+        // the checkpoint starts with its snapshot
+        let t = Instant::now();
+        let delta = stalls.measure(|| engine.snapshot(id, base.is_none()));
         let cp = Checkpoint {
             id,
             base,
@@ -617,12 +665,6 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (
-                    &mut stall_cpu,
-                    &mut stall_wait,
-                    &mut stall_faults,
-                    &mut stall_steal,
-                ),
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -638,12 +680,6 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (
-                    &mut stall_cpu,
-                    &mut stall_wait,
-                    &mut stall_faults,
-                    &mut stall_steal,
-                ),
                 false,
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -655,12 +691,6 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (
-                    &mut stall_cpu,
-                    &mut stall_wait,
-                    &mut stall_faults,
-                    &mut stall_steal,
-                ),
                 true,
             ) {
                 Some(id) => full = Some((id, entries)),
@@ -699,12 +729,6 @@ fn main() {
                 &mut scheduler,
                 &mut in_flight,
                 &mut stalls,
-                (
-                    &mut stall_cpu,
-                    &mut stall_wait,
-                    &mut stall_faults,
-                    &mut stall_steal,
-                ),
                 false,
             );
         }
@@ -758,36 +782,7 @@ fn main() {
         "checkpoints wrote {:.1} MiB in all",
         written as f64 / 1048576.0
     );
-    // the long stalls with their page faults, before the percentiles sort the stalls
-    let long: Vec<String> = stalls
-        .iter()
-        .zip(stall_faults.iter().zip(&stall_steal))
-        .filter(|(s, _)| **s > 0.002)
-        .map(|(s, (f, st))| {
-            format!(
-                "{:.0} ms with {f} page faults and {st} ticks of steal",
-                s * 1000.0
-            )
-        })
-        .collect();
-    let mut faults = stall_faults.clone();
-    faults.sort_unstable();
-    println!("snapshot stalls: {}", percentiles(stalls));
-    println!(
-        "  of which on a CPU: {}; waiting for a CPU: {}",
-        percentiles(stall_cpu),
-        percentiles(stall_wait)
-    );
-    println!(
-        "  the loop's page faults in a snapshot: p50 {}, max {}; stalls over 2 ms: {}",
-        faults.get(faults.len() / 2).copied().unwrap_or(0),
-        faults.last().copied().unwrap_or(0),
-        if long.is_empty() {
-            "none".to_string()
-        } else {
-            long.join(", ")
-        }
-    );
+    stalls.report();
     match (full, full_took) {
         (Some((_, entries)), Some(took)) => {
             println!("full checkpoint at the end of the data: {took:.3} s for {entries} live window-keys")

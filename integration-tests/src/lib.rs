@@ -56,6 +56,26 @@ pub use model::{Event, WindowResult, WindowSpec};
 pub use process::KillOnDrop;
 pub use service::{Service, ServiceConfig};
 
+/// `1234567.891` as `1,234,567.89` (with `decimals` places), as the benchmarks' tables show
+/// figures.
+pub fn grouped(v: f64, decimals: usize) -> String {
+    let text = format!("{:.*}", decimals, v.abs());
+    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if v < 0.0 { "-" } else { "" };
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
+}
+
 /// The cargo workspace root (the parent of this crate).
 pub fn workspace_dir() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -186,4 +206,17 @@ pub fn log_numbers(log: &str, line: &str, key: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grouped;
+
+    #[test]
+    fn figures_are_grouped_by_thousands() {
+        assert_eq!(grouped(56_876.4, 0), "56,876");
+        assert_eq!(grouped(999.0, 0), "999");
+        assert_eq!(grouped(1_234_567.891, 2), "1,234,567.89");
+        assert_eq!(grouped(-1_234.5, 1), "-1,234.5");
+    }
 }

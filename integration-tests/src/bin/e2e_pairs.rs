@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use integration_tests::workspace_dir;
+use integration_tests::{grouped, workspace_dir};
 use serde_json::Value;
 
 const USAGE: &str = "usage: e2e_pairs --a NAME=BINARY --b NAME=BINARY [--pairs N (3)] \
@@ -195,20 +195,9 @@ fn median(values: &[f64]) -> Option<f64> {
 /// A run's figures, or why there are none.
 type Run = std::result::Result<Figures, String>;
 
-fn thousands(x: f64) -> String {
-    let n = x.round() as i64;
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 {
-        out.insert(0, '-');
-    }
-    out
+/// A rate as the tables show it: whole, in groups of three digits.
+fn grouped0(x: f64) -> String {
+    grouped(x, 0)
 }
 
 /// The pairs as one markdown table with a median row, and a line saying how often B read
@@ -262,8 +251,8 @@ fn summary(a: &str, b: &str, pairs: &[(Run, Run)]) -> String {
         let _ = writeln!(
             out,
             "| {pair} | {first} | {} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(ra, &|f| thousands(f.records_per_cpu_s)),
-            cell(rb, &|f| thousands(f.records_per_cpu_s)),
+            cell(ra, &|f| grouped0(f.records_per_cpu_s)),
+            cell(rb, &|f| grouped0(f.records_per_cpu_s)),
             cell(ra, &|f| opt(f.share_of_bare, 3)),
             cell(rb, &|f| opt(f.share_of_bare, 3)),
             cell(ra, &|f| format!("{:.3}", f.peak_rss_gib)),
@@ -280,8 +269,8 @@ fn summary(a: &str, b: &str, pairs: &[(Run, Run)]) -> String {
     let _ = writeln!(
         out,
         "| median of the exact runs | | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | | |",
-        median(&cols[0][0]).map_or("-".into(), thousands),
-        median(&cols[1][0]).map_or("-".into(), thousands),
+        median(&cols[0][0]).map_or("-".into(), grouped0),
+        median(&cols[1][0]).map_or("-".into(), grouped0),
         opt(median(&ratios), 2),
         med(0, 1, 3),
         med(1, 1, 3),
@@ -555,12 +544,5 @@ mod tests {
             .collect();
         assert_eq!(cells.len(), 7, "{table}");
         assert!(cells.iter().all(|&c| c == cells[0]), "{cells:?}\n{table}");
-    }
-
-    #[test]
-    fn thousands_are_separated() {
-        assert_eq!(thousands(56_876.4), "56,876");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(thousands(1_234_567.0), "1,234,567");
     }
 }

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use integration_tests::grouped;
 use integration_tests::metrics::{self as m, Metrics};
 
 use crate::service::{Outcome, ServiceRun};
@@ -31,7 +32,7 @@ impl Report {
 
     pub(crate) fn num(&mut self, key: &str, label: &str, value: Option<f64>, decimals: usize) {
         match value.filter(|v| v.is_finite()) {
-            Some(v) => self.add(key, label, v, group(v, decimals)),
+            Some(v) => self.add(key, label, v, grouped(v, decimals)),
             None => self.add(key, label, Value::Null, "n/a"),
         }
     }
@@ -63,25 +64,6 @@ impl Report {
             .map(|(key, _, value, _)| (key.clone(), value.clone()))
             .collect();
         Value::Object(map)
-    }
-}
-
-/// `1234567.891` as `1,234,567.89` (with `decimals` places).
-fn group(v: f64, decimals: usize) -> String {
-    let text = format!("{:.*}", decimals, v.abs());
-    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
-    let mut grouped = String::new();
-    for (i, c) in int.chars().enumerate() {
-        if i > 0 && (int.len() - i).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    let sign = if v < 0.0 { "-" } else { "" };
-    if frac.is_empty() {
-        format!("{sign}{grouped}")
-    } else {
-        format!("{sign}{grouped}.{frac}")
     }
 }
 
