@@ -21,6 +21,9 @@
 //!   the write history; the first reopen of each store is printed on its own. Each key count
 //!   runs all its groups before the next is built.
 //!
+//! `KEY_GROUPS=N` in the environment sets the key groups of every benchmark (the service's
+//! `state.key_groups`; its default otherwise).
+//!
 //! Run with `cargo bench --bench engine`; pass a filter to run a subset, e.g.
 //! `cargo bench --bench engine -- restore`.
 
@@ -75,6 +78,19 @@ impl Rng {
 
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+}
+
+/// Key groups of `decode_aggregate`: `KEY_GROUPS` from the environment (1 to 65535), else the
+/// default of a new store.
+fn key_groups() -> u16 {
+    match std::env::var("KEY_GROUPS") {
+        Err(_) => checkpointer::engine::group::DEFAULT_GROUPS,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&g: &u16| g > 0)
+            .unwrap_or_else(|| panic!("KEY_GROUPS={v}: give 1 to 65535")),
     }
 }
 
@@ -153,7 +169,10 @@ impl Pipeline {
             allowed_lateness: 0,
             hold_until_checkpoint: true,
             partition_scoped: false,
-            groups: GroupLayout::default(),
+            groups: GroupLayout {
+                seed: 0,
+                groups: key_groups(),
+            },
         };
         let partitions = partitions();
         let mut engine = Engine::new(cfg);
@@ -269,7 +288,10 @@ fn live_config() -> EngineConfig {
         allowed_lateness: 0,
         hold_until_checkpoint: true,
         partition_scoped: false,
-        groups: GroupLayout::default(),
+        groups: GroupLayout {
+            seed: 0,
+            groups: key_groups(),
+        },
     }
 }
 

@@ -34,7 +34,8 @@
 //! `--max-seconds` (900) and `--max-rss-gib` (16) stop a run that goes past them (reported as
 //! stopped, with how far it got).
 //!
-//! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--window-ms N` sets
+//! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--key-groups N` sets
+//! the new store's key groups (the service's `state.key_groups`; its default otherwise). `--window-ms N` sets
 //! the tumbling size (the hopping window is 3N every N); `--keys-in-order` takes keys in turn,
 //! so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M live keys.
 //! Before the run ends, a full checkpoint of the state as it is then is timed
@@ -85,6 +86,8 @@ struct Args {
     ack_delay: Duration,
     /// Records per second of wall time at most (0: as fast as the loop goes).
     rate: u64,
+    /// Key groups of the new store (the service's `state.key_groups`).
+    key_groups: u16,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -102,6 +105,7 @@ fn args() -> Args {
         max_pending: 1_000_000,
         ack_delay: Duration::ZERO,
         rate: 0,
+        key_groups: checkpointer::engine::group::DEFAULT_GROUPS,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -128,6 +132,12 @@ fn args() -> Args {
             "--max-pending" => a.max_pending = value() as usize,
             "--ack-delay-ms" => a.ack_delay = Duration::from_millis(value()),
             "--rate" => a.rate = value(),
+            "--key-groups" => {
+                a.key_groups = u16::try_from(value())
+                    .ok()
+                    .filter(|&g| g > 0)
+                    .unwrap_or_else(|| panic!("--key-groups takes 1 to 65535"))
+            }
             // cargo bench passes --bench
             _ => {}
         }
@@ -496,7 +506,11 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("store");
-    let store = Arc::new(Store::open(&path, Open::Create).expect("store"));
+    let store = Store::open(&path, Open::AsIs)
+        .expect("store")
+        .with_key_groups(a.key_groups);
+    store.upgrade().expect("new store");
+    let store = Arc::new(store);
     let checkpoints: Arc<dyn Checkpoints> = store.clone();
     let (jobs, mut outcomes) = {
         let _guard = runtime.enter();
@@ -762,8 +776,8 @@ fn main() {
     let restore = stopped.is_none().then(|| restore_in_child(&path));
 
     println!(
-        "turnover: {} records, {} keys, checkpoint every {:?}, acknowledgements {:?} after release, at most {} records/s (0: no bound)",
-        a.records, a.keys, a.interval, a.ack_delay, a.rate
+        "turnover: {} records, {} keys in {} key groups, checkpoint every {:?}, acknowledgements {:?} after release, at most {} records/s (0: no bound)",
+        a.records, a.keys, a.key_groups, a.interval, a.ack_delay, a.rate
     );
     if let Some(why) = &stopped {
         println!("STOPPED after {wall:.0} s ({why}): {consumed} of {total} records read, {pending} windows not released");

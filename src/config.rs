@@ -342,7 +342,7 @@ pub enum OnCancel {
     Delete,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
     /// What one window aggregates: every partition's records of a key (`instance`), or one
@@ -366,6 +366,44 @@ pub struct StateSettings {
     /// newest complete publication without it.
     #[serde(default)]
     pub on_unreadable_changelog: OnUnreadable,
+    /// Key groups per state scope of a new store (1 to 65535): the unit a checkpoint writes.
+    /// Recorded when the store is created; a store keeps the count it was created with. Unset:
+    /// see [`StateSettings::key_groups`].
+    #[serde(default)]
+    pub key_groups: Option<u16>,
+}
+
+/// Key groups of a new store when `state.changelog_topic` is set and `state.key_groups` is not.
+/// A changelog carries one partition's group in one Kafka record, which must stay under the
+/// topic's message size limit (1 MB by default): with 4,096 groups a partition can hold tens
+/// of millions of live keys before a group passes it, with 256 a few million.
+pub const CHANGELOG_KEY_GROUPS: u16 = 4096;
+
+impl StateSettings {
+    /// The key groups a new store gets: `state.key_groups`, else [`CHANGELOG_KEY_GROUPS`] with a
+    /// changelog, else the engine's default.
+    pub fn key_groups(&self) -> u16 {
+        self.key_groups
+            .unwrap_or(if self.changelog_topic.is_some() {
+                CHANGELOG_KEY_GROUPS
+            } else {
+                crate::engine::group::DEFAULT_GROUPS
+            })
+    }
+}
+
+/// What a configuration without a `state` section gets: each field's own default.
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            scope: StateScope::default(),
+            changelog_topic: None,
+            max_memory: None,
+            max_open_windows: None,
+            on_unreadable_changelog: OnUnreadable::default(),
+            key_groups: None,
+        }
+    }
 }
 
 /// `state.on_unreadable_changelog`.
@@ -744,6 +782,15 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "state.max_memory",
                 "must be at least 16 MiB: the process needs about that to start",
+            ));
+        }
+        if self.state.key_groups == Some(0) {
+            return Err(ConfigError::invalid(
+                "state.key_groups",
+                format!(
+                    "0 groups cannot hold a key; give 1 to 65535 (default {}, {CHANGELOG_KEY_GROUPS} with a changelog)",
+                    crate::engine::group::DEFAULT_GROUPS
+                ),
             ));
         }
         if self.state.max_open_windows == Some(0) {
@@ -1245,6 +1292,31 @@ checkpoint:
         let skip = ("CHECKPOINTER_STATE__ON_UNREADABLE_CHANGELOG", "skip");
         let s = load(BASE, &[skip]).expect("valid");
         assert_eq!(s.state.on_unreadable_changelog, OnUnreadable::Skip);
+    }
+
+    #[test]
+    fn key_groups_default_to_the_engines_or_more_with_a_changelog_and_refuse_zero_and_past_u16() {
+        let s = load(BASE, &[]).expect("valid");
+        assert_eq!(s.state.key_groups(), crate::engine::group::DEFAULT_GROUPS);
+        let s = load(BASE, &[("CHECKPOINTER_STATE__KEY_GROUPS", "4096")]).expect("valid");
+        assert_eq!(s.state.key_groups(), 4096);
+        let changelog = [
+            ("CHECKPOINTER_STATE__SCOPE", "partition"),
+            ("CHECKPOINTER_STATE__CHANGELOG_TOPIC", "changes"),
+        ];
+        let s = load(BASE, &changelog).expect("valid");
+        assert_eq!(s.state.key_groups(), CHANGELOG_KEY_GROUPS);
+        let [scope, topic] = changelog;
+        let s = load(
+            BASE,
+            &[scope, topic, ("CHECKPOINTER_STATE__KEY_GROUPS", "64")],
+        )
+        .expect("valid");
+        assert_eq!(s.state.key_groups(), 64);
+        for bad in ["0", "65536", "-1", "many"] {
+            let text = err_text(BASE, &[("CHECKPOINTER_STATE__KEY_GROUPS", bad)]);
+            assert!(text.contains("key_groups"), "{bad}: {text}");
+        }
     }
 
     #[test]

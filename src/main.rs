@@ -222,6 +222,10 @@ enum SavepointAction {
         /// Store it under another name.
         #[arg(long)]
         name: Option<String>,
+        /// Key groups per scope if the directory has no store yet (`state.key_groups`; 1 to
+        /// 65535). An existing store keeps its own.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        key_groups: Option<u16>,
     },
     /// Delete a savepoint, through a running instance (--url) or offline (--dir).
     Delete {
@@ -461,9 +465,12 @@ fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
         Some(SavepointAction::Export { name, out, dir }) => {
             offline::export_savepoint(&dir, &name, &out)
         }
-        Some(SavepointAction::Import { file, dir, name }) => {
-            offline::import_savepoint(&dir, &file, name.as_deref())
-        }
+        Some(SavepointAction::Import {
+            file,
+            dir,
+            name,
+            key_groups,
+        }) => offline::import_savepoint(&dir, &file, name.as_deref(), key_groups),
         Some(SavepointAction::Delete {
             name,
             dir: Some(dir),

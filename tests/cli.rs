@@ -755,6 +755,57 @@ fn offline_commands_refuse_a_running_store_and_a_missing_one() {
 }
 
 #[test]
+fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_keeps_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    drop(populated_store(&state));
+    let file = dir.path().join("sp.chkpt");
+    let (d, f) = (state.to_str().expect("utf8"), file.to_str().expect("utf8"));
+    let out = cli(&[
+        "savepoint",
+        "export",
+        "before-upgrade",
+        "--out",
+        f,
+        "--dir",
+        d,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let fresh = dir.path().join("fresh");
+    let fr = fresh.to_str().expect("utf8");
+    let out = cli(&["savepoint", "import", f, "--dir", fr, "--key-groups", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--key-groups"), "{}", stderr(&out));
+    assert!(!fresh.exists(), "a refused import created a store");
+    let out = cli(&["savepoint", "import", f, "--dir", fr, "--key-groups", "9"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let groups = |path: &std::path::Path| {
+        checkpointer::store::Store::open(path, checkpointer::store::Open::Existing)
+            .expect("open")
+            .layout()
+            .expect("layout")
+            .groups
+    };
+    assert_eq!(groups(&fresh), 9);
+    let out = cli(&[
+        "savepoint",
+        "import",
+        f,
+        "--dir",
+        fr,
+        "--name",
+        "again",
+        "--key-groups",
+        "4096",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(groups(&fresh), 9, "an existing store keeps its key groups");
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&["savepoint", "list", "--dir", fr]))).expect("json");
+    assert_eq!(listed["savepoints"][0]["entries"], 2);
+}
+
+#[test]
 fn export_import_round_trip_and_damaged_files_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");

@@ -92,9 +92,21 @@ fn empty_volume(seed: u64) -> Result<()> {
     history.extend(second.iter().flatten().cloned());
     let expected = expected_windows(&windows, &history);
 
-    let mut b = Service::new("handoff_b", cfg.clone())?;
+    // with other key groups than the first instance's: the state the changelog carries goes
+    // into this volume's own groups
+    let mut other_groups = cfg.clone();
+    other_groups
+        .state_extra
+        .insert("key_groups".to_owned(), "7".to_owned());
+    let mut b = Service::new("handoff_b", other_groups)?;
     b.start()?;
     b.wait_ready(READY_TIMEOUT)?;
+    let log = std::fs::read_to_string(b.log_path()).unwrap_or_default();
+    ensure!(
+        log.contains("key_groups=7") || log.contains("\"key_groups\":7"),
+        "the second volume's store was not created with 7 key groups:\n{}",
+        b.log_tail(40)
+    );
     let produced_second = producer.send_partitions(
         &input,
         &workload::with_local_sentinels(&second, sentinel_ts),

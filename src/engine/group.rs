@@ -18,8 +18,13 @@ use super::scope::GroupState;
 use super::state::{Entry, EntryStatus, StateKey};
 use crate::position::Partition;
 
-/// Groups per scope in a new store.
-pub const DEFAULT_GROUPS: u16 = 4096;
+/// Groups per scope in a new store when the configuration does not say (`state.key_groups`).
+/// Each group has its own tables, so the record path's working set grows with the groups a
+/// scope holds: at 10k keys, 4,096 groups (this build's default before 2026-12-03) read 1.3 to
+/// 1.5 times slower than 256 in the turnover benchmark, and 1M keys up to twice as slow
+/// (docs/benchmarks.md). Fewer groups make a checkpoint that changed few keys of a large
+/// state rewrite more of it.
+pub const DEFAULT_GROUPS: u16 = 256;
 
 /// How keys map to groups: fixed for the life of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,13 +46,13 @@ impl Default for GroupLayout {
 }
 
 impl GroupLayout {
-    /// A layout with a fresh random seed and [`DEFAULT_GROUPS`] groups.
-    pub fn random() -> Self {
+    /// A layout with a fresh random seed and `groups` groups (at least 1).
+    pub fn random(groups: u16) -> Self {
         let state = std::collections::hash_map::RandomState::new();
         let seed = std::hash::BuildHasher::hash_one(&state, std::time::SystemTime::now());
         GroupLayout {
             seed,
-            groups: DEFAULT_GROUPS,
+            groups: groups.max(1),
         }
     }
 
@@ -711,7 +716,7 @@ mod tests {
 
     #[test]
     fn keys_spread_over_the_groups() {
-        let layout = GroupLayout::random();
+        let layout = GroupLayout::random(4096);
         let mut counts = vec![0u32; usize::from(layout.groups)];
         for i in 0..409_600 {
             counts[usize::from(layout.group_of(&format!("user-{i}")))] += 1;

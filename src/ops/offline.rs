@@ -128,8 +128,15 @@ pub fn export_savepoint(dir: &Path, name: &str, out: &Path) -> Result<String, Op
     ))
 }
 
-/// `savepoint import FILE [--name NEW]`: creates the directory's store if needed.
-pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result<String, OpsError> {
+/// `savepoint import FILE [--name NEW] [--key-groups N]`: creates the directory's store if
+/// needed, with `key_groups` groups per scope if given (else the default); the savepoint's
+/// state is filed into the store's own groups.
+pub fn import_savepoint(
+    dir: &Path,
+    file: &Path,
+    rename: Option<&str>,
+    key_groups: Option<u16>,
+) -> Result<String, OpsError> {
     let mut sp = portable::read_file(file)?;
     if let Some(name) = rename {
         validate_savepoint_name(name).map_err(OpsError::Invalid)?;
@@ -139,7 +146,11 @@ pub fn import_savepoint(dir: &Path, file: &Path, rename: Option<&str>) -> Result
     check_given_name(&sp.meta.name).map_err(|e| {
         OpsError::Invalid(format!("{e}; import it under another name with --name NEW"))
     })?;
-    let store = Store::open(dir, Open::Create)?;
+    let mut store = Store::open(dir, Open::AsIs)?;
+    if let Some(groups) = key_groups {
+        store = store.with_key_groups(groups);
+    }
+    store.upgrade()?;
     store.import_savepoint(&sp.meta, &sp.entries)?;
     Ok(format!(
         "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}",

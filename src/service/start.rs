@@ -60,8 +60,9 @@ pub(super) fn open_and_restore(
         allow_non_restored_state: c.allow_non_restored_state,
     };
     // the lock is held from here on: nothing can change the store between check and migration
-    let mut store =
-        open_waiting(dir, c.lock_wait, c.cache_capacity.as_u64())?.with_retention(retention);
+    let mut store = open_waiting(dir, c.lock_wait, c.cache_capacity.as_u64())?
+        .with_retention(retention)
+        .with_key_groups(settings.state.key_groups());
     // claimed before anything is migrated or restored: an older writer stops at its next write
     let owner = store.claim(&owner_name(settings))?;
     tracing::info!(dir = %dir.display(), epoch = owner.epoch, instance = %owner.instance, "claimed the checkpoint store");
@@ -71,6 +72,12 @@ pub(super) fn open_and_restore(
         restore::restore(&copy, &request, &Metrics::new())?;
     }
     store.upgrade()?;
+    let (layout, configured) = (store.layout()?, settings.state.key_groups());
+    if layout.groups == configured {
+        tracing::info!(dir = %dir.display(), key_groups = layout.groups, "checkpoint store key groups");
+    } else {
+        tracing::info!(dir = %dir.display(), key_groups = layout.groups, configured_key_groups = configured, "the checkpoint store keeps the key groups it was created with; state.key_groups applies to new stores only");
+    }
     store.record_claim()?;
     let restored = restore::restore(&store, &request, metrics)?;
     Ok((store, restored))

@@ -330,54 +330,95 @@ fn the_current_format_has_a_fixture() {
     );
 }
 
+/// The recorded state of the fixture in `dir`.
+fn expected_of(dir: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected.json")).expect("read expected"),
+    )
+    .expect("expected.json")
+}
+
+/// Asserts that `store` (opened from the fixture in `dir`) retains the checkpoints `expected`
+/// records, each restoring to its recorded state, read whole and as a start reads it.
+fn assert_checkpoints_restore(dir: &Path, store: &Store, expected: &Value) {
+    let recorded = expected["checkpoints"]
+        .as_object()
+        .expect("checkpoints object");
+    let ids = store.checkpoint_ids().expect("ids");
+    assert_eq!(
+        ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        recorded.keys().cloned().collect::<Vec<_>>(),
+        "{}: retained checkpoints",
+        dir.display()
+    );
+    for (id, want) in recorded {
+        let id: u64 = id.parse().expect("id");
+        let (meta, state) = store
+            .load_checkpoint(CheckpointId(id))
+            .unwrap_or_else(|e| panic!("{}: checkpoint {id}: {e}", dir.display()));
+        assert_eq!(
+            &describe(&meta.spec, &state),
+            want,
+            "{}: checkpoint {id}",
+            dir.display()
+        );
+        // as a start reads it: groups kept encoded, decoded as installed
+        let (_, stored) = store
+            .load_checkpoint_stored(CheckpointId(id))
+            .unwrap_or_else(|e| panic!("{}: checkpoint {id} stored: {e}", dir.display()));
+        let decoded = RestoredState {
+            entries: stored.clone().into_entries().expect("decodes"),
+            groups: Vec::new(),
+            ..stored
+        };
+        assert_eq!(
+            &describe(&meta.spec, &decoded),
+            want,
+            "{}: checkpoint {id} stored",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn a_format_4_store_migrates_into_the_configured_key_groups_with_its_recorded_state() {
+    let dir = fixtures_root().join("v4");
+    let expected = expected_of(&dir);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&dir.join("store"), tmp.path()).expect("copy fixture store");
+    let store = Store::open(tmp.path(), super::Open::AsIs)
+        .expect("open")
+        .with_key_groups(5);
+    store.upgrade().expect("migrate");
+    let layout = store.layout().expect("layout");
+    assert_eq!(layout.groups, 5);
+    assert_checkpoints_restore(&dir, &store, &expected);
+    // every key filed in the group the recorded layout gives it
+    for id in store.checkpoint_ids().expect("ids") {
+        let (_, stored) = store.load_checkpoint_stored(id).expect("stored");
+        assert!(!stored.groups.is_empty(), "checkpoint {id} holds groups");
+        for g in &stored.groups {
+            let mut keys = 0;
+            crate::engine::group::visit_blob(&g.blob, |e| {
+                keys += 1;
+                assert_eq!(layout.group_of(e.0), g.id.group, "{id}: key {:?}", e.0);
+            })
+            .expect("blob reads");
+            assert!(keys > 0, "{id}: group {} holds keys", g.id.group);
+        }
+    }
+}
+
 #[test]
 fn every_fixture_store_restores_its_recorded_state() {
     for dir in fixture_dirs() {
-        let expected: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("expected.json")).expect("read expected"),
-        )
-        .expect("expected.json");
+        let expected = expected_of(&dir);
         let tmp = tempfile::tempdir().expect("tempdir");
         copy_dir(&dir.join("store"), tmp.path()).expect("copy fixture store");
         let store = Store::open(tmp.path(), super::Open::Create)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let recorded = expected["checkpoints"]
-            .as_object()
-            .expect("checkpoints object");
+        assert_checkpoints_restore(&dir, &store, &expected);
         let ids = store.checkpoint_ids().expect("ids");
-        assert_eq!(
-            ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            recorded.keys().cloned().collect::<Vec<_>>(),
-            "{}: retained checkpoints",
-            dir.display()
-        );
-        for (id, want) in recorded {
-            let id: u64 = id.parse().expect("id");
-            let (meta, state) = store
-                .load_checkpoint(CheckpointId(id))
-                .unwrap_or_else(|e| panic!("{}: checkpoint {id}: {e}", dir.display()));
-            assert_eq!(
-                &describe(&meta.spec, &state),
-                want,
-                "{}: checkpoint {id}",
-                dir.display()
-            );
-            // as a start reads it: groups kept encoded, decoded as installed
-            let (_, stored) = store
-                .load_checkpoint_stored(CheckpointId(id))
-                .unwrap_or_else(|e| panic!("{}: checkpoint {id} stored: {e}", dir.display()));
-            let decoded = RestoredState {
-                entries: stored.clone().into_entries().expect("decodes"),
-                groups: Vec::new(),
-                ..stored
-            };
-            assert_eq!(
-                &describe(&meta.spec, &decoded),
-                want,
-                "{}: checkpoint {id} stored",
-                dir.display()
-            );
-        }
         // a restarted build keeps counting from the fixture's ids
         assert!(store.next_id().expect("next id") > ids.last().copied().unwrap_or(CheckpointId(0)));
         // format 1 had no savepoints

@@ -136,7 +136,7 @@ fn from_v4(store: &Store) -> Result<(), StoreError> {
     let layout = match tree.get(META_GROUPS)? {
         Some(raw) => store.decode(&raw, "key-group layout")?,
         None => {
-            let layout = GroupLayout::random();
+            let layout = store.new_layout();
             batch.insert(META_GROUPS, Store::encode(&layout, CheckpointId(0))?);
             layout
         }

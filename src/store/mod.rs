@@ -26,6 +26,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::checkpoint::history::{CheckpointRecord, Status};
 use crate::checkpoint::protocol::{ApplyError, CheckpointMeta};
 use crate::checkpoint_id::CheckpointId;
+use crate::engine::group::DEFAULT_GROUPS;
 use crate::engine::GroupLayout;
 pub use codec::FORMAT_VERSION;
 use codec::{
@@ -176,6 +177,9 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     retention: Retention,
+    /// Key groups per scope of the layout recorded when this store is created, or migrated
+    /// from a format without one (`state.key_groups`); an existing layout is never changed.
+    new_groups: u16,
     /// Set for a migrated copy made for inspection: the directory it lives in, removed when
     /// the copy is dropped (after the database, which is declared before it).
     scratch: Option<tempfile::TempDir>,
@@ -285,6 +289,7 @@ impl Store {
             db,
             tree,
             retention: self.retention,
+            new_groups: self.new_groups,
             scratch: Some(scratch),
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
@@ -341,6 +346,7 @@ impl Store {
             db,
             tree,
             retention: Retention::default(),
+            new_groups: DEFAULT_GROUPS,
             scratch: None,
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
@@ -352,6 +358,19 @@ impl Store {
     pub fn with_retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
         self
+    }
+
+    /// The key groups per scope recorded if this store gets its layout now: when it is new
+    /// (at [`Store::upgrade`]; a store opened with [`Open::Create`] is stamped at open) or is
+    /// migrated from a format without groups. A store that has a layout keeps it.
+    pub fn with_key_groups(mut self, groups: u16) -> Self {
+        self.new_groups = groups.max(1);
+        self
+    }
+
+    /// The layout this store records when it gets one (see [`Store::with_key_groups`]).
+    fn new_layout(&self) -> GroupLayout {
+        GroupLayout::random(self.new_groups)
     }
 
     fn check_version(&self, migrate: Migrate) -> Result<(), StoreError> {
@@ -378,7 +397,7 @@ impl Store {
                 batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
                 batch.insert(
                     META_GROUPS,
-                    Self::encode(&GroupLayout::random(), CheckpointId(0))?,
+                    Self::encode(&self.new_layout(), CheckpointId(0))?,
                 );
                 self.tree.apply_batch(batch)?;
                 self.db.flush()?;

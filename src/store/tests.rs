@@ -581,6 +581,31 @@ fn a_version_1_store_is_migrated_to_one_retained_checkpoint() {
 }
 
 #[test]
+fn a_new_store_records_the_configured_key_groups_and_an_existing_one_keeps_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), super::Open::AsIs)
+        .expect("open")
+        .with_key_groups(7);
+    store.upgrade().expect("stamp the new store");
+    let created = store.layout().expect("layout");
+    assert_eq!(created.groups, 7);
+    drop(store);
+    // reopened with another setting: the layout keys were filed under stays
+    let store = Store::open(dir.path(), super::Open::AsIs)
+        .expect("reopen")
+        .with_key_groups(4096);
+    store.upgrade().expect("upgrade");
+    assert_eq!(store.layout().expect("layout"), created);
+    // no setting: the default
+    let other = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(other.path(), super::Open::Create).expect("open");
+    assert_eq!(
+        store.layout().expect("layout").groups,
+        crate::engine::group::DEFAULT_GROUPS
+    );
+}
+
+#[test]
 fn second_opener_gets_a_clear_lock_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _first = Store::open(dir.path(), super::Open::Create).expect("open");
