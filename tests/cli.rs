@@ -754,12 +754,12 @@ fn offline_commands_refuse_a_running_store_and_a_missing_one() {
     assert!(!missing.exists(), "an offline command created a store");
 }
 
-#[test]
-fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_keeps_its_own() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
+/// The savepoint `before-upgrade` of [`populated_store`] (made in `dir`/state), exported by
+/// the CLI to `dir`/sp.chkpt.
+fn exported_savepoint(dir: &Path) -> std::path::PathBuf {
+    let state = dir.join("state");
     drop(populated_store(&state));
-    let file = dir.path().join("sp.chkpt");
+    let file = dir.join("sp.chkpt");
     let (d, f) = (state.to_str().expect("utf8"), file.to_str().expect("utf8"));
     let out = cli(&[
         "savepoint",
@@ -771,6 +771,14 @@ fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_
         d,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    file
+}
+
+#[test]
+fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_keeps_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = exported_savepoint(dir.path());
+    let f = file.to_str().expect("utf8");
     let fresh = dir.path().join("fresh");
     let fr = fresh.to_str().expect("utf8");
     let out = cli(&["savepoint", "import", f, "--dir", fr, "--key-groups", "0"]);
@@ -808,20 +816,8 @@ fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_
 #[test]
 fn export_import_round_trip_and_damaged_files_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    drop(populated_store(&state));
-    let file = dir.path().join("sp.chkpt");
-    let (d, f) = (state.to_str().expect("utf8"), file.to_str().expect("utf8"));
-    let out = cli(&[
-        "savepoint",
-        "export",
-        "before-upgrade",
-        "--out",
-        f,
-        "--dir",
-        d,
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let file = exported_savepoint(dir.path());
+    let f = file.to_str().expect("utf8");
     let raw = std::fs::read(&file).expect("file");
 
     let fresh = dir.path().join("fresh");
