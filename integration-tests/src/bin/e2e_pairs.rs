@@ -9,7 +9,8 @@
 //! medians are printed as one markdown table and written to `DIR/summary.md`. `--env-a` and
 //! `--env-b` (repeatable) set environment variables for one side's runs of `e2e_bench` (its
 //! broker, bare consume and service alike), e.g. an allocator option of the service
-//! (`_RJEM_MALLOC_CONF=background_thread:false`) on the same binary. A run that fails or
+//! (`_RJEM_MALLOC_CONF=background_thread:false`) on the same binary; not the service's own
+//! `CHECKPOINTER_*` settings, which the harness never passes to it (refused). A run that fails or
 //! leaves no JSON is reported as failed, the others still run, and the exit code is 1. A run
 //! that is not exact (stopped by a timeout or the RSS limit, a window lost or repeated) is a
 //! result: shown as such, and left out of the medians and ratios.
@@ -53,6 +54,18 @@ fn key_value(flag: &str, value: &str) -> Result<(String, String)> {
         .ok_or_else(|| anyhow!("{flag} needs KEY=VALUE, got {value:?}\n{USAGE}"))
 }
 
+/// `--env-a`/`--env-b KEY=VALUE`. A `CHECKPOINTER_*` variable is refused: the harness starts
+/// the service without any of them (its configuration is e2e_bench's own file), so it would
+/// change nothing while the table says it did.
+fn env_value(flag: &str, value: &str) -> Result<(String, String)> {
+    let (k, v) = key_value(flag, value)?;
+    ensure!(
+        !k.starts_with("CHECKPOINTER_"),
+        "{flag} {k}: e2e_bench starts the service without the CHECKPOINTER_* variables (its configuration is the benchmark's own), so this would change nothing; compare two binaries built with the setting instead"
+    );
+    Ok((k, v))
+}
+
 fn parse_args(args: impl Iterator<Item = String>, now: u64) -> Result<Args> {
     let mut a = None;
     let mut b = None;
@@ -77,11 +90,11 @@ fn parse_args(args: impl Iterator<Item = String>, now: u64) -> Result<Args> {
             "--a" => a = Some(key_value(&flag, &value)?),
             "--b" => b = Some(key_value(&flag, &value)?),
             "--env-a" => {
-                let (k, v) = key_value(&flag, &value)?;
+                let (k, v) = env_value(&flag, &value)?;
                 env_a.insert(k, v);
             }
             "--env-b" => {
-                let (k, v) = key_value(&flag, &value)?;
+                let (k, v) = env_value(&flag, &value)?;
                 env_b.insert(k, v);
             }
             "--pairs" => {
@@ -461,6 +474,15 @@ mod tests {
         assert!(err(&["--a", "x=/b", "--b", "z=/c", "--", "--json", "f"]).contains("--json"));
         assert!(err(&["--a", "/b", "--b", "z=/c"]).contains("KEY=VALUE"));
         assert!(err(&["--a", "x=/b", "--b", "z=/c", "--keys", "5"]).contains("after `--`"));
+        let service_setting = [
+            "--a",
+            "x=/b",
+            "--b",
+            "z=/c",
+            "--env-b",
+            "CHECKPOINTER_STATE__KEY_GROUPS=7",
+        ];
+        assert!(err(&service_setting).contains("without the CHECKPOINTER_* variables"));
     }
 
     #[test]
