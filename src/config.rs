@@ -373,22 +373,12 @@ pub struct StateSettings {
     pub key_groups: Option<u16>,
 }
 
-/// Key groups of a new store when `state.changelog_topic` is set and `state.key_groups` is not.
-/// A changelog carries one partition's group in one Kafka record, which must stay under the
-/// topic's message size limit (1 MB by default): with 4,096 groups a partition can hold tens
-/// of millions of live keys before a group passes it, with 256 a few million.
-pub const CHANGELOG_KEY_GROUPS: u16 = 4096;
-
 impl StateSettings {
-    /// The key groups a new store gets: `state.key_groups`, else [`CHANGELOG_KEY_GROUPS`] with a
-    /// changelog, else the engine's default.
+    /// The key groups a new store gets: `state.key_groups`, else the engine's default, with or
+    /// without a changelog (a group too large for one changelog record travels in pieces).
     pub fn key_groups(&self) -> u16 {
         self.key_groups
-            .unwrap_or(if self.changelog_topic.is_some() {
-                CHANGELOG_KEY_GROUPS
-            } else {
-                crate::engine::group::DEFAULT_GROUPS
-            })
+            .unwrap_or(crate::engine::group::DEFAULT_GROUPS)
     }
 }
 
@@ -788,7 +778,7 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "state.key_groups",
                 format!(
-                    "0 groups cannot hold a key; give 1 to 65535 (default {}, {CHANGELOG_KEY_GROUPS} with a changelog)",
+                    "0 groups cannot hold a key; give 1 to 65535 (default {})",
                     crate::engine::group::DEFAULT_GROUPS
                 ),
             ));
@@ -1295,7 +1285,8 @@ checkpoint:
     }
 
     #[test]
-    fn key_groups_default_to_the_engines_or_more_with_a_changelog_and_refuse_zero_and_past_u16() {
+    fn key_groups_default_to_the_engines_with_or_without_a_changelog_and_refuse_zero_and_past_u16()
+    {
         let s = load(BASE, &[]).expect("valid");
         assert_eq!(s.state.key_groups(), crate::engine::group::DEFAULT_GROUPS);
         let s = load(BASE, &[("CHECKPOINTER_STATE__KEY_GROUPS", "4096")]).expect("valid");
@@ -1305,7 +1296,7 @@ checkpoint:
             ("CHECKPOINTER_STATE__CHANGELOG_TOPIC", "changes"),
         ];
         let s = load(BASE, &changelog).expect("valid");
-        assert_eq!(s.state.key_groups(), CHANGELOG_KEY_GROUPS);
+        assert_eq!(s.state.key_groups(), crate::engine::group::DEFAULT_GROUPS);
         let [scope, topic] = changelog;
         let s = load(
             BASE,

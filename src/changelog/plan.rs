@@ -250,7 +250,7 @@ mod tests {
                             .map(|(k, _)| k.key.to_string())
                     })
                     .collect::<Vec<_>>(),
-                Changes::Keys { .. } => panic!("publications carry groups"),
+                Changes::Keys { .. } | Changes::Piece(_) => panic!("publications carry groups"),
             })
             .collect();
         users.sort();

@@ -23,8 +23,12 @@ use crate::event_time::EventTime;
 use crate::position::Partition;
 
 /// Version of the record layout; a reader refuses records of a newer one. Version 1 carried
-/// changes by key (upserts and deletes); it is still read.
-pub const RECORD_VERSION: u32 = 2;
+/// changes by key (upserts and deletes); it is still read. Version 3 adds the piece of a group
+/// too large for one record ([`Changes::Piece`]); a record without one is written as version
+/// 2, which builds before version 3 read.
+pub const RECORD_VERSION: u32 = 3;
+/// The version of a record carrying whole groups.
+const GROUPS_VERSION: u32 = 2;
 const MAGIC: &[u8; 4] = b"CKCL";
 
 /// One publication: a writer's run (random per process start) and its checkpoint id.
@@ -50,6 +54,18 @@ pub struct GroupChange {
     pub blob: Vec<u8>,
 }
 
+/// One piece of a group whose blob is larger than a record may carry: a group's pieces travel
+/// in consecutive chunks of one publication, each in a chunk of its own, and are joined in
+/// order before the blob is decoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupPiece {
+    pub group: u16,
+    /// Position of this piece among the group's, and how many there are.
+    pub index: u32,
+    pub count: u32,
+    pub bytes: Vec<u8>,
+}
+
 /// What a chunk changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Changes {
@@ -60,6 +76,8 @@ pub enum Changes {
         upserts: Vec<(StateKey, Entry)>,
         deletes: Vec<StateKey>,
     },
+    /// One piece of a group replaced whole (records of version 3).
+    Piece(GroupPiece),
 }
 
 /// A record of version 1, read only to convert it.
@@ -120,12 +138,18 @@ pub enum DecodeError {
     Undecodable(String),
 }
 
-/// `CKCL`, version (u32 BE), CRC-32 of the body (u32 BE), body (postcard).
+/// `CKCL`, version (u32 BE), CRC-32 of the body (u32 BE), body (postcard). The version is the
+/// oldest that can carry the chunk, so that builds before version 3 read every record that
+/// holds no piece of a group.
 pub fn encode(chunk: &Chunk) -> Result<Vec<u8>, postcard::Error> {
     let body = postcard::to_stdvec(chunk)?;
+    let version = match chunk.changes {
+        Changes::Piece(_) => RECORD_VERSION,
+        Changes::Groups(_) | Changes::Keys { .. } => GROUPS_VERSION,
+    };
     let mut out = Vec::with_capacity(12 + body.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&RECORD_VERSION.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
     out.extend_from_slice(&body);
     Ok(out)
@@ -190,7 +214,8 @@ pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Splits one partition's publication into chunks of at most `max_groups` groups and about
 /// `max_bytes` of group blobs each (at least one chunk, so that a publication without changes
-/// still records the position; a single larger group gets a chunk of its own).
+/// still records the position). A group whose blob is larger than `max_bytes` is cut into
+/// pieces of at most `max_bytes`, each in a chunk of its own, in order.
 #[allow(clippy::too_many_arguments)]
 pub fn chunks(
     group: &str,
@@ -215,13 +240,34 @@ pub fn chunks(
     };
     let mut out = vec![empty(0)];
     let (mut fill, mut bytes) = (0usize, 0usize);
+    // the last chunk holds a piece: nothing joins it
+    let mut sealed = false;
     for g in groups {
         let size = g.blob.len() + 8;
-        if fill > 0 && (fill >= max || bytes + size > max_bytes) {
+        if size > max_bytes {
+            let pieces: Vec<&[u8]> = g.blob.chunks(max_bytes.max(1)).collect();
+            let count = pieces.len() as u32;
+            for (index, piece) in (0u32..).zip(pieces) {
+                if fill > 0 || sealed {
+                    let next = out.len() as u32;
+                    out.push(empty(next));
+                }
+                if let Some(last) = out.last_mut() {
+                    last.changes = Changes::Piece(GroupPiece {
+                        group: g.group,
+                        index,
+                        count,
+                        bytes: piece.to_vec(),
+                    });
+                }
+                (fill, bytes, sealed) = (0, 0, true);
+            }
+            continue;
+        }
+        if sealed || (fill > 0 && (fill >= max || bytes + size > max_bytes)) {
             let next = out.len() as u32;
             out.push(empty(next));
-            fill = 0;
-            bytes = 0;
+            (fill, bytes, sealed) = (0, 0, false);
         }
         fill += 1;
         bytes += size;
@@ -315,20 +361,26 @@ impl Replay {
             .collect();
         let Some(first) = chunks.first() else { return };
         let kind = first.kind;
-        // every group blob is decoded before anything changes: a damaged one leaves the line
-        // as it was
+        // every group blob is decoded before anything changes: a damaged one, or a group
+        // whose pieces do not join, leaves the line as it was
         let mut decoded = Vec::with_capacity(chunks.len());
+        let mut joining = None;
+        let mut failed = None;
         for c in &chunks {
-            match decode_changes(c) {
+            match decode_changes(c, &mut joining) {
                 Ok(d) => decoded.push(d),
-                Err(e) => {
-                    self.ignored.push(Ignored {
-                        tag,
-                        reason: format!("undecodable group: {e}"),
-                    });
-                    return;
+                Err(reason) => {
+                    failed = Some(reason);
+                    break;
                 }
             }
+        }
+        if let (None, Some(Joining { group, .. })) = (&failed, &joining) {
+            failed = Some(format!("group {group} ends before its last piece"));
+        }
+        if let Some(reason) = failed {
+            self.ignored.push(Ignored { tag, reason });
+            return;
         }
         match kind {
             Kind::Full => part.committed = Committed::default(),
@@ -405,13 +457,27 @@ enum Decoded {
     },
 }
 
-fn decode_changes(c: &Chunk) -> Result<Decoded, BlobError> {
+/// The pieces of a group read so far: the next piece must continue them.
+struct Joining {
+    group: u16,
+    next: u32,
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+/// Decodes a chunk's changes; a piece of a group is joined to the pieces before it in
+/// `joining`, and the group decoded with its last piece. Why it cannot, if it cannot.
+fn decode_changes(c: &Chunk, joining: &mut Option<Joining>) -> Result<Decoded, String> {
+    let scope = Some(c.source().clone());
+    let undecodable = |e: BlobError| format!("undecodable group: {e}");
+    if let (Some(j), false) = (&joining, matches!(c.changes, Changes::Piece(_))) {
+        return Err(format!("group {} ends before its last piece", j.group));
+    }
     match &c.changes {
         Changes::Groups(groups) => {
-            let scope = Some(c.source().clone());
             let mut out = Vec::with_capacity(groups.len());
             for g in groups {
-                out.push((g.group, decode_blob(&g.blob, &scope)?));
+                out.push((g.group, decode_blob(&g.blob, &scope).map_err(undecodable)?));
             }
             Ok(Decoded::Groups(out))
         }
@@ -419,6 +485,31 @@ fn decode_changes(c: &Chunk) -> Result<Decoded, BlobError> {
             upserts: upserts.clone(),
             deletes: deletes.clone(),
         }),
+        Changes::Piece(p) => {
+            let mut j = match joining.take() {
+                None if p.index == 0 => Joining {
+                    group: p.group,
+                    next: 0,
+                    count: p.count,
+                    bytes: Vec::new(),
+                },
+                Some(j) if j.group == p.group && j.next == p.index && j.count == p.count => j,
+                _ => {
+                    return Err(format!(
+                        "piece {} of {} of group {} out of order",
+                        p.index, p.count, p.group
+                    ))
+                }
+            };
+            j.bytes.extend_from_slice(&p.bytes);
+            j.next += 1;
+            if j.next < j.count {
+                *joining = Some(j);
+                return Ok(Decoded::Groups(Vec::new()));
+            }
+            let entries = decode_blob(&j.bytes, &scope).map_err(undecodable)?;
+            Ok(Decoded::Groups(vec![(j.group, entries)]))
+        }
     }
 }
 

@@ -379,7 +379,7 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
                 .iter()
                 .map(|g| decode_blob(&g.blob, &Some(part(0))).expect("blob").len())
                 .sum(),
-            Changes::Keys { .. } => 0,
+            Changes::Keys { .. } | Changes::Piece(_) => 0,
         })
         .sum();
     assert_eq!(total, 1_000);
@@ -411,4 +411,137 @@ fn a_delta_is_published_only_on_the_publication_it_was_computed_from() {
         publication_kind(false, Some(CheckpointId(4)), Some(tag(6, 4)), 7),
         None
     );
+}
+
+/// `n` keys of `len` pseudo-random letters each (they do not compress).
+fn noisy_keys(n: u64, len: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            (0..len)
+                .map(|j| {
+                    let h = xxhash_rust::xxh3::xxh3_64(&(i * 65_536 + j).to_be_bytes());
+                    char::from(b'a' + (h % 26) as u8)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The version field of an encoded record.
+fn version_of(raw: &[u8]) -> u32 {
+    u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]])
+}
+
+#[test]
+fn a_group_larger_than_a_record_travels_in_pieces_and_restores_exactly() {
+    // one group holding 300 keys of 2,000 letters: about 600 KB, past a chunk's 256 KiB
+    let one = GroupLayout { seed: 0, groups: 1 };
+    let big: Vec<(StateKey, Entry)> = noisy_keys(300, 2_000)
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (key(0, k), entry(i as f64)))
+        .collect();
+    let mut changed = groups(&one, big.clone());
+    assert_eq!(changed.len(), 1);
+    assert!(changed[0].blob.len() > 2 * MAX_CHUNK_BYTES);
+    // small groups before and after it share chunks of their own
+    let small = |g: u16, k: &str, v: f64| GroupChange {
+        group: g,
+        blob: encode_blob(&[(key(0, k), entry(v))]).expect("blob"),
+    };
+    changed[0].group = 5;
+    changed.insert(0, small(1, "before", 1.0));
+    changed.push(small(9, "after", 2.0));
+    let cs = chunks(
+        "g",
+        tag(1, 1),
+        Kind::Full,
+        pos(0, 10),
+        None,
+        changed,
+        2_000,
+        MAX_CHUNK_BYTES,
+    );
+    let pieces: Vec<(u16, u32, u32)> = cs
+        .iter()
+        .filter_map(|c| match &c.changes {
+            Changes::Piece(p) => Some((p.group, p.index, p.count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pieces, vec![(5, 0, 3), (5, 1, 3), (5, 2, 3)]);
+    assert_eq!(cs.len(), 5, "before, three pieces, after");
+    let mut r = Replay::default();
+    for c in &cs {
+        let raw = encode(c).expect("encode");
+        assert!(
+            raw.len() <= MAX_CHUNK_BYTES + 4_096,
+            "record of {} bytes",
+            raw.len()
+        );
+        let expected = if matches!(c.changes, Changes::Piece(_)) {
+            3
+        } else {
+            2
+        };
+        assert_eq!(version_of(&raw), expected, "chunk {}", c.index);
+        r.push(decode(&raw).expect("decode"));
+    }
+    assert!(r.ignored.is_empty(), "{:?}", r.ignored);
+    let c = r.into_committed(&part(0)).expect("committed");
+    let mut want: BTreeMap<StateKey, Entry> = big.into_iter().collect();
+    want.insert(key(0, "before"), entry(1.0));
+    want.insert(key(0, "after"), entry(2.0));
+    assert_eq!(c.entries, want);
+    assert_eq!(c.tag, Some(tag(1, 1)));
+}
+
+#[test]
+fn pieces_that_do_not_join_leave_the_line_as_it_was() {
+    let one = GroupLayout { seed: 0, groups: 1 };
+    let big: Vec<(StateKey, Entry)> = noisy_keys(200, 2_000)
+        .iter()
+        .map(|k| (key(0, k), entry(3.0)))
+        .collect();
+    let publication = |checkpoint: u64, kind: Kind| {
+        chunks(
+            "g",
+            tag(1, checkpoint),
+            kind,
+            pos(0, 10 * checkpoint as i64),
+            None,
+            groups(&one, big.clone()),
+            2_000,
+            MAX_CHUNK_BYTES,
+        )
+    };
+    let first = publication(1, Kind::Full);
+    assert!(first.len() > 1, "the group is cut into pieces");
+    let delta = Kind::Delta { base: tag(1, 1) };
+    let mut swapped = publication(2, delta);
+    // the pieces' contents in another order
+    let (a, b) = swapped.split_at_mut(1);
+    std::mem::swap(&mut a[0].changes, &mut b[0].changes);
+    let mut cut = publication(2, delta);
+    // a piece replaced by a group: the group ends before its last piece
+    cut[1].changes = Changes::Groups(Vec::new());
+    let mut damaged = publication(2, delta);
+    if let Changes::Piece(p) = &mut damaged[0].changes {
+        p.bytes[20] ^= 0xff;
+    }
+    for bad in [swapped, cut, damaged] {
+        let mut r = Replay::default();
+        for c in first.iter().chain(&bad) {
+            r.push(decode(&encode(c).expect("encode")).expect("decode"));
+        }
+        assert_eq!(r.ignored.len(), 1, "{:?}", r.ignored);
+        assert_eq!(r.ignored[0].tag, tag(1, 2));
+        let c = r.into_committed(&part(0)).expect("committed");
+        assert_eq!(
+            c.tag,
+            Some(tag(1, 1)),
+            "the line keeps the full publication"
+        );
+        assert_eq!(c.entries.len(), 200);
+    }
 }
