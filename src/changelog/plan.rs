@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use super::protocol::{chunks, publication_kind, Chunk, GroupChange, Kind, Tag, MAX_CHUNK_BYTES};
+use super::protocol::{
+    chunks, publication_kind, Chunk, GroupChange, Kind, Tag, MAX_CHUNK_BYTES, MAX_WHOLE_GROUP_BYTES,
+};
 use crate::checkpoint::Checkpoint;
 use crate::position::Partition;
 
@@ -149,6 +151,7 @@ pub fn plan(ledger: &Ledger, group: &str, cp: &Checkpoint, owned: &[Partition]) 
             groups,
             CHUNK_GROUPS,
             MAX_CHUNK_BYTES,
+            MAX_WHOLE_GROUP_BYTES,
         ));
         out.published.push((p.clone(), tag, kind));
     }

@@ -212,10 +212,17 @@ pub fn publication_kind(
 /// size, whatever the keys' lengths.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
+/// A group's blob up to this size travels whole, in a chunk of its own when it is larger than
+/// a chunk's share: builds before version 3 published such a record (under the producer's 1 MB
+/// default) and read it. Only a larger group, which they could not publish at all, is cut into
+/// pieces, so a record of version 3 appears only where an older build had failed.
+pub const MAX_WHOLE_GROUP_BYTES: usize = 900_000;
+
 /// Splits one partition's publication into chunks of at most `max_groups` groups and about
 /// `max_bytes` of group blobs each (at least one chunk, so that a publication without changes
-/// still records the position). A group whose blob is larger than `max_bytes` is cut into
-/// pieces of at most `max_bytes`, each in a chunk of its own, in order.
+/// still records the position). A group larger than that goes whole in a chunk of its own, and
+/// one larger than `max_whole` is cut into pieces of at most `max_bytes`, each in a chunk of
+/// its own, in order.
 #[allow(clippy::too_many_arguments)]
 pub fn chunks(
     group: &str,
@@ -226,6 +233,7 @@ pub fn chunks(
     groups: Vec<GroupChange>,
     max_groups: usize,
     max_bytes: usize,
+    max_whole: usize,
 ) -> Vec<Chunk> {
     let max = max_groups.max(1);
     let empty = |index: u32| Chunk {
@@ -244,7 +252,7 @@ pub fn chunks(
     let mut sealed = false;
     for g in groups {
         let size = g.blob.len() + 8;
-        if size > max_bytes {
+        if size > max_whole.max(max_bytes) {
             let pieces: Vec<&[u8]> = g.blob.chunks(max_bytes.max(1)).collect();
             let count = pieces.len() as u32;
             for (index, piece) in (0u32..).zip(pieces) {

@@ -220,9 +220,11 @@ impl Store {
             Open::NoMigration => store.check_version(Migrate::Refuse)?,
             Open::AsIs => {}
             Open::Inspect => {
+                // an older format, or none yet (a start that died before stamping its new
+                // store): the copy is migrated or stamped, the store left for the next start
                 if store
                     .format_version()?
-                    .is_some_and(|found| found < FORMAT_VERSION)
+                    .is_none_or(|found| found < FORMAT_VERSION)
                 {
                     return store.scratch_copy();
                 }

@@ -606,6 +606,29 @@ fn a_new_store_records_the_configured_key_groups_and_an_existing_one_keeps_its_o
 }
 
 #[test]
+fn inspecting_a_store_never_stamped_leaves_its_layout_to_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // a start that claimed the directory and died before stamping it
+    drop(Store::open(dir.path(), super::Open::AsIs).expect("open"));
+    let view = Store::open(dir.path(), super::Open::Inspect).expect("inspect");
+    assert_eq!(
+        view.checkpoint_ids().expect("ids"),
+        Vec::<CheckpointId>::new()
+    );
+    drop(view);
+    let store = Store::open(dir.path(), super::Open::AsIs)
+        .expect("reopen")
+        .with_key_groups(7);
+    assert_eq!(
+        store.format_version().expect("version"),
+        None,
+        "still unstamped"
+    );
+    store.upgrade().expect("stamp");
+    assert_eq!(store.layout().expect("layout").groups, 7);
+}
+
+#[test]
 fn second_opener_gets_a_clear_lock_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _first = Store::open(dir.path(), super::Open::Create).expect("open");

@@ -5,7 +5,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use super::*;
-use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES};
+use crate::changelog::protocol::{chunks, Kind, Tag, MAX_CHUNK_BYTES, MAX_WHOLE_GROUP_BYTES};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::{Acc, Entry, EntryStatus, PartitionState, StateKey};
 use crate::event_time::EventTime;
@@ -73,6 +73,7 @@ fn publication(run: u64, checkpoint: u64, n: usize, pad: usize, value: f64) -> V
             .collect(),
         2,
         MAX_CHUNK_BYTES,
+        MAX_WHOLE_GROUP_BYTES,
     )
 }
 

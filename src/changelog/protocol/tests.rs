@@ -72,6 +72,7 @@ fn publish(t: Tag, kind: Kind, next: i64, entries: Vec<(StateKey, Entry)>) -> Ve
         groups(&THIN, entries),
         2,
         MAX_CHUNK_BYTES,
+        MAX_WHOLE_GROUP_BYTES,
     )
 }
 
@@ -179,6 +180,7 @@ fn partitions_replay_independently() {
         groups(&THIN, vec![(key(0, "a"), entry(1.0))]),
         10,
         MAX_CHUNK_BYTES,
+        MAX_WHOLE_GROUP_BYTES,
     );
     let b = chunks(
         "g",
@@ -189,6 +191,7 @@ fn partitions_replay_independently() {
         groups(&THIN, vec![(key(1, "b"), entry(2.0))]),
         10,
         MAX_CHUNK_BYTES,
+        MAX_WHOLE_GROUP_BYTES,
     );
     for c in a.into_iter().chain(b) {
         r.push(c);
@@ -250,7 +253,7 @@ proptest! {
             };
             let kind = match (full, prev) { (false, Some(base)) => Kind::Delta { base }, _ => Kind::Full };
             next += 3;
-            for c in chunks("g", t, kind, pos(0, next), Some(EventTime(next)), published, max, MAX_CHUNK_BYTES) {
+            for c in chunks("g", t, kind, pos(0, next), Some(EventTime(next)), published, max, MAX_CHUNK_BYTES, MAX_WHOLE_GROUP_BYTES) {
                 r.push(c);
             }
             prev = Some(t);
@@ -361,6 +364,7 @@ fn chunks_stay_small_in_bytes_whatever_the_key_length() {
         groups(&GroupLayout::default(), ups),
         2_000,
         MAX_CHUNK_BYTES,
+        MAX_WHOLE_GROUP_BYTES,
     );
     assert!(cs.len() > 1);
     for c in &cs {
@@ -432,88 +436,142 @@ fn version_of(raw: &[u8]) -> u32 {
     u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]])
 }
 
-#[test]
-fn a_group_larger_than_a_record_travels_in_pieces_and_restores_exactly() {
-    // one group holding 300 keys of 2,000 letters: about 600 KB, past a chunk's 256 KiB
+/// A group holding `n` keys of 2,000 letters that do not compress (about 2 KB a key).
+fn wide_group(
+    group: u16,
+    n: u64,
+    tag_key: &str,
+    value: f64,
+) -> (Vec<(StateKey, Entry)>, GroupChange) {
     let one = GroupLayout { seed: 0, groups: 1 };
-    let big: Vec<(StateKey, Entry)> = noisy_keys(300, 2_000)
+    let entries: Vec<(StateKey, Entry)> = noisy_keys(n, 2_000)
         .iter()
-        .enumerate()
-        .map(|(i, k)| (key(0, k), entry(i as f64)))
+        .map(|k| (key(0, &format!("{tag_key}{k}")), entry(value)))
         .collect();
-    let mut changed = groups(&one, big.clone());
-    assert_eq!(changed.len(), 1);
-    assert!(changed[0].blob.len() > 2 * MAX_CHUNK_BYTES);
-    // small groups before and after it share chunks of their own
-    let small = |g: u16, k: &str, v: f64| GroupChange {
+    let mut g = groups(&one, entries.clone());
+    assert_eq!(g.len(), 1);
+    g[0].group = group;
+    (entries, g.remove(0))
+}
+
+fn small(g: u16, k: &str, v: f64) -> GroupChange {
+    GroupChange {
         group: g,
         blob: encode_blob(&[(key(0, k), entry(v))]).expect("blob"),
-    };
-    changed[0].group = 5;
-    changed.insert(0, small(1, "before", 1.0));
-    changed.push(small(9, "after", 2.0));
-    let cs = chunks(
+    }
+}
+
+fn publish_groups(t: Tag, kind: Kind, changed: Vec<GroupChange>) -> Vec<Chunk> {
+    chunks(
         "g",
-        tag(1, 1),
-        Kind::Full,
-        pos(0, 10),
+        t,
+        kind,
+        pos(0, 10 * t.checkpoint.0 as i64),
         None,
         changed,
         2_000,
         MAX_CHUNK_BYTES,
-    );
-    let pieces: Vec<(u16, u32, u32)> = cs
-        .iter()
-        .filter_map(|c| match &c.changes {
+        MAX_WHOLE_GROUP_BYTES,
+    )
+}
+
+/// Each chunk's pieces as (group, index, count), `None` for a chunk of whole groups.
+fn pieces_of(cs: &[Chunk]) -> Vec<Option<(u16, u32, u32)>> {
+    cs.iter()
+        .map(|c| match &c.changes {
             Changes::Piece(p) => Some((p.group, p.index, p.count)),
             _ => None,
         })
-        .collect();
-    assert_eq!(pieces, vec![(5, 0, 3), (5, 1, 3), (5, 2, 3)]);
-    assert_eq!(cs.len(), 5, "before, three pieces, after");
-    let mut r = Replay::default();
-    for c in &cs {
+        .collect()
+}
+
+/// Encodes and decodes every chunk into a replay, checking each record's size and version
+/// (3 for a piece, else 2).
+fn replay_records(r: &mut Replay, cs: &[Chunk]) {
+    for c in cs {
         let raw = encode(c).expect("encode");
-        assert!(
-            raw.len() <= MAX_CHUNK_BYTES + 4_096,
-            "record of {} bytes",
-            raw.len()
-        );
-        let expected = if matches!(c.changes, Changes::Piece(_)) {
-            3
+        let piece = matches!(c.changes, Changes::Piece(_));
+        let limit = if piece {
+            MAX_CHUNK_BYTES
         } else {
-            2
+            MAX_WHOLE_GROUP_BYTES
         };
-        assert_eq!(version_of(&raw), expected, "chunk {}", c.index);
+        assert!(raw.len() <= limit + 4_096, "record of {} bytes", raw.len());
+        assert_eq!(
+            version_of(&raw),
+            if piece { 3 } else { 2 },
+            "chunk {}",
+            c.index
+        );
         r.push(decode(&raw).expect("decode"));
     }
+}
+
+#[test]
+fn a_group_larger_than_a_record_travels_in_pieces_and_restores_exactly() {
+    // 500 keys: about 1 MB, past what a record may carry whole; 60 keys: about 120 KB, and 200:
+    // about 400 KB, past a chunk's share but carried whole (as builds before pieces did)
+    let (big, big_group) = wide_group(5, 500, "big", 1.0);
+    let (first, first_group) = wide_group(2, 500, "first", 4.0);
+    let (mid, mid_group) = wide_group(7, 200, "mid", 5.0);
+    assert!(big_group.blob.len() > MAX_WHOLE_GROUP_BYTES);
+    assert!(mid_group.blob.len() > MAX_CHUNK_BYTES && mid_group.blob.len() < MAX_WHOLE_GROUP_BYTES);
+    let count = |g: &GroupChange| g.blob.len().div_ceil(MAX_CHUNK_BYTES) as u32;
+    let (nb, nf) = (count(&big_group), count(&first_group));
+    // a group in pieces first, then a small one, two in pieces in a row, a large whole one
+    let changed = vec![
+        first_group,
+        small(1, "before", 1.0),
+        big_group.clone(),
+        GroupChange {
+            group: 6,
+            ..big_group
+        },
+        mid_group,
+        small(9, "after", 2.0),
+    ];
+    let cs = publish_groups(tag(1, 1), Kind::Full, changed);
+    let mut want_pieces: Vec<Option<(u16, u32, u32)>> = (0..nf).map(|i| Some((2, i, nf))).collect();
+    want_pieces.push(None);
+    want_pieces.extend((0..nb).map(|i| Some((5, i, nb))));
+    want_pieces.extend((0..nb).map(|i| Some((6, i, nb))));
+    want_pieces.extend([None, None]);
+    assert_eq!(pieces_of(&cs), want_pieces);
+    assert!(cs.iter().all(|c| c.count as usize == cs.len()));
+    let mut r = Replay::default();
+    replay_records(&mut r, &cs);
     assert!(r.ignored.is_empty(), "{:?}", r.ignored);
-    let c = r.into_committed(&part(0)).expect("committed");
-    let mut want: BTreeMap<StateKey, Entry> = big.into_iter().collect();
+    let c = r.committed(&part(0)).expect("committed").clone();
+    let mut want: BTreeMap<StateKey, Entry> = BTreeMap::new();
+    want.extend(first.iter().cloned());
+    want.extend(big.iter().cloned());
+    want.extend(mid.iter().cloned());
     want.insert(key(0, "before"), entry(1.0));
     want.insert(key(0, "after"), entry(2.0));
     assert_eq!(c.entries, want);
     assert_eq!(c.tag, Some(tag(1, 1)));
+
+    // a delta in which group 5 shrank to one key: its whole record replaces every key the
+    // pieces had carried
+    let delta = Kind::Delta { base: tag(1, 1) };
+    replay_records(
+        &mut r,
+        &publish_groups(tag(1, 2), delta, vec![small(5, "big-left", 3.0)]),
+    );
+    assert!(r.ignored.is_empty(), "{:?}", r.ignored);
+    let c = r.into_committed(&part(0)).expect("committed");
+    for (k, _) in &big {
+        want.remove(k);
+    }
+    want.insert(key(0, "big-left"), entry(3.0));
+    assert_eq!(c.entries, want);
 }
 
 #[test]
 fn pieces_that_do_not_join_leave_the_line_as_it_was() {
-    let one = GroupLayout { seed: 0, groups: 1 };
-    let big: Vec<(StateKey, Entry)> = noisy_keys(200, 2_000)
-        .iter()
-        .map(|k| (key(0, k), entry(3.0)))
-        .collect();
+    let (big, big_group) = wide_group(0, 500, "k", 3.0);
     let publication = |checkpoint: u64, kind: Kind| {
-        chunks(
-            "g",
-            tag(1, checkpoint),
-            kind,
-            pos(0, 10 * checkpoint as i64),
-            None,
-            groups(&one, big.clone()),
-            2_000,
-            MAX_CHUNK_BYTES,
-        )
+        publish_groups(tag(1, checkpoint), kind, vec![big_group.clone()])
     };
     let first = publication(1, Kind::Full);
     assert!(first.len() > 1, "the group is cut into pieces");
@@ -542,6 +600,6 @@ fn pieces_that_do_not_join_leave_the_line_as_it_was() {
             Some(tag(1, 1)),
             "the line keeps the full publication"
         );
-        assert_eq!(c.entries.len(), 200);
+        assert_eq!(c.entries.len(), big.len());
     }
 }
