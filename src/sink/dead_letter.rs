@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
@@ -126,6 +126,24 @@ impl DeadLetter {
             record = record.timestamp(ts);
         }
         record
+    }
+
+    /// [`DeadLetter::record`] for a producer whose deliveries carry a sequence number.
+    pub(crate) fn base_record<'a>(
+        &'a self,
+        topic: &'a str,
+        seq: usize,
+    ) -> BaseRecord<'a, [u8], [u8], usize> {
+        let r = self.record(topic);
+        BaseRecord {
+            topic: r.topic,
+            partition: r.partition,
+            payload: r.payload,
+            key: r.key,
+            timestamp: r.timestamp,
+            headers: r.headers,
+            delivery_opaque: seq,
+        }
     }
 
     /// The copy without its payload (and without its key if that alone is too large for
@@ -347,7 +365,7 @@ async fn write(
         let unknown_for = unknown_for(&mut unknown_since, unknown);
         let mut retry = Vec::with_capacity(failed.len());
         for (letter, e) in failed {
-            match judge(producer, e.rdkafka_error_code(), unknown_for) {
+            match judge(producer.client(), e.rdkafka_error_code(), unknown_for) {
                 Verdict::Retry => retry.push((letter, e)),
                 // the topic takes less than the producer: the copy goes without its payload
                 Verdict::Refused(Refusal::TooLarge) if !letter.is_stripped() => {

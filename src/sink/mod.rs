@@ -2,29 +2,35 @@
 //! windows (what one step of the engine made final) with an idempotent producer, rendering
 //! each record as it hands it over with a bounded number of deliveries outstanding, retries
 //! those that failed with backoff until the broker acknowledged every one, and reports the
-//! acknowledged windows back in chunks so they can leave the checkpointed state.
+//! acknowledged windows back in chunks, in the order they were released, so they can leave
+//! the checkpointed state. The producer's delivery reports come by sequence number through
+//! its context (`Reports`), not as a future per record.
 
 pub mod dead_letter;
 mod format;
 pub mod verdict;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::Client;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, Producer, ProducerContext, ThreadedProducer,
+};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 pub use format::{render, render_into};
 
-use self::dead_letter::{hand_over, DeadLetter};
+use self::dead_letter::DeadLetter;
 use self::verdict::{classify, is_unknown_topic, Refusal, Verdict};
 use crate::engine::{AggregateKind, ClosedWindow, Emission, StateKey};
 use crate::kafka_log::ErrorLog;
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 
@@ -102,6 +108,57 @@ pub(crate) fn message_max_bytes(client: &ClientConfig) -> usize {
         .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
 }
 
+/// Why an output record failed: librdkafka's code, if any, and its message.
+type Failure = (Option<RDKafkaErrorCode>, String);
+
+/// The output producer's delivery reports, filed by its polling thread under each record's
+/// sequence number (librdkafka's opaque pointer carries the number: no allocation, channel or
+/// future per record) and taken by the emitter in bulk.
+#[derive(Default)]
+struct Reports {
+    /// Sequence number, and why the record failed (`None`: acknowledged).
+    done: Mutex<Vec<(usize, Option<Failure>)>>,
+    /// Woken when a report lands in an empty list.
+    wake: Notify,
+}
+
+impl Reports {
+    fn take(&self) -> Vec<(usize, Option<Failure>)> {
+        std::mem::take(&mut *lock(&self.done))
+    }
+}
+
+/// The output producer's context: its errors logged as the other producers' are, its
+/// delivery reports filed for the emitter.
+struct OutputContext {
+    errors: SinkContext,
+    reports: Arc<Reports>,
+}
+
+impl ClientContext for OutputContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.errors.error(error, reason);
+    }
+}
+
+impl ProducerContext for OutputContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let failure = result
+            .as_ref()
+            .err()
+            .map(|(e, _)| (e.rdkafka_error_code(), e.to_string()));
+        let mut done = lock(&self.reports.done);
+        let first = done.is_empty();
+        done.push((seq, failure));
+        drop(done);
+        if first {
+            self.reports.wake.notify_one();
+        }
+    }
+}
+
 /// The emitter's handle, the acknowledged window ids, and its task (which ends once the handle
 /// is dropped and what it was handed is settled).
 pub type Started = (
@@ -126,11 +183,23 @@ impl Sink {
         fatal: mpsc::UnboundedSender<String>,
     ) -> Result<Started, SinkError> {
         let max_bytes = message_max_bytes(&client);
-        let producer = producer(client, &settings.topic)?;
+        let reports = Arc::new(Reports::default());
+        let context = OutputContext {
+            errors: SinkContext::default(),
+            reports: reports.clone(),
+        };
+        let producer = idempotent(client)
+            .create_with_context(context)
+            .map_err(|source| SinkError::Create {
+                topic: settings.topic.clone(),
+                source,
+            })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let emitter = Emitter {
             producer,
+            reports,
+            next_seq: 0,
             settings,
             metrics,
             max_bytes,
@@ -150,8 +219,9 @@ impl Sink {
     }
 }
 
-/// Records handed to the producer and not acknowledged yet, at most: a release of a million
-/// windows is rendered and sent as it goes, never held rendered all at once.
+/// Records handed to the producer since the oldest one not acknowledged yet, at most: a
+/// release of a million windows is rendered and sent as it goes, never held rendered all at
+/// once.
 const MAX_IN_FLIGHT: usize = 4096;
 /// Acknowledged windows are reported back in chunks of this many, as they come.
 const ACK_CHUNK: usize = 4096;
@@ -165,7 +235,10 @@ const DEAD_LETTER_KEY_PREFIX: usize = 1024;
 
 /// The emitter task's own state.
 struct Emitter {
-    producer: FutureProducer<SinkContext>,
+    producer: ThreadedProducer<OutputContext>,
+    reports: Arc<Reports>,
+    /// The sequence number of the next record handed to the producer.
+    next_seq: usize,
     settings: SinkSettings,
     metrics: Arc<Metrics>,
     /// The producer's `message.max.bytes`.
@@ -249,33 +322,86 @@ struct Failed {
     error: String,
 }
 
-/// Waits for one delivery; the window goes to the acknowledged or to the failed ones.
-async fn settle(
-    (w, delivery): (ClosedWindow, DeliveryFuture),
-    out: &mut Acks,
-    failed: &mut Vec<Failed>,
-) -> Result<(), Stopped> {
-    let (code, error) = match delivery.await {
-        Ok(Ok(_)) => return out.push(w.id, true),
-        Ok(Err((e, _))) => (e.rdkafka_error_code(), e.to_string()),
-        Err(_) => (None, "the producer dropped the delivery".to_string()),
-    };
-    failed.push(Failed {
-        window: w,
-        code,
-        error,
-    });
-    Ok(())
+/// A record handed to the producer, by what its report said.
+enum Slot {
+    Waiting(ClosedWindow),
+    Acked(ClosedWindow),
+    /// Failed: its window went to the failed ones.
+    Failed,
 }
 
-/// The verdict on a failed delivery of `producer`: [`Verdict::Fatal`] once the producer itself
-/// failed for good, else what [`classify`] says of `code`.
-pub(crate) fn judge(
-    producer: &FutureProducer<SinkContext>,
+/// The windows handed to the producer in one round of a batch, by sequence number: slot `i`
+/// holds record `first + i` until it is settled and every record before it is too. Reports
+/// of different output partitions come in any order, but acknowledgements are released in
+/// the order the windows were handed over: the engine finds an acknowledged window where the
+/// one before it was (`ClosedChunk::find`), so an acknowledgement out of order costs it a
+/// search.
+struct InFlight {
+    first: usize,
+    slots: VecDeque<Slot>,
+    /// Records not settled yet.
+    waiting: usize,
+}
+
+impl InFlight {
+    fn new(first: usize) -> Self {
+        InFlight {
+            first,
+            slots: VecDeque::new(),
+            waiting: 0,
+        }
+    }
+
+    /// Notes `w` as record `seq`, the one after the last noted.
+    fn push(&mut self, seq: usize, w: ClosedWindow) {
+        debug_assert_eq!(seq, self.first + self.slots.len());
+        self.slots.push_back(Slot::Waiting(w));
+        self.waiting += 1;
+    }
+
+    /// Settles record `seq` once (a record it does not wait for is ignored): acknowledged, or
+    /// failed, when its window is returned.
+    fn settle(&mut self, seq: usize, failed: bool) -> Option<ClosedWindow> {
+        let slot = self.slots.get_mut(seq.checked_sub(self.first)?)?;
+        let Slot::Waiting(w) = std::mem::replace(slot, Slot::Failed) else {
+            return None;
+        };
+        self.waiting -= 1;
+        if failed {
+            return Some(w);
+        }
+        *slot = Slot::Acked(w);
+        None
+    }
+
+    /// The acknowledged windows up to the first record still waiting, in the order they were
+    /// handed over, each to `f`.
+    fn release(
+        &mut self,
+        mut f: impl FnMut(ClosedWindow) -> Result<(), Stopped>,
+    ) -> Result<(), Stopped> {
+        while self
+            .slots
+            .front()
+            .is_some_and(|s| !matches!(s, Slot::Waiting(_)))
+        {
+            if let Some(Slot::Acked(w)) = self.slots.pop_front() {
+                f(w)?;
+            }
+            self.first += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The verdict on a failed delivery of a producer (`client`): [`Verdict::Fatal`] once the
+/// producer itself failed for good, else what [`classify`] says of `code`.
+pub(crate) fn judge<C: ClientContext>(
+    client: &Client<C>,
     code: Option<RDKafkaErrorCode>,
     unknown_for: Duration,
 ) -> Verdict {
-    match producer.client().fatal_error() {
+    match client.fatal_error() {
         Some(_) => Verdict::Fatal,
         None => classify(code, unknown_for),
     }
@@ -342,13 +468,13 @@ impl Emitter {
         let (mut key, mut payload) = (String::new(), Vec::new());
         let mut pending: Box<dyn Iterator<Item = ClosedWindow> + Send> = Box::new(windows);
         loop {
-            let mut in_flight = VecDeque::new();
+            let mut in_flight = InFlight::new(self.next_seq);
             let mut failed = Vec::new();
             for w in pending {
-                if in_flight.len() >= MAX_IN_FLIGHT {
-                    if let Some(oldest) = in_flight.pop_front() {
-                        settle(oldest, out, &mut failed).await?;
-                    }
+                // bounded by the oldest record not settled, as its acknowledgement holds back
+                // those after it
+                while in_flight.slots.len() >= MAX_IN_FLIGHT {
+                    self.settle(&mut in_flight, out, &mut failed).await?;
                 }
                 render_into(
                     self.window_name(&w),
@@ -370,12 +496,13 @@ impl Emitter {
                     });
                     continue;
                 }
-                let delivery = loop {
-                    let record = FutureRecord::to(&self.settings.topic)
+                let seq = self.next_seq;
+                let handed = loop {
+                    let record = BaseRecord::with_opaque_to(&self.settings.topic, seq)
                         .key(&key)
                         .payload(&payload);
-                    match self.producer.send_result(record) {
-                        Ok(delivery) => break Ok(delivery),
+                    match self.producer.send(record) {
+                        Ok(()) => break Ok(()),
                         // the producer's queue is full: let deliveries drain it
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                             tokio::time::sleep(Duration::from_millis(5)).await
@@ -383,8 +510,11 @@ impl Emitter {
                         Err((e, _)) => break Err(e),
                     }
                 };
-                match delivery {
-                    Ok(delivery) => in_flight.push_back((w, delivery)),
+                match handed {
+                    Ok(()) => {
+                        self.next_seq += 1;
+                        in_flight.push(seq, w);
+                    }
                     Err(e) => failed.push(Failed {
                         window: w,
                         code: e.rdkafka_error_code(),
@@ -392,8 +522,8 @@ impl Emitter {
                     }),
                 }
             }
-            while let Some(oldest) = in_flight.pop_front() {
-                settle(oldest, out, &mut failed).await?;
+            while in_flight.waiting > 0 {
+                self.settle(&mut in_flight, out, &mut failed).await?;
             }
             out.flush()?;
             if failed.is_empty() {
@@ -404,7 +534,7 @@ impl Emitter {
             let mut retry = Vec::new();
             let mut last_error = None;
             for f in failed {
-                match judge(&self.producer, f.code, unknown_for) {
+                match judge(self.producer.client(), f.code, unknown_for) {
                     Verdict::Retry => {
                         last_error = Some(f.error);
                         retry.push(f.window);
@@ -507,6 +637,64 @@ impl Emitter {
         }
     }
 
+    /// Takes the reports filed since the last call (waiting for one if there are none) and
+    /// settles the windows of `in_flight` they are about: failed ones at once, acknowledged
+    /// ones in the order they were handed over.
+    async fn settle(
+        &mut self,
+        in_flight: &mut InFlight,
+        out: &mut Acks,
+        failed: &mut Vec<Failed>,
+    ) -> Result<(), Stopped> {
+        let mut reports = self.reports.take();
+        while reports.is_empty() {
+            self.reports.wake.notified().await;
+            reports = self.reports.take();
+        }
+        for (seq, outcome) in reports {
+            let failure = outcome.is_some();
+            if let (Some(window), Some((code, error))) = (in_flight.settle(seq, failure), outcome) {
+                failed.push(Failed {
+                    window,
+                    code,
+                    error,
+                });
+            }
+        }
+        in_flight.release(|w| out.push(w.id, true))
+    }
+
+    /// Hands one dead-letter copy to the producer and waits for its report: `None` once
+    /// acknowledged, or why it failed; the error if the producer does not take it. Only when
+    /// no other record is in flight (after a round of a batch settled), so every report it
+    /// takes is its own.
+    async fn send_one(
+        &mut self,
+        topic: &str,
+        letter: &DeadLetter,
+    ) -> Result<Option<Failure>, KafkaError> {
+        let seq = self.next_seq;
+        loop {
+            match self.producer.send(letter.base_record(topic, seq)) {
+                Ok(()) => break,
+                // the producer's queue is full: let deliveries drain it
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        self.next_seq += 1;
+        loop {
+            let reports = self.reports.take();
+            debug_assert!(reports.iter().all(|(s, _)| *s == seq), "{reports:?}");
+            if let Some((_, outcome)) = reports.into_iter().find(|(s, _)| *s == seq) {
+                return Ok(outcome);
+            }
+            self.reports.wake.notified().await;
+        }
+    }
+
     /// Writes the dead-letter copy of a refused window, retrying transient failures.
     async fn dead_letter(
         &mut self,
@@ -518,23 +706,19 @@ impl Emitter {
         let mut backoff = Duration::from_millis(100);
         let mut unknown_since = None;
         loop {
-            let error = match hand_over(&self.producer, topic, &letter).await {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => {
-                        self.metrics.dead_letter(letter.reason);
-                        if let Some(suppressed) = self.diverted_log.check() {
-                            tracing::warn!(window = %letter.origin, reason = letter.reason, error = %f.error, topic, suppressed, "the output refuses a window for good; written to the dead-letter topic instead (further ones are counted in checkpointer_dead_letters_total and logged at most every 10s)");
-                        }
-                        return Ok(());
+            let (code, error) = match self.send_one(topic, &letter).await {
+                Ok(None) => {
+                    self.metrics.dead_letter(letter.reason);
+                    if let Some(suppressed) = self.diverted_log.check() {
+                        tracing::warn!(window = %letter.origin, reason = letter.reason, error = %f.error, topic, suppressed, "the output refuses a window for good; written to the dead-letter topic instead (further ones are counted in checkpointer_dead_letters_total and logged at most every 10s)");
                     }
-                    Ok(Err((e, _))) => e,
-                    Err(_) => KafkaError::Canceled,
-                },
-                Err(e) => e,
+                    return Ok(());
+                }
+                Ok(Some(failure)) => failure,
+                Err(e) => (e.rdkafka_error_code(), e.to_string()),
             };
-            let code = error.rdkafka_error_code();
             let unknown_for = unknown_for(&mut unknown_since, code.is_some_and(is_unknown_topic));
-            if judge(&self.producer, code, unknown_for) != Verdict::Retry {
+            if judge(self.producer.client(), code, unknown_for) != Verdict::Retry {
                 return Err(Stopped::Refused(format!(
                     "the output topic {} refuses {} ({}: {}) and the dead-letter topic {topic} refuses its copy too: {error}; the service stops with its state intact (the window is sent again at the next start)",
                     self.settings.topic,
@@ -601,10 +785,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn acknowledgements_are_released_in_the_order_handed_over_and_failures_at_once() {
+        let mut in_flight = InFlight::new(10);
+        for seq in 10..15 {
+            in_flight.push(seq, window(seq));
+        }
+        let mut released = Vec::new();
+        let mut release = |f: &mut InFlight| {
+            f.release(|w| {
+                released.push(w.id.key.to_string());
+                Ok(())
+            })
+            .map_err(|_| "closed")
+        };
+        // 13 and 11 acknowledged before 10: held back
+        assert!(in_flight.settle(13, false).is_none());
+        assert!(in_flight.settle(11, false).is_none());
+        release(&mut in_flight).expect("release");
+        assert_eq!(in_flight.waiting, 3);
+        // 10 acknowledged: 10 and 11 go, 12 still waits
+        assert!(in_flight.settle(10, false).is_none());
+        release(&mut in_flight).expect("release");
+        // 12 failed: its window comes back at once, and 13 goes after it
+        let failed = in_flight.settle(12, true).expect("the failed window");
+        assert_eq!(failed.id, window(12).id);
+        release(&mut in_flight).expect("release");
+        // a report twice, or of a record it never held, changes nothing
+        assert!(in_flight.settle(11, false).is_none());
+        assert!(in_flight.settle(99, false).is_none());
+        assert!(in_flight.settle(3, true).is_none());
+        assert!(in_flight.settle(14, false).is_none());
+        release(&mut in_flight).expect("release");
+        assert_eq!(in_flight.waiting, 0);
+        assert!(in_flight.slots.is_empty());
+        assert_eq!(released, vec!["u10", "u11", "u13", "u14"]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_release_past_the_in_flight_bound_is_sent_whole_and_acknowledged_once_per_window() {
         let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic(TOPIC, 1, 1).expect("topic");
+        // several partitions: their reports come in any order
+        cluster.create_topic(TOPIC, 4, 1).expect("topic");
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", cluster.bootstrap_servers());
         let (sink, mut acks, _task) = Sink::start(
@@ -627,6 +849,7 @@ mod tests {
         sink.emit(sent[n / 3..].to_vec().into());
 
         let mut acknowledged = HashSet::new();
+        let mut in_order = Vec::with_capacity(n);
         let mut chunks = 0;
         while acknowledged.len() < n {
             let chunk = tokio::time::timeout(Duration::from_secs(60), acks.recv())
@@ -636,10 +859,16 @@ mod tests {
             assert!(chunk.len() <= ACK_CHUNK, "a chunk of {}", chunk.len());
             for id in chunk {
                 assert!(acknowledged.insert(id.clone()), "{id:?} acknowledged twice");
+                in_order.push(id);
             }
             chunks += 1;
         }
         assert_eq!(acknowledged, expected);
+        let sent_order: Vec<StateKey> = sent.iter().map(|w| w.id.clone()).collect();
+        assert!(
+            in_order == sent_order,
+            "acknowledgements come in the order the windows were released"
+        );
         assert!(chunks >= n / ACK_CHUNK, "{chunks} chunks for {n} windows");
 
         let consumer: BaseConsumer = ClientConfig::new()
