@@ -363,6 +363,9 @@ impl InFlight {
     /// failed, when its window is returned.
     fn settle(&mut self, seq: usize, failed: bool) -> Option<ClosedWindow> {
         let slot = self.slots.get_mut(seq.checked_sub(self.first)?)?;
+        if !matches!(slot, Slot::Waiting(_)) {
+            return None;
+        }
         let Slot::Waiting(w) = std::mem::replace(slot, Slot::Failed) else {
             return None;
         };
@@ -792,31 +795,34 @@ mod tests {
             in_flight.push(seq, window(seq));
         }
         let mut released = Vec::new();
-        let mut release = |f: &mut InFlight| {
+        let release = |f: &mut InFlight, out: &mut Vec<String>| {
             f.release(|w| {
-                released.push(w.id.key.to_string());
+                out.push(w.id.key.to_string());
                 Ok(())
             })
             .map_err(|_| "closed")
         };
-        // 13 and 11 acknowledged before 10: held back
+        // 13 and 11 acknowledged before 10: held back, also when 13 is reported again
         assert!(in_flight.settle(13, false).is_none());
         assert!(in_flight.settle(11, false).is_none());
-        release(&mut in_flight).expect("release");
+        assert!(in_flight.settle(13, true).is_none());
+        release(&mut in_flight, &mut released).expect("release");
         assert_eq!(in_flight.waiting, 3);
-        // 10 acknowledged: 10 and 11 go, 12 still waits
-        assert!(in_flight.settle(10, false).is_none());
-        release(&mut in_flight).expect("release");
-        // 12 failed: its window comes back at once, and 13 goes after it
+        assert!(released.is_empty(), "nothing before 10: {released:?}");
+        // 12 failed while 10 still waits: its window comes back at once
         let failed = in_flight.settle(12, true).expect("the failed window");
         assert_eq!(failed.id, window(12).id);
-        release(&mut in_flight).expect("release");
+        release(&mut in_flight, &mut released).expect("release");
+        assert!(released.is_empty(), "nothing before 10: {released:?}");
+        // 10 acknowledged: 10, 11 and 13 go (12 failed)
+        assert!(in_flight.settle(10, false).is_none());
+        release(&mut in_flight, &mut released).expect("release");
         // a report twice, or of a record it never held, changes nothing
         assert!(in_flight.settle(11, false).is_none());
         assert!(in_flight.settle(99, false).is_none());
         assert!(in_flight.settle(3, true).is_none());
         assert!(in_flight.settle(14, false).is_none());
-        release(&mut in_flight).expect("release");
+        release(&mut in_flight, &mut released).expect("release");
         assert_eq!(in_flight.waiting, 0);
         assert!(in_flight.slots.is_empty());
         assert_eq!(released, vec!["u10", "u11", "u13", "u14"]);
