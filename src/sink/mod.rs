@@ -397,6 +397,28 @@ impl InFlight {
     }
 }
 
+/// Hands `record` to the output producer, waiting while its queue is full (deliveries drain
+/// it); the error if it does not take the record.
+async fn hand<K, P>(
+    producer: &ThreadedProducer<OutputContext>,
+    mut record: BaseRecord<'_, K, P, usize>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// The verdict on a failed delivery of a producer (`client`): [`Verdict::Fatal`] once the
 /// producer itself failed for good, else what [`classify`] says of `code`.
 pub(crate) fn judge<C: ClientContext>(
@@ -500,20 +522,10 @@ impl Emitter {
                     continue;
                 }
                 let seq = self.next_seq;
-                let handed = loop {
-                    let record = BaseRecord::with_opaque_to(&self.settings.topic, seq)
-                        .key(&key)
-                        .payload(&payload);
-                    match self.producer.send(record) {
-                        Ok(()) => break Ok(()),
-                        // the producer's queue is full: let deliveries drain it
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await
-                        }
-                        Err((e, _)) => break Err(e),
-                    }
-                };
-                match handed {
+                let record = BaseRecord::with_opaque_to(&self.settings.topic, seq)
+                    .key(&key)
+                    .payload(&payload);
+                match hand(&self.producer, record).await {
                     Ok(()) => {
                         self.next_seq += 1;
                         in_flight.push(seq, w);
@@ -677,16 +689,7 @@ impl Emitter {
         letter: &DeadLetter,
     ) -> Result<Option<Failure>, KafkaError> {
         let seq = self.next_seq;
-        loop {
-            match self.producer.send(letter.base_record(topic, seq)) {
-                Ok(()) => break,
-                // the producer's queue is full: let deliveries drain it
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        hand(&self.producer, letter.base_record(topic, seq)).await?;
         self.next_seq += 1;
         loop {
             let reports = self.reports.take();
