@@ -128,9 +128,14 @@ enum Command {
         #[arg(long, value_name = "earliest|latest|OFFSET")]
         to: offline::Target,
         /// Configuration whose kafka.brokers and kafka.options reach the broker (needed for
-        /// earliest and latest).
+        /// earliest and latest); its state.key_groups is the default of --key-groups.
         #[arg(long, short, env = "CHECKPOINTER_CONFIG")]
         config: Option<PathBuf>,
+        /// Key groups per scope if the store is of a format before 5 and is migrated now
+        /// (`state.key_groups`; 1 to 65535; default: --config's, else 256). A store that has
+        /// key groups keeps its own.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        key_groups: Option<u16>,
     },
     /// Stop a running instance gracefully, optionally after a savepoint (the upgrade path).
     Stop {
@@ -237,6 +242,11 @@ enum SavepointAction {
         /// File holding the instance's admin token (with --url).
         #[arg(long, env = TOKEN_ENV)]
         admin_token_file: Option<PathBuf>,
+        /// With --dir: key groups per scope if the store is of a format before 5 and is
+        /// migrated now (`state.key_groups`; 1 to 65535; default 256). A store that has key
+        /// groups keeps its own.
+        #[arg(long, requires = "dir", value_parser = clap::value_parser!(u16).range(1..))]
+        key_groups: Option<u16>,
     },
 }
 
@@ -339,11 +349,13 @@ fn main() -> ExitCode {
             partition,
             to,
             config,
+            key_groups,
         } => {
             let settings = match config.as_deref().map(load).transpose() {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            let key_groups = key_groups.or_else(|| settings.as_ref().map(|s| s.state.key_groups()));
             let ask = settings.as_ref().map(|s| {
                 let kafka = s.kafka.clone();
                 move |p: &Partition| broker_watermarks(&kafka, p)
@@ -354,6 +366,7 @@ fn main() -> ExitCode {
                 &Partition::new(&topic, partition),
                 to,
                 ask,
+                key_groups,
             ))
         }
         Command::Savepoint(args) => report(savepoint(args)),
@@ -474,8 +487,9 @@ fn savepoint(args: SavepointArgs) -> Result<String, OpsError> {
         Some(SavepointAction::Delete {
             name,
             dir: Some(dir),
+            key_groups,
             ..
-        }) => offline::delete_savepoint(&dir, &name),
+        }) => offline::delete_savepoint(&dir, &name, key_groups),
         Some(SavepointAction::Delete {
             name,
             url,

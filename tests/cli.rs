@@ -807,10 +807,118 @@ fn import_into_a_new_directory_takes_the_key_groups_given_and_an_existing_store_
         "4096",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("keeps the 9 key groups"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(groups(&fresh), 9, "an existing store keeps its key groups");
     let listed: serde_json::Value =
         serde_json::from_str(&stdout(&cli(&["savepoint", "list", "--dir", fr]))).expect("json");
     assert_eq!(listed["savepoints"][0]["entries"], 2);
+}
+
+/// The key groups per scope `state`'s store records.
+fn store_groups(state: &Path) -> u16 {
+    checkpointer::store::Store::open(state, checkpointer::store::Open::Existing)
+        .expect("open")
+        .layout()
+        .expect("layout")
+        .groups
+}
+
+#[test]
+fn offline_changes_migrate_an_older_store_with_the_key_groups_given() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // reset-position: --key-groups, else the --config's state.key_groups, else the default
+    let cases: [(&[&str], u16); 3] = [
+        (&["--key-groups", "7"], 7),
+        (&["--config", "CONFIG"], 11),
+        (&[], 256),
+    ];
+    for (i, (extra, expected)) in cases.into_iter().enumerate() {
+        let dir = root.path().join(format!("reset-{i}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let state = fixture_store_of(&dir, 4);
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            fixture_config(&state, &|y| format!("{y}state: {{ key_groups: 11 }}\n")),
+        )
+        .expect("write config");
+        let extra: Vec<&str> = extra
+            .iter()
+            .map(|a| {
+                if *a == "CONFIG" {
+                    config.to_str().expect("utf8")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let s = state.to_str().expect("utf8");
+        let mut args = vec![
+            "reset-position",
+            "--dir",
+            s,
+            "--topic",
+            "events",
+            "--partition",
+            "0",
+            "--to",
+            "5",
+        ];
+        let again = [&args[..], &["--key-groups", "3"]].concat();
+        args.extend(extra);
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(store_groups(&state), expected, "reset-position {args:?}");
+        // a second change asking for another count keeps the layout and says so
+        let out = cli(&again);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains(&format!("keeps the {expected} key groups")),
+            "{}",
+            stdout(&out)
+        );
+        assert_eq!(store_groups(&state), expected);
+    }
+    // savepoint delete --dir
+    let dir = root.path().join("delete");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let state = fixture_store_of(&dir, 4);
+    let s = state.to_str().expect("utf8");
+    let out = cli(&[
+        "savepoint",
+        "delete",
+        "before-upgrade",
+        "--key-groups",
+        "0",
+        "--dir",
+        s,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        matches!(
+            checkpointer::store::Store::open(&state, checkpointer::store::Open::NoMigration),
+            Err(checkpointer::store::StoreError::NeedsMigration { found: 4, .. })
+        ),
+        "a refused command migrated the store"
+    );
+    let out = cli(&[
+        "savepoint",
+        "delete",
+        "before-upgrade",
+        "--key-groups",
+        "5",
+        "--dir",
+        s,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(store_groups(&state), 5);
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&["savepoint", "list", "--dir", s]))).expect("json");
+    assert_eq!(listed["savepoints"], serde_json::json!([]));
 }
 
 #[test]

@@ -21,9 +21,25 @@ fn open(dir: &Path) -> Result<Store, OpsError> {
     Ok(Store::open(dir, Open::Inspect)?)
 }
 
-/// For changing it (import, delete): migrates an older format first.
-fn open_for_change(dir: &Path) -> Result<Store, OpsError> {
-    Ok(Store::open(dir, Open::Existing)?)
+/// For changing it (delete, reset-position): migrates an older format first, with
+/// `key_groups` groups per scope if given (else the default).
+fn open_for_change(dir: &Path, key_groups: Option<u16>) -> Result<Store, OpsError> {
+    Ok(match key_groups {
+        Some(groups) => Store::open_migrating(dir, groups)?,
+        None => Store::open(dir, Open::Existing)?,
+    })
+}
+
+/// What the command's report adds when `--key-groups` asked for a count the store does not
+/// have: a store keeps the layout it got first.
+fn kept_groups(store: &Store, asked: Option<u16>) -> Result<String, OpsError> {
+    let groups = store.layout()?.groups;
+    Ok(match asked {
+        Some(asked) if asked != groups => format!(
+            "; the store keeps the {groups} key groups it has (--key-groups {asked} applies only to a store that gets its key groups now: a new one, or one migrated from a format before 5)"
+        ),
+        _ => String::new(),
+    })
 }
 
 /// `checkpoints list`: the history, newest first, with the retained ones marked.
@@ -153,18 +169,28 @@ pub fn import_savepoint(
     store.upgrade()?;
     store.import_savepoint(&sp.meta, &sp.entries)?;
     Ok(format!(
-        "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}",
+        "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}{}",
         sp.meta.name,
         sp.entries.len(),
         dir.display(),
-        sp.meta.name
+        sp.meta.name,
+        kept_groups(&store, key_groups)?
     ))
 }
 
-pub fn delete_savepoint(dir: &Path, name: &str) -> Result<String, OpsError> {
-    let store = open_for_change(dir)?;
+/// `savepoint delete NAME --dir DIR [--key-groups N]`: an older store is migrated first, with
+/// N key groups per scope if given.
+pub fn delete_savepoint(
+    dir: &Path,
+    name: &str,
+    key_groups: Option<u16>,
+) -> Result<String, OpsError> {
+    let store = open_for_change(dir, key_groups)?;
     store.delete_savepoint(name)?;
-    Ok(format!("deleted savepoint {name}"))
+    Ok(format!(
+        "deleted savepoint {name}{}",
+        kept_groups(&store, key_groups)?
+    ))
 }
 
 /// Where `reset-position --to` moves a partition.
@@ -199,12 +225,14 @@ pub type Watermarks<'a> = &'a dyn Fn(&Partition) -> Result<(i64, i64), String>;
 
 /// `reset-position`: moves one partition's held position in a stopped instance's store (a new
 /// checkpoint with the same state, noted in the history). `earliest` and `latest` ask the
-/// broker through `watermarks`.
+/// broker through `watermarks`. An older store is migrated first, with `key_groups` groups
+/// per scope if given.
 pub fn reset_position(
     dir: &Path,
     partition: &Partition,
     to: Target,
     watermarks: Option<Watermarks<'_>>,
+    key_groups: Option<u16>,
 ) -> Result<String, OpsError> {
     let (offset, why) = match to {
         Target::Offset(o) => (o, format!("--to {o}")),
@@ -226,11 +254,12 @@ pub fn reset_position(
             )
         }
     };
-    let store = open_for_change(dir)?;
+    let store = open_for_change(dir, key_groups)?;
     let note = format!("reset-position: the held position of {partition} set to {offset} ({why})");
     let (id, before) = store.reset_position(partition, NextOffset(offset), &note)?;
     let before = before.map_or("none".to_string(), |n| n.0.to_string());
     Ok(format!(
-        "moved the held position of {partition} from {before} to {offset} ({why}) in checkpoint {id}; the next start reads {partition} from {offset} (the other partitions and the window state are unchanged)"
+        "moved the held position of {partition} from {before} to {offset} ({why}) in checkpoint {id}; the next start reads {partition} from {offset} (the other partitions and the window state are unchanged){}",
+        kept_groups(&store, key_groups)?
     ))
 }

@@ -234,6 +234,17 @@ impl Store {
         Ok(store)
     }
 
+    /// [`Open::Existing`] for a change made offline: a store of a format before key groups is
+    /// migrated with `key_groups` groups per scope (`state.key_groups`) instead of the
+    /// default; a store that has a layout keeps it.
+    pub fn open_migrating(path: &Path, key_groups: u16) -> Result<Store, StoreError> {
+        Self::require_existing(path)?;
+        let store =
+            Self::open_existing_dir(path, DEFAULT_CACHE_CAPACITY)?.with_key_groups(key_groups);
+        store.check_version(Migrate::InPlace)?;
+        Ok(store)
+    }
+
     /// Migrates an older format in place (then earlier builds can no longer read it), refuses
     /// a newer one, and stamps a new store with the current format.
     pub fn upgrade(&self) -> Result<(), StoreError> {
