@@ -227,8 +227,9 @@ enum SavepointAction {
         /// Store it under another name.
         #[arg(long)]
         name: Option<String>,
-        /// Key groups per scope if the directory has no store yet (`state.key_groups`; 1 to
-        /// 65535). An existing store keeps its own.
+        /// Key groups per scope if the directory has no store yet, or its store is of a
+        /// format before 5 and is migrated now (`state.key_groups`; 1 to 65535; default 256).
+        /// A store that has key groups keeps its own.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         key_groups: Option<u16>,
     },
@@ -245,7 +246,7 @@ enum SavepointAction {
         /// With --dir: key groups per scope if the store is of a format before 5 and is
         /// migrated now (`state.key_groups`; 1 to 65535; default 256). A store that has key
         /// groups keeps its own.
-        #[arg(long, requires = "dir", value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, requires = "dir", conflicts_with = "url", value_parser = clap::value_parser!(u16).range(1..))]
         key_groups: Option<u16>,
     },
 }
@@ -355,7 +356,8 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            let key_groups = key_groups.or_else(|| settings.as_ref().map(|s| s.state.key_groups()));
+            // a configuration that leaves state.key_groups unset asks for the default
+            let key_groups = key_groups.or_else(|| settings.as_ref()?.state.key_groups);
             let ask = settings.as_ref().map(|s| {
                 let kafka = s.kafka.clone();
                 move |p: &Partition| broker_watermarks(&kafka, p)

@@ -30,15 +30,20 @@ fn open_for_change(dir: &Path, key_groups: Option<u16>) -> Result<Store, OpsErro
     })
 }
 
-/// What the command's report adds when `--key-groups` asked for a count the store does not
-/// have: a store keeps the layout it got first.
+/// What the command's report adds when it was asked for a key-group count the store does not
+/// have (a store keeps the layout it got first); read before the change, so that a change
+/// made is never reported as failed.
 fn kept_groups(store: &Store, asked: Option<u16>) -> Result<String, OpsError> {
+    let Some(asked) = asked else {
+        return Ok(String::new());
+    };
     let groups = store.layout()?.groups;
-    Ok(match asked {
-        Some(asked) if asked != groups => format!(
-            "; the store keeps the {groups} key groups it has (--key-groups {asked} applies only to a store that gets its key groups now: a new one, or one migrated from a format before 5)"
-        ),
-        _ => String::new(),
+    Ok(if asked == groups {
+        String::new()
+    } else {
+        format!(
+            "; the store keeps the {groups} key groups it has ({asked} asked for applies only to a store without key groups yet: a new one, or one of a format before 5)"
+        )
     })
 }
 
@@ -167,14 +172,14 @@ pub fn import_savepoint(
         store = store.with_key_groups(groups);
     }
     store.upgrade()?;
+    let kept = kept_groups(&store, key_groups)?;
     store.import_savepoint(&sp.meta, &sp.entries)?;
     Ok(format!(
-        "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}{}",
+        "imported savepoint {} ({} entries) into {}; start with checkpoint.restore_from: savepoint:{}{kept}",
         sp.meta.name,
         sp.entries.len(),
         dir.display(),
         sp.meta.name,
-        kept_groups(&store, key_groups)?
     ))
 }
 
@@ -186,11 +191,9 @@ pub fn delete_savepoint(
     key_groups: Option<u16>,
 ) -> Result<String, OpsError> {
     let store = open_for_change(dir, key_groups)?;
+    let kept = kept_groups(&store, key_groups)?;
     store.delete_savepoint(name)?;
-    Ok(format!(
-        "deleted savepoint {name}{}",
-        kept_groups(&store, key_groups)?
-    ))
+    Ok(format!("deleted savepoint {name}{kept}"))
 }
 
 /// Where `reset-position --to` moves a partition.
@@ -255,11 +258,11 @@ pub fn reset_position(
         }
     };
     let store = open_for_change(dir, key_groups)?;
+    let kept = kept_groups(&store, key_groups)?;
     let note = format!("reset-position: the held position of {partition} set to {offset} ({why})");
     let (id, before) = store.reset_position(partition, NextOffset(offset), &note)?;
     let before = before.map_or("none".to_string(), |n| n.0.to_string());
     Ok(format!(
-        "moved the held position of {partition} from {before} to {offset} ({why}) in checkpoint {id}; the next start reads {partition} from {offset} (the other partitions and the window state are unchanged){}",
-        kept_groups(&store, key_groups)?
+        "moved the held position of {partition} from {before} to {offset} ({why}) in checkpoint {id}; the next start reads {partition} from {offset} (the other partitions and the window state are unchanged){kept}"
     ))
 }
