@@ -11,6 +11,7 @@ use crate::checkpoint::choice::validate_savepoint_name;
 use crate::checkpoint::history::{CheckpointRecord, Kind};
 use crate::checkpoint::savepoints::check_given_name;
 use crate::checkpoint_id::CheckpointId;
+use crate::engine::group::DEFAULT_GROUPS;
 use crate::position::{NextOffset, Partition};
 use crate::store::portable::{self, Portable};
 use crate::store::{Open, Store, StoreError};
@@ -24,10 +25,10 @@ fn open(dir: &Path) -> Result<Store, OpsError> {
 /// For changing it (delete, reset-position): migrates an older format first, with
 /// `key_groups` groups per scope if given (else the default).
 fn open_for_change(dir: &Path, key_groups: Option<u16>) -> Result<Store, OpsError> {
-    Ok(match key_groups {
-        Some(groups) => Store::open_migrating(dir, groups)?,
-        None => Store::open(dir, Open::Existing)?,
-    })
+    Ok(Store::open_migrating(
+        dir,
+        key_groups.unwrap_or(DEFAULT_GROUPS),
+    )?)
 }
 
 /// What the command's report adds when it was asked for a key-group count the store does not
