@@ -12,6 +12,9 @@
 //! value is its own accumulator, if it has one, combined with the panes it holds. Panes live
 //! in memory only: a checkpoint lists windows, so the store format does not know of them.
 //!
+//! The table is also where a group's open sessions live (see [`KeyWindows`]): a record finds
+//! its key's fixed windows and sessions with one lookup.
+//!
 //! A key's slice sits behind an `Arc`, so that a copy of the group made on write (while a
 //! checkpoint still encodes it) shares it: only the keys written after the copy get a slice of
 //! their own, not the whole group. The key itself is a [`Key`]: in place when short, else
@@ -19,18 +22,73 @@
 
 use std::sync::Arc;
 
-use foldhash::{HashMap, HashMapExt};
+use hashbrown::HashMap;
 
 use super::aggregate::Acc;
 use super::slots::{head, Bound, Defs, Fixed, Slot, Span};
-use super::state::{note_end, Key};
+use super::state::{note_end, Key, KeySessions};
 use super::window::{hopping_starts, tumbling_start, WindowDef};
 
-/// The open fixed windows of one group.
+/// What a group's table holds of one key: its open fixed windows and panes, behind an `Arc`
+/// that a copy of the group shares, and whatever else the group keeps per key. A key is in
+/// the table while it holds anything.
+pub(crate) trait TableEntry: std::fmt::Debug + Clone + Default {
+    fn slots(&self) -> Option<&Arc<[Slot]>>;
+    fn slots_mut(&mut self) -> &mut Option<Arc<[Slot]>>;
+    /// Whether the key holds nothing (and so leaves the table).
+    fn is_empty(&self) -> bool;
+}
+
+/// The entry of a key in a group without session definitions: its fixed windows alone (16
+/// bytes: a group's table takes no room for sessions it does not have).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FixedOnly(Option<Arc<[Slot]>>);
+
+impl TableEntry for FixedOnly {
+    fn slots(&self) -> Option<&Arc<[Slot]>> {
+        self.0.as_ref()
+    }
+
+    fn slots_mut(&mut self) -> &mut Option<Arc<[Slot]>> {
+        &mut self.0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// The entry of a key in a group with session definitions: its fixed windows and its open
+/// sessions (see `SessionTable`), so that a record finds both with one lookup; its first
+/// session sits in the entry itself.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KeyWindows {
+    slots: Option<Arc<[Slot]>>,
+    pub(crate) sessions: KeySessions,
+}
+
+impl TableEntry for KeyWindows {
+    fn slots(&self) -> Option<&Arc<[Slot]>> {
+        self.slots.as_ref()
+    }
+
+    fn slots_mut(&mut self) -> &mut Option<Arc<[Slot]>> {
+        &mut self.slots
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_none() && self.sessions.is_empty()
+    }
+}
+
+/// The keys of a group with session definitions and what each holds.
+pub(crate) type KeyTable = HashMap<Key, KeyWindows>;
+
+/// The open fixed windows of one group, in its table of keys (whose entries are `E`).
 #[derive(Debug, Clone)]
-pub(crate) struct FixedWindows {
+pub(crate) struct FixedWindows<E: TableEntry = FixedOnly> {
     defs: Arc<Defs>,
-    keys: HashMap<Key, Arc<[Slot]>>,
+    keys: HashMap<Key, E>,
     /// Open windows (a window held by panes and its own slot counts once).
     open: usize,
     /// The earliest end of an open window (exact: a window's end never changes, and closing
@@ -84,7 +142,7 @@ fn touch(
     }
 }
 
-impl FixedWindows {
+impl<E: TableEntry> FixedWindows<E> {
     pub(crate) fn new(windows: &[WindowDef]) -> Self {
         let defs = Defs::new(windows);
         FixedWindows {
@@ -109,9 +167,44 @@ impl FixedWindows {
         self.earliest
     }
 
+    /// The table of keys, for what else its entries hold.
+    pub(crate) fn keys(&self) -> &HashMap<Key, E> {
+        &self.keys
+    }
+
+    pub(crate) fn keys_mut(&mut self) -> &mut HashMap<Key, E> {
+        &mut self.keys
+    }
+
+    /// The entry of `key`, made (empty, with the copy of the key in `shared`, made here if
+    /// there is none yet) if it has none; `shared` is left holding the table's copy. For
+    /// restores: an entry must not stay empty.
+    pub(crate) fn entry(&mut self, key: &str, shared: &mut Option<Key>) -> (&Key, &mut E) {
+        Self::entry_in(&mut self.keys, key, shared)
+    }
+
+    fn entry_in<'a>(
+        keys: &'a mut HashMap<Key, E>,
+        key: &str,
+        shared: &mut Option<Key>,
+    ) -> (&'a Key, &'a mut E) {
+        use hashbrown::hash_map::RawEntryMut;
+        let (name, entry) = match keys.raw_entry_mut().from_key(key) {
+            RawEntryMut::Occupied(o) => o.into_key_value(),
+            RawEntryMut::Vacant(v) => {
+                let name = shared.get_or_insert_with(|| Key::new(key)).clone();
+                v.insert(name, E::default())
+            }
+        };
+        *shared = Some(name.clone());
+        (name, entry)
+    }
+
     /// Adds a record to every fixed window that holds `ts` and is not final (`end <= limit`
-    /// is final), noting in `earliest` the ends of the windows it opens (see [`note_end`]).
-    /// Returns whether any window took it.
+    /// is final), noting in `earliest` the ends of the windows it opens (see [`note_end`]),
+    /// then hands the key's entry and the table's copy of the key to `rest` (which adds the
+    /// record to what else the entry holds and returns whether anything took it), all with
+    /// one lookup. Returns whether any window took it.
     pub(crate) fn add(
         &mut self,
         key: &str,
@@ -119,10 +212,18 @@ impl FixedWindows {
         value: Option<f64>,
         limit: Option<i64>,
         earliest: &mut Option<i64>,
+        rest: impl FnOnce(&mut E, &Key, &mut Option<i64>) -> bool,
     ) -> bool {
         let defs = &self.defs;
-        let mut slots = self.keys.get_mut(key);
-        let mut existing = slots.as_mut().map(|s| Arc::make_mut(*s));
+        let mut fresh = None;
+        let (name, entry) = match self.keys.get_key_value_mut(key) {
+            Some((name, entry)) => (name, entry),
+            None => {
+                let (name, entry) = fresh.insert((Key::new(key), E::default()));
+                (&*name, entry)
+            }
+        };
+        let mut existing = entry.slots_mut().as_mut().map(Arc::make_mut);
         let mut took = false;
         let mut opened = None;
         let added = &mut self.added;
@@ -184,25 +285,18 @@ impl FixedWindows {
                 note_end(earliest, end);
                 note_end(&mut self.earliest, end);
             }
-            match slots {
-                Some(slots) => {
-                    self.open += self
-                        .added
-                        .iter()
-                        .map(|a| defs.opened_by(slots, a))
-                        .sum::<usize>();
-                    *slots = sorted(slots.iter().copied().chain(self.added.drain(..)));
-                }
-                None => {
-                    self.open += self
-                        .added
-                        .iter()
-                        .map(|a| defs.opened_by(&[], a))
-                        .sum::<usize>();
-                    self.keys
-                        .insert(Key::new(key), sorted(self.added.drain(..)));
-                }
-            }
+            let slots = entry.slots().map_or(&[][..], |s| &s[..]);
+            self.open += self
+                .added
+                .iter()
+                .map(|a| defs.opened_by(slots, a))
+                .sum::<usize>();
+            let all = sorted(slots.iter().copied().chain(self.added.drain(..)));
+            *entry.slots_mut() = Some(all);
+        }
+        took |= rest(entry, name, earliest);
+        if let Some((name, entry)) = fresh.filter(|(_, entry)| !entry.is_empty()) {
+            self.keys.insert(name, entry);
         }
         took
     }
@@ -221,7 +315,11 @@ impl FixedWindows {
         let keep = &mut self.added;
         let mut count = 0;
         let mut earliest = None;
-        self.keys.retain(|key, slots| {
+        self.keys.retain(|key, entry| {
+            let Some(slots) = entry.slots_mut().as_mut() else {
+                // it holds something else only
+                return true;
+            };
             let first = slots.iter().map(|s| defs.first_end(s, &due)).min();
             if let Some(first) = first.filter(|&end| end > limit) {
                 note_end(&mut earliest, first);
@@ -244,13 +342,15 @@ impl FixedWindows {
                 keep.push(*s);
             }
             // a key whose windows all stay (panes whose later windows are open) keeps its
-            // slots as they are, one that lost some gets the others, one that lost all goes
-            let stays = !keep.is_empty();
-            if stays && keep.len() < slots.len() {
+            // slots as they are, one that lost some gets the others, one that lost all has
+            // none (and goes unless it holds sessions)
+            if keep.is_empty() {
+                *entry.slots_mut() = None;
+            } else if keep.len() < slots.len() {
                 *slots = Arc::from(&keep[..]);
             }
             keep.clear();
-            stays
+            !entry.is_empty()
         });
         self.open = self.open.saturating_sub(count);
         self.earliest = earliest;
@@ -275,9 +375,10 @@ impl FixedWindows {
             .map(|&(w, start, _)| start.saturating_add(defs.size(w)))
             .min()?;
         note_end(&mut self.earliest, earliest);
-        let existing = self.keys.get_mut(key);
-        let mut all: Vec<Slot> = existing.as_deref().map_or_else(Vec::new, |s| s.to_vec());
-        let before = defs.open_windows(&all, &self.open_bounds, &mut self.spans);
+        let (open_bounds, spans) = (&self.open_bounds, &mut self.spans);
+        let (_, entry) = Self::entry_in(&mut self.keys, key, shared);
+        let mut all: Vec<Slot> = entry.slots().map_or_else(Vec::new, |s| s.to_vec());
+        let before = defs.open_windows(&all, open_bounds, spans);
         for &(window, start, acc) in windows {
             let slot = Slot::new(window, start, acc);
             match all
@@ -290,21 +391,10 @@ impl FixedWindows {
         }
         let all = sorted(all.into_iter());
         self.open += defs
-            .open_windows(&all, &self.open_bounds, &mut self.spans)
+            .open_windows(&all, open_bounds, spans)
             .saturating_sub(before);
-        match existing {
-            Some(slots) => *slots = all,
-            None => {
-                let key = shared.get_or_insert_with(|| Key::new(key)).clone();
-                self.keys.insert(key, all);
-            }
-        }
+        *entry.slots_mut() = Some(all);
         Some(earliest)
-    }
-
-    /// The copy of `key` this group's fixed windows hold, if they hold any of its windows.
-    pub(crate) fn shared_key(&self, key: &str) -> Option<Key> {
-        self.keys.get_key_value(key).map(|(k, _)| k.clone())
     }
 
     /// The copy of `key` this group holds, and how many windows and panes it holds.
@@ -312,7 +402,7 @@ impl FixedWindows {
     pub(crate) fn key(&self, key: &str) -> Option<(usize, Key)> {
         self.keys
             .get_key_value(key)
-            .map(|(k, slots)| (slots.len(), k.clone()))
+            .map(|(k, entry)| (entry.slots().map_or(0, |s| s.len()), k.clone()))
     }
 
     /// Every open window, ordered by key, window index and start: window index, start, key,
@@ -321,7 +411,7 @@ impl FixedWindows {
         let mut keys: Vec<(&'a str, &'a [Slot])> = self
             .keys
             .iter()
-            .map(|(key, slots)| (&**key, &**slots))
+            .filter_map(|(key, entry)| Some((&**key, &**entry.slots()?)))
             .collect();
         keys.sort_unstable_by_key(|(key, _)| *key);
         let mut spans = Vec::new();
@@ -343,7 +433,7 @@ impl FixedWindows {
     /// The open window `window`/`start`/`key`, if any: its end and accumulator.
     #[cfg(test)]
     pub(crate) fn get(&self, window: u16, start: i64, key: &str) -> Option<(i64, Acc)> {
-        let slots = self.keys.get(key)?;
+        let slots = self.keys.get(key)?.slots()?;
         let mut spans = Vec::new();
         self.defs.spans(slots, &self.open_bounds, &mut spans);
         let mut found = None;
@@ -372,8 +462,18 @@ mod tests {
             .collect()
     }
 
+    /// No session definitions: nothing else in a key's entry to take a record.
+    fn no_sessions(_: &mut FixedOnly, _: &Key, _: &mut Option<i64>) -> bool {
+        false
+    }
+
+    /// The slots of `key`.
+    fn slots<'a>(f: &'a FixedWindows, key: &str) -> &'a Arc<[Slot]> {
+        f.keys[key].slots().expect("the key holds fixed windows")
+    }
+
     fn add(f: &mut FixedWindows, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        f.add(key, ts, Some(1.0), limit, &mut None)
+        f.add(key, ts, Some(1.0), limit, &mut None, no_sessions)
     }
 
     fn closed(f: &mut FixedWindows, limit: i64) -> Vec<(u16, i64, String)> {
@@ -383,6 +483,15 @@ mod tests {
         });
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_key_takes_no_room_for_sessions_where_none_is_defined() {
+        // a key and its slots: a group's table holds 40 bytes per key (and its control
+        // bytes) without session definitions, as before sessions shared it
+        assert_eq!(std::mem::size_of::<(Key, FixedOnly)>(), 40);
+        // with them, the key's first session sits in its entry
+        assert!(std::mem::size_of::<(Key, KeyWindows)>() <= 104);
     }
 
     #[test]
@@ -396,6 +505,7 @@ mod tests {
         let at = |f: &FixedWindows| {
             f.keys
                 .get("k")
+                .and_then(TableEntry::slots)
                 .map(|s| (Arc::as_ptr(s).cast::<Slot>(), s.len()))
         };
         let (first, n) = at(&f).expect("the key holds its pane and window");
@@ -471,15 +581,15 @@ mod tests {
         ]));
         let mut earliest = None;
         // opens tumbling [10,20) and hopping [0,20), [10,30)
-        assert!(f.add("k", 12, None, None, &mut earliest));
+        assert!(f.add("k", 12, None, None, &mut earliest, no_sessions));
         assert_eq!(earliest, Some(20));
         let mut earliest = None;
-        assert!(f.add("k", 13, None, None, &mut earliest));
+        assert!(f.add("k", 13, None, None, &mut earliest, no_sessions));
         assert_eq!(earliest, None, "every window it falls in was open");
         // a final window opens nothing
-        assert!(!f.add("j", 5, None, Some(20), &mut earliest));
+        assert!(!f.add("j", 5, None, Some(20), &mut earliest, no_sessions));
         assert_eq!(earliest, None);
-        assert!(f.add("j", 25, None, Some(20), &mut earliest));
+        assert!(f.add("j", 25, None, Some(20), &mut earliest, no_sessions));
         assert_eq!(earliest, Some(30));
         assert_eq!(f.earliest_end(), Some(20));
         closed(&mut f, 20);
@@ -507,8 +617,8 @@ mod tests {
         // the key that was not written after the copy still shares its windows
         let mut g = copy.clone();
         add(&mut g, "k", 26, None);
-        assert!(Arc::ptr_eq(&copy.keys["j"], &g.keys["j"]));
-        assert!(!Arc::ptr_eq(&copy.keys["k"], &g.keys["k"]));
+        assert!(Arc::ptr_eq(slots(&copy, "j"), slots(&g, "j")));
+        assert!(!Arc::ptr_eq(slots(&copy, "k"), slots(&g, "k")));
     }
 
     #[test]
@@ -633,10 +743,10 @@ mod tests {
             add(&mut f, "k", ts, None);
         }
         // one pane, three windows
-        assert_eq!(f.keys["k"].len(), 1);
+        assert_eq!(slots(&f, "k").len(), 1);
         assert_eq!(f.open_count(), 3);
         add(&mut f, "k", 14, None);
-        assert_eq!(f.keys["k"].len(), 2);
+        assert_eq!(slots(&f, "k").len(), 2);
         assert_eq!(f.open_count(), 4);
         assert_eq!(
             f.get(0, 0, "k").map(|(end, acc)| (end, acc.count)),
@@ -647,13 +757,13 @@ mod tests {
         // a record too late for the first windows of its pane goes to the others one by one
         assert_eq!(closed(&mut f, 10).len(), 1);
         assert!(add(&mut f, "j", 5, Some(10)));
-        assert_eq!(f.keys["j"].iter().filter(|s| s.is_pane()).count(), 0);
+        assert_eq!(slots(&f, "j").iter().filter(|s| s.is_pane()).count(), 0);
         assert_eq!(f.get(0, -10, "j").map(|(_, acc)| acc.count), Some(1));
         assert_eq!(f.get(0, -20, "j"), None);
         assert_eq!(f.open_count(), 3 + 2);
         // a pane goes once its last window has closed
         assert_eq!(closed(&mut f, 30).len(), 4);
-        assert_eq!(f.keys["k"].len(), 1);
+        assert_eq!(slots(&f, "k").len(), 1);
         assert_eq!(f.open_count(), 1);
     }
 
@@ -665,7 +775,7 @@ mod tests {
         ]);
         let mut f = FixedWindows::new(&windows);
         add(&mut f, "k", 1, None);
-        let slots = &f.keys["k"];
+        let slots = slots(&f, "k");
         assert_eq!(slots.iter().filter(|s| s.is_pane()).count(), 1);
         assert_eq!(slots.iter().filter(|s| !s.is_pane()).count(), 17);
         assert_eq!(f.open_count(), 16 + 17);
@@ -700,7 +810,7 @@ mod tests {
                         newest = newest.max(ts);
                         let value = (v >= 0).then_some(f64::from(v));
                         let want = model.add(&windows, &key, ts, value, limit);
-                        proptest::prop_assert_eq!(f.add(&key, ts, value, limit, &mut None), want);
+                        proptest::prop_assert_eq!(f.add(&key, ts, value, limit, &mut None, no_sessions), want);
                     }
                     5 | 6 => {
                         let l = newest - i64::from(key) * 4;

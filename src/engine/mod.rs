@@ -97,6 +97,10 @@ pub enum StateError {
         start: i64,
         kind: String,
     },
+    #[error(
+        "checkpoint holds open sessions of window #{window} for one key that overlap (one starts at {start}); a key's sessions never overlap"
+    )]
+    OverlappingSession { window: u16, start: i64 },
     #[error("group {group} of {scope:?} cannot be decoded: {source}")]
     Damaged {
         scope: Option<Partition>,

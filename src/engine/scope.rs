@@ -16,11 +16,9 @@ use fixedbitset::FixedBitSet;
 
 use super::aggregate::Acc;
 use super::due::Due;
-use super::fixed::FixedWindows;
+use super::fixed::{FixedOnly, FixedWindows, KeyWindows};
 use super::group::{DirtyGroups, EntryRef, GroupContent, GroupId};
-use super::state::{
-    note_end, ClosedWindow, Entry, EntryStatus, Key, SessionTable, StateKey, INLINE_KEY,
-};
+use super::state::{note_end, ClosedWindow, Entry, EntryStatus, Key, SessionTable, StateKey};
 use super::window::{WindowDef, WindowKind};
 use super::StateError;
 use crate::position::Partition;
@@ -139,13 +137,32 @@ impl From<Vec<ClosedWindow>> for Emission {
     }
 }
 
+/// A group's open windows: its table of keys, and the indexes of its sessions where
+/// sessions are defined.
+#[derive(Debug, Clone)]
+enum Tables {
+    /// No session definition: a key's entry holds its fixed windows alone.
+    Fixed(FixedWindows<FixedOnly>),
+    /// A key's entry holds its fixed windows and its sessions, so that a record finds both
+    /// with one lookup; a table per session definition indexes their ends.
+    Sessions(FixedWindows<KeyWindows>, Vec<SessionTable>),
+}
+
+/// `$body` with `$f` the group's fixed windows, whichever entries its table holds.
+macro_rules! fixed {
+    ($tables:expr, $f:ident => $body:expr) => {
+        match $tables {
+            Tables::Fixed($f) => $body,
+            Tables::Sessions($f, _) => $body,
+        }
+    };
+}
+
 /// One key group's state.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupState {
-    /// Open tumbling and hopping windows, key by key.
-    fixed: FixedWindows,
-    /// Open session windows, per session definition.
-    sessions: Vec<SessionTable>,
+    /// Open windows, key by key.
+    tables: Tables,
     /// Final windows not acknowledged by the output yet, by the epoch they closed in (see
     /// `Engine`), which says which checkpoint releases them; oldest epoch first.
     closed: Vec<ClosedChunk>,
@@ -650,16 +667,21 @@ impl ClosedChunk {
 
 impl GroupState {
     fn new(windows: &[WindowDef], scope: &Option<Partition>) -> Self {
+        let sessions: Vec<SessionTable> = windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| match w.kind {
+                WindowKind::Session { gap } => Some(SessionTable::new(i as u16, gap)),
+                _ => None,
+            })
+            .collect();
+        let tables = if sessions.is_empty() {
+            Tables::Fixed(FixedWindows::new(windows))
+        } else {
+            Tables::Sessions(FixedWindows::new(windows), sessions)
+        };
         GroupState {
-            fixed: FixedWindows::new(windows),
-            sessions: windows
-                .iter()
-                .enumerate()
-                .filter_map(|(i, w)| match w.kind {
-                    WindowKind::Session { gap } => Some(SessionTable::new(i as u16, gap)),
-                    _ => None,
-                })
-                .collect(),
+            tables,
             closed: Vec::new(),
             scope: scope.clone(),
         }
@@ -668,8 +690,8 @@ impl GroupState {
     /// Puts back the entries of one key read from a checkpoint or the changelog (a blob lists
     /// a key's entries together): open windows into their tables, final ones into the held
     /// windows (a checkpoint holds each window once: no search for an equal one). The key's
-    /// fixed windows take one allocation, and its final windows and fixed windows share one
-    /// copy of the key. `fixed` is room for the key's fixed windows (cleared here). Returns
+    /// fixed windows take one allocation, and its final windows, fixed windows and sessions
+    /// share one copy of the key. `fixed` is room for the key's fixed windows (cleared here). Returns
     /// how many final windows it held, and the earliest end of the open windows it put back.
     fn restore_key(
         &mut self,
@@ -696,13 +718,18 @@ impl GroupState {
             match windows.get(usize::from(window)).map(|w| w.kind) {
                 None => return Err(unknown),
                 Some(WindowKind::Session { .. }) => {
-                    match self.sessions.iter_mut().find(|t| t.index() == window) {
-                        Some(table) => {
-                            let end = table.restore(start, key, end, acc, &mut shared);
-                            note_end(&mut earliest, end)
-                        }
-                        None => return Err(unknown),
-                    }
+                    let Tables::Sessions(fixed, tables) = &mut self.tables else {
+                        return Err(unknown);
+                    };
+                    let Some(table) = tables.iter_mut().find(|t| t.index() == window) else {
+                        return Err(unknown);
+                    };
+                    let (name, entry) = fixed.entry(key, &mut shared);
+                    let Some(end) = table.restore(&mut entry.sessions, name, start, end, acc)
+                    else {
+                        return Err(StateError::OverlappingSession { window, start });
+                    };
+                    note_end(&mut earliest, end)
                 }
                 Some(kind) => {
                     if !kind.is_start(start) {
@@ -716,7 +743,7 @@ impl GroupState {
                 }
             }
         }
-        if let Some(end) = self.fixed.restore(key, &mut shared, fixed) {
+        if let Some(end) = fixed!(&mut self.tables, f => f.restore(key, &mut shared, fixed)) {
             note_end(&mut earliest, end);
         }
         Ok((closed, earliest))
@@ -753,18 +780,18 @@ impl GroupState {
         limit: Option<i64>,
         earliest: &mut Option<i64>,
     ) -> bool {
-        let mut took = self.fixed.add(key, ts, value, limit, earliest);
-        let fixed = &self.fixed;
-        for t in &mut self.sessions {
-            // a short key sits in place: nothing to share
-            let shared = || {
-                (key.len() > INLINE_KEY)
-                    .then(|| fixed.shared_key(key))
-                    .flatten()
-            };
-            took |= t.add(key, ts, value, limit, earliest, shared);
+        match &mut self.tables {
+            Tables::Fixed(fixed) => fixed.add(key, ts, value, limit, earliest, |_, _, _| false),
+            Tables::Sessions(fixed, tables) => {
+                fixed.add(key, ts, value, limit, earliest, |entry, name, earliest| {
+                    let mut took = false;
+                    for t in tables.iter_mut() {
+                        took |= t.add(&mut entry.sessions, name, ts, value, limit, earliest);
+                    }
+                    took
+                })
+            }
         }
-        took
     }
 
     /// Removes the windows that end at or before `limit` into `out`, in the order of their
@@ -773,20 +800,24 @@ impl GroupState {
     fn close(&mut self, limit: i64, out: &mut Vec<ClosedRow>) -> Option<i64> {
         let from = out.len();
         let due = |earliest: Option<i64>| earliest.is_some_and(|end| end <= limit);
-        if due(self.fixed.earliest_end()) {
-            self.fixed.close(limit, rows_into(out));
-        }
-        let mut earliest = self.fixed.earliest_end();
+        let mut earliest = fixed!(&mut self.tables, f => {
+            if due(f.earliest_end()) {
+                f.close(limit, rows_into(out));
+            }
+            f.earliest_end()
+        });
         out[from..].sort_unstable_by(|a, b| {
             (a.window(), a.start, &a.key).cmp(&(b.window(), b.start, &b.key))
         });
         let sessions = out.len();
-        for t in &mut self.sessions {
-            let first = match t.earliest_end() {
-                Some(end) if end <= limit => t.close(limit, rows_into(out)),
-                first => first,
-            };
-            earliest = earlier(earliest, first);
+        if let Tables::Sessions(fixed, tables) = &mut self.tables {
+            for t in tables.iter_mut() {
+                let first = match t.earliest_end() {
+                    Some(end) if end <= limit => t.close(fixed.keys_mut(), limit, rows_into(out)),
+                    first => first,
+                };
+                earliest = earlier(earliest, first);
+            }
         }
         out[sessions..].sort_unstable_by(|a, b| {
             (a.window(), a.end, &a.key, a.start).cmp(&(b.window(), b.end, &b.key, b.start))
@@ -825,12 +856,12 @@ impl GroupState {
     }
 
     fn open(&self) -> usize {
-        self.fixed.open_count()
-            + self
-                .sessions
-                .iter()
-                .map(SessionTable::open_count)
-                .sum::<usize>()
+        match &self.tables {
+            Tables::Fixed(fixed) => fixed.open_count(),
+            Tables::Sessions(fixed, tables) => {
+                fixed.open_count() + tables.iter().map(SessionTable::open_count).sum::<usize>()
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -850,9 +881,14 @@ impl GroupState {
                 closed: false,
             })
         };
-        self.fixed.for_each_ref(&mut open);
-        for t in &self.sessions {
-            t.for_each_ref(&mut open);
+        match &self.tables {
+            Tables::Fixed(fixed) => fixed.for_each_ref(&mut open),
+            Tables::Sessions(fixed, tables) => {
+                fixed.for_each_ref(&mut open);
+                for t in tables {
+                    t.for_each_ref(fixed.keys(), &mut open);
+                }
+            }
         }
         for chunk in &self.closed {
             out.extend(chunk.pending().map(|row| EntryRef {
@@ -1757,7 +1793,7 @@ mod tests {
         let three = scope.groups.get(3).unwrap();
         let rows: Vec<RowRef<'_>> = three.closed.iter().flat_map(|c| c.rows.iter()).collect();
         assert_eq!(rows.len(), 3);
-        let (held, a) = three.fixed.key(LONG_KEY).unwrap();
+        let (held, a) = fixed!(&three.tables, f => f.key(LONG_KEY)).unwrap();
         // two final windows and the open window hold one copy
         assert!(one_copy(rows[0].key(), rows[1].key()));
         assert!(one_copy(rows[0].key(), &a));
@@ -1801,19 +1837,57 @@ mod tests {
     }
 
     #[test]
-    fn fixed_windows_and_sessions_of_a_key_share_one_copy_of_it() {
+    fn a_restore_refuses_sessions_of_one_key_that_overlap() {
+        let defs = defs(&[
+            ("t", WindowKind::Tumbling { size: 10 }),
+            ("s", WindowKind::Session { gap: 5 }),
+            ("u", WindowKind::Session { gap: 5 }),
+        ]);
+        let acc = Acc::of(Some(1.0));
+        let mut scope = ScopeState::new(None, &defs);
+        // sessions of two definitions may overlap; two of one definition may not
+        scope
+            .restore(0, "k", &[(1, 1, 6, acc, false), (2, 3, 8, acc, false)])
+            .unwrap();
+        for overlapping in [(1, 3, 8), (1, 0, 2), (1, 1, 6)] {
+            let (window, start, end) = overlapping;
+            let refused = scope.restore(0, "k", &[(window, start, end, acc, false)]);
+            assert!(
+                matches!(
+                    refused,
+                    Err(StateError::OverlappingSession { window: 1, start: s }) if s == start
+                ),
+                "{overlapping:?}: {refused:?}"
+            );
+        }
+        // one that only touches it is another session
+        scope.restore(0, "k", &[(1, 6, 11, acc, false)]).unwrap();
+        assert_eq!(scope.open_windows(), 3);
+    }
+
+    #[test]
+    fn a_key_is_one_copy_in_its_table_its_index_of_session_ends_and_final_windows() {
         let defs = defs(&[
             ("t", WindowKind::Tumbling { size: 10 }),
             ("s", WindowKind::Session { gap: 5 }),
         ]);
         let acc = Acc::of(Some(1.0));
-        // as records add them
+        let shares = |g: &GroupState| {
+            let Tables::Sessions(fixed, tables) = &g.tables else {
+                panic!("a group with a session definition keeps sessions in its table");
+            };
+            let (_, held) = fixed.key(LONG_KEY).expect("in the table");
+            let bounds: Vec<&Key> = tables[0].bound_keys().collect();
+            assert!(!bounds.is_empty());
+            assert!(bounds.iter().all(|k| one_copy(&held, k)));
+            held
+        };
+        // as records add them: two sessions, each with its entry in the index of ends
         let mut g = GroupState::new(&defs, &None);
         for ts in [1, 2, 30] {
             assert!(g.add(LONG_KEY, ts, Some(1.0), None, &mut None));
         }
-        let fixed = g.fixed.shared_key(LONG_KEY).unwrap();
-        assert!(one_copy(&fixed, &g.sessions[0].key(LONG_KEY).unwrap()));
+        shares(&g);
         // as a restore puts them back, sessions first (a blob lists them by window)
         let mut scope = ScopeState::new(None, &defs);
         scope
@@ -1828,9 +1902,8 @@ mod tests {
             )
             .unwrap();
         let g = scope.groups.get(0).unwrap();
-        let fixed = g.fixed.shared_key(LONG_KEY).unwrap();
-        assert!(one_copy(&fixed, &g.sessions[0].key(LONG_KEY).unwrap()));
+        let held = shares(g);
         let row = g.closed[0].rows.get(0).expect("held");
-        assert!(one_copy(&fixed, row.key()));
+        assert!(one_copy(&held, row.key()));
     }
 }

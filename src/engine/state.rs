@@ -1,18 +1,18 @@
 //! The vocabulary of window state (identities, entries, final windows), and the open session
-//! windows of one definition in one key group (fixed windows: see `fixed`). A change reports
+//! windows of one definition in one key group (they sit in the group's table of keys beside
+//! the fixed windows: see `fixed`). A change reports
 //! the end of a window it creates (`note_end`), so that the scope knows when the watermark may
 //! close windows in a group; ends only move later otherwise.
 
 use std::cmp::Ordering;
 use std::collections::binary_heap::PeekMut;
 use std::collections::BinaryHeap;
-
-use foldhash::{HashMap, HashMapExt};
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
-use smallvec::SmallVec;
 
 use super::aggregate::Acc;
+use super::fixed::{KeyTable, TableEntry};
 use crate::position::Partition;
 
 /// Identity of one window instance: the source partition whose records it aggregates (`None`
@@ -48,6 +48,7 @@ pub struct Entry {
 pub type Key = smol_str::SmolStr;
 
 /// The longest key a [`Key`] holds in place.
+#[cfg(test)]
 pub(crate) const INLINE_KEY: usize = 23;
 
 /// Whether two copies of a long key share one allocation.
@@ -77,14 +78,32 @@ pub struct ClosedWindow {
     pub acc: Acc,
 }
 
+/// An open session of a key.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Session {
+pub(crate) struct Session {
+    /// Its definition's index.
+    window: u16,
     start: i64,
     end: i64,
     acc: Acc,
 }
 
-/// The open session windows of one definition in one key group (fixed windows: see `fixed`).
+/// A key's open sessions of every session definition, ordered by definition index and start;
+/// empty when it has none. They sit in the key's entry of its group's table
+/// (`fixed::KeyWindows`), beside its fixed windows, so that a record finds both with one
+/// lookup. One session sits in the entry itself (a key has one session open most of the time,
+/// and a record then follows no pointer to reach it); a key with more (of one definition or
+/// of several) keeps them all in one allocation.
+pub(crate) type KeySessions = smallvec::SmallVec<[Session; 1]>;
+
+/// The sessions of definition `index` among a key's: their run in the list.
+fn run_of(all: &[Session], index: u16) -> Range<usize> {
+    all.partition_point(|s| s.window < index)..all.partition_point(|s| s.window <= index)
+}
+
+/// The open session windows of one definition in one key group: their count and index of
+/// ends; the sessions themselves sit in the keys' entries of the group's table (see
+/// [`KeySessions`]).
 ///
 /// `by_end` holds, for every open session, an entry (end, start, key) whose end is at or
 /// before the session's: a session that grows in order keeps its entry, so that the common
@@ -92,16 +111,13 @@ struct Session {
 /// checks each entry it reaches against the session's real end, and puts back the entries of
 /// sessions that grew past the limit. A session has one entry: one that merges with the next
 /// keeps its start and its entry; the entries of sessions merged into an earlier one are
-/// dropped when closing reaches them. A key longer than [`INLINE_KEY`] bytes is one copy
-/// shared by the two indexes and the final windows it closes into; a shorter one sits in
-/// place in each.
+/// dropped when closing reaches them. A key longer than 23 bytes is one copy
+/// shared by the table, this index and the final windows it closes into; a shorter one sits
+/// in place in each.
 #[derive(Debug, Clone)]
 pub struct SessionTable {
     index: u16,
     gap: i64,
-    /// A key's sessions, ordered by start; the first held in the table (a key has one session
-    /// open most of the time, and a record then follows no pointer to reach it).
-    by_key: HashMap<Key, SmallVec<[Session; 1]>>,
     by_end: BinaryHeap<EndBound>,
     open: usize,
 }
@@ -142,9 +158,9 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| end <= l)
 }
 
-/// Where `ts`, with the session it starts ending at `new_end`, meets a key's sessions: the run
-/// of sessions it overlaps (a key's sessions never overlap and are ordered by start, so their
-/// ends are ordered too).
+/// Where `ts`, with the session it starts ending at `new_end`, meets a key's sessions of one
+/// definition: the run of sessions it overlaps (a key's sessions of one definition never
+/// overlap and are ordered by start, so their ends are ordered too).
 fn overlapping(sessions: &[Session], ts: i64, new_end: i64) -> std::ops::Range<usize> {
     sessions.partition_point(|s| s.end <= ts)..sessions.partition_point(|s| s.start < new_end)
 }
@@ -154,7 +170,6 @@ impl SessionTable {
         SessionTable {
             index,
             gap,
-            by_key: HashMap::new(),
             by_end: BinaryHeap::new(),
             open: 0,
         }
@@ -173,102 +188,109 @@ impl SessionTable {
         self.by_end.peek().map(|b| b.end)
     }
 
-    /// Adds a record to the session of `key` it falls in (extending or merging sessions) if
-    /// that session is not final (`end <= limit` is final), noting in `earliest` the end of a
-    /// session it creates (see [`note_end`]). Returns whether a session took it. When the
-    /// table has no copy of `key` yet, it takes the one `shared` gives, if any: the group's
-    /// fixed windows and sessions share one copy of a key longer than [`INLINE_KEY`] bytes.
-    pub fn add(
+    /// Adds a record of the key named `key` (the table's copy), whose sessions are `sessions`,
+    /// to the session it falls in (extending or merging sessions) if that session is not
+    /// final (`end <= limit` is final), noting in `earliest` the end of a session it creates
+    /// (see [`note_end`]). Returns whether a session took it.
+    pub(crate) fn add(
         &mut self,
-        key: &str,
+        sessions: &mut KeySessions,
+        key: &Key,
         ts: i64,
         value: Option<f64>,
         limit: Option<i64>,
         earliest: &mut Option<i64>,
-        shared: impl FnOnce() -> Option<Key>,
     ) -> bool {
         let new_end = ts.saturating_add(self.gap);
+        let all: &[Session] = &sessions[..];
+        let mine = run_of(all, self.index);
+        let run = {
+            let r = overlapping(&all[mine.clone()], ts, new_end);
+            mine.start + r.start..mine.start + r.end
+        };
         // the common cases: the record falls inside one session, or extends it in order
-        if let Some(sessions) = self.by_key.get_mut(key) {
-            let run = overlapping(sessions, ts, new_end);
-            if run.len() == 1 {
-                let i = run.start;
-                let next_start = sessions.get(i + 1).map_or(i64::MAX, |n| n.start);
-                let s = &mut sessions[i];
-                if ts >= s.start && new_end <= s.end {
+        if run.len() == 1 {
+            let i = run.start;
+            let next_start = all[i + 1..mine.end].first().map_or(i64::MAX, |n| n.start);
+            let s = all[i];
+            let inside = ts >= s.start && new_end <= s.end;
+            // the end only grows: the session's entry in `by_end` stays a bound
+            let extends = ts >= s.start && new_end <= next_start && !is_final(new_end, limit);
+            if inside || extends {
+                if let Some(s) = sessions.get_mut(i) {
+                    s.end = s.end.max(new_end);
                     s.acc.add(value);
-                    return true;
                 }
-                if ts >= s.start && new_end <= next_start && !is_final(new_end, limit) {
-                    // the end only grows: the session's entry in `by_end` stays a bound
-                    s.end = new_end;
-                    s.acc.add(value);
-                    return true;
-                }
+                return true;
             }
         }
-        let name: Key = match self.by_key.get_key_value(key) {
-            Some((name, _)) => name.clone(),
-            None => shared().unwrap_or_else(|| Key::new(key)),
-        };
-        let sessions = self.by_key.entry(name.clone()).or_default();
-        let run = overlapping(sessions, ts, new_end);
         let mut merged = Session {
+            window: self.index,
             start: ts,
             end: new_end,
             acc: Acc::of(value),
         };
-        for s in &sessions[run.clone()] {
+        for s in &all[run.clone()] {
             merged.start = merged.start.min(s.start);
             merged.end = merged.end.max(s.end);
             merged.acc.merge(&s.acc);
         }
         if is_final(merged.end, limit) {
-            if sessions.is_empty() {
-                self.by_key.remove(key);
-            }
             return false;
         }
         // a session that keeps its start keeps its entry in `by_end` (a bound still: its end
         // only grew), so that a session has one entry however often it merges; the entries of
         // the sessions merged into another go when closing reaches them
-        let kept = sessions[run.clone()]
+        let kept = all[run.clone()]
             .first()
             .is_some_and(|s| s.start == merged.start);
-        self.open -= sessions.drain(run).count();
-        let pos = sessions.partition_point(|s| s.start < merged.start);
-        sessions.insert(pos, merged);
-        self.open += 1;
+        self.open = self.open - run.len() + 1;
+        // the sessions it overlaps sit where it goes: those before end by `ts`, those after
+        // start at `new_end` or later
+        if run.is_empty() {
+            sessions.insert(run.start, merged);
+        } else {
+            sessions[run.start] = merged;
+            sessions.drain(run.start + 1..run.end);
+        }
         if !kept {
             self.by_end.push(EndBound {
                 end: merged.end,
                 start: merged.start,
-                key: name,
+                key: key.clone(),
             });
             note_end(earliest, merged.end);
         }
         true
     }
 
-    /// Removes every session whose end is at or before `limit`, handing each to `f` (window
-    /// index, start, end, accumulator, key), in no particular order. Returns
+    /// Removes every session whose end is at or before `limit` from the keys of `keys`
+    /// (a key left with nothing leaves the table), handing each to `f` (window index, start,
+    /// end, accumulator, key), in no particular order. Returns
     /// [`SessionTable::earliest_end`] after.
-    pub fn close(
+    pub(crate) fn close(
         &mut self,
+        keys: &mut KeyTable,
         limit: i64,
         mut f: impl FnMut(u16, i64, i64, Acc, &Key),
     ) -> Option<i64> {
+        let index = self.index;
         while let Some(mut top) = self.by_end.peek_mut() {
             if top.end > limit {
                 break;
             }
             let start = top.start;
-            let found = self.by_key.get_mut(&*top.key).and_then(|sessions| {
-                let pos = sessions.partition_point(|s| s.start < start);
-                let s = sessions.get(pos).filter(|s| s.start == start).copied()?;
-                Some((sessions, pos, s))
+            let found = keys.get_mut(&*top.key).and_then(|entry| {
+                let all = &entry.sessions[..];
+                let mine = run_of(all, index);
+                let pos = mine.start + all[mine.clone()].partition_point(|s| s.start < start);
+                let s = all[pos..mine.end]
+                    .first()
+                    .filter(|s| s.start == start)
+                    .copied()?;
+                Some((entry, pos, s))
             });
-            let Some((sessions, pos, s)) = found else {
+            let Some((entry, pos, s)) = found else {
                 // merged into another session, or closed already
                 PeekMut::pop(top);
                 continue;
@@ -278,62 +300,83 @@ impl SessionTable {
                 top.end = s.end;
                 continue;
             }
+            entry.sessions.remove(pos);
+            let gone = entry.is_empty();
             let EndBound { key, .. } = PeekMut::pop(top);
-            sessions.remove(pos);
             self.open -= 1;
-            if sessions.is_empty() {
-                self.by_key.remove(&*key);
+            if gone {
+                keys.remove(&*key);
             }
-            f(self.index, start, s.end, s.acc, &key);
+            f(index, start, s.end, s.acc, &key);
         }
         self.earliest_end()
     }
 
-    /// This table's copy of `key`, if it holds a session of it.
+    /// The keys of the entries in the index of ends.
     #[cfg(test)]
-    pub fn key(&self, key: &str) -> Option<Key> {
-        self.by_key.get_key_value(key).map(|(k, _)| k.clone())
+    pub(crate) fn bound_keys(&self) -> impl Iterator<Item = &Key> {
+        self.by_end.iter().map(|b| &b.key)
     }
 
     /// The open session of `key` starting at `start`, if any.
     #[cfg(test)]
-    pub fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
-        self.by_key
-            .get(key)
-            .and_then(|ss| ss.iter().find(|s| s.start == start))
+    pub(crate) fn get(&self, keys: &KeyTable, start: i64, key: &str) -> Option<(i64, Acc)> {
+        let all = &keys.get(key)?.sessions[..];
+        all[run_of(all, self.index)]
+            .iter()
+            .find(|s| s.start == start)
             .map(|s| (s.end, s.acc))
     }
 
-    /// Puts back an open session read from a checkpoint; returns its end. `shared` is the
-    /// key's copy to share, made here if it has none yet.
-    pub fn restore(
+    /// Puts back an open session of the key named `key` (the table's copy), whose sessions
+    /// are `sessions`, read from a checkpoint; returns its end, or `None` (and puts nothing
+    /// back) if it overlaps one of the key's sessions of its definition: a damaged checkpoint,
+    /// which a record must never meet.
+    pub(crate) fn restore(
         &mut self,
+        sessions: &mut KeySessions,
+        key: &Key,
         start: i64,
-        key: &str,
         end: i64,
         acc: Acc,
-        shared: &mut Option<Key>,
-    ) -> i64 {
-        let name: Key = match self.by_key.get_key_value(key) {
-            Some((name, _)) => name.clone(),
-            None => shared.get_or_insert_with(|| Key::new(key)).clone(),
+    ) -> Option<i64> {
+        let at = (self.index, start);
+        let pos = sessions.partition_point(|s| (s.window, s.start) < at);
+        let mine = run_of(sessions, self.index);
+        let before = pos.checked_sub(1).filter(|&p| p >= mine.start);
+        let overlaps = before.is_some_and(|p| sessions[p].end > start)
+            || sessions[pos..mine.end]
+                .first()
+                .is_some_and(|s| s.start < end);
+        if overlaps {
+            return None;
+        }
+        let restored = Session {
+            window: self.index,
+            start,
+            end,
+            acc,
         };
-        let sessions = self.by_key.entry(name.clone()).or_default();
-        let pos = sessions.partition_point(|s| s.start < start);
-        sessions.insert(pos, Session { start, end, acc });
+        sessions.insert(pos, restored);
         self.by_end.push(EndBound {
             end,
             start,
-            key: name,
+            key: key.clone(),
         });
         self.open += 1;
-        end
+        Some(end)
     }
 
-    /// Every open session, borrowed: window index, start, key, end, accumulator.
-    pub fn for_each_ref<'a>(&'a self, mut f: impl FnMut(u16, i64, &'a str, i64, Acc)) {
-        for (key, sessions) in &self.by_key {
-            for s in sessions {
+    /// Every open session among `keys`, borrowed: window index, start, key, end,
+    /// accumulator.
+    pub(crate) fn for_each_ref<'a>(
+        &self,
+        keys: &'a KeyTable,
+        mut f: impl FnMut(u16, i64, &'a str, i64, Acc),
+    ) {
+        for (key, entry) in keys {
+            let all = &entry.sessions[..];
+            for s in &all[run_of(all, self.index)] {
                 f(self.index, s.start, key, s.end, s.acc);
             }
         }
@@ -344,13 +387,63 @@ impl SessionTable {
 mod tests {
     use super::*;
 
-    fn add(store: &mut SessionTable, key: &str, ts: i64, limit: Option<i64>) -> bool {
-        store.add(key, ts, Some(1.0), limit, &mut None, || None)
+    /// A session table with its table of keys.
+    struct Sessions {
+        t: SessionTable,
+        keys: KeyTable,
+    }
+
+    impl Sessions {
+        fn new(index: u16, gap: i64) -> Self {
+            Sessions {
+                t: SessionTable::new(index, gap),
+                keys: KeyTable::new(),
+            }
+        }
+
+        /// As a group adds a record: the table's copy of the key, no entry left empty.
+        fn add(
+            &mut self,
+            key: &str,
+            ts: i64,
+            value: Option<f64>,
+            limit: Option<i64>,
+            earliest: &mut Option<i64>,
+        ) -> bool {
+            let name = self
+                .keys
+                .get_key_value(key)
+                .map_or_else(|| Key::new(key), |(k, _)| k.clone());
+            let entry = self.keys.entry(name.clone()).or_default();
+            let took = self
+                .t
+                .add(&mut entry.sessions, &name, ts, value, limit, earliest);
+            if entry.is_empty() {
+                self.keys.remove(key);
+            }
+            took
+        }
+
+        fn get(&self, start: i64, key: &str) -> Option<(i64, Acc)> {
+            self.t.get(&self.keys, start, key)
+        }
+
+        fn open_count(&self) -> usize {
+            self.t.open_count()
+        }
+
+        fn earliest_end(&self) -> Option<i64> {
+            self.t.earliest_end()
+        }
+    }
+
+    fn add(store: &mut Sessions, key: &str, ts: i64, limit: Option<i64>) -> bool {
+        store.add(key, ts, Some(1.0), limit, &mut None)
     }
 
     #[test]
     fn sessions_merge_when_closer_than_gap() {
-        let mut s = SessionTable::new(0, 10);
+        let mut s = Sessions::new(0, 10);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 109, None); // 9 < 10: same session
         add(&mut s, "k", 119, None); // exactly gap after 109: new session
@@ -370,18 +463,18 @@ mod tests {
 
     #[test]
     fn both_indexes_share_one_copy_of_a_key() {
-        let mut s = SessionTable::new(0, 10);
+        let mut s = Sessions::new(0, 10);
         for ts in [100, 105, 130, 131] {
             add(&mut s, LONG_KEY, ts, None);
             add(&mut s, "k", ts, None);
         }
         assert_eq!(s.open_count(), 4);
-        let (name, _) = s.by_key.get_key_value(LONG_KEY).expect("open");
+        let (name, _) = s.keys.get_key_value(LONG_KEY).expect("open");
         // the table's key and the two sessions' entries in the index of ends
-        let entries: Vec<&Key> = s.by_end.iter().map(|b| &b.key).collect();
+        let entries: Vec<&Key> = s.t.by_end.iter().map(|b| &b.key).collect();
         assert_eq!(entries.iter().filter(|k| one_copy(k, name)).count(), 2);
         // a short key is held in place: nothing to share
-        let (short, _) = s.by_key.get_key_value("k").expect("open");
+        let (short, _) = s.keys.get_key_value("k").expect("open");
         assert!(!short.is_heap_allocated());
     }
 
@@ -394,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_session_keeps_one_entry_in_the_index_of_ends_however_often_it_merges() {
-        let mut s = SessionTable::new(0, 10);
+        let mut s = Sessions::new(0, 10);
         add(&mut s, "k", 100, None);
         let mut end = 110;
         for _ in 0..50 {
@@ -412,24 +505,24 @@ mod tests {
         // session's one back at its end: one entry per session is left, and the last
         // bridged session's (its end is the session's)
         assert!(closed(&mut s, end - 1).is_empty());
-        assert!(s.by_end.len() <= 2, "{} entries", s.by_end.len());
+        assert!(s.t.by_end.len() <= 2, "{} entries", s.t.by_end.len());
         assert_eq!(closed(&mut s, end), vec![("k".to_string(), 100, end, 101)]);
-        assert!(s.by_end.is_empty());
+        assert!(s.t.by_end.is_empty());
         assert_eq!(s.open_count(), 0);
     }
 
     #[test]
     fn out_of_order_record_extends_session_backwards() {
-        let mut s = SessionTable::new(0, 10);
+        let mut s = Sessions::new(0, 10);
         add(&mut s, "k", 100, None);
         add(&mut s, "k", 95, None);
         assert_eq!(s.get(95, "k").map(|(end, _)| end), Some(110));
         assert_eq!(s.get(100, "k"), None);
     }
 
-    fn closed(s: &mut SessionTable, limit: i64) -> Vec<(String, i64, i64, u64)> {
+    fn closed(s: &mut Sessions, limit: i64) -> Vec<(String, i64, i64, u64)> {
         let mut out = Vec::new();
-        s.close(limit, |_, start, end, acc, key| {
+        s.t.close(&mut s.keys, limit, |_, start, end, acc, key| {
             out.push((key.to_string(), start, end, acc.count))
         });
         out.sort();
@@ -438,13 +531,13 @@ mod tests {
 
     #[test]
     fn only_a_new_session_reports_its_end_and_closing_follows_real_ends() {
-        let mut s = SessionTable::new(0, 10);
+        let mut s = Sessions::new(0, 10);
         let mut earliest = None;
-        s.add("k", 100, None, None, &mut earliest, || None);
+        s.add("k", 100, None, None, &mut earliest);
         assert_eq!(earliest, Some(110));
         // in order: the session grows in place and reports nothing
         let mut earliest = None;
-        s.add("k", 105, None, None, &mut earliest, || None);
+        s.add("k", 105, None, None, &mut earliest);
         assert_eq!(earliest, None);
         assert_eq!(
             s.earliest_end(),
@@ -456,7 +549,7 @@ mod tests {
         assert_eq!(closed(&mut s, 115), vec![("k".into(), 100, 115, 2)]);
         assert_eq!(s.open_count(), 0);
         assert_eq!(s.earliest_end(), None);
-        assert!(s.by_key.is_empty());
+        assert!(s.keys.is_empty());
     }
 
     /// A key's sessions, the plain way: merge every session a record comes within the gap of.
@@ -499,12 +592,79 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Two session definitions (indexes 1 and 3, as between fixed ones) keep their
+        /// sessions in one list per key: each closes exactly what it would alone, lists
+        /// exactly its own, and no key stays in the table with nothing.
+        #[test]
+        fn two_session_definitions_share_a_key_s_entry_and_each_closes_as_alone(
+            steps in proptest::collection::vec(
+                (0u8..3, 0usize..2, 0i64..300, proptest::bool::weighted(0.1)),
+                1..300,
+            ),
+        ) {
+            let gaps = [20, 35];
+            let mut tables = [SessionTable::new(1, gaps[0]), SessionTable::new(3, gaps[1])];
+            let mut keys = KeyTable::new();
+            let mut models = [Model::default(), Model::default()];
+            let mut limit = 0;
+            let close = |tables: &mut [SessionTable; 2],
+                             keys: &mut KeyTable,
+                             models: &mut [Model; 2],
+                             limit: i64|
+             -> Result<(), proptest::test_runner::TestCaseError> {
+                for (t, m) in tables.iter_mut().zip(models.iter_mut()) {
+                    let mut out = Vec::new();
+                    t.close(keys, limit, |window, start, end, acc, key| {
+                        out.push((window, key.to_string(), start, end, acc.count))
+                    });
+                    out.sort();
+                    let want: Vec<_> = m
+                        .close(limit)
+                        .into_iter()
+                        .map(|(key, start, end, count)| (t.index(), key, start, end, count))
+                        .collect();
+                    proptest::prop_assert_eq!(out, want);
+                }
+                Ok(())
+            };
+            for (key, def, at, closing) in steps {
+                let key = if key == 2 { LONG_KEY.to_string() } else { format!("k{key}") };
+                let ts = limit + at;
+                if closing {
+                    limit += at / 2;
+                    close(&mut tables, &mut keys, &mut models, limit)?;
+                } else {
+                    let name = keys
+                        .get_key_value(key.as_str())
+                        .map_or_else(|| Key::new(&key), |(k, _)| k.clone());
+                    let entry = keys.entry(name.clone()).or_default();
+                    proptest::prop_assert!(
+                        tables[def].add(&mut entry.sessions, &name, ts, None, None, &mut None)
+                    );
+                    models[def].add(&key, ts, gaps[def]);
+                }
+                proptest::prop_assert!(keys.values().all(|e| !e.is_empty()));
+                for (t, m) in tables.iter().zip(&models) {
+                    let open: usize = m.sessions.values().map(Vec::len).sum();
+                    proptest::prop_assert_eq!(t.open_count(), open);
+                    let mut listed = 0;
+                    t.for_each_ref(&keys, |window, _, _, _, _| {
+                        assert_eq!(window, t.index());
+                        listed += 1;
+                    });
+                    proptest::prop_assert_eq!(listed, open);
+                }
+            }
+            close(&mut tables, &mut keys, &mut models, i64::MAX)?;
+            proptest::prop_assert!(keys.is_empty());
+        }
+
         #[test]
         fn closing_takes_exactly_the_sessions_that_ended(
             steps in proptest::collection::vec((0u8..4, 0i64..300, proptest::bool::weighted(0.1)), 1..300),
         ) {
             let gap = 20;
-            let mut table = SessionTable::new(0, gap);
+            let mut table = Sessions::new(0, gap);
             let mut model = Model::default();
             let mut limit = 0;
             for (key, at, close) in steps {
@@ -517,7 +677,7 @@ mod tests {
                     proptest::prop_assert_eq!(closed(&mut table, limit), model.close(limit));
                 } else {
                     let mut earliest = None;
-                    table.add(&key, ts, None, None, &mut earliest, || None);
+                    table.add(&key, ts, None, None, &mut earliest);
                     model.add(&key, ts, gap);
                     let open: usize = model.sessions.values().map(Vec::len).sum();
                     proptest::prop_assert_eq!(table.open_count(), open);
