@@ -59,22 +59,42 @@ fn library() -> Result<PathBuf> {
         .map_err(|err| anyhow!(err))
 }
 
+/// Builds the library into the temporary directory under a name made from its source, so
+/// that every test process of one source shares one file (the tests leave nothing else
+/// behind), written under a name of its own first and then renamed into place, so that a
+/// process never loads one that another is still writing.
 fn build() -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fault/slow_sync.c");
-    let out =
-        std::env::temp_dir().join(format!("checkpointer-slow-sync-{}.so", std::process::id()));
+    let text = std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    let out = std::env::temp_dir().join(format!("checkpointer-slow-sync-{:016x}.so", fnv1a(&text)));
+    if out.exists() {
+        return Ok(out);
+    }
+    let partial = out.with_extension(format!("{}.partial", std::process::id()));
     let output = Command::new("cc")
         .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&out)
+        .arg(&partial)
         .arg(&source)
         .arg("-ldl")
         .output()
         .context("running cc (the slow-disk fault needs a C compiler)")?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&partial);
+    }
     ensure!(
         output.status.success(),
         "building {}: {}",
         source.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+    std::fs::rename(&partial, &out)
+        .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
     Ok(out)
+}
+
+/// The 64-bit FNV-1a hash of `bytes` (stable across builds, unlike the standard hasher).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
