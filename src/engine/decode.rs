@@ -210,7 +210,10 @@ impl Decoder {
         let mut found: [Field<'a>; 3] = [Field::Missing, Field::Missing, Field::Missing];
         match &self.plan {
             Plan::Walk(root) => {
-                let mut de = serde_json::Deserializer::from_slice(payload);
+                // the whole payload is checked as UTF-8 in one pass: the parser of a `str`
+                // then checks no string again, where the parser of bytes checks each one
+                let text = std::str::from_utf8(payload).map_err(|_| InvalidReason::InvalidJson)?;
+                let mut de = serde_json::Deserializer::from_str(text);
                 serde::de::DeserializeSeed::deserialize(
                     Walk {
                         node: root,
@@ -705,6 +708,9 @@ mod tests {
         let mut bad_utf8 = br#"{"user":"u","amount":1,"ts":1,"junk":""#.to_vec();
         bad_utf8.extend_from_slice(&[0xff, 0xfe]);
         bad_utf8.extend_from_slice(br#""}"#);
+        let mut bad_utf8_key = br#"{"user":"u"#.to_vec();
+        bad_utf8_key.extend_from_slice(&[0xc3]);
+        bad_utf8_key.extend_from_slice(br#"","amount":1,"ts":1}"#);
         let deep = format!(
             r#"{{"user":"u","amount":1,"ts":1,"junk":{}{}}}"#,
             "[".repeat(200),
@@ -712,6 +718,7 @@ mod tests {
         );
         let cases: Vec<Vec<u8>> = vec![
             bad_utf8,
+            bad_utf8_key,
             br#"{"user":"u","amount":1,"ts":1,"junk":"\ud800"}"#.to_vec(),
             br#"{"user":"u","amount":1,"ts":1,"junk":{"a":"\ud800x"}}"#.to_vec(),
             deep.into_bytes(),

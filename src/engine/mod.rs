@@ -423,25 +423,11 @@ impl Engine {
         offset: i64,
         record: Result<Record, InvalidReason>,
     ) -> Outcome {
-        if self
-            .position(partition)
-            .is_some_and(|next| next.covers(offset))
-        {
-            return Outcome::Duplicate;
-        }
-        self.records_since_snapshot += 1;
         let record = match record {
             Ok(r) if self.not_after.is_some_and(|t| r.ts.millis() > t) => {
                 Err(InvalidReason::FutureTimestamp)
             }
             other => other,
-        };
-        let record = match record {
-            Ok(r) => r,
-            Err(reason) => {
-                self.marks.observe(partition, offset, None);
-                return Outcome::Invalid(reason);
-            }
         };
         // lateness is judged against the watermark before this record moves it: the
         // partition's own with partition-scoped state (so results do not depend on which
@@ -451,11 +437,21 @@ impl Engine {
             Some(p) => self.partition_limit(p),
             None => self.limit(),
         };
+        // one lookup of the partition says whether the record is a duplicate and, if not,
+        // records it (the watermark itself moves only in `advance`, after the record is in)
+        let ts = record.as_ref().ok().map(|r| r.ts);
+        let Some(moved) = self.marks.admit(partition, offset, ts) else {
+            return Outcome::Duplicate;
+        };
+        self.records_since_snapshot += 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(reason) => return Outcome::Invalid(reason),
+        };
         let group = self.cfg.groups.group_of(&record.key);
         let took =
             self.stores_of(scope)
                 .add(&record.key, group, record.ts.millis(), record.value, limit);
-        let moved = self.marks.observe(partition, offset, Some(record.ts));
         if self.cfg.partition_scoped {
             self.close_partition(partition);
             // the service watermark is still reported (and alerted on) in partition scope

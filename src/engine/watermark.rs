@@ -122,15 +122,41 @@ impl Watermarks {
         }
     }
 
-    /// Records that `offset` was consumed on `p`, with event time `ts` if the record was valid.
-    /// Returns whether the service watermark may have changed.
+    /// Records a record as `admit` does, without asking whether it is a duplicate (tests).
+    #[cfg(test)]
     pub fn observe(&mut self, p: &Partition, offset: i64, ts: Option<EventTime>) -> bool {
-        let current = self.current;
-        let ooo = self.out_of_orderness;
+        let (current, ooo) = (self.current, self.out_of_orderness);
+        // looked up by reference first: the entry API would copy the name for every record
         let entry = match self.parts.get_mut(p) {
             Some(e) => e,
             None => self.parts.entry(p.clone()).or_default(),
         };
+        Self::record(entry, current, ooo, offset, ts)
+    }
+
+    /// Records that `offset` was consumed on `p`, with event time `ts` if the record was valid,
+    /// and returns whether the service watermark may have changed; or, if `p` was already read
+    /// past `offset` (a duplicate), records nothing and returns `None`. One lookup does both.
+    pub fn admit(&mut self, p: &Partition, offset: i64, ts: Option<EventTime>) -> Option<bool> {
+        let (current, ooo) = (self.current, self.out_of_orderness);
+        // looked up by reference first: the entry API would copy the name for every record
+        let entry = match self.parts.get_mut(p) {
+            Some(e) => e,
+            None => self.parts.entry(p.clone()).or_default(),
+        };
+        if entry.next.is_some_and(|next| next.covers(offset)) {
+            return None;
+        }
+        Some(Self::record(entry, current, ooo, offset, ts))
+    }
+
+    fn record(
+        entry: &mut PartitionProgress,
+        current: Option<EventTime>,
+        ooo: i64,
+        offset: i64,
+        ts: Option<EventTime>,
+    ) -> bool {
         entry.next = Some(NextOffset::after(offset));
         // a record, valid or not: the partition holds the watermark again
         entry.idle = false;
@@ -200,6 +226,22 @@ mod tests {
         assert_eq!(w.advance(), Some(EventTime(40)));
         w.observe(&p(1), 1, Some(EventTime(200)));
         assert_eq!(w.advance(), Some(EventTime(90)));
+    }
+
+    #[test]
+    fn a_record_already_read_is_refused_and_changes_nothing() {
+        let mut w = Watermarks::new(0);
+        w.assign(&p(0));
+        assert_eq!(w.admit(&p(0), 5, Some(EventTime(100))), Some(true));
+        let before = w.get(&p(0)).cloned();
+        assert_eq!(w.admit(&p(0), 5, Some(EventTime(900))), None);
+        assert_eq!(w.admit(&p(0), 2, None), None);
+        assert_eq!(w.get(&p(0)).cloned(), before);
+        assert_eq!(w.admit(&p(0), 6, Some(EventTime(50))), Some(false));
+        assert_eq!(
+            w.get(&p(0)).and_then(|e| e.next),
+            Some(NextOffset::after(6))
+        );
     }
 
     #[test]
