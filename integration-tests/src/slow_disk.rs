@@ -19,9 +19,16 @@ pub struct SlowDisk {
 
 impl SlowDisk {
     /// A slow disk controlled by `control` (created and removed here), off until
-    /// [`SlowDisk::set`]; `config` gets the environment that loads it.
-    pub fn attach(config: &mut ServiceConfig, control: &Path) -> Result<SlowDisk> {
-        let library = library()?;
+    /// [`SlowDisk::set`]; `config` gets the environment that loads it. The library is built
+    /// in `build_dir` (a test passes `env!("CARGO_TARGET_TMPDIR")`, the build's own directory,
+    /// so that nothing is left in the system's temporary directory and nothing another user
+    /// put there is loaded).
+    pub fn attach(
+        config: &mut ServiceConfig,
+        control: &Path,
+        build_dir: &Path,
+    ) -> Result<SlowDisk> {
+        let library = library(build_dir)?;
         config
             .env
             .insert("LD_PRELOAD".into(), library.display().to_string());
@@ -52,30 +59,37 @@ impl SlowDisk {
 }
 
 /// The library, built once per test process.
-fn library() -> Result<PathBuf> {
+fn library(build_dir: &Path) -> Result<PathBuf> {
     static LIB: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    LIB.get_or_init(|| build().map_err(|err| format!("{err:#}")))
+    LIB.get_or_init(|| build(build_dir).map_err(|err| format!("{err:#}")))
         .clone()
         .map_err(|err| anyhow!(err))
 }
 
-/// Builds the library into the temporary directory under a name made from its source, so
-/// that every test process of one source shares one file (the tests leave nothing else
-/// behind), written under a name of its own first and then renamed into place, so that a
-/// process never loads one that another is still writing.
-fn build() -> Result<PathBuf> {
+/// How the library is compiled (the source and output paths go around these).
+const CC_ARGS: [&str; 4] = ["-shared", "-fPIC", "-O2", "-ldl"];
+
+/// Builds the library into `dir` under a name made from its source and compiler flags, so
+/// that the test processes of one build share one file, written under a name of its own
+/// first and then renamed into place, so that a process never loads one that another is
+/// still writing.
+fn build(dir: &Path) -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fault/slow_sync.c");
-    let text = std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
-    let out = std::env::temp_dir().join(format!("checkpointer-slow-sync-{:016x}.so", fnv1a(&text)));
+    let mut text =
+        std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    text.extend(CC_ARGS.iter().flat_map(|a| a.bytes().chain([0])));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join(format!("slow-sync-{:016x}.so", fnv1a(&text)));
     if out.exists() {
         return Ok(out);
     }
     let partial = out.with_extension(format!("{}.partial", std::process::id()));
     let output = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .args(&CC_ARGS[..3])
+        .arg("-o")
         .arg(&partial)
         .arg(&source)
-        .arg("-ldl")
+        .args(&CC_ARGS[3..])
         .output()
         .context("running cc (the slow-disk fault needs a C compiler)")?;
     if !output.status.success() {

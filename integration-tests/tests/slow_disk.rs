@@ -5,6 +5,7 @@
 //! disk is still slow, the service restarts from such a checkpoint, its history says
 //! completed, and the output equals the model: nothing lost, nothing sent twice.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -51,7 +52,11 @@ fn run(seed: u64) -> Result<()> {
     let mut cfg = ServiceConfig::new(broker, &input, &output);
     cfg.checkpoint_extra.insert("timeout".into(), "1s".into());
     let control = tempfile::tempdir().context("control dir")?;
-    let disk = SlowDisk::attach(&mut cfg, &control.path().join("sync-delay-ms"))?;
+    let disk = SlowDisk::attach(
+        &mut cfg,
+        &control.path().join("sync-delay-ms"),
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    )?;
     let windows = cfg.windows.clone();
     let mut producer = Producer::new(broker)?;
     let mut reader = OutputReader::new(broker, &output)?;
