@@ -75,11 +75,15 @@ const CC_ARGS: [&str; 4] = ["-shared", "-fPIC", "-O2", "-ldl"];
 /// still writing.
 fn build(dir: &Path) -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fault/slow_sync.c");
-    let mut text =
-        std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
-    text.extend(CC_ARGS.iter().flat_map(|a| a.bytes().chain([0])));
+    let text = std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    // the standard hasher with its fixed keys: a toolchain that hashes otherwise only builds
+    // the library once more
+    let name = std::hash::BuildHasher::hash_one(
+        &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+        (&text, CC_ARGS),
+    );
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join(format!("slow-sync-{:016x}.so", fnv1a(&text)));
+    let out = dir.join(format!("slow-sync-{name:016x}.so"));
     if out.exists() {
         return Ok(out);
     }
@@ -104,11 +108,4 @@ fn build(dir: &Path) -> Result<PathBuf> {
     std::fs::rename(&partial, &out)
         .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
     Ok(out)
-}
-
-/// The 64-bit FNV-1a hash of `bytes` (stable across builds, unlike the standard hasher).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }

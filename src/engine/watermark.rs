@@ -122,16 +122,10 @@ impl Watermarks {
         }
     }
 
-    /// Records a record as `admit` does, without asking whether it is a duplicate (tests).
+    /// `admit` for a record the test knows was not read before.
     #[cfg(test)]
     pub fn observe(&mut self, p: &Partition, offset: i64, ts: Option<EventTime>) -> bool {
-        let (current, ooo) = (self.current, self.out_of_orderness);
-        // looked up by reference first: the entry API would copy the name for every record
-        let entry = match self.parts.get_mut(p) {
-            Some(e) => e,
-            None => self.parts.entry(p.clone()).or_default(),
-        };
-        Self::record(entry, current, ooo, offset, ts)
+        self.admit(p, offset, ts).expect("a record not read before")
     }
 
     /// Records that `offset` was consumed on `p`, with event time `ts` if the record was valid,
@@ -147,21 +141,13 @@ impl Watermarks {
         if entry.next.is_some_and(|next| next.covers(offset)) {
             return None;
         }
-        Some(Self::record(entry, current, ooo, offset, ts))
-    }
-
-    fn record(
-        entry: &mut PartitionProgress,
-        current: Option<EventTime>,
-        ooo: i64,
-        offset: i64,
-        ts: Option<EventTime>,
-    ) -> bool {
         entry.next = Some(NextOffset::after(offset));
         // a record, valid or not: the partition holds the watermark again
         entry.idle = false;
-        let Some(ts) = ts else { return false };
-        match entry.max_ts {
+        let Some(ts) = ts else {
+            return Some(false);
+        };
+        Some(match entry.max_ts {
             None => {
                 entry.max_ts = Some(ts);
                 true
@@ -172,7 +158,7 @@ impl Watermarks {
                 current.is_none_or(|c| old.minus(ooo) <= c)
             }
             Some(_) => false,
-        }
+        })
     }
 
     /// Recomputes the service watermark; returns the new value if it advanced.
