@@ -490,8 +490,27 @@ mod tests {
         // a key and its slots: a group's table holds 40 bytes per key (and its control
         // bytes) without session definitions, as before sessions shared it
         assert_eq!(std::mem::size_of::<(Key, FixedOnly)>(), 40);
-        // with them, the key's first session sits in its entry
-        assert!(std::mem::size_of::<(Key, KeyWindows)>() <= 104);
+        // with them, the key's first session sits in its entry, and the entry spans two
+        // cache lines wherever the table's stride puts it (at 96 bytes it starts at the
+        // start or the middle of a line)
+        assert_eq!(std::mem::size_of::<(Key, KeyWindows)>(), 96);
+    }
+
+    #[test]
+    fn every_entry_of_a_key_with_sessions_spans_two_cache_lines() {
+        // the table lays its 96-byte entries out at a 96-byte stride from an allocation the
+        // binary's allocator (jemalloc) puts at a cache-line boundary: each entry starts at
+        // the start or the middle of a line, so it spans two (hashbrown itself asks for 16)
+        for n in [1, 3, 7, 40, 100, 1_000, 5_000] {
+            let mut table = KeyTable::default();
+            for i in 0..n {
+                table.insert(Key::new(format!("k{i}")), KeyWindows::default());
+            }
+            for (key, entry) in &table {
+                let start = (key as *const Key as usize).min(entry as *const KeyWindows as usize);
+                assert_eq!(start % 32, 0, "{n} keys: an entry starts at {start:#x}");
+            }
+        }
     }
 
     #[test]

@@ -1,16 +1,17 @@
-//! A key's fixed windows as the group table keeps them: the slot of one window or pane, and the
-//! arithmetic of the definitions over a key's slots (which windows a pane counts in, which
-//! have closed, how many are open, each window's value combined from its slot and panes).
-//! See `fixed` for the table and for why hopping windows are kept as panes.
+//! A key's fixed windows as the group table keeps them: the slot of one window or pane (also
+//! the body of an open session, in `state`), and the arithmetic of the definitions over a
+//! key's slots (which windows a pane counts in, which have closed, how many are open, each
+//! window's value combined from its slot and panes). See `fixed` for the table and for why
+//! hopping windows are kept as panes.
 
 use super::aggregate::Acc;
 use super::window::{WindowDef, WindowKind};
 
-/// One open window or pane of a key: 40 bytes. The definition index sits in the top 16 bits
-/// of the record count, and a pane bit below it, so that a key's four windows fit a 192-byte
-/// allocation, not 224: a window or pane counts up to 2^47 - 1 records of a key (140
-/// trillion; it stays there past that), where a separate index would add 8 bytes of padding
-/// to every window of every key.
+/// One open window or pane of a key (and, with an end beside it, an open session): 40 bytes.
+/// The definition index sits in the top 16 bits of the record count, and a pane bit below it,
+/// so that a key's four windows fit a 192-byte allocation, not 224: a window or pane counts up
+/// to 2^47 - 1 records of a key (140 trillion; it stays there past that), where a separate
+/// index would add 8 bytes of padding to every window of every key.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Slot {
     /// The window's start, or the pane's.

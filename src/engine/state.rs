@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::Acc;
 use super::fixed::{KeyTable, TableEntry};
+use super::slots::Slot;
 use crate::position::Partition;
 
 /// Identity of one window instance: the source partition whose records it aggregates (`None`
@@ -78,14 +79,38 @@ pub struct ClosedWindow {
     pub acc: Acc,
 }
 
-/// An open session of a key.
+/// An open session of a key: 48 bytes, a fixed window's slot (definition index, start and
+/// accumulator, the index in the top bits of the record count) and an end. With a separate
+/// index it took 56, and a key's entry in its group's table 104 bytes: laid out at that
+/// stride, half of the entries spanned three cache lines; at 96 bytes, in a table that
+/// jemalloc puts at a cache-line boundary, each spans two. A session counts up to
+/// 2^47 - 1 records, as a fixed window does.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Session {
-    /// Its definition's index.
-    window: u16,
-    start: i64,
+    slot: Slot,
     end: i64,
-    acc: Acc,
+}
+
+impl Session {
+    fn new(window: u16, start: i64, end: i64, acc: Acc) -> Session {
+        Session {
+            slot: Slot::new(window, start, acc),
+            end,
+        }
+    }
+
+    /// Its definition's index.
+    fn window(&self) -> u16 {
+        self.slot.window()
+    }
+
+    fn start(&self) -> i64 {
+        self.slot.start
+    }
+
+    fn acc(&self) -> Acc {
+        self.slot.acc()
+    }
 }
 
 /// A key's open sessions of every session definition, ordered by definition index and start;
@@ -98,7 +123,7 @@ pub(crate) type KeySessions = smallvec::SmallVec<[Session; 1]>;
 
 /// The sessions of definition `index` among a key's: their run in the list.
 fn run_of(all: &[Session], index: u16) -> Range<usize> {
-    all.partition_point(|s| s.window < index)..all.partition_point(|s| s.window <= index)
+    all.partition_point(|s| s.window() < index)..all.partition_point(|s| s.window() <= index)
 }
 
 /// The open session windows of one definition in one key group: their count and index of
@@ -162,7 +187,7 @@ fn is_final(end: i64, limit: Option<i64>) -> bool {
 /// definition: the run of sessions it overlaps (a key's sessions of one definition never
 /// overlap and are ordered by start, so their ends are ordered too).
 fn overlapping(sessions: &[Session], ts: i64, new_end: i64) -> std::ops::Range<usize> {
-    sessions.partition_point(|s| s.end <= ts)..sessions.partition_point(|s| s.start < new_end)
+    sessions.partition_point(|s| s.end <= ts)..sessions.partition_point(|s| s.start() < new_end)
 }
 
 impl SessionTable {
@@ -211,39 +236,33 @@ impl SessionTable {
         // the common cases: the record falls inside one session, or extends it in order
         if run.len() == 1 {
             let i = run.start;
-            let next_start = all[i + 1..mine.end].first().map_or(i64::MAX, |n| n.start);
+            let next_start = all[i + 1..mine.end].first().map_or(i64::MAX, |n| n.start());
             let s = all[i];
-            let inside = ts >= s.start && new_end <= s.end;
+            let inside = ts >= s.start() && new_end <= s.end;
             // the end only grows: the session's entry in `by_end` stays a bound
-            let extends = ts >= s.start && new_end <= next_start && !is_final(new_end, limit);
+            let extends = ts >= s.start() && new_end <= next_start && !is_final(new_end, limit);
             if inside || extends {
                 if let Some(s) = sessions.get_mut(i) {
                     s.end = s.end.max(new_end);
-                    s.acc.add(value);
+                    s.slot.add(value);
                 }
                 return true;
             }
         }
-        let mut merged = Session {
-            window: self.index,
-            start: ts,
-            end: new_end,
-            acc: Acc::of(value),
-        };
+        let (mut start, mut end, mut acc) = (ts, new_end, Acc::of(value));
         for s in &all[run.clone()] {
-            merged.start = merged.start.min(s.start);
-            merged.end = merged.end.max(s.end);
-            merged.acc.merge(&s.acc);
+            start = start.min(s.start());
+            end = end.max(s.end);
+            acc.merge(&s.acc());
         }
-        if is_final(merged.end, limit) {
+        if is_final(end, limit) {
             return false;
         }
+        let merged = Session::new(self.index, start, end, acc);
         // a session that keeps its start keeps its entry in `by_end` (a bound still: its end
         // only grew), so that a session has one entry however often it merges; the entries of
         // the sessions merged into another go when closing reaches them
-        let kept = all[run.clone()]
-            .first()
-            .is_some_and(|s| s.start == merged.start);
+        let kept = all[run.clone()].first().is_some_and(|s| s.start() == start);
         self.open = self.open - run.len() + 1;
         // the sessions it overlaps sit where it goes: those before end by `ts`, those after
         // start at `new_end` or later
@@ -255,11 +274,11 @@ impl SessionTable {
         }
         if !kept {
             self.by_end.push(EndBound {
-                end: merged.end,
-                start: merged.start,
+                end,
+                start,
                 key: key.clone(),
             });
-            note_end(earliest, merged.end);
+            note_end(earliest, end);
         }
         true
     }
@@ -283,10 +302,10 @@ impl SessionTable {
             let found = keys.get_mut(&*top.key).and_then(|entry| {
                 let all = &entry.sessions[..];
                 let mine = run_of(all, index);
-                let pos = mine.start + all[mine.clone()].partition_point(|s| s.start < start);
+                let pos = mine.start + all[mine.clone()].partition_point(|s| s.start() < start);
                 let s = all[pos..mine.end]
                     .first()
-                    .filter(|s| s.start == start)
+                    .filter(|s| s.start() == start)
                     .copied()?;
                 Some((entry, pos, s))
             });
@@ -307,7 +326,7 @@ impl SessionTable {
             if gone {
                 keys.remove(&*key);
             }
-            f(index, start, s.end, s.acc, &key);
+            f(index, start, s.end, s.acc(), &key);
         }
         self.earliest_end()
     }
@@ -324,8 +343,8 @@ impl SessionTable {
         let all = &keys.get(key)?.sessions[..];
         all[run_of(all, self.index)]
             .iter()
-            .find(|s| s.start == start)
-            .map(|s| (s.end, s.acc))
+            .find(|s| s.start() == start)
+            .map(|s| (s.end, s.acc()))
     }
 
     /// Puts back an open session of the key named `key` (the table's copy), whose sessions
@@ -341,23 +360,17 @@ impl SessionTable {
         acc: Acc,
     ) -> Option<i64> {
         let at = (self.index, start);
-        let pos = sessions.partition_point(|s| (s.window, s.start) < at);
+        let pos = sessions.partition_point(|s| (s.window(), s.start()) < at);
         let mine = run_of(sessions, self.index);
         let before = pos.checked_sub(1).filter(|&p| p >= mine.start);
         let overlaps = before.is_some_and(|p| sessions[p].end > start)
             || sessions[pos..mine.end]
                 .first()
-                .is_some_and(|s| s.start < end);
+                .is_some_and(|s| s.start() < end);
         if overlaps {
             return None;
         }
-        let restored = Session {
-            window: self.index,
-            start,
-            end,
-            acc,
-        };
-        sessions.insert(pos, restored);
+        sessions.insert(pos, Session::new(self.index, start, end, acc));
         self.by_end.push(EndBound {
             end,
             start,
@@ -377,7 +390,7 @@ impl SessionTable {
         for (key, entry) in keys {
             let all = &entry.sessions[..];
             for s in &all[run_of(all, self.index)] {
-                f(self.index, s.start, key, s.end, s.acc);
+                f(self.index, s.start(), key, s.end, s.acc());
             }
         }
     }
@@ -459,6 +472,42 @@ mod tests {
             s.get(100, "k").map(|(end, acc)| (end, acc.count)),
             Some((129, 4))
         );
+    }
+
+    #[test]
+    fn a_session_counts_up_to_a_slots_limit_and_stays_there() {
+        use super::super::slots::MAX_COUNT;
+        let mut s = Sessions::new(1, 10);
+        let key = Key::new("k");
+        let full = |count| Acc {
+            count,
+            ..Acc::of(Some(1.0))
+        };
+        // a session put back with more than a slot counts keeps the most it counts
+        let entry = s.keys.entry(key.clone()).or_default();
+        assert_eq!(
+            s.t.restore(&mut entry.sessions, &key, 100, 110, full(u64::MAX)),
+            Some(110)
+        );
+        assert_eq!(s.get(100, "k").map(|(_, acc)| acc.count), Some(MAX_COUNT));
+        // one short of it: a record in place reaches it, the next stays there
+        let entry = s.keys.entry(key.clone()).or_default();
+        assert_eq!(
+            s.t.restore(&mut entry.sessions, &key, 115, 125, full(MAX_COUNT - 1)),
+            Some(125)
+        );
+        add(&mut s, "k", 118, None);
+        assert_eq!(s.get(115, "k").map(|(_, a)| a.count), Some(MAX_COUNT));
+        add(&mut s, "k", 119, None);
+        assert_eq!(s.get(115, "k").map(|(_, a)| a.count), Some(MAX_COUNT));
+        // a record between them merges the two: the count stays there, and the merged
+        // session keeps its definition, the first start, the last end and every sum
+        add(&mut s, "k", 109, None);
+        assert_eq!(s.open_count(), 1);
+        let (end, acc) = s.get(100, "k").expect("one session from 100");
+        assert_eq!((end, acc.count, acc.sum), (129, MAX_COUNT, 5.0));
+        let all = &s.keys["k"].sessions;
+        assert_eq!(all[0].window(), 1);
     }
 
     #[test]
