@@ -490,9 +490,8 @@ mod tests {
         // a key and its slots: a group's table holds 40 bytes per key (and its control
         // bytes) without session definitions, as before sessions shared it
         assert_eq!(std::mem::size_of::<(Key, FixedOnly)>(), 40);
-        // with them, the key's first session sits in its entry, and the entry spans two
-        // cache lines wherever the table's stride puts it (at 96 bytes it starts at the
-        // start or the middle of a line)
+        // with them, the key's first session sits in its entry: 96 bytes, two cache lines
+        // in a table that starts at a line (see the next test)
         assert_eq!(std::mem::size_of::<(Key, KeyWindows)>(), 96);
     }
 
