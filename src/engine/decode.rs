@@ -109,6 +109,10 @@ const TS: usize = 2;
 /// How the payload is read.
 #[derive(Debug, Clone)]
 enum Plan {
+    /// Every pointer names a member of the top-level object (the usual configuration): a
+    /// typed pass first (see [`Flat`]), and the walk of the trie if that pass meets anything
+    /// it does not expect.
+    Flat(Node),
     /// One pass over the document, capturing the fields at the trie's leaves.
     Walk(Node),
     /// Into a tree of values first (a pointer that is a prefix of another, or the whole
@@ -182,7 +186,15 @@ impl Plan {
             }
             node.capture = Some(field);
         }
-        Plan::Walk(root)
+        if root
+            .children
+            .iter()
+            .all(|(_, child)| child.children.is_empty())
+        {
+            Plan::Flat(root)
+        } else {
+            Plan::Walk(root)
+        }
     }
 }
 
@@ -209,10 +221,15 @@ impl Decoder {
         };
         let mut found: [Field<'a>; 3] = [Field::Missing, Field::Missing, Field::Missing];
         match &self.plan {
-            Plan::Walk(root) => {
+            Plan::Flat(root) | Plan::Walk(root) => {
                 // the whole payload is checked as UTF-8 in one pass: the parser of a `str`
                 // then checks no string again, where the parser of bytes checks each one
                 let text = std::str::from_utf8(payload).map_err(|_| InvalidReason::InvalidJson)?;
+                if let Plan::Flat(root) = &self.plan {
+                    if let Some(record) = self.flat(root, text, message_key, message_ts) {
+                        return record;
+                    }
+                }
                 let mut de = serde_json::Deserializer::from_str(text);
                 serde::de::DeserializeSeed::deserialize(
                     Walk {
@@ -247,12 +264,7 @@ impl Decoder {
         }
         let [key, value, ts] = found;
         let key = match &self.key {
-            FieldSource::MessageKey => match message_key {
-                None => return Err(InvalidReason::NullKey),
-                Some(bytes) => {
-                    Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| InvalidReason::BadKey)?)
-                }
-            },
+            FieldSource::MessageKey => message_key_of(message_key)?,
             FieldSource::Pointer(_) => match key {
                 Field::Missing => return Err(InvalidReason::MissingKey),
                 Field::Null => return Err(InvalidReason::NullKey),
@@ -266,11 +278,7 @@ impl Decoder {
             None => None,
             Some(_) => match value {
                 Field::Missing | Field::Null => return Err(InvalidReason::MissingValue),
-                Field::Num(n) => match n.as_f64() {
-                    Some(v) if v.abs() <= MAX_VALUE => Some(v),
-                    Some(v) if v.is_finite() => return Err(InvalidReason::ValueOutOfRange),
-                    _ => return Err(InvalidReason::BadValue),
-                },
+                Field::Num(n) => Some(value_in_range(n.as_f64())?),
                 _ => return Err(InvalidReason::BadValue),
             },
         };
@@ -282,14 +290,240 @@ impl Decoder {
                 _ => return Err(InvalidReason::BadTimestamp),
             },
         };
-        if !(MIN_TS..=MAX_TS).contains(&ts) {
-            return Err(InvalidReason::BadTimestamp);
+        record(key, value, ts)
+    }
+
+    /// The typed pass of a [`Plan::Flat`]: the record, or the reason it is invalid, if every
+    /// configured field has the type a valid record gives it (a key that is a string, a number
+    /// or a boolean; a number for the value; an integer for the event time) and the document
+    /// parses; `None` otherwise, and the walk then finds what is wrong, if anything (this pass
+    /// stops at the first value of an unexpected type). A member on no pointer is read as the
+    /// walk reads it (every check of the parser), and a member repeated replaces what it held.
+    fn flat<'a>(
+        &self,
+        root: &Node,
+        text: &'a str,
+        message_key: Option<&'a [u8]>,
+        message_ts: Option<i64>,
+    ) -> Option<Result<Record<'a>, InvalidReason>> {
+        let mut out = Flat::default();
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde::Deserializer::deserialize_map(
+            &mut de,
+            FlatWalk {
+                node: root,
+                out: &mut out,
+            },
+        )
+        .ok()?;
+        de.end().ok()?;
+        let key = match &self.key {
+            FieldSource::MessageKey => match message_key_of(message_key) {
+                Ok(key) => key,
+                Err(reason) => return Some(Err(reason)),
+            },
+            FieldSource::Pointer(_) => out.key?,
+        };
+        let value = match &self.value {
+            None => None,
+            Some(_) => match value_in_range(Some(out.value?)) {
+                Ok(v) => Some(v),
+                Err(reason) => return Some(Err(reason)),
+            },
+        };
+        let ts = match &self.timestamp {
+            TimeSource::MessageTimestamp => match message_ts {
+                Some(ts) => ts,
+                None => return Some(Err(InvalidReason::MissingTimestamp)),
+            },
+            TimeSource::Pointer(_) => out.ts?,
+        };
+        Some(record(key, value, ts))
+    }
+}
+
+/// The key of a message used as the grouping key.
+fn message_key_of(message_key: Option<&[u8]>) -> Result<Cow<'_, str>, InvalidReason> {
+    match message_key {
+        None => Err(InvalidReason::NullKey),
+        Some(bytes) => Ok(Cow::Borrowed(
+            std::str::from_utf8(bytes).map_err(|_| InvalidReason::BadKey)?,
+        )),
+    }
+}
+
+/// A number read as a value (`None`: not representable), refused past [`MAX_VALUE`].
+fn value_in_range(v: Option<f64>) -> Result<f64, InvalidReason> {
+    match v {
+        Some(v) if v.abs() <= MAX_VALUE => Ok(v),
+        Some(v) if v.is_finite() => Err(InvalidReason::ValueOutOfRange),
+        _ => Err(InvalidReason::BadValue),
+    }
+}
+
+/// The record of decoded fields, its event time checked against [`MIN_TS`]..=[`MAX_TS`].
+fn record(key: Cow<'_, str>, value: Option<f64>, ts: i64) -> Result<Record<'_>, InvalidReason> {
+    if !(MIN_TS..=MAX_TS).contains(&ts) {
+        return Err(InvalidReason::BadTimestamp);
+    }
+    Ok(Record {
+        key,
+        value,
+        ts: EventTime(ts),
+    })
+}
+
+/// What the typed pass of a [`Plan::Flat`] read of the configured members.
+#[derive(Default)]
+struct Flat<'a> {
+    key: Option<Cow<'a, str>>,
+    value: Option<f64>,
+    ts: Option<i64>,
+}
+
+/// The top-level object, read by the typed pass: each configured member through the seed of
+/// its field, every other member through the walk's [`SKIP`].
+struct FlatWalk<'n, 'o, 'a> {
+    node: &'n Node,
+    out: &'o mut Flat<'a>,
+}
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for FlatWalk<'_, '_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut skipped: [Field<'a>; 3] = [Field::Missing, Field::Missing, Field::Missing];
+        while let Some(field) = map.next_key_seed(MemberSeed(self.node))? {
+            match field {
+                Some(KEY) => self.out.key = Some(map.next_value_seed(KeyField)?),
+                Some(VALUE) => self.out.value = Some(map.next_value_seed(ValueField)?),
+                Some(TS) => self.out.ts = Some(map.next_value_seed(TimeField)?),
+                _ => map.next_value_seed(Walk {
+                    node: &SKIP,
+                    found: &mut skipped,
+                    root: false,
+                })?,
+            }
         }
-        Ok(Record {
-            key,
-            value,
-            ts: EventTime(ts),
-        })
+        Ok(())
+    }
+}
+
+/// Names the field a member of the top-level object holds, if any (for the typed pass).
+struct MemberSeed<'n>(&'n Node);
+
+impl<'de> serde::de::DeserializeSeed<'de> for MemberSeed<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MemberSeed<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+        let v = v.as_bytes();
+        // byte by byte: member names are short, and a call to `memcmp` per name and member
+        // cost more than the comparison
+        let same = |name: &str| name.len() == v.len() && name.bytes().zip(v).all(|(a, &b)| a == b);
+        Ok(self
+            .0
+            .children
+            .iter()
+            .find(|(name, _)| same(name))
+            .and_then(|(_, child)| child.capture))
+    }
+}
+
+/// A key as the typed pass reads it: a string (borrowed unless escaped), or a number or a
+/// boolean written as text, as the walk writes them.
+struct KeyField;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyField {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyField {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string, a number or a boolean")
+    }
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(Number::from(v).to_string()))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(Number::from(v).to_string()))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Number::from_f64(v)
+            .map(|n| Cow::Owned(n.to_string()))
+            .ok_or_else(|| E::custom("not a finite number"))
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+}
+
+/// A value as the typed pass reads it: a number, as [`Number::as_f64`] gives it.
+struct ValueField;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ValueField {
+    type Value = f64;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<f64, D::Error> {
+        d.deserialize_f64(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for ValueField {
+    type Value = f64;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a number")
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<f64, E> {
+        Ok(v)
+    }
+}
+
+/// An event time as the typed pass reads it: an integer that fits an `i64`.
+struct TimeField;
+
+impl<'de> serde::de::DeserializeSeed<'de> for TimeField {
+    type Value = i64;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<i64, D::Error> {
+        d.deserialize_i64(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for TimeField {
+    type Value = i64;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an integer")
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+        Ok(v)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+        i64::try_from(v).map_err(|_| E::custom("beyond i64"))
     }
 }
 
@@ -651,11 +885,56 @@ mod tests {
         })
     }
 
+    /// A top-level object like an input record: members named as the configured pointers
+    /// (with values of the type a valid record has, or of any type), others, repeated members,
+    /// in any order.
+    fn record_like() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            3 => "[a-z0-9]{0,8}".prop_map(|s| format!("\"{s}\"")),
+            1 => Just(r#""esc\taped""#.to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => (-1e20f64..1e20).prop_map(|f| format!("{f:?}")),
+            1 => any::<bool>().prop_map(|b| b.to_string()),
+            1 => json(),
+        ];
+        let value = prop_oneof![
+            3 => (-1e20f64..1e20).prop_map(|f| format!("{f:?}")),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => prop::sample::select(vec!["1e288", "-1e289", "1.5e308", "1e400", "-0", "0.0"])
+                .prop_map(str::to_string),
+            1 => json(),
+        ];
+        let ts = prop_oneof![
+            3 => (MIN_TS - 10..MAX_TS + 10).prop_map(|n| n.to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => prop::sample::select(vec![
+                "1.0",
+                "1e3",
+                "-0",
+                "9223372036854775808",
+                "18446744073709551615",
+            ])
+                .prop_map(str::to_string),
+            1 => json(),
+        ];
+        let member = prop_oneof![
+            3 => key.prop_map(|v| format!(r#""user":{v}"#)),
+            3 => value.prop_map(|v| format!(r#""amount":{v}"#)),
+            3 => ts.prop_map(|v| format!(r#""ts":{v}"#)),
+            1 => json().prop_map(|v| format!(r#""other":{v}"#)),
+            1 => json().prop_map(|v| format!(r#""us\u0065r":{v}"#)),
+        ];
+        prop::collection::vec(member, 0..6).prop_map(|m| format!("{{{}}}", m.join(",")))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
         /// The one-pass reader gives exactly what reading the whole document into a tree gives,
-        /// for any document and top-level or nested pointers.
+        /// for any document and top-level or nested pointers; for top-level pointers, so does
+        /// the walk the typed pass falls back to.
         #[test]
         fn one_pass_decoding_equals_decoding_a_tree(doc in json(), nested in any::<bool>()) {
             let (key, value, ts) = if nested {
@@ -664,13 +943,85 @@ mod tests {
                 ("/user", "/amount", "/ts")
             };
             let fast = Decoder::new(FieldSource::Pointer(key.into()), Some(value.into()), TimeSource::Pointer(ts.into()));
-            prop_assert!(matches!(fast.plan, Plan::Walk(_)));
+            let walk = match &fast.plan {
+                Plan::Flat(root) if !nested => Decoder { plan: Plan::Walk(root.clone()), ..fast.clone() },
+                Plan::Walk(_) if nested => fast.clone(),
+                other => panic!("{other:?} for nested = {nested}"),
+            };
             let tree = Decoder { plan: Plan::Tree, ..fast.clone() };
-            prop_assert_eq!(
-                fast.decode(None, Some(doc.as_bytes()), None),
-                tree.decode(None, Some(doc.as_bytes()), None),
-                "{}", doc
-            );
+            let want = tree.decode(None, Some(doc.as_bytes()), None);
+            prop_assert_eq!(&fast.decode(None, Some(doc.as_bytes()), None), &want, "{}", doc);
+            prop_assert_eq!(&walk.decode(None, Some(doc.as_bytes()), None), &want, "{}", doc);
+        }
+
+        /// The typed pass over a record-like object gives exactly what the tree gives, whether
+        /// it finishes or falls back to the walk, with the key and the event time from the
+        /// payload or from the message.
+        #[test]
+        fn the_typed_pass_decodes_as_the_tree_does(
+            doc in record_like(),
+            from_message in any::<bool>(),
+            has_value in any::<bool>(),
+        ) {
+            let (key, ts) = if from_message {
+                (FieldSource::MessageKey, TimeSource::MessageTimestamp)
+            } else {
+                (FieldSource::Pointer("/user".into()), TimeSource::Pointer("/ts".into()))
+            };
+            let fast = Decoder::new(key, has_value.then(|| "/amount".to_string()), ts);
+            prop_assert!(matches!(fast.plan, Plan::Flat(_)));
+            let tree = Decoder { plan: Plan::Tree, ..fast.clone() };
+            let raw = doc.as_bytes();
+            for (mkey, mts) in [(Some(&b"m"[..]), Some(5)), (None, None)] {
+                prop_assert_eq!(
+                    fast.decode(mkey, Some(raw), mts),
+                    tree.decode(mkey, Some(raw), mts),
+                    "{}", doc
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_typed_pass_reads_a_valid_record_and_leaves_the_rest_to_the_walk() {
+        let d = decoder();
+        let Plan::Flat(root) = &d.plan else {
+            panic!("{:?}", d.plan)
+        };
+        let typed = |doc: &'static str| d.flat(root, doc, None, None);
+        // finished by the typed pass, valid or not
+        assert_eq!(
+            typed(r#"{"ts":7,"x":[{"y":null}],"user":"u","amount":2}"#),
+            Some(Ok(Record {
+                key: "u".into(),
+                value: Some(2.0),
+                ts: EventTime(7)
+            }))
+        );
+        assert_eq!(
+            typed(r#"{"user":17,"amount":-1.5,"ts":1}"#).map(|r| r.map(|r| r.key)),
+            Some(Ok("17".into()))
+        );
+        assert_eq!(
+            typed(r#"{"user":"u","amount":1e289,"ts":1}"#),
+            Some(Err(InvalidReason::ValueOutOfRange))
+        );
+        assert_eq!(
+            typed(r#"{"user":"u","amount":1,"ts":1700000000000000000}"#),
+            Some(Err(InvalidReason::BadTimestamp))
+        );
+        // left to the walk: a missing member, a type the pass does not take, bad JSON
+        for doc in [
+            r#"{"user":"u","amount":1}"#,
+            r#"{"user":null,"amount":1,"ts":1}"#,
+            r#"{"user":"u","amount":"1","ts":1}"#,
+            r#"{"user":"u","amount":1,"ts":1.5}"#,
+            r#"{"user":"u","amount":1,"ts":1,"junk":"\ud800"}"#,
+            r#"{"user":"u","amount":1,"ts":1} x"#,
+            r#"[1]"#,
+        ] {
+            assert_eq!(typed(doc), None, "{doc}");
+            assert!(d.decode(None, Some(doc.as_bytes()), None).is_err(), "{doc}");
         }
     }
 
