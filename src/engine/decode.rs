@@ -91,8 +91,9 @@ impl InvalidReason {
 }
 
 /// Decodes messages per the `input:` settings. The configured JSON pointers are compiled once:
-/// a message is parsed in one pass that validates the whole document but keeps only the
-/// configured fields, borrowing strings from the payload (no tree of values).
+/// a message is parsed in one pass (two when the typed pass over a top-level object leaves it
+/// to the general walk) that validates the whole document but keeps only the configured
+/// fields, borrowing strings from the payload (no tree of values).
 #[derive(Debug, Clone)]
 pub struct Decoder {
     pub key: FieldSource,
@@ -110,7 +111,7 @@ const TS: usize = 2;
 #[derive(Debug, Clone)]
 enum Plan {
     /// Every pointer names a member of the top-level object (the usual configuration): a
-    /// typed pass first (see [`Flat`]), and the walk of the trie if that pass meets anything
+    /// typed pass first (see [`Decoder::flat`]), and the walk of the trie if that pass meets anything
     /// it does not expect.
     Flat(Node),
     /// One pass over the document, capturing the fields at the trie's leaves.
@@ -295,7 +296,7 @@ impl Decoder {
 
     /// The typed pass of a [`Plan::Flat`]: the record, or the reason it is invalid, if every
     /// configured field has the type a valid record gives it (a key that is a string, a number
-    /// or a boolean; a number for the value; an integer for the event time) and the document
+    /// or a boolean; a number for the value; an integer that fits an `i64` for the event time) and the document
     /// parses; `None` otherwise, and the walk then finds what is wrong, if anything (this pass
     /// stops at the first value of an unexpected type). A member on no pointer is read as the
     /// walk reads it (every check of the parser), and a member repeated replaces what it held.
@@ -892,6 +893,7 @@ mod tests {
         let key = prop_oneof![
             3 => "[a-z0-9]{0,8}".prop_map(|s| format!("\"{s}\"")),
             1 => Just(r#""esc\taped""#.to_string()),
+            1 => Just("123456789012345678901234567890".to_string()),
             1 => any::<i64>().prop_map(|n| n.to_string()),
             1 => (-1e20f64..1e20).prop_map(|f| format!("{f:?}")),
             1 => any::<bool>().prop_map(|b| b.to_string()),
@@ -901,8 +903,16 @@ mod tests {
             3 => (-1e20f64..1e20).prop_map(|f| format!("{f:?}")),
             1 => any::<i64>().prop_map(|n| n.to_string()),
             1 => any::<u64>().prop_map(|n| n.to_string()),
-            1 => prop::sample::select(vec!["1e288", "-1e289", "1.5e308", "1e400", "-0", "0.0"])
-                .prop_map(str::to_string),
+            1 => prop::sample::select(vec![
+                "1e288",
+                "-1e289",
+                "1.5e308",
+                "1e400",
+                "-0",
+                "0.0",
+                "18446744073709551616",
+            ])
+            .prop_map(str::to_string),
             1 => json(),
         ];
         let ts = prop_oneof![
@@ -926,7 +936,13 @@ mod tests {
             1 => json().prop_map(|v| format!(r#""other":{v}"#)),
             1 => json().prop_map(|v| format!(r#""us\u0065r":{v}"#)),
         ];
-        prop::collection::vec(member, 0..6).prop_map(|m| format!("{{{}}}", m.join(",")))
+        (prop::collection::vec(member, 0..6), any::<bool>()).prop_map(|(m, spaced)| {
+            if spaced {
+                format!("{{ {} }}", m.join(" ,\n\t"))
+            } else {
+                format!("{{{}}}", m.join(","))
+            }
+        })
     }
 
     proptest! {
@@ -1010,19 +1026,52 @@ mod tests {
             typed(r#"{"user":"u","amount":1,"ts":1700000000000000000}"#),
             Some(Err(InvalidReason::BadTimestamp))
         );
-        // left to the walk: a missing member, a type the pass does not take, bad JSON
-        for doc in [
-            r#"{"user":"u","amount":1}"#,
-            r#"{"user":null,"amount":1,"ts":1}"#,
-            r#"{"user":"u","amount":"1","ts":1}"#,
-            r#"{"user":"u","amount":1,"ts":1.5}"#,
-            r#"{"user":"u","amount":1,"ts":1,"junk":"\ud800"}"#,
-            r#"{"user":"u","amount":1,"ts":1} x"#,
-            r#"[1]"#,
+        // an escaped member name is the member it names, and whitespace is skipped
+        assert_eq!(
+            typed("{ \"us\\u0065r\" : \"u\",\n\"amount\":1 ,\"ts\":\t1 }")
+                .map(|r| r.map(|r| r.key)),
+            Some(Ok("u".into()))
+        );
+        // left to the walk: a missing member, a type the pass does not take, bad JSON; the walk
+        // names the reason
+        for (doc, reason) in [
+            (
+                r#"{"user":"u","amount":1}"#,
+                InvalidReason::MissingTimestamp,
+            ),
+            (r#"{"user":null,"amount":1,"ts":1}"#, InvalidReason::NullKey),
+            (
+                r#"{"user":"u","amount":"1","ts":1}"#,
+                InvalidReason::BadValue,
+            ),
+            (
+                r#"{"user":"u","amount":1,"ts":1.5}"#,
+                InvalidReason::BadTimestamp,
+            ),
+            (
+                r#"{"user":"u","amount":1,"ts":1,"junk":"\ud800"}"#,
+                InvalidReason::InvalidJson,
+            ),
+            (
+                r#"{"user":"u","amount":1,"ts":1} x"#,
+                InvalidReason::InvalidJson,
+            ),
+            (r#"[1]"#, InvalidReason::InvalidJson),
         ] {
             assert_eq!(typed(doc), None, "{doc}");
-            assert!(d.decode(None, Some(doc.as_bytes()), None).is_err(), "{doc}");
+            assert_eq!(
+                d.decode(None, Some(doc.as_bytes()), None),
+                Err(reason),
+                "{doc}"
+            );
         }
+        // left to the walk and valid: a member of an unexpected type replaced by a later one
+        let doc = r#"{"user":null,"user":"u","amount":1,"ts":1}"#;
+        assert_eq!(typed(doc), None);
+        assert_eq!(
+            d.decode(None, Some(doc.as_bytes()), None).map(|r| r.key),
+            Ok("u".into())
+        );
     }
 
     #[test]
