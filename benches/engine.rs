@@ -11,8 +11,8 @@
 //!   - `checkpoint_stall_full/<n>`: `Engine::snapshot(id, true)`;
 //!   - `checkpoint_duration/<n>`: `Store::write` of the delta into a sled store (in a temporary
 //!     directory) holding the full state, flush included (until the checkpoint is durable);
-//!   - `restore_reopen/<n>`: `Store::open` + `Store::load` + `Engine::from_state`, the restart path;
-//!     each iteration first writes a delta checkpoint and closes the store (not timed);
+//!   - `restore_reopen/<n>`: `Store::open` + `Store::load` + `Engine::from_state`, the restart
+//!     path; each iteration first writes a delta checkpoint and closes the store (not timed);
 //!   - `restore/<n>`: `Store::load` on the already open store + `Engine::from_state`.
 //!
 //!   The store starts with a full checkpoint (its size and write time are printed once, they

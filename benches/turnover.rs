@@ -12,10 +12,10 @@
 //! 0: never) final windows wait, until half of them are released and acknowledged.
 //! `--ack-delay-ms N` (0) makes the output lag: a released window is acknowledged only N ms
 //! after its release, as by an output cluster that is slow to answer; `--rate N` (0: as fast
-//! as it can) reads at most N records per second of wall time, as a steady input arrives. The end of input closes every
-//! window (a record far in the future), and the run ends once every window is written and
-//! released. The records are generated on the loop (their formatting is included in the CPU
-//! time).
+//! as it can) reads at most N records per second of wall time, as a steady input arrives. The end
+//! of input closes every window (a record far in the future), and the run ends once every window is
+//! written and released. The records are generated on the loop (their formatting is included in the
+//! CPU time).
 //!
 //! Reports records per CPU-second of the process, wall time, checkpoint durations and
 //! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one; the
@@ -35,10 +35,10 @@
 //! stopped, with how far it got).
 //!
 //! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--key-groups N` sets
-//! the new store's key groups (the service's `state.key_groups`; its default otherwise). `--window-ms N` sets
-//! the tumbling size (the hopping window is 3N every N); `--keys-in-order` takes keys in turn,
-//! so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M live keys.
-//! Before the run ends, a full checkpoint of the state as it is then is timed
+//! the new store's key groups (the service's `state.key_groups`; its default otherwise).
+//! `--window-ms N` sets the tumbling size (the hopping window is 3N every N); `--keys-in-order`
+//! takes keys in turn, so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M
+//! live keys. Before the run ends, a full checkpoint of the state as it is then is timed
 //! (`full checkpoint`). The restores run this executable again with the same flags and
 //! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
 

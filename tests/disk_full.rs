@@ -1,7 +1,7 @@
 //! Checkpoints that keep failing stop the service: the store sits on a small tmpfs that fills
-//! up once the service has checkpointed some data, sled's writes fail, and after more consecutive failures than
-//! `checkpoint.tolerable_failures` the real binary exits 1 with a message saying so. The last
-//! good checkpoint stays readable and a new process resumes from it.
+//! up once the service has checkpointed some data, sled's writes fail, and after more consecutive
+//! failures than `checkpoint.tolerable_failures` the real binary exits 1 with a message saying so.
+//! The last good checkpoint stays readable and a new process resumes from it.
 //!
 //! Needs root (to mount the tmpfs), as CI has; elsewhere it says so and does nothing.
 

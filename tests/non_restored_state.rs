@@ -2,8 +2,8 @@
 //! no longer fits part of the restored state drops exactly the open windows that do not fit
 //! (counted in `checkpointer_restore_dropped_entries_total`), drops the offsets of topics no
 //! longer subscribed, still emits the final windows the snapshot held (also of a window no
-//! longer configured, under its old name), and carries on with the windows that fit. Runs the real binary on a copy of the golden format 3 fixture store
-//! against librdkafka's mock cluster.
+//! longer configured, under its old name), and carries on with the windows that fit. Runs the real
+//! binary on a copy of the golden format 3 fixture store against librdkafka's mock cluster.
 
 use std::collections::BTreeMap;
 use std::path::Path;

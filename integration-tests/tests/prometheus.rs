@@ -3,8 +3,8 @@
 //! checkpointer on the Kafka broker. Through Prometheus's HTTP query API: the target is up, records
 //! consumed increase between two scrapes, the last checkpoint is younger than twice the
 //! checkpoint interval, and every alert rule is loaded, evaluates without error and raises
-//! nothing on a healthy instance (not even pending, but for a transient WatermarkStalled). `promtool
-//! check metrics` passes on the service's `/metrics`.
+//! nothing on a healthy instance (not even pending, but for a transient WatermarkStalled).
+//! `promtool check metrics` passes on the service's `/metrics`.
 //!
 //! Needs `/usr/bin/prometheus` and `/usr/bin/promtool` (or `PROMETHEUS_BIN`, `PROMTOOL_BIN`);
 //! `scripts/test.sh` installs them.

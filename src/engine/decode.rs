@@ -111,8 +111,8 @@ const TS: usize = 2;
 #[derive(Debug, Clone)]
 enum Plan {
     /// Every pointer names a member of the top-level object (the usual configuration): a
-    /// typed pass first (see [`Decoder::flat`]), and the walk of the trie if that pass meets anything
-    /// it does not expect.
+    /// typed pass first (see [`Decoder::flat`]), and the walk of the trie if that pass meets
+    /// anything it does not expect.
     Flat(Node),
     /// One pass over the document, capturing the fields at the trie's leaves.
     Walk(Node),
@@ -296,10 +296,11 @@ impl Decoder {
 
     /// The typed pass of a [`Plan::Flat`]: the record, or the reason it is invalid, if every
     /// configured field has the type a valid record gives it (a key that is a string, a number
-    /// or a boolean; a number for the value; an integer that fits an `i64` for the event time) and the document
-    /// parses; `None` otherwise, and the walk then finds what is wrong, if anything (this pass
-    /// stops at the first value of an unexpected type). A member on no pointer is read as the
-    /// walk reads it (every check of the parser), and a member repeated replaces what it held.
+    /// or a boolean; a number for the value; an integer that fits an `i64` for the event time)
+    /// and the document parses; `None` otherwise, and the walk then finds what is wrong, if
+    /// anything (this pass stops at the first value of an unexpected type). A member on no
+    /// pointer is read as the walk reads it (every check of the parser), and a member repeated
+    /// replaces what it held.
     fn flat<'a>(
         &self,
         root: &Node,
@@ -396,7 +397,7 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for FlatWalk<'_, '_, 'a> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut skipped: [Field<'a>; 3] = [Field::Missing, Field::Missing, Field::Missing];
-        while let Some(field) = map.next_key_seed(MemberSeed(self.node))? {
+        while let Some(field) = map.next_key_seed(KeySeed::<true>(self.node))? {
             match field {
                 Some(KEY) => self.out.key = Some(map.next_value_seed(KeyField)?),
                 Some(VALUE) => self.out.value = Some(map.next_value_seed(ValueField)?),
@@ -409,35 +410,6 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for FlatWalk<'_, '_, 'a> {
             }
         }
         Ok(())
-    }
-}
-
-/// Names the field a member of the top-level object holds, if any (for the typed pass).
-struct MemberSeed<'n>(&'n Node);
-
-impl<'de> serde::de::DeserializeSeed<'de> for MemberSeed<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for MemberSeed<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-        let v = v.as_bytes();
-        // byte by byte: member names are short, and a call to `memcmp` per name and member
-        // cost more than the comparison
-        let same = |name: &str| name.len() == v.len() && name.bytes().zip(v).all(|(a, &b)| a == b);
-        Ok(self
-            .0
-            .children
-            .iter()
-            .find(|(name, _)| same(name))
-            .and_then(|(_, child)| child.capture))
     }
 }
 
@@ -570,23 +542,35 @@ static SKIP: Node = Node {
     below: Vec::new(),
 };
 
-/// Names which child of a node a key is, without allocating for the key.
-struct KeySeed<'n>(&'n Node);
+/// Names which child of a node a key is, without allocating for the key; with `CAPTURE`, the
+/// field that child captures instead (the typed pass's members). Two instances, so that each
+/// caller's `next_key_seed` inlines its own.
+struct KeySeed<'n, const CAPTURE: bool>(&'n Node);
 
-impl<'de> serde::de::DeserializeSeed<'de> for KeySeed<'_> {
+impl<'de, const CAPTURE: bool> serde::de::DeserializeSeed<'de> for KeySeed<'_, CAPTURE> {
     type Value = Option<usize>;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for KeySeed<'_> {
+impl<'de, const CAPTURE: bool> serde::de::Visitor<'de> for KeySeed<'_, CAPTURE> {
     type Value = Option<usize>;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object key")
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.children.iter().position(|(name, _)| name == v))
+        let v = v.as_bytes();
+        // byte by byte: member names are short, and a call to `memcmp` per name and member
+        // costs more than the comparison
+        let same = |name: &str| name.len() == v.len() && name.bytes().zip(v).all(|(a, &b)| a == b);
+        let children = &self.0.children;
+        let at = children.iter().position(|(name, _)| same(name));
+        Ok(if CAPTURE {
+            at.and_then(|at| children[at].1.capture)
+        } else {
+            at
+        })
     }
 }
 
@@ -691,7 +675,7 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for Walk<'_, '_, 'a> {
         if let Some(i) = self.node.capture {
             self.found[i] = Field::Other;
         }
-        while let Some(child) = map.next_key_seed(KeySeed(self.node))? {
+        while let Some(child) = map.next_key_seed(KeySeed::<false>(self.node))? {
             match child {
                 Some(at) => {
                     let node = &self.node.children[at].1;

@@ -118,14 +118,15 @@ fn sorted(slots: impl Iterator<Item = Slot>) -> Arc<[Slot]> {
 }
 
 /// The most keys of a group whose slots closing reads ahead: two cache lines each, half a
-/// MiB, which stay in the cache until the closing pass reaches them (a million keys in 256 groups is about
-/// 120 live keys a group; 10M live keys, 39,000, which read none ahead).
+/// MiB, which stay in the cache until the closing pass reaches them (a million keys in 256
+/// groups is about 120 live keys a group; 10M live keys, 39,000, which read none ahead).
 const READ_AHEAD_KEYS: usize = 4096;
 
 /// Reads the first and the last of a key's slots (their cache lines, with the count of
 /// references before them; a middle slot's line is not read), for a pass over many keys to
-/// read each key's slots before it works on any: see `FixedWindows::close`. (The listing of a checkpoint, `for_each_ref`,
-/// measured no gain from it: its keys are sorted between the two.)
+/// read each key's slots before it works on any: see `FixedWindows::close`. (The listing of
+/// a checkpoint, `for_each_ref`, measured no gain from it: its keys are sorted between the
+/// two.)
 fn read_ahead(slots: &[Slot]) -> u64 {
     slots.first().map_or(0, |s| s.tag) ^ slots.last().map_or(0, |s| s.tag)
 }

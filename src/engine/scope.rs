@@ -3,12 +3,12 @@
 //! an `Arc`: a snapshot shares the changed groups instead of copying the state, and a group
 //! changed while a checkpoint still writes it is copied then (copy on write: one group, never
 //! the state). A time per group, at or before the end of each of its windows (`due`), tells
-//! which groups the watermark closes windows in, so that closing never scans every group. A group's final windows sit in chunks,
-//! one per epoch they closed in, behind `Arc`s of their own: final windows never change, they
-//! only leave, so a group copied on write shares them, and acknowledgements are marked beside
-//! them. A chunk keeps its final windows packed, 48 bytes each, each run of them with the keys
-//! its rows refer to (a key once per run while a group's keys are few; at a million keys,
-//! where a group closes a key's windows far apart, about one key per row).
+//! which groups the watermark closes windows in, so that closing never scans every group. A group's
+//! final windows sit in chunks, one per epoch they closed in, behind `Arc`s of their own: final
+//! windows never change, they only leave, so a group copied on write shares them, and
+//! acknowledgements are marked beside them. A chunk keeps its final windows packed, 48 bytes each,
+//! each run of them with the keys its rows refer to (a key once per run while a group's keys are
+//! few; at a million keys, where a group closes a key's windows far apart, about one key per row).
 
 use std::sync::Arc;
 
@@ -691,8 +691,9 @@ impl GroupState {
     /// a key's entries together): open windows into their tables, final ones into the held
     /// windows (a checkpoint holds each window once: no search for an equal one). The key's
     /// fixed windows take one allocation, and its final windows, fixed windows and sessions
-    /// share one copy of the key. `fixed` is room for the key's fixed windows (cleared here). Returns
-    /// how many final windows it held, and the earliest end of the open windows it put back.
+    /// share one copy of the key. `fixed` is room for the key's fixed windows (cleared here).
+    /// Returns how many final windows it held, and the earliest end of the open windows it put
+    /// back.
     fn restore_key(
         &mut self,
         windows: &[WindowDef],

@@ -15,9 +15,9 @@
 //! progress and no second instance reads the group unnoticed (rules in [`super::ownership`]):
 //!
 //! - at start, before anything is assigned, the group's committed offsets are read: one
-//!   committed by another store within [`super::ownership::LIVE_WITHIN`] means another instance is running on
-//!   the group; the start waits for its commits to stop (up to `checkpoint.lock_wait`, logged),
-//!   then gives up;
+//!   committed by another store within [`super::ownership::LIVE_WITHIN`] means another instance is
+//!   running on the group; the start waits for its commits to stop (up to `checkpoint.lock_wait`,
+//!   logged), then gives up;
 //! - then it commits where it will read from (held positions, else the group's with
 //!   `start_from: committed`, else the partition's start or end): the broker refuses that
 //!   while the group has members (an instance with

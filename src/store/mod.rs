@@ -3,8 +3,8 @@
 //! A checkpoint is complete only once the flush returned.
 //!
 //! State is kept as versions of key groups: every checkpoint writes the groups it changed under
-//! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are full copies
-//! that retention never touches (`savepoints`); `portable` is their export file format.
+//! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are
+//! full copies that retention never touches (`savepoints`); `portable` is their export file format.
 
 mod codec;
 mod legacy;
