@@ -266,7 +266,7 @@ pub(crate) fn encode_rows(entries: &[EntryRef<'_>]) -> Result<Vec<u8>, BlobError
 
 /// A key's first 16 bytes as a big-endian number, zeros past its end: of two keys, the one
 /// with the smaller number sorts first (equal numbers say nothing: the keys are compared).
-fn key_prefix(key: &str) -> u128 {
+pub(crate) fn key_prefix(key: &str) -> u128 {
     let bytes = key.as_bytes();
     let mut head = [0u8; 16];
     let n = bytes.len().min(16);
