@@ -231,18 +231,22 @@ pub(crate) fn encode_rows(entries: &[EntryRef<'_>]) -> Result<Vec<u8>, BlobError
     });
     let mut keys: Vec<(u32, &[u8])> = Vec::new();
     let mut rows = Vec::with_capacity(order.len());
-    let mut last_key: Option<&str> = None;
+    let mut last_key: Option<(u128, &str)> = None;
     let mut last_start = 0i64;
-    for (_, e) in order {
-        if last_key.is_none_or(|last| key_order(last, e.key).is_ne()) {
-            let prev = last_key.unwrap_or("").as_bytes();
+    for (prefix, e) in order {
+        // a new key where the prefixes differ, without a byte comparison (a call to `bcmp`
+        // per key, a thirtieth of a 10M-key run's CPU)
+        let new_key =
+            last_key.is_none_or(|(p, last)| p != prefix || key_order(last, e.key).is_ne());
+        if new_key {
+            let prev = last_key.map_or("", |(_, last)| last).as_bytes();
             let shared = prev
                 .iter()
                 .zip(e.key.as_bytes())
                 .take_while(|(a, b)| a == b)
                 .count();
             keys.push((shared as u32, &e.key.as_bytes()[shared..]));
-            last_key = Some(e.key);
+            last_key = Some((prefix, e.key));
         }
         rows.push(Row {
             key: (keys.len() - 1) as u32,
