@@ -25,7 +25,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 
 use super::aggregate::Acc;
-use super::group::key_prefix;
+use super::group::{key_prefix, prefixed_order};
 use super::slots::{head, Bound, Defs, Fixed, Slot, Span};
 use super::state::{note_end, Key, KeySessions};
 use super::window::{hopping_starts, tumbling_start, WindowDef};
@@ -459,7 +459,7 @@ impl<E: TableEntry> FixedWindows<E> {
                 Some((key_prefix(key), &**key, &**slots))
             })
             .collect();
-        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        keys.sort_unstable_by(|a, b| prefixed_order((a.0, a.1), (b.0, b.1)));
         let mut spans = Vec::new();
         // each key's slots read a few keys ahead of the pass (its first read of them, a cache
         // miss per key where a group's keys are many, waited for one key after another)
