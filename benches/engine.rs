@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use checkpointer::checkpoint::Checkpoint;
 use checkpointer::engine::{
     tumbling_start, Decoder, Engine, EngineConfig, FieldSource, GroupLayout, Outcome, Record,
-    TimeSource, WindowDef, WindowKind,
+    TimeSource, WindowDef, WindowKind, RECORDS_AHEAD,
 };
 use checkpointer::position::Partition;
 use checkpointer::store::{Store, StoreError};
@@ -224,18 +224,30 @@ impl Pipeline {
             let n = left.min(CHECKPOINT_EVERY - self.since_checkpoint);
             self.generate(n);
             let start = Instant::now();
-            for m in &self.batch {
-                let record = self.decoder.decode(None, Some(&m.payload), None);
-                let outcome = self
-                    .engine
-                    .process(&self.partitions[m.partition], m.offset, record);
-                if outcome != Outcome::Accepted {
-                    rejected += 1;
-                }
-                // the service hands whatever became emittable to the sink after every record
-                let ready = self.engine.take_emission();
-                if !ready.is_empty() {
-                    self.engine.emitted(ready.into_windows().map(|w| w.id));
+            // as the service does: a batch of records decoded, their state asked for, then
+            // each processed
+            let mut decoded = Vec::with_capacity(RECORDS_AHEAD);
+            for chunk in self.batch.chunks(RECORDS_AHEAD) {
+                decoded.extend(chunk.iter().map(|m| {
+                    let record = self.decoder.decode(None, Some(&m.payload), None);
+                    if let Ok(r) = &record {
+                        self.engine.prefetch(&self.partitions[m.partition], &r.key);
+                    }
+                    record
+                }));
+                for (m, record) in chunk.iter().zip(decoded.drain(..)) {
+                    let outcome =
+                        self.engine
+                            .process(&self.partitions[m.partition], m.offset, record);
+                    if outcome != Outcome::Accepted {
+                        rejected += 1;
+                    }
+                    // the service hands whatever became emittable to the sink after every
+                    // record
+                    let ready = self.engine.take_emission();
+                    if !ready.is_empty() {
+                        self.engine.emitted(ready.into_windows().map(|w| w.id));
+                    }
                 }
             }
             elapsed += start.elapsed();

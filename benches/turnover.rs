@@ -54,7 +54,7 @@ use checkpointer::checkpoint::{Checkpoint, Scheduler, SchedulerSettings, StateSp
 use checkpointer::checkpoint_id::CheckpointId;
 use checkpointer::engine::{
     AggregateKind, Decoder, Engine, EngineConfig, FieldSource, GroupLayout, TimeSource, WindowDef,
-    WindowKind,
+    WindowKind, RECORDS_AHEAD,
 };
 use checkpointer::position::{OffsetReset, Partition};
 use checkpointer::store::writer::{self, Job, WriteJob, WriteOutcome};
@@ -542,7 +542,8 @@ fn main() {
     let cpu_start = cpu_seconds();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut offsets = vec![0i64; PARTITIONS as usize];
-    let mut payload = String::with_capacity(96);
+    let mut payloads = vec![String::with_capacity(96); RECORDS_AHEAD];
+    let mut batch = Vec::with_capacity(RECORDS_AHEAD);
     let (mut emitted, mut durations, mut stalls) = (0u64, Vec::new(), Stalls::default());
     let mut in_flight: Option<(CheckpointId, Instant)> = None;
     let mut stopped: Option<String> = None;
@@ -711,32 +712,57 @@ fn main() {
                 None => std::thread::sleep(Duration::from_millis(1)),
             }
         } else {
-            for _ in 0..1_024 {
-                if consumed == total || (consumed == a.records && full.is_none()) {
+            // 1,024 records between checkpoint polls, as the service decodes them: in batches
+            // of RECORDS_AHEAD, each batch's state asked for before its first record is
+            // processed
+            for _ in 0..1_024 / RECORDS_AHEAD {
+                batch.clear();
+                while batch.len() < RECORDS_AHEAD {
+                    let next = consumed + batch.len() as u64;
+                    if next == total || (next == a.records && full.is_none()) {
+                        break;
+                    }
+                    let (p, ts, user) = if next < a.records {
+                        let jitter = rng.next() % DISORDER_MS;
+                        let ts = T0 + next as i64 - jitter as i64;
+                        let user = if a.keys_in_order {
+                            next % a.keys
+                        } else {
+                            rng.next() % a.keys
+                        };
+                        ((rng.next() % PARTITIONS as u64) as usize, ts, user)
+                    } else {
+                        // one record per partition an hour ahead: every window of the data
+                        // closes
+                        let p = (next - a.records) as usize;
+                        (p, T0 + a.records as i64 + 3_600_000, 0)
+                    };
+                    let payload = &mut payloads[batch.len()];
+                    payload.clear();
+                    use std::fmt::Write as _;
+                    let _ = write!(payload, r#"{{"user":"u{user}","amount":1,"ts":{ts}}}"#);
+                    batch.push(p);
+                }
+                if batch.is_empty() {
                     break;
                 }
-                let (p, ts, user) = if consumed < a.records {
-                    let jitter = rng.next() % DISORDER_MS;
-                    let ts = T0 + consumed as i64 - jitter as i64;
-                    let user = if a.keys_in_order {
-                        consumed % a.keys
-                    } else {
-                        rng.next() % a.keys
-                    };
-                    ((rng.next() % PARTITIONS as u64) as usize, ts, user)
-                } else {
-                    // one record per partition an hour ahead: every window of the data closes
-                    let p = (consumed - a.records) as usize;
-                    (p, T0 + a.records as i64 + 3_600_000, 0)
-                };
-                payload.clear();
-                use std::fmt::Write as _;
-                let _ = write!(payload, r#"{{"user":"u{user}","amount":1,"ts":{ts}}}"#);
-                let decoded = decoder.decode(None, Some(payload.as_bytes()), None);
-                let offset = offsets[p];
-                offsets[p] += 1;
-                engine.process(&partitions[p], offset, decoded);
-                consumed += 1;
+                let decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = batch
+                    .iter()
+                    .zip(&payloads)
+                    .map(|(&p, payload)| {
+                        let record = decoder.decode(None, Some(payload.as_bytes()), None);
+                        if let Ok(r) = &record {
+                            engine.prefetch(&partitions[p], &r.key);
+                        }
+                        record
+                    })
+                    .collect();
+                for (&p, record) in batch.iter().zip(decoded) {
+                    let offset = offsets[p];
+                    offsets[p] += 1;
+                    engine.process(&partitions[p], offset, record);
+                    consumed += 1;
+                }
             }
             checkpoint(
                 &mut engine,

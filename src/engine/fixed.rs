@@ -38,6 +38,12 @@ pub(crate) trait TableEntry: std::fmt::Debug + Clone + Default {
     fn slots_mut(&mut self) -> &mut Option<Arc<[Slot]>>;
     /// Whether the key holds nothing (and so leaves the table).
     fn is_empty(&self) -> bool;
+    /// [`prefetch`]es what a record of the key reads past the entry's first line.
+    fn prefetch(&self) {
+        if let Some(slots) = self.slots() {
+            prefetch_slots(slots);
+        }
+    }
 }
 
 /// The entry of a key in a group without session definitions: its fixed windows alone (16
@@ -79,6 +85,18 @@ impl TableEntry for KeyWindows {
 
     fn is_empty(&self) -> bool {
         self.slots.is_none() && self.sessions.is_empty()
+    }
+
+    fn prefetch(&self) {
+        if let Some(slots) = &self.slots {
+            prefetch_slots(slots);
+        }
+        // the entry's two lines (the first session's, where it sits in the entry) or the
+        // sessions' own allocation
+        if let (Some(first), Some(last)) = (self.sessions.first(), self.sessions.last()) {
+            first.prefetch();
+            last.prefetch();
+        }
     }
 }
 
@@ -126,15 +144,23 @@ const READ_AHEAD_KEYS: usize = 4096;
 /// How many keys ahead of the listing of a checkpoint (`for_each_ref`) their slots are read.
 const LISTING_AHEAD: usize = 8;
 
-/// Asks the processor to bring a key's first slot into the cache, without waiting for it (a
-/// hint: nothing on targets without the instruction).
-fn prefetch(slots: &[Slot]) {
+/// Asks the processor to bring the cache line holding the start of `value` into the cache,
+/// without waiting for it (a hint that never faults: nothing on targets without the
+/// instruction).
+pub(super) fn prefetch<T>(value: &T) {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-    if let Some(first) = slots.first() {
-        safe_arch::prefetch_t0(first);
-    }
+    safe_arch::prefetch_t0(value);
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-    let _ = slots;
+    let _ = value;
+}
+
+/// [`prefetch`]es a key's first and last slot (the line of the first holds the count of
+/// references `Arc::make_mut` reads, in most layouts; a key's slots span two or three lines).
+fn prefetch_slots(slots: &[Slot]) {
+    if let (Some(first), Some(last)) = (slots.first(), slots.last()) {
+        prefetch(first);
+        prefetch(last);
+    }
 }
 
 /// Reads the first and the last of a key's slots (their cache lines, with the count of
@@ -438,6 +464,17 @@ impl<E: TableEntry> FixedWindows<E> {
         Some(earliest)
     }
 
+    /// Asks the processor to bring `key`'s entry and what it points to (its slots, its
+    /// sessions) into the cache, where a record of it will read them, without waiting for
+    /// them. The lookup waits for the table's own lines; called for several records before
+    /// the first is added, those waits overlap, and the adds find what they read in the cache.
+    /// A hint: nothing changes.
+    pub(crate) fn prefetch(&self, key: &str) {
+        if let Some(entry) = self.keys.get(key) {
+            entry.prefetch();
+        }
+    }
+
     /// The copy of `key` this group holds, and how many windows and panes it holds.
     #[cfg(test)]
     pub(crate) fn key(&self, key: &str) -> Option<(usize, Key)> {
@@ -465,7 +502,7 @@ impl<E: TableEntry> FixedWindows<E> {
         // miss per key where a group's keys are many, waited for one key after another)
         for (i, &(_, key, slots)) in keys.iter().enumerate() {
             if let Some(&(_, _, next)) = keys.get(i + LISTING_AHEAD) {
-                prefetch(next);
+                prefetch_slots(next);
             }
             if slots.iter().any(Slot::is_pane) {
                 self.defs.spans(slots, &self.open_bounds, &mut spans);

@@ -35,6 +35,12 @@ use restored::{build_group, read_group};
 use scope::{BuiltGroup, ScopeState};
 use watermark::Watermarks;
 
+/// How many decoded records a caller asks [`Engine::prefetch`] for before processing the first
+/// of them. At 10k keys a record's entry and windows are rarely in the caches a core has to
+/// itself; with 16, the decode-and-aggregate benchmark read 1.23 times as fast (median ratio of
+/// eight interleaved pairs; docs/benchmarks.md).
+pub const RECORDS_AHEAD: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub windows: Vec<WindowDef>,
@@ -414,6 +420,24 @@ impl Engine {
     /// Final windows not yet acknowledged by the output topic.
     pub fn pending_emissions(&self) -> usize {
         self.all_scopes().map(ScopeState::pending).sum()
+    }
+
+    /// Asks the processor to bring into its cache what processing a record of `key` from
+    /// `partition` will read (the key's entry in its group's table, its windows and sessions),
+    /// without waiting for it. A caller holding several decoded records calls this for each
+    /// (up to [`RECORDS_AHEAD`]) before processing the first: their cache misses, which
+    /// [`Engine::process`] would otherwise wait for one record after another, then overlap. A
+    /// hint: it changes nothing, and a record processed without it is processed the same.
+    pub fn prefetch(&self, partition: &Partition, key: &str) {
+        let scope = if self.cfg.partition_scoped {
+            match self.scoped.get(partition) {
+                Some(scope) => scope,
+                None => return,
+            }
+        } else {
+            &self.instance
+        };
+        scope.prefetch(key, self.cfg.groups.group_of(key));
     }
 
     /// Processes the message at `offset` of `partition`.

@@ -1079,6 +1079,14 @@ impl ScopeState {
         self.due.note(group, end);
     }
 
+    /// Asks the processor for what adding a record of `key` (in `group`) reads; see
+    /// [`FixedWindows::prefetch`].
+    pub(crate) fn prefetch(&self, key: &str, group: u16) {
+        if let Some(g) = self.groups.get(group) {
+            fixed!(&g.tables, f => f.prefetch(key));
+        }
+    }
+
     /// Adds a record of `key` (in `group`) to every window holding `ts` that is not final.
     pub(crate) fn add(
         &mut self,

@@ -12,7 +12,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::Acc;
-use super::fixed::{KeyTable, TableEntry};
+use super::fixed::{prefetch, KeyTable, TableEntry};
 use super::slots::Slot;
 use crate::position::Partition;
 
@@ -84,14 +84,23 @@ pub struct ClosedWindow {
 /// index it took 56, and a key's entry in its group's table 104 bytes: laid out at that
 /// stride, half of the entries spanned three cache lines; at 96 bytes, in a table that
 /// jemalloc puts at a cache-line boundary, each spans two. A session counts up to
-/// 2^47 - 1 records, as a fixed window does.
+/// 2^47 - 1 records, as a fixed window does. Laid out in field order, so that its first and
+/// last lines are those of `self` and `end` (see [`Session::prefetch`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
 pub(crate) struct Session {
     slot: Slot,
     end: i64,
 }
 
 impl Session {
+    /// Asks the processor to bring the session's lines into the cache (see
+    /// [`super::fixed::prefetch`]).
+    pub(super) fn prefetch(&self) {
+        prefetch(self);
+        prefetch(&self.end);
+    }
+
     fn new(window: u16, start: i64, end: i64, acc: Acc) -> Session {
         Session {
             slot: Slot::new(window, start, acc),

@@ -25,7 +25,7 @@ use super::status::Status;
 use super::stop::{Facts, Step, StopSequence};
 use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel, OnOutOfRange};
-use crate::engine::{Decoder, Engine, Outcome, StateKey};
+use crate::engine::{Decoder, Engine, Outcome, StateKey, RECORDS_AHEAD};
 use crate::http::{Command, Reply};
 use crate::memory::Resident;
 use crate::metrics::Metrics;
@@ -237,14 +237,42 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         );
     }
 
-    /// One record from the consumer.
-    pub(crate) fn on_message(&mut self, m: &impl Message) {
+    /// Records from the consumer, in the order it returned them (at most
+    /// [`RECORDS_AHEAD`]): all decoded and their state asked for first (see
+    /// [`Engine::prefetch`]), then each applied in turn. Empties `batch`.
+    pub(crate) fn on_messages<M: Message>(&mut self, batch: &mut Vec<M>) {
+        let mut decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = batch
+            .iter()
+            .map(|m| {
+                let p = Partition::new(m.topic(), m.partition());
+                let record = self
+                    .decoder
+                    .decode(m.key(), m.payload(), m.timestamp().to_millis());
+                if let Ok(r) = &record {
+                    self.engine.prefetch(&p, &r.key);
+                }
+                (p, record)
+            })
+            .collect();
+        for (m, (p, record)) in batch.iter().zip(decoded.drain(..)) {
+            self.apply(m, p, record);
+        }
+        drop(decoded);
+        batch.clear();
+    }
+
+    /// Applies record `m` of partition `p`, decoded as `decoded`.
+    fn apply(
+        &mut self,
+        m: &impl Message,
+        p: Partition,
+        decoded: Result<crate::engine::Record<'_>, crate::engine::InvalidReason>,
+    ) {
         self.status.record_arrived(
             self.handoff.assigned().len(),
             self.handoff.assignment_seen(),
             self.handoff.restoring().len(),
         );
-        let p = Partition::new(m.topic(), m.partition());
         // a record the consumer returned together with the rebalance that took its partition
         // away belongs to the partition's next owner
         if self
@@ -264,9 +292,6 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         let engine = &self.engine;
         self.handoff
             .check_first_record(&p, m.offset(), || engine.position(&p));
-        let decoded = self
-            .decoder
-            .decode(m.key(), m.payload(), m.timestamp().to_millis());
         let outcome = self.engine.process(&p, m.offset(), decoded);
         let metrics = &self.metrics;
         match outcome {
@@ -1020,31 +1045,57 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
 }
 
 impl<O: Output> Pipeline<Source, O> {
-    /// Takes what the consumer already holds (up to [`DRAIN_MAX`] records) without waiting and
-    /// without going back through the loop: records arrive in batches, one wake each.
-    async fn drain(&mut self, consumer: &Source) -> anyhow::Result<()> {
+    /// Applies `first`, the record a wake brought, and what the consumer already holds after it
+    /// (up to [`DRAIN_MAX`] records), without waiting and without going back through the loop:
+    /// records arrive in batches, one wake each. They are applied [`RECORDS_AHEAD`] at a time
+    /// (see [`Self::on_messages`]), in the order the consumer returned them: a batch is applied
+    /// before a rebalance the consumer reports after it, an end of partition or an error.
+    async fn drain<'c>(
+        &mut self,
+        consumer: &'c Source,
+        first: rdkafka::message::BorrowedMessage<'c>,
+    ) -> anyhow::Result<()> {
         use std::future::Future as _;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut batch = Vec::with_capacity(RECORDS_AHEAD);
+        batch.push(first);
         for _ in 0..DRAIN_MAX {
             if self.stop.is_some() || !self.reading() {
-                return Ok(());
+                break;
             }
             let polled = std::pin::pin!(consumer.recv()).poll(&mut cx);
             let std::task::Poll::Ready(msg) = polled else {
-                return Ok(());
+                break;
             };
-            // rebalances run inside recv: apply them before what recv returned
-            self.apply_rebalances().await?;
+            // rebalances run inside recv: apply them after the records returned before and
+            // before what recv returned
+            let events = self.shared.take_events();
+            if !events.is_empty() {
+                self.on_messages(&mut batch);
+                for event in events {
+                    self.on_rebalance(event).await?;
+                }
+            }
             match msg {
-                Ok(m) => self.on_message(&m),
-                Err(KafkaError::PartitionEOF(n)) => self.on_eof(n),
+                Ok(m) => {
+                    batch.push(m);
+                    if batch.len() == RECORDS_AHEAD {
+                        self.on_messages(&mut batch);
+                    }
+                }
+                Err(KafkaError::PartitionEOF(n)) => {
+                    self.on_messages(&mut batch);
+                    self.on_eof(n);
+                }
                 Err(e) => {
                     // the loop's own receive handles errors with its backoff
+                    self.on_messages(&mut batch);
                     self.on_consumer_error(&e);
                     return Ok(());
                 }
             }
         }
+        self.on_messages(&mut batch);
         Ok(())
     }
 
@@ -1102,9 +1153,7 @@ impl<O: Output> Pipeline<Source, O> {
                             self.engine.set_not_after(Some(
                                 crate::clock::epoch_ms().saturating_add(self.config.max_future_skew_ms),
                             ));
-                            self.on_message(&m);
-                            drop(m);
-                            self.drain(&consumer).await?;
+                            self.drain(&consumer, m).await?;
                         }
                         Err(KafkaError::PartitionEOF(n)) => {
                             tracing::debug!(partition = n, "end of partition");

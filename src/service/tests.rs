@@ -24,6 +24,7 @@ use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel};
 use crate::engine::{
     ClosedWindow, Decoder, Engine, EngineConfig, FieldSource, TimeSource, WindowDef, WindowKind,
+    RECORDS_AHEAD,
 };
 use crate::http::{Command, CommandError};
 use crate::lock::lock;
@@ -243,10 +244,16 @@ impl Rig {
 
     /// One record of `user` at event time `ts` on partition `p`.
     fn record(&mut self, partition: &Partition, user: &str, ts: i64) {
-        let offset = self.offsets.entry(partition.clone()).or_insert(0);
         let payload = format!(r#"{{"user":"{user}","amount":1,"ts":{ts}}}"#);
+        let m = self.message(partition, payload.as_bytes());
+        self.pipeline.on_messages(&mut vec![m]);
+    }
+
+    /// The next message of `partition`, holding `payload`.
+    fn message(&mut self, partition: &Partition, payload: &[u8]) -> OwnedMessage {
+        let offset = self.offsets.entry(partition.clone()).or_insert(0);
         let m = OwnedMessage::new(
-            Some(payload.into_bytes()),
+            Some(payload.to_vec()),
             None,
             partition.topic.clone(),
             Timestamp::NotAvailable,
@@ -255,7 +262,7 @@ impl Rig {
             None,
         );
         *offset += 1;
-        self.pipeline.on_message(&m);
+        m
     }
 
     async fn revoke(&mut self, partitions: &[Partition]) {
@@ -1253,6 +1260,82 @@ async fn a_checkpoint_completed_after_its_timeout_is_recorded_as_completed_not_a
 }
 
 #[tokio::test]
+async fn records_applied_in_batches_end_as_records_applied_one_at_a_time() {
+    // two partitions, keys repeating, garbage, a record that closes a window followed by one
+    // late for it, and a record of a partition no longer assigned: what each record does
+    // depends on those before it
+    let mut payloads = Vec::new();
+    for i in 0..50i64 {
+        let ts = 100 + i * 40 - (i % 3) * 90;
+        payloads.push((
+            p((i % 2) as i32),
+            format!(r#"{{"user":"u{}","amount":{i},"ts":{ts}}}"#, i % 7),
+        ));
+        if i % 17 == 5 {
+            payloads.push((p(0), "not json".to_string()));
+        }
+        if i == 30 {
+            payloads.push((p(1), r#"{"user":"late","amount":1,"ts":20}"#.to_string()));
+        }
+    }
+    payloads.push((p(2), r#"{"user":"gone","amount":1,"ts":2100}"#.to_string()));
+    let mut ends = Vec::new();
+    for batch in [1, RECORDS_AHEAD] {
+        let mut rig = Rig::new(Options {
+            dead_letters: true,
+            ..Options::default()
+        });
+        rig.assign(&[p(0), p(1), p(2)]).await;
+        rig.revoke(&[p(2)]).await;
+        let messages: Vec<OwnedMessage> = payloads
+            .iter()
+            .map(|(partition, payload)| rig.message(partition, payload.as_bytes()))
+            .collect();
+        for chunk in messages.chunks(batch) {
+            let mut chunk = chunk.to_vec();
+            rig.pipeline.on_messages(&mut chunk);
+            assert!(chunk.is_empty(), "a batch is emptied");
+        }
+        let mut letters = Vec::new();
+        while let Ok(letter) = rig.letters.try_recv() {
+            letters.push((letter.header(dead_letter::REASON), letter.payload));
+        }
+        // every copy written: the checkpoint goes ahead and releases the final windows
+        rig.letters_written
+            .store(letters.len() as u64, Ordering::Release);
+        rig.tick();
+        rig.settle().await.expect("checkpoint");
+        let engine = rig.pipeline.engine();
+        ends.push((
+            lock(&rig.emitted).clone(),
+            letters,
+            engine.open_windows(),
+            engine.pending_emissions(),
+            [p(0), p(1), p(2)].map(|q| engine.position(&q)),
+        ));
+    }
+    let (one_by_one, batched) = (&ends[0], &ends[1]);
+    let reasons = |reason: &str| {
+        one_by_one
+            .1
+            .iter()
+            .filter(|(r, _)| r.as_deref() == Some(reason))
+            .count()
+    };
+    assert!(
+        !one_by_one.0.is_empty() && one_by_one.2 > 0,
+        "windows emitted and windows open"
+    );
+    assert_eq!(reasons("invalid_json"), 3, "the garbage is copied");
+    assert_eq!(reasons("late"), 2, "records behind closed windows are late");
+    assert_eq!(
+        one_by_one.4[2], None,
+        "the revoked partition's record is not applied"
+    );
+    assert_eq!(one_by_one, batched);
+}
+
+#[tokio::test]
 async fn a_checkpoint_waits_for_the_dead_letter_copies_of_the_records_it_moves_past() {
     let mut rig = Rig::new(Options {
         dead_letters: true,
@@ -1271,7 +1354,7 @@ async fn a_checkpoint_waits_for_the_dead_letter_copies_of_the_records_it_moves_p
         2,
         None,
     );
-    rig.pipeline.on_message(&garbage);
+    rig.pipeline.on_messages(&mut vec![garbage]);
     rig.offsets.insert(p(0), 3);
     rig.record(&p(0), "c", 10);
     let first = rig
