@@ -228,13 +228,16 @@ impl Pipeline {
             // each processed
             let mut decoded = Vec::with_capacity(RECORDS_AHEAD);
             for chunk in self.batch.chunks(RECORDS_AHEAD) {
-                decoded.extend(chunk.iter().map(|m| {
-                    let record = self.decoder.decode(None, Some(&m.payload), None);
-                    if let Ok(r) = &record {
+                decoded.extend(
+                    chunk
+                        .iter()
+                        .map(|m| self.decoder.decode(None, Some(&m.payload), None)),
+                );
+                for (m, record) in chunk.iter().zip(&decoded) {
+                    if let Ok(r) = record {
                         self.engine.prefetch(&self.partitions[m.partition], &r.key);
                     }
-                    record
-                }));
+                }
                 for (m, record) in chunk.iter().zip(decoded.drain(..)) {
                     let outcome =
                         self.engine

@@ -746,17 +746,15 @@ fn main() {
                 if batch.is_empty() {
                     break;
                 }
-                let decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = batch
+                let decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = payloads[..batch.len()]
                     .iter()
-                    .zip(&payloads)
-                    .map(|(&p, payload)| {
-                        let record = decoder.decode(None, Some(payload.as_bytes()), None);
-                        if let Ok(r) = &record {
-                            engine.prefetch(&partitions[p], &r.key);
-                        }
-                        record
-                    })
+                    .map(|payload| decoder.decode(None, Some(payload.as_bytes()), None))
                     .collect();
+                for (&p, record) in batch.iter().zip(&decoded) {
+                    if let Ok(r) = record {
+                        engine.prefetch(&partitions[p], &r.key);
+                    }
+                }
                 for (&p, record) in batch.iter().zip(decoded) {
                     let offset = offsets[p];
                     offsets[p] += 1;

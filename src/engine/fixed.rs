@@ -501,8 +501,8 @@ impl<E: TableEntry> FixedWindows<E> {
         // each key's slots read a few keys ahead of the pass (its first read of them, a cache
         // miss per key where a group's keys are many, waited for one key after another)
         for (i, &(_, key, slots)) in keys.iter().enumerate() {
-            if let Some(&(_, _, next)) = keys.get(i + LISTING_AHEAD) {
-                prefetch_slots(next);
+            if let Some(first) = keys.get(i + LISTING_AHEAD).and_then(|&(_, _, s)| s.first()) {
+                prefetch(first);
             }
             if slots.iter().any(Slot::is_pane) {
                 self.defs.spans(slots, &self.open_bounds, &mut spans);

@@ -36,9 +36,9 @@ use scope::{BuiltGroup, ScopeState};
 use watermark::Watermarks;
 
 /// How many decoded records a caller asks [`Engine::prefetch`] for before processing the first
-/// of them. At 10k keys a record's entry and windows are rarely in the caches a core has to
-/// itself; with 16, the decode-and-aggregate benchmark read 1.23 times as fast (median ratio of
-/// eight interleaved pairs; docs/benchmarks.md).
+/// of them: enough lookups for their cache misses to overlap, few enough that what they bring
+/// in stays in the cache until its record is processed (docs/benchmarks.md has the
+/// measurements: 16 against 8 and 32, and against none).
 pub const RECORDS_AHEAD: usize = 16;
 
 #[derive(Debug, Clone)]

@@ -102,6 +102,30 @@ impl Assignments for Source {
     }
 }
 
+/// What the pipeline drains from the consumer after a wake: what it already holds, without
+/// waiting (a rebalance runs inside a receive and is queued on the consumer's `Shared`).
+pub(crate) trait Receive {
+    type Message<'a>: rdkafka::message::Message
+    where
+        Self: 'a;
+    /// The next record, end of partition or error the consumer holds, or `None` if it holds
+    /// nothing now.
+    fn try_recv(&self) -> Option<rdkafka::error::KafkaResult<Self::Message<'_>>>;
+}
+
+impl Receive for Source {
+    type Message<'a> = rdkafka::message::BorrowedMessage<'a>;
+
+    fn try_recv(&self) -> Option<rdkafka::error::KafkaResult<Self::Message<'_>>> {
+        use std::future::Future as _;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(self.recv()).poll(&mut cx) {
+            std::task::Poll::Ready(msg) => Some(msg),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
 /// Where final windows go; acknowledgements come back on the pipeline's `acks` channel.
 pub(crate) trait Output {
     fn emit(&self, windows: Emission);

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::backpressure::{Backpressure, Cause, Change};
 use super::coordinator::{Coordinator, SavepointRequest, SavepointWaiter, Settled};
-use super::edge::{Assignments, Inbox, Output};
+use super::edge::{Assignments, Inbox, Output, Receive};
 use super::handoff::{Handoff, Restored};
 use super::idle::{Idleness, Seen};
 use super::out_of_range::{Decision, Probed};
@@ -25,7 +25,7 @@ use super::status::Status;
 use super::stop::{Facts, Step, StopSequence};
 use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel, OnOutOfRange};
-use crate::engine::{Decoder, Engine, Outcome, StateKey, RECORDS_AHEAD};
+use crate::engine::{Decoder, Engine, InvalidReason, Outcome, Record, StateKey, RECORDS_AHEAD};
 use crate::http::{Command, Reply};
 use crate::memory::Resident;
 use crate::metrics::Metrics;
@@ -237,27 +237,81 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         );
     }
 
+    /// Applies `first`, the record a wake brought, and what the consumer already holds after it
+    /// (up to [`DRAIN_MAX`] records), without waiting and without going back through the loop:
+    /// records arrive in batches, one wake each. They are applied [`RECORDS_AHEAD`] at a time
+    /// (see [`Self::on_messages`]), in the order the consumer returned them: a batch is applied
+    /// before a rebalance the consumer reports after it, an end of partition or an error.
+    pub(crate) async fn drain<'c, R: Receive>(
+        &mut self,
+        consumer: &'c R,
+        first: R::Message<'c>,
+    ) -> anyhow::Result<()> {
+        let mut batch = Vec::with_capacity(RECORDS_AHEAD);
+        batch.push(first);
+        for _ in 0..DRAIN_MAX {
+            if self.stop.is_some() || !self.reading() {
+                break;
+            }
+            let Some(msg) = consumer.try_recv() else {
+                break;
+            };
+            // rebalances run inside recv: apply them after the records returned before and
+            // before what recv returned
+            let events = self.shared.take_events();
+            if !events.is_empty() {
+                self.on_messages(&mut batch);
+                for event in events {
+                    self.on_rebalance(event).await?;
+                }
+            }
+            match msg {
+                Ok(m) => {
+                    batch.push(m);
+                    if batch.len() == RECORDS_AHEAD {
+                        self.on_messages(&mut batch);
+                    }
+                }
+                Err(KafkaError::PartitionEOF(n)) => {
+                    self.on_messages(&mut batch);
+                    self.on_eof(n);
+                }
+                Err(e) => {
+                    // the loop's own receive handles errors with its backoff
+                    self.on_messages(&mut batch);
+                    self.on_consumer_error(&e);
+                    return Ok(());
+                }
+            }
+        }
+        self.on_messages(&mut batch);
+        Ok(())
+    }
+
     /// Records from the consumer, in the order it returned them (at most
-    /// [`RECORDS_AHEAD`]): all decoded and their state asked for first (see
-    /// [`Engine::prefetch`]), then each applied in turn. Empties `batch`.
+    /// [`RECORDS_AHEAD`]): all decoded, then their state asked for (see
+    /// [`Engine::prefetch`]: the lookups one after another, so that their cache misses
+    /// overlap), then each applied in turn. Empties `batch`.
     pub(crate) fn on_messages<M: Message>(&mut self, batch: &mut Vec<M>) {
-        let mut decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = batch
+        debug_assert!(batch.len() <= RECORDS_AHEAD, "a batch of {}", batch.len());
+        let decoded: smallvec::SmallVec<[_; RECORDS_AHEAD]> = batch
             .iter()
             .map(|m| {
                 let p = Partition::new(m.topic(), m.partition());
                 let record = self
                     .decoder
                     .decode(m.key(), m.payload(), m.timestamp().to_millis());
-                if let Ok(r) = &record {
-                    self.engine.prefetch(&p, &r.key);
-                }
                 (p, record)
             })
             .collect();
-        for (m, (p, record)) in batch.iter().zip(decoded.drain(..)) {
+        for (p, record) in &decoded {
+            if let Ok(r) = record {
+                self.engine.prefetch(p, &r.key);
+            }
+        }
+        for (m, (p, record)) in batch.iter().zip(decoded) {
             self.apply(m, p, record);
         }
-        drop(decoded);
         batch.clear();
     }
 
@@ -266,7 +320,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         &mut self,
         m: &impl Message,
         p: Partition,
-        decoded: Result<crate::engine::Record<'_>, crate::engine::InvalidReason>,
+        decoded: Result<Record<'_>, InvalidReason>,
     ) {
         self.status.record_arrived(
             self.handoff.assigned().len(),
@@ -1045,60 +1099,6 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
 }
 
 impl<O: Output> Pipeline<Source, O> {
-    /// Applies `first`, the record a wake brought, and what the consumer already holds after it
-    /// (up to [`DRAIN_MAX`] records), without waiting and without going back through the loop:
-    /// records arrive in batches, one wake each. They are applied [`RECORDS_AHEAD`] at a time
-    /// (see [`Self::on_messages`]), in the order the consumer returned them: a batch is applied
-    /// before a rebalance the consumer reports after it, an end of partition or an error.
-    async fn drain<'c>(
-        &mut self,
-        consumer: &'c Source,
-        first: rdkafka::message::BorrowedMessage<'c>,
-    ) -> anyhow::Result<()> {
-        use std::future::Future as _;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut batch = Vec::with_capacity(RECORDS_AHEAD);
-        batch.push(first);
-        for _ in 0..DRAIN_MAX {
-            if self.stop.is_some() || !self.reading() {
-                break;
-            }
-            let polled = std::pin::pin!(consumer.recv()).poll(&mut cx);
-            let std::task::Poll::Ready(msg) = polled else {
-                break;
-            };
-            // rebalances run inside recv: apply them after the records returned before and
-            // before what recv returned
-            let events = self.shared.take_events();
-            if !events.is_empty() {
-                self.on_messages(&mut batch);
-                for event in events {
-                    self.on_rebalance(event).await?;
-                }
-            }
-            match msg {
-                Ok(m) => {
-                    batch.push(m);
-                    if batch.len() == RECORDS_AHEAD {
-                        self.on_messages(&mut batch);
-                    }
-                }
-                Err(KafkaError::PartitionEOF(n)) => {
-                    self.on_messages(&mut batch);
-                    self.on_eof(n);
-                }
-                Err(e) => {
-                    // the loop's own receive handles errors with its backoff
-                    self.on_messages(&mut batch);
-                    self.on_consumer_error(&e);
-                    return Ok(());
-                }
-            }
-        }
-        self.on_messages(&mut batch);
-        Ok(())
-    }
-
     /// Runs until `shutdown` completes (then stops gracefully), a stop is asked for over HTTP,
     /// or a fatal error.
     pub(crate) async fn run(
@@ -1153,7 +1153,7 @@ impl<O: Output> Pipeline<Source, O> {
                             self.engine.set_not_after(Some(
                                 crate::clock::epoch_ms().saturating_add(self.config.max_future_skew_ms),
                             ));
-                            self.drain(&consumer, m).await?;
+                            self.drain(&*consumer, m).await?;
                         }
                         Err(KafkaError::PartitionEOF(n)) => {
                             tracing::debug!(partition = n, "end of partition");

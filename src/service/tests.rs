@@ -11,7 +11,7 @@ use rdkafka::message::{OwnedMessage, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use super::coordinator::{Coordinator, CoordinatorConfig};
-use super::edge::Inbox;
+use super::edge::{Inbox, Receive};
 use super::fakes::{Call, FakeChangelog, FakeConsumer, FakeMemory, FakeOutput};
 use super::handoff::{Changelog, Handoff, HandoffConfig};
 use super::pipeline::{Parts, Pipeline, PipelineConfig};
@@ -76,6 +76,8 @@ impl Default for Options {
 /// A pipeline over in-memory parts, and handles on them.
 struct Rig {
     pipeline: Pipeline<FakeConsumer, FakeOutput>,
+    /// Where the consumer's rebalances are queued for the pipeline.
+    shared: Arc<Shared>,
     inbox: Inbox,
     store: Arc<MemoryStore>,
     consumer: Arc<FakeConsumer>,
@@ -189,13 +191,14 @@ impl Rig {
                 acks: acks_tx,
             },
             metrics: metrics.clone(),
-            shared,
+            shared: shared.clone(),
             memory: memory.clone(),
             dead_letters,
             probes: probes_tx,
         });
         Rig {
             pipeline,
+            shared,
             inbox: Inbox {
                 outcomes,
                 acks,
@@ -1651,5 +1654,95 @@ async fn a_partition_that_read_on_while_the_broker_was_asked_is_left_alone() {
     assert_eq!(
         rig.pipeline.engine().position(&p(0)),
         Some(crate::position::NextOffset(4))
+    );
+}
+
+/// What a consumer holds, as [`Pipeline::drain`] reads it: records, ends of partition and
+/// errors in order; a rebalance is queued for the pipeline by the receive that reaches it, as
+/// librdkafka's callback does inside `recv`.
+struct Queue {
+    items: Mutex<std::collections::VecDeque<Held>>,
+    shared: Arc<Shared>,
+}
+
+enum Held {
+    Record(OwnedMessage),
+    Rebalance(Rebalance),
+    Eof(i32),
+    Error,
+}
+
+impl Receive for Queue {
+    type Message<'a> = OwnedMessage;
+
+    fn try_recv(&self) -> Option<rdkafka::error::KafkaResult<OwnedMessage>> {
+        use rdkafka::error::KafkaError;
+        let mut items = lock(&self.items);
+        loop {
+            match items.pop_front()? {
+                Held::Rebalance(e) => self.shared.push(e),
+                Held::Record(m) => return Some(Ok(m)),
+                Held::Eof(n) => return Some(Err(KafkaError::PartitionEOF(n))),
+                Held::Error => {
+                    return Some(Err(KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_drain_applies_records_in_the_order_the_consumer_returned_them() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0), p(1)]).await;
+    let record = |rig: &mut Rig, partition: i32, user: &str, ts: i64| {
+        let payload = format!(r#"{{"user":"{user}","amount":1,"ts":{ts}}}"#);
+        Held::Record(rig.message(&p(partition), payload.as_bytes()))
+    };
+    let Held::Record(first) = record(&mut rig, 0, "a", 100) else {
+        unreachable!("a record")
+    };
+    let mut items = std::collections::VecDeque::new();
+    // more than a batch of partition 1 before its revoke: applied, the last of them after
+    // the first batch and before the revoke
+    for i in 0..20 {
+        items.push_back(record(&mut rig, 1, "b", 100 + i));
+    }
+    items.push_back(Held::Rebalance(Rebalance::Revoke {
+        partitions: vec![p(1)],
+        lost: false,
+    }));
+    // after it, partition 1's records belong to its next owner; partition 0's are applied,
+    // around an end of partition
+    for i in 0..3 {
+        items.push_back(record(&mut rig, 1, "c", 200 + i));
+        items.push_back(record(&mut rig, 0, "d", 200 + i));
+    }
+    items.push_back(Held::Eof(0));
+    items.push_back(record(&mut rig, 0, "e", 300));
+    // an error ends the drain: what follows is left for the loop's next receive
+    items.push_back(Held::Error);
+    items.push_back(record(&mut rig, 0, "f", 400));
+    let queue = Queue {
+        items: Mutex::new(items),
+        shared: rig.shared.clone(),
+    };
+    rig.pipeline.drain(&queue, first).await.expect("drain");
+    assert_eq!(
+        rig.metrics.records_consumed.get(),
+        1 + 20 + 3 + 1,
+        "the first record, partition 1's before its revoke and partition 0's before the error"
+    );
+    assert_eq!(
+        rig.pipeline.engine().position(&p(0)),
+        Some(NextOffset(5)),
+        "partition 0's records up to the error"
+    );
+    assert_eq!(
+        lock(&queue.items).len(),
+        1,
+        "the record after the error is left"
     );
 }

@@ -147,7 +147,7 @@ impl Shared {
         std::mem::take(&mut *events)
     }
 
-    fn push(&self, e: Rebalance) {
+    pub(crate) fn push(&self, e: Rebalance) {
         let mut events = lock(&self.events);
         events.push(e);
         self.pending
