@@ -36,9 +36,8 @@ use scope::{BuiltGroup, ScopeState};
 use watermark::Watermarks;
 
 /// How many decoded records a caller asks [`Engine::prefetch`] for before processing the first
-/// of them: enough lookups for their cache misses to overlap, few enough that what they bring
-/// in stays in the cache until its record is processed (docs/benchmarks.md has the
-/// measurements: 16 against 8 and 32, and against none).
+/// of them. Chosen on a prototype (docs/benchmarks.md): 16 against 32 and none over eight
+/// rounds, against 8 in three; 32 was within the noise of 16, and holds twice the records.
 pub const RECORDS_AHEAD: usize = 16;
 
 #[derive(Debug, Clone)]

@@ -1714,8 +1714,9 @@ async fn a_drain_applies_records_in_the_order_the_consumer_returned_them() {
         partitions: vec![p(1)],
         lost: false,
     }));
-    // after it, partition 1's records belong to its next owner; partition 0's are applied,
-    // around an end of partition
+    // after it, partition 1's records belong to its next owner; partition 0's are applied
+    // (an end of partition among them is passed on, but its order against the batch is not
+    // observable here: partition 0 has event time already)
     for i in 0..3 {
         items.push_back(record(&mut rig, 1, "c", 200 + i));
         items.push_back(record(&mut rig, 0, "d", 200 + i));
