@@ -258,12 +258,9 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             };
             // rebalances run inside recv: apply them after the records returned before and
             // before what recv returned
-            let events = self.shared.take_events();
-            if !events.is_empty() {
+            if self.shared.has_events() {
                 self.on_messages(&mut batch);
-                for event in events {
-                    self.on_rebalance(event).await?;
-                }
+                self.apply_rebalances().await?;
             }
             match msg {
                 Ok(m) => {

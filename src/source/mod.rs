@@ -137,6 +137,11 @@ impl Shared {
         !committed.0.is_empty() && committed.1.is_none_or(|t| t.elapsed() >= every)
     }
 
+    /// Whether a rebalance waits to be taken ([`Shared::take_events`]).
+    pub fn has_events(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn take_events(&self) -> Vec<Rebalance> {
         if !self.pending.load(std::sync::atomic::Ordering::Acquire) {
             return Vec::new();
