@@ -35,11 +35,13 @@
 //! stopped, with how far it got).
 //!
 //! Run: `cargo bench --bench turnover -- --keys 10000` (release build). `--key-groups N` sets
-//! the new store's key groups (the service's `state.key_groups`; its default otherwise).
+//! the new store's key groups (the service's `state.key_groups`; its default otherwise), and
+//! `--retained N` the checkpoints it retains (`checkpoint.retained`; 3 otherwise).
 //! `--window-ms N` sets the tumbling size (the hopping window is 3N every N); `--keys-in-order`
 //! takes keys in turn, so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M
 //! live keys. Before the run ends, a full checkpoint of the state as it is then is timed
-//! (`full checkpoint`). The restores run this executable again with the same flags and
+//! (`full checkpoint`), with the bytes it wrote (the whole state encoded: every group's sealed
+//! blob) and the store's size on disk once it was durable, and their ratio. The restores run this executable again with the same flags and
 //! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
 
 use std::sync::atomic::AtomicBool;
@@ -58,7 +60,7 @@ use checkpointer::engine::{
 };
 use checkpointer::position::{OffsetReset, Partition};
 use checkpointer::store::writer::{self, Job, WriteJob, WriteOutcome};
-use checkpointer::store::{Checkpoints, Open, Store};
+use checkpointer::store::{Checkpoints, Open, Retention, Store};
 
 /// The topic the records are read from.
 const TOPIC: &str = "in";
@@ -88,6 +90,8 @@ struct Args {
     rate: u64,
     /// Key groups of the new store (the service's `state.key_groups`).
     key_groups: u16,
+    /// Checkpoints the store retains (the service's `checkpoint.retained`).
+    retained: usize,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -106,6 +110,7 @@ fn args() -> Args {
         ack_delay: Duration::ZERO,
         rate: 0,
         key_groups: checkpointer::engine::group::DEFAULT_GROUPS,
+        retained: Retention::default().checkpoints,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -132,6 +137,7 @@ fn args() -> Args {
             "--max-pending" => a.max_pending = value() as usize,
             "--ack-delay-ms" => a.ack_delay = Duration::from_millis(value()),
             "--rate" => a.rate = value(),
+            "--retained" => a.retained = (value() as usize).max(1),
             "--key-groups" => {
                 a.key_groups = u16::try_from(value())
                     .ok()
@@ -473,6 +479,18 @@ fn restore_in_child(path: &std::path::Path) -> String {
 }
 
 /// Copies directory `from` to `to` (a crash image of a store whose writer is idle).
+/// The files sled keeps its large values in, under the store at `path`: how many, and their
+/// bytes (part of [`Store::size_on_disk`]).
+fn blob_files(path: &std::path::Path) -> (usize, u64) {
+    let Ok(dir) = std::fs::read_dir(path.join("blobs")) else {
+        return (0, 0);
+    };
+    dir.flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -508,7 +526,11 @@ fn main() {
     let path = dir.path().join("store");
     let store = Store::open(&path, Open::AsIs)
         .expect("store")
-        .with_key_groups(a.key_groups);
+        .with_key_groups(a.key_groups)
+        .with_retention(Retention {
+            checkpoints: a.retained,
+            ..Retention::default()
+        });
     store.upgrade().expect("new store");
     let store = Arc::new(store);
     let checkpoints: Arc<dyn Checkpoints> = store.clone();
@@ -563,6 +585,9 @@ fn main() {
     // the full checkpoint timed at the end of the data (before the closing records)
     let mut full: Option<(CheckpointId, u64)> = None;
     let mut full_took: Option<f64> = None;
+    // its encoded size (its groups' sealed blobs: the whole state) and the store's size on
+    // disk once it was durable
+    let mut full_size: Option<(u64, u64, (usize, u64))> = None;
     // a crash image of the store taken when the full checkpoint was durable
     let full_copy = dir.path().join("full-copy");
     let mut full_copied = false;
@@ -620,6 +645,7 @@ fn main() {
                     written += stats.bytes;
                     if full.is_some_and(|(f, _)| f == id) {
                         full_took = Some(duration.as_secs_f64());
+                        full_size = Some((stats.bytes, 0, (0, 0)));
                         // keep a crash image of the store with it as the newest checkpoint (the
                         // writer is idle), restored in a new process after the run (the copy
                         // is not counted in the run's CPU)
@@ -628,6 +654,10 @@ fn main() {
                             .flush()
                             .map_err(|e| e.to_string())
                             .and_then(|_| copy_dir(&path, &full_copy).map_err(|e| e.to_string()));
+                        if let Some((_, on_disk, blobs)) = full_size.as_mut() {
+                            *on_disk = store.size_on_disk().unwrap_or(0);
+                            *blobs = blob_files(&path);
+                        }
                         match copied {
                             Ok(()) => full_copied = true,
                             Err(e) => eprintln!("no copy of the store at the full checkpoint: {e}"),
@@ -786,6 +816,7 @@ fn main() {
     let cpu = cpu_seconds() - cpu_start - copy_cpu;
     let rss = peak_rss();
     let store_bytes = store.size_on_disk().unwrap_or(0);
+    let (blobs, blob_bytes) = blob_files(&path);
     let pending = engine.pending_emissions();
     // an outcome not read yet would hold the checkpoint it wrote, and so groups of the state
     drop(jobs);
@@ -800,8 +831,8 @@ fn main() {
     let restore = stopped.is_none().then(|| restore_in_child(&path));
 
     println!(
-        "turnover: {} records, {} keys in {} key groups, checkpoint every {:?}, acknowledgements {:?} after release, at most {} records/s (0: no bound)",
-        a.records, a.keys, a.key_groups, a.interval, a.ack_delay, a.rate
+        "turnover: {} records, {} keys in {} key groups, checkpoint every {:?}, {} retained, acknowledgements {:?} after release, at most {} records/s (0: no bound)",
+        a.records, a.keys, a.key_groups, a.interval, a.retained, a.ack_delay, a.rate
     );
     if let Some(why) = &stopped {
         println!("STOPPED after {wall:.0} s ({why}): {consumed} of {total} records read, {pending} windows not released");
@@ -827,6 +858,15 @@ fn main() {
         }
         _ => println!("full checkpoint at the end of the data: not reached"),
     }
+    if let Some((encoded, on_disk, (blobs, blob_bytes))) = full_size {
+        println!(
+            "the state it encoded {:.1} MiB; the store then {:.1} MiB on disk ({:.1} MiB of it in {blobs} sled blob files), {:.2} times the encoded state",
+            encoded as f64 / 1048576.0,
+            on_disk as f64 / 1048576.0,
+            blob_bytes as f64 / 1048576.0,
+            on_disk as f64 / encoded.max(1) as f64
+        );
+    }
     println!(
         "this process's RSS once the run's state was dropped {:.1} MiB, when the restores ran {:.1} MiB",
         held as f64 / 1048576.0,
@@ -837,7 +877,11 @@ fn main() {
         None => println!("reopen + restore of that checkpoint: not reached"),
     }
     println!("peak RSS of the run {:.1} MiB", rss as f64 / 1048576.0);
-    println!("store on disk {:.1} MiB", store_bytes as f64 / 1048576.0);
+    println!(
+        "store on disk {:.1} MiB ({:.1} MiB of it in {blobs} sled blob files)",
+        store_bytes as f64 / 1048576.0,
+        blob_bytes as f64 / 1048576.0
+    );
     match restore {
         None => println!("reopen + restore after the run not measured (the run was stopped)"),
         Some(report) => println!("reopen + restore after the run in a new process: {report}"),
