@@ -40,8 +40,9 @@
 //! `--window-ms N` sets the tumbling size (the hopping window is 3N every N); `--keys-in-order`
 //! takes keys in turn, so that `--records 10000000 --keys 10000000 --window-ms 100000000` holds 10M
 //! live keys. Before the run ends, a full checkpoint of the state as it is then is timed
-//! (`full checkpoint`), with the bytes it wrote (the whole state encoded: every group's sealed
-//! blob) and the store's size on disk once it was durable, and their ratio. The restores run this executable again with the same flags and
+//! (`full checkpoint`), with the bytes it wrote (the whole state encoded: every group's key and
+//! sealed blob, and the checkpoint's metadata), the store's size on disk once it was durable,
+//! and their ratio. The restores run this executable again with the same flags and
 //! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
 
 use std::sync::atomic::AtomicBool;
@@ -478,7 +479,6 @@ fn restore_in_child(path: &std::path::Path) -> String {
     }
 }
 
-/// Copies directory `from` to `to` (a crash image of a store whose writer is idle).
 /// The files sled keeps its large values in, under the store at `path`: how many, and their
 /// bytes (part of [`Store::size_on_disk`]).
 fn blob_files(path: &std::path::Path) -> (usize, u64) {
@@ -491,6 +491,7 @@ fn blob_files(path: &std::path::Path) -> (usize, u64) {
         .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
 }
 
+/// Copies directory `from` to `to` (a crash image of a store whose writer is idle).
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
