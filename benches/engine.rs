@@ -233,11 +233,12 @@ impl Pipeline {
                         .iter()
                         .map(|m| self.decoder.decode(None, Some(&m.payload), None)),
                 );
-                for (m, record) in chunk.iter().zip(&decoded) {
-                    if let Ok(r) = record {
-                        self.engine.prefetch(&self.partitions[m.partition], &r.key);
-                    }
-                }
+                self.engine.prefetch_records(
+                    chunk
+                        .iter()
+                        .zip(&decoded)
+                        .map(|(m, record)| (&self.partitions[m.partition], record)),
+                );
                 for (m, record) in chunk.iter().zip(decoded.drain(..)) {
                     let outcome =
                         self.engine

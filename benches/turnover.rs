@@ -781,11 +781,12 @@ fn main() {
                     .iter()
                     .map(|payload| decoder.decode(None, Some(payload.as_bytes()), None))
                     .collect();
-                for (&p, record) in batch.iter().zip(&decoded) {
-                    if let Ok(r) = record {
-                        engine.prefetch(&partitions[p], &r.key);
-                    }
-                }
+                engine.prefetch_records(
+                    batch
+                        .iter()
+                        .zip(&decoded)
+                        .map(|(&p, record)| (&partitions[p], record)),
+                );
                 for (&p, record) in batch.iter().zip(decoded) {
                     let offset = offsets[p];
                     offsets[p] += 1;

@@ -439,6 +439,19 @@ impl Engine {
         scope.prefetch(key, self.cfg.groups.group_of(key));
     }
 
+    /// [`Engine::prefetch`] for each decoded record of a batch (one that failed to decode
+    /// reads nothing), in order.
+    pub fn prefetch_records<'r>(
+        &self,
+        records: impl IntoIterator<Item = (&'r Partition, &'r Result<Record<'r>, InvalidReason>)>,
+    ) {
+        for (partition, record) in records {
+            if let Ok(r) = record {
+                self.prefetch(partition, &r.key);
+            }
+        }
+    }
+
     /// Processes the message at `offset` of `partition`.
     pub fn process(
         &mut self,

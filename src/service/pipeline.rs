@@ -301,11 +301,8 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                 (p, record)
             })
             .collect();
-        for (p, record) in &decoded {
-            if let Ok(r) = record {
-                self.engine.prefetch(p, &r.key);
-            }
-        }
+        self.engine
+            .prefetch_records(decoded.iter().map(|(p, record)| (p, record)));
         for (m, (p, record)) in batch.iter().zip(decoded) {
             self.apply(m, p, record);
         }

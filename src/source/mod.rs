@@ -143,7 +143,7 @@ impl Shared {
     }
 
     pub fn take_events(&self) -> Vec<Rebalance> {
-        if !self.pending.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.has_events() {
             return Vec::new();
         }
         let mut events = lock(&self.events);
