@@ -42,7 +42,10 @@
 //! live keys. Before the run ends, a full checkpoint of the state as it is then is timed
 //! (`full checkpoint`), with the bytes it wrote (the whole state encoded: every group's key and
 //! sealed blob, and the checkpoint's metadata), the store's size on disk once it was durable,
-//! and their ratio. The restores run this executable again with the same flags and
+//! and their ratio; then what the retained checkpoints held in it (every key and value it
+//! held, [`Store::held_bytes`]), and with `--fresh-copy` the size of a copy of all that into a
+//! new sled database and the time the copy took (what rebuilding the store would leave; not
+//! counted in the run's CPU or wall time). The restores run this executable again with the same flags and
 //! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
 
 use std::sync::atomic::AtomicBool;
@@ -93,6 +96,9 @@ struct Args {
     key_groups: u16,
     /// Checkpoints the store retains (the service's `checkpoint.retained`).
     retained: usize,
+    /// At the full checkpoint, copy what the store holds into a new sled database and report
+    /// its size (`--fresh-copy`).
+    fresh_copy: bool,
     /// Child mode: restore this store copy (`--restore-from PATH`), report, exit.
     restore_from: Option<std::path::PathBuf>,
 }
@@ -106,6 +112,7 @@ fn args() -> Args {
         max_rss_gib: 16,
         window_ms: 10_000,
         keys_in_order: false,
+        fresh_copy: false,
         restore_from: None,
         max_pending: 1_000_000,
         ack_delay: Duration::ZERO,
@@ -117,6 +124,10 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         if flag == "--keys-in-order" {
             a.keys_in_order = true;
+            continue;
+        }
+        if flag == "--fresh-copy" {
+            a.fresh_copy = true;
             continue;
         }
         if flag == "--restore-from" {
@@ -589,6 +600,8 @@ fn main() {
     // its encoded size (its groups' sealed blobs: the whole state) and the store's size on
     // disk once it was durable
     let mut full_size: Option<(u64, u64, (usize, u64))> = None;
+    let mut full_held: Option<u64> = None;
+    let mut fresh: Option<Result<(u64, f64), String>> = None;
     // a crash image of the store taken when the full checkpoint was durable
     let full_copy = dir.path().join("full-copy");
     let mut full_copied = false;
@@ -658,6 +671,16 @@ fn main() {
                         if let Some((_, on_disk, blobs)) = full_size.as_mut() {
                             *on_disk = store.size_on_disk().unwrap_or(0);
                             *blobs = blob_files(&path);
+                        }
+                        full_held = store.held_bytes().ok();
+                        if a.fresh_copy {
+                            let t = Instant::now();
+                            fresh = Some(
+                                store
+                                    .copy_to(&dir.path().join("fresh"))
+                                    .map(|bytes| (bytes, t.elapsed().as_secs_f64()))
+                                    .map_err(|e| e.to_string()),
+                            );
                         }
                         match copied {
                             Ok(()) => full_copied = true,
@@ -868,6 +891,22 @@ fn main() {
             blob_bytes as f64 / 1048576.0,
             on_disk as f64 / encoded.max(1) as f64
         );
+    }
+    if let (Some((encoded, on_disk, _)), Some(held)) = (full_size, full_held) {
+        println!(
+            "the retained checkpoints then held {:.1} MiB in the store (their group versions, metadata and history), {:.2} times the encoded state; the store on disk {:.2} times that",
+            held as f64 / 1048576.0,
+            held as f64 / encoded.max(1) as f64,
+            on_disk as f64 / held.max(1) as f64
+        );
+    }
+    match fresh {
+        Some(Ok((bytes, took))) => println!(
+            "a copy of everything the store then held into a new sled database: {:.1} MiB on disk, in {took:.2} s",
+            bytes as f64 / 1048576.0
+        ),
+        Some(Err(e)) => println!("a copy of the store into a new sled database FAILED: {e}"),
+        None => {}
     }
     println!(
         "this process's RSS once the run's state was dropped {:.1} MiB, when the restores ran {:.1} MiB",

@@ -287,16 +287,7 @@ impl Store {
             None => builder().tempdir(),
         }
         .map_err(io)?;
-        let db = sled::Config::new()
-            .path(scratch.path().join("store"))
-            .cache_capacity(DEFAULT_CACHE_CAPACITY)
-            .flush_every_ms(None)
-            .open()?;
-        let tree = db.open_tree("checkpoints")?;
-        for item in self.tree.iter() {
-            let (k, v) = item?;
-            tree.insert(k, v)?;
-        }
+        let (db, tree) = self.copied(&scratch.path().join("store"))?;
         let copy = Store {
             path: self.path.clone(),
             db,
@@ -587,6 +578,46 @@ impl Store {
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+
+    /// Bytes of every key and value the store holds (the retained checkpoints' group versions,
+    /// metadata, history and savepoints): what a copy into a new store would hold. Reads
+    /// every value.
+    pub fn held_bytes(&self) -> Result<u64, StoreError> {
+        let mut bytes = 0u64;
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        Ok(bytes)
+    }
+
+    /// Copies every key and value into a new sled database at `path` (created; it must not
+    /// hold one) and returns that database's size on disk once flushed: what rebuilding this
+    /// store from what it holds would leave (the turnover benchmark's `--fresh-copy`).
+    pub fn copy_to(&self, path: &Path) -> Result<u64, StoreError> {
+        let (db, _) = self.copied(path)?;
+        db.flush()?;
+        Ok(db.size_on_disk()?)
+    }
+
+    /// A new sled database at `path` holding every key and value of this store, not flushed.
+    fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(DEFAULT_CACHE_CAPACITY)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let tree = db.open_tree("checkpoints")?;
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            tree.insert(k, v)?;
+        }
+        Ok((db, tree))
     }
 
     /// Bytes `entries` occupy as stored in this store's groups (keys and sealed values): the

@@ -268,6 +268,40 @@ fn retention_keeps_the_newest_n_and_reclaims_what_only_older_ones_needed() {
 }
 
 #[test]
+fn held_bytes_follow_what_retention_keeps_and_a_copy_holds_the_same_pairs() {
+    let held = |retained: usize| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir, retained);
+        for c in &sample() {
+            write(&store, c, None).expect("write");
+        }
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = store
+            .tree
+            .iter()
+            .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("item"))
+            .collect();
+        let sum: u64 = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        let held = store.held_bytes().expect("held");
+        assert_eq!(held, sum);
+        let copy = dir.path().join("copy");
+        let on_disk = store.copy_to(&copy).expect("copy");
+        assert!(on_disk > 0);
+        drop(store);
+        let db = sled::open(&copy).expect("open the copy");
+        let copied: Vec<(Vec<u8>, Vec<u8>)> = db
+            .open_tree("checkpoints")
+            .expect("tree")
+            .iter()
+            .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("item"))
+            .collect();
+        assert_eq!(copied, pairs);
+        held
+    };
+    // one retained checkpoint lets the versions only older ones needed go
+    assert!(held(1) < held(3));
+}
+
+#[test]
 fn full_checkpoint_drops_entries_it_does_not_list() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 2);
