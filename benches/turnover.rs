@@ -43,10 +43,13 @@
 //! (`full checkpoint`), with the bytes it wrote (the whole state encoded: every group's key and
 //! sealed blob, and the checkpoint's metadata), the store's size on disk once it was durable,
 //! and their ratio; then what the retained checkpoints held in it (every key and value it
-//! held, [`Store::held_bytes`]), and with `--fresh-copy` the size of a copy of all that into a
-//! new sled database and the time the copy took (what rebuilding the store would leave; not
-//! counted in the run's CPU or wall time). The restores run this executable again with the same flags and
-//! `--restore-from PATH` (it reopens the store at PATH, restores, reports and exits).
+//! held, [`Store::held_bytes`]), and with `--fresh-copy` the size of a copy of all that into
+//! a new sled database right after its flush and once reopened, and the copy's time (what
+//! rebuilding the store would leave; not counted in the run's CPU or wall time, but its
+//! memory counts in the peak RSS and its writes can slow the restores that follow). The
+//! restores run this executable again with the same flags and
+//! `--restore-from PATH` (it reopens the store at PATH, restores, reports, with the store's
+//! size on disk once opened, and exits).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -428,8 +431,11 @@ fn restore_child(a: &Args, path: &std::path::Path) {
     // seconds spent opening the store (sled replays its log), reading and checking the
     // groups (with the compatibility report), and installing them in the engine
     let mut phases = [0.0f64; 3];
+    // the store's size once sled opened it (which may free what it replaced)
+    let mut opened_bytes = 0u64;
     let outcome = Store::open(path, Open::Create).and_then(|store| {
         phases[0] = t.elapsed().as_secs_f64();
+        opened_bytes = store.size_on_disk()?;
         let layout = store.layout()?;
         let Some(&id) = store.checkpoint_ids()?.last() else {
             return Ok(None);
@@ -464,7 +470,8 @@ fn restore_child(a: &Args, path: &std::path::Path) {
             let [opened, read, installed] = phases;
             let (user, system) = cpu_split();
             println!(
-                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine)"
+                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine); the store {:.1} MiB on disk once opened",
+                opened_bytes as f64 / 1048576.0
             );
         }
         other => println!(
@@ -500,6 +507,20 @@ fn blob_files(path: &std::path::Path) -> (usize, u64) {
         .filter_map(|e| e.metadata().ok())
         .filter(|m| m.is_file())
         .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
+}
+
+/// `--fresh-copy`: copies what `store` holds into a new sled database at `path`; its size right
+/// after the copy's flush, the copy's seconds, and its size once reopened (sled may free the
+/// leaves the copy replaced only later). The copy is removed after.
+fn fresh_copy(store: &Store, path: &std::path::Path) -> Result<(u64, f64, u64), String> {
+    let t = Instant::now();
+    let bytes = store.copy_to(path).map_err(|e| e.to_string())?;
+    let took = t.elapsed().as_secs_f64();
+    let reopened = Store::open(path, Open::Existing)
+        .and_then(|copy| copy.size_on_disk())
+        .map_err(|e| e.to_string());
+    let removed = std::fs::remove_dir_all(path).map_err(|e| e.to_string());
+    Ok((bytes, took, reopened.and_then(|r| removed.map(|()| r))?))
 }
 
 /// Copies directory `from` to `to` (a crash image of a store whose writer is idle).
@@ -600,8 +621,8 @@ fn main() {
     // its encoded size (its groups' sealed blobs: the whole state) and the store's size on
     // disk once it was durable
     let mut full_size: Option<(u64, u64, (usize, u64))> = None;
-    let mut full_held: Option<u64> = None;
-    let mut fresh: Option<Result<(u64, f64), String>> = None;
+    let mut full_held: Option<Result<u64, String>> = None;
+    let mut fresh: Option<Result<(u64, f64, u64), String>> = None;
     // a crash image of the store taken when the full checkpoint was durable
     let full_copy = dir.path().join("full-copy");
     let mut full_copied = false;
@@ -672,15 +693,9 @@ fn main() {
                             *on_disk = store.size_on_disk().unwrap_or(0);
                             *blobs = blob_files(&path);
                         }
-                        full_held = store.held_bytes().ok();
+                        full_held = Some(store.held_bytes().map_err(|e| e.to_string()));
                         if a.fresh_copy {
-                            let t = Instant::now();
-                            fresh = Some(
-                                store
-                                    .copy_to(&dir.path().join("fresh"))
-                                    .map(|bytes| (bytes, t.elapsed().as_secs_f64()))
-                                    .map_err(|e| e.to_string()),
-                            );
+                            fresh = Some(fresh_copy(&store, &dir.path().join("fresh")));
                         }
                         match copied {
                             Ok(()) => full_copied = true,
@@ -892,18 +907,21 @@ fn main() {
             on_disk as f64 / encoded.max(1) as f64
         );
     }
-    if let (Some((encoded, on_disk, _)), Some(held)) = (full_size, full_held) {
-        println!(
+    match (full_size, full_held) {
+        (Some((encoded, on_disk, _)), Some(Ok(held))) => println!(
             "the retained checkpoints then held {:.1} MiB in the store (their group versions, metadata and history), {:.2} times the encoded state; the store on disk {:.2} times that",
             held as f64 / 1048576.0,
             held as f64 / encoded.max(1) as f64,
             on_disk as f64 / held.max(1) as f64
-        );
+        ),
+        (_, Some(Err(e))) => println!("what the store held: FAILED: {e}"),
+        _ => {}
     }
     match fresh {
-        Some(Ok((bytes, took))) => println!(
-            "a copy of everything the store then held into a new sled database: {:.1} MiB on disk, in {took:.2} s",
-            bytes as f64 / 1048576.0
+        Some(Ok((bytes, took, reopened))) => println!(
+            "a copy of everything the store then held into a new sled database: {:.1} MiB on disk right after its flush, in {took:.2} s; {:.1} MiB once reopened",
+            bytes as f64 / 1048576.0,
+            reopened as f64 / 1048576.0
         ),
         Some(Err(e)) => println!("a copy of the store into a new sled database FAILED: {e}"),
         None => {}

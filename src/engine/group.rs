@@ -707,7 +707,7 @@ mod tests {
 
         #[test]
         fn the_blob_body_is_what_postcard_writes(
-            keys in proptest::collection::vec((any::<u32>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..20),
+            keys in proptest::collection::vec((any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300)), 0..20),
             rows in proptest::collection::vec((any::<u32>(), any::<u16>(), any::<i64>(), any::<i64>(), any::<bool>(), any::<u64>(), any::<Option<(f64, f64, f64)>>()), 0..20),
         ) {
             let keys: Vec<(u32, &[u8])> = keys.iter().map(|(shared, rest)| (*shared, &rest[..])).collect();

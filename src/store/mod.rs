@@ -592,26 +592,25 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Copies every key and value into a new sled database at `path` (created; it must not
-    /// hold one) and returns that database's size on disk once flushed: what rebuilding this
-    /// store from what it holds would leave (the turnover benchmark's `--fresh-copy`).
+    /// Copies every key and value into a new sled database made at `path` (refused if one is
+    /// there already) and returns its size on disk right after the copy is flushed (the
+    /// turnover benchmark's `--fresh-copy`, which also reopens it). A copy that fails leaves
+    /// what it wrote.
     pub fn copy_to(&self, path: &Path) -> Result<u64, StoreError> {
         let (db, _) = self.copied(path)?;
         db.flush()?;
         Ok(db.size_on_disk()?)
     }
 
-    /// A new sled database at `path` holding every key and value of this store, not flushed.
-    fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
+    /// A new sled database made at `path` (an error if one is there) holding every key and
+    /// value of this store, not flushed.
+    fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), sled::Error> {
         let db = sled::Config::new()
             .path(path)
+            .create_new(true)
             .cache_capacity(DEFAULT_CACHE_CAPACITY)
             .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .open()?;
         let tree = db.open_tree("checkpoints")?;
         for item in self.tree.iter() {
             let (k, v) = item?;
