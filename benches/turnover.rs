@@ -680,7 +680,6 @@ fn main() {
                     written += stats.bytes;
                     if full.is_some_and(|(f, _)| f == id) {
                         full_took = Some(duration.as_secs_f64());
-                        full_size = Some((stats.bytes, 0, (0, 0)));
                         // keep a crash image of the store with it as the newest checkpoint (the
                         // writer is idle), restored in a new process after the run (the copy
                         // is not counted in the run's CPU)
@@ -689,10 +688,11 @@ fn main() {
                             .flush()
                             .map_err(|e| e.to_string())
                             .and_then(|_| copy_dir(&path, &full_copy).map_err(|e| e.to_string()));
-                        if let Some((_, on_disk, blobs)) = full_size.as_mut() {
-                            *on_disk = store.size_on_disk().unwrap_or(0);
-                            *blobs = blob_files(&path);
-                        }
+                        full_size = Some((
+                            stats.bytes,
+                            store.size_on_disk().unwrap_or(0),
+                            blob_files(&path),
+                        ));
                         full_held = Some(store.held_bytes().map_err(|e| e.to_string()));
                         if a.fresh_copy {
                             fresh = Some(fresh_copy(&store, &dir.path().join("fresh")));
