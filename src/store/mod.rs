@@ -1,6 +1,7 @@
 //! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
-//! (its group versions past `partial::BATCH_BYTES` written ahead of it) followed by a flush.
-//! A checkpoint is complete only once the flush returned.
+//! (its group versions past `partial::BATCH_BYTES` written ahead of it) followed by a flush,
+//! with sled's log advanced before it so that sled lets go of what the batch replaced
+//! (`reclaim`). A checkpoint is complete only once the flush returned.
 //!
 //! State is kept as versions of key groups: every checkpoint writes the groups it changed under
 //! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are
@@ -14,6 +15,7 @@ mod migrate;
 mod owner;
 mod partial;
 pub mod portable;
+mod reclaim;
 mod savepoints;
 mod versions;
 pub mod writer;
@@ -325,6 +327,7 @@ impl Store {
             let config = sled::Config::new()
                 .path(path)
                 .cache_capacity(cache_capacity)
+                .segment_size(reclaim::SEGMENT_SIZE)
                 .flush_every_ms(None);
             match config.open() {
                 Ok(db) => break db,
@@ -608,6 +611,7 @@ impl Store {
         let db = sled::Config::new()
             .path(path)
             .create_new(true)
+            .segment_size(reclaim::SEGMENT_SIZE)
             .cache_capacity(DEFAULT_CACHE_CAPACITY)
             .flush_every_ms(None)
             .open()?;
@@ -637,6 +641,14 @@ impl Store {
 
     /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// A flush after removals: the files sled kept for what they removed are deleted once it
+    /// returns (see `reclaim`).
+    fn flush_reclaiming(&self) -> Result<(), StoreError> {
+        reclaim::advance_log(&self.db)?;
         self.db.flush()?;
         Ok(())
     }

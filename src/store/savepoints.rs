@@ -227,7 +227,7 @@ impl Store {
         }
         batch.remove(savepoint_meta_key(name));
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.flush_reclaiming()?;
         Ok(meta)
     }
 

@@ -1157,3 +1157,53 @@ fn a_reset_position_moves_one_partition_either_way_keeping_the_state_and_noting_
         .to_string();
     assert!(text.contains("holds no checkpoint"), "{text}");
 }
+
+/// Files in a store's `blobs` directory (sled's values and nodes too large for its log).
+fn blob_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
+    // one group, so that each checkpoint writes one version far larger than sled keeps in its log
+    let one = GroupLayout { seed: 0, groups: 1 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 1);
+    let mut line = Line::new(one);
+    let checkpoints = 24u64;
+    let mut largest = 0u64;
+    for id in 1..=checkpoints {
+        let up = (0..20_000u32)
+            .map(|i| {
+                let v = f64::from(i.wrapping_mul(2_654_435_761) ^ id as u32);
+                (key(0, 0, &format!("k{i}")), entry(EntryStatus::Open, v))
+            })
+            .collect();
+        let c = line.cp(
+            id,
+            id.checked_sub(1).filter(|b| *b > 0),
+            true,
+            up,
+            vec![],
+            10,
+        );
+        let stats = write(&store, &c, None).expect("write");
+        largest = largest.max(stats.bytes);
+    }
+    assert!(
+        largest > (super::reclaim::SEGMENT_SIZE / 4) as u64,
+        "the versions are not blobs: {largest} bytes"
+    );
+    let files = blob_files(dir.path());
+    // sled keeps the newest version and the nodes pointing at it; without the log advanced it
+    // keeps every version ever written and every node that held them
+    assert!(
+        files < 8,
+        "{files} blob files after {checkpoints} checkpoints retaining one"
+    );
+    drop(store);
+    let store = Store::open(dir.path(), super::Open::Existing).expect("reopen");
+    let (meta, state) = store.load().expect("load").expect("a checkpoint");
+    assert_eq!(meta.id, CheckpointId(checkpoints));
+    assert_eq!(state.len(), 20_000);
+}

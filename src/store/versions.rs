@@ -403,6 +403,8 @@ impl Store {
             self.trim_history(id, &mut batch)?;
         }
         self.tree.apply_batch(batch)?;
+        // lets sled delete the blob files this checkpoint replaced (see `reclaim`)
+        super::reclaim::advance_log(&self.db)?;
         let write = t0.elapsed();
         let t1 = Instant::now();
         self.db.flush()?;
@@ -691,7 +693,7 @@ impl Store {
         batch.remove(META_PARTIAL);
         batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.flush_reclaiming()?;
         Ok(count)
     }
 

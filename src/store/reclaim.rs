@@ -1,0 +1,67 @@
+//! Making sled let go of replaced blob files.
+//!
+//! sled keeps a value (or a tree node) larger than a quarter of its log segment in a file of its
+//! own under `blobs/`, and writes only a pointer to it into its log. When a newer write
+//! replaces that node, sled deletes the old file only once the segment of the log holding the
+//! replacement is retired, and it retires a segment only when the durable end of the log is a
+//! full segment past it. A store whose group versions are blobs writes little else into the
+//! log (pointers, metadata), so without help its log can stay in one segment for hundreds of
+//! checkpoints while every replaced version and node stays on disk: the store then grows with
+//! its write history, and opening it reads every one of those files again.
+//!
+//! So after each checkpoint's batch (and each batch deleting checkpoints or a savepoint) the
+//! store writes [`ADVANCE_BYTES`] of filler into a tree of its own, one small key at a time, each
+//! removed right after it is written. That moves the end of the log past two segments; the flush
+//! that follows makes it durable, and sled then retires the segments before it and deletes the
+//! blob files they replaced. The filler never holds more than one key, and a key left by a
+//! crash is removed by the next advance.
+
+/// sled's log segment, set explicitly on every open (sled's own default, so stores made before
+/// it was set open unchanged: sled refuses a segment size other than the one a store was made
+/// with).
+pub const SEGMENT_SIZE: usize = 512 * 1024;
+
+/// The tree the filler goes into, apart from the checkpoints.
+const FILLER_TREE: &str = "log-filler";
+
+/// One filler value: well under sled's limit for a value kept inline in the log (a quarter of a
+/// segment), so that it is not a blob itself.
+const FILLER_VALUE: usize = SEGMENT_SIZE / 8;
+
+/// How far each advance moves the log: two segments and a bit, so that the segment holding the
+/// checkpoint's last write is a full segment behind the end.
+pub const ADVANCE_BYTES: usize = 2 * SEGMENT_SIZE + 2 * FILLER_VALUE;
+
+/// Moves sled's log [`ADVANCE_BYTES`] forward (see the module's documentation); durable, and
+/// so effective, with the next flush.
+pub fn advance_log(db: &sled::Db) -> Result<(), sled::Error> {
+    let tree = db.open_tree(FILLER_TREE)?;
+    let value = vec![0u8; FILLER_VALUE];
+    for i in 0..(ADVANCE_BYTES / FILLER_VALUE) as u16 {
+        let key = i.to_be_bytes();
+        tree.insert(key, value.as_slice())?;
+        tree.remove(key)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_advance_leaves_the_filler_empty_even_after_a_crash_left_a_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(SEGMENT_SIZE)
+            .open()
+            .expect("open");
+        let tree = db.open_tree(FILLER_TREE).expect("tree");
+        // what a crash between an insert and its removal leaves
+        tree.insert(3u16.to_be_bytes(), vec![0u8; FILLER_VALUE])
+            .expect("insert");
+        advance_log(&db).expect("advance");
+        assert!(tree.is_empty());
+    }
+}
