@@ -190,6 +190,8 @@ pub struct Store {
     /// Group versions a checkpoint writes ahead of its last batch once they pass this many
     /// bytes (`partial::BATCH_BYTES`; smaller in tests).
     batch_bytes: usize,
+    /// When a checkpoint advances sled's log (`reclaim`).
+    advances: reclaim::Advances,
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
     fail_after_batches: std::sync::atomic::AtomicUsize,
@@ -299,6 +301,7 @@ impl Store {
             scratch: Some(scratch),
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
+            advances: reclaim::Advances::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
@@ -357,6 +360,7 @@ impl Store {
             scratch: None,
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
+            advances: reclaim::Advances::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })

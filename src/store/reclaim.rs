@@ -9,12 +9,15 @@
 //! checkpoints while every replaced version and node stays on disk: the store then grows with
 //! its write history, and opening it reads every one of those files again.
 //!
-//! So after each checkpoint's batch (and each batch deleting checkpoints or a savepoint) the
-//! store writes [`ADVANCE_BYTES`] of filler into a tree of its own, one small key at a time, each
-//! removed right after it is written. That moves the end of the log past two segments; the flush
-//! that follows makes it durable, and sled then retires the segments before it and deletes the
-//! blob files they replaced. The filler never holds more than one key, and a key left by a
-//! crash is removed by the next advance.
+//! So once the checkpoints since the last advance have written [`ADVANCE_EVERY`] bytes (and
+//! after every batch deleting checkpoints or a savepoint), the store writes [`ADVANCE_BYTES`]
+//! of filler into a tree of its own before the flush, one small key at a time, each removed
+//! right after it is written. That moves the end of the log past two segments; the flush makes
+//! it durable, and sled then retires the segments before it and deletes the blob files they
+//! replaced. The filler adds at most an eighth to what checkpoints write, and a store whose
+//! checkpoints write little is never advanced (its log, holding what they write, moves on its
+//! own). The filler never holds more than one key, and a key left by a crash is removed by the
+//! next advance.
 
 /// sled's log segment, set explicitly on every open (sled's own default, so stores made before
 /// it was set open unchanged: sled refuses a segment size other than the one a store was made
@@ -22,7 +25,7 @@
 pub const SEGMENT_SIZE: usize = 512 * 1024;
 
 /// The tree the filler goes into, apart from the checkpoints.
-const FILLER_TREE: &str = "log-filler";
+pub(super) const FILLER_TREE: &str = "log-filler";
 
 /// One filler value: well under sled's limit for a value kept inline in the log (a quarter of a
 /// segment), so that it is not a blob itself.
@@ -31,6 +34,45 @@ const FILLER_VALUE: usize = SEGMENT_SIZE / 8;
 /// How far each advance moves the log: two segments and a bit, so that the segment holding the
 /// checkpoint's last write is a full segment behind the end.
 pub const ADVANCE_BYTES: usize = 2 * SEGMENT_SIZE + 2 * FILLER_VALUE;
+
+/// Checkpoint bytes written between two advances: eight times the filler.
+pub const ADVANCE_EVERY: u64 = 8 * ADVANCE_BYTES as u64;
+
+/// When the log is next advanced: the bytes checkpoints wrote since the last advance.
+#[derive(Debug)]
+pub struct Advances {
+    every: u64,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl Advances {
+    /// Advances once checkpoints have written `every` bytes since the last one (0: after every
+    /// checkpoint).
+    pub fn new(every: u64) -> Self {
+        Advances {
+            every,
+            since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a checkpoint that wrote `bytes`; true when the log should be advanced now (the
+    /// count then starts again).
+    pub fn due(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let since = self.since.fetch_add(bytes, Relaxed) + bytes;
+        if since < self.every {
+            return false;
+        }
+        self.since.store(0, Relaxed);
+        true
+    }
+}
+
+impl Default for Advances {
+    fn default() -> Self {
+        Advances::new(ADVANCE_EVERY)
+    }
+}
 
 /// Moves sled's log [`ADVANCE_BYTES`] forward (see the module's documentation); durable, and
 /// so effective, with the next flush.
@@ -63,5 +105,18 @@ mod tests {
             .expect("insert");
         advance_log(&db).expect("advance");
         assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn the_log_is_advanced_once_checkpoints_wrote_enough_since_the_last_time() {
+        let a = Advances::new(100);
+        assert!(!a.due(60));
+        assert!(a.due(50));
+        // counted again from nothing
+        assert!(!a.due(99));
+        assert!(a.due(1));
+        assert!(a.due(250));
+        let every = Advances::new(0);
+        assert!(every.due(0) && every.due(1));
     }
 }

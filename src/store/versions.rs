@@ -403,8 +403,10 @@ impl Store {
             self.trim_history(id, &mut batch)?;
         }
         self.tree.apply_batch(batch)?;
-        // lets sled delete the blob files this checkpoint replaced (see `reclaim`)
-        super::reclaim::advance_log(&self.db)?;
+        // lets sled delete the blob files checkpoints replaced (see `reclaim`)
+        if self.advances.due(bytes) {
+            super::reclaim::advance_log(&self.db)?;
+        }
         let write = t0.elapsed();
         let t1 = Instant::now();
         self.db.flush()?;
