@@ -1,7 +1,8 @@
-//! The sled store: one tree, key prefixes (see `codec`), and one atomic batch per checkpoint
-//! (its group versions past `partial::BATCH_BYTES` written ahead of it) followed by a flush,
-//! with sled's log advanced before it so that sled lets go of what the batch replaced
-//! (`reclaim`). A checkpoint is complete only once the flush returned.
+//! The sled store: one tree of checkpoints, key prefixes (see `codec`), and one atomic batch
+//! per checkpoint (its group versions past `partial::BATCH_BYTES` written ahead of it) followed
+//! by a flush. A checkpoint is complete only once the flush returned. Once checkpoints have
+//! written enough since the last time, sled's log is advanced before the flush (with filler in
+//! a tree of its own), so that sled deletes the files of what they replaced (`reclaim`).
 //!
 //! State is kept as versions of key groups: every checkpoint writes the groups it changed under
 //! its own id, so each retained checkpoint can be restored exactly (`versions`). Savepoints are
@@ -649,12 +650,35 @@ impl Store {
         Ok(())
     }
 
-    /// A flush after removals: the files sled kept for what they removed are deleted once it
-    /// returns (see `reclaim`).
-    fn flush_reclaiming(&self) -> Result<(), StoreError> {
-        reclaim::advance_log(&self.db)?;
+    /// A flush after removals of `removed` bytes, with sled's log advanced first if they bring
+    /// the count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
+    fn flush_reclaiming(&self, removed: u64) -> Result<(), StoreError> {
+        self.advance_log_if_due(removed, None);
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Counts `bytes` written or removed (by checkpoint `id`, if one) and advances sled's log
+    /// when they are due (see `reclaim`). A failure is logged, not returned: the advance only
+    /// lets sled delete files sooner, and the flush that follows reports a store that cannot
+    /// be written.
+    fn advance_log_if_due(&self, bytes: u64, id: Option<CheckpointId>) {
+        if !self.advances.due(bytes) {
+            return;
+        }
+        let checkpoint_id = id.map(|id| id.0);
+        match reclaim::advance_log(&self.db) {
+            Ok(()) => tracing::debug!(
+                ?checkpoint_id,
+                bytes = reclaim::ADVANCE_BYTES,
+                "advanced the store's log so that sled deletes the files it replaced"
+            ),
+            Err(e) => tracing::warn!(
+                ?checkpoint_id,
+                error = %e,
+                "cannot advance the store's log; sled keeps the files it replaced a while longer"
+            ),
+        }
     }
 }
 

@@ -3,26 +3,26 @@
 //! sled keeps a value (or a tree node) larger than a quarter of its log segment in a file of its
 //! own under `blobs/`, and writes only a pointer to it into its log. When a newer write
 //! replaces that node, sled deletes the old file only once the segment of the log holding the
-//! replacement is retired, and it retires a segment only when the durable end of the log is a
-//! full segment past it. A store whose group versions are blobs writes little else into the
+//! replacement is retired, and it retires a segment only once the durable end of the log, as a
+//! later write records it, has moved past that segment's end. A store whose group versions are blobs writes little else into the
 //! log (pointers, metadata), so without help its log can stay in one segment for hundreds of
 //! checkpoints while every replaced version and node stays on disk: the store then grows with
 //! its write history, and opening it reads every one of those files again.
 //!
-//! So once the checkpoints since the last advance have written [`ADVANCE_EVERY`] bytes (and
-//! after every batch deleting checkpoints or a savepoint), the store writes [`ADVANCE_BYTES`]
-//! of filler into a tree of its own before the flush, one small key at a time, each removed
-//! right after it is written. That moves the end of the log past two segments; the flush makes
-//! it durable, and sled then retires the segments before it and deletes the blob files they
-//! replaced. The filler adds at most an eighth to what checkpoints write, and a store whose
-//! checkpoints write little is never advanced (its log, holding what they write, moves on its
-//! own). The filler never holds more than one key, and a key left by a crash is removed by the
-//! next advance.
+//! So once checkpoints (and deletions of checkpoints or savepoints) have written or removed
+//! [`ADVANCE_EVERY`] bytes since the last advance, counted from the process's start, the store
+//! writes [`ADVANCE_BYTES`] of filler into a tree of its own before the next flush, one 64 KiB
+//! value at a time, each removed right after it is written. That moves the end of the log past
+//! two segments; once the flush has made it durable, sled retires the segments before it and
+//! deletes the blob files they replaced. The filler adds at most an eighth to what is written,
+//! and a store that writes little is never advanced (its log, holding what it writes, moves on
+//! its own). The filler holds one value at a time (two if two advances meet, or after a crash
+//! left one; the next advance removes it).
 
 /// sled's log segment, set explicitly on every open (sled's own default, so stores made before
 /// it was set open unchanged: sled refuses a segment size other than the one a store was made
 /// with).
-pub const SEGMENT_SIZE: usize = 512 * 1024;
+pub(super) const SEGMENT_SIZE: usize = 512 * 1024;
 
 /// The tree the filler goes into, apart from the checkpoints.
 pub(super) const FILLER_TREE: &str = "log-filler";
@@ -33,14 +33,14 @@ const FILLER_VALUE: usize = SEGMENT_SIZE / 8;
 
 /// How far each advance moves the log: two segments and a bit, so that the segment holding the
 /// checkpoint's last write is a full segment behind the end.
-pub const ADVANCE_BYTES: usize = 2 * SEGMENT_SIZE + 2 * FILLER_VALUE;
+pub(super) const ADVANCE_BYTES: usize = 2 * SEGMENT_SIZE + 2 * FILLER_VALUE;
 
 /// Checkpoint bytes written between two advances: eight times the filler.
-pub const ADVANCE_EVERY: u64 = 8 * ADVANCE_BYTES as u64;
+pub(super) const ADVANCE_EVERY: u64 = 8 * ADVANCE_BYTES as u64;
 
 /// When the log is next advanced: the bytes checkpoints wrote since the last advance.
 #[derive(Debug)]
-pub struct Advances {
+pub(super) struct Advances {
     every: u64,
     since: std::sync::atomic::AtomicU64,
 }
@@ -48,7 +48,7 @@ pub struct Advances {
 impl Advances {
     /// Advances once checkpoints have written `every` bytes since the last one (0: after every
     /// checkpoint).
-    pub fn new(every: u64) -> Self {
+    pub(super) fn new(every: u64) -> Self {
         Advances {
             every,
             since: std::sync::atomic::AtomicU64::new(0),
@@ -57,14 +57,16 @@ impl Advances {
 
     /// Counts a checkpoint that wrote `bytes`; true when the log should be advanced now (the
     /// count then starts again).
-    pub fn due(&self, bytes: u64) -> bool {
+    pub(super) fn due(&self, bytes: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let since = self.since.fetch_add(bytes, Relaxed) + bytes;
-        if since < self.every {
-            return false;
-        }
-        self.since.store(0, Relaxed);
-        true
+        let every = self.every;
+        // one update, so that two callers at once neither lose a count nor both advance
+        let before = self.since.fetch_update(Relaxed, Relaxed, |since| {
+            let since = since.saturating_add(bytes);
+            Some(if since < every { since } else { 0 })
+        });
+        let since = before.unwrap_or(0).saturating_add(bytes);
+        since >= every
     }
 }
 
@@ -76,7 +78,7 @@ impl Default for Advances {
 
 /// Moves sled's log [`ADVANCE_BYTES`] forward (see the module's documentation); durable, and
 /// so effective, with the next flush.
-pub fn advance_log(db: &sled::Db) -> Result<(), sled::Error> {
+pub(super) fn advance_log(db: &sled::Db) -> Result<(), sled::Error> {
     let tree = db.open_tree(FILLER_TREE)?;
     let value = vec![0u8; FILLER_VALUE];
     for i in 0..(ADVANCE_BYTES / FILLER_VALUE) as u16 {
@@ -105,6 +107,10 @@ mod tests {
             .expect("insert");
         advance_log(&db).expect("advance");
         assert!(tree.is_empty());
+        db.flush().expect("flush");
+        // the filler stays in the log: none of it went to a file of its own
+        let files = std::fs::read_dir(dir.path().join("blobs")).map_or(0, |d| d.count());
+        assert_eq!(files, 0);
     }
 
     #[test]

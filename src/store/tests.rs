@@ -1163,16 +1163,10 @@ fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
 }
 
-#[test]
-fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
-    // one group, so that each checkpoint writes one version far larger than sled keeps in its log
-    let one = GroupLayout { seed: 0, groups: 1 };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = open(&dir, 1);
-    // every checkpoint advances the log (a few MiB in all would not reach the default's count)
-    store.advances = super::reclaim::Advances::new(0);
-    let mut line = Line::new(one);
-    let checkpoints = 24u64;
+/// Writes `checkpoints` full checkpoints of one group of 20,000 entries (a version far larger
+/// than sled keeps in its log) into `store`, and returns the largest bytes one wrote.
+fn write_large_versions(store: &Store, checkpoints: u64) -> u64 {
+    let mut line = Line::new(GroupLayout { seed: 0, groups: 1 });
     let mut largest = 0u64;
     for id in 1..=checkpoints {
         let up = (0..20_000u32)
@@ -1181,33 +1175,81 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
                 (key(0, 0, &format!("k{i}")), entry(EntryStatus::Open, v))
             })
             .collect();
-        let c = line.cp(
-            id,
-            id.checked_sub(1).filter(|b| *b > 0),
-            true,
-            up,
-            vec![],
-            10,
-        );
-        let stats = write(&store, &c, None).expect("write");
+        let base = id.checked_sub(1).filter(|b| *b > 0);
+        let c = line.cp(id, base, true, up, vec![], 10);
+        let stats = write(store, &c, None).expect("write");
         largest = largest.max(stats.bytes);
     }
+    largest
+}
+
+#[test]
+fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
+    let checkpoints = 24u64;
+    let files_after = |advances: super::reclaim::Advances| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = open(&dir, 1);
+        store.advances = advances;
+        let largest = write_large_versions(&store, checkpoints);
+        assert!(
+            largest > (super::reclaim::SEGMENT_SIZE / 4) as u64,
+            "the versions are not blobs: {largest} bytes"
+        );
+        blob_files(dir.path())
+    };
+    // sled alone keeps every version ever written and every node that held them
+    let kept = files_after(super::reclaim::Advances::new(u64::MAX));
     assert!(
-        largest > (super::reclaim::SEGMENT_SIZE / 4) as u64,
-        "the versions are not blobs: {largest} bytes"
+        kept >= checkpoints as usize,
+        "{kept} blob files without advances"
     );
-    let files = blob_files(dir.path());
-    // sled keeps the newest version and the nodes pointing at it; without the log advanced it
-    // keeps every version ever written and every node that held them
+    // with the log advanced at every checkpoint: the newest version and the nodes pointing at it
+    let files = files_after(super::reclaim::Advances::new(0));
     assert!(
-        files < 8,
+        (1..8).contains(&files),
         "{files} blob files after {checkpoints} checkpoints retaining one"
     );
+}
+
+/// Copies directory `from` to `to`, as a crash would leave it.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir, 2);
+    store.advances = super::reclaim::Advances::new(0);
+    let checkpoints = 6u64;
+    write_large_versions(&store, checkpoints);
+    // the store still open, as a SIGKILL would leave it
+    let image = tempfile::tempdir().expect("tempdir");
+    copy_dir(dir.path(), image.path());
     drop(store);
-    let store = Store::open(dir.path(), super::Open::Existing).expect("reopen");
+    let store = Store::open(image.path(), super::Open::Existing).expect("reopen the image");
     let (meta, state) = store.load().expect("load").expect("a checkpoint");
     assert_eq!(meta.id, CheckpointId(checkpoints));
     assert_eq!(state.len(), 20_000);
+    // the older retained checkpoint restores too
+    let ids = store.checkpoint_ids().expect("ids");
+    assert_eq!(
+        ids,
+        vec![CheckpointId(checkpoints - 1), CheckpointId(checkpoints)]
+    );
+    let (_, older) = store
+        .load_checkpoint(CheckpointId(checkpoints - 1))
+        .expect("load the older");
+    assert_eq!(older.len(), 20_000);
 }
 
 #[test]

@@ -404,9 +404,7 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         // lets sled delete the blob files checkpoints replaced (see `reclaim`)
-        if self.advances.due(bytes) {
-            super::reclaim::advance_log(&self.db)?;
-        }
+        self.advance_log_if_due(bytes, Some(id));
         let write = t0.elapsed();
         let t1 = Instant::now();
         self.db.flush()?;
@@ -685,17 +683,20 @@ impl Store {
         self.check_owner()?;
         let mut batch = sled::Batch::default();
         let mut count = 0;
+        let mut removed = 0u64;
         for prefix in [CHECKPOINT_PREFIX, GROUP_PREFIX, GC_PREFIX] {
-            for k in self.tree.scan_prefix(prefix).keys() {
+            for item in self.tree.scan_prefix(prefix) {
+                let (k, v) = item?;
                 count += usize::from(prefix == CHECKPOINT_PREFIX);
-                batch.remove(k?);
+                removed += (k.len() + v.len()) as u64;
+                batch.remove(k);
             }
         }
         batch.remove(META_HEAD);
         batch.remove(META_PARTIAL);
         batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.flush_reclaiming()?;
+        self.flush_reclaiming(removed)?;
         Ok(count)
     }
 
