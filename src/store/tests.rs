@@ -1163,18 +1163,24 @@ fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
 }
 
+/// The 20,000 entries of checkpoint `id` of [`write_large_versions`], sorted.
+fn large_entries(id: u64) -> Vec<(StateKey, Entry)> {
+    let all = (0..20_000u32)
+        .map(|i| {
+            let v = f64::from(i.wrapping_mul(2_654_435_761) ^ id as u32);
+            (key(0, 0, &format!("k{i}")), entry(EntryStatus::Open, v))
+        })
+        .collect();
+    sorted(all)
+}
+
 /// Writes `checkpoints` full checkpoints of one group of 20,000 entries (a version far larger
 /// than sled keeps in its log) into `store`, and returns the largest bytes one wrote.
 fn write_large_versions(store: &Store, checkpoints: u64) -> u64 {
     let mut line = Line::new(GroupLayout { seed: 0, groups: 1 });
     let mut largest = 0u64;
     for id in 1..=checkpoints {
-        let up = (0..20_000u32)
-            .map(|i| {
-                let v = f64::from(i.wrapping_mul(2_654_435_761) ^ id as u32);
-                (key(0, 0, &format!("k{i}")), entry(EntryStatus::Open, v))
-            })
-            .collect();
+        let up = large_entries(id);
         let base = id.checked_sub(1).filter(|b| *b > 0);
         let c = line.cp(id, base, true, up, vec![], 10);
         let stats = write(store, &c, None).expect("write");
@@ -1239,8 +1245,8 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let store = Store::open(image.path(), super::Open::Existing).expect("reopen the image");
     let (meta, state) = store.load().expect("load").expect("a checkpoint");
     assert_eq!(meta.id, CheckpointId(checkpoints));
-    assert_eq!(state.len(), 20_000);
-    // the older retained checkpoint restores too
+    assert!(sorted(state.entries) == large_entries(checkpoints));
+    // the older retained checkpoint restores exactly too
     let ids = store.checkpoint_ids().expect("ids");
     assert_eq!(
         ids,
@@ -1249,7 +1255,7 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let (_, older) = store
         .load_checkpoint(CheckpointId(checkpoints - 1))
         .expect("load the older");
-    assert_eq!(older.len(), 20_000);
+    assert!(sorted(older.entries) == large_entries(checkpoints - 1));
 }
 
 #[test]
