@@ -28,8 +28,9 @@ fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state")
 }
 
-/// Copies a directory tree (the fixture is never opened in place: opening migrates).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copies a directory tree (the fixture is never opened in place: opening migrates; the
+/// store's tests take crash images with it).
+pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for item in std::fs::read_dir(from)? {
         let item = item?;

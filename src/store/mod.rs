@@ -650,6 +650,23 @@ impl Store {
         Ok(())
     }
 
+    /// Puts the removal of every key under `prefix` in `batch`; returns how many keys and
+    /// their bytes (keys and values).
+    fn remove_prefix(
+        &self,
+        prefix: &[u8],
+        batch: &mut sled::Batch,
+    ) -> Result<(usize, u64), StoreError> {
+        let (mut keys, mut bytes) = (0usize, 0u64);
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            keys += 1;
+            bytes += (k.len() + v.len()) as u64;
+            batch.remove(k);
+        }
+        Ok((keys, bytes))
+    }
+
     /// A flush after removals of `removed` bytes, with sled's log advanced first if they bring
     /// the count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
     fn flush_reclaiming(&self, removed: u64) -> Result<(), StoreError> {

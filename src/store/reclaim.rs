@@ -109,8 +109,7 @@ mod tests {
         assert!(tree.is_empty());
         db.flush().expect("flush");
         // the filler stays in the log: none of it went to a file of its own
-        let files = std::fs::read_dir(dir.path().join("blobs")).map_or(0, |d| d.count());
-        assert_eq!(files, 0);
+        assert_eq!(crate::store::tests::blob_files(dir.path()), 0);
     }
 
     #[test]

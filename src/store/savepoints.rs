@@ -222,12 +222,7 @@ impl Store {
         self.check_owner()?;
         let meta = self.savepoint(name)?;
         let mut batch = sled::Batch::default();
-        let mut removed = 0u64;
-        for item in self.tree.scan_prefix(savepoint_groups_prefix(name)) {
-            let (k, v) = item?;
-            removed += (k.len() + v.len()) as u64;
-            batch.remove(k);
-        }
+        let (_, removed) = self.remove_prefix(&savepoint_groups_prefix(name), &mut batch)?;
         batch.remove(savepoint_meta_key(name));
         self.tree.apply_batch(batch)?;
         self.flush_reclaiming(removed)?;

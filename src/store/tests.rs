@@ -1159,7 +1159,7 @@ fn a_reset_position_moves_one_partition_either_way_keeping_the_state_and_noting_
 }
 
 /// Files in a store's `blobs` directory (sled's values and nodes too large for its log).
-fn blob_files(dir: &std::path::Path) -> usize {
+pub(super) fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
 }
 
@@ -1217,20 +1217,6 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
     );
 }
 
-/// Copies directory `from` to `to`, as a crash would leave it.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 #[test]
 fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1240,7 +1226,7 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     write_large_versions(&store, checkpoints);
     // the store still open, as a SIGKILL would leave it
     let image = tempfile::tempdir().expect("tempdir");
-    copy_dir(dir.path(), image.path());
+    super::golden::copy_dir(dir.path(), image.path()).expect("copy the open store");
     drop(store);
     let store = Store::open(image.path(), super::Open::Existing).expect("reopen the image");
     let (meta, state) = store.load().expect("load").expect("a checkpoint");

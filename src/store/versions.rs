@@ -682,15 +682,9 @@ impl Store {
     pub fn delete_checkpoints(&self) -> Result<usize, StoreError> {
         self.check_owner()?;
         let mut batch = sled::Batch::default();
-        let mut count = 0;
-        let mut removed = 0u64;
-        for prefix in [CHECKPOINT_PREFIX, GROUP_PREFIX, GC_PREFIX] {
-            for item in self.tree.scan_prefix(prefix) {
-                let (k, v) = item?;
-                count += usize::from(prefix == CHECKPOINT_PREFIX);
-                removed += (k.len() + v.len()) as u64;
-                batch.remove(k);
-            }
+        let (count, mut removed) = self.remove_prefix(CHECKPOINT_PREFIX, &mut batch)?;
+        for prefix in [GROUP_PREFIX, GC_PREFIX] {
+            removed += self.remove_prefix(prefix, &mut batch)?.1;
         }
         batch.remove(META_HEAD);
         batch.remove(META_PARTIAL);
