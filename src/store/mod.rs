@@ -667,10 +667,11 @@ impl Store {
         Ok((keys, bytes))
     }
 
-    /// A flush after removals of `removed` bytes, with sled's log advanced first if they bring
-    /// the count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
-    fn flush_reclaiming(&self, removed: u64) -> Result<(), StoreError> {
-        self.advance_log_if_due(removed, None);
+    /// A flush after writes or removals of `bytes` outside a checkpoint (deleting checkpoints,
+    /// deleting or importing a savepoint), with sled's log advanced first if they bring the
+    /// count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
+    fn flush_reclaiming(&self, bytes: u64) -> Result<(), StoreError> {
+        self.advance_log_if_due(bytes, None);
         self.db.flush()?;
         Ok(())
     }

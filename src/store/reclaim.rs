@@ -9,10 +9,10 @@
 //! checkpoints while every replaced version and node stays on disk: the store then grows with
 //! its write history, and opening it reads every one of those files again.
 //!
-//! So once checkpoints (and deletions of checkpoints or savepoints) have written or removed
-//! [`ADVANCE_EVERY`] bytes since the last advance, counted from the process's start, the store
-//! writes [`ADVANCE_BYTES`] of filler into a tree of its own before the next flush, one 64 KiB
-//! value at a time, each removed right after it is written. That moves the end of the log past
+//! So once checkpoints (and deletions of checkpoints or savepoints, and imports of savepoints)
+//! have written or removed [`ADVANCE_EVERY`] bytes since the last advance, counted from the
+//! process's start, the store writes [`ADVANCE_BYTES`] of filler into a tree of its own before
+//! the next flush, one 64 KiB value at a time, each removed right after it is written. That moves the end of the log past
 //! two segments; once the flush has made it durable, sled retires the segments before it and
 //! deletes the blob files they replaced. The filler adds at most an eighth to what is written,
 //! and a store that writes little is never advanced (its log, holding what it writes, moves on

@@ -213,7 +213,7 @@ impl Store {
             .collect();
         self.put_savepoint(meta, &groups, &mut batch, &mut bytes)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.flush_reclaiming(bytes)?;
         Ok(())
     }
 
