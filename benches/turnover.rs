@@ -21,7 +21,9 @@
 //! snapshot stalls (p50/p99/max, and of them the loop's time on a CPU and waiting for one; the
 //! loop's page faults in a snapshot, and for each stall over 2 ms its page faults and the
 //! machine's ticks of hypervisor steal),
-//! peak RSS of the run (`VmHWM`), the store's size on disk, and the time and peak RSS of
+//! peak RSS of the run (`VmHWM`), the bytes the checkpoints wrote beside what the store wrote
+//! to the disk (the process's `write_bytes`, less the benchmark's copies of the store), the
+//! store's size on disk, and the time and peak RSS of
 //! reopening the store and restoring its newest checkpoint in a new process, as a start does
 //! (groups read and counted, the compatibility report, groups decoded as installed), split
 //! into opening the store, reading its groups and installing them, with the restore's CPU
@@ -186,6 +188,18 @@ fn cpu_split() -> (f64, f64) {
     };
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name
     (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// Bytes this process has had written to the disk so far (`write_bytes` of `/proc/self/io`:
+/// the pages its writes dirtied in the page cache, counted once per page until written back);
+/// 0 where the kernel does not say.
+fn disk_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Peak resident set size of this process, bytes.
@@ -595,6 +609,7 @@ fn main() {
 
     let started = Instant::now();
     let cpu_start = cpu_seconds();
+    let disk_start = disk_written();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut offsets = vec![0i64; PARTITIONS as usize];
     let mut payloads = vec![String::with_capacity(96); RECORDS_AHEAD];
@@ -626,8 +641,9 @@ fn main() {
     // a crash image of the store taken when the full checkpoint was durable
     let full_copy = dir.path().join("full-copy");
     let mut full_copied = false;
-    // the copy's time, taken out of the run's CPU and wall time
-    let (mut copy_cpu, mut copy_wall) = (0.0, 0.0);
+    // the copy's time, taken out of the run's CPU and wall time, and its writes, out of the
+    // store's
+    let (mut copy_cpu, mut copy_wall, mut copy_disk) = (0.0, 0.0, 0u64);
     let checkpoint = |engine: &mut Engine,
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
@@ -683,7 +699,7 @@ fn main() {
                         // keep a crash image of the store with it as the newest checkpoint (the
                         // writer is idle), restored in a new process after the run (the copy
                         // is not counted in the run's CPU)
-                        let (cpu, t) = (cpu_seconds(), Instant::now());
+                        let (cpu, t, disk) = (cpu_seconds(), Instant::now(), disk_written());
                         let copied = store
                             .flush()
                             .map_err(|e| e.to_string())
@@ -703,6 +719,7 @@ fn main() {
                         }
                         copy_cpu += cpu_seconds() - cpu;
                         copy_wall += t.elapsed().as_secs_f64();
+                        copy_disk += disk_written().saturating_sub(disk);
                     }
                     scheduler.completed(id, started.elapsed());
                     engine.checkpoint_completed(id);
@@ -854,6 +871,8 @@ fn main() {
     }
     let wall = started.elapsed().as_secs_f64() - copy_wall;
     let cpu = cpu_seconds() - cpu_start - copy_cpu;
+    // what sled wrote: the run's writes less the benchmark's copies of the store
+    let store_disk = disk_written().saturating_sub(disk_start.saturating_add(copy_disk));
     let rss = peak_rss();
     let store_bytes = store.size_on_disk().unwrap_or(0);
     let (blobs, blob_bytes) = blob_files(&path);
@@ -888,8 +907,10 @@ fn main() {
         percentiles(durations)
     );
     println!(
-        "checkpoints wrote {:.1} MiB in all",
-        written as f64 / 1048576.0
+        "checkpoints wrote {:.1} MiB in all; the store wrote {:.1} MiB to the disk, {:.2} times that (sled's log, blob files and metadata; the benchmark's copies of the store left out)",
+        written as f64 / 1048576.0,
+        store_disk as f64 / 1048576.0,
+        store_disk as f64 / written.max(1) as f64
     );
     stalls.report();
     match (full, full_took) {
