@@ -27,7 +27,8 @@
 //! reopening the store and restoring its newest checkpoint in a new process, as a start does
 //! (groups read and counted, the compatibility report, groups decoded as installed), split
 //! into opening the store, reading its groups and installing them, with the restore's CPU
-//! time in user code and in the kernel (first touches of fresh memory are kernel time):
+//! time in user code and in the kernel (first touches of fresh memory are kernel time) and
+//! what it wrote to the disk (sled overwrites each free segment of its file when it opens it):
 //! once for a crash image of the store taken when the full checkpoint below was durable, and
 //! once for the store after the run. Before they run, this process hands the memory of the
 //! dropped run back to the system (sled's deferred frees collected, then jemalloc's background
@@ -475,6 +476,8 @@ fn restore_child(a: &Args, path: &std::path::Path) {
         Ok(Some((entries, engine)))
     });
     let took = t.elapsed().as_secs_f64();
+    // what sled wrote while opening the store and the restore read it
+    let wrote = disk_written() as f64 / 1048576.0;
     let rss = peak_rss() as f64 / 1048576.0;
     // what the restored engine holds once the restore is done
     let held = self::rss() as f64 / 1048576.0;
@@ -484,7 +487,7 @@ fn restore_child(a: &Args, path: &std::path::Path) {
             let [opened, read, installed] = phases;
             let (user, system) = cpu_split();
             println!(
-                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine); the store {:.1} MiB on disk once opened",
+                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine); the store {:.1} MiB on disk once opened, {wrote:.1} MiB written to the disk",
                 opened_bytes as f64 / 1048576.0
             );
         }
