@@ -191,16 +191,32 @@ fn cpu_split() -> (f64, f64) {
     (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
-/// Bytes this process has had written to the disk so far (`write_bytes` of `/proc/self/io`:
-/// the pages its writes dirtied in the page cache, counted once per page until written back);
-/// 0 where the kernel does not say.
-fn disk_written() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .unwrap_or_default()
+/// Bytes this process (and its children once reaped) had written to the disk so far, from
+/// `/proc/self/io`: the pages its writes dirtied (`write_bytes`) less those dropped before
+/// they were written back (`cancelled_write_bytes`: files deleted or truncated first); `None`
+/// where the kernel does not say.
+fn disk_written() -> Option<u64> {
+    let dirtied = proc_field("/proc/self/io", "write_bytes:")?;
+    let cancelled = proc_field("/proc/self/io", "cancelled_write_bytes:")?;
+    Some(dirtied.saturating_sub(cancelled))
+}
+
+/// A number after `field` at the start of a line of `file` (a unit after it, such as `kB`,
+/// left out).
+fn proc_field(file: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// MiB of `bytes`, or "unknown".
+fn mib_or_unknown(bytes: Option<u64>) -> String {
+    bytes.map_or("unknown".into(), |b| format!("{:.1}", b as f64 / 1048576.0))
 }
 
 /// Peak resident set size of this process, bytes.
@@ -295,12 +311,7 @@ fn steal_ticks() -> u64 {
 
 /// A `/proc/self/status` field in kB.
 fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
+    proc_field("/proc/self/status", field).unwrap_or(0)
 }
 
 fn percentiles(mut v: Vec<f64>) -> String {
@@ -477,7 +488,7 @@ fn restore_child(a: &Args, path: &std::path::Path) {
     });
     let took = t.elapsed().as_secs_f64();
     // what sled wrote while opening the store and the restore read it
-    let wrote = disk_written() as f64 / 1048576.0;
+    let wrote = mib_or_unknown(disk_written());
     let rss = peak_rss() as f64 / 1048576.0;
     // what the restored engine holds once the restore is done
     let held = self::rss() as f64 / 1048576.0;
@@ -487,7 +498,7 @@ fn restore_child(a: &Args, path: &std::path::Path) {
             let [opened, read, installed] = phases;
             let (user, system) = cpu_split();
             println!(
-                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine); the store {:.1} MiB on disk once opened, {wrote:.1} MiB written to the disk",
+                "{took:.2} s (open {opened:.2} s, read {read:.2} s, install {installed:.2} s; CPU {user:.2} s in user code, {system:.2} s in the kernel), peak RSS {rss:.1} MiB (RSS once done {held:.1} MiB), {entries} entries ({open} in the engine); the store {:.1} MiB on disk once opened, {wrote} MiB written to the disk",
                 opened_bytes as f64 / 1048576.0
             );
         }
@@ -646,7 +657,7 @@ fn main() {
     let mut full_copied = false;
     // the copy's time, taken out of the run's CPU and wall time, and its writes, out of the
     // store's
-    let (mut copy_cpu, mut copy_wall, mut copy_disk) = (0.0, 0.0, 0u64);
+    let (mut copy_cpu, mut copy_wall, mut copy_disk) = (0.0, 0.0, Some(0u64));
     let checkpoint = |engine: &mut Engine,
                       scheduler: &mut Scheduler,
                       in_flight: &mut Option<(CheckpointId, Instant)>,
@@ -702,10 +713,11 @@ fn main() {
                         // keep a crash image of the store with it as the newest checkpoint (the
                         // writer is idle), restored in a new process after the run (the copy
                         // is not counted in the run's CPU)
-                        let (cpu, t, disk) = (cpu_seconds(), Instant::now(), disk_written());
-                        let copied = store
-                            .flush()
-                            .map_err(|e| e.to_string())
+                        let (cpu, t) = (cpu_seconds(), Instant::now());
+                        let flushed = store.flush().map_err(|e| e.to_string());
+                        // the flush's writes are the store's; what follows, the copies'
+                        let disk = disk_written();
+                        let copied = flushed
                             .and_then(|_| copy_dir(&path, &full_copy).map_err(|e| e.to_string()));
                         full_size = Some((
                             stats.bytes,
@@ -722,7 +734,8 @@ fn main() {
                         }
                         copy_cpu += cpu_seconds() - cpu;
                         copy_wall += t.elapsed().as_secs_f64();
-                        copy_disk += disk_written().saturating_sub(disk);
+                        copy_disk =
+                            copy_disk.and_then(|c| Some(c + disk_written()?.saturating_sub(disk?)));
                     }
                     scheduler.completed(id, started.elapsed());
                     engine.checkpoint_completed(id);
@@ -875,7 +888,10 @@ fn main() {
     let wall = started.elapsed().as_secs_f64() - copy_wall;
     let cpu = cpu_seconds() - cpu_start - copy_cpu;
     // what sled wrote: the run's writes less the benchmark's copies of the store
-    let store_disk = disk_written().saturating_sub(disk_start.saturating_add(copy_disk));
+    let store_disk = disk_written()
+        .zip(disk_start)
+        .zip(copy_disk)
+        .map(|((now, start), copies)| now.saturating_sub(start.saturating_add(copies)));
     let rss = peak_rss();
     let store_bytes = store.size_on_disk().unwrap_or(0);
     let (blobs, blob_bytes) = blob_files(&path);
@@ -909,11 +925,17 @@ fn main() {
         durations.len(),
         percentiles(durations)
     );
+    // a stopped run's checkpoint in flight has written to the disk but not reported its bytes
+    let ratio = match store_disk {
+        Some(d) if stopped.is_none() => {
+            format!(", {:.2} times that", d as f64 / written.max(1) as f64)
+        }
+        _ => String::new(),
+    };
     println!(
-        "checkpoints wrote {:.1} MiB in all; the store wrote {:.1} MiB to the disk, {:.2} times that (sled's log, blob files and metadata; the benchmark's copies of the store left out)",
+        "checkpoints wrote {:.1} MiB in all; the store wrote {} MiB to the disk{ratio} (sled's log, blob files and metadata; the benchmark's copies of the store left out)",
         written as f64 / 1048576.0,
-        store_disk as f64 / 1048576.0,
-        store_disk as f64 / written.max(1) as f64
+        mib_or_unknown(store_disk),
     );
     stalls.report();
     match (full, full_took) {

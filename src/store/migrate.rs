@@ -232,8 +232,8 @@ fn from_v4(store: &Store) -> Result<(), StoreError> {
     }
     debug_assert!(SAVEPOINT_GROUP_PREFIX != SAVEPOINT_ENTRY_PREFIX);
     batch.insert(META_VERSION, &5u32.to_be_bytes());
-    tree.apply_batch(batch)?;
-    store.db.flush()?;
+    store.apply(batch)?;
+    store.flush()?;
     store.log_migration(4, 5);
     Ok(())
 }
@@ -291,8 +291,8 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
         |s| CheckpointId(s.checkpoint_id),
     )?;
     batch.insert(META_VERSION, &4u32.to_be_bytes());
-    tree.apply_batch(batch)?;
-    store.db.flush()?;
+    store.apply(batch)?;
+    store.flush()?;
     store.log_migration(3, 4);
     Ok(())
 }
@@ -301,7 +301,6 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
 /// metadata are re-encoded (in the format 3 shape), with the input fields marked as not
 /// recorded.
 fn from_v2(store: &Store) -> Result<(), StoreError> {
-    let tree = &store.tree;
     let mut batch = sled::Batch::default();
     reencode_metadata::<RetainedV2, RetainedV3, SavepointMetaV2, SavepointMetaV3>(
         store,
@@ -311,8 +310,8 @@ fn from_v2(store: &Store) -> Result<(), StoreError> {
         |s| CheckpointId(s.checkpoint_id),
     )?;
     batch.insert(META_VERSION, &3u32.to_be_bytes());
-    tree.apply_batch(batch)?;
-    store.db.flush()?;
+    store.apply(batch)?;
+    store.flush()?;
     store.log_migration(2, 3);
     Ok(())
 }
@@ -360,8 +359,8 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
         }
     }
     batch.insert(META_VERSION, &2u32.to_be_bytes());
-    tree.apply_batch(batch)?;
-    store.db.flush()?;
+    store.apply(batch)?;
+    store.flush()?;
     store.log_migration(1, 2);
     Ok(())
 }

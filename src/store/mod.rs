@@ -9,6 +9,7 @@
 //! full copies that retention never touches (`savepoints`); `portable` is their export file format.
 
 mod codec;
+mod durability;
 mod legacy;
 #[cfg(test)]
 pub(crate) mod memory;
@@ -191,8 +192,11 @@ pub struct Store {
     /// Group versions a checkpoint writes ahead of its last batch once they pass this many
     /// bytes (`partial::BATCH_BYTES`; smaller in tests).
     batch_bytes: usize,
-    /// When a checkpoint advances sled's log (`reclaim`).
+    /// When writes and removals advance sled's log (`reclaim`).
     advances: reclaim::Advances,
+    /// The syncs sled's flush leaves undone (`durability`); none for a migrated copy made for
+    /// inspection, which is thrown away.
+    durability: Option<durability::Durability>,
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
     fail_after_batches: std::sync::atomic::AtomicUsize,
@@ -303,6 +307,7 @@ impl Store {
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
+            durability: None,
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
@@ -362,6 +367,7 @@ impl Store {
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
+            durability: Some(durability::Durability::new(path)),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
@@ -411,8 +417,11 @@ impl Store {
                     META_GROUPS,
                     Self::encode(&self.new_layout(), CheckpointId(0))?,
                 );
-                self.tree.apply_batch(batch)?;
-                self.db.flush()?;
+                self.apply(batch)?;
+                self.flush()?;
+                if let Some(d) = &self.durability {
+                    d.sync_created().map_err(sled::Error::Io)?;
+                }
             }
         }
         Ok(())
@@ -546,7 +555,7 @@ impl Store {
         let raw = Self::encode(record, record.id)?;
         self.tree.insert(id_key(HISTORY_PREFIX, record.id), raw)?;
         if flush {
-            self.db.flush()?;
+            self.flush()?;
         }
         Ok(())
     }
@@ -644,9 +653,35 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, also across a machine crash (`durability`).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.sync_blobs()?;
         self.db.flush()?;
+        self.sync_log()
+    }
+
+    /// Applies `batch` atomically, syncing the blob files sled wrote before and for it, so
+    /// that no record of the log points at a file not on the disk once the log is
+    /// (`durability`).
+    fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.sync_blobs()?;
+        self.tree.apply_batch(batch)?;
+        self.sync_blobs()
+    }
+
+    /// Syncs the blob files sled wrote since the last time (`durability`).
+    fn sync_blobs(&self) -> Result<(), StoreError> {
+        if let Some(d) = &self.durability {
+            d.sync_new_blobs().map_err(sled::Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs sled's log file, its length included (`durability`).
+    fn sync_log(&self) -> Result<(), StoreError> {
+        if let Some(d) = &self.durability {
+            d.sync_log().map_err(sled::Error::Io)?;
+        }
         Ok(())
     }
 
@@ -672,8 +707,7 @@ impl Store {
     /// count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
     fn flush_reclaiming(&self, bytes: u64) -> Result<(), StoreError> {
         self.advance_log_if_due(bytes, None);
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// Counts `bytes` written or removed (by checkpoint `id`, if one) and advances sled's log

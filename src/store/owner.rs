@@ -175,8 +175,7 @@ impl Store {
         self.check_owner()?;
         self.tree
             .insert(META_OWNER, Self::encode(owner, CheckpointId(0))?)?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// This process's claim, if it made one.

@@ -56,7 +56,7 @@ impl Store {
             let stamped = FORMAT_VERSION + PARTIAL_FORMAT_OFFSET;
             batch.insert(META_VERSION, &stamped.to_be_bytes());
         }
-        self.tree.apply_batch(std::mem::take(batch))?;
+        self.apply(std::mem::take(batch))?;
         ahead.batches += 1;
         ahead.pending = 0;
         Ok(())
@@ -91,7 +91,7 @@ impl Store {
         }
         batch.remove(META_PARTIAL);
         batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         tracing::warn!(
             checkpoint_id = id.0,
             versions,

@@ -12,9 +12,9 @@
 //! So once checkpoints (and deletions of checkpoints or savepoints, and imports of savepoints)
 //! have written or removed [`ADVANCE_EVERY`] bytes since the last advance, counted from the
 //! process's start, the store writes [`ADVANCE_BYTES`] of filler into a tree of its own before
-//! the next flush, one 64 KiB value at a time, each removed right after it is written. That moves the end of the log past
-//! two segments; once the flush has made it durable, sled retires the segments before it and
-//! deletes the blob files they replaced. The filler adds at most an eighth to what is written,
+//! the next flush, one 64 KiB value at a time, each removed right after it is written. That
+//! moves the end of the log past two segments; once the flush has made it durable, sled
+//! retires the segments before it and deletes the blob files they replaced. The filler adds at most an eighth to what is written,
 //! and a store that writes little is never advanced (its log, holding what it writes, moves on
 //! its own). The filler holds one value at a time (two if two advances meet, or after a crash
 //! left one; the next advance removes it).
@@ -35,10 +35,11 @@ const FILLER_VALUE: usize = SEGMENT_SIZE / 8;
 /// checkpoint's last write is a full segment behind the end.
 pub(super) const ADVANCE_BYTES: usize = 2 * SEGMENT_SIZE + 2 * FILLER_VALUE;
 
-/// Checkpoint bytes written between two advances: eight times the filler.
+/// Bytes written or removed (by checkpoints, deletions of checkpoints or savepoints, imports
+/// of savepoints) between two advances: eight times the filler.
 pub(super) const ADVANCE_EVERY: u64 = 8 * ADVANCE_BYTES as u64;
 
-/// When the log is next advanced: the bytes checkpoints wrote since the last advance.
+/// When the log is next advanced: the bytes written or removed since the last advance.
 #[derive(Debug)]
 pub(super) struct Advances {
     every: u64,
@@ -46,8 +47,8 @@ pub(super) struct Advances {
 }
 
 impl Advances {
-    /// Advances once checkpoints have written `every` bytes since the last one (0: after every
-    /// checkpoint).
+    /// Advances once `every` bytes were written or removed since the last one (0: after every
+    /// write).
     pub(super) fn new(every: u64) -> Self {
         Advances {
             every,
@@ -55,7 +56,7 @@ impl Advances {
         }
     }
 
-    /// Counts a checkpoint that wrote `bytes`; true when the log should be advanced now (the
+    /// Counts a write or removal of `bytes`; true when the log should be advanced now (the
     /// count then starts again).
     pub(super) fn due(&self, bytes: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;

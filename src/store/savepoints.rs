@@ -212,7 +212,7 @@ impl Store {
             .map(|g| (g.id.clone(), g.entries()))
             .collect();
         self.put_savepoint(meta, &groups, &mut batch, &mut bytes)?;
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         self.flush_reclaiming(bytes)?;
         Ok(())
     }
@@ -224,7 +224,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         let (_, removed) = self.remove_prefix(&savepoint_groups_prefix(name), &mut batch)?;
         batch.remove(savepoint_meta_key(name));
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         self.flush_reclaiming(removed)?;
         Ok(meta)
     }

@@ -1218,6 +1218,35 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
 }
 
 #[test]
+fn every_blob_file_and_the_log_are_synced_by_the_time_a_checkpoint_is_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 2);
+    let durability = store.durability.as_ref().expect("a store syncs");
+    let before = durability.log_syncs();
+    write_large_versions(&store, 4);
+    // the log file synced after each checkpoint's flush, its length included
+    assert!(
+        durability.log_syncs() >= before + 4,
+        "{}",
+        durability.log_syncs()
+    );
+    let names: Vec<u64> = std::fs::read_dir(dir.path().join("blobs"))
+        .expect("blobs")
+        .map(|e| {
+            let e = e.expect("entry");
+            e.file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("sled's name")
+        })
+        .collect();
+    assert!(!names.is_empty(), "the versions are not blobs");
+    for lsn in names {
+        assert!(durability.was_synced(lsn), "blob file {lsn} not synced");
+    }
+}
+
+#[test]
 fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 2);
@@ -1266,6 +1295,7 @@ fn deleting_checkpoints_or_savepoints_and_importing_one_count_toward_the_next_ad
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 3);
     write(&store, &cps[0], None).expect("write");
+    assert!(!advanced(&store), "a small checkpoint advanced the log");
     store.advances = super::reclaim::Advances::new(1);
     assert_eq!(store.delete_checkpoints().expect("delete"), 1);
     assert!(advanced(&store), "deleting checkpoints was not counted");
@@ -1276,6 +1306,7 @@ fn deleting_checkpoints_or_savepoints_and_importing_one_count_toward_the_next_ad
     let (meta, entries) = from.read_savepoint("sp").expect("read");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 3);
+    assert!(!advanced(&store), "a new store advanced the log");
     store.advances = super::reclaim::Advances::new(1);
     store.import_savepoint(&meta, &entries).expect("import");
     assert!(advanced(&store), "importing a savepoint was not counted");

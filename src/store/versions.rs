@@ -402,12 +402,12 @@ impl Store {
         if !moves {
             self.trim_history(id, &mut batch)?;
         }
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         // lets sled delete the blob files checkpoints replaced (see `reclaim`)
         self.advance_log_if_due(bytes, Some(id));
         let write = t0.elapsed();
         let t1 = Instant::now();
-        self.db.flush()?;
+        self.flush()?;
         let flush = t1.elapsed();
         // metadata only, made durable by the next flush; the checkpoint is durable already, so
         // a failure here is logged, not reported as a failed checkpoint
@@ -689,7 +689,7 @@ impl Store {
         batch.remove(META_HEAD);
         batch.remove(META_PARTIAL);
         batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
-        self.tree.apply_batch(batch)?;
+        self.apply(batch)?;
         self.flush_reclaiming(removed)?;
         Ok(count)
     }
