@@ -437,7 +437,7 @@ impl Coordinator {
                 let forget = self.fail(id, &reason, false)?;
                 Ok(Settled::Failed { id, forget })
             }
-            WriteOutcome::Superseded { id, reason } => {
+            WriteOutcome::Stopped { id, reason } => {
                 self.record_failure(id, &reason, false);
                 bail!("checkpoint {id} not written: {reason}")
             }

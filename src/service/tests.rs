@@ -725,6 +725,31 @@ async fn a_stop_whose_savepoint_cannot_be_written_fails_and_tells_the_requester(
 }
 
 #[tokio::test]
+async fn a_failed_sync_of_the_store_stops_the_pipeline_where_a_failed_write_does_not() {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    rig.tick();
+    // a write error: the checkpoint fails, the pipeline goes on (within tolerable failures)
+    rig.store.fail_next_write("disk full");
+    rig.settle().await.expect("a failed write is tolerated");
+    rig.record(&p(0), "b", 200);
+    rig.tick();
+    rig.settle().await.expect("checkpoint 2");
+    // a failed sync: what was reported durable may not be on the disk, so it stops
+    rig.record(&p(0), "c", 300);
+    rig.store.fail_next_sync("syncing db: Input/output error");
+    rig.tick();
+    let err = rig
+        .settle()
+        .await
+        .expect_err("a failed sync stops the pipeline");
+    let text = format!("{err:#}");
+    assert!(text.contains("syncing db: Input/output error"), "{text}");
+    assert!(text.contains("restart"), "{text}");
+}
+
+#[tokio::test]
 async fn a_checkpoint_slower_than_the_interval_pauses_consumption_until_durable_and_loses_nothing()
 {
     let mut rig = Rig::new(Options::default());

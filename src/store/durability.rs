@@ -10,21 +10,32 @@
 //! checkpoint back, or leave a pointer in the log to a file whose bytes never reached the
 //! disk: a group version, or a tree node holding versions of older checkpoints too.
 //!
-//! So the store syncs every blob file sled has written since the last time (and the
-//! directory) before and after each batch it applies, before anything else is written: the
-//! log records that point at those files become durable only with later writes, and a batch
-//! whose end is not durable is dropped whole when sled recovers. And after each flush it syncs
-//! the log file itself, length included. A new store's configuration file and directory are
-//! synced once it is made.
+//! sled writes a blob file in the thread that makes the change, before the log record pointing
+//! at it, and writes each log buffer to the disk as soon as it is sealed; only the tail of a
+//! batch waits in the open buffer for the next write or flush, and sled's recovery drops a
+//! batch whose end did not reach the disk, whole. So the store syncs every blob file sled has
+//! written since the last time (and the directory) before and right after each batch it
+//! applies, before anything else is written, and the tail that completes the batch reaches the
+//! disk only after the files it points at. One writer at a time (`Store::exclusive`): another
+//! thread's write or flush could seal that tail first, or its sync could find a file sled is
+//! still writing. After each flush the store syncs the log file itself, length included, and
+//! a new store's configuration file and directory once it is made; before sled's own flush
+//! when the store is dropped, the blob files again.
 //!
 //! A sync that fails fails the write, and every one after it: the kernel may have dropped the
 //! pages it could not write, and a later sync of the same file would succeed without them, so
-//! the store never again reports a checkpoint durable in this process (a restart opens the
-//! store from what is on the disk).
+//! the store never again reports a checkpoint durable in this process
+//! (`StoreError::SyncFailed`, which stops the service; a restart opens the store from what is
+//! on the disk). A file that cannot be listed or opened fails only that write.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// The outcome of an `fsync` of `path`: a failure is [`SyncError::Failed`].
+fn sync(outcome: std::io::Result<()>, path: &Path) -> Result<(), SyncError> {
+    outcome.map_err(|e| SyncError::Failed(format!("syncing {}: {e}", path.display())))
+}
 
 /// The syncs sled's flush leaves to the store, for the sled database in one directory.
 #[derive(Debug)]
@@ -34,6 +45,9 @@ pub(super) struct Durability {
     /// Tests: how many times the log file was synced.
     #[cfg(test)]
     log_syncs: std::sync::atomic::AtomicUsize,
+    /// Tests: how many times `assert_all_synced` checked.
+    #[cfg(test)]
+    checks: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +58,35 @@ struct State {
     failed: Option<String>,
 }
 
+/// Why a sync did not happen.
+#[derive(Debug)]
+pub(super) enum SyncError {
+    /// A file could not be listed or opened: nothing was lost.
+    Io(std::io::Error),
+    /// A sync failed (now or earlier in this process): what it was writing may not be on the
+    /// disk.
+    Failed(String),
+}
+
+impl std::fmt::Display for SyncError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncError::Io(e) => e.fmt(f),
+            SyncError::Failed(first) => f.write_str(first),
+        }
+    }
+}
+
+/// `e` naming what was done to which file.
+fn naming(e: std::io::Error, what: &str, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// Opens `path` for a sync.
+fn open(path: &Path) -> Result<std::fs::File, SyncError> {
+    std::fs::File::open(path).map_err(|e| SyncError::Io(naming(e, "opening", path)))
+}
+
 impl Durability {
     /// For the sled database in `dir` (its files `conf`, `db` and `blobs/`).
     pub(super) fn new(dir: &Path) -> Self {
@@ -52,41 +95,47 @@ impl Durability {
             state: Mutex::default(),
             #[cfg(test)]
             log_syncs: Default::default(),
+            #[cfg(test)]
+            checks: Default::default(),
         }
     }
 
     /// Syncs every blob file not synced yet, then the directory naming them; returns how many
     /// files it synced. A file sled removed meanwhile is passed over.
-    pub(super) fn sync_new_blobs(&self) -> std::io::Result<usize> {
+    pub(super) fn sync_new_blobs(&self) -> Result<usize, SyncError> {
         self.guarded(|state| {
             let blobs = self.dir.join("blobs");
+            let listing = |e| SyncError::Io(naming(e, "listing", &blobs));
             let entries = match std::fs::read_dir(&blobs) {
                 Ok(entries) => entries,
                 // a store sled never wrote a blob file for (sled makes the directory on open)
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-                Err(e) => return Err(e),
+                Err(e) => return Err(listing(e)),
             };
             let mut present = HashSet::with_capacity(state.synced.len());
             let mut count = 0;
             for entry in entries {
-                let entry = entry?;
+                let entry = entry.map_err(listing)?;
                 // sled names its blob files by log sequence number; anything else is not sled's
                 let name = entry.file_name();
                 let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
                     continue;
                 };
                 if !state.synced.contains(&lsn) {
-                    match std::fs::File::open(entry.path()).and_then(|f| f.sync_data()) {
-                        Ok(()) => count += 1,
+                    let path = entry.path();
+                    let file = match std::fs::File::open(&path) {
+                        Ok(file) => file,
                         // replaced, and deleted by sled since the listing
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
-                    }
+                        Err(e) => return Err(SyncError::Io(naming(e, "opening", &path))),
+                    };
+                    sync(file.sync_data(), &path)?;
+                    count += 1;
                 }
                 present.insert(lsn);
             }
             if count > 0 {
-                std::fs::File::open(&blobs)?.sync_all()?;
+                sync(open(&blobs)?.sync_all(), &blobs)?;
             }
             state.synced = present;
             Ok(count)
@@ -95,17 +144,19 @@ impl Durability {
 
     /// Syncs what sled wrote when it made the database (its configuration file, which it does
     /// not sync) and the directory naming its files.
-    pub(super) fn sync_created(&self) -> std::io::Result<()> {
+    pub(super) fn sync_created(&self) -> Result<(), SyncError> {
         self.guarded(|_| {
-            std::fs::File::open(self.dir.join("conf"))?.sync_all()?;
-            std::fs::File::open(&self.dir)?.sync_all()
+            let conf = self.dir.join("conf");
+            sync(open(&conf)?.sync_all(), &conf)?;
+            sync(open(&self.dir)?.sync_all(), &self.dir)
         })
     }
 
     /// Syncs sled's log file, its length included.
-    pub(super) fn sync_log(&self) -> std::io::Result<()> {
+    pub(super) fn sync_log(&self) -> Result<(), SyncError> {
         self.guarded(|_| {
-            std::fs::File::open(self.dir.join("db"))?.sync_all()?;
+            let log = self.dir.join("db");
+            sync(open(&log)?.sync_all(), &log)?;
             #[cfg(test)]
             self.log_syncs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -113,22 +164,49 @@ impl Durability {
         })
     }
 
-    /// Runs `sync` unless a sync failed before, and remembers its failure.
+    /// Runs `sync` unless a sync failed before, and remembers a sync that fails.
     fn guarded<T>(
         &self,
-        sync: impl FnOnce(&mut State) -> std::io::Result<T>,
-    ) -> std::io::Result<T> {
+        sync: impl FnOnce(&mut State) -> Result<T, SyncError>,
+    ) -> Result<T, SyncError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(first) = &state.failed {
-            return Err(std::io::Error::other(format!(
-                "an earlier sync of the store's files failed ({first}); what it was writing may not be on the disk, so no checkpoint counts as durable until the process restarts"
+            return Err(SyncError::Failed(format!(
+                "an earlier sync of the store's files failed ({first}); what it was writing may not be on the disk, so this process records no more checkpoints: restart it once the volume is sound"
             )));
         }
         let outcome = sync(&mut state);
-        if let Err(e) = &outcome {
-            state.failed = Some(format!("{e}, in {}", self.dir.display()));
+        if let Err(SyncError::Failed(first)) = &outcome {
+            state.failed = Some(first.clone());
         }
         outcome
+    }
+
+    /// Panics if a blob file on disk was not synced (tests: every write checks it where the
+    /// order matters).
+    #[cfg(test)]
+    pub(super) fn assert_all_synced(&self, at: &str) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(entries) = std::fs::read_dir(self.dir.join("blobs")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                assert!(
+                    state.synced.contains(&lsn),
+                    "blob file {lsn} not synced {at}"
+                );
+            }
+        }
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many times `assert_all_synced` checked.
+    #[cfg(test)]
+    pub(super) fn checks(&self) -> usize {
+        self.checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many times the log file was synced.
@@ -172,23 +250,48 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_sync_fails_every_sync_after_it() {
+    fn a_file_that_cannot_be_opened_fails_only_that_sync() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = dir.path().join("blobs");
         std::fs::create_dir(&blobs).expect("mkdir");
         std::fs::write(dir.path().join("db"), b"log").expect("write");
         let d = Durability::new(dir.path());
-        d.sync_log().expect("a log file to sync");
-        // a blob name that cannot be opened for a sync (a socket)
+        // a blob name that cannot be opened (a socket)
         let socket = std::os::unix::net::UnixListener::bind(blobs.join("9")).expect("bind");
-        let first = d.sync_new_blobs().expect_err("a socket cannot be synced");
+        match d.sync_new_blobs() {
+            Err(SyncError::Io(e)) => assert!(e.to_string().contains("opening"), "{e}"),
+            other => panic!("{other:?}"),
+        }
         drop(socket);
         std::fs::remove_file(blobs.join("9")).expect("remove");
+        // nothing was lost: the next syncs go ahead
+        d.sync_log().expect("sync after a failed open");
+        d.sync_new_blobs().expect("sync after a failed open");
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_sync_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("db"), b"log").expect("write");
+        let d = Durability::new(dir.path());
+        let first = d
+            .guarded(|_| sync(Err(std::io::Error::other("an I/O error")), Path::new("x")))
+            .expect_err("a failed sync");
+        assert!(
+            first.to_string().contains("syncing x: an I/O error"),
+            "{first}"
+        );
         // nothing wrong any more, and still refused: the failure may have lost bytes
-        let later = d.sync_log().expect_err("refused after a failure");
-        assert!(later.to_string().contains(&first.to_string()), "{later}");
-        assert!(d.sync_new_blobs().is_err());
-        assert!(d.sync_created().is_err());
+        for later in [
+            d.sync_log().expect_err("refused after a failure"),
+            d.sync_new_blobs().map(|_| ()).expect_err("refused"),
+            d.sync_created().expect_err("refused"),
+        ] {
+            match later {
+                SyncError::Failed(m) => assert!(m.contains("syncing x: an I/O error"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

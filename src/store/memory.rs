@@ -26,8 +26,9 @@ struct Inner {
     savepoints: BTreeMap<String, SavepointMeta>,
     /// Writes asked for so far.
     writes: usize,
-    /// Writes to fail (by number, the first being 1), with the reason.
-    failing: BTreeMap<usize, String>,
+    /// Writes to fail (by number, the first being 1), with the reason and whether as a failed
+    /// sync of the store's files (which stops the writer's user) rather than a write error.
+    failing: BTreeMap<usize, (String, bool)>,
     /// How long every write takes (a slow disk).
     delay: Duration,
 }
@@ -47,7 +48,14 @@ impl MemoryStore {
     pub fn fail_write_after(&self, successes: usize, reason: &str) {
         let mut inner = lock(&self.inner);
         let n = inner.writes + successes + 1;
-        inner.failing.insert(n, reason.to_string());
+        inner.failing.insert(n, (reason.to_string(), false));
+    }
+
+    /// The next write fails as a failed sync of the store's files does.
+    pub fn fail_next_sync(&self, detail: &str) {
+        let mut inner = lock(&self.inner);
+        let n = inner.writes + 1;
+        inner.failing.insert(n, (detail.to_string(), true));
     }
 
     /// Every write from now on takes `delay` (a slow disk).
@@ -77,11 +85,20 @@ impl Checkpoints for MemoryStore {
         let mut inner = lock(&self.inner);
         inner.writes += 1;
         let n = inner.writes;
-        if let Some(reason) = inner.failing.remove(&n) {
-            return Err(StoreError::Corrupt {
-                path: Self::path(),
-                detail: reason,
-            });
+        match inner.failing.remove(&n) {
+            Some((detail, true)) => {
+                return Err(StoreError::SyncFailed {
+                    path: Self::path(),
+                    detail,
+                })
+            }
+            Some((detail, false)) => {
+                return Err(StoreError::Corrupt {
+                    path: Self::path(),
+                    detail,
+                })
+            }
+            None => {}
         }
         let cp = req.checkpoint;
         let savepoint = req.savepoint.as_ref().map(|name| SavepointMeta {

@@ -233,7 +233,7 @@ fn from_v4(store: &Store) -> Result<(), StoreError> {
     debug_assert!(SAVEPOINT_GROUP_PREFIX != SAVEPOINT_ENTRY_PREFIX);
     batch.insert(META_VERSION, &5u32.to_be_bytes());
     store.apply(batch)?;
-    store.flush()?;
+    store.flush_synced()?;
     store.log_migration(4, 5);
     Ok(())
 }
@@ -292,7 +292,7 @@ fn from_v3(store: &Store) -> Result<(), StoreError> {
     )?;
     batch.insert(META_VERSION, &4u32.to_be_bytes());
     store.apply(batch)?;
-    store.flush()?;
+    store.flush_synced()?;
     store.log_migration(3, 4);
     Ok(())
 }
@@ -311,7 +311,7 @@ fn from_v2(store: &Store) -> Result<(), StoreError> {
     )?;
     batch.insert(META_VERSION, &3u32.to_be_bytes());
     store.apply(batch)?;
-    store.flush()?;
+    store.flush_synced()?;
     store.log_migration(2, 3);
     Ok(())
 }
@@ -360,7 +360,7 @@ fn from_v1(store: &Store) -> Result<(), StoreError> {
     }
     batch.insert(META_VERSION, &2u32.to_be_bytes());
     store.apply(batch)?;
-    store.flush()?;
+    store.flush_synced()?;
     store.log_migration(1, 2);
     Ok(())
 }

@@ -23,6 +23,7 @@ mod versions;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -66,6 +67,8 @@ pub enum StoreError {
         mine: Box<Owner>,
         newer: Box<Owner>,
     },
+    #[error("a sync of checkpoint store {path}'s files failed: {detail}; this process stops writing to it (a checkpoint it reported durable may not be on the disk otherwise). Check the volume, then restart: the store opens from what is on the disk")]
+    SyncFailed { path: PathBuf, detail: String },
     #[error("no checkpoint store at {path}")]
     Missing { path: PathBuf },
     #[error("checkpoint store at {path} has format version {found}, written by a newer build; this build reads versions up to {supported} and will not guess at a newer layout. Run the newer build, or restore a savepoint exported before the upgrade (docs/upgrades.md)")]
@@ -197,9 +200,22 @@ pub struct Store {
     /// The syncs sled's flush leaves undone (`durability`); none for a migrated copy made for
     /// inspection, which is thrown away.
     durability: Option<durability::Durability>,
+    /// Held by every write, so that one thread writes at a time (`durability`).
+    writes: Mutex<()>,
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
     fail_after_batches: std::sync::atomic::AtomicUsize,
+}
+
+impl Drop for Store {
+    /// sled flushes its log when the database is dropped: the blob files its records point at
+    /// go to the disk first (`durability`).
+    fn drop(&mut self) {
+        let _one_writer = self.exclusive();
+        if let Err(e) = self.sync_blobs() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the store's files as it closes");
+        }
+    }
 }
 
 impl Store {
@@ -308,6 +324,7 @@ impl Store {
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
             durability: None,
+            writes: Mutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
@@ -368,6 +385,7 @@ impl Store {
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
             durability: Some(durability::Durability::new(path)),
+            writes: Mutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
@@ -392,6 +410,7 @@ impl Store {
     }
 
     fn check_version(&self, migrate: Migrate) -> Result<(), StoreError> {
+        let _one_writer = self.exclusive();
         match self.stamped_version()?.map(base_format) {
             Some(found) => match found {
                 FORMAT_VERSION => {}
@@ -418,9 +437,9 @@ impl Store {
                     Self::encode(&self.new_layout(), CheckpointId(0))?,
                 );
                 self.apply(batch)?;
-                self.flush()?;
+                self.flush_synced()?;
                 if let Some(d) = &self.durability {
-                    d.sync_created().map_err(sled::Error::Io)?;
+                    d.sync_created().map_err(|e| self.sync_failed(e))?;
                 }
             }
         }
@@ -544,6 +563,7 @@ impl Store {
     /// timeout whose write completed before the abandonment reached the store is restorable,
     /// and its history says so (even if the process dies before the correction that follows).
     pub fn record_attempt(&self, record: &CheckpointRecord, flush: bool) -> Result<(), StoreError> {
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         if record.status != Status::Completed
             && self
@@ -555,7 +575,7 @@ impl Store {
         let raw = Self::encode(record, record.id)?;
         self.tree.insert(id_key(HISTORY_PREFIX, record.id), raw)?;
         if flush {
-            self.flush()?;
+            self.flush_synced()?;
         }
         Ok(())
     }
@@ -655,24 +675,43 @@ impl Store {
 
     /// Makes everything written so far durable, also across a machine crash (`durability`).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let _one_writer = self.exclusive();
+        self.flush_synced()
+    }
+
+    /// [`Store::flush`] for a caller holding [`Store::exclusive`].
+    fn flush_synced(&self) -> Result<(), StoreError> {
         self.sync_blobs()?;
+        #[cfg(test)]
+        self.check_synced("before a flush");
         self.db.flush()?;
         self.sync_log()
     }
 
     /// Applies `batch` atomically, syncing the blob files sled wrote before and for it, so
     /// that no record of the log points at a file not on the disk once the log is
-    /// (`durability`).
+    /// (`durability`). The caller holds [`Store::exclusive`].
     fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.sync_blobs()?;
+        #[cfg(test)]
+        self.check_synced("before a batch");
         self.tree.apply_batch(batch)?;
-        self.sync_blobs()
+        self.sync_blobs()?;
+        #[cfg(test)]
+        self.check_synced("after a batch");
+        Ok(())
+    }
+
+    /// One writer at a time: held by every method that writes, from its first write to its
+    /// last sync (`durability`).
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Syncs the blob files sled wrote since the last time (`durability`).
     fn sync_blobs(&self) -> Result<(), StoreError> {
         if let Some(d) = &self.durability {
-            d.sync_new_blobs().map_err(sled::Error::Io)?;
+            d.sync_new_blobs().map_err(|e| self.sync_failed(e))?;
         }
         Ok(())
     }
@@ -680,9 +719,28 @@ impl Store {
     /// Syncs sled's log file, its length included (`durability`).
     fn sync_log(&self) -> Result<(), StoreError> {
         if let Some(d) = &self.durability {
-            d.sync_log().map_err(sled::Error::Io)?;
+            d.sync_log().map_err(|e| self.sync_failed(e))?;
         }
         Ok(())
+    }
+
+    /// The error of a sync that did not happen.
+    fn sync_failed(&self, e: durability::SyncError) -> StoreError {
+        match e {
+            durability::SyncError::Io(e) => StoreError::Io(sled::Error::Io(e)),
+            durability::SyncError::Failed(detail) => StoreError::SyncFailed {
+                path: self.path.clone(),
+                detail,
+            },
+        }
+    }
+
+    /// Tests: panics if a blob file on disk is not synced at `at`.
+    #[cfg(test)]
+    fn check_synced(&self, at: &str) {
+        if let Some(d) = &self.durability {
+            d.assert_all_synced(at);
+        }
     }
 
     /// Puts the removal of every key under `prefix` in `batch`; returns how many keys and
@@ -707,7 +765,7 @@ impl Store {
     /// count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
     fn flush_reclaiming(&self, bytes: u64) -> Result<(), StoreError> {
         self.advance_log_if_due(bytes, None);
-        self.flush()
+        self.flush_synced()
     }
 
     /// Counts `bytes` written or removed (by checkpoint `id`, if one) and advances sled's log

@@ -172,10 +172,11 @@ impl Store {
         let Some(owner) = &self.owner else {
             return Ok(());
         };
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         self.tree
             .insert(META_OWNER, Self::encode(owner, CheckpointId(0))?)?;
-        self.flush()
+        self.flush_synced()
     }
 
     /// This process's claim, if it made one.

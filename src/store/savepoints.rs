@@ -187,6 +187,7 @@ impl Store {
         meta: &SavepointMeta,
         entries: &[(StateKey, Entry)],
     ) -> Result<(), StoreError> {
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         validate_savepoint_name(&meta.name).map_err(StoreError::InvalidSavepoint)?;
         let keys: std::collections::BTreeSet<&StateKey> = entries.iter().map(|(k, _)| k).collect();
@@ -219,6 +220,7 @@ impl Store {
 
     /// Removes savepoint `name` and its entries.
     pub fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         let meta = self.savepoint(name)?;
         let mut batch = sled::Batch::default();

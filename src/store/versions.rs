@@ -261,6 +261,7 @@ impl Store {
         note: Option<&str>,
     ) -> Result<WriteStats, StoreError> {
         let moves = note.is_some();
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         let cp = req.checkpoint;
         let id = cp.id;
@@ -407,7 +408,7 @@ impl Store {
         self.advance_log_if_due(bytes, Some(id));
         let write = t0.elapsed();
         let t1 = Instant::now();
-        self.flush()?;
+        self.flush_synced()?;
         let flush = t1.elapsed();
         // metadata only, made durable by the next flush; the checkpoint is durable already, so
         // a failure here is logged, not reported as a failed checkpoint
@@ -680,6 +681,7 @@ impl Store {
     /// Deletes every checkpoint and its state (savepoints and history stay), for
     /// `on_cancel: delete`.
     pub fn delete_checkpoints(&self) -> Result<usize, StoreError> {
+        let _one_writer = self.exclusive();
         self.check_owner()?;
         let mut batch = sled::Batch::default();
         let (count, mut removed) = self.remove_prefix(CHECKPOINT_PREFIX, &mut batch)?;

@@ -109,8 +109,9 @@ pub enum WriteOutcome {
     Skipped {
         id: CheckpointId,
     },
-    /// A newer owner claimed the store: nothing more may be written.
-    Superseded {
+    /// Nothing more may be written: a newer owner claimed the store, or a sync of its files
+    /// failed.
+    Stopped {
         id: CheckpointId,
         reason: String,
     },
@@ -201,7 +202,9 @@ pub fn spawn(
                         duration,
                         checkpoint: Box::new(checkpoint),
                     },
-                    Ok(Err(e @ StoreError::Superseded { .. })) => WriteOutcome::Superseded {
+                    Ok(Err(
+                        e @ (StoreError::Superseded { .. } | StoreError::SyncFailed { .. }),
+                    )) => WriteOutcome::Stopped {
                         id,
                         reason: e.to_string(),
                     },
