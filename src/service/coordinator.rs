@@ -411,7 +411,8 @@ impl Coordinator {
         id
     }
 
-    /// Settles what the writer reports. A superseded store is fatal.
+    /// Settles what the writer reports. A store that may not be written any more (a newer
+    /// owner claimed it, or a sync of its files failed) is fatal.
     pub(crate) fn settle(&mut self, outcome: WriteOutcome) -> anyhow::Result<Settled> {
         match outcome {
             WriteOutcome::Durable {

@@ -17,8 +17,11 @@
 //! written since the last time (and the directory) before and right after each batch it
 //! applies, before anything else is written, and the tail that completes the batch reaches the
 //! disk only after the files it points at. One writer at a time (`Store::exclusive`): another
-//! thread's write or flush could seal that tail first, or its sync could find a file sled is
-//! still writing. After each flush the store syncs the log file itself, length included, and
+//! thread's write or flush could seal that tail first. sled's reads write too (they finish a
+//! split a concurrent write began), but only while a write is under way, into the same part of
+//! the log as the batch; a blob file they, or anyone, may still be writing is synced again on
+//! the next pass if its length changed since. After each flush the store syncs the log file
+//! itself, length included, and
 //! a new store's configuration file and directory once it is made; before sled's own flush
 //! when the store is dropped, the blob files again.
 //!
@@ -28,7 +31,7 @@
 //! (`StoreError::SyncFailed`, which stops the service; a restart opens the store from what is
 //! on the disk). A file that cannot be listed or opened fails only that write.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -52,8 +55,9 @@ pub(super) struct Durability {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The names of the blob files synced already (the ones still on disk at the last pass).
-    synced: HashSet<u64>,
+    /// The blob files synced already (the ones still on disk at the last pass), by name, with
+    /// their length before the sync.
+    synced: HashMap<u64, u64>,
     /// The first sync that failed, if one did.
     failed: Option<String>,
 }
@@ -112,7 +116,7 @@ impl Durability {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
                 Err(e) => return Err(listing(e)),
             };
-            let mut present = HashSet::with_capacity(state.synced.len());
+            let mut present = HashMap::with_capacity(state.synced.len());
             let mut count = 0;
             for entry in entries {
                 let entry = entry.map_err(listing)?;
@@ -121,18 +125,23 @@ impl Durability {
                 let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
                     continue;
                 };
-                if !state.synced.contains(&lsn) {
-                    let path = entry.path();
-                    let file = match std::fs::File::open(&path) {
-                        Ok(file) => file,
-                        // replaced, and deleted by sled since the listing
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(SyncError::Io(naming(e, "opening", &path))),
-                    };
+                let path = entry.path();
+                let opened = std::fs::File::open(&path).and_then(|f| {
+                    // the length before the sync: bytes written after it make the file longer
+                    let len = f.metadata()?.len();
+                    Ok((f, len))
+                });
+                let (file, len) = match opened {
+                    Ok(opened) => opened,
+                    // replaced, and deleted by sled since the listing
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(SyncError::Io(naming(e, "opening", &path))),
+                };
+                if state.synced.get(&lsn) != Some(&len) {
                     sync(file.sync_data(), &path)?;
                     count += 1;
                 }
-                present.insert(lsn);
+                present.insert(lsn, len);
             }
             if count > 0 {
                 sync(open(&blobs)?.sync_all(), &blobs)?;
@@ -172,7 +181,7 @@ impl Durability {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(first) = &state.failed {
             return Err(SyncError::Failed(format!(
-                "an earlier sync of the store's files failed ({first}); what it was writing may not be on the disk, so this process records no more checkpoints: restart it once the volume is sound"
+                "earlier in this process: {first}"
             )));
         }
         let outcome = sync(&mut state);
@@ -193,9 +202,11 @@ impl Durability {
         for entry in entries.flatten() {
             let name = entry.file_name();
             if let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
-                assert!(
-                    state.synced.contains(&lsn),
-                    "blob file {lsn} not synced {at}"
+                let len = entry.metadata().map(|m| m.len()).ok();
+                assert_eq!(
+                    state.synced.get(&lsn).copied(),
+                    len,
+                    "blob file {lsn} not synced as it is {at}"
                 );
             }
         }
@@ -215,11 +226,24 @@ impl Durability {
         self.log_syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether a sync failed in this process.
+    pub(super) fn failed(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.failed.is_some()
+    }
+
+    /// Tests: as if a sync had failed.
+    #[cfg(test)]
+    pub(super) fn fail_for_test(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.failed = Some("a failure a test made".into());
+    }
+
     /// Whether blob file `lsn` was synced.
     #[cfg(test)]
     pub(super) fn was_synced(&self, lsn: u64) -> bool {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.synced.contains(&lsn)
+        state.synced.contains_key(&lsn)
     }
 }
 
@@ -247,6 +271,10 @@ mod tests {
         std::fs::remove_file(blobs.join("3")).expect("remove");
         assert_eq!(d.sync_new_blobs().expect("sync"), 1);
         assert!(d.was_synced(40) && !d.was_synced(3));
+        // one synced while it was still being written: synced again once it grew
+        std::fs::write(blobs.join("17"), b"xy").expect("write");
+        assert_eq!(d.sync_new_blobs().expect("sync"), 1);
+        assert_eq!(d.sync_new_blobs().expect("sync"), 0);
     }
 
     #[test]
@@ -281,6 +309,7 @@ mod tests {
             first.to_string().contains("syncing x: an I/O error"),
             "{first}"
         );
+        assert!(d.failed());
         // nothing wrong any more, and still refused: the failure may have lost bytes
         for later in [
             d.sync_log().expect_err("refused after a failure"),
@@ -288,7 +317,9 @@ mod tests {
             d.sync_created().expect_err("refused"),
         ] {
             match later {
-                SyncError::Failed(m) => assert!(m.contains("syncing x: an I/O error"), "{m}"),
+                SyncError::Failed(m) => {
+                    assert_eq!(m, "earlier in this process: syncing x: an I/O error")
+                }
                 other => panic!("{other:?}"),
             }
         }

@@ -67,7 +67,7 @@ pub enum StoreError {
         mine: Box<Owner>,
         newer: Box<Owner>,
     },
-    #[error("a sync of checkpoint store {path}'s files failed: {detail}; this process stops writing to it (a checkpoint it reported durable may not be on the disk otherwise). Check the volume, then restart: the store opens from what is on the disk")]
+    #[error("a sync of checkpoint store {path}'s files failed ({detail}); this process writes no more checkpoints to it, since the failed sync may have dropped what it was writing. Check the volume, then restart: the store opens from what is on the disk")]
     SyncFailed { path: PathBuf, detail: String },
     #[error("no checkpoint store at {path}")]
     Missing { path: PathBuf },
@@ -214,6 +214,12 @@ impl Drop for Store {
         let _one_writer = self.exclusive();
         if let Err(e) = self.sync_blobs() {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the store's files as it closes");
+        }
+        if self.durability.as_ref().is_some_and(|d| d.failed()) {
+            // after a failed sync, sled must not flush what it holds on its way out (a batch
+            // pointing at files whose sync failed): its handles are left for the process's end
+            std::mem::forget(self.db.clone());
+            std::mem::forget(self.tree.clone());
         }
     }
 }

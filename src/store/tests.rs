@@ -1242,6 +1242,39 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
 }
 
 #[test]
+fn after_a_failed_sync_sled_does_not_flush_what_it_holds_when_the_store_closes() {
+    for failed in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir, 2);
+        write(&store, &sample()[0], None).expect("write");
+        // written, not flushed: in sled's buffer only
+        store.tree.insert(b"unflushed", b"x").expect("insert");
+        if failed {
+            store
+                .durability
+                .as_ref()
+                .expect("a store syncs")
+                .fail_for_test();
+        }
+        drop(store);
+        // what the disk holds now (a copy: sled's lock stays with the handles left behind)
+        let image = tempfile::tempdir().expect("tempdir");
+        super::golden::copy_dir(dir.path(), image.path()).expect("copy");
+        let db = sled::Config::new()
+            .path(image.path())
+            .segment_size(super::reclaim::SEGMENT_SIZE)
+            .open()
+            .expect("reopen");
+        let tree = db.open_tree("checkpoints").expect("tree");
+        assert_eq!(
+            tree.contains_key(b"unflushed").expect("read"),
+            !failed,
+            "after a failed sync: {failed}"
+        );
+    }
+}
+
+#[test]
 fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 2);
