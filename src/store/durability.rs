@@ -126,18 +126,20 @@ impl Durability {
                     continue;
                 };
                 let path = entry.path();
-                let opened = std::fs::File::open(&path).and_then(|f| {
-                    // the length before the sync: bytes written after it make the file longer
-                    let len = f.metadata()?.len();
-                    Ok((f, len))
-                });
-                let (file, len) = match opened {
-                    Ok(opened) => opened,
-                    // replaced, and deleted by sled since the listing
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(SyncError::Io(naming(e, "opening", &path))),
+                // replaced, and deleted by sled since the listing: passed over
+                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+                // the length before the sync: bytes written after it make the file longer
+                let len = match entry.metadata() {
+                    Ok(m) => m.len(),
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(SyncError::Io(naming(e, "reading", &path))),
                 };
                 if state.synced.get(&lsn) != Some(&len) {
+                    let file = match std::fs::File::open(&path) {
+                        Ok(file) => file,
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(SyncError::Io(naming(e, "opening", &path))),
+                    };
                     sync(file.sync_data(), &path)?;
                     count += 1;
                 }
