@@ -21,9 +21,9 @@
 //! split a concurrent write began), but only while a write is under way, into the same part of
 //! the log as the batch; a blob file they, or anyone, may still be writing is synced again on
 //! the next pass if its length changed since. After each flush the store syncs the log file
-//! itself, length included, and
-//! a new store's configuration file and directory once it is made; before sled's own flush
-//! when the store is dropped, the blob files again.
+//! itself when its length changed (sled's flush synced its bytes), and a new store's
+//! configuration file and directory once it is made; before sled's own flush when the store is
+//! dropped, the blob files again.
 //!
 //! A sync that fails fails the write, and every one after it: the kernel may have dropped the
 //! pages it could not write, and a later sync of the same file would succeed without them, so
@@ -60,6 +60,8 @@ struct State {
     synced: HashMap<u64, u64>,
     /// The first sync that failed, if one did.
     failed: Option<String>,
+    /// The log file's length when it was last synced whole.
+    log_len: Option<u64>,
 }
 
 /// Why a sync did not happen.
@@ -163,11 +165,21 @@ impl Durability {
         })
     }
 
-    /// Syncs sled's log file, its length included.
+    /// Syncs sled's log file, its length included, if its length changed since the last time
+    /// (sled's own flush has synced its bytes: what it leaves out is the length).
     pub(super) fn sync_log(&self) -> Result<(), SyncError> {
-        self.guarded(|_| {
+        self.guarded(|state| {
             let log = self.dir.join("db");
-            sync(open(&log)?.sync_all(), &log)?;
+            let file = open(&log)?;
+            let len = file
+                .metadata()
+                .map_err(|e| SyncError::Io(naming(e, "reading", &log)))?
+                .len();
+            if state.log_len == Some(len) {
+                return Ok(());
+            }
+            sync(file.sync_all(), &log)?;
+            state.log_len = Some(len);
             #[cfg(test)]
             self.log_syncs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -220,6 +232,13 @@ impl Durability {
     #[cfg(test)]
     pub(super) fn checks(&self) -> usize {
         self.checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The log file's length when it was last synced whole.
+    #[cfg(test)]
+    pub(super) fn log_synced_len(&self) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.log_len
     }
 
     /// How many times the log file was synced.
@@ -338,12 +357,19 @@ mod tests {
     }
 
     #[test]
-    fn syncing_the_log_needs_the_log_file() {
+    fn the_log_file_is_synced_whole_when_its_length_changed() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("db"), b"log").expect("write");
         let d = Durability::new(dir.path());
         d.sync_log().expect("sync");
         assert_eq!(d.log_syncs(), 1);
+        // the same length: sled's own sync of its bytes is enough
+        d.sync_log().expect("sync");
+        assert_eq!(d.log_syncs(), 1);
+        // grown
+        std::fs::write(dir.path().join("db"), b"longer log").expect("write");
+        d.sync_log().expect("sync");
+        assert_eq!(d.log_syncs(), 2);
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Durability::new(empty.path()).sync_log().is_err());
     }

@@ -1201,7 +1201,19 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
             largest > (super::reclaim::SEGMENT_SIZE / 4) as u64,
             "the versions are not blobs: {largest} bytes"
         );
-        blob_files(dir.path())
+        // sled deletes replaced files from its own threads, soon after the flush that retires
+        // their segment: the count once it stopped falling (at most 10 s)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut files = blob_files(dir.path());
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let now = blob_files(dir.path());
+            if now == files {
+                break;
+            }
+            files = now;
+        }
+        files
     };
     // sled alone keeps every version ever written and every node that held them
     let kept = files_after(super::reclaim::Advances::new(u64::MAX));
@@ -1223,22 +1235,16 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     let mut store = open(&dir, 2);
     // versions written in batches ahead of the last one too
     store.batch_bytes = 64 << 10;
-    let (log_syncs, checks) = {
-        let d = store.durability.as_ref().expect("a store syncs");
-        (d.log_syncs(), d.checks())
-    };
+    let checks = store.durability.as_ref().expect("a store syncs").checks();
     // every batch and flush checks, in the test build, that no blob file on disk is unsynced
     // (`Store::check_synced`): before and after each batch, before each flush
     write_large_versions(&store, 4);
     let d = store.durability.as_ref().expect("a store syncs");
     assert!(blob_files(dir.path()) > 0, "the versions are not blobs");
     assert!(d.checks() >= checks + 4 * 3, "{} checks", d.checks());
-    // the log file synced after each checkpoint's flush, its length included
-    assert!(
-        d.log_syncs() >= log_syncs + 4,
-        "{} log syncs",
-        d.log_syncs()
-    );
+    // the log file synced whole at the length it has after the last flush
+    let len = std::fs::metadata(dir.path().join("db")).expect("log").len();
+    assert_eq!(d.log_synced_len(), Some(len));
 }
 
 #[test]
