@@ -189,8 +189,8 @@ impl Coordinator {
         self.scheduler.restart_line();
     }
 
-    pub(crate) fn store(&self) -> &dyn Checkpoints {
-        &*self.store
+    pub(crate) fn store(&self) -> &Arc<dyn Checkpoints> {
+        &self.store
     }
 
     /// The name of an unnamed savepoint taken next.

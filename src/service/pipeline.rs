@@ -679,7 +679,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
         self.status.gauges(
             &self.engine,
             self.coordinator.in_flight(),
-            self.coordinator.store(),
+            &**self.coordinator.store(),
         );
         Ok(())
     }
@@ -1067,7 +1067,11 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                     }
                     self.handoff.settled(deadline).await;
                     if self.config.on_cancel == OnCancel::Delete {
-                        let deleted = self.coordinator.store().delete_checkpoints()?;
+                        // the store's removals and syncs block: off the async workers
+                        let store = Arc::clone(self.coordinator.store());
+                        let deleted =
+                            tokio::task::spawn_blocking(move || store.delete_checkpoints())
+                                .await??;
                         tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");
                     } else {
                         tracing::info!(checkpoint_id = ?self.coordinator.last_durable(), "stopped cleanly; the next start resumes here and replays nothing");
