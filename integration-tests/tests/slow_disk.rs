@@ -52,7 +52,7 @@ fn run(seed: u64) -> Result<()> {
     let mut cfg = ServiceConfig::new(broker, &input, &output);
     cfg.checkpoint_extra.insert("timeout".into(), "1s".into());
     // a checkpoint on this disk takes one slow sync per sync it makes (sled's of its log, and
-    // the store's own of the log file when it grew: docs/checkpoints.md), seconds in all, while
+    // the store's own of the log file after the flush: docs/checkpoints.md), seconds in all, while
     // the checkpoints triggered meanwhile are abandoned one per second: enough of those are
     // tolerated for the one being written to complete
     cfg.checkpoint_extra

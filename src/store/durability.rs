@@ -3,10 +3,11 @@
 //!
 //! sled writes a value or tree node larger than a quarter of its log segment to a file of its
 //! own under `blobs/` and puts only a pointer to it into its log; it never syncs those files,
-//! nor the directory that names them. Its flush syncs the log's bytes (`sync_file_range`) but
-//! not the log file's length, which the filesystem records only with its next journal commit
-//! (seconds later) when the log grew. A process crash loses neither (the kernel still holds
-//! them), but a machine crash right after a checkpoint was reported durable can take the
+//! nor the directory that names them. Its flush writes the log's bytes out with
+//! `sync_file_range`, which neither records the log file's length (the filesystem does so only
+//! with its next journal commit, seconds later, when the log grew) nor flushes the device's
+//! volatile write cache, so the bytes may still be lost with the power. A process crash loses
+//! none of it (the kernel still holds them), but a machine crash right after a checkpoint was reported durable can take the
 //! checkpoint back, or leave a pointer in the log to a file whose bytes never reached the
 //! disk: a group version, or a tree node holding versions of older checkpoints too.
 //!
@@ -21,7 +22,7 @@
 //! split a concurrent write began), but only while a write is under way, into the same part of
 //! the log as the batch; a blob file they, or anyone, may still be writing is synced again on
 //! the next pass if its length changed since. After each flush the store syncs the log file
-//! itself when its length changed (sled's flush synced its bytes), and a new store's
+//! itself (`fdatasync`: its bytes and length, through the device's cache), and a new store's
 //! configuration file and directory once it is made; before sled's own flush when the store is
 //! dropped, the blob files again.
 //!
@@ -60,7 +61,8 @@ struct State {
     synced: HashMap<u64, u64>,
     /// The first sync that failed, if one did.
     failed: Option<String>,
-    /// The log file's length when it was last synced whole.
+    /// Tests: the log file's length when it was last synced.
+    #[cfg(test)]
     log_len: Option<u64>,
 }
 
@@ -165,24 +167,20 @@ impl Durability {
         })
     }
 
-    /// Syncs sled's log file, its length included, if its length changed since the last time
-    /// (sled's own flush has synced its bytes: what it leaves out is the length).
+    /// Syncs sled's log file, its length included (`fdatasync`): sled's flush only wrote its
+    /// bytes out (`sync_file_range`), which persists neither the length nor past the device's
+    /// volatile write cache.
     pub(super) fn sync_log(&self) -> Result<(), SyncError> {
-        self.guarded(|state| {
+        self.guarded(|_state| {
             let log = self.dir.join("db");
             let file = open(&log)?;
-            let len = file
-                .metadata()
-                .map_err(|e| SyncError::Io(naming(e, "reading", &log)))?
-                .len();
-            if state.log_len == Some(len) {
-                return Ok(());
-            }
-            sync(file.sync_all(), &log)?;
-            state.log_len = Some(len);
+            sync(file.sync_data(), &log)?;
             #[cfg(test)]
-            self.log_syncs
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            {
+                _state.log_len = file.metadata().ok().map(|m| m.len());
+                self.log_syncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(())
         })
     }
@@ -234,7 +232,7 @@ impl Durability {
         self.checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The log file's length when it was last synced whole.
+    /// The log file's length when it was last synced.
     #[cfg(test)]
     pub(super) fn log_synced_len(&self) -> Option<u64> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -357,19 +355,22 @@ mod tests {
     }
 
     #[test]
-    fn the_log_file_is_synced_whole_when_its_length_changed() {
+    fn the_log_file_is_synced_at_every_pass_whether_or_not_it_grew() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("db"), b"log").expect("write");
         let d = Durability::new(dir.path());
         d.sync_log().expect("sync");
         assert_eq!(d.log_syncs(), 1);
-        // the same length: sled's own sync of its bytes is enough
+        // the same length (sled overwrote a reused segment in place): synced again, since
+        // sled's own `sync_file_range` does not reach through the device's cache
+        std::fs::write(dir.path().join("db"), b"LOG").expect("write");
         d.sync_log().expect("sync");
-        assert_eq!(d.log_syncs(), 1);
+        assert_eq!(d.log_syncs(), 2);
         // grown
         std::fs::write(dir.path().join("db"), b"longer log").expect("write");
         d.sync_log().expect("sync");
-        assert_eq!(d.log_syncs(), 2);
+        assert_eq!(d.log_syncs(), 3);
+        assert_eq!(d.log_synced_len(), Some(10));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Durability::new(empty.path()).sync_log().is_err());
     }
