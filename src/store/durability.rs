@@ -7,9 +7,10 @@
 //! `sync_file_range`, which neither records the log file's length (the filesystem does so only
 //! with its next journal commit, seconds later, when the log grew) nor flushes the device's
 //! volatile write cache, so the bytes may still be lost with the power. A process crash loses
-//! none of it (the kernel still holds them), but a machine crash right after a checkpoint was reported durable can take the
-//! checkpoint back, or leave a pointer in the log to a file whose bytes never reached the
-//! disk: a group version, or a tree node holding versions of older checkpoints too.
+//! none of it (the kernel still holds them), but a machine crash right after a checkpoint was
+//! reported durable can take the checkpoint back, or leave a pointer in the log to a file whose
+//! bytes never reached the disk: a group version, or a tree node holding versions of older
+//! checkpoints too.
 //!
 //! sled writes a blob file in the thread that makes the change, before the log record pointing
 //! at it, and writes each log buffer to the disk as soon as it is sealed; only the tail of a
