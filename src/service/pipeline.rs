@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
@@ -1067,11 +1067,12 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
                     }
                     self.handoff.settled(deadline).await;
                     if self.config.on_cancel == OnCancel::Delete {
-                        // the store's removals and syncs block: off the async workers
+                        // the store's removals and syncs block: on a blocking thread
                         let store = Arc::clone(self.coordinator.store());
                         let deleted =
                             tokio::task::spawn_blocking(move || store.delete_checkpoints())
-                                .await??;
+                                .await
+                                .context("checkpoint.on_cancel: delete")??;
                         tracing::info!(deleted, "stopped cleanly; checkpoints deleted (checkpoint.on_cancel: delete): the next start begins without them (savepoints are kept)");
                     } else {
                         tracing::info!(checkpoint_id = ?self.coordinator.last_durable(), "stopped cleanly; the next start resumes here and replays nothing");

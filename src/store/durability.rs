@@ -23,9 +23,14 @@
 //! split a concurrent write began), but only while a write is under way, into the same part of
 //! the log as the batch; a blob file they, or anyone, may still be writing is synced again on
 //! the next pass if its length changed since. After each flush the store syncs the log file
-//! itself (`fdatasync`: its bytes and length, through the device's cache), and a new store's
-//! configuration file and directory once it is made; before sled's own flush when the store is
-//! dropped, the blob files again.
+//! itself (`fdatasync`: its bytes and length, through the device's cache). It also flushes
+//! and syncs everything written so far before each batch and before it advances the log
+//! (`reclaim`): sled reuses a log segment once the writes that replaced what it held passed
+//! its own `sync_file_range`, which may leave them in the device's cache, so a batch's or the
+//! filler's writes could otherwise overwrite on the disk what the last durable checkpoint
+//! needs while its replacement is not yet there. A new store's configuration file and
+//! directory are synced once it is made; when the store is dropped it flushes and syncs as
+//! after a checkpoint, before sled's own flush.
 //!
 //! A sync that fails fails the write, and every one after it: the kernel may have dropped the
 //! pages it could not write, and a later sync of the same file would succeed without them, so

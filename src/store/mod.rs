@@ -205,15 +205,20 @@ pub struct Store {
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
     fail_after_batches: std::sync::atomic::AtomicUsize,
+    /// Tests: how many batches `apply` applied.
+    #[cfg(test)]
+    batches: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Store {
-    /// sled flushes its log when the database is dropped: the blob files its records point at
-    /// go to the disk first (`durability`).
+    /// sled flushes its log when the database is dropped: the store flushes it first, the
+    /// blob files its records point at before it and the log file after it (`durability`).
     fn drop(&mut self) {
         let _one_writer = self.exclusive();
-        if let Err(e) = self.sync_blobs() {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the store's files as it closes");
+        if !self.durability.as_ref().is_some_and(|d| d.failed()) {
+            if let Err(e) = self.flush_synced() {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the store's files as it closes");
+            }
         }
         if self.durability.as_ref().is_some_and(|d| d.failed()) {
             // after a failed sync, sled must not flush what it holds on its way out (a batch
@@ -333,6 +338,8 @@ impl Store {
             writes: Mutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            #[cfg(test)]
+            batches: std::sync::atomic::AtomicUsize::new(0),
         };
         copy.check_version(Migrate::InPlace)?;
         Ok(copy)
@@ -394,6 +401,8 @@ impl Store {
             writes: Mutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            #[cfg(test)]
+            batches: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -695,12 +704,17 @@ impl Store {
     }
 
     /// Applies `batch` atomically, syncing the blob files sled wrote before and for it, so
-    /// that no record of the log points at a file not on the disk once the log is
-    /// (`durability`). The caller holds [`Store::exclusive`].
+    /// that no record of the log points at a file not on the disk once the log is, and with
+    /// everything written before it flushed and synced first: sled reuses a log segment once
+    /// the writes that replaced what it held passed its own `sync_file_range`, which may still
+    /// sit in the device's cache, so the batch's writes could otherwise overwrite what the
+    /// last durable checkpoint needs before its replacement is durable (`durability`). The
+    /// caller holds [`Store::exclusive`].
     fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        self.sync_blobs()?;
+        self.flush_synced()?;
         #[cfg(test)]
-        self.check_synced("before a batch");
+        self.batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.tree.apply_batch(batch)?;
         self.sync_blobs()?;
         #[cfg(test)]
@@ -783,6 +797,12 @@ impl Store {
             return;
         }
         let checkpoint_id = id.map(|id| id.0);
+        // the filler's writes may reuse segments the batch just freed: the batch durable first
+        // (see `apply`)
+        if let Err(e) = self.flush_synced() {
+            tracing::warn!(?checkpoint_id, error = %e, "cannot sync the store before advancing its log; not advanced");
+            return;
+        }
         match reclaim::advance_log(&self.db) {
             Ok(()) => tracing::debug!(
                 ?checkpoint_id,

@@ -1242,16 +1242,54 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     let mut store = open(&dir, 2);
     // versions written in batches ahead of the last one too
     store.batch_bytes = 64 << 10;
-    let checks = store.durability.as_ref().expect("a store syncs").checks();
+    // no log advances: their own syncs would blur the count below
+    store.advances = super::reclaim::Advances::new(u64::MAX);
+    let d = store.durability.as_ref().expect("a store syncs");
+    let (checks, log_syncs) = (d.checks(), d.log_syncs());
+    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed);
     // every batch and flush checks, in the test build, that no blob file on disk is unsynced
-    // (`Store::check_synced`): before and after each batch, before each flush
+    // (`Store::check_synced`): before each batch (its flush) and after it, before each flush
     write_large_versions(&store, 4);
     let d = store.durability.as_ref().expect("a store syncs");
     assert!(blob_files(dir.path()) > 0, "the versions are not blobs");
     assert!(d.checks() >= checks + 4 * 3, "{} checks", d.checks());
-    // the log file synced whole at the length it has after the last flush
+    // the log synced before every batch (everything before it durable before sled may reuse
+    // the segments it frees) and after every checkpoint's flush
+    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed) - batches;
+    assert!(batches > 4, "{batches} batches: none written ahead");
+    assert!(
+        d.log_syncs() - log_syncs >= batches + 4,
+        "{} log syncs for {batches} batches and 4 checkpoints",
+        d.log_syncs() - log_syncs
+    );
+    // the log file synced at the length it has after the last flush
     let len = std::fs::metadata(dir.path().join("db")).expect("log").len();
     assert_eq!(d.log_synced_len(), Some(len));
+}
+
+#[test]
+fn the_log_is_synced_before_it_is_advanced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir, 2);
+    // advanced at every checkpoint
+    store.advances = super::reclaim::Advances::new(0);
+    let log_syncs = store
+        .durability
+        .as_ref()
+        .expect("a store syncs")
+        .log_syncs();
+    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed);
+    write_large_versions(&store, 4);
+    assert!(advanced(&store), "the log was not advanced");
+    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed) - batches;
+    // before each batch, before each advance (its filler may reuse the segments the batch
+    // freed), after each flush
+    let d = store.durability.as_ref().expect("a store syncs");
+    assert!(
+        d.log_syncs() - log_syncs >= batches + 2 * 4,
+        "{} log syncs for {batches} batches and 4 advanced checkpoints",
+        d.log_syncs() - log_syncs
+    );
 }
 
 #[test]
