@@ -137,7 +137,7 @@ impl Status {
         if let Ok(size) = store.size_on_disk() {
             m.store_size.set(size as i64);
         }
-        if let Ok(ids) = store.checkpoint_ids() {
+        if let Some(Ok(ids)) = store.checkpoint_ids_now() {
             m.checkpoints_retained.set(ids.len() as i64);
         }
     }

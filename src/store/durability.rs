@@ -18,11 +18,18 @@
 //! batch whose end did not reach the disk, whole. So the store syncs every blob file sled has
 //! written since the last time (and the directory) before and right after each batch it
 //! applies, before anything else is written, and the tail that completes the batch reaches the
-//! disk only after the files it points at. One writer at a time (`Store::exclusive`): another
-//! thread's write or flush could seal that tail first. sled's reads write too (they finish a
-//! split a concurrent write began), but only while a write is under way, into the same part of
-//! the log as the batch; a blob file they, or anyone, may still be writing is synced again on
-//! the next pass if its length changed since. After each flush the store syncs the log file
+//! disk only after the files it points at. One thread in the tree at a time
+//! (`Store::exclusive`), reading or writing: another thread's write or flush could seal that
+//! tail first, and sled's reads write too. A write leaves the split of a node it made overfull
+//! (the merge of one it made underfull) to the next traversal through it, which may be a read,
+//! and a split writes a node out, to a blob file when it is large; so a read writes only
+//! between two of the store's writes, and as its hold ends the store syncs any blob file that
+//! appeared (`Durability::sync_blobs_if_new`), before anything else can write the records
+//! pointing at it. A record that a read's own later write seals into a full log buffer goes
+//! out at once, moments before that sync (a node pointing at a missing file if the machine
+//! crashes in between): sled 0.34 gives no way to hold it back. A blob file still being
+//! written when a pass lists it (sled's own threads only delete) is synced again on the next
+//! pass if its length changed since. After each flush the store syncs the log file
 //! itself (`fdatasync`: its bytes and length, through the device's cache). It also flushes
 //! and syncs everything written so far before each batch and before it advances the log
 //! (`reclaim`): sled reuses a log segment once the writes that replaced what it held passed
@@ -161,6 +168,32 @@ impl Durability {
             state.synced = present;
             Ok(count)
         })
+    }
+
+    /// [`Durability::sync_new_blobs`] if a blob file is there that the last pass did not
+    /// sync (its names listed only, nothing opened): after a read, which writes only when it
+    /// splits or merges a node. Returns how many files it synced.
+    pub(super) fn sync_blobs_if_new(&self) -> Result<usize, SyncError> {
+        let blobs = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(SyncError::Io(naming(e, "listing", &blobs))),
+        };
+        let new = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            entries.flatten().any(|entry| {
+                let name = entry.file_name();
+                name.to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|lsn| !state.synced.contains_key(&lsn))
+            })
+        };
+        if new {
+            self.sync_new_blobs()
+        } else {
+            Ok(0)
+        }
     }
 
     /// Syncs what sled wrote when it made the database (its configuration file, which it does
@@ -306,6 +339,25 @@ mod tests {
         std::fs::write(blobs.join("17"), b"xy").expect("write");
         assert_eq!(d.sync_new_blobs().expect("sync"), 1);
         assert_eq!(d.sync_new_blobs().expect("sync"), 0);
+    }
+
+    #[test]
+    fn a_pass_after_a_read_runs_only_when_a_blob_file_is_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = dir.path().join("blobs");
+        let d = Durability::new(dir.path());
+        assert_eq!(d.sync_blobs_if_new().expect("sync"), 0);
+        std::fs::create_dir(&blobs).expect("mkdir");
+        std::fs::write(blobs.join("5"), b"x").expect("write");
+        assert_eq!(d.sync_blobs_if_new().expect("sync"), 1);
+        assert!(d.was_synced(5));
+        // nothing new (a longer known file waits for the next full pass): nothing synced
+        std::fs::write(blobs.join("5"), b"xy").expect("write");
+        std::fs::write(blobs.join("not-a-blob"), b"x").expect("write");
+        assert_eq!(d.sync_blobs_if_new().expect("sync"), 0);
+        // a new one: the pass syncs it and the longer one
+        std::fs::write(blobs.join("9"), b"x").expect("write");
+        assert_eq!(d.sync_blobs_if_new().expect("sync"), 2);
     }
 
     #[test]

@@ -160,12 +160,12 @@ impl Checkpoints for MemoryStore {
         Ok(n)
     }
 
-    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
-        Ok(lock(&self.inner)
+    fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>> {
+        Some(Ok(lock(&self.inner)
             .written
             .iter()
             .map(|w| w.checkpoint.id)
-            .collect())
+            .collect()))
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -23,7 +23,6 @@ mod versions;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -200,14 +199,46 @@ pub struct Store {
     /// The syncs sled's flush leaves undone (`durability`); none for a migrated copy made for
     /// inspection, which is thrown away.
     durability: Option<durability::Durability>,
-    /// Held by every write, so that one thread writes at a time (`durability`).
-    writes: Mutex<()>,
+    /// Held by every write and every read, so that one thread uses the tree at a time: sled's
+    /// reads write too (`durability`). Reentrant: a write reads under the same hold; the count
+    /// is how deep the holding thread's holds are nested.
+    writes: parking_lot::ReentrantMutex<std::cell::Cell<u32>>,
     /// Tests: a write fails after this many batches written ahead, as a crash would leave it.
     #[cfg(test)]
     fail_after_batches: std::sync::atomic::AtomicUsize,
     /// Tests: how many batches `apply` applied.
     #[cfg(test)]
     batches: std::sync::atomic::AtomicUsize,
+}
+
+/// A hold of the store's lock ([`Store::exclusive`]); a read's hold ([`Store::reading`]) syncs
+/// the blob files the read wrote when it is the outermost one.
+struct Hold<'a> {
+    depth: parking_lot::ReentrantMutexGuard<'a, std::cell::Cell<u32>>,
+    after_read: Option<&'a durability::Durability>,
+}
+
+impl<'a> Hold<'a> {
+    fn new(
+        depth: parking_lot::ReentrantMutexGuard<'a, std::cell::Cell<u32>>,
+        after_read: Option<&'a durability::Durability>,
+    ) -> Self {
+        depth.set(depth.get() + 1);
+        Hold { depth, after_read }
+    }
+}
+
+impl Drop for Hold<'_> {
+    /// Still holding the lock: a failed sync is remembered and fails the next write.
+    fn drop(&mut self) {
+        let depth = self.depth.get().saturating_sub(1);
+        self.depth.set(depth);
+        if let (0, Some(d)) = (depth, self.after_read) {
+            if let Err(e) = d.sync_blobs_if_new() {
+                tracing::error!(error = %e, "cannot sync what a read of the checkpoint store wrote");
+            }
+        }
+    }
 }
 
 impl Drop for Store {
@@ -295,6 +326,7 @@ impl Store {
     /// The format version as stamped (`PARTIAL_FORMAT_OFFSET` higher while versions of an
     /// incomplete checkpoint are on disk).
     fn stamped_version(&self) -> Result<Option<u32>, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(META_VERSION)? {
             None => Ok(None),
             Some(raw) => <[u8; 4]>::try_from(raw.as_ref())
@@ -335,7 +367,7 @@ impl Store {
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
             durability: None,
-            writes: Mutex::default(),
+            writes: parking_lot::ReentrantMutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
@@ -398,7 +430,7 @@ impl Store {
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
             durability: Some(durability::Durability::new(path)),
-            writes: Mutex::default(),
+            writes: parking_lot::ReentrantMutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
@@ -490,6 +522,7 @@ impl Store {
 
     /// How keys map to groups in this store (recorded at creation).
     pub fn layout(&self) -> Result<GroupLayout, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(META_GROUPS)? {
             Some(raw) => self.decode(&raw, "key-group layout"),
             None => Err(self.corrupt("the key-group layout (meta/groups) is missing")),
@@ -498,6 +531,7 @@ impl Store {
 
     /// Id of the newest checkpoint written, which the next delta must build on.
     pub fn head(&self) -> Result<Option<CheckpointId>, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(META_HEAD)? {
             None => Ok(None),
             Some(raw) => <[u8; 8]>::try_from(raw.as_ref())
@@ -509,6 +543,7 @@ impl Store {
     /// The first id not used by any checkpoint, attempt or head: ids are never reused, even
     /// after the checkpoints were deleted.
     pub fn next_id(&self) -> Result<CheckpointId, StoreError> {
+        let _reading = self.reading();
         let last = |prefix: &[u8]| -> Result<CheckpointId, StoreError> {
             Ok(match self.tree.scan_prefix(prefix).keys().next_back() {
                 Some(k) => decode_id_key(prefix, &k?).unwrap_or_default(),
@@ -526,6 +561,7 @@ impl Store {
 
     /// Ids of the retained checkpoints, oldest first.
     pub fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
+        let _reading = self.reading();
         let mut out = Vec::new();
         for k in self.tree.scan_prefix(CHECKPOINT_PREFIX).keys() {
             if let Some(id) = decode_id_key(CHECKPOINT_PREFIX, &k?) {
@@ -537,6 +573,7 @@ impl Store {
 
     /// Retained checkpoints, oldest first.
     pub fn retained(&self) -> Result<Vec<Retained>, StoreError> {
+        let _reading = self.reading();
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(CHECKPOINT_PREFIX) {
             let (k, v) = item?;
@@ -548,6 +585,7 @@ impl Store {
 
     /// A retained checkpoint's metadata.
     pub fn checkpoint(&self, id: CheckpointId) -> Result<Retained, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(id_key(CHECKPOINT_PREFIX, id))? {
             Some(raw) => self.decode(&raw, &format!("metadata of checkpoint {id}")),
             None => Err(StoreError::NoSuchCheckpoint {
@@ -559,6 +597,7 @@ impl Store {
 
     /// The newest retained checkpoint's metadata.
     pub fn current(&self) -> Result<Option<CheckpointMeta>, StoreError> {
+        let _reading = self.reading();
         match self
             .tree
             .scan_prefix(CHECKPOINT_PREFIX)
@@ -601,6 +640,7 @@ impl Store {
         before: Option<CheckpointId>,
         limit: usize,
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let _reading = self.reading();
         let start = id_key(HISTORY_PREFIX, CheckpointId(0));
         let end = match before {
             Some(b) => id_key(HISTORY_PREFIX, b),
@@ -621,6 +661,7 @@ impl Store {
 
     /// One attempt record.
     pub fn attempt(&self, id: CheckpointId) -> Result<Option<CheckpointRecord>, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(id_key(HISTORY_PREFIX, id))? {
             None => Ok(None),
             Some(raw) => Ok(Some(self.decode(&raw, &format!("history record {id}"))?)),
@@ -636,6 +677,7 @@ impl Store {
     /// metadata, history and savepoints): what a copy into a new store would hold. Reads
     /// every value.
     pub fn held_bytes(&self) -> Result<u64, StoreError> {
+        let _reading = self.reading();
         let mut bytes = 0u64;
         for item in self.tree.iter() {
             let (k, v) = item?;
@@ -657,6 +699,7 @@ impl Store {
     /// A new sled database made at `path` (an error if one is there) holding every key and
     /// value of this store, not flushed.
     fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), sled::Error> {
+        let _reading = self.reading();
         let db = sled::Config::new()
             .path(path)
             .create_new(true)
@@ -722,10 +765,26 @@ impl Store {
         Ok(())
     }
 
-    /// One writer at a time: held by every method that writes, from its first write to its
-    /// last sync (`durability`).
-    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    /// One thread in the tree at a time: held by every method that writes, from its first
+    /// write to its last sync, and by every method that reads (`Store::reading`). Reentrant:
+    /// a write reads under its own hold.
+    fn exclusive(&self) -> Hold<'_> {
+        Hold::new(self.writes.lock(), None)
+    }
+
+    /// [`Store::exclusive`] for a read: sled's reads split and merge the nodes writes left
+    /// over- or underfull, writing them out, so once the outermost hold ends the blob files a
+    /// read wrote are synced (`durability`).
+    fn reading(&self) -> Hold<'_> {
+        Hold::new(self.writes.lock(), self.durability.as_ref())
+    }
+
+    /// Ids of the retained checkpoints, or `None` while another thread reads or writes the
+    /// store (a checkpoint's write takes seconds at millions of keys): for callers that must
+    /// not wait, such as the gauges published on the record path's tick.
+    pub fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>> {
+        let _reading = Hold::new(self.writes.try_lock()?, self.durability.as_ref());
+        Some(self.checkpoint_ids())
     }
 
     /// Syncs the blob files sled wrote since the last time (`durability`).

@@ -65,6 +65,7 @@ impl Store {
     /// The id of a checkpoint whose versions were written ahead of a last batch that has not
     /// landed, if any.
     pub(super) fn partial_id(&self) -> Result<Option<CheckpointId>, StoreError> {
+        let _reading = self.reading();
         let Some(raw) = self.tree.get(META_PARTIAL)? else {
             return Ok(None);
         };

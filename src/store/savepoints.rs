@@ -99,6 +99,7 @@ impl Store {
 
     /// Names of all savepoints, readable or not.
     pub fn savepoint_names(&self) -> Result<Vec<String>, StoreError> {
+        let _reading = self.reading();
         let mut out = Vec::new();
         for k in self.tree.scan_prefix(SAVEPOINT_META_PREFIX).keys() {
             let k = k?;
@@ -110,6 +111,7 @@ impl Store {
     /// All readable savepoints, by name; a damaged one is logged and left out (restoring it
     /// by name reports it unreadable).
     pub fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
+        let _reading = self.reading();
         let mut out = Vec::new();
         for name in self.savepoint_names()? {
             match self.savepoint(&name) {
@@ -124,6 +126,7 @@ impl Store {
     }
 
     pub fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(savepoint_meta_key(name))? {
             Some(raw) => self.decode(&raw, &format!("metadata of savepoint {name}")),
             None => Err(StoreError::NoSuchSavepoint {
@@ -138,6 +141,7 @@ impl Store {
         &self,
         name: &str,
     ) -> Result<(SavepointMeta, Vec<(StateKey, Entry)>), StoreError> {
+        let _reading = self.reading();
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("savepoint {name}"),
             detail,
@@ -233,6 +237,7 @@ impl Store {
 
     /// Number of savepoint groups stored (all savepoints), for tests and diagnostics.
     pub fn savepoint_group_count(&self) -> usize {
+        let _reading = self.reading();
         self.tree.scan_prefix(SAVEPOINT_GROUP_PREFIX).count()
     }
 }

@@ -1353,6 +1353,65 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
 }
 
 /// Whether `store` ever advanced its log (the filler's tree exists once it did).
+#[test]
+fn a_read_that_splits_a_node_a_write_left_overfull_syncs_the_blob_file_it_wrote() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 2);
+    // the tree's one leaf (a new store's few metadata keys) brought to one entry more than
+    // sled lets a leaf hold, with keys before every other: the write that added the last one
+    // leaves the split to the next traversal, and each half is larger than a blob's threshold
+    let held = store.tree.len();
+    assert!(held < 8, "{held} keys in a new store: more than one leaf");
+    let value = vec![7u8; super::reclaim::SEGMENT_SIZE / 12];
+    for i in 0..(17 - held) as u8 {
+        store
+            .tree
+            .insert([b'a', i], value.as_slice())
+            .expect("insert");
+    }
+    store.flush().expect("flush");
+    let before = blob_files(dir.path());
+    // a read of the metadata passes through that leaf, splits it, and writes a blob file
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![]);
+    let after = blob_files(dir.path());
+    assert!(
+        after > before,
+        "the read wrote no blob file ({before} before, {after} after)"
+    );
+    // synced as the read's hold ended, not left for the next write's pass
+    let d = store.durability.as_ref().expect("a store syncs");
+    d.assert_all_synced("after a read");
+}
+
+#[test]
+fn a_read_waits_while_another_thread_writes_and_the_gauges_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 2);
+    write_large_versions(&store, 1);
+    let held = store.exclusive();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| store.checkpoint_ids());
+        // the gauges' read gives up at once instead of waiting
+        let now = s.spawn(|| store.checkpoint_ids_now().is_none()).join();
+        assert!(
+            now.expect("join"),
+            "checkpoint_ids_now read while the store was held"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !reader.is_finished(),
+            "a read ran while another thread held the store"
+        );
+        drop(held);
+        let ids = reader.join().expect("join").expect("ids");
+        assert_eq!(ids, vec![CheckpointId(1)]);
+    });
+    // and a read on the thread that holds the store (a write's own reads) does not wait
+    let _held = store.exclusive();
+    assert_eq!(store.checkpoint_ids().expect("ids"), vec![CheckpointId(1)]);
+    assert!(store.checkpoint_ids_now().is_some());
+}
+
 fn advanced(store: &Store) -> bool {
     let filler = super::reclaim::FILLER_TREE.as_bytes();
     store.db.tree_names().iter().any(|t| t.as_ref() == filler)

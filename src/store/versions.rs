@@ -144,6 +144,7 @@ impl Store {
 
     /// The newest version of group `g` before checkpoint `before` (one seek, no iterator).
     fn latest_version(&self, g: &GroupId, before: CheckpointId) -> Result<Latest, StoreError> {
+        let _reading = self.reading();
         let prefix = group_prefix(g);
         match self.tree.get_lt(group_version_key(g, before))? {
             Some((k, _)) if !k.starts_with(&prefix) => Ok(None),
@@ -161,6 +162,7 @@ impl Store {
 
     /// The newest version of every group, for full snapshots.
     fn all_latest(&self) -> Result<HashMap<GroupId, (CheckpointId, bool)>, StoreError> {
+        let _reading = self.reading();
         let mut out = HashMap::new();
         for item in self.tree.scan_prefix(GROUP_PREFIX) {
             let (k, v) = item?;
@@ -243,6 +245,7 @@ impl Store {
 
     /// The note an operator's change left on checkpoint `id`'s history record, if any.
     pub fn note(&self, id: CheckpointId) -> Result<Option<String>, StoreError> {
+        let _reading = self.reading();
         match self.tree.get(id_key(NOTE_PREFIX, id))? {
             Some(raw) => Ok(Some(
                 self.decode(&raw, &format!("note of checkpoint {id}"))?,
@@ -529,6 +532,7 @@ impl Store {
         cp: &Retained,
         mut sink: impl FnMut(GroupId, &[u8], u32, &str) -> Result<u64, String>,
     ) -> Result<u64, StoreError> {
+        let _reading = self.reading();
         let id = cp.meta.id;
         let unreadable = |detail: String| Unreadable {
             snapshot: format!("checkpoint {id}"),
@@ -698,6 +702,7 @@ impl Store {
 
     /// Number of stored group versions (all checkpoints), for tests and diagnostics.
     pub fn version_count(&self) -> usize {
+        let _reading = self.reading();
         self.tree.scan_prefix(GROUP_PREFIX).count()
     }
 }

@@ -33,8 +33,9 @@ pub trait Checkpoints: Send + Sync + 'static {
     fn delete_savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
     /// Deletes every checkpoint (savepoints stay); returns how many.
     fn delete_checkpoints(&self) -> Result<usize, StoreError>;
-    /// Ids of the retained checkpoints.
-    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError>;
+    /// Ids of the retained checkpoints, or `None` while the store is busy (for the gauges,
+    /// which must not wait for a checkpoint's write).
+    fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>>;
     /// Bytes the store takes on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
@@ -58,8 +59,8 @@ impl Checkpoints for Store {
     fn delete_checkpoints(&self) -> Result<usize, StoreError> {
         Store::delete_checkpoints(self)
     }
-    fn checkpoint_ids(&self) -> Result<Vec<CheckpointId>, StoreError> {
-        Store::checkpoint_ids(self)
+    fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>> {
+        Store::checkpoint_ids_now(self)
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Store::size_on_disk(self)
