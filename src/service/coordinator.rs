@@ -207,11 +207,19 @@ impl Coordinator {
             .filter_map(|f| f.savepoint.as_ref())
             .chain(self.queued.as_ref())
             .any(|r| r.name == name);
-        let exists = match self.store.savepoint(name) {
-            Ok(_) => true,
-            Err(StoreError::NoSuchSavepoint { .. }) => false,
-            Err(StoreError::Corrupt { .. }) => true,
-            Err(e) => return Err(CommandError::Failed(e.to_string())),
+        let exists = match self.store.savepoint_now(name) {
+            Some(Ok(_)) => true,
+            Some(Err(StoreError::NoSuchSavepoint { .. })) => false,
+            Some(Err(StoreError::Corrupt { .. })) => true,
+            Some(Err(e)) => return Err(CommandError::Failed(e.to_string())),
+            // the store is busy writing: the write of the savepoint refuses a name taken
+            None => {
+                tracing::debug!(
+                    savepoint = name,
+                    "the store is busy; the savepoint's write checks its name"
+                );
+                false
+            }
         };
         if in_flight {
             return Err(CommandError::Conflict(format!(

@@ -23,9 +23,9 @@
 //! tail first, and sled's reads write too. A write leaves the split of a node it made overfull
 //! (the merge of one it made underfull) to the next traversal through it, which may be a read,
 //! and a split writes a node out, to a blob file when it is large; so a read writes only
-//! between two of the store's writes, and as its hold ends the store syncs any blob file that
-//! appeared (`Durability::sync_blobs_if_new`), before anything else can write the records
-//! pointing at it. A record that a read's own later write seals into a full log buffer goes
+//! between two of the store's writes, and as its outermost hold ends the store syncs any blob
+//! file written since the store opened that no pass synced (`Durability::sync_blobs_if_new`),
+//! before anything else can write the records pointing at it. A record that a read's own later write seals into a full log buffer goes
 //! out at once, moments before that sync (a node pointing at a missing file if the machine
 //! crashes in between): sled 0.34 gives no way to hold it back. A blob file still being
 //! written when a pass lists it (sled's own threads only delete) is synced again on the next
@@ -58,6 +58,9 @@ fn sync(outcome: std::io::Result<()>, path: &Path) -> Result<(), SyncError> {
 #[derive(Debug)]
 pub(super) struct Durability {
     dir: PathBuf,
+    /// The highest name (log sequence number) of the blob files there when the store opened:
+    /// sled names new ones higher. A read syncs only files above it (`sync_blobs_if_new`).
+    opened_at: u64,
     state: Mutex<State>,
     /// Tests: how many times the log file was synced.
     #[cfg(test)]
@@ -103,6 +106,16 @@ fn naming(e: std::io::Error, what: &str, path: &Path) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// The names of the blob files in the sled database in `dir` that parse as log sequence
+/// numbers (`None` for any other entry); nothing when the directory cannot be listed.
+fn blob_names(dir: &Path) -> impl Iterator<Item = Option<u64>> {
+    std::fs::read_dir(dir.join("blobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+}
+
 /// Opens `path` for a sync.
 fn open(path: &Path) -> Result<std::fs::File, SyncError> {
     std::fs::File::open(path).map_err(|e| SyncError::Io(naming(e, "opening", path)))
@@ -113,6 +126,7 @@ impl Durability {
     pub(super) fn new(dir: &Path) -> Self {
         Durability {
             dir: dir.to_path_buf(),
+            opened_at: blob_names(dir).flatten().max().unwrap_or(0),
             state: Mutex::default(),
             #[cfg(test)]
             log_syncs: Default::default(),
@@ -170,24 +184,24 @@ impl Durability {
         })
     }
 
-    /// [`Durability::sync_new_blobs`] if a blob file is there that the last pass did not
-    /// sync (its names listed only, nothing opened): after a read, which writes only when it
-    /// splits or merges a node. Returns how many files it synced.
+    /// [`Durability::sync_new_blobs`] if a blob file is there that was written since the
+    /// store opened and not synced by a pass (names listed only, nothing opened): after a
+    /// read, which writes only when it splits or merges a node. Files older than the open
+    /// wait for the first write's pass, so a process that only reads syncs nothing it did not
+    /// write. Returns how many files it synced.
     pub(super) fn sync_blobs_if_new(&self) -> Result<usize, SyncError> {
         let blobs = self.dir.join("blobs");
-        let entries = match std::fs::read_dir(&blobs) {
+        let names = match std::fs::read_dir(&blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(SyncError::Io(naming(e, "listing", &blobs))),
         };
         let new = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            entries.flatten().any(|entry| {
-                let name = entry.file_name();
-                name.to_str()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .is_some_and(|lsn| !state.synced.contains_key(&lsn))
-            })
+            names
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+                .any(|lsn| lsn > self.opened_at && !state.synced.contains_key(&lsn))
         };
         if new {
             self.sync_new_blobs()
@@ -342,15 +356,25 @@ mod tests {
     }
 
     #[test]
-    fn a_pass_after_a_read_runs_only_when_a_blob_file_is_new() {
+    fn a_pass_after_a_read_runs_only_when_a_blob_file_is_new_since_the_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = dir.path().join("blobs");
+        assert_eq!(
+            Durability::new(dir.path())
+                .sync_blobs_if_new()
+                .expect("sync"),
+            0
+        );
+        std::fs::create_dir(&blobs).expect("mkdir");
+        // there when the store opened: left to the first write's pass
+        std::fs::write(blobs.join("3"), b"x").expect("write");
         let d = Durability::new(dir.path());
         assert_eq!(d.sync_blobs_if_new().expect("sync"), 0);
-        std::fs::create_dir(&blobs).expect("mkdir");
+        assert!(!d.was_synced(3));
+        // written since: the pass syncs it and the older one
         std::fs::write(blobs.join("5"), b"x").expect("write");
-        assert_eq!(d.sync_blobs_if_new().expect("sync"), 1);
-        assert!(d.was_synced(5));
+        assert_eq!(d.sync_blobs_if_new().expect("sync"), 2);
+        assert!(d.was_synced(5) && d.was_synced(3));
         // nothing new (a longer known file waits for the next full pass): nothing synced
         std::fs::write(blobs.join("5"), b"xy").expect("write");
         std::fs::write(blobs.join("not-a-blob"), b"x").expect("write");

@@ -128,15 +128,17 @@ impl Checkpoints for MemoryStore {
         Ok(())
     }
 
-    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
-        lock(&self.inner)
-            .savepoints
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::NoSuchSavepoint {
-                name: name.to_string(),
-                path: Self::path(),
-            })
+    fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>> {
+        Some(
+            lock(&self.inner)
+                .savepoints
+                .get(name)
+                .cloned()
+                .ok_or_else(|| StoreError::NoSuchSavepoint {
+                    name: name.to_string(),
+                    path: Self::path(),
+                }),
+        )
     }
 
     fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {

@@ -211,6 +211,10 @@ pub struct Store {
     batches: std::sync::atomic::AtomicUsize,
 }
 
+/// How long the record path waits for the store to check that a savepoint's name is free
+/// ([`Store::savepoint_now`]): a checkpoint's write holds it for seconds at millions of keys.
+pub const SAVEPOINT_CHECK_WAIT: Duration = Duration::from_millis(50);
+
 /// A hold of the store's lock ([`Store::exclusive`]); a read's hold ([`Store::reading`]) syncs
 /// the blob files the read wrote when it is the outermost one.
 struct Hold<'a> {
@@ -229,11 +233,15 @@ impl<'a> Hold<'a> {
 }
 
 impl Drop for Hold<'_> {
-    /// Still holding the lock: a failed sync is remembered and fails the next write.
+    /// Runs before the lock is released. A sync that fails is remembered and fails the next
+    /// write (`durability`); a file that cannot be listed or opened is retried by the next pass.
     fn drop(&mut self) {
         let depth = self.depth.get().saturating_sub(1);
         self.depth.set(depth);
         if let (0, Some(d)) = (depth, self.after_read) {
+            if d.failed() {
+                return;
+            }
             if let Err(e) = d.sync_blobs_if_new() {
                 tracing::error!(error = %e, "cannot sync what a read of the checkpoint store wrote");
             }
@@ -777,6 +785,14 @@ impl Store {
     /// read wrote are synced (`durability`).
     fn reading(&self) -> Hold<'_> {
         Hold::new(self.writes.lock(), self.durability.as_ref())
+    }
+
+    /// Savepoint `name`, or `None` if another thread still reads or writes the store after
+    /// [`SAVEPOINT_CHECK_WAIT`]: the record path's check that a name is free.
+    pub fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>> {
+        let held = self.writes.try_lock_for(SAVEPOINT_CHECK_WAIT)?;
+        let _reading = Hold::new(held, self.durability.as_ref());
+        Some(self.savepoint(name))
     }
 
     /// Ids of the retained checkpoints, or `None` while another thread reads or writes the

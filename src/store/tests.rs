@@ -1352,7 +1352,6 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     assert!(sorted(older.entries) == large_entries(checkpoints - 1));
 }
 
-/// Whether `store` ever advanced its log (the filler's tree exists once it did).
 #[test]
 fn a_read_that_splits_a_node_a_write_left_overfull_syncs_the_blob_file_it_wrote() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1390,12 +1389,24 @@ fn a_read_waits_while_another_thread_writes_and_the_gauges_do_not() {
     write_large_versions(&store, 1);
     let held = store.exclusive();
     std::thread::scope(|s| {
-        let reader = s.spawn(|| store.checkpoint_ids());
-        // the gauges' read gives up at once instead of waiting
+        let (started, reading) = std::sync::mpsc::channel();
+        let store = &store;
+        let reader = s.spawn(move || {
+            started.send(()).expect("send");
+            store.checkpoint_ids()
+        });
+        reading.recv().expect("the reader started");
+        // the record path's reads give up instead of waiting: the gauges' at once, a
+        // savepoint name's check after a short wait
         let now = s.spawn(|| store.checkpoint_ids_now().is_none()).join();
         assert!(
             now.expect("join"),
             "checkpoint_ids_now read while the store was held"
+        );
+        let now = s.spawn(|| store.savepoint_now("sp").is_none()).join();
+        assert!(
+            now.expect("join"),
+            "savepoint_now read while the store was held"
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert!(
@@ -1410,8 +1421,13 @@ fn a_read_waits_while_another_thread_writes_and_the_gauges_do_not() {
     let _held = store.exclusive();
     assert_eq!(store.checkpoint_ids().expect("ids"), vec![CheckpointId(1)]);
     assert!(store.checkpoint_ids_now().is_some());
+    assert!(matches!(
+        store.savepoint_now("sp"),
+        Some(Err(StoreError::NoSuchSavepoint { .. }))
+    ));
 }
 
+/// Whether `store` ever advanced its log (the filler's tree exists once it did).
 fn advanced(store: &Store) -> bool {
     let filler = super::reclaim::FILLER_TREE.as_bytes();
     store.db.tree_names().iter().any(|t| t.as_ref() == filler)

@@ -25,8 +25,9 @@ pub trait Checkpoints: Send + Sync + 'static {
     fn write(&self, req: &WriteRequest<'_>) -> Result<WriteStats, StoreError>;
     /// Persists the record of an attempt that did not complete.
     fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError>;
-    /// The savepoint of this name, if there is one.
-    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError>;
+    /// The savepoint of this name, if there is one; `None` if the store stayed busy for
+    /// [`super::SAVEPOINT_CHECK_WAIT`] (the record path does not wait for a checkpoint's write).
+    fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>>;
     /// The savepoints held (damaged ones left out).
     fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError>;
     /// Deletes a savepoint.
@@ -47,8 +48,8 @@ impl Checkpoints for Store {
     fn record_attempt(&self, record: &CheckpointRecord) -> Result<(), StoreError> {
         Store::record_attempt(self, record, true)
     }
-    fn savepoint(&self, name: &str) -> Result<SavepointMeta, StoreError> {
-        Store::savepoint(self, name)
+    fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>> {
+        Store::savepoint_now(self, name)
     }
     fn savepoints(&self) -> Result<Vec<SavepointMeta>, StoreError> {
         Store::savepoints(self)
