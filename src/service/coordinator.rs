@@ -501,10 +501,23 @@ impl Coordinator {
         let Some(f) = flight else {
             return Vec::new();
         };
-        if let (Some(request), Some(meta)) = (f.savepoint, stats.savepoint) {
-            self.metrics.savepoints.inc();
-            tracing::info!(checkpoint_id = id.0, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
-            request.waiter.succeed(meta);
+        match (f.savepoint, stats.savepoint, stats.savepoint_refused) {
+            (Some(request), Some(meta), _) => {
+                self.metrics.savepoints.inc();
+                tracing::info!(checkpoint_id = id.0, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
+                request.waiter.succeed(meta);
+            }
+            (Some(request), None, Some(refused)) => {
+                tracing::warn!(checkpoint_id = id.0, savepoint = %request.name, %refused, "savepoint not taken: its name was taken; the checkpoint is durable");
+                self.board.history().update(id, |r| {
+                    r.kind = Kind::Checkpoint;
+                    r.savepoint = None;
+                });
+                request.waiter.fail(CommandError::Conflict(format!(
+                    "{refused}; checkpoint {id} was written without the savepoint: delete it first or choose another name"
+                )));
+            }
+            _ => {}
         }
         f.positions
     }

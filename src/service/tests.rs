@@ -1042,6 +1042,42 @@ async fn a_savepoint_name_being_taken_or_taken_is_refused_saying_which() {
 }
 
 #[tokio::test]
+async fn a_taken_name_the_busy_store_could_not_check_is_refused_by_the_write_and_its_checkpoint_counts(
+) {
+    let mut rig = Rig::new(Options::default());
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    let first = ask_savepoint(&mut rig, Some("release-11"));
+    rig.settle().await.expect("the savepoint");
+    let first = first.await.expect("answered").expect("taken");
+    // the store is busy when the record path checks the name: the write is the judge
+    rig.store.set_busy(true);
+    rig.record(&p(0), "b", 200);
+    let again = ask_savepoint(&mut rig, Some("release-11"));
+    rig.settle()
+        .await
+        .expect("the checkpoint is durable, not failed");
+    match again.await.expect("answered") {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("already exists"), "{reason}");
+            assert!(reason.contains("written without the savepoint"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.store.written().len(), 2, "both checkpoints written");
+    rig.store.set_busy(false);
+    let kept = rig
+        .store
+        .savepoint_now("release-11")
+        .expect("not busy")
+        .expect("kept");
+    assert_eq!(
+        kept.checkpoint_id, first.checkpoint_id,
+        "the first savepoint stays"
+    );
+}
+
+#[tokio::test]
 async fn a_stop_with_savepoint_takes_over_the_name_of_a_queued_savepoint() {
     let mut rig = Rig::new(Options::default());
     rig.assign(&[p(0)]).await;

@@ -31,6 +31,8 @@ struct Inner {
     failing: BTreeMap<usize, (String, bool)>,
     /// How long every write takes (a slow disk).
     delay: Duration,
+    /// The checks that must not wait find the store busy (as while a checkpoint is written).
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -39,6 +41,12 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// From now on, the checks that must not wait (`savepoint_now`, `checkpoint_ids_now`)
+    /// find the store busy, or no longer.
+    pub fn set_busy(&self, busy: bool) {
+        lock(&self.inner).busy = busy;
+    }
+
     /// The next write fails with `reason`.
     pub fn fail_next_write(&self, reason: &str) {
         self.fail_write_after(0, reason);
@@ -101,13 +109,29 @@ impl Checkpoints for MemoryStore {
             None => {}
         }
         let cp = req.checkpoint;
-        let savepoint = req.savepoint.as_ref().map(|name| SavepointMeta {
-            name: name.clone(),
-            checkpoint_id: cp.id,
-            created_ms: cp.trigger_ms,
-            meta: meta_of(cp, 0, 0),
-            entries: cp.delta.entries,
+        // a name taken: the checkpoint is written without the savepoint, as the store does
+        let taken = req
+            .savepoint
+            .as_ref()
+            .filter(|name| inner.savepoints.contains_key(name.as_str()));
+        let savepoint_refused = taken.map(|name| {
+            StoreError::SavepointExists {
+                name: name.clone(),
+                path: Self::path(),
+            }
+            .to_string()
         });
+        let savepoint = req
+            .savepoint
+            .as_ref()
+            .filter(|_| taken.is_none())
+            .map(|name| SavepointMeta {
+                name: name.clone(),
+                checkpoint_id: cp.id,
+                created_ms: cp.trigger_ms,
+                meta: meta_of(cp, 0, 0),
+                entries: cp.delta.entries,
+            });
         if let Some(meta) = &savepoint {
             inner.savepoints.insert(meta.name.clone(), meta.clone());
         }
@@ -120,6 +144,7 @@ impl Checkpoints for MemoryStore {
             write: Duration::ZERO,
             flush: Duration::ZERO,
             savepoint,
+            savepoint_refused,
         })
     }
 
@@ -129,8 +154,12 @@ impl Checkpoints for MemoryStore {
     }
 
     fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>> {
+        let inner = lock(&self.inner);
+        if inner.busy {
+            return None;
+        }
         Some(
-            lock(&self.inner)
+            inner
                 .savepoints
                 .get(name)
                 .cloned()
@@ -163,11 +192,11 @@ impl Checkpoints for MemoryStore {
     }
 
     fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>> {
-        Some(Ok(lock(&self.inner)
-            .written
-            .iter()
-            .map(|w| w.checkpoint.id)
-            .collect()))
+        let inner = lock(&self.inner);
+        if inner.busy {
+            return None;
+        }
+        Some(Ok(inner.written.iter().map(|w| w.checkpoint.id).collect()))
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -119,6 +119,9 @@ pub struct WriteStats {
     pub flush: Duration,
     /// The savepoint made from this checkpoint, if one was asked for.
     pub savepoint: Option<SavepointMeta>,
+    /// Why the savepoint asked for was not made (its name was taken by the time of the
+    /// write); the checkpoint is durable all the same.
+    pub savepoint_refused: Option<String>,
 }
 
 /// A complete checkpoint the store can restore.

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::portable::{self, Portable};
 use super::*;
-use crate::checkpoint::history::{CheckpointRecord, Status};
+use crate::checkpoint::history::{CheckpointRecord, Kind, Status};
 use crate::checkpoint::protocol::{meta_of, Checkpoint, MaterializedState};
 use crate::checkpoint_id::CheckpointId;
 use crate::engine::group::group_entries;
@@ -464,14 +464,28 @@ fn savepoints_outlive_retention_and_travel_through_export_files() {
     let (meta, entries) = store.read_savepoint("before-upgrade").expect("read");
     assert_eq!(sorted(entries.clone()), model.restored().entries);
     assert_eq!(meta.meta.partitions[0].next, Some(NextOffset(20)));
-    assert!(matches!(
-        write(
-            &store,
-            &cp(4, Some(3), false, vec![], vec![], 40),
-            Some("before-upgrade")
-        ),
-        Err(StoreError::SavepointExists { .. })
-    ));
+    // a name taken by the time of the write: the checkpoint is written, the savepoint not
+    let stats = write(
+        &store,
+        &cp(4, Some(3), false, vec![], vec![], 40),
+        Some("before-upgrade"),
+    )
+    .expect("write");
+    assert_eq!(stats.savepoint, None);
+    let refused = stats.savepoint_refused.expect("refused");
+    assert!(refused.contains("already exists"), "{refused}");
+    assert_eq!(store.checkpoint_ids().expect("ids"), ids(&[4]));
+    let record = store
+        .attempt(CheckpointId(4))
+        .expect("attempt")
+        .expect("record");
+    assert_eq!((record.kind, record.savepoint), (Kind::Checkpoint, None));
+    let (kept, _) = store.read_savepoint("before-upgrade").expect("read");
+    assert_eq!(
+        kept.checkpoint_id,
+        CheckpointId(2),
+        "the savepoint was replaced"
+    );
 
     let file = dir.path().join("sp.chkpt");
     portable::write_file(

@@ -15,8 +15,8 @@ use rayon::prelude::*;
 
 use super::codec::{
     decode_group_version_key, decode_id_key, group_prefix, group_version_key, id_key,
-    CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD, META_PARTIAL,
-    META_VERSION, NOTE_PREFIX,
+    savepoint_meta_key, CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD,
+    META_PARTIAL, META_VERSION, NOTE_PREFIX,
 };
 use super::partial::Ahead;
 use super::FORMAT_VERSION;
@@ -352,14 +352,24 @@ impl Store {
             batch.remove(META_PARTIAL);
             batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         }
-        let savepoint = match &req.savepoint {
-            None => None,
+        // a name taken since the request was checked (an import, or a check the record path
+        // could not make while the store was busy): the checkpoint is written without it
+        let (savepoint, savepoint_refused) = match &req.savepoint {
+            None => (None, None),
+            Some(name) if self.tree.contains_key(savepoint_meta_key(name))? => {
+                let refused = StoreError::SavepointExists {
+                    name: name.clone(),
+                    path: self.path.clone(),
+                };
+                (None, Some(refused.to_string()))
+            }
             Some(name) => {
                 let groups = match &base {
                     Some(b) => self.materialize(b)?,
                     None => BTreeMap::new(),
                 };
-                Some(self.savepoint_batch(name, cp, groups, &mut batch, &mut bytes)?)
+                let meta = self.savepoint_batch(name, cp, groups, &mut batch, &mut bytes)?;
+                (Some(meta), None)
             }
         };
         let retained = if moves {
@@ -395,9 +405,16 @@ impl Store {
         batch.insert(META_HEAD, &id.0.to_be_bytes());
         let mut record = req.record.clone();
         record.status = Status::Completed;
-        if let Some(name) = &req.savepoint {
-            record.kind = Kind::Savepoint;
-            record.savepoint = Some(name.clone());
+        match &savepoint {
+            Some(meta) => {
+                record.kind = Kind::Savepoint;
+                record.savepoint = Some(meta.name.clone());
+            }
+            None if req.savepoint.is_some() => {
+                record.kind = Kind::Checkpoint;
+                record.savepoint = None;
+            }
+            None => {}
         }
         record.bytes = Some(bytes);
         record.phases.write_ms = Some(t0.elapsed().as_millis() as u64);
@@ -436,6 +453,7 @@ impl Store {
             write,
             flush,
             savepoint,
+            savepoint_refused,
         })
     }
 
