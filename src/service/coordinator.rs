@@ -120,6 +120,9 @@ pub(crate) struct Coordinator {
     gate: SavepointGate,
     /// A savepoint admitted while no checkpoint could start, taken once one can.
     queued: Option<SavepointRequest>,
+    /// The newest checkpoint that was durable without the savepoint asked of it (its name was
+    /// taken by the time of the write).
+    refused_savepoint: Option<CheckpointId>,
 }
 
 impl Coordinator {
@@ -142,6 +145,7 @@ impl Coordinator {
         Coordinator {
             gate: SavepointGate::new(config.savepoints_per_minute),
             queued: None,
+            refused_savepoint: None,
             config,
             scheduler,
             spec,
@@ -182,6 +186,11 @@ impl Coordinator {
 
     pub(crate) fn last_durable(&self) -> Option<CheckpointId> {
         self.last_durable
+    }
+
+    /// The newest checkpoint that was durable without the savepoint asked of it.
+    pub(crate) fn refused_savepoint(&self) -> Option<CheckpointId> {
+        self.refused_savepoint
     }
 
     /// The next checkpoint is a full one (a new line of deltas).
@@ -507,17 +516,19 @@ impl Coordinator {
                 tracing::info!(checkpoint_id = id.0, savepoint = %meta.name, entries = meta.entries, "savepoint completed");
                 request.waiter.succeed(meta);
             }
-            (Some(request), None, Some(refused)) => {
-                tracing::warn!(checkpoint_id = id.0, savepoint = %request.name, %refused, "savepoint not taken: its name was taken; the checkpoint is durable");
+            (Some(request), None, refused) => {
+                let refused = refused.unwrap_or_else(|| "the store made no savepoint".into());
+                tracing::warn!(checkpoint_id = id.0, savepoint = %request.name, %refused, "savepoint not taken; the checkpoint is durable without it");
                 self.board.history().update(id, |r| {
                     r.kind = Kind::Checkpoint;
                     r.savepoint = None;
                 });
+                self.refused_savepoint = Some(id);
                 request.waiter.fail(CommandError::Conflict(format!(
                     "{refused}; checkpoint {id} was written without the savepoint: delete it first or choose another name"
                 )));
             }
-            _ => {}
+            (None, ..) => {}
         }
         f.positions
     }
@@ -527,9 +538,15 @@ impl Coordinator {
     /// says completed (in memory, and in the store after the abandonment it recorded first).
     /// Nothing is released for it: the next checkpoint, a full one, does that.
     fn record_late_completion(&mut self, id: CheckpointId, stats: &WriteStats, duration: Duration) {
+        let refused = stats.savepoint.is_none();
         let record = self.board.history().update(id, |r| {
             r.status = Status::Completed;
             r.failure = None;
+            // a savepoint asked for and refused by the write (its name taken): as the store has it
+            if refused {
+                r.kind = Kind::Checkpoint;
+                r.savepoint = None;
+            }
             r.duration_ms = Some(duration.as_millis() as u64);
             r.bytes = Some(stats.bytes);
             r.phases.write_ms = Some(stats.write.as_millis() as u64);

@@ -1027,6 +1027,7 @@ impl<C: Assignments + Send + Sync + 'static, O: Output> Pipeline<C, O> {
             let facts = Facts {
                 in_flight: self.coordinator.in_flight(),
                 last_durable: self.coordinator.last_durable(),
+                refused_savepoint: self.coordinator.refused_savepoint(),
                 pending_emissions: self.engine.pending_emissions(),
                 has_changes: self.engine.has_changes(),
             };

@@ -12,6 +12,9 @@ pub(crate) struct Facts {
     pub in_flight: usize,
     /// The newest durable checkpoint.
     pub last_durable: Option<CheckpointId>,
+    /// The newest checkpoint that was durable without the savepoint asked of it (its name
+    /// was taken by the time of the write).
+    pub refused_savepoint: Option<CheckpointId>,
     /// Final windows not acknowledged by the output yet.
     pub pending_emissions: usize,
     /// The state changed since the last snapshot.
@@ -69,7 +72,7 @@ impl StopSequence {
             return Step::Wait;
         }
         if let Savepoint::Taken(id) = self.savepoint {
-            if facts.last_durable != Some(id) {
+            if facts.last_durable != Some(id) || facts.refused_savepoint == Some(id) {
                 return Step::SavepointFailed(id);
             }
         }
@@ -114,6 +117,7 @@ mod tests {
         Facts {
             in_flight,
             last_durable,
+            refused_savepoint: None,
             pending_emissions: pending,
             has_changes: changes,
         }
@@ -208,5 +212,31 @@ mod tests {
             s.next(facts(0, Some(CheckpointId(1)), 0, false)),
             Step::SavepointFailed(CheckpointId(2))
         );
+    }
+
+    #[test]
+    fn a_savepoint_whose_checkpoint_was_written_without_it_fails_the_stop() {
+        let mut s = StopSequence::new(Some(Some("release".into())));
+        assert_eq!(s.next(facts(0, None, 0, false)), Step::Checkpoint);
+        s.triggered(CheckpointId(1), false);
+        assert_eq!(
+            s.next(facts(0, Some(CheckpointId(1)), 0, false)),
+            Step::Savepoint(Some("release".into()))
+        );
+        s.triggered(CheckpointId(2), true);
+        // durable, but its name was taken by the time of the write
+        let refused = Facts {
+            refused_savepoint: Some(CheckpointId(2)),
+            ..facts(0, Some(CheckpointId(2)), 0, false)
+        };
+        assert_eq!(s.next(refused), Step::SavepointFailed(CheckpointId(2)));
+        // an earlier refusal does not fail this one
+        let mut s = StopSequence::new(Some(None));
+        s.triggered(CheckpointId(3), true);
+        let earlier = Facts {
+            refused_savepoint: Some(CheckpointId(2)),
+            ..facts(0, Some(CheckpointId(3)), 0, false)
+        };
+        assert_eq!(s.next(earlier), Step::Done { savepoint: true });
     }
 }

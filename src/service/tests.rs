@@ -18,7 +18,7 @@ use super::pipeline::{Parts, Pipeline, PipelineConfig};
 use super::status::Status;
 use crate::board::StatusBoard;
 use crate::changelog::plan::Ledger;
-use crate::checkpoint::history::{History, Status as AttemptStatus};
+use crate::checkpoint::history::{History, Kind, Status as AttemptStatus};
 use crate::checkpoint::{Scheduler, SchedulerSettings, StateSpec};
 use crate::checkpoint_id::CheckpointId;
 use crate::config::{OffsetReset, OnCancel};
@@ -52,6 +52,7 @@ struct Options {
     timeout: Duration,
     dead_letters: bool,
     on_out_of_range: crate::config::OnOutOfRange,
+    on_cancel: OnCancel,
 }
 
 impl Default for Options {
@@ -69,6 +70,7 @@ impl Default for Options {
             timeout: Duration::from_secs(60),
             dead_letters: false,
             on_out_of_range: crate::config::OnOutOfRange::Fail,
+            on_cancel: OnCancel::Retain,
         }
     }
 }
@@ -157,7 +159,7 @@ impl Rig {
                 auto_offset_reset: OffsetReset::Earliest,
                 dir: "memory".into(),
                 shutdown_timeout: Duration::from_secs(20),
-                on_cancel: OnCancel::Retain,
+                on_cancel: options.on_cancel,
                 max_pending_windows: options.max_pending_windows,
                 max_future_skew_ms: 3_600_000,
                 max_memory: options.max_memory,
@@ -1064,7 +1066,22 @@ async fn a_taken_name_the_busy_store_could_not_check_is_refused_by_the_write_and
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(rig.store.written().len(), 2, "both checkpoints written");
+    let written = rig.store.written();
+    assert_eq!(written.len(), 2, "both checkpoints written");
+    assert_eq!(written[1].savepoint, None, "no savepoint made");
+    // it counts as a durable checkpoint, not a failure, and the history says what it is
+    let id = written[1].checkpoint.id;
+    assert_eq!(rig.history(id), AttemptStatus::Completed);
+    let record = rig
+        .board
+        .history()
+        .recent(100)
+        .into_iter()
+        .find(|r| r.id == id)
+        .expect("in the history");
+    assert_eq!((record.kind, record.savepoint), (Kind::Checkpoint, None));
+    assert_eq!(rig.metrics.checkpoints_failed.get(), 0);
+    assert_eq!(rig.metrics.savepoints.get(), 1);
     rig.store.set_busy(false);
     let kept = rig
         .store
@@ -1075,6 +1092,39 @@ async fn a_taken_name_the_busy_store_could_not_check_is_refused_by_the_write_and
         kept.checkpoint_id, first.checkpoint_id,
         "the first savepoint stays"
     );
+}
+
+#[tokio::test]
+async fn a_stop_whose_savepoint_the_write_refused_fails_and_keeps_its_checkpoints() {
+    // a clean stop would delete them
+    let mut rig = Rig::new(Options {
+        on_cancel: OnCancel::Delete,
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    let first = ask_savepoint(&mut rig, Some("release-12"));
+    rig.settle().await.expect("the savepoint");
+    first.await.expect("answered").expect("taken");
+    // the store is busy at both of the stop's checks of the name
+    rig.store.set_busy(true);
+    rig.record(&p(0), "b", 200);
+    let stop = ask_stop_with_savepoint(&mut rig, "release-12");
+    let stopped = rig.pipeline.stop(&mut rig.inbox).await;
+    let err = stopped.expect_err("a stop without its savepoint is not clean");
+    assert!(err.to_string().contains("stopped without it"), "{err:#}");
+    match stop.await.expect("answered") {
+        Err(CommandError::Conflict(reason)) => {
+            assert!(reason.contains("already exists"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let written = rig.store.written();
+    assert!(
+        written.len() >= 2,
+        "checkpoints deleted, or the stop's not written"
+    );
+    assert!(written[1..].iter().all(|w| w.savepoint.is_none()));
 }
 
 #[tokio::test]

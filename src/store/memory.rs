@@ -137,7 +137,7 @@ impl Checkpoints for MemoryStore {
         }
         inner.written.push(Written {
             checkpoint: cp.clone(),
-            savepoint: req.savepoint.clone(),
+            savepoint: savepoint.as_ref().map(|s| s.name.clone()),
         });
         Ok(WriteStats {
             bytes: 1,

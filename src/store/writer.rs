@@ -191,8 +191,11 @@ pub fn spawn(
                             started,
                         })
                         .map(|s| (s, started.elapsed(), checkpoint));
-                    if let (Ok(_), Some(prune)) = (&written, prune) {
-                        drop_unnamed_savepoints(&*store, &prune);
+                    // only once a new unnamed savepoint was made (its name may have been taken)
+                    if let (Ok((stats, ..)), Some(prune)) = (&written, prune) {
+                        if stats.savepoint.is_some() {
+                            drop_unnamed_savepoints(&*store, &prune);
+                        }
                     }
                     written
                 })
