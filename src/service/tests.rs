@@ -1374,6 +1374,45 @@ async fn a_checkpoint_completed_after_its_timeout_is_recorded_as_completed_not_a
 }
 
 #[tokio::test]
+async fn a_late_completion_without_its_refused_savepoint_is_recorded_as_a_checkpoint() {
+    let mut rig = Rig::new(Options {
+        timeout: Duration::from_millis(50),
+        ..Options::default()
+    });
+    rig.assign(&[p(0)]).await;
+    rig.record(&p(0), "a", 100);
+    let first = ask_savepoint(&mut rig, Some("release-13"));
+    rig.settle().await.expect("the savepoint");
+    let first = first.await.expect("answered").expect("taken");
+    // the name's check cannot see the store; the write, slower than the timeout, refuses it
+    rig.store.set_busy(true);
+    rig.store.delay_writes(Duration::from_millis(300));
+    rig.record(&p(0), "b", 200);
+    let again = ask_savepoint(&mut rig, Some("release-13"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.tick();
+    let id = first.checkpoint_id.next();
+    assert_eq!(rig.history(id), AttemptStatus::Abandoned);
+    rig.settle().await.expect("late completion");
+    assert_eq!(rig.history(id), AttemptStatus::Completed);
+    // the store's record of it, after the abandonment: a checkpoint, no savepoint
+    let completed = |rig: &Rig| {
+        rig.store
+            .attempts()
+            .into_iter()
+            .find(|r| r.id == id && r.status == AttemptStatus::Completed)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while completed(&rig).is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let record = completed(&rig).expect("the completion recorded");
+    assert_eq!((record.kind, record.savepoint), (Kind::Checkpoint, None));
+    // the requester was told when the checkpoint was abandoned
+    assert!(again.await.expect("answered").is_err());
+}
+
+#[tokio::test]
 async fn records_applied_in_batches_end_as_records_applied_one_at_a_time() {
     // two partitions, keys repeating, garbage, a record that closes a window followed by one
     // late for it, and a record of a partition no longer assigned: what each record does
