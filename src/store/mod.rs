@@ -750,6 +750,7 @@ impl Store {
 
     /// [`Store::flush`] for a caller holding [`Store::exclusive`].
     fn flush_synced(&self) -> Result<(), StoreError> {
+        debug_assert!(self.holding(), "flush_synced without the store's lock");
         self.sync_blobs()?;
         #[cfg(test)]
         self.check_synced("before a flush");
@@ -765,6 +766,7 @@ impl Store {
     /// last durable checkpoint needs before its replacement is durable (`durability`). The
     /// caller holds [`Store::exclusive`].
     fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        debug_assert!(self.holding(), "apply without the store's lock");
         self.flush_synced()?;
         #[cfg(test)]
         self.batches
@@ -781,6 +783,12 @@ impl Store {
     /// a write reads under its own hold.
     fn exclusive(&self) -> Hold<'_> {
         Hold::new(self.writes.lock(), None)
+    }
+
+    /// Whether this thread holds [`Store::exclusive`] (what writes assume, checked in debug
+    /// builds).
+    fn holding(&self) -> bool {
+        self.writes.is_owned_by_current_thread()
     }
 
     /// [`Store::exclusive`] for a read: sled's reads split and merge the nodes writes left
@@ -848,6 +856,7 @@ impl Store {
         prefix: &[u8],
         batch: &mut sled::Batch,
     ) -> Result<(usize, u64), StoreError> {
+        debug_assert!(self.holding(), "remove_prefix without the store's lock");
         let (mut keys, mut bytes) = (0usize, 0u64);
         for item in self.tree.scan_prefix(prefix) {
             let (k, v) = item?;
@@ -862,6 +871,7 @@ impl Store {
     /// deleting or importing a savepoint), with sled's log advanced first if they bring the
     /// count since the last advance to [`reclaim::ADVANCE_EVERY`] (see `reclaim`).
     fn flush_reclaiming(&self, bytes: u64) -> Result<(), StoreError> {
+        debug_assert!(self.holding(), "flush_reclaiming without the store's lock");
         self.advance_log_if_due(bytes, None);
         self.flush_synced()
     }
@@ -871,6 +881,10 @@ impl Store {
     /// lets sled delete files sooner, and the flush that follows reports a store that cannot
     /// be written.
     fn advance_log_if_due(&self, bytes: u64, id: Option<CheckpointId>) {
+        debug_assert!(
+            self.holding(),
+            "advance_log_if_due without the store's lock"
+        );
         if !self.advances.due(bytes) {
             return;
         }

@@ -78,6 +78,7 @@ impl Store {
     /// stopped, or the write failed, after versions were written ahead of it): they belong to
     /// no checkpoint, and a later one would otherwise restore them as its own.
     pub(super) fn discard_partial(&self) -> Result<(), StoreError> {
+        debug_assert!(self.holding(), "discard_partial without the store's lock");
         let Some(id) = self.partial_id()? else {
             return Ok(());
         };

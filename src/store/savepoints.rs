@@ -37,6 +37,7 @@ impl Store {
         batch: &mut sled::Batch,
         bytes: &mut u64,
     ) -> Result<SavepointMeta, StoreError> {
+        debug_assert!(self.holding(), "savepoint_batch without the store's lock");
         if self.tree.contains_key(savepoint_meta_key(name))? {
             return Err(StoreError::SavepointExists {
                 name: name.to_string(),

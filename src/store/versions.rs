@@ -464,6 +464,7 @@ impl Store {
         new: CheckpointId,
         batch: &mut sled::Batch,
     ) -> Result<Vec<CheckpointId>, StoreError> {
+        debug_assert!(self.holding(), "apply_retention without the store's lock");
         let mut ids: Vec<CheckpointId> = Vec::new();
         for k in self.tree.scan_prefix(CHECKPOINT_PREFIX).keys() {
             if let Some(id) = decode_id_key(CHECKPOINT_PREFIX, &k?) {
@@ -501,6 +502,7 @@ impl Store {
         newest: CheckpointId,
         batch: &mut sled::Batch,
     ) -> Result<(), StoreError> {
+        debug_assert!(self.holding(), "trim_history without the store's lock");
         let keep = self.retention.history.max(1);
         if newest.0 < keep {
             return Ok(());
