@@ -201,7 +201,7 @@ pub struct Store {
     advances: reclaim::Advances,
     /// The syncs sled's flush leaves undone (`durability`); none for a migrated copy made for
     /// inspection, which is thrown away.
-    durability: Option<durability::Durability>,
+    durability: Option<std::sync::Arc<durability::Durability>>,
     /// Held by every write and every read, so that one thread uses the tree at a time: sled's
     /// reads write too (`durability`). Reentrant: a write reads under the same hold; the count
     /// is how deep the holding thread's holds are nested.
@@ -440,7 +440,7 @@ impl Store {
             owner: None,
             batch_bytes: partial::BATCH_BYTES,
             advances: reclaim::Advances::default(),
-            durability: Some(durability::Durability::new(path)),
+            durability: Some(std::sync::Arc::new(durability::Durability::new(path))),
             writes: parking_lot::ReentrantMutex::default(),
             #[cfg(test)]
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -795,14 +795,14 @@ impl Store {
     /// over- or underfull, writing them out, so once the outermost hold ends the blob files a
     /// read wrote are synced (`durability`).
     fn reading(&self) -> Hold<'_> {
-        Hold::new(self.writes.lock(), self.durability.as_ref())
+        Hold::new(self.writes.lock(), self.durability.as_deref())
     }
 
     /// Savepoint `name`, or `None` if another thread still reads or writes the store after
     /// [`SAVEPOINT_CHECK_WAIT`]: the record path's check that a name is free.
     pub fn savepoint_now(&self, name: &str) -> Option<Result<SavepointMeta, StoreError>> {
         let held = self.writes.try_lock_for(SAVEPOINT_CHECK_WAIT)?;
-        let _reading = Hold::new(held, self.durability.as_ref());
+        let _reading = Hold::new(held, self.durability.as_deref());
         Some(self.savepoint(name))
     }
 
@@ -810,7 +810,7 @@ impl Store {
     /// store (a checkpoint's write takes seconds at millions of keys): for callers that must
     /// not wait, such as the gauges published on the record path's tick.
     pub fn checkpoint_ids_now(&self) -> Option<Result<Vec<CheckpointId>, StoreError>> {
-        let _reading = Hold::new(self.writes.try_lock()?, self.durability.as_ref());
+        let _reading = Hold::new(self.writes.try_lock()?, self.durability.as_deref());
         Some(self.checkpoint_ids())
     }
 

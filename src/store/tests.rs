@@ -1250,6 +1250,18 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
     );
 }
 
+/// How many batches `store` applied and how many times it synced sled's log, so far.
+fn batches_and_log_syncs(store: &Store) -> (usize, usize) {
+    let d = store.durability.as_ref().expect("a store syncs");
+    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed);
+    (batches, d.log_syncs())
+}
+
+/// The counts of [`batches_and_log_syncs`] between `before` and `after`.
+fn since(before: (usize, usize), after: (usize, usize)) -> (usize, usize) {
+    (after.0 - before.0, after.1 - before.1)
+}
+
 #[test]
 fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1259,8 +1271,8 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     // no log advances: their own syncs would blur the count below
     store.advances = super::reclaim::Advances::new(u64::MAX);
     let d = store.durability.as_ref().expect("a store syncs");
-    let (checks, log_syncs) = (d.checks(), d.log_syncs());
-    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let checks = d.checks();
+    let before = batches_and_log_syncs(&store);
     // every batch and flush checks, in the test build, that no blob file on disk is unsynced
     // (`Store::check_synced`): before each batch (its flush) and after it, before each flush
     write_large_versions(&store, 4);
@@ -1269,12 +1281,11 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     assert!(d.checks() >= checks + 4 * 3, "{} checks", d.checks());
     // the log synced before every batch (everything before it durable before sled may reuse
     // the segments it frees) and after every checkpoint's flush
-    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed) - batches;
+    let (batches, log_syncs) = since(before, batches_and_log_syncs(&store));
     assert!(batches > 4, "{batches} batches: none written ahead");
     assert!(
-        d.log_syncs() - log_syncs >= batches + 4,
-        "{} log syncs for {batches} batches and 4 checkpoints",
-        d.log_syncs() - log_syncs
+        log_syncs >= batches + 4,
+        "{log_syncs} log syncs for {batches} batches and 4 checkpoints"
     );
     // the log file synced at the length it has after the last flush
     let len = std::fs::metadata(dir.path().join("db")).expect("log").len();
@@ -1287,22 +1298,15 @@ fn the_log_is_synced_before_it_is_advanced() {
     let mut store = open(&dir, 2);
     // advanced at every checkpoint
     store.advances = super::reclaim::Advances::new(0);
-    let log_syncs = store
-        .durability
-        .as_ref()
-        .expect("a store syncs")
-        .log_syncs();
-    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let before = batches_and_log_syncs(&store);
     write_large_versions(&store, 4);
     assert!(advanced(&store), "the log was not advanced");
-    let batches = store.batches.load(std::sync::atomic::Ordering::Relaxed) - batches;
+    let (batches, log_syncs) = since(before, batches_and_log_syncs(&store));
     // before each batch, before each advance (its filler may reuse the segments the batch
     // freed), after each flush
-    let d = store.durability.as_ref().expect("a store syncs");
     assert!(
-        d.log_syncs() - log_syncs >= batches + 2 * 4,
-        "{} log syncs for {batches} batches and 4 advanced checkpoints",
-        d.log_syncs() - log_syncs
+        log_syncs >= batches + 2 * 4,
+        "{log_syncs} log syncs for {batches} batches and 4 advanced checkpoints"
     );
 }
 
@@ -1394,6 +1398,31 @@ fn a_read_that_splits_a_node_a_write_left_overfull_syncs_the_blob_file_it_wrote(
     // synced as the read's hold ended, not left for the next write's pass
     let d = store.durability.as_ref().expect("a store syncs");
     d.assert_all_synced("after a read");
+}
+
+#[test]
+fn a_store_flushes_and_syncs_what_it_holds_as_it_closes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 2);
+    let d = std::sync::Arc::clone(store.durability.as_ref().expect("a store syncs"));
+    // an attempt recorded without a flush: durable only once the store closes
+    let record = CheckpointRecord::from_meta(&meta_of(&sample()[0], 0, 0), Status::Failed);
+    store.record_attempt(&record, false).expect("record");
+    let syncs = d.log_syncs();
+    drop(store);
+    assert!(
+        d.log_syncs() > syncs,
+        "the log was not synced as the store closed"
+    );
+    let len = std::fs::metadata(dir.path().join("db")).expect("log").len();
+    assert_eq!(
+        d.log_synced_len(),
+        Some(len),
+        "synced before the log's last write"
+    );
+    // and the attempt is there when the store opens again
+    let store = open(&dir, 2);
+    assert!(store.attempt(record.id).expect("attempt").is_some());
 }
 
 #[test]
