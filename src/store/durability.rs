@@ -25,13 +25,14 @@
 //! and a split writes a node out, to a blob file when it is large; so a read writes only
 //! between two of the store's writes, and as its outermost hold ends the store syncs any blob
 //! file written since the store opened that no pass synced (`Durability::sync_blobs_if_new`),
-//! before anything else can write the records pointing at it. A record that a read's own later write seals into a full log buffer goes
-//! out at once, moments before that sync (a node pointing at a missing file if the machine
-//! crashes in between): sled 0.34 gives no way to hold it back. A blob file still being
-//! written when a pass lists it (sled's own threads only delete) is synced again on the next
-//! pass if its length changed since. After each flush the store syncs the log file
-//! itself (`fdatasync`: its bytes and length, through the device's cache). It also flushes
-//! and syncs everything written so far before each batch and before it advances the log
+//! before anything else can write the records pointing at it. A record that a read's own
+//! later write seals into a full log buffer goes out at once, moments before that sync (a
+//! node pointing at a missing file if the machine crashes in between): sled 0.34 gives no way
+//! to hold it back. A blob file still being written when a pass lists it (sled's own threads
+//! only delete) is synced again on the next pass if its length changed since. After each
+//! flush the store syncs the log file itself (`fdatasync`: its bytes and length, through the
+//! device's cache). It also flushes and syncs everything written so far before each batch
+//! and before it advances the log
 //! (`reclaim`): sled reuses a log segment once the writes that replaced what it held passed
 //! its own `sync_file_range`, which may leave them in the device's cache, so a batch's or the
 //! filler's writes could otherwise overwrite on the disk what the last durable checkpoint
@@ -106,14 +107,19 @@ fn naming(e: std::io::Error, what: &str, path: &Path) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
-/// The names of the blob files in the sled database in `dir` that parse as log sequence
-/// numbers (`None` for any other entry); nothing when the directory cannot be listed.
-fn blob_names(dir: &Path) -> impl Iterator<Item = Option<u64>> {
+/// The log sequence number a blob file is named by; `None` for anything that is not sled's.
+fn lsn_of(entry: &std::fs::DirEntry) -> Option<u64> {
+    entry.file_name().to_str()?.parse::<u64>().ok()
+}
+
+/// The log sequence numbers of the blob files in the sled database in `dir`; none when the
+/// directory cannot be listed.
+fn blob_names(dir: &Path) -> impl Iterator<Item = u64> {
     std::fs::read_dir(dir.join("blobs"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+        .filter_map(|entry| lsn_of(&entry))
 }
 
 /// Opens `path` for a sync.
@@ -126,7 +132,7 @@ impl Durability {
     pub(super) fn new(dir: &Path) -> Self {
         Durability {
             dir: dir.to_path_buf(),
-            opened_at: blob_names(dir).flatten().max().unwrap_or(0),
+            opened_at: blob_names(dir).max().unwrap_or(0),
             state: Mutex::default(),
             #[cfg(test)]
             log_syncs: Default::default(),
@@ -151,9 +157,7 @@ impl Durability {
             let mut count = 0;
             for entry in entries {
                 let entry = entry.map_err(listing)?;
-                // sled names its blob files by log sequence number; anything else is not sled's
-                let name = entry.file_name();
-                let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                let Some(lsn) = lsn_of(&entry) else {
                     continue;
                 };
                 let path = entry.path();
@@ -200,7 +204,7 @@ impl Durability {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             names
                 .flatten()
-                .filter_map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+                .filter_map(|entry| lsn_of(&entry))
                 .any(|lsn| lsn > self.opened_at && !state.synced.contains_key(&lsn))
         };
         if new {
@@ -265,8 +269,7 @@ impl Durability {
             return;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            if let Some(lsn) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(lsn) = lsn_of(&entry) {
                 let len = match entry.metadata() {
                     Ok(m) => m.len(),
                     // deleted since the listing (sled removes replaced files from its own
