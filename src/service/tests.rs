@@ -313,13 +313,30 @@ impl Rig {
     }
 
     fn history(&self, id: CheckpointId) -> AttemptStatus {
+        self.attempt(id).status
+    }
+
+    /// The in-memory history's record of attempt `id`.
+    fn attempt(&self, id: CheckpointId) -> crate::checkpoint::history::CheckpointRecord {
         self.board
             .history()
             .recent(100)
             .into_iter()
             .find(|r| r.id == id)
-            .map(|r| r.status)
             .expect("attempt in the history")
+    }
+
+    /// The attempt records the writer persisted, once `done` holds of them or 10 s passed (the
+    /// writer records them off the loop).
+    async fn persisted_once(
+        &self,
+        done: impl Fn(&[crate::checkpoint::history::CheckpointRecord]) -> bool,
+    ) -> Vec<crate::checkpoint::history::CheckpointRecord> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done(&self.store.attempts()) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.store.attempts()
     }
 }
 
@@ -1072,13 +1089,7 @@ async fn a_taken_name_the_busy_store_could_not_check_is_refused_by_the_write_and
     // it counts as a durable checkpoint, not a failure, and the history says what it is
     let id = written[1].checkpoint.id;
     assert_eq!(rig.history(id), AttemptStatus::Completed);
-    let record = rig
-        .board
-        .history()
-        .recent(100)
-        .into_iter()
-        .find(|r| r.id == id)
-        .expect("in the history");
+    let record = rig.attempt(id);
     assert_eq!((record.kind, record.savepoint), (Kind::Checkpoint, None));
     assert_eq!(rig.metrics.checkpoints_failed.get(), 0);
     assert_eq!(rig.metrics.savepoints.get(), 1);
@@ -1355,20 +1366,16 @@ async fn a_checkpoint_completed_after_its_timeout_is_recorded_as_completed_not_a
     assert_eq!(rig.history(CheckpointId(1)), AttemptStatus::Completed);
     // the store's history too, after the abandonment it recorded first (the writer works in
     // order)
-    let persisted = |rig: &Rig| -> Vec<AttemptStatus> {
-        rig.store
-            .attempts()
+    let of_1 = |records: &[crate::checkpoint::history::CheckpointRecord]| -> Vec<AttemptStatus> {
+        records
             .iter()
             .filter(|r| r.id == CheckpointId(1))
             .map(|r| r.status)
             .collect()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while persisted(&rig).len() < 2 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let persisted = rig.persisted_once(|r| of_1(r).len() >= 2).await;
     assert_eq!(
-        persisted(&rig),
+        of_1(&persisted),
         vec![AttemptStatus::Abandoned, AttemptStatus::Completed]
     );
 }
@@ -1396,17 +1403,14 @@ async fn a_late_completion_without_its_refused_savepoint_is_recorded_as_a_checkp
     rig.settle().await.expect("late completion");
     assert_eq!(rig.history(id), AttemptStatus::Completed);
     // the store's record of it, after the abandonment: a checkpoint, no savepoint
-    let completed = |rig: &Rig| {
-        rig.store
-            .attempts()
-            .into_iter()
-            .find(|r| r.id == id && r.status == AttemptStatus::Completed)
+    let completed = |r: &crate::checkpoint::history::CheckpointRecord| {
+        r.id == id && r.status == AttemptStatus::Completed
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while completed(&rig).is_none() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let record = completed(&rig).expect("the completion recorded");
+    let persisted = rig.persisted_once(|r| r.iter().any(completed)).await;
+    let record = persisted
+        .into_iter()
+        .find(completed)
+        .expect("the completion recorded");
     assert_eq!((record.kind, record.savepoint), (Kind::Checkpoint, None));
     // the requester was told when the checkpoint was abandoned
     assert!(again.await.expect("answered").is_err());

@@ -352,8 +352,8 @@ impl Store {
             batch.remove(META_PARTIAL);
             batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         }
-        // a name taken since the request was checked (an import, or a check the record path
-        // could not make while the store was busy): the checkpoint is written without it
+        // a name taken that the record path could not check (the store was busy): the
+        // checkpoint is written without the savepoint
         let (savepoint, savepoint_refused) = match &req.savepoint {
             None => (None, None),
             Some(name) if self.tree.contains_key(savepoint_meta_key(name))? => {
