@@ -8,8 +8,10 @@ use crate::engine::{GroupId, StateKey};
 use crate::position::Partition;
 
 /// `g/<aggregation><scope><group><checkpoint id>` -> the group's whole content as of that
-/// checkpoint (entry count, u32 BE, then the group blob), or an empty value for a group that
-/// emptied there.
+/// checkpoint (entry count, u32 BE, then the group blob), sealed, in the checkpoint's pack
+/// file, and here where it lies there (`packs::Locator`, sealed); or an empty value for a group
+/// that emptied there. Formats before 6 held the content here, and a store migrated from one
+/// keeps it so until a checkpoint writes the group again.
 pub const GROUP_PREFIX: &[u8] = b"g/";
 /// `gc/<id>` -> the group version keys that become garbage once checkpoint `id` is the oldest
 /// retained one.
@@ -60,7 +62,7 @@ pub mod v4 {
 use v4::VERSION_PREFIX;
 
 /// Version of everything this build writes. Bump with a migration when the layout changes.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 fn i64_sortable(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()

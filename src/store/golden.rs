@@ -440,6 +440,70 @@ fn every_fixture_store_restores_its_recorded_state() {
 }
 
 #[test]
+fn a_format_5_store_writes_new_versions_into_packs_and_still_restores_those_it_held() {
+    let dir = fixtures_root().join("v5");
+    let expected = expected_of(&dir);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&dir.join("store"), tmp.path()).expect("copy fixture store");
+    let store = Store::open(tmp.path(), super::Open::Create).expect("open");
+    assert_eq!(
+        store.format_version().expect("version"),
+        Some(FORMAT_VERSION)
+    );
+    // a checkpoint on top of the newest that writes one of its groups again, unchanged: its
+    // restore reads that group from its pack and every other from sled
+    let head = store.head().expect("head").expect("a checkpoint");
+    let (meta, state) = store.load_checkpoint(head).expect("load");
+    let live = state.entries.len() as u64;
+    let group =
+        crate::engine::group::group_entries(&store.layout().expect("layout"), state.entries)
+            .into_iter()
+            .next()
+            .expect("a group");
+    let id = store.next_id().expect("next id");
+    let c = Checkpoint {
+        id,
+        base: Some(head),
+        trigger_ms: 1_700_000_000_000,
+        spec: meta.spec.clone(),
+        delta: StateDelta {
+            full: false,
+            partitions: meta.partitions.clone(),
+            watermark: meta.watermark,
+            groups: vec![group],
+            entries: live,
+            records: 0,
+        },
+    };
+    store
+        .write(&WriteRequest {
+            checkpoint: &c,
+            record: CheckpointRecord::from_meta(&meta_of(&c, 5, 100), Status::InProgress),
+            savepoint: None,
+            started: Instant::now(),
+        })
+        .expect("write");
+    assert!(
+        tmp.path()
+            .join(super::packs::PACKS_DIR)
+            .join(id.0.to_string())
+            .is_file(),
+        "no pack for checkpoint {id}"
+    );
+    let (new_meta, restored) = store.load_checkpoint(id).expect("load the new checkpoint");
+    let want = &expected["checkpoints"][head.to_string()];
+    assert_eq!(&describe(&new_meta.spec, &restored), want);
+    // the checkpoints the fixture recorded restore as they did
+    let recorded = expected["checkpoints"].as_object().expect("checkpoints");
+    for (old, want) in recorded {
+        let (m, s) = store
+            .load_checkpoint(CheckpointId(old.parse().expect("id")))
+            .expect("load");
+        assert_eq!(&describe(&m.spec, &s), want, "checkpoint {old}");
+    }
+}
+
+#[test]
 fn every_fixture_savepoint_file_imports_and_restores_its_recorded_state() {
     for dir in fixture_dirs() {
         let expected: Value = serde_json::from_str(

@@ -85,6 +85,21 @@ pub(super) fn upgrade(store: &Store, found: u32) -> Result<(), StoreError> {
     if found <= 4 {
         from_v4(store)?;
     }
+    if found <= 5 {
+        from_v5(store)?;
+    }
+    Ok(())
+}
+
+/// Format 5 to 6: the group versions' values move to pack files as checkpoints write them
+/// (`packs`); those sled holds are read as before, so only the stamp changes (a build that
+/// reads format 5 would take a value in a pack for a damaged group).
+fn from_v5(store: &Store) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(META_VERSION, &6u32.to_be_bytes());
+    store.apply(batch)?;
+    store.flush_synced()?;
+    store.log_migration(5, 6);
     Ok(())
 }
 

@@ -15,6 +15,7 @@ mod legacy;
 pub(crate) mod memory;
 mod migrate;
 mod owner;
+mod packs;
 mod partial;
 pub mod portable;
 mod reclaim;
@@ -80,6 +81,8 @@ pub enum StoreError {
     NeedsMigration { path: PathBuf, found: u32 },
     #[error("checkpoint store I/O failed: {0}")]
     Io(#[from] sled::Error),
+    #[error("checkpoint store I/O failed: {0}")]
+    Pack(#[from] packs::PackError),
     #[error("checkpoint {checkpoint_id} cannot be applied: {source}")]
     Apply {
         checkpoint_id: CheckpointId,
@@ -199,6 +202,8 @@ pub struct Store {
     batch_bytes: usize,
     /// When writes and removals advance sled's log (`reclaim`).
     advances: reclaim::Advances,
+    /// The files the group versions' values are in (`packs`).
+    packs: packs::Packs,
     /// The syncs sled's flush leaves undone (`durability`); none for a migrated copy made for
     /// inspection, which is thrown away.
     durability: Option<std::sync::Arc<durability::Durability>>,
@@ -212,6 +217,10 @@ pub struct Store {
     /// Tests: how many batches `apply` applied.
     #[cfg(test)]
     batches: std::sync::atomic::AtomicUsize,
+    /// Tests: group versions written into sled, as formats before 6 did (a store migrated
+    /// from one holds them so until its groups are written again), not into packs.
+    #[cfg(test)]
+    values_in_sled: bool,
 }
 
 /// How long the record path waits for the store to check that a savepoint's name is free
@@ -366,11 +375,13 @@ impl Store {
             None => builder().tempdir(),
         }
         .map_err(io)?;
-        let (db, tree) = self.copied(&scratch.path().join("store"))?;
+        let copy_dir = scratch.path().join("store");
+        let (db, tree) = self.copied(&copy_dir)?;
         let copy = Store {
             path: self.path.clone(),
             db,
             tree,
+            packs: packs::Packs::new(&copy_dir),
             retention: self.retention,
             new_groups: self.new_groups,
             scratch: Some(scratch),
@@ -383,6 +394,8 @@ impl Store {
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
             batches: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            values_in_sled: false,
         };
         copy.check_version(Migrate::InPlace)?;
         Ok(copy)
@@ -434,6 +447,7 @@ impl Store {
             path: path.to_path_buf(),
             db,
             tree,
+            packs: packs::Packs::new(path),
             retention: Retention::default(),
             new_groups: DEFAULT_GROUPS,
             scratch: None,
@@ -446,6 +460,8 @@ impl Store {
             fail_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
             batches: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            values_in_sled: false,
         })
     }
 
@@ -681,18 +697,19 @@ impl Store {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db.size_on_disk()? + self.packs.bytes()?)
     }
 
     /// Bytes of every key and value the store holds (the retained checkpoints' group versions,
-    /// metadata, history and savepoints): what a copy into a new store would hold. Reads
-    /// every value.
+    /// metadata, history and savepoints; a value in a pack counted at its length there): what
+    /// a copy into a new store would hold. Reads every value.
     pub fn held_bytes(&self) -> Result<u64, StoreError> {
         let _reading = self.reading();
         let mut bytes = 0u64;
         for item in self.tree.iter() {
             let (k, v) = item?;
-            bytes += (k.len() + v.len()) as u64;
+            let located = unseal(&v).and_then(packs::Locator::from_payload);
+            bytes += (k.len() + located.map_or(v.len(), |at| at.len as usize)) as u64;
         }
         Ok(bytes)
     }
@@ -704,12 +721,12 @@ impl Store {
     pub fn copy_to(&self, path: &Path) -> Result<u64, StoreError> {
         let (db, _) = self.copied(path)?;
         db.flush()?;
-        Ok(db.size_on_disk()?)
+        Ok(db.size_on_disk()? + packs::Packs::new(path).bytes()?)
     }
 
     /// A new sled database made at `path` (an error if one is there) holding every key and
-    /// value of this store, not flushed.
-    fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), sled::Error> {
+    /// value of this store, not flushed, with the packs linked beside it.
+    fn copied(&self, path: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
         let _reading = self.reading();
         let db = sled::Config::new()
             .path(path)
@@ -723,6 +740,7 @@ impl Store {
             let (k, v) = item?;
             tree.insert(k, v)?;
         }
+        self.packs.link_into(path)?;
         Ok((db, tree))
     }
 

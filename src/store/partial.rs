@@ -28,19 +28,21 @@ pub(super) struct Ahead {
 
 impl Store {
     /// Writes the group versions gathered in `batch` ahead of the checkpoint's last batch once
-    /// they pass `batch_bytes`, the first time with the marker that they belong to no
-    /// checkpoint yet (`META_PARTIAL`).
+    /// they pass `batch_bytes` (`before` runs first), the first time with the marker that they
+    /// belong to no checkpoint yet (`META_PARTIAL`).
     pub(super) fn write_ahead(
         &self,
         ahead: &mut Ahead,
         len: usize,
         batch: &mut sled::Batch,
         id: CheckpointId,
+        before: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         ahead.pending += len;
         if ahead.pending < self.batch_bytes {
             return Ok(());
         }
+        before()?;
         #[cfg(test)]
         if ahead.batches
             == self

@@ -280,7 +280,20 @@ fn held_bytes_follow_what_retention_keeps_and_a_copy_holds_the_same_pairs() {
             .iter()
             .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("item"))
             .collect();
-        let sum: u64 = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        // a value in a pack counted at its length there
+        let sum: u64 = pairs
+            .iter()
+            .map(|(k, v)| {
+                let located = codec::unseal(v).and_then(super::packs::Locator::from_payload);
+                (k.len() + located.map_or(v.len(), |at| at.len as usize)) as u64
+            })
+            .sum();
+        assert!(
+            pairs.iter().any(|(_, v)| codec::unseal(v)
+                .and_then(super::packs::Locator::from_payload)
+                .is_some()),
+            "no value in a pack"
+        );
         let held = store.held_bytes().expect("held");
         assert_eq!(held, sum);
         let copy = dir.path().join("copy");
@@ -295,6 +308,14 @@ fn held_bytes_follow_what_retention_keeps_and_a_copy_holds_the_same_pairs() {
             .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("item"))
             .collect();
         assert_eq!(copied, pairs);
+        // with the packs it points into: the copy restores what the store does
+        drop(db);
+        let copy = Store::open(&copy, super::Open::Existing).expect("open the copy");
+        let newest = store.head().expect("head").expect("a checkpoint");
+        assert_eq!(
+            sorted(copy.load_checkpoint(newest).expect("copy").1.entries),
+            sorted(store.load_checkpoint(newest).expect("store").1.entries)
+        );
         held
     };
     // one retained checkpoint lets the versions only older ones needed go
@@ -356,15 +377,49 @@ fn a_delta_on_the_wrong_base_changes_nothing() {
 }
 
 /// Re-seals the group version at `key` announcing `count` entries, its blob unchanged.
-fn announce(store: &Store, key: &[u8], count: u32) {
+/// Changes the value of group version `key` where it lies (`change` keeps its length): in
+/// the version's pack, or in sled.
+fn change_value(store: &Store, key: &[u8], change: impl FnOnce(&mut Vec<u8>)) {
+    use std::os::unix::fs::FileExt;
     let raw = store.tree.get(key).expect("get").expect("present");
-    let payload = codec::unseal(&raw).expect("sealed");
-    let mut changed = count.to_be_bytes().to_vec();
-    changed.extend_from_slice(&payload[4..]);
+    let (_, version) = codec::decode_group_version_key(key).expect("a group version key");
+    match codec::unseal(&raw).and_then(super::packs::Locator::from_payload) {
+        Some(at) => {
+            let path = pack_path(store, version);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("pack");
+            let mut value = vec![0; at.len as usize];
+            file.read_exact_at(&mut value, at.offset).expect("read");
+            change(&mut value);
+            assert_eq!(value.len(), at.len as usize, "a change of length");
+            file.write_all_at(&value, at.offset).expect("write");
+        }
+        None => {
+            let mut value = raw.to_vec();
+            change(&mut value);
+            store.tree.insert(key, value).expect("insert");
+        }
+    }
+}
+
+/// The pack file of checkpoint `id`'s group versions.
+fn pack_path(store: &Store, id: CheckpointId) -> std::path::PathBuf {
     store
-        .tree
-        .insert(key, codec::seal(&changed))
-        .expect("insert");
+        .path
+        .join(super::packs::PACKS_DIR)
+        .join(id.0.to_string())
+}
+
+fn announce(store: &Store, key: &[u8], count: u32) {
+    change_value(store, key, |value| {
+        let payload = codec::unseal(value).expect("sealed");
+        let mut changed = count.to_be_bytes().to_vec();
+        changed.extend_from_slice(&payload[4..]);
+        *value = codec::seal(&changed);
+    });
 }
 
 #[test]
@@ -1215,6 +1270,9 @@ fn replaced_group_versions_leave_the_disk_instead_of_piling_up_with_history() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = open(&dir, 1);
         store.advances = advances;
+        // group versions in sled, as a store migrated from format 5 holds them: large values
+        // there are what sled writes to blob files
+        store.values_in_sled = true;
         let largest = write_large_versions(&store, checkpoints);
         assert!(
             largest > (super::reclaim::SEGMENT_SIZE / 4) as u64,
@@ -1267,6 +1325,9 @@ fn every_blob_file_is_synced_around_each_batch_and_the_log_after_each_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 2);
     // versions written in batches ahead of the last one too
+    // group versions in sled, as a store migrated from format 5 holds them: large values
+    // there are what sled writes to blob files
+    store.values_in_sled = true;
     store.batch_bytes = 64 << 10;
     // no log advances: their own syncs would blur the count below
     store.advances = super::reclaim::Advances::new(u64::MAX);
@@ -1297,6 +1358,9 @@ fn the_log_is_synced_before_it_is_advanced() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir, 2);
     // advanced at every checkpoint
+    // group versions in sled, as a store migrated from format 5 holds them: large values
+    // there are what sled writes to blob files
+    store.values_in_sled = true;
     store.advances = super::reclaim::Advances::new(0);
     let before = batches_and_log_syncs(&store);
     write_large_versions(&store, 4);
@@ -1349,6 +1413,9 @@ fn a_crash_image_taken_after_advances_restores_the_newest_checkpoint() {
     let mut store = open(&dir, 2);
     store.advances = super::reclaim::Advances::new(0);
     let checkpoints = 6u64;
+    // group versions in sled, as a store migrated from format 5 holds them: large values
+    // there are what sled writes to blob files
+    store.values_in_sled = true;
     write_large_versions(&store, checkpoints);
     // the store still open, as a SIGKILL would leave it
     let image = tempfile::tempdir().expect("tempdir");
@@ -1428,7 +1495,10 @@ fn a_store_flushes_and_syncs_what_it_holds_as_it_closes() {
 #[test]
 fn a_read_waits_while_another_thread_writes_and_the_gauges_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir, 2);
+    let mut store = open(&dir, 2);
+    // group versions in sled, as a store migrated from format 5 holds them: large values
+    // there are what sled writes to blob files
+    store.values_in_sled = true;
     write_large_versions(&store, 1);
     let held = store.exclusive();
     std::thread::scope(|s| {
@@ -1518,3 +1588,5 @@ fn checkpoints_that_write_little_never_advance_the_log() {
     }
     assert!(!advanced(&store), "{:?}", store.db.tree_names());
 }
+
+mod packs;

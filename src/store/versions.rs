@@ -8,7 +8,8 @@
 //! retained checkpoint (so are the empty versions `c` wrote). A checkpoint's cost follows the
 //! groups that changed: a window closing changes one group, not a key per window.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -18,6 +19,8 @@ use super::codec::{
     savepoint_meta_key, CHECKPOINT_PREFIX, GC_PREFIX, GROUP_PREFIX, HISTORY_PREFIX, META_HEAD,
     META_PARTIAL, META_VERSION, NOTE_PREFIX,
 };
+use super::codec::{seal, unseal};
+use super::packs::{Locator, PackWriter, Read};
 use super::partial::Ahead;
 use super::FORMAT_VERSION;
 use super::{Retained, Store, StoreError, WriteStats};
@@ -299,11 +302,30 @@ impl Store {
         // versions that become garbage at `id`: inserted as gc entries, or removed at once if
         // `id` itself ends up the oldest retained checkpoint
         let mut garbage: Vec<Vec<u8>> = Vec::new();
+        // the values of the groups it changed, in its pack; sled gets where they lie
+        let mut pack: Option<PackWriter> = None;
+        // bytes of it that went into packs, not into sled
+        let mut packed: u64 = 0;
         let mut put = |batch: &mut sled::Batch, k: Vec<u8>, v: Vec<u8>| -> Result<(), StoreError> {
-            let len = k.len() + v.len();
-            bytes += len as u64;
-            batch.insert(k, v);
-            self.write_ahead(&mut ahead, len, batch, id)
+            #[cfg(test)]
+            if self.values_in_sled {
+                let len = k.len() + v.len();
+                bytes += len as u64;
+                batch.insert(k, v);
+                return self.write_ahead(&mut ahead, len, batch, id, || Ok(()));
+            }
+            let w = match &mut pack {
+                Some(w) => w,
+                None => pack.insert(self.packs.create(id.0)?),
+            };
+            let at = w.append(&v)?;
+            bytes += (k.len() + v.len()) as u64;
+            packed += v.len() as u64;
+            let located = seal(&at.to_payload());
+            let len = k.len() + located.len();
+            batch.insert(k, located);
+            // a batch written ahead points into the pack: what it points at is durable first
+            self.write_ahead(&mut ahead, len, batch, id, || Ok(w.sync()?))
         };
         let mut empty: Option<Vec<u8>> = None;
         let mut emptied = |batch: &mut sled::Batch, k: Vec<u8>| -> Result<(), StoreError> {
@@ -333,6 +355,8 @@ impl Store {
                 garbage.push(group_version_key(&g, prev));
             }
         } else {
+            let changed: HashSet<&GroupId> = cp.delta.groups.iter().map(|g| &g.id).collect();
+            let carried = self.to_carry(id, &changed)?;
             for (g, blob) in encoded(&cp.delta.groups, id) {
                 let prev = self.latest_version(&g.id, id)?;
                 if let Some(blob) = blob? {
@@ -347,6 +371,27 @@ impl Store {
                     garbage.push(vk);
                 }
             }
+            for (g, version, at) in carried {
+                match self.packs.read(version.0, at)? {
+                    Read::Value(v) => {
+                        put(&mut batch, group_version_key(&g, id), v)?;
+                        garbage.push(group_version_key(&g, version));
+                    }
+                    // left where it is: a restore that needs it reports the damage
+                    Read::Damaged(detail) => {
+                        tracing::warn!(
+                            checkpoint_id = id.0,
+                            group = g.group,
+                            version = version.0,
+                            detail,
+                            "cannot carry a damaged group version into a new pack"
+                        )
+                    }
+                }
+            }
+        }
+        if let Some(w) = &mut pack {
+            w.sync()?;
         }
         if ahead.batches > 0 {
             batch.remove(META_PARTIAL);
@@ -424,12 +469,14 @@ impl Store {
             self.trim_history(id, &mut batch)?;
         }
         self.apply(batch)?;
-        // lets sled delete the blob files checkpoints replaced (see `reclaim`)
-        self.advance_log_if_due(bytes, Some(id));
+        // lets sled delete the blob files checkpoints replaced (see `reclaim`): what went into
+        // sled counts
+        self.advance_log_if_due(bytes - packed, Some(id));
         let write = t0.elapsed();
         let t1 = Instant::now();
         self.flush_synced()?;
         let flush = t1.elapsed();
+        self.prune_packs_logged();
         // metadata only, made durable by the next flush; the checkpoint is durable already, so
         // a failure here is logged, not reported as a failed checkpoint
         stored.meta.duration_ms = req.started.elapsed().as_millis() as u64;
@@ -558,40 +605,44 @@ impl Store {
             snapshot: format!("checkpoint {id}"),
             detail,
         };
-        let mut chosen: Option<(GroupId, sled::IVec)> = None;
+        let mut chosen: Option<(GroupId, CheckpointId, sled::IVec)> = None;
         let mut entries = 0u64;
         let mut bytes = 0u64;
-        let mut finish = |chosen: Option<(GroupId, sled::IVec)>| -> Result<(), StoreError> {
-            let Some((g, raw)) = chosen else {
-                return Ok(());
+        let mut finish =
+            |chosen: Option<(GroupId, CheckpointId, sled::IVec)>| -> Result<(), StoreError> {
+                let Some((g, version, raw)) = chosen else {
+                    return Ok(());
+                };
+                let what = format!("group {} of {:?}", g.group, g.scope);
+                let raw = self
+                    .group_value(version, &raw)?
+                    .map_err(|e| unreadable(format!("{what}: {e}")))?;
+                bytes += raw.len() as u64;
+                let Some((count, blob)) =
+                    group_payload(&raw).map_err(|e| unreadable(format!("{what}: {e}")))?
+                else {
+                    return Ok(());
+                };
+                let found = sink(g, blob, count, &what).map_err(unreadable)?;
+                if found != u64::from(count) {
+                    return Err(unreadable(format!(
+                        "{what}: it should hold {count} entries but {found} were decoded"
+                    ))
+                    .into());
+                }
+                entries += found;
+                Ok(())
             };
-            bytes += raw.len() as u64;
-            let what = format!("group {} of {:?}", g.group, g.scope);
-            let Some((count, blob)) =
-                group_payload(&raw).map_err(|e| unreadable(format!("{what}: {e}")))?
-            else {
-                return Ok(());
-            };
-            let found = sink(g, blob, count, &what).map_err(unreadable)?;
-            if found != u64::from(count) {
-                return Err(unreadable(format!(
-                    "{what}: it should hold {count} entries but {found} were decoded"
-                ))
-                .into());
-            }
-            entries += found;
-            Ok(())
-        };
         for item in self.tree.scan_prefix(GROUP_PREFIX) {
             let (k, v) = item?;
             let (g, version) = decode_group_version_key(&k).ok_or_else(|| {
                 unreadable(format!("undecodable group version key {:?}", k.as_ref()))
             })?;
-            if chosen.as_ref().is_some_and(|(c, _)| *c != g) {
+            if chosen.as_ref().is_some_and(|(c, _, _)| *c != g) {
                 finish(chosen.take())?;
             }
             if version <= id {
-                chosen = Some((g, v));
+                chosen = Some((g, version, v));
             }
         }
         finish(chosen)?;
@@ -717,7 +768,98 @@ impl Store {
         batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
         self.apply(batch)?;
         self.flush_reclaiming(removed)?;
+        self.prune_packs_logged();
         Ok(count)
+    }
+
+    /// The value of group version `version` as it was encoded: `raw` itself when sled holds
+    /// it, else read from the version's pack (`packs`); why it cannot be read when its pack is
+    /// damaged.
+    fn group_value<'a>(
+        &self,
+        version: CheckpointId,
+        raw: &'a [u8],
+    ) -> Result<Result<Cow<'a, [u8]>, String>, StoreError> {
+        match unseal(raw).and_then(Locator::from_payload) {
+            None => Ok(Ok(Cow::Borrowed(raw))),
+            Some(at) => Ok(match self.packs.read(version.0, at)? {
+                Read::Value(v) => Ok(Cow::Owned(v)),
+                Read::Damaged(detail) => Err(detail),
+            }),
+        }
+    }
+
+    /// The newest versions (before checkpoint `id`) of the groups `id` does not change that
+    /// lie in a pack less than half of which stays the newest versions once `id` is written
+    /// (`changed` are the groups it writes): `id` writes them again into
+    /// its own pack, so that the old one goes once the checkpoints before `id` do. Without it,
+    /// a group that stops changing would keep a whole pack of otherwise replaced versions on
+    /// disk; with it, what the packs hold beyond what the retained checkpoints need is at most
+    /// as much again as the newest state.
+    fn to_carry(
+        &self,
+        id: CheckpointId,
+        changed: &HashSet<&GroupId>,
+    ) -> Result<Vec<(GroupId, CheckpointId, Locator)>, StoreError> {
+        let mut newest: Vec<(GroupId, CheckpointId, Option<Locator>)> = Vec::new();
+        for item in self.tree.scan_prefix(GROUP_PREFIX) {
+            let (k, v) = item?;
+            let (g, version) = decode_group_version_key(&k).ok_or_else(|| {
+                self.corrupt(format!("undecodable group version key {:?}", k.as_ref()))
+            })?;
+            if version >= id {
+                continue;
+            }
+            let at = unseal(&v).and_then(Locator::from_payload);
+            match newest.last_mut() {
+                Some(last) if last.0 == g => *last = (g, version, at),
+                _ => newest.push((g, version, at)),
+            }
+        }
+        // what stays the newest once `id` is written
+        let mut current: HashMap<u64, u64> = HashMap::new();
+        for (_, version, at) in newest.iter().filter(|(g, _, _)| !changed.contains(g)) {
+            if let Some(at) = at {
+                *current.entry(version.0).or_default() += u64::from(at.len);
+            }
+        }
+        let sparse: HashSet<u64> = self
+            .packs
+            .sizes()?
+            .into_iter()
+            .filter(|(pack, size)| current.get(pack).copied().unwrap_or(0) * 2 < *size)
+            .map(|(pack, _)| pack)
+            .collect();
+        Ok(newest
+            .into_iter()
+            .filter(|(g, version, _)| sparse.contains(&version.0) && !changed.contains(g))
+            .filter_map(|(g, version, at)| at.map(|at| (g, version, at)))
+            .collect())
+    }
+
+    /// Deletes the packs no group version points into (`packs`), once the write that removed
+    /// their last version is durable; a failure costs space only, and is logged (the next
+    /// write tries again).
+    fn prune_packs_logged(&self) {
+        debug_assert!(self.holding(), "prune_packs without the store's lock");
+        let needed = || -> Result<BTreeSet<u64>, StoreError> {
+            let mut needed = BTreeSet::new();
+            for k in self.tree.scan_prefix(GROUP_PREFIX).keys() {
+                if let Some((_, version)) = decode_group_version_key(&k?) {
+                    needed.insert(version.0);
+                }
+            }
+            Ok(needed)
+        };
+        match needed().and_then(|n| Ok(self.packs.delete_unneeded(&n)?)) {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::debug!(deleted, "deleted the packs of reclaimed group versions")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete the packs no checkpoint needs; they stay on disk until the next checkpoint")
+            }
+        }
     }
 
     /// Number of stored group versions (all checkpoints), for tests and diagnostics.
