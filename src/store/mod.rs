@@ -785,6 +785,11 @@ impl Store {
     /// caller holds [`Store::exclusive`].
     fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         debug_assert!(self.holding(), "apply without the store's lock");
+        debug_assert_eq!(
+            self.packs.unsynced(),
+            0,
+            "a batch applied while a pack it may point into is unsynced"
+        );
         self.flush_synced()?;
         #[cfg(test)]
         self.batches

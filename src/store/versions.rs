@@ -2,7 +2,9 @@
 //! reclaiming versions no retained checkpoint needs.
 //!
 //! A checkpoint `c` writes `g/<group><c>` for every group it changed, with the group's whole
-//! content (an empty value for a group that emptied), and `cp/<c>` with its metadata.
+//! content (in `c`'s pack, `packs`; an empty value for a group that emptied), for every group
+//! it carries out of a pack the others left (the same content again, in `c`'s pack of carried
+//! groups), and `cp/<c>` with its metadata.
 //! Restoring `c` takes, per group, the newest version not after `c`. The versions that
 //! checkpoint `c` supersedes are listed in `gc/<c>`: they are garbage once `c` is the oldest
 //! retained checkpoint (so are the empty versions `c` wrote). A checkpoint's cost follows the
@@ -20,7 +22,7 @@ use super::codec::{
     META_PARTIAL, META_VERSION, NOTE_PREFIX,
 };
 use super::codec::{seal, unseal};
-use super::packs::{Locator, PackWriter, Read};
+use super::packs::{Locator, PackName, PackWriter, Packs, Read};
 use super::partial::Ahead;
 use super::FORMAT_VERSION;
 use super::{Retained, Store, StoreError, WriteStats};
@@ -123,6 +125,46 @@ fn seal_group(
     Ok(super::codec::seal(&payload))
 }
 
+/// The packs a checkpoint writes (`packs`): of the groups it changed, and of those it carried.
+#[derive(Default)]
+struct NewPacks {
+    changed: Option<PackWriter>,
+    carried: Option<PackWriter>,
+}
+
+impl NewPacks {
+    /// Appends the value of a group version of checkpoint `id` to the pack it goes in.
+    fn append(
+        &mut self,
+        packs: &Packs,
+        id: CheckpointId,
+        value: &[u8],
+        carried: bool,
+    ) -> Result<Locator, StoreError> {
+        let slot = if carried {
+            &mut self.carried
+        } else {
+            &mut self.changed
+        };
+        let w = match slot {
+            Some(w) => w,
+            None => slot.insert(packs.create(PackName {
+                version: id.0,
+                carried,
+            })?),
+        };
+        Ok(w.append(value, carried)?)
+    }
+
+    /// Makes both durable, before a batch that points into them.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        for w in [&mut self.changed, &mut self.carried].into_iter().flatten() {
+            w.sync()?;
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     /// Decodes a group version's value (`what` names it in the error): its entries, empty for
     /// an emptied group.
@@ -146,7 +188,11 @@ impl Store {
     }
 
     /// The newest version of group `g` before checkpoint `before` (one seek, no iterator).
-    fn latest_version(&self, g: &GroupId, before: CheckpointId) -> Result<Latest, StoreError> {
+    pub(super) fn latest_version(
+        &self,
+        g: &GroupId,
+        before: CheckpointId,
+    ) -> Result<Latest, StoreError> {
         let _reading = self.reading();
         let prefix = group_prefix(g);
         match self.tree.get_lt(group_version_key(g, before))? {
@@ -303,10 +349,14 @@ impl Store {
         // `id` itself ends up the oldest retained checkpoint
         let mut garbage: Vec<Vec<u8>> = Vec::new();
         // the values of the groups it changed, in its pack; sled gets where they lie
-        let mut pack: Option<PackWriter> = None;
+        let mut packs = NewPacks::default();
         // bytes of it that went into packs, not into sled
         let mut packed: u64 = 0;
-        let mut put = |batch: &mut sled::Batch, k: Vec<u8>, v: Vec<u8>| -> Result<(), StoreError> {
+        let mut put = |batch: &mut sled::Batch,
+                       k: Vec<u8>,
+                       v: Vec<u8>,
+                       carried: bool|
+         -> Result<(), StoreError> {
             #[cfg(test)]
             if self.values_in_sled {
                 let len = k.len() + v.len();
@@ -314,18 +364,14 @@ impl Store {
                 batch.insert(k, v);
                 return self.write_ahead(&mut ahead, len, batch, id, || Ok(()));
             }
-            let w = match &mut pack {
-                Some(w) => w,
-                None => pack.insert(self.packs.create(id.0)?),
-            };
-            let at = w.append(&v)?;
+            let at = packs.append(&self.packs, id, &v, carried)?;
             bytes += (k.len() + v.len()) as u64;
             packed += v.len() as u64;
             let located = seal(&at.to_payload());
             let len = k.len() + located.len();
             batch.insert(k, located);
-            // a batch written ahead points into the pack: what it points at is durable first
-            self.write_ahead(&mut ahead, len, batch, id, || Ok(w.sync()?))
+            // a batch written ahead points into the packs: what it points at is durable first
+            self.write_ahead(&mut ahead, len, batch, id, || packs.sync())
         };
         let mut empty: Option<Vec<u8>> = None;
         let mut emptied = |batch: &mut sled::Batch, k: Vec<u8>| -> Result<(), StoreError> {
@@ -340,7 +386,7 @@ impl Store {
             let mut latest = self.all_latest()?;
             for (g, blob) in encoded(&cp.delta.groups, id) {
                 let Some(blob) = blob? else { continue };
-                put(&mut batch, group_version_key(&g.id, id), blob)?;
+                put(&mut batch, group_version_key(&g.id, id), blob, false)?;
                 if let Some((prev, _)) = latest.remove(&g.id) {
                     garbage.push(group_version_key(&g.id, prev));
                 }
@@ -360,7 +406,7 @@ impl Store {
             for (g, blob) in encoded(&cp.delta.groups, id) {
                 let prev = self.latest_version(&g.id, id)?;
                 if let Some(blob) = blob? {
-                    put(&mut batch, group_version_key(&g.id, id), blob)?;
+                    put(&mut batch, group_version_key(&g.id, id), blob, false)?;
                     if let Some((prev, _)) = prev {
                         garbage.push(group_version_key(&g.id, prev));
                     }
@@ -372,13 +418,18 @@ impl Store {
                 }
             }
             for (g, version, at) in carried {
-                match self.packs.read(version.0, at)? {
-                    Read::Value(v) => {
-                        put(&mut batch, group_version_key(&g, id), v)?;
+                let value = match self.packs.read(at.pack(version.0), at)? {
+                    Read::Value(v) if unseal(&v).is_some() => Ok(v),
+                    Read::Value(_) => Err("checksum mismatch".to_string()),
+                    Read::Damaged(detail) => Err(detail),
+                };
+                match value {
+                    Ok(v) => {
+                        put(&mut batch, group_version_key(&g, id), v, true)?;
                         garbage.push(group_version_key(&g, version));
                     }
                     // left where it is: a restore that needs it reports the damage
-                    Read::Damaged(detail) => {
+                    Err(detail) => {
                         tracing::warn!(
                             checkpoint_id = id.0,
                             group = g.group,
@@ -390,9 +441,7 @@ impl Store {
                 }
             }
         }
-        if let Some(w) = &mut pack {
-            w.sync()?;
-        }
+        packs.sync()?;
         if ahead.batches > 0 {
             batch.remove(META_PARTIAL);
             batch.insert(META_VERSION, &FORMAT_VERSION.to_be_bytes());
@@ -782,7 +831,7 @@ impl Store {
     ) -> Result<Result<Cow<'a, [u8]>, String>, StoreError> {
         match unseal(raw).and_then(Locator::from_payload) {
             None => Ok(Ok(Cow::Borrowed(raw))),
-            Some(at) => Ok(match self.packs.read(version.0, at)? {
+            Some(at) => Ok(match self.packs.read(at.pack(version.0), at)? {
                 Read::Value(v) => Ok(Cow::Owned(v)),
                 Read::Damaged(detail) => Err(detail),
             }),
@@ -817,13 +866,13 @@ impl Store {
             }
         }
         // what stays the newest once `id` is written
-        let mut current: HashMap<u64, u64> = HashMap::new();
+        let mut current: HashMap<PackName, u64> = HashMap::new();
         for (_, version, at) in newest.iter().filter(|(g, _, _)| !changed.contains(g)) {
             if let Some(at) = at {
-                *current.entry(version.0).or_default() += u64::from(at.len);
+                *current.entry(at.pack(version.0)).or_default() += u64::from(at.len);
             }
         }
-        let sparse: HashSet<u64> = self
+        let sparse: HashSet<PackName> = self
             .packs
             .sizes()?
             .into_iter()
@@ -832,8 +881,9 @@ impl Store {
             .collect();
         Ok(newest
             .into_iter()
-            .filter(|(g, version, _)| sparse.contains(&version.0) && !changed.contains(g))
+            .filter(|(g, _, _)| !changed.contains(g))
             .filter_map(|(g, version, at)| at.map(|at| (g, version, at)))
+            .filter(|(_, version, at)| sparse.contains(&at.pack(version.0)))
             .collect())
     }
 
@@ -842,11 +892,14 @@ impl Store {
     /// write tries again).
     fn prune_packs_logged(&self) {
         debug_assert!(self.holding(), "prune_packs without the store's lock");
-        let needed = || -> Result<BTreeSet<u64>, StoreError> {
+        let needed = || -> Result<BTreeSet<PackName>, StoreError> {
             let mut needed = BTreeSet::new();
-            for k in self.tree.scan_prefix(GROUP_PREFIX).keys() {
-                if let Some((_, version)) = decode_group_version_key(&k?) {
-                    needed.insert(version.0);
+            for item in self.tree.scan_prefix(GROUP_PREFIX) {
+                let (k, v) = item?;
+                let version = decode_group_version_key(&k).map(|(_, version)| version);
+                let at = unseal(&v).and_then(Locator::from_payload);
+                if let (Some(version), Some(at)) = (version, at) {
+                    needed.insert(at.pack(version.0));
                 }
             }
             Ok(needed)

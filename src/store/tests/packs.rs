@@ -3,34 +3,54 @@
 
 use std::collections::BTreeSet;
 
+use super::super::packs::{Locator, PackName};
 use super::*;
 
 /// The packs on disk.
-fn pack_ids(store: &Store) -> BTreeSet<u64> {
-    store.packs.ids().expect("pack ids")
+fn packs_on_disk(store: &Store) -> BTreeSet<PackName> {
+    store.packs.names().expect("pack names")
 }
 
-/// The checkpoints whose group versions sled points into their pack for.
-fn located_versions(store: &Store) -> BTreeSet<u64> {
+/// The packs sled points into.
+fn packs_pointed_at(store: &Store) -> BTreeSet<PackName> {
     let mut out = BTreeSet::new();
     for item in store.tree.scan_prefix(GROUP_PREFIX) {
         let (k, v) = item.expect("item");
         let (_, version) = codec::decode_group_version_key(&k).expect("a group version key");
-        if codec::unseal(&v)
-            .and_then(super::super::packs::Locator::from_payload)
-            .is_some()
-        {
-            out.insert(version.0);
+        if let Some(at) = codec::unseal(&v).and_then(Locator::from_payload) {
+            out.insert(at.pack(version.0));
         }
     }
     out
 }
 
+fn changed(version: u64) -> PackName {
+    PackName {
+        version,
+        carried: false,
+    }
+}
+
+fn carried_into(version: u64) -> PackName {
+    PackName {
+        version,
+        carried: true,
+    }
+}
+
+/// The version of `k`'s group that checkpoint `id` restores.
+fn version_of(store: &Store, k: &StateKey, id: u64) -> Option<u64> {
+    let g = group_of(&SPREAD, k);
+    store
+        .latest_version(&g, CheckpointId(id + 1))
+        .expect("latest")
+        .map(|(v, _)| v.0)
+}
+
 /// A pack as a checkpoint that stopped between its pack and its batch leaves it.
-fn stray_pack(store: &Store, id: u64) {
-    let mut w = store.packs.create(id).expect("create");
-    w.append(b"a checkpoint that never completed")
-        .expect("append");
+fn stray_pack(store: &Store, name: PackName, len: usize) {
+    let mut w = store.packs.create(name).expect("create");
+    w.append(&vec![0xAB; len], name.carried).expect("append");
     w.sync().expect("sync");
 }
 
@@ -47,10 +67,11 @@ fn a_pack_goes_once_no_version_points_into_it_and_one_a_stopped_write_left_goes_
     let store = open(&dir, 2);
     let mut line = Line::new(SPREAD);
     let names = ["a", "b", "c", "d"];
-    // a checkpoint far ahead that stopped after writing its pack
-    stray_pack(&store, 50);
-    // and one of the id the store writes next
-    stray_pack(&store, 7);
+    // a checkpoint far ahead that stopped after writing its packs
+    stray_pack(&store, changed(50), 10);
+    stray_pack(&store, carried_into(50), 10);
+    // and one of the id the store writes next, longer than what that write puts there
+    stray_pack(&store, changed(1), 1 << 16);
     let mut states = BTreeMap::new();
     for id in 1..=7u64 {
         let base = (id > 1).then(|| id - 1);
@@ -58,20 +79,33 @@ fn a_pack_goes_once_no_version_points_into_it_and_one_a_stopped_write_left_goes_
         write(&store, &c, None).expect("write");
         states.insert(id, sorted(line.state.clone().into_iter().collect()));
         // every pack on disk has versions pointing into it, and every version its pack
-        assert_eq!(pack_ids(&store), located_versions(&store), "after {id}");
+        assert_eq!(
+            packs_on_disk(&store),
+            packs_pointed_at(&store),
+            "after {id}"
+        );
+        if id == 1 {
+            let len = std::fs::metadata(pack_path(&store, CheckpointId(1)))
+                .expect("pack 1")
+                .len();
+            assert!(len < 1 << 16, "pack 1 kept the stray bytes: {len}");
+        }
     }
-    assert_eq!(pack_ids(&store), BTreeSet::from([6, 7]));
+    assert_eq!(
+        packs_on_disk(&store),
+        BTreeSet::from([changed(6), changed(7)])
+    );
     for id in [6, 7] {
         let (_, restored) = store.load_checkpoint(CheckpointId(id)).expect("load");
         assert_eq!(sorted(restored.entries), states[&id], "checkpoint {id}");
     }
     // deleting the checkpoints deletes their packs
     store.delete_checkpoints().expect("delete");
-    assert_eq!(pack_ids(&store), BTreeSet::new());
+    assert_eq!(packs_on_disk(&store), BTreeSet::new());
 }
 
 #[test]
-fn a_group_that_stops_changing_is_carried_out_of_a_pack_the_others_left() {
+fn a_group_that_stops_changing_is_carried_once_out_of_a_pack_the_others_left() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 1);
     let mut line = Line::new(SPREAD);
@@ -89,9 +123,15 @@ fn a_group_that_stops_changing_is_carried_out_of_a_pack_the_others_left() {
             id as i64,
         );
         write(&store, &c, None).expect("write");
-        // the newest checkpoint alone is retained: its pack alone is on disk, the group that
-        // stopped changing carried into it from the pack the others left
-        assert_eq!(pack_ids(&store), BTreeSet::from([id]), "after {id}");
+        // the newest checkpoint alone is retained: on disk, its pack and the one the group that
+        // stopped changing was carried into at checkpoint 2 (pack 1, the others left, gone),
+        // where it stays while it does not change
+        assert_eq!(
+            packs_on_disk(&store),
+            BTreeSet::from([carried_into(2), changed(id)]),
+            "after {id}"
+        );
+        assert_eq!(version_of(&store, &key(0, 0, "still"), id), Some(2));
         let (_, restored) = store.load_checkpoint(CheckpointId(id)).expect("load");
         assert_eq!(
             sorted(restored.entries),
@@ -99,7 +139,49 @@ fn a_group_that_stops_changing_is_carried_out_of_a_pack_the_others_left() {
             "checkpoint {id}"
         );
     }
-    assert!(line.state.contains_key(&key(0, 0, "still")));
+}
+
+#[test]
+fn a_carried_from_pack_goes_once_the_checkpoint_that_carried_out_of_it_is_the_oldest_retained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 3);
+    let mut line = Line::new(SPREAD);
+    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let mut first = keys_at(1, &moving);
+    first.extend(keys_at(1, &["still"]));
+    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    let mut states = BTreeMap::from([(1, sorted(line.state.clone().into_iter().collect()))]);
+    for id in 2..=5u64 {
+        let c = line.cp(
+            id,
+            Some(id - 1),
+            false,
+            keys_at(id, &moving),
+            vec![],
+            id as i64,
+        );
+        write(&store, &c, None).expect("write");
+        states.insert(id, sorted(line.state.clone().into_iter().collect()));
+        // every retained checkpoint restores, those before the carry from the old pack
+        for (retained, want) in states.range(id.saturating_sub(2)..=id) {
+            let (_, restored) = store
+                .load_checkpoint(CheckpointId(*retained))
+                .expect("load");
+            assert_eq!(
+                &sorted(restored.entries),
+                want,
+                "checkpoint {retained} after {id}"
+            );
+        }
+        // pack 1 stays while checkpoint 1 is retained, and goes with it (checkpoint 2 carried
+        // what it still needed from there)
+        assert_eq!(
+            packs_on_disk(&store).contains(&changed(1)),
+            id < 4,
+            "pack 1 after {id}"
+        );
+        assert_eq!(version_of(&store, &key(0, 0, "still"), id), Some(2));
+    }
 }
 
 #[test]
@@ -117,8 +199,11 @@ fn a_pack_mostly_of_newest_versions_is_left_in_place() {
     // one group of four changes: three quarters of pack 1 are still the newest versions
     let c = line.cp(2, Some(1), false, keys_at(2, &["k0"]), vec![], 2);
     write(&store, &c, None).expect("write");
-    assert_eq!(pack_ids(&store), BTreeSet::from([1, 2]));
-    assert_eq!(located_versions(&store), BTreeSet::from([1, 2]));
+    assert_eq!(
+        packs_on_disk(&store),
+        BTreeSet::from([changed(1), changed(2)])
+    );
+    assert_eq!(version_of(&store, &key(0, 0, "k1"), 2), Some(1));
 }
 
 #[test]
@@ -128,7 +213,10 @@ fn a_damaged_or_missing_pack_makes_the_checkpoints_needing_it_unreadable_not_old
     for c in &sample() {
         write(&store, c, None).expect("write");
     }
-    let version = codec::group_version_key(&group_of(&SPREAD, &key(2, 7, "c/d")), CheckpointId(2));
+    let damaged = key(2, 7, "c/d");
+    let version = codec::group_version_key(&group_of(&SPREAD, &damaged), CheckpointId(2));
+    // checkpoint 3 restores the version checkpoint 2 wrote (not one it carried)
+    assert_eq!(version_of(&store, &damaged, 3), Some(2));
     let unreadable = |store: &Store, want: &str| {
         for id in [2, 3] {
             match store.load_checkpoint(CheckpointId(id)) {
@@ -154,4 +242,34 @@ fn a_damaged_or_missing_pack_makes_the_checkpoints_needing_it_unreadable_not_old
     drop(store);
     let store = open(&dir, 3);
     unreadable(&store, "missing");
+}
+
+#[test]
+fn a_damaged_version_is_left_where_it_is_rather_than_carried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 1);
+    let mut line = Line::new(SPREAD);
+    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let mut first = keys_at(1, &moving);
+    first.extend(keys_at(1, &["still"]));
+    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    let still = key(0, 0, "still");
+    change_value(
+        &store,
+        &codec::group_version_key(&group_of(&SPREAD, &still), CheckpointId(1)),
+        |v| {
+            let last = v.len() - 1;
+            v[last] ^= 0x55;
+        },
+    );
+    let c = line.cp(2, Some(1), false, keys_at(2, &moving), vec![], 2);
+    write(&store, &c, None).expect("write");
+    // not copied into a new pack with a good seal over it: checkpoint 2 still points at the
+    // damaged version, and its restore says so
+    assert_eq!(version_of(&store, &still, 2), Some(1));
+    assert!(!packs_on_disk(&store).contains(&carried_into(2)));
+    match store.load_checkpoint(CheckpointId(2)) {
+        Err(StoreError::Unreadable(u)) => assert!(u.detail.contains("checksum"), "{}", u.detail),
+        other => panic!("{other:?}"),
+    }
 }
