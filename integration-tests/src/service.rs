@@ -448,7 +448,13 @@ impl Service {
 
     /// `GET path`, which must answer 200 with JSON.
     pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        let response = self.get(path)?;
+        self.get_json_within(path, HTTP_TIMEOUT)
+    }
+
+    /// [`Service::get_json`], answered within `timeout`.
+    pub fn get_json_within(&self, path: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let response = http::get(self.addr()?, path, timeout)
+            .with_context(|| format!("{}: GET {path}", self.name))?;
         if response.status != 200 {
             bail!(
                 "{}: GET {path} returned {}: {}",
@@ -462,7 +468,18 @@ impl Service {
 
     /// The attempts of `GET /api/checkpoints?limit=LIMIT` (newest first), as JSON records.
     pub fn api_checkpoints(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
-        let page = self.get_json(&format!("/api/checkpoints?limit={limit}"))?;
+        self.api_checkpoints_within(limit, HTTP_TIMEOUT)
+    }
+
+    /// [`Service::api_checkpoints`], answered within `timeout`: the listing waits for a
+    /// checkpoint being written (docs/checkpoints.md), which on a slow disk takes several
+    /// slow syncs.
+    pub fn api_checkpoints_within(
+        &self,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>> {
+        let page = self.get_json_within(&format!("/api/checkpoints?limit={limit}"), timeout)?;
         page.get("checkpoints")
             .and_then(|c| c.as_array())
             .cloned()

@@ -51,12 +51,13 @@ fn run(seed: u64) -> Result<()> {
     broker.create_topic(&output, 1)?;
     let mut cfg = ServiceConfig::new(broker, &input, &output);
     cfg.checkpoint_extra.insert("timeout".into(), "1s".into());
-    // a checkpoint on this disk takes one slow sync per sync it makes (sled's of its log, and
-    // the store's own of the log file after the flush: docs/checkpoints.md), seconds in all, while
-    // the checkpoints triggered meanwhile are abandoned one per second: enough of those are
-    // tolerated for the one being written to complete
+    // a checkpoint on this disk takes one slow sync per sync it makes (its pack's and the pack
+    // directory's, sled's of its log, and the store's own of the log file before and after the
+    // flush: docs/checkpoints.md), six or seven, 15-18 s in all, while the checkpoints
+    // triggered meanwhile are abandoned one per second: enough of those are tolerated for the
+    // one being written, and the full one after it, to complete
     cfg.checkpoint_extra
-        .insert("tolerable_failures".into(), "20".into());
+        .insert("tolerable_failures".into(), "60".into());
     let control = tempfile::tempdir().context("control dir")?;
     let disk = SlowDisk::attach(
         &mut cfg,
@@ -109,7 +110,9 @@ fn run(seed: u64) -> Result<()> {
         "the timeout was counted:\n{}",
         metrics.text()
     );
-    let shown = service.api_checkpoints(50)?;
+    // the listing waits for the checkpoint being written: on this disk, one slow sync for each
+    // sync a write makes (its pack's, the pack directory's, sled's log's)
+    let shown = service.api_checkpoints_within(50, SLOW_SYNC * 12)?;
     let record = shown
         .iter()
         .find(|r| r["id"].as_u64() == Some(late))
