@@ -240,7 +240,7 @@ impl Metrics {
             partition_watermark: reg(&r, GaugeVec::new(Opts::new("checkpointer_partition_max_event_time_seconds", "Highest event time seen per partition (Unix time)."), &["topic", "partition"]).unwrap_or_else(|_| unreachable!("valid metric name"))),
             watermark: gauge(&r, "checkpointer_watermark_seconds", "Service event-time watermark (Unix time)."),
             ready: int_gauge(&r, "checkpointer_ready", "1 once state is restored and partitions are assigned."),
-            store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the sled checkpoint store occupies on disk."),
+            store_size: int_gauge(&r, "checkpointer_store_size_bytes", "Bytes the checkpoint store occupies on disk (sled and its pack files)."),
             checkpoint_interval: gauge(&r, "checkpointer_checkpoint_interval_seconds", "The configured checkpoint.interval (alert rules compare checkpoint age with it)."),
             build_info: int_gauge_vec(&r, "checkpointer_build_info", "Always 1; the running build's version as a label.", &["version"]),
             admin_refused,
