@@ -53,7 +53,7 @@ fn run(seed: u64) -> Result<()> {
     cfg.checkpoint_extra.insert("timeout".into(), "1s".into());
     // a checkpoint on this disk takes one slow sync per sync it makes (its pack's and the pack
     // directory's, sled's of its log, and the store's own of the log file before and after the
-    // flush: docs/checkpoints.md), six or seven, 15-18 s in all, while the checkpoints
+    // flush: docs/checkpoints.md), six to nine, 15-23 s in all, while the checkpoints
     // triggered meanwhile are abandoned one per second: enough of those are tolerated for the
     // one being written, and the full one after it, to complete
     cfg.checkpoint_extra

@@ -3,8 +3,8 @@
 //! A checkpoint appends the sealed values of the groups it changed, one after another, to a
 //! file of its own, `packs/<checkpoint id>`, and those of the groups it carries (`versions`:
 //! unchanged groups moved out of a pack the others left) to a second one,
-//! `packs/<checkpoint id>c`, so that groups which stopped changing sit together and are not
-//! moved again while they stay unchanged. Each file is made durable (`fdatasync`, then the
+//! `packs/<checkpoint id>c`, so that groups which stopped changing sit together and are moved
+//! again only once more than half of that pack was replaced. Each file is made durable (`fdatasync`, then the
 //! directory's `fsync` for its name) before the sled batch that points into it: a group
 //! version's sled value is then a [`Locator`] (which of the two files, offset and length),
 //! sealed. A pack is never changed once written. Once no group version points into a pack any
@@ -163,7 +163,7 @@ impl Packs {
         }
     }
 
-    fn path_of(&self, name: PackName) -> PathBuf {
+    pub(super) fn path_of(&self, name: PackName) -> PathBuf {
         self.dir.join(name.file_name())
     }
 
@@ -290,9 +290,12 @@ impl Packs {
         Ok(names)
     }
 
-    /// Deletes every pack not in `needed`; returns how many it deleted.
+    /// Deletes every pack not in `needed`; returns how many it deleted (or the first failure,
+    /// once every one was tried).
     pub(super) fn delete_unneeded(&self, needed: &BTreeSet<PackName>) -> Result<usize, PackError> {
         let mut deleted = 0;
+        // every one tried; the first failure reported
+        let mut failed = None;
         for name in self.names()?.difference(needed) {
             self.open.lock().remove(name);
             let path = self.path_of(*name);
@@ -300,15 +303,18 @@ impl Packs {
                 Ok(()) => deleted += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(PackError::Io {
+                    failed.get_or_insert(PackError::Io {
                         op: "delete",
                         path,
                         source,
-                    })
+                    });
                 }
             }
         }
-        Ok(deleted)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(deleted),
+        }
     }
 
     /// Bytes the packs take on disk.

@@ -385,7 +385,7 @@ fn change_value(store: &Store, key: &[u8], change: impl FnOnce(&mut Vec<u8>)) {
     let (_, version) = codec::decode_group_version_key(key).expect("a group version key");
     match codec::unseal(&raw).and_then(super::packs::Locator::from_payload) {
         Some(at) => {
-            let path = pack_path(store, version);
+            let path = store.packs.path_of(at.pack(version.0));
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

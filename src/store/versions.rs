@@ -418,18 +418,23 @@ impl Store {
                 }
             }
             for (g, version, at) in carried {
-                let value = match self.packs.read(at.pack(version.0), at)? {
-                    Read::Value(v) if unseal(&v).is_some() => Ok(v),
-                    Read::Value(_) => Err("checksum mismatch".to_string()),
-                    Read::Damaged(detail) => Err(detail),
-                };
-                match value {
-                    Ok(v) => {
+                match self.packs.read(at.pack(version.0), at)? {
+                    // byte for byte: a damaged value is carried as it is (a restore that needs
+                    // it reports the damage either way), so that it does not keep its old pack
+                    Read::Value(v) => {
+                        if unseal(&v).is_none() {
+                            tracing::warn!(
+                                checkpoint_id = id.0,
+                                group = g.group,
+                                version = version.0,
+                                "carried a damaged group version as it is: a restore that needs it reports the damage"
+                            );
+                        }
                         put(&mut batch, group_version_key(&g, id), v, true)?;
                         garbage.push(group_version_key(&g, version));
                     }
-                    // left where it is: a restore that needs it reports the damage
-                    Err(detail) => {
+                    // nothing to carry: a restore that needs it reports the damage
+                    Read::Damaged(detail) => {
                         tracing::warn!(
                             checkpoint_id = id.0,
                             group = g.group,

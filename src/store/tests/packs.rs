@@ -245,7 +245,7 @@ fn a_damaged_or_missing_pack_makes_the_checkpoints_needing_it_unreadable_not_old
 }
 
 #[test]
-fn a_damaged_version_is_left_where_it_is_rather_than_carried() {
+fn a_damaged_version_is_carried_as_it_is_and_its_old_pack_goes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 1);
     let mut line = Line::new(SPREAD);
@@ -264,12 +264,75 @@ fn a_damaged_version_is_left_where_it_is_rather_than_carried() {
     );
     let c = line.cp(2, Some(1), false, keys_at(2, &moving), vec![], 2);
     write(&store, &c, None).expect("write");
-    // not copied into a new pack with a good seal over it: checkpoint 2 still points at the
-    // damaged version, and its restore says so
-    assert_eq!(version_of(&store, &still, 2), Some(1));
-    assert!(!packs_on_disk(&store).contains(&carried_into(2)));
+    // carried byte for byte, damage and all, so that it does not keep pack 1 on disk; no new
+    // seal over it: checkpoint 2's restore reports the damage
+    assert_eq!(version_of(&store, &still, 2), Some(2));
+    assert_eq!(
+        packs_on_disk(&store),
+        BTreeSet::from([changed(2), carried_into(2)])
+    );
     match store.load_checkpoint(CheckpointId(2)) {
         Err(StoreError::Unreadable(u)) => assert!(u.detail.contains("checksum"), "{}", u.detail),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn carried_groups_move_again_only_once_more_than_half_of_their_pack_was_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 1);
+    let mut line = Line::new(SPREAD);
+    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+    let idle = ["i1", "i2", "i3", "i4"];
+    let mut first = keys_at(1, &moving);
+    first.extend(keys_at(1, &idle));
+    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    // checkpoint 2 changes the moving groups: the idle ones are carried into pack 2c
+    let c = line.cp(2, Some(1), false, keys_at(2, &moving), vec![], 2);
+    write(&store, &c, None).expect("write");
+    for k in idle {
+        assert_eq!(version_of(&store, &key(0, 0, k), 2), Some(2), "{k}");
+    }
+    // then the idle groups change one by one, the moving ones every time
+    for (id, changes) in [(3u64, "i1"), (4, "i2"), (5, "i3")] {
+        let mut up = keys_at(id, &moving);
+        up.extend(keys_at(id, &[changes]));
+        let c = line.cp(id, Some(id - 1), false, up, vec![], id as i64);
+        write(&store, &c, None).expect("write");
+        let (_, restored) = store.load_checkpoint(CheckpointId(id)).expect("load");
+        assert_eq!(
+            sorted(restored.entries),
+            sorted(line.state.clone().into_iter().collect()),
+            "checkpoint {id}"
+        );
+        if id == 3 {
+            // three quarters of pack 2c still the newest: nothing moves
+            assert_eq!(version_of(&store, &key(0, 0, "i4"), id), Some(2));
+            assert!(packs_on_disk(&store).contains(&carried_into(2)));
+        }
+    }
+    // a quarter left: the last idle group moved into pack 5c, and 2c gone (each idle group that
+    // changed was carried out of its checkpoint's pack at the next one, as the moving groups
+    // left it)
+    assert_eq!(version_of(&store, &key(0, 0, "i4"), 5), Some(5));
+    assert!(!packs_on_disk(&store).contains(&carried_into(2)));
+    assert_eq!(packs_on_disk(&store), packs_pointed_at(&store));
+}
+
+/// Debug builds (the tests', and the integration tests' binary) check what no test can see
+/// otherwise: that no batch lands while a pack it may point into is not yet durable.
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "unsynced")]
+fn a_batch_is_refused_while_a_pack_holds_an_unsynced_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, 2);
+    let mut w = store.packs.create(changed(9)).expect("create");
+    w.append(b"not yet durable", false).expect("append");
+    let mut line = Line::new(SPREAD);
+    let _ = write(
+        &store,
+        &line.cp(1, None, true, keys_at(1, &["a"]), vec![], 1),
+        None,
+    );
 }
