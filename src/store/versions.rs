@@ -8,7 +8,8 @@
 //! Restoring `c` takes, per group, the newest version not after `c`. The versions that
 //! checkpoint `c` supersedes are listed in `gc/<c>`: they are garbage once `c` is the oldest
 //! retained checkpoint (so are the empty versions `c` wrote). A checkpoint's cost follows the
-//! groups that changed: a window closing changes one group, not a key per window.
+//! groups that changed (and those it carries, over time at most as many bytes again): a
+//! window closing changes one group, not a key per window.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -348,7 +349,7 @@ impl Store {
         // versions that become garbage at `id`: inserted as gc entries, or removed at once if
         // `id` itself ends up the oldest retained checkpoint
         let mut garbage: Vec<Vec<u8>> = Vec::new();
-        // the values of the groups it changed, in its pack; sled gets where they lie
+        // the values of the groups it changes and carries, in its packs; sled gets where they lie
         let mut packs = NewPacks::default();
         // bytes of it that went into packs, not into sled
         let mut packed: u64 = 0;
