@@ -708,7 +708,7 @@ impl Store {
         let mut bytes = 0u64;
         for item in self.tree.iter() {
             let (k, v) = item?;
-            let located = unseal(&v).and_then(packs::Locator::from_payload);
+            let located = packs::Locator::in_value(&v);
             bytes += (k.len() + located.map_or(v.len(), |at| at.len as usize)) as u64;
         }
         Ok(bytes)

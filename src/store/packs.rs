@@ -110,6 +110,12 @@ impl Locator {
         out
     }
 
+    /// The locator a sled value holds, sealed; `None` for a value held in sled itself (a
+    /// group's entries, or an emptied group) and for a damaged one.
+    pub(super) fn in_value(raw: &[u8]) -> Option<Locator> {
+        super::codec::unseal(raw).and_then(Locator::from_payload)
+    }
+
     /// The locator an unsealed sled value holds; `None` for a value held in sled itself (a
     /// group's entries, or an emptied group).
     pub(super) fn from_payload(payload: &[u8]) -> Option<Locator> {
@@ -453,17 +459,17 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn changed(version: u64) -> PackName {
+    pub(in crate::store) fn changed(version: u64) -> PackName {
         PackName {
             version,
             carried: false,
         }
     }
 
-    fn carried(version: u64) -> PackName {
+    pub(in crate::store) fn carried(version: u64) -> PackName {
         PackName {
             version,
             carried: true,

@@ -284,14 +284,14 @@ fn held_bytes_follow_what_retention_keeps_and_a_copy_holds_the_same_pairs() {
         let sum: u64 = pairs
             .iter()
             .map(|(k, v)| {
-                let located = codec::unseal(v).and_then(super::packs::Locator::from_payload);
+                let located = super::packs::Locator::in_value(v);
                 (k.len() + located.map_or(v.len(), |at| at.len as usize)) as u64
             })
             .sum();
         assert!(
-            pairs.iter().any(|(_, v)| codec::unseal(v)
-                .and_then(super::packs::Locator::from_payload)
-                .is_some()),
+            pairs
+                .iter()
+                .any(|(_, v)| super::packs::Locator::in_value(v).is_some()),
             "no value in a pack"
         );
         let held = store.held_bytes().expect("held");
@@ -383,7 +383,7 @@ fn change_value(store: &Store, key: &[u8], change: impl FnOnce(&mut Vec<u8>)) {
     use std::os::unix::fs::FileExt;
     let raw = store.tree.get(key).expect("get").expect("present");
     let (_, version) = codec::decode_group_version_key(key).expect("a group version key");
-    match codec::unseal(&raw).and_then(super::packs::Locator::from_payload) {
+    match super::packs::Locator::in_value(&raw) {
         Some(at) => {
             let path = store.packs.path_of(at.pack(version.0));
             let file = std::fs::OpenOptions::new()

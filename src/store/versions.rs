@@ -835,7 +835,7 @@ impl Store {
         version: CheckpointId,
         raw: &'a [u8],
     ) -> Result<Result<Cow<'a, [u8]>, String>, StoreError> {
-        match unseal(raw).and_then(Locator::from_payload) {
+        match Locator::in_value(raw) {
             None => Ok(Ok(Cow::Borrowed(raw))),
             Some(at) => Ok(match self.packs.read(at.pack(version.0), at)? {
                 Read::Value(v) => Ok(Cow::Owned(v)),
@@ -865,7 +865,7 @@ impl Store {
             if version >= id {
                 continue;
             }
-            let at = unseal(&v).and_then(Locator::from_payload);
+            let at = Locator::in_value(&v);
             match newest.last_mut() {
                 Some(last) if last.0 == g => *last = (g, version, at),
                 _ => newest.push((g, version, at)),
@@ -903,7 +903,7 @@ impl Store {
             for item in self.tree.scan_prefix(GROUP_PREFIX) {
                 let (k, v) = item?;
                 let version = decode_group_version_key(&k).map(|(_, version)| version);
-                let at = unseal(&v).and_then(Locator::from_payload);
+                let at = Locator::in_value(&v);
                 if let (Some(version), Some(at)) = (version, at) {
                     needed.insert(at.pack(version.0));
                 }

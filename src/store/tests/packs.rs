@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use super::super::packs::tests::{carried as carried_into, changed};
 use super::super::packs::{Locator, PackName};
 use super::*;
 
@@ -17,25 +18,11 @@ fn packs_pointed_at(store: &Store) -> BTreeSet<PackName> {
     for item in store.tree.scan_prefix(GROUP_PREFIX) {
         let (k, v) = item.expect("item");
         let (_, version) = codec::decode_group_version_key(&k).expect("a group version key");
-        if let Some(at) = codec::unseal(&v).and_then(Locator::from_payload) {
+        if let Some(at) = Locator::in_value(&v) {
             out.insert(at.pack(version.0));
         }
     }
     out
-}
-
-fn changed(version: u64) -> PackName {
-    PackName {
-        version,
-        carried: false,
-    }
-}
-
-fn carried_into(version: u64) -> PackName {
-    PackName {
-        version,
-        carried: true,
-    }
 }
 
 /// The version of `k`'s group that checkpoint `id` restores.
@@ -61,6 +48,22 @@ fn keys_at(id: u64, names: &[&str]) -> Vec<(StateKey, Entry)> {
         .collect()
 }
 
+/// Keys, each in a group of its own, that every checkpoint of a test changes.
+const MOVING: [&str; 8] = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+
+/// Writes checkpoint `id` of `line` upserting `names` (at `id`): full for the first, else on
+/// the one before.
+fn write_keys(store: &Store, line: &mut Line, id: u64, names: &[&str]) {
+    let base = (id > 1).then(|| id - 1);
+    let c = line.cp(id, base, id == 1, keys_at(id, names), vec![], id as i64);
+    write(store, &c, None).expect("write");
+}
+
+/// The state after the last checkpoint `line` built, sorted.
+fn state_of(line: &Line) -> Vec<(StateKey, Entry)> {
+    sorted(line.state.clone().into_iter().collect())
+}
+
 #[test]
 fn a_pack_goes_once_no_version_points_into_it_and_one_a_stopped_write_left_goes_too() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -74,10 +77,8 @@ fn a_pack_goes_once_no_version_points_into_it_and_one_a_stopped_write_left_goes_
     stray_pack(&store, changed(1), 1 << 16);
     let mut states = BTreeMap::new();
     for id in 1..=7u64 {
-        let base = (id > 1).then(|| id - 1);
-        let c = line.cp(id, base, id == 1, keys_at(id, &names), vec![], id as i64);
-        write(&store, &c, None).expect("write");
-        states.insert(id, sorted(line.state.clone().into_iter().collect()));
+        write_keys(&store, &mut line, id, &names);
+        states.insert(id, state_of(&line));
         // every pack on disk has versions pointing into it, and every version its pack
         assert_eq!(
             packs_on_disk(&store),
@@ -109,20 +110,9 @@ fn a_group_that_stops_changing_is_carried_once_out_of_a_pack_the_others_left() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 1);
     let mut line = Line::new(SPREAD);
-    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
-    let mut first = keys_at(1, &moving);
-    first.extend(keys_at(1, &["still"]));
-    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    write_keys(&store, &mut line, 1, &[&MOVING[..], &["still"]].concat());
     for id in 2..=6u64 {
-        let c = line.cp(
-            id,
-            Some(id - 1),
-            false,
-            keys_at(id, &moving),
-            vec![],
-            id as i64,
-        );
-        write(&store, &c, None).expect("write");
+        write_keys(&store, &mut line, id, &MOVING);
         // the newest checkpoint alone is retained: on disk, its pack and the one the group that
         // stopped changing was carried into at checkpoint 2 (pack 1, the others left, gone),
         // where it stays while it does not change
@@ -133,11 +123,7 @@ fn a_group_that_stops_changing_is_carried_once_out_of_a_pack_the_others_left() {
         );
         assert_eq!(version_of(&store, &key(0, 0, "still"), id), Some(2));
         let (_, restored) = store.load_checkpoint(CheckpointId(id)).expect("load");
-        assert_eq!(
-            sorted(restored.entries),
-            sorted(line.state.clone().into_iter().collect()),
-            "checkpoint {id}"
-        );
+        assert_eq!(sorted(restored.entries), state_of(&line), "checkpoint {id}");
     }
 }
 
@@ -146,22 +132,11 @@ fn a_carried_from_pack_goes_once_the_checkpoint_that_carried_out_of_it_is_the_ol
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 3);
     let mut line = Line::new(SPREAD);
-    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
-    let mut first = keys_at(1, &moving);
-    first.extend(keys_at(1, &["still"]));
-    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
-    let mut states = BTreeMap::from([(1, sorted(line.state.clone().into_iter().collect()))]);
+    write_keys(&store, &mut line, 1, &[&MOVING[..], &["still"]].concat());
+    let mut states = BTreeMap::from([(1, state_of(&line))]);
     for id in 2..=5u64 {
-        let c = line.cp(
-            id,
-            Some(id - 1),
-            false,
-            keys_at(id, &moving),
-            vec![],
-            id as i64,
-        );
-        write(&store, &c, None).expect("write");
-        states.insert(id, sorted(line.state.clone().into_iter().collect()));
+        write_keys(&store, &mut line, id, &MOVING);
+        states.insert(id, state_of(&line));
         // every retained checkpoint restores, those before the carry from the old pack
         for (retained, want) in states.range(id.saturating_sub(2)..=id) {
             let (_, restored) = store
@@ -190,15 +165,9 @@ fn a_pack_mostly_of_newest_versions_is_left_in_place() {
     let store = open(&dir, 1);
     let mut line = Line::new(SPREAD);
     let names = ["k0", "k1", "k2", "k3"];
-    write(
-        &store,
-        &line.cp(1, None, true, keys_at(1, &names), vec![], 1),
-        None,
-    )
-    .expect("write");
+    write_keys(&store, &mut line, 1, &names);
     // one group of four changes: three quarters of pack 1 are still the newest versions
-    let c = line.cp(2, Some(1), false, keys_at(2, &["k0"]), vec![], 2);
-    write(&store, &c, None).expect("write");
+    write_keys(&store, &mut line, 2, &["k0"]);
     assert_eq!(
         packs_on_disk(&store),
         BTreeSet::from([changed(1), changed(2)])
@@ -249,10 +218,7 @@ fn a_damaged_version_is_carried_as_it_is_and_its_old_pack_goes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, 1);
     let mut line = Line::new(SPREAD);
-    let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
-    let mut first = keys_at(1, &moving);
-    first.extend(keys_at(1, &["still"]));
-    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    write_keys(&store, &mut line, 1, &[&MOVING[..], &["still"]].concat());
     let still = key(0, 0, "still");
     change_value(
         &store,
@@ -262,8 +228,7 @@ fn a_damaged_version_is_carried_as_it_is_and_its_old_pack_goes() {
             v[last] ^= 0x55;
         },
     );
-    let c = line.cp(2, Some(1), false, keys_at(2, &moving), vec![], 2);
-    write(&store, &c, None).expect("write");
+    write_keys(&store, &mut line, 2, &MOVING);
     // carried byte for byte, damage and all, so that it does not keep pack 1 on disk; no new
     // seal over it: checkpoint 2's restore reports the damage
     assert_eq!(version_of(&store, &still, 2), Some(2));
@@ -284,27 +249,17 @@ fn carried_groups_move_again_only_once_more_than_half_of_their_pack_was_replaced
     let mut line = Line::new(SPREAD);
     let moving = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
     let idle = ["i1", "i2", "i3", "i4"];
-    let mut first = keys_at(1, &moving);
-    first.extend(keys_at(1, &idle));
-    write(&store, &line.cp(1, None, true, first, vec![], 1), None).expect("write");
+    write_keys(&store, &mut line, 1, &[&moving[..], &idle].concat());
     // checkpoint 2 changes the moving groups: the idle ones are carried into pack 2c
-    let c = line.cp(2, Some(1), false, keys_at(2, &moving), vec![], 2);
-    write(&store, &c, None).expect("write");
+    write_keys(&store, &mut line, 2, &moving);
     for k in idle {
         assert_eq!(version_of(&store, &key(0, 0, k), 2), Some(2), "{k}");
     }
     // then the idle groups change one by one, the moving ones every time
     for (id, changes) in [(3u64, "i1"), (4, "i2"), (5, "i3")] {
-        let mut up = keys_at(id, &moving);
-        up.extend(keys_at(id, &[changes]));
-        let c = line.cp(id, Some(id - 1), false, up, vec![], id as i64);
-        write(&store, &c, None).expect("write");
+        write_keys(&store, &mut line, id, &[&moving[..], &[changes]].concat());
         let (_, restored) = store.load_checkpoint(CheckpointId(id)).expect("load");
-        assert_eq!(
-            sorted(restored.entries),
-            sorted(line.state.clone().into_iter().collect()),
-            "checkpoint {id}"
-        );
+        assert_eq!(sorted(restored.entries), state_of(&line), "checkpoint {id}");
         if id == 3 {
             // three quarters of pack 2c still the newest: nothing moves
             assert_eq!(version_of(&store, &key(0, 0, "i4"), id), Some(2));
